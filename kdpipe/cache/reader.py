@@ -1,0 +1,231 @@
+"""Reading caches: the manifest, memory-mapped rows, checks of identity and integrity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from kdpipe import KDPipeError
+from kdpipe.cache import format as fmt
+
+# HDF5 file locking fails on some network file systems; the cache is opened read-only anyway.
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+
+def open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise KDPipeError(f"{path} is missing") from None
+    except OSError as e:
+        raise KDPipeError(f"cannot open {path} as HDF5: {e} (truncated or not a kdpipe shard)") from None
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    cache_dir = Path(cache_dir)
+    if cache_dir.is_file():
+        raise KDPipeError(f"{cache_dir} is a file, not a cache directory")
+    if not cache_dir.is_dir():
+        raise KDPipeError(f"no cache at {cache_dir}: the directory does not exist")
+    mpath = cache_dir / fmt.MANIFEST
+    if not mpath.is_file():
+        if (cache_dir / fmt.DUMP_STATE).is_file():
+            raise KDPipeError(f"{cache_dir} is an unfinished cache (no {fmt.MANIFEST}): run the same "
+                              "dump-logits command again to finish it")
+        raise KDPipeError(f"{cache_dir} is not a kdpipe cache (no {fmt.MANIFEST})")
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise KDPipeError(f"{mpath} is not valid JSON: {e}") from None
+    if not isinstance(m, dict) or "format_version" not in m:
+        raise KDPipeError(f"{mpath} is not a kdpipe manifest (no format_version)")
+    v = m["format_version"]
+    if v != fmt.FORMAT_VERSION:
+        newer = isinstance(v, int) and v > fmt.FORMAT_VERSION
+        raise KDPipeError(f"{cache_dir} has cache format version {v}; this kdpipe reads version "
+                          f"{fmt.FORMAT_VERSION}" + (" (upgrade kdpipe)" if newer else " (dump it again)"))
+    for key in ("cache_id", "rows", "dataset", "views", "logits", "shards", "num_classes", "teacher"):
+        if key not in m:
+            raise KDPipeError(f"{mpath} lacks {key!r}: the manifest is damaged")
+    return m
+
+
+class Cache:
+    """A finished cache, opened read-only. Picklable: maps are made lazily in each process."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        m = self.manifest
+        self.num_samples = int(m["dataset"]["num_samples"])
+        self.num_views = int(m["views"]["K"])
+        self.num_classes = int(m["num_classes"])
+        self.rows = int(m["rows"])
+        self.logits_dtype = m["logits"]["dtype"]
+        self.columns = list(m["views"]["columns"])
+        self._starts = np.array([s["row_start"] for s in m["shards"]], dtype=np.int64)
+        self._layout: dict[tuple[int, str], tuple] = {}
+        if self.rows != self.num_samples * self.num_views:
+            raise KDPipeError(f"{self.path}: manifest says {self.rows} rows, expected "
+                              f"{self.num_samples} samples x {self.num_views} views")
+        expect = 0
+        for s in m["shards"]:
+            if s["row_start"] != expect:
+                raise KDPipeError(f"{self.path}: shards do not cover rows contiguously at row {expect}")
+            expect = s["row_stop"]
+        if expect != self.rows:
+            raise KDPipeError(f"{self.path}: shards cover {expect} of {self.rows} rows")
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_layout"] = {}
+        return d
+
+    # ---------------------------------------------------------------- layout and raw reads
+
+    def shard_path(self, i: int) -> Path:
+        return self.path / self.manifest["shards"][i]["file"]
+
+    def _dataset_layout(self, i: int, name: str) -> tuple:
+        """(offset or None, dtype, shape) of one dataset of shard i; offset None means read via h5py."""
+        key = (i, name)
+        if key not in self._layout:
+            with open_h5(self.shard_path(i)) as f:
+                if name not in f:
+                    raise KDPipeError(f"{self.shard_path(i)} has no dataset {name!r}")
+                d = f[name]
+                off = d.id.get_offset() if (d.chunks is None and d.compression is None) else None
+                self._layout[key] = (off, d.dtype, d.shape)
+        return self._layout[key]
+
+    def _read_shard(self, i: int, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) relative to shard i, copied out."""
+        off, dtype, shape = self._dataset_layout(i, name)
+        if off is not None:
+            mm = np.memmap(self.shard_path(i), dtype=dtype, mode="r", offset=off, shape=shape)
+            out = np.array(mm[lo:hi])
+            del mm
+            return out
+        with open_h5(self.shard_path(i)) as f:
+            return f[name][lo:hi]
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a dataset across shards."""
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.rows})")
+        parts = []
+        i = int(np.searchsorted(self._starts, start, side="right") - 1)
+        pos = start
+        while pos < stop:
+            sh = self.manifest["shards"][i]
+            hi = min(stop, sh["row_stop"])
+            parts.append(self._read_shard(i, name, pos - sh["row_start"], hi - sh["row_start"]))
+            pos = hi
+            i += 1
+        if not parts:
+            _, dtype, shape = self._dataset_layout(0, name)
+            return np.empty((0,) + tuple(shape[1:]), dtype=dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def read_view(self, k: int, name: str) -> np.ndarray:
+        """One view's rows of a dataset, in sample order: (N, ...)."""
+        if not 0 <= k < self.num_views:
+            raise IndexError(f"view {k} outside [0, {self.num_views})")
+        n = self.num_samples
+        if name == "view_params" and not self.columns:
+            return np.zeros((n, 0), dtype=np.int32)
+        return self.read(name, k * n, (k + 1) * n)
+
+    def read_test_logits(self) -> np.ndarray | None:
+        e = self.manifest.get("eval")
+        if not e:
+            return None
+        with open_h5(self.path / e["file"]) as f:
+            return f["test_logits"][()]
+
+    # ---------------------------------------------------------------- integrity
+
+    def verify_checksums(self, progress=None) -> list[str]:
+        """Every dataset of every shard (and eval file) against the manifest; returns the faults found."""
+        faults = []
+        entries = list(self.manifest["shards"])
+        if self.manifest.get("eval"):
+            entries.append(dict(self.manifest["eval"], row_start=None, row_stop=None))
+        for i, entry in enumerate(entries):
+            path = self.path / entry["file"]
+            rows = "" if entry["row_start"] is None else f" (rows {entry['row_start']}..{entry['row_stop'] - 1})"
+            if not path.is_file():
+                faults.append(f"{entry['file']}{rows}: missing")
+                continue
+            if path.stat().st_size != entry["bytes"]:
+                faults.append(f"{entry['file']}{rows}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+                continue
+            try:
+                with open_h5(path) as f:
+                    if entry["row_start"] is not None:
+                        a = f.attrs
+                        if a.get("cache_id") != self.manifest["cache_id"] or \
+                                int(a.get("row_start", -1)) != entry["row_start"]:
+                            faults.append(f"{entry['file']}{rows}: belongs to another cache or row range")
+                            continue
+                    for name, digest in entry["sha256"].items():
+                        if name not in f:
+                            faults.append(f"{entry['file']}{rows}: dataset {name} missing")
+                            continue
+                        got = _sha256_dataset(f[name])
+                        if got != digest:
+                            faults.append(f"{entry['file']}{rows}: dataset {name} checksum mismatch")
+            except KDPipeError as e:
+                faults.append(f"{entry['file']}{rows}: {e}")
+            except OSError as e:
+                faults.append(f"{entry['file']}{rows}: unreadable ({e})")
+            if progress:
+                progress(i + 1, len(entries))
+        return faults
+
+    # ---------------------------------------------------------------- identity
+
+    def check_dataset(self, data) -> None:
+        """Refuse a dataset that is not the one the cache was dumped from, naming the difference."""
+        want = self.manifest["dataset"]
+        got = data.identity()
+        diffs = []
+        for key in ("num_samples", "num_classes", "image_shape", "fingerprint"):
+            if want.get(key) != got.get(key):
+                diffs.append(f"{key}: cache has {want.get(key)}, given {got.get(key)}")
+        if diffs:
+            raise KDPipeError(f"the dataset does not match cache {self.path} "
+                              f"({want['spec']} {want['split']}): " + "; ".join(diffs))
+
+
+def _sha256_dataset(d) -> str:
+    h = hashlib.sha256()
+    n = d.shape[0] if d.shape else 0
+    step = max(1, (1 << 24) // max(1, d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))))
+    for i in range(0, n, step):
+        h.update(np.ascontiguousarray(d[i:i + step]).reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+class CachedLogitsDataset(torch.utils.data.Dataset):
+    """Row-wise access to a cache for torch DataLoaders: item r is
+    (sample_index, view_index, label, logits as float32, view_params). Shards are opened lazily in
+    each worker process (the object pickles without any open file)."""
+
+    def __init__(self, cache_dir):
+        self.cache = Cache(cache_dir)
+
+    def __len__(self):
+        return self.cache.rows
+
+    def __getitem__(self, r):
+        c = self.cache
+        return (int(c.read("sample_index", r, r + 1)[0]), int(c.read("view_index", r, r + 1)[0]),
+                int(c.read("labels", r, r + 1)[0]), torch.from_numpy(c.read("logits", r, r + 1)[0].astype(np.float32)),
+                torch.from_numpy(c.read("view_params", r, r + 1)[0]) if c.columns else torch.zeros(0, dtype=torch.int32))

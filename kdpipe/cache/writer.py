@@ -1,0 +1,117 @@
+"""Writing caches: atomic files (temporary name, fsync, rename), shard planning, checksums."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from kdpipe import KDPipeError
+from kdpipe.cache import format as fmt
+
+
+def sha256_array(a: np.ndarray) -> str:
+    """sha256 of an array's bytes as stored (C order, its own explicit dtype)."""
+    h = hashlib.sha256()
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    step = 1 << 24
+    for i in range(0, flat.size, step):
+        h.update(flat[i:i + step].data)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _io_error(path: Path, e: OSError) -> KDPipeError:
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+            errno.EPERM: "operation not permitted"}.get(e.errno, e.strerror or str(e))
+    return KDPipeError(f"cannot write {path}: {what}; nothing partial was kept, "
+                       "run the same command again once the location is writable")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _io_error(path, e) from None
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_h5_atomic(path: Path, datasets: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> dict:
+    """Write an HDF5 file of contiguous datasets under a temporary name, fsync, rename.
+
+    ``datasets`` maps name -> (array with its explicit dtype, attributes). Returns
+    {"file", "bytes", "sha256": {name: digest}}; the digests are also stored as each dataset's
+    ``sha256`` attribute.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    digests = {}
+    try:
+        with h5py.File(tmp, "w", locking=False, libver=("earliest", "v110")) as f:
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            for name, (arr, dattrs) in datasets.items():
+                arr = np.ascontiguousarray(arr)
+                d = f.create_dataset(name, data=arr, dtype=arr.dtype)  # contiguous, uncompressed
+                digests[name] = sha256_array(arr)
+                d.attrs["sha256"] = digests[name]
+                for k, v in dattrs.items():
+                    d.attrs[k] = v
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _io_error(path, e) from None
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests}
+
+
+def plan_shards(total_rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_rows, total_rows)) for s in range(0, total_rows, shard_rows)]
+
+
+def remove_temporaries(cache_dir: Path) -> None:
+    """Temporary files are never complete: a dump removes those a crash left behind."""
+    for p in Path(cache_dir).glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
+def shard_datasets(logits, sample_index, view_index, labels, view_params, columns) -> dict:
+    out = {}
+    for name, arr in (("logits", logits), ("sample_index", sample_index), ("view_index", view_index),
+                      ("labels", labels), ("view_params", view_params)):
+        attrs = {"description": fmt.SHARD_DATASETS[name][2]}
+        if name == "view_params":
+            attrs["columns"] = json.dumps(list(columns))
+        out[name] = (arr, attrs)
+    return out

@@ -1,0 +1,50 @@
+"""Accuracy, agreement with the teacher, size and latency."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdpipe.views import ViewPolicy
+
+
+def eval_params(policy: ViewPolicy, image_shape, n: int) -> np.ndarray:
+    """Replay parameters of the clean view: the whole image, unflipped, at the policy's output size."""
+    c, h, w = image_shape
+    if policy.name == "crop-flip":
+        p = int(policy.options["padding"])
+        return np.tile(np.array([[p, p, 0]], dtype=np.int32), (n, 1))
+    if policy.name == "resized-crop-flip":
+        return np.tile(np.array([[0, 0, h, w, 0]], dtype=np.int32), (n, 1))
+    return np.zeros((n, 0), dtype=np.int32)
+
+
+def top1(logits: torch.Tensor | np.ndarray, labels) -> float:
+    lg = torch.as_tensor(logits)
+    lb = torch.as_tensor(labels, device=lg.device)
+    return float((lg.argmax(1) == lb).float().mean()) if len(lb) else float("nan")
+
+
+def agreement(student_logits, teacher_logits) -> float:
+    s = torch.as_tensor(student_logits)
+    t = torch.as_tensor(teacher_logits, device=s.device)
+    return float((s.argmax(1) == t.argmax(1)).float().mean())
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, image_shape, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one forward pass of a single image on the CPU, in milliseconds."""
+    import copy
+    m = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
+    x = torch.randn(1, *image_shape)
+    for _ in range(warmup):
+        m(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m(x)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000.0)

@@ -1,0 +1,275 @@
+"""Registry of architectures. ``create_model(name, num_classes, image_shape)``.
+
+Registered here: Hinton-style MLPs, small CNNs, CIFAR ResNets (resnet8x4, resnet20, resnet32x4,
+resnet56, resnet110, as in the CRD/RepDistiller papers), WRNs, a CIFAR-adapted ResNet-18. Any
+other name is looked up among torchvision's classification models (built with random weights;
+nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdpipe import KDPipeError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def create_model(name: str, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    """Build an architecture by registry or torchvision name for (C, H, W) inputs."""
+    if name in _REGISTRY:
+        return _REGISTRY[name](num_classes=num_classes, image_shape=tuple(image_shape))
+    if name in torchvision_models():
+        import torchvision
+        try:
+            net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        except Exception as e:  # torchvision raises various types for bad settings
+            raise KDPipeError(f"cannot build torchvision model {name}: {e}") from None
+        c = image_shape[0]
+        return net if c == 3 else nn.Sequential(_RepeatChannels(3 // c if 3 % c == 0 else 1, c), net)
+    raise KDPipeError(f"unknown architecture {name!r}: use one of {', '.join(registered())} "
+                      "or a torchvision classification model name")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _RepeatChannels(nn.Module):
+    """Lets a 3-channel torchvision model take grey images."""
+
+    def __init__(self, times: int, c: int):
+        super().__init__()
+        if c * times != 3:
+            raise KDPipeError(f"torchvision models take 3 channels; cannot adapt {c}-channel images")
+        self.times = times
+
+    def forward(self, x):
+        return x.repeat(1, self.times, 1, 1)
+
+
+# ---------------------------------------------------------------- MLPs and small CNNs
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU(inplace=True)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            prev = h
+        layers.append(nn.Linear(prev, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _numel(shape) -> int:
+    c, h, w = shape
+    return c * h * w
+
+
+@register("mlp_1200")
+def mlp_1200(num_classes, image_shape):
+    """Hinton et al.'s big net: 784-1200-1200-10 with dropout."""
+    return MLP(_numel(image_shape), [1200, 1200], num_classes, dropout=0.5)
+
+
+@register("mlp_800")
+def mlp_800(num_classes, image_shape):
+    """Hinton et al.'s small net: 784-800-800-10."""
+    return MLP(_numel(image_shape), [800, 800], num_classes)
+
+
+@register("mlp_100")
+def mlp_100(num_classes, image_shape):
+    """A tiny MLP: 784-100-10."""
+    return MLP(_numel(image_shape), [100], num_classes)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_ch: int, num_classes: int, widths=(32, 64), hidden: int = 128, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_ch
+        for wdt in widths:
+            layers += [nn.Conv2d(prev, wdt, 3, padding=1, bias=False), nn.BatchNorm2d(wdt),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            prev = wdt
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(prev * 4, hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout) if dropout else nn.Identity(),
+                                  nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
+
+
+@register("cnn_tiny")
+def cnn_tiny(num_classes, image_shape):
+    """Two 3x3 conv layers (8, 16 channels), a 32-unit hidden layer."""
+    return SmallCNN(image_shape[0], num_classes, widths=(8, 16), hidden=32)
+
+
+@register("cnn_small")
+def cnn_small(num_classes, image_shape):
+    """Two 3x3 conv layers (16, 32 channels), a 64-unit hidden layer."""
+    return SmallCNN(image_shape[0], num_classes, widths=(16, 32), hidden=64)
+
+
+@register("cnn_large")
+def cnn_large(num_classes, image_shape):
+    """Three 3x3 conv layers (32, 64, 128 channels), a 256-unit hidden layer with dropout."""
+    return SmallCNN(image_shape[0], num_classes, widths=(32, 64, 128), hidden=256, dropout=0.3)
+
+
+# ---------------------------------------------------------------- CIFAR ResNets
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inplanes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: depth = 6n + 2 with basic blocks, three stages."""
+
+    def __init__(self, depth: int, filters: list[int], num_classes: int, in_ch: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("depth must be 6n+2")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_ch, filters[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(filters[0])
+        layers, prev = [], filters[0]
+        for i, f in enumerate(filters[1:]):
+            for j in range(n):
+                layers.append(BasicBlock(prev, f, stride=2 if (i > 0 and j == 0) else 1))
+                prev = f
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def _cifar_resnet(depth, filters):
+    def build(num_classes, image_shape):
+        return CifarResNet(depth, filters, num_classes, image_shape[0])
+    return build
+
+
+for _d in (20, 56, 110):
+    register(f"resnet{_d}")(_cifar_resnet(_d, [16, 16, 32, 64]))
+for _d in (8, 32):
+    register(f"resnet{_d}x4")(_cifar_resnet(_d, [32, 64, 128, 256]))
+
+
+# ---------------------------------------------------------------- Wide ResNets
+
+class WideBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None if (inplanes == planes and stride == 1) else \
+            nn.Conv2d(inplanes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen, num_classes, in_ch=3):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
+        blocks, prev = [], widths[0]
+        for i, wd in enumerate(widths[1:]):
+            for j in range(n):
+                blocks.append(WideBlock(prev, wd, 2 if (i > 0 and j == 0) else 1))
+                prev = wd
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(prev)
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.conv1(x))
+        x = F.relu(self.bn(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+register("wrn_16_2")(lambda num_classes, image_shape: WideResNet(16, 2, num_classes, image_shape[0]))
+register("wrn_40_2")(lambda num_classes, image_shape: WideResNet(40, 2, num_classes, image_shape[0]))
+
+
+# ---------------------------------------------------------------- ResNet-18 for 32x32 inputs
+
+class ResNet18Cifar(nn.Module):
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (the usual CIFAR adaptation)."""
+
+    def __init__(self, num_classes, in_ch=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, prev = [], 64
+        for i, planes in enumerate((64, 128, 256, 512)):
+            for j in range(2):
+                layers.append(BasicBlock(prev, planes, 2 if (i > 0 and j == 0) else 1))
+                prev = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+register("resnet18_cifar")(lambda num_classes, image_shape: ResNet18Cifar(num_classes, image_shape[0]))

@@ -1,0 +1,160 @@
+"""Stage two: train students from a cache (and, for comparison, with the teacher online)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kdpipe
+from kdpipe import KDPipeError
+from kdpipe.cache.reader import Cache
+from kdpipe.cache.writer import atomic_write_json
+from kdpipe.checkpoint import save_checkpoint
+from kdpipe.data import ImageData, load_dataset
+from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
+from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
+from kdpipe.models import count_parameters, create_model
+from kdpipe.util import ensure_out_dir
+from kdpipe.views import policy_from_identity
+
+
+def run_name(arch: str, temperature: float, alpha: float, seed: int) -> str:
+    if alpha == 0:
+        return f"{arch}-scratch-s{seed}"
+    return f"{arch}-T{temperature:g}-a{alpha:g}-s{seed}"
+
+
+def plan_runs(students, temperatures, alphas, seeds) -> list[tuple[str, float, float, int]]:
+    """The cartesian product; alpha = 0 ignores T, so it appears once per (student, seed)."""
+    out, seen = [], set()
+    for arch, t, a, s in itertools.product(students, temperatures, alphas, seeds):
+        key = run_name(arch, t, a, s)
+        if key not in seen:
+            seen.add(key)
+            out.append((arch, float(t), float(a), int(s)))
+    return out
+
+
+def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData | None]:
+    """The train split the cache was dumped from (checked) and its test split (for evaluation)."""
+    d = cache.manifest["dataset"]
+    root = data_root
+    if root is None and d["spec"].split(":")[0] in ("fashion-mnist", "mnist", "cifar10", "cifar100"):
+        root = d.get("source")
+    train = load_dataset(d["spec"], d["split"], root)
+    cache.check_dataset(train)
+    test = None
+    ev = cache.manifest.get("eval")
+    if ev:
+        test = load_dataset(d["spec"], "test", root)
+        if test.fingerprint != ev["dataset"]["fingerprint"]:
+            raise KDPipeError(f"the test split of {d['spec']} differs from the one the cache's teacher "
+                              "was evaluated on (fingerprint mismatch)")
+    return train, test
+
+
+def train_students(cache_dir, students: list[str], epochs: int, out, *, temperatures=(4.0,), alphas=(0.9,),
+                   seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
+                   device=torch.device("cpu"), data_root=None, amp: bool = False,
+                   online_teacher=None, log=print) -> list[dict]:
+    """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
+    config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
+
+    With `online_teacher` (a module), the teacher runs in every step on the same replayed views
+    instead of the cached logits (for comparisons; the cache still supplies the view parameters).
+    """
+    optim = optim or OptimConfig()
+    if epochs <= 0:
+        raise KDPipeError(f"--epochs must be >= 1, got {epochs}")
+    if batch_size <= 0:
+        raise KDPipeError(f"--batch-size must be >= 1, got {batch_size}")
+    for t in temperatures:
+        if not t > 0:
+            raise KDPipeError(f"--temperature must be > 0, got {t}")
+    for a in alphas:
+        if not 0 <= a <= 1:
+            raise KDPipeError(f"--alpha must lie in [0, 1], got {a}")
+    if not students:
+        raise KDPipeError("give at least one --student")
+    cache = Cache(cache_dir)
+    m = cache.manifest
+    policy = policy_from_identity(m["views"])
+    train, test = load_cache_data(cache, data_root)
+    in_shape = tuple(m["input"]["shape"])
+    for arch in students:  # fail on a bad name before any training
+        create_model(arch, cache.num_classes, in_shape)
+    out = ensure_out_dir(out, "runs directory")
+    k = cache.num_views
+    if epochs > k:
+        log(f"warning: {epochs} epochs over K = {k} views: each view is seen {epochs / k:.1f} times; "
+            f"too few views overfit (dump with --views {epochs} to match the epochs)")
+    mean, std = m["input"]["mean"], m["input"]["std"]
+    images = torch.from_numpy(np.asarray(train.images)).to(device)
+    labels = torch.from_numpy(train.labels).to(device)
+    total_steps = epochs * steps_per_epoch(len(train), batch_size)
+    planned = plan_runs(students, temperatures, alphas, seeds)
+
+    def view_source(epoch):
+        v = epoch % k
+        params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
+        logits = None if online_teacher is not None else torch.from_numpy(cache.read_view(v, "logits")).to(device)
+        return params, logits
+
+    teacher_test = cache.read_test_logits()
+    results = []
+    for seed in sorted({p[3] for p in planned}):
+        group = [p for p in planned if p[3] == seed]
+        runs: list[Run] = [build_run(run_name(*p), p[0], p[1], p[2], p[3], cache.num_classes, in_shape, optim,
+                                     total_steps, device) for p in group]
+        log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}: "
+            + ", ".join(r.name for r in runs))
+        t0 = time.perf_counter()
+        stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
+                           online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log)
+        for r in runs:
+            results.append(_finish_run(r, cache, test, teacher_test, policy, mean, std, in_shape, out, stats,
+                                       epochs, batch_size, optim, amp, device, len(runs), log))
+        log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
+            f"per student, {stats['student_images_per_s']:,.0f} student-images/s in all")
+    return results
+
+
+def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_shape, out: Path, stats,
+                epochs, batch_size, optim, amp, device, runs_in_pass, log) -> dict:
+    rdir = ensure_out_dir(out / r.name, "run directory")
+    metrics = {"name": r.name, "arch": r.arch, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
+               "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
+               "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
+               "runs_in_pass": runs_in_pass,
+               "cache": {"path": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
+                         "views": cache.num_views, "logits_dtype": cache.logits_dtype},
+               "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"]}
+    if test is not None:
+        timg = torch.from_numpy(np.asarray(test.images)).to(device)
+        tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
+        logits = predict(r.model, timg, policy, tp, mean, std, amp=amp).cpu()
+        metrics["test_top1"] = top1(logits, test.labels)
+        if teacher_test is not None:
+            metrics["teacher_agreement"] = agreement(logits, teacher_test)
+    metrics["cpu_latency_ms"] = cpu_latency_ms(r.model, in_shape)
+    ckpt = rdir / "student.pt"
+    metrics["size_bytes"] = save_checkpoint(
+        ckpt, r.model, arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape, mean=mean, std=std,
+        class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
+        test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
+    config = {"run": r.name, "student": r.arch, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
+              "epochs": epochs, "batch_size": batch_size, "optim": asdict(optim), "amp": amp, "device": str(device),
+              "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
+              "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
+              "torch_version": torch.__version__}
+    atomic_write_json(rdir / "config.json", config)
+    atomic_write_json(rdir / "metrics.json", metrics)  # last: its presence marks a finished run
+    log(f"  {r.name}: test top-1 {metrics.get('test_top1', float('nan')):.4f}, agreement "
+        f"{metrics.get('teacher_agreement', float('nan')):.4f} -> {rdir}")
+    return metrics

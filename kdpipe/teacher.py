@@ -1,0 +1,310 @@
+"""Train a teacher; dump its logits over the augmentation-fixed dataset (stage one)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kdpipe
+from kdpipe import KDPipeError
+from kdpipe.cache import format as fmt
+from kdpipe.cache.reader import open_h5
+from kdpipe.cache.writer import (atomic_write_json, plan_shards, remove_temporaries, shard_datasets,
+                                 write_h5_atomic)
+from kdpipe.checkpoint import LoadedModel, save_checkpoint
+from kdpipe.data import ImageData
+from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
+from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
+from kdpipe.models import count_parameters
+from kdpipe.util import Progress, ensure_out_dir, ensure_parent
+from kdpipe.views import ViewPolicy
+
+
+def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out, *, policy: ViewPolicy,
+                  batch_size: int = 128, optim: OptimConfig | None = None, seed: int = 0,
+                  device=torch.device("cpu"), amp: bool = False, log=print) -> dict:
+    """Train `arch` with fresh random views every epoch; save a kdpipe checkpoint at `out`."""
+    out = ensure_parent(out, "teacher output")
+    optim = optim or OptimConfig()
+    mean, std = train.channel_stats()
+    in_shape = policy.output_shape(train.image_shape)
+    run = build_run("teacher", arch, 1.0, 0.0, seed, train.num_classes, in_shape, optim,
+                     epochs * steps_per_epoch(len(train), batch_size), device)
+    images = torch.from_numpy(np.asarray(train.images)).to(device)
+    labels = torch.from_numpy(train.labels).to(device)
+
+    def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
+        return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
+
+    log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
+        f"({len(train)} images) for {epochs} epochs on {device}")
+    stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
+                       amp=amp, label="teacher", log=log)
+    test_images = torch.from_numpy(np.asarray(test.images)).to(device)
+    params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
+    logits = predict(run.model, test_images, policy, params, mean, std, amp=amp)
+    acc = top1(logits, torch.from_numpy(test.labels).to(device))
+    latency = cpu_latency_ms(run.model, in_shape)
+    size = save_checkpoint(out, run.model, arch=arch, num_classes=train.num_classes, image_shape=in_shape,
+                           mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
+                           test_top1=acc, extra={"view_policy": policy.identity(), "epochs": epochs,
+                                                 "cpu_latency_ms": latency, "train_wall_s": stats["wall_s"],
+                                                 "role": "teacher"})
+    log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
+    return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
+
+
+# ---------------------------------------------------------------- stage one
+
+def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
+                   logits_dtype: str, shard_rows: int, batch_size: int, mean, std) -> dict:
+    return {"format_version": fmt.FORMAT_VERSION,
+            "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind},
+            "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
+            "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
+            "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),
+            "input": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} was {a}, now {b}")
+    return out
+
+
+def _existing_shard(path: Path, cache_id: str, start: int, stop: int) -> dict | None:
+    """The manifest entry of a complete shard from an earlier run of this dump, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with open_h5(path) as f:
+            a = f.attrs
+            if a.get("cache_id") != cache_id or int(a["row_start"]) != start or int(a["row_stop"]) != stop:
+                return None
+            from kdpipe.cache.reader import _sha256_dataset
+            digests = {}
+            for name in fmt.SHARD_DATASETS:
+                if name not in f or "sha256" not in f[name].attrs:
+                    return None
+                digests[name] = _sha256_dataset(f[name])
+                if digests[name] != f[name].attrs["sha256"]:
+                    return None
+    except (KDPipeError, OSError, KeyError):
+        return None
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests,
+            "row_start": start, "row_stop": stop}
+
+
+def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, out_dir, *, policy: ViewPolicy,
+                views: int, seed: int = 0, logits_dtype: str = "float16", batch_size: int = 512,
+                shard_rows: int = 65536, device=torch.device("cpu"), amp: bool = False,
+                overwrite: bool = False, mean=None, std=None, rank: int = 0, world: int = 1,
+                barrier=None, log=print) -> dict:
+    """Stage one: run the teacher once over K views of every sample; write shards, then the manifest.
+
+    Resumable: complete shards of an earlier run with the same identity are kept. With world > 1
+    (torchrun), rank r computes shards r, r + world, ...; rank 0 writes the manifest after `barrier`.
+    """
+    if views <= 0:
+        raise KDPipeError(f"--views must be >= 1, got {views}")
+    if batch_size <= 0 or shard_rows <= 0:
+        raise KDPipeError("batch size and shard rows must be >= 1")
+    if logits_dtype not in fmt.LOGITS_DTYPES:
+        raise KDPipeError(f"unknown logits dtype {logits_dtype!r}: use {', '.join(fmt.LOGITS_DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KDPipeError(f"output {out_dir} is a file, not a directory: choose another path")
+    in_shape = policy.output_shape(data.image_shape)
+    if teacher.num_classes is not None and teacher.num_classes != data.num_classes:
+        raise KDPipeError(f"the teacher predicts {teacher.num_classes} classes, the dataset {data.spec} "
+                          f"has {data.num_classes}")
+    if teacher.image_shape is not None and tuple(teacher.image_shape) != tuple(in_shape):
+        raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}")
+    if mean is None or std is None:
+        mean, std = (teacher.mean, teacher.std) if teacher.mean is not None else data.channel_stats()
+    n = len(data)
+    total = n * views
+    shard_rows = min(shard_rows, total)
+    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, mean, std)
+    cache_id = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(ident, sort_keys=True)).hex
+
+    state_path, manifest_path = out_dir / fmt.DUMP_STATE, out_dir / fmt.MANIFEST
+    if rank == 0:
+        ensure_out_dir(out_dir, "cache directory")
+        if overwrite:
+            for p in list(out_dir.glob("shard-*.h5")) + [state_path, manifest_path, out_dir / fmt.EVAL_FILE]:
+                p.unlink(missing_ok=True)
+        elif state_path.is_file() or manifest_path.is_file():
+            try:
+                old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
+                old = old.get("identity", old)
+            except (OSError, ValueError):
+                old = {}
+            diffs = _differences(old, ident)
+            if diffs:
+                raise KDPipeError(f"{out_dir} holds a cache made with other arguments (" + "; ".join(diffs) +
+                                  "): pass --overwrite to start over, or choose another --out")
+        elif any(out_dir.iterdir()):
+            raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
+        remove_temporaries(out_dir)
+        if manifest_path.is_file():
+            m = json.loads(manifest_path.read_text())
+            log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
+            return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir), resumed_shards=len(m["shards"]),
+                        already_complete=True)
+        atomic_write_json(state_path, {"identity": ident, "cache_id": cache_id, "started": time.time()})
+    if barrier:
+        barrier()
+
+    teacher_mod = teacher.module.to(device).eval()
+    if device.type == "cuda" and teacher.kind != "torchscript":
+        teacher_mod = teacher_mod.to(memory_format=torch.channels_last)
+    images = torch.from_numpy(np.asarray(data.images)).to(device)
+    labels = data.labels
+    plan = plan_shards(total, shard_rows)
+    mine = [i for i in range(len(plan)) if i % world == rank]
+    param_cache: dict[int, np.ndarray] = {}
+
+    def view_params(k: int) -> np.ndarray:
+        if k not in param_cache:
+            param_cache.clear()
+            param_cache[k] = policy.sample_view(seed, k, data.images.shape)
+        return param_cache[k]
+
+    # Check the teacher's output size on one batch before spending time.
+    with torch.no_grad():
+        x = policy.replay(images[:2], torch.from_numpy(view_params(0)[:2]).to(device), mean, std)
+        try:
+            probe = teacher_mod(x)
+        except Exception as e:
+            raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    if probe.ndim != 2 or probe.shape[1] != data.num_classes:
+        raise KDPipeError(f"the teacher outputs shape {tuple(probe.shape[1:])} per image, the dataset "
+                          f"{data.spec} has {data.num_classes} classes")
+
+    entries: dict[int, dict] = {}
+    todo = []
+    for i in mine:
+        s, e = plan[i]
+        ent = _existing_shard(out_dir / fmt.shard_name(i), cache_id, s, e)
+        if ent:
+            entries[i] = ent
+        else:
+            todo.append(i)
+    if len(entries):
+        log(f"resuming: {len(entries)} complete shard(s) kept, {len(todo)} to compute")
+    todo_rows = sum(plan[i][1] - plan[i][0] for i in todo)
+    prog = Progress("dump-logits", todo_rows, "rows")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+    np_dtype = fmt.LOGITS_DTYPES[logits_dtype]
+    t_start = time.perf_counter()
+    for i in todo:
+        s, e = plan[i]
+        rows = np.arange(s, e, dtype=np.int64)
+        vidx = (rows // n).astype(np.int32)
+        sidx = rows % n
+        vparams = np.empty((e - s, len(policy.columns)), dtype=np.int32)
+        for k in np.unique(vidx):
+            sel = vidx == k
+            vparams[sel] = view_params(int(k))[sidx[sel]]
+        out = np.empty((e - s, data.num_classes), dtype=np_dtype)
+        with torch.no_grad():
+            for b in range(0, e - s, batch_size):
+                bi = torch.from_numpy(sidx[b:b + batch_size]).to(device)
+                bp = torch.from_numpy(vparams[b:b + batch_size]).to(device)
+                x = policy.replay(images[bi], bp, mean, std)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    lg = teacher_mod(x).float().cpu().numpy()
+                bad = ~np.isfinite(lg).all(axis=1)
+                if bad.any():
+                    where = [f"sample {int(sidx[b + j])} view {int(vidx[b + j])}" for j in np.flatnonzero(bad)[:10]]
+                    raise KDPipeError(f"the teacher produced NaN or Inf logits for {int(bad.sum())} input(s) "
+                                      f"in rows {s + b}..{s + b + len(lg) - 1}: {', '.join(where)}")
+                out[b:b + len(lg)] = lg.astype(np_dtype)
+                prog.update(len(lg))
+        datasets = shard_datasets(out, sidx.astype("<i8"), vidx.astype("<i4"), labels[sidx].astype("<i8"),
+                                  vparams.astype("<i4"), policy.columns)
+        attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": cache_id, "row_start": s,
+                 "row_stop": e, "num_samples": n, "num_views": views, "kdpipe_version": kdpipe.__version__}
+        ent = write_h5_atomic(out_dir / fmt.shard_name(i), datasets, attrs)
+        entries[i] = dict(ent, row_start=s, row_stop=e)
+    compute_s = time.perf_counter() - t_start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+    # Per-rank results (the manifest is written by rank 0 after every rank is done).
+    rank_file = out_dir / f".rank-{rank}.json"
+    if world > 1:
+        atomic_write_json(rank_file, {"entries": {str(k): v for k, v in entries.items()},
+                                      "compute_s": compute_s, "rows": todo_rows})
+    if barrier:
+        barrier()
+    if rank != 0:
+        return {"rank": rank, "rows": todo_rows, "wall_s": compute_s}
+    if world > 1:
+        for r in range(1, world):
+            other = json.loads((out_dir / f".rank-{r}.json").read_text())
+            entries.update({int(k): v for k, v in other["entries"].items()})
+        for r in range(world):
+            (out_dir / f".rank-{r}.json").unlink(missing_ok=True)
+
+    # Teacher top-1 on its views (from the shards) and on the clean test split (kept for agreement).
+    cache_shards = [entries[i] for i in range(len(plan))]
+    correct = 0
+    for ent in cache_shards:
+        with open_h5(out_dir / ent["file"]) as f:
+            correct += int((f["logits"][()].astype(np.float32).argmax(1) == f["labels"][()]).sum())
+    summary = {"rows": total, "views_top1": correct / total, "batch_size": batch_size, "device": str(device),
+               "amp": amp, "rows_computed": todo_rows, "compute_wall_s": compute_s,
+               "rows_per_s": todo_rows / compute_s if compute_s > 0 else None, "world_size": world}
+    eval_entry = None
+    if test is not None:
+        if test.num_classes != data.num_classes or test.image_shape != data.image_shape:
+            raise KDPipeError("the test split's classes or image shape differ from the dumped split's")
+        tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
+        timg = torch.from_numpy(np.asarray(test.images)).to(device)
+        tl = predict(teacher_mod, timg, policy, tp, mean, std, batch_size=batch_size, amp=amp).cpu().numpy()
+        summary["test_top1"] = top1(tl, test.labels)
+        ent = write_h5_atomic(out_dir / fmt.EVAL_FILE, {
+            "test_logits": (tl.astype("<f4"), {"description": fmt.EVAL_DATASETS["test_logits"][2]}),
+            "test_labels": (test.labels.astype("<i8"), {"description": fmt.EVAL_DATASETS["test_labels"][2]})},
+            {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": cache_id})
+        eval_entry = dict(ent, dataset=test.identity())
+    teacher_cpu = teacher.module.to("cpu")
+    teacher_info = {**teacher.identity(), "image_shape": list(in_shape),
+                    "parameters": count_parameters(teacher_cpu),
+                    "file_bytes": Path(teacher.file).stat().st_size,
+                    "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape)}
+    total_bytes = sum(e["bytes"] for e in cache_shards) + (eval_entry["bytes"] if eval_entry else 0)
+    manifest = {
+        "format_version": fmt.FORMAT_VERSION, "cache_id": cache_id, "identity": ident,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kdpipe_version": kdpipe.__version__, "torch_version": torch.__version__,
+        "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": "logits", **teacher_info}],
+        "dataset": {**data.identity(), "source": data.source},
+        "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
+        "num_classes": data.num_classes, "input": {"mean": list(map(float, mean)), "std": list(map(float, std)),
+                                                   "shape": list(in_shape)},
+        "logits": {"codec": "raw", "dtype": logits_dtype}, "rows": total, "row_order": "view-major",
+        "shards": cache_shards, "eval": eval_entry, "bytes": total_bytes, "dump": summary,
+    }
+    atomic_write_json(manifest_path, manifest)
+    return {**summary, "bytes": total_bytes, "out": str(out_dir), "resumed_shards": len(plan) - len(todo)}
+
+
+def remove_cache(path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""verify-cache: checksums, shapes and dtypes of every shard; optionally re-run the teacher on a sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdpipe import KDPipeError
+from kdpipe.cache import format as fmt
+from kdpipe.cache.reader import Cache, open_h5
+
+# |stored - recomputed| <= atol + rtol * |recomputed|, by logits dtype (float16 keeps 11 bits).
+TOLERANCE = {"float16": (2e-2, 2e-3), "float32": (1e-3, 1e-4)}
+
+
+def check_shapes(cache: Cache) -> list[str]:
+    faults = []
+    p = len(cache.columns)
+    for s in cache.manifest["shards"]:
+        path = cache.path / s["file"]
+        if not path.is_file():
+            continue  # reported by the checksum pass
+        rows = s["row_stop"] - s["row_start"]
+        want = {"logits": ((rows, cache.num_classes), fmt.LOGITS_DTYPES[cache.logits_dtype]),
+                "sample_index": ((rows,), np.dtype("<i8")), "view_index": ((rows,), np.dtype("<i4")),
+                "labels": ((rows,), np.dtype("<i8")), "view_params": ((rows, p), np.dtype("<i4"))}
+        try:
+            with open_h5(path) as f:
+                for name, (shape, dtype) in want.items():
+                    if name in f and (f[name].shape != shape or f[name].dtype != dtype):
+                        faults.append(f"{s['file']} (rows {s['row_start']}..{s['row_stop'] - 1}): dataset {name} is "
+                                      f"{f[name].dtype.str}{list(f[name].shape)}, expected {dtype.str}{list(shape)}")
+        except KDPipeError as e:
+            faults.append(f"{s['file']}: {e}")
+    return faults
+
+
+def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weights=None, sample=256,
+                 data_root=None, seed=0, device=torch.device("cpu"), log=print) -> list[str]:
+    """The list of faults found (empty when the cache is sound)."""
+    cache = Cache(cache_dir)
+    log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
+    faults = check_shapes(cache) + cache.verify_checksums()
+    if teacher_file is None and teacher_arch is None:
+        return faults
+    if faults:
+        log("skipping the teacher check: the shards are damaged")
+        return faults
+    from kdpipe.checkpoint import load_teacher
+    from kdpipe.student import load_cache_data
+    from kdpipe.views import policy_from_identity
+
+    m = cache.manifest
+    train, _ = load_cache_data(cache, data_root)
+    policy = policy_from_identity(m["views"])
+    teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
+                           image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes)
+    if teacher.fingerprint != m["teacher"]["fingerprint"]:
+        faults.append(f"the teacher given (sha256 {teacher.fingerprint[:12]}) is not the cache's "
+                      f"(sha256 {m['teacher']['fingerprint'][:12]})")
+        return faults
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(cache.rows, size=min(sample, cache.rows), replace=False))
+    log(f"re-running the teacher on {len(rows)} random (view, sample) rows")
+    stored = np.stack([cache.read("logits", int(r), int(r) + 1)[0] for r in rows]).astype(np.float32)
+    params = np.stack([cache.read("view_params", int(r), int(r) + 1)[0] for r in rows]) if cache.columns else \
+        np.zeros((len(rows), 0), np.int32)
+    n = cache.num_samples
+    sidx = rows % n
+    stored_sidx = np.stack([cache.read("sample_index", int(r), int(r) + 1)[0] for r in rows])
+    bad_index = rows[stored_sidx != sidx]
+    if len(bad_index):
+        faults.append(f"rows {', '.join(map(str, bad_index[:10]))}: sample_index does not match the row order")
+    # The stored view parameters must be the ones the seed gives: a cache can't be re-seeded silently.
+    for k in np.unique(rows // n):
+        sel = (rows // n) == k
+        want = policy.sample_view(m["views"]["seed"], int(k), train.images.shape)[sidx[sel]]
+        if not np.array_equal(want, params[sel]):
+            faults.append(f"view {int(k)}: stored view parameters differ from those of seed {m['views']['seed']}")
+    mod = teacher.module.to(device).eval()
+    imgs = torch.from_numpy(np.asarray(train.images)[sidx]).to(device)
+    with torch.no_grad():
+        x = policy.replay(imgs, torch.from_numpy(params).to(device), m["input"]["mean"], m["input"]["std"])
+        fresh = torch.cat([mod(x[i:i + 256]).float() for i in range(0, len(x), 256)]).cpu().numpy()
+    atol, rtol = TOLERANCE[cache.logits_dtype]
+    bad = ~np.all(np.abs(stored - fresh) <= atol + rtol * np.abs(fresh), axis=1)
+    if bad.any():
+        worst = float(np.abs(stored - fresh).max())
+        faults.append(f"{int(bad.sum())} of {len(rows)} re-computed rows differ from the stored logits "
+                      f"(max |diff| {worst:.4g}): rows {', '.join(map(str, rows[bad][:10]))}"
+                      f" in {', '.join(sorted({_shard_of(cache, int(r)) for r in rows[bad]}))}")
+    else:
+        log(f"teacher check: {len(rows)} rows agree within atol {atol}, rtol {rtol}")
+    return faults
+
+
+def _shard_of(cache: Cache, row: int) -> str:
+    for s in cache.manifest["shards"]:
+        if s["row_start"] <= row < s["row_stop"]:
+            return s["file"]
+    return "?"
