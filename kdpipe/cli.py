@@ -152,7 +152,7 @@ def train_teacher_cmd(data_spec, data_root, arch, epochs, out, batch_size, polic
               help="Rows per HDF5 shard (the unit of resumption).")
 @device_option
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Run the teacher under bf16 autocast.")
-@click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments.")
+@click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, split, views, policy,
                     padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, overwrite, out):
@@ -173,21 +173,21 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         raise InputError(f"--shard-rows must be >= 1, got {shard_rows}")
     if teacher_file is None and not (teacher_arch and teacher_weights):
         raise InputError("give a teacher: --teacher FILE, or --teacher-arch NAME with --teacher-weights FILE")
-    dev = pick_device(device)
-    data = load_dataset(data_spec, split, data_root)
-    test = load_dataset(data_spec, "test", data_root) if split == "train" else None
-    pol = create_policy(policy, padding=padding, size=size)
-    teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
-                           image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)
-    dist = _distributed()
-    _term_as_interrupt()
-    click.echo(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
-               f"({policy}) -> {out} on {dev}" + (f", rank {dist[0]} of {dist[1]}" if dist[1] > 1 else ""))
+    _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
     try:
-        res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed, logits_dtype=logits_dtype,
-                          batch_size=batch_size, shard_rows=shard_rows, device=dev if dist[1] == 1 else dist[3],
-                          amp=amp, overwrite=overwrite, rank=dist[0], world=dist[1], barrier=dist[2],
-                          log=click.echo)
+        dev = pick_device(device)
+        data = load_dataset(data_spec, split, data_root)
+        test = load_dataset(data_spec, "test", data_root) if split == "train" else None
+        pol = create_policy(policy, padding=padding, size=size)
+        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
+                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)
+        dist = _distributed()
+        click.echo(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
+                   f"({policy}) -> {out} on {dev}" + (f", rank {dist[0]} of {dist[1]}" if dist[1] > 1 else ""))
+        res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
+                          logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
+                          device=dev if dist[1] == 1 else dist[3], amp=amp, overwrite=overwrite, rank=dist[0],
+                          world=dist[1], barrier=dist[2], log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: complete shards are kept in {out}; run the same command again to resume",
                    err=True)
@@ -361,12 +361,13 @@ def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, sam
 
 @main.command("make-rules")
 @click.argument("pipeline", type=click.Path(dir_okay=False), metavar="PIPELINE.toml")
-@click.option("--kdpipe", "kdpipe_cmd", default="kdpipe", show_default=True, metavar="CMD",
-              help="How the rules call kdpipe.")
-def make_rules_cmd(pipeline, kdpipe_cmd):
+@click.option("--stamps", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also write each step's command line to DIR/<step>.cmd (rewritten only when it changes), "
+                   "so that editing one step reruns that step and what follows.")
+def make_rules_cmd(pipeline, stamps):
     """Print Make rules (real file targets) for a pipeline spec; the Makefile includes them."""
     from kdpipe.pipeline import load_pipeline, make_rules
-    click.echo(make_rules(load_pipeline(pipeline), kdpipe_cmd), nl=False)
+    click.echo(make_rules(load_pipeline(pipeline), stamps), nl=False)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import asdict
@@ -20,25 +19,9 @@ from kdpipe.data import ImageData, load_dataset
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.models import count_parameters, create_model
-from kdpipe.util import ensure_out_dir
+from kdpipe.sweep import plan_runs, run_name
+from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
-
-
-def run_name(arch: str, temperature: float, alpha: float, seed: int) -> str:
-    if alpha == 0:
-        return f"{arch}-scratch-s{seed}"
-    return f"{arch}-T{temperature:g}-a{alpha:g}-s{seed}"
-
-
-def plan_runs(students, temperatures, alphas, seeds) -> list[tuple[str, float, float, int]]:
-    """The cartesian product; alpha = 0 ignores T, so it appears once per (student, seed)."""
-    out, seen = [], set()
-    for arch, t, a, s in itertools.product(students, temperatures, alphas, seeds):
-        key = run_name(arch, t, a, s)
-        if key not in seen:
-            seen.add(key)
-            out.append((arch, float(t), float(a), int(s)))
-    return out
 
 
 def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData | None]:
@@ -95,7 +78,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
         log(f"warning: {epochs} epochs over K = {k} views: each view is seen {epochs / k:.1f} times; "
             f"too few views overfit (dump with --views {epochs} to match the epochs)")
     mean, std = m["input"]["mean"], m["input"]["std"]
-    images = torch.from_numpy(np.asarray(train.images)).to(device)
+    images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
     total_steps = epochs * steps_per_epoch(len(train), batch_size)
     planned = plan_runs(students, temperatures, alphas, seeds)
@@ -136,7 +119,7 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"]}
     if test is not None:
-        timg = torch.from_numpy(np.asarray(test.images)).to(device)
+        timg = images_tensor(test.images, device)
         tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
         logits = predict(r.model, timg, policy, tp, mean, std, amp=amp).cpu()
         metrics["test_top1"] = top1(logits, test.labels)

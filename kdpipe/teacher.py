@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -22,7 +23,7 @@ from kdpipe.data import ImageData
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.models import count_parameters
-from kdpipe.util import Progress, ensure_out_dir, ensure_parent
+from kdpipe.util import Progress, ensure_out_dir, ensure_parent, images_tensor, file_sha256
 from kdpipe.views import ViewPolicy
 
 
@@ -36,7 +37,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     in_shape = policy.output_shape(train.image_shape)
     run = build_run("teacher", arch, 1.0, 0.0, seed, train.num_classes, in_shape, optim,
                      epochs * steps_per_epoch(len(train), batch_size), device)
-    images = torch.from_numpy(np.asarray(train.images)).to(device)
+    images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
 
     def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
@@ -46,7 +47,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         f"({len(train)} images) for {epochs} epochs on {device}")
     stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
                        amp=amp, label="teacher", log=log)
-    test_images = torch.from_numpy(np.asarray(test.images)).to(device)
+    test_images = images_tensor(test.images, device)
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
     logits = predict(run.model, test_images, policy, params, mean, std, amp=amp)
     acc = top1(logits, torch.from_numpy(test.labels).to(device))
@@ -103,7 +104,19 @@ def _existing_shard(path: Path, cache_id: str, start: int, stop: int) -> dict | 
     except (KDPipeError, OSError, KeyError):
         return None
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests,
-            "row_start": start, "row_stop": stop}
+            "file_sha256": file_sha256(path), "row_start": start, "row_stop": stop}
+
+
+def _unstorable_logits(nonfinite: list, overflow: list, start: int, sidx, vidx, logits_dtype: str) -> KDPipeError:
+    def where(rel):
+        named = ", ".join(f"sample {int(sidx[j])} view {int(vidx[j])}" for j in rel[:10])
+        return named + (f" and {len(rel) - 10} more" if len(rel) > 10 else "")
+    if nonfinite:
+        return KDPipeError(f"the teacher produced NaN or Inf logits for {len(nonfinite)} input(s) among rows "
+                           f"{start}..{start + len(sidx) - 1}: {where(nonfinite)}; nothing of this shard was "
+                           "written (check the teacher and its input normalization)")
+    return KDPipeError(f"the teacher's logits overflow {logits_dtype} for {len(overflow)} input(s) among rows "
+                       f"{start}..{start + len(sidx) - 1}: {where(overflow)}; dump with --logits-dtype float32")
 
 
 def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, out_dir, *, policy: ViewPolicy,
@@ -139,38 +152,10 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, mean, std)
     cache_id = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(ident, sort_keys=True)).hex
 
-    state_path, manifest_path = out_dir / fmt.DUMP_STATE, out_dir / fmt.MANIFEST
-    if rank == 0:
-        ensure_out_dir(out_dir, "cache directory")
-        if overwrite:
-            for p in list(out_dir.glob("shard-*.h5")) + [state_path, manifest_path, out_dir / fmt.EVAL_FILE]:
-                p.unlink(missing_ok=True)
-        elif state_path.is_file() or manifest_path.is_file():
-            try:
-                old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
-                old = old.get("identity", old)
-            except (OSError, ValueError):
-                old = {}
-            diffs = _differences(old, ident)
-            if diffs:
-                raise KDPipeError(f"{out_dir} holds a cache made with other arguments (" + "; ".join(diffs) +
-                                  "): pass --overwrite to start over, or choose another --out")
-        elif any(out_dir.iterdir()):
-            raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
-        remove_temporaries(out_dir)
-        if manifest_path.is_file():
-            m = json.loads(manifest_path.read_text())
-            log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
-            return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir), resumed_shards=len(m["shards"]),
-                        already_complete=True)
-        atomic_write_json(state_path, {"identity": ident, "cache_id": cache_id, "started": time.time()})
-    if barrier:
-        barrier()
-
     teacher_mod = teacher.module.to(device).eval()
     if device.type == "cuda" and teacher.kind != "torchscript":
         teacher_mod = teacher_mod.to(memory_format=torch.channels_last)
-    images = torch.from_numpy(np.asarray(data.images)).to(device)
+    images = images_tensor(data.images, device)
     labels = data.labels
     plan = plan_shards(total, shard_rows)
     mine = [i for i in range(len(plan)) if i % world == rank]
@@ -182,7 +167,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             param_cache[k] = policy.sample_view(seed, k, data.images.shape)
         return param_cache[k]
 
-    # Check the teacher's output size on one batch before spending time.
+    # Check the teacher's output size on one batch before spending time or touching OUT.
     with torch.no_grad():
         x = policy.replay(images[:2], torch.from_numpy(view_params(0)[:2]).to(device), mean, std)
         try:
@@ -193,6 +178,36 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     if probe.ndim != 2 or probe.shape[1] != data.num_classes:
         raise KDPipeError(f"the teacher outputs shape {tuple(probe.shape[1:])} per image, the dataset "
                           f"{data.spec} has {data.num_classes} classes")
+
+    state_path, manifest_path = out_dir / fmt.DUMP_STATE, out_dir / fmt.MANIFEST
+    if rank == 0:
+        ensure_out_dir(out_dir, "cache directory")
+        if state_path.is_file() or manifest_path.is_file():
+            try:
+                old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
+                old = old.get("identity", old)
+            except (OSError, ValueError):
+                old = {}
+            diffs = _differences(old, ident)
+            if diffs and not overwrite:
+                raise KDPipeError(f"{out_dir} holds a cache made with other arguments (" + "; ".join(diffs) +
+                                  "): pass --overwrite to start over, or choose another --out")
+            if diffs:  # --overwrite: start over; with the same arguments it resumes instead
+                log(f"--overwrite: discarding the cache in {out_dir} (" + "; ".join(diffs) + ")")
+                for p in list(out_dir.glob("shard-*.h5")) + [state_path, manifest_path, out_dir / fmt.EVAL_FILE]:
+                    p.unlink(missing_ok=True)
+        elif any(out_dir.iterdir()):
+            raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
+        remove_temporaries(out_dir)
+        if manifest_path.is_file():
+            m = json.loads(manifest_path.read_text())
+            os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
+            log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
+            return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir), resumed_shards=len(m["shards"]),
+                        already_complete=True)
+        atomic_write_json(state_path, {"identity": ident, "cache_id": cache_id, "started": time.time()})
+    if barrier:
+        barrier()
 
     entries: dict[int, dict] = {}
     todo = []
@@ -220,6 +235,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             sel = vidx == k
             vparams[sel] = view_params(int(k))[sidx[sel]]
         out = np.empty((e - s, data.num_classes), dtype=np_dtype)
+        nonfinite, overflow = [], []  # rows of this shard (relative) that cannot be stored
         with torch.no_grad():
             for b in range(0, e - s, batch_size):
                 bi = torch.from_numpy(sidx[b:b + batch_size]).to(device)
@@ -229,13 +245,14 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     lg = teacher_mod(x).float().cpu().numpy()
+                stored = lg.astype(np_dtype)
                 bad = ~np.isfinite(lg).all(axis=1)
-                if bad.any():
-                    where = [f"sample {int(sidx[b + j])} view {int(vidx[b + j])}" for j in np.flatnonzero(bad)[:10]]
-                    raise KDPipeError(f"the teacher produced NaN or Inf logits for {int(bad.sum())} input(s) "
-                                      f"in rows {s + b}..{s + b + len(lg) - 1}: {', '.join(where)}")
-                out[b:b + len(lg)] = lg.astype(np_dtype)
+                nonfinite += (b + np.flatnonzero(bad)).tolist()
+                overflow += (b + np.flatnonzero(~bad & ~np.isfinite(stored).all(axis=1))).tolist()
+                out[b:b + len(lg)] = stored
                 prog.update(len(lg))
+        if nonfinite or overflow:  # stop before the shard is written, naming the inputs
+            raise _unstorable_logits(nonfinite, overflow, s, sidx, vidx, logits_dtype)
         datasets = shard_datasets(out, sidx.astype("<i8"), vidx.astype("<i4"), labels[sidx].astype("<i8"),
                                   vparams.astype("<i4"), policy.columns)
         attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": cache_id, "row_start": s,
@@ -276,7 +293,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         if test.num_classes != data.num_classes or test.image_shape != data.image_shape:
             raise KDPipeError("the test split's classes or image shape differ from the dumped split's")
         tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
-        timg = torch.from_numpy(np.asarray(test.images)).to(device)
+        timg = images_tensor(test.images, device)
         tl = predict(teacher_mod, timg, policy, tp, mean, std, batch_size=batch_size, amp=amp).cpu().numpy()
         summary["test_top1"] = top1(tl, test.labels)
         ent = write_h5_atomic(out_dir / fmt.EVAL_FILE, {
@@ -302,6 +319,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         "logits": {"codec": "raw", "dtype": logits_dtype}, "rows": total, "row_order": "view-major",
         "shards": cache_shards, "eval": eval_entry, "bytes": total_bytes, "dump": summary,
     }
+    manifest["checksum"] = fmt.manifest_checksum(manifest)
     atomic_write_json(manifest_path, manifest)
     return {**summary, "bytes": total_bytes, "out": str(out_dir), "resumed_shards": len(plan) - len(todo)}
 

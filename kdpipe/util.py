@@ -91,3 +91,12 @@ def env_threads() -> None:
     n = os.environ.get("KDPIPE_THREADS")
     if n:
         torch.set_num_threads(int(n))
+
+
+def images_tensor(images, device) -> torch.Tensor:
+    """A dataset's uint8 images as a tensor on `device` (read-only arrays are copied, not aliased)."""
+    import numpy as np
+    arr = np.asarray(images)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr).to(device)

@@ -12,6 +12,11 @@ view, which is one contiguous range of rows). Every dataset in a shard is contig
 uncompressed, fixed-shape and little-endian, so the reader maps it with ``np.memmap`` at
 ``dset.id.get_offset()``. Each dataset carries a ``description`` attribute saying what it is.
 
+Integrity: the manifest lists every shard with ``bytes``, ``file_sha256`` (every byte of the file,
+HDF5 metadata included) and ``sha256`` (one digest per dataset, also stored as the dataset's
+``sha256`` attribute); each shard's attributes name its ``cache_id`` and row range. The manifest's
+own ``checksum`` is ``manifest_checksum`` of the rest of it, so an edited manifest is detected.
+
 Room to grow without breaking readers of version 1: extra teachers go under
 ``teachers/<name>/logits`` and are listed in the manifest's ``teachers``; a top-k codec adds
 ``logits_topk_values``, ``logits_topk_indices`` and ``logits_rest_mass`` (codec "topk");
@@ -20,6 +25,9 @@ features go under ``features/<layer>``. Readers ignore datasets they do not know
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 
@@ -57,3 +65,9 @@ def dataset_dtype(name: str, logits_dtype: str) -> np.dtype:
 
 def shard_name(i: int) -> str:
     return SHARD_PATTERN.format(i)
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), without its "checksum" key."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -13,6 +13,7 @@ import torch
 
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
+from kdpipe.util import file_sha256
 
 # HDF5 file locking fails on some network file systems; the cache is opened read-only anyway.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
@@ -27,7 +28,11 @@ def open_h5(path: Path) -> h5py.File:
         raise KDPipeError(f"cannot open {path} as HDF5: {e} (truncated or not a kdpipe shard)") from None
 
 
-def read_manifest(cache_dir: Path) -> dict:
+def read_manifest(cache_dir: Path, check_checksum: bool = True) -> dict:
+    """The manifest of a finished cache; refuses an unfinished, newer, damaged or edited one.
+
+    ``check_checksum=False`` (for verify-cache, which reports it as a fault) accepts an edited one.
+    """
     cache_dir = Path(cache_dir)
     if cache_dir.is_file():
         raise KDPipeError(f"{cache_dir} is a file, not a cache directory")
@@ -50,18 +55,27 @@ def read_manifest(cache_dir: Path) -> dict:
         newer = isinstance(v, int) and v > fmt.FORMAT_VERSION
         raise KDPipeError(f"{cache_dir} has cache format version {v}; this kdpipe reads version "
                           f"{fmt.FORMAT_VERSION}" + (" (upgrade kdpipe)" if newer else " (dump it again)"))
+    if check_checksum and manifest_fault(m):
+        raise KDPipeError(f"{mpath}: {manifest_fault(m)}; run kdpipe verify-cache {cache_dir}, or dump again")
     for key in ("cache_id", "rows", "dataset", "views", "logits", "shards", "num_classes", "teacher"):
         if key not in m:
             raise KDPipeError(f"{mpath} lacks {key!r}: the manifest is damaged")
     return m
 
 
+def manifest_fault(m: dict) -> str | None:
+    """Why the manifest's content does not match its own checksum, or None (also for caches without one)."""
+    if "checksum" in m and m["checksum"] != fmt.manifest_checksum(m):
+        return "the manifest does not match its checksum: it was edited or damaged after the dump"
+    return None
+
+
 class Cache:
     """A finished cache, opened read-only. Picklable: maps are made lazily in each process."""
 
-    def __init__(self, path):
+    def __init__(self, path, check_checksum: bool = True):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, check_checksum)
         m = self.manifest
         self.num_samples = int(m["dataset"]["num_samples"])
         self.num_views = int(m["views"]["K"])
@@ -164,8 +178,10 @@ class Cache:
                 faults.append(f"{entry['file']}{rows}: missing")
                 continue
             if path.stat().st_size != entry["bytes"]:
-                faults.append(f"{entry['file']}{rows}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+                faults.append(f"{entry['file']}{rows}: {path.stat().st_size} bytes, manifest says {entry['bytes']}"
+                              " (truncated, extended or replaced)")
                 continue
+            n_before = len(faults)
             try:
                 with open_h5(path) as f:
                     if entry["row_start"] is not None:
@@ -185,6 +201,11 @@ class Cache:
                 faults.append(f"{entry['file']}{rows}: {e}")
             except OSError as e:
                 faults.append(f"{entry['file']}{rows}: unreadable ({e})")
+            # Every byte, HDF5 metadata included (attributes, headers): a change the datasets' digests
+            # do not see is still a change. Caches written before file digests were kept lack the key.
+            if len(faults) == n_before and entry.get("file_sha256") and file_sha256(path) != entry["file_sha256"]:
+                faults.append(f"{entry['file']}{rows}: file checksum mismatch outside the datasets' values "
+                              "(HDF5 metadata or attributes changed)")
             if progress:
                 progress(i + 1, len(entries))
         return faults

@@ -47,6 +47,10 @@ def _io_error(path: Path, e: OSError) -> KDPipeError:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write under a temporary name, fsync, rename: `path` is either absent, its old self, or complete.
+
+    A failed write (ENOSPC, EACCES, ...) or an interruption (KeyboardInterrupt) removes the temporary.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -57,8 +61,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise _io_error(path, e) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -69,31 +83,31 @@ def write_h5_atomic(path: Path, datasets: dict[str, tuple[np.ndarray, dict]], at
     """Write an HDF5 file of contiguous datasets under a temporary name, fsync, rename.
 
     ``datasets`` maps name -> (array with its explicit dtype, attributes). Returns
-    {"file", "bytes", "sha256": {name: digest}}; the digests are also stored as each dataset's
-    ``sha256`` attribute.
+    {"file", "bytes", "sha256": {name: digest}, "file_sha256"}; the dataset digests are also stored as
+    each dataset's ``sha256`` attribute, the file's digest covers every byte (metadata included).
+
+    The file is built in memory (HDF5's core driver) and written with plain file I/O: when the disk is
+    full or not writable, HDF5's own writes fail with a RuntimeError in a deallocator, and may crash
+    the process; plain writes raise OSError with its errno, which becomes a one-line error.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     digests = {}
-    try:
-        with h5py.File(tmp, "w", locking=False, libver=("earliest", "v110")) as f:
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            for name, (arr, dattrs) in datasets.items():
-                arr = np.ascontiguousarray(arr)
-                d = f.create_dataset(name, data=arr, dtype=arr.dtype)  # contiguous, uncompressed
-                digests[name] = sha256_array(arr)
-                d.attrs["sha256"] = digests[name]
-                for k, v in dattrs.items():
-                    d.attrs[k] = v
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _io_error(path, e) from None
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests}
+    with h5py.File(f"{path.name}-in-memory", "w", driver="core", backing_store=False,
+                   libver=("earliest", "v110")) as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        for name, (arr, dattrs) in datasets.items():
+            arr = np.ascontiguousarray(arr)
+            d = f.create_dataset(name, data=arr, dtype=arr.dtype)  # contiguous, uncompressed
+            digests[name] = sha256_array(arr)
+            d.attrs["sha256"] = digests[name]
+            for k, v in dattrs.items():
+                d.attrs[k] = v
+        f.flush()
+        image = f.id.get_file_image()
+    atomic_write_bytes(path, image)
+    return {"file": path.name, "bytes": len(image), "sha256": digests,
+            "file_sha256": hashlib.sha256(image).hexdigest()}
 
 
 def plan_shards(total_rows: int, shard_rows: int) -> list[tuple[int, int]]:

@@ -1,0 +1,68 @@
+# kdpipe: `make all` runs the default pipeline (pipelines/default.toml), `make test` the tests.
+# Every step is a real file target (manifest.json, metrics.json, report.md): a second `make all`
+# does nothing, and a change rebuilds what it invalidates. `make help` lists the targets.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PIPELINE   ?= pipelines/default.toml
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+SETUP      := $(VENV)/.kdpipe-setup
+KDPIPE     := $(VENV)/bin/kdpipe
+PIPELINE_NAME := $(basename $(notdir $(PIPELINE)))
+RULES      := build/$(PIPELINE_NAME).mk
+
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := all
+.PHONY: all help setup data test bench bench-quick clean distclean
+
+all: $(SETUP) data pipeline ## Set up, then run the pipeline (train teacher, dump logits, train students, report)
+	@echo "report: runs/$(PIPELINE_NAME)/report/report.md"
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+	@echo "variables: PIPELINE=$(PIPELINE) VENV=$(VENV) TORCH_PKGS='$(TORCH_PKGS)'"
+
+setup: $(SETUP) ## Create the virtual environment and install kdpipe with its dependencies
+
+$(SETUP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH_PKGS)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+data: ## Install Debian's dataset-fashion-mnist (the default data) where apt-get is available
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "note: no apt-get here; give the pipeline's [data] a root holding the Fashion-MNIST IDX files"; fi
+
+# The pipeline's rules are generated from its TOML spec (standard library only, no setup needed).
+$(RULES): $(PIPELINE) kdpipe/pipeline.py kdpipe/sweep.py
+	@mkdir -p $(dir $@)
+	$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && mv $@.tmp $@
+
+ifeq ($(filter help setup data test bench bench-quick clean distclean,$(MAKECMDGOALS)),)
+include $(RULES)
+endif
+
+.PHONY: pipeline
+pipeline: $(PIPELINE_TARGET) ## Run the pipeline only (assumes setup)
+
+test: $(SETUP) data ## Run the test suite (CPU, small real data)
+	$(VENV)/bin/python -m pytest -q
+
+bench-quick: $(SETUP) ## CPU benchmarks, under a minute; print ratios, assert nothing
+	$(VENV)/bin/python bench/run_all.py --quick
+
+bench: $(SETUP) ## Full benchmarks (GPU figures when CUDA is present)
+	$(VENV)/bin/python bench/run_all.py
+
+clean: ## Remove pipeline outputs (runs/, cache/*, build/), keep the venv
+	rm -rf runs build
+	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+distclean: clean ## Also remove the virtual environment
+	rm -rf $(VENV)
