@@ -99,6 +99,7 @@ def _plots(runs, teachers, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -109,7 +110,12 @@ def _plots(runs, teachers, out: Path) -> list[Path]:
     for t in teachers:
         if t.get("test_top1") is not None:
             ax.scatter([t["parameters"]], [t["test_top1"]], marker="*", s=200, c="k", label=f"teacher {t['arch']}")
+    for r in runs:
+        if r.get("test_top1") is not None:
+            ax.annotate(r["name"], (r["parameters"], r["test_top1"]), fontsize=6, xytext=(4, 2),
+                        textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters")
     ax.set_ylabel("test top-1")
     ax.set_title("accuracy against parameters")
