@@ -6,6 +6,7 @@ is absent. Everything runs on the CPU.
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,16 @@ CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS = 12, 6
 
 def quiet(*args, **kwargs):
     """A `log` for library calls whose messages a test does not read."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread():
+    """Small models on a shared 2-core machine run several times faster on one thread (OpenMP threads
+    spin against other processes); KDPIPE_TEST_THREADS overrides."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("KDPIPE_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -104,16 +115,18 @@ def cifar_folder(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(fmnist, tmp_path_factory) -> Path:
-    """A cnn_tiny teacher trained for 2 epochs on the Fashion-MNIST subset (crop-flip, padding 2)."""
+    """A cnn_small teacher trained for 3 epochs on the Fashion-MNIST subset (crop-flip, padding 2);
+    about 60% test top-1."""
     from kdpipe.data import load_dataset
+    from kdpipe.engine import OptimConfig
     from kdpipe.teacher import train_teacher
     from kdpipe.views import create_policy
 
     train = load_dataset(fmnist.spec, "train")
     test = load_dataset(fmnist.spec, "test")
     out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    train_teacher(train, test, "cnn_tiny", 2, out, policy=create_policy("crop-flip", padding=2),
-                  batch_size=64, seed=0, log=quiet)
+    train_teacher(train, test, "cnn_small", 3, out, policy=create_policy("crop-flip", padding=2),
+                  batch_size=32, optim=OptimConfig(lr=0.1), seed=0, log=quiet)
     return out
 
 
@@ -175,3 +188,16 @@ def cache(fmnist, teacher_ckpt, tmp_path_factory) -> SimpleNamespace:
     captured = dump_and_capture(teacher_ckpt, train, test, path, policy=policy, views=3, seed=7,
                                 shard_rows=500, batch_size=200)
     return SimpleNamespace(path=path, seed=7, views=3, policy=policy, train=train, test=test, captured=captured)
+
+
+@pytest.fixture(scope="session")
+def student_runs(cache, tmp_path_factory) -> SimpleNamespace:
+    """Four mlp_100 students trained for 2 epochs from `cache`: scratch and KD (T 4, alpha 0.9), seeds 0
+    and 1. .out (the runs directory), .results (train_students' metrics), .log (its messages)."""
+    from kdpipe.student import train_students
+
+    out = tmp_path_factory.mktemp("runs") / "runs"
+    log: list[str] = []
+    results = train_students(cache.path, ["mlp_100"], 2, out, temperatures=(4.0,), alphas=(0.0, 0.9),
+                             seeds=(0, 1), batch_size=64, log=log.append)
+    return SimpleNamespace(out=out, results=results, log=log)

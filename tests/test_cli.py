@@ -1,0 +1,275 @@
+"""Every command through click's CliRunner: --help, the whole pipeline on small real data, and bad
+input answered with a one-line error and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kdpipe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = {"train-teacher", "dump-logits", "train-student", "report", "inspect", "verify-cache", "make-rules"}
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    """dump-logits turns SIGTERM into an interrupt; give the test process its own handler back."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+def assert_one_line_error(result, message):
+    """Exit code 2, exactly one line on stderr ("Error: ..." naming the problem), no traceback."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- help and entry points
+
+def test_main_help_lists_every_command():
+    r = ok(invoke("--help"))
+    for name in COMMANDS - {"make-rules"}:
+        assert name in r.output
+    assert COMMANDS - {"make-rules"} <= set(main.commands)
+
+
+@pytest.mark.parametrize("name", sorted(set(main.commands) | COMMANDS))
+def test_every_command_has_help(name):
+    if name not in main.commands:
+        pytest.skip(f"{name} does not exist yet")
+    r = ok(invoke(name, "--help"))
+    assert r.output.startswith(f"Usage: main {name}") or f"{name}" in r.output.splitlines()[0]
+    assert "--help" in r.output
+    cmd = main.commands[name]
+    for p in cmd.params:  # every option has a help text
+        if p.param_type_name == "option" and p.name != "help":
+            assert p.help, f"{name} {p.opts[0]} has no help"
+
+
+def test_python_dash_m_and_version():
+    r = subprocess.run([sys.executable, "-m", "kdpipe", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "dump-logits" in r.stdout
+    assert ok(invoke("--version")).output.startswith("kdpipe, version ")
+
+
+# ---------------------------------------------------------------- the pipeline, command by command
+
+@pytest.fixture(scope="module")
+def pipeline(fmnist, tmp_path_factory):
+    """train-teacher -> dump-logits -> train-student -> report, as a user would type them."""
+    root = tmp_path_factory.mktemp("cli")
+    teacher, cache, runs, report = root / "teacher.pt", root / "cache", root / "runs", root / "report"
+    with pytest.MonkeyPatch.context() as mp:  # dump-logits installs a SIGTERM handler
+        mp.setattr(signal, "signal", lambda *a: None)
+        res = SimpleNamespace(root=root, teacher=teacher, cache=cache, runs=runs, report=report)
+        res.train_teacher = invoke("train-teacher", "--data", fmnist.spec, "--arch", "mlp_100", "--epochs", 2,
+                                   "--batch-size", 64, "--device", "cpu", "--out", teacher)
+        res.dump = invoke("dump-logits", "--teacher", teacher, "--data", fmnist.spec, "--views", 2, "--policy",
+                          "crop-flip", "--padding", 2, "--seed", 3, "--shard-rows", 300, "--batch-size", 128,
+                          "--device", "cpu", "--out", cache)
+        res.train_student = invoke("train-student", "--cache", cache, "--student", "mlp_100", "--student", "cnn_tiny",
+                                   "--epochs", 2, "--temperature", "2,4", "--alpha", "0,0.9", "--seed", 0,
+                                   "--batch-size", 128, "--device", "cpu", "--out", runs)
+        res.report_run = invoke("report", runs, "--out", report)
+    return res
+
+
+def test_train_teacher_command(pipeline, fmnist):
+    r = ok(pipeline.train_teacher)
+    assert str(pipeline.teacher) in r.output and "test top-1" in r.output
+    import torch
+    ckpt = torch.load(pipeline.teacher, weights_only=True)
+    assert ckpt["arch"] == "mlp_100" and ckpt["num_classes"] == 10 and ckpt["image_shape"] == [1, 28, 28]
+    assert ckpt["dataset"]["spec"] == fmnist.spec and 0.3 < ckpt["test_top1"] <= 1
+
+
+def test_dump_logits_command_summarises(pipeline):
+    r = ok(pipeline.dump)
+    out = r.stdout
+    assert "1,024 rows" in out and "MB on disk" in out and "images/s" in out
+    assert "teacher top-1 on its views" in out and "on the clean test split" in out
+    m = json.loads((pipeline.cache / "manifest.json").read_text())
+    assert m["rows"] == 1024 and m["views"]["K"] == 2 and m["views"]["seed"] == 3
+    assert m["views"]["options"] == {"padding": 2} and m["logits"]["dtype"] == "float16"
+    assert len(m["shards"]) == 4
+    for s in m["shards"]:
+        with h5py.File(pipeline.cache / s["file"], "r") as f:
+            assert all("description" in f[k].attrs for k in f)
+
+
+def test_dump_logits_again_does_nothing(pipeline, fmnist):
+    def state():  # contents of every file; times of all but the manifest (touched for make on purpose)
+        return {p.name: (p.read_bytes(), None if p.name == "manifest.json" else p.stat().st_mtime_ns)
+                for p in pipeline.cache.iterdir()}
+
+    before = state()
+    r = ok(invoke("dump-logits", "--teacher", pipeline.teacher, "--data", fmnist.spec, "--views", 2, "--policy",
+                  "crop-flip", "--padding", 2, "--seed", 3, "--shard-rows", 300, "--batch-size", 128,
+                  "--device", "cpu", "--out", pipeline.cache))
+    assert "already complete" in r.output
+    assert state() == before
+
+
+def test_inspect_command(pipeline):
+    r = ok(invoke("inspect", pipeline.cache))
+    for fragment in ("mlp_100", "K=2", "crop-flip", "float16", "1,024", "512 samples", "10 classes", "raw"):
+        assert fragment in r.output, fragment
+    r = ok(invoke("inspect", "--json", pipeline.cache))
+    assert json.loads(r.output) == json.loads((pipeline.cache / "manifest.json").read_text())
+
+
+def test_verify_cache_command(pipeline, tmp_path):
+    assert ok(invoke("verify-cache", pipeline.cache)).output.strip().endswith("OK")
+    r = ok(invoke("verify-cache", pipeline.cache, "--teacher", pipeline.teacher, "--sample", 64, "--device", "cpu"))
+    assert "64" in r.output and r.output.strip().endswith("OK")
+    bad = tmp_path / "bad"
+    shutil.copytree(pipeline.cache, bad)
+    with h5py.File(bad / "shard-00001.h5", "r") as f:
+        off = f["logits"].id.get_offset()
+    with open(bad / "shard-00001.h5", "r+b") as fh:
+        fh.seek(off + 10)
+        b = fh.read(1)
+        fh.seek(off + 10)
+        fh.write(bytes([b[0] ^ 0x40]))
+    r = invoke("verify-cache", bad)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "shard-00001.h5" in r.stderr and "logits" in r.stderr
+
+
+def test_train_student_command_runs_the_sweep(pipeline):
+    r = ok(pipeline.train_student)
+    assert "6 run(s) written" in r.output
+    names = {f"{a}-{tag}-s0" for a in ("mlp_100", "cnn_tiny") for tag in ("scratch", "T2-a0.9", "T4-a0.9")}
+    assert {p.name for p in pipeline.runs.iterdir()} == names
+    for name in names:
+        m = json.loads((pipeline.runs / name / "metrics.json").read_text())
+        c = json.loads((pipeline.runs / name / "config.json").read_text())
+        assert m["name"] == c["run"] == name and c["batch_size"] == 128 and c["epochs"] == 2
+        assert 0 <= m["test_top1"] <= 1 and 0 <= m["teacher_agreement"] <= 1
+        assert (pipeline.runs / name / "student.pt").is_file()
+
+
+def test_report_command(pipeline):
+    r = ok(pipeline.report_run)
+    assert "report of 6 run(s)" in r.output
+    text = (pipeline.report / "report.md").read_text()
+    assert "| mlp_100 | teacher |" in text
+    assert sum(line.startswith("| cnn_tiny |") for line in text.splitlines()) == 3
+    pngs = sorted(pipeline.report.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    for p in pngs:
+        assert f"({p.name})" in text
+
+
+def test_make_rules_command(tmp_path):
+    spec = REPO / "pipelines" / "default.toml"
+    if "make-rules" not in main.commands or not spec.is_file():
+        pytest.skip("make-rules or pipelines/default.toml does not exist yet")
+    pytest.importorskip("kdpipe.pipeline")
+    r = ok(invoke("make-rules", spec))
+    assert "manifest.json:" in r.output and "metrics.json" in r.output and "report.md:" in r.output
+    assert "dump-logits" in r.output and "train-student" in r.output
+    assert_one_line_error(invoke("make-rules", tmp_path / "absent.toml"), "absent.toml")
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+@pytest.fixture(scope="module")
+def five_classes(fmnist, tmp_path_factory):
+    p = tmp_path_factory.mktemp("five") / "five.npz"
+    np.savez(p, x_train=fmnist.x_train[:64], y_train=fmnist.y_train[:64] % 5, x_test=fmnist.x_test[:32],
+             y_test=fmnist.y_test[:32] % 5)
+    return p
+
+
+def test_bad_input_unknown_dataset(tmp_path):
+    assert_one_line_error(invoke("train-teacher", "--data", "svhn", "--arch", "mlp_100", "--device", "cpu",
+                                 "--out", tmp_path / "t.pt"), "unknown dataset 'svhn'")
+
+
+@pytest.mark.parametrize("data, root, message", [
+    ("npz:{tmp}/absent.npz", None, "no such file"),
+    ("fashion-mnist", "{tmp}", "apt-get install dataset-fashion-mnist"),
+    ("mnist", "{tmp}", "MNIST IDX files"),
+    ("imagefolder:{tmp}/nothing", None, "no such folder"),
+    ("cifar10", "{tmp}", "cifar-10-batches-py"),
+])
+def test_bad_input_missing_data(tmp_path, data, root, message):
+    args = ["--data", data.format(tmp=tmp_path)] + (["--data-root", root.format(tmp=tmp_path)] if root else [])
+    assert_one_line_error(invoke("train-teacher", *args, "--arch", "mlp_100", "--device", "cpu",
+                                 "--out", tmp_path / "t.pt"), message)
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_bad_input_unknown_architecture(fmnist, pipeline, tmp_path):
+    assert_one_line_error(invoke("train-teacher", "--data", fmnist.spec, "--arch", "resnet_nope", "--device", "cpu",
+                                 "--out", tmp_path / "t.pt"), "unknown architecture 'resnet_nope'")
+    assert_one_line_error(invoke("train-student", "--cache", pipeline.cache, "--student", "mlp_100", "--student",
+                                 "mlp_nope", "--device", "cpu", "--out", tmp_path / "runs"),
+                          "unknown architecture 'mlp_nope'")
+    assert_one_line_error(invoke("dump-logits", "--teacher-arch", "nope", "--teacher-weights", pipeline.teacher,
+                                 "--data", fmnist.spec, "--views", 1, "--device", "cpu", "--out", tmp_path / "c"),
+                          "unknown architecture 'nope'")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify-cache", "train-student"])
+def test_bad_input_a_directory_that_is_not_a_cache(tmp_path, command):
+    (tmp_path / "empty").mkdir()
+    extra = ["--student", "mlp_100", "--device", "cpu", "--out", tmp_path / "runs"] if command == "train-student" else []
+    args = ["--cache", tmp_path / "empty"] if command == "train-student" else [tmp_path / "empty"]
+    assert_one_line_error(invoke(command, *args, *extra), "not a kdpipe cache")
+    assert_one_line_error(invoke(command, *(["--cache"] if command == "train-student" else []),
+                                 tmp_path / "absent", *extra), "does not exist")
+
+
+def test_bad_input_teacher_classes_differ_from_the_datasets(pipeline, five_classes, tmp_path):
+    r = invoke("dump-logits", "--teacher", pipeline.teacher, "--data", f"npz:{five_classes}", "--views", 1,
+               "--device", "cpu", "--out", tmp_path / "c")
+    assert_one_line_error(r, "predicts 10 classes")
+    assert "has 5" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dump-logits", "--teacher", "{tmp}/absent.pt", "--data", "{spec}", "--views", "1", "--out", "{tmp}/c"],
+     "does not exist"),
+    (["dump-logits", "--teacher", "{teacher}", "--data", "{spec}", "--views", "0", "--out", "{tmp}/c"],
+     "--views must be >= 1"),
+    (["dump-logits", "--data", "{spec}", "--views", "1", "--out", "{tmp}/c"], "give a teacher"),
+    (["train-student", "--cache", "{cache}", "--student", "mlp_100", "--alpha", "1.5", "--out", "{tmp}/r"],
+     "--alpha must lie in [0, 1]"),
+    (["train-student", "--cache", "{cache}", "--student", "mlp_100", "--temperature", "0", "--out", "{tmp}/r"],
+     "--temperature must be > 0"),
+    (["train-student", "--cache", "{cache}", "--student", "mlp_100", "--epochs", "0", "--out", "{tmp}/r"],
+     "--epochs must be >= 1"),
+    (["report", "{tmp}", "--out", "{tmp}/rep"], "holds no runs"),
+    (["train-teacher", "--data", "{spec}", "--arch", "mlp_100", "--device", "cuda:7", "--out", "{tmp}/t.pt"],
+     "cuda:7"),
+])
+def test_bad_input_other_cases(pipeline, fmnist, tmp_path, args, message):
+    fill = dict(tmp=tmp_path, spec=fmnist.spec, teacher=pipeline.teacher, cache=pipeline.cache)
+    assert_one_line_error(invoke(*[a.format(**fill) for a in args]), message)

@@ -1,0 +1,181 @@
+"""The model registry, torchvision names, checkpoints and the kinds of teacher stage one accepts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from kdpipe import KDPipeError
+from kdpipe.cache.reader import Cache
+from kdpipe.checkpoint import load_teacher, save_checkpoint
+from kdpipe.data import load_dataset
+from kdpipe.engine import predict
+from kdpipe.evaluate import eval_params
+from kdpipe.models import count_parameters, create_model, registered
+from kdpipe.views import create_policy
+
+from conftest import quiet
+
+REQUIRED = {"mlp_1200", "mlp_800", "resnet8x4", "resnet20", "resnet32x4", "resnet56", "resnet110", "wrn_16_2",
+            "wrn_40_2", "resnet18_cifar"}
+BIG = {"resnet110", "wrn_40_2", "resnet18_cifar", "resnet32x4"}
+# Parameter counts of the CIFAR-100 models as published (CRD / RepDistiller tables), in millions.
+PUBLISHED_M = {"resnet20": 0.28, "resnet56": 0.86, "resnet110": 1.74, "resnet8x4": 1.23, "resnet32x4": 7.43,
+               "wrn_16_2": 0.70, "wrn_40_2": 2.26, "resnet18_cifar": 11.22}
+
+
+def natural_shape(name):
+    return (1, 28, 28) if name.startswith(("mlp", "cnn")) else (3, 32, 32)
+
+
+def linear_sizes(model):
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_the_registry_holds_the_required_architectures():
+    assert REQUIRED <= set(registered())
+    assert any(n.startswith("cnn") for n in registered())
+
+
+@pytest.mark.parametrize("name", registered())
+def test_every_registered_model_builds_and_runs_at_its_natural_shape(name):
+    shape = natural_shape(name)
+    classes = 10 if shape[0] == 1 else 100
+    torch.manual_seed(0)
+    model = create_model(name, classes, shape).eval()
+    batch = 2 if name in BIG else 4
+    with torch.no_grad():
+        out = model(torch.randn(batch, *shape))
+    assert out.shape == (batch, classes) and torch.isfinite(out).all()
+    if name in PUBLISHED_M:
+        assert count_parameters(model) / 1e6 == pytest.approx(PUBLISHED_M[name], rel=0.01)
+
+
+def test_hinton_mlps_have_the_published_layers():
+    big = create_model("mlp_1200", 10, (1, 28, 28))
+    assert linear_sizes(big) == [(784, 1200), (1200, 1200), (1200, 10)]
+    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in big.modules())
+    small = create_model("mlp_800", 10, (1, 28, 28))
+    assert linear_sizes(small) == [(784, 800), (800, 800), (800, 10)]
+    assert not any(isinstance(m, nn.Dropout) for m in small.modules())
+    assert count_parameters(small) == 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
+
+
+def test_small_models_train_one_step():
+    for name in ("cnn_tiny", "mlp_100", "resnet20"):
+        shape = natural_shape(name)
+        model = create_model(name, 10, shape).train()
+        out = model(torch.randn(4, *shape))
+        nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 3])).backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_models_are_seeded_by_torch_manual_seed():
+    torch.manual_seed(3)
+    a = create_model("cnn_tiny", 10, (1, 28, 28)).state_dict()
+    torch.manual_seed(3)
+    b = create_model("cnn_tiny", 10, (1, 28, 28)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchvision_models_by_name_for_colour_and_grey_images():
+    rgb = create_model("resnet18", 10, (3, 32, 32)).eval()
+    with torch.no_grad():
+        assert rgb(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    grey = create_model("resnet18", 7, (1, 32, 32)).eval()
+    with torch.no_grad():
+        assert grey(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    assert count_parameters(grey) == count_parameters(create_model("resnet18", 7, (3, 32, 32)))
+
+
+def test_unknown_architecture_names_the_choices():
+    with pytest.raises(KDPipeError, match="unknown architecture 'resnet21'.*resnet20"):
+        create_model("resnet21", 10, (3, 32, 32))
+
+
+# ---------------------------------------------------------------- checkpoints and teachers
+
+def test_teacher_checkpoint_records_what_stage_one_needs(teacher_ckpt, fmnist):
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    obj = torch.load(teacher_ckpt, weights_only=True)  # plain data only
+    assert obj["arch"] == "cnn_small" and obj["num_classes"] == 10 and obj["image_shape"] == [1, 28, 28]
+    mean, std = train.channel_stats()
+    assert obj["mean"] == pytest.approx(mean) and obj["std"] == pytest.approx(std)
+    assert obj["dataset"]["fingerprint"] == train.fingerprint and obj["dataset"]["num_samples"] == 512
+    assert obj["class_names"] == train.class_names
+    t = load_teacher(teacher_ckpt)
+    assert (t.kind, t.arch, t.num_classes, t.image_shape) == ("kdpipe", "cnn_small", 10, (1, 28, 28))
+    assert not t.module.training
+    pol = create_policy("crop-flip", padding=2)
+    logits = predict(t.module, torch.from_numpy(np.array(test.images)), pol,
+                     torch.from_numpy(eval_params(pol, test.image_shape, len(test))), t.mean, t.std)
+    assert obj["test_top1"] == pytest.approx(float((logits.argmax(1).numpy() == test.labels).mean()))
+    assert obj["test_top1"] > 0.4
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, (3, 32, 32)).eval()
+    size = save_checkpoint(tmp_path / "m.pt", model, arch="resnet20", num_classes=10, image_shape=(3, 32, 32),
+                           mean=[0.5] * 3, std=[0.25] * 3, class_names=list("abcdefghij"), dataset={},
+                           test_top1=0.5)
+    assert size == (tmp_path / "m.pt").stat().st_size
+    back = load_teacher(tmp_path / "m.pt")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back.module(x), model(x))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
+def test_teacher_kinds_torchscript_and_state_dict(teacher_ckpt, tmp_path):
+    t = load_teacher(teacher_ckpt)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        ref = t.module(x)
+    torch.jit.trace(t.module, x).save(str(tmp_path / "t.ts"))
+    ts = load_teacher(tmp_path / "t.ts")
+    assert ts.kind == "torchscript" and ts.num_classes is None
+    with torch.no_grad():
+        torch.testing.assert_close(ts.module(x), ref, rtol=1e-5, atol=1e-5)
+    torch.save(t.module.state_dict(), tmp_path / "sd.pt")
+    sd = load_teacher(arch="cnn_small", weights=tmp_path / "sd.pt", image_shape=(1, 28, 28), num_classes=10)
+    assert sd.kind == "state_dict"
+    with torch.no_grad():
+        assert torch.equal(sd.module(x), ref)
+    with pytest.raises(KDPipeError, match="do not fit"):
+        load_teacher(arch="cnn_tiny", weights=tmp_path / "sd.pt", image_shape=(1, 28, 28), num_classes=10)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(KDPipeError, match="cannot load"):
+        load_teacher(tmp_path / "junk.pt")
+    with pytest.raises(KDPipeError, match="does not exist"):
+        load_teacher(tmp_path / "absent.pt")
+
+
+def test_torchvision_teacher_weights_for_grey_images(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    bare = torchvision.models.get_model("resnet18", weights=None, num_classes=10).eval()
+    torch.save(bare.state_dict(), tmp_path / "r18.pt")
+    t = load_teacher(arch="resnet18", weights=tmp_path / "r18.pt", image_shape=(1, 32, 32), num_classes=10)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(t.module(x), bare(x.repeat(1, 3, 1, 1)))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
+def test_a_torchscript_teacher_dumps_the_same_logits(teacher_ckpt, fmnist, tmp_path):
+    from kdpipe.teacher import dump_logits
+    train = load_dataset(fmnist.spec, "train").subset(128)
+    t = load_teacher(teacher_ckpt)
+    torch.jit.trace(t.module, torch.randn(2, 1, 28, 28)).save(str(tmp_path / "t.ts"))
+    pol = create_policy("crop-flip", padding=2)
+    # The checkpoint's normalization is that of the full 512-sample train split; pass it to both.
+    kw = dict(policy=pol, views=2, seed=4, logits_dtype="float32", mean=t.mean, std=t.std, log=quiet)
+    dump_logits(t, train, None, tmp_path / "a", **kw)
+    dump_logits(load_teacher(tmp_path / "t.ts"), train, None, tmp_path / "b", **kw)
+    a, b = Cache(tmp_path / "a"), Cache(tmp_path / "b")
+    assert b.manifest["teacher"]["kind"] == "torchscript"
+    np.testing.assert_allclose(b.read("logits", 0, b.rows), a.read("logits", 0, a.rows), rtol=1e-5, atol=1e-5)

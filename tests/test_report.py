@@ -1,0 +1,90 @@
+"""report: a markdown table of the teacher and every student, seeds aggregated, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import matplotlib.image
+import pytest
+
+from kdpipe import KDPipeError
+from kdpipe.report import build_report, find_runs
+
+
+def table_rows(text):
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]
+
+
+def test_report_of_real_runs(student_runs, cache, tmp_path):
+    res = build_report([student_runs.out], tmp_path / "rep")
+    assert res["runs"] == 4 and res["report"] == str(tmp_path / "rep" / "report.md")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    for col in ("test top-1", "agreement", "parameters", "MB", "latency", "training time"):
+        assert col in header
+    rows = table_rows(text)
+    teacher = [r for r in rows if r[1] == "teacher"]
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    assert len(teacher) == 1 and teacher[0][0] == "cnn_small"
+    assert teacher[0][5] == f"{manifest['teacher']['test_top1']:.4f}"
+    assert teacher[0][7] == f"{manifest['teacher']['parameters']:,}"
+    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 11]
+    assert len(students) == 4
+    metrics = {(m["alpha"], m["seed"]): m for m in student_runs.results}
+    for r in students:
+        m = metrics[(float(r[3]), int(r[4]))]
+        assert r[1] == ("scratch" if m["alpha"] == 0 else "KD")
+        assert r[5] == f"{m['test_top1']:.4f}" and r[6] == f"{m['teacher_agreement']:.4f}"
+        assert r[7] == f"{m['parameters']:,}" and r[8] == f"{m['size_bytes'] / 1e6:.2f}"
+    # Two seeds per setting: a mean ± std table, with the sample standard deviation.
+    assert "mean ± sample std" in text
+    for alpha, role in ((0.0, "scratch"), (0.9, "KD")):
+        accs = [metrics[(alpha, s)]["test_top1"] for s in (0, 1)]
+        cell = f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}"
+        assert any(r[1] == role and r[5] == cell for r in rows if len(r) == 7), cell
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert len(summary["groups"]) == 2 and len(summary["runs"]) == 4
+    # Plots: real PNG images, linked from the report.
+    assert len(res["plots"]) >= 2
+    names = {p.split("/")[-1] for p in res["plots"]}
+    assert "accuracy_vs_parameters.png" in names
+    for p in res["plots"]:
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+        assert img.std() > 0.01  # not a blank canvas
+        assert f"]({p.split('/')[-1]})" in text
+
+
+def test_mean_and_std_over_seeds_by_hand(student_runs, tmp_path):
+    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    for seed, acc, agr in ((0, 0.5, 0.8), (1, 0.6, 0.9), (2, 0.7, 1.0)):
+        d = tmp_path / "runs" / f"mlp_100-T4-a0.9-s{seed}"
+        shutil.copytree(src, d)
+        m = json.loads((d / "metrics.json").read_text())
+        m.update(seed=seed, test_top1=acc, teacher_agreement=agr, name=d.name)
+        (d / "metrics.json").write_text(json.dumps(m))
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 3 | 0.6000 ± 0.1000 | 0.9000 ± 0.1000 |" in text
+    g = json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]
+    assert len(g) == 1 and g[0]["seeds"] == [0, 1, 2]
+    assert g[0]["test_top1_mean"] == pytest.approx(0.6) and g[0]["test_top1_std"] == pytest.approx(0.1)
+
+
+def test_runs_are_found_by_run_directory_or_by_parent(student_runs, tmp_path):
+    one = student_runs.out / "mlp_100-scratch-s1"
+    assert [m["name"] for m in find_runs([one])] == ["mlp_100-scratch-s1"]
+    assert len(find_runs([student_runs.out])) == 4
+    both = find_runs([one, student_runs.out / "mlp_100-T4-a0.9-s0"])
+    assert [m["_dir"] for m in both] == [str(one), str(student_runs.out / "mlp_100-T4-a0.9-s0")]
+    with pytest.raises(KDPipeError, match="not a run directory"):
+        find_runs([tmp_path / "absent"])
+    with pytest.raises(KDPipeError, match="holds no runs"):
+        find_runs([tmp_path])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    with pytest.raises(KDPipeError, match="cannot read"):
+        find_runs([tmp_path / "broken"])

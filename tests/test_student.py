@@ -1,0 +1,172 @@
+"""Stage two: sweep planning, equivalence of cached and online KD, what each run writes, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdpipe import KDPipeError
+from kdpipe.cache.reader import Cache
+from kdpipe.checkpoint import load_teacher
+from kdpipe.data import load_dataset
+from kdpipe.engine import predict
+from kdpipe.evaluate import eval_params
+from kdpipe.models import count_parameters, create_model
+from kdpipe.student import train_students
+from kdpipe.sweep import plan_runs, run_name
+from kdpipe.teacher import dump_logits
+from kdpipe.views import create_policy
+
+from conftest import quiet
+
+
+# ---------------------------------------------------------------- sweep planning
+
+def test_run_names():
+    assert run_name("cnn_tiny", 4.0, 0.9, 0) == "cnn_tiny-T4-a0.9-s0"
+    assert run_name("resnet20", 1.5, 0.25, 3) == "resnet20-T1.5-a0.25-s3"
+    assert run_name("mlp_100", 4.0, 0.0, 2) == run_name("mlp_100", 8.0, 0.0, 2) == "mlp_100-scratch-s2"
+
+
+def test_sweep_is_the_cartesian_product_with_scratch_once_per_student_and_seed():
+    plan = plan_runs(["a", "b"], [1, 4], [0, 0.5, 0.9], [0, 1])
+    assert all(isinstance(t, float) and isinstance(al, float) and isinstance(s, int) for _, t, al, s in plan)
+    kd = {(arch, t, al, s) for arch, t, al, s in plan if al > 0}
+    assert kd == {(arch, float(t), al, s) for arch in "ab" for t in (1, 4) for al in (0.5, 0.9) for s in (0, 1)}
+    scratch = sorted((arch, s) for arch, _, al, s in plan if al == 0)
+    assert scratch == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert len(plan) == 2 * 2 * (1 + 2 * 2)
+    names = [run_name(*p) for p in plan]
+    assert len(set(names)) == len(names)
+    assert plan_runs(["a"], [4], [0.9], [0]) == [("a", 4.0, 0.9, 0)]
+
+
+# ---------------------------------------------------------------- equivalence with online KD
+
+@pytest.fixture(scope="module")
+def eq_cache(fmnist, teacher_ckpt, tmp_path_factory):
+    """K = 2 crop-flip views in float32, for students trained 2 epochs."""
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    out = tmp_path_factory.mktemp("eq") / "cache"
+    dump_logits(load_teacher(teacher_ckpt), train, test, out, policy=create_policy("crop-flip", padding=2),
+                views=2, seed=1, logits_dtype="float32", shard_rows=300, batch_size=100, log=quiet)
+    return out
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "student.pt", weights_only=True)["state_dict"]
+
+
+def test_cached_kd_equals_online_kd_weight_for_weight(eq_cache, teacher_ckpt, tmp_path):
+    sweep = dict(temperatures=(2.0, 4.0), alphas=(0.0, 0.7), seeds=(0,), batch_size=64, log=quiet)
+    cached = train_students(eq_cache, ["cnn_tiny", "mlp_100"], 2, tmp_path / "cached", **sweep)
+    teacher = load_teacher(teacher_ckpt).module
+    teacher.train()  # handed over as it may come: stage two must run it as the cache's teacher ran
+    online = train_students(eq_cache, ["cnn_tiny", "mlp_100"], 2, tmp_path / "online", online_teacher=teacher,
+                            **sweep)
+    names = sorted(r["name"] for r in cached)
+    assert names == sorted(r["name"] for r in online) and len(names) == 6
+    for name in names:
+        a, b = _weights(tmp_path / "cached" / name), _weights(tmp_path / "online" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs between cached and online KD"
+    by_name = {r["name"]: r for r in cached}
+    assert {r["name"]: r["test_top1"] for r in online} == {n: r["test_top1"] for n, r in by_name.items()}
+    # Not vacuous: the teacher's logits changed the students (KD runs differ from scratch and each other).
+    for arch in ("cnn_tiny", "mlp_100"):
+        w = [_weights(tmp_path / "cached" / f"{arch}-{tag}-s0") for tag in ("scratch", "T2-a0.7", "T4-a0.7")]
+        last = list(w[0])[-1]
+        assert not torch.equal(w[0][last], w[1][last]) and not torch.equal(w[1][last], w[2][last])
+
+
+def test_a_run_trains_the_same_alone_or_in_a_shared_pass(eq_cache, tmp_path):
+    alone = train_students(eq_cache, ["mlp_100"], 2, tmp_path / "alone", temperatures=(4.0,), alphas=(0.7,),
+                           batch_size=64, log=quiet)
+    shared = train_students(eq_cache, ["cnn_tiny", "mlp_100"], 2, tmp_path / "shared", temperatures=(2.0, 4.0),
+                            alphas=(0.7,), batch_size=64, log=quiet)
+    assert len(alone) == 1 and len(shared) == 4
+    a, b = _weights(tmp_path / "alone" / "mlp_100-T4-a0.7-s0"), _weights(tmp_path / "shared" / "mlp_100-T4-a0.7-s0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- what a run writes
+
+def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
+    names = {"mlp_100-scratch-s0", "mlp_100-scratch-s1", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"}
+    assert {r["name"] for r in student_runs.results} == names
+    assert {p.name for p in student_runs.out.iterdir()} == names
+    manifest = Cache(cache.path).manifest
+    teacher_test = Cache(cache.path).read_test_logits()
+    test = cache.test
+    for name in names:
+        d = student_runs.out / name
+        assert {p.name for p in d.iterdir()} == {"student.pt", "metrics.json", "config.json"}
+        m = json.loads((d / "metrics.json").read_text())
+        c = json.loads((d / "config.json").read_text())
+        assert m == next(r for r in student_runs.results if r["name"] == name)
+        alpha = 0.0 if "scratch" in name else 0.9
+        seed = int(name[-1])
+        assert (m["arch"], m["alpha"], m["seed"], m["epochs"]) == ("mlp_100", alpha, seed, 2)
+        assert (c["student"], c["alpha"], c["seed"], c["epochs"], c["batch_size"]) == ("mlp_100", alpha, seed, 2, 64)
+        assert c["temperature"] == m["temperature"] == 4.0
+        assert c["optim"]["lr"] > 0 and c["optim"]["schedule"] in ("cosine", "step", "constant")
+        assert c["cache_id"] == m["cache"]["cache_id"] == manifest["cache_id"]
+        assert m["cache"]["path"] == str(cache.path.resolve()) == c["cache"]
+        assert (m["cache"]["views"], m["cache"]["logits_dtype"]) == (3, "float16")
+        assert m["teacher"] == manifest["teacher"] and m["dataset"] == manifest["dataset"]["spec"]
+        assert m["parameters"] == count_parameters(create_model("mlp_100", 10, (1, 28, 28))) == 79510
+        assert m["size_bytes"] == (d / "student.pt").stat().st_size
+        assert m["cpu_latency_ms"] > 0 and m["train_wall_s"] > 0 and m["images_per_s"] > 0
+        assert len(m["train_loss"]) == 2 and all(np.isfinite(m["train_loss"]))
+        # Accuracy and agreement are those of the saved student, recomputed here.
+        student = load_teacher(d / "student.pt")
+        assert student.info["role"] == "student" and student.arch == "mlp_100" and student.num_classes == 10
+        pol = cache.policy
+        logits = predict(student.module, torch.from_numpy(np.array(test.images)), pol,
+                         torch.from_numpy(eval_params(pol, test.image_shape, len(test))), manifest["input"]["mean"],
+                         manifest["input"]["std"])
+        assert m["test_top1"] == pytest.approx(float((logits.argmax(1).numpy() == test.labels).mean()))
+        assert m["teacher_agreement"] == pytest.approx(float((logits.argmax(1).numpy() ==
+                                                              teacher_test.argmax(1)).mean()))
+        assert m["test_top1"] > 0.3  # well above chance (0.1)
+        # metrics.json marks a finished run: it is written last.
+        assert (d / "metrics.json").stat().st_mtime_ns >= (d / "student.pt").stat().st_mtime_ns
+
+
+def test_more_epochs_than_views_warns(cache, tmp_path):
+    log = []
+    train_students(cache.path, ["mlp_100"], 4, tmp_path / "runs", alphas=(0.5,), batch_size=128, log=log.append)
+    warnings = [line for line in log if line.startswith("warning")]
+    assert len(warnings) == 1 and "4 epochs over K = 3 views" in warnings[0] and "--views 4" in warnings[0]
+
+
+def test_a_cache_whose_data_changed_is_refused(fmnist, teacher_ckpt, tmp_path):
+    p = tmp_path / "d.npz"
+    arrays = dict(x_train=fmnist.x_train[:64], y_train=fmnist.y_train[:64], x_test=fmnist.x_test[:32],
+                  y_test=fmnist.y_test[:32])
+    np.savez(p, **arrays)
+    dump_logits(load_teacher(teacher_ckpt), load_dataset(f"npz:{p}", "train"), load_dataset(f"npz:{p}", "test"),
+                tmp_path / "c", policy=create_policy("none"), views=1, log=quiet)
+    arrays["x_train"] = arrays["x_train"].copy()
+    arrays["x_train"][5, 10, 10] ^= 0x10
+    np.savez(p, **arrays)
+    with pytest.raises(KDPipeError, match="does not match cache.*fingerprint"):
+        train_students(tmp_path / "c", ["mlp_100"], 1, tmp_path / "runs", log=quiet)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(students=["mlp_100"], epochs=0), "--epochs must be >= 1"),
+    (dict(students=["mlp_100"], epochs=1, alphas=(1.5,)), "--alpha must lie in"),
+    (dict(students=["mlp_100"], epochs=1, temperatures=(0.0,)), "--temperature must be > 0"),
+    (dict(students=[], epochs=1), "at least one --student"),
+    (dict(students=["mlp_100", "no_such_net"], epochs=1), "unknown architecture 'no_such_net'"),
+])
+def test_bad_arguments_are_refused_before_training(cache, tmp_path, kwargs, message):
+    with pytest.raises(KDPipeError, match=message):
+        train_students(cache.path, out=tmp_path / "runs", log=quiet, **kwargs)
+    assert not (tmp_path / "runs").exists()
