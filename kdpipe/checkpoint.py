@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,9 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
         fp = file_sha256(path)
         if _is_torchscript(path):
             try:
-                mod = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch's deprecation notice would break the one-line errors
+                    warnings.simplefilter("ignore", FutureWarning)
+                    mod = torch.jit.load(str(path), map_location="cpu")
             except Exception as e:
                 raise KDPipeError(f"cannot load TorchScript teacher {path}: {str(e).splitlines()[0][:200]}") from None
             return LoadedModel(mod.eval(), "torchscript", "torchscript", fp, None, None, None, None, str(path), {})

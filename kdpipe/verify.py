@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
-from kdpipe.cache.reader import Cache, manifest_fault, open_h5
+from kdpipe.cache.reader import Cache, manifest_fault, open_h5, read_raw
 
 # |stored - recomputed| <= atol + rtol * |recomputed|, by logits dtype (float16 keeps 11 bits).
 TOLERANCE = {"float16": (2e-2, 2e-3), "float32": (1e-3, 1e-4)}
 
 
-def check_shapes(cache: Cache) -> list[str]:
+def check_shapes(cache: Cache, skip=()) -> list[str]:
+    """Shapes and dtypes of every shard's datasets (files in `skip`, found damaged, are not opened)."""
     faults = []
     p = len(cache.columns)
     for s in cache.manifest["shards"]:
         path = cache.path / s["file"]
-        if not path.is_file():
+        if s["file"] in skip or not path.is_file():
             continue  # reported by the checksum pass
         rows = s["row_stop"] - s["row_start"]
         want = {"logits": ((rows, cache.num_classes), fmt.LOGITS_DTYPES[cache.logits_dtype]),
@@ -35,7 +38,33 @@ def check_shapes(cache: Cache) -> list[str]:
     return faults
 
 
-def check_derived(cache: Cache) -> list[str]:
+def _derivable(cache: Cache, s: dict, skip) -> dict:
+    """sample_index, view_index and view_params of one shard: from the raw bytes at the recorded layout
+    (no HDF5, so a damaged file is safe to read), else through HDF5 for an intact file of an older
+    cache. Datasets that cannot be read are left out (the checksum pass reports them)."""
+    path, rows = cache.path / s["file"], s["row_stop"] - s["row_start"]
+    if not path.is_file():
+        return {}
+    want = {"sample_index": ("<i8", (rows,)), "view_index": ("<i4", (rows,)),
+            "view_params": ("<i4", (rows, len(cache.columns)))}
+    if "layout" in s:
+        got = {}
+        for name, (dtype, shape) in want.items():
+            offset, nbytes = s["layout"].get(name, (0, -1))
+            raw = read_raw(path, offset, nbytes) if nbytes > 0 else b""
+            if len(raw) == nbytes == int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                got[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return got
+    if s["file"] in skip:
+        return {}
+    try:
+        with open_h5(path) as f:
+            return {name: f[name][()] for name in want if name in f}
+    except KDPipeError:
+        return {}
+
+
+def check_derived(cache: Cache, skip=()) -> list[str]:
     """Datasets that follow from the manifest alone (row order, view parameters of the seed), compared
     row by row, so a fault names the exact rows, not only the shard."""
     from kdpipe.views import policy_from_identity
@@ -50,11 +79,7 @@ def check_derived(cache: Cache) -> list[str]:
     for s in m["shards"]:
         lo, hi = s["row_start"], s["row_stop"]
         rows = np.arange(lo, hi, dtype=np.int64)
-        try:
-            with open_h5(cache.path / s["file"]) as f:
-                got = {name: f[name][()] for name in ("sample_index", "view_index", "view_params") if name in f}
-        except (KDPipeError, OSError):
-            continue  # missing or unreadable: reported by the checksum pass
+        got = _derivable(cache, s, skip)
         want = {"sample_index": rows % n, "view_index": rows // n}
         if "view_params" in got:
             vp = np.empty((hi - lo, len(policy.columns)), dtype=np.int32)
@@ -74,13 +99,20 @@ def check_derived(cache: Cache) -> list[str]:
     return faults
 
 
+def repair_hint(cache_dir) -> str:
+    return (f"to repair, delete {Path(cache_dir) / fmt.MANIFEST} and the shard files named above, then run the same "
+            "dump-logits command again: it computes only what is missing")
+
+
 def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weights=None, sample=256,
                  data_root=None, seed=0, device=torch.device("cpu"), log=print) -> list[str]:
     """The list of faults found (empty when the cache is sound)."""
     cache = Cache(cache_dir, check_checksum=False)  # an edited manifest is reported below, not refused
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
     faults = [f"{fmt.MANIFEST}: {manifest_fault(cache.manifest)}"] if manifest_fault(cache.manifest) else []
-    faults += check_shapes(cache) + cache.verify_checksums() + check_derived(cache)
+    damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5 where the manifest has file digests
+    faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
+    faults += check_derived(cache, skip=damaged)
     if teacher_file is None and teacher_arch is None:
         return faults
     if faults:

@@ -13,9 +13,11 @@ uncompressed, fixed-shape and little-endian, so the reader maps it with ``np.mem
 ``dset.id.get_offset()``. Each dataset carries a ``description`` attribute saying what it is.
 
 Integrity: the manifest lists every shard with ``bytes``, ``file_sha256`` (every byte of the file,
-HDF5 metadata included) and ``sha256`` (one digest per dataset, also stored as the dataset's
-``sha256`` attribute); each shard's attributes name its ``cache_id`` and row range. The manifest's
-own ``checksum`` is ``manifest_checksum`` of the rest of it, so an edited manifest is detected.
+HDF5 metadata included), ``sha256`` (one digest per dataset, also stored as the dataset's ``sha256``
+attribute) and ``layout`` (each dataset's [byte offset, byte count] in the file, so a damaged file
+is examined without HDF5); each shard's attributes name its ``cache_id`` and row range. The
+manifest's own ``checksum`` is ``manifest_checksum`` of the rest of it, so an edited manifest is
+detected. Caches written before these keys existed lack them and are checked without them.
 
 Room to grow without breaking readers of version 1: extra teachers go under
 ``teachers/<name>/logits`` and are listed in the manifest's ``teachers``; a top-k codec adds

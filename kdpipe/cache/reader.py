@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -15,8 +14,8 @@ from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.util import file_sha256
 
-# HDF5 file locking fails on some network file systems; the cache is opened read-only anyway.
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+# Caches are opened read-only and without HDF5 file locks (see kdpipe/__init__.py for the
+# environment variable that makes that stick).
 
 
 def open_h5(path: Path) -> h5py.File:
@@ -147,6 +146,30 @@ class Cache:
             return np.empty((0,) + tuple(shape[1:]), dtype=dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        """Rows `rows` (strictly increasing global row indices) of a dataset, copied out shard by shard: a
+        distributed rank reads only its share of a view this way."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows[0] < 0 or rows[-1] >= self.rows or (np.diff(rows) <= 0).any()):
+            raise IndexError(f"rows must strictly increase within [0, {self.rows})")
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        parts = []
+        for i in np.unique(shard):
+            i = int(i)
+            rel = rows[shard == i] - self._starts[i]
+            off, dtype, shape = self._dataset_layout(i, name)
+            if off is not None:
+                mm = np.memmap(self.shard_path(i), dtype=dtype, mode="r", offset=off, shape=shape)
+                parts.append(np.asarray(mm[rel]))  # fancy indexing copies the rows out of the map
+                del mm
+            else:
+                with open_h5(self.shard_path(i)) as f:
+                    parts.append(f[name][rel])
+        if not parts:
+            _, dtype, shape = self._dataset_layout(0, name)
+            return np.empty((0,) + tuple(shape[1:]), dtype=dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def read_view(self, k: int, name: str) -> np.ndarray:
         """One view's rows of a dataset, in sample order: (N, ...)."""
         if not 0 <= k < self.num_views:
@@ -166,49 +189,65 @@ class Cache:
     # ---------------------------------------------------------------- integrity
 
     def verify_checksums(self, progress=None) -> list[str]:
-        """Every dataset of every shard (and eval file) against the manifest; returns the faults found."""
-        faults = []
+        """Every shard (and the eval file) against the manifest; returns the faults found, each naming
+        the file and its rows."""
+        return [f for fs in self.file_faults(progress).values() for f in fs]
+
+    def file_faults(self, progress=None, deep: bool = False) -> dict[str, list[str]]:
+        """file name -> its faults (only files with faults are listed).
+
+        Where the manifest has file digests, a file is first checked byte for byte without HDF5: HDF5
+        can raise odd errors or hang on damaged metadata, so a damaged file is never opened with it;
+        the datasets at fault are found from the recorded byte layout instead. Older caches (no file
+        digests) are checked dataset by dataset through HDF5. `deep` (for a manifest that fails its own
+        checksum) also checks the manifest's dataset digests of files that match their file digest.
+        """
+        faults: dict[str, list[str]] = {}
         entries = list(self.manifest["shards"])
         if self.manifest.get("eval"):
             entries.append(dict(self.manifest["eval"], row_start=None, row_stop=None))
         for i, entry in enumerate(entries):
             path = self.path / entry["file"]
             rows = "" if entry["row_start"] is None else f" (rows {entry['row_start']}..{entry['row_stop'] - 1})"
-            if not path.is_file():
-                faults.append(f"{entry['file']}{rows}: missing")
-                continue
-            if path.stat().st_size != entry["bytes"]:
-                faults.append(f"{entry['file']}{rows}: {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-                              " (truncated, extended or replaced)")
-                continue
-            n_before = len(faults)
-            try:
-                with open_h5(path) as f:
-                    if entry["row_start"] is not None:
-                        a = f.attrs
-                        if a.get("cache_id") != self.manifest["cache_id"] or \
-                                int(a.get("row_start", -1)) != entry["row_start"]:
-                            faults.append(f"{entry['file']}{rows}: belongs to another cache or row range")
-                            continue
-                    for name, digest in entry["sha256"].items():
-                        if name not in f:
-                            faults.append(f"{entry['file']}{rows}: dataset {name} missing")
-                            continue
-                        got = _sha256_dataset(f[name])
-                        if got != digest:
-                            faults.append(f"{entry['file']}{rows}: dataset {name} checksum mismatch")
-            except KDPipeError as e:
-                faults.append(f"{entry['file']}{rows}: {e}")
-            except OSError as e:
-                faults.append(f"{entry['file']}{rows}: unreadable ({e})")
-            # Every byte, HDF5 metadata included (attributes, headers): a change the datasets' digests
-            # do not see is still a change. Caches written before file digests were kept lack the key.
-            if len(faults) == n_before and entry.get("file_sha256") and file_sha256(path) != entry["file_sha256"]:
-                faults.append(f"{entry['file']}{rows}: file checksum mismatch outside the datasets' values "
-                              "(HDF5 metadata or attributes changed)")
+            found = [f"{entry['file']}{rows}: {f}" for f in self._entry_faults(path, entry, deep)]
+            if found:
+                faults[entry["file"]] = found
             if progress:
                 progress(i + 1, len(entries))
         return faults
+
+    def _entry_faults(self, path: Path, entry: dict, deep: bool = False) -> list[str]:
+        if not path.is_file():
+            return ["missing"]
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return [f"{size} bytes, manifest says {entry['bytes']} (truncated, extended or replaced)"]
+        if entry.get("file_sha256"):
+            if file_sha256(path) == entry["file_sha256"]:
+                if deep:  # the file is as written; is the manifest's account of it?
+                    return [f"the manifest's digest of dataset {name} does not match the file (manifest edited?)"
+                            for name, (offset, nbytes) in sorted(entry.get("layout", {}).items())
+                            if hashlib.sha256(read_raw(path, offset, nbytes)).hexdigest() != entry["sha256"].get(name)]
+                return []  # every byte as written
+            return _locate_damage(path, entry, self.manifest["cache_id"])
+        out = []
+        try:
+            with open_h5(path) as f:
+                if entry["row_start"] is not None:
+                    a = f.attrs
+                    if a.get("cache_id") != self.manifest["cache_id"] or \
+                            int(a.get("row_start", -1)) != entry["row_start"]:
+                        return ["belongs to another cache or row range"]
+                for name, digest in entry["sha256"].items():
+                    if name not in f:
+                        out.append(f"dataset {name} missing")
+                    elif _sha256_dataset(f[name]) != digest:
+                        out.append(f"dataset {name} checksum mismatch")
+        except KDPipeError as e:
+            out.append(str(e))
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            out.append(f"unreadable ({e})")
+        return out
 
     # ---------------------------------------------------------------- identity
 
@@ -223,6 +262,26 @@ class Cache:
         if diffs:
             raise KDPipeError(f"the dataset does not match cache {self.path} "
                               f"({want['spec']} {want['split']}): " + "; ".join(diffs))
+
+
+def read_raw(path: Path, offset: int, nbytes: int) -> bytes:
+    """Bytes [offset, offset + nbytes) of a file, read without HDF5."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(nbytes)
+
+
+def _locate_damage(path: Path, entry: dict, cache_id: str) -> list[str]:
+    """Which parts of a file that differs from its digest changed, from its raw bytes alone."""
+    out = []
+    if entry["row_start"] is not None and cache_id.encode() not in path.read_bytes():
+        out.append("does not carry this cache's id (a shard of another cache?)")
+    for name, (offset, nbytes) in sorted(entry.get("layout", {}).items()):
+        if nbytes and hashlib.sha256(read_raw(path, offset, nbytes)).hexdigest() != entry["sha256"].get(name):
+            out.append(f"dataset {name} checksum mismatch")
+    if not out:
+        out.append("file checksum mismatch outside the datasets' values (HDF5 metadata or attributes changed)")
+    return out
 
 
 def _sha256_dataset(d) -> str:

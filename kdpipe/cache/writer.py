@@ -83,8 +83,9 @@ def write_h5_atomic(path: Path, datasets: dict[str, tuple[np.ndarray, dict]], at
     """Write an HDF5 file of contiguous datasets under a temporary name, fsync, rename.
 
     ``datasets`` maps name -> (array with its explicit dtype, attributes). Returns
-    {"file", "bytes", "sha256": {name: digest}, "file_sha256"}; the dataset digests are also stored as
-    each dataset's ``sha256`` attribute, the file's digest covers every byte (metadata included).
+    {"file", "bytes", "sha256": {name: digest}, "layout": {name: [offset, nbytes]}, "file_sha256"};
+    the dataset digests are also stored as each dataset's ``sha256`` attribute, the file's digest
+    covers every byte (metadata included), the layout lets a damaged file be examined without HDF5.
 
     The file is built in memory (HDF5's core driver) and written with plain file I/O: when the disk is
     full or not writable, HDF5's own writes fail with a RuntimeError in a deallocator, and may crash
@@ -104,10 +105,21 @@ def write_h5_atomic(path: Path, datasets: dict[str, tuple[np.ndarray, dict]], at
             for k, v in dattrs.items():
                 d.attrs[k] = v
         f.flush()
+        layout = dataset_layout(f)
         image = f.id.get_file_image()
     atomic_write_bytes(path, image)
-    return {"file": path.name, "bytes": len(image), "sha256": digests,
+    return {"file": path.name, "bytes": len(image), "sha256": digests, "layout": layout,
             "file_sha256": hashlib.sha256(image).hexdigest()}
+
+
+def dataset_layout(f: h5py.File) -> dict:
+    """name -> [byte offset, byte count] of each contiguous dataset's values in the file."""
+    out = {}
+    for name, d in f.items():
+        n = int(d.id.get_storage_size())
+        off = d.id.get_offset() if n else None
+        out[name] = [int(off) if off is not None else 0, n]
+    return out
 
 
 def plan_shards(total_rows: int, shard_rows: int) -> list[tuple[int, int]]:

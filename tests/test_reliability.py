@@ -1,0 +1,365 @@
+"""Crash safety and resume of stage one (issue 3): real processes killed at random moments, Ctrl-C
+and SIGTERM, reruns with other arguments, unwritable and full output locations.
+
+Every interrupted dump is resumed with the same command and compared bit for bit (logits, view
+parameters, labels, sample and view indices, test logits, shard files) with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from test_reliability_helpers import (assert_nothing_partial_reads_as_complete, assert_one_line_error,
+                                      assert_same_cache, cache_arrays, dump_args, files_digest, kdpipe_cmd,
+                                      mnist_npz, run_cli, run_kdpipe, save_teacher, shard_arrays,
+                                      subprocess_env)
+
+N_TRAIN, N_TEST, VIEWS, SHARD_ROWS = 2000, 200, 8, 400  # 16,000 rows in 40 shards
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> SimpleNamespace:
+    """Data, teacher and one uninterrupted dump (a real process), with how long its parts took."""
+    root = tmp_path_factory.mktemp("reliability")
+    npz = mnist_npz(root / "mnist-2000.npz", N_TRAIN, N_TEST)
+    teacher = save_teacher(root / "teacher.pt", seed=0)
+    out = root / "reference"
+    args = dump_args(teacher, npz, out, VIEWS, SHARD_ROWS)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(kdpipe_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=subprocess_env())
+    started = _wait_for_new_file(out / "dump.json", None, p)  # the dump itself begins
+    t_start = time.perf_counter() - t0
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    t_total = time.perf_counter() - t0
+    assert started
+    shards = {s.name: shard_arrays(s) for s in sorted(out.glob("shard-*.h5"))}
+    assert len(shards) == N_TRAIN * VIEWS // SHARD_ROWS
+    return SimpleNamespace(root=root, npz=npz, teacher=teacher, out=out, shards=shards,
+                           t_dump=max(0.2, t_total - t_start), t_total=t_total)
+
+
+def _stat_key(path: Path):
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _wait_for_new_file(path: Path, old_key, proc, timeout: float = 60) -> bool:
+    """Until `path` is (re)written or proc exits; True if it was written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        key = _stat_key(path)
+        if key is not None and key != old_key:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError(f"{path} was not written within {timeout}s")
+
+
+def _wait_for_shards(out: Path, count: int, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob("shard-*.h5"))) < count:
+        assert proc.poll() is None, f"the dump ended before {count} shards: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"fewer than {count} shards after {timeout}s"
+        time.sleep(0.005)
+
+
+def _start(args) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a shell running the tests in the background ignores it,
+    # and Python only turns SIGINT into KeyboardInterrupt when it is not ignored.
+    return subprocess.Popen(kdpipe_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(ref, tmp_path):
+    """>= 5 SIGKILLs of a real `kdpipe dump-logits` process at random moments (a random number of
+    further shards, then a random fraction of a shard's time, so kills land anywhere: while checking
+    kept shards, computing, writing a shard, renaming it, writing the test logits or the manifest);
+    after each, nothing partial reads as complete and every shard on disk equals the uninterrupted
+    dump's; the same command then finishes a cache bit-identical to the uninterrupted one."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    out = tmp_path / "killed"
+    args = dump_args(ref.teacher, ref.npz, out, VIEWS, SHARD_ROWS)
+    total = len(ref.shards)
+    per_shard = ref.t_dump / total
+    kills, moments = 0, []
+    while kills < 6:
+        before = _stat_key(out / "dump.json")
+        p = _start(args)
+        assert _wait_for_new_file(out / "dump.json", before, p), p.communicate()
+        done = len(list(out.glob("shard-*.h5")))
+        # The last kill is aimed at the end: after the last shard, while test logits and manifest are made.
+        target = total if kills == 5 else done + rng.randint(0, (total - done) // 3)
+        _wait_for_shards(out, target, p)
+        delay = rng.uniform(0, 2 * per_shard)
+        time.sleep(delay)
+        alive = p.poll() is None
+        p.kill()
+        _, stderr = p.communicate(timeout=60)
+        assert alive or p.returncode == 0, f"(seed {seed}) {stderr}"
+        if not alive:
+            break  # the dump finished first (only possible for the last, aimed kill)
+        assert p.returncode == -signal.SIGKILL
+        kills += 1
+        moments.append((target, round(delay, 3), len(list(out.glob("shard-*.h5")))))
+        if (out / "manifest.json").exists():
+            break  # killed after the manifest was written: the cache is complete
+        shards = assert_nothing_partial_reads_as_complete(out, ref.shards)
+        assert len(shards) >= done, f"(seed {seed}) complete shards were lost: {moments}"
+    assert kills >= 5, f"(seed {seed}) only {kills} kills landed while the dump ran: {moments}"
+    res = run_kdpipe(args)
+    assert res.returncode == 0, res.stderr
+    assert "resuming:" in res.stdout or "already complete" in res.stdout
+    assert not list(out.glob(".*tmp*")), "temporary files were left behind"
+    assert_same_cache(ref.out, out)
+
+
+def test_ctrl_c_and_sigterm_exit_cleanly_with_resume_message(ref, tmp_path):
+    """Ctrl-C (SIGINT), then SIGTERM on the resumed run, mid-dump: each exits with code 130, no
+    traceback and a message saying how to resume; the same command resumes from the complete shards
+    and ends bit-identical to an uninterrupted dump."""
+    out = tmp_path / "interrupted"
+    args = dump_args(ref.teacher, ref.npz, out, VIEWS, SHARD_ROWS)
+    kept = []
+    for sig, at in ((signal.SIGINT, random.randint(1, 12)), (signal.SIGTERM, random.randint(16, 28))):
+        p = _start(args)
+        _wait_for_shards(out, at, p)
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 130, f"{signal.Signals(sig).name}: exit code {p.returncode}\n{stderr}"
+        assert "Traceback" not in stderr + stdout
+        assert f"interrupted: complete shards are kept in {out}; run the same command again to resume" in stderr
+        if kept:
+            assert f"resuming: {len(kept)} complete shard(s) kept" in stdout
+        kept = assert_nothing_partial_reads_as_complete(out, ref.shards)
+    res = run_kdpipe(args)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming: {len(kept)} complete shard(s) kept" in res.stdout
+    assert_same_cache(ref.out, out)
+
+
+# ---------------------------------------------------------------- reruns with other arguments
+
+@pytest.fixture(scope="module")
+def other_inputs(ref) -> SimpleNamespace:
+    """A second teacher, and a second copy of the data differing in one pixel."""
+    teacher2 = save_teacher(ref.root / "teacher2.pt", seed=1)
+
+    def one_pixel(a):
+        a["x_train"][5, 10, 10] ^= 1
+    npz2 = mnist_npz(ref.root / "mnist-2000-edited.npz", N_TRAIN, N_TEST, edit=one_pixel)
+    return SimpleNamespace(teacher=teacher2, npz=npz2)
+
+
+CHANGES = {  # what is changed -> (how the command differs, what the refusal must name)
+    "teacher": (lambda o: {"teacher": o.teacher}, ["teacher.fingerprint was "]),
+    "data": (lambda o: {"npz": o.npz}, ["dataset.fingerprint was ", "dataset.spec was "]),
+    "K": (lambda o: {"views": 4}, ["views.K was 8, now 4"]),
+    "policy": (lambda o: {"extra": ["--policy", "none"]}, ["views.policy was crop-flip, now none"]),
+    "seed": (lambda o: {"seed": 4}, ["views.seed was 3, now 4"]),
+    "dtype": (lambda o: {"extra": ["--logits-dtype", "float32"]}, ["logits_dtype was float16, now float32"]),
+}
+
+
+def _changed_args(ref, other, out, changes: list[str]) -> list[str]:
+    kw = {"teacher": ref.teacher, "npz": ref.npz, "views": VIEWS, "seed": 3, "extra": []}
+    for c in changes:
+        for k, v in CHANGES[c][0](other).items():
+            kw[k] = kw[k] + v if k == "extra" else v
+    return dump_args(kw["teacher"], kw["npz"], out, kw["views"], SHARD_ROWS, kw["seed"], 200, *kw["extra"])
+
+
+@pytest.mark.parametrize("changes", [[c] for c in CHANGES] + [list(CHANGES)], ids=list(CHANGES) + ["all"])
+def test_rerun_with_other_arguments_is_refused_naming_each_difference(ref, other_inputs, tmp_path, changes):
+    """The same --out with another teacher, data, K, policy, seed or dtype (alone or all at once):
+    refused in one line naming every difference; the cache is left as it was."""
+    out = tmp_path / "cache"
+    shutil.copytree(ref.out, out)
+    before = files_digest(out)
+    res = run_cli(_changed_args(ref, other_inputs, out, changes))
+    line = assert_one_line_error(res, "holds a cache made with other arguments", "--overwrite")
+    for c in changes:
+        for frag in CHANGES[c][1]:
+            assert frag in line, f"{frag!r} not named in {line!r}"
+    assert files_digest(out) == before
+
+
+def test_overwrite_starts_over(ref, other_inputs, tmp_path):
+    """--overwrite with other arguments discards the old cache (no stale shard stays) and writes one
+    identical to a fresh dump with the new arguments."""
+    out, fresh = tmp_path / "cache", tmp_path / "fresh"
+    shutil.copytree(ref.out, out)
+    new_args = _changed_args(ref, other_inputs, out, ["K", "seed"])  # 4 views: 20 shards instead of 40
+    res = run_cli(new_args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "resuming" not in res.output
+    assert len(list(out.glob("shard-*.h5"))) == N_TRAIN * 4 // SHARD_ROWS  # none of the old 40 is left
+    res = run_cli(_changed_args(ref, other_inputs, fresh, ["K", "seed"]))
+    assert res.exit_code == 0, res.output
+    assert_same_cache(fresh, out)
+
+
+# ---------------------------------------------------------------- unwritable or full output
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> SimpleNamespace:
+    """A smaller dump, in this process (600 samples x 4 views, 12 shards), for the monkeypatched cases."""
+    root = tmp_path_factory.mktemp("small")
+    npz = mnist_npz(root / "mnist-600.npz", 600, 100)
+    teacher = save_teacher(root / "teacher.pt", seed=0)
+    out = root / "reference"
+    args = dump_args(teacher, npz, out, 4, 200)
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    return SimpleNamespace(root=root, npz=npz, teacher=teacher, out=out,
+                           args=lambda o: dump_args(teacher, npz, o, 4, 200),
+                           shards={s.name: shard_arrays(s) for s in sorted(out.glob("shard-*.h5"))})
+
+
+def _fail_after(monkeypatch, name: str, n_ok: int, err: int, match: str = "shard-"):
+    """Make os.<name>(fd or path) raise OSError(err) once n_ok calls on files matching `match` passed."""
+    real = getattr(os, name)
+    calls = {"n": 0}
+
+    def fake(target, *a, **kw):
+        path = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else str(target)
+        if match in path:
+            calls["n"] += 1
+            if calls["n"] > n_ok:
+                raise OSError(err, os.strerror(err), path)
+        return real(target, *a, **kw)
+    monkeypatch.setattr(os, name, fake)
+
+
+@pytest.mark.parametrize("err,words", [(errno.ENOSPC, "no space left on the device"),
+                                        (errno.EDQUOT, "disk quota exceeded"),
+                                        (errno.EACCES, "permission denied"),
+                                        (errno.EROFS, "read-only file system")],
+                         ids=["ENOSPC", "EDQUOT", "EACCES", "EROFS"])
+def test_failing_shard_write_is_clear_leaves_nothing_partial_and_resumes(small, tmp_path, monkeypatch, err, words):
+    """The 4th shard's fsync fails (a full disk or quota shows at fsync, after the write was buffered;
+    EACCES stands for a permission taken away mid-dump): one clear error line, exit 2, no file of
+    that shard (not even the temporary), earlier shards complete; once writable, the same command
+    resumes and ends bit-identical to an uninterrupted dump."""
+    out = tmp_path / "cache"
+    with monkeypatch.context() as mp:
+        _fail_after(mp, "fsync", 3, err, match=".shard-")
+        res = run_cli(small.args(out))
+    assert_one_line_error(res, f"cannot write {out / 'shard-00003.h5'}: {words}", "run the same command again",
+                          progress=True)
+    assert sorted(p.name for p in out.iterdir()) == ["dump.json"] + [f"shard-0000{i}.h5" for i in range(3)]
+    assert_nothing_partial_reads_as_complete(out, small.shards)
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert "resuming: 3 complete shard(s) kept" in res.output
+    assert_same_cache(small.out, out)
+
+
+def test_full_disk_while_writing_the_manifest(small, tmp_path, monkeypatch):
+    """The disk fills just as the manifest is written: the cache stays unfinished (no manifest, every
+    shard kept), and the rerun only writes the manifest."""
+    out = tmp_path / "cache"
+    with monkeypatch.context() as mp:
+        _fail_after(mp, "fsync", 0, errno.ENOSPC, match=".manifest.json")
+        res = run_cli(small.args(out))
+    assert_one_line_error(res, f"cannot write {out / 'manifest.json'}: no space left on the device", progress=True)
+    assert len(assert_nothing_partial_reads_as_complete(out, small.shards)) == len(small.shards)
+    assert not list(out.glob(".*tmp*"))
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0 and f"resuming: {len(small.shards)} complete shard(s) kept" in res.output
+    assert_same_cache(small.out, out)
+
+
+@pytest.mark.parametrize("where", ["parent", "directory"])
+def test_unwritable_output_location_is_a_clear_error(small, tmp_path, monkeypatch, where):
+    """EACCES (simulated: tests run as root, whom file modes do not stop) on creating the cache
+    directory, or on the first file in an existing one: one clear line, exit 2, nothing written."""
+    out = tmp_path / "cache"
+    with monkeypatch.context() as mp:
+        if where == "parent":
+            def mkdir(self, *a, **kw):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            mp.setattr(Path, "mkdir", mkdir)
+            res = run_cli(small.args(out))
+            assert_one_line_error(res, f"cannot create cache directory {out}: Permission denied")
+            assert not out.exists()
+        else:
+            out.mkdir()
+            real_open = builtins.open
+
+            def deny(file, mode="r", *a, **kw):
+                if str(file).startswith(str(out)) and set(mode) & set("wax+"):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(file))
+                return real_open(file, mode, *a, **kw)
+            mp.setattr(builtins, "open", deny)
+            res = run_cli(small.args(out))
+            assert_one_line_error(res, f"cannot write {out / 'dump.json'}: permission denied")
+            assert list(out.iterdir()) == []
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert_same_cache(small.out, out)
+
+
+def _can_mount(path: Path, size: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_real_full_disk_then_space_back(small, tmp_path):
+    """A real full file system (a 64 KiB tmpfs; skipped where mounting is not allowed). HDF5 writing
+    straight to a full disk fails in a deallocator and crashed the process, so shards are built in
+    memory and written with plain I/O: the dump stops with one clear error line, leaves no partial
+    shard or temporary, and resumes once the file system is grown, bit-identical to a dump that
+    never failed."""
+    mnt = tmp_path / "small-fs"
+    if not _can_mount(mnt, "64k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        out = mnt / "cache"
+        res = run_cli(small.args(out))
+        assert_one_line_error(res, "cannot write", "no space left on the device", progress=True)
+        assert not list(out.glob(".*tmp*")), "a temporary file was left on the full disk"
+        kept = assert_nothing_partial_reads_as_complete(out, small.shards)
+        assert 0 < len(kept) < len(small.shards)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        res = run_cli(small.args(out))
+        assert res.exit_code == 0, res.output
+        assert f"resuming: {len(kept)} complete shard(s) kept" in res.output
+        assert_same_cache(small.out, out)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_resume_after_crash_replaces_a_damaged_shard(small, tmp_path):
+    """A shard that is damaged on disk (here: truncated, as by a crash of the machine) is not kept by
+    the resumed dump: it is computed again."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    (out / "manifest.json").unlink()  # as if the crash came before the manifest
+    victim = out / "shard-00005.h5"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert f"resuming: {len(small.shards) - 1} complete shard(s) kept, 1 to compute" in res.output
+    assert cache_arrays(out) == cache_arrays(small.out)

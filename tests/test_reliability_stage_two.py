@@ -1,0 +1,178 @@
+"""Stage two checks the cache's identity before training, opens it read-only, and several
+train-student processes share one cache (issue 3)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from test_reliability_helpers import (assert_one_line_error, dump_args, files_digest, kdpipe_cmd, mnist_npz,
+                                      rewrite_manifest, run_cli, save_teacher, subprocess_env)
+
+N, N_TEST = 300, 60
+
+
+def _dumped(root: Path, seed: int = 0) -> SimpleNamespace:
+    """Its own npz (so a test may change it) and a finished cache of it: 300 samples x 2 views."""
+    npz = mnist_npz(root / "data.npz", N, N_TEST)
+    teacher = save_teacher(root / "teacher.pt", seed=seed)
+    cache = root / "cache"
+    res = run_cli(dump_args(teacher, npz, cache, 2, 200, seed))
+    assert res.exit_code == 0, res.output
+    return SimpleNamespace(root=root, npz=npz, teacher=teacher, cache=cache)
+
+
+def _train_args(cache: Path, runs: Path, *extra) -> list[str]:
+    return ["train-student", "--cache", str(cache), "--student", "mlp_100", "--epochs", "2", "--batch-size", "64",
+            "--device", "cpu", "--out", str(runs), *extra]
+
+
+def _rewrite_npz(path: Path, edit) -> None:
+    with np.load(path) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    edit(arrays)
+    np.savez(path, **arrays)
+
+
+def _subset(a):
+    for k in ("x_train", "y_train"):
+        a[k] = a[k][:250]
+
+
+def _one_pixel(a):
+    a["x_train"][123, 5, 5] ^= 1
+
+
+def _eleven_classes(a):
+    a["class_names"] = np.array([str(i) for i in range(11)])
+
+
+def _test_split(a):
+    a["x_test"][0, 0, 0] ^= 1
+
+
+DATA_CHANGES = {  # how the data at the cache's path changed -> what the refusal names
+    "a different copy": (_one_pixel, ["the dataset does not match cache", "fingerprint: cache has "]),
+    "a subset": (_subset, ["num_samples: cache has 300, given 250", "fingerprint"]),
+    "other number of classes": (_eleven_classes, ["num_classes: cache has 10, given 11"]),
+    "another test split": (_test_split, ["the test split of",
+                                         "differs from the one the cache's teacher was evaluated on"]),
+}
+
+
+@pytest.mark.parametrize("change", list(DATA_CHANGES))
+def test_stage_two_refuses_data_that_is_not_the_caches(tmp_path, change):
+    d = _dumped(tmp_path)
+    edit, fragments = DATA_CHANGES[change]
+    _rewrite_npz(d.npz, edit)
+    res = run_cli(_train_args(d.cache, tmp_path / "runs"))
+    assert_one_line_error(res, *fragments)
+    assert not list((tmp_path / "runs").rglob("metrics.json")) if (tmp_path / "runs").exists() else True
+
+
+MANIFEST_CHANGES = {  # a cache written by a newer kdpipe (manifest consistent with its checksum)
+    "view policy version": (lambda m: m["views"].update(policy_version=2),
+                            ["the cache's view policy crop-flip is version 2, this kdpipe replays version 1"]),
+    "unknown view policy": (lambda m: m["views"].update(policy="mixup-v9"), ["unknown view policy 'mixup-v9'"]),
+    "format version": (lambda m: m.update(format_version=3),
+                       ["has cache format version 3; this kdpipe reads version 1 (upgrade kdpipe)"]),
+    "number of classes": (lambda m: m["dataset"].update(num_classes=100),
+                          ["num_classes: cache has 100, given 10"]),
+}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> SimpleNamespace:
+    return _dumped(tmp_path_factory.mktemp("stage-two"))
+
+
+@pytest.mark.parametrize("change", list(MANIFEST_CHANGES))
+def test_stage_two_refuses_a_cache_it_cannot_read_right(shared, tmp_path, change):
+    cache = Path(shutil.copytree(shared.cache, tmp_path / "cache"))
+    edit, fragments = MANIFEST_CHANGES[change]
+    rewrite_manifest(cache, edit)
+    res = run_cli(_train_args(cache, tmp_path / "runs"))
+    assert_one_line_error(res, *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_stage_two_opens_the_cache_read_only(shared, tmp_path, monkeypatch):
+    """Every HDF5 open during training is read-only without file locking, and no file of the cache
+    changes (contents or modification times)."""
+    before = files_digest(shared.cache)
+    modes = []
+    real = h5py.File
+
+    def spy(name, mode="r", *a, **kw):
+        if str(name).startswith(str(shared.cache)):
+            modes.append((mode, kw.get("locking")))
+        return real(name, mode, *a, **kw)
+    monkeypatch.setattr(h5py, "File", spy)
+    res = run_cli(_train_args(shared.cache, tmp_path / "runs"))
+    assert res.exit_code == 0, res.output
+    assert modes and set(modes) == {("r", False)}
+    assert files_digest(shared.cache) == before
+
+
+def _read_only_bind(src: Path, dst: Path) -> bool:
+    """A read-only bind mount of src at dst (a file system that refuses every write); False if not allowed."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    dst.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True).returncode:
+        return False
+    if subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(dst)], capture_output=True)
+        return False
+    return True
+
+
+def test_four_concurrent_students_on_one_cache_with_locks_held(shared, tmp_path):
+    """4 train-student processes at once on one cache, two with HDF5_USE_FILE_LOCKING unset and two
+    with it TRUE, while another process holds an exclusive lock on every file of the cache (as on a
+    file system where HDF5's locking fails) and, where mounting is allowed, through a read-only
+    mount: all succeed, with identical losses, accuracies and weights; the cache is unchanged."""
+    before = files_digest(shared.cache)
+    ro = tmp_path / "ro-cache"
+    cache = ro if _read_only_bind(shared.cache, ro) else shared.cache
+    locks = []
+    try:
+        for p in sorted(shared.cache.glob("*.h5")):
+            fh = open(p, "rb")
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locks.append(fh)
+        # The locks are real: a reader that locks is refused.
+        with pytest.raises(OSError):
+            h5py.File(cache / "shard-00000.h5", "r", locking=True).close()
+        procs = []
+        for i, locking in enumerate([None, None, "TRUE", "TRUE"]):
+            procs.append(subprocess.Popen(kdpipe_cmd(_train_args(cache, tmp_path / f"runs{i}")), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True,
+                                          env=subprocess_env(HDF5_USE_FILE_LOCKING=locking)))
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+    finally:
+        for fh in locks:
+            fh.close()
+        if cache == ro:
+            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    runs = [next((tmp_path / f"runs{i}").iterdir()) for i in range(4)]
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    for m in metrics[1:]:
+        for key in ("train_loss", "test_top1", "teacher_agreement"):
+            assert m[key] == metrics[0][key], key
+    weights = [torch.load(r / "student.pt", weights_only=True)["state_dict"] for r in runs]
+    for w in weights[1:]:
+        assert all(torch.equal(w[k], weights[0][k]) for k in weights[0])
+    assert files_digest(shared.cache) == before
