@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -134,9 +135,11 @@ class Dist:
         if self.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
-        if self.device is not None and self.device.type == "cuda":
-            return DistributedDataParallel(model, device_ids=[self.device.index], output_device=self.device.index)
-        return DistributedDataParallel(model)
+        # A convolution over one input channel gets its weight gradient with strides that differ from
+        # the weight's only along that size-1 dimension (the same memory layout); DDP warns about it.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,256 @@
+"""torchrun-launched runs on the CPU (gloo): the sharded dump, resumption across world sizes,
+failures that stop every rank, and DistributedDataParallel students.
+
+Every multi-process run is a real `python -m torch.distributed.run --standalone --nproc_per_node N
+-m kdpipe ...` subprocess; single-process references run in-process through click's CliRunner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdpipe import KDPipeError
+from kdpipe.cache.reader import Cache
+from kdpipe.checkpoint import save_checkpoint
+from kdpipe.cli import main
+from kdpipe.engine import batches
+from kdpipe.models import create_model
+from kdpipe.teacher import _wait_visible
+from kdpipe.util import seeded_generator
+
+FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist.npz"
+N_TRAIN, N_TEST = 96, 32
+VIEWS, SHARD_ROWS = 3, 40  # 288 rows in 8 shards, the last one short
+LAUNCH_TIMEOUT_S = 180  # a hang fails the test instead of stalling the suite
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    if not FASHION_MNIST.is_file():
+        pytest.skip(f"{FASHION_MNIST} is absent")
+    d = tmp_path_factory.mktemp("dist")
+    with np.load(FASHION_MNIST) as z:
+        np.savez(d / "tiny.npz", x_train=z["x_train"][:N_TRAIN], y_train=z["y_train"][:N_TRAIN],
+                 x_test=z["x_test"][:N_TEST], y_test=z["y_test"][:N_TEST])
+    torch.manual_seed(0)
+    save_checkpoint(d / "teacher.pt", create_model("cnn_tiny", 10, (1, 28, 28)), arch="cnn_tiny", num_classes=10,
+                    image_shape=(1, 28, 28), mean=[0.286], std=[0.353], class_names=[str(i) for i in range(10)],
+                    dataset={}, test_top1=None)
+    return d
+
+
+def dump_args(work: Path, out: Path, *extra) -> list[str]:
+    return ["dump-logits", "--teacher", str(work / "teacher.pt"), "--data", f"npz:{work / 'tiny.npz'}",
+            "--views", str(VIEWS), "--shard-rows", str(SHARD_ROWS), "--batch-size", "16", "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def student_args(cache: Path, out: Path, batch_size: int) -> list[str]:
+    return ["train-student", "--cache", str(cache), "--student", "mlp_100", "--student", "cnn_tiny",
+            "--seed", "0,1", "--epochs", "2", "--batch-size", str(batch_size), "--device", "cpu", "--out", str(out)]
+
+
+def single(args: list[str]) -> str:
+    """The kdpipe CLI in this process (one process, no torchrun; one thread, like each torchrun worker)."""
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(main, args, env={"WORLD_SIZE": None, "RANK": None, "KDPIPE_THREADS": "1"})
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.output
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", KDPIPE_DIST_TIMEOUT="120")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "kdpipe", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Same rows, view parameters, labels and bit-identical logits; same identity and shard layout."""
+    ca, cb = Cache(a), Cache(b)
+    ma, mb = ca.manifest, cb.manifest
+    for key in ("cache_id", "identity", "rows", "row_order", "views", "num_classes", "logits", "input"):
+        assert ma[key] == mb[key], key
+    assert [(s["file"], s["row_start"], s["row_stop"], s["sha256"]) for s in ma["shards"]] == \
+           [(s["file"], s["row_start"], s["row_stop"], s["sha256"]) for s in mb["shards"]]
+    for name in ("logits", "sample_index", "view_index", "labels", "view_params"):
+        x, y = ca.read(name, 0, ca.rows), cb.read(name, 0, cb.rows)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{name} differs"
+    assert np.array_equal(ca.read_test_logits(), cb.read_test_logits())
+    assert ma["dump"]["views_top1"] == mb["dump"]["views_top1"]
+    assert not list(Path(b).glob(".rank-*")) and not list(Path(b).glob(".*.tmp-*"))
+
+
+def stat_of(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> Path:
+    """The single-process dump."""
+    out = work / "ref"
+    single(dump_args(work, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded(work) -> tuple[Path, str]:
+    """The same dump by 2 torchrun processes, and its stdout."""
+    out = work / "sharded"
+    return out, ok(torchrun(dump_args(work, out)))
+
+
+# ---------------------------------------------------------------- in-process units
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_batches_partition_the_global_batches(world):
+    n, b = 50, 4
+    one = batches(n, b * world, seeded_generator(7, 1), "cpu")
+    per_rank = [batches(n, b, seeded_generator(7, 1), "cpu", rank, world) for rank in range(world)]
+    assert all(len(p) == len(one) for p in per_rank)
+    for step, whole in enumerate(one):
+        assert torch.equal(torch.cat([p[step] for p in per_rank]), whole)
+
+
+def test_read_rows_is_read_at_those_rows(reference):
+    c = Cache(reference)
+    rows = np.array([0, 5, 39, 40, 41, 150, c.rows - 1])  # across shard boundaries
+    for name in ("logits", "view_params", "labels"):
+        assert np.array_equal(c.read_rows(name, rows), c.read(name, 0, c.rows)[rows])
+    with pytest.raises(IndexError):
+        c.read_rows("logits", [3, 2])
+
+
+def test_rank0_refuses_shards_it_cannot_see(tmp_path):
+    # Ranks on other nodes write shards rank 0 must see: the cache has to be on a shared filesystem.
+    (tmp_path / "shard-00000.h5").write_bytes(b"")
+    _wait_visible(tmp_path, {"shard-00000.h5": 0}, patience_s=0)
+    with pytest.raises(KDPipeError, match=r"shard-00001.h5 \(rank 1\).*shared by every node"):
+        _wait_visible(tmp_path, {"shard-00000.h5": 0, "shard-00001.h5": 1}, patience_s=0)
+
+
+# ---------------------------------------------------------------- stage one under torchrun
+
+def test_sharded_dump_equals_single_process_dump(reference, sharded):
+    out, stdout = sharded
+    assert_same_cache(reference, out)
+    assert Cache(out).manifest["dump"]["world_size"] == 2
+    assert stdout.count("done:") == 1  # rank 0 alone reports
+
+
+def test_world_size_change_on_resume(work, reference, sharded):
+    # A cache begun by one process, finished by two: shards 1, 2, 5 lost, shard 6 torn, and per-rank
+    # files of an older run lying about. Rank 1 of 2 must reuse shards that rank 0 of 1 wrote.
+    part = work / "from1to2"
+    shutil.copytree(reference, part)
+    (part / "manifest.json").unlink()
+    for i in (1, 2, 5):
+        (part / f"shard-0000{i}.h5").unlink()
+    with open(part / "shard-00006.h5", "r+b") as f:
+        f.truncate(100)
+    for r in (0, 3):
+        (part / f".rank-{r}.json").write_text(json.dumps({"entries": {"0": {"file": "bogus.h5"}}}))
+    kept = {i: stat_of(part / f"shard-0000{i}.h5") for i in (0, 3, 4, 7)}
+    stdout = ok(torchrun(dump_args(work, part)))
+    assert "resuming: 4 complete shard(s) kept, 4 to compute on 2 ranks" in stdout
+    assert_same_cache(reference, part)
+    assert {i: stat_of(part / f"shard-0000{i}.h5") for i in kept} == kept  # finished shards untouched
+
+    # Rerunning the finished command is a no-op on every rank (rank 0 must not leave the others waiting).
+    again = ok(torchrun(dump_args(work, part)))
+    assert "already complete" in again
+
+    # And the other way: a cache begun by two processes, finished by one.
+    back = work / "from2to1"
+    shutil.copytree(sharded[0], back)
+    (back / "manifest.json").unlink()
+    for i in (0, 3):
+        (back / f"shard-0000{i}.h5").unlink()
+    assert "resuming: 6 complete shard(s) kept, 2 to compute" in single(dump_args(work, back))
+    assert_same_cache(reference, back)
+
+
+def test_rank0_refusal_stops_every_rank(work, reference):
+    # Rank 0 checks OUT before the others start; its refusal must end them too, not leave them waiting.
+    out = work / "mismatch"
+    shutil.copytree(reference, out)
+    before = {p.name: stat_of(p) for p in out.iterdir()}
+    proc = torchrun(dump_args(work, out)[:-2] + ["--seed", "1", "--out", str(out)])
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "holds a cache made with other arguments" in text
+    assert "checking the cache directory failed on rank 0" in text  # what rank 1 says
+    assert {p.name: stat_of(p) for p in out.iterdir()} == before
+
+
+def test_failure_on_one_rank_stops_all_and_keeps_finished_shards(work, reference):
+    # Shards 1 and 2 are to compute: rank 0 gets shard 1, rank 1 shard 2, whose path is a directory
+    # here so that writing it fails. Rank 0 finishes its shard; both exit with an error naming rank 1.
+    out = work / "failing"
+    shutil.copytree(reference, out)
+    (out / "manifest.json").unlink()
+    for i in (1, 2):
+        (out / f"shard-0000{i}.h5").unlink()
+    (out / "shard-00002.h5").mkdir()
+    proc = torchrun(dump_args(work, out))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "computing logits failed on rank 1" in text
+    assert not (out / "manifest.json").exists()
+    assert (out / "shard-00001.h5").is_file()  # rank 0's finished shard is kept for the rerun
+    (out / "shard-00002.h5").rmdir()
+    assert "resuming: 7 complete shard(s) kept, 1 to compute" in single(dump_args(work, out))
+    assert_same_cache(reference, out)
+
+
+# ---------------------------------------------------------------- stage two under torchrun
+
+def test_ddp_students_write_one_set_of_outputs_and_match_single_process(work, reference):
+    one, two = work / "runs1", work / "runs2"
+    single(student_args(reference, one, batch_size=32))
+    stdout = ok(torchrun(student_args(reference, two, batch_size=16)))
+    assert stdout.count("run(s) written under") == 1  # rank 0 alone logs
+    assert "batch 16 per rank x 2 ranks = effective batch 32" in stdout
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 4 and sorted(p.name for p in two.iterdir()) == names
+    for name in names:
+        assert sorted(p.name for p in (two / name).iterdir()) == ["config.json", "metrics.json", "student.pt"]
+        m1 = json.loads((one / name / "metrics.json").read_text())
+        m2 = json.loads((two / name / "metrics.json").read_text())
+        c2 = json.loads((two / name / "config.json").read_text())
+        for d in (m2, c2):
+            assert (d["world_size"], d["batch_size"], d["effective_batch_size"], d["lr"]) == (2, 16, 32, 0.05)
+        assert (m1["world_size"], m1["effective_batch_size"]) == (1, 32)
+        # 2 ranks x 16 is the single-process batch of 32: an MLP (no BatchNorm) follows the same path up
+        # to float rounding; a CNN's BatchNorm sees 16 images per rank, within seed noise of the same.
+        if name.startswith("mlp_100"):
+            np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=1e-4)
+            assert abs(m2["test_top1"] - m1["test_top1"]) <= 1 / N_TEST
+        else:
+            np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=0.05)
+        state = torch.load(two / name / "student.pt", weights_only=True)["state_dict"]
+        assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DDP
