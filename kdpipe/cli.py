@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +24,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KDPipeError as e:
             raise InputError(str(e)) from None
+        except click.UsageError as e:  # click's own parse errors: one line too, with where to look
+            name = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            raise InputError(f"{e.format_message()} (see '{name} --help')") from None
 
 
 class NumberList(click.ParamType):
@@ -159,6 +161,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
     from kdpipe.data import load_dataset
+    from kdpipe.distributed import from_env
     from kdpipe.teacher import dump_logits
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
@@ -181,18 +184,19 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)
-        dist = _distributed()
-        click.echo(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
-                   f"({policy}) -> {out} on {dev}" + (f", rank {dist[0]} of {dist[1]}" if dist[1] > 1 else ""))
+        dist = from_env(dev)  # torchrun: join the process group; else one process
+        log = dist.log(click.echo)
+        log(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
+            f"({policy}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
                           logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
-                          device=dev if dist[1] == 1 else dist[3], amp=amp, overwrite=overwrite, rank=dist[0],
-                          world=dist[1], barrier=dist[2], log=click.echo)
+                          device=dist.device, amp=amp, overwrite=overwrite, dist=dist, log=log)
+        dist.close()
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: complete shards are kept in {out}; run the same command again to resume",
                    err=True)
         sys.exit(130)
-    if dist[0] != 0:
+    if not dist.is_main:
         return
     click.echo(f"done: {res['rows']:,} rows, {res['bytes'] / 1e6:.2f} MB on disk in {out}")
     if not res.get("already_complete"):
@@ -214,25 +218,6 @@ def _term_as_interrupt():
         pass
 
 
-def _distributed():
-    """(rank, world, barrier, device) under torchrun, else (0, 1, None, None)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None, None
-    import torch
-    import torch.distributed as td
-    if not td.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        td.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    return td.get_rank(), td.get_world_size(), td.barrier, dev
-
-
 @main.command("train-student")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(), metavar="CACHE_DIR",
               help="Cache written by dump-logits.")
@@ -245,18 +230,25 @@ def _distributed():
               help="Weight(s) of the KD term; 0 trains from scratch.  [default: 0.9]")
 @click.option("--seed", "seeds", type=NumberList(int), multiple=True, metavar="S[,S...]",
               help="Seed(s) of init and data order.  [default: 0]")
-@click.option("--batch-size", type=int, default=128, show_default=True, metavar="B", help="Training batch size.")
+@click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
+              help="Training batch size; under torchrun per rank (the effective batch is B x world size).")
 @optim_options
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where the cache's dataset lies now, if it moved.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
+@click.option("--fuse", type=click.Choice(["auto", "compile", "on", "off"]), default="auto", show_default=True,
+              help="Step the runs of one architecture in a pass as one vmapped network: 'compile' under "
+                   "torch.compile, 'on' without compiling, 'off' one run after another; 'auto' compiles the "
+                   "fused runs on CUDA for passes of at least 1500 steps and steps them one by one otherwise "
+                   "(what was measured fastest; see BENCHMARKS.md).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, students, epochs, temperatures, alphas, seeds, batch_size, lr, momentum,
-                      weight_decay, schedule, data_root, device, amp, out):
+                      weight_decay, schedule, data_root, device, amp, fuse, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas and seeds); runs with the same seed share one pass over the data."""
+    from kdpipe.distributed import from_env
     from kdpipe.engine import OptimConfig
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
@@ -275,10 +267,15 @@ def train_student_cmd(cache_dir, students, epochs, temperatures, alphas, seeds, 
         if not 0 <= a <= 1:
             raise InputError(f"--alpha must lie in [0, 1], got {a:g}")
     dev = pick_device(device)
+    dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
     res = train_students(cache_dir, list(students), epochs, out, temperatures=temps, alphas=alphs, seeds=sds,
                          batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
-                         device=dev, data_root=data_root, amp=_amp(dev, amp), log=click.echo)
-    click.echo(f"{len(res)} run(s) written under {out}")
+                         device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
+                         log=dist.log(click.echo),
+                         fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse])
+    dist.close()
+    if dist.is_main:
+        click.echo(f"{len(res)} run(s) written under {out}")
 
 
 @main.command("report")
@@ -347,14 +344,14 @@ def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, sam
     """Check every shard's checksums and shapes; with a teacher, re-compute sampled rows. Exits 1 on a
     fault, naming the shard and rows."""
     from kdpipe.util import pick_device
-    from kdpipe.verify import verify_cache
+    from kdpipe.verify import repair_hint, verify_cache
     faults = verify_cache(cache_dir, teacher_file=teacher_file, teacher_arch=teacher_arch,
                           teacher_weights=teacher_weights, sample=sample, data_root=data_root, seed=seed,
                           device=pick_device(device), log=click.echo)
     if faults:
         for f in faults:
             click.echo(f"FAULT {f}", err=True)
-        click.echo(f"{len(faults)} fault(s) in {cache_dir}", err=True)
+        click.echo(f"{len(faults)} fault(s) in {cache_dir}; {repair_hint(cache_dir)}", err=True)
         sys.exit(1)
     click.echo(f"{cache_dir}: OK")
 

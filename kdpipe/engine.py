@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import KDLoss
 from kdpipe.models import create_model
 from kdpipe.util import Progress, seeded_generator
@@ -50,6 +51,8 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.LRScheduler = None
     history: list = field(default_factory=list)
+    optim: OptimConfig | None = None  # how the optimizer and schedule were built (runs that share them can fuse)
+    total_steps: int | None = None
 
 
 def build_run(name, arch, temperature, alpha, seed, num_classes, image_shape, optim: OptimConfig,
@@ -65,19 +68,31 @@ def build_run(name, arch, temperature, alpha, seed, num_classes, image_shape, op
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps))
-    return Run(name, arch, temperature, alpha, seed, model, KDLoss(temperature, alpha), opt, sched)
+    return Run(name, arch, temperature, alpha, seed, model, KDLoss(temperature, alpha), opt, sched,
+               optim=optim, total_steps=total_steps)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if n >= batch_size else 1
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
-    """A shuffled epoch; the last partial batch is dropped (BatchNorm needs > 1 sample)."""
-    perm = torch.randperm(n, generator=generator).to(device)
-    k = steps_per_epoch(n, batch_size)
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(k)]
+def batches(n: int, batch_size: int, generator: torch.Generator, device, rank: int = 0,
+            world: int = 1) -> list[torch.Tensor]:
+    """A shuffled epoch; the last partial batch is dropped (BatchNorm needs > 1 sample).
 
+    With world > 1 (DistributedDataParallel) every rank draws the same permutation, cuts it into
+    global batches of batch_size * world, and takes slice `rank` of each: the ranks' shares are
+    disjoint and together they are the single-process epoch of batch size batch_size * world.
+    """
+    perm = torch.randperm(n, generator=generator).to(device)
+    g = batch_size * world
+    k = steps_per_epoch(n, g)
+    return [perm[i * g + rank * batch_size:i * g + (rank + 1) * batch_size] for i in range(k)]
+
+
+# Below this many steps a pass is not worth compiling (measured on an H100: compiling the fused step of
+# 8 resnet8x4 students took 26 s and saved about 22 ms per step, see BENCHMARKS).
+AUTO_COMPILE_MIN_STEPS = 1500
 
 # epoch -> (view params (N, P) on device, teacher logits (N, C) float on device, or None)
 ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
@@ -86,21 +101,46 @@ ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
                online_teacher: nn.Module | None = None, online_dtype: torch.dtype = torch.float32,
-               amp: bool = False, label: str = "train", log=print) -> dict:
-    """Train every run for `epochs` over (images, labels) on their device; returns timing figures."""
+               amp: bool = False, label: str = "train", log=print, fuse: bool | None = None,
+               dist=None) -> dict:
+    """Train every run for `epochs` over (images, labels) on their device; returns timing figures.
+
+    fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):
+    True fuses them, "compile" fuses them under torch.compile, False steps every run on its own, None
+    (the default) picks what was measured fastest: "compile" on CUDA for passes of at least
+    AUTO_COMPILE_MIN_STEPS steps (compiling costs tens of seconds once), else False.
+    dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
+    trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
+    sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
+    """
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     device = images.device
     n = len(images)
     need_teacher = any(r.loss.needs_teacher for r in runs)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     for r in runs:
         r.model.train()
+    if online_teacher is not None:
+        online_teacher.eval()  # as in stage one: running BatchNorm statistics, no dropout
+    if fuse is None:
+        long_pass = epochs * steps_per_epoch(n, batch_size * world) >= AUTO_COMPILE_MIN_STEPS
+        fuse = "compile" if device.type == "cuda" and long_pass else False
+    if world > 1:
+        fuse = False  # DDP synchronises each wrapped model's own gradients
+    units = plan_units(runs, bool(fuse))  # lists of run indices; a list of >= 2 is stepped as one network
+    fused = {k: FusedRuns([runs[i] for i in u], amp=amp, compile=fuse == "compile", log=log)
+             for k, u in enumerate(units) if len(u) > 1}
+    for k in fused:
+        log(f"  {label}: {len(units[k])} {runs[units[k][0]].arch} runs step as one fused network"
+            + (" (torch.compile; the first step compiles)" if fuse == "compile" else ""))
     start = time.perf_counter()
     seen = 0
     for epoch in range(epochs):
-        params, cached = view_source(epoch)
-        prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", steps_per_epoch(n, batch_size) * batch_size)
-        sums = [torch.zeros((), device=device) for _ in runs]
-        order = batches(n, batch_size, seeded_generator(data_seed, epoch), device)
+        order = batches(n, batch_size, seeded_generator(data_seed, epoch), device, rank, world)
+        params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
+        prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", len(order) * batch_size * world,
+                        stream=dist.progress_stream if dist is not None else None)
+        sums = [torch.zeros(len(u), device=device) for u in units]
         for idx in order:
             x = policy.replay(images[idx], params[idx], mean, std)
             if device.type == "cuda":
@@ -113,7 +153,11 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 else:
                     with torch.no_grad(), autocast:
                         t = online_teacher(x).to(online_dtype).float()
-            for i, r in enumerate(runs):
+            for k, u in enumerate(units):
+                if k in fused:
+                    sums[k] += fused[k].step(x, t, y)
+                    continue
+                r = runs[u[0]]
                 with autocast:
                     out = r.model(x)
                 loss = r.loss(out, t, y)
@@ -121,11 +165,16 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 loss.backward()
                 r.optimizer.step()
                 r.scheduler.step()
-                sums[i] += loss.detach()
-            seen += len(idx)
-            prog.update(len(idx))
-        for i, r in enumerate(runs):
-            r.history.append(float(sums[i]) / max(1, len(order)))
+                sums[k] += loss.detach()
+            seen += len(idx) * world
+            prog.update(len(idx) * world)
+        for f in fused.values():
+            f.sync_to_runs()
+        if world > 1:
+            sums = list(dist.all_mean(torch.cat(sums)).split([len(u) for u in units]))
+        for k, u in enumerate(units):
+            for j, v in enumerate(sums[k].tolist()):
+                runs[u[j]].history.append(v / max(1, len(order)))
         if len(runs) <= 4:
             log(f"  {label} epoch {epoch + 1}/{epochs}: " +
                 ", ".join(f"{r.name} loss {r.history[-1]:.4f}" for r in runs))
@@ -136,7 +185,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
-            "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0}
+            "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
+            "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}
 
 
 @torch.no_grad()

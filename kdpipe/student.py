@@ -16,6 +16,7 @@ from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
 from kdpipe.data import ImageData, load_dataset
+from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.models import count_parameters, create_model
@@ -45,13 +46,23 @@ def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData 
 def train_students(cache_dir, students: list[str], epochs: int, out, *, temperatures=(4.0,), alphas=(0.9,),
                    seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
-                   online_teacher=None, log=print) -> list[dict]:
+                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
 
     With `online_teacher` (a module), the teacher runs in every step on the same replayed views
     instead of the cached logits (for comparisons; the cache still supplies the view parameters).
+
+    `fuse` (see engine.train_pass): runs of one architecture in a pass step as one vmapped network
+    (True, or "compile" under torch.compile), or one by one (False); None picks what was measured fastest.
+
+    With `dist` (kdpipe.distributed.Dist from torchrun, world > 1) every run is DistributedDataParallel:
+    `batch_size` is per rank (the effective batch is batch_size x world; the learning rate is used as
+    given), each rank reads only its share of every epoch's rows, and rank 0 alone writes the runs'
+    files and returns their metrics (the other ranks return []).
     """
+    ctx = dist or SINGLE
+    world = ctx.world
     optim = optim or OptimConfig()
     if epochs <= 0:
         raise KDPipeError(f"--epochs must be >= 1, got {epochs}")
@@ -65,14 +76,19 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
             raise KDPipeError(f"--alpha must lie in [0, 1], got {a}")
     if not students:
         raise KDPipeError("give at least one --student")
-    cache = Cache(cache_dir)
-    m = cache.manifest
-    policy = policy_from_identity(m["views"])
-    train, test = load_cache_data(cache, data_root)
-    in_shape = tuple(m["input"]["shape"])
-    for arch in students:  # fail on a bad name before any training
-        create_model(arch, cache.num_classes, in_shape)
-    out = ensure_out_dir(out, "runs directory")
+    with ctx.together("opening the cache"):
+        cache = Cache(cache_dir)
+        m = cache.manifest
+        policy = policy_from_identity(m["views"])
+        train, test = load_cache_data(cache, data_root)
+        in_shape = tuple(m["input"]["shape"])
+        for arch in students:  # fail on a bad name before any training
+            create_model(arch, cache.num_classes, in_shape)
+        out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
+    ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
+    if len(set(ids)) > 1:
+        raise KDPipeError("the ranks opened different caches (" + ", ".join(f"rank {r}: id {i[:12]}" for r, i in
+                          enumerate(ids)) + "): every rank must read the same cache")
     k = cache.num_views
     if epochs > k:
         log(f"warning: {epochs} epochs over K = {k} views: each view is seen {epochs / k:.1f} times; "
@@ -80,13 +96,34 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
     mean, std = m["input"]["mean"], m["input"]["std"]
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
-    total_steps = epochs * steps_per_epoch(len(train), batch_size)
+    n = len(train)
+    if world > 1 and n < batch_size * world:
+        raise KDPipeError(f"{n} samples are fewer than one global batch ({batch_size} per rank x {world} "
+                          "ranks): lower --batch-size")
+    total_steps = epochs * steps_per_epoch(n, batch_size * world)
     planned = plan_runs(students, temperatures, alphas, seeds)
+    log(f"batch {batch_size}" + (f" per rank x {world} ranks = effective batch {batch_size * world} "
+                                 f"(DistributedDataParallel, {ctx.backend})" if world > 1 else "")
+        + f", peak lr {optim.lr:g}" + (" (as given: not scaled with the world size)" if world > 1 else "")
+        + f", {total_steps // epochs} steps per epoch")
 
-    def view_source(epoch):
+    def view_source(epoch, rows=None):
         v = epoch % k
-        params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
-        logits = None if online_teacher is not None else torch.from_numpy(cache.read_view(v, "logits")).to(device)
+        if rows is None:
+            params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
+            logits = None if online_teacher is not None else torch.from_numpy(cache.read_view(v, "logits")).to(device)
+            return params, logits
+        # A rank's share (sample indices `rows`): only those rows are read, placed at their index.
+        share = torch.unique(rows)
+        at = (v * n + share.cpu().numpy()).astype(np.int64)
+        params = torch.zeros((n, len(cache.columns)), dtype=torch.int32, device=device)
+        if cache.columns:
+            params[share] = torch.from_numpy(cache.read_rows("view_params", at)).to(device)
+        logits = None
+        if online_teacher is None:
+            part = torch.from_numpy(cache.read_rows("logits", at)).to(device)
+            logits = torch.zeros((n, part.shape[1]), dtype=part.dtype, device=device)
+            logits[share] = part
         return params, logits
 
     teacher_test = cache.read_test_logits()
@@ -95,26 +132,34 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
         group = [p for p in planned if p[3] == seed]
         runs: list[Run] = [build_run(run_name(*p), p[0], p[1], p[2], p[3], cache.num_classes, in_shape, optim,
                                      total_steps, device) for p in group]
-        log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}: "
-            + ", ".join(r.name for r in runs))
+        log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
+            + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
         t0 = time.perf_counter()
+        for r in runs:
+            r.model = ctx.wrap(r.model)  # DistributedDataParallel when world > 1
         stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
-                           online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log)
+                           online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
+                           dist=ctx, fuse=fuse)
+        for r in runs:
+            r.model = ctx.unwrap(r.model)
+        if not ctx.is_main:
+            continue
         for r in runs:
             results.append(_finish_run(r, cache, test, teacher_test, policy, mean, std, in_shape, out, stats,
-                                       epochs, batch_size, optim, amp, device, len(runs), log))
+                                       epochs, batch_size, optim, amp, device, len(runs), log, world=world))
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
             f"per student, {stats['student_images_per_s']:,.0f} student-images/s in all")
     return results
 
 
 def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_shape, out: Path, stats,
-                epochs, batch_size, optim, amp, device, runs_in_pass, log) -> dict:
+                epochs, batch_size, optim, amp, device, runs_in_pass, log, world: int = 1) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     metrics = {"name": r.name, "arch": r.arch, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
                "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
                "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
-               "runs_in_pass": runs_in_pass,
+               "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": batch_size,
+               "effective_batch_size": batch_size * world, "lr": optim.lr,
                "cache": {"path": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"]}
@@ -132,7 +177,9 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
         class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
         test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
     config = {"run": r.name, "student": r.arch, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
-              "epochs": epochs, "batch_size": batch_size, "optim": asdict(optim), "amp": amp, "device": str(device),
+              "epochs": epochs, "batch_size": batch_size, "world_size": world,
+              "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
+              "device": str(device),
               "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
               "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
               "torch_version": torch.__version__}

@@ -7,6 +7,8 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,11 @@ import kdpipe
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.reader import open_h5
-from kdpipe.cache.writer import (atomic_write_json, plan_shards, remove_temporaries, shard_datasets,
-                                 write_h5_atomic)
+from kdpipe.cache.writer import (atomic_write_json, dataset_layout, plan_shards, remove_temporaries,
+                                 shard_datasets, write_h5_atomic)
 from kdpipe.checkpoint import LoadedModel, save_checkpoint
 from kdpipe.data import ImageData
+from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.models import count_parameters
@@ -101,9 +104,10 @@ def _existing_shard(path: Path, cache_id: str, start: int, stop: int) -> dict | 
                 digests[name] = _sha256_dataset(f[name])
                 if digests[name] != f[name].attrs["sha256"]:
                     return None
-    except (KDPipeError, OSError, KeyError):
+            layout = dataset_layout(f)
+    except (KDPipeError, OSError, RuntimeError, ValueError, KeyError):  # damaged: compute it again
         return None
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests,
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests, "layout": layout,
             "file_sha256": file_sha256(path), "row_start": start, "row_stop": stop}
 
 
@@ -119,16 +123,52 @@ def _unstorable_logits(nonfinite: list, overflow: list, start: int, sidx, vidx, 
                        f"{start}..{start + len(sidx) - 1}: {where(overflow)}; dump with --logits-dtype float32")
 
 
+def _wait_visible(out_dir: Path, writers: dict[str, int], patience_s: float = 60.0) -> None:
+    """Rank 0 must see every shard the other ranks wrote: the cache lies on a filesystem all ranks
+    share. A network filesystem may show new files late, so listings are retried for a while."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        unseen = sorted(set(writers) - set(os.listdir(out_dir)))
+        if not unseen or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    if unseen:
+        who = ", ".join(f"{f} (rank {writers[f]})" for f in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+        raise KDPipeError(f"rank 0 does not see shards written by other ranks in {out_dir}: {who}; the cache "
+                          "directory must be on a filesystem shared by every node (see docs/distributed.md)")
+
+
+def _shard_correct(path: Path) -> int:
+    """Rows of a shard whose teacher argmax equals the label."""
+    with open_h5(path) as f:
+        return int((f["logits"][()].astype(np.float32).argmax(1) == f["labels"][()]).sum())
+
+
+@contextmanager
+def _finally_wait(executor: ThreadPoolExecutor):
+    """On the way out (also after an error or Ctrl-C), let a shard being written finish: it is complete
+    or it is not there, never half-written."""
+    try:
+        yield
+    finally:
+        executor.shutdown(wait=True)
+
+
 def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, out_dir, *, policy: ViewPolicy,
                 views: int, seed: int = 0, logits_dtype: str = "float16", batch_size: int = 512,
                 shard_rows: int = 65536, device=torch.device("cpu"), amp: bool = False,
-                overwrite: bool = False, mean=None, std=None, rank: int = 0, world: int = 1,
-                barrier=None, log=print) -> dict:
+                overwrite: bool = False, mean=None, std=None, dist: Dist | None = None, log=print) -> dict:
     """Stage one: run the teacher once over K views of every sample; write shards, then the manifest.
 
-    Resumable: complete shards of an earlier run with the same identity are kept. With world > 1
-    (torchrun), rank r computes shards r, r + world, ...; rank 0 writes the manifest after `barrier`.
+    Resumable: complete shards of an earlier run with the same identity are kept. Under torchrun
+    (`dist`, see kdpipe.distributed): rank 0 checks OUT (identity, --overwrite) before the other ranks
+    start; the ranks check the existing shards between them (rank r those with index r mod world),
+    share what is complete, and split the shards still to compute round-robin, so a cache begun with
+    any world size is finished correctly with any other. Rank 0 gathers the shard entries and writes
+    the manifest. A failure on any rank stops every rank with a message naming it.
     """
+    ctx = dist or SINGLE
+    rank, world = ctx.rank, ctx.world
     if views <= 0:
         raise KDPipeError(f"--views must be >= 1, got {views}")
     if batch_size <= 0 or shard_rows <= 0:
@@ -158,7 +198,6 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     images = images_tensor(data.images, device)
     labels = data.labels
     plan = plan_shards(total, shard_rows)
-    mine = [i for i in range(len(plan)) if i % world == rank]
     param_cache: dict[int, np.ndarray] = {}
 
     def view_params(k: int) -> np.ndarray:
@@ -180,7 +219,15 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                           f"{data.spec} has {data.num_classes} classes")
 
     state_path, manifest_path = out_dir / fmt.DUMP_STATE, out_dir / fmt.MANIFEST
-    if rank == 0:
+    idents = ctx.all_gather(ident)
+    for r, other in enumerate(idents):
+        if other != idents[0]:  # every rank sees the same list, so every rank raises
+            diffs = [d.replace(" was ", ": rank 0 has ", 1).replace(", now ", f", rank {r} has ", 1)
+                     for d in _differences(idents[0], other)]
+            raise KDPipeError(f"rank {r} was given other arguments or data than rank 0 (" + "; ".join(diffs)
+                              + "): every rank must run the same command on the same data")
+
+    def prepare_out_dir() -> dict | None:  # rank 0, while the other ranks wait
         ensure_out_dir(out_dir, "cache directory")
         if state_path.is_file() or manifest_path.is_file():
             try:
@@ -199,6 +246,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         elif any(out_dir.iterdir()):
             raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
         remove_temporaries(out_dir)
+        for p in out_dir.glob(".rank-*.json"):  # per-rank files of older kdpipe versions
+            p.unlink(missing_ok=True)
         if manifest_path.is_file():
             m = json.loads(manifest_path.read_text())
             os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
@@ -206,88 +255,111 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir), resumed_shards=len(m["shards"]),
                         already_complete=True)
         atomic_write_json(state_path, {"identity": ident, "cache_id": cache_id, "started": time.time()})
-    if barrier:
-        barrier()
+        return None
 
+    finished = None
+    with ctx.together("checking the cache directory"):
+        if rank == 0:
+            finished = prepare_out_dir()
+    if ctx.broadcast(finished is not None):
+        return finished if rank == 0 else {"rank": rank, "already_complete": True}
+
+    # Which shards are complete: each rank checks every world-th one, then all share the answer.
     entries: dict[int, dict] = {}
-    todo = []
-    for i in mine:
-        s, e = plan[i]
-        ent = _existing_shard(out_dir / fmt.shard_name(i), cache_id, s, e)
-        if ent:
-            entries[i] = ent
-        else:
-            todo.append(i)
-    if len(entries):
-        log(f"resuming: {len(entries)} complete shard(s) kept, {len(todo)} to compute")
+    correct: dict[int, int] = {}  # shard -> rows whose teacher argmax is the label
+    with ctx.together("checking existing shards"):
+        for i in range(rank, len(plan), world):
+            ent = _existing_shard(out_dir / fmt.shard_name(i), cache_id, *plan[i])
+            if ent:
+                entries[i] = ent
+                correct[i] = _shard_correct(out_dir / fmt.shard_name(i))
+    kept = sorted(i for part in ctx.all_gather(sorted(entries)) for i in part)
+    todo_all = sorted(set(range(len(plan))) - set(kept))
+    todo = todo_all[rank::world]  # the remaining work, balanced over the ranks whatever earlier runs did
+    if kept:
+        log(f"resuming: {len(kept)} complete shard(s) kept, {len(todo_all)} to compute"
+            + (f" on {world} ranks" if world > 1 else ""))
     todo_rows = sum(plan[i][1] - plan[i][0] for i in todo)
-    prog = Progress("dump-logits", todo_rows, "rows")
+    prog = Progress("dump-logits" + (f" (rank 0 of {world})" if world > 1 else ""), todo_rows, "rows",
+                    stream=ctx.progress_stream)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
     np_dtype = fmt.LOGITS_DTYPES[logits_dtype]
     t_start = time.perf_counter()
-    for i in todo:
-        s, e = plan[i]
-        rows = np.arange(s, e, dtype=np.int64)
-        vidx = (rows // n).astype(np.int32)
-        sidx = rows % n
-        vparams = np.empty((e - s, len(policy.columns)), dtype=np.int32)
-        for k in np.unique(vidx):
-            sel = vidx == k
-            vparams[sel] = view_params(int(k))[sidx[sel]]
-        out = np.empty((e - s, data.num_classes), dtype=np_dtype)
-        nonfinite, overflow = [], []  # rows of this shard (relative) that cannot be stored
-        with torch.no_grad():
-            for b in range(0, e - s, batch_size):
-                bi = torch.from_numpy(sidx[b:b + batch_size]).to(device)
-                bp = torch.from_numpy(vparams[b:b + batch_size]).to(device)
-                x = policy.replay(images[bi], bp, mean, std)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    lg = teacher_mod(x).float().cpu().numpy()
-                stored = lg.astype(np_dtype)
-                bad = ~np.isfinite(lg).all(axis=1)
-                nonfinite += (b + np.flatnonzero(bad)).tolist()
-                overflow += (b + np.flatnonzero(~bad & ~np.isfinite(stored).all(axis=1))).tolist()
-                out[b:b + len(lg)] = stored
-                prog.update(len(lg))
-        if nonfinite or overflow:  # stop before the shard is written, naming the inputs
-            raise _unstorable_logits(nonfinite, overflow, s, sidx, vidx, logits_dtype)
-        datasets = shard_datasets(out, sidx.astype("<i8"), vidx.astype("<i4"), labels[sidx].astype("<i8"),
-                                  vparams.astype("<i4"), policy.columns)
-        attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": cache_id, "row_start": s,
-                 "row_stop": e, "num_samples": n, "num_views": views, "kdpipe_version": kdpipe.__version__}
+    # A shard is written on a thread while the teacher computes the next one (at most one write in flight).
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-shard-writer")
+    pending = None
+
+    def write_shard(i, s, e, datasets, attrs):
         ent = write_h5_atomic(out_dir / fmt.shard_name(i), datasets, attrs)
         entries[i] = dict(ent, row_start=s, row_stop=e)
+
+    with ctx.together("computing logits"), _finally_wait(writer):
+        for i in todo:
+            s, e = plan[i]
+            rows = np.arange(s, e, dtype=np.int64)
+            vidx = (rows // n).astype(np.int32)
+            sidx = rows % n
+            vparams = np.empty((e - s, len(policy.columns)), dtype=np.int32)
+            for k in np.unique(vidx):
+                sel = vidx == k
+                vparams[sel] = view_params(int(k))[sidx[sel]]
+            # The shard's logits stay on the device until the shard is done: one copy and one wait per
+            # shard, not per batch (indices and view parameters go up once per shard too).
+            with torch.no_grad():
+                dev_sidx = torch.from_numpy(sidx).to(device)
+                dev_params = torch.from_numpy(vparams).to(device)
+                lg_dev = torch.empty((e - s, data.num_classes), dtype=torch.float32, device=device)
+                for b in range(0, e - s, batch_size):
+                    bi = dev_sidx[b:b + batch_size]
+                    x = policy.replay(images[bi], dev_params[b:b + batch_size], mean, std)
+                    if device.type == "cuda":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast:
+                        lg_dev[b:b + len(bi)] = teacher_mod(x).float()
+                    prog.update(len(bi))
+                lg = lg_dev.cpu().numpy()
+            with np.errstate(over="ignore"):  # logits float16 cannot hold are reported just below
+                out = lg.astype(np_dtype)
+            bad = ~np.isfinite(lg).all(axis=1)
+            nonfinite = np.flatnonzero(bad).tolist()  # rows of this shard (relative) that cannot be stored
+            overflow = np.flatnonzero(~bad & ~np.isfinite(out).all(axis=1)).tolist()
+            if nonfinite or overflow:  # stop before the shard is written, naming the inputs
+                raise _unstorable_logits(nonfinite, overflow, s, sidx, vidx, logits_dtype)
+            datasets = shard_datasets(out, sidx.astype("<i8"), vidx.astype("<i4"), labels[sidx].astype("<i8"),
+                                      vparams.astype("<i4"), policy.columns)
+            attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": cache_id, "row_start": s,
+                     "row_stop": e, "num_samples": n, "num_views": views, "kdpipe_version": kdpipe.__version__}
+            correct[i] = int((out.astype(np.float32).argmax(1) == labels[sidx]).sum())
+            if pending is not None:
+                pending.result()  # the previous shard is on disk (or its error is raised here)
+            pending = writer.submit(write_shard, i, s, e, datasets, attrs)
+        if pending is not None:
+            pending.result()
     compute_s = time.perf_counter() - t_start
     if device.type == "cuda":
         torch.cuda.synchronize()
 
-    # Per-rank results (the manifest is written by rank 0 after every rank is done).
-    rank_file = out_dir / f".rank-{rank}.json"
-    if world > 1:
-        atomic_write_json(rank_file, {"entries": {str(k): v for k, v in entries.items()},
-                                      "compute_s": compute_s, "rows": todo_rows})
-    if barrier:
-        barrier()
+    # Rank 0 gathers every rank's shard entries (in memory: no per-rank files to go stale) and
+    # writes the manifest; the other ranks are done.
+    parts = ctx.gather((entries, correct, todo_rows, compute_s))
     if rank != 0:
         return {"rank": rank, "rows": todo_rows, "wall_s": compute_s}
+    for ents, corr, _, _ in parts:
+        entries.update(ents)
+        correct.update(corr)
+    missing = [i for i in range(len(plan)) if i not in entries]
+    if missing:
+        raise KDPipeError(f"shard(s) {missing[:10]} of {out_dir} were computed by no rank: run the same command again")
     if world > 1:
-        for r in range(1, world):
-            other = json.loads((out_dir / f".rank-{r}.json").read_text())
-            entries.update({int(k): v for k, v in other["entries"].items()})
-        for r in range(world):
-            (out_dir / f".rank-{r}.json").unlink(missing_ok=True)
+        _wait_visible(out_dir, {ent["file"]: r for r, part in enumerate(parts) for ent in part[0].values()})
+    rows_computed = sum(p[2] for p in parts)
+    compute_s = max(p[3] for p in parts)
 
-    # Teacher top-1 on its views (from the shards) and on the clean test split (kept for agreement).
+    # Teacher top-1 on its views (counted shard by shard) and on the clean test split (kept for agreement).
     cache_shards = [entries[i] for i in range(len(plan))]
-    correct = 0
-    for ent in cache_shards:
-        with open_h5(out_dir / ent["file"]) as f:
-            correct += int((f["logits"][()].astype(np.float32).argmax(1) == f["labels"][()]).sum())
-    summary = {"rows": total, "views_top1": correct / total, "batch_size": batch_size, "device": str(device),
-               "amp": amp, "rows_computed": todo_rows, "compute_wall_s": compute_s,
-               "rows_per_s": todo_rows / compute_s if compute_s > 0 else None, "world_size": world}
+    summary = {"rows": total, "views_top1": sum(correct.values()) / total, "batch_size": batch_size,
+               "device": str(device), "amp": amp, "rows_computed": rows_computed, "compute_wall_s": compute_s,
+               "rows_per_s": rows_computed / compute_s if compute_s > 0 else None, "world_size": world}
     eval_entry = None
     if test is not None:
         if test.num_classes != data.num_classes or test.image_shape != data.image_shape:
@@ -321,7 +393,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     }
     manifest["checksum"] = fmt.manifest_checksum(manifest)
     atomic_write_json(manifest_path, manifest)
-    return {**summary, "bytes": total_bytes, "out": str(out_dir), "resumed_shards": len(plan) - len(todo)}
+    return {**summary, "bytes": total_bytes, "out": str(out_dir), "resumed_shards": len(kept)}
 
 
 def remove_cache(path) -> None:

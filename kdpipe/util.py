@@ -66,9 +66,12 @@ def ensure_parent(path, what: str) -> Path:
 class Progress:
     """Progress lines on stderr, at most one every `every` seconds, plus the last one."""
 
-    def __init__(self, what: str, total: int, unit: str = "images", every: float = 2.0, stream=None):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
+    def __init__(self, what: str, total: int, unit: str = "images", every: float | None = None, stream=None):
+        self.what, self.total, self.unit = what, total, unit
         self.stream = stream or sys.stderr
+        if every is None:  # a terminal gets frequent lines; a log (make, CI) fewer
+            every = 2.0 if getattr(self.stream, "isatty", lambda: False)() else 10.0
+        self.every = every
         self.start = self.last = time.perf_counter()
         self.done = 0
 

@@ -1,0 +1,220 @@
+"""Several runs of one architecture stepped as one: stacked weights, one vmapped forward and backward.
+
+``train_pass`` hands a group of runs that share an architecture, optimizer settings and schedule
+to ``FusedRuns``. Their weights, BatchNorm buffers and momentum are stacked along a new leading
+dimension; ``torch.func.vmap`` over ``functional_call`` runs all of them on a batch at once
+(convolutions become one grouped convolution, the first layer one wider convolution of the shared
+input), their KD losses are computed together, and one SGD step updates every run (SGD is
+elementwise, so a step on the stack is the step of each run). The math per run is that of the
+unfused loop, up to float rounding. At the end of every epoch the runs' own modules, optimizer
+momentum and schedule position are brought up to date, so the rest of kdpipe never sees the stack.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
+
+from kdpipe.losses import KDLoss
+
+
+def fusion_key(run) -> tuple | None:
+    """Runs with equal keys can be fused; None: this run cannot be fused with any other."""
+    if run.optim is None or run.total_steps is None or type(run.loss) is not KDLoss:
+        return None
+    if type(run.optimizer) is not torch.optim.SGD or not isinstance(run.scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    shapes = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in run.model.named_parameters())
+    bufs = tuple((n, tuple(b.shape), b.dtype) for n, b in run.model.named_buffers())
+    return (type(run.model), run.arch, repr(run.optim), run.total_steps, run.model.training, shapes, bufs)
+
+
+def plan_units(runs, fuse: bool) -> list[list[int]]:
+    """Indices of runs grouped into steps: groups of >= 2 fusable runs, the rest one by one (in order)."""
+    if not fuse:
+        return [[i] for i in range(len(runs))]
+    groups: dict = {}
+    units: list[list[int]] = []
+    for i, r in enumerate(runs):
+        key = fusion_key(r)
+        if key is None:
+            units.append([i])
+        elif key in groups:
+            groups[key].append(i)
+        else:
+            groups[key] = [i]
+            units.append(groups[key])
+    out = []
+    for u in units:  # a group that could not be fused as a whole steps its runs one by one
+        if len(u) > 1 and FusedRuns.why_not([runs[i] for i in u]) is not None:
+            out += [[i] for i in u]
+        else:
+            out.append(u)
+    return out
+
+
+class _GlobalPoolAsMean(TorchFunctionMode):
+    """adaptive_avg_pool2d to 1x1 is a mean over H and W; vmap has no batching rule for the pool's
+    backward (it loops over the runs), but has one for mean."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.adaptive_avg_pool2d:
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            if size == 1 or size == (1, 1) or size == [1, 1]:
+                return args[0].mean(dim=(-2, -1), keepdim=True)
+        return func(*args, **kwargs)
+
+
+class FusedRuns:
+    def __init__(self, runs, amp: bool = False, compile: bool | str = False, pool_as_mean: bool = True, log=print):
+        reason = self.why_not(runs)
+        if reason:
+            raise ValueError(f"cannot fuse these runs: {reason}")
+        self.runs = runs
+        first = runs[0]
+        self.base = copy.deepcopy(first.model)
+        self.names = [n for n, _ in first.model.named_parameters()]
+        self.buffer_names = [n for n, _ in first.model.named_buffers()]
+        models = [dict(r.model.named_parameters()) for r in runs]
+        self.params = {n: torch.stack([m[n].detach() for m in models]).requires_grad_(True) for n in self.names}
+        bufs = [dict(r.model.named_buffers()) for r in runs]
+        self.buffers = {n: torch.stack([b[n].detach() for b in bufs]) for n in self.buffer_names}
+        # One optimizer over the stacks, with the first run's groups and settings (all runs' are equal).
+        name_of = {id(p): n for n, p in first.model.named_parameters()}
+        groups = []
+        for g in first.optimizer.param_groups:
+            fg = {k: v for k, v in g.items() if k != "params"}
+            fg["params"] = [self.params[name_of[id(p)]] for p in g["params"]]
+            groups.append(fg)
+        self.optimizer = torch.optim.SGD(groups, lr=first.optimizer.defaults["lr"])
+        if first.optimizer.state:
+            for g_fused, *g_runs in zip(self.optimizer.param_groups, *[r.optimizer.param_groups for r in runs]):
+                for j, p in enumerate(g_fused["params"]):
+                    self.optimizer.state[p]["momentum_buffer"] = torch.stack(
+                        [r.optimizer.state[r_g["params"][j]]["momentum_buffer"] for r, r_g in zip(runs, g_runs)])
+        self.lr_lambdas = list(first.scheduler.lr_lambdas)
+        self.base_lrs = list(first.scheduler.base_lrs)
+        self.step_count = first.scheduler.last_epoch
+        dev = next(iter(self.params.values())).device
+        self.temps = torch.tensor([r.loss.temperature for r in runs], dtype=torch.float32, device=dev)
+        self.alphas = torch.tensor([r.loss.alpha for r in runs], dtype=torch.float32, device=dev)
+        self.need_ce = any(r.loss.alpha < 1 for r in runs)
+        self.need_kd = any(r.loss.alpha > 0 for r in runs)
+
+        def forward(p, b, x):
+            with _GlobalPoolAsMean() if pool_as_mean else nullcontext():
+                return functional_call(self.base, (p, b), (x,))
+
+        vforward = vmap(forward, in_dims=(0, 0, None), randomness="different")
+        dev_type = dev.type
+
+        def losses(p, b, x, t, y):
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
+                out = vforward(p, b, x)  # (S, B, C)
+            return stacked_kd_loss(out, t, y, self.temps, self.alphas, self.need_ce, self.need_kd and t is not None)
+
+        self._eager = losses
+        self._losses = losses
+        self._check_compiled = bool(compile)
+        self.log = log
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._losses = torch.compile(losses, dynamic=False, mode=mode)
+
+    @staticmethod
+    def why_not(runs) -> str | None:
+        """Why these runs cannot be fused, or None."""
+        if len(runs) < 2:
+            return "fewer than two runs"
+        keys = {fusion_key(r) for r in runs}
+        if None in keys or len(keys) != 1:
+            return "the runs differ in architecture, optimizer settings, schedule or loss type"
+        first = runs[0]
+        ref = [{k: v for k, v in g.items() if k != "params"} for g in first.optimizer.param_groups]
+        names = [[n for n, _ in r.model.named_parameters()] for r in runs]
+        for r in runs:
+            if [{k: v for k, v in g.items() if k != "params"} for g in r.optimizer.param_groups] != ref:
+                return "the runs' optimizer groups differ"
+            name_of = {id(p): n for n, p in r.model.named_parameters()}
+            first_of = {id(p): n for n, p in first.model.named_parameters()}
+            if [[name_of.get(id(p)) for p in g["params"]] for g in r.optimizer.param_groups] != \
+                    [[first_of.get(id(p)) for p in g["params"]] for g in first.optimizer.param_groups]:
+                return "the runs group their parameters differently"
+            if r.scheduler.last_epoch != first.scheduler.last_epoch:
+                return "the runs are at different points of their schedules"
+            if r.scheduler.base_lrs != first.scheduler.base_lrs:
+                return "the runs' base learning rates differ"
+            has = [bool(r.optimizer.state.get(p, {}).get("momentum_buffer") is not None)
+                   for g in r.optimizer.param_groups for p in g["params"]]
+            if any(has) and not all(has):
+                return "a run holds momentum for some parameters only"
+        if len({bool(r.optimizer.state) for r in runs}) != 1:
+            return "some runs hold optimizer state, others not"
+        if any(n != names[0] for n in names):
+            return "the runs name their parameters differently"
+        return None
+
+    def step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """One training step of every run on the batch; returns their losses (detached, shape (S,))."""
+        if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
+            self._check_compiled = False
+            try:
+                loss = self._losses(self.params, self.buffers, x, t, y)
+            except Exception as e:  # torch.compile raises many types (missing compiler, unsupported op)
+                self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
+                self._losses = self._eager
+                loss = self._losses(self.params, self.buffers, x, t, y)
+        else:
+            loss = self._losses(self.params, self.buffers, x, t, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        self.optimizer.step()
+        self.step_count += 1
+        for g, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            g["lr"] = base * fn(self.step_count)
+        return loss.detach()
+
+    @torch.no_grad()
+    def sync_to_runs(self) -> None:
+        """Copy weights, buffers, momentum and schedule position back into each run's own objects."""
+        for s, r in enumerate(self.runs):
+            params = dict(r.model.named_parameters())
+            for n in self.names:
+                params[n].copy_(self.params[n][s])
+            bufs = dict(r.model.named_buffers())
+            for n in self.buffer_names:
+                bufs[n].copy_(self.buffers[n][s])
+            for g_fused, g_run in zip(self.optimizer.param_groups, r.optimizer.param_groups):
+                for pf, pr in zip(g_fused["params"], g_run["params"]):
+                    buf = self.optimizer.state.get(pf, {}).get("momentum_buffer")
+                    if buf is not None:
+                        r.optimizer.state[pr]["momentum_buffer"] = buf[s].clone()
+            r.scheduler.last_epoch = self.step_count
+            for g, base, fn in zip(r.optimizer.param_groups, r.scheduler.base_lrs, r.scheduler.lr_lambdas):
+                g["lr"] = base * fn(self.step_count)
+            r.scheduler._last_lr = [g["lr"] for g in r.optimizer.param_groups]
+
+
+def stacked_kd_loss(out: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor, temps: torch.Tensor,
+                    alphas: torch.Tensor, need_ce: bool, need_kd: bool) -> torch.Tensor:
+    """KDLoss of S runs at once: out (S, B, C) -> (S,). Same formula as kdpipe.losses.KDLoss."""
+    s, b, c = out.shape
+    out = out.float()
+    loss = out.new_zeros(s)
+    if need_ce:
+        ce = F.cross_entropy(out.reshape(s * b, c), y.repeat(s), reduction="none").view(s, b).mean(1)
+        loss = loss + (1.0 - alphas) * ce
+    if need_kd:
+        temp = temps.view(s, 1, 1)
+        log_p_s = F.log_softmax(out / temp, dim=2)
+        log_p_t = F.log_softmax(t.float().unsqueeze(0) / temp, dim=2)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(2).mean(1) * temps * temps
+        loss = loss + alphas * kl
+    return loss

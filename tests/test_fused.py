@@ -1,0 +1,153 @@
+"""The fused path of train_pass (runs of one architecture as one vmapped network) trains every run to
+the weights the unfused path gives, within float tolerance."""
+
+import numpy as np
+import pytest
+import torch
+
+from kdpipe.engine import OptimConfig, build_run, train_pass
+from kdpipe.fused import FusedRuns, plan_units, stacked_kd_loss
+from kdpipe.losses import KDLoss
+from kdpipe.views import create_policy
+
+N, C, H, W, CLASSES = 96, 1, 12, 12, 5
+MEAN, STD = [0.5], [0.25]
+
+
+def _data():
+    g = np.random.default_rng(0)
+    images = torch.from_numpy(g.integers(0, 256, size=(N, C, H, W), dtype=np.uint8))
+    labels = torch.from_numpy(g.integers(0, CLASSES, size=N).astype(np.int64))
+    logits = {k: torch.from_numpy(g.normal(size=(N, CLASSES)).astype(np.float16)) for k in range(3)}
+    return images, labels, logits
+
+
+def _runs(specs, epochs, batch=32, arch="cnn_tiny"):
+    total = epochs * (N // batch)
+    optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    return [build_run(f"r{i}", arch if a is None else a, t, al, seed, CLASSES, (C, H, W), optim, total,
+                      torch.device("cpu"))
+            for i, (t, al, seed, a) in enumerate(specs)]
+
+
+def _train(runs, fuse, epochs, start_epoch=0):
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+
+    def views(e):
+        e += start_epoch
+        return torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]
+
+    return train_pass(runs, images, labels, pol, MEAN, STD, epochs, 32, 3, views, log=lambda *a: None, fuse=fuse)
+
+
+SPECS = [(4.0, 0.9, 0, None), (2.0, 0.5, 1, None), (1.0, 0.0, 2, None), (8.0, 1.0, 3, None)]
+
+
+def _assert_same(a, b, atol=2e-4):
+    for ra, rb in zip(a, b):
+        sa, sb = ra.model.state_dict(), rb.model.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), atol=atol, rtol=1e-3, msg=f"{ra.name} {k}")
+        np.testing.assert_allclose(ra.history, rb.history, rtol=1e-4, atol=1e-5)
+        assert ra.scheduler.last_epoch == rb.scheduler.last_epoch
+        assert [g["lr"] for g in ra.optimizer.param_groups] == pytest.approx(
+            [g["lr"] for g in rb.optimizer.param_groups])
+        for pa, pb in zip(ra.model.parameters(), rb.model.parameters()):
+            ma = ra.optimizer.state[pa]["momentum_buffer"]
+            mb = rb.optimizer.state[pb]["momentum_buffer"]
+            torch.testing.assert_close(ma, mb, atol=atol, rtol=1e-3)
+
+
+def test_fused_trains_to_the_same_weights_as_unfused():
+    plain = _runs(SPECS, 2)
+    fused = _runs(SPECS, 2)
+    s_plain = _train(plain, False, 2)
+    s_fused = _train(fused, True, 2)
+    assert s_plain["fused_groups"] == []
+    assert s_fused["fused_groups"] == [["r0", "r1", "r2", "r3"]]
+    _assert_same(plain, fused)
+    # training moved the weights: the comparison is not between two untouched models
+    untouched = _runs(SPECS, 2)
+    assert not torch.allclose(untouched[0].model.features[0].weight, fused[0].model.features[0].weight)
+
+
+def test_a_second_pass_continues_momentum_and_schedule():
+    plain = _runs(SPECS[:2], 2)
+    fused = _runs(SPECS[:2], 2)
+    _train(plain, False, 1)
+    _train(plain, False, 1, start_epoch=1)
+    _train(fused, True, 1)
+    _train(fused, True, 1, start_epoch=1)  # stacks the momentum the first pass left in each run
+    _assert_same(plain, fused)
+
+
+def test_mixed_architectures_fuse_only_alike_runs():
+    specs = [(4.0, 0.9, 0, "cnn_tiny"), (4.0, 0.9, 0, "mlp_100"), (2.0, 0.9, 1, "cnn_tiny"), (4.0, 0.5, 0, "mlp_100"),
+             (4.0, 0.9, 5, "cnn_small")]
+    plain = _runs(specs, 1)
+    fused = _runs(specs, 1)
+    assert plan_units(fused, True) == [[0, 2], [1, 3], [4]]
+    assert plan_units(fused, False) == [[0], [1], [2], [3], [4]]
+    _train(plain, False, 1)
+    stats = _train(fused, True, 1)
+    assert stats["fused_groups"] == [["r0", "r2"], ["r1", "r3"]]
+    _assert_same(plain, fused)
+
+
+def test_runs_with_other_settings_are_not_fused():
+    a = _runs(SPECS[:2], 1)
+    b = _runs(SPECS[:1], 2)  # another total number of steps: another schedule
+    assert plan_units([a[0], b[0]], True) == [[0], [1]]
+    assert FusedRuns.why_not([a[0]]) is not None
+
+
+def test_stacked_loss_matches_kdloss():
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 8, 6, generator=g)
+    t = torch.randn(8, 6, generator=g)
+    y = torch.randint(0, 6, (8,), generator=g)
+    temps, alphas = [4.0, 1.0, 2.5], [0.9, 0.0, 1.0]
+    got = stacked_kd_loss(out, t, y, torch.tensor(temps), torch.tensor(alphas), True, True)
+    want = torch.stack([KDLoss(T, a)(out[i], t, y) for i, (T, a) in enumerate(zip(temps, alphas))])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cifar_resnet_with_global_pool_fuses_alike():
+    # resnet20 ends in adaptive_avg_pool2d(x, 1), which the fused path computes as a mean over H and W
+    global C, H, W
+    saved = C, H, W
+    C, H, W = 3, 8, 8
+    try:
+        specs = [(4.0, 0.9, 0, "resnet20"), (2.0, 0.5, 1, "resnet20")]
+        plain, fused = _runs(specs, 1), _runs(specs, 1)
+        _train(plain, False, 1)
+        assert _train(fused, True, 1)["fused_groups"] == [["r0", "r1"]]
+        _assert_same(plain, fused)
+    finally:
+        C, H, W = saved
+
+
+def test_a_failing_compile_falls_back_to_uncompiled(monkeypatch):
+    def broken_compile(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    plain, fused = _runs(SPECS[:2], 1), _runs(SPECS[:2], 1)
+    _train(plain, False, 1)
+    logged = []
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+    train_pass(fused, images, labels, pol, MEAN, STD, 1, 32, 3,
+               lambda e: (torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]),
+               log=logged.append, fuse="compile")
+    assert any("torch.compile of the fused runs failed" in m for m in logged)
+    _assert_same(plain, fused)
+
+
+def test_auto_does_not_fuse_on_cpu():
+    runs = _runs(SPECS[:2], 1)
+    assert _train(runs, None, 1)["fused_groups"] == []
