@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -177,6 +178,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
     if teacher_file is None and not (teacher_arch and teacher_weights):
         raise InputError("give a teacher: --teacher FILE, or --teacher-arch NAME with --teacher-weights FILE")
     _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
+    started = time.perf_counter()
     try:
         dev = pick_device(device)
         data = load_dataset(data_spec, split, data_root)
@@ -198,7 +200,8 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         sys.exit(130)
     if not dist.is_main:
         return
-    click.echo(f"done: {res['rows']:,} rows, {res['bytes'] / 1e6:.2f} MB on disk in {out}")
+    click.echo(f"done: {res['rows']:,} rows, {res['bytes'] / 1e6:.2f} MB on disk in {out}, "
+               f"{time.perf_counter() - started:.1f}s wall time in all")
     if not res.get("already_complete"):
         rate = res.get("rows_per_s")
         click.echo(f"  computed {res['rows_computed']:,} rows in {res['compute_wall_s']:.1f}s"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -394,7 +393,3 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     manifest["checksum"] = fmt.manifest_checksum(manifest)
     atomic_write_json(manifest_path, manifest)
     return {**summary, "bytes": total_bytes, "out": str(out_dir), "resumed_shards": len(kept)}
-
-
-def remove_cache(path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
