@@ -52,7 +52,7 @@ endif
 pipeline: $(PIPELINE_TARGET) ## Run the pipeline only (assumes setup)
 
 test: $(SETUP) data ## Run the test suite (CPU, small real data)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest
 
 bench-quick: $(SETUP) ## CPU benchmarks, under a minute; print ratios, assert nothing
 	$(VENV)/bin/python bench/run_all.py --quick

@@ -322,9 +322,14 @@ def _load_imagefolder(spec, root: Path, split) -> ImageData:
 def _decode_all(spec, files: list[Path]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    from kdpipe.util import Progress
+
     first = None
     out = None
+    prog = Progress(f"decoding {spec}", len(files), "images")
     for i, p in enumerate(files):
+        if i % 1000 == 999:
+            prog.update(1000)
         try:
             with Image.open(p) as im:
                 im.load()
@@ -342,4 +347,6 @@ def _decode_all(spec, files: list[Path]) -> np.ndarray:
                               f"x{arr.shape[2]}, {files[0]} is {first[1]}x{first[0]}x{first[2]} "
                               "(resize them first)")
         out[i] = arr.transpose(2, 0, 1)
+    if len(files) % 1000:
+        prog.update(len(files) % 1000)
     return out
