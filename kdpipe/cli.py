@@ -243,7 +243,8 @@ def _term_as_interrupt():
 @click.option("--fuse", type=click.Choice(["auto", "compile", "on", "off"]), default="auto", show_default=True,
               help="Step the runs of one architecture in a pass as one vmapped network: 'compile' under "
                    "torch.compile, 'on' without compiling, 'off' one run after another; 'auto' compiles the "
-                   "fused runs on CUDA for passes of at least 1500 steps and steps them one by one otherwise "
+                   "fused runs on CUDA for passes of at least 1500 steps and groups of at least 4 runs, and steps "
+                   "runs one by one otherwise "
                    "(what was measured fastest; see BENCHMARKS.md).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")

@@ -93,6 +93,10 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device, rank: i
 # Below this many steps a pass is not worth compiling (measured on an H100: compiling the fused step of
 # 8 resnet8x4 students took 26 s and saved about 22 ms per step, see BENCHMARKS).
 AUTO_COMPILE_MIN_STEPS = 1500
+# ... and only for groups of at least this many runs: on an H100, 8 fused resnet8x4 runs compiled trained
+# 3.0x faster than 8 separate runs, while the default pipeline's groups of 2 small runs took 61 s
+# compiled against 40 s for a 6-run pass stepped one by one (BENCHMARKS.md).
+AUTO_FUSE_MIN_RUNS = 4
 
 # epoch -> (view params (N, P) on device, teacher logits (N, C) float on device, or None)
 ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
@@ -108,7 +112,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):
     True fuses them, "compile" fuses them under torch.compile, False steps every run on its own, None
     (the default) picks what was measured fastest: "compile" on CUDA for passes of at least
-    AUTO_COMPILE_MIN_STEPS steps (compiling costs tens of seconds once), else False.
+    AUTO_COMPILE_MIN_STEPS steps (compiling costs tens of seconds once), and then only groups of at least
+    AUTO_FUSE_MIN_RUNS runs; else False.
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
@@ -122,12 +127,15 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         r.model.train()
     if online_teacher is not None:
         online_teacher.eval()  # as in stage one: running BatchNorm statistics, no dropout
-    if fuse is None:
+    auto = fuse is None
+    if auto:
         long_pass = epochs * steps_per_epoch(n, batch_size * world) >= AUTO_COMPILE_MIN_STEPS
         fuse = "compile" if device.type == "cuda" and long_pass else False
     if world > 1:
         fuse = False  # DDP synchronises each wrapped model's own gradients
     units = plan_units(runs, bool(fuse))  # lists of run indices; a list of >= 2 is stepped as one network
+    if auto:  # narrow groups do not repay compiling: step their runs one by one
+        units = [g for u in units for g in ([u] if len(u) >= AUTO_FUSE_MIN_RUNS else [[i] for i in u])]
     fused = {k: FusedRuns([runs[i] for i in u], amp=amp, compile=fuse == "compile", log=log)
              for k, u in enumerate(units) if len(u) > 1}
     for k in fused:
