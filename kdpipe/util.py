@@ -96,10 +96,57 @@ def env_threads() -> None:
         torch.set_num_threads(int(n))
 
 
-def images_tensor(images, device) -> torch.Tensor:
-    """A dataset's uint8 images as a tensor on `device` (read-only arrays are copied, not aliased)."""
+# Uint8 images go to the GPU when they take at most this share of its free memory; else they stay in
+# host memory (a memory map for decoded ImageFolders) and each batch is gathered there and copied over.
+DEVICE_IMAGES_MAX_FRACTION = 0.5
+HOST_IMAGES_ENV = "KDPIPE_IMAGES_ON_HOST"  # "1": always keep images in host memory
+
+
+class HostImages:
+    """A split's uint8 images left in host memory (possibly memory-mapped), served in batches on `device`.
+
+    Indexing mirrors a tensor's: ``store[idx]`` (a tensor of sample indices, on any device) or
+    ``store[i:j]`` gives a uint8 tensor on `device`; ``len(store)`` and ``store.device`` (the training
+    device) work as for the tensor that would otherwise hold them.
+    """
+
+    def __init__(self, images, device):
+        import numpy as np
+        self.array = np.asarray(images)
+        self.device = torch.device(device)
+        self.shape = tuple(self.array.shape)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        import numpy as np
+        if isinstance(idx, slice):
+            batch = np.array(self.array[idx])
+        else:
+            rows = torch.as_tensor(idx).cpu().numpy()
+            order = np.argsort(rows, kind="stable")  # read the map in file order, then put rows back
+            batch = np.empty((len(rows),) + self.shape[1:], dtype=self.array.dtype)
+            batch[order] = self.array[rows[order]]
+        return torch.from_numpy(batch).to(self.device)
+
+
+def images_tensor(images, device):
+    """A dataset's uint8 images for batched replay on `device`: a tensor there when they fit (read-only
+    arrays are copied, not aliased), else a HostImages that copies each batch over."""
     import numpy as np
+    device = torch.device(device)
     arr = np.asarray(images)
+    on_host = os.environ.get(HOST_IMAGES_ENV) == "1"
+    if device.type == "cuda" and not on_host:
+        free, _ = torch.cuda.mem_get_info(device)
+        on_host = arr.nbytes > DEVICE_IMAGES_MAX_FRACTION * free
+        if on_host:
+            print(f"note: the images ({arr.nbytes / 2**30:.1f} GiB) take more than "
+                  f"{DEVICE_IMAGES_MAX_FRACTION:.0%} of {device}'s free memory ({free / 2**30:.1f} GiB): they stay in "
+                  "host memory and each batch is copied over", file=sys.stderr, flush=True)
+    if on_host:
+        return HostImages(arr, device)
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr, order="C")
     return torch.from_numpy(arr).to(device)

@@ -93,6 +93,38 @@ def test_a_run_trains_the_same_alone_or_in_a_shared_pass(eq_cache, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_images_kept_in_host_memory_train_the_same_weights(eq_cache, tmp_path, monkeypatch):
+    """Images too large for the GPU stay in host memory (KDPIPE_IMAGES_ON_HOST=1 forces it here): the
+    batches gathered there are the same, so the run is the same weight for weight."""
+    on_device = train_students(eq_cache, ["cnn_tiny"], 2, tmp_path / "dev", alphas=(0.7,), batch_size=64, log=quiet)
+    monkeypatch.setenv("KDPIPE_IMAGES_ON_HOST", "1")
+    on_host = train_students(eq_cache, ["cnn_tiny"], 2, tmp_path / "host", alphas=(0.7,), batch_size=64, log=quiet)
+    a, b = _weights(tmp_path / "dev" / "cnn_tiny-T4-a0.7-s0"), _weights(tmp_path / "host" / "cnn_tiny-T4-a0.7-s0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert on_device[0]["test_top1"] == on_host[0]["test_top1"]
+
+
+def test_a_dump_with_images_in_host_memory_writes_the_same_logits(fmnist, teacher_ckpt, tmp_path, monkeypatch):
+    train = load_dataset(fmnist.spec, "train")
+    kw = dict(policy=create_policy("crop-flip", padding=2), views=2, seed=3, logits_dtype="float32",
+              shard_rows=400, batch_size=128, log=quiet)
+    dump_logits(load_teacher(teacher_ckpt), train, None, tmp_path / "dev", **kw)
+    monkeypatch.setenv("KDPIPE_IMAGES_ON_HOST", "1")
+    dump_logits(load_teacher(teacher_ckpt), train, None, tmp_path / "host", **kw)
+    a, b = Cache(tmp_path / "dev"), Cache(tmp_path / "host")
+    assert np.array_equal(a.read("logits", 0, a.rows), b.read("logits", 0, b.rows))
+
+
+def test_host_images_index_like_a_tensor():
+    from kdpipe.util import HostImages
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(50, 1, 4, 4), dtype=np.uint8)
+    store, t = HostImages(arr, "cpu"), torch.from_numpy(arr)
+    idx = torch.tensor([7, 3, 3, 49, 0, 12])  # unsorted, with a repeat
+    assert torch.equal(store[idx], t[idx]) and torch.equal(store[5:17], t[5:17])
+    assert len(store) == 50 and store.device == torch.device("cpu")
+
+
 # ---------------------------------------------------------------- what a run writes
 
 def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
