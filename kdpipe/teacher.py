@@ -16,7 +16,7 @@ import torch
 import kdpipe
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
-from kdpipe.cache.reader import open_h5
+from kdpipe.cache.reader import open_h5, sha256_dataset
 from kdpipe.cache.writer import (atomic_write_json, dataset_layout, plan_shards, remove_temporaries,
                                  shard_datasets, write_h5_atomic)
 from kdpipe.checkpoint import LoadedModel, save_checkpoint
@@ -95,12 +95,11 @@ def _existing_shard(path: Path, cache_id: str, start: int, stop: int) -> dict | 
             a = f.attrs
             if a.get("cache_id") != cache_id or int(a["row_start"]) != start or int(a["row_stop"]) != stop:
                 return None
-            from kdpipe.cache.reader import _sha256_dataset
             digests = {}
             for name in fmt.SHARD_DATASETS:
                 if name not in f or "sha256" not in f[name].attrs:
                     return None
-                digests[name] = _sha256_dataset(f[name])
+                digests[name] = sha256_dataset(f[name])
                 if digests[name] != f[name].attrs["sha256"]:
                     return None
             layout = dataset_layout(f)

@@ -18,15 +18,11 @@ TOLERANCE = {"float16": (2e-2, 2e-3), "float32": (1e-3, 1e-4)}
 def check_shapes(cache: Cache, skip=()) -> list[str]:
     """Shapes and dtypes of every shard's datasets (files in `skip`, found damaged, are not opened)."""
     faults = []
-    p = len(cache.columns)
     for s in cache.manifest["shards"]:
         path = cache.path / s["file"]
         if s["file"] in skip or not path.is_file():
             continue  # reported by the checksum pass
-        rows = s["row_stop"] - s["row_start"]
-        want = {"logits": ((rows, cache.num_classes), fmt.LOGITS_DTYPES[cache.logits_dtype]),
-                "sample_index": ((rows,), np.dtype("<i8")), "view_index": ((rows,), np.dtype("<i4")),
-                "labels": ((rows,), np.dtype("<i8")), "view_params": ((rows, p), np.dtype("<i4"))}
+        want = _expected(cache, s["row_stop"] - s["row_start"], fmt.SHARD_DATASETS)
         try:
             with open_h5(path) as f:
                 for name, (shape, dtype) in want.items():
@@ -38,6 +34,13 @@ def check_shapes(cache: Cache, skip=()) -> list[str]:
     return faults
 
 
+def _expected(cache: Cache, rows: int, names) -> dict:
+    """name -> (shape, dtype) of a shard's datasets of `rows` rows, from the format's declaration."""
+    trailing = {"classes": (cache.num_classes,), "params": (len(cache.columns),), None: ()}
+    return {name: ((rows, *trailing[fmt.SHARD_DATASETS[name][1]]), fmt.dataset_dtype(name, cache.logits_dtype))
+            for name in names}
+
+
 def _derivable(cache: Cache, s: dict, skip) -> dict:
     """sample_index, view_index and view_params of one shard: from the raw bytes at the recorded layout
     (no HDF5, so a damaged file is safe to read), else through HDF5 for an intact file of an older
@@ -45,14 +48,13 @@ def _derivable(cache: Cache, s: dict, skip) -> dict:
     path, rows = cache.path / s["file"], s["row_stop"] - s["row_start"]
     if not path.is_file():
         return {}
-    want = {"sample_index": ("<i8", (rows,)), "view_index": ("<i4", (rows,)),
-            "view_params": ("<i4", (rows, len(cache.columns)))}
+    want = _expected(cache, rows, ("sample_index", "view_index", "view_params"))
     if "layout" in s:
         got = {}
-        for name, (dtype, shape) in want.items():
+        for name, (shape, dtype) in want.items():
             offset, nbytes = s["layout"].get(name, (0, -1))
             raw = read_raw(path, offset, nbytes) if nbytes > 0 else b""
-            if len(raw) == nbytes == int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            if len(raw) == nbytes == int(np.prod(shape)) * dtype.itemsize:
                 got[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
         return got
     if s["file"] in skip:
@@ -109,7 +111,8 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     """The list of faults found (empty when the cache is sound)."""
     cache = Cache(cache_dir, check_checksum=False)  # an edited manifest is reported below, not refused
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
-    faults = [f"{fmt.MANIFEST}: {manifest_fault(cache.manifest)}"] if manifest_fault(cache.manifest) else []
+    edited = manifest_fault(cache.manifest)
+    faults = [f"{fmt.MANIFEST}: {edited}"] if edited else []
     damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5 where the manifest has file digests
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)

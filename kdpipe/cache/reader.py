@@ -54,8 +54,9 @@ def read_manifest(cache_dir: Path, check_checksum: bool = True) -> dict:
         newer = isinstance(v, int) and v > fmt.FORMAT_VERSION
         raise KDPipeError(f"{cache_dir} has cache format version {v}; this kdpipe reads version "
                           f"{fmt.FORMAT_VERSION}" + (" (upgrade kdpipe)" if newer else " (dump it again)"))
-    if check_checksum and manifest_fault(m):
-        raise KDPipeError(f"{mpath}: {manifest_fault(m)}; run kdpipe verify-cache {cache_dir}, or dump again")
+    edited = manifest_fault(m) if check_checksum else None
+    if edited:
+        raise KDPipeError(f"{mpath}: {edited}; run kdpipe verify-cache {cache_dir}, or dump again")
     for key in ("cache_id", "rows", "dataset", "views", "logits", "shards", "num_classes", "teacher"):
         if key not in m:
             raise KDPipeError(f"{mpath} lacks {key!r}: the manifest is damaged")
@@ -241,7 +242,7 @@ class Cache:
                 for name, digest in entry["sha256"].items():
                     if name not in f:
                         out.append(f"dataset {name} missing")
-                    elif _sha256_dataset(f[name]) != digest:
+                    elif sha256_dataset(f[name]) != digest:
                         out.append(f"dataset {name} checksum mismatch")
         except KDPipeError as e:
             out.append(str(e))
@@ -284,7 +285,8 @@ def _locate_damage(path: Path, entry: dict, cache_id: str) -> list[str]:
     return out
 
 
-def _sha256_dataset(d) -> str:
+def sha256_dataset(d) -> str:
+    """sha256 of an h5py dataset's values, read in slices of about 16 MiB."""
     h = hashlib.sha256()
     n = d.shape[0] if d.shape else 0
     step = max(1, (1 << 24) // max(1, d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))))
