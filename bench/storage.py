@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from common import (common_args, dump_cache, emit, figure, header, load_split, random_images, ratio,
@@ -24,7 +25,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     header("storage: bytes per view row", argv=None if argv is None else ["bench/storage.py"] + list(argv))
-    from kdpipe.cache import format as fmt
     from kdpipe.cache.reader import Cache
     from kdpipe.views import create_policy
 
@@ -43,9 +43,8 @@ def main(argv=None):
                 res, _ = dump_cache(out, data, None, policy, teacher, args.views, dev, dtype=dtype)
                 c = Cache(out)
                 shard_bytes = sum((out / s["file"]).stat().st_size for s in c.manifest["shards"])
-                payload = {k: fmt.dataset_dtype(k, dtype).itemsize * (data.num_classes if k == "logits" else
-                                                                       len(policy.columns) if k == "view_params" else 1)
-                           for k in fmt.SHARD_DATASETS}
+                payload = {col.name: col.np_dtype(c.manifest).itemsize * int(np.prod(col.shape(c.manifest)))
+                           for col in c.shard_columns.values()}
                 rows = c.rows
                 per[dtype] = shard_bytes / rows
                 emit(f"{name}, {dtype}: {rows:,} rows in {len(c.manifest['shards'])} shard(s), {shard_bytes:,} bytes "

@@ -322,9 +322,12 @@ def inspect_cmd(cache_dir, as_json):
                "with eval), bytes per view row "
                f"{on_disk / max(1, m['rows']):.1f}")
     if m["shards"]:
+        rows = m["shards"][0]["row_stop"] - m["shards"][0]["row_start"]
         with open_h5(c.shard_path(0)) as f:
-            names = ", ".join(f"{k} {f[k].dtype.str}{list(f[k].shape)}" for k in f)
-        click.echo(f"  datasets  {names} (first shard)")
+            names = ", ".join(f"{col.path} {f[col.path].dtype.str}{list(f[col.path].shape)}" if col.path in f
+                              else f"{col.path} MISSING (declared {col.np_dtype(m).str}{list(col.full_shape(m, rows))})"
+                              for col in c.shard_columns.values())
+        click.echo(f"  columns   {names} (first shard)")
     dump = m.get("dump", {})
     if dump.get("rows_per_s"):
         click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}, teacher top-1 on views "

@@ -13,90 +13,80 @@ from kdpipe.cache.reader import Cache, manifest_fault, open_h5, read_raw
 
 # |stored - recomputed| <= atol + rtol * |recomputed|, by logits dtype (float16 keeps 11 bits).
 TOLERANCE = {"float16": (2e-2, 2e-3), "float32": (1e-3, 1e-4)}
+# A dump under autocast: bfloat16 keeps 8 bits, and a re-run on another device or in other batches may
+# round otherwise in every layer; a wrong teacher or wrong rows are off by whole units.
+AUTOCAST_TOLERANCE = {"bfloat16": (1e-1, 3e-2), "float16": (5e-2, 1e-2)}
 
 
 def check_shapes(cache: Cache, skip=()) -> list[str]:
-    """Shapes and dtypes of every shard's datasets (files in `skip`, found damaged, are not opened)."""
+    """Shapes and dtypes of every shard's columns (files in `skip`, found damaged, are not opened)."""
     faults = []
     for s in cache.manifest["shards"]:
         path = cache.path / s["file"]
         if s["file"] in skip or not path.is_file():
             continue  # reported by the checksum pass
-        want = _expected(cache, s["row_stop"] - s["row_start"], fmt.SHARD_DATASETS)
+        want = _expected(cache, s["row_stop"] - s["row_start"], cache.shard_columns.values())
         try:
             with open_h5(path) as f:
-                for name, (shape, dtype) in want.items():
-                    if name in f and (f[name].shape != shape or f[name].dtype != dtype):
-                        faults.append(f"{s['file']} (rows {s['row_start']}..{s['row_stop'] - 1}): dataset {name} is "
-                                      f"{f[name].dtype.str}{list(f[name].shape)}, expected {dtype.str}{list(shape)}")
+                for dpath, (shape, dtype) in want.items():
+                    if dpath not in f:
+                        faults.append(f"{s['file']} (rows {s['row_start']}..{s['row_stop'] - 1}): dataset {dpath} "
+                                      "is missing")
+                    elif f[dpath].shape != shape or f[dpath].dtype != dtype:
+                        faults.append(f"{s['file']} (rows {s['row_start']}..{s['row_stop'] - 1}): dataset {dpath} is "
+                                      f"{f[dpath].dtype.str}{list(f[dpath].shape)}, expected {dtype.str}{list(shape)}")
         except KDPipeError as e:
             faults.append(f"{s['file']}: {e}")
     return faults
 
 
-def _expected(cache: Cache, rows: int, names) -> dict:
-    """name -> (shape, dtype) of a shard's datasets of `rows` rows, from the format's declaration."""
-    trailing = {"classes": (cache.num_classes,), "params": (len(cache.columns),), None: ()}
-    return {name: ((rows, *trailing[fmt.SHARD_DATASETS[name][1]]), fmt.dataset_dtype(name, cache.logits_dtype))
-            for name in names}
+def _expected(cache: Cache, rows: int, columns) -> dict:
+    """HDF5 path -> (shape, dtype) of a shard's columns of `rows` rows, from the format's declaration."""
+    return {c.path: (c.full_shape(cache.manifest, rows), c.np_dtype(cache.manifest)) for c in columns}
 
 
-def _derivable(cache: Cache, s: dict, skip) -> dict:
-    """sample_index, view_index and view_params of one shard: from the raw bytes at the recorded layout
-    (no HDF5, so a damaged file is safe to read), else through HDF5 for an intact file of an older
-    cache. Datasets that cannot be read are left out (the checksum pass reports them)."""
+def _derivable(cache: Cache, s: dict) -> dict:
+    """The columns of one shard that the manifest determines, read from the raw bytes at the recorded
+    layout (no HDF5, so a damaged file is safe to read). Columns that cannot be read are left out (the
+    checksum pass reports them)."""
     path, rows = cache.path / s["file"], s["row_stop"] - s["row_start"]
     if not path.is_file():
         return {}
-    want = _expected(cache, rows, ("sample_index", "view_index", "view_params"))
-    if "layout" in s:
-        got = {}
-        for name, (shape, dtype) in want.items():
-            offset, nbytes = s["layout"].get(name, (0, -1))
-            raw = read_raw(path, offset, nbytes) if nbytes > 0 else b""
-            if len(raw) == nbytes == int(np.prod(shape)) * dtype.itemsize:
-                got[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
-        return got
-    if s["file"] in skip:
-        return {}
-    try:
-        with open_h5(path) as f:
-            return {name: f[name][()] for name in want if name in f}
-    except KDPipeError:
-        return {}
+    got = {}
+    for col in cache.shard_columns.values():
+        if col.recompute is None:
+            continue
+        shape, dtype = col.full_shape(cache.manifest, rows), col.np_dtype(cache.manifest)
+        offset, nbytes = s.get("layout", {}).get(col.path, (0, -1))
+        raw = read_raw(path, offset, nbytes) if nbytes > 0 else b""
+        if len(raw) == nbytes == int(np.prod(shape)) * dtype.itemsize:
+            got[col.name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return got
 
 
 def check_derived(cache: Cache, skip=()) -> list[str]:
-    """Datasets that follow from the manifest alone (row order, view parameters of the seed), compared
-    row by row, so a fault names the exact rows, not only the shard."""
+    """Columns that follow from the manifest alone (row order, view parameters of the seed, any column
+    declared with ``recompute``), compared row by row, so a fault names the exact rows, not only the
+    shard. (`skip` is kept for callers: the raw bytes are read without HDF5, damaged or not.)"""
     from kdpipe.views import policy_from_identity
 
-    m, n = cache.manifest, cache.num_samples
+    m = cache.manifest
     try:
-        policy = policy_from_identity(m["views"])
+        policy_from_identity(m["views"])
     except KDPipeError as e:
         return [f"{fmt.MANIFEST}: {e}"]
-    shape = (n, *m["dataset"]["image_shape"])
-    faults, params = [], {}
+    faults = []
     for s in m["shards"]:
         lo, hi = s["row_start"], s["row_stop"]
         rows = np.arange(lo, hi, dtype=np.int64)
-        got = _derivable(cache, s, skip)
-        want = {"sample_index": rows % n, "view_index": rows // n}
-        if "view_params" in got:
-            vp = np.empty((hi - lo, len(policy.columns)), dtype=np.int32)
-            for k in np.unique(rows // n):
-                if k not in params:
-                    params = {k: policy.sample_view(m["views"]["seed"], int(k), shape)}
-                sel = rows // n == k
-                vp[sel] = params[k][rows[sel] % n]
-            want["view_params"] = vp
-        for name, arr in got.items():
-            if arr.shape != want[name].shape:
+        for name, arr in _derivable(cache, s).items():
+            col = cache.shard_columns[name]
+            want = col.recompute(m, lo, hi)
+            if arr.shape != want.shape:
                 continue  # reported by the shape check
-            bad = rows[(arr != want[name]).reshape(len(rows), -1).any(axis=1)]
+            bad = rows[(arr != want).reshape(len(rows), -1).any(axis=1)]
             if len(bad):
-                faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {name} is wrong in {len(bad)} row(s): "
+                faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {col.path} is wrong in {len(bad)} row(s): "
                               + ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else ""))
     return faults
 
@@ -113,7 +103,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
     edited = manifest_fault(cache.manifest)
     faults = [f"{fmt.MANIFEST}: {edited}"] if edited else []
-    damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5 where the manifest has file digests
+    damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)
     if teacher_file is None and teacher_arch is None:
@@ -137,27 +127,23 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(cache.rows, size=min(sample, cache.rows), replace=False))
     log(f"re-running the teacher on {len(rows)} random (view, sample) rows")
-    stored = np.stack([cache.read("logits", int(r), int(r) + 1)[0] for r in rows]).astype(np.float32)
-    params = np.stack([cache.read("view_params", int(r), int(r) + 1)[0] for r in rows]) if cache.columns else \
-        np.zeros((len(rows), 0), np.int32)
-    n = cache.num_samples
-    sidx = rows % n
-    stored_sidx = np.stack([cache.read("sample_index", int(r), int(r) + 1)[0] for r in rows])
-    bad_index = rows[stored_sidx != sidx]
-    if len(bad_index):
-        faults.append(f"rows {', '.join(map(str, bad_index[:10]))}: sample_index does not match the row order")
-    # The stored view parameters must be the ones the seed gives: a cache can't be re-seeded silently.
-    for k in np.unique(rows // n):
-        sel = (rows // n) == k
-        want = policy.sample_view(m["views"]["seed"], int(k), train.images.shape)[sidx[sel]]
-        if not np.array_equal(want, params[sel]):
-            faults.append(f"view {int(k)}: stored view parameters differ from those of seed {m['views']['seed']}")
-    mod = teacher.module.to(device).eval()
-    imgs = torch.from_numpy(np.asarray(train.images)[sidx]).to(device)
-    with torch.no_grad():
-        x = policy.replay(imgs, torch.from_numpy(params).to(device), m["input"]["mean"], m["input"]["std"])
-        fresh = torch.cat([mod(x[i:i + 256]).float() for i in range(0, len(x), 256)]).cpu().numpy()
-    atol, rtol = TOLERANCE[cache.logits_dtype]
+    stored = cache.read_rows("logits", rows).astype(np.float32)
+    params = cache.read_rows("view_params", rows) if cache.columns else np.zeros((len(rows), 0), np.int32)
+    # The rows' sample indices and view parameters must be those the manifest gives (a cache can't be
+    # re-seeded silently): the teacher is re-run on what the manifest says, not on what the shard says.
+    for name in ("sample_index", "view_params"):
+        col = cache.shard_columns[name]
+        want = np.concatenate([col.recompute(m, int(r), int(r) + 1) for r in rows])
+        got = cache.read_rows(name, rows) if name != "view_params" else params
+        bad = rows[(want != got).reshape(len(rows), -1).any(axis=1)]
+        if len(bad):
+            faults.append(f"rows {', '.join(map(str, bad[:10]))}: {name} differs from what the manifest gives "
+                          f"(seed {m['views']['seed']})")
+        if name == "view_params":
+            params = want
+    sidx = rows % cache.num_samples
+    fresh = _rerun(teacher, m["dump"], np.asarray(train.images)[sidx], params, policy, m["input"], device)
+    atol, rtol = tolerance(m)
     bad = ~np.all(np.abs(stored - fresh) <= atol + rtol * np.abs(fresh), axis=1)
     if bad.any():
         worst = float(np.abs(stored - fresh).max())
@@ -167,6 +153,43 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     else:
         log(f"teacher check: {len(rows)} rows agree within atol {atol}, rtol {rtol}")
     return faults
+
+
+def tolerance(m: dict) -> tuple[float, float]:
+    """(atol, rtol) between stored and re-computed logits: the storage dtype's rounding, or the dump's
+    autocast rounding where it ran under one (whichever is wider)."""
+    atol, rtol = TOLERANCE[m["logits"]["dtype"]]
+    ac = m.get("dump", {}).get("autocast_dtype")
+    if m.get("dump", {}).get("amp") and ac is None:
+        ac = "bfloat16"  # 0.1.0 recorded only amp: true, whose autocast dtype was bfloat16
+    if ac:
+        a2, r2 = AUTOCAST_TOLERANCE[ac]
+        atol, rtol = max(atol, a2), max(rtol, r2)
+    return atol, rtol
+
+
+def _rerun(teacher, dump: dict, images: np.ndarray, params: np.ndarray, policy, inp: dict, device) -> np.ndarray:
+    """The teacher's float32 logits on these (image, view parameters), run the way the dump ran it
+    (manifest's ``dump``): the same autocast and dtype, channels_last where the dump used it."""
+    ac = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, ac)) if ac else \
+        torch.autocast(device.type, enabled=False)
+    channels_last = bool(dump.get("channels_last")) and len(images.shape) == 4
+    mod = teacher.module.to(device).eval()
+    if channels_last and teacher.kind != "torchscript":
+        mod = mod.to(memory_format=torch.channels_last)
+    imgs = torch.from_numpy(images).to(device)
+    batch = int(dump.get("batch_size") or 256)
+    out = []
+    with torch.no_grad():
+        x = policy.replay(imgs, torch.from_numpy(params).to(device), inp["mean"], inp["std"])
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                out.append(mod(xb).float())
+    return torch.cat(out).cpu().numpy()
 
 
 def _shard_of(cache: Cache, row: int) -> str:

@@ -75,12 +75,12 @@ def test_round_trip_through_the_memory_map(cache, memmap_calls):
     n = len(cache.train)
     assert len(c.manifest["shards"]) == 4  # 1536 rows in shards of 500: boundaries inside views
     for i in range(len(c.manifest["shards"])):
-        for name in fmt.SHARD_DATASETS:
+        for name in fmt.SHARD_COLUMNS:
             assert c._dataset_layout(i, name)[0] is not None, f"shard {i} {name} is not mappable"
     for v in range(cache.views):
         for name, full in want.items():
             got = c.read_view(v, name)
-            assert got.dtype == fmt.dataset_dtype(name, "float16")
+            assert got.dtype == fmt.SHARD_COLUMNS[name].np_dtype(c.manifest)
             np.testing.assert_array_equal(got, full[v * n:(v + 1) * n], err_msg=f"{name} view {v}")
     for start, stop in ((0, 1536), (450, 1100), (499, 501), (1500, 1536), (700, 700)):
         for name, full in want.items():
@@ -146,14 +146,14 @@ def test_shards_open_with_plain_h5py_and_describe_every_dataset(cache):
     for entry in m["shards"]:
         path = cache.path / entry["file"]
         with h5py.File(path, "r") as f:
-            assert set(f.keys()) == set(fmt.SHARD_DATASETS)
+            assert set(f.keys()) == {col.path for col in fmt.SHARD_COLUMNS.values()}
             assert f.attrs["cache_id"] == m["cache_id"]
             assert f.attrs["kdpipe_format_version"] == fmt.FORMAT_VERSION
             assert (int(f.attrs["row_start"]), int(f.attrs["row_stop"])) == (entry["row_start"], entry["row_stop"])
             rows = entry["row_stop"] - entry["row_start"]
             for name, d in f.items():
                 desc = d.attrs["description"]
-                assert isinstance(desc, str) and len(desc) > 20 and desc == fmt.SHARD_DATASETS[name][2]
+                assert isinstance(desc, str) and len(desc) > 20 and desc == fmt.SHARD_COLUMNS[name].description
                 assert d.shape[0] == rows
                 assert d.chunks is None and d.compression is None, f"{name} must be contiguous and uncompressed"
                 assert d.dtype.str[0] in "<|", f"{name} has dtype {d.dtype.str}"
@@ -169,8 +169,8 @@ def test_shards_open_with_plain_h5py_and_describe_every_dataset(cache):
             assert f["logits"].shape[1] == 10 and f["logits"].dtype == np.dtype("<f2")
         assert path.stat().st_size == entry["bytes"]
     with h5py.File(cache.path / fmt.EVAL_FILE, "r") as f:
-        for name in fmt.EVAL_DATASETS:
-            assert f[name].attrs["description"] == fmt.EVAL_DATASETS[name][2]
+        for col in fmt.EVAL_COLUMNS.values():
+            assert f[col.path].attrs["description"] == col.description
         np.testing.assert_array_equal(f["test_labels"][()], cache.test.labels)
         assert f["test_logits"].shape == (len(cache.test), 10) and f["test_logits"].dtype == np.dtype("<f4")
 

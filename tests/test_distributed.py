@@ -25,7 +25,7 @@ from kdpipe.checkpoint import save_checkpoint
 from kdpipe.cli import main
 from kdpipe.engine import batches
 from kdpipe.models import create_model
-from kdpipe.teacher import _wait_visible
+from kdpipe.cache.writer import wait_visible
 from kdpipe.util import seeded_generator
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist.npz"
@@ -148,9 +148,9 @@ def test_read_rows_is_read_at_those_rows(reference):
 def test_rank0_refuses_shards_it_cannot_see(tmp_path):
     # Ranks on other nodes write shards rank 0 must see: the cache has to be on a shared filesystem.
     (tmp_path / "shard-00000.h5").write_bytes(b"")
-    _wait_visible(tmp_path, {"shard-00000.h5": 0}, patience_s=0)
+    wait_visible(tmp_path, {"shard-00000.h5": 0}, patience_s=0)
     with pytest.raises(KDPipeError, match=r"shard-00001.h5 \(rank 1\).*shared by every node"):
-        _wait_visible(tmp_path, {"shard-00000.h5": 0, "shard-00001.h5": 1}, patience_s=0)
+        wait_visible(tmp_path, {"shard-00000.h5": 0, "shard-00001.h5": 1}, patience_s=0)
 
 
 # ---------------------------------------------------------------- stage one under torchrun
@@ -163,8 +163,8 @@ def test_sharded_dump_equals_single_process_dump(reference, sharded):
 
 
 def test_world_size_change_on_resume(work, reference, sharded):
-    # A cache begun by one process, finished by two: shards 1, 2, 5 lost, shard 6 torn, and per-rank
-    # files of an older run lying about. Rank 1 of 2 must reuse shards that rank 0 of 1 wrote.
+    # A cache begun by one process, finished by two: shards 1, 2, 5 lost, shard 6 torn. Rank 1 of 2 must
+    # reuse shards that rank 0 of 1 wrote.
     part = work / "from1to2"
     shutil.copytree(reference, part)
     (part / "manifest.json").unlink()
@@ -172,8 +172,6 @@ def test_world_size_change_on_resume(work, reference, sharded):
         (part / f"shard-0000{i}.h5").unlink()
     with open(part / "shard-00006.h5", "r+b") as f:
         f.truncate(100)
-    for r in (0, 3):
-        (part / f".rank-{r}.json").write_text(json.dumps({"entries": {"0": {"file": "bogus.h5"}}}))
     kept = {i: stat_of(part / f"shard-0000{i}.h5") for i in (0, 3, 4, 7)}
     stdout = ok(torchrun(dump_args(work, part)))
     assert "resuming: 4 complete shard(s) kept, 4 to compute on 2 ranks" in stdout

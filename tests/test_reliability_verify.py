@@ -214,13 +214,12 @@ def test_the_teacher_recheck_names_rows_whose_logits_are_wrong(made, cache):
     from kdpipe.cache.writer import shard_datasets, write_h5_atomic
 
     path = cache / "shard-00006.h5"
+    m = json.loads((cache / "manifest.json").read_text())
     with h5py.File(path, "r") as f:
         arrays = {k: f[k][()] for k in f}
         attrs = dict(f.attrs)
-        columns = json.loads(f["view_params"].attrs["columns"])
     arrays["logits"][3:6] += np.float16(1.0)
-    ent = write_h5_atomic(path, shard_datasets(arrays["logits"], arrays["sample_index"], arrays["view_index"],
-                                               arrays["labels"], arrays["view_params"], columns), attrs)
+    ent = write_h5_atomic(path, shard_datasets(arrays, m, int(attrs["row_start"]), int(attrs["row_stop"])), attrs)
     rewrite_manifest(cache, lambda m: m["shards"][6].update(ent))
     assert verify(cache) == []  # checksums alone cannot see it
     res = verify_cli(cache, "--teacher", str(made.teacher), "--sample", str(N * VIEWS))

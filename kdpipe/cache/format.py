@@ -13,23 +13,30 @@ uncompressed, fixed-shape and little-endian, so the reader maps it with ``np.mem
 ``dset.id.get_offset()``. Each dataset carries a ``description`` attribute saying what it is.
 
 Integrity: the manifest lists every shard with ``bytes``, ``file_sha256`` (every byte of the file,
-HDF5 metadata included), ``sha256`` (one digest per dataset, also stored as the dataset's ``sha256``
-attribute) and ``layout`` (each dataset's [byte offset, byte count] in the file, so a damaged file
-is examined without HDF5); each shard's attributes name its ``cache_id`` and row range. The
-manifest's own ``checksum`` is ``manifest_checksum`` of the rest of it, so an edited manifest is
-detected. Caches written before these keys existed lack them and are checked without them.
+HDF5 metadata included), ``sha256`` (one digest per dataset, keyed by its HDF5 path, also stored as
+the dataset's ``sha256`` attribute) and ``layout`` (each dataset's [byte offset, byte count] in the
+file, so a damaged file is examined without HDF5); each shard's attributes name its ``cache_id`` and
+row range. The manifest's own ``checksum`` is ``manifest_checksum`` of the rest of it, so an edited
+manifest is detected. Every released version (0.1.0 on) wrote all of these.
 
-Room to grow without breaking readers of version 1: extra teachers go under
-``teachers/<name>/logits`` and are listed in the manifest's ``teachers``; a top-k codec adds
-``logits_topk_values``, ``logits_topk_indices`` and ``logits_rest_mass`` (codec "topk");
-mixing policies add ``mix_partner`` (int64) and ``mix_weight`` (float32) per row; cached teacher
-features go under ``features/<layer>``. Readers ignore datasets they do not know.
+The columns of a shard are declared once, below, as ``Column`` objects in ``SHARD_COLUMNS`` (the eval
+file's in ``EVAL_COLUMNS``); the writer, the reader, verify-cache, ``kdpipe inspect`` and the torch
+Dataset iterate those tables. A column lives at an HDF5 path that may be inside a group (extra
+teachers under ``teachers/<name>/logits``, cached features under ``features/<layer>``). The manifest's
+``columns`` lists the columns a cache holds and which of them a reader must know. A reader refuses a
+cache whose logits codec (``logits.codec``, today only "raw") or required columns it does not know,
+naming them; it ignores optional columns it does not know. Room to grow: a top-k codec declares
+``logits_topk_values``, ``logits_topk_indices`` and ``logits_rest_mass`` with codec "topk"; mixing
+policies add ``mix_partner`` (int64) and ``mix_weight`` (float32) per row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -41,28 +48,159 @@ SHARD_PATTERN = "shard-{:05d}.h5"
 
 LOGITS_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
-# name -> (dtype, trailing shape key, description). Trailing shape: "classes" = (C,), "params" = (P,), None = ().
-SHARD_DATASETS = {
-    "logits": (None, "classes",
-               "Raw (pre-softmax) teacher logits, one row per (view, sample), in the manifest's logits dtype. "
-               "Row r is view r // N of sample r % N, N = number of samples."),
-    "sample_index": (np.dtype("<i8"), None, "Index of the sample in the dataset split (the manifest's dataset)."),
-    "view_index": (np.dtype("<i4"), None, "Index of the view (0..K-1) that this row was computed on."),
-    "labels": (np.dtype("<i8"), None, "Ground-truth class of the sample."),
-    "view_params": (np.dtype("<i4"), "params",
-                    "Replay parameters of this (view, sample), columns named in the attribute 'columns' "
-                    "and in the manifest's views.columns; kdpipe.views replays them bit for bit."),
-}
-
-EVAL_DATASETS = {
-    "test_logits": (np.dtype("<f4"), "classes", "Raw teacher logits on the clean (unaugmented) test split."),
-    "test_labels": (np.dtype("<i8"), None, "Ground-truth class of each test sample."),
-}
+CODECS = ("raw",)  # logits codecs this version reads and writes
 
 
-def dataset_dtype(name: str, logits_dtype: str) -> np.dtype:
-    dt = SHARD_DATASETS[name][0]
-    return LOGITS_DTYPES[logits_dtype] if dt is None else dt
+@dataclass(frozen=True)
+class Column:
+    """One dataset of a shard (or of the eval file), declared once.
+
+    ``dtype`` None means the manifest's logits dtype. ``shape(m)`` is the trailing shape (after the
+    row axis) that the manifest ``m`` implies. ``path`` is the dataset's HDF5 path (defaults to the
+    name; may lie in a group). ``codec`` None: every cache holds it; else only caches of that logits
+    codec. ``required``: a reader that does not know this column cannot use the cache. ``recompute(m,
+    start, stop)``, where the manifest determines the column, gives its rows [start, stop): the
+    writer fills it when not handed, verify-cache compares it row by row. ``item``: part of the rows
+    the torch Dataset yields, in table order.
+    """
+    name: str
+    dtype: np.dtype | None
+    shape: Callable[[dict], tuple]
+    description: str
+    path: str = ""
+    codec: str | None = None
+    required: bool = True
+    recompute: Callable[[dict, int, int], np.ndarray] | None = None
+    item: bool = False
+
+    def __post_init__(self):
+        if not self.path:
+            object.__setattr__(self, "path", self.name)
+
+    def np_dtype(self, m: dict) -> np.dtype:
+        """The dtype as stored, for a cache whose manifest (or dump identity) is ``m``."""
+        if self.dtype is not None:
+            return self.dtype
+        return LOGITS_DTYPES[m["logits"]["dtype"] if "logits" in m else m["logits_dtype"]]
+
+    def full_shape(self, m: dict, rows: int) -> tuple:
+        return (rows, *self.shape(m))
+
+
+def _classes(m: dict) -> tuple:
+    return (int(m["dataset"]["num_classes"]),)
+
+
+def _params(m: dict) -> tuple:
+    return (len(m["views"]["columns"]),)
+
+
+def _scalar(m: dict) -> tuple:
+    return ()
+
+
+def _rows(start: int, stop: int) -> np.ndarray:
+    return np.arange(start, stop, dtype=np.int64)
+
+
+def _sample_index(m: dict, start: int, stop: int) -> np.ndarray:
+    return _rows(start, stop) % int(m["dataset"]["num_samples"])
+
+
+def _view_index(m: dict, start: int, stop: int) -> np.ndarray:
+    return (_rows(start, stop) // int(m["dataset"]["num_samples"])).astype("<i4")
+
+
+@lru_cache(maxsize=2)
+def _one_view(views_json: str, k: int, data_shape: tuple) -> np.ndarray:
+    """One view's replay parameters of every sample (kept: consecutive shards share a view)."""
+    from kdpipe.views import policy_from_identity
+    views = json.loads(views_json)
+    return policy_from_identity(views).sample_view(views["seed"], k, data_shape)
+
+
+def _view_params(m: dict, start: int, stop: int) -> np.ndarray:
+    n = int(m["dataset"]["num_samples"])
+    rows = _rows(start, stop)
+    out = np.empty((stop - start, len(m["views"]["columns"])), dtype="<i4")
+    shape = (n, *m["dataset"]["image_shape"])
+    for k in np.unique(rows // n):
+        sel = rows // n == k
+        out[sel] = _one_view(json.dumps(m["views"], sort_keys=True), int(k), shape)[rows[sel] % n]
+    return out
+
+
+SHARD_COLUMNS: dict[str, Column] = {}
+EVAL_COLUMNS: dict[str, Column] = {}
+
+
+def register(column: Column, table: dict | None = None) -> Column:
+    """Add a column to the shard table (or to ``table``); its name and path must be new."""
+    table = SHARD_COLUMNS if table is None else table
+    if column.name in table or any(c.path == column.path for c in table.values()):
+        raise ValueError(f"cache column {column.name!r} ({column.path}) is declared twice")
+    table[column.name] = column
+    return column
+
+
+for _c in (
+    Column("sample_index", np.dtype("<i8"), _scalar,
+           "Index of the sample in the dataset split (the manifest's dataset).", recompute=_sample_index, item=True),
+    Column("view_index", np.dtype("<i4"), _scalar,
+           "Index of the view (0..K-1) that this row was computed on.", recompute=_view_index, item=True),
+    Column("labels", np.dtype("<i8"), _scalar, "Ground-truth class of the sample.", item=True),
+    Column("logits", None, _classes,
+           "Raw (pre-softmax) teacher logits, one row per (view, sample), in the manifest's logits dtype. "
+           "Row r is view r // N of sample r % N, N = number of samples.", codec="raw", item=True),
+    Column("view_params", np.dtype("<i4"), _params,
+           "Replay parameters of this (view, sample), columns named in the attribute 'columns' "
+           "and in the manifest's views.columns; kdpipe.views replays them bit for bit.",
+           recompute=_view_params, item=True),
+):
+    register(_c)
+for _c in (
+    Column("test_logits", np.dtype("<f4"), _classes, "Raw teacher logits on the clean (unaugmented) test split."),
+    Column("test_labels", np.dtype("<i8"), _scalar, "Ground-truth class of each test sample."),
+):
+    register(_c, EVAL_COLUMNS)
+
+
+def shard_columns(codec: str) -> list[Column]:
+    """The declared columns a cache of this codec holds, in table order."""
+    return [c for c in SHARD_COLUMNS.values() if c.codec in (None, codec)]
+
+
+def columns_record(codec: str) -> list[dict]:
+    """What the manifest says of its columns (``columns``): enough for a reader to refuse or ignore them."""
+    return [{"name": c.name, "path": c.path, "required": c.required} for c in shard_columns(codec)]
+
+
+def unreadable(m: dict) -> str | None:
+    """Why this version cannot read a cache with manifest ``m`` (its codec, or required columns it does
+    not know, or lacks), or None."""
+    codec = m.get("logits", {}).get("codec")
+    if codec not in CODECS:
+        return f"its logits codec {codec!r} is not one this kdpipe reads ({', '.join(CODECS)})"
+    listed = m.get("columns")
+    if listed is None:  # 0.1.0 wrote no list: its shards hold exactly the declared columns of its codec
+        listed = [{"name": c.name, "path": c.path, "required": True} for c in shard_columns(codec)]
+    unknown = [c["name"] for c in listed if c.get("required", True) and c["name"] not in SHARD_COLUMNS]
+    if unknown:
+        return f"it needs column(s) {', '.join(unknown)}, which this kdpipe does not know"
+    have = {c["name"] for c in listed}
+    lacking = [c.name for c in shard_columns(codec) if c.required and c.name not in have]
+    if lacking:
+        return f"it lacks column(s) {', '.join(lacking)}, which its codec {codec!r} needs"
+    return None
+
+
+def cache_columns(m: dict) -> list[Column]:
+    """The declared columns that the cache with manifest ``m`` holds (unknown optional ones left out)."""
+    listed = m.get("columns")
+    if listed is None:
+        return shard_columns(m["logits"]["codec"])
+    names = {c["name"] for c in listed}
+    return [c for c in shard_columns(m["logits"]["codec"]) if c.name in names]
 
 
 def shard_name(i: int) -> str:

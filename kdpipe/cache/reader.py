@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import torch
 
+import kdpipe
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.util import file_sha256
@@ -60,12 +61,16 @@ def read_manifest(cache_dir: Path, check_checksum: bool = True) -> dict:
     for key in ("cache_id", "rows", "dataset", "views", "logits", "shards", "num_classes", "teacher"):
         if key not in m:
             raise KDPipeError(f"{mpath} lacks {key!r}: the manifest is damaged")
+    why = fmt.unreadable(m)
+    if why:
+        raise KDPipeError(f"{cache_dir} cannot be read by kdpipe {kdpipe.__version__}: {why} (upgrade kdpipe, "
+                          "or dump the cache again with this version)")
     return m
 
 
 def manifest_fault(m: dict) -> str | None:
-    """Why the manifest's content does not match its own checksum, or None (also for caches without one)."""
-    if "checksum" in m and m["checksum"] != fmt.manifest_checksum(m):
+    """Why the manifest's content does not match its own checksum (every released version wrote one), or None."""
+    if m.get("checksum") != fmt.manifest_checksum(m):
         return "the manifest does not match its checksum: it was edited or damaged after the dump"
     return None
 
@@ -83,6 +88,7 @@ class Cache:
         self.rows = int(m["rows"])
         self.logits_dtype = m["logits"]["dtype"]
         self.columns = list(m["views"]["columns"])
+        self.shard_columns = {c.name: c for c in fmt.cache_columns(m)}  # those this version knows
         self._starts = np.array([s["row_start"] for s in m["shards"]], dtype=np.int64)
         self._layout: dict[tuple[int, str], tuple] = {}
         if self.rows != self.num_samples * self.num_views:
@@ -106,14 +112,21 @@ class Cache:
     def shard_path(self, i: int) -> Path:
         return self.path / self.manifest["shards"][i]["file"]
 
+    def _path(self, name: str) -> str:
+        """The HDF5 path of a column of this cache."""
+        if name not in self.shard_columns:
+            raise KDPipeError(f"cache {self.path} has no column {name!r} (it has: {', '.join(self.shard_columns)})")
+        return self.shard_columns[name].path
+
     def _dataset_layout(self, i: int, name: str) -> tuple:
-        """(offset or None, dtype, shape) of one dataset of shard i; offset None means read via h5py."""
+        """(offset or None, dtype, shape) of one column of shard i; offset None means read via h5py."""
         key = (i, name)
         if key not in self._layout:
+            path = self._path(name)
             with open_h5(self.shard_path(i)) as f:
-                if name not in f:
-                    raise KDPipeError(f"{self.shard_path(i)} has no dataset {name!r}")
-                d = f[name]
+                if path not in f:
+                    raise KDPipeError(f"{self.shard_path(i)} has no dataset {path!r}")
+                d = f[path]
                 off = d.id.get_offset() if (d.chunks is None and d.compression is None) else None
                 self._layout[key] = (off, d.dtype, d.shape)
         return self._layout[key]
@@ -127,7 +140,7 @@ class Cache:
             del mm
             return out
         with open_h5(self.shard_path(i)) as f:
-            return f[name][lo:hi]
+            return f[self._path(name)][lo:hi]
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a dataset across shards."""
@@ -165,14 +178,14 @@ class Cache:
                 del mm
             else:
                 with open_h5(self.shard_path(i)) as f:
-                    parts.append(f[name][rel])
+                    parts.append(f[self._path(name)][rel])
         if not parts:
             _, dtype, shape = self._dataset_layout(0, name)
             return np.empty((0,) + tuple(shape[1:]), dtype=dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def read_view(self, k: int, name: str) -> np.ndarray:
-        """One view's rows of a dataset, in sample order: (N, ...)."""
+        """One view's rows of a column, in sample order: (N, ...)."""
         if not 0 <= k < self.num_views:
             raise IndexError(f"view {k} outside [0, {self.num_views})")
         n = self.num_samples
@@ -185,7 +198,7 @@ class Cache:
         if not e:
             return None
         with open_h5(self.path / e["file"]) as f:
-            return f["test_logits"][()]
+            return f[fmt.EVAL_COLUMNS["test_logits"].path][()]
 
     # ---------------------------------------------------------------- integrity
 
@@ -197,11 +210,10 @@ class Cache:
     def file_faults(self, progress=None, deep: bool = False) -> dict[str, list[str]]:
         """file name -> its faults (only files with faults are listed).
 
-        Where the manifest has file digests, a file is first checked byte for byte without HDF5: HDF5
-        can raise odd errors or hang on damaged metadata, so a damaged file is never opened with it;
-        the datasets at fault are found from the recorded byte layout instead. Older caches (no file
-        digests) are checked dataset by dataset through HDF5. `deep` (for a manifest that fails its own
-        checksum) also checks the manifest's dataset digests of files that match their file digest.
+        A file is checked byte for byte without HDF5: HDF5 can raise odd errors or hang on damaged
+        metadata, so a damaged file is never opened with it; the datasets at fault are found from the
+        recorded byte layout instead. `deep` (for a manifest that fails its own checksum) also checks
+        the manifest's dataset digests of files that match their file digest.
         """
         faults: dict[str, list[str]] = {}
         entries = list(self.manifest["shards"])
@@ -223,32 +235,13 @@ class Cache:
         size = path.stat().st_size
         if size != entry["bytes"]:
             return [f"{size} bytes, manifest says {entry['bytes']} (truncated, extended or replaced)"]
-        if entry.get("file_sha256"):
-            if file_sha256(path) == entry["file_sha256"]:
-                if deep:  # the file is as written; is the manifest's account of it?
-                    return [f"the manifest's digest of dataset {name} does not match the file (manifest edited?)"
-                            for name, (offset, nbytes) in sorted(entry.get("layout", {}).items())
-                            if hashlib.sha256(read_raw(path, offset, nbytes)).hexdigest() != entry["sha256"].get(name)]
-                return []  # every byte as written
+        if file_sha256(path) != entry.get("file_sha256"):  # (absent only from an edited manifest)
             return _locate_damage(path, entry, self.manifest["cache_id"])
-        out = []
-        try:
-            with open_h5(path) as f:
-                if entry["row_start"] is not None:
-                    a = f.attrs
-                    if a.get("cache_id") != self.manifest["cache_id"] or \
-                            int(a.get("row_start", -1)) != entry["row_start"]:
-                        return ["belongs to another cache or row range"]
-                for name, digest in entry["sha256"].items():
-                    if name not in f:
-                        out.append(f"dataset {name} missing")
-                    elif sha256_dataset(f[name]) != digest:
-                        out.append(f"dataset {name} checksum mismatch")
-        except KDPipeError as e:
-            out.append(str(e))
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            out.append(f"unreadable ({e})")
-        return out
+        if deep:  # the file is as written; is the manifest's account of it?
+            return [f"the manifest's digest of dataset {name} does not match the file (manifest edited?)"
+                    for name, (offset, nbytes) in sorted(entry.get("layout", {}).items())
+                    if hashlib.sha256(read_raw(path, offset, nbytes)).hexdigest() != entry["sha256"].get(name)]
+        return []  # every byte as written
 
     # ---------------------------------------------------------------- identity
 
@@ -296,18 +289,26 @@ def sha256_dataset(d) -> str:
 
 
 class CachedLogitsDataset(torch.utils.data.Dataset):
-    """Row-wise access to a cache for torch DataLoaders: item r is
-    (sample_index, view_index, label, logits as float32, view_params). Shards are opened lazily in
-    each worker process (the object pickles without any open file)."""
+    """Row-wise access to a cache for torch DataLoaders: item r is a tuple of the cache's item columns
+    (cache/format.py, in table order): (sample_index, view_index, label, logits as float32,
+    view_params). Shards are opened lazily in each worker process (the object pickles without any
+    open file)."""
 
     def __init__(self, cache_dir):
         self.cache = Cache(cache_dir)
+        self.items = [c.name for c in self.cache.shard_columns.values() if c.item]
 
     def __len__(self):
         return self.cache.rows
 
     def __getitem__(self, r):
+        return tuple(self._value(name, r) for name in self.items)
+
+    def _value(self, name: str, r: int):
         c = self.cache
-        return (int(c.read("sample_index", r, r + 1)[0]), int(c.read("view_index", r, r + 1)[0]),
-                int(c.read("labels", r, r + 1)[0]), torch.from_numpy(c.read("logits", r, r + 1)[0].astype(np.float32)),
-                torch.from_numpy(c.read("view_params", r, r + 1)[0]) if c.columns else torch.zeros(0, dtype=torch.int32))
+        if name == "view_params" and not c.columns:
+            return torch.zeros(0, dtype=torch.int32)
+        v = c.read(name, r, r + 1)[0]
+        if v.ndim == 0:
+            return int(v) if v.dtype.kind in "iu" else float(v)
+        return torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v)

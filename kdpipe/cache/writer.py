@@ -1,4 +1,5 @@
-"""Writing caches: atomic files (temporary name, fsync, rename), shard planning, checksums."""
+"""Writing caches: the writer object of stage one (``CacheWriter``), atomic files (temporary name,
+fsync, rename), shard planning, checksums."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import errno
 import hashlib
 import json
 import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -13,6 +18,7 @@ import numpy as np
 
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
+from kdpipe.util import file_sha256
 
 
 def sha256_array(a: np.ndarray) -> str:
@@ -82,7 +88,7 @@ def atomic_write_json(path: Path, obj) -> None:
 def write_h5_atomic(path: Path, datasets: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> dict:
     """Write an HDF5 file of contiguous datasets under a temporary name, fsync, rename.
 
-    ``datasets`` maps name -> (array with its explicit dtype, attributes). Returns
+    ``datasets`` maps HDF5 path (groups are made as needed) -> (array with its explicit dtype, attributes). Returns
     {"file", "bytes", "sha256": {name: digest}, "layout": {name: [offset, nbytes]}, "file_sha256"};
     the dataset digests are also stored as each dataset's ``sha256`` attribute, the file's digest
     covers every byte (metadata included), the layout lets a damaged file be examined without HDF5.
@@ -113,12 +119,16 @@ def write_h5_atomic(path: Path, datasets: dict[str, tuple[np.ndarray, dict]], at
 
 
 def dataset_layout(f: h5py.File) -> dict:
-    """name -> [byte offset, byte count] of each contiguous dataset's values in the file."""
+    """HDF5 path -> [byte offset, byte count] of each contiguous dataset's values in the file, datasets
+    inside groups (``features/<layer>``) included."""
     out = {}
-    for name, d in f.items():
-        n = int(d.id.get_storage_size())
-        off = d.id.get_offset() if n else None
-        out[name] = [int(off) if off is not None else 0, n]
+
+    def visit(path, obj):
+        if isinstance(obj, h5py.Dataset):
+            n = int(obj.id.get_storage_size())
+            off = obj.id.get_offset() if n else None
+            out[path] = [int(off) if off is not None else 0, n]
+    f.visititems(visit)
     return out
 
 
@@ -132,12 +142,319 @@ def remove_temporaries(cache_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def shard_datasets(logits, sample_index, view_index, labels, view_params, columns) -> dict:
+def shard_datasets(values: dict[str, np.ndarray], m: dict, start: int, stop: int) -> dict:
+    """HDF5 path -> (array as declared, attributes) of the shard of rows [start, stop), for every column the
+    cache holds (``m``: the manifest or the dump identity, which both say the codec and dtypes).
+
+    A column not in ``values`` is recomputed from its declaration; a column that is neither handed nor
+    recomputable, or handed with the wrong shape, is a bug in the caller, not a user error.
+    """
     out = {}
-    for name, arr in (("logits", logits), ("sample_index", sample_index), ("view_index", view_index),
-                      ("labels", labels), ("view_params", view_params)):
-        attrs = {"description": fmt.SHARD_DATASETS[name][2]}
-        if name == "view_params":
-            attrs["columns"] = json.dumps(list(columns))
-        out[name] = (arr, attrs)
+    for col in fmt.shard_columns(m["logits"]["codec"] if "logits" in m else "raw"):
+        if col.name in values:
+            arr = values[col.name]
+        elif col.recompute is not None:
+            arr = col.recompute(m, start, stop)
+        else:
+            raise ValueError(f"no values for cache column {col.name!r}")
+        arr = np.asarray(arr).astype(col.np_dtype(m), copy=False)
+        want = col.full_shape(m, stop - start)
+        if arr.shape != want:
+            raise ValueError(f"cache column {col.name!r} has shape {arr.shape}, declared {want}")
+        attrs = {"description": col.description}
+        if col.name == "view_params":
+            attrs["columns"] = json.dumps(list(m["views"]["columns"]))
+        out[col.path] = (arr, attrs)
     return out
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key was A, now B' for every (nested) key whose value differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} was {a}, now {b}")
+    return out
+
+
+def unstorable_logits(nonfinite: list, overflow: list, start: int, sidx, vidx, logits_dtype: str) -> KDPipeError:
+    def where(rel):
+        named = ", ".join(f"sample {int(sidx[j])} view {int(vidx[j])}" for j in rel[:10])
+        return named + (f" and {len(rel) - 10} more" if len(rel) > 10 else "")
+    if nonfinite:
+        return KDPipeError(f"the teacher produced NaN or Inf logits for {len(nonfinite)} input(s) among rows "
+                           f"{start}..{start + len(sidx) - 1}: {where(nonfinite)}; nothing of this shard was "
+                           "written (check the teacher and its input normalization)")
+    return KDPipeError(f"the teacher's logits overflow {logits_dtype} for {len(overflow)} input(s) among rows "
+                       f"{start}..{start + len(sidx) - 1}: {where(overflow)}; dump with --logits-dtype float32")
+
+
+def wait_visible(out_dir: Path, writers: dict[str, int], patience_s: float = 60.0) -> None:
+    """Rank 0 must see every shard the other ranks wrote: the cache lies on a filesystem all ranks
+    share. A network filesystem may show new files late, so listings are retried for a while."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        unseen = sorted(set(writers) - set(os.listdir(out_dir)))
+        if not unseen or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    if unseen:
+        who = ", ".join(f"{f} (rank {writers[f]})" for f in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+        raise KDPipeError(f"rank 0 does not see shards written by other ranks in {out_dir}: {who}; the cache "
+                          "directory must be on a filesystem shared by every node (see docs/distributed.md)")
+
+
+class CacheWriter:
+    """The cache-writing protocol of stage one, for one dump (one rank of it under torchrun).
+
+    The caller (``teacher.dump_logits``) runs the teacher and hands the writer each shard's values;
+    the writer owns the rest, in this order:
+
+    1. ``open()``: every rank was given the same identity; rank 0 prepares OUT (refuses a foreign
+       directory or a cache of other arguments without ``overwrite``, discards it with, resumes one of
+       the same arguments, reports a complete one) while the other ranks wait;
+    2. ``resume()``: the ranks check the existing shards between them (rank r those with index r mod
+       world), share what is complete and split the shards still to write round-robin;
+    3. ``writing()`` / ``put(i, values)``: refuses logits the dtype cannot hold, then writes the shard
+       on a background thread while the teacher computes the next (at most one write in flight);
+    4. ``collect()``: rank 0 gathers every rank's shard entries (in memory: no per-rank files);
+    5. ``write_eval()``, then ``write_manifest()``: written last, atomically, with its checksum.
+
+    ``identity`` is what makes two dumps the same (``dataset`` with num_samples, num_classes and
+    image_shape; ``views`` with seed, K and columns; ``logits_dtype``; ``shard_rows``); the cache id
+    follows from it.
+    """
+
+    def __init__(self, out_dir, identity: dict, *, overwrite: bool = False, dist=None, log=print):
+        from kdpipe.distributed import SINGLE
+        self.out_dir = Path(out_dir)
+        self.ident = identity
+        self.cache_id = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(identity, sort_keys=True)).hex
+        self.overwrite, self.ctx, self.log = overwrite, dist or SINGLE, log
+        self.n = int(identity["dataset"]["num_samples"])
+        self.views = int(identity["views"]["K"])
+        self.rows = self.n * self.views
+        self.logits_dtype = identity["logits_dtype"]
+        # What the columns' declarations read: the identity in the manifest's terms.
+        self.spec = {**identity, "logits": {"codec": "raw", "dtype": self.logits_dtype}}
+        self.plan = plan_shards(self.rows, int(identity["shard_rows"]))
+        self.entries: dict[int, dict] = {}
+        self.correct: dict[int, int] = {}  # shard -> rows whose teacher argmax is the label
+        self.kept: list[int] = []
+        self._pending = None
+        self._executor = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / fmt.DUMP_STATE
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / fmt.MANIFEST
+
+    # ---------------------------------------------------------------- 1. OUT
+
+    def open(self) -> dict | None:
+        """Check that the ranks agree and prepare OUT. Returns None to go on, or (the cache being
+        complete already) the summary to return: rank 0's from the manifest, a short one elsewhere."""
+        idents = self.ctx.all_gather(self.ident)
+        for r, other in enumerate(idents):
+            if other != idents[0]:  # every rank sees the same list, so every rank raises
+                diffs = [d.replace(" was ", ": rank 0 has ", 1).replace(", now ", f", rank {r} has ", 1)
+                         for d in differences(idents[0], other)]
+                raise KDPipeError(f"rank {r} was given other arguments or data than rank 0 (" + "; ".join(diffs)
+                                  + "): every rank must run the same command on the same data")
+        finished = None
+        with self.ctx.together("checking the cache directory"):
+            if self.ctx.rank == 0:
+                finished = self._prepare_out_dir()
+        if self.ctx.broadcast(finished is not None):
+            return finished if self.ctx.rank == 0 else {"rank": self.ctx.rank, "already_complete": True}
+        return None
+
+    def _prepare_out_dir(self) -> dict | None:  # rank 0, while the other ranks wait
+        from kdpipe.util import ensure_out_dir
+        out_dir, state_path, manifest_path = self.out_dir, self.state_path, self.manifest_path
+        ensure_out_dir(out_dir, "cache directory")
+        if state_path.is_file() or manifest_path.is_file():
+            try:
+                old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
+                old = old.get("identity", old)
+            except (OSError, ValueError):
+                old = {}
+            diffs = differences(old, self.ident)
+            if diffs and not self.overwrite:
+                raise KDPipeError(f"{out_dir} holds a cache made with other arguments (" + "; ".join(diffs) +
+                                  "): pass --overwrite to start over, or choose another --out")
+            if diffs:  # --overwrite: start over; with the same arguments it resumes instead
+                self.log(f"--overwrite: discarding the cache in {out_dir} (" + "; ".join(diffs) + ")")
+                for p in list(out_dir.glob("shard-*.h5")) + [state_path, manifest_path, out_dir / fmt.EVAL_FILE]:
+                    p.unlink(missing_ok=True)
+        elif any(out_dir.iterdir()):
+            raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
+        remove_temporaries(out_dir)
+        if manifest_path.is_file():
+            m = json.loads(manifest_path.read_text())
+            os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
+            self.log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
+            return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir),
+                        resumed_shards=len(m["shards"]), already_complete=True)
+        atomic_write_json(state_path, {"identity": self.ident, "cache_id": self.cache_id, "started": time.time()})
+        return None
+
+    # ---------------------------------------------------------------- 2. resume
+
+    def resume(self) -> list[int]:
+        """The shards this rank computes: those no earlier run completed, balanced over the ranks."""
+        ctx = self.ctx
+        with ctx.together("checking existing shards"):
+            for i in range(ctx.rank, len(self.plan), ctx.world):
+                ent = self._existing_shard(i)
+                if ent:
+                    self.entries[i] = ent
+                    self.correct[i] = self._shard_correct(self.out_dir / fmt.shard_name(i))
+        self.kept = sorted(i for part in ctx.all_gather(sorted(self.entries)) for i in part)
+        todo_all = sorted(set(range(len(self.plan))) - set(self.kept))
+        if self.kept:
+            self.log(f"resuming: {len(self.kept)} complete shard(s) kept, {len(todo_all)} to compute"
+                     + (f" on {ctx.world} ranks" if ctx.world > 1 else ""))
+        return todo_all[ctx.rank::ctx.world]
+
+    def _existing_shard(self, i: int) -> dict | None:
+        """The manifest entry of a complete shard from an earlier run of this dump, else None."""
+        from kdpipe.cache.reader import open_h5, sha256_dataset
+        path = self.out_dir / fmt.shard_name(i)
+        start, stop = self.plan[i]
+        if not path.is_file():
+            return None
+        try:
+            with open_h5(path) as f:
+                a = f.attrs
+                if a.get("cache_id") != self.cache_id or int(a["row_start"]) != start or int(a["row_stop"]) != stop:
+                    return None
+                digests = {}
+                for col in fmt.shard_columns("raw"):
+                    if col.path not in f or "sha256" not in f[col.path].attrs:
+                        return None
+                    digests[col.path] = sha256_dataset(f[col.path])
+                    if digests[col.path] != f[col.path].attrs["sha256"]:
+                        return None
+                layout = dataset_layout(f)
+        except (KDPipeError, OSError, RuntimeError, ValueError, KeyError):  # damaged: compute it again
+            return None
+        return {"file": path.name, "bytes": path.stat().st_size, "sha256": digests, "layout": layout,
+                "file_sha256": file_sha256(path), "row_start": start, "row_stop": stop}
+
+    @staticmethod
+    def _shard_correct(path: Path) -> int:
+        """Rows of a shard whose teacher argmax equals the label."""
+        from kdpipe.cache.reader import open_h5
+        with open_h5(path) as f:
+            return int((f["logits"][()].astype(np.float32).argmax(1) == f["labels"][()]).sum())
+
+    # ---------------------------------------------------------------- 3. shards
+
+    @contextmanager
+    def writing(self):
+        """The span in which shards are put. On the way out (also after an error or Ctrl-C), a shard
+        being written finishes: it is complete or it is not there, never half-written."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-shard-writer")
+        try:
+            with self.ctx.together("computing logits"):
+                try:
+                    yield self
+                    if self._pending is not None:
+                        self._pending.result()
+                finally:
+                    self._executor.shutdown(wait=True)
+        finally:
+            self._executor, self._pending = None, None
+
+    def put(self, i: int, values: dict[str, np.ndarray]) -> None:
+        """Write shard i. ``values``: column name -> rows, at least ``logits`` (float32, as the teacher
+        gave them), ``sample_index``, ``view_index``, ``labels``; columns the manifest determines
+        (``view_params``) are recomputed when not handed. Logits the logits dtype cannot hold stop the
+        dump before anything of the shard is written, naming the inputs."""
+        s, e = self.plan[i]
+        lg = np.asarray(values["logits"], dtype=np.float32)
+        sidx, vidx = values["sample_index"], values["view_index"]
+        with np.errstate(over="ignore"):  # logits the dtype cannot hold are reported just below
+            out = lg.astype(fmt.LOGITS_DTYPES[self.logits_dtype])
+        bad = ~np.isfinite(lg).all(axis=1)
+        nonfinite = np.flatnonzero(bad).tolist()  # rows of this shard (relative) that cannot be stored
+        overflow = np.flatnonzero(~bad & ~np.isfinite(out).all(axis=1)).tolist()
+        if nonfinite or overflow:
+            raise unstorable_logits(nonfinite, overflow, s, sidx, vidx, self.logits_dtype)
+        datasets = shard_datasets({**values, "logits": out}, self.spec, s, e)
+        attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": self.cache_id, "row_start": s,
+                 "row_stop": e, "num_samples": self.n, "num_views": self.views,
+                 "kdpipe_version": _kdpipe_version()}
+        self.correct[i] = int((out.astype(np.float32).argmax(1) == np.asarray(values["labels"])).sum())
+        if self._pending is not None:
+            self._pending.result()  # the previous shard is on disk (or its error is raised here)
+        self._pending = self._executor.submit(self._write_shard, i, s, e, datasets, attrs)
+
+    def _write_shard(self, i, s, e, datasets, attrs):
+        ent = write_h5_atomic(self.out_dir / fmt.shard_name(i), datasets, attrs)
+        self.entries[i] = dict(ent, row_start=s, row_stop=e)
+
+    # ---------------------------------------------------------------- 4. collect
+
+    def collect(self, rows_computed: int, compute_s: float) -> dict | None:
+        """Gather the shard entries on rank 0. Returns {"rows_computed", "compute_wall_s", "views_top1"}
+        there (every shard is now on disk and visible), None on the other ranks (they are done)."""
+        ctx = self.ctx
+        parts = ctx.gather((self.entries, self.correct, rows_computed, compute_s))
+        if ctx.rank != 0:
+            return None
+        for ents, corr, _, _ in parts:
+            self.entries.update(ents)
+            self.correct.update(corr)
+        missing = [i for i in range(len(self.plan)) if i not in self.entries]
+        if missing:
+            raise KDPipeError(f"shard(s) {missing[:10]} of {self.out_dir} were computed by no rank: "
+                              "run the same command again")
+        if ctx.world > 1:
+            wait_visible(self.out_dir, {ent["file"]: r for r, part in enumerate(parts) for ent in part[0].values()})
+        return {"views_top1": sum(self.correct.values()) / self.rows,
+                "rows_computed": sum(p[2] for p in parts), "compute_wall_s": max(p[3] for p in parts)}
+
+    # ---------------------------------------------------------------- 5. eval file and manifest
+
+    def write_eval(self, values: dict[str, np.ndarray], dataset: dict) -> dict:
+        """The eval file (the teacher on the clean test split); returns its manifest entry."""
+        datasets = {}
+        for col in fmt.EVAL_COLUMNS.values():
+            arr = np.asarray(values[col.name]).astype(col.np_dtype(self.spec), copy=False)
+            datasets[col.path] = (arr, {"description": col.description})
+        ent = write_h5_atomic(self.out_dir / fmt.EVAL_FILE, datasets,
+                              {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": self.cache_id})
+        return dict(ent, dataset=dataset)
+
+    def write_manifest(self, record: dict, eval_entry: dict | None) -> dict:
+        """Write the manifest, last and atomically. ``record`` holds what the writer cannot know (teacher,
+        teachers, dataset, views, num_classes, input, dump); the rest (identity, shards, columns, codec,
+        bytes, checksum) comes from the writer."""
+        import torch
+        shards = [self.entries[i] for i in range(len(self.plan))]
+        total_bytes = sum(e["bytes"] for e in shards) + (eval_entry["bytes"] if eval_entry else 0)
+        manifest = {
+            "format_version": fmt.FORMAT_VERSION, "cache_id": self.cache_id, "identity": self.ident,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kdpipe_version": _kdpipe_version(), "torch_version": torch.__version__,
+            **record,
+            "logits": {"codec": "raw", "dtype": self.logits_dtype}, "columns": fmt.columns_record("raw"),
+            "rows": self.rows, "row_order": "view-major", "shards": shards, "eval": eval_entry,
+            "bytes": total_bytes,
+        }
+        manifest["checksum"] = fmt.manifest_checksum(manifest)
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+
+def _kdpipe_version() -> str:
+    import kdpipe
+    return kdpipe.__version__
