@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 
 import h5py
@@ -291,3 +292,101 @@ def test_dump_refuses_a_teacher_for_other_classes(fmnist, teacher_ckpt, tmp_path
         dump_logits(load_teacher(teacher_ckpt), data, None, tmp_path / "c", policy=create_policy("none"),
                     views=1, log=quiet)
     assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- columns: groups, codecs, unknown columns
+
+def _probe(m, start, stop):
+    """A test-only column that follows from the manifest: (3 * sample, view) of each row."""
+    rows = np.arange(start, stop, dtype=np.int64)
+    n = int(m["dataset"]["num_samples"])
+    return np.stack([3 * (rows % n), rows // n], axis=1)
+
+
+PROBE = fmt.Column("probe", np.dtype("<i8"), lambda m: (2,), "A test-only column in a group, (3 * sample, view).",
+                   path="features/probe", required=False, recompute=_probe)
+
+
+@pytest.fixture
+def probe_column():
+    """PROBE declared through the same table as the built-in columns, for this test only."""
+    fmt.register(PROBE)
+    try:
+        yield PROBE
+    finally:
+        del fmt.SHARD_COLUMNS[PROBE.name]
+
+
+def test_a_column_in_a_group_is_written_read_checksummed_and_verified(fmnist, teacher_ckpt, capture_dump, tmp_path,
+                                                                      probe_column):
+    """A declared column under features/<layer>: the writer fills it from its declaration, the layout
+    and checksums name it at its full path, the reader and inspect find it, verify-cache compares it
+    row by row and locates damage in it; a reader that does not know it (optional) ignores it."""
+    from click.testing import CliRunner
+
+    from kdpipe.cli import main
+    from kdpipe.verify import verify_cache
+    train = load_dataset(fmnist.spec, "train").subset(100)
+    out = tmp_path / "grouped"
+    capture_dump(teacher_ckpt, train, None, out, policy=create_policy("crop-flip"), views=2, shard_rows=64)
+    c = Cache(out)
+    m = c.manifest
+    assert {"name": "probe", "path": "features/probe", "required": False} in m["columns"]
+    for s in m["shards"]:
+        assert "features/probe" in s["layout"] and "features/probe" in s["sha256"]
+        with h5py.File(out / s["file"], "r") as f:
+            d = f["features/probe"]
+            assert d.chunks is None and d.attrs["description"] == PROBE.description
+            assert d.attrs["sha256"] == s["sha256"]["features/probe"]
+            off, nbytes = s["layout"]["features/probe"]
+            assert (off, nbytes) == (d.id.get_offset(), d.id.get_storage_size())
+    np.testing.assert_array_equal(c.read("probe", 0, c.rows), _probe(m, 0, c.rows))
+    np.testing.assert_array_equal(c.read_view(1, "probe")[:, 0], 3 * np.arange(100))
+    assert verify_cache(out, log=quiet) == []
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "features/probe <i8[64, 2]" in r.output, r.output
+
+    # Damage to the group's values: the checksum pass names the dataset, the row check the row.
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    s = m["shards"][1]
+    off = s["layout"]["features/probe"][0]
+    with open(bad / s["file"], "r+b") as fh:
+        fh.seek(off + 5 * 16)  # row 5 of the shard, first value
+        fh.write(np.int64(-1).tobytes())
+    faults = verify_cache(bad, log=quiet)
+    assert any(f.startswith("shard-00001.h5 (rows 64..127): dataset features/probe checksum mismatch") for f in faults)
+    assert any("dataset features/probe is wrong in 1 row(s): 69" in f for f in faults), faults
+
+    # A version that does not know this optional column reads the cache and verifies it.
+    del fmt.SHARD_COLUMNS["probe"]
+    try:
+        c = Cache(out)
+        assert "probe" not in c.shard_columns and verify_cache(out, log=quiet) == []
+        assert len(CachedLogitsDataset(out)[3]) == 5
+    finally:
+        fmt.register(PROBE)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["logits"].update(codec="topk"), "its logits codec 'topk' is unknown to this kdpipe, which reads raw"),
+    (lambda m: m["columns"].append({"name": "mix_partner", "path": "mix_partner", "required": True}),
+     "needs column(s) mix_partner, which this kdpipe does not know"),
+    (lambda m: m.update(columns=[c for c in m["columns"] if c["name"] != "logits"]),
+     "lacks column(s) logits, which its codec 'raw' needs"),
+])
+def test_a_cache_of_an_unknown_codec_or_required_column_is_refused_by_name(cache, tmp_path, edit, message):
+    from kdpipe.verify import verify_cache
+    dst = _edited_copy(cache, tmp_path, edit)
+    for read in (Cache, CachedLogitsDataset, lambda p: verify_cache(p, log=quiet)):
+        with pytest.raises(KDPipeError, match=f"cannot be read by kdpipe .*{re.escape(message)}.*upgrade kdpipe") as e:
+            read(dst)
+        assert "\n" not in str(e.value)
+
+
+def test_an_unknown_optional_column_is_ignored(cache, tmp_path):
+    dst = _edited_copy(cache, tmp_path, lambda m: m["columns"].append(
+        {"name": "features_penultimate", "path": "features/penultimate", "required": False}))
+    c = Cache(dst)
+    assert list(c.shard_columns) == list(fmt.SHARD_COLUMNS)
+    np.testing.assert_array_equal(c.read_view(0, "logits"), Cache(cache.path).read_view(0, "logits"))

@@ -280,3 +280,48 @@ def test_a_checkpoint_teacher_with_nan_weights_is_refused(odd, tmp_path):
     res = _dump_odd(odd, teacher, tmp_path / "cache")
     assert_one_line_error(res, "NaN or Inf logits for 300 input(s)", "sample 0 view 0, sample 1 view 0",
                           "and 290 more", progress=True)
+
+
+# ---------------------------------------------------------------- a dump under autocast (--amp)
+
+def test_an_amp_cache_verifies_with_its_teacher_and_not_with_another(made, tmp_path):
+    """A teacher whose logits reach about 10 (weights doubled), dumped under bf16 autocast on CPU: the
+    manifest records the autocast, verify-cache re-runs the teacher under it and finds the cache sound.
+    Re-run in float32 (the same cache described as a float32 dump) the bf16 rounding shows as faults,
+    as it did before the dump's autocast was recorded. Another teacher, or wrong logits, are reported."""
+    def double(model):
+        for p in model.parameters():
+            p.mul_(2.0)
+    teacher = save_teacher(tmp_path / "loud.pt", seed=0, tamper=double)
+    out = tmp_path / "amp"
+    res = run_cli(dump_args(teacher, made.npz, out, 2, SHARD_ROWS, 3, 100, "--amp"))
+    assert res.exit_code == 0, res.output
+    dump = json.loads((out / "manifest.json").read_text())["dump"]
+    assert (dump["amp"], dump["autocast_dtype"], dump["channels_last"], dump["device_type"]) == \
+        (True, "bfloat16", False, "cpu")
+    res = verify_cli(out, "--teacher", str(teacher), "--sample", "300", "--device", "cpu")
+    assert res.exit_code == 0 and res.output.strip().endswith("OK"), res.output
+
+    as_float32 = Path(shutil.copytree(out, tmp_path / "as-float32"))
+    rewrite_manifest(as_float32, lambda m: m["dump"].update(amp=False, autocast_dtype=None))
+    res = verify_cli(as_float32, "--teacher", str(teacher), "--sample", "300", "--device", "cpu")
+    assert res.exit_code == 1 and "re-computed rows differ from the stored logits" in res.stderr
+
+    res = verify_cli(out, "--teacher", str(made.teacher), "--sample", "300", "--device", "cpu")
+    assert res.exit_code == 1 and "is not the cache's" in res.stderr
+
+    import h5py
+
+    from kdpipe.cache.writer import shard_datasets, write_h5_atomic
+    path = out / "shard-00001.h5"
+    m = json.loads((out / "manifest.json").read_text())
+    with h5py.File(path, "r") as f:
+        arrays = {k: f[k][()] for k in f}
+        attrs = dict(f.attrs)
+    arrays["logits"][7] += np.float16(1.0)
+    ent = write_h5_atomic(path, shard_datasets(arrays, m, int(attrs["row_start"]), int(attrs["row_stop"])), attrs)
+    rewrite_manifest(out, lambda m: m["shards"][1].update(ent))
+    res = verify_cli(out, "--teacher", str(teacher), "--sample", str(2 * N), "--device", "cpu")
+    assert res.exit_code == 1
+    assert f"1 of {2 * N} re-computed rows differ from the stored logits" in res.stderr
+    assert "rows 207 in shard-00001.h5" in res.stderr

@@ -180,7 +180,7 @@ def unreadable(m: dict) -> str | None:
     not know, or lacks), or None."""
     codec = m.get("logits", {}).get("codec")
     if codec not in CODECS:
-        return f"its logits codec {codec!r} is not one this kdpipe reads ({', '.join(CODECS)})"
+        return f"its logits codec {codec!r} is unknown to this kdpipe, which reads {', '.join(CODECS)}"
     listed = m.get("columns")
     if listed is None:  # 0.1.0 wrote no list: its shards hold exactly the declared columns of its codec
         listed = [{"name": c.name, "path": c.path, "required": True} for c in shard_columns(codec)]
