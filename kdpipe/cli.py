@@ -330,8 +330,9 @@ def inspect_cmd(cache_dir, as_json):
         click.echo(f"  columns   {names} (first shard)")
     dump = m.get("dump", {})
     if dump.get("rows_per_s"):
-        click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}, teacher top-1 on views "
-                   f"{dump['views_top1']:.4f}")
+        amp = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
+        click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}"
+                   + (f" under {amp} autocast" if amp else "") + f", teacher top-1 on views {dump['views_top1']:.4f}")
 
 
 @main.command("verify-cache")

@@ -202,7 +202,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                     "file_bytes": Path(teacher.file).stat().st_size,
                     "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape)}
     m = writer.write_manifest({
-        "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": "logits", **teacher_info}],
+        "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS["logits"].path,
+                                                   **teacher_info}],
         "dataset": {**data.identity(), "source": data.source},
         "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
         "num_classes": data.num_classes, "input": {"mean": list(map(float, mean)), "std": list(map(float, std)),

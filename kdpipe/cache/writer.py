@@ -144,13 +144,13 @@ def remove_temporaries(cache_dir: Path) -> None:
 
 def shard_datasets(values: dict[str, np.ndarray], m: dict, start: int, stop: int) -> dict:
     """HDF5 path -> (array as declared, attributes) of the shard of rows [start, stop), for every column the
-    cache holds (``m``: the manifest or the dump identity, which both say the codec and dtypes).
+    cache holds (``m``: the manifest, or the writer's ``spec``: what the columns' declarations read).
 
     A column not in ``values`` is recomputed from its declaration; a column that is neither handed nor
     recomputable, or handed with the wrong shape, is a bug in the caller, not a user error.
     """
     out = {}
-    for col in fmt.shard_columns(m["logits"]["codec"] if "logits" in m else "raw"):
+    for col in fmt.shard_columns(m["logits"]["codec"]):
         if col.name in values:
             arr = values[col.name]
         elif col.recompute is not None:
@@ -336,7 +336,7 @@ class CacheWriter:
                 if a.get("cache_id") != self.cache_id or int(a["row_start"]) != start or int(a["row_stop"]) != stop:
                     return None
                 digests = {}
-                for col in fmt.shard_columns("raw"):
+                for col in fmt.shard_columns(self.spec["logits"]["codec"]):
                     if col.path not in f or "sha256" not in f[col.path].attrs:
                         return None
                     digests[col.path] = sha256_dataset(f[col.path])
@@ -446,7 +446,7 @@ class CacheWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kdpipe_version": _kdpipe_version(), "torch_version": torch.__version__,
             **record,
-            "logits": {"codec": "raw", "dtype": self.logits_dtype}, "columns": fmt.columns_record("raw"),
+            "logits": self.spec["logits"], "columns": fmt.columns_record(self.spec["logits"]["codec"]),
             "rows": self.rows, "row_order": "view-major", "shards": shards, "eval": eval_entry,
             "bytes": total_bytes,
         }
