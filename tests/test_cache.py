@@ -245,6 +245,7 @@ def _edited_copy(cache, tmp_path, edit):
     (lambda m: m.pop("shards"), "lacks 'shards'"),
     (lambda m: m["shards"].pop(), "cover 1500 of 1536 rows"),
     (lambda m: m.update(rows=1000), "expected 512 samples x 3 views"),
+    (lambda m: m.pop("checksum"), "the manifest does not match its checksum"),  # every release wrote one
 ])
 def test_a_damaged_or_foreign_manifest_is_refused(cache, tmp_path, edit, message):
     with pytest.raises(KDPipeError, match=message):
@@ -263,6 +264,13 @@ def test_a_dataset_that_is_not_the_caches_is_refused(cache, fmnist, tmp_path):
     with pytest.raises(KDPipeError, match="fingerprint") as e:
         c.check_dataset(load_dataset(f"npz:{p}", "train"))
     assert "num_samples" not in str(e.value)
+
+
+def test_a_shard_entry_without_its_file_digest_is_a_fault(cache, tmp_path):
+    """Every released kdpipe recorded file_sha256: an entry without one (a foreign writer's) is not trusted."""
+    dst = _edited_copy(cache, tmp_path, lambda m: m["shards"][1].pop("file_sha256"))
+    assert Cache(dst).verify_checksums() == [
+        "shard-00001.h5 (rows 500..999): the manifest records no file_sha256 for it (not written by a released kdpipe)"]
 
 
 def test_checksums_find_a_flipped_byte(cache, tmp_path):

@@ -235,7 +235,9 @@ class Cache:
         size = path.stat().st_size
         if size != entry["bytes"]:
             return [f"{size} bytes, manifest says {entry['bytes']} (truncated, extended or replaced)"]
-        if file_sha256(path) != entry.get("file_sha256"):  # (absent only from an edited manifest)
+        if not entry.get("file_sha256"):  # every released kdpipe recorded it
+            return ["the manifest records no file_sha256 for it (not written by a released kdpipe)"]
+        if file_sha256(path) != entry["file_sha256"]:
             return _locate_damage(path, entry, self.manifest["cache_id"])
         if deep:  # the file is as written; is the manifest's account of it?
             return [f"the manifest's digest of dataset {name} does not match the file (manifest edited?)"
