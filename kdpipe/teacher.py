@@ -59,6 +59,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
 
 AMP_DTYPE = torch.bfloat16  # --amp's autocast dtype (as in engine.py); the manifest records it
 
+
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
                    logits_dtype: str, shard_rows: int, batch_size: int, mean, std) -> dict:
     return {"format_version": fmt.FORMAT_VERSION,
