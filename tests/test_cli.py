@@ -210,6 +210,19 @@ def test_make_rules_command(tmp_path):
     assert_one_line_error(invoke("make-rules", tmp_path / "absent.toml"), "absent.toml")
 
 
+def test_make_rules_of_a_dkd_block_name_the_runs_train_student_writes(tmp_path):
+    spec = (REPO / "pipelines" / "default.toml").read_text()
+    block = spec.index("[[students]]")
+    spec = spec[:block] + '[[students]]\narchs = ["mlp_100"]\nepochs = 2\nloss = "dkd:beta=4,warmup=1"\n'
+    (tmp_path / "p.toml").write_text(spec)
+    r = ok(invoke("make-rules", tmp_path / "p.toml"))
+    # the name test_train_student_with_dkd finds train-student writing for these options
+    assert "students/mlp_100-dkd_beta4_warmup1-s0/metrics.json" in r.output
+    assert "--loss dkd:beta=4,warmup=1" in r.output
+    (tmp_path / "p.toml").write_text(spec.replace("beta=4", "beta"))
+    assert_one_line_error(invoke("make-rules", tmp_path / "p.toml"), "bad loss option 'beta'")
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2
 
 @pytest.fixture(scope="module")
