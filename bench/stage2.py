@@ -69,7 +69,8 @@ def main(argv=None):
 
         def measure(kind, ep=epochs):
             alpha = 0.0 if kind == "plain" else 0.9
-            run = build_run(kind, student, create_loss("kd", temperature=4.0, alpha=alpha), 0, train.num_classes, shape, OptimConfig(), total, dev)
+            run = build_run(kind, student, create_loss("kd", temperature=4.0, alpha=alpha), 0, train.num_classes, shape,
+                            OptimConfig(), total, dev)
             st = train_pass([run], images, labels, policy, mean, std, ep, args.batch, 0,
                             plain_views if kind == "plain" else cached_views, amp=amp, log=quiet)
             return st["images_per_s"]

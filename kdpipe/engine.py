@@ -107,8 +107,8 @@ ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
 
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
-               online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print, fuse: bool | None = None,
-               dist=None) -> dict:
+               online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print,
+               fuse: bool | None = None, dist=None) -> dict:
     """Train every run for `epochs` over (images, labels) on their device; returns timing figures.
 
     fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):

@@ -90,7 +90,8 @@ def build_report(run_paths, out) -> dict:
                                                 key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0)):
         acc, acc_sd = _mean_std([r.get("test_top1") for r in rs])
         agr, agr_sd = _mean_std([r.get("teacher_agreement") for r in rs])
-        summary.append({"arch": arch, "loss": loss, "scratch": _scratch(rs[0]), "alpha": alpha, "temperature": temp, "seeds": sorted(r["seed"] for r in rs),
+        summary.append({"arch": arch, "loss": loss, "scratch": _scratch(rs[0]), "alpha": alpha, "temperature": temp,
+                        "seeds": sorted(r["seed"] for r in rs),
                         "test_top1_mean": acc, "test_top1_std": acc_sd, "agreement_mean": agr,
                         "agreement_std": agr_sd, "parameters": rs[0]["parameters"]})
     if any(len(s["seeds"]) > 1 for s in summary):
@@ -99,7 +100,8 @@ def build_report(run_paths, out) -> dict:
                   "|---|---|---|---|---|---|---|---|"]
         for s in summary:
             role = "scratch" if s["scratch"] else "KD"
-            lines.append(f"| {s['arch']} | {role} | {s['loss']} | {'' if s['temperature'] is None else format(s['temperature'], 'g')} "
+            temp = "" if s["temperature"] is None else format(s["temperature"], "g")
+            lines.append(f"| {s['arch']} | {role} | {s['loss']} | {temp} "
                          f"| {s['alpha']:g} | {len(s['seeds'])} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} |")
     plots = _plots(runs, list(teachers.values()), out)

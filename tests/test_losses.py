@@ -169,7 +169,8 @@ def test_float16_teacher_logits_are_computed_in_float32(batch):
 
 # ---------------------------------------------------------------- DKD
 
-@pytest.mark.parametrize("temperature, alpha, beta", [(4.0, 1.0, 8.0), (1.0, 0.5, 2.0), (2.5, 0.0, 1.0), (8.0, 2.0, 0.0)])
+@pytest.mark.parametrize("temperature, alpha, beta",
+                         [(4.0, 1.0, 8.0), (1.0, 0.5, 2.0), (2.5, 0.0, 1.0), (8.0, 2.0, 0.0)])
 def test_dkd_equals_the_paper_formula_in_float64(batch, temperature, alpha, beta):
     s, t, y = batch
     loss = create_loss("dkd", temperature=temperature, alpha=alpha, beta=beta, warmup=0)

@@ -31,7 +31,8 @@ def test_run_names():
     assert run_name("mlp_100", 4.0, 0.0, 2) == run_name("mlp_100", 8.0, 0.0, 2) == "mlp_100-scratch-s2"
     # another loss: its name, the options its spec gives (sorted), and the axes given
     assert run_name("cnn_tiny", None, None, 0, "dkd") == "cnn_tiny-dkd-s0"
-    assert run_name("cnn_tiny", 2.0, 0.0, 1, "dkd", {"warmup": 5.0, "beta": 2.0}) == "cnn_tiny-dkd_beta2_warmup5-T2-a0-s1"
+    assert run_name("cnn_tiny", 2.0, 0.0, 1, "dkd", {"warmup": 5.0, "beta": 2.0}) == \
+        "cnn_tiny-dkd_beta2_warmup5-T2-a0-s1"
 
 
 def test_loss_specs_parse_and_bad_ones_are_refused():
