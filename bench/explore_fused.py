@@ -28,6 +28,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     header("explore fused sweep steps", argv=None if argv is None else ["bench/explore_fused.py"] + list(argv))
+    from kdpipe.losses import create_loss
     from kdpipe.engine import OptimConfig, build_run
     from kdpipe.fused import FusedRuns
 
@@ -45,7 +46,8 @@ def main(argv=None):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else torch.autocast(dev.type, enabled=False)
 
     def runs_(n):
-        return [build_run(f"r{i}", args.arch, 4.0, 0.9, i, 10, shape, OptimConfig(), 10_000, dev) for i in range(n)]
+        return [build_run(f"r{i}", args.arch, create_loss("kd", temperature=4.0, alpha=0.9), i, 10, shape,
+                          OptimConfig(), 10_000, dev) for i in range(n)]
 
     def timed(step, steps):
         for i in range(20):

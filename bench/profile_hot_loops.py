@@ -43,6 +43,7 @@ def main(argv=None):
     header("profile of the hot loops", argv=None if argv is None else ["bench/profile_hot_loops.py"] + list(argv))
     from kdpipe.cache.reader import Cache
     from kdpipe.checkpoint import load_teacher
+    from kdpipe.losses import create_loss
     from kdpipe.engine import OptimConfig, build_run, train_pass
     from kdpipe.teacher import dump_logits
     from kdpipe.views import create_policy
@@ -78,8 +79,8 @@ def main(argv=None):
             return (torch.from_numpy(cache.read_view(e % 2, "view_params")).to(dev),
                     torch.from_numpy(cache.read_view(e % 2, "logits")).to(dev))
 
-        run = build_run("s", student, 4.0, 0.9, 0, train.num_classes, policy.output_shape(train.image_shape),
-                        OptimConfig(), 1000, dev)
+        run = build_run("s", student, create_loss("kd", temperature=4.0, alpha=0.9), 0, train.num_classes,
+                        policy.output_shape(train.image_shape), OptimConfig(), 1000, dev)
         train_pass([run], images, labels, policy, mean, std, 1, 256, 0, views, amp=gpu, log=quiet)  # warm-up
         pr = cProfile.Profile()
         pr.enable()

@@ -34,6 +34,7 @@ def main(argv=None):
     dev = setup(args)
     header("stage two: cached KD vs plain training, same loop", argv=None if argv is None else ["bench/stage2.py"] + list(argv))
     from kdpipe.cache.reader import Cache
+    from kdpipe.losses import create_loss
     from kdpipe.engine import OptimConfig, build_run, steps_per_epoch, train_pass
     from kdpipe.views import create_policy
 
@@ -68,7 +69,8 @@ def main(argv=None):
 
         def measure(kind, ep=epochs):
             alpha = 0.0 if kind == "plain" else 0.9
-            run = build_run(kind, student, 4.0, alpha, 0, train.num_classes, shape, OptimConfig(), total, dev)
+            run = build_run(kind, student, create_loss("kd", temperature=4.0, alpha=alpha), 0, train.num_classes, shape,
+                            OptimConfig(), total, dev)
             st = train_pass([run], images, labels, policy, mean, std, ep, args.batch, 0,
                             plain_views if kind == "plain" else cached_views, amp=amp, log=quiet)
             return st["images_per_s"]

@@ -41,6 +41,7 @@ def main(argv=None):
     dev = setup(args)
     header("sweeps: S students in one pass vs S separate runs", argv=None if argv is None else ["bench/sweep.py"] + list(argv))
     from kdpipe.cache.reader import Cache
+    from kdpipe.losses import create_loss
     from kdpipe.engine import OptimConfig, build_run, steps_per_epoch, train_pass
     from kdpipe.views import create_policy
 
@@ -73,7 +74,8 @@ def main(argv=None):
                     torch.from_numpy(cache.read_view(v, "logits")[:n]).to(dev))
 
         def one_pass(specs_, fuse, batch=args.batch):
-            runs = [build_run(f"T{t}-a{a}-s{sd}", arch, t, a, sd, train.num_classes, shape, OptimConfig(), total, dev)
+            runs = [build_run(f"T{t}-a{a}-s{sd}", arch, create_loss("kd", temperature=t, alpha=a), sd, train.num_classes,
+                              shape, OptimConfig(), total, dev)
                     for t, a, sd in specs_]
             clock = EpochClock()
             st = train_pass(runs, images, labels, policy, mean, std, epochs, batch, 0, views, amp=amp,

@@ -227,10 +227,15 @@ def _term_as_interrupt():
 @click.option("--student", "students", multiple=True, required=True, metavar="NAME",
               help="Student architecture; repeat for several.")
 @click.option("--epochs", type=int, default=10, show_default=True, metavar="N", help="Training epochs.")
+@click.option("--loss", "loss", default="kd", show_default=True, metavar="NAME[:OPT=V,...]",
+              help="Distillation loss and its options other than T and alpha: kd (Hinton et al.) or dkd "
+                   "(decoupled KD: alpha weighs TCKD, beta NCKD, after a warm-up of warmup epochs), e.g. "
+                   "dkd:beta=8,warmup=20. A bad name or option lists every loss with its options.")
 @click.option("--temperature", "temperatures", type=NumberList(float), multiple=True, metavar="T[,T...]",
-              help="KD temperature(s).  [default: 4]")
+              help="The loss's temperature(s).  [default: the loss's, 4]")
 @click.option("--alpha", "alphas", type=NumberList(float), multiple=True, metavar="A[,A...]",
-              help="Weight(s) of the KD term; 0 trains from scratch.  [default: 0.9]")
+              help="The loss's alpha(s): kd's weight of the KD term (0 trains from scratch), dkd's weight of "
+                   "TCKD.  [default: the loss's, kd 0.9, dkd 1]")
 @click.option("--seed", "seeds", type=NumberList(int), multiple=True, metavar="S[,S...]",
               help="Seed(s) of init and data order.  [default: 0]")
 @click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
@@ -248,31 +253,26 @@ def _term_as_interrupt():
                    "(what was measured fastest; see BENCHMARKS.md).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, epochs, temperatures, alphas, seeds, batch_size, lr, momentum,
+def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, lr, momentum,
                       weight_decay, schedule, data_root, device, amp, fuse, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
-    students, temperatures, alphas and seeds); runs with the same seed share one pass over the data."""
+    students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
+    data. Each run's metrics.json holds the per-epoch mean of every term of its loss."""
     from kdpipe.distributed import from_env
     from kdpipe.engine import OptimConfig
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
 
-    temps = _flatten(temperatures) or [4.0]
-    alphs = _flatten(alphas) or [0.9]
+    temps = _flatten(temperatures)  # empty: the loss's default
+    alphs = _flatten(alphas)
     sds = _flatten(seeds) or [0]
     if epochs <= 0:
         raise InputError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    for t in temps:
-        if not t > 0:
-            raise InputError(f"--temperature must be > 0, got {t:g}")
-    for a in alphs:
-        if not 0 <= a <= 1:
-            raise InputError(f"--alpha must lie in [0, 1], got {a:g}")
     dev = pick_device(device)
     dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
-    res = train_students(cache_dir, list(students), epochs, out, temperatures=temps, alphas=alphs, seeds=sds,
+    res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs, seeds=sds,
                          batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
                          device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
                          log=dist.log(click.echo),

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.fused import FusedRuns, plan_units
-from kdpipe.losses import KDLoss
+from kdpipe.losses import Loss, create_loss
 from kdpipe.models import create_model
 from kdpipe.util import Progress, seeded_generator
 from kdpipe.views import ViewPolicy
@@ -43,20 +43,24 @@ class OptimConfig:
 class Run:
     name: str
     arch: str
-    temperature: float
-    alpha: float
+    loss: Loss
     seed: int
     model: nn.Module = None
-    loss: KDLoss = None
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.LRScheduler = None
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # per epoch: the mean loss (the sum of the terms)
+    terms: dict = field(default_factory=dict)  # term name -> per-epoch means, e.g. {"ce": [...], "kd": [...]}
     optim: OptimConfig | None = None  # how the optimizer and schedule were built (runs that share them can fuse)
     total_steps: int | None = None
 
 
-def build_run(name, arch, temperature, alpha, seed, num_classes, image_shape, optim: OptimConfig,
-              total_steps: int, device) -> Run:
+def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, optim: OptimConfig,
+              total_steps: int, device, loss_options: dict | None = None) -> Run:
+    """A run: model, optimizer and schedule, and its loss (a Loss, or a registered name with loss_options)."""
+    if isinstance(loss, str):
+        loss = create_loss(loss, **(loss_options or {}))
+    elif loss_options:
+        raise ValueError("loss_options go with a loss name, not with a loss object")
     torch.manual_seed(seed)
     model = create_model(arch, num_classes, image_shape).to(device)
     if device.type == "cuda":
@@ -68,8 +72,7 @@ def build_run(name, arch, temperature, alpha, seed, num_classes, image_shape, op
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps))
-    return Run(name, arch, temperature, alpha, seed, model, KDLoss(temperature, alpha), opt, sched,
-               optim=optim, total_steps=total_steps)
+    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -104,9 +107,8 @@ ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
 
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
-               online_teacher: nn.Module | None = None, online_dtype: torch.dtype = torch.float32,
-               amp: bool = False, label: str = "train", log=print, fuse: bool | None = None,
-               dist=None) -> dict:
+               online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print,
+               fuse: bool | None = None, dist=None) -> dict:
     """Train every run for `epochs` over (images, labels) on their device; returns timing figures.
 
     fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):
@@ -117,6 +119,10 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
+
+    Every run's loss is called as `r.loss(out, teacher, labels, epoch)` (epoch counting from 0); the
+    run steps on the sum of the terms it returns, and each term's per-epoch mean is appended to
+    `r.terms[name]`, their sum to `r.history`. The terms are summed on the device: one sync per epoch.
     """
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     device = images.device
@@ -148,7 +154,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
         prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", len(order) * batch_size * world,
                         stream=dist.progress_stream if dist is not None else None)
-        sums = [torch.zeros(len(u), device=device) for u in units]
+        sums: list[dict] = [{} for _ in units]  # per unit: term name -> (runs in the unit,) sum over steps
         for idx in order:
             x = policy.replay(images[idx], params[idx], mean, std)
             if device.type == "cuda":
@@ -160,32 +166,39 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                     t = cached[idx].float()
                 else:
                     with torch.no_grad(), autocast:
-                        t = online_teacher(x).to(online_dtype).float()
+                        t = online_teacher(x).float()
             for k, u in enumerate(units):
                 if k in fused:
-                    sums[k] += fused[k].step(x, t, y)
+                    _accumulate(sums[k], fused[k].step(x, t, y, epoch), len(u), device)
                     continue
                 r = runs[u[0]]
                 with autocast:
                     out = r.model(x)
-                loss = r.loss(out, t, y)
+                terms = r.loss(out, t, y, epoch)
                 r.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                sum(terms.values()).backward()
                 r.optimizer.step()
                 r.scheduler.step()
-                sums[k] += loss.detach()
+                _accumulate(sums[k], {n: v.detach() for n, v in terms.items()}, 1, device)
             seen += len(idx) * world
             prog.update(len(idx) * world)
         for f in fused.values():
             f.sync_to_runs()
+        flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)
         if world > 1:
-            sums = list(dist.all_mean(torch.cat(sums)).split([len(u) for u in units]))
+            flat = dist.all_mean(flat)
+        flat, at = (flat / max(1, len(order))).tolist(), 0  # the epoch's one sync
         for k, u in enumerate(units):
-            for j, v in enumerate(sums[k].tolist()):
-                runs[u[j]].history.append(v / max(1, len(order)))
+            for name in sums[k]:
+                for i in u:
+                    runs[i].terms.setdefault(name, []).append(flat[at])
+                    at += 1
+            for i in u:
+                runs[i].history.append(sum(v[-1] for v in runs[i].terms.values()))
         if len(runs) <= 4:
-            log(f"  {label} epoch {epoch + 1}/{epochs}: " +
-                ", ".join(f"{r.name} loss {r.history[-1]:.4f}" for r in runs))
+            log(f"  {label} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{r.name} loss {r.history[-1]:.4f} (" + ", ".join(f"{n} {v[-1]:.4f}" for n, v in r.terms.items())
+                + ")" for r in runs))
         else:
             log(f"  {label} epoch {epoch + 1}/{epochs}: mean loss "
                 f"{sum(r.history[-1] for r in runs) / len(runs):.4f} over {len(runs)} runs")
@@ -195,6 +208,14 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
             "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}
+
+
+def _accumulate(into: dict, terms: dict, runs: int, device) -> None:
+    """Add one step's terms ((runs,) or () each) to the epoch's sums, on the device."""
+    for name, v in terms.items():
+        if name not in into:
+            into[name] = torch.zeros(runs, device=device)
+        into[name] += v
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
 to ``FusedRuns``. Their weights, BatchNorm buffers and momentum are stacked along a new leading
 dimension; ``torch.func.vmap`` over ``functional_call`` runs all of them on a batch at once
 (convolutions become one grouped convolution, the first layer one wider convolution of the shared
-input), their KD losses are computed together, and one SGD step updates every run (SGD is
+input), their losses are computed together by one loss object whose hyperparameters are (S,) tensors
+(kdpipe.losses: the same formula as a single run's), and one SGD step updates every run (SGD is
 elementwise, so a step on the stack is the step of each run). The math per run is that of the
 unfused loop, up to float rounding. At the end of every epoch the runs' own modules, optimizer
 momentum and schedule position are brought up to date, so the rest of kdpipe never sees the stack.
@@ -20,18 +21,18 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
-from kdpipe.losses import KDLoss
 
 
 def fusion_key(run) -> tuple | None:
     """Runs with equal keys can be fused; None: this run cannot be fused with any other."""
-    if run.optim is None or run.total_steps is None or type(run.loss) is not KDLoss:
+    if run.optim is None or run.total_steps is None:
         return None
     if type(run.optimizer) is not torch.optim.SGD or not isinstance(run.scheduler, torch.optim.lr_scheduler.LambdaLR):
         return None
     shapes = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in run.model.named_parameters())
     bufs = tuple((n, tuple(b.shape), b.dtype) for n, b in run.model.named_buffers())
-    return (type(run.model), run.arch, repr(run.optim), run.total_steps, run.model.training, shapes, bufs)
+    return (type(run.model), run.arch, type(run.loss), repr(run.optim), run.total_steps, run.model.training,
+            shapes, bufs)
 
 
 def plan_units(runs, fuse: bool) -> list[list[int]]:
@@ -102,10 +103,8 @@ class FusedRuns:
         self.base_lrs = list(first.scheduler.base_lrs)
         self.step_count = first.scheduler.last_epoch
         dev = next(iter(self.params.values())).device
-        self.temps = torch.tensor([r.loss.temperature for r in runs], dtype=torch.float32, device=dev)
-        self.alphas = torch.tensor([r.loss.alpha for r in runs], dtype=torch.float32, device=dev)
-        self.need_ce = any(r.loss.alpha < 1 for r in runs)
-        self.need_kd = any(r.loss.alpha > 0 for r in runs)
+        self.loss = type(first.loss).stack([r.loss for r in runs], device=dev)
+        self._epoch = None  # (epoch, the same as a 0-dim tensor on the device)
 
         def forward(p, b, x):
             with _GlobalPoolAsMean() if pool_as_mean else nullcontext():
@@ -114,10 +113,10 @@ class FusedRuns:
         vforward = vmap(forward, in_dims=(0, 0, None), randomness="different")
         dev_type = dev.type
 
-        def losses(p, b, x, t, y):
+        def losses(p, b, x, t, y, epoch):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
                 out = vforward(p, b, x)  # (S, B, C)
-            return stacked_kd_loss(out, t, y, self.temps, self.alphas, self.need_ce, self.need_kd and t is not None)
+            return self.loss(out, t, y, epoch)  # term -> (S,)
 
         self._eager = losses
         self._losses = losses
@@ -134,7 +133,7 @@ class FusedRuns:
             return "fewer than two runs"
         keys = {fusion_key(r) for r in runs}
         if None in keys or len(keys) != 1:
-            return "the runs differ in architecture, optimizer settings, schedule or loss type"
+            return "the runs differ in architecture, optimizer settings, schedule or loss class"
         first = runs[0]
         ref = [{k: v for k, v in g.items() if k != "params"} for g in first.optimizer.param_groups]
         names = [[n for n, _ in r.model.named_parameters()] for r in runs]
@@ -160,26 +159,29 @@ class FusedRuns:
             return "the runs name their parameters differently"
         return None
 
-    def step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        """One training step of every run on the batch; returns their losses (detached, shape (S,))."""
+    def step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor, epoch: int = 0) -> dict:
+        """One training step of every run on the batch; returns their loss terms (detached, each (S,))."""
+        if self._epoch is None or self._epoch[0] != epoch:  # a tensor: compiled code is not specialised on it
+            self._epoch = (epoch, torch.tensor(float(epoch), device=x.device))
+        args = (self.params, self.buffers, x, t, y, self._epoch[1])
         if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
             self._check_compiled = False
             try:
-                loss = self._losses(self.params, self.buffers, x, t, y)
+                terms = self._losses(*args)
             except Exception as e:  # torch.compile raises many types (missing compiler, unsupported op)
                 self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
                 self._losses = self._eager
-                loss = self._losses(self.params, self.buffers, x, t, y)
+                terms = self._losses(*args)
         else:
-            loss = self._losses(self.params, self.buffers, x, t, y)
+            terms = self._losses(*args)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        sum(terms.values()).sum().backward()
         self.optimizer.step()
         self.step_count += 1
         for g, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             g["lr"] = base * fn(self.step_count)
-        return loss.detach()
+        return {n: v.detach() for n, v in terms.items()}
 
     @torch.no_grad()
     def sync_to_runs(self) -> None:
@@ -201,20 +203,3 @@ class FusedRuns:
                 g["lr"] = base * fn(self.step_count)
             r.scheduler._last_lr = [g["lr"] for g in r.optimizer.param_groups]
 
-
-def stacked_kd_loss(out: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor, temps: torch.Tensor,
-                    alphas: torch.Tensor, need_ce: bool, need_kd: bool) -> torch.Tensor:
-    """KDLoss of S runs at once: out (S, B, C) -> (S,). Same formula as kdpipe.losses.KDLoss."""
-    s, b, c = out.shape
-    out = out.float()
-    loss = out.new_zeros(s)
-    if need_ce:
-        ce = F.cross_entropy(out.reshape(s * b, c), y.repeat(s), reduction="none").view(s, b).mean(1)
-        loss = loss + (1.0 - alphas) * ce
-    if need_kd:
-        temp = temps.view(s, 1, 1)
-        log_p_s = F.log_softmax(out / temp, dim=2)
-        log_p_t = F.log_softmax(t.float().unsqueeze(0) / temp, dim=2)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(2).mean(1) * temps * temps
-        loss = loss + alphas * kl
-    return loss

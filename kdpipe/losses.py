@@ -1,45 +1,236 @@
-"""KD losses that work from logits alone.
+"""Distillation losses: a registry of classes, each written once for one run or S stacked runs.
 
-Vanilla KD (Hinton et al. 2015):
-    loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
-alpha = 0 is plain cross-entropy (the from-scratch baseline) through the same loop.
+The training loop calls `loss(out, teacher, labels, epoch)` and nothing else:
+- out: student logits (B, C) for one run, or (S, B, C) for S runs stacked by kdpipe.fused;
+- teacher: teacher logits (B, C) shared by the stacked runs, or None when no run needs them;
+- labels: (B,) int64; epoch: the epoch index, counting from 0 (the index kdpipe uses everywhere:
+  epoch e reads view e mod K), an int or, in fused runs, a 0-dim tensor (so torch.compile does
+  not recompile every epoch).
+It returns a dict of named terms, each already weighted, of shape () or (S,); their sum is the
+loss. Every term is present in every step (a term whose weights are all zero is zeros), so the loop
+can log each one per epoch. Everything is computed in float32, whatever the logits' dtype.
+
+A loss's hyperparameters are Python floats for one run; `Loss.stack(losses)` makes one loss of
+the same class whose hyperparameters are (S,) tensors, and the same formula serves both, because
+`self.per_run(h, ndim)` broadcasts a hyperparameter over the leading run dimension.
+
+To add a loss: one class with @register_loss("name"), `defaults` (every option, with its default),
+`check()` (refuse bad options with a KDPipeError), `needs_teacher` and `terms()`; see
+docs/extending.md. Its test goes in tests/test_losses.py.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from kdpipe import KDPipeError
 
-def kd_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch, computed in float32."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+_LOSSES: dict[str, type[Loss]] = {}
 
 
-class KDLoss(nn.Module):
-    """alpha * T^2 * KL + (1 - alpha) * CE; one module per (T, alpha)."""
+def register_loss(name: str):
+    """Class decorator: make the loss class available as `create_loss(name, ...)` and --loss NAME."""
+    def add(cls):
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        cls.name = name
+        _LOSSES[name] = cls
+        return cls
+    return add
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+
+def known_losses() -> str:
+    """One line: each loss with its options and defaults, for error messages and --help."""
+    return "; ".join(f"{n} ({', '.join(f'{k}={v:g}' for k, v in c.defaults.items())})" for n, c in _LOSSES.items())
+
+
+def create_loss(name: str, **options) -> Loss:
+    """The loss `name` with `options` (the rest at their defaults); a KDPipeError names what is wrong."""
+    cls = _LOSSES.get(name)
+    if cls is None:
+        raise KDPipeError(f"unknown loss {name!r}; known losses (options=defaults): {known_losses()}")
+    return cls(**options)
+
+
+class Loss:
+    """Base class: option handling, stacking and the call; subclasses declare `defaults` and `terms`."""
+
+    name: str = ""
+    defaults: dict[str, float] = {}
+    integer_options: tuple[str, ...] = ()
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise KDPipeError(f"loss {self.name} has no option {', '.join(unknown)}; its options (with defaults): "
+                              + ", ".join(f"{k}={v:g}" for k, v in self.defaults.items()))
+        self.options = {}
+        for k, default in self.defaults.items():
+            v = options.get(k, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise KDPipeError(f"loss {self.name}: {k} must be a finite number, got {v!r}")
+            if k in self.integer_options:
+                if v != int(v):
+                    raise KDPipeError(f"loss {self.name}: {k} must be a whole number, got {v:g}")
+                v = int(v)
+            else:
+                v = float(v)
+            self.options[k] = v
+            setattr(self, k, v)
+        self.members = [self.options]  # the options of each stacked run; one here
+        self.check()
+
+    def check(self) -> None:
+        """Raise a KDPipeError for options outside their range."""
 
     @property
     def needs_teacher(self) -> bool:
-        return self.alpha > 0
+        raise NotImplementedError
 
-    def forward(self, student_logits, teacher_logits, labels):
-        loss = student_logits.new_zeros((), dtype=torch.float32)
-        if self.alpha < 1.0:
-            loss = loss + (1.0 - self.alpha) * F.cross_entropy(student_logits.float(), labels)
-        if self.alpha > 0.0:
-            loss = loss + self.alpha * kd_div(student_logits, teacher_logits, self.temperature)
-        return loss
+    def terms(self, out: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, epoch) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, out, teacher, labels, epoch) -> dict[str, torch.Tensor]:
+        if teacher is None and self.needs_teacher:
+            raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
+        return self.terms(out.float(), None if teacher is None else teacher.float(), labels, epoch)
+
+    def any_member(self, predicate) -> bool:
+        """Whether predicate(options) holds for some stacked run: decided once, never on the device."""
+        return any(predicate(m) for m in self.members)
+
+    @classmethod
+    def stack(cls, losses: list[Loss], device=None) -> Loss:
+        """One loss for S stacked runs: hyperparameters become (S,) float32 tensors on `device`."""
+        if not losses or any(type(x) is not cls for x in losses):
+            raise ValueError(f"{cls.__name__}.stack takes losses of that class only")
+        stacked = cls.__new__(cls)
+        stacked.members = [x.options for x in losses]
+        stacked.options = None  # no single setting: see .members
+        for k in cls.defaults:
+            setattr(stacked, k, torch.tensor([float(m[k]) for m in stacked.members], dtype=torch.float32,
+                                             device=device))
+        return stacked
+
+    @staticmethod
+    def per_run(h, ndim: int):
+        """Hyperparameter h (a float or 0-dim tensor: one run; an (S,) tensor: stacked runs) broadcast
+        against a tensor of `ndim` dimensions whose first is the run's (S, ...) when stacked."""
+        return h.view(-1, *([1] * (ndim - 1))) if torch.is_tensor(h) and h.ndim else h
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.members if self.options is None else self.options})"
+
+
+def cross_entropy(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch: out (..., B, C) -> (...)."""
+    c = out.shape[-1]
+    y = labels.expand(out.shape[:-1]).reshape(-1)
+    return F.cross_entropy(out.reshape(-1, c), y, reduction="none").view(out.shape[:-1]).mean(-1)
+
+
+def kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p || q) = sum_c p (log p - log q) over the last dimension, from log-probabilities."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def _zeros(out: torch.Tensor) -> torch.Tensor:
+    return out.new_zeros(out.shape[:-2])
+
+
+@register_loss("kd")
+class KDLoss(Loss):
+    """Hinton et al. 2015: alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y).
+
+    alpha = 0 is plain cross-entropy (the from-scratch baseline, and the teacher's own training) and
+    needs no teacher. Terms: ce, kd.
+    """
+
+    defaults = {"temperature": 4.0, "alpha": 0.9}
+
+    def check(self):
+        if not self.temperature > 0:
+            raise KDPipeError(f"loss kd: temperature must be > 0, got {self.temperature:g}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise KDPipeError(f"loss kd: alpha must lie in [0, 1], got {self.alpha:g}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.any_member(lambda m: m["alpha"] > 0)
+
+    def terms(self, out, teacher, labels, epoch):
+        w = lambda h: self.per_run(h, 1)  # noqa: E731 (against per-run terms: (S,) or ())
+        ce = kd = _zeros(out)
+        if self.any_member(lambda m: m["alpha"] < 1):  # alpha = 1 leaves CE out, as it always did
+            ce = (1.0 - w(self.alpha)) * cross_entropy(out, labels)
+        if teacher is not None and self.needs_teacher:
+            t = self.per_run(self.temperature, out.ndim)
+            kl = kl_sum(F.log_softmax(teacher / t, dim=-1), F.log_softmax(out / t, dim=-1)).mean(-1)
+            kd = w(self.alpha) * w(self.temperature) ** 2 * kl
+        return {"ce": ce, "kd": kd}
+
+
+def warmup_weight(epoch, warmup):
+    """min((epoch + 1) / warmup, 1), epoch counting from 0: the first epoch has weight 1 / warmup, as
+    in the DKD authors' code whose epochs count from 1; warmup = 0 is no warm-up. Tensors stay
+    tensors (no sync, and torch.compile sees no changing Python number)."""
+    if torch.is_tensor(epoch) or torch.is_tensor(warmup):
+        return torch.clamp((epoch + 1) / warmup, max=1.0)  # x / 0 = inf -> 1
+    return 1.0 if warmup == 0 else min((epoch + 1) / warmup, 1.0)
+
+
+@register_loss("dkd")
+class DKDLoss(Loss):
+    """Decoupled KD (Zhao et al., CVPR 2022): CE + w(epoch) * T^2 * (alpha * TCKD + beta * NCKD).
+
+    TCKD = KL(b^T || b^S), b = (p_target, 1 - p_target), the binary target / non-target split;
+    NCKD = KL(p̂^T || p̂^S), p̂ the distribution over the non-target classes alone; all at
+    temperature T. w(epoch) = min((epoch + 1) / warmup, 1) (see warmup_weight). Terms: ce, tckd, nckd.
+
+    Computed from log-sum-exps of the scaled logits, never from 1 - p, so a teacher that is sure of
+    the target (p -> 1 in float32) gives finite terms.
+    """
+
+    defaults = {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20}
+    integer_options = ("warmup",)
+
+    def check(self):
+        if not self.temperature > 0:
+            raise KDPipeError(f"loss dkd: temperature must be > 0, got {self.temperature:g}")
+        for k in ("alpha", "beta", "warmup"):
+            if getattr(self, k) < 0:
+                raise KDPipeError(f"loss dkd: {k} must be >= 0, got {getattr(self, k):g}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.any_member(lambda m: m["alpha"] > 0 or m["beta"] > 0)
+
+    def terms(self, out, teacher, labels, epoch):
+        w = lambda h: self.per_run(h, 1)  # noqa: E731 (against per-run terms: (S,) or ())
+        ce = cross_entropy(out, labels)
+        tckd = nckd = _zeros(out)
+        if teacher is not None and self.needs_teacher:
+            t = self.per_run(self.temperature, out.ndim)
+            target = F.one_hot(labels, out.shape[-1]).bool()  # (B, C), broadcast over the runs
+            split_s, rest_s = _target_split(out / t, target)
+            split_t, rest_t = _target_split(teacher / t, target)
+            scale = w(warmup_weight(epoch, self.warmup)) * w(self.temperature) ** 2
+            tckd = w(self.alpha) * scale * kl_sum(split_t, split_s).mean(-1)
+            nckd = w(self.beta) * scale * kl_sum(rest_t, rest_s).mean(-1)
+        return {"ce": ce, "tckd": tckd, "nckd": nckd}
+
+
+def _target_split(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From scaled logits z (..., B, C): log b = (log p_target, log (1 - p_target)) as (..., B, 2), and
+    log p̂ (..., B, C), the log-distribution over the non-target classes, with 0 at the target: there
+    teacher and student both hold "p = 1", whose KL contribution 1 * (0 - 0) is exactly 0 with a zero
+    gradient (masking the term afterwards would leave inf * 0 = nan in the backward pass when
+    exp(z_target - lse_rest) overflows)."""
+    lse_all = z.logsumexp(-1, keepdim=True)
+    lse_rest = z.masked_fill(target, float("-inf")).logsumexp(-1, keepdim=True)
+    z_target = (z * target).sum(-1, keepdim=True)
+    log_b = torch.cat([z_target - lse_all, lse_rest - lse_all], dim=-1)
+    return log_b, (z - lse_rest).masked_fill(target, 0.0)

@@ -14,12 +14,12 @@ import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import plan_runs, run_name
+from kdpipe.sweep import parse_loss, plan_runs, run_name
 
 _TEACHER_KEYS = {"arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "policy", "padding",
                  "size", "seed", "device", "file"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
-_STUDENT_KEYS = {"name", "archs", "epochs", "temperature", "alpha", "seed", "batch_size", "lr", "momentum",
+_STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr", "momentum",
                  "weight_decay", "schedule", "device"}
 
 
@@ -107,13 +107,15 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     all_metrics = []
     for i, block in enumerate(spec["students"]):
         archs = _listify(block["archs"])
-        temps = _listify(block.get("temperature", [4.0]))
-        alphas = _listify(block.get("alpha", [0.9]))
+        temps = _listify(block.get("temperature", []))  # empty: the loss's default
+        alphas = _listify(block.get("alpha", []))
         seeds = _listify(block.get("seed", [0]))
-        targets = [f"{runs_dir}/students/{run_name(*p)}/metrics.json" for p in plan_runs(archs, temps, alphas, seeds)]
+        loss, loss_options = parse_loss(block.get("loss", "kd"))
+        targets = [f"{runs_dir}/students/{run_name(*p, loss, loss_options)}/metrics.json"
+                   for p in plan_runs(archs, temps, alphas, seeds, loss, loss_options)]
         all_metrics += targets
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _opts(block, {
-            "epochs": "epochs", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
+            "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
             "schedule": "schedule", "device": "device"})
         lines += rule(" ".join(targets) + " &", [manifest],

@@ -45,6 +45,19 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _loss(r) -> str:
+    """The run's loss as the report shows it: kd, or e.g. 'dkd (beta 8, warmup 20)' with the options that
+    are not columns of their own. metrics.json of earlier versions has no "loss": kd."""
+    loss = r.get("loss") or {"name": "kd", "options": {}}
+    extra = [f"{k} {v:g}" for k, v in loss.get("options", {}).items() if k not in ("temperature", "alpha")]
+    return loss["name"] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _scratch(r) -> bool:
+    """Trained without the teacher (kd with alpha 0, or any loss whose teacher terms weigh nothing)."""
+    return not r["uses_teacher"] if "uses_teacher" in r else r["alpha"] == 0
+
+
 def build_report(run_paths, out) -> dict:
     runs = find_runs(run_paths)
     out = ensure_out_dir(out, "report directory")
@@ -56,35 +69,39 @@ def build_report(run_paths, out) -> dict:
     lines = ["# kdpipe report", ""]
     datasets = sorted({r.get("dataset", "?") for r in runs})
     lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s).", ""]
-    lines += ["| model | role | T | alpha | seed | test top-1 | agreement with teacher | parameters | MB | "
+    lines += ["| model | role | loss | T | alpha | seed | test top-1 | agreement with teacher | parameters | MB | "
               "CPU latency (ms/image) | training time (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in teachers.values():
-        lines.append(f"| {t.get('arch')} | teacher | | | | {_fmt(t.get('test_top1'))} | 1.0000 | "
+        lines.append(f"| {t.get('arch')} | teacher | | | | | {_fmt(t.get('test_top1'))} | 1.0000 | "
                      f"{t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
                      f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
-    for r in sorted(runs, key=lambda r: (r["arch"], r["alpha"], r["temperature"], r["seed"])):
-        role = "scratch" if r["alpha"] == 0 else "KD"
-        lines.append(f"| {r['arch']} | {role} | {'' if r['alpha'] == 0 else format(r['temperature'], 'g')} | "
+    for r in sorted(runs, key=lambda r: (r["arch"], _loss(r), r["alpha"], r["temperature"], r["seed"])):
+        role = "scratch" if _scratch(r) else "KD"
+        lines.append(f"| {r['arch']} | {role} | {_loss(r)} | {'' if _scratch(r) else format(r['temperature'], 'g')} | "
                      f"{r['alpha']:g} | {r['seed']} | {_fmt(r.get('test_top1'))} | "
                      f"{_fmt(r.get('teacher_agreement'))} | {r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
                      f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {r.get('train_wall_s', 0):.1f} |")
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["arch"], r["alpha"], r["temperature"] if r["alpha"] else None)].append(r)
+        groups[(r["arch"], _loss(r), r["alpha"], None if _scratch(r) else r["temperature"])].append(r)
     summary = []
-    for (arch, alpha, temp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+    for (arch, loss, alpha, temp), rs in sorted(groups.items(),
+                                                key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0)):
         acc, acc_sd = _mean_std([r.get("test_top1") for r in rs])
         agr, agr_sd = _mean_std([r.get("teacher_agreement") for r in rs])
-        summary.append({"arch": arch, "alpha": alpha, "temperature": temp, "seeds": sorted(r["seed"] for r in rs),
+        summary.append({"arch": arch, "loss": loss, "scratch": _scratch(rs[0]), "alpha": alpha, "temperature": temp,
+                        "seeds": sorted(r["seed"] for r in rs),
                         "test_top1_mean": acc, "test_top1_std": acc_sd, "agreement_mean": agr,
                         "agreement_std": agr_sd, "parameters": rs[0]["parameters"]})
     if any(len(s["seeds"]) > 1 for s in summary):
         lines += ["", "Over seeds (mean ± sample std):", "",
-                  "| model | role | T | alpha | seeds | test top-1 | agreement |", "|---|---|---|---|---|---|---|"]
+                  "| model | role | loss | T | alpha | seeds | test top-1 | agreement |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in summary:
-            role = "scratch" if s["alpha"] == 0 else "KD"
-            lines.append(f"| {s['arch']} | {role} | {'' if s['temperature'] is None else format(s['temperature'], 'g')} "
+            role = "scratch" if s["scratch"] else "KD"
+            temp = "" if s["temperature"] is None else format(s["temperature"], "g")
+            lines.append(f"| {s['arch']} | {role} | {s['loss']} | {temp} "
                          f"| {s['alpha']:g} | {len(s['seeds'])} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} |")
     plots = _plots(runs, list(teachers.values()), out)
@@ -104,7 +121,7 @@ def _plots(runs, teachers, out: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for role, marker in (("scratch", "s"), ("KD", "o")):
-        rs = [r for r in runs if (r["alpha"] == 0) == (role == "scratch") and r.get("test_top1") is not None]
+        rs = [r for r in runs if _scratch(r) == (role == "scratch") and r.get("test_top1") is not None]
         if rs:
             ax.scatter([r["parameters"] for r in rs], [r["test_top1"] for r in rs], marker=marker, label=f"student ({role})")
     for t in teachers:
@@ -130,7 +147,7 @@ def _plots(runs, teachers, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * (len(runs) + 1)), 4.5))
     names = [f"teacher {t['arch']}" for t in teachers] + [r["name"] for r in runs]
     accs = [t.get("test_top1") or 0 for t in teachers] + [r.get("test_top1") or 0 for r in runs]
-    colors = ["k"] * len(teachers) + ["tab:gray" if r["alpha"] == 0 else "tab:blue" for r in runs]
+    colors = ["k"] * len(teachers) + ["tab:gray" if _scratch(r) else "tab:blue" for r in runs]
     ax.bar(range(len(names)), accs, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     lo = min(a for a in accs if a) if any(accs) else 0

@@ -19,8 +19,9 @@ from kdpipe.data import ImageData, load_dataset
 from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
+from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters, create_model
-from kdpipe.sweep import plan_runs, run_name
+from kdpipe.sweep import parse_loss, plan_runs, run_name
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
 
@@ -43,12 +44,15 @@ def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData 
     return train, test
 
 
-def train_students(cache_dir, students: list[str], epochs: int, out, *, temperatures=(4.0,), alphas=(0.9,),
-                   seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
+def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
+                   alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
                    online_teacher=None, dist=None, log=print, fuse: bool | str | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
+
+    `loss` is a spec, NAME[:OPTION=VALUE,...] (kdpipe.sweep.parse_loss, kdpipe.losses); T and alpha are
+    its temperature and alpha, swept; empty `temperatures` or `alphas`: the loss's default (kd: 4, 0.9).
 
     With `online_teacher` (a module), the teacher runs in every step on the same replayed views
     instead of the cached logits (for comparisons; the cache still supplies the view parameters).
@@ -68,14 +72,13 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
         raise KDPipeError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
         raise KDPipeError(f"--batch-size must be >= 1, got {batch_size}")
-    for t in temperatures:
-        if not t > 0:
-            raise KDPipeError(f"--temperature must be > 0, got {t}")
-    for a in alphas:
-        if not 0 <= a <= 1:
-            raise KDPipeError(f"--alpha must lie in [0, 1], got {a}")
     if not students:
         raise KDPipeError("give at least one --student")
+    loss_name, loss_options = parse_loss(loss)
+    planned = plan_runs(students, temperatures, alphas, seeds, loss_name, loss_options)
+    losses = {p: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
+                                                            if v is not None})
+              for p in planned}  # bad options fail here, before any training
     with ctx.together("opening the cache"):
         cache = Cache(cache_dir)
         m = cache.manifest
@@ -101,7 +104,6 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
         raise KDPipeError(f"{n} samples are fewer than one global batch ({batch_size} per rank x {world} "
                           "ranks): lower --batch-size")
     total_steps = epochs * steps_per_epoch(n, batch_size * world)
-    planned = plan_runs(students, temperatures, alphas, seeds)
     log(f"batch {batch_size}" + (f" per rank x {world} ranks = effective batch {batch_size * world} "
                                  f"(DistributedDataParallel, {ctx.backend})" if world > 1 else "")
         + f", peak lr {optim.lr:g}" + (" (as given: not scaled with the world size)" if world > 1 else "")
@@ -130,8 +132,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
     results = []
     for seed in sorted({p[3] for p in planned}):
         group = [p for p in planned if p[3] == seed]
-        runs: list[Run] = [build_run(run_name(*p), p[0], p[1], p[2], p[3], cache.num_classes, in_shape, optim,
-                                     total_steps, device) for p in group]
+        runs: list[Run] = [build_run(run_name(*p, loss_name, loss_options), p[0], losses[p], p[3],
+                                     cache.num_classes, in_shape, optim, total_steps, device) for p in group]
         log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
             + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
         t0 = time.perf_counter()
@@ -155,8 +157,12 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, temperat
 def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_shape, out: Path, stats,
                 epochs, batch_size, optim, amp, device, runs_in_pass, log, world: int = 1) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
-    metrics = {"name": r.name, "arch": r.arch, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
+    opts = r.loss.options
+    metrics = {"name": r.name, "arch": r.arch, "loss": {"name": r.loss.name, "options": opts},
+               "temperature": opts.get("temperature"), "alpha": opts.get("alpha"),
+               "uses_teacher": r.loss.needs_teacher, "seed": r.seed,
                "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
+               "train_terms": r.terms,
                "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
                "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": batch_size,
                "effective_batch_size": batch_size * world, "lr": optim.lr,
@@ -176,7 +182,8 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
         ckpt, r.model, arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape, mean=mean, std=std,
         class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
         test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
-    config = {"run": r.name, "student": r.arch, "temperature": r.temperature, "alpha": r.alpha, "seed": r.seed,
+    config = {"run": r.name, "student": r.arch, "loss": {"name": r.loss.name, "options": opts},
+              "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": r.seed,
               "epochs": epochs, "batch_size": batch_size, "world_size": world,
               "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
               "device": str(device),

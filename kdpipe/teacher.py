@@ -16,6 +16,7 @@ from kdpipe.data import ImageData
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
+from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
 from kdpipe.util import Progress, ensure_parent, images_tensor
 from kdpipe.views import ViewPolicy
@@ -29,7 +30,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     optim = optim or OptimConfig()
     mean, std = train.channel_stats()
     in_shape = policy.output_shape(train.image_shape)
-    run = build_run("teacher", arch, 1.0, 0.0, seed, train.num_classes, in_shape, optim,
+    run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
                      epochs * steps_per_epoch(len(train), batch_size), device)
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kdpipe.engine import OptimConfig, build_run, train_pass
-from kdpipe.fused import FusedRuns, plan_units, stacked_kd_loss
-from kdpipe.losses import KDLoss
+from kdpipe.fused import FusedRuns, plan_units
+from kdpipe.losses import create_loss
 from kdpipe.views import create_policy
 
 N, C, H, W, CLASSES = 96, 1, 12, 12, 5
@@ -22,11 +22,12 @@ def _data():
     return images, labels, logits
 
 
-def _runs(specs, epochs, batch=32, arch="cnn_tiny"):
+def _runs(specs, epochs, batch=32, arch="cnn_tiny", loss="kd", **options):
+    """specs: (temperature, alpha, seed, arch or None) per run."""
     total = epochs * (N // batch)
     optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
-    return [build_run(f"r{i}", arch if a is None else a, t, al, seed, CLASSES, (C, H, W), optim, total,
-                      torch.device("cpu"))
+    return [build_run(f"r{i}", arch if a is None else a, create_loss(loss, temperature=t, alpha=al, **options), seed,
+                      CLASSES, (C, H, W), optim, total, torch.device("cpu"))
             for i, (t, al, seed, a) in enumerate(specs)]
 
 
@@ -51,6 +52,11 @@ def _assert_same(a, b, atol=2e-4):
         for k in sa:
             torch.testing.assert_close(sa[k].float(), sb[k].float(), atol=atol, rtol=1e-3, msg=f"{ra.name} {k}")
         np.testing.assert_allclose(ra.history, rb.history, rtol=1e-4, atol=1e-5)
+        assert ra.terms.keys() == rb.terms.keys() == set(ra.loss(torch.zeros(2, CLASSES), torch.zeros(2, CLASSES),
+                                                                  torch.zeros(2, dtype=torch.long), 0))
+        for k in ra.terms:
+            np.testing.assert_allclose(ra.terms[k], rb.terms[k], rtol=1e-4, atol=1e-5, err_msg=f"{ra.name} {k}")
+        np.testing.assert_allclose(rb.history, np.sum([rb.terms[k] for k in rb.terms], axis=0), rtol=1e-6)
         assert ra.scheduler.last_epoch == rb.scheduler.last_epoch
         assert [g["lr"] for g in ra.optimizer.param_groups] == pytest.approx(
             [g["lr"] for g in rb.optimizer.param_groups])
@@ -103,15 +109,21 @@ def test_runs_with_other_settings_are_not_fused():
     assert FusedRuns.why_not([a[0]]) is not None
 
 
-def test_stacked_loss_matches_kdloss():
-    g = torch.Generator().manual_seed(0)
-    out = torch.randn(3, 8, 6, generator=g)
-    t = torch.randn(8, 6, generator=g)
-    y = torch.randint(0, 6, (8,), generator=g)
-    temps, alphas = [4.0, 1.0, 2.5], [0.9, 0.0, 1.0]
-    got = stacked_kd_loss(out, t, y, torch.tensor(temps), torch.tensor(alphas), True, True)
-    want = torch.stack([KDLoss(T, a)(out[i], t, y) for i, (T, a) in enumerate(zip(temps, alphas))])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+def test_dkd_runs_fuse_and_train_as_unfused():
+    """DKD's warm-up sees the epoch through the fused step too (3 epochs, warm-up 2: ramped, then full)."""
+    specs = [(4.0, 1.0, 0, None), (2.0, 0.5, 1, None), (1.0, 0.0, 2, None)]
+    plain, fused = _runs(specs, 3, loss="dkd", beta=4.0, warmup=2), _runs(specs, 3, loss="dkd", beta=4.0, warmup=2)
+    _train(plain, False, 3)
+    assert _train(fused, True, 3)["fused_groups"] == [["r0", "r1", "r2"]]
+    _assert_same(plain, fused)
+    assert set(fused[0].terms) == {"ce", "tckd", "nckd"} and all(len(v) == 3 for v in fused[0].terms.values())
+    assert fused[2].terms["tckd"] == [0.0, 0.0, 0.0] and min(fused[2].terms["nckd"]) > 0
+
+
+def test_kd_and_dkd_runs_do_not_fuse_together():
+    runs = _runs(SPECS[:2], 1) + _runs(SPECS[:2], 1, loss="dkd")
+    assert plan_units(runs, True) == [[0, 1], [2, 3]]
+    assert "loss class" in FusedRuns.why_not([runs[0], runs[2]])
 
 
 def test_cifar_resnet_with_global_pool_fuses_alike():

@@ -1,4 +1,5 @@
-"""KD loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, checked by hand."""
+"""Losses: the registry, KD checked by hand, DKD against a float64 reference written from the paper's
+formulas, stacked runs equal to single runs, the warm-up, and gradients against finite differences."""
 
 from __future__ import annotations
 
@@ -7,21 +8,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.losses import KDLoss, kd_div
+from kdpipe import KDPipeError
+from kdpipe.losses import DKDLoss, KDLoss, Loss, create_loss, register_loss, warmup_weight
+from kdpipe.sweep import KD_AXES
 
 
 def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
+    z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def by_hand(s, t, y, temperature, alpha):
-    """In float64 with numpy: batch means of T^2 * sum p_t log(p_t / p_s) and of -log softmax(s)[y]."""
-    p_s, p_t = softmax(s / temperature), softmax(t / temperature)
-    kl = (p_t * (np.log(p_t) - np.log(p_s))).sum(axis=1).mean()
+def kl(p, q):
+    return (p * (np.log(p) - np.log(q))).sum(axis=-1)
+
+
+def kd_by_hand(s, t, y, temperature, alpha):
+    """In float64 with numpy: (ce, kd) as batch means of -log softmax(s)[y] and T^2 * sum p_t log(p_t / p_s)."""
     ce = -np.log(softmax(s)[np.arange(len(y)), y]).mean()
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    k = kl(softmax(t / temperature), softmax(s / temperature)).mean() * temperature ** 2
+    return (1 - alpha) * ce, alpha * k
+
+
+def dkd_by_hand(s, t, y, temperature, alpha, beta, weight):
+    """Zhao et al. 2022, eqs. (1)-(7), in float64, sample by sample: b = [p_target, 1 - p_target] and
+    p̂ = the softmax restricted to the non-target classes; TCKD = KL(b^T || b^S), NCKD = KL(p̂^T || p̂^S)."""
+    tckd, nckd, ce = [], [], []
+    for si, ti, yi in zip(s, t, y):
+        ps, pt = softmax(si / temperature), softmax(ti / temperature)
+        bs, bt = np.array([ps[yi], 1 - ps[yi]]), np.array([pt[yi], 1 - pt[yi]])
+        rest = np.arange(len(si)) != yi
+        hs, ht = ps[rest] / ps[rest].sum(), pt[rest] / pt[rest].sum()
+        tckd.append(kl(bt, bs))
+        nckd.append(kl(ht, hs))
+        ce.append(-np.log(softmax(si)[yi]))
+    t2 = temperature ** 2
+    return {"ce": np.mean(ce), "tckd": weight * alpha * t2 * np.mean(tckd), "nckd": weight * beta * t2 * np.mean(nckd)}
 
 
 @pytest.fixture
@@ -33,65 +55,254 @@ def batch():
     return s, t, y
 
 
+def f32(*arrays):
+    return [torch.tensor(a, dtype=torch.float32) if a.dtype.kind == "f" else torch.tensor(a) for a in arrays]
+
+
+# ---------------------------------------------------------------- registry
+
+def test_the_registry_creates_each_loss_and_refuses_unknown_names_and_options():
+    assert type(create_loss("kd")) is KDLoss and type(create_loss("dkd")) is DKDLoss
+    loss = create_loss("dkd", beta=2, warmup=5)
+    assert loss.name == "dkd" and loss.options == {"temperature": 4.0, "alpha": 1.0, "beta": 2.0, "warmup": 5}
+    assert create_loss("kd").options == KD_AXES  # sweep.py names kd runs with these defaults
+    with pytest.raises(KDPipeError, match=r"unknown loss 'nope'.*kd \(temperature=4, alpha=0.9\).*dkd \("):
+        create_loss("nope")
+    with pytest.raises(KDPipeError, match="loss dkd has no option gamma.*beta=8"):
+        create_loss("dkd", gamma=1.0)
+    with pytest.raises(KDPipeError, match="warmup must be a whole number"):
+        create_loss("dkd", warmup=2.5)
+
+
+def test_a_new_loss_is_one_registered_class():
+    @register_loss("test-l2")
+    class L2(Loss):
+        defaults = {"weight": 1.0}
+
+        @property
+        def needs_teacher(self):
+            return True
+
+        def terms(self, out, teacher, labels, epoch):
+            return {"l2": self.per_run(self.weight, 1) * ((out - teacher) ** 2).mean((-2, -1))}
+
+    try:
+        out, t = torch.randn(3, 4, 5), torch.randn(4, 5)
+        single = [create_loss("test-l2", weight=w) for w in (1.0, 2.0, 0.5)]
+        got = L2.stack(single)(out, t, torch.zeros(4, dtype=torch.long), 0)["l2"]
+        torch.testing.assert_close(got, torch.stack([x(out[i], t, None, 0)["l2"] for i, x in enumerate(single)]))
+    finally:
+        from kdpipe import losses
+        del losses._LOSSES["test-l2"]
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("kd", dict(temperature=0.0), "temperature must be > 0"), ("kd", dict(temperature=-1.0), "temperature must be > 0"),
+    ("kd", dict(alpha=-0.1), r"alpha must lie in \[0, 1\]"), ("kd", dict(alpha=1.1), r"alpha must lie in \[0, 1\]"),
+    ("dkd", dict(beta=-1.0), "beta must be >= 0"), ("dkd", dict(warmup=-2), "warmup must be >= 0"),
+    ("dkd", dict(temperature=float("nan")), "finite number"),
+])
+def test_bad_settings_are_refused(name, options, message):
+    with pytest.raises(KDPipeError, match=message):
+        create_loss(name, **options)
+
+
+# ---------------------------------------------------------------- KD (Hinton)
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
 def test_kd_loss_equals_the_hand_computation(batch, temperature, alpha):
     s, t, y = batch
-    got = KDLoss(temperature, alpha)(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32),
-                                     torch.tensor(y))
-    assert got.dtype == torch.float32 and got.ndim == 0
-    assert float(got) == pytest.approx(by_hand(s, t, y, temperature, alpha), rel=1e-5, abs=1e-6)
+    terms = create_loss("kd", temperature=temperature, alpha=alpha)(*f32(s, t, y), epoch=0)
+    assert set(terms) == {"ce", "kd"}
+    assert all(v.dtype == torch.float32 and v.shape == () for v in terms.values())
+    ce, k = kd_by_hand(s, t, y, temperature, alpha)
+    assert float(terms["ce"]) == pytest.approx(ce, rel=1e-5, abs=1e-6)
+    assert float(terms["kd"]) == pytest.approx(k, rel=1e-5, abs=1e-6)
+
+
+def test_kd_is_todays_formula_in_float32(batch):
+    """The values of the first version's KDLoss: F.kl_div(batchmean) * T^2 and F.cross_entropy, mixed by alpha."""
+    s, t, y = f32(*batch)
+    terms = create_loss("kd", temperature=4.0, alpha=0.9)(s, t, y, 0)
+    old_kd = F.kl_div(F.log_softmax(s / 4, 1), F.log_softmax(t / 4, 1), reduction="batchmean", log_target=True) * 16
+    old = 0.1 * F.cross_entropy(s, y) + 0.9 * old_kd
+    torch.testing.assert_close(sum(terms.values()), old, rtol=1e-6, atol=1e-6)
 
 
 def test_the_kl_runs_from_teacher_to_student(batch):
     """KL(p_t || p_s) and KL(p_s || p_t) differ on this batch; the loss is the former."""
     s, t, y = batch
-    forward = by_hand(s, t, y, 4.0, 1.0)
-    reverse = by_hand(t, s, y, 4.0, 1.0)
+    forward, reverse = kd_by_hand(s, t, y, 4.0, 1.0)[1], kd_by_hand(t, s, y, 4.0, 1.0)[1]
     assert abs(forward - reverse) > 0.1
-    got = float(kd_div(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), 4.0))
-    assert got == pytest.approx(forward, rel=1e-5)
+    assert float(create_loss("kd", alpha=1.0)(*f32(s, t, y), 0)["kd"]) == pytest.approx(forward, rel=1e-5)
 
 
 def test_alpha_zero_is_cross_entropy_and_ignores_the_teacher(batch):
-    s, t, y = batch
-    s, y = torch.tensor(s, dtype=torch.float32), torch.tensor(y)
-    loss = KDLoss(4.0, 0.0)
-    assert not loss.needs_teacher and KDLoss(4.0, 0.1).needs_teacher
-    assert torch.allclose(loss(s, None, y), F.cross_entropy(s, y), rtol=0, atol=1e-7)
+    s, _, y = f32(*batch)
+    loss = create_loss("kd", alpha=0.0)
+    assert not loss.needs_teacher and create_loss("kd", alpha=0.1).needs_teacher
+    terms = loss(s, None, y, 0)
+    assert float(terms["kd"]) == 0.0
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(s, y), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs teacher logits"):
+        create_loss("kd", alpha=0.5)(s, None, y, 0)
 
 
 def test_identical_logits_give_zero_divergence(batch):
-    s, _, y = batch
-    s = torch.tensor(s, dtype=torch.float32)
-    assert float(kd_div(s, s.clone(), 4.0)) == pytest.approx(0.0, abs=1e-6)
-    assert float(KDLoss(4.0, 1.0)(s, s.clone(), torch.tensor(y))) == pytest.approx(0.0, abs=1e-6)
+    s, _, y = f32(*batch)
+    assert float(create_loss("kd", alpha=1.0)(s, s.clone(), y, 0)["kd"]) == pytest.approx(0.0, abs=1e-6)
+    terms = create_loss("dkd", warmup=0)(s, s.clone(), y, 0)
+    assert float(terms["tckd"]) == pytest.approx(0.0, abs=1e-5) and float(terms["nckd"]) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_float16_teacher_logits_are_computed_in_float32(batch):
     s, t, y = batch
     t16 = torch.tensor(t, dtype=torch.float16)
-    got = KDLoss(4.0, 0.9)(torch.tensor(s, dtype=torch.float32), t16, torch.tensor(y))
-    assert got.dtype == torch.float32
-    ref = by_hand(s, t16.float().numpy().astype(np.float64), y, 4.0, 0.9)
-    assert float(got) == pytest.approx(ref, rel=1e-5)
+    for name in ("kd", "dkd"):
+        terms = create_loss(name)(torch.tensor(s, dtype=torch.float32), t16, torch.tensor(y), 30)
+        assert all(v.dtype == torch.float32 for v in terms.values())
+    got = create_loss("kd")(torch.tensor(s, dtype=torch.float32), t16, torch.tensor(y), 0)
+    ref = sum(kd_by_hand(s, t16.float().numpy().astype(np.float64), y, 4.0, 0.9))
+    assert float(sum(got.values())) == pytest.approx(ref, rel=1e-5)
 
 
-def test_gradient_flows_to_the_student_only(batch):
+# ---------------------------------------------------------------- DKD
+
+@pytest.mark.parametrize("temperature, alpha, beta",
+                         [(4.0, 1.0, 8.0), (1.0, 0.5, 2.0), (2.5, 0.0, 1.0), (8.0, 2.0, 0.0)])
+def test_dkd_equals_the_paper_formula_in_float64(batch, temperature, alpha, beta):
     s, t, y = batch
-    s = torch.tensor(s, dtype=torch.float32, requires_grad=True)
-    t = torch.tensor(t, dtype=torch.float32, requires_grad=True)
-    KDLoss(4.0, 0.5)(s, t.detach(), torch.tensor(y)).backward()
-    assert s.grad is not None and torch.isfinite(s.grad).all() and t.grad is None
-    # d/ds of T^2 * KL at temperature T is T * (p_s - p_t) / B: check one entry by hand.
-    s2 = s.detach().clone().requires_grad_(True)
-    kd_div(s2, t.detach(), 4.0).backward()
-    p_s = softmax(s.detach().numpy().astype(np.float64) / 4.0)
-    p_t = softmax(t.detach().numpy().astype(np.float64) / 4.0)
-    np.testing.assert_allclose(s2.grad.numpy(), 4.0 * (p_s - p_t) / len(p_s), rtol=1e-4, atol=1e-6)
+    loss = create_loss("dkd", temperature=temperature, alpha=alpha, beta=beta, warmup=0)
+    terms = loss(*f32(s, t, y), 0)
+    assert set(terms) == {"ce", "tckd", "nckd"} and all(v.shape == () for v in terms.values())
+    want = dkd_by_hand(s, t, y, temperature, alpha, beta, 1.0)
+    for k in want:
+        assert float(terms[k]) == pytest.approx(want[k], rel=2e-5, abs=1e-6), k
+    assert float(terms["nckd"]) > 0 if beta else float(terms["nckd"]) == 0
 
 
-@pytest.mark.parametrize("temperature, alpha", [(0.0, 0.5), (-1.0, 0.5), (4.0, -0.1), (4.0, 1.1)])
-def test_bad_settings_are_refused(temperature, alpha):
+def test_dkd_decouples_classical_kd():
+    """The paper's eq. (7): KD = TCKD + (1 - p_t^T) NCKD per sample; with a batch of one sample the
+    weighted sum must equal kd's KL term exactly (a check that does not repeat the reference's algebra)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        s, t = torch.randn(1, 7, generator=g) * 3, torch.randn(1, 7, generator=g) * 3
+        y = torch.randint(0, 7, (1,), generator=g)
+        p_t = torch.softmax(t / 2, 1)[0, y].item()
+        dkd = create_loss("dkd", temperature=2.0, alpha=1.0, beta=1 - p_t, warmup=0)(s, t, y, 0)
+        kd = create_loss("kd", temperature=2.0, alpha=1.0)(s, t, y, 0)
+        torch.testing.assert_close(dkd["tckd"] + dkd["nckd"], kd["kd"], rtol=1e-5, atol=1e-6)
+
+
+def test_dkd_stays_finite_when_the_teacher_is_certain():
+    s = torch.randn(4, 10)
+    t = torch.full((4, 10), -60.0)
+    y = torch.tensor([0, 3, 5, 9])
+    t[torch.arange(4), y] = 60.0  # p_target = 1 in float32 at T = 1
+    s.requires_grad_(True)
+    terms = create_loss("dkd", temperature=1.0, warmup=0)(s, t, y, 0)
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(v) for v in terms.values()) and torch.isfinite(s.grad).all()
+
+
+def test_the_warmup_ramps_the_kd_terms_from_the_first_epoch(batch):
+    """epoch counts from 0; weight min((epoch + 1) / warmup, 1): 1/20 in the first epoch, 1 from epoch 19 on."""
+    s, t, y = f32(*batch)
+    loss = create_loss("dkd", warmup=20)
+    full = create_loss("dkd", warmup=0)(s, t, y, 0)
+    for epoch, w in ((0, 1 / 20), (4, 5 / 20), (18, 19 / 20), (19, 1.0), (50, 1.0)):
+        assert warmup_weight(epoch, 20) == pytest.approx(w)
+        got = loss(s, t, y, epoch)
+        torch.testing.assert_close(got["ce"], full["ce"])  # CE is never ramped
+        for k in ("tckd", "nckd"):
+            torch.testing.assert_close(got[k], w * full[k], rtol=1e-6, atol=1e-7)
+    # a 0-dim tensor epoch (what fused runs pass) gives the same
+    torch.testing.assert_close(loss(s, t, y, torch.tensor(4.0))["nckd"], loss(s, t, y, 4)["nckd"])
+
+
+def test_dkd_without_teacher_terms_is_cross_entropy(batch):
+    s, _, y = f32(*batch)
+    loss = create_loss("dkd", alpha=0.0, beta=0.0)
+    assert not loss.needs_teacher and create_loss("dkd", alpha=0.0).needs_teacher
+    terms = loss(s, None, y, 3)
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(s, y), rtol=0, atol=1e-6)
+    assert float(terms["tckd"]) == float(terms["nckd"]) == 0.0
+
+
+# ---------------------------------------------------------------- stacked runs
+
+STACKS = {"kd": [dict(temperature=4.0, alpha=0.9), dict(temperature=1.0, alpha=0.0), dict(temperature=2.5, alpha=1.0)],
+          "dkd": [dict(temperature=4.0, alpha=1.0, beta=8.0, warmup=20), dict(temperature=1.0, alpha=0.0, beta=2.0,
+                                                                                warmup=0),
+                  dict(temperature=2.0, alpha=0.5, beta=0.0, warmup=3)]}
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+@pytest.mark.parametrize("epoch", [0, 2, 30])
+def test_stacked_loss_equals_each_run_alone(name, epoch):
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(3, 8, 6, generator=g) * 3
+    t = torch.randn(8, 6, generator=g) * 3
+    y = torch.randint(0, 6, (8,), generator=g)
+    single = [create_loss(name, **o) for o in STACKS[name]]
+    stacked = type(single[0]).stack(single)
+    assert stacked.needs_teacher
+    got = stacked(out, t, y, torch.tensor(float(epoch)))
+    for k, v in got.items():
+        assert v.shape == (3,)
+        want = torch.stack([loss(out[i], t, y, epoch)[k] for i, loss in enumerate(single)])
+        torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5, msg=k)
+    if name == "dkd":  # and the float64 reference, run by run
+        for i, o in enumerate(STACKS[name]):
+            ref = dkd_by_hand(out[i].double().numpy(), t.double().numpy(), y.numpy(), o["temperature"], o["alpha"],
+                              o["beta"], warmup_weight(epoch, o["warmup"]))
+            for k in ref:
+                assert float(got[k][i]) == pytest.approx(ref[k], rel=2e-5, abs=1e-6), (i, k)
+
+
+def test_stack_refuses_mixed_classes():
     with pytest.raises(ValueError):
-        KDLoss(temperature, alpha)
+        KDLoss.stack([create_loss("kd"), create_loss("dkd")])
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("name, options", [("kd", dict(temperature=3.0, alpha=0.7)),
+                                           ("dkd", dict(temperature=2.0, alpha=1.5, beta=4.0, warmup=4))])
+def test_gradient_matches_finite_differences(name, options):
+    """d(loss)/d(student logits) by autograd against central differences, in float64 (the loss computes in
+    float32 whatever it is given, so the logits are scaled to keep the differences above float32 noise)."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 5, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 5, (4,), generator=g)
+    loss = create_loss(name, **options)
+
+    def total(x):
+        return float(sum(loss(x, t, y, 1).values()))
+
+    x = s.float().requires_grad_(True)
+    sum(loss(x, t, y, 1).values()).backward()
+    h = 1e-2
+    numeric = torch.zeros_like(s)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            e = torch.zeros_like(s)
+            e[i, j] = h
+            numeric[i, j] = (total(s + e) - total(s - e)) / (2 * h)
+    torch.testing.assert_close(x.grad.double(), numeric, rtol=2e-3, atol=2e-4)
+    assert x.grad.abs().max() > 1e-3  # the gradient is not trivially zero
+
+
+def test_kd_gradient_is_the_closed_form(batch):
+    """d/ds of T^2 * KL at temperature T is T * (p_s - p_t) / B; of CE, (softmax(s) - onehot(y)) / B."""
+    s, t, y = batch
+    x = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    teacher = torch.tensor(t, dtype=torch.float32, requires_grad=True)
+    terms = create_loss("kd", temperature=4.0, alpha=0.5)(x, teacher.detach(), torch.tensor(y), 0)
+    sum(terms.values()).backward()
+    assert teacher.grad is None
+    onehot = np.eye(10)[y]
+    want = 0.5 * 4.0 * (softmax(s / 4) - softmax(t / 4)) / len(s) + 0.5 * (softmax(s) - onehot) / len(s)
+    np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-4, atol=1e-6)

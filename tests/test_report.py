@@ -29,22 +29,22 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     teacher = [r for r in rows if r[1] == "teacher"]
     manifest = json.loads((cache.path / "manifest.json").read_text())
     assert len(teacher) == 1 and teacher[0][0] == "cnn_small"
-    assert teacher[0][5] == f"{manifest['teacher']['test_top1']:.4f}"
-    assert teacher[0][7] == f"{manifest['teacher']['parameters']:,}"
-    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 11]
+    assert teacher[0][6] == f"{manifest['teacher']['test_top1']:.4f}"
+    assert teacher[0][8] == f"{manifest['teacher']['parameters']:,}"
+    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 12]
     assert len(students) == 4
     metrics = {(m["alpha"], m["seed"]): m for m in student_runs.results}
     for r in students:
-        m = metrics[(float(r[3]), int(r[4]))]
-        assert r[1] == ("scratch" if m["alpha"] == 0 else "KD")
-        assert r[5] == f"{m['test_top1']:.4f}" and r[6] == f"{m['teacher_agreement']:.4f}"
-        assert r[7] == f"{m['parameters']:,}" and r[8] == f"{m['size_bytes'] / 1e6:.2f}"
+        m = metrics[(float(r[4]), int(r[5]))]
+        assert r[1] == ("scratch" if m["alpha"] == 0 else "KD") and r[2] == "kd"
+        assert r[6] == f"{m['test_top1']:.4f}" and r[7] == f"{m['teacher_agreement']:.4f}"
+        assert r[8] == f"{m['parameters']:,}" and r[9] == f"{m['size_bytes'] / 1e6:.2f}"
     # Two seeds per setting: a mean ± std table, with the sample standard deviation.
     assert "mean ± sample std" in text
     for alpha, role in ((0.0, "scratch"), (0.9, "KD")):
         accs = [metrics[(alpha, s)]["test_top1"] for s in (0, 1)]
         cell = f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}"
-        assert any(r[1] == role and r[5] == cell for r in rows if len(r) == 7), cell
+        assert any(r[1] == role and r[2] == "kd" and r[6] == cell for r in rows if len(r) == 8), cell
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert len(summary["groups"]) == 2 and len(summary["runs"]) == 4
     # Plots: real PNG images, linked from the report.
@@ -88,3 +88,24 @@ def test_runs_are_found_by_run_directory_or_by_parent(student_runs, tmp_path):
     (tmp_path / "broken" / "metrics.json").write_text("{not json")
     with pytest.raises(KDPipeError, match="cannot read"):
         find_runs([tmp_path / "broken"])
+
+
+def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tmp_path):
+    """A run of an earlier version (no "loss" in metrics.json) is kd; a DKD run shows its options, and alpha = 0
+    is "scratch" only where the loss uses no teacher."""
+    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    for name, loss, uses in (("old", None, None), ("dkd-a0", {"name": "dkd", "options": {
+            "temperature": 4.0, "alpha": 0.0, "beta": 8.0, "warmup": 20}}, True)):
+        d = tmp_path / "runs" / name
+        shutil.copytree(src, d)
+        m = json.loads((d / "metrics.json").read_text())
+        for k in ("loss", "uses_teacher", "train_terms"):
+            m.pop(k)
+        if loss:
+            m.update(loss=loss, uses_teacher=uses, alpha=0.0, name=name)
+        (d / "metrics.json").write_text(json.dumps(m))
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    rows = table_rows((tmp_path / "rep" / "report.md").read_text())
+    students = {r[2]: r for r in rows if r[1] != "teacher"}
+    assert students["kd"][1:5] == ["KD", "kd", "4", "0.9"]
+    assert students["dkd (beta 8, warmup 20)"][1:5] == ["KD", "dkd (beta 8, warmup 20)", "4", "0"]

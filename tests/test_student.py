@@ -16,7 +16,7 @@ from kdpipe.engine import predict
 from kdpipe.evaluate import eval_params
 from kdpipe.models import count_parameters, create_model
 from kdpipe.student import train_students
-from kdpipe.sweep import plan_runs, run_name
+from kdpipe.sweep import parse_loss, plan_runs, run_name
 from kdpipe.teacher import dump_logits
 from kdpipe.views import create_policy
 
@@ -29,6 +29,27 @@ def test_run_names():
     assert run_name("cnn_tiny", 4.0, 0.9, 0) == "cnn_tiny-T4-a0.9-s0"
     assert run_name("resnet20", 1.5, 0.25, 3) == "resnet20-T1.5-a0.25-s3"
     assert run_name("mlp_100", 4.0, 0.0, 2) == run_name("mlp_100", 8.0, 0.0, 2) == "mlp_100-scratch-s2"
+    # another loss: its name, the options its spec gives (sorted), and the axes given
+    assert run_name("cnn_tiny", None, None, 0, "dkd") == "cnn_tiny-dkd-s0"
+    assert run_name("cnn_tiny", 2.0, 0.0, 1, "dkd", {"warmup": 5.0, "beta": 2.0}) == \
+        "cnn_tiny-dkd_beta2_warmup5-T2-a0-s1"
+
+
+def test_loss_specs_parse_and_bad_ones_are_refused():
+    assert parse_loss("kd") == ("kd", {})
+    assert parse_loss("dkd:beta=8, warmup=20") == ("dkd", {"beta": 8.0, "warmup": 20.0})
+    for spec, message in (("dkd:beta", "bad loss option"), ("dkd:beta=x", "bad loss option"), (":beta=1", "empty"),
+                          ("dkd:alpha=1", "give it as --alpha"), ("dkd:beta=1,beta=2", "given twice")):
+        with pytest.raises(KDPipeError, match=message):
+            parse_loss(spec)
+
+
+def test_a_sweep_of_another_loss_takes_its_defaults_for_axes_not_given():
+    assert plan_runs(["a"], [], [], [0], "dkd") == [("a", None, None, 0)]
+    assert plan_runs(["a"], [], [], [0]) == [("a", 4.0, 0.9, 0)]  # kd: today's defaults and names
+    plan = plan_runs(["a"], [2, 4], [0, 1], [0], "dkd", {"beta": 2.0})
+    assert len(plan) == 4  # alpha = 0 is not "scratch" for DKD: NCKD still distills
+    assert len({run_name(*p, "dkd", {"beta": 2.0}) for p in plan}) == 4
 
 
 def test_sweep_is_the_cartesian_product_with_scratch_once_per_student_and_seed():
@@ -154,6 +175,10 @@ def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
         assert m["size_bytes"] == (d / "student.pt").stat().st_size
         assert m["cpu_latency_ms"] > 0 and m["train_wall_s"] > 0 and m["images_per_s"] > 0
         assert len(m["train_loss"]) == 2 and all(np.isfinite(m["train_loss"]))
+        assert m["loss"] == c["loss"] == {"name": "kd", "options": {"temperature": 4.0, "alpha": alpha}}
+        assert set(m["train_terms"]) == {"ce", "kd"} and m["uses_teacher"] == (alpha > 0)
+        np.testing.assert_allclose(m["train_loss"], np.add(m["train_terms"]["ce"], m["train_terms"]["kd"]), rtol=1e-6)
+        assert (m["train_terms"]["kd"] == [0.0, 0.0]) == (alpha == 0)
         # Accuracy and agreement are those of the saved student, recomputed here.
         student = load_teacher(d / "student.pt")
         assert student.info["role"] == "student" and student.arch == "mlp_100" and student.num_classes == 10
@@ -167,6 +192,27 @@ def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
         assert m["test_top1"] > 0.3  # well above chance (0.1)
         # metrics.json marks a finished run: it is written last.
         assert (d / "metrics.json").stat().st_mtime_ns >= (d / "student.pt").stat().st_mtime_ns
+
+
+def test_a_dkd_sweep_writes_its_terms_and_options(cache, tmp_path):
+    log = []
+    res = train_students(cache.path, ["mlp_100"], 3, tmp_path / "runs", loss="dkd:beta=2,warmup=2", alphas=(0.5, 1),
+                         batch_size=128, log=log.append)
+    names = {"mlp_100-dkd_beta2_warmup2-a0.5-s0", "mlp_100-dkd_beta2_warmup2-a1-s0"}
+    assert {r["name"] for r in res} == names == {p.name for p in (tmp_path / "runs").iterdir()}
+    for name in names:
+        m = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
+        c = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        alpha = 0.5 if "a0.5" in name else 1.0
+        assert m["loss"] == c["loss"] == {"name": "dkd", "options": {"temperature": 4.0, "alpha": alpha, "beta": 2.0,
+                                                                      "warmup": 2}}
+        assert (m["alpha"], m["temperature"], m["uses_teacher"]) == (alpha, 4.0, True)
+        terms = m["train_terms"]
+        assert set(terms) == {"ce", "tckd", "nckd"} and all(len(v) == 3 for v in terms.values())
+        np.testing.assert_allclose(m["train_loss"], np.sum([terms[k] for k in terms], axis=0), rtol=1e-6)
+        assert all(v > 0 for k in ("tckd", "nckd") for v in terms[k])
+        assert m["test_top1"] > 0.3
+    assert any("tckd" in line and "nckd" in line for line in log)  # the terms are logged per epoch
 
 
 def test_more_epochs_than_views_warns(cache, tmp_path):
@@ -193,8 +239,11 @@ def test_a_cache_whose_data_changed_is_refused(fmnist, teacher_ckpt, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(students=["mlp_100"], epochs=0), "--epochs must be >= 1"),
-    (dict(students=["mlp_100"], epochs=1, alphas=(1.5,)), "--alpha must lie in"),
-    (dict(students=["mlp_100"], epochs=1, temperatures=(0.0,)), "--temperature must be > 0"),
+    (dict(students=["mlp_100"], epochs=1, alphas=(1.5,)), "kd: alpha must lie in"),
+    (dict(students=["mlp_100"], epochs=1, temperatures=(0.0,)), "temperature must be > 0"),
+    (dict(students=["mlp_100"], epochs=1, loss="nope"), "unknown loss 'nope'.*dkd"),
+    (dict(students=["mlp_100"], epochs=1, loss="dkd:gamma=2"), "dkd has no option gamma"),
+    (dict(students=["mlp_100"], epochs=1, loss="dkd", alphas=(-1.0,)), "dkd: alpha must be >= 0"),
     (dict(students=[], epochs=1), "at least one --student"),
     (dict(students=["mlp_100", "no_such_net"], epochs=1), "unknown architecture 'no_such_net'"),
 ])
