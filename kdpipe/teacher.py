@@ -25,7 +25,7 @@ from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.models import count_parameters
-from kdpipe.util import Progress, ensure_out_dir, ensure_parent, images_tensor, file_sha256
+from kdpipe.util import Progress, channels_last, ensure_out_dir, ensure_parent, images_tensor, file_sha256
 from kdpipe.views import ViewPolicy
 
 
@@ -310,8 +310,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                 for b in range(0, e - s, batch_size):
                     bi = dev_sidx[b:b + batch_size]
                     x = policy.replay(images[bi], dev_params[b:b + batch_size], mean, std)
-                    if device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = channels_last(x)
                     with autocast:
                         lg_dev[b:b + len(bi)] = teacher_mod(x).float()
                     prog.update(len(bi))
