@@ -513,11 +513,14 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
         del out
         np.save(sizes_npy, sizes)
         os.replace(tmp, npy)
+        data = store(np.load(npy, mmap_mode="r"), sizes)
+        meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint, "num_images": len(files),
+                                    "mode": mode, "image_size": image_size, "resize": RESIZE if image_size else None}))
+    except OSError as e:  # e.g. the disk filled up while decoding
+        raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
+                          "free space or set KDPIPE_DATA_CACHE to another folder") from None
     finally:
         tmp.unlink(missing_ok=True)
-    data = store(np.load(npy, mmap_mode="r"), sizes)
-    meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint, "num_images": len(files),
-                                "mode": mode, "image_size": image_size, "resize": RESIZE if image_size else None}))
     return data
 
 
