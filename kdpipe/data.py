@@ -418,6 +418,8 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
 # ---------------------------------------------------------------- ImageFolder
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
+DECODE_THREADS = 8  # at most this many decoding threads (fewer on fewer cores)
+DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
 
 
 def _decoded_cache_dir() -> Path:
@@ -528,7 +530,7 @@ def _open_image(spec, p: Path):
     from PIL import Image, UnidentifiedImageError
     try:
         return Image.open(p)
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
         raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
 
 
@@ -573,17 +575,31 @@ def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape) -> np.ndarray:
+    with _open_image(spec, p) as im:
+        try:
+            arr = to_storage(im, mode, image_size)
+        except (OSError, SyntaxError) as e:
+            raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+    if arr.shape != shape:
+        raise KDPipeError(f"{spec}: {p} is {arr.shape[2]}x{arr.shape[1]}, the others {shape[2]}x{shape[1]}: "
+                          "pass --image-size S")
+    return arr
+
+
 def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, image_size: int | None) -> None:
+    """Decode every file into its row of `out` (a memory map), a block at a time: Pillow releases the
+    GIL while it decodes and resizes, so a few threads keep several cores busy; rows stay in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from kdpipe.util import Progress
 
     prog = Progress(f"decoding {spec} {split}", len(files), "images")
-    for i, p in enumerate(files):
-        with _open_image(spec, p) as im:
-            try:
-                out[i] = to_storage(im, mode, image_size)
-            except (OSError, SyntaxError) as e:
-                raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
-            except ValueError:
-                raise KDPipeError(f"{spec}: {p} is {im.size[0]}x{im.size[1]}, the first image "
-                                  f"{out.shape[3]}x{out.shape[2]}: pass --image-size S") from None
-        prog.update(1)
+    shape = out.shape[1:]
+    workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for lo in range(0, len(files), DECODE_BLOCK):
+            block = files[lo:lo + DECODE_BLOCK]
+            for j, arr in enumerate(pool.map(lambda p: _decode_one(spec, p, mode, image_size, shape), block)):
+                out[lo + j] = arr
+            prog.update(len(block))

@@ -319,7 +319,9 @@ def test_photos_of_any_size_and_mode_load_at_image_size(tmp_path, capsys):
     # Every original size is recorded, in sample order.
     np.testing.assert_array_equal(d.sizes, [made[p][1] for p in files])
     grey = sum(made[p][0] == "L" for p in files)
-    assert grey and f"{grey} of {len(files)} grey images converted to RGB" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert grey and f"{grey} of {len(files)} grey images converted to RGB" in err
+    assert "decoding" in err and "8/8 images (100.0%)" in err  # progress shown
     # Values: torchvision's Resize(32, bicubic) + CenterCrop(32) of the same PIL image, for every mode.
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
@@ -485,3 +487,12 @@ def test_float_npz_loads_as_features(tmp_path):
     assert std[-1] == 1.0  # a constant feature normalizes to 0, not NaN
     assert d.subset(10).kind == "features" and len(d.subset(10)) == 10
     assert load_dataset(f"npz:{tmp_path / 'tab.npz'}", "test").image_shape == (12,)
+
+
+def test_a_photo_truncated_after_its_header_is_named(tmp_path):
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    victim = sorted((tmp_path / "p" / "train" / "b").iterdir())[1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2])  # the header still reads; the pixels do not
+    with pytest.raises(KDPipeError, match=rf"cannot decode {victim}"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
