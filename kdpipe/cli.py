@@ -52,6 +52,10 @@ def _flatten(values):
 
 
 def data_options(f):
+    f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
+                     help="Store an ImageFolder's images at S x S: the shorter side resized to S (antialiased "
+                          "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
+                          "in the cache, so stage two reloads the data the same way.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
     f = click.option("--data", "data_spec", default="fashion-mnist", show_default=True, metavar="SPEC",
@@ -112,7 +116,7 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-def train_teacher_cmd(data_spec, data_root, arch, epochs, out, batch_size, policy, padding, size, lr, momentum,
+def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch_size, policy, padding, size, lr, momentum,
                       weight_decay, schedule, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
@@ -124,8 +128,8 @@ def train_teacher_cmd(data_spec, data_root, arch, epochs, out, batch_size, polic
     from kdpipe.views import create_policy
 
     dev = pick_device(device)
-    train = load_dataset(data_spec, "train", data_root)
-    test = load_dataset(data_spec, "test", data_root)
+    train = load_dataset(data_spec, "train", data_root, image_size)
+    test = load_dataset(data_spec, "test", data_root, image_size)
     pol = create_policy(policy, padding=padding, size=size)
     create_model(arch, train.num_classes, pol.output_shape(train.image_shape))
     res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size,
@@ -157,7 +161,7 @@ def train_teacher_cmd(data_spec, data_root, arch, epochs, out, batch_size, polic
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Run the teacher under bf16 autocast.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
-def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, split, views, policy,
+def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, image_size, split, views, policy,
                     padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, overwrite, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
@@ -181,8 +185,8 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
     started = time.perf_counter()
     try:
         dev = pick_device(device)
-        data = load_dataset(data_spec, split, data_root)
-        test = load_dataset(data_spec, "test", data_root) if split == "train" else None
+        data = load_dataset(data_spec, split, data_root, image_size)
+        test = load_dataset(data_spec, "test", data_root, image_size) if split == "train" else None
         pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)

@@ -1,4 +1,8 @@
-"""Dataset sources: every source gives uint8 images (N, C, H, W), int64 labels and class names.
+"""The image store: one split's samples, their labels, class names and each sample's size.
+
+Kinds (classes registered in KINDS): ``dense`` uint8 images (N, C, H, W) of one size; ``photos``,
+images of any size decoded once to S x S (``--image-size S``) into a memory-mapped copy; ``features``,
+float32 vectors (N, D) for tabular data.
 
 Specs (the ``--data`` option):
 
@@ -8,21 +12,25 @@ Specs (the ``--data`` option):
 - ``cifar10`` / ``cifar100``: torchvision's extracted python folders (``cifar-10-batches-py``,
   ``cifar-100-python``) in ``--data-root`` (or ``--data-root`` is that folder).
 - ``imagefolder:PATH``: PATH/train and PATH/test (or PATH/val), one folder per class, JPEG or PNG.
-  Images of one size are decoded once into a ``.npy`` beside a small index, which later runs
-  memory-map.
-- ``npz:PATH``: arrays x_train, y_train, x_test, y_test (optional class_names).
+  Decoded once into a memory-mapped ``.npy`` under KDPIPE_DATA_CACHE, which later runs map again.
+  Images of one size are stored as they are (dense); images of varying size need ``--image-size S``
+  (photos). A folder mixing grey and colour images is stored in RGB.
+- ``npz:PATH``: arrays x_train, y_train, x_test, y_test (optional class_names); uint8 x arrays are
+  images, float x arrays (N, D) are features.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
 import os
 import pickle
 import struct
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -34,29 +42,47 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 MNIST_CLASSES = [str(i) for i in range(10)]
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
+# How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's
+# BICUBIC resize of the shorter side to S, which filters over the whole footprint when it reduces (an
+# antialiased resize, the same pixels as torchvision's Resize(S, BICUBIC) on a PIL image, the usual
+# ImageNet preprocessing), output size and crop offsets rounded as torchvision does, then the centre crop.
+RESIZE = "pil-bicubic-shorter-side+center-crop/1"
 
 
-@dataclass
 class ImageData:
-    """One split of a dataset, in memory (or memory-mapped)."""
+    """One split of a dataset: the store that holds its samples (in memory or memory-mapped) and
+    knows each one's size. This base class is the dense kind: uint8 images (N, C, H, W) of one size.
 
-    images: np.ndarray  # (N, C, H, W) uint8
-    labels: np.ndarray  # (N,) int64
-    class_names: list[str]
-    spec: str
-    split: str
-    source: str  # where the files came from, for messages and the manifest
-    _fingerprint: str | None = field(default=None, repr=False)
+    A kind is one subclass registered in KINDS (``@register_kind``): what its samples look like
+    (dtype, per-sample rank), how statistics are taken over them, and what besides the samples
+    makes a copy what it is (``storage_identity``: e.g. the resize that decoded photos).
+    """
 
-    def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise KDPipeError(f"{self.spec}: images must be uint8 (N, C, H, W), got "
+    kind: ClassVar[str] = "dense"
+    dtype: ClassVar[type] = np.uint8
+    sample_ndim: ClassVar[int] = 3  # (C, H, W)
+    scale: ClassVar[float] = 255.0  # stored value / scale = the value models see before normalizing
+    describe: ClassVar[str] = "uint8 (N, C, H, W) images"
+
+    def __init__(self, images, labels, class_names, spec, split, source, _fingerprint=None, sizes=None):
+        self.images, self.labels, self.class_names = images, labels, list(class_names)
+        self.spec, self.split, self.source = spec, split, source
+        self._fingerprint, self._sizes = _fingerprint, sizes
+        self._check()
+
+    def _check(self) -> None:
+        if self.images.ndim != 1 + self.sample_ndim or self.images.dtype != self.dtype:
+            raise KDPipeError(f"{self.spec}: samples must be {self.describe}, got "
                               f"{self.images.dtype} {self.images.shape}")
         if self.labels.shape != (len(self.images),):
             raise KDPipeError(f"{self.spec} {self.split}: {len(self.images)} images but "
                               f"{self.labels.shape[0]} labels")
         if len(self.images) == 0:
             raise KDPipeError(f"{self.spec} {self.split}: the split holds no images")
+        if self._sizes is not None and self._sizes.shape != (len(self.images), 2):
+            raise KDPipeError(f"{self.spec} {self.split}: sizes must be ({len(self.images)}, 2), "
+                              f"got {self._sizes.shape}")
         n = self.num_classes
         if self.labels.min() < 0 or self.labels.max() >= n:
             raise KDPipeError(f"{self.spec} {self.split}: labels must lie in [0, {n - 1}] "
@@ -65,20 +91,38 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.images)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, {self.split!r}, {len(self)} x {self.image_shape})"
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
+        """The per-sample shape: (C, H, W) for images, (D,) for feature vectors."""
         return tuple(int(s) for s in self.images.shape[1:])
 
     @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2) int64 (height, width) of each sample as it was before storage (all alike when dense)."""
+        if self._sizes is not None:
+            return self._sizes
+        return np.broadcast_to(np.asarray(self.image_shape[-2:], dtype=np.int64), (len(self), 2))
+
+    def storage_identity(self) -> dict:
+        """What besides the stored samples makes this copy (empty for dense data)."""
+        return {}
+
+    @property
     def fingerprint(self) -> str:
-        """sha256 over shape, pixels and labels: a different copy or subset is a different dataset."""
+        """sha256 over shape, samples, labels and the storage identity: a different copy, subset or
+        resize is a different dataset. Read in chunks, so a memory-mapped store is never loaded whole."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            h.update(json.dumps([list(self.images.shape), self.num_classes]).encode())
+            head = [list(self.images.shape), self.num_classes]
+            extra = self.storage_identity()
+            h.update(json.dumps(head + [extra] if extra else head, sort_keys=True).encode())
             step = 4096
             for i in range(0, len(self.images), step):
                 h.update(np.ascontiguousarray(self.images[i:i + step]).tobytes())
@@ -87,28 +131,117 @@ class ImageData:
         return self._fingerprint
 
     def identity(self) -> dict:
-        return {"spec": self.spec, "split": self.split, "num_samples": len(self),
+        """What the manifest and checkpoints record; stage two reloads the data from it (kind, resize)."""
+        return {"spec": self.spec, "split": self.split, "kind": self.kind, "num_samples": len(self),
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,
-                "class_names": list(self.class_names), "fingerprint": self.fingerprint}
+                "class_names": list(self.class_names), "fingerprint": self.fingerprint,
+                **self.storage_identity()}
+
+    def stats_rows(self) -> np.ndarray:
+        """Sorted indices of a uniform sample of the split (every row when it holds at most
+        STATS_SAMPLES): evenly spaced, so a class-sorted folder contributes every class, and sorted,
+        so a memory map is read in file order."""
+        n = len(self)
+        m = min(n, STATS_SAMPLES)
+        return (np.arange(m, dtype=np.int64) * n) // m
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the pixels in [0, 1] (from at most 10,000 images)."""
-        sub = self.images[: min(len(self), 10000)].astype(np.float64) / 255.0
-        return sub.mean(axis=(0, 2, 3)).tolist(), sub.std(axis=(0, 2, 3)).tolist()
+        """Mean and std per channel (per feature for (N, D) data) of the values models see (pixels in
+        [0, 1]), over stats_rows(); two passes in float64 over chunks, so large photos never make one
+        big float copy."""
+        rows = self.stats_rows()
+        chunks = [rows[i:i + 512] for i in range(0, len(rows), 512)]
+        c = self.image_shape[0]
+
+        def values(idx):  # (B, C, rest) float64
+            return np.asarray(self.images[idx], dtype=np.float64).reshape(len(idx), c, -1) / self.scale
+
+        count = len(rows) * int(np.prod(self.image_shape[1:], dtype=np.int64))
+        mean = sum(values(idx).sum(axis=(0, 2)) for idx in chunks) / count
+        var = sum(((values(idx) - mean[None, :, None]) ** 2).sum(axis=(0, 2)) for idx in chunks) / count
+        return mean.tolist(), self._std(np.sqrt(var)).tolist()
+
+    def _std(self, std: np.ndarray) -> np.ndarray:
+        return std
 
     def subset(self, n: int) -> "ImageData":
-        """The first n samples (a different dataset, with its own fingerprint)."""
-        return ImageData(self.images[:n], self.labels[:n], self.class_names, self.spec,
-                         self.split, self.source)
+        """The first n samples (a different dataset, with its own fingerprint), of the same kind."""
+        out = copy.copy(self)
+        out.images, out.labels, out._fingerprint = self.images[:n], self.labels[:n], None
+        out._sizes = None if self._sizes is None else self._sizes[:n]
+        out._check()
+        return out
 
 
-def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None) -> ImageData:
-    """Load one split of the dataset named by ``spec``; raise KDPipeError with what to do if it can't."""
+KINDS: dict[str, type[ImageData]] = {}
+
+
+def register_kind(cls: type[ImageData]) -> type[ImageData]:
+    """Make a store kind known by its name (manifests record it; stage two checks it)."""
+    KINDS[cls.kind] = cls
+    return cls
+
+
+register_kind(ImageData)
+
+
+@register_kind
+class Photos(ImageData):
+    """Photos of varying size, decoded once to image_size x image_size (shorter side resized with
+    RESIZE, then centre-cropped) into a memory-mapped copy; ``sizes`` holds each original (H, W)."""
+
+    kind = "photos"
+    describe = "uint8 (N, C, S, S) decoded photos"
+
+    def __init__(self, *args, image_size: int, **kwargs):
+        self.image_size = int(image_size)
+        super().__init__(*args, **kwargs)
+
+    def storage_identity(self) -> dict:
+        return {"image_size": self.image_size, "resize": RESIZE}
+
+
+@register_kind
+class Features(ImageData):
+    """Float feature vectors (N, D) for tabular data; statistics per feature, no pixel scale."""
+
+    kind = "features"
+    dtype = np.float32
+    sample_ndim = 1
+    scale = 1.0
+    describe = "float32 (N, D) feature vectors"
+
+    def storage_identity(self) -> dict:
+        return {}
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 1): D for every row."""
+        return np.full((len(self), 1), self.image_shape[0], dtype=np.int64)
+
+    def _std(self, std: np.ndarray) -> np.ndarray:
+        # A constant feature (std 0) would normalize to NaN; with std 1 it normalizes to 0.
+        return np.where(std > 0, std, 1.0)
+
+
+def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None,
+                 image_size: int | None = None) -> ImageData:
+    """Load one split of the dataset named by ``spec``; raise KDPipeError with what to do if it can't.
+
+    ``image_size`` S (``--image-size``): decode an ImageFolder's photos to S x S (shorter side resized
+    to S with antialiasing, then centre-cropped); the resize is part of the dataset's identity.
+    """
     if split not in SPLITS:
         raise KDPipeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+            raise KDPipeError(f"--image-size must be a whole number of pixels >= 1, got {image_size!r}")
+        if kind != "imagefolder":
+            raise KDPipeError(f"--image-size applies to imagefolder:PATH only; {spec} stores images of "
+                              "one size already: leave it out")
     if kind == "fashion-mnist" and not arg:
         return _load_idx_dataset(spec, split, data_root, FASHION_MNIST_CLASSES,
                                  default_root=DEBIAN_FASHION_MNIST,
@@ -121,7 +254,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
     if kind in ("cifar10", "cifar100") and not arg:
         return _load_cifar(spec, kind, split, data_root)
     if kind == "imagefolder" and arg:
-        return _load_imagefolder(spec, Path(arg).expanduser(), split)
+        return _load_imagefolder(spec, Path(arg).expanduser(), split, image_size)
     if kind == "npz" and arg:
         return _load_npz(spec, Path(arg).expanduser(), split)
     raise KDPipeError(f"unknown dataset {spec!r}: use fashion-mnist, mnist, cifar10, cifar100, "
@@ -239,14 +372,22 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         x, y = z[xk], z[yk]
     except Exception as e:
         raise KDPipeError(f"cannot read {xk}/{yk} from {path}: {e}") from None
+    if np.issubdtype(x.dtype, np.floating):
+        return _npz_features(spec, path, split, z, keys, x, y)
     if x.dtype != np.uint8:
-        raise KDPipeError(f"{path}: {xk} must be uint8 pixels, got {x.dtype}")
+        raise KDPipeError(f"{path}: {xk} must be uint8 pixels or float (N, D) features, got {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
     elif x.ndim != 4:
         raise KDPipeError(f"{path}: {xk} must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
+    class_names = _npz_labels(path, z, keys, y, yk)
+    return ImageData(np.ascontiguousarray(x), y.astype(np.int64), class_names, spec, split, str(path))
+
+
+def _npz_labels(path, z, keys, y, yk) -> list[str]:
+    """Check the labels; the class names (stored, or numbers up to the largest label of both splits)."""
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
         raise KDPipeError(f"{path}: {yk} must be a 1-D integer array, got {y.dtype} {y.shape}")
     if "class_names" in keys:
@@ -257,27 +398,40 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         class_names = [str(i) for i in range(n)]
     if y.size and (y.min() < 0 or y.max() >= len(class_names)):
         raise KDPipeError(f"{path}: {yk} holds labels outside [0, {len(class_names) - 1}]")
-    return ImageData(np.ascontiguousarray(x), y.astype(np.int64), class_names, spec, split, str(path))
+    return class_names
+
+
+def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
+    """Float x arrays are tabular features (N, D), kept as float32 (float64 is rounded once, here)."""
+    xk, yk = f"x_{split}", f"y_{split}"
+    if x.ndim != 2:
+        raise KDPipeError(f"{path}: {xk} is {x.dtype} {x.shape}: float arrays must be (N, D) feature "
+                          "vectors; images must be uint8 pixels")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise KDPipeError(f"{path}: {xk} holds NaN or infinite values (row {int(np.argmin(np.isfinite(x).all(1)))}): "
+                          "fill or drop them first")
+    class_names = _npz_labels(path, z, keys, y, yk)
+    return Features(x, y.astype(np.int64), class_names, spec, split, str(path))
 
 
 # ---------------------------------------------------------------- ImageFolder
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
+DECODE_THREADS = 8  # at most this many decoding threads (fewer on fewer cores)
+DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
+
 
 def _decoded_cache_dir() -> Path:
     return Path(os.environ.get("KDPIPE_DATA_CACHE", Path.home() / ".cache" / "kdpipe" / "decoded"))
 
 
-def _load_imagefolder(spec, root: Path, split) -> ImageData:
-    if not root.is_dir():
-        raise KDPipeError(f"{spec}: no such folder {root}")
+def _split_folder(root: Path, split: str) -> Path | None:
     names = ["train"] if split == "train" else ["test", "val"]
-    folder = next((root / n for n in names if (root / n).is_dir()), None)
-    if folder is None:
-        raise KDPipeError(f"{spec}: {root} has no {' or '.join(names)} folder")
-    # Class names come from the train folder so that both splits number classes alike.
-    class_root = root / "train" if (root / "train").is_dir() else folder
-    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise KDPipeError(f"{spec}: {class_root} has no class folders")
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _list_files(spec, folder: Path, classes: list[str], split: str) -> tuple[list[Path], list[int]]:
     files, labels = [], []
     for ci, c in enumerate(classes):
         cdir = folder / c
@@ -290,63 +444,162 @@ def _load_imagefolder(spec, root: Path, split) -> ImageData:
         raise KDPipeError(f"{spec}: {folder} holds no images")
     extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
     if extra:
-        raise KDPipeError(f"{spec}: {folder} has class folders not in {class_root}: {', '.join(extra[:5])}")
+        raise KDPipeError(f"{spec}: {folder} has class folders not in the train folder: {', '.join(extra[:5])}")
+    return files, labels
 
-    # The decoded copy is keyed by the file list with sizes and mtimes, so a changed file re-decodes.
-    h = hashlib.sha256(str(folder.resolve()).encode())
+
+def _listing_hash(h, folder: Path, files: list[Path]) -> None:
+    h.update(str(folder.resolve()).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+
+
+def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageData:
+    """Decode once into a memory-mapped .npy under KDPIPE_DATA_CACHE (keyed by both splits' file
+    listings, since the colour mode is chosen over the whole folder, and by the resize), then map it."""
+    if not root.is_dir():
+        raise KDPipeError(f"{spec}: no such folder {root}")
+    folder = _split_folder(root, split)
+    if folder is None:
+        raise KDPipeError(f"{spec}: {root} has no {'train' if split == 'train' else 'test or val'} folder")
+    # Class names come from the train folder so that both splits number classes alike.
+    class_root = root / "train" if (root / "train").is_dir() else folder
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise KDPipeError(f"{spec}: {class_root} has no class folders")
+    files, labels = _list_files(spec, folder, classes, split)
+    other = _split_folder(root, "test" if split == "train" else "train")
+    other_files = _list_files(spec, other, classes, "test")[0] if other is not None and other != folder else []
+
+    h = hashlib.sha256(f"{RESIZE if image_size else 'as-is'}\0{image_size}\n".encode())
+    _listing_hash(h, folder, files)
+    if other_files:
+        _listing_hash(h, other, other_files)
     key = h.hexdigest()[:24]
     cache_dir = _decoded_cache_dir()
-    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    npy, sizes_npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.sizes.npy", cache_dir / f"{key}.json"
     y = np.asarray(labels, dtype=np.int64)
-    if npy.is_file() and meta.is_file():
-        images = np.load(npy, mmap_mode="r")
-        return ImageData(images, y, classes, spec, split, str(folder),
-                         _fingerprint=json.loads(meta.read_text()).get("fingerprint"))
-    images = _decode_all(spec, files)
-    data = ImageData(images, y, classes, spec, split, str(folder))
+
+    def store(images, sizes, fingerprint=None):
+        if image_size:
+            return Photos(images, y, classes, spec, split, str(folder), fingerprint, sizes, image_size=image_size)
+        return ImageData(images, y, classes, spec, split, str(folder), fingerprint)
+
+    if npy.is_file() and meta.is_file() and sizes_npy.is_file():  # the .json is written last
+        return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), json.loads(meta.read_text()).get("fingerprint"))
+
+    sizes, modes = _scan_headers(spec, files)
+    if image_size is None and len(set(map(tuple, sizes.tolist()))) > 1:
+        a = int(np.flatnonzero((sizes != sizes[0]).any(axis=1))[0])
+        raise KDPipeError(f"{spec}: the {split} images differ in size ({files[0].name} is {sizes[0][1]}x{sizes[0][0]}, "
+                          f"{files[a].name} is {sizes[a][1]}x{sizes[a][0]}): pass --image-size S to store them "
+                          "at S x S (shorter side resized to S, centre crop)")
+    mode = _common_mode(modes, other_files)
+    grey = sum(m in GREY_MODES for m in modes)
+    if mode == "RGB" and grey:
+        print(f"note: {spec} {split}: the folder mixes grey and colour images; {grey} of {len(files)} grey "
+              "images converted to RGB", file=sys.stderr, flush=True)
+    channels = 3 if mode == "RGB" else 1
+    h_out, w_out = (image_size, image_size) if image_size else (int(sizes[0][0]), int(sizes[0][1]))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, images)
+        tmp = cache_dir / f"{key}.tmp{os.getpid()}.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, h_out, w_out))
+    except OSError as e:
+        raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror}; "
+                          "set KDPIPE_DATA_CACHE to a writable folder") from None
+    try:
+        _decode_into(out, spec, split, files, mode, image_size)
+        out.flush()
+        del out
+        np.save(sizes_npy, sizes)
         os.replace(tmp, npy)
-        meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint,
-                                    "num_images": len(files)}))
-    except OSError:
-        pass  # no writable cache folder: decode again next time
+        data = store(np.load(npy, mmap_mode="r"), sizes)
+        meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint, "num_images": len(files),
+                                    "mode": mode, "image_size": image_size, "resize": RESIZE if image_size else None}))
+    except OSError as e:  # e.g. the disk filled up while decoding
+        raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
+                          "free space or set KDPIPE_DATA_CACHE to another folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return data
 
 
-def _decode_all(spec, files: list[Path]) -> np.ndarray:
+def _open_image(spec, p: Path):
     from PIL import Image, UnidentifiedImageError
+    try:
+        return Image.open(p)
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
+        raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+
+
+def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """Each file's (height, width) and mode from its header alone (no pixels decoded)."""
+    sizes = np.empty((len(files), 2), dtype=np.int64)
+    modes = []
+    for i, p in enumerate(files):
+        with _open_image(spec, p) as im:
+            sizes[i] = im.size[1], im.size[0]
+            modes.append(im.mode)
+    return sizes, modes
+
+
+def _common_mode(modes: list[str], other_files: list[Path]) -> str:
+    """RGB when any image of the folder (either split) is colour, so both splits get one shape; else L."""
+    if any(m not in GREY_MODES for m in modes):
+        return "RGB"
+    for p in other_files:
+        with _open_image("", p) as im:
+            if im.mode not in GREY_MODES:
+                return "RGB"
+    return "L"
+
+
+def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
+    """One PIL image as stored: (C, H, W) uint8 in `mode`, resized and centre-cropped per RESIZE."""
+    from PIL import Image
+
+    if im.mode == "P":
+        im = im.convert("RGBA")  # a palette with transparency converts cleanly only through RGBA
+    im = im.convert(mode)
+    if image_size:
+        w, h = im.size
+        s = image_size
+        nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+        im = im.crop((left, top, left + s, top + s))
+    arr = np.asarray(im)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape) -> np.ndarray:
+    with _open_image(spec, p) as im:
+        try:
+            arr = to_storage(im, mode, image_size)
+        except (OSError, SyntaxError) as e:
+            raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+    if arr.shape != shape:
+        raise KDPipeError(f"{spec}: {p} is {arr.shape[2]}x{arr.shape[1]}, the others {shape[2]}x{shape[1]}: "
+                          "pass --image-size S")
+    return arr
+
+
+def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, image_size: int | None) -> None:
+    """Decode every file into its row of `out` (a memory map), a block at a time: Pillow releases the
+    GIL while it decodes and resizes, so a few threads keep several cores busy; rows stay in order."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from kdpipe.util import Progress
 
-    first = None
-    out = None
-    prog = Progress(f"decoding {spec}", len(files), "images")
-    for i, p in enumerate(files):
-        if i % 1000 == 999:
-            prog.update(1000)
-        try:
-            with Image.open(p) as im:
-                im.load()
-                mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                arr = np.asarray(im.convert(mode))
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if first is None:
-            first = arr.shape
-            out = np.empty((len(files), arr.shape[2], arr.shape[0], arr.shape[1]), dtype=np.uint8)
-        elif arr.shape != first:
-            raise KDPipeError(f"{spec}: images must all have one size; {p} is {arr.shape[1]}x{arr.shape[0]}"
-                              f"x{arr.shape[2]}, {files[0]} is {first[1]}x{first[0]}x{first[2]} "
-                              "(resize them first)")
-        out[i] = arr.transpose(2, 0, 1)
-    if len(files) % 1000:
-        prog.update(len(files) % 1000)
-    return out
+    prog = Progress(f"decoding {spec} {split}", len(files), "images")
+    shape = out.shape[1:]
+    workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for lo in range(0, len(files), DECODE_BLOCK):
+            block = files[lo:lo + DECODE_BLOCK]
+            for j, arr in enumerate(pool.map(lambda p: _decode_one(spec, p, mode, image_size, shape), block)):
+                out[lo + j] = arr
+            prog.update(len(block))

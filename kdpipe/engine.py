@@ -19,7 +19,7 @@ import torch.nn as nn
 from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import Loss, create_loss
 from kdpipe.models import create_model
-from kdpipe.util import Progress, seeded_generator
+from kdpipe.util import Progress, channels_last, seeded_generator
 from kdpipe.views import ViewPolicy
 
 
@@ -157,8 +157,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         sums: list[dict] = [{} for _ in units]  # per unit: term name -> (runs in the unit,) sum over steps
         for idx in order:
             x = policy.replay(images[idx], params[idx], mean, std)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
             y = labels[idx]
             t = None
             if need_teacher:
@@ -227,8 +226,7 @@ def predict(model: nn.Module, images: torch.Tensor, policy: ViewPolicy, params: 
     outs = []
     for i in range(0, len(images), batch_size):
         x = policy.replay(images[i:i + batch_size], params[i:i + batch_size], mean, std)
-        if images.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with autocast:
             outs.append(model(x).float())
     return torch.cat(outs)

@@ -17,11 +17,16 @@ import torch.nn.functional as F
 from kdpipe import KDPipeError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_TAKES_FEATURES: set[str] = set()  # architectures that also take feature vectors (D,), not only images
 
 
-def register(name: str):
+def register(name: str, *, features: bool = False):
+    """Register a factory ``fn(num_classes, image_shape)``; ``features=True`` when it also builds for
+    inputs of shape (D,) (tabular feature vectors), as the MLPs do."""
     def deco(fn):
         _REGISTRY[name] = fn
+        if features:
+            _TAKES_FEATURES.add(name)
         return fn
     return deco
 
@@ -35,8 +40,13 @@ def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_model(name: str, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
-    """Build an architecture by registry or torchvision name for (C, H, W) inputs."""
+def create_model(name: str, num_classes: int, image_shape: tuple[int, ...]) -> nn.Module:
+    """Build an architecture by registry or torchvision name for (C, H, W) images or (D,) features."""
+    if len(image_shape) == 1 and (name in _REGISTRY or name in torchvision_models()) and name not in _TAKES_FEATURES:
+        raise KDPipeError(f"{name} takes images (C, H, W), not feature vectors {tuple(image_shape)}: "
+                          f"use one of {', '.join(sorted(_TAKES_FEATURES))}")
+    if len(image_shape) not in (1, 3):
+        raise KDPipeError(f"inputs must be images (C, H, W) or feature vectors (D,), got shape {tuple(image_shape)}")
     if name in _REGISTRY:
         return _REGISTRY[name](num_classes=num_classes, image_shape=tuple(image_shape))
     if name in torchvision_models():
@@ -88,23 +98,26 @@ class MLP(nn.Module):
 
 
 def _numel(shape) -> int:
-    c, h, w = shape
-    return c * h * w
+    """Inputs per sample: C*H*W for images, D for feature vectors."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
-@register("mlp_1200")
+@register("mlp_1200", features=True)
 def mlp_1200(num_classes, image_shape):
     """Hinton et al.'s big net: 784-1200-1200-10 with dropout."""
     return MLP(_numel(image_shape), [1200, 1200], num_classes, dropout=0.5)
 
 
-@register("mlp_800")
+@register("mlp_800", features=True)
 def mlp_800(num_classes, image_shape):
     """Hinton et al.'s small net: 784-800-800-10."""
     return MLP(_numel(image_shape), [800, 800], num_classes)
 
 
-@register("mlp_100")
+@register("mlp_100", features=True)
 def mlp_100(num_classes, image_shape):
     """A tiny MLP: 784-100-10."""
     return MLP(_numel(image_shape), [100], num_classes)

@@ -18,7 +18,7 @@ from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, trai
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
-from kdpipe.util import Progress, ensure_parent, images_tensor
+from kdpipe.util import Progress, channels_last, ensure_parent, images_tensor
 from kdpipe.views import ViewPolicy
 
 
@@ -110,9 +110,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, mean, std)
     writer = CacheWriter(out_dir, ident, overwrite=overwrite, dist=ctx, log=log)
 
-    channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
+    use_channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
     teacher_mod = teacher.module.to(device).eval()
-    if channels_last and teacher.kind != "torchscript":
+    if use_channels_last and teacher.kind != "torchscript":
         teacher_mod = teacher_mod.to(memory_format=torch.channels_last)
     images = images_tensor(data.images, device)
     labels = data.labels
@@ -164,8 +164,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                 for b in range(0, e - s, batch_size):
                     bi = dev_sidx[b:b + batch_size]
                     x = policy.replay(images[bi], dev_params[b:b + batch_size], mean, std)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    if use_channels_last:
+                        x = channels_last(x)
                     with autocast:
                         lg_dev[b:b + len(bi)] = teacher_mod(x).float()
                     prog.update(len(bi))
@@ -187,7 +187,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     summary = {"rows": writer.rows, "views_top1": done["views_top1"], "batch_size": batch_size,
                "device": str(device), "device_type": device.type, "amp": amp,
                "autocast_dtype": str(AMP_DTYPE).removeprefix("torch.") if amp else None,
-               "channels_last": channels_last, "rows_computed": rows_computed, "compute_wall_s": compute_s,
+               "channels_last": use_channels_last, "rows_computed": rows_computed, "compute_wall_s": compute_s,
                "rows_per_s": rows_computed / compute_s if compute_s > 0 else None, "world_size": world}
     eval_entry = None
     if test is not None:

@@ -89,6 +89,14 @@ class Progress:
                   file=self.stream, flush=True)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A CUDA image batch (B, C, H, W) in channels-last layout (faster convolutions); anything else,
+    e.g. a batch of feature vectors (B, D), or any CPU batch, as it is."""
+    if x.dim() == 4 and x.device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def env_threads() -> None:
     """Respect KDPIPE_THREADS for CPU runs (defaults to torch's own choice)."""
     n = os.environ.get("KDPIPE_THREADS")
@@ -103,10 +111,11 @@ HOST_IMAGES_ENV = "KDPIPE_IMAGES_ON_HOST"  # "1": always keep images in host mem
 
 
 class HostImages:
-    """A split's uint8 images left in host memory (possibly memory-mapped), served in batches on `device`.
+    """A split's samples (uint8 images, or float32 feature vectors) left in host memory (possibly
+    memory-mapped), served in batches on `device`.
 
     Indexing mirrors a tensor's: ``store[idx]`` (a tensor of sample indices, on any device) or
-    ``store[i:j]`` gives a uint8 tensor on `device`; ``len(store)`` and ``store.device`` (the training
+    ``store[i:j]`` gives a tensor of the array's dtype on `device`; ``len(store)`` and ``store.device`` (the training
     device) work as for the tensor that would otherwise hold them.
     """
 
@@ -132,8 +141,9 @@ class HostImages:
 
 
 def images_tensor(images, device):
-    """A dataset's uint8 images for batched replay on `device`: a tensor there when they fit (read-only
-    arrays are copied, not aliased), else a HostImages that copies each batch over."""
+    """A dataset's samples (uint8 images or float32 features, any rank) for batched replay on `device`:
+    a tensor there when they fit (read-only arrays are copied, not aliased), else a HostImages that
+    copies each batch over."""
     import numpy as np
     device = torch.device(device)
     arr = np.asarray(images)
@@ -142,7 +152,7 @@ def images_tensor(images, device):
         free, _ = torch.cuda.mem_get_info(device)
         on_host = arr.nbytes > DEVICE_IMAGES_MAX_FRACTION * free
         if on_host:
-            print(f"note: the images ({arr.nbytes / 2**30:.1f} GiB) take more than "
+            print(f"note: the samples ({arr.nbytes / 2**30:.1f} GiB) take more than "
                   f"{DEVICE_IMAGES_MAX_FRACTION:.0%} of {device}'s free memory ({free / 2**30:.1f} GiB): they stay in "
                   "host memory and each batch is copied over", file=sys.stderr, flush=True)
     if on_host:

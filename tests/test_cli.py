@@ -310,3 +310,55 @@ def test_bad_input_teacher_classes_differ_from_the_datasets(pipeline, five_class
 def test_bad_input_other_cases(pipeline, fmnist, tmp_path, args, message):
     fill = dict(tmp=tmp_path, spec=fmnist.spec, teacher=pipeline.teacher, cache=pipeline.cache)
     assert_one_line_error(invoke(*[a.format(**fill) for a in args]), message)
+
+
+# ---------------------------------------------------------------- image store kinds through the CLI
+
+def test_photos_of_any_size_with_image_size_through_both_stages(tmp_path, monkeypatch):
+    """--image-size S is given to stage one only: the manifest records it, stage two reloads alike."""
+    from test_data import make_photo_folder
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    make_photo_folder(tmp_path / "photos", per_class=4)
+    data = f"imagefolder:{tmp_path / 'photos'}"
+    teacher, cache, runs = tmp_path / "t.pt", tmp_path / "cache", tmp_path / "runs"
+    assert_one_line_error(invoke("train-teacher", "--data", data, "--arch", "cnn_tiny", "--out", teacher),
+                          "differ in size")
+    ok(invoke("train-teacher", "--data", data, "--image-size", 24, "--arch", "cnn_tiny", "--epochs", 1,
+              "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 24, "--views", 2,
+              "--padding", 2, "--batch-size", 4, "--device", "cpu", "--out", cache))
+    d = json.loads((cache / "manifest.json").read_text())["dataset"]
+    assert d["kind"] == "photos" and d["image_size"] == 24 and d["image_shape"] == [3, 24, 24]
+    ok(invoke("train-student", "--cache", cache, "--student", "cnn_tiny", "--epochs", 2, "--batch-size", 4,
+              "--device", "cpu", "--out", runs))
+    (run,) = runs.iterdir()  # one student, trained on the photos as stage one stored them
+    assert (run / "student.pt").is_file() and (run / "metrics.json").is_file()
+    # Another size is decoded anew (progress lines first), then refused: the teacher takes 24 x 24.
+    r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 32, "--views", 2,
+               "--device", "cpu", "--out", tmp_path / "c32")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == \
+        "Error: the teacher takes inputs (3, 24, 24), the views are (3, 32, 32)"
+
+
+def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monkeypatch):
+    """Tabular data: an npz of float64 (N, D) features, views `none`, an MLP teacher and student."""
+    from test_data import make_features_npz
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    make_features_npz(tmp_path / "tab.npz")
+    data = f"npz:{tmp_path / 'tab.npz'}"
+    teacher, cache, runs = tmp_path / "t.pt", tmp_path / "cache", tmp_path / "runs"
+    assert_one_line_error(invoke("train-teacher", "--data", data, "--arch", "cnn_tiny", "--policy", "none",
+                                 "--out", teacher), "cnn_tiny takes images (C, H, W), not feature vectors (12,)")
+    r = ok(invoke("train-teacher", "--data", data, "--arch", "mlp_100", "--policy", "none", "--epochs", 4,
+                  "--batch-size", 32, "--device", "cpu", "--out", teacher))
+    assert float(r.output.strip().splitlines()[-1].split("(test top-1 ")[1].rstrip(")")) > 0.8  # easy blobs
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--policy", "none", "--views", 1,
+              "--batch-size", 64, "--device", "cpu", "--out", cache))
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["dataset"]["kind"] == "features" and m["dataset"]["image_shape"] == [12]
+    x = np.load(tmp_path / "tab.npz")["x_train"].astype(np.float32)
+    np.testing.assert_allclose(m["input"]["mean"], x.astype(np.float64).mean(0), rtol=1e-6)
+    r = ok(invoke("train-student", "--cache", cache, "--student", "mlp_100", "--epochs", 3, "--batch-size", 32,
+                  "--device", "cpu", "--out", runs))
+    for p in runs.iterdir():
+        assert json.loads((p / "metrics.json").read_text())["test_top1"] > 0.8, p.name

@@ -67,7 +67,11 @@ def test_npz_nhwc_colour_images_are_transposed_and_class_names_kept(tmp_path, ci
 @pytest.mark.parametrize("arrays, message", [
     ({"x_train": np.zeros((4, 8, 8), np.uint8)}, "must hold arrays x_train"),
     ({"x_train": np.zeros((4, 8, 8), np.float32), "y_train": np.zeros(4, np.int64),
-      "x_test": np.zeros((4, 8, 8), np.float32), "y_test": np.zeros(4, np.int64)}, "uint8"),
+      "x_test": np.zeros((4, 8, 8), np.float32), "y_test": np.zeros(4, np.int64)}, "must be .N, D. feature"),
+    ({"x_train": np.zeros((4, 8), np.int16), "y_train": np.zeros(4, np.int64),
+      "x_test": np.zeros((4, 8), np.int16), "y_test": np.zeros(4, np.int64)}, "uint8 pixels or float"),
+    ({"x_train": np.array([[0.0, np.nan]]), "y_train": np.zeros(1, np.int64),
+      "x_test": np.zeros((1, 2)), "y_test": np.zeros(1, np.int64)}, "NaN or infinite values .row 0."),
     ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.zeros(3, np.int64),
       "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.zeros(4, np.int64)}, "labels"),
 ])
@@ -218,7 +222,7 @@ def test_imagefolder_decoded_copy_is_reused_and_invalidated(cifar_folder, monkey
     import shutil
     shutil.copytree(cifar_folder, root)
     first = load_dataset(f"imagefolder:{root}", "test")
-    npys = sorted(cache_dir.glob("*.npy"))
+    npys = sorted(p for p in cache_dir.glob("*.npy") if not p.name.endswith(".sizes.npy"))
     metas = sorted(cache_dir.glob("*.json"))
     assert len(npys) == 1 and len(metas) == 1
     assert json.loads(metas[0].read_text())["fingerprint"] == first.fingerprint
@@ -230,7 +234,7 @@ def test_imagefolder_decoded_copy_is_reused_and_invalidated(cifar_folder, monkey
     def no_decode(*a, **k):
         raise AssertionError("decoded again although a decoded copy exists")
 
-    monkeypatch.setattr(data_mod, "_decode_all", no_decode)
+    monkeypatch.setattr(data_mod, "_decode_into", no_decode)
     second = load_dataset(f"imagefolder:{root}", "test")
     assert isinstance(second.images, np.memmap)
     np.testing.assert_array_equal(second.images, first.images)
@@ -243,7 +247,7 @@ def test_imagefolder_decoded_copy_is_reused_and_invalidated(cifar_folder, monkey
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(victim, format="JPEG")
     os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10 ** 9))
     third = load_dataset(f"imagefolder:{root}", "test")
-    assert len(list(cache_dir.glob("*.npy"))) == 2
+    assert len(list(cache_dir.glob("*.json"))) == 2
     assert third.fingerprint != first.fingerprint
     i = CIFAR_CLASSES.index("cat") * CIFAR_TEST_PER_CLASS
     assert int(np.abs(third.images[i].astype(int)).max()) <= 8  # a black JPEG decodes to (near) zero
@@ -268,5 +272,227 @@ def test_imagefolder_of_mixed_sizes_is_refused(tmp_path):
         d = tmp_path / "train" / "c"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(d / f"{i}.png")
-    with pytest.raises(KDPipeError, match="one size"):
+    with pytest.raises(KDPipeError, match=r"differ in size \(0.png is 8x8, 1.png is 9x9\): pass --image-size S"):
         load_dataset(f"imagefolder:{tmp_path}", "train")
+
+
+# ---------------------------------------------------------------- photos of any size (--image-size)
+
+def _photo(rng, mode: str, w: int, h: int) -> Image.Image:
+    """A random image of the given mode and size (noise over a gradient, so a resize has work to do)."""
+    base = (np.add.outer(np.linspace(0, 200, h), np.linspace(0, 55, w))[:, :, None]
+            + rng.integers(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    rgb = Image.fromarray(base, "RGB")
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode == "RGBA":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(128)
+        return rgba
+    return rgb.convert(mode)
+
+
+def make_photo_folder(root, per_class=3, classes=("a", "b"), modes=("L", "RGB", "RGBA", "P"), seed=0) -> dict:
+    """train/ and test/ folders of JPEG and PNG images of random sizes (24-600 px) in mixed modes;
+    returns {path: (mode, (height, width))}."""
+    rng = np.random.default_rng(seed)
+    made = {}
+    for split, n in (("train", per_class), ("test", max(1, per_class // 2))):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                mode = modes[(i + len(made)) % len(modes)]
+                w, h = (int(v) for v in rng.integers(24, 601, 2))
+                ext = ".jpg" if mode in ("L", "RGB") and i % 2 == 0 else ".png"  # JPEG holds neither alpha nor palette
+                p = root / split / c / f"{i:03d}{ext}"
+                _photo(rng, mode, w, h).save(p)
+                made[p] = (mode, (h, w))
+    return made
+
+
+def test_photos_of_any_size_and_mode_load_at_image_size(tmp_path, capsys):
+    made = make_photo_folder(tmp_path / "photos", per_class=4)
+    d = load_dataset(f"imagefolder:{tmp_path / 'photos'}", "train", image_size=32)
+    files = sorted(p for p in made if p.parts[-3] == "train")
+    assert d.kind == "photos" and d.image_shape == (3, 32, 32) and len(d) == len(files) == 8
+    assert isinstance(d.images, np.memmap) and d.images.dtype == np.uint8
+    # Every original size is recorded, in sample order.
+    np.testing.assert_array_equal(d.sizes, [made[p][1] for p in files])
+    grey = sum(made[p][0] == "L" for p in files)
+    err = capsys.readouterr().err
+    assert grey and f"{grey} of {len(files)} grey images converted to RGB" in err
+    assert "decoding" in err and "8/8 images (100.0%)" in err  # progress shown
+    # Values: torchvision's Resize(32, bicubic) + CenterCrop(32) of the same PIL image, for every mode.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    for i, p in enumerate(files):
+        im = Image.open(p)
+        im = (im.convert("RGBA") if im.mode == "P" else im).convert("RGB")
+        ref = TF.center_crop(TF.resize(im, 32, interpolation=InterpolationMode.BICUBIC), 32)
+        np.testing.assert_array_equal(d.images[i], np.asarray(ref).transpose(2, 0, 1), err_msg=str(p))
+    assert d.identity()["image_size"] == 32 and d.identity()["kind"] == "photos"
+
+
+def test_photo_resize_is_antialiased_and_centred(tmp_path):
+    """A 600x200 image whose middle half is red and the rest vertical 1-px stripes: the centre crop of
+    the 96x32 resize keeps red only (32 of 48 red columns, clear of the filter's reach); and a 64x64 of
+    stripes reduced to 32 averages to about 128 (an aliased resize would keep 0s and 255s)."""
+    img = np.zeros((200, 600, 3), np.uint8)
+    img[:, ::2] = 255
+    img[:, 150:450] = (200, 0, 0)
+    (tmp_path / "f" / "train" / "c").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "f" / "train" / "c" / "x.png")
+    d = load_dataset(f"imagefolder:{tmp_path / 'f'}", "train", image_size=32)
+    assert d.sizes.tolist() == [[200, 600]]
+    x = np.asarray(d.images[0]).astype(int)
+    np.testing.assert_array_equal(x[0], 200)  # red spans columns 24..71 of 96; the crop keeps 32..63
+    np.testing.assert_array_equal(x[1:], 0)
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255
+    Image.fromarray(stripes).save(tmp_path / "f" / "train" / "c" / "x.png")
+    flat = np.asarray(load_dataset(f"imagefolder:{tmp_path / 'f'}", "train", image_size=32).images[0])
+    assert np.abs(flat[:, :, 2:-2].astype(int) - 128).max() <= 4  # the edge columns see the border
+
+
+def test_photos_decoded_copy_is_memory_mapped_reused_and_keyed_by_image_size(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "decoded"
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(cache_dir))
+    make_photo_folder(tmp_path / "p")
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    first = load_dataset(spec, "train", image_size=24)
+    assert not list(cache_dir.glob("*.tmp*"))  # written under a temporary name, renamed when complete
+    import kdpipe.data as data_mod
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again although a decoded copy exists")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(data_mod, "_decode_into", no_decode)
+        again = load_dataset(spec, "train", image_size=24)
+    assert isinstance(again.images, np.memmap) and again.kind == "photos"
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.sizes, first.sizes)
+    assert again.fingerprint == first.fingerprint
+    other = load_dataset(spec, "train", image_size=28)
+    assert other.image_shape == (3, 28, 28) and other.fingerprint != first.fingerprint
+    assert len(list(cache_dir.glob("*.json"))) == 2
+    # The fingerprint covers the resize itself, not only the pixels it made.
+    same_pixels = data_mod.Photos(np.asarray(first.images), first.labels, first.class_names, first.spec, "train",
+                                  first.source, None, first.sizes, image_size=24)
+    assert same_pixels.fingerprint == first.fingerprint
+    monkeypatch.setattr(data_mod, "RESIZE", "another-method/1")
+    assert data_mod.Photos(np.asarray(first.images), first.labels, first.class_names, first.spec, "train",
+                           first.source, None, first.sizes, image_size=24).fingerprint != first.fingerprint
+    sub = first.subset(3)
+    assert sub.kind == "photos" and sub.sizes.shape == (3, 2) and sub.fingerprint != first.fingerprint
+
+
+def test_varying_sizes_without_image_size_are_refused_before_decoding(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "decoded"
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(cache_dir))
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    with pytest.raises(KDPipeError, match=r"the train images differ in size .*: pass --image-size S"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train")
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())
+
+
+def test_image_size_applies_to_image_folders_only(fmnist_like):
+    with pytest.raises(KDPipeError, match="--image-size applies to imagefolder:PATH only"):
+        load_dataset(fmnist_like, "train", image_size=32)
+    with pytest.raises(KDPipeError, match="whole number of pixels"):
+        load_dataset("imagefolder:/nowhere", "train", image_size=0)
+
+
+def test_same_size_folder_mixing_grey_and_colour_is_stored_in_rgb_with_a_note(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    grey_test = tmp_path / "f" / "test" / "a" / "g.png"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "f" / split / c).mkdir(parents=True)
+    pix = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(pix, "L").save(tmp_path / "f" / "train" / "a" / "0.png")
+    Image.fromarray(pix, "L").save(tmp_path / "f" / "train" / "a" / "1.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "f" / "train" / "b" / "0.png")
+    Image.fromarray(pix, "L").save(grey_test)
+    d = load_dataset(f"imagefolder:{tmp_path / 'f'}", "train")
+    assert d.kind == "dense" and d.image_shape == (3, 16, 16)
+    assert "2 of 3 grey images converted to RGB" in capsys.readouterr().err
+    np.testing.assert_array_equal(d.images[0], np.stack([pix] * 3))
+    # The test split is all grey, but its folder holds colour: it is stored in RGB too (one shape).
+    t = load_dataset(f"imagefolder:{tmp_path / 'f'}", "test")
+    assert t.image_shape == (3, 16, 16)
+    np.testing.assert_array_equal(t.images[0], np.stack([pix] * 3))
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_channel_stats_use_a_uniform_sample_of_a_class_sorted_split():
+    """30,000 samples sorted by class (10 classes of 3,000; class k's pixels all equal 20k): the first
+    10,000 rows would hold classes 0..3 only; the uniform sample holds them all, equally."""
+    n, k = 30_000, 10
+    labels = np.repeat(np.arange(k), n // k)
+    images = np.broadcast_to((labels * 20).astype(np.uint8)[:, None, None, None], (n, 2, 2, 2)).copy()
+    images[:, 1] = 255 - images[:, 1]
+    d = ImageData(images, labels, [str(i) for i in range(k)], "sorted", "train", "-")
+    rows = d.stats_rows()
+    assert len(rows) == 10_000 and np.array_equal(np.bincount(labels[rows]), [1000] * k)
+    mean, std = d.channel_stats()
+    values = np.arange(k) * 20 / 255
+    np.testing.assert_allclose(mean, [values.mean(), 1 - values.mean()], rtol=1e-12)
+    np.testing.assert_allclose(std, [values.std(), values.std()], rtol=1e-12)
+    small = d.subset(500)  # at most 10,000 rows: every row
+    assert np.array_equal(small.stats_rows(), np.arange(500))
+    np.testing.assert_allclose(small.channel_stats()[0][0], 0.0)
+
+
+# ---------------------------------------------------------------- float features (tabular data)
+
+@pytest.fixture
+def fmnist_like(tmp_path):
+    """A tiny uint8 npz (for checks that need image data but not real pixels)."""
+    rng = np.random.default_rng(0)
+    p = tmp_path / "tiny.npz"
+    np.savez(p, x_train=rng.integers(0, 256, (8, 6, 6), dtype=np.uint8), y_train=np.arange(8) % 2,
+             x_test=rng.integers(0, 256, (4, 6, 6), dtype=np.uint8), y_test=np.arange(4) % 2)
+    return f"npz:{p}"
+
+
+def make_features_npz(path, n_train=600, n_test=200, d=12, classes=3, seed=0) -> dict:
+    """Gaussian blobs: class c's features are centred on c * 2 in the first three dims (learnable),
+    float64 with one constant feature; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = rng.integers(0, classes, n)
+        x = rng.normal(0, 1, (n, d)) * np.linspace(0.5, 50, d) + 100.0
+        x[:, :3] += (y * 2.0)[:, None] * 3
+        x[:, -1] = 7.0
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
+    np.savez(path, **arrays, class_names=np.array(["u", "v", "w"][:classes]))
+    return arrays
+
+
+def test_float_npz_loads_as_features(tmp_path):
+    arrays = make_features_npz(tmp_path / "tab.npz")
+    d = load_dataset(f"npz:{tmp_path / 'tab.npz'}", "train")
+    assert d.kind == "features" and d.image_shape == (12,) and d.images.dtype == np.float32
+    np.testing.assert_array_equal(d.images, arrays["x_train"].astype(np.float32))
+    assert d.class_names == ["u", "v", "w"] and d.sizes.tolist()[:2] == [[12], [12]]
+    ident = d.identity()
+    assert ident["kind"] == "features" and ident["image_shape"] == [12] and "image_size" not in ident
+    mean, std = d.channel_stats()  # per feature, on the float32 values as stored
+    x = arrays["x_train"].astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std[:-1], x.std(0)[:-1], rtol=1e-9)
+    assert std[-1] == 1.0  # a constant feature normalizes to 0, not NaN
+    assert d.subset(10).kind == "features" and len(d.subset(10)) == 10
+    assert load_dataset(f"npz:{tmp_path / 'tab.npz'}", "test").image_shape == (12,)
+
+
+def test_a_photo_truncated_after_its_header_is_named(tmp_path):
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    victim = sorted((tmp_path / "p" / "train" / "b").iterdir())[1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2])  # the header still reads; the pixels do not
+    with pytest.raises(KDPipeError, match=rf"cannot decode {victim}"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)

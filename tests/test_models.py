@@ -179,3 +179,39 @@ def test_a_torchscript_teacher_dumps_the_same_logits(teacher_ckpt, fmnist, tmp_p
     a, b = Cache(tmp_path / "a"), Cache(tmp_path / "b")
     assert b.manifest["teacher"]["kind"] == "torchscript"
     np.testing.assert_allclose(b.read("logits", 0, b.rows), a.read("logits", 0, a.rows), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- feature vectors (D,)
+
+@pytest.mark.parametrize("name, hidden", [("mlp_100", 100), ("mlp_800", 800), ("mlp_1200", 1200)])
+def test_mlps_take_feature_vectors(name, hidden):
+    from kdpipe.evaluate import cpu_latency_ms
+    m = create_model(name, 3, (12,))
+    assert m.net[1].in_features == 12 and m.net[1].out_features == hidden
+    assert m(torch.randn(5, 12)).shape == (5, 3)
+    assert cpu_latency_ms(m, (12,), repeats=2, warmup=1) > 0
+
+
+@pytest.mark.parametrize("name", ["cnn_tiny", "resnet20", "wrn_16_2", "resnet18"])
+def test_conv_nets_refuse_feature_vectors_in_one_line(name):
+    with pytest.raises(KDPipeError, match=rf"^{name} takes images \(C, H, W\), not feature vectors \(12,\): "
+                                          "use one of mlp_100, mlp_1200, mlp_800$"):
+        create_model(name, 3, (12,))
+    with pytest.raises(KDPipeError, match="images .C, H, W. or feature vectors .D,., got shape .4, 4."):
+        create_model("mlp_100", 3, (4, 4))
+
+
+def test_channels_last_and_images_tensor_leave_feature_batches_alone(monkeypatch):
+    from kdpipe.util import HostImages, channels_last, images_tensor
+    x = torch.randn(4, 12)
+    assert channels_last(x) is x
+    img = torch.randn(2, 3, 4, 4)
+    assert channels_last(img) is img  # CPU batches stay as they are, too
+    feats = np.random.default_rng(0).normal(size=(6, 12)).astype(np.float32)
+    t = images_tensor(feats, "cpu")
+    assert t.dtype == torch.float32 and t.shape == (6, 12) and torch.equal(t, torch.from_numpy(feats))
+    monkeypatch.setenv("KDPIPE_IMAGES_ON_HOST", "1")
+    host = images_tensor(feats, "cpu")
+    assert isinstance(host, HostImages) and len(host) == 6
+    np.testing.assert_array_equal(host[torch.tensor([4, 1])].numpy(), feats[[4, 1]])
+    np.testing.assert_array_equal(host[2:4].numpy(), feats[2:4])
