@@ -77,7 +77,10 @@ class ViewOp:
             value = options.get(pname, default)
             if value is REQUIRED:
                 raise KDPipeError(f"view op {self.name} needs {pname}: write {self.usage}")
-            opts[pname] = value if value is None else parse(value)
+            try:
+                opts[pname] = value if value is None else parse(value)
+            except (TypeError, ValueError):
+                raise KDPipeError(f"view op {self.name}: bad {pname} {value!r}: write {self.usage}") from None
         self.options = opts
         self.check()
 
@@ -184,12 +187,15 @@ class Crop(ViewOp):
         p = self.options["padding"]
         return [np.full(n, p), np.full(n, p)]
 
+    def folds(self, nxt):
+        return isinstance(nxt, Flip)
+
     def replay(self, x, p):
         pad = self.options["padding"]
         h, w = x.shape[-2:]
         rows = p[:, 0:1] - pad + torch.arange(h, device=x.device)  # source rows, (B, H)
         cols = p[:, 1:2] - pad + torch.arange(w, device=x.device)
-        return _gather(x, rows, cols, h, w, "constant")
+        return _gather(x, rows, _flipped(cols, p, 2), "constant", pad, pad)
 
 
 @view_op
@@ -243,13 +249,23 @@ class PadCrop(ViewOp):
         ph, pw = self._padded(shape)
         return [np.full(n, (ph - s) // 2), np.full(n, (pw - s) // 2)]
 
+    def folds(self, nxt):
+        return isinstance(nxt, Flip)
+
     def replay(self, x, p):
         s = self.options["size"]
         h, w = x.shape[-2:]
+        ph, pw = max(s - h, 0), max(s - w, 0)
         ar = torch.arange(s, device=x.device)
-        rows = p[:, 0:1] - max(s - h, 0) + ar
-        cols = p[:, 1:2] - max(s - w, 0) + ar
-        return _gather(x, rows, cols, h, w, self.options["mode"])
+        rows, cols = p[:, 0:1] - ph + ar, p[:, 1:2] - pw + ar
+        return _gather(x, rows, _flipped(cols, p, 2), self.options["mode"], ph, pw)
+
+
+def _flipped(cols: torch.Tensor, p: torch.Tensor, at: int) -> torch.Tensor:
+    """Source columns (B, W), mirrored in the rows where a folded flip (column ``at`` of p) is set."""
+    if p.shape[1] <= at:
+        return cols
+    return torch.where(p[:, at:at + 1].bool(), cols.flip(1), cols)
 
 
 def _source_index(u: torch.Tensor, n: int, mode: str) -> torch.Tensor:
@@ -265,15 +281,17 @@ def _source_index(u: torch.Tensor, n: int, mode: str) -> torch.Tensor:
     return torch.where(m >= n, 2 * n - 1 - m, m)
 
 
-def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
-    """out[b, :, i, j] = x[b, :, rows[b, i], cols[b, j]], padded by ``mode`` outside the image; any dtype."""
-    b = x.shape[0]
-    r, c = _source_index(rows, h, mode), _source_index(cols, w, mode)
+def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str, ph: int, pw: int) -> torch.Tensor:
+    """out[b, :, i, j] = x[b, :, rows[b, i], cols[b, j]] for source coordinates that reach at most ph rows
+    and pw columns outside the image, padded there by ``mode``; any dtype, integers stay exact."""
+    b, _, h, w = x.shape
+    if mode == "constant":  # zero padding, then plain indexing
+        x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        r, c = rows + ph, cols + pw
+    else:
+        r, c = _source_index(rows, h, mode), _source_index(cols, w, mode)
     bi = torch.arange(b, device=x.device)[:, None, None]
     out = x.permute(0, 2, 3, 1)[bi, r[:, :, None], c[:, None, :]]  # (B, H', W', C)
-    if mode == "constant":
-        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-        out = out * inside[..., None].to(out.dtype)
     return out.permute(0, 3, 1, 2).contiguous()
 
 

@@ -31,7 +31,7 @@ BILINEAR = TF.InterpolationMode.BILINEAR
 COMPOSITION = "pad-crop:20:reflect+rotate:15+crop:2+flip+resized-crop:16"
 IMAGE_SPECS = ["none", "crop:2", "crop:0", "flip", "rotate:15", "pad-crop:20", "pad-crop:12:edge",
                "pad-crop:24:reflect", "pad-crop:8:symmetric", "resized-crop", "resized-crop:12", "resized-crop:16+flip",
-               "gauss:3", COMPOSITION]
+               "pad-crop:20:symmetric+flip", "gauss:3", COMPOSITION]
 
 
 def images(n=24, c=3, h=16, w=18, seed=0) -> torch.Tensor:
@@ -342,6 +342,36 @@ def test_eval_params_give_the_clean_view(spec):
     if all(op.exact for op in pol.ops):
         assert torch.equal(got, want / 255.0 * 255.0)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["crop:2+flip", "pad-crop:20:symmetric+flip", "resized-crop:12+flip"])
+def test_a_folded_flip_equals_the_flip_op_after_the_crop(spec):
+    """crop, pad-crop and resized-crop replay a following flip in their own gather or grid (one pass, and the
+    version 1 grid of resized-crop-flip); the result is that of the two ops one after the other."""
+    pol = create_policy(spec)
+    x = images(30, 3, 16, 18)
+    p = torch.from_numpy(pol.sample_view(0, 0, x.shape)).long()
+    crop, flip = pol.ops
+    assert crop.folds(flip) and len(pol._plan) == 1
+    two_steps = flip.replay(crop.replay(x if crop.exact else x.float(), p[:, :-1]), p[:, -1:])
+    got = crop.replay(x if crop.exact else x.float(), p)
+    if crop.exact:
+        assert got.dtype == torch.uint8 and torch.equal(got, two_steps)
+    else:
+        torch.testing.assert_close(got, two_steps, atol=2e-3, rtol=0)
+
+
+def test_columns_verify_cache_recomputes():
+    """Every op of this version draws its columns from (seed, view) alone, so verify-cache recomputes all of
+    them; an op whose column it cannot recompute (derived = False) is left out of that comparison."""
+    from kdpipe.views import Crop, Flip, ViewOp, ViewPolicy
+
+    class Partner(ViewOp):  # e.g. a mixing op's partner, chosen from data verify-cache does not see
+        name, columns, derived = "partner", ("partner",), False
+
+    assert create_policy(COMPOSITION).derived.all() and create_policy("gauss:1").derived.tolist() == [True]
+    pol = ViewPolicy([Crop(padding=2), Partner(), Flip()])
+    assert pol.columns == ("dy", "dx", "partner", "flip") and pol.derived.tolist() == [True, True, False, True]
 
 
 # ---------------------------------------------------------------- semantics against torchvision
