@@ -91,17 +91,10 @@ class ViewOp:
 
     @classmethod
     def from_args(cls, args: list[str]) -> ViewOp:
+        """The op a spec names: its options positionally; an empty one keeps its default."""
         if len(args) > len(cls.params):
             raise KDPipeError(f"view op {cls.name} takes at most {len(cls.params)} option(s): write {cls.usage}")
-        opts = {}
-        for (pname, parse, _), a in zip(cls.params, args):
-            if a == "":
-                continue  # an empty option keeps its default
-            try:
-                opts[pname] = parse(a)
-            except ValueError:
-                raise KDPipeError(f"view op {cls.name}: bad {pname} {a!r}: write {cls.usage}") from None
-        return cls(**opts)
+        return cls(**{p[0]: a for p, a in zip(cls.params, args) if a != ""})
 
     def spec(self) -> str:
         """Canonical spec of the op: options positionally, trailing defaults left out."""
@@ -139,8 +132,6 @@ class ViewOp:
 def _fmt(v) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
-    if isinstance(v, (list, tuple)):
-        return ":".join(_fmt(x) for x in v)
     return str(v)
 
 
@@ -343,12 +334,9 @@ class ResizedCrop(ViewOp):
 
     @classmethod
     def from_args(cls, args):
-        if len(args) > 1:
+        if len(args) > 1:  # scale and ratio are torchvision's defaults; the Python API may set them
             raise KDPipeError(f"view op resized-crop takes one option: write {cls.usage}")
-        try:
-            return cls(size=int(args[0]) if args and args[0] else None)
-        except ValueError:
-            raise KDPipeError(f"view op resized-crop: bad size {args[0]!r}: write {cls.usage}") from None
+        return super().from_args(args)
 
     def spec(self):
         s = self.options["size"]
