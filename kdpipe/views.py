@@ -554,12 +554,6 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- specs, aliases, identities
 
-ALIASES = {  # name -> spec template (from --padding and --size)
-    "crop-flip": "crop:{padding}+flip",
-    "resized-crop-flip": "resized-crop{size}+flip",
-}
-
-
 def known_ops() -> list[str]:
     return sorted(_OPS)
 
