@@ -68,13 +68,20 @@ def device_option(f):
                         help="auto (CUDA when present), cpu, cuda or cuda:N.")(f)
 
 
+POLICY_HELP = ("Views: ops joined by '+', options after ':'. Ops: none; crop:P (zero pad P, crop back: shift "
+               "jitter); flip; rotate:DEG (uniform in +-DEG degrees); pad-crop:S[:MODE] (S x S crop, padded by "
+               "constant, edge, reflect or symmetric where short); resized-crop[:S] (random area and ratio, "
+               "resized to S x S); gauss:SIGMA (noise, for feature vectors). Aliases: crop-flip "
+               "(= crop:PADDING+flip), resized-crop-flip (= resized-crop:SIZE+flip). E.g. crop:4+flip, crop:2, "
+               "rotate:15+flip, pad-crop:256:symmetric, resized-crop:224+flip.")
+
+
 def policy_options(f):
     f = click.option("--size", type=click.IntRange(min=1), default=None, metavar="PIXELS",
-                     help="Output size of resized-crop-flip views (default: the image height).")(f)
+                     help="Output size of the resized-crop-flip alias (default: the image height).")(f)
     f = click.option("--padding", type=click.IntRange(min=0), default=4, show_default=True, metavar="PIXELS",
-                     help="Zero padding of crop-flip views.")(f)
-    f = click.option("--policy", type=click.Choice(["none", "crop-flip", "resized-crop-flip"]), default="crop-flip",
-                     show_default=True, help="View policy: how each view of a sample is drawn.")(f)
+                     help="Zero padding of the crop-flip alias.")(f)
+    f = click.option("--policy", default="crop-flip", show_default=True, metavar="SPEC", help=POLICY_HELP)(f)
     return f
 
 
@@ -193,7 +200,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         dist = from_env(dev)  # torchrun: join the process group; else one process
         log = dist.log(click.echo)
         log(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
-            f"({policy}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
+            f"({pol.spec}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
                           logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
                           device=dist.device, amp=amp, overwrite=overwrite, dist=dist, log=log)
@@ -310,14 +317,18 @@ def inspect_cmd(cache_dir, as_json):
         click.echo(json.dumps(m, indent=2))
         return
     t, d, v = m["teacher"], m["dataset"], m["views"]
-    opts = ", ".join(f"{k}={val}" for k, val in v.get("options", {}).items())
     click.echo(f"cache {c.path}  (format {m['format_version']}, id {m['cache_id'][:12]}, created {m['created']}, "
                f"kdpipe {m['kdpipe_version']}, torch {m['torch_version']})")
     click.echo(f"  teacher   {t['arch']} ({t['kind']}, {t.get('parameters', 0):,} parameters, sha256 "
                f"{t['fingerprint'][:12]}), test top-1 {t.get('test_top1')}")
     click.echo(f"  data      {d['spec']} {d['split']}: {d['num_samples']:,} samples of {tuple(d['image_shape'])}, "
                f"{m['num_classes']} classes, sha256 {d['fingerprint'][:12]}")
-    click.echo(f"  views     K={v['K']} policy {v['policy']} v{v['policy_version']} ({opts or 'no options'}), "
+    if "ops" in v:  # a composition of view ops, each with its version
+        ops = f"{v['spec']} (" + ", ".join(f"{o['name']} v{o['version']}" for o in v["ops"]) + ")"
+    else:  # a named policy of a version 1 cache
+        ops = f"{v['policy']} v{v['policy_version']} (" + (", ".join(
+            f"{k}={val}" for k, val in v.get("options", {}).items()) or "no options") + ")"
+    click.echo(f"  views     K={v['K']} policy {ops}, "
                f"seed {v['seed']}, params {', '.join(v['columns']) or '-'}")
     click.echo(f"  logits    codec {m['logits']['codec']}, {m['logits']['dtype']}, rows {m['rows']:,} "
                f"({m['row_order']}), input {tuple(m['input']['shape'])}")

@@ -11,15 +11,9 @@ import torch.nn as nn
 from kdpipe.views import ViewPolicy
 
 
-def eval_params(policy: ViewPolicy, image_shape, n: int) -> np.ndarray:
-    """Replay parameters of the clean view: the whole image, unflipped, at the policy's output size."""
-    c, h, w = image_shape
-    if policy.name == "crop-flip":
-        p = int(policy.options["padding"])
-        return np.tile(np.array([[p, p, 0]], dtype=np.int32), (n, 1))
-    if policy.name == "resized-crop-flip":
-        return np.tile(np.array([[0, 0, h, w, 0]], dtype=np.int32), (n, 1))
-    return np.zeros((n, 0), dtype=np.int32)
+def eval_params(policy: ViewPolicy, sample_shape, n: int) -> np.ndarray:
+    """Replay parameters of the clean view (each op says what its clean parameters are)."""
+    return policy.eval_params(sample_shape, n)
 
 
 def top1(logits: torch.Tensor | np.ndarray, labels) -> float:

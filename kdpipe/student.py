@@ -100,7 +100,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         raise KDPipeError("the ranks opened different caches (" + ", ".join(f"rank {r}: id {i[:12]}" for r, i in
                           enumerate(ids)) + "): every rank must read the same cache")
     k = cache.num_views
-    if epochs > k:
+    if epochs > k and policy.is_random:  # deterministic views (--policy none) are all the same view
         log(f"warning: {epochs} epochs over K = {k} views: each view is seen {epochs / k:.1f} times; "
             f"too few views overfit (dump with --views {epochs} to match the epochs)")
     mean, std = m["input"]["mean"], m["input"]["std"]

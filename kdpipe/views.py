@@ -1,18 +1,25 @@
-"""View policies: the augmentation-fixed dataset.
+"""Views: the augmentation-fixed dataset, as a composition of registered view ops.
 
-A policy draws explicit integer replay parameters for every (view, sample) from a seed, and
-replays them in batches on any device. Stage one and stage two call the same ``replay`` on the
-stored parameters, so the student sees bit for bit the input the teacher saw.
+A view is written as a spec: ops joined by ``+``, each op's options after ``:``, e.g. ``crop:4+flip``,
+``rotate:15``, ``pad-crop:256:symmetric``, ``resized-crop:224+flip``. Each op is one class below,
+registered by name with ``@view_op``. It declares its int32 parameter columns, how it draws them from
+the view's random stream, how a batch replays them on any device, its output shape, its clean
+(evaluation) parameters, and whether it is random at all.
 
-The parameters of view k depend only on (seed, k) (``numpy.random.default_rng([seed, k])``), so
-any subset of views can be drawn again anywhere: by a resumed dump, by another rank, or by an
-online-KD run that wants the very same views as a cache.
+A policy draws explicit integer replay parameters for every (view, sample) from a seed, and replays
+them in batches. Stage one and stage two call the same ``replay`` on the stored parameters, so the
+student sees bit for bit the input the teacher saw. The parameters of view k depend only on
+(seed, k): one stream ``numpy.random.default_rng([seed, k])`` that the ops draw from in order, so any
+subset of views can be drawn again anywhere (a resumed dump, another rank, verify-cache). Replay is
+per sample: a sample's view never depends on which other samples share its batch.
+
+To add an op: one ``@view_op`` class here, and its test in tests/test_views.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,159 +27,607 @@ import torch.nn.functional as F
 
 from kdpipe import KDPipeError
 
+IDENTITY_LAYOUT = "ops"  # a views identity with "ops" is a composition; one without is a named v1 policy
 
-@dataclass(frozen=True)
-class ViewPolicy:
-    name: str
-    version: int
-    columns: tuple[str, ...]  # names of the int32 replay parameters of one view of one sample
-    options: dict = field(default_factory=dict)
+_OPS: dict[str, type[ViewOp]] = {}
+
+
+def view_op(cls):
+    """Register a view op class under its ``name``."""
+    if cls.name in _OPS:
+        raise AssertionError(f"view op {cls.name} registered twice")
+    _OPS[cls.name] = cls
+    return cls
+
+
+class _Required:
+    def __repr__(self):
+        return "required"
+
+
+REQUIRED = _Required()
+
+
+class ViewOp:
+    """One step of a view. Subclasses set the class attributes and override the methods that apply.
+
+    ``params`` lists the options in the order the spec gives them positionally: (name, parse, default);
+    ``REQUIRED`` as default makes an option mandatory. ``exact`` ops move integers (uint8 stays uint8);
+    the others work in float32. ``derived``: verify-cache can recompute the columns from (seed, view).
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    columns: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple] = ()
+    random: ClassVar[bool] = True
+    exact: ClassVar[bool] = True
+    derived: ClassVar[bool] = True
+    kinds: ClassVar[tuple[str, ...]] = ("image",)  # "image" (C, H, W) and/or "features" (D,)
+    usage: ClassVar[str] = ""
+
+    def __init__(self, **options):
+        names = [p[0] for p in self.params]
+        unknown = set(options) - set(names)
+        if unknown:
+            raise KDPipeError(f"view op {self.name} has no option {sorted(unknown)[0]!r} (options: "
+                              f"{', '.join(names) or 'none'})")
+        opts = {}
+        for pname, parse, default in self.params:
+            value = options.get(pname, default)
+            if value is REQUIRED:
+                raise KDPipeError(f"view op {self.name} needs {pname}: write {self.usage}")
+            try:
+                opts[pname] = value if value is None else parse(value)
+            except (TypeError, ValueError):
+                raise KDPipeError(f"view op {self.name}: bad {pname} {value!r}: write {self.usage}") from None
+        self.options = opts
+        self.check()
+
+    def check(self) -> None:
+        """Refuse options out of range (KDPipeError); called once the options are parsed."""
+
+    # -------------------------------------------------------------- spec and identity
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> ViewOp:
+        """The op a spec names: its options positionally; an empty one keeps its default."""
+        if len(args) > len(cls.params):
+            raise KDPipeError(f"view op {cls.name} takes at most {len(cls.params)} option(s): write {cls.usage}")
+        return cls(**{p[0]: a for p, a in zip(cls.params, args) if a != ""})
+
+    def spec(self) -> str:
+        """Canonical spec of the op: options positionally, trailing defaults left out."""
+        args = [_fmt(self.options[p]) if self.options[p] != d else "" for p, _, d in self.params]
+        while args and args[-1] == "":
+            args.pop()
+        return ":".join([self.name, *args])
 
     def identity(self) -> dict:
-        return {"policy": self.name, "policy_version": self.version, "columns": list(self.columns),
-                "options": dict(self.options)}
+        return {"name": self.name, "options": dict(self.options), "version": self.version,
+                "columns": list(self.columns)}
 
-    def output_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        c, h, w = image_shape
-        if self.name == "resized-crop-flip":
-            s = self.options.get("size") or h
-            return (c, s, s)
-        return (c, h, w)
+    # -------------------------------------------------------------- shapes, drawing, replay
 
-    # ------------------------------------------------------------------ sampling
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
 
-    def sample_view(self, seed: int, view: int, image_shape) -> np.ndarray:
-        """Replay parameters (N, P) int32 of one view for the N samples; N from image_shape[0]."""
-        n, _, h, w = image_shape
-        rng = np.random.default_rng([int(seed), int(view)])
-        if self.name == "none":
-            return np.zeros((n, 0), dtype=np.int32)
-        if self.name == "crop-flip":
-            p = int(self.options["padding"])
-            dy = rng.integers(0, 2 * p + 1, size=n)
-            dx = rng.integers(0, 2 * p + 1, size=n)
-            flip = rng.integers(0, 2, size=n)
-            return np.stack([dy, dx, flip], axis=1).astype(np.int32)
-        if self.name == "resized-crop-flip":
-            return _sample_resized_crops(rng, n, h, w, self.options["scale"], self.options["ratio"])
-        raise AssertionError(self.name)
+    def draw(self, rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """The op's columns for n samples of per-sample ``shape``, drawn from ``rng`` in column order."""
+        return []
 
-    def sample(self, seed: int, views, image_shape) -> np.ndarray:
-        """Parameters (len(views), N, P) for the given view indices."""
-        return np.stack([self.sample_view(seed, k, image_shape) for k in views])
+    def clean(self, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
+        """The columns of the evaluation view (no augmentation), for n samples."""
+        return []
 
-    # ------------------------------------------------------------------ replay
+    def replay(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Apply the op to batch x with its int64 columns p (B, len(columns)), on x's device."""
+        return x
 
-    def replay(self, images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:
-        """Views of a batch: uint8 (B, C, H, W) and int (B, P) on one device -> normalized float32."""
-        if images.dtype != torch.uint8:
-            raise TypeError("replay expects uint8 images")
-        if self.name == "none":
-            x = images.float()
-        elif self.name == "crop-flip":
-            x = _replay_crop_flip(images, params.long(), int(self.options["padding"])).float()
-        elif self.name == "resized-crop-flip":
-            x = _replay_resized_crop(images.float(), params, self.output_shape(images.shape[1:])[1])
-        else:
-            raise AssertionError(self.name)
-        return normalize(x, mean, std)
+    def folds(self, nxt: ViewOp) -> bool:
+        """True if this op replays the next op too (its replay then gets both ops' columns)."""
+        return False
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(x / 255 - mean) / std per channel, in float32."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x / 255.0 - m) / s
+def _fmt(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
-def _replay_crop_flip(images: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
-    b, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    dy, dx, flip = params[:, 0], params[:, 1], params[:, 2]
-    ar_h = torch.arange(h, device=images.device)
-    ar_w = torch.arange(w, device=images.device)
-    rows = dy[:, None] + ar_h[None, :]  # (B, H)
-    cols_fwd = dx[:, None] + ar_w[None, :]
-    cols_rev = dx[:, None] + (w - 1 - ar_w)[None, :]
-    cols = torch.where(flip[:, None].bool(), cols_rev, cols_fwd)  # (B, W)
-    bi = torch.arange(b, device=images.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+def _pair(v) -> list[float]:
+    a, b = v
+    return [float(a), float(b)]
+
+
+def _positive_int(v) -> int:
+    v = int(v)
+    if v < 1:
+        raise ValueError(v)
+    return v
+
+
+# ---------------------------------------------------------------------- the ops
+
+@view_op
+class NoneOp(ViewOp):
+    """The sample as it is."""
+    name = "none"
+    random = False
+    kinds = ("image", "features")
+    usage = "none"
+
+
+@view_op
+class Crop(ViewOp):
+    """Zero pad P pixels on every side, then crop back to the input size: translate-only jitter."""
+    name = "crop"
+    columns = ("dy", "dx")
+    params = (("padding", int, REQUIRED),)
+    usage = "crop:P (P pixels of zero padding, e.g. crop:4; crop:2 for digits)"
+
+    def check(self):
+        if self.options["padding"] < 0:
+            raise KDPipeError(f"crop padding must be >= 0, got {self.options['padding']}")
+
+    def draw(self, rng, n, shape):
+        p = self.options["padding"]
+        return [rng.integers(0, 2 * p + 1, size=n), rng.integers(0, 2 * p + 1, size=n)]
+
+    def clean(self, shape, n):
+        p = self.options["padding"]
+        return [np.full(n, p), np.full(n, p)]
+
+    def folds(self, nxt):
+        return isinstance(nxt, Flip)
+
+    def replay(self, x, p):
+        pad = self.options["padding"]
+        h, w = x.shape[-2:]
+        rows = p[:, 0:1] - pad + torch.arange(h, device=x.device)  # source rows, (B, H)
+        cols = p[:, 1:2] - pad + torch.arange(w, device=x.device)
+        return _gather(x, rows, _flipped(cols, p, 2), "constant", pad, pad)
+
+
+@view_op
+class Flip(ViewOp):
+    """Mirror left-right with probability 1/2."""
+    name = "flip"
+    columns = ("flip",)
+    usage = "flip"
+
+    def draw(self, rng, n, shape):
+        return [rng.integers(0, 2, size=n)]
+
+    def clean(self, shape, n):
+        return [np.zeros(n)]
+
+    def replay(self, x, p):
+        return torch.where(p[:, 0].bool().view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+PAD_MODES = ("constant", "edge", "reflect", "symmetric")
+
+
+@view_op
+class PadCrop(ViewOp):
+    """An S x S crop at a uniform position, the input first padded (by MODE) to at least S x S on each
+    side that is short: torchvision's RandomCrop(S, pad_if_needed=True, padding_mode=MODE)."""
+    name = "pad-crop"
+    columns = ("y0", "x0")  # top-left corner of the crop in the padded image
+    params = (("size", _positive_int, REQUIRED), ("mode", str, "constant"))
+    usage = f"pad-crop:S[:MODE] (MODE one of {', '.join(PAD_MODES)})"
+
+    def check(self):
+        if self.options["mode"] not in PAD_MODES:
+            raise KDPipeError(f"pad-crop mode {self.options['mode']!r} is not one of {', '.join(PAD_MODES)}")
+
+    def _padded(self, shape):
+        s = self.options["size"]
+        _, h, w = shape
+        return h + 2 * max(s - h, 0), w + 2 * max(s - w, 0)
+
+    def output_shape(self, shape):
+        return (shape[0], self.options["size"], self.options["size"])
+
+    def draw(self, rng, n, shape):
+        s = self.options["size"]
+        ph, pw = self._padded(shape)
+        return [rng.integers(0, ph - s + 1, size=n), rng.integers(0, pw - s + 1, size=n)]
+
+    def clean(self, shape, n):
+        s = self.options["size"]
+        ph, pw = self._padded(shape)
+        return [np.full(n, (ph - s) // 2), np.full(n, (pw - s) // 2)]
+
+    def folds(self, nxt):
+        return isinstance(nxt, Flip)
+
+    def replay(self, x, p):
+        s = self.options["size"]
+        h, w = x.shape[-2:]
+        ph, pw = max(s - h, 0), max(s - w, 0)
+        ar = torch.arange(s, device=x.device)
+        rows, cols = p[:, 0:1] - ph + ar, p[:, 1:2] - pw + ar
+        return _gather(x, rows, _flipped(cols, p, 2), self.options["mode"], ph, pw)
+
+
+def _flipped(cols: torch.Tensor, p: torch.Tensor, at: int) -> torch.Tensor:
+    """Source columns (B, W), mirrored in the rows where a folded flip (column ``at`` of p) is set."""
+    if p.shape[1] <= at:
+        return cols
+    return torch.where(p[:, at:at + 1].bool(), cols.flip(1), cols)
+
+
+def _source_index(u: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """Map coordinates u of the padded image to the source's [0, n) (any amount of padding)."""
+    if mode in ("constant", "edge"):
+        return u.clamp(0, n - 1)
+    if mode == "reflect":  # ... 2 1 | 0 1 2 ... n-1 | n-2 ...
+        if n == 1:
+            return torch.zeros_like(u)
+        m = u.remainder(2 * (n - 1))
+        return torch.where(m >= n, 2 * (n - 1) - m, m)
+    m = u.remainder(2 * n)  # symmetric: ... 1 0 | 0 1 ... n-1 | n-1 n-2 ...
+    return torch.where(m >= n, 2 * n - 1 - m, m)
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str, ph: int, pw: int) -> torch.Tensor:
+    """out[b, :, i, j] = x[b, :, rows[b, i], cols[b, j]] for source coordinates that reach at most ph rows
+    and pw columns outside the image, padded there by ``mode``; any dtype, integers stay exact."""
+    b, _, h, w = x.shape
+    if mode == "constant":  # zero padding, then plain indexing
+        x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        r, c = rows + ph, cols + pw
+    else:
+        r, c = _source_index(rows, h, mode), _source_index(cols, w, mode)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    out = x.permute(0, 2, 3, 1)[bi, r[:, :, None], c[:, None, :]]  # (B, H', W', C)
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _sample_resized_crops(rng, n, h, w, scale, ratio, tries: int = 10) -> np.ndarray:
-    """Boxes (y0, x0, bh, bw, flip) drawn like torchvision's RandomResizedCrop, vectorized."""
-    area = h * w
-    target = area * rng.uniform(scale[0], scale[1], size=(n, tries))
-    logr = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, tries))
-    ar = np.exp(logr)
-    bw = np.rint(np.sqrt(target * ar)).astype(np.int64)
-    bh = np.rint(np.sqrt(target / ar)).astype(np.int64)
-    ok = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
-    first = np.argmax(ok, axis=1)
-    any_ok = ok[np.arange(n), first]
-    bw = bw[np.arange(n), first]
-    bh = bh[np.arange(n), first]
-    # Fallback: a central crop at the nearest allowed ratio, as torchvision does.
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        fw, fh = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fh, fw = h, int(round(h * ratio[1]))
-    else:
-        fw, fh = w, h
-    bw = np.where(any_ok, bw, fw)
-    bh = np.where(any_ok, bh, fh)
-    uy = rng.random(n)
-    ux = rng.random(n)
-    y0 = np.where(any_ok, np.floor(uy * (h - bh + 1)).astype(np.int64), (h - fh) // 2)
-    x0 = np.where(any_ok, np.floor(ux * (w - bw + 1)).astype(np.int64), (w - fw) // 2)
-    flip = rng.integers(0, 2, size=n)
-    return np.stack([y0, x0, bh, bw, flip], axis=1).astype(np.int32)
+@view_op
+class Rotate(ViewOp):
+    """Rotate by a uniform angle in [-DEG, DEG] degrees (counter-clockwise positive) about the centre,
+    bilinear, zero fill; the angle is stored in thousandths of a degree."""
+    name = "rotate"
+    columns = ("angle_mdeg",)
+    params = (("degrees", float, REQUIRED),)
+    exact = False
+    usage = "rotate:DEG (uniform angle in +-DEG degrees, e.g. rotate:15)"
+
+    def check(self):
+        if not 0 <= self.options["degrees"] <= 180:
+            raise KDPipeError(f"rotate degrees must lie in [0, 180], got {self.options['degrees']}")
+
+    def draw(self, rng, n, shape):
+        m = int(round(self.options["degrees"] * 1000))
+        return [rng.integers(-m, m + 1, size=n)]
+
+    def clean(self, shape, n):
+        return [np.zeros(n)]
+
+    def replay(self, x, p):
+        b, c, h, w = x.shape
+        a = p[:, 0].to(torch.float32) * (math.pi / 180_000.0)
+        cos, sin = torch.cos(a), torch.sin(a)
+        # Output pixel (normalized xn, yn) samples the input at R(-a) applied in pixel units about the
+        # centre; normalized coordinates scale x by w/2 and y by h/2, hence the aspect factors.
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin * (h / w), zero], 1),
+                             torch.stack([sin * (w / h), cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _replay_resized_crop(x: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
-    b, c, h, w = x.shape
-    p = params.to(torch.float32)
-    y0, x0, bh, bw, flip = p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4]
-    sx = bw / w * (1.0 - 2.0 * flip)
-    sy = bh / h
-    tx = (2.0 * x0 + bw) / w - 1.0
-    ty = (2.0 * y0 + bh) / h - 1.0
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
-    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+@view_op
+class ResizedCrop(ViewOp):
+    """A box of random area (scale) and aspect ratio, resized bilinearly to S x S: torchvision's
+    RandomResizedCrop(S) without antialiasing. S defaults to the input height. A following ``flip``
+    is folded into the sampling grid (so ``resized-crop+flip`` replays as version 1 caches did)."""
+    name = "resized-crop"
+    columns = ("y0", "x0", "h", "w")
+    SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's defaults; the spec sets only S
+    params = (("size", _positive_int, None), ("scale", _pair, SCALE), ("ratio", _pair, RATIO))
+    exact = False
+    usage = "resized-crop[:S] (output S x S, default the input height)"
+
+    @classmethod
+    def from_args(cls, args):
+        if len(args) > 1:  # scale and ratio are torchvision's defaults; the Python API may set them
+            raise KDPipeError(f"view op resized-crop takes one option: write {cls.usage}")
+        return super().from_args(args)
+
+    def spec(self):
+        s = self.options["size"]
+        return self.name if s is None else f"{self.name}:{s}"
+
+    def check(self):
+        (s0, s1), (r0, r1) = self.options["scale"], self.options["ratio"]
+        if not (0 < s0 <= s1 <= 1) or not (0 < r0 <= r1):
+            raise KDPipeError(f"bad scale {[s0, s1]} or ratio {[r0, r1]} for resized-crop")
+
+    def output_shape(self, shape):
+        s = self.options["size"] or shape[1]
+        return (shape[0], s, s)
+
+    def draw(self, rng, n, shape, tries: int = 10):
+        """Boxes drawn like torchvision's RandomResizedCrop, vectorized."""
+        _, h, w = shape
+        scale, ratio = self.options["scale"], self.options["ratio"]
+        target = h * w * rng.uniform(scale[0], scale[1], size=(n, tries))
+        ar = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, tries)))
+        bw = np.rint(np.sqrt(target * ar)).astype(np.int64)
+        bh = np.rint(np.sqrt(target / ar)).astype(np.int64)
+        ok = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+        first = np.argmax(ok, axis=1)
+        any_ok = ok[np.arange(n), first]
+        bw, bh = bw[np.arange(n), first], bh[np.arange(n), first]
+        # Fallback: a central crop at the nearest allowed ratio, as torchvision does.
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            fw, fh = w, int(round(w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            fh, fw = h, int(round(h * ratio[1]))
+        else:
+            fw, fh = w, h
+        bw, bh = np.where(any_ok, bw, fw), np.where(any_ok, bh, fh)
+        uy, ux = rng.random(n), rng.random(n)
+        y0 = np.where(any_ok, np.floor(uy * (h - bh + 1)).astype(np.int64), (h - fh) // 2)
+        x0 = np.where(any_ok, np.floor(ux * (w - bw + 1)).astype(np.int64), (w - fw) // 2)
+        return [y0, x0, bh, bw]
+
+    def clean(self, shape, n):
+        _, h, w = shape
+        return [np.zeros(n), np.zeros(n), np.full(n, h), np.full(n, w)]
+
+    def folds(self, nxt):
+        return isinstance(nxt, Flip)
+
+    def replay(self, x, p):
+        b, c, h, w = x.shape
+        size = self.output_shape(x.shape[1:])[1]
+        q = p.to(torch.float32)
+        y0, x0, bh, bw = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+        flip = q[:, 4] if q.shape[1] > 4 else torch.zeros_like(y0)  # a folded flip mirrors the grid
+        sx = bw / w * (1.0 - 2.0 * flip)
+        sy = bh / h
+        tx = (2.0 * x0 + bw) / w - 1.0
+        ty = (2.0 * y0 + bh) / h - 1.0
+        zero = torch.zeros_like(sx)
+        theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+        grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-POLICIES = ("none", "crop-flip", "resized-crop-flip")
+_M32 = 0xFFFFFFFF
 
 
-def create_policy(name: str, padding: int = 4, size: int | None = None,
-                  scale: tuple[float, float] = (0.08, 1.0),
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> ViewPolicy:
-    """A view policy by name, with its options (those that do not apply are left out)."""
-    if name == "none":
-        return ViewPolicy("none", 1, ())
-    if name == "crop-flip":
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply), exact on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_normal(seeds: torch.Tensor, m: int) -> torch.Tensor:
+    """Standard normal noise (B, m) from int seeds (B,): counter-based (row seed, element index) hashing
+    and Box-Muller, so it depends on no RNG state and a row's noise on nothing but its seed."""
+    key = _mix32((seeds.to(torch.int64) & _M32) ^ 0x9E3779B9)[:, None]
+    j = torch.arange(m, device=seeds.device, dtype=torch.int64)[None, :]
+    h1 = _mix32(key ^ _mix32(2 * j))
+    h2 = _mix32(_mix32(key ^ _mix32(2 * j + 1)) ^ 0x85EBCA6B)
+    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1): log is finite
+    u2 = (h2 >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+@view_op
+class Gauss(ViewOp):
+    """Add N(0, SIGMA^2) noise to every element (feature vectors or images, in their raw units),
+    replayed exactly from a stored per-row seed; seed -1 is the clean view."""
+    name = "gauss"
+    columns = ("noise_seed",)
+    params = (("sigma", float, REQUIRED),)
+    exact = False
+    kinds = ("features", "image")
+    usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1)"
+
+    def check(self):
+        if not self.options["sigma"] >= 0:
+            raise KDPipeError(f"gauss sigma must be >= 0, got {self.options['sigma']}")
+
+    def draw(self, rng, n, shape):
+        return [rng.integers(0, 2**31 - 1, size=n)]
+
+    def clean(self, shape, n):
+        return [np.full(n, -1)]
+
+    def replay(self, x, p):
+        z = hash_normal(p[:, 0], math.prod(x.shape[1:])).view(x.shape)
+        on = (p[:, 0] >= 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return x + (self.options["sigma"] * on) * z
+
+
+# ---------------------------------------------------------------------- the composition
+
+class ViewPolicy:
+    """A composition of view ops: what stage one draws and replays, and stage two replays again."""
+
+    def __init__(self, ops: list[ViewOp]):
+        self.ops = [op for op in ops if not isinstance(op, NoneOp)] or [NoneOp()]  # none+flip is flip
+        self.spec = "+".join(op.spec() for op in self.ops)
+        cols, seen = [], set()
+        for i, op in enumerate(self.ops):
+            for c in op.columns:
+                name = c if c not in seen else f"{c}@{i}"  # the i-th op's column, when an earlier op has c
+                seen.add(name)
+                cols.append(name)
+        self.columns = tuple(cols)
+        self.is_random = any(op.random for op in self.ops)
+        self.derived = np.concatenate([np.full(len(op.columns), op.derived, bool) for op in self.ops])
+        # Replay plan: (op, first column, last column); an op that folds its successor replays both.
+        self._plan, i, at = [], 0, 0
+        while i < len(self.ops):
+            op, width, step = self.ops[i], len(self.ops[i].columns), 1
+            if i + 1 < len(self.ops) and op.folds(self.ops[i + 1]):
+                width, step = width + len(self.ops[i + 1].columns), 2
+            self._plan.append((op, at, at + width))
+            at, i = at + width, i + step
+
+    def __eq__(self, other):
+        return isinstance(other, ViewPolicy) and self.identity() == other.identity()
+
+    def __repr__(self):
+        return f"ViewPolicy({self.spec!r})"
+
+    def identity(self) -> dict:
+        return {"spec": self.spec, IDENTITY_LAYOUT: [op.identity() for op in self.ops],
+                "columns": list(self.columns)}
+
+    def _shapes(self, sample_shape) -> list[tuple[int, ...]]:
+        """The per-sample input shape of every op, then the output shape."""
+        shapes = [tuple(int(s) for s in sample_shape)]
+        for op in self.ops:
+            kind = "image" if len(shapes[-1]) == 3 else "features" if len(shapes[-1]) == 1 else None
+            if kind not in op.kinds:
+                raise KDPipeError(f"view op {op.name} does not apply to samples of shape {shapes[-1]} "
+                                  f"(it takes {' or '.join(op.kinds)})")
+            shapes.append(tuple(op.output_shape(shapes[-1])))
+        return shapes
+
+    def output_shape(self, sample_shape) -> tuple[int, ...]:
+        return self._shapes(sample_shape)[-1]
+
+    def _columns(self, per_op: list[list[np.ndarray]], n: int) -> np.ndarray:
+        cols = [np.asarray(c).reshape(n) for cs in per_op for c in cs]
+        return np.stack(cols, axis=1).astype(np.int32) if cols else np.zeros((n, 0), dtype=np.int32)
+
+    def sample_view(self, seed: int, view: int, data_shape) -> np.ndarray:
+        """Replay parameters (N, P) int32 of one view for N samples; data_shape = (N, *sample_shape)."""
+        n = int(data_shape[0])
+        shapes = self._shapes(data_shape[1:])
+        rng = np.random.default_rng([int(seed), int(view)])
+        return self._columns([op.draw(rng, n, s) for op, s in zip(self.ops, shapes)], n)
+
+    def sample(self, seed: int, views, data_shape) -> np.ndarray:
+        """Parameters (len(views), N, P) for the given view indices."""
+        return np.stack([self.sample_view(seed, k, data_shape) for k in views])
+
+    def eval_params(self, sample_shape, n: int) -> np.ndarray:
+        """Replay parameters (n, P) of the clean view: no jitter, no flip, centred, at the output size."""
+        shapes = self._shapes(sample_shape)
+        return self._columns([op.clean(s, n) for op, s in zip(self.ops, shapes)], n)
+
+    def replay(self, batch: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:
+        """Views of a batch: uint8 (B, C, H, W) images or float (B, D) features with int (B, P) parameters
+        on one device -> normalized float32. Integer-exact ops keep uint8; the first float op converts."""
+        if batch.dim() == 4 and batch.dtype != torch.uint8:
+            raise TypeError("replay expects uint8 images")
+        if batch.dim() == 2 and not batch.dtype.is_floating_point:
+            raise TypeError("replay expects float feature vectors")
+        self._shapes(batch.shape[1:])
+        x, p = batch, params.long()
+        for op, a, b in self._plan:
+            if not op.exact and x.dtype == torch.uint8:
+                x = x.float()
+            x = op.replay(x, p[:, a:b])
+        return normalize(x.float(), mean, std)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Images (B, C, H, W) in 0..255: (x / 255 - mean) / std per channel; features (B, D):
+    (x - mean) / std per feature. In float32."""
+    shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    return (x / 255.0 - m) / s if x.dim() == 4 else (x - m) / s
+
+
+# ---------------------------------------------------------------------- specs, aliases, identities
+
+def known_ops() -> list[str]:
+    return sorted(_OPS)
+
+
+def spec_help() -> str:
+    """One line: the spec syntax, the ops and the aliases."""
+    return ("ops joined by '+', options after ':'; ops: " + "; ".join(_OPS[n].usage for n in known_ops())
+            + "; aliases: crop-flip (= crop:PADDING+flip), resized-crop-flip (= resized-crop:SIZE+flip)")
+
+
+def parse_spec(spec: str) -> list[ViewOp]:
+    ops = []
+    for part in spec.strip().split("+"):
+        name, *args = part.strip().split(":")
+        if name not in _OPS:
+            raise KDPipeError(f"unknown view op {name!r} in --policy {spec!r}: write {spec_help()}")
+        ops.append(_OPS[name].from_args(args))
+    return ops
+
+
+def create_policy(spec: str, padding: int = 4, size: int | None = None,
+                  scale: tuple[float, float] = ResizedCrop.SCALE,
+                  ratio: tuple[float, float] = ResizedCrop.RATIO) -> ViewPolicy:
+    """The composition a spec names. The aliases take their options from ``padding`` and ``size``
+    (and, for resized-crop-flip, ``scale`` and ``ratio``), which other specs ignore."""
+    if spec == "crop-flip":
         if padding < 0:
             raise KDPipeError(f"padding must be >= 0, got {padding}")
-        return ViewPolicy("crop-flip", 1, ("dy", "dx", "flip"), {"padding": int(padding)})
-    if name == "resized-crop-flip":
-        if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
-            raise KDPipeError(f"bad scale {scale} or ratio {ratio} for resized-crop-flip")
-        return ViewPolicy("resized-crop-flip", 1, ("y0", "x0", "h", "w", "flip"),
-                          {"size": int(size) if size else None, "scale": [float(s) for s in scale],
-                           "ratio": [float(r) for r in ratio]})
-    raise KDPipeError(f"unknown view policy {name!r}: use one of {', '.join(POLICIES)}")
+        return ViewPolicy([Crop(padding=int(padding)), Flip()])
+    if spec == "resized-crop-flip":
+        return ViewPolicy([ResizedCrop(size=size, scale=scale, ratio=ratio), Flip()])
+    return ViewPolicy(parse_spec(spec))
+
+
+V1_POLICIES = ("none", "crop-flip", "resized-crop-flip")
 
 
 def policy_from_identity(ident: dict) -> ViewPolicy:
-    """The policy recorded in a cache manifest; refuses a policy version this kdpipe does not know."""
-    name, opts = ident["policy"], ident.get("options", {})
-    pol = create_policy(name, padding=opts.get("padding", 4), size=opts.get("size"),
-                        scale=tuple(opts.get("scale", (0.08, 1.0))), ratio=tuple(opts.get("ratio", (3 / 4, 4 / 3))))
-    if ident.get("policy_version") != pol.version:
+    """The composition a cache manifest records; refuses an op, or op version, this kdpipe does not know.
+    Reads the named policies of version 1 caches too (their replay and parameters are unchanged)."""
+    if IDENTITY_LAYOUT not in ident:
+        return _from_v1_identity(ident)
+    ops = []
+    for rec in ident[IDENTITY_LAYOUT]:
+        cls = _OPS.get(rec.get("name"))
+        if cls is None:
+            raise KDPipeError(f"the cache's views use unknown view op {rec.get('name')!r} (this kdpipe knows "
+                              f"{', '.join(known_ops())}): upgrade kdpipe")
+        if rec.get("version") != cls.version:
+            raise KDPipeError(f"the cache's view op {cls.name} is version {rec.get('version')}, this kdpipe "
+                              f"replays version {cls.version}: upgrade kdpipe")
+        op = cls(**rec.get("options", {}))
+        if list(op.columns) != list(rec.get("columns", op.columns)):
+            raise KDPipeError(f"the cache's view op {cls.name} has columns {rec.get('columns')}, this kdpipe "
+                              f"replays {list(op.columns)}")
+        ops.append(op)
+    pol = ViewPolicy(ops)
+    if list(ident.get("columns", pol.columns)) != list(pol.columns):
+        raise KDPipeError(f"the cache's view columns {ident.get('columns')} are not those of {pol.spec} "
+                          f"({list(pol.columns)})")
+    return pol
+
+
+def _from_v1_identity(ident: dict) -> ViewPolicy:
+    name, opts = ident.get("policy"), ident.get("options", {})
+    if name not in V1_POLICIES:
+        raise KDPipeError(f"unknown view policy {name!r}: this kdpipe knows {', '.join(V1_POLICIES)}")
+    if ident.get("policy_version") != 1:
         raise KDPipeError(f"the cache's view policy {name} is version {ident.get('policy_version')}, "
-                          f"this kdpipe replays version {pol.version}")
+                          "this kdpipe replays version 1")
+    pol = create_policy(name, padding=opts.get("padding", 4), size=opts.get("size"),
+                        scale=tuple(opts.get("scale", ResizedCrop.SCALE)),
+                        ratio=tuple(opts.get("ratio", ResizedCrop.RATIO)))
+    if list(ident.get("columns", pol.columns)) != list(pol.columns):
+        raise KDPipeError(f"the cache's view policy {name} has columns {ident.get('columns')}, "
+                          f"this kdpipe replays {list(pol.columns)}")
     return pol

@@ -186,8 +186,9 @@ def test_manifest_records_the_caches_identity(cache, teacher_ckpt):
     assert (d["spec"], d["split"], d["num_samples"]) == (f"npz:{cache.train.source}", "train", 512)
     assert d["fingerprint"] == cache.train.fingerprint and d["image_shape"] == [1, 28, 28]
     v = m["views"]
-    assert (v["policy"], v["seed"], v["K"], v["options"], v["columns"]) == \
-        ("crop-flip", 7, 3, {"padding": 2}, ["dy", "dx", "flip"])
+    assert (v["spec"], v["seed"], v["K"], v["columns"]) == ("crop:2+flip", 7, 3, ["dy", "dx", "flip"])
+    assert [(op["name"], op["options"], op["version"], op["columns"]) for op in v["ops"]] == \
+        [("crop", {"padding": 2}, 1, ["dy", "dx"]), ("flip", {}, 1, ["flip"])]
     assert m["num_classes"] == 10 and m["rows"] == 1536 and m["row_order"] == "view-major"
     assert m["logits"] == {"codec": "raw", "dtype": "float16"}
     assert [(s["file"], s["row_start"], s["row_stop"]) for s in m["shards"]] == [

@@ -114,7 +114,7 @@ def test_dump_logits_command_summarises(pipeline):
     assert "teacher top-1 on its views" in out and "on the clean test split" in out
     m = json.loads((pipeline.cache / "manifest.json").read_text())
     assert m["rows"] == 1024 and m["views"]["K"] == 2 and m["views"]["seed"] == 3
-    assert m["views"]["options"] == {"padding": 2} and m["logits"]["dtype"] == "float16"
+    assert m["views"]["spec"] == "crop:2+flip" and m["logits"]["dtype"] == "float16"
     assert len(m["shards"]) == 4
     for s in m["shards"]:
         with h5py.File(pipeline.cache / s["file"], "r") as f:
@@ -136,7 +136,7 @@ def test_dump_logits_again_does_nothing(pipeline, fmnist):
 
 def test_inspect_command(pipeline):
     r = ok(invoke("inspect", pipeline.cache))
-    for fragment in ("mlp_100", "K=2", "crop-flip", "float16", "1,024", "512 samples", "10 classes", "raw"):
+    for fragment in ("mlp_100", "K=2", "crop:2+flip (crop v1, flip v1)", "float16", "1,024", "512 samples", "10 classes", "raw"):
         assert fragment in r.output, fragment
     from kdpipe.cache import format as fmt
     columns = next(line for line in r.output.splitlines() if line.strip().startswith("columns"))
@@ -306,6 +306,10 @@ def test_bad_input_teacher_classes_differ_from_the_datasets(pipeline, five_class
     (["report", "{tmp}", "--out", "{tmp}/rep"], "holds no runs"),
     (["train-teacher", "--data", "{spec}", "--arch", "mlp_100", "--device", "cuda:7", "--out", "{tmp}/t.pt"],
      "cuda:7"),
+    (["dump-logits", "--teacher", "{teacher}", "--data", "{spec}", "--views", "1", "--policy", "crop:2+blur:3",
+      "--out", "{tmp}/c"], "unknown view op 'blur'"),
+    (["dump-logits", "--teacher", "{teacher}", "--data", "{spec}", "--views", "1", "--policy", "pad-crop:28:wrap",
+      "--out", "{tmp}/c"], "pad-crop mode 'wrap' is not one of constant, edge, reflect, symmetric"),
 ])
 def test_bad_input_other_cases(pipeline, fmnist, tmp_path, args, message):
     fill = dict(tmp=tmp_path, spec=fmnist.spec, teacher=pipeline.teacher, cache=pipeline.cache)

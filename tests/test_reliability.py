@@ -173,7 +173,7 @@ CHANGES = {  # what is changed -> (how the command differs, what the refusal mus
     "teacher": (lambda o: {"teacher": o.teacher}, ["teacher.fingerprint was "]),
     "data": (lambda o: {"npz": o.npz}, ["dataset.fingerprint was ", "dataset.spec was "]),
     "K": (lambda o: {"views": 4}, ["views.K was 8, now 4"]),
-    "policy": (lambda o: {"extra": ["--policy", "none"]}, ["views.policy was crop-flip, now none"]),
+    "policy": (lambda o: {"extra": ["--policy", "none"]}, ["views.spec was crop:4+flip, now none"]),
     "seed": (lambda o: {"seed": 4}, ["views.seed was 3, now 4"]),
     "dtype": (lambda o: {"extra": ["--logits-dtype", "float32"]}, ["logits_dtype was float16, now float32"]),
 }

@@ -81,9 +81,9 @@ def test_stage_two_refuses_data_that_is_not_the_caches(tmp_path, change):
 
 
 MANIFEST_CHANGES = {  # a cache written by a newer kdpipe (manifest consistent with its checksum)
-    "view policy version": (lambda m: m["views"].update(policy_version=2),
-                            ["the cache's view policy crop-flip is version 2, this kdpipe replays version 1"]),
-    "unknown view policy": (lambda m: m["views"].update(policy="mixup-v9"), ["unknown view policy 'mixup-v9'"]),
+    "view op version": (lambda m: m["views"]["ops"][0].update(version=2),
+                        ["the cache's view op crop is version 2, this kdpipe replays version 1"]),
+    "unknown view op": (lambda m: m["views"]["ops"][0].update(name="mixup-v9"), ["unknown view op 'mixup-v9'"]),
     "format version": (lambda m: m.update(format_version=3),
                        ["has cache format version 3; this kdpipe reads version 1 (upgrade kdpipe)"]),
     "number of classes": (lambda m: m["dataset"].update(num_classes=100),
