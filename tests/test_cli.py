@@ -59,8 +59,7 @@ def test_main_help_lists_every_command():
 
 @pytest.mark.parametrize("name", sorted(set(main.commands) | COMMANDS))
 def test_every_command_has_help(name):
-    if name not in main.commands:
-        pytest.skip(f"{name} does not exist yet")
+    assert name in main.commands, f"the command {name} is missing"
     r = ok(invoke(name, "--help"))
     assert r.output.startswith(f"Usage: main {name}") or f"{name}" in r.output.splitlines()[0]
     assert "--help" in r.output
@@ -187,9 +186,6 @@ def test_report_command(pipeline):
 
 def test_make_rules_command(tmp_path):
     spec = REPO / "pipelines" / "default.toml"
-    if "make-rules" not in main.commands or not spec.is_file():
-        pytest.skip("make-rules or pipelines/default.toml does not exist yet")
-    pytest.importorskip("kdpipe.pipeline")
     r = ok(invoke("make-rules", spec))
     assert "manifest.json:" in r.output and "metrics.json" in r.output and "report.md:" in r.output
     assert "dump-logits" in r.output and "train-student" in r.output
