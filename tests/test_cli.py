@@ -103,7 +103,8 @@ def test_train_teacher_command(pipeline, fmnist):
     import torch
     ckpt = torch.load(pipeline.teacher, weights_only=True)
     assert ckpt["arch"] == "mlp_100" and ckpt["num_classes"] == 10 and ckpt["image_shape"] == [1, 28, 28]
-    assert ckpt["dataset"]["spec"] == fmnist.spec and 0.3 < ckpt["test_top1"] <= 1
+    assert ckpt["dataset"]["spec"] == fmnist.spec
+    assert ckpt["test_top1"] > 0.5  # 2 epochs on 512 images: about 0.58, where chance is 0.1
 
 
 def test_dump_logits_command_summarises(pipeline):
@@ -168,7 +169,9 @@ def test_train_student_command_runs_the_sweep(pipeline):
         m = json.loads((pipeline.runs / name / "metrics.json").read_text())
         c = json.loads((pipeline.runs / name / "config.json").read_text())
         assert m["name"] == c["run"] == name and c["batch_size"] == 128 and c["epochs"] == 2
-        assert 0 <= m["test_top1"] <= 1 and 0 <= m["teacher_agreement"] <= 1
+        if name.startswith("mlp_100"):  # 16 steps: about 0.45 top-1 and 0.7 agreement, where chance is 0.1
+            assert m["test_top1"] > 0.3 and m["teacher_agreement"] > 0.5, m
+        # (16 steps of cnn_tiny stay near chance; test_student recomputes a saved student's accuracy.)
         assert (pipeline.runs / name / "student.pt").is_file()
 
 
