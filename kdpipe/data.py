@@ -263,7 +263,8 @@ def _load_npz(spec, path: Path, split) -> ImageData:
 # ---------------------------------------------------------------- ImageFolder
 
 def _decoded_cache_dir() -> Path:
-    return Path(os.environ.get("KDPIPE_DATA_CACHE", Path.home() / ".cache" / "kdpipe" / "decoded"))
+    from kdpipe.util import env  # KDPIPE_* variables are parsed in one place
+    return env("KDPIPE_DATA_CACHE")
 
 
 def _load_imagefolder(spec, root: Path, split) -> ImageData:

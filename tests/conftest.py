@@ -143,7 +143,9 @@ def _one_cpu_thread():
     """Small models on a shared 2-core machine run several times faster on one thread (OpenMP threads
     spin against other processes); KDPIPE_TEST_THREADS overrides."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("KDPIPE_TEST_THREADS", "1")))
+    from kdpipe.util import env
+
+    torch.set_num_threads(env("KDPIPE_TEST_THREADS"))
     yield
     torch.set_num_threads(before)
 
