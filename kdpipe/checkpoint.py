@@ -8,7 +8,6 @@ A kdpipe checkpoint is a torch file holding plain data only (loads with weights_
 from __future__ import annotations
 
 import io
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -125,7 +124,3 @@ def _load_state(model: nn.Module, state: dict, path) -> None:
         first = str(e).splitlines()
         raise KDPipeError(f"the weights in {path} do not fit the architecture: "
                           f"{' '.join(s.strip() for s in first[:3])[:300]}") from None
-
-
-def file_size(path) -> int:
-    return os.path.getsize(path)

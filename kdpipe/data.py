@@ -423,7 +423,8 @@ DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
 
 
 def _decoded_cache_dir() -> Path:
-    return Path(os.environ.get("KDPIPE_DATA_CACHE", Path.home() / ".cache" / "kdpipe" / "decoded"))
+    from kdpipe.util import env  # KDPIPE_* variables are parsed in one place
+    return env("KDPIPE_DATA_CACHE")
 
 
 def _split_folder(root: Path, split: str) -> Path | None:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe import KDPipeError
+from kdpipe.util import env
 
 TIMEOUT_ENV = "KDPIPE_DIST_TIMEOUT"
 
@@ -159,21 +160,20 @@ SINGLE = Dist()
 
 
 def timeout() -> datetime.timedelta:
-    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    return datetime.timedelta(seconds=env(TIMEOUT_ENV))
+
+
+def _torchrun_int(name: str, default: str) -> int:
+    """An integer torchrun sets (WORLD_SIZE, LOCAL_RANK); a bad value is one line, not a traceback."""
+    raw = os.environ.get(name, default)
     try:
-        s = float(raw)
+        return int(raw)
     except ValueError:
-        raise KDPipeError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if s <= 0:
-        raise KDPipeError(f"{TIMEOUT_ENV} must be > 0 seconds, got {raw}")
-    return datetime.timedelta(seconds=s)
+        raise KDPipeError(f"{name}={raw!r} is not an integer (torchrun sets it; unset it outside torchrun)") from None
 
 
 def world_size_from_env() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise KDPipeError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not an integer") from None
+    return _torchrun_int("WORLD_SIZE", "1")
 
 
 def from_env(device: torch.device) -> Dist:
@@ -186,7 +186,7 @@ def from_env(device: torch.device) -> Dist:
     if world <= 1:
         return Dist(device=device)
     import torch.distributed as td
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = _torchrun_int("LOCAL_RANK", "0")
     if device.type == "cuda":
         if device.index is not None:
             raise KDPipeError(f"--device {device} under torchrun: each rank uses cuda:LOCAL_RANK; "

@@ -6,7 +6,9 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -97,11 +99,103 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# HDF5_USE_FILE_LOCKING values with which HDF5 locks a file even when h5py passes locking=False.
+HDF5_LOCKING_VALUES = ("TRUE", "BEST_EFFORT", "1")
+
+
+def hdf5_open_error(path, e: OSError) -> KDPipeError:
+    """The one-line error for an HDF5 file that would not open. Where the user's HDF5_USE_FILE_LOCKING
+    made HDF5 lock the file and the lock failed (another process holds one, or the file system has no
+    locks), it says to unset the variable, instead of calling a sound file damaged."""
+    locking = os.environ.get("HDF5_USE_FILE_LOCKING", "").strip().upper()
+    if locking in HDF5_LOCKING_VALUES and "lock" in str(e).lower():
+        return KDPipeError(f"cannot open {path}: HDF5_USE_FILE_LOCKING={locking} makes HDF5 lock it, and the lock "
+                           "failed (another process holds one, or the file system has none); unset "
+                           "HDF5_USE_FILE_LOCKING (kdpipe opens caches read-only and needs no locks)")
+    return KDPipeError(f"cannot open {path} as HDF5: {e} (truncated or not a kdpipe shard)")
+
+
+# ---------------------------------------------------------------- environment variables
+
+def _positive_int(raw: str) -> int:
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError("is not a whole number") from None
+    if v < 1:
+        raise ValueError("must be at least 1")
+    return v
+
+
+def _flag(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("must be 0 or 1")
+    return raw == "1"
+
+
+def _seconds(raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError("is not a number of seconds") from None
+    if not 0 < v < float("inf"):
+        raise ValueError("must be a number of seconds > 0")
+    return v
+
+
+def _folder(raw: str) -> Path:
+    p = Path(raw).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError("is a file, not a folder")
+    return p
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One KDPIPE_* environment variable: what it means (for errors and the README) and how its text
+    is parsed (a parser raises ValueError saying what is wrong). Unset or empty means `default`."""
+
+    name: str
+    meaning: str
+    parse: Callable[[str], object]
+    default: str | None
+
+
+# Every KDPIPE_* variable that kdpipe, its tests or its benchmarks read, and nowhere else: read them
+# with env(name). The CLI checks them all before any command runs (env_threads), so a bad value is a
+# one-line error at once, not a traceback in the middle of a run.
+ENV_VARS = {v.name: v for v in (
+    EnvVar("KDPIPE_THREADS", "torch's CPU threads (default: torch's own choice)", _positive_int, None),
+    EnvVar("KDPIPE_IMAGES_ON_HOST", "1 keeps images in host memory and copies each batch to the GPU "
+           "(default 0: on the GPU when they take at most half its free memory)", _flag, "0"),
+    EnvVar("KDPIPE_DIST_TIMEOUT", "seconds that any torchrun collective may wait (default 1800)", _seconds, "1800"),
+    EnvVar("KDPIPE_DATA_CACHE", "folder of decoded ImageFolder copies (default ~/.cache/kdpipe/decoded)", _folder,
+           "~/.cache/kdpipe/decoded"),
+    EnvVar("KDPIPE_TEST_THREADS", "torch's CPU threads in the tests (default 1)", _positive_int, "1"),
+    EnvVar("KDPIPE_BENCH_COMMIT", "the commit bench/ records where the copy has no git history", str, None),
+)}
+
+
+def env(name: str):
+    """The parsed value of the KDPIPE_* variable `name` (see ENV_VARS); a bad value is a KDPipeError."""
+    var = ENV_VARS[name]
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None if var.default is None else var.parse(var.default)
+    try:
+        return var.parse(raw)
+    except ValueError as e:
+        raise KDPipeError(f"{name}={raw!r} {e} ({var.meaning}): fix it or unset it") from None
+
+
 def env_threads() -> None:
-    """Respect KDPIPE_THREADS for CPU runs (defaults to torch's own choice)."""
-    n = os.environ.get("KDPIPE_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
+    """Check every KDPIPE_* variable (the CLI calls this before any command), then respect
+    KDPIPE_THREADS for CPU runs."""
+    for name in ENV_VARS:
+        env(name)
+    n = env("KDPIPE_THREADS")
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 # Uint8 images go to the GPU when they take at most this share of its free memory; else they stay in
@@ -147,7 +241,7 @@ def images_tensor(images, device):
     import numpy as np
     device = torch.device(device)
     arr = np.asarray(images)
-    on_host = os.environ.get(HOST_IMAGES_ENV) == "1"
+    on_host = env(HOST_IMAGES_ENV)
     if device.type == "cuda" and not on_host:
         free, _ = torch.cuda.mem_get_info(device)
         on_host = arr.nbytes > DEVICE_IMAGES_MAX_FRACTION * free

@@ -59,8 +59,7 @@ def test_main_help_lists_every_command():
 
 @pytest.mark.parametrize("name", sorted(set(main.commands) | COMMANDS))
 def test_every_command_has_help(name):
-    if name not in main.commands:
-        pytest.skip(f"{name} does not exist yet")
+    assert name in main.commands, f"the command {name} is missing"
     r = ok(invoke(name, "--help"))
     assert r.output.startswith(f"Usage: main {name}") or f"{name}" in r.output.splitlines()[0]
     assert "--help" in r.output
@@ -104,7 +103,8 @@ def test_train_teacher_command(pipeline, fmnist):
     import torch
     ckpt = torch.load(pipeline.teacher, weights_only=True)
     assert ckpt["arch"] == "mlp_100" and ckpt["num_classes"] == 10 and ckpt["image_shape"] == [1, 28, 28]
-    assert ckpt["dataset"]["spec"] == fmnist.spec and 0.3 < ckpt["test_top1"] <= 1
+    assert ckpt["dataset"]["spec"] == fmnist.spec
+    assert ckpt["test_top1"] > 0.5  # 2 epochs on 512 images: about 0.58, where chance is 0.1
 
 
 def test_dump_logits_command_summarises(pipeline):
@@ -173,7 +173,9 @@ def test_train_student_command_runs_the_sweep(pipeline):
         m = json.loads((pipeline.runs / name / "metrics.json").read_text())
         c = json.loads((pipeline.runs / name / "config.json").read_text())
         assert m["name"] == c["run"] == name and c["batch_size"] == 128 and c["epochs"] == 2
-        assert 0 <= m["test_top1"] <= 1 and 0 <= m["teacher_agreement"] <= 1
+        if name.startswith("mlp_100"):  # 16 steps: about 0.45 top-1 and 0.7 agreement, where chance is 0.1
+            assert m["test_top1"] > 0.3 and m["teacher_agreement"] > 0.5, m
+        # (16 steps of cnn_tiny stay near chance; test_student recomputes a saved student's accuracy.)
         assert (pipeline.runs / name / "student.pt").is_file()
 
 
@@ -205,9 +207,6 @@ def test_report_command(pipeline):
 
 def test_make_rules_command(tmp_path):
     spec = REPO / "pipelines" / "default.toml"
-    if "make-rules" not in main.commands or not spec.is_file():
-        pytest.skip("make-rules or pipelines/default.toml does not exist yet")
-    pytest.importorskip("kdpipe.pipeline")
     r = ok(invoke("make-rules", spec))
     assert "manifest.json:" in r.output and "metrics.json" in r.output and "report.md:" in r.output
     assert "dump-logits" in r.output and "train-student" in r.output

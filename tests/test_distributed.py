@@ -28,7 +28,8 @@ from kdpipe.models import create_model
 from kdpipe.cache.writer import wait_visible
 from kdpipe.util import seeded_generator
 
-FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist.npz"
+from conftest import fashion_mnist_arrays
+
 N_TRAIN, N_TEST = 96, 32
 VIEWS, SHARD_ROWS = 3, 40  # 288 rows in 8 shards, the last one short
 LAUNCH_TIMEOUT_S = 180  # a hang fails the test instead of stalling the suite
@@ -38,12 +39,9 @@ LAUNCH_TIMEOUT_S = 180  # a hang fails the test instead of stalling the suite
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    if not FASHION_MNIST.is_file():
-        pytest.skip(f"{FASHION_MNIST} is absent")
     d = tmp_path_factory.mktemp("dist")
-    with np.load(FASHION_MNIST) as z:
-        np.savez(d / "tiny.npz", x_train=z["x_train"][:N_TRAIN], y_train=z["y_train"][:N_TRAIN],
-                 x_test=z["x_test"][:N_TEST], y_test=z["y_test"][:N_TEST])
+    (x_train, y_train), (x_test, y_test) = fashion_mnist_arrays("train", N_TRAIN), fashion_mnist_arrays("test", N_TEST)
+    np.savez(d / "tiny.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     torch.manual_seed(0)
     save_checkpoint(d / "teacher.pt", create_model("cnn_tiny", 10, (1, 28, 28)), arch="cnn_tiny", num_classes=10,
                     image_shape=(1, 28, 28), mean=[0.286], std=[0.353], class_names=[str(i) for i in range(10)],

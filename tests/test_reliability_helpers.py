@@ -1,7 +1,8 @@
 """Helpers shared by the tests/test_reliability*.py files (cache integrity and crash safety).
 
-Self-contained on purpose: no fixture from conftest.py. Real data comes from ../shared/data; a
-test that needs it skips when it is absent. Teachers are untrained tiny networks (a cache's
+No fixture from conftest.py on purpose (module fixtures build what each file needs); the data are
+conftest's generated MNIST-like digits, whose pixel statistics (mean 0.12, std 0.30) the NaN/Inf
+thresholds in test_reliability_verify.py rely on. Teachers are untrained tiny networks (a cache's
 integrity does not depend on the teacher being any good), so everything runs in seconds on a CPU.
 """
 
@@ -22,20 +23,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import digit_arrays
+
 DATASETS = ("logits", "view_params", "labels", "sample_index", "view_index")
 PROGRESS = re.compile(r"^  dump-logits[^:]*: \d+/\d+ rows ")
 
 
 def mnist_npz(dst: Path, n_train: int, n_test: int, start: int = 0, edit=None) -> Path:
-    """The MNIST samples [start, start + n) of each split as an npz at dst; edit(arrays) may change them."""
-    src = SHARED_DATA / "mnist.npz"
-    if not src.is_file():
-        pytest.skip(f"{src} is absent")
-    with np.load(src) as z:
-        arrays = {"x_train": z["x_train"][start:start + n_train].copy(),
-                  "y_train": z["y_train"][start:start + n_train].copy(),
-                  "x_test": z["x_test"][:n_test].copy(), "y_test": z["y_test"][:n_test].copy()}
+    """The MNIST-like train samples [start, start + n_train) and the first n_test test samples as an npz
+    at dst (generated digits, see conftest.digit_arrays); edit(arrays) may change them."""
+    x_train, y_train = digit_arrays("train", start + n_train, start)
+    x_test, y_test = digit_arrays("test", n_test)
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     if edit is not None:
         edit(arrays)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from test_reliability_helpers import (assert_one_line_error, dump_args, files_digest, kdpipe_cmd, mnist_npz,
-                                      rewrite_manifest, run_cli, save_teacher, subprocess_env)
+                                      rewrite_manifest, run_cli, run_kdpipe, save_teacher, subprocess_env)
 
 N, N_TEST = 300, 60
 
@@ -77,7 +77,8 @@ def test_stage_two_refuses_data_that_is_not_the_caches(tmp_path, change):
     _rewrite_npz(d.npz, edit)
     res = run_cli(_train_args(d.cache, tmp_path / "runs"))
     assert_one_line_error(res, *fragments)
-    assert not list((tmp_path / "runs").rglob("metrics.json")) if (tmp_path / "runs").exists() else True
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a refused run wrote under --out"
 
 
 MANIFEST_CHANGES = {  # a cache written by a newer kdpipe (manifest consistent with its checksum)
@@ -139,9 +140,11 @@ def _read_only_bind(src: Path, dst: Path) -> bool:
 
 def test_four_concurrent_students_on_one_cache_with_locks_held(shared, tmp_path):
     """4 train-student processes at once on one cache, two with HDF5_USE_FILE_LOCKING unset and two
-    with it TRUE, while another process holds an exclusive lock on every file of the cache (as on a
+    with it FALSE, while another process holds an exclusive lock on every file of the cache (as on a
     file system where HDF5's locking fails) and, where mounting is allowed, through a read-only
-    mount: all succeed, with identical losses, accuracies and weights; the cache is unchanged."""
+    mount: all succeed, with identical losses, accuracies and weights; the cache is unchanged. A fifth
+    with HDF5_USE_FILE_LOCKING=TRUE (which overrides kdpipe's locking=False, and which kdpipe leaves
+    alone) is refused with one line that says to unset it."""
     before = files_digest(shared.cache)
     ro = tmp_path / "ro-cache"
     cache = ro if _read_only_bind(shared.cache, ro) else shared.cache
@@ -155,18 +158,22 @@ def test_four_concurrent_students_on_one_cache_with_locks_held(shared, tmp_path)
         with pytest.raises(OSError):
             h5py.File(cache / "shard-00000.h5", "r", locking=True).close()
         procs = []
-        for i, locking in enumerate([None, None, "TRUE", "TRUE"]):
+        for i, locking in enumerate([None, None, "FALSE", "FALSE"]):
             procs.append(subprocess.Popen(kdpipe_cmd(_train_args(cache, tmp_path / f"runs{i}")), stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True,
                                           env=subprocess_env(HDF5_USE_FILE_LOCKING=locking)))
         outs = [p.communicate(timeout=300) for p in procs]
         for p, (_, err) in zip(procs, outs):
             assert p.returncode == 0, err
+        refused = run_kdpipe(_train_args(cache, tmp_path / "runs-locking"), HDF5_USE_FILE_LOCKING="TRUE")
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert "HDF5_USE_FILE_LOCKING=TRUE" in refused.stderr and "unset HDF5_USE_FILE_LOCKING" in refused.stderr
     finally:
         for fh in locks:
             fh.close()
         if cache == ro:
             subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    assert not list((tmp_path / "runs-locking").rglob("metrics.json"))
     runs = [next((tmp_path / f"runs{i}").iterdir()) for i in range(4)]
     metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
     for m in metrics[1:]:

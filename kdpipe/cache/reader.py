@@ -13,10 +13,10 @@ import torch
 import kdpipe
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
-from kdpipe.util import file_sha256
+from kdpipe.util import file_sha256, hdf5_open_error
 
-# Caches are opened read-only and without HDF5 file locks (see kdpipe/__init__.py for the
-# environment variable that makes that stick).
+# Caches are opened read-only and without HDF5 file locks (see kdpipe/__init__.py for the user's
+# HDF5_USE_FILE_LOCKING, which can override that).
 
 
 def open_h5(path: Path) -> h5py.File:
@@ -25,7 +25,7 @@ def open_h5(path: Path) -> h5py.File:
     except FileNotFoundError:
         raise KDPipeError(f"{path} is missing") from None
     except OSError as e:
-        raise KDPipeError(f"cannot open {path} as HDF5: {e} (truncated or not a kdpipe shard)") from None
+        raise hdf5_open_error(path, e) from None
 
 
 def read_manifest(cache_dir: Path, check_checksum: bool = True) -> dict:
