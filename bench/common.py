@@ -62,7 +62,8 @@ def machine() -> str:
 def git_commit() -> str:
     """HEAD (and whether the tree differs from it); KDPIPE_BENCH_COMMIT where the copy has no git history
     (a device machine gets the working tree without .git)."""
-    given = os.environ.get("KDPIPE_BENCH_COMMIT")
+    from kdpipe.util import env
+    given = env("KDPIPE_BENCH_COMMIT")
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10)

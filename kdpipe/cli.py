@@ -6,7 +6,6 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -68,12 +67,29 @@ def device_option(f):
                         help="auto (CUDA when present), cpu, cuda or cuda:N.")(f)
 
 
-POLICY_HELP = ("Views: ops joined by '+', options after ':'. Ops: none; crop:P (zero pad P, crop back: shift "
-               "jitter); flip; rotate:DEG (uniform in +-DEG degrees); pad-crop:S[:MODE] (S x S crop, padded by "
-               "constant, edge, reflect or symmetric where short); resized-crop[:S] (random area and ratio, "
-               "resized to S x S); gauss:SIGMA (noise, for feature vectors). Aliases: crop-flip "
-               "(= crop:PADDING+flip), resized-crop-flip (= resized-crop:SIZE+flip). E.g. crop:4+flip, crop:2, "
-               "rotate:15+flip, pad-crop:256:symmetric, resized-crop:224+flip.")
+class LazyHelpOption(click.Option):
+    """An option whose help text is computed when --help asks for it: the view ops and the losses come from
+    their registries (so a new member needs no edit here), without importing torch for every command."""
+
+    def __init__(self, *args, help_text, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help_text = help_text
+
+    def get_help_record(self, ctx):
+        self.help = self.help_text()
+        return super().get_help_record(ctx)
+
+
+def policy_help() -> str:
+    from kdpipe.views import spec_help
+    return (f"Views: {spec_help()}. E.g. crop:4+flip, crop:2, rotate:15+flip, pad-crop:256:symmetric, "
+            "resized-crop:224+flip.")
+
+
+def loss_help() -> str:
+    from kdpipe.losses import known_losses
+    return ("Distillation loss and its options other than T and alpha, e.g. dkd:beta=8,warmup=20. Losses "
+            f"(options=defaults): {known_losses()}.")
 
 
 def policy_options(f):
@@ -81,7 +97,8 @@ def policy_options(f):
                      help="Output size of the resized-crop-flip alias (default: the image height).")(f)
     f = click.option("--padding", type=click.IntRange(min=0), default=4, show_default=True, metavar="PIXELS",
                      help="Zero padding of the crop-flip alias.")(f)
-    f = click.option("--policy", default="crop-flip", show_default=True, metavar="SPEC", help=POLICY_HELP)(f)
+    f = click.option("--policy", cls=LazyHelpOption, default="crop-flip", show_default=True, metavar="SPEC",
+                     help_text=policy_help)(f)
     return f
 
 
@@ -238,10 +255,8 @@ def _term_as_interrupt():
 @click.option("--student", "students", multiple=True, required=True, metavar="NAME",
               help="Student architecture; repeat for several.")
 @click.option("--epochs", type=int, default=10, show_default=True, metavar="N", help="Training epochs.")
-@click.option("--loss", "loss", default="kd", show_default=True, metavar="NAME[:OPT=V,...]",
-              help="Distillation loss and its options other than T and alpha: kd (Hinton et al.) or dkd "
-                   "(decoupled KD: alpha weighs TCKD, beta NCKD, after a warm-up of warmup epochs), e.g. "
-                   "dkd:beta=8,warmup=20. A bad name or option lists every loss with its options.")
+@click.option("--loss", "loss", cls=LazyHelpOption, default="kd", show_default=True, metavar="NAME[:OPT=V,...]",
+              help_text=loss_help)
 @click.option("--temperature", "temperatures", type=NumberList(float), multiple=True, metavar="T[,T...]",
               help="The loss's temperature(s).  [default: the loss's, 4]")
 @click.option("--alpha", "alphas", type=NumberList(float), multiple=True, metavar="A[,A...]",

@@ -153,9 +153,9 @@ class KDLoss(Loss):
 
     def check(self):
         if not self.temperature > 0:
-            raise KDPipeError(f"loss kd: temperature must be > 0, got {self.temperature:g}")
+            raise KDPipeError(f"loss kd: --temperature must be > 0, got {self.temperature:g}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise KDPipeError(f"loss kd: alpha must lie in [0, 1], got {self.alpha:g}")
+            raise KDPipeError(f"loss kd: --alpha must lie in [0, 1], got {self.alpha:g}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -199,7 +199,7 @@ class DKDLoss(Loss):
 
     def check(self):
         if not self.temperature > 0:
-            raise KDPipeError(f"loss dkd: temperature must be > 0, got {self.temperature:g}")
+            raise KDPipeError(f"loss dkd: --temperature must be > 0, got {self.temperature:g}")
         for k in ("alpha", "beta", "warmup"):
             if getattr(self, k) < 0:
                 raise KDPipeError(f"loss dkd: {k} must be >= 0, got {getattr(self, k):g}")

@@ -291,7 +291,7 @@ def test_bad_input_teacher_classes_differ_from_the_datasets(pipeline, five_class
      "--views must be >= 1"),
     (["dump-logits", "--data", "{spec}", "--views", "1", "--out", "{tmp}/c"], "give a teacher"),
     (["train-student", "--cache", "{cache}", "--student", "mlp_100", "--alpha", "1.5", "--out", "{tmp}/r"],
-     "loss kd: alpha must lie in [0, 1], got 1.5"),
+     "loss kd: --alpha must lie in [0, 1], got 1.5"),
     (["train-student", "--cache", "{cache}", "--student", "mlp_100", "--temperature", "0", "--out", "{tmp}/r"],
      "temperature must be > 0"),
     (["train-student", "--cache", "{cache}", "--student", "mlp_100", "--loss", "hinton", "--out", "{tmp}/r"],

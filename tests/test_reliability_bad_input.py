@@ -100,7 +100,7 @@ CASES = {
         lambda e, t: _dump(e, t, "npz:" + str(_npz(
             t / "float.npz", x_train=np.zeros((4, 8, 8), np.float32), y_train=np.array([0, 1, 0, 1]),
             x_test=np.zeros((2, 8, 8), np.float32), y_test=np.array([0, 1])))),
-        ["x_train must be uint8 pixels, got float32"]),
+        ["x_train is float32 (4, 8, 8)", "float arrays must be (N, D) feature vectors", "images must be uint8 pixels"]),
     "IDX file truncated": (
         lambda e, t: _dump(e, t, "mnist", extra=["--data-root", str(_truncated_idx(t / "idx"))]),
         ["train-images-idx3-ubyte.gz", "corrupt or truncated"]),
@@ -109,7 +109,7 @@ CASES = {
         lambda e, t: _dump(e, t, f"imagefolder:{_truncated_jpeg(t / 'if')}"), ["cannot decode", "1.jpg"]),
     "mixed image sizes": (
         lambda e, t: _dump(e, t, f"imagefolder:{_image_folder(t / 'if', {'a': [16, 16], 'b': [16, 20]})}"),
-        ["images must all have one size", "20x20x3", "resize them first"]),
+        ["the train images differ in size", "20x20", "pass --image-size S"]),
     "empty class folder": (
         lambda e, t: _dump(e, t, f"imagefolder:{_image_folder(t / 'if', {'a': [16, 16], 'b': []})}"),
         ["class folder", "holds no .jpg/.jpeg/.png images"]),

@@ -239,7 +239,7 @@ def test_a_cache_whose_data_changed_is_refused(fmnist, teacher_ckpt, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(students=["mlp_100"], epochs=0), "--epochs must be >= 1"),
-    (dict(students=["mlp_100"], epochs=1, alphas=(1.5,)), "kd: alpha must lie in"),
+    (dict(students=["mlp_100"], epochs=1, alphas=(1.5,)), "kd: --alpha must lie in"),
     (dict(students=["mlp_100"], epochs=1, temperatures=(0.0,)), "temperature must be > 0"),
     (dict(students=["mlp_100"], epochs=1, loss="nope"), "unknown loss 'nope'.*dkd"),
     (dict(students=["mlp_100"], epochs=1, loss="dkd:gamma=2"), "dkd has no option gamma"),
