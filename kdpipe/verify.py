@@ -64,6 +64,15 @@ def _derivable(cache: Cache, s: dict) -> dict:
     return got
 
 
+def _differing_rows(rows: np.ndarray, got: np.ndarray, want: np.ndarray, name: str, policy) -> np.ndarray:
+    """The rows whose stored values differ from those recomputed from the manifest; of view_params only
+    the columns the view ops derive from the seed are compared."""
+    diff = (got != want).reshape(len(rows), -1)
+    if name == "view_params":
+        diff = diff[:, policy.derived]
+    return rows[diff.any(axis=1)]
+
+
 def check_derived(cache: Cache, skip=()) -> list[str]:
     """Columns that follow from the manifest alone (row order, view parameters of the seed, any column
     declared with ``recompute``), compared row by row, so a fault names the exact rows, not only the
@@ -84,10 +93,7 @@ def check_derived(cache: Cache, skip=()) -> list[str]:
             want = col.recompute(m, lo, hi)
             if arr.shape != want.shape:
                 continue  # reported by the shape check
-            diff = (arr != want).reshape(len(rows), -1)
-            if name == "view_params":
-                diff = diff[:, policy.derived]  # only the columns the view ops recompute from the seed
-            bad = rows[diff.any(axis=1)]
+            bad = _differing_rows(rows, arr, want, name, policy)
             if len(bad):
                 faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {col.path} is wrong in {len(bad)} row(s): "
                               + ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else ""))
@@ -138,10 +144,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
         col = cache.shard_columns[name]
         want = np.concatenate([col.recompute(m, int(r), int(r) + 1) for r in rows])
         got = cache.read_rows(name, rows) if name != "view_params" else params
-        diff = (want != got).reshape(len(rows), -1)
-        if name == "view_params":
-            diff = diff[:, policy.derived]  # only the columns the view ops recompute from the seed
-        bad = rows[diff.any(axis=1)]
+        bad = _differing_rows(rows, got, want, name, policy)
         if len(bad):
             faults.append(f"rows {', '.join(map(str, bad[:10]))}: {name} differs from what the manifest gives "
                           f"(seed {m['views']['seed']})")
