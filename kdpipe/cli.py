@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -240,7 +242,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
 
 
 def _term_as_interrupt():
-    """SIGTERM stops a dump like Ctrl-C: complete shards are kept, a message says how to resume."""
+    """SIGTERM stops a dump or a training like Ctrl-C: what is complete is kept, a message says how to resume."""
     def handler(signum, frame):
         raise KeyboardInterrupt
     try:
@@ -277,13 +279,24 @@ def _term_as_interrupt():
                    "fused runs on CUDA for passes of at least 1500 steps and groups of at least 4 runs, and steps "
                    "runs one by one otherwise "
                    "(what was measured fastest; see BENCHMARKS.md).")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
+              help="Also checkpoint a pass every MINUTES within an epoch (a checkpoint is written at the end of "
+                   "every epoch anyway); 0: only at epoch ends.")
+@click.option("--keep-checkpoints/--no-keep-checkpoints", default=False, show_default=True,
+              help="Keep RUNS_DIR/checkpoints/ after the pass ends (by default it is removed).")
+@click.option("--overwrite", is_flag=True,
+              help="Start a run over if its directory holds a run with other settings (with the same settings a "
+                   "rerun skips finished runs and resumes the others).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, lr, momentum,
-                      weight_decay, schedule, data_root, device, amp, fuse, out):
+                      weight_decay, schedule, data_root, device, amp, fuse, checkpoint_every, keep_checkpoints,
+                      overwrite, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
-    data. Each run's metrics.json holds the per-epoch mean of every term of its loss."""
+    data. Each run's metrics.json holds the per-epoch mean of every term of its loss. Each pass checkpoints
+    at every epoch's end: after a crash, Ctrl-C or SIGTERM, the same command skips the finished runs and
+    resumes the others."""
     from kdpipe.distributed import from_env
     from kdpipe.engine import OptimConfig
     from kdpipe.student import train_students
@@ -296,14 +309,23 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
         raise InputError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    dev = pick_device(device)
-    dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
-    res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs, seeds=sds,
-                         batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
-                         device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
-                         log=dist.log(click.echo),
-                         fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse])
-    dist.close()
+    _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
+    try:
+        dev = pick_device(device)
+        dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
+        res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
+                             seeds=sds, batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
+                             device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
+                             log=dist.log(click.echo),
+                             fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
+                             overwrite=overwrite, checkpoint_every=checkpoint_every,
+                             keep_checkpoints=keep_checkpoints)
+        dist.close()
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; rank 0 says it
+            click.echo(f"\ninterrupted: finished runs and the last checkpoint of each pass are kept in {out}; "
+                       "run the same command again to resume", err=True)
+        sys.exit(130)
     if dist.is_main:
         click.echo(f"{len(res)} run(s) written under {out}")
 
@@ -316,6 +338,9 @@ def report_cmd(run_dirs, out):
     from kdpipe.report import build_report
     res = build_report(run_dirs, out)
     click.echo(f"report of {res['runs']} run(s): {res['report']}")
+    if res["unfinished"]:
+        click.echo(f"  unfinished: {len(res['unfinished'])} run(s) not reported (run their train-student command "
+                   f"again): {', '.join(Path(u).name for u in res['unfinished'])}")
     for p in res["plots"]:
         click.echo(f"  plot: {p}")
 

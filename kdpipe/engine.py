@@ -108,7 +108,7 @@ ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
                online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print,
-               fuse: bool | None = None, dist=None) -> dict:
+               fuse: bool | None = None, dist=None, checkpoint=None) -> dict:
     """Train every run for `epochs` over (images, labels) on their device; returns timing figures.
 
     fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):
@@ -123,6 +123,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     Every run's loss is called as `r.loss(out, teacher, labels, epoch)` (epoch counting from 0); the
     run steps on the sum of the terms it returns, and each term's per-epoch mean is appended to
     `r.terms[name]`, their sum to `r.history`. The terms are summed on the device: one sync per epoch.
+
+    checkpoint (kdpipe.resume.PassCheckpoint): the pass starts at its position (the runs' states were
+    restored from it) and saves one at the end of every epoch and after any step where checkpoint.due().
     """
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     device = images.device
@@ -148,14 +151,18 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         log(f"  {label}: {len(units[k])} {runs[units[k][0]].arch} runs step as one fused network"
             + (" (torch.compile; the first step compiles)" if fuse == "compile" else ""))
     start = time.perf_counter()
-    seen = 0
-    for epoch in range(epochs):
+    start_epoch, start_step = checkpoint.position if checkpoint is not None else (0, 0)
+    seen, before = (checkpoint.seen, checkpoint.wall_s) if checkpoint is not None else (0, 0.0)
+    for epoch in range(start_epoch, epochs):
         order = batches(n, batch_size, seeded_generator(data_seed, epoch), device, rank, world)
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
-        prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", len(order) * batch_size * world,
+        first = start_step if epoch == start_epoch else 0  # a checkpoint taken within the epoch resumes there
+        prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", (len(order) - first) * batch_size * world,
                         stream=dist.progress_stream if dist is not None else None)
-        sums: list[dict] = [{} for _ in units]  # per unit: term name -> (runs in the unit,) sum over steps
-        for idx in order:
+        # per unit: term name -> (runs in the unit,) sum over steps
+        sums: list[dict] = checkpoint.sums(units, runs, device) if first else [{} for _ in units]
+        for step in range(first, len(order)):
+            idx = order[step]
             x = policy.replay(images[idx], params[idx], mean, std)
             x = channels_last(x)
             y = labels[idx]
@@ -181,6 +188,10 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 _accumulate(sums[k], {n: v.detach() for n, v in terms.items()}, 1, device)
             seen += len(idx) * world
             prog.update(len(idx) * world)
+            if checkpoint is not None and step + 1 < len(order) and checkpoint.due():
+                for f in fused.values():
+                    f.sync_to_runs()
+                checkpoint.save(runs, units, epoch, step + 1, sums, seen, before + time.perf_counter() - start)
         for f in fused.values():
             f.sync_to_runs()
         flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)
@@ -201,9 +212,11 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         else:
             log(f"  {label} epoch {epoch + 1}/{epochs}: mean loss "
                 f"{sum(r.history[-1] for r in runs) / len(runs):.4f} over {len(runs)} runs")
+        if checkpoint is not None:
+            checkpoint.save(runs, units, epoch + 1, 0, None, seen, before + time.perf_counter() - start)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+    wall = before + time.perf_counter() - start
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
             "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}

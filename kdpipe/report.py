@@ -14,15 +14,26 @@ from kdpipe.util import ensure_out_dir
 
 def find_runs(paths) -> list[dict]:
     """metrics.json of each given run directory, or of each run directly inside a given directory."""
-    found = []
+    return scan_runs(paths)[0]
+
+
+def scan_runs(paths) -> tuple[list[dict], list[str]]:
+    """find_runs, and the directories of unfinished runs: config.json, written when a run's pass starts,
+    without metrics.json, written when it ends (kdpipe.resume)."""
+    found, unfinished = [], []
     for p in map(Path, paths):
+        started = []
         if (p / "metrics.json").is_file():
             files = [p / "metrics.json"]
+        elif (p / "config.json").is_file():
+            files, started = [], [str(p)]
         elif p.is_dir():
             files = sorted(p.glob("*/metrics.json"))
+            started = [str(c.parent) for c in sorted(p.glob("*/config.json")) if not (c.parent / "metrics.json").is_file()]
         else:
             raise KDPipeError(f"{p} is not a run directory (no metrics.json)")
-        if not files:
+        unfinished += started
+        if not files and not started:
             raise KDPipeError(f"{p} holds no runs (no metrics.json in it or its sub-directories)")
         for f in files:
             try:
@@ -31,7 +42,10 @@ def find_runs(paths) -> list[dict]:
                 raise KDPipeError(f"cannot read {f}: {e}") from None
             m["_dir"] = str(f.parent)
             found.append(m)
-    return found
+    if not found:
+        raise KDPipeError(f"no finished runs yet (unfinished: {', '.join(unfinished)}): run their train-student "
+                          "command again to finish them")
+    return found, unfinished
 
 
 def _fmt(x, spec=".4f", none="–"):
@@ -59,7 +73,7 @@ def _scratch(r) -> bool:
 
 
 def build_report(run_paths, out) -> dict:
-    runs = find_runs(run_paths)
+    runs, unfinished = scan_runs(run_paths)
     out = ensure_out_dir(out, "report directory")
     teachers = {}
     for r in runs:
@@ -104,12 +118,17 @@ def build_report(run_paths, out) -> dict:
             lines.append(f"| {s['arch']} | {role} | {s['loss']} | {temp} "
                          f"| {s['alpha']:g} | {len(s['seeds'])} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} |")
+    if unfinished:
+        lines += ["", f"Unfinished (not in the tables above; their train-student command, run again, resumes them): "
+                  + ", ".join(f"`{Path(u).name}`" for u in unfinished) + "."]
     plots = _plots(runs, list(teachers.values()), out)
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
     atomic_write_json(out / "summary.json", {"teachers": list(teachers.values()), "groups": summary,
-                                             "runs": [{k: v for k, v in r.items() if k != "teacher"} for r in runs]})
-    return {"report": str(out / "report.md"), "plots": [str(p) for p in plots], "runs": len(runs)}
+                                             "runs": [{k: v for k, v in r.items() if k != "teacher"} for r in runs],
+                                             "unfinished": unfinished})
+    return {"report": str(out / "report.md"), "plots": [str(p) for p in plots], "runs": len(runs),
+            "unfinished": unfinished}
 
 
 def _plots(runs, teachers, out: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch,
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters, create_model
+from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, plan_runs_dir, remove_finished_checkpoints
 from kdpipe.sweep import parse_loss, plan_runs, run_name
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
@@ -53,7 +54,9 @@ def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData 
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
-                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None) -> list[dict]:
+                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
+                   overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
+                   keep_checkpoints: bool = False) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
 
@@ -70,6 +73,12 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     `batch_size` is per rank (the effective batch is batch_size x world; the learning rate is used as
     given), each rank reads only its share of every epoch's rows, and rank 0 alone writes the runs'
     files and returns their metrics (the other ranks return []).
+
+    Crashes (kdpipe.resume): each pass writes a checkpoint at the end of every epoch and every
+    `checkpoint_every` minutes (0: only at epoch ends), removed when the pass ends unless
+    `keep_checkpoints`. Called again with the same arguments, it returns the metrics of finished runs
+    without training them and resumes the others from their checkpoint; a run directory holding a run with
+    other settings is refused unless `overwrite` (which starts that run over).
     """
     ctx = dist or SINGLE
     world = ctx.world
@@ -135,33 +144,76 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         return params, logits
 
     teacher_test = cache.read_test_logits()
+    names = {p: run_name(*p, loss_name, loss_options) for p in planned}
+    configs = {names[p]: _run_config(names[p], p[0], losses[p], p[3], cache, epochs, batch_size, world, optim, amp,
+                                     device) for p in planned}
+    plan = None
+    with ctx.together("checking the runs directory"):
+        if ctx.is_main:
+            plan = plan_runs_dir(out, configs, overwrite, log)
+    plan = ctx.broadcast(plan)
     results = []
-    for seed in sorted({p[3] for p in planned}):
-        group = [p for p in planned if p[3] == seed]
-        runs: list[Run] = [build_run(run_name(*p, loss_name, loss_options), p[0], losses[p], p[3],
-                                     cache.num_classes, in_shape, optim, total_steps, device) for p in group]
+    for name, metrics in plan.finished.items():
+        log(f"{name}: already finished ({out / name / 'metrics.json'}), skipped")
+        if ctx.is_main:
+            results.append(metrics)
+    # A pass per seed; runs that resume from different checkpoints (or none) go in separate passes.
+    passes: dict[tuple, list] = {}
+    for p in planned:
+        if names[p] not in plan.finished:
+            passes.setdefault((p[3], plan.resume.get(names[p], "")), []).append(p)
+    for (seed, resume_from), group in sorted(passes.items()):
+        runs: list[Run] = [build_run(names[p], p[0], losses[p], p[3], cache.num_classes, in_shape, optim,
+                                     total_steps, device) for p in group]
+        if ctx.is_main:
+            for r in runs:  # config.json at the start: a run directory without metrics.json is unfinished
+                atomic_write_json(ensure_out_dir(out / r.name, "run directory") / "config.json", configs[r.name])
+        ckpt = PassCheckpoint(out, seed, {r.name: configs[r.name] for r in runs}, epochs, checkpoint_every,
+                              dist=ctx, log=log, resume_from=resume_from or None)
+        ckpt.restore(runs)
         log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
             + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
+        if resume_from:
+            e, s = ckpt.position
+            log(f"  resuming from {resume_from}: " + (f"epoch {e + 1}/{epochs}, step {s}" if s else
+                                                      f"{e}/{epochs} epochs done"))
         t0 = time.perf_counter()
         for r in runs:
             r.model = ctx.wrap(r.model)  # DistributedDataParallel when world > 1
         stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
                            online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
-                           dist=ctx, fuse=fuse)
+                           dist=ctx, fuse=fuse, checkpoint=ckpt)
         for r in runs:
             r.model = ctx.unwrap(r.model)
         if not ctx.is_main:
             continue
         for r in runs:
             results.append(_finish_run(r, cache, test, teacher_test, policy, mean, std, in_shape, out, stats,
-                                       epochs, batch_size, optim, amp, device, len(runs), log, world=world))
+                                       epochs, len(runs), configs[r.name], amp, device, log, world=world))
+        if not keep_checkpoints:
+            ckpt.remove()
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
             f"per student, {stats['student_images_per_s']:,.0f} student-images/s in all")
+    if ctx.is_main and not keep_checkpoints:
+        remove_finished_checkpoints(out, log)
     return results
 
 
+def _run_config(name, arch, loss, seed, cache: Cache, epochs, batch_size, world, optim, amp, device) -> dict:
+    """A run's config.json: its settings (kdpipe.resume.settings) and where it ran."""
+    opts = loss.options
+    return {"run": name, "student": arch, "loss": {"name": loss.name, "options": opts},
+            "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
+            "epochs": epochs, "batch_size": batch_size, "world_size": world,
+            "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
+            "device": str(device),
+            "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
+            "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
+            "torch_version": torch.__version__}
+
+
 def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_shape, out: Path, stats,
-                epochs, batch_size, optim, amp, device, runs_in_pass, log, world: int = 1) -> dict:
+                epochs, runs_in_pass, config: dict, amp, device, log, world: int = 1) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     opts = r.loss.options
     metrics = {"name": r.name, "arch": r.arch, "loss": {"name": r.loss.name, "options": opts},
@@ -170,8 +222,8 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
                "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
                "train_terms": r.terms,
                "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
-               "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": batch_size,
-               "effective_batch_size": batch_size * world, "lr": optim.lr,
+               "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": config["batch_size"],
+               "effective_batch_size": config["effective_batch_size"], "lr": config["lr"],
                "cache": {"path": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"]}
@@ -188,14 +240,6 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
         ckpt, r.model, arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape, mean=mean, std=std,
         class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
         test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
-    config = {"run": r.name, "student": r.arch, "loss": {"name": r.loss.name, "options": opts},
-              "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": r.seed,
-              "epochs": epochs, "batch_size": batch_size, "world_size": world,
-              "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
-              "device": str(device),
-              "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
-              "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
-              "torch_version": torch.__version__}
     atomic_write_json(rdir / "config.json", config)
     atomic_write_json(rdir / "metrics.json", metrics)  # last: its presence marks a finished run
     log(f"  {r.name}: test top-1 {metrics.get('test_top1', float('nan')):.4f}, agreement "

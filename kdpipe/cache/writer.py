@@ -57,11 +57,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     A failed write (ENOSPC, EACCES, ...) or an interruption (KeyboardInterrupt) removes the temporary.
     """
+    atomic_write_stream(path, lambda f: f.write(data))
+
+
+def atomic_write_stream(path: Path, fill) -> None:
+    """atomic_write_bytes, where fill(f) writes the content into the open binary file f (no copy in memory)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,267 @@
+"""Stage two survives crashes: per-pass checkpoints, resuming, and what a runs directory may hold.
+
+A pass (the runs of one seed that share a read and replay of the data, kdpipe.engine.train_pass)
+writes one checkpoint file, RUNS/checkpoints/pass-s<seed>-<digest of its run names>.pt, at the end
+of every epoch and every `--checkpoint-every` minutes within one. It holds, for every run of the
+pass, the weights (with BatchNorm statistics), the optimizer and schedule state, the per-epoch losses
+so far; the data order position (epoch, step); the loss sums of the epoch so far and the torch RNG
+states, per rank. Fused runs are synced back into their own modules first (FusedRuns.sync_to_runs)
+and stacked again on resume, so the file never holds the stack. Writes go to a temporary file, which
+is fsynced and renamed over the previous checkpoint: a crash leaves the old or the new one, whole.
+
+Each run's directory gets config.json when its pass starts and metrics.json when it ends, so
+a run directory with config.json and no metrics.json is unfinished. Rerunning the same command
+skips finished runs, resumes unfinished ones from the furthest checkpoint that holds them, and
+refuses (unless --overwrite) a directory holding a run with other settings, naming each difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdpipe import KDPipeError
+from kdpipe.cache.writer import atomic_write_stream, differences, remove_temporaries
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_VERSION = 1
+DEFAULT_EVERY_MINUTES = 10.0
+# Keys of a run's config.json that do not change what it computes (where it ran, which versions, where the
+# cache lies now): a rerun may differ in them. Every other key is a setting that must match to resume or skip.
+NOT_SETTINGS = ("run", "device", "cache", "kdpipe_version", "torch_version")
+# Under torchrun the ranks agree every this many steps whether a timed checkpoint is due (one all-reduce).
+DIST_CHECK_STEPS = 8
+
+
+def settings(config: dict) -> dict:
+    """What must match for a run directory to be resumed or skipped: its config.json but NOT_SETTINGS."""
+    return {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+
+
+def checkpoint_path(out: Path, seed: int, names) -> Path:
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:10]
+    return Path(out) / CHECKPOINT_DIR / f"pass-s{seed}-{digest}.pt"
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A pass checkpoint (tensors memory-mapped until used); a file that does not load is one line."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise KDPipeError(f"cannot read the checkpoint {path} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}):"
+                          " delete it to start its runs over") from None
+    if not isinstance(obj, dict) or obj.get("kdpipe_pass_checkpoint") != CHECKPOINT_VERSION:
+        raise KDPipeError(f"{path} is not a pass checkpoint of this kdpipe version: delete it to start its runs over")
+    return obj
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KDPipeError(f"cannot read {path}: {e}; delete the run directory {path.parent} to start it over") from None
+
+
+@dataclass
+class Plan:
+    """What a train-student command does with each of its runs, decided before any training."""
+
+    finished: dict[str, dict] = field(default_factory=dict)  # run name -> its metrics.json: skipped
+    resume: dict[str, str] = field(default_factory=dict)  # run name -> the checkpoint it continues from
+    checkpoints: dict[str, dict] = field(default_factory=dict)  # checkpoint path -> its position and seed
+
+
+def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, log=print) -> Plan:
+    """Check RUNS against the runs to train (name -> config.json to be); say what to skip and resume.
+
+    A run directory or checkpoint holding a run of that name with other settings is refused, naming the
+    differences, unless `overwrite`: then that run starts over (its files go; a checkpoint file goes when
+    it holds no other run)."""
+    out = Path(out)
+    ckdir = out / CHECKPOINT_DIR
+    held: dict[str, dict] = {}  # checkpoint path -> header (runs' settings, position, seed)
+    if ckdir.is_dir():
+        remove_temporaries(ckdir)  # writes a crash interrupted
+        for p in sorted(ckdir.glob("pass-*.pt")):
+            c = load_checkpoint(p)
+            held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
+                            "epochs": c["epochs"]}
+    diffs: dict[str, list[str]] = {}
+    for name, cfg in configs.items():
+        want = settings(cfg)
+        found = []
+        if (out / name / "config.json").is_file():
+            found.append(settings(_read_json(out / name / "config.json")))
+        elif (out / name / "metrics.json").is_file():
+            found.append({"note": "metrics.json without config.json"})
+        found += [h["runs"][name] for h in held.values() if name in h["runs"]]
+        d = sorted({x for old in found for x in differences(old, want)})
+        if d:
+            diffs[name] = d
+    if diffs and not overwrite:
+        listed = "; ".join(f"{n} ({', '.join(d)})" for n, d in diffs.items())
+        raise KDPipeError(f"{out} holds {len(diffs)} run(s) with other settings: {listed}: pass --overwrite to start "
+                          "them over, or choose another --out")
+    for name, d in diffs.items():
+        log(f"--overwrite: starting {name} over ({', '.join(d)})")
+        for f in ("metrics.json", "config.json", "student.pt"):
+            (out / name / f).unlink(missing_ok=True)
+        for p, h in list(held.items()):
+            if name in h["runs"]:
+                del h["runs"][name]
+                if not h["runs"]:
+                    Path(p).unlink(missing_ok=True)
+                    del held[p]
+    plan = Plan(checkpoints=held)
+    for name in configs:
+        if (out / name / "metrics.json").is_file():
+            plan.finished[name] = _read_json(out / name / "metrics.json")
+            continue
+        best = max(((h["position"], p) for p, h in held.items() if name in h["runs"]), default=None)
+        if best is not None:
+            plan.resume[name] = best[1]
+    return plan
+
+
+def remove_finished_checkpoints(out: Path, log=print) -> None:
+    """Remove the checkpoints every run of which has finished (metrics.json), and the folder once empty."""
+    ckdir = Path(out) / CHECKPOINT_DIR
+    if not ckdir.is_dir():
+        return
+    for p in sorted(ckdir.glob("pass-*.pt")):
+        runs = load_checkpoint(p)["runs"]
+        if all((Path(out) / name / "metrics.json").is_file() for name in runs):
+            p.unlink(missing_ok=True)
+    remove_temporaries(ckdir)
+    try:
+        ckdir.rmdir()  # only when empty
+    except OSError:
+        pass
+
+
+class PassCheckpoint:
+    """One pass's checkpoint: where it goes, the state the pass resumes from, and when to write the next.
+
+    The pass's runs must be restored (`restore`) before they are wrapped for DistributedDataParallel
+    and handed to train_pass with `checkpoint=` this object; train_pass then starts at `position`,
+    calls `sums`, `due` and `save`.
+    """
+
+    def __init__(self, out: Path, seed: int, configs: dict[str, dict], epochs: int, every_minutes: float,
+                 dist=None, log=print, resume_from: str | None = None):
+        from kdpipe.distributed import SINGLE
+        self.path = checkpoint_path(out, seed, configs)
+        self.seed, self.epochs = seed, epochs
+        self.runs = {name: settings(c) for name, c in configs.items()}
+        self.every_s = every_minutes * 60 if every_minutes and every_minutes > 0 else math.inf
+        self.dist = dist or SINGLE
+        self.log = log
+        self.state = load_checkpoint(Path(resume_from)) if resume_from else None
+        self.position = tuple(self.state["position"]) if self.state else (0, 0)
+        self.seen = self.state["seen"] if self.state else 0
+        self.wall_s = self.state["wall_s"] if self.state else 0.0
+        self.written = False
+        self.last = time.monotonic()
+        self._steps = 0
+
+    # ---------------------------------------------------------------- resume
+
+    def restore(self, runs) -> None:
+        """Load each run's weights, optimizer, schedule and losses so far, and this rank's RNG states."""
+        if self.state is None:
+            return
+        for r in runs:
+            s = self.state["state"][r.name]
+            r.model.load_state_dict(s["model"])
+            r.optimizer.load_state_dict(s["optimizer"])
+            r.scheduler.load_state_dict(s["scheduler"])
+            r.history = list(s["history"])
+            r.terms = {k: list(v) for k, v in s["terms"].items()}
+        part = self._rank_part()
+        torch.set_rng_state(part["rng"]["cpu"])
+        cuda = part["rng"].get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+    def _rank_part(self) -> dict:
+        return self.state["ranks"][self.dist.rank]
+
+    def sums(self, units, runs, device) -> list[dict]:
+        """The epoch's loss sums up to `position` (this rank's), per unit as train_pass keeps them."""
+        part = self._rank_part()["sums"]
+        out = []
+        for u in units:
+            names = list(part[runs[u[0]].name])
+            out.append({n: torch.stack([part[runs[i].name][n] for i in u]).to(device) for n in names})
+        return out
+
+    # ---------------------------------------------------------------- writing
+
+    def due(self) -> bool:
+        """Whether a timed checkpoint is due (called after every step; under torchrun the ranks agree)."""
+        if self.every_s == math.inf:
+            return False
+        late = time.monotonic() - self.last >= self.every_s
+        if self.dist.world == 1:
+            return late
+        self._steps += 1
+        if self._steps % DIST_CHECK_STEPS:
+            return False
+        device = self.dist.device or torch.device("cpu")
+        return self.dist.all_mean(torch.tensor([float(late)], device=device)).item() > 0
+
+    def save(self, runs, units, epoch: int, step: int, sums, seen: int, wall_s: float) -> None:
+        """Write the pass at (epoch, step): `step` batches of `epoch` done (0: the epoch has not begun).
+        Fused runs must have been synced into their modules. Every rank calls it; rank 0 writes."""
+        from kdpipe.distributed import Dist
+        own = {}
+        if sums is not None:
+            for k, u in enumerate(units):
+                for j, i in enumerate(u):
+                    own[runs[i].name] = {n: v[j].detach().cpu().clone() for n, v in sums[k].items()}
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        parts = self.dist.gather({"sums": own, "rng": rng})
+        self.last = time.monotonic()
+        if not self.dist.is_main:
+            return
+        state = {}
+        for r in runs:
+            model = Dist.unwrap(r.model)
+            state[r.name] = {"model": _cpu(model.state_dict()), "optimizer": _cpu(r.optimizer.state_dict()),
+                             "scheduler": r.scheduler.state_dict(), "history": list(r.history),
+                             "terms": {k: list(v) for k, v in r.terms.items()}}
+        obj = {"kdpipe_pass_checkpoint": CHECKPOINT_VERSION, "seed": self.seed, "epochs": self.epochs,
+               "runs": self.runs, "position": [epoch, step], "seen": seen, "wall_s": wall_s,
+               "ranks": parts, "state": state}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        atomic_write_stream(self.path, lambda f: torch.save(obj, f))
+        self.last = time.monotonic()
+        if not self.written:
+            self.written = True
+            self.log(f"  checkpoint of the pass: {self.path} ({self.path.stat().st_size / 1e6:.2f} MB, written in "
+                     f"{time.perf_counter() - t0:.2f}s) at every epoch's end"
+                     + (f" and every {self.every_s / 60:g} min" if self.every_s < math.inf else ""))
+
+    def remove(self) -> None:
+        if self.dist.is_main:
+            self.path.unlink(missing_ok=True)
+
+
+def _cpu(obj):
+    """A copy of a state dict (nested dicts, lists, tensors) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj

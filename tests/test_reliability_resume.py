@@ -1,0 +1,292 @@
+"""Stage two survives crashes (issue 13): per-pass checkpoints, resume equal to an uninterrupted run
+weight for weight, finished runs skipped, Ctrl-C and SIGTERM, reruns with other settings, the report
+of a directory with unfinished runs, checkpoints removed at the end.
+
+Kept cheap: 192 generated digits, mlp_100 students, an untrained teacher; the processes' cost is
+mostly starting Python and torch, so the kill tests start few of them and rerun in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from test_reliability_helpers import (assert_one_line_error, dump_args, files_digest, kdpipe_cmd, mnist_npz,
+                                      run_cli, save_teacher, subprocess_env)
+
+N, N_TEST, VIEWS = 192, 48, 4
+RUNS = ("mlp_100-T2-a0.9-s0", "mlp_100-T4-a0.9-s0")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("resume")
+    npz = mnist_npz(root / "digits.npz", N, N_TEST)
+    teacher = save_teacher(root / "teacher.pt")
+    cache = root / "cache"
+    res = run_cli(dump_args(teacher, npz, cache, VIEWS, 1000))
+    assert res.exit_code == 0, res.output
+    return SimpleNamespace(root=root, cache=cache, refs={})
+
+
+def student_args(work, out: Path, fuse: str = "on", epochs: int = 8, batch_size: int = 16, *extra) -> list[str]:
+    return ["train-student", "--cache", str(work.cache), "--student", "mlp_100", "--temperature", "2,4",
+            "--epochs", str(epochs), "--batch-size", str(batch_size), "--device", "cpu", "--fuse", fuse,
+            "--out", str(out), *extra]
+
+
+def reference(work, fuse: str) -> Path:
+    """An uninterrupted run (in this process, one thread like the subprocesses), made once per fuse mode."""
+    if fuse not in work.refs:
+        out = work.root / f"ref-{fuse}"
+        res = run_cli(student_args(work, out, fuse))
+        assert res.exit_code == 0, res.output
+        work.refs[fuse] = out
+    return work.refs[fuse]
+
+
+def assert_same_runs(ref: Path, out: Path, names=RUNS) -> None:
+    """Weight for weight (and buffer for buffer), and the same per-epoch losses and test figures."""
+    for name in names:
+        a = torch.load(ref / name / "student.pt", weights_only=True)["state_dict"]
+        b = torch.load(out / name / "student.pt", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs from the uninterrupted run's"
+        ma, mb = (json.loads((d / name / "metrics.json").read_text()) for d in (ref, out))
+        for k in ("train_loss", "train_terms", "test_top1", "teacher_agreement", "epochs"):
+            assert ma[k] == mb[k], f"{name}: {k} differs: {ma[k]} vs {mb[k]}"
+
+
+def _stat_key(path: Path):
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _wait(cond, proc, timeout: float = 60) -> bool:
+    """Until cond() or proc exits; True if cond() came true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.003)
+    raise AssertionError(f"nothing happened within {timeout}s")
+
+
+def _start(args, **popen) -> subprocess.Popen:
+    # SIGINT back to its default in the child (a shell running the tests in the background ignores it).
+    return subprocess.Popen(kdpipe_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **popen)
+
+
+def _checkpoint(out: Path) -> Path:
+    from kdpipe.resume import checkpoint_path
+    return checkpoint_path(out, 0, RUNS)
+
+
+def _assert_consistent(out: Path, seed) -> None:
+    """What a kill leaves: a checkpoint that loads whole (or none), no finished run without its weights."""
+    from kdpipe.resume import load_checkpoint
+    ck = _checkpoint(out)
+    if ck.exists():
+        c = load_checkpoint(ck)
+        assert sorted(c["state"]) == list(RUNS), f"(seed {seed})"
+    for name in RUNS:
+        if (out / name / "metrics.json").exists():
+            assert (out / name / "student.pt").is_file(), f"(seed {seed}) {name} finished without student.pt"
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(work, tmp_path):
+    """6 SIGKILLs of real `kdpipe train-student` processes at random moments, 3 of a fused pass and 3 of
+    an unfused one, with a checkpoint every 30 ms (so kills land within epochs, while a checkpoint is
+    written, and, aimed, while finished runs are written): after each, any checkpoint loads whole; the
+    same command then finishes runs equal to an uninterrupted run's weight for weight, with the same
+    per-epoch losses, skipping the runs that had finished, and removes the checkpoints."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    kills, moments = 0, []
+    for fuse in ("on", "off"):
+        ref = reference(work, fuse)
+        out = tmp_path / f"killed-{fuse}"
+        args = student_args(work, out, fuse, 8, 16, "--checkpoint-every", "0.0005")
+        ck = _checkpoint(out)
+        for life in range(3):
+            before = _stat_key(ck)
+            p = _start(args)
+            if life == 2 and fuse == "off":  # aimed: while the finished runs are being written
+                hit = _wait(lambda: any((out / n / "metrics.json").exists() for n in RUNS), p)
+                time.sleep(rng.uniform(0, 0.05))
+            else:  # after some progress (a new checkpoint), at a random moment
+                hit = _wait(lambda: _stat_key(ck) not in (None, before), p)
+                time.sleep(rng.uniform(0, 0.15))
+            alive = p.poll() is None
+            p.kill()
+            _, stderr = p.communicate(timeout=60)
+            assert hit or p.returncode == 0, f"(seed {seed}) {stderr}"
+            if not alive:
+                assert p.returncode == 0, f"(seed {seed}) {stderr}"
+                break  # the run finished before the kill
+            kills += 1
+            moments.append((fuse, life, sorted(p.name for p in out.glob("*/metrics.json"))))
+            _assert_consistent(out, seed)
+        finished = [n for n in RUNS if (out / n / "metrics.json").exists()]
+        res = run_cli(args)
+        assert res.exit_code == 0, res.output
+        for n in finished:
+            assert f"{n}: already finished" in res.output and "skipped" in res.output
+        if len(finished) < len(RUNS) and ck.exists():
+            assert "resuming from" in res.output
+        assert_same_runs(ref, out)
+        assert not (out / "checkpoints").exists(), "checkpoints were left after the pass"
+    assert kills >= 5, f"(seed {seed}) only {kills} kills landed while training: {moments}"
+
+
+def test_ctrl_c_and_sigterm_exit_130_and_say_how_to_resume(work, tmp_path):
+    """Ctrl-C (SIGINT), then SIGTERM on the resumed run, mid-training: exit code 130, no traceback, one
+    message saying how to resume; the same command then ends equal to an uninterrupted run."""
+    out = tmp_path / "interrupted"
+    args = student_args(work, out, "off", 8, 16, "--checkpoint-every", "0.0005")
+    ck = _checkpoint(out)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = _stat_key(ck)
+        p = _start(args)
+        assert _wait(lambda: _stat_key(ck) not in (None, before), p), p.communicate()
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 130, f"{signal.Signals(sig).name}: exit code {p.returncode}\n{stderr}"
+        assert "Traceback" not in stdout + stderr and "Aborted" not in stderr
+        assert (f"interrupted: finished runs and the last checkpoint of each pass are kept in {out}; run the same "
+                "command again to resume") in stderr
+        if sig == signal.SIGTERM:
+            assert "resuming from" in stdout
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output
+    assert_same_runs(reference(work, "off"), out)
+
+
+def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, tmp_path):
+    """Under torchrun (2 processes, gloo): an uninterrupted run, and one whose whole process group is
+    SIGKILLed twice at random moments, then resumed with the same command: equal weight for weight."""
+    from test_distributed import torchrun
+
+    def launch(out):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdpipe",
+                *student_args(work, out, "off", 4, 8, "--checkpoint-every", "0.0005")]
+
+    env = dict(subprocess_env(), KDPIPE_DIST_TIMEOUT="60")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = subprocess.run(launch(ref), capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rng = random.Random()
+    ck = _checkpoint(out)
+    kills = 0
+    for _ in range(2):
+        before = _stat_key(ck)
+        p = subprocess.Popen(launch(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+        hit = _wait(lambda: _stat_key(ck) not in (None, before), p, timeout=120)
+        time.sleep(rng.uniform(0, 0.2))
+        alive = p.poll() is None
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers
+        _, stderr = p.communicate(timeout=60)
+        assert hit or alive, stderr
+        kills += alive
+        _assert_consistent(out, "torchrun")
+    assert kills >= 1
+    r = torchrun(student_args(work, out, "off", 4, 8, "--checkpoint-every", "0.0005"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout or any("already finished" in line for line in r.stdout.splitlines())
+    assert_same_runs(ref, out)
+
+
+# ---------------------------------------------------------------- in this process
+
+def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(work, tmp_path):
+    """The same command again trains nothing and changes no file; other settings are refused in one line
+    naming every difference (nothing changes); --overwrite starts those runs over."""
+    out = tmp_path / "runs"
+    args = student_args(work, out, "off", 1, 32)
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    before = files_digest(out)
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    for name in RUNS:
+        assert f"{name}: already finished ({out / name / 'metrics.json'}), skipped" in res.output
+    assert "training" not in res.output and files_digest(out) == before
+    other = student_args(work, out, "off", 2, 32, "--lr", "0.1")
+    line = assert_one_line_error(run_cli(other), f"{out} holds 2 run(s) with other settings",
+                                 "epochs was 1, now 2", "lr was 0.05, now 0.1", "optim.lr was 0.05, now 0.1",
+                                 "--overwrite")
+    assert all(name in line for name in RUNS)
+    assert files_digest(out) == before
+    res = run_cli(other + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "--overwrite: starting mlp_100-T2-a0.9-s0 over (epochs was 1, now 2" in res.output
+    for name in RUNS:
+        assert json.loads((out / name / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_checkpoint_size_is_printed_once_and_checkpoints_go_when_the_pass_ends(work, tmp_path):
+    """One line gives the checkpoint's path and size when it is first written; the pass ends without
+    RUNS/checkpoints, unless --keep-checkpoints."""
+    out = tmp_path / "runs"
+    res = run_cli(student_args(work, out, "on", 3, 32))
+    assert res.exit_code == 0, res.output
+    assert res.output.count("checkpoint of the pass: ") == 1
+    assert f"checkpoint of the pass: {_checkpoint(out)} (" in res.output and " MB, written in " in res.output
+    assert not (out / "checkpoints").exists()
+    kept = tmp_path / "kept"
+    res = run_cli(student_args(work, kept, "on", 3, 32, "--keep-checkpoints"))
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (kept / "checkpoints").iterdir()] == [_checkpoint(kept).name]
+
+
+def test_report_lists_unfinished_runs_and_a_rerun_finishes_them(work, tmp_path):
+    """A runs directory with a finished run and an unfinished one (killed while finishing: config.json
+    and the pass's last checkpoint, no metrics.json): the report shows the finished run and lists the
+    other as unfinished; the same train-student command finishes it from the checkpoint, equal to the
+    uninterrupted run."""
+    from kdpipe.report import build_report
+
+    out = tmp_path / "runs"
+    args = student_args(work, out, "on", 8, 16, "--keep-checkpoints")
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    done = tmp_path / "done"
+    shutil.copytree(out, done)
+    for f in ("metrics.json", "student.pt"):
+        (out / RUNS[1] / f).unlink()
+    res = run_cli(["report", str(out), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert f"unfinished: 1 run(s) not reported (run their train-student command again): {RUNS[1]}" in res.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert RUNS[1] in text.split("Unfinished")[1] and "1 student run(s)" in text
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["unfinished"] == [str(out / RUNS[1])]
+    (out / RUNS[0] / "metrics.json").unlink()
+    with pytest.raises(Exception, match="no finished runs yet"):
+        build_report([out], tmp_path / "rep2")
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and "8/8 epochs done" in res.output
+    assert_same_runs(done, out)
