@@ -3,7 +3,9 @@
     teacher:  runs/<name>/teacher.pt                          (train-teacher, unless [teacher].file is given)
     cache:    cache/<name>/manifest.json                       (dump-logits)
     students: runs/<name>/students/<run>/metrics.json           (one train-student call per [[students]] block;
-                                                                 a grouped target: one pass trains the block)
+                                                                 a grouped target: one pass trains the block;
+                                                                 precious: a rerun skips finished runs and
+                                                                 resumes the others from their checkpoint)
     report:   runs/<name>/report/report.md                     (report)
 """
 
@@ -20,7 +22,7 @@ _TEACHER_KEYS = {"arch", "epochs", "batch_size", "lr", "momentum", "weight_decay
                  "size", "seed", "device", "file"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
 _STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr", "momentum",
-                 "weight_decay", "schedule", "device"}
+                 "weight_decay", "schedule", "device", "checkpoint_every", "keep_checkpoints"}
 
 
 def load_pipeline(path) -> dict:
@@ -117,9 +119,15 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
-            "schedule": "schedule", "device": "device"})
+            "schedule": "schedule", "device": "device", "checkpoint_every": "checkpoint-every",
+            "keep_checkpoints": "keep-checkpoints"})
+        # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
+        # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
         lines += rule(" ".join(targets) + " &", [manifest],
-                      f"$(KDPIPE) train-student {q(args)} --out {runs_dir}/students", f"students-{i}")
+                      f"$(KDPIPE) train-student {q(args)} --overwrite --out {runs_dir}/students", f"students-{i}")
+    # A run's metrics.json is written last and atomically: one that exists is complete. Make must not delete
+    # those a failed or interrupted train-student finished (.DELETE_ON_ERROR), or the rerun would retrain them.
+    lines += [f".PRECIOUS: {' '.join(all_metrics)}", ""]
     report = f"{runs_dir}/report/report.md"
     lines += rule(report, all_metrics, f"$(KDPIPE) report {' '.join(str(Path(m).parent) for m in all_metrics)} "
                   f"--out {runs_dir}/report", "report")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     for name in configs:
         if (out / name / "metrics.json").is_file():
             plan.finished[name] = _read_json(out / name / "metrics.json")
+            os.utime(out / name / "metrics.json")  # up to date for make, whose prerequisite may merely have been touched
             continue
         best = max(((h["position"], p) for p, h in held.items() if name in h["runs"]), default=None)
         if best is not None:

@@ -227,20 +227,40 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
     before = files_digest(out)
     res = run_cli(args)
     assert res.exit_code == 0, res.output
-    for name in RUNS:
+    for name in RUNS:  # skipped, and metrics.json touched: up to date for make again
+        assert (out / name / "metrics.json").stat().st_mtime_ns > before[f"{name}/metrics.json"][1]
         assert f"{name}: already finished ({out / name / 'metrics.json'}), skipped" in res.output
-    assert "training" not in res.output and files_digest(out) == before
+    assert "training" not in res.output and _contents(out) == _contents(before)
     other = student_args(work, out, "off", 2, 32, "--lr", "0.1")
     line = assert_one_line_error(run_cli(other), f"{out} holds 2 run(s) with other settings",
                                  "epochs was 1, now 2", "lr was 0.05, now 0.1", "optim.lr was 0.05, now 0.1",
                                  "--overwrite")
     assert all(name in line for name in RUNS)
-    assert files_digest(out) == before
+    assert _contents(out) == _contents(before)
     res = run_cli(other + ["--overwrite"])
     assert res.exit_code == 0, res.output
     assert "--overwrite: starting mlp_100-T2-a0.9-s0 over (epochs was 1, now 2" in res.output
     for name in RUNS:
         assert json.loads((out / name / "metrics.json").read_text())["epochs"] == 2
+
+
+def _contents(d) -> dict:
+    """files_digest without the times (a skipped run's metrics.json is touched)."""
+    return {k: v[0] for k, v in (d if isinstance(d, dict) else files_digest(d)).items()}
+
+
+def test_pipelines_forward_the_checkpoint_options_and_keep_finished_runs(tmp_path):
+    """A [[students]] block's checkpoint_every and keep_checkpoints reach train-student; Make reruns it with
+    --overwrite (its settings changed) and never deletes a finished run's metrics.json (.PRECIOUS)."""
+    from kdpipe.pipeline import load_pipeline, make_rules
+
+    spec = (Path(__file__).parents[1] / "pipelines" / "default.toml").read_text()
+    (tmp_path / "p.toml").write_text(spec + "checkpoint_every = 2.5\nkeep_checkpoints = true\n")
+    rules = make_rules(load_pipeline(tmp_path / "p.toml"))
+    command = next(line for line in rules.splitlines() if "train-student" in line)
+    assert "--checkpoint-every 2.5 --keep-checkpoints --overwrite --out" in command
+    precious = next(line for line in rules.splitlines() if line.startswith(".PRECIOUS:"))
+    assert "students/cnn_small-scratch-s0/metrics.json" in precious and precious.count("metrics.json") == 4
 
 
 def test_checkpoint_size_is_printed_once_and_checkpoints_go_when_the_pass_ends(work, tmp_path):
