@@ -41,8 +41,9 @@ DIST_CHECK_STEPS = 8
 
 
 def settings(config: dict) -> dict:
-    """What must match for a run directory to be resumed or skipped: its config.json but NOT_SETTINGS."""
-    return {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    """What must match for a run directory to be resumed or skipped: its config.json but NOT_SETTINGS (as JSON
+    reads it back, so that a tuple and the list config.json holds compare equal)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_SETTINGS}))
 
 
 def checkpoint_path(out: Path, seed: int, names) -> Path:

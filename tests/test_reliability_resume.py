@@ -306,3 +306,32 @@ def test_report_lists_unfinished_runs_and_a_rerun_finishes_them(work, tmp_path):
     assert res.exit_code == 0, res.output
     assert "resuming from" in res.output and "8/8 epochs done" in res.output
     assert_same_runs(done, out)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(work, tmp_path, monkeypatch):
+    """The disk fills as the second checkpoint is written: one clear line (exit 2), no temporary left,
+    the first checkpoint intact; the same command then resumes from it, equal to an uninterrupted run."""
+    import errno
+
+    out = tmp_path / "runs"
+    args = student_args(work, out, "on", 8, 16)
+    real, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        if ".pass-s0-" in os.readlink(f"/proc/self/fd/{fd}"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "fsync", fsync)
+        res = run_cli(args)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    errors = [line for line in res.stderr.splitlines() if not line.startswith("  students s0 epoch ")]
+    assert errors == [f"Error: cannot write {_checkpoint(out)}: no space left on the device; nothing partial was kept, "
+                      "run the same command again once the location is writable"], res.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [_checkpoint(out).name]
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and "1/8 epochs done" in res.output
+    assert_same_runs(reference(work, "on"), out)
