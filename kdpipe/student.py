@@ -168,9 +168,10 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         if ctx.is_main:
             for r in runs:  # config.json at the start: a run directory without metrics.json is unfinished
                 atomic_write_json(ensure_out_dir(out / r.name, "run directory") / "config.json", configs[r.name])
-        ckpt = PassCheckpoint(out, seed, {r.name: configs[r.name] for r in runs}, epochs, checkpoint_every,
-                              dist=ctx, log=log, resume_from=resume_from or None)
-        ckpt.restore(runs)
+        with ctx.together("reading the pass checkpoint"):  # every rank reads it: --out must be shared
+            ckpt = PassCheckpoint(out, seed, {r.name: configs[r.name] for r in runs}, epochs, checkpoint_every,
+                                  dist=ctx, log=log, resume_from=resume_from or None)
+            ckpt.restore(runs)
         log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
             + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
         if resume_from:
