@@ -56,6 +56,16 @@ def reference(work, fuse: str) -> Path:
     return work.refs[fuse]
 
 
+def train_wall_s(runs: Path) -> float:
+    """How long the training of a finished pass took (metrics.json), to scale the moments of kills."""
+    return max(0.05, json.loads((runs / RUNS[0] / "metrics.json").read_text())["train_wall_s"])
+
+
+def every(wall: float, checkpoints: int = 25) -> list[str]:
+    """--checkpoint-every for about `checkpoints` checkpoints in a pass that trains for `wall` seconds."""
+    return ["--checkpoint-every", f"{max(0.003, wall / checkpoints) / 60:.6f}"]
+
+
 def assert_same_runs(ref: Path, out: Path, names=RUNS) -> None:
     """Weight for weight (and buffer for buffer), and the same per-epoch losses and test figures."""
     for name in names:
@@ -115,8 +125,8 @@ def _assert_consistent(out: Path, seed) -> None:
 
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(work, tmp_path):
     """6 SIGKILLs of real `kdpipe train-student` processes at random moments, 3 of a fused pass and 3 of
-    an unfused one, with a checkpoint every 30 ms (so kills land within epochs, while a checkpoint is
-    written, and, aimed, while finished runs are written): after each, any checkpoint loads whole; the
+    an unfused one, with about 25 checkpoints in the pass (so kills land within epochs, while a checkpoint
+    is written, and, aimed, while finished runs are written): after each, any checkpoint loads whole; the
     same command then finishes runs equal to an uninterrupted run's weight for weight, with the same
     per-epoch losses, skipping the runs that had finished, and removes the checkpoints."""
     seed = int.from_bytes(os.urandom(4), "little")
@@ -125,7 +135,8 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(work, tmp_pa
     for fuse in ("on", "off"):
         ref = reference(work, fuse)
         out = tmp_path / f"killed-{fuse}"
-        args = student_args(work, out, fuse, 8, 16, "--checkpoint-every", "0.0005")
+        wall = train_wall_s(ref)  # each life trains at most about wall / 25 + wall / 8
+        args = student_args(work, out, fuse, 8, 16, *every(wall))
         ck = _checkpoint(out)
         for life in range(3):
             before = _stat_key(ck)
@@ -135,7 +146,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(work, tmp_pa
                 time.sleep(rng.uniform(0, 0.05))
             else:  # after some progress (a new checkpoint), at a random moment
                 hit = _wait(lambda: _stat_key(ck) not in (None, before), p)
-                time.sleep(rng.uniform(0, 0.15))
+                time.sleep(rng.uniform(0, wall / 8))
             alive = p.poll() is None
             p.kill()
             _, stderr = p.communicate(timeout=60)
@@ -162,7 +173,7 @@ def test_ctrl_c_and_sigterm_exit_130_and_say_how_to_resume(work, tmp_path):
     """Ctrl-C (SIGINT), then SIGTERM on the resumed run, mid-training: exit code 130, no traceback, one
     message saying how to resume; the same command then ends equal to an uninterrupted run."""
     out = tmp_path / "interrupted"
-    args = student_args(work, out, "off", 8, 16, "--checkpoint-every", "0.0005")
+    args = student_args(work, out, "off", 8, 16, *every(train_wall_s(reference(work, "off"))))
     ck = _checkpoint(out)
     for sig in (signal.SIGINT, signal.SIGTERM):
         before = _stat_key(ck)
@@ -188,10 +199,11 @@ def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, t
     weight for weight, with the same losses (each rank's share of the epoch's sums is in the checkpoint)."""
     from test_distributed import torchrun
 
-    args = lambda out: student_args(work, out, "off", 6, 8, "--checkpoint-every", "0.0005")  # noqa: E731
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    r = torchrun(args(ref))
+    r = torchrun(student_args(work, ref, "off", 6, 8))
     assert r.returncode == 0, r.stdout + r.stderr
+    wall = train_wall_s(ref)
+    args = lambda o: student_args(work, o, "off", 6, 8, *every(wall))  # noqa: E731
     env = dict(subprocess_env(), KDPIPE_DIST_TIMEOUT="60")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -200,7 +212,7 @@ def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, t
                          env=env, start_new_session=True)
     ck = _checkpoint(out)
     hit = _wait(lambda: ck.exists(), p, timeout=120)
-    time.sleep(random.uniform(0, 0.3))
+    time.sleep(random.uniform(0, wall / 3))
     alive = p.poll() is None
     try:
         os.killpg(p.pid, signal.SIGKILL)
