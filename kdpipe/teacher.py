@@ -83,8 +83,9 @@ def planned_size(data: ImageData, test: ImageData | None, policy: ViewPolicy, vi
          "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype}
     rows = len(data) * views
     per_row = fmt.row_bytes(m)
-    total = rows * per_row + (len(test) * fmt.eval_row_bytes(m) if test is not None else 0)
-    return {"rows": rows, "row_bytes": per_row, "bytes": total, "data_bytes": int(data.images.nbytes)}
+    eval_bytes = len(test) * fmt.eval_row_bytes(m) if test is not None else 0
+    return {"rows": rows, "row_bytes": per_row, "eval_bytes": eval_bytes, "bytes": rows * per_row + eval_bytes,
+            "data_bytes": int(data.images.nbytes)}
 
 
 def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
@@ -93,7 +94,8 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     out = Path(out_dir).resolve()
     where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(where).free
-    size = f"{human_bytes(plan['bytes'])} ({plan['rows']:,} rows x {plan['row_bytes']} bytes)"
+    size = (f"{human_bytes(plan['bytes'])} ({plan['rows']:,} rows x {plan['row_bytes']} bytes"
+            + (f", plus {human_bytes(plan['eval_bytes'])} of test logits)" if plan["eval_bytes"] else ")"))
     why = []
     if plan["bytes"] > free:
         why.append(f"more than the {human_bytes(free)} free on {where}")
