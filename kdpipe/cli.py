@@ -57,11 +57,15 @@ def data_options(f):
                           "in the cache, so stage two reloads the data the same way.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
-    f = click.option("--data", "data_spec", default="fashion-mnist", show_default=True, metavar="SPEC",
-                     help="Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, files:PATH "
-                          "(flat folders of <label>_<n>.jpg), csv:FILE (label, split, and path or feature "
-                          "columns) or npz:PATH.")(f)
+    f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,
+                     metavar="SPEC", help_text=data_help)(f)
     return f
+
+
+def data_help() -> str:
+    from kdpipe.data import sources_usage
+    return (f"Dataset: {sources_usage()}. files: is flat folders of <label>_<n>.jpg; csv: has columns label, "
+            "split, and path or numeric features (see the README's Bring your own data).")
 
 
 def moved_data_options(f):

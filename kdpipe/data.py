@@ -38,7 +38,8 @@ import pickle
 import struct
 import sys
 from pathlib import Path
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -50,8 +51,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 MNIST_CLASSES = [str(i) for i in range(10)]
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-SOURCES = "fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, files:PATH, csv:FILE or npz:PATH"
-IMAGE_FILE_SOURCES = ("imagefolder", "files", "csv")
 STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
 # How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's
 # BICUBIC resize of the shorter side to S, which filters over the whole footprint when it reduces (an
@@ -249,36 +248,48 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
             raise KDPipeError(f"--image-size must be a whole number of pixels >= 1, got {image_size!r}")
-        if kind not in IMAGE_FILE_SOURCES:
-            raise KDPipeError(f"--image-size applies to image files (imagefolder:, files:, csv:) only; {spec} "
+        if kind not in SOURCES or not SOURCES[kind].image_files:
+            files = ", ".join(f"{n}:" for n, src in SOURCES.items() if src.image_files)
+            raise KDPipeError(f"--image-size applies to image files ({files}) only; {spec} "
                               "stores images of one size already: leave it out")
-    data = _load(spec, kind, arg, split, data_root, image_size)
+    src = SOURCES.get(kind)
+    if src is None or bool(arg) != src.path:
+        raise KDPipeError(f"unknown dataset {spec!r}: use {sources_usage()}")
+    data = src.load(spec, Path(arg).expanduser() if src.path else None, split, data_root, image_size)
     if split == "train":
         check_labels(data)
     return data
 
 
-def _load(spec, kind, arg, split, data_root, image_size) -> ImageData:
-    if kind == "fashion-mnist" and not arg:
-        return _load_idx_dataset(spec, split, data_root, FASHION_MNIST_CLASSES,
-                                 default_root=DEBIAN_FASHION_MNIST,
-                                 how_to_get="install Debian's package: apt-get install dataset-fashion-mnist, "
-                                            "or pass --data-root DIR holding the four IDX files")
-    if kind == "mnist" and not arg:
-        return _load_idx_dataset(spec, split, data_root, MNIST_CLASSES, default_root=None,
-                                 how_to_get="pass --data-root DIR holding the four MNIST IDX files "
-                                            "(or torchvision's MNIST folder)")
-    if kind in ("cifar10", "cifar100") and not arg:
-        return _load_cifar(spec, kind, split, data_root)
-    if kind == "imagefolder" and arg:
-        return _load_imagefolder(spec, Path(arg).expanduser(), split, image_size)
-    if kind == "npz" and arg:
-        return _load_npz(spec, Path(arg).expanduser(), split)
-    if kind == "files" and arg:
-        return _load_files(spec, Path(arg).expanduser(), split, image_size)
-    if kind == "csv" and arg:
-        return _load_csv(spec, Path(arg).expanduser(), split, image_size)
-    raise KDPipeError(f"unknown dataset {spec!r}: use {SOURCES}")
+# ---------------------------------------------------------------- the registry of sources
+
+@dataclass(frozen=True)
+class Source:
+    """A kind of --data spec. ``load(spec, path, split, data_root, image_size)`` returns one split as an
+    ImageData of some kind (KINDS). ``path``: the spec is ``name:PATH`` (and --data-root moves PATH when the
+    data moves); otherwise it is the bare name and finds its files in --data-root. ``image_files``: it
+    decodes image files (through _decode_files) and takes --image-size."""
+
+    name: str
+    usage: str
+    load: Callable
+    path: bool = False
+    image_files: bool = False
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(src: Source) -> Source:
+    if src.name in SOURCES:
+        raise ValueError(f"data source {src.name!r} is registered twice")
+    SOURCES[src.name] = src
+    return src
+
+
+def sources_usage() -> str:
+    """The specs --data takes, for help and errors."""
+    return ", ".join(src.usage for src in SOURCES.values())
 
 
 def check_labels(train: ImageData) -> None:
@@ -315,22 +326,17 @@ def check_splits(train: ImageData, test: ImageData | None) -> None:
                           f"{train.kind} {train.image_shape}: both splits must have one shape")
 
 
-# Sources whose spec carries a path (imagefolder:PATH, ...): --data-root DIR moves that path.
-PATH_SOURCES = ("imagefolder", "files", "csv", "npz")
-
-
 def moved_spec(spec: str, data_root) -> str:
     """The spec of a path source that now lies under (or at) `data_root`: DIR/<its old name> when that
-    exists, else DIR itself for a folder source. Other sources keep their spec (they take
+    exists, else DIR itself. Other sources keep their spec (they take
     --data-root as their folder). The caller checks the fingerprint, so a wrong guess is refused."""
     kind, _, arg = spec.partition(":")
-    if data_root is None or kind.lower() not in PATH_SOURCES or not arg:
+    src = SOURCES.get(kind.lower())
+    if data_root is None or src is None or not src.path or not arg:
         return spec
     root = Path(data_root).expanduser()
     inside = root / Path(arg).name
-    if kind.lower() in ("npz", "csv"):
-        return f"{kind}:{inside}"
-    return f"{kind}:{inside if inside.is_dir() else root}"
+    return f"{kind}:{inside if inside.exists() else root}"
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -852,3 +858,25 @@ def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, ima
             for j, arr in enumerate(pool.map(lambda p: _decode_one(spec, p, mode, image_size, shape), block)):
                 out[lo + j] = arr
             prog.update(len(block))
+
+
+# ---------------------------------------------------------------- the sources --data takes (in --help order)
+
+register_source(Source("fashion-mnist", "fashion-mnist", lambda spec, path, split, root, size: _load_idx_dataset(
+    spec, split, root, FASHION_MNIST_CLASSES, default_root=DEBIAN_FASHION_MNIST,
+    how_to_get="install Debian's package: apt-get install dataset-fashion-mnist, or pass --data-root DIR "
+               "holding the four IDX files")))
+register_source(Source("mnist", "mnist", lambda spec, path, split, root, size: _load_idx_dataset(
+    spec, split, root, MNIST_CLASSES, default_root=None,
+    how_to_get="pass --data-root DIR holding the four MNIST IDX files (or torchvision's MNIST folder)")))
+for _name in ("cifar10", "cifar100"):
+    register_source(Source(_name, _name, lambda spec, path, split, root, size, _k=_name: _load_cifar(
+        spec, _k, split, root)))
+register_source(Source("imagefolder", "imagefolder:PATH", lambda spec, path, split, root, size: _load_imagefolder(
+    spec, path, split, size), path=True, image_files=True))
+register_source(Source("files", "files:PATH", lambda spec, path, split, root, size: _load_files(
+    spec, path, split, size), path=True, image_files=True))
+register_source(Source("csv", "csv:FILE", lambda spec, path, split, root, size: _load_csv(
+    spec, path, split, size), path=True, image_files=True))
+register_source(Source("npz", "npz:PATH", lambda spec, path, split, root, size: _load_npz(spec, path, split),
+                       path=True))

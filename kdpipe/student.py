@@ -14,7 +14,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
-from kdpipe.data import KINDS, ImageData, load_dataset, moved_spec
+from kdpipe.data import KINDS, SOURCES, ImageData, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
@@ -33,7 +33,8 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     the other sources. Either way the fingerprint check refuses a dataset that is not the cache's.
     """
     d = cache.manifest["dataset"]
-    builtin = d["spec"].split(":")[0] in ("fashion-mnist", "mnist", "cifar10", "cifar100")
+    src = SOURCES.get(d["spec"].split(":")[0].lower())
+    builtin = src is not None and not src.path  # finds its files in a folder, which the manifest records
     spec = data_spec or moved_spec(d["spec"], data_root)
     root = data_root
     if root is None and builtin and not data_spec:
