@@ -331,3 +331,13 @@ def test_a_test_split_cache_needs_allow_test_split(tmp_path, teacher_ckpt, fmnis
     assert_one_line_error(res, "was dumped from the test split", "--allow-test-split")
     assert not (tmp_path / "r").exists()
     ok(_student(cache, tmp_path / "r", "--allow-test-split"))
+
+
+def test_pipeline_dump_passes_yes(tmp_path):
+    from kdpipe.pipeline import load_pipeline, make_rules
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "default.toml").read_text()
+    (tmp_path / "p.toml").write_text(text.replace("# yes = true", "yes = true"))
+    dump = [line for line in make_rules(load_pipeline(tmp_path / "p.toml")).splitlines() if "dump-logits" in line]
+    assert len(dump) == 1 and " --yes " in dump[0]
+    (tmp_path / "q.toml").write_text(text)
+    assert "--yes" not in make_rules(load_pipeline(tmp_path / "q.toml"))
