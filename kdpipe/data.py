@@ -295,16 +295,19 @@ def sources_usage() -> str:
 def check_labels(train: ImageData) -> None:
     """Refuse a train split whose labels do not run 0..N-1 with every class present: labels 1..10 would
     otherwise train an 11-class model whose class 0 never occurs."""
-    counts = np.bincount(train.labels, minlength=train.num_classes)
-    where = f"{train.spec} {train.split}"
+    check_label_coverage(train.labels, train.num_classes, f"{train.spec} {train.split}")
+
+
+def check_label_coverage(labels: np.ndarray, num_classes: int, where: str) -> None:
+    counts = np.bincount(labels, minlength=num_classes)
     if counts[0] == 0:
         first = int(np.flatnonzero(counts)[0])
         raise KDPipeError(f"{where}: the labels start at {first}, not 0: number the classes from 0 "
-                          f"(subtract {first}), or give class_names for every class")
+                          f"(subtract {first})")
     absent = np.flatnonzero(counts == 0)
     if len(absent):
         raise KDPipeError(f"{where}: no train sample has class(es) {', '.join(map(str, absent[:5].tolist()))} "
-                          f"of 0..{train.num_classes - 1} (the labels skip them, or the train split has fewer "
+                          f"of 0..{num_classes - 1} (the labels skip them, or the train split has fewer "
                           "classes than the test split): number the classes 0..N-1 without gaps")
 
 
@@ -733,6 +736,8 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     y = np.asarray(labels, dtype=np.int64)
     h.update(y.tobytes())
     key = h.hexdigest()[:24]
+    if split == "train":  # before any decoding
+        check_label_coverage(y, len(classes), f"{spec} {split}")
     cache_dir = _decoded_cache_dir()
     npy, sizes_npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.sizes.npy", cache_dir / f"{key}.json"
 

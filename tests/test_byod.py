@@ -171,6 +171,29 @@ def test_files_layouts_and_names(tmp_path):
 
 # ---------------------------------------------------------------- csv: image lists and feature tables
 
+def test_csv_names_as_labels_and_validation_as_test(tmp_path):
+    """Names are classes in sorted order; val rows are the test split when there are no test rows, and
+    are ignored when there are."""
+    rows = ["label,split,a,b", "dog,train,1,2", "cat,train,3,4", "dog,val,5,6", "cat,training,7,8"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    tr, te = load_dataset(f"csv:{tmp_path / 't.csv'}", "train"), load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+    assert tr.class_names == ["cat", "dog"] and tr.labels.tolist() == [1, 0, 0] and te.labels.tolist() == [1]
+    np.testing.assert_array_equal(te.images, np.array([[5, 6]], np.float32))
+    (tmp_path / "t.csv").write_text("\n".join(rows + ["cat,test,9,9"]) + "\n")
+    te = load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+    assert te.labels.tolist() == [0] and te.images.tolist() == [[9.0, 9.0]]
+
+
+def test_file_labels_from_one_are_refused(tmp_path):
+    root = tmp_path / "f"
+    for label in (1, 2, 3):
+        _png(np.full((8, 8), label, np.uint8), root / "train" / f"{label}_0.png")
+        _png(np.full((8, 8), label, np.uint8), root / "test" / f"{label}_0.png")
+    res = run_cli(["train-teacher", "--data", f"files:{root}", "--arch", "mlp_100", "--epochs", 1,
+                   "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, "the labels start at 1, not 0")
+
+
 def test_csv_image_list_equals_the_arrays(tmp_path, fmnist):
     spec = write_source("csv", tmp_path / "d", fmnist)
     d = load_dataset(spec, "train")
