@@ -237,8 +237,10 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
                  image_size: int | None = None) -> ImageData:
     """Load one split of the dataset named by ``spec``; raise KDPipeError with what to do if it can't.
 
-    ``image_size`` S (``--image-size``): decode an ImageFolder's photos to S x S (shorter side resized
-    to S with antialiasing, then centre-cropped); the resize is part of the dataset's identity.
+    The spec names a registered Source (SOURCES). ``image_size`` S (``--image-size``): decode image
+    files (imagefolder:, files:, csv: image lists) to S x S (shorter side resized to S with
+    antialiasing, then centre-cropped); the resize is part of the dataset's identity. A train split
+    whose labels do not cover 0..N-1 is refused (check_labels).
     """
     if split not in SPLITS:
         raise KDPipeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")

@@ -280,6 +280,8 @@ def test_moved_data_is_found_with_data_root_and_checked_by_fingerprint(tmp_path,
     ok(run_cli(["verify-cache", cache, "--teacher", teacher_ckpt, "--sample", 20, "--data-root", tmp_path / "new"]))
     new_spec = moved_spec(spec, tmp_path / "new")
     assert new_spec == spec.replace("/old/", "/new/")
+    if kind in ("imagefolder", "files"):  # --data-root may also name the dataset's folder itself
+        assert moved_spec(spec, tmp_path / "new" / "fm") == new_spec
     ok(_student(cache, tmp_path / "r2", "--data", new_spec))
 
 
