@@ -52,7 +52,8 @@ def _flatten(values):
 
 def data_options(f):
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
-                     help="Store image files' images (imagefolder:, files:, csv:) at S x S: the shorter side resized to S (antialiased "
+                     help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
+                          "S (antialiased "
                           "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
                           "in the cache, so stage two reloads the data the same way.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",

@@ -717,7 +717,8 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
                                   "path column)") from None
     if not np.isfinite(x).all():
         bad = int(np.argmin(np.isfinite(x).all(1)))
-        raise KDPipeError(f"{spec}: {path}: a {split} row ({bad}) holds NaN or infinite values: fill or drop them first")
+        raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values: fill or drop "
+                          "them first")
     return Features(x.astype(np.float32), np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
 
 

@@ -254,6 +254,8 @@ CSV_CASES = {
     "a short row": ("label,split,f0\n0,train\n", "line 2 has 2 fields, the header 3"),
     "a listed image is missing": ("path,label,split\nnope.png,0,train\n", "nope.png (listed in bad.csv"),
     "an unknown split": ("label,split,f0\n0,holdout,1\n", "split 'holdout' is not train, test or val"),
+    "a NaN feature": ("label,split,f0\n0,train,1\n0,train,nan\n", "train row 1 holds NaN or infinite values"),
+    "no rows": ("label,split,f0\n", "has a header but no rows"),
 }
 
 
