@@ -47,7 +47,9 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     try:
         train = load_dataset(spec, d["split"], root, size)
     except KDPipeError as e:
-        if data_root is None and data_spec is None:  # the data may have moved since the dump
+        arg = spec.partition(":")[2]
+        gone = Path(arg).expanduser() if src is not None and src.path else Path(root) if root else None
+        if data_root is None and data_spec is None and gone is not None and not gone.exists():
             raise KDPipeError(f"{e} (if the cache's data moved, pass --data-root DIR or --data SPEC "
                               "to say where it is now)") from None
         raise
