@@ -98,11 +98,11 @@ def _photo(label: int, i: int, split: str) -> Image.Image:
     (split, label, i). JPEG holds L, RGB and CMYK; RGBA and P are written as PNG."""
     rng = np.random.default_rng([{"train": 1, "test": 2}[split], label, i])
     w, h = rng.integers(24, 601, 2)
-    arr = np.clip(np.array(CLASS_COLOURS[label])[None, None] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-    im = Image.fromarray(arr)
+    arr = np.clip(np.array(CLASS_COLOURS[label])[None, None] + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr).resize((int(w), int(h)), Image.Resampling.NEAREST)  # blocks of noise, cheap to draw
     mode = MODES[(i + label) % len(MODES)]
     if mode == "RGBA":
-        im.putalpha(Image.fromarray(rng.integers(128, 256, (h, w)).astype(np.uint8)))
+        im.putalpha(Image.fromarray(rng.integers(128, 256, (12, 12)).astype(np.uint8)).resize((int(w), int(h))))
     elif mode == "P":
         im = im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
     elif mode in ("L", "CMYK"):
