@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ def main():
     print(f"read only (kdpipe.api batches):      {read_s:6.2f} s  {n / read_s:9,.0f} images/s")
     print(f"own loop over kdpipe.api (mlp_100):   {api_s:6.2f} s  {n / api_s:9,.0f} images/s")
     print(f"train_pass, as train-student runs it: {stats['wall_s']:6.2f} s  {stats['images_per_s']:9,.0f} images/s")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
