@@ -54,13 +54,32 @@ def _flatten(values):
 
 def data_options(f):
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
-                     help="Store an ImageFolder's images at S x S: the shorter side resized to S (antialiased "
+                     help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
+                          "S (antialiased "
                           "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
                           "in the cache, so stage two reloads the data the same way.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
-    f = click.option("--data", "data_spec", default="fashion-mnist", show_default=True, metavar="SPEC",
-                     help="Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH.")(f)
+    f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,
+                     metavar="SPEC", help_text=data_help)(f)
+    return f
+
+
+def data_help() -> str:
+    from kdpipe.data import sources_usage
+    return (f"Dataset: {sources_usage()}. files: is flat folders of <label>_<n>.jpg; csv: has columns label, "
+            "split, and path or numeric features (see the README's Bring your own data).")
+
+
+def moved_data_options(f):
+    """Where a cache's dataset lies now (train-student, verify-cache), if it moved since the dump."""
+    f = click.option("--data", "data_spec", default=None, metavar="SPEC",
+                     help="The cache's dataset at its new location, e.g. npz:/new/place/data.npz (default: "
+                          "the spec the cache records). Its fingerprint must match the cache's.")(f)
+    f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="Where the cache's dataset lies now, if it moved: the folder holding the file or "
+                          "folder of imagefolder:, files:, csv: and npz: (or that folder itself), or the "
+                          "folder of the other sources' files.")(f)
     return f
 
 
@@ -146,7 +165,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
                       weight_decay, schedule, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
-    from kdpipe.data import load_dataset
+    from kdpipe.data import check_splits, load_dataset
     from kdpipe.engine import OptimConfig
     from kdpipe.models import create_model
     from kdpipe.teacher import train_teacher
@@ -156,6 +175,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
     dev = pick_device(device)
     train = load_dataset(data_spec, "train", data_root, image_size)
     test = load_dataset(data_spec, "test", data_root, image_size)
+    check_splits(train, test)
     pol = create_policy(policy, padding=padding, size=size)
     create_model(arch, train.num_classes, pol.output_shape(train.image_shape))
     res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size,
@@ -185,15 +205,17 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
               help="Rows per HDF5 shard (the unit of resumption).")
 @device_option
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Run the teacher under bf16 autocast.")
+@click.option("--yes", is_flag=True, help="Dump even when the cache would exceed the free disk space or 10x the "
+                                        "decoded dataset (without it such a dump is refused, saying its size).")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, image_size, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, overwrite, out):
+                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, overwrite, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
-    from kdpipe.data import load_dataset
+    from kdpipe.data import check_splits, load_dataset
     from kdpipe.distributed import from_env
-    from kdpipe.teacher import dump_logits
+    from kdpipe.teacher import check_planned_size, dump_logits, planned_size
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
@@ -213,11 +235,16 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         dev = pick_device(device)
         data = load_dataset(data_spec, split, data_root, image_size)
         test = load_dataset(data_spec, "test", data_root, image_size) if split == "train" else None
+        if split == "train":
+            check_splits(data, test)
+        else:  # the test split is checked against the train split it will be compared with
+            check_splits(load_dataset(data_spec, "train", data_root, image_size), data)
         pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)
         dist = from_env(dev)  # torchrun: join the process group; else one process
         log = dist.log(click.echo)
+        check_planned_size(planned_size(data, test, pol, views, logits_dtype), out, yes, log=log)
         log(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
             f"({pol.spec}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
@@ -269,8 +296,10 @@ def _term_as_interrupt():
 @click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
               help="Training batch size; under torchrun per rank (the effective batch is B x world size).")
 @optim_options
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where the cache's dataset lies now, if it moved.")
+@moved_data_options
+@click.option("--allow-test-split", is_flag=True,
+              help="Train on a cache dumped from the test split (refused without it: the student would learn "
+                   "the test set).")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
 @click.option("--fuse", type=click.Choice(["auto", "compile", "on", "off"]), default="auto", show_default=True,
@@ -290,8 +319,8 @@ def _term_as_interrupt():
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, lr, momentum,
-                      weight_decay, schedule, data_root, device, amp, fuse, checkpoint_every, keep_checkpoints,
-                      overwrite, out):
+                      weight_decay, schedule, data_root, data_spec, allow_test_split, device, amp, fuse,
+                      checkpoint_every, keep_checkpoints, overwrite, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
     data. Each run's metrics.json holds the per-epoch mean of every term of its loss. Each pass checkpoints
@@ -315,7 +344,8 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
         dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
         res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
                              seeds=sds, batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
-                             device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
+                             device=dist.device, data_root=data_root, data_spec=data_spec,
+                             allow_test_split=allow_test_split, amp=_amp(dev, amp), dist=dist,
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
@@ -399,17 +429,18 @@ def inspect_cmd(cache_dir, as_json):
               help="State dict for --teacher-arch.")
 @click.option("--sample", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="How many random rows the teacher re-computes.")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where the cache's dataset lies now, if it moved.")
+@moved_data_options
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the row sample.")
 @device_option
-def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, sample, data_root, seed, device):
+def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, sample, data_root, data_spec, seed,
+                     device):
     """Check every shard's checksums and shapes; with a teacher, re-compute sampled rows. Exits 1 on a
     fault, naming the shard and rows."""
     from kdpipe.util import pick_device
     from kdpipe.verify import repair_hint, verify_cache
     faults = verify_cache(cache_dir, teacher_file=teacher_file, teacher_arch=teacher_arch,
-                          teacher_weights=teacher_weights, sample=sample, data_root=data_root, seed=seed,
+                          teacher_weights=teacher_weights, sample=sample, data_root=data_root,
+                          data_spec=data_spec, seed=seed,
                           device=pick_device(device), log=click.echo)
     if faults:
         for f in faults:

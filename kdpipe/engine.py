@@ -163,14 +163,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         sums: list[dict] = checkpoint.sums(units, runs, device) if first else [{} for _ in units]
         for step in range(first, len(order)):
             idx = order[step]
-            x = policy.replay(images[idx], params[idx], mean, std)
-            x = channels_last(x)
-            y = labels[idx]
-            t = None
+            x, t, y = replay_batch(images, labels, policy, params, cached if need_teacher else None, idx, mean, std)
             if need_teacher:
-                if cached is not None:
-                    t = cached[idx].float()
-                else:
+                if cached is None:
                     with torch.no_grad(), autocast:
                         t = online_teacher(x).float()
             for k, u in enumerate(units):
@@ -220,6 +215,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
             "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}
+
+
+def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, std):
+    """One batch of an epoch: the replayed views of samples `idx` (normalized, channels-last on CUDA),
+    their cached teacher logits as float32 (None without `cached`) and their labels."""
+    x = channels_last(policy.replay(images[idx], params[idx], mean, std))
+    return x, (cached[idx].float() if cached is not None else None), labels[idx]
 
 
 def _accumulate(into: dict, terms: dict, runs: int, device) -> None:

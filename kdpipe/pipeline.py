@@ -20,7 +20,8 @@ from kdpipe.sweep import parse_loss, plan_runs, run_name
 
 _TEACHER_KEYS = {"arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "policy", "padding",
                  "size", "seed", "device", "file"}
-_DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
+_DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
+              "yes"}
 _STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr", "momentum",
                  "weight_decay", "schedule", "device", "checkpoint_every", "keep_checkpoints"}
 
@@ -105,7 +106,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     lines += rule(manifest, [teacher], f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(_opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
-        "device": "device", "amp": "amp"})) + f" --overwrite --out {cache_dir}", "dump")
+        "device": "device", "amp": "amp"}) + (["--yes"] if d.get("yes") else [])) + f" --overwrite --out {cache_dir}",
+        "dump")
     all_metrics = []
     for i, block in enumerate(spec["students"]):
         archs = _listify(block["archs"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, trai
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
-from kdpipe.util import Progress, channels_last, ensure_parent, images_tensor
+from kdpipe.util import Progress, channels_last, ensure_parent, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
 
@@ -69,6 +70,41 @@ def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, vi
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),
             "input": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}}
+
+
+SIZE_FACTOR = 10  # a cache over this many times the decoded dataset's bytes needs --yes
+
+
+def planned_size(data: ImageData, test: ImageData | None, policy: ViewPolicy, views: int,
+                 logits_dtype: str) -> dict:
+    """What a dump will write, from the cache columns' declarations (kdpipe/cache/format.py): rows,
+    bytes per row, and bytes in all (shards and the eval file; HDF5's metadata adds a few KB per file)."""
+    m = {"dataset": {"num_classes": data.num_classes, "num_samples": len(data)},
+         "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype}
+    rows = len(data) * views
+    per_row = fmt.row_bytes(m)
+    eval_bytes = len(test) * fmt.eval_row_bytes(m) if test is not None else 0
+    return {"rows": rows, "row_bytes": per_row, "eval_bytes": eval_bytes, "bytes": rows * per_row + eval_bytes,
+            "data_bytes": int(data.images.nbytes)}
+
+
+def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
+    """Refuse (unless `yes`) a dump whose cache would exceed the free space where it goes, or
+    SIZE_FACTOR times the decoded dataset; either way say the planned size."""
+    out = Path(out_dir).resolve()
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    size = (f"{human_bytes(plan['bytes'])} ({plan['rows']:,} rows x {plan['row_bytes']} bytes"
+            + (f", plus {human_bytes(plan['eval_bytes'])} of test logits)" if plan["eval_bytes"] else ")"))
+    why = []
+    if plan["bytes"] > free:
+        why.append(f"more than the {human_bytes(free)} free on {where}")
+    if plan["bytes"] > SIZE_FACTOR * plan["data_bytes"]:
+        why.append(f"more than {SIZE_FACTOR}x the decoded dataset ({human_bytes(plan['data_bytes'])})")
+    if why and not yes:
+        raise KDPipeError(f"the cache would take {size}, " + " and ".join(why) +
+                          ": pass --yes to dump it anyway, or dump fewer --views")
+    log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 
 def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, out_dir, *, policy: ViewPolicy,

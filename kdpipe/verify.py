@@ -106,8 +106,9 @@ def repair_hint(cache_dir) -> str:
 
 
 def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weights=None, sample=256,
-                 data_root=None, seed=0, device=torch.device("cpu"), log=print) -> list[str]:
-    """The list of faults found (empty when the cache is sound)."""
+                 data_root=None, seed=0, device=torch.device("cpu"), log=print, data_spec=None) -> list[str]:
+    """The list of faults found (empty when the cache is sound). `data_root`/`data_spec`: where the
+    cache's data lies now (kdpipe.student.load_cache_data)."""
     cache = Cache(cache_dir, check_checksum=False)  # an edited manifest is reported below, not refused
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
     edited = manifest_fault(cache.manifest)
@@ -125,7 +126,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     from kdpipe.views import policy_from_identity
 
     m = cache.manifest
-    train, _ = load_cache_data(cache, data_root)
+    train, _ = load_cache_data(cache, data_root, data_spec)
     policy = policy_from_identity(m["views"])
     teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
                            image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes)
