@@ -106,8 +106,11 @@ def repair_hint(cache_dir) -> str:
 
 
 def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weights=None, sample=256,
-                 data_root=None, seed=0, device=torch.device("cpu"), log=print) -> list[str]:
-    """The list of faults found (empty when the cache is sound)."""
+                 data_root=None, seed=0, device=torch.device("cpu"), log=print, arch_args=None,
+                 trust_pickle: bool = False, teacher_output: str | None = None) -> list[str]:
+    """The list of faults found (empty when the cache is sound). The teacher is loaded as the dump loaded
+    it: the architecture, its options and the output entry default to what the manifest records, and
+    it is fed the manifest's input normalization."""
     cache = Cache(cache_dir, check_checksum=False)  # an edited manifest is reported below, not refused
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
     edited = manifest_fault(cache.manifest)
@@ -115,7 +118,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)
-    if teacher_file is None and teacher_arch is None:
+    if teacher_file is None and teacher_weights is None and teacher_arch is None:
         return faults
     if faults:
         log("skipping the teacher check: the shards are damaged")
@@ -127,8 +130,14 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     m = cache.manifest
     train, _ = load_cache_data(cache, data_root)
     policy = policy_from_identity(m["views"])
-    teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
-                           image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes)
+    recorded = m["teacher"]
+    if teacher_arch is None and recorded.get("kind") in ("state_dict", "safetensors") and "model" in recorded:
+        teacher_arch = recorded["model"]["spec"]
+        arch_args = recorded["model"].get("args") if arch_args is None else arch_args
+    output = teacher_output if teacher_output is not None else recorded.get("output")
+    teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
+                           image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes,
+                           trust_pickle=trust_pickle, output=None if output == "auto" else output)
     if teacher.fingerprint != m["teacher"]["fingerprint"]:
         faults.append(f"the teacher given (sha256 {teacher.fingerprint[:12]}) is not the cache's "
                       f"(sha256 {m['teacher']['fingerprint'][:12]})")
