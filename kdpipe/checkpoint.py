@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes
-from kdpipe.models import canonical, check_recipe, count_parameters, create_model, model_recipe
+from kdpipe.models import canonical, check_recipe, count_parameters, create_model, model_recipe, parse_spec
 from kdpipe.util import file_sha256
 
 CHECKPOINT_VERSION = 1
@@ -228,6 +228,8 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
     if path is None:
         raise KDPipeError("give a teacher: --teacher FILE (with --teacher-arch NAME for a state dict or "
                           "safetensors file)")
+    if arch is not None:
+        parse_spec(arch)  # an unknown name is refused first, whatever the file
     path = Path(path)
     if not path.is_file():
         raise KDPipeError(f"teacher file {path} does not exist")
@@ -319,7 +321,6 @@ def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict]:
     recipe = obj.get("model") or {"spec": canonical(obj["arch"]), "args": {}}
     spec = recipe["spec"]
     if "file" in recipe:  # the user's file: as written, else at its recorded absolute place
-        from kdpipe.models import parse_spec
         if parse_spec(spec)[0] == "file" and not Path(spec.rpartition(":")[0]).is_file():
             spec = f"{recipe['file']}:{spec.rpartition(':')[2]}"
             if not Path(recipe["file"]).is_file():

@@ -93,7 +93,8 @@ def probe_rows(n: int) -> np.ndarray:
 def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[str | None, str]:
     """(a reason to stop, or None; a summary) from the teacher's outputs on the probe's clean views:
     rows that look like probabilities (all non-negative, each summing to 1), or a top-1 accuracy that a
-    one-sided binomial test cannot tell from chance (1 / classes) at CHANCE_P."""
+    one-sided binomial test cannot tell from chance (1 / classes) at CHANCE_P. (A probe too small for the
+    test to ever reject, e.g. 8 samples of 2 classes, skips it and says so.)"""
     n = len(labels)
     correct = int((logits.argmax(1) == labels).sum())
     chance = 1.0 / num_classes
@@ -105,6 +106,8 @@ def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: i
         return ("the teacher's outputs look like probabilities (non-negative, every row sums to 1), not raw logits: "
                 "give the model without its final softmax, or pick its logits with --teacher-output; or pass "
                 "--force"), summary
+    if binomial_tail(n, n, chance) > CHANCE_P:  # even a perfect teacher could not be told from chance
+        return None, summary + "; too few samples to test for chance level"
     if p > CHANCE_P:
         return (f"the teacher's top-1 on {n} training samples is {correct / n:.3f}, no better than chance "
                 f"({chance:.3f}; binomial p = {p:.2g}): {fix}"), summary
