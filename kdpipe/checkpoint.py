@@ -80,6 +80,8 @@ class LoadedModel:
         return out
 
 
+# Kinds whose module keeps the memory layout it was saved with (not converted to channels_last on CUDA).
+FIXED_LAYOUT_KINDS = ("torchscript", "export")
 SAFETENSORS_PIP = "pip install 'kdpipe[safetensors]'"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 

@@ -12,7 +12,7 @@ import torch
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.writer import CacheWriter
-from kdpipe.checkpoint import LoadedModel, save_checkpoint
+from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, LoadedModel, save_checkpoint
 from kdpipe.data import ImageData
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
@@ -173,7 +173,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
 
     use_channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
     teacher_mod = teacher.module.to(device).eval()
-    if use_channels_last and teacher.kind != "torchscript":
+    if use_channels_last and teacher.kind not in FIXED_LAYOUT_KINDS:
         teacher_mod = teacher_mod.to(memory_format=torch.channels_last)
     images = images_tensor(data.images, device)
     labels = data.labels

@@ -192,9 +192,10 @@ def _rerun(teacher, dump: dict, images: np.ndarray, params: np.ndarray, policy, 
     ac = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
     autocast = torch.autocast(device.type, dtype=getattr(torch, ac)) if ac else \
         torch.autocast(device.type, enabled=False)
+    from kdpipe.checkpoint import FIXED_LAYOUT_KINDS
     channels_last = bool(dump.get("channels_last")) and len(images.shape) == 4
     mod = teacher.module.to(device).eval()
-    if channels_last and teacher.kind != "torchscript":
+    if channels_last and teacher.kind not in FIXED_LAYOUT_KINDS:
         mod = mod.to(memory_format=torch.channels_last)
     imgs = torch.from_numpy(images).to(device)
     batch = int(dump.get("batch_size") or 256)
