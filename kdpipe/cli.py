@@ -91,9 +91,11 @@ def teacher_options(f):
 
 
 def normalization_options(f):
-    f = click.option("--normalize", "normalize", default=None, metavar="PRESET",
-                     help="Input normalization preset for pretrained torchvision/timm weights: imagenet.")(f)
-    f = click.option("--input-range", type=click.Choice(["0-1", "0-255"]), default=None,
+    from kdpipe.normalization import PRESETS, RANGES  # no torch import: the presets are plain numbers
+    f = click.option("--normalize", "normalize", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="Input normalization preset (mean and std of pixels in [0, 1]), e.g. imagenet for "
+                          "pretrained torchvision/timm weights.")(f)
+    f = click.option("--input-range", type=click.Choice(list(RANGES)), default=None,
                      help="For a teacher that normalizes inside: feed pixels in [0, 1] or raw 0-255.")(f)
     f = click.option("--std", type=NumberList(float), default=None, metavar="S[,S...]",
                      help="Per-channel std of the teacher's input normalization (with --mean).")(f)
