@@ -90,16 +90,25 @@ def probe_rows(n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, PROBE_SAMPLES, replace=False))
 
 
-def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[str | None, str]:
+def chance_level(labels: np.ndarray, num_classes: int) -> float:
+    """The top-1 that a teacher blind to its inputs can reach: the most common class's share of the split
+    (1 / classes for balanced data), never below 1 / classes."""
+    share = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).max() / max(1, len(labels))
+    return max(1.0 / num_classes, float(share))
+
+
+def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: int,
+                          chance: float | None = None, what: str = "training samples") -> tuple[str | None, str]:
     """(a reason to stop, or None; a summary) from the teacher's outputs on the probe's clean views:
     rows that look like probabilities (all non-negative, each summing to 1), or a top-1 accuracy that a
-    one-sided binomial test cannot tell from chance (1 / classes) at CHANCE_P. (A probe too small for the
-    test to ever reject, e.g. 8 samples of 2 classes, skips it and says so.)"""
+    one-sided binomial test cannot tell from chance at CHANCE_P. Chance is 1 / classes unless given
+    (chance_level). A probe too small for the test ever to reject, e.g. 8 samples of 2 classes, skips
+    the test and says so."""
     n = len(labels)
     correct = int((logits.argmax(1) == labels).sum())
-    chance = 1.0 / num_classes
+    chance = 1.0 / num_classes if chance is None else chance
     p = binomial_tail(correct, n, chance)
-    summary = f"probe: teacher top-1 {correct / n:.3f} on {n} training samples (chance {chance:.3f}, p = {p:.2g})"
+    summary = f"probe: teacher top-1 {correct / n:.3f} on {n} {what} (chance {chance:.3f}, p = {p:.2g})"
     fix = "check the input normalization (--normalize, --input-range, --mean/--std), the teacher's class order " \
           "and --teacher-output, or pass --force"
     if np.isfinite(logits).all() and (logits >= 0).all() and np.allclose(logits.sum(1), 1.0, atol=1e-3):
@@ -109,7 +118,7 @@ def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: i
     if binomial_tail(n, n, chance) > CHANCE_P:  # even a perfect teacher could not be told from chance
         return None, summary + "; too few samples to test for chance level"
     if p > CHANCE_P:
-        return (f"the teacher's top-1 on {n} training samples is {correct / n:.3f}, no better than chance "
+        return (f"the teacher's top-1 on {n} {what} is {correct / n:.3f}, no better than chance "
                 f"({chance:.3f}; binomial p = {p:.2g}): {fix}"), summary
     return None, summary
 
@@ -206,7 +215,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                 raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
                                   f"{data.spec} has {data.num_classes} classes")
             chunks.append(out.float().cpu())
-    stop, summary = check_teacher_outputs(torch.cat(chunks).numpy(), labels[sel], data.num_classes)
+    stop, summary = check_teacher_outputs(torch.cat(chunks).numpy(), labels[sel], data.num_classes,
+                                          chance_level(labels, data.num_classes),
+                                          "training samples" if data.split == "train" else f"{data.split} samples")
     log(summary)
     if stop is not None:
         if not force:

@@ -199,13 +199,15 @@ def test_an_untrained_teacher_is_at_chance(tmp_path, fmnist):
     save_checkpoint(path, create_model("cnn_tiny", 10, (1, 28, 28)), arch="cnn_tiny", num_classes=10,
                     image_shape=(1, 28, 28), mean=[0.3], std=[0.35], class_names=list("abcdefghij"), dataset={},
                     test_top1=None)
-    refused(dump(path, fmnist.spec, tmp_path / "c"), "no better than chance (0.100")
+    line = refused(dump(path, fmnist.spec, tmp_path / "c"), "on 256 training samples is", "no better than chance (")
+    share = np.bincount(fmnist.y_train).max() / len(fmnist.y_train)  # chance: the most common class's share
+    assert f"chance ({max(0.1, share):.3f}; binomial p = " in line
 
 
 def test_binomial_tail_and_the_probe_rules():
     from math import comb
 
-    from kdpipe.teacher import binomial_tail, check_teacher_outputs
+    from kdpipe.teacher import binomial_tail, chance_level, check_teacher_outputs
     for k, n, p in ((0, 10, 0.1), (3, 10, 0.1), (40, 256, 0.1), (256, 256, 0.5), (5, 8, 0.5)):
         exact = sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
         assert binomial_tail(k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-300)
@@ -219,6 +221,12 @@ def test_binomial_tail_and_the_probe_rules():
     assert "probabilities" in check_teacher_outputs(probs, labels, 10)[0]
     # Log-probabilities are fine as logits (their softmax is the distribution).
     assert check_teacher_outputs(np.log(probs), labels, 10)[0] is None
+    # On imbalanced labels, always answering the common class is chance too.
+    skewed = np.where(rng.random(256) < 0.9, 0, 1)
+    constant = np.tile(np.array([[2.0, 0.0]]), (256, 1))
+    assert check_teacher_outputs(constant, skewed, 2)[0] is None  # against 1/2 it would pass...
+    assert "no better than chance" in check_teacher_outputs(constant, skewed, 2, chance_level(skewed, 2))[0]
+    assert chance_level(np.repeat(np.arange(10), 3), 10) == pytest.approx(0.1)
     # 8 samples of 2 classes cannot show anything: the chance test is skipped and says so.
     stop, summary = check_teacher_outputs(rng.normal(size=(8, 2)), rng.integers(0, 2, 8), 2)
     assert stop is None and "too few samples" in summary
