@@ -357,6 +357,21 @@ def test_timm_models_by_name_and_a_one_line_refusal_without_timm(ref, tmp_path, 
             "cannot build timm model nope: Unknown model (nope)")
 
 
+def test_a_real_timm_model_fills_from_a_state_dict(fmnist, tmp_path):
+    """timm itself (the test extra installs it): its tiny test_resnet, untrained (so --force), built for
+    grey 28x28 inputs and 10 classes, pretrained=False."""
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    net = create_model("timm:test_resnet", 10, (1, 28, 28), {"drop_rate": 0.0}).eval()
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "c"
+    r = ok(dump(tmp_path / "w.pth", fmnist.spec, out, "--teacher-arch", "timm:test_resnet", "--arch-args",
+                "drop_rate=0.0", "--input-range", "0-1", "--force"))
+    assert "warning (--force)" in r.output
+    m = assert_cache_holds(out, net)
+    assert m["teacher"]["model"] == {"spec": "timm:test_resnet", "args": {"drop_rate": 0.0}}
+
+
 NETS = '''
 import torch.nn as nn
 
