@@ -191,7 +191,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, arch_args, epochs,
     normalization and size, the dataset fingerprint and its test accuracy."""
     from kdpipe.data import load_dataset
     from kdpipe.engine import OptimConfig
-    from kdpipe.models import create_model, parse_arch_args
+    from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
@@ -201,7 +201,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, arch_args, epochs,
     test = load_dataset(data_spec, "test", data_root, image_size)
     pol = create_policy(policy, padding=padding, size=size)
     args = parse_arch_args(arch_args)
-    create_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
+    check_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
     res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size, arch_args=args,
                         optim=OptimConfig(lr, momentum, weight_decay, schedule), seed=seed, device=dev,
                         amp=_amp(dev, amp), log=click.echo)

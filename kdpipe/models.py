@@ -170,6 +170,22 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
     return net
 
 
+def check_model(name: str, num_classes: int, image_shape, args: dict | None = None) -> None:
+    """Build the architecture and run it on two blank inputs: it must return logits (2, num_classes).
+    A one-line KDPipeError otherwise, before any training starts (user code and timm can return anything)."""
+    import torch
+    net = create_model(name, num_classes, image_shape, args).eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((2, *image_shape)))
+    except Exception as e:
+        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {_first_line(e)}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise KDPipeError(f"{name} returns {got} for a batch of 2, not logits (2, {num_classes}): kdpipe trains "
+                          "models that return one logits tensor")
+
+
 def _call(factory, name, args, **fixed):
     try:
         return factory(**fixed, **args)

@@ -19,7 +19,7 @@ from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import count_parameters, create_model
+from kdpipe.models import check_model, count_parameters
 from kdpipe.sweep import parse_loss, plan_runs, run_name
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
@@ -93,8 +93,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         policy = policy_from_identity(m["views"])
         train, test = load_cache_data(cache, data_root)
         in_shape = tuple(m["input"]["shape"])
-        for arch in students:  # fail on a bad name before any training
-            create_model(arch, cache.num_classes, in_shape, arch_args)
+        for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
+            check_model(arch, cache.num_classes, in_shape, arch_args)
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
     ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:

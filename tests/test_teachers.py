@@ -384,6 +384,11 @@ class StudentNet(nn.Module):
 
     def forward(self, x):
         return self.body(x)
+
+
+class TwoHeads(StudentNet):
+    def forward(self, x):
+        return self.body(x), x
 '''
 
 
@@ -407,7 +412,7 @@ def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypat
     # A package module as student, with its own options; run names stay file-name safe.
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text("")
-    (tmp_path / "mypkg" / "zoo.py").write_text(NETS.replace("class StudentNet", "class Tiny"))
+    (tmp_path / "mypkg" / "zoo.py").write_text(NETS.replace("StudentNet", "Tiny"))
     monkeypatch.syspath_prepend(str(tmp_path))
     ok(invoke("train-student", "--cache", cache, "--student", "mypkg.zoo:Tiny", "--student",
               "models/nets.py:StudentNet", "--arch-args", "width=4", "--epochs", 1, "--batch-size", 128,
@@ -426,6 +431,10 @@ def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypat
     refused(invoke("train-student", "--cache", cache, "--student", "models/nets.py:StudentNet", "--arch-args",
                    "depth=3", "--epochs", 1, "--device", "cpu", "--out", runs),
             "does not take the options depth")
+    refused(invoke("train-student", "--cache", cache, "--student", "models/nets.py:TwoHeads", "--epochs", 1,
+                   "--device", "cpu", "--out", runs), "models/nets.py:TwoHeads returns a tuple for a batch of 2")
+    refused(invoke("train-teacher", "--data", fmnist.spec, "--arch", "tv:vit_b_16", "--device", "cpu", "--out",
+                   tmp_path / "vit.pt"), "tv:vit_b_16 fails on inputs of shape (2, 1, 28, 28)")
     refused(invoke("train-student", "--cache", cache, "--student", "nowhere/x.py:Net", "--epochs", 1,
                    "--device", "cpu", "--out", runs), "no such file nowhere/x.py")
 
