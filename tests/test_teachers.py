@@ -484,3 +484,24 @@ epochs = 2
             "--arch-args drop_rate=0.1 --teacher-output logits --normalize imagenet --views 2 --force") in rules
     assert "--student nets.py:StudentNet --arch-args width=8" in rules
     assert "runs/p/students/nets.py_StudentNet-T4-a0.9-s0/metrics.json" in rules
+
+
+def test_normalization_rules_for_images_and_feature_vectors():
+    from kdpipe.normalization import describe, resolve_input
+    other = types.SimpleNamespace(file="t.ts", kind="torchscript", mean=None, std=None)
+    got = resolve_input(other, (3, 8, 8), preset="imagenet")
+    assert got == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "source": "preset", "value": "imagenet"}
+    assert resolve_input(other, (3, 8, 8), mean=[0.5], std=[0.25])["mean"] == [0.5] * 3  # one value for all
+    assert resolve_input(other, (3, 8, 8), input_range="0-255")["std"] == [1 / 255] * 3
+    assert resolve_input(other, (4,), mean=[0, 1, 2, 3], std=[1, 1, 1, 2])["std"] == [1, 1, 1, 2]
+    with pytest.raises(KDPipeError, match=r"--input-range is for images; feature vectors \(4,\) take --mean/--std"):
+        resolve_input(other, (4,), input_range="0-1")
+    with pytest.raises(KDPipeError, match="--mean has 2 values; the inputs have 3 channels"):
+        resolve_input(other, (3, 8, 8), mean=[0.1, 0.2], std=[1])
+    with pytest.raises(KDPipeError, match="--std must be > 0"):
+        resolve_input(other, (3, 8, 8), mean=[0.1], std=[0])
+    own = types.SimpleNamespace(file="t.pt", kind="kdpipe", mean=[0.3], std=[0.4])
+    assert resolve_input(own, (1, 8, 8), mean=[0.3], std=[0.4])["source"] == "checkpoint"  # the same: accepted
+    assert describe({"mean": [0.3], "std": [0.4], "normalization": {"source": "checkpoint", "value": None}}) == \
+        "from the teacher checkpoint: mean [0.3], std [0.4]"
+    assert describe({"mean": [0.3], "std": [0.4]}).startswith("dataset statistics")  # caches made before
