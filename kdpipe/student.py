@@ -19,7 +19,7 @@ from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import count_parameters, create_model
+from kdpipe.models import check_model, count_parameters
 from kdpipe.sweep import parse_loss, plan_runs, run_name
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
@@ -117,9 +117,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
                    online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
-                   data_spec: str | None = None, allow_test_split: bool = False) -> list[dict]:
+                   data_spec: str | None = None, allow_test_split: bool = False,
+                   arch_args: dict | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
-    config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
+    config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
+    Runs with the same seed share one pass over the data (one read and replay per batch).
 
     `loss` is a spec, NAME[:OPTION=VALUE,...] (kdpipe.sweep.parse_loss, kdpipe.losses); T and alpha are
     its temperature and alpha, swept; empty `temperatures` or `alphas`: the loss's default (kd: 4, 0.9).
@@ -159,8 +161,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         policy = policy_from_identity(m["views"])
         train, test = load_cache_data(cache, data_root, data_spec)
         in_shape = tuple(m["input"]["shape"])
-        for arch in students:  # fail on a bad name before any training
-            create_model(arch, cache.num_classes, in_shape)
+        for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
+            check_model(arch, cache.num_classes, in_shape, arch_args)
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
     ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:
@@ -190,7 +192,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     for seed in sorted({p[3] for p in planned}):
         group = [p for p in planned if p[3] == seed]
         runs: list[Run] = [build_run(run_name(*p, loss_name, loss_options), p[0], losses[p], p[3],
-                                     cache.num_classes, in_shape, optim, total_steps, device) for p in group]
+                                     cache.num_classes, in_shape, optim, total_steps, device, arch_args=arch_args)
+                           for p in group]
         log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
             + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
         t0 = time.perf_counter()
@@ -236,8 +239,8 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
     metrics["size_bytes"] = save_checkpoint(
         ckpt, r.model, arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape, mean=mean, std=std,
         class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
-        test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
-    config = {"run": r.name, "student": r.arch, "loss": {"name": r.loss.name, "options": opts},
+        test_top1=metrics.get("test_top1"), arch_args=r.arch_args, extra={"role": "student", "run": r.name})
+    config = {"run": r.name, "student": r.arch, "arch_args": r.arch_args or {}, "loss": {"name": r.loss.name, "options": opts},
               "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": r.seed,
               "epochs": epochs, "batch_size": batch_size, "world_size": world,
               "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
