@@ -83,6 +83,50 @@ def moved_data_options(f):
     return f
 
 
+ARCH_SPEC_HELP = ("registry name (kdpipe:NAME or bare), torchvision (tv:NAME or bare), timm:NAME, or your own "
+                  "code: path/to/nets.py:Factory or package.module:Factory")
+
+
+def arch_args_option(f):
+    return click.option("--arch-args", default=None, metavar="K=V,...",
+                        help="Keyword arguments of the architecture's factory, e.g. width=16,depth=4 (numbers, "
+                             "true/false, else strings); recorded in the checkpoint.")(f)
+
+
+def teacher_options(f):
+    """How a teacher file is read (dump-logits and verify-cache alike)."""
+    f = click.option("--teacher-output", default=None, metavar="NAME|INDEX",
+                     help="Which entry of the teacher's output holds the logits (default: a tensor as is, a "
+                          "tuple's or list's first entry, a dict's 'logits' or 'out', an object's .logits).")(f)
+    f = click.option("--trust-pickle", is_flag=True,
+                     help="Load a whole pickled model (torch.save(model)); this runs code from the file.")(f)
+    f = arch_args_option(f)
+    f = click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Same as --teacher FILE, for a state dict with --teacher-arch.")(f)
+    f = click.option("--teacher-arch", default=None, metavar="SPEC",
+                     help="Architecture that a state-dict or safetensors teacher file fills: " + ARCH_SPEC_HELP + ".")(f)
+    f = click.option("--teacher", "teacher_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Teacher: a kdpipe checkpoint, TorchScript, torch.export (.pt2), or a state dict "
+                          "(.pt/.pth/.bin) or .safetensors file with --teacher-arch.")(f)
+    return f
+
+
+def normalization_options(f):
+    from kdpipe.normalization import PRESETS, RANGES  # no torch import: the presets are plain numbers
+    f = click.option("--normalize", "normalize", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="Input normalization preset (mean and std of pixels in [0, 1]), e.g. imagenet for "
+                          "pretrained torchvision/timm weights.")(f)
+    f = click.option("--input-range", type=click.Choice(list(RANGES)), default=None,
+                     help="For a teacher that normalizes inside: feed pixels in [0, 1] or raw 0-255.")(f)
+    f = click.option("--std", type=NumberList(float), default=None, metavar="S[,S...]",
+                     help="Per-channel std of the teacher's input normalization (with --mean).")(f)
+    f = click.option("--mean", type=NumberList(float), default=None, metavar="M[,M...]",
+                     help="Per-channel mean of pixels in [0, 1] the teacher was trained with (with --std). A kdpipe "
+                          "checkpoint carries its own; any other teacher needs --mean/--std, --input-range or "
+                          "--normalize.")(f)
+    return f
+
+
 def device_option(f):
     return click.option("--device", default="auto", show_default=True, metavar="DEVICE",
                         help="auto (CUDA when present), cpu, cuda or cuda:N.")(f)
@@ -149,7 +193,8 @@ def main():
 
 @main.command("train-teacher")
 @data_options
-@click.option("--arch", required=True, metavar="NAME", help="Teacher architecture (registry or torchvision name).")
+@click.option("--arch", required=True, metavar="SPEC", help="Teacher architecture: " + ARCH_SPEC_HELP + ".")
+@arch_args_option
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
               help="Training epochs.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.pt",
@@ -161,13 +206,13 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch_size, policy, padding, size, lr, momentum,
+def train_teacher_cmd(data_spec, data_root, image_size, arch, arch_args, epochs, out, batch_size, policy, padding, size, lr, momentum,
                       weight_decay, schedule, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
     from kdpipe.data import check_splits, load_dataset
     from kdpipe.engine import OptimConfig
-    from kdpipe.models import create_model
+    from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
@@ -177,20 +222,17 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
     test = load_dataset(data_spec, "test", data_root, image_size)
     check_splits(train, test)
     pol = create_policy(policy, padding=padding, size=size)
-    create_model(arch, train.num_classes, pol.output_shape(train.image_shape))
-    res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size,
+    args = parse_arch_args(arch_args)
+    check_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
+    res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size, arch_args=args,
                         optim=OptimConfig(lr, momentum, weight_decay, schedule), seed=seed, device=dev,
                         amp=_amp(dev, amp), log=click.echo)
     click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")
 
 
 @main.command("dump-logits")
-@click.option("--teacher", "teacher_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Teacher: a kdpipe checkpoint or a TorchScript file.")
-@click.option("--teacher-arch", default=None, metavar="NAME",
-              help="Teacher architecture (registry or torchvision name), with --teacher-weights.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="State dict for --teacher-arch.")
+@teacher_options
+@normalization_options
 @data_options
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Which split to dump.")
@@ -207,10 +249,13 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Run the teacher under bf16 autocast.")
 @click.option("--yes", is_flag=True, help="Dump even when the cache would exceed the free disk space or 10x the "
                                         "decoded dataset (without it such a dump is refused, saying its size).")
+@click.option("--force", is_flag=True, help="Dump even if the probe finds the teacher at chance level or its outputs "
+              "look like probabilities.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
-def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, image_size, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, overwrite, out):
+def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
+                    input_range, normalize, data_spec, data_root, image_size, split, views, policy,
+                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
     from kdpipe.data import check_splits, load_dataset
@@ -227,8 +272,11 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if shard_rows <= 0:
         raise InputError(f"--shard-rows must be >= 1, got {shard_rows}")
-    if teacher_file is None and not (teacher_arch and teacher_weights):
-        raise InputError("give a teacher: --teacher FILE, or --teacher-arch NAME with --teacher-weights FILE")
+    if teacher_file is None and teacher_weights is None:
+        raise InputError("give a teacher: --teacher FILE (with --teacher-arch SPEC for a state dict or safetensors "
+                         "file)")
+    if teacher_file is not None and teacher_weights is not None:
+        raise InputError("give the teacher file once: --teacher FILE or --teacher-weights FILE, not both")
     _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
     started = time.perf_counter()
     try:
@@ -240,8 +288,9 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         else:  # the test split is checked against the train split it will be compared with
             check_splits(load_dataset(data_spec, "train", data_root, image_size), data)
         pol = create_policy(policy, padding=padding, size=size)
-        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
-                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)
+        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
+                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
+                               trust_pickle=trust_pickle, output=teacher_output)
         dist = from_env(dev)  # torchrun: join the process group; else one process
         log = dist.log(click.echo)
         check_planned_size(planned_size(data, test, pol, views, logits_dtype), out, yes, log=log)
@@ -249,7 +298,8 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
             f"({pol.spec}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
                           logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
-                          device=dist.device, amp=amp, overwrite=overwrite, dist=dist, log=log)
+                          device=dist.device, amp=amp, overwrite=overwrite, mean=mean, std=std,
+                          input_range=input_range, normalize=normalize, force=force, dist=dist, log=log)
         dist.close()
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: complete shards are kept in {out}; run the same command again to resume",
@@ -281,8 +331,9 @@ def _term_as_interrupt():
 @main.command("train-student")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(), metavar="CACHE_DIR",
               help="Cache written by dump-logits.")
-@click.option("--student", "students", multiple=True, required=True, metavar="NAME",
-              help="Student architecture; repeat for several.")
+@click.option("--student", "students", multiple=True, required=True, metavar="SPEC",
+              help="Student architecture; repeat for several: " + ARCH_SPEC_HELP + ".")
+@arch_args_option
 @click.option("--epochs", type=int, default=10, show_default=True, metavar="N", help="Training epochs.")
 @click.option("--loss", "loss", cls=LazyHelpOption, default="kd", show_default=True, metavar="NAME[:OPT=V,...]",
               help_text=loss_help)
@@ -318,8 +369,8 @@ def _term_as_interrupt():
                    "rerun skips finished runs and resumes the others).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, lr, momentum,
-                      weight_decay, schedule, data_root, data_spec, allow_test_split, device, amp, fuse,
+def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, lr,
+                      momentum, weight_decay, schedule, data_root, data_spec, allow_test_split, device, amp, fuse,
                       checkpoint_every, keep_checkpoints, overwrite, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
@@ -328,6 +379,7 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
     resumes the others."""
     from kdpipe.distributed import from_env
     from kdpipe.engine import OptimConfig
+    from kdpipe.models import parse_arch_args
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
 
@@ -346,6 +398,7 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
                              seeds=sds, batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
                              device=dist.device, data_root=data_root, data_spec=data_spec,
                              allow_test_split=allow_test_split, amp=_amp(dev, amp), dist=dist,
+                             arch_args=parse_arch_args(arch_args),
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
@@ -401,7 +454,10 @@ def inspect_cmd(cache_dir, as_json):
     click.echo(f"  views     K={v['K']} policy {ops}, "
                f"seed {v['seed']}, params {', '.join(v['columns']) or '-'}")
     click.echo(f"  logits    codec {m['logits']['codec']}, {m['logits']['dtype']}, rows {m['rows']:,} "
-               f"({m['row_order']}), input {tuple(m['input']['shape'])}")
+               f"({m['row_order']}), input {tuple(m['input']['shape'])}"
+               + (f", teacher output {t['output']}" if t.get("output") not in (None, "auto") else ""))
+    from kdpipe.normalization import describe
+    click.echo(f"  input     normalization {describe(m['input'])}")
     on_disk = sum((c.path / s["file"]).stat().st_size for s in m["shards"] if (c.path / s["file"]).is_file())
     click.echo(f"  shards    {len(m['shards'])}, {on_disk / 1e6:.2f} MB on disk ({m['bytes'] / 1e6:.2f} MB "
                "with eval), bytes per view row "
@@ -422,24 +478,22 @@ def inspect_cmd(cache_dir, as_json):
 
 @main.command("verify-cache")
 @click.argument("cache_dir", type=click.Path(), metavar="CACHE_DIR")
-@click.option("--teacher", "teacher_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Re-run this teacher on sampled (view, sample) pairs and compare with the stored logits.")
-@click.option("--teacher-arch", default=None, metavar="NAME", help="Teacher architecture, with --teacher-weights.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="State dict for --teacher-arch.")
+@teacher_options
 @click.option("--sample", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="How many random rows the teacher re-computes.")
 @moved_data_options
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the row sample.")
 @device_option
-def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, sample, data_root, data_spec, seed,
-                     device):
-    """Check every shard's checksums and shapes; with a teacher, re-compute sampled rows. Exits 1 on a
-    fault, naming the shard and rows."""
+def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output,
+                     sample, data_root, data_spec, seed, device):
+    """Check every shard's checksums and shapes; with a teacher (--teacher), re-compute sampled rows with
+    the cache's input normalization (and, unless given, the recorded architecture and output entry).
+    Exits 1 on a fault, naming the shard and rows."""
     from kdpipe.util import pick_device
     from kdpipe.verify import repair_hint, verify_cache
     faults = verify_cache(cache_dir, teacher_file=teacher_file, teacher_arch=teacher_arch,
-                          teacher_weights=teacher_weights, sample=sample, data_root=data_root,
+                          teacher_weights=teacher_weights, arch_args=arch_args, trust_pickle=trust_pickle,
+                          teacher_output=teacher_output, sample=sample, data_root=data_root,
                           data_spec=data_spec, seed=seed,
                           device=pick_device(device), log=click.echo)
     if faults:

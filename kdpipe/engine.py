@@ -52,17 +52,19 @@ class Run:
     terms: dict = field(default_factory=dict)  # term name -> per-epoch means, e.g. {"ce": [...], "kd": [...]}
     optim: OptimConfig | None = None  # how the optimizer and schedule were built (runs that share them can fuse)
     total_steps: int | None = None
+    arch_args: dict | None = None  # options of the architecture (--arch-args), recorded in its checkpoint
 
 
 def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, optim: OptimConfig,
-              total_steps: int, device, loss_options: dict | None = None) -> Run:
-    """A run: model, optimizer and schedule, and its loss (a Loss, or a registered name with loss_options)."""
+              total_steps: int, device, loss_options: dict | None = None, arch_args: dict | None = None) -> Run:
+    """A run: model (arch: a kdpipe.models spec, with arch_args), optimizer and schedule, and its loss (a
+    Loss, or a registered name with loss_options)."""
     if isinstance(loss, str):
         loss = create_loss(loss, **(loss_options or {}))
     elif loss_options:
         raise ValueError("loss_options go with a loss name, not with a loss object")
     torch.manual_seed(seed)
-    model = create_model(arch, num_classes, image_shape).to(device)
+    model = create_model(arch, num_classes, image_shape, arch_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
@@ -72,7 +74,7 @@ def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, opti
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps))
-    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps)
+    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, arch_args=arch_args)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

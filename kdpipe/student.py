@@ -19,7 +19,7 @@ from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import count_parameters, create_model
+from kdpipe.models import check_model, count_parameters
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, plan_runs_dir, remove_finished_checkpoints
 from kdpipe.sweep import parse_loss, plan_runs, run_name
 from kdpipe.util import ensure_out_dir, images_tensor
@@ -119,10 +119,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
                    online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
                    data_spec: str | None = None, allow_test_split: bool = False,
-                   overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
-                   keep_checkpoints: bool = False) -> list[dict]:
+                   arch_args: dict | None = None, overwrite: bool = False,
+                   checkpoint_every: float = DEFAULT_EVERY_MINUTES, keep_checkpoints: bool = False) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
-    config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
+    config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
+    Runs with the same seed share one pass over the data (one read and replay per batch).
 
     `loss` is a spec, NAME[:OPTION=VALUE,...] (kdpipe.sweep.parse_loss, kdpipe.losses); T and alpha are
     its temperature and alpha, swept; empty `temperatures` or `alphas`: the loss's default (kd: 4, 0.9).
@@ -168,8 +169,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         policy = policy_from_identity(m["views"])
         train, test = load_cache_data(cache, data_root, data_spec)
         in_shape = tuple(m["input"]["shape"])
-        for arch in students:  # fail on a bad name before any training
-            create_model(arch, cache.num_classes, in_shape)
+        for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
+            check_model(arch, cache.num_classes, in_shape, arch_args)
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
     ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:
@@ -196,8 +197,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
     teacher_test = cache.read_test_logits()
     names = {p: run_name(*p, loss_name, loss_options) for p in planned}
-    configs = {names[p]: _run_config(names[p], p[0], losses[p], p[3], cache, epochs, batch_size, world, optim, amp,
-                                     device) for p in planned}
+    configs = {names[p]: _run_config(names[p], p[0], arch_args, losses[p], p[3], cache, epochs, batch_size, world,
+                                     optim, amp, device) for p in planned}
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
@@ -215,7 +216,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
             passes.setdefault((p[3], plan.resume.get(names[p], "")), []).append(p)
     for (seed, resume_from), group in sorted(passes.items()):
         runs: list[Run] = [build_run(names[p], p[0], losses[p], p[3], cache.num_classes, in_shape, optim,
-                                     total_steps, device) for p in group]
+                                     total_steps, device, arch_args=arch_args) for p in group]
         if ctx.is_main:
             for r in runs:  # config.json at the start: a run directory without metrics.json is unfinished
                 atomic_write_json(ensure_out_dir(out / r.name, "run directory") / "config.json", configs[r.name])
@@ -251,10 +252,10 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     return results
 
 
-def _run_config(name, arch, loss, seed, cache: Cache, epochs, batch_size, world, optim, amp, device) -> dict:
+def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_size, world, optim, amp, device) -> dict:
     """A run's config.json: its settings (kdpipe.resume.settings) and where it ran."""
     opts = loss.options
-    return {"run": name, "student": arch, "loss": {"name": loss.name, "options": opts},
+    return {"run": name, "student": arch, "arch_args": arch_args or {}, "loss": {"name": loss.name, "options": opts},
             "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
             "epochs": epochs, "batch_size": batch_size, "world_size": world,
             "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
@@ -289,7 +290,7 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
     metrics["size_bytes"] = save_checkpoint(
         ckpt, r.model, arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape, mean=mean, std=std,
         class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
-        test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
+        test_top1=metrics.get("test_top1"), arch_args=r.arch_args, extra={"role": "student", "run": r.name})
     atomic_write_json(rdir / "config.json", config)
     atomic_write_json(rdir / "metrics.json", metrics)  # last: its presence marks a finished run
     log(f"  {r.name}: test top-1 {metrics.get('test_top1', float('nan')):.4f}, agreement "

@@ -8,6 +8,7 @@ temperature and alpha are not in the spec: they are the sweep's axes (--temperat
 from __future__ import annotations
 
 import itertools
+import re
 
 from kdpipe import KDPipeError
 
@@ -42,11 +43,19 @@ def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
     return name, options
 
 
+def arch_label(arch: str) -> str:
+    """An architecture spec as a file-name part: tv:resnet18 -> tv_resnet18, nets/a.py:Net -> a.py_Net."""
+    base = str(arch).replace("\\", "/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.+]", "_", base)
+
+
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
              loss_options: dict | None = None) -> str:
     """kd runs: ARCH-T4-a0.9-s0, or ARCH-scratch-s0 for alpha = 0 (T unused). Other losses name the loss,
     the options given in its spec (sorted), and the axes given (None: the loss's default, left out):
-    ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. No characters that Make treats specially."""
+    ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. No characters that Make treats specially (an
+    architecture spec passes through arch_label)."""
+    arch = arch_label(arch)
     if loss == "kd" and not loss_options:
         if alpha == 0:
             return f"{arch}-scratch-s{seed}"
