@@ -100,10 +100,10 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
         found = []
         if (out / name / "config.json").is_file():
             found.append(settings(_read_json(out / name / "config.json")))
-        elif (out / name / "metrics.json").is_file():
-            found.append({"note": "metrics.json without config.json"})
         found += [h["runs"][name] for h in held.values() if name in h["runs"]]
         d = sorted({x for old in found for x in differences(old, want)})
+        if not found and (out / name / "metrics.json").is_file():
+            d = ["a metrics.json without the config.json that says its settings"]
         if d:
             diffs[name] = d
     if diffs and not overwrite:
