@@ -254,6 +254,8 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
     assert "--overwrite: starting mlp_100-T2-a0.9-s0 over (epochs was 1, now 2" in res.output
     for name in RUNS:
         assert json.loads((out / name / "metrics.json").read_text())["epochs"] == 2
+    (out / RUNS[0] / "config.json").unlink()  # a run whose settings cannot be known is not taken as finished
+    assert_one_line_error(run_cli(other), f"{RUNS[0]} (a metrics.json without the config.json that says its settings)")
 
 
 def _contents(d) -> dict:
