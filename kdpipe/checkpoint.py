@@ -19,7 +19,6 @@ list, a dict's 'logits' or 'out', or an object's .logits (--teacher-output NAME|
 from __future__ import annotations
 
 import io
-import json
 import struct
 import sys
 import warnings

@@ -9,11 +9,9 @@ safetensors, a pickled module, a timm model, the user's own file.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
