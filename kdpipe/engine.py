@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.fused import FusedRuns, plan_units
-from kdpipe.losses import Loss, create_loss
+from kdpipe.losses import Loss, MixedLabels, create_loss
 from kdpipe.models import create_model
 from kdpipe.util import Progress, channels_last, seeded_generator
 from kdpipe.views import ViewPolicy
@@ -156,9 +156,12 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                         stream=dist.progress_stream if dist is not None else None)
         sums: list[dict] = [{} for _ in units]  # per unit: term name -> (runs in the unit,) sum over steps
         for idx in order:
-            x = policy.replay(images[idx], params[idx], mean, std)
-            x = channels_last(x)
+            p = params[idx]
+            x = channels_last(policy.replay_rows(images, idx, p, mean, std, policy.partner_params(params, p)))
             y = labels[idx]
+            mix = policy.mixing(p, images.shape[1:])
+            if mix is not None:  # mixed views: the CE term weighs both labels by the stored share
+                y = MixedLabels(y, labels[mix[0]], mix[1])
             t = None
             if need_teacher:
                 if cached is not None:
@@ -225,8 +228,7 @@ def predict(model: nn.Module, images: torch.Tensor, policy: ViewPolicy, params: 
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     outs = []
     for i in range(0, len(images), batch_size):
-        x = policy.replay(images[i:i + batch_size], params[i:i + batch_size], mean, std)
-        x = channels_last(x)
+        x = channels_last(policy.replay(images[i:i + batch_size], params[i:i + batch_size], mean, std))
         with autocast:
             outs.append(model(x).float())
     return torch.cat(outs)
