@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_FASHION, emit, header, load_split, machine, quiet, setup, subset_npz, workdir
+from common import (DEFAULT_CIFAR, DEFAULT_FASHION, emit, header, load_split, machine, quiet, setup, subset_npz,
+                    workdir)
 
 
 def _args(argv):
@@ -38,7 +39,8 @@ def _args(argv):
     p.add_argument("--quick", action="store_true", help="The reduced CPU version (also chosen without CUDA).")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
-    p.add_argument("--cifar", default=None, help="CIFAR-10 (ImageFolder .tar.xz or folder, or npz:PATH) for the GPU run.")
+    p.add_argument("--cifar", default=str(DEFAULT_CIFAR),
+                   help="CIFAR-10 for the GPU run: the ImageFolder .tar.xz, its folder, or npz:PATH.")
     p.add_argument("--fashion", default=None,
                    help=f"Fashion-MNIST for the CPU run: an npz, or 'fashion-mnist' (Debian's package); "
                         f"default {DEFAULT_FASHION} when present, else Debian's.")
@@ -95,7 +97,7 @@ def main(argv=None):
     t_all = time.perf_counter()
     with workdir(args) as work:
         if gpu:
-            train, test = load_split(args.cifar or "cifar10", "train", work), load_split(args.cifar or "cifar10", "test", work)
+            train, test = load_split(args.cifar, "train", work), load_split(args.cifar, "test", work)
             what = "CIFAR-10"
         else:
             src = args.fashion or (str(DEFAULT_FASHION) if DEFAULT_FASHION.is_file() else "fashion-mnist")

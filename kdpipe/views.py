@@ -13,6 +13,10 @@ student sees bit for bit the input the teacher saw. The parameters of view k dep
 subset of views can be drawn again anywhere (a resumed dump, another rank, verify-cache). Replay is
 per sample: a sample's view never depends on which other samples share its batch.
 
+Mixing ops (``mixup:A``, ``cutmix:A``; last in a composition) also draw a partner sample per (view,
+sample); ``ViewPolicy.replay_rows`` replays the partner's own view from its row of the same view and
+mixes it in. Stage one, stage two, verify-cache and every rank build their inputs with it.
+
 To add an op: one ``@view_op`` class here, and its test in tests/test_views.py.
 """
 

@@ -257,8 +257,9 @@ def test_ddp_students_on_mixed_views_read_their_partners_rows(work):
     2-rank MLP follows the single-process run (a partner row left unread would replay another view)."""
     cache, one, two = work / "mixed", work / "mixed-runs1", work / "mixed-runs2"
     single(dump_args(work, cache, "--policy", "crop:2+flip+mixup:0.4"))
-    args = lambda out, b: ["train-student", "--cache", str(cache), "--student", "mlp_100", "--alpha", "0.5",  # noqa: E731
-                           "--epochs", "2", "--batch-size", str(b), "--device", "cpu", "--out", str(out)]
+    def args(out, b):
+        return ["train-student", "--cache", str(cache), "--student", "mlp_100", "--alpha", "0.5", "--epochs", "2",
+                "--batch-size", str(b), "--device", "cpu", "--out", str(out)]
     single(args(one, 32))
     ok(torchrun(args(two, 16)))
     (name,) = [p.name for p in one.iterdir()]
