@@ -24,6 +24,7 @@ CPU (--quick, or no CUDA): a reduced version on a Fashion-MNIST subset, MLP stud
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -136,10 +137,13 @@ def main(argv=None):
             return caches[name]
 
         results: dict[tuple[str, str], list[float]] = {}
+        diverged: dict[tuple[str, str], int] = {}
 
         def record(row, metrics):
             for r in metrics:
                 results.setdefault((row, r["arch"]), []).append(r["test_top1"])
+                if not all(math.isfinite(x) for x in r.get("train_loss", [])):  # kdpipe trains on through NaN
+                    diverged[(row, r["arch"])] = diverged.get((row, r["arch"]), 0) + 1
 
         def cached(row, name, pol, k, epochs=E, alphas=(alpha,), loss="kd"):
             t = time.perf_counter()
@@ -180,8 +184,9 @@ def main(argv=None):
 
                 train_pass(runs, images, labels, policy, mean, std, E, args.batch, seed, fresh,
                            online_teacher=online, amp=gpu, label="online", log=quiet)
-                record("online", [{"arch": r.arch, "test_top1": top1(predict(r.model, timg, policy, tp, mean, std,
-                                                                             amp=gpu), test.labels)} for r in runs])
+                record("online", [{"arch": r.arch, "train_loss": r.history,
+                                   "test_top1": top1(predict(r.model, timg, policy, tp, mean, std, amp=gpu),
+                                                     test.labels)} for r in runs])
             emit(f"  online: {time.perf_counter() - t:.0f}s")
 
     table = ["| row | " + " | ".join(f"{s} top-1 (%)" for s in students) + " |",
@@ -193,7 +198,9 @@ def main(argv=None):
         for s in students:
             v = [100 * x for x in results.get((key, s), [])]
             sd = statistics.stdev(v) if len(v) > 1 else float("nan")
-            cells.append(f"{statistics.mean(v):.2f} ± {sd:.2f} (n={len(v)})" if v else "-")
+            bad = diverged.get((key, s), 0)
+            cells.append((f"{statistics.mean(v):.2f} ± {sd:.2f} (n={len(v)})" if v else "-")
+                         + (f", {bad} run(s) diverged (NaN loss)" if bad else ""))
         table.append(f"| {label} | " + " | ".join(cells) + " |")
     emit()
     emit(f"teacher {teacher.arch} test top-1 {100 * teacher_top1:.2f}%; machine: {machine()}; "
