@@ -48,6 +48,9 @@ def _args(argv):
     p.add_argument("--n-train", type=int, default=None, help="Train samples (CPU default 3000; GPU: all).")
     p.add_argument("--n-test", type=int, default=None, help="Test samples (CPU default 2000; GPU: all).")
     p.add_argument("--teacher", default=None, help="Teacher architecture (GPU resnet18_cifar, CPU cnn_large).")
+    p.add_argument("--teacher-n-train", type=int, default=None,
+                   help="CPU: train the teacher on the first M train samples (M >= --n-train; default the "
+                        "students' samples): a teacher that has seen more data than its students.")
     p.add_argument("--teacher-file", default=None, help="A trained kdpipe teacher checkpoint to use instead.")
     p.add_argument("--teacher-epochs", type=int, default=None, help="GPU 30, CPU 8.")
     p.add_argument("--students", default=None, help="Comma-separated (GPU resnet8x4,resnet20; CPU mlp_100,mlp_800).")
@@ -97,6 +100,7 @@ def main(argv=None):
     T, alpha = args.temperature, args.alpha
     t_all = time.perf_counter()
     with workdir(args) as work:
+        teacher_train = None
         if gpu:
             train, test = load_split(args.cifar, "train", work), load_split(args.cifar, "test", work)
             what = "CIFAR-10"
@@ -106,6 +110,10 @@ def main(argv=None):
             n, nt = args.n_train or 3000, args.n_test or 2000
             train, test = subset_npz(full_train, full_test, n, nt, work / f"fashion-{n}-{nt}.npz")
             what = f"Fashion-MNIST, the first {len(train)} train / {len(test)} test images of {src}"
+            if args.teacher_n_train:
+                m = max(args.teacher_n_train, n)
+                teacher_train, _ = subset_npz(full_train, full_test, m, nt, work / f"fashion-{m}-{nt}.npz")
+                what += f" (the teacher trained on the first {len(teacher_train)})"
         emit(f"data: {what}; students {', '.join(students)}; E = {E} epochs; seeds {list(seeds)}; T = {T:g}, "
              f"alpha = {alpha:g}; views {geo}, mixed {mixed.spec}; batch {args.batch}, lr {args.lr:g}; device {dev}")
 
@@ -116,7 +124,7 @@ def main(argv=None):
             tpath = work / "teacher.pt"
             if not tpath.is_file():
                 tarch = args.teacher or ("resnet18_cifar" if gpu else "cnn_large")
-                train_teacher(train, test, tarch, args.teacher_epochs or (30 if gpu else 8), tpath, policy=policy,
+                train_teacher(teacher_train or train, test, tarch, args.teacher_epochs or (30 if gpu else 8), tpath, policy=policy,
                               batch_size=args.batch, optim=optim, seed=0, device=dev, amp=gpu, log=quiet)
         teacher = load_teacher(tpath)
         timg = images_tensor(test.images, dev)
