@@ -124,8 +124,8 @@ def main(argv=None):
             tpath = work / "teacher.pt"
             if not tpath.is_file():
                 tarch = args.teacher or ("resnet18_cifar" if gpu else "cnn_large")
-                train_teacher(teacher_train or train, test, tarch, args.teacher_epochs or (30 if gpu else 8), tpath, policy=policy,
-                              batch_size=args.batch, optim=optim, seed=0, device=dev, amp=gpu, log=quiet)
+                train_teacher(teacher_train or train, test, tarch, args.teacher_epochs or (30 if gpu else 8), tpath,
+                              policy=policy, batch_size=args.batch, optim=optim, seed=0, device=dev, amp=gpu, log=quiet)
         teacher = load_teacher(tpath)
         timg = images_tensor(test.images, dev)
         tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(dev)
