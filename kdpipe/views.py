@@ -484,9 +484,6 @@ class MixOp(ViewOp):
     share (B,) float32 of each sample's own view in the mix, which the loss gives its label (the
     partner's label gets 1 - weight). The clean view has partner -1 and mixes nothing in.
     """
-    mixes: ClassVar[bool] = True
-    partner_column: ClassVar[str] = "partner"
-
     def draw_partners(self, rng, n):
         return rng.permutation(n)  # every sample is some sample's partner exactly once per view
 
