@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.fused import FusedRuns, plan_units
-from kdpipe.losses import Loss, create_loss
+from kdpipe.losses import Loss, MixedLabels, create_loss
 from kdpipe.models import create_model
 from kdpipe.util import Progress, channels_last, seeded_generator
 from kdpipe.views import ViewPolicy
@@ -166,10 +166,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         for step in range(first, len(order)):
             idx = order[step]
             x, t, y = replay_batch(images, labels, policy, params, cached if need_teacher else None, idx, mean, std)
-            if need_teacher:
-                if cached is None:
-                    with torch.no_grad(), autocast:
-                        t = online_teacher(x).float()
+            if need_teacher and cached is None:
+                with torch.no_grad(), autocast:
+                    t = online_teacher(x).float()
             for k, u in enumerate(units):
                 if k in fused:
                     _accumulate(sums[k], fused[k].step(x, t, y, epoch), len(u), device)
@@ -221,9 +220,15 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
 
 def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, std):
     """One batch of an epoch: the replayed views of samples `idx` (normalized, channels-last on CUDA),
-    their cached teacher logits as float32 (None without `cached`) and their labels."""
-    x = channels_last(policy.replay(images[idx], params[idx], mean, std))
-    return x, (cached[idx].float() if cached is not None else None), labels[idx]
+    their cached teacher logits as float32 (None without `cached`) and their labels; for mixed views
+    (mixup, cutmix) the labels are MixedLabels, both labels with the stored share of each."""
+    p = params[idx]
+    x = channels_last(policy.replay_rows(images, idx, p, mean, std, policy.partner_params(params, p)))
+    y = labels[idx]
+    mix = policy.mixing(p, images.shape[1:])
+    if mix is not None:  # the CE term weighs both labels by the stored share
+        y = MixedLabels(y, labels[mix[0]], mix[1])
+    return x, (cached[idx].float() if cached is not None else None), y
 
 
 def _accumulate(into: dict, terms: dict, runs: int, device) -> None:
@@ -242,8 +247,7 @@ def predict(model: nn.Module, images: torch.Tensor, policy: ViewPolicy, params: 
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     outs = []
     for i in range(0, len(images), batch_size):
-        x = policy.replay(images[i:i + batch_size], params[i:i + batch_size], mean, std)
-        x = channels_last(x)
+        x = channels_last(policy.replay(images[i:i + batch_size], params[i:i + batch_size], mean, std))
         with autocast:
             outs.append(model(x).float())
     return torch.cat(outs)

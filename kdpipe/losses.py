@@ -3,7 +3,8 @@
 The training loop calls `loss(out, teacher, labels, epoch)` and nothing else:
 - out: student logits (B, C) for one run, or (S, B, C) for S runs stacked by kdpipe.fused;
 - teacher: teacher logits (B, C) shared by the stacked runs, or None when no run needs them;
-- labels: (B,) int64; epoch: the epoch index, counting from 0 (the index kdpipe uses everywhere:
+- labels: (B,) int64, or MixedLabels for mixed views (cross_entropy weighs both labels);
+- epoch: the epoch index, counting from 0 (the index kdpipe uses everywhere:
   epoch e reads view e mod K), an int or, in fused runs, a 0-dim tensor (so torch.compile does
   not recompile every epoch).
 It returns a dict of named terms, each already weighted, of shape () or (S,); their sum is the
@@ -22,6 +23,7 @@ docs/extending.md. Its test goes in tests/test_losses.py.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +127,35 @@ class Loss:
         return f"{type(self).__name__}({self.members if self.options is None else self.options})"
 
 
-def cross_entropy(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the batch: out (..., B, C) -> (...)."""
+class MixedLabels(NamedTuple):
+    """The labels of mixed views (kdpipe.views' mixup and cutmix): each row's own label, its partner's,
+    and the share (B,) float32 of the row's own view in the mix. Losses take them where they take labels."""
+    labels: torch.Tensor
+    partner_labels: torch.Tensor
+    weight: torch.Tensor
+
+
+def main_labels(labels) -> torch.Tensor:
+    """One class per row: the label itself, or for mixed views the label of the larger share (a tie
+    goes to the row's own), for losses that split the classes at a target (dkd)."""
+    if isinstance(labels, MixedLabels):
+        return torch.where(labels.weight >= 0.5, labels.labels, labels.partner_labels)
+    return labels
+
+
+def _ce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     c = out.shape[-1]
     y = labels.expand(out.shape[:-1]).reshape(-1)
-    return F.cross_entropy(out.reshape(-1, c), y, reduction="none").view(out.shape[:-1]).mean(-1)
+    return F.cross_entropy(out.reshape(-1, c), y, reduction="none").view(out.shape[:-1])
+
+
+def cross_entropy(out: torch.Tensor, labels) -> torch.Tensor:
+    """Mean cross-entropy over the batch: out (..., B, C) -> (...). For mixed views (MixedLabels), the
+    mixed CE: w * CE(out, own label) + (1 - w) * CE(out, partner's label) per row, w the stored share."""
+    if isinstance(labels, MixedLabels):
+        w = labels.weight.to(out.device, torch.float32)
+        return (w * _ce(out, labels.labels) + (1.0 - w) * _ce(out, labels.partner_labels)).mean(-1)
+    return _ce(out, labels).mean(-1)
 
 
 def kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -214,7 +240,7 @@ class DKDLoss(Loss):
         tckd = nckd = _zeros(out)
         if teacher is not None and self.needs_teacher:
             t = self.per_run(self.temperature, out.ndim)
-            target = F.one_hot(labels, out.shape[-1]).bool()  # (B, C), broadcast over the runs
+            target = F.one_hot(main_labels(labels), out.shape[-1]).bool()  # (B, C), broadcast over the runs
             split_s, rest_s = _target_split(out / t, target)
             split_t, rest_t = _target_split(teacher / t, target)
             scale = w(warmup_weight(epoch, self.warmup)) * w(self.temperature) ** 2

@@ -119,7 +119,7 @@ def build_report(run_paths, out) -> dict:
                          f"| {s['alpha']:g} | {len(s['seeds'])} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} |")
     if unfinished:
-        lines += ["", f"Unfinished (not in the tables above; their train-student command, run again, resumes them): "
+        lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "
                   + ", ".join(f"`{Path(u).name}`" for u in unfinished) + "."]
     plots = _plots(runs, list(teachers.values()), out)
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]

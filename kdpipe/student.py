@@ -83,8 +83,8 @@ class CachedViews:
     With `rows` (a distributed rank's sample indices) only those rows are read, placed at their index.
     `logits=False` reads the parameters only (an online teacher computes the logits)."""
 
-    def __init__(self, cache: Cache, device, logits: bool = True):
-        self.cache, self.device, self.logits = cache, device, logits
+    def __init__(self, cache: Cache, device, logits: bool = True, policy=None):
+        self.cache, self.device, self.logits, self.policy = cache, device, logits, policy
         self.n = cache.num_samples
 
     def __call__(self, epoch: int, rows: torch.Tensor | None = None):
@@ -99,6 +99,12 @@ class CachedViews:
         params = torch.zeros((n, len(cache.columns)), dtype=torch.int32, device=device)
         if cache.columns:
             params[share] = torch.from_numpy(cache.read_rows("view_params", at)).to(device)
+            partners = None if self.policy is None else self.policy.partners(params[share])
+            if partners is not None:  # mixed views replay their partners' views too
+                extra = np.setdiff1d(partners.clamp(min=0).cpu().numpy(), share.cpu().numpy())
+                if len(extra):
+                    params[torch.from_numpy(extra).to(device)] = torch.from_numpy(
+                        cache.read_rows("view_params", (v * n + extra).astype(np.int64))).to(device)
         logits = None
         if self.logits:
             part = torch.from_numpy(cache.read_rows("logits", at)).to(device)
@@ -112,6 +118,20 @@ def clean_test_logits(model, test: ImageData, policy, mean, std, device, amp: bo
     timg = images_tensor(test.images, device)
     tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
     return predict(model, timg, policy, tp, mean, std, amp=amp).cpu()
+# Warn from this many epochs per view. Measured on CIFAR-10 (DESIGN.md, "Stage two"): one fixed view
+# (K = 1) trained students worse than no teacher at all, K = E/6 lost about half a point, K close to E
+# matched online KD.
+VIEW_REUSE_WARN = 2.0
+
+
+def views_warning(epochs: int, k: int) -> str | None:
+    """The warning stage two gives when each of the cache's K views is reused epochs / K >= 2 times."""
+    if epochs / k < VIEW_REUSE_WARN:
+        return None
+    return (f"warning: {epochs} epochs over K = {k} views: each view is seen {epochs / k:.1f} times, and too few "
+            f"views overfit. Measured on CIFAR-10: one fixed view per sample (K = 1) trained students worse than "
+            f"no teacher at all, K = epochs/6 lost about half a point, K close to the epochs matched online KD. "
+            f"Dump with --views {epochs} to match the epochs")
 
 
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
@@ -177,9 +197,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         raise KDPipeError("the ranks opened different caches (" + ", ".join(f"rank {r}: id {i[:12]}" for r, i in
                           enumerate(ids)) + "): every rank must read the same cache")
     k = cache.num_views
-    if epochs > k and policy.is_random:  # deterministic views (--policy none) are all the same view
-        log(f"warning: {epochs} epochs over K = {k} views: each view is seen {epochs / k:.1f} times; "
-            f"too few views overfit (dump with --views {epochs} to match the epochs)")
+    warning = views_warning(epochs, k) if policy.is_random else None  # --policy none: all views are one
+    if warning:
+        log(warning)
     mean, std = m["input"]["mean"], m["input"]["std"]
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
@@ -193,7 +213,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         + f", peak lr {optim.lr:g}" + (" (as given: not scaled with the world size)" if world > 1 else "")
         + f", {total_steps // epochs} steps per epoch")
 
-    view_source = CachedViews(cache, device, logits=online_teacher is None)
+    view_source = CachedViews(cache, device, logits=online_teacher is None, policy=policy)
 
     teacher_test = cache.read_test_logits()
     names = {p: run_name(*p, loss_name, loss_options) for p in planned}

@@ -276,18 +276,23 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             vidx = (rows // n).astype(np.int32)
             sidx = rows % n
             vparams = np.empty((e - s, len(policy.columns)), dtype=np.int32)
+            pparams = np.empty_like(vparams) if policy.mixer is not None else None  # the partners' rows
             for k in np.unique(vidx):
                 sel = vidx == k
                 vparams[sel] = view_params(int(k))[sidx[sel]]
+                if pparams is not None:
+                    pparams[sel] = policy.partner_params(view_params(int(k)), vparams[sel])
             # The shard's logits stay on the device until the shard is done: one copy and one wait per
             # shard, not per batch (indices and view parameters go up once per shard too).
             with torch.no_grad():
                 dev_sidx = torch.from_numpy(sidx).to(device)
                 dev_params = torch.from_numpy(vparams).to(device)
+                dev_pparams = None if pparams is None else torch.from_numpy(pparams).to(device)
                 lg_dev = torch.empty((e - s, data.num_classes), dtype=torch.float32, device=device)
                 for b in range(0, e - s, batch_size):
                     bi = dev_sidx[b:b + batch_size]
-                    x = policy.replay(images[bi], dev_params[b:b + batch_size], mean, std)
+                    x = policy.replay_rows(images, bi, dev_params[b:b + batch_size], mean, std,
+                                           None if dev_pparams is None else dev_pparams[b:b + batch_size])
                     if use_channels_last:
                         x = channels_last(x)
                     with autocast:

@@ -161,7 +161,12 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
         if name == "view_params":
             params = want
     sidx = rows % cache.num_samples
-    fresh = _rerun(teacher, m["dump"], np.asarray(train.images)[sidx], params, policy, m["input"], device)
+    partners = policy.partners(params)  # mixed views: the partners' rows in the same view, as the manifest gives
+    if partners is not None:
+        at = (rows // cache.num_samples) * cache.num_samples + np.maximum(partners, 0)
+        recompute = cache.shard_columns["view_params"].recompute
+        partners = np.concatenate([recompute(m, int(r), int(r) + 1) for r in at])
+    fresh = _rerun(teacher, m["dump"], np.asarray(train.images), sidx, params, partners, policy, m["input"], device)
     atol, rtol = tolerance(m)
     bad = ~np.all(np.abs(stored - fresh) <= atol + rtol * np.abs(fresh), axis=1)
     if bad.any():
@@ -187,22 +192,25 @@ def tolerance(m: dict) -> tuple[float, float]:
     return atol, rtol
 
 
-def _rerun(teacher, dump: dict, images: np.ndarray, params: np.ndarray, policy, inp: dict, device) -> np.ndarray:
-    """The teacher's float32 logits on these (image, view parameters), run the way the dump ran it
-    (manifest's ``dump``): the same autocast and dtype, channels_last where the dump used it."""
+def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params: np.ndarray, partner_params,
+           policy, inp: dict, device) -> np.ndarray:
+    """The teacher's float32 logits on the views of these rows (sample indices into the store ``images``,
+    view parameters, and for mixed views the partners' parameters), replayed as stage one replayed them
+    and run the way the dump ran it (manifest's ``dump``): the same autocast and dtype, channels_last
+    where the dump used it."""
     ac = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
     autocast = torch.autocast(device.type, dtype=getattr(torch, ac)) if ac else \
         torch.autocast(device.type, enabled=False)
     from kdpipe.checkpoint import FIXED_LAYOUT_KINDS
     channels_last = bool(dump.get("channels_last")) and len(images.shape) == 4
+    pp = None if partner_params is None else torch.from_numpy(partner_params).to(device)
     mod = teacher.module.to(device).eval()
     if channels_last and teacher.kind not in FIXED_LAYOUT_KINDS:
         mod = mod.to(memory_format=torch.channels_last)
-    imgs = torch.from_numpy(images).to(device)
     batch = int(dump.get("batch_size") or 256)
     out = []
     with torch.no_grad():
-        x = policy.replay(imgs, torch.from_numpy(params).to(device), inp["mean"], inp["std"])
+        x = policy.replay_rows(images, samples, torch.from_numpy(params).to(device), inp["mean"], inp["std"], pp)
         for i in range(0, len(x), batch):
             xb = x[i:i + batch]
             if channels_last:

@@ -13,6 +13,10 @@ student sees bit for bit the input the teacher saw. The parameters of view k dep
 subset of views can be drawn again anywhere (a resumed dump, another rank, verify-cache). Replay is
 per sample: a sample's view never depends on which other samples share its batch.
 
+Mixing ops (``mixup:A``, ``cutmix:A``; last in a composition) also draw a partner sample per (view,
+sample); ``ViewPolicy.replay_rows`` replays the partner's own view from its row of the same view and
+mixes it in. Stage one, stage two, verify-cache and every rank build their inputs with it.
+
 To add an op: one ``@view_op`` class here, and its test in tests/test_views.py.
 """
 
@@ -457,6 +461,104 @@ class Gauss(ViewOp):
         return x + (self.options["sigma"] * on) * z
 
 
+# ---------------------------------------------------------------------- mixing ops
+
+MIX_SCALE = 1 << 16  # a mixup weight is stored as round(lambda * MIX_SCALE): exact in float32
+
+
+def _beta_shape(v) -> float:
+    v = float(v)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(v)
+    return v
+
+
+class MixOp(ViewOp):
+    """An op that mixes each sample's view with a partner sample's view of the same view index: the
+    function-matching inputs of Beyer et al. 2022. Its first column is the partner's sample index, drawn
+    per (view, sample) like every other column; the partner's own view (the geometric ops before this
+    one, replayed from the partner's row of the same view) is what is mixed in. A mixing op comes last
+    in a composition and there is at most one. ``ViewPolicy.replay_rows`` fetches the partners.
+
+    ``mix(x, xp, p)`` combines the views (B, ...) with the partner views; ``weight(p, shape)`` is the
+    share (B,) float32 of each sample's own view in the mix, which the loss gives its label (the
+    partner's label gets 1 - weight). The clean view has partner -1 and mixes nothing in.
+    """
+    def draw_partners(self, rng, n):
+        return rng.permutation(n)  # every sample is some sample's partner exactly once per view
+
+    def weight(self, p: torch.Tensor, shape) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mix(self, x: torch.Tensor, xp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@view_op
+class Mixup(MixOp):
+    """Mixup (Zhang et al. 2018): lambda * view + (1 - lambda) * partner's view, lambda ~ Beta(A, A),
+    stored as round(lambda * 65536)."""
+    name = "mixup"
+    columns = ("partner", "mix_weight")
+    params = (("alpha", _beta_shape, REQUIRED),)
+    exact = False
+    kinds = ("image", "features")
+    usage = "mixup:A (mix with a partner sample, weight ~ Beta(A, A), e.g. mixup:0.2; must come last)"
+
+    def draw(self, rng, n, shape):
+        partner = self.draw_partners(rng, n)
+        lam = rng.beta(self.options["alpha"], self.options["alpha"], size=n)
+        return [partner, np.rint(lam * MIX_SCALE).astype(np.int64)]
+
+    def clean(self, shape, n):
+        return [np.full(n, -1), np.full(n, MIX_SCALE)]
+
+    def weight(self, p, shape):
+        return p[:, 1].to(torch.float32) * (1.0 / MIX_SCALE)
+
+    def mix(self, x, xp, p):
+        w = self.weight(p, x.shape[1:]).view(-1, *([1] * (x.dim() - 1)))
+        return w * x + (1.0 - w) * xp
+
+
+@view_op
+class CutMix(MixOp):
+    """CutMix (Yun et al. 2019): a box of the partner's view pasted into the view. The box's area is
+    1 - lambda of the image, lambda ~ Beta(A, A), centred uniformly and clipped at the borders; the stored
+    box [y0, y1) x [x0, x1) decides the weight, 1 - box area / image area. Integer-exact (uint8 stays)."""
+    name = "cutmix"
+    columns = ("partner", "cut_y0", "cut_x0", "cut_y1", "cut_x1")
+    params = (("alpha", _beta_shape, REQUIRED),)
+    usage = "cutmix:A (paste a box of a partner sample, area ~ 1 - Beta(A, A), e.g. cutmix:1; must come last)"
+
+    def draw(self, rng, n, shape):
+        _, h, w = shape
+        partner = self.draw_partners(rng, n)
+        lam = rng.beta(self.options["alpha"], self.options["alpha"], size=n)
+        r = np.sqrt(1.0 - lam)
+        ch, cw = np.floor(h * r).astype(np.int64), np.floor(w * r).astype(np.int64)
+        cy, cx = rng.integers(0, h, size=n), rng.integers(0, w, size=n)
+        y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch - ch // 2, 0, h)
+        x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw - cw // 2, 0, w)
+        return [partner, y0, x0, y1, x1]
+
+    def clean(self, shape, n):
+        return [np.full(n, -1), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)]
+
+    def weight(self, p, shape):
+        area = (p[:, 3] - p[:, 1]) * (p[:, 4] - p[:, 2])
+        return 1.0 - area.to(torch.float32) / float(shape[-2] * shape[-1])
+
+    def mix(self, x, xp, p):
+        h, w = x.shape[-2:]
+        ys = torch.arange(h, device=x.device)
+        xs = torch.arange(w, device=x.device)
+        in_y = (ys >= p[:, 1:2]) & (ys < p[:, 3:4])  # (B, H)
+        in_x = (xs >= p[:, 2:3]) & (xs < p[:, 4:5])  # (B, W)
+        box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
+        return torch.where(box, xp, x)
+
+
 # ---------------------------------------------------------------------- the composition
 
 class ViewPolicy:
@@ -465,6 +567,15 @@ class ViewPolicy:
     def __init__(self, ops: list[ViewOp]):
         self.ops = [op for op in ops if not isinstance(op, NoneOp)] or [NoneOp()]  # none+flip is flip
         self.spec = "+".join(op.spec() for op in self.ops)
+        mixing = [op for op in self.ops if isinstance(op, MixOp)]
+        if len(mixing) > 1:
+            raise KDPipeError(f"view {self.spec!r} has {len(mixing)} mixing ops ({', '.join(op.name for op in mixing)})"
+                              f": a view mixes once; keep one, last")
+        if mixing and self.ops[-1] is not mixing[0]:
+            rest = "+".join(op.spec() for op in self.ops if op is not mixing[0])
+            raise KDPipeError(f"view op {mixing[0].name} mixes views, so it comes last (after the geometric ops):"
+                              f" write {rest}+{mixing[0].spec()}")
+        self.mixer: MixOp | None = mixing[0] if mixing else None
         cols, seen = [], set()
         for i, op in enumerate(self.ops):
             for c in op.columns:
@@ -475,13 +586,16 @@ class ViewPolicy:
         self.is_random = any(op.random for op in self.ops)
         self.derived = np.concatenate([np.full(len(op.columns), op.derived, bool) for op in self.ops])
         # Replay plan: (op, first column, last column); an op that folds its successor replays both.
+        # The mixing op is not in it: replay_rows applies it to the view and its partner's view.
         self._plan, i, at = [], 0, 0
-        while i < len(self.ops):
+        geometric = len(self.ops) - (self.mixer is not None)
+        while i < geometric:
             op, width, step = self.ops[i], len(self.ops[i].columns), 1
             if i + 1 < len(self.ops) and op.folds(self.ops[i + 1]):
                 width, step = width + len(self.ops[i + 1].columns), 2
             self._plan.append((op, at, at + width))
             at, i = at + width, i + step
+        self._mix_cols = (at, len(self.columns))  # the mixing op's columns (partner first); empty without one
 
     def __eq__(self, other):
         return isinstance(other, ViewPolicy) and self.identity() == other.identity()
@@ -529,18 +643,75 @@ class ViewPolicy:
 
     def replay(self, batch: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:
         """Views of a batch: uint8 (B, C, H, W) images or float (B, D) features with int (B, P) parameters
-        on one device -> normalized float32. Integer-exact ops keep uint8; the first float op converts."""
+        on one device -> normalized float32. Integer-exact ops keep uint8; the first float op converts.
+        A mixing policy's views need their partners' images (replay_rows); here only its clean view."""
+        if self.mixer is not None and bool((params[:, self._mix_cols[0]] >= 0).any()):
+            raise ValueError(f"{self.spec}: mixed views need their partners' images: use replay_rows")
+        return normalize(self._geometric(batch, params.long()).float(), mean, std)
+
+    def _geometric(self, batch: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The ops before the mixing op (all of them without one), unnormalized."""
         if batch.dim() == 4 and batch.dtype != torch.uint8:
             raise TypeError("replay expects uint8 images")
         if batch.dim() == 2 and not batch.dtype.is_floating_point:
             raise TypeError("replay expects float feature vectors")
         self._shapes(batch.shape[1:])
-        x, p = batch, params.long()
+        x = batch
         for op, a, b in self._plan:
             if not op.exact and x.dtype == torch.uint8:
                 x = x.float()
             x = op.replay(x, p[:, a:b])
-        return normalize(x.float(), mean, std)
+        return x
+
+    def replay_rows(self, images, samples, params: torch.Tensor, mean, std,
+                    partner_params: torch.Tensor | None = None) -> torch.Tensor:
+        """The views of cache rows, the one replay that stage one, stage two, verify-cache and every rank
+        run: ``images`` the image store (N, ...) (a tensor, or a numpy array indexed on the host),
+        ``samples`` (B,) the rows' sample indices, ``params`` (B, P) their parameters, on the device
+        the views go to. A mixing policy also needs ``partner_params`` (B, P): the parameters of each
+        row's partner sample in the same view (see ``partner_params``); the partner's image is
+        fetched from ``images`` and its view replayed with the geometric ops, then mixed in."""
+        p = params.long()
+        x = self._geometric(_take(images, samples, p.device), p)
+        if self.mixer is None:
+            return normalize(x.float(), mean, std)
+        if partner_params is None:
+            raise ValueError(f"{self.spec}: replay_rows needs the partners' parameters")
+        a, b = self._mix_cols
+        partner = p[:, a].clamp(min=0)  # -1 (the clean view) mixes nothing in: any image will do
+        xp = self._geometric(_take(images, partner, p.device), partner_params.to(p.device).long())
+        if not self.mixer.exact:
+            x, xp = x.float(), xp.float()
+        return normalize(self.mixer.mix(x, xp, p[:, a:b]).float(), mean, std)
+
+    def partners(self, params):
+        """Each row's partner sample index (B,) (-1: none), or None for a policy that does not mix."""
+        return None if self.mixer is None else params[:, self._mix_cols[0]]
+
+    def partner_params(self, view_params, params):
+        """The partner rows' parameters for rows ``params`` (B, P) of one view whose parameters of every
+        sample are ``view_params`` (N, P), numpy or torch; None for a policy that does not mix."""
+        j = self.partners(params)
+        if j is None:
+            return None
+        return view_params[j.clip(0, None) if isinstance(j, np.ndarray) else j.clamp(min=0)]
+
+    def mixing(self, params: torch.Tensor, sample_shape):
+        """(partner indices (B,), share (B,) float32 of each row's own view in the mix), or None for a
+        policy that does not mix: what the loss needs to weigh the two labels."""
+        j = self.partners(params)
+        if j is None:
+            return None
+        a, b = self._mix_cols
+        return j.long().clamp(min=0), self.mixer.weight(params[:, a:b].long(), self.output_shape(sample_shape))
+
+
+def _take(images, idx, device) -> torch.Tensor:
+    """images[idx] on `device`: from a tensor on any device, or from a numpy array on the host."""
+    if isinstance(images, np.ndarray):
+        idx = idx.cpu().numpy() if torch.is_tensor(idx) else np.asarray(idx)
+        return torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)
+    return images[torch.as_tensor(idx, device=images.device)].to(device)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

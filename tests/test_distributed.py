@@ -250,3 +250,19 @@ def test_ddp_students_write_one_set_of_outputs_and_match_single_process(work, re
             np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=0.05)
         state = torch.load(two / name / "student.pt", weights_only=True)["state_dict"]
         assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DDP
+
+
+def test_ddp_students_on_mixed_views_read_their_partners_rows(work):
+    """Each rank reads only its share of a view's rows, and for mixed views its rows' partners too: the
+    2-rank MLP follows the single-process run (a partner row left unread would replay another view)."""
+    cache, one, two = work / "mixed", work / "mixed-runs1", work / "mixed-runs2"
+    single(dump_args(work, cache, "--policy", "crop:2+flip+mixup:0.4"))
+    def args(out, b):
+        return ["train-student", "--cache", str(cache), "--student", "mlp_100", "--alpha", "0.5", "--epochs", "2",
+                "--batch-size", str(b), "--device", "cpu", "--out", str(out)]
+    single(args(one, 32))
+    ok(torchrun(args(two, 16)))
+    (name,) = [p.name for p in one.iterdir()]
+    m1, m2 = (json.loads((d / name / "metrics.json").read_text()) for d in (one, two))
+    np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=1e-4)
+    assert abs(m2["test_top1"] - m1["test_top1"]) <= 1 / N_TEST

@@ -215,11 +215,17 @@ def test_a_dkd_sweep_writes_its_terms_and_options(cache, tmp_path):
     assert any("tckd" in line and "nckd" in line for line in log)  # the terms are logged per epoch
 
 
-def test_more_epochs_than_views_warns(cache, tmp_path):
+def test_many_epochs_per_view_warn_with_what_was_measured(cache, tmp_path):
     log = []
-    train_students(cache.path, ["mlp_100"], 4, tmp_path / "runs", alphas=(0.5,), batch_size=128, log=log.append)
+    train_students(cache.path, ["mlp_100"], 6, tmp_path / "runs", alphas=(0.5,), batch_size=256, log=log.append)
     warnings = [line for line in log if line.startswith("warning")]
-    assert len(warnings) == 1 and "4 epochs over K = 3 views" in warnings[0] and "--views 4" in warnings[0]
+    assert len(warnings) == 1 and "6 epochs over K = 3 views" in warnings[0] and "--views 6" in warnings[0]
+    assert "seen 2.0 times" in warnings[0]
+    # It says what was measured: a fixed view is worse than no teacher, K near the epochs matches online KD.
+    assert "worse than no teacher" in warnings[0] and "matched online KD" in warnings[0]
+    log = []  # a few epochs past K (each view seen < 2 times) cost nothing measurable: no warning
+    train_students(cache.path, ["mlp_100"], 4, tmp_path / "runs4", alphas=(0.5,), batch_size=256, log=log.append)
+    assert not [line for line in log if line.startswith("warning")]
 
 
 def test_a_cache_whose_data_changed_is_refused(fmnist, teacher_ckpt, tmp_path):

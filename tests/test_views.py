@@ -220,8 +220,8 @@ def test_an_unknown_op_or_version_is_refused_by_name():
     with pytest.raises(KDPipeError, match="view op rotate is version 2, this kdpipe replays version 1"):
         policy_from_identity(ident)
     ident = create_policy("crop:2+rotate:5").identity()
-    ident["ops"][0]["name"] = "mixup"
-    with pytest.raises(KDPipeError, match="unknown view op 'mixup'"):
+    ident["ops"][0]["name"] = "mosaic"
+    with pytest.raises(KDPipeError, match="unknown view op 'mosaic'"):
         policy_from_identity(ident)
     ident = create_policy("crop:2+rotate:5").identity()
     ident["ops"][0]["columns"] = ["dx", "dy"]
