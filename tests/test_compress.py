@@ -247,3 +247,29 @@ def test_compress_refuses_a_torchscript_teacher(fmnist, teacher_ckpt, tmp_path):
     r = CliRunner().invoke(main, ["compress", "--teacher", str(ts), "--data", fmnist.spec, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "need a kdpipe checkpoint" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_a_pipeline_with_a_compress_section_gets_a_compress_step(tmp_path):
+    import shlex
+    from pathlib import Path
+
+    from kdpipe.pipeline import load_pipeline, make_rules
+
+    spec = (Path(__file__).resolve().parent.parent / "pipelines" / "default.toml").read_text()
+    spec += '\n[compress]\nquantize = ["static"]\nprune = ["channels", "unstructured"]\nsparsity = [0.5, 0.8]\n' \
+            'finetune_epochs = 2\nfinetune_loss = "ce"\n'
+    (tmp_path / "p.toml").write_text(spec)
+    rules = make_rules(load_pipeline(tmp_path / "p.toml"))
+    head, command = next((a, b) for a, b in zip(rules.splitlines(), rules.splitlines()[1:])
+                         if a.startswith("runs/default/compress/compress.md:"))
+    assert "runs/default/teacher.pt" in head and "runs/default/students/mlp_800-T4-a0.5-s0/metrics.json" in head
+    args = shlex.split(command.strip())[1:]
+    assert args[0] == "compress"
+    ctx = main.commands["compress"].make_context("compress", args[1:])  # the command line parses
+    assert ctx.params["quantize"] == ("static",) and ctx.params["prune"] == ("channels", "unstructured")
+    assert ctx.params["sparsities"] == ([0.5, 0.8],) and ctx.params["finetune_epochs"] == 2
+    assert ctx.params["students_dir"] == "runs/default/students" and ctx.params["out"] == "runs/default/compress"
+    assert "PIPELINE_TARGET := runs/default/report/report.md runs/default/compress/compress.md" in rules
+    (tmp_path / "p.toml").write_text(spec + "speed = 3\n")
+    with pytest.raises(KDPipeError, match=r"unknown key\(s\) in \[compress\]: speed"):
+        load_pipeline(tmp_path / "p.toml")
