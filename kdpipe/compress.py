@@ -36,7 +36,7 @@ from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
 from kdpipe.export import load_model
 from kdpipe.losses import create_loss
-from kdpipe.util import ensure_out_dir
+from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import ViewPolicy, create_policy, policy_from_identity
 
 BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
@@ -286,7 +286,7 @@ def finetune(model: nn.Module, train: ImageData, policy: ViewPolicy, mean, std, 
     optim = OptimConfig(lr=lr)
     opt, sched = make_optimizer(model, optim, steps)
     run = Run("finetune", "pruned", loss, seed, model, opt, sched, optim=optim, total_steps=steps)
-    images = torch.from_numpy(np.ascontiguousarray(train.images))
+    images = images_tensor(train.images, "cpu")
     labels = torch.from_numpy(train.labels)
 
     def fresh_views(epoch):
@@ -317,7 +317,7 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
     from kdpipe.export import export_model
 
     lo = row.loaded
-    images = torch.from_numpy(np.ascontiguousarray(test.images))
+    images = images_tensor(test.images, "cpu")
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
     logits = predict(row.module, images, policy, params, lo.mean, lo.std, batch_size=256)
     m = {"test_top1": top1(logits, test.labels),
@@ -418,9 +418,10 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
                 note = f"{s:.0%} of the channels of {layers} layer(s) removed (L2 magnitude)"
             m = finetune(m, ft_train, policy, mean, std, epochs=finetune_epochs, teacher=ft_teacher,
                          batch_size=batch_size, lr=lr, seed=seed, log=log)
+            if finetune_epochs:
+                note += f"; pruned and fine-tuned in {time.perf_counter() - t0:.0f}s"
             add(Row(name, f"prune {kind} {s:.0%}", "teacher", finalize(m).eval(), teacher,
-                    finetune=ft_desc if finetune_epochs else "none",
-                    note=f"{note}; fine-tuned in {time.perf_counter() - t0:.0f}s"))
+                    finetune=ft_desc if finetune_epochs else "none", note=note))
     for run_name, loaded in students:
         srow = Row(run_name, "distilled" if loaded.info.get("_uses_teacher", True) else "scratch (no teacher)",
                    run_name, loaded.module.eval(), loaded)
@@ -528,6 +529,7 @@ def _plot(doc: dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in doc["rows"] if r.get("test_top1") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -544,6 +546,10 @@ def _plot(doc: dict, path: Path) -> Path:
                        c="k" if r["source"] == "teacher" else "tab:blue")
             ax.annotate(r["name"], (x, r["test_top1"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("test top-1")
         ax.grid(alpha=0.3)
