@@ -276,3 +276,15 @@ def test_a_pipeline_with_a_compress_section_gets_a_compress_step(tmp_path):
     (tmp_path / "p.toml").write_text(spec + "speed = 3\n")
     with pytest.raises(KDPipeError, match=r"unknown key\(s\) in \[compress\]: speed"):
         load_pipeline(tmp_path / "p.toml")
+
+
+def test_a_converted_model_the_backend_cannot_run_is_no_kernel(monkeypatch, teacher_ckpt):
+    import torch.ao.quantization.quantize_fx as qfx
+
+    class NoConv(nn.Module):
+        def forward(self, x):
+            raise NotImplementedError("Could not run 'quantized::conv2d.new' with arguments from the "
+                                      "'QuantizedCPU' backend.\nmore lines")
+    monkeypatch.setattr(qfx, "convert_fx", lambda prepared: NoConv())
+    with pytest.raises(NoKernel, match=r"^onednn has no kernel for it: Could not run 'quantized::conv2d.new'"):
+        quantize_static(load_model(teacher_ckpt).module, torch.randn(4, 1, 28, 28), backend="onednn")
