@@ -490,7 +490,10 @@ def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
 
 
 def _row_json(r: Row) -> dict:
+    from kdpipe.export import input_spec
+    dtype, shape = input_spec(r.loaded)
     return {"name": r.name, "method": r.method, "source": r.source, "arch": r.loaded.arch,
+            "input_dtype": str(dtype).removeprefix("torch."), "input_shape": list(shape),
             "parameters": r.parameters or None, "nonzero_parameters": r.nonzero or None,
             "finetune": r.finetune or None, "note": r.note or None, "available": r.module is not None,
             **r.metrics}
