@@ -127,7 +127,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     require("onnx", "onnxscript", what="ONNX export")
     with _quiet():
         torch.onnx.export(model, (x,), str(out), input_names=["x"], output_names=["logits"], dynamo=True,
-                          dynamic_shapes=_batch_dim(x), verbose=False)
+                          dynamic_shapes=_batch_dim(x), verbose=False, external_data=False)  # one file
     import onnx
     onnx.checker.check_model(str(out))
 
@@ -177,8 +177,9 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     got = run_exported(out, fmt, xs)
     err = None if got is None else max_relative_error(got, want)
     if err is not None and not err <= CHECK_RTOL:
-        raise KDPipeError(f"the exported {fmt} model differs from PyTorch by {err:.2g} (relative), more than "
-                          f"{CHECK_RTOL:g}: do not deploy {out}")
+        out.unlink(missing_ok=True)
+        raise KDPipeError(f"the exported {fmt} model differed from PyTorch by {err:.2g} (relative), more than "
+                          f"{CHECK_RTOL:g}, so {out} was removed; report this with the model's architecture")
     dtype, shape = input_spec(loaded)
     return {"path": str(out), "format": fmt, "arch": loaded.arch, "bytes": out.stat().st_size,
             "input": f"{str(dtype).removeprefix('torch.')} (B, {', '.join(map(str, shape))})",

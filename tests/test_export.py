@@ -33,6 +33,7 @@ def test_an_exported_model_takes_uint8_images_and_gives_the_checkpoints_logits(f
     r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "matches PyTorch" in r.output and "uint8 (B, 1, 28, 28)" in r.output
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # one file: ONNX weights are not in a side file
     x = fmnist.x_test[:37][:, None]  # an odd batch size: the batch dimension is free
     got = run_exported(out, fmt, torch.from_numpy(np.ascontiguousarray(x)))
     want = _reference(teacher_ckpt, fmnist.x_test[:37])
@@ -101,5 +102,6 @@ def test_without_onnxruntime_the_onnx_file_is_written_and_said_unchecked(teacher
 
 def test_an_export_that_differs_from_pytorch_is_refused(teacher_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("kdpipe.export.run_exported", lambda path, fmt, x: np.zeros((len(x), 10), np.float32))
-    with pytest.raises(KDPipeError, match="differs from PyTorch.*do not deploy"):
+    with pytest.raises(KDPipeError, match="differed from PyTorch.*was removed"):
         export_model(teacher_ckpt, "torchscript", tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
