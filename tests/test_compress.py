@@ -288,3 +288,20 @@ def test_a_converted_model_the_backend_cannot_run_is_no_kernel(monkeypatch, teac
     monkeypatch.setattr(qfx, "convert_fx", lambda prepared: NoConv())
     with pytest.raises(NoKernel, match=r"^onednn has no kernel for it: Could not run 'quantized::conv2d.new'"):
         quantize_static(load_model(teacher_ckpt).module, torch.randn(4, 1, 28, 28), backend="onednn")
+
+
+def test_a_teacher_static_quantization_cannot_trace_is_refused_by_the_command(fmnist, tmp_path, monkeypatch):
+    from kdpipe import models
+    from kdpipe.checkpoint import save_checkpoint
+
+    monkeypatch.setitem(models._REGISTRY, "data_dependent", lambda num_classes, image_shape: _DataDependent())
+    ckpt = tmp_path / "t.pt"
+    save_checkpoint(ckpt, _DataDependent(), arch="data_dependent", num_classes=10, image_shape=(1, 28, 28),
+                    mean=[0.3], std=[0.35], class_names=[str(i) for i in range(10)],
+                    dataset={"spec": fmnist.spec, "image_shape": [1, 28, 28]}, test_top1=None)
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(ckpt), "--data", fmnist.spec, "--quantize", "static",
+                                  "--prune", "none", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ") and "Traceback" not in r.output
+    assert "torch.fx cannot trace it" in err[0] and "--quantize dynamic" in err[0]
