@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import emit, header  # noqa: E402
 
-from kdpipe.evaluate import cpu_latency_ms  # noqa: E402
+from kdpipe.evaluate import cpu_latency_ms, cpu_name  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="Also write the figures to this JSON file.")
     args = p.parse_args(argv)
     header("compress latency", argv)
+    emit(f"cpu: {cpu_name()}")  # the header names the GPU where there is one; the figures are the CPU's
     d = Path(args.dir)
     doc = json.loads((d / "compress.json").read_text())
     torch.backends.quantized.engine = doc["backend"]
