@@ -515,5 +515,72 @@ def make_rules_cmd(pipeline, stamps):
     click.echo(make_rules(load_pipeline(pipeline), stamps), nl=False)
 
 
+@main.command("compress")
+@click.option("--teacher", "teacher_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The teacher: a kdpipe checkpoint (it records the architecture and the input normalization).")
+@data_options
+@click.option("--students", "students_dir", type=click.Path(file_okay=False), default=None, metavar="RUNS_DIR",
+              help="Also measure the distilled students trained into RUNS_DIR (and each of them int8-quantized).")
+@click.option("--quantize", type=click.Choice(["dynamic", "static", "none"]), multiple=True, metavar="KIND",
+              help="int8 post-training quantization of the teacher: dynamic (nn.Linear weights), static (FX graph "
+                   "mode, calibrated); repeat for both, 'none' for neither.  [default: dynamic and static]")
+@click.option("--backend", type=click.Choice(["x86", "fbgemm", "onednn", "qnnpack"]), default="x86",
+              show_default=True, help="torch's quantized CPU backend.")
+@click.option("--calibration", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+              help="Training images (random, clean views) that calibrate static quantization.")
+@click.option("--prune", type=click.Choice(["unstructured", "channels", "none"]), multiple=True, metavar="KIND",
+              help="Magnitude pruning of the teacher: unstructured (weights zeroed) or channels (layers rebuilt "
+                   "smaller); repeat for both, 'none' for neither.  [default: both]")
+@click.option("--sparsity", "sparsities", type=NumberList(float), multiple=True, metavar="S[,S...]",
+              help="Pruned fractions (of weights, or of each prunable layer's channels).  [default: 0.5,0.8]")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+              help="Epochs of fine-tuning after pruning (0: none).")
+@click.option("--finetune-loss", type=click.Choice(["kd", "ce"]), default="kd", show_default=True,
+              help="Fine-tune pruned models with KD from the teacher (T 4, alpha 0.9) or plain cross-entropy.")
+@click.option("--finetune-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Fine-tune on the first N training images only (default: all).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, metavar="LR",
+              help="Peak learning rate of the fine-tuning (cosine schedule).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="Timed forward passes per batch size; the median is reported.")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S",
+              help="Seed of the calibration sample and the fine-tuning.")
+@click.option("--out", required=True, type=click.Path(), metavar="DIR",
+              help="Where to write compress.md, compress.json, compress.png and models/.")
+def compress_cmd(teacher_file, data_spec, data_root, image_size, students_dir, quantize, backend, calibration, prune,
+                 sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, out):
+    """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
+    model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image at batch
+    1 and 64), a table, a JSON file and a plot. CPU only."""
+    from kdpipe.compress import PRUNE_KINDS, QUANT_KINDS, compress
+    from kdpipe.data import load_dataset
+
+    quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
+    prn = PRUNE_KINDS if not prune else tuple(p for p in prune if p != "none")
+    res = compress(teacher_file, load_dataset(data_spec, "train", data_root, image_size),
+                   load_dataset(data_spec, "test", data_root, image_size), out, students_dir=students_dir,
+                   quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
+                   calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,
+                   finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed, log=click.echo)
+    click.echo(f"{res['rows']} model(s): {res['table']} ({res['json']}, plot {res['plot']})")
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(), metavar="RUN_DIR|MODEL")
+@click.option("--format", "fmt", required=True, metavar="FORMAT",
+              help="torchscript, onnx (needs the onnx and onnxscript packages) or pt2 (torch.export).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE", help="The file to write.")
+def export_cmd(model, fmt, out):
+    """Write a run's model (or a kdpipe checkpoint) for deployment, with its input normalization inside: it
+    takes uint8 images (B, C, H, W), or float32 features (B, D), and returns logits. The file is loaded back
+    and compared with PyTorch (ONNX with onnxruntime, where installed)."""
+    from kdpipe.export import EXPORT_PIP, export_model
+    res = export_model(model, fmt, out)
+    check = (f"matches PyTorch (max relative error {res['max_relative_error']:.1e})" if res["checked"] else
+             f"not checked: onnxruntime is not installed ({EXPORT_PIP})")
+    click.echo(f"{res['format']} {res['arch']} -> {res['path']} ({res['bytes'] / 1e6:.2f} MB), input "
+               f"{res['input']}, {check}")
+
+
 if __name__ == "__main__":
     main()

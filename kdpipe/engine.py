@@ -67,6 +67,12 @@ def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, opti
     model = create_model(arch, num_classes, image_shape, arch_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    opt, sched = make_optimizer(model, optim, total_steps)
+    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, arch_args=arch_args)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int):
+    """SGD (no weight decay on biases and norms) and its per-step schedule over total_steps."""
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -74,7 +80,7 @@ def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, opti
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps))
-    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, arch_args=arch_args)
+    return opt, sched
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -29,11 +29,17 @@ def agreement(student_logits, teacher_logits) -> float:
 
 
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, image_shape, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time of one forward pass of a single image on the CPU, in milliseconds."""
+def cpu_latency_ms(model: nn.Module, image_shape, repeats: int = 30, warmup: int = 5, batch: int = 1,
+                   dtype: torch.dtype = torch.float32) -> float:
+    """Median wall time of one forward pass of a batch of `batch` inputs on the CPU, per input, in
+    milliseconds (batch 1: the latency of one image). `dtype` uint8 feeds pixels 0..255 (an exported
+    model that normalizes its own input)."""
     import copy
     m = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
-    x = torch.randn(1, *image_shape)
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, (batch, *image_shape), dtype=torch.uint8)
+    else:
+        x = torch.randn(batch, *image_shape)
     for _ in range(warmup):
         m(x)
     times = []
@@ -41,4 +47,17 @@ def cpu_latency_ms(model: nn.Module, image_shape, repeats: int = 30, warmup: int
         t0 = time.perf_counter()
         m(x)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1000.0)
+    return float(np.median(times) * 1000.0 / batch)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), its logical cores, torch's threads."""
+    import os
+    import platform
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"

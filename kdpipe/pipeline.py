@@ -7,6 +7,7 @@
                                                                  precious: a rerun skips finished runs and
                                                                  resumes the others from their checkpoint)
     report:   runs/<name>/report/report.md                     (report)
+    compress: runs/<name>/compress/compress.md                 (compress, only with a [compress] section)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "lr", "momentum", 
                  "normalize"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
               "yes", "force"}
+_COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
+                  "finetune_samples", "lr", "repeats", "seed"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr",
                  "momentum", "weight_decay", "schedule", "device", "checkpoint_every", "keep_checkpoints"}
 
@@ -40,8 +43,10 @@ def load_pipeline(path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise KDPipeError(f"{path} is not valid TOML: {e}") from None
     spec.setdefault("name", path.stem)
-    for section, keys in (("teacher", _TEACHER_KEYS), ("dump", _DUMP_KEYS)):
+    for section, keys in (("teacher", _TEACHER_KEYS), ("dump", _DUMP_KEYS), ("compress", _COMPRESS_KEYS)):
         if section not in spec:
+            if section == "compress":  # optional
+                continue
             raise KDPipeError(f"{path}: missing [{section}]")
         unknown = set(spec[section]) - keys
         if unknown:
@@ -154,7 +159,19 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     report = f"{runs_dir}/report/report.md"
     lines += rule(report, all_metrics, f"$(KDPIPE) report {' '.join(str(Path(m).parent) for m in all_metrics)} "
                   f"--out {runs_dir}/report", "report")
-    lines += [f"PIPELINE_TARGET := {report}", ""]
+    targets = [report]
+    if "compress" in spec:
+        c = spec["compress"]
+        target = f"{runs_dir}/compress/compress.md"
+        kinds = [x for key in ("quantize", "prune") if key in c for k in _listify(c[key]) for x in (f"--{key}", k)]
+        lines += rule(target, [teacher] + all_metrics, f"$(KDPIPE) compress --teacher {teacher} {q(data_opts)} "
+                      + q(kinds + _opts(c, {"backend": "backend", "calibration": "calibration", "sparsity": "sparsity",
+                                            "finetune_epochs": "finetune-epochs", "finetune_loss": "finetune-loss",
+                                            "finetune_samples": "finetune-samples", "lr": "lr", "repeats": "repeats",
+                                            "seed": "seed"}))
+                      + f" --students {runs_dir}/students --out {runs_dir}/compress", "compress")
+        targets.append(target)
+    lines += [f"PIPELINE_TARGET := {' '.join(targets)}", ""]
     if stamp_dir is not None:
         for path, content in stamps.items():
             p = Path(path)

@@ -1,0 +1,566 @@
+"""Distillation beside quantization and pruning: every way of making the teacher small, measured alike.
+
+From one teacher (a kdpipe checkpoint) `compress` builds
+- int8 post-training quantization with torch.ao: dynamic (nn.Linear weights int8, activations quantized
+  on the fly) and static (FX graph mode, observers calibrated on a few hundred training images, real
+  int8 conv/linear kernels) on a chosen backend (x86, fbgemm, onednn or qnnpack);
+- magnitude pruning at given sparsities, unstructured (the smallest |w| of all conv/linear weights,
+  global) and structured (the output channels of smallest L2 norm in each layer whose channels feed
+  one conv or linear only: the layers are rebuilt smaller, so CPU latency changes), each fine-tuned
+  briefly, by default with KD from the teacher;
+- the distilled students of a runs directory, each also int8-quantized.
+Each model is one row: test top-1, agreement with the teacher, (non-zero) parameters, size on disk (a
+TorchScript file with the input normalization, as `kdpipe export` writes), and CPU latency per image
+at batch 1 and 64. Written to DIR/compress.md, DIR/compress.json and DIR/compress.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdpipe import KDPipeError
+from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
+from kdpipe.checkpoint import LoadedModel
+from kdpipe.data import ImageData
+from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
+from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
+from kdpipe.export import load_model
+from kdpipe.losses import create_loss
+from kdpipe.util import ensure_out_dir, images_tensor
+from kdpipe.views import ViewPolicy, create_policy, policy_from_identity
+
+BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
+QUANT_KINDS = ("dynamic", "static")
+PRUNE_KINDS = ("unstructured", "channels")
+FINETUNE_LOSSES = ("kd", "ce")
+LATENCY_BATCHES = (1, 64)
+
+
+class NoKernel(Exception):
+    """The quantized backend cannot run this model here (the table says so instead of failing)."""
+
+
+@dataclass
+class Row:
+    name: str
+    method: str  # fp32, int8 dynamic, int8 static, prune unstructured, prune channels
+    source: str  # teacher, or the student run's name
+    module: nn.Module | None
+    loaded: LoadedModel
+    parameters: int = 0
+    nonzero: int = 0
+    finetune: str = ""  # e.g. "1 epoch, KD from the teacher"
+    note: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- quantization (torch.ao)
+
+def supported_engines() -> list[str]:
+    return list(torch.backends.quantized.supported_engines)
+
+
+def _backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise KDPipeError(f"unknown quantization backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    built = supported_engines()
+    if backend not in built:
+        raise NoKernel(f"backend {backend} is not built into this torch (it has "
+                       f"{', '.join(e for e in built if e != 'none')})")
+    torch.backends.quantized.engine = backend
+
+
+def quantize_dynamic(model: nn.Module, backend: str = "x86") -> nn.Module:
+    """int8 weights for every nn.Linear, activations quantized per batch at run time."""
+    _backend(backend)
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise KDPipeError("dynamic int8 quantization applies to nn.Linear layers, and the model has none: "
+                          "use static quantization")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def quantize_static(model: nn.Module, calibration: torch.Tensor, backend: str = "x86") -> nn.Module:
+    """FX graph mode post-training quantization: observers calibrated on `calibration` (normalized inputs),
+    then converted to int8 kernels of `backend`. Raises KDPipeError for a model FX cannot trace."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    _backend(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(backend),
+                                  (calibration[:1],))
+        except Exception as e:  # torch.fx raises many types for code it cannot trace
+            raise KDPipeError(f"cannot quantize {type(model).__name__} statically: torch.fx cannot trace it "
+                              f"({str(e).strip().splitlines()[0][:150]}); use --quantize dynamic") from None
+        with torch.no_grad():
+            for i in range(0, len(calibration), 64):
+                prepared(calibration[i:i + 64])
+        q = convert_fx(prepared)
+    try:
+        with torch.no_grad():
+            q(calibration[:2])
+    except (RuntimeError, NotImplementedError) as e:  # e.g. "Could not run 'quantized::conv2d' ..."
+        raise NoKernel(f"{backend} has no kernel for it: {str(e).strip().splitlines()[0][:120]}") from None
+    return q
+
+
+# ---------------------------------------------------------------- pruning
+
+def _prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def prune_unstructured(model: nn.Module, sparsity: float) -> nn.Module:
+    """A copy with the fraction `sparsity` of all conv and linear weights (smallest |w| over the whole
+    model) masked to zero; the masks stay during fine-tuning. `finalize` makes them permanent."""
+    import torch.nn.utils.prune as prune
+    m = copy.deepcopy(model)
+    params = _prunable_weights(m)
+    if not params:
+        raise KDPipeError(f"{type(model).__name__} has no conv or linear weights to prune")
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(sparsity))
+    return m
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Fold pruning masks into the weights (a plain module again)."""
+    import torch.nn.utils.prune as prune
+    for mod in model.modules():
+        for name in [k for k, v in getattr(mod, "_forward_pre_hooks", {}).items()
+                     if isinstance(v, prune.BasePruningMethod)]:
+            prune.remove(mod, mod._forward_pre_hooks[name]._tensor_name)
+    return model
+
+
+# Modules and functions that keep channel c in channel c (and so may sit between a layer whose output
+# channels are removed and the one layer that reads them).
+_CHANNELWISE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU,
+                        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
+                        nn.Identity)
+_CHANNELWISE_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.max_pool2d, F.avg_pool2d,
+                          F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout)
+_CHANNELWISE_METHODS = ("relu", "relu_")
+
+
+def _channel_chains(gm, example: torch.Tensor) -> list[tuple[str, list[str], str, int]]:
+    """(producer, [batch norms], consumer, features per channel) for each conv/linear whose output reaches
+    exactly one conv (groups 1) or linear through channel-wise ops only (and at most one flatten)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(example)
+    mods = dict(gm.named_modules())
+    chains = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods[node.target], (nn.Conv2d, nn.Linear)):
+            continue
+        prod = mods[node.target]
+        if isinstance(prod, nn.Conv2d) and prod.groups != 1:
+            continue
+        cur, norms, per_channel = node, [], 1
+        while True:
+            users = list(cur.users)
+            if len(users) != 1 or users[0].args[:1] != (cur,):
+                break
+            u = users[0]
+            tensors = [a for a in list(u.args[1:]) + list(u.kwargs.values()) if isinstance(a, torch.fx.Node)]
+            if tensors:
+                break
+            if u.op == "call_module" and isinstance(mods[u.target], (nn.Conv2d, nn.Linear)):
+                c = mods[u.target]
+                if (isinstance(c, nn.Conv2d) and (c.groups != 1 or per_channel != 1)) or (
+                        isinstance(c, nn.Linear) and c.in_features != prod_out(prod) * per_channel):
+                    break
+                chains.append((node.target, norms, u.target, per_channel))
+                break
+            if u.op == "call_module" and isinstance(mods[u.target], nn.Flatten) or (
+                    u.op == "call_function" and u.target is torch.flatten) or (
+                    u.op == "call_method" and u.target == "flatten"):
+                shape = cur.meta.get("tensor_meta").shape
+                if per_channel != 1 or len(shape) != 4:
+                    break
+                per_channel = int(shape[2] * shape[3])
+            elif u.op == "call_module" and isinstance(mods[u.target], _CHANNELWISE_MODULES):
+                if isinstance(mods[u.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    norms.append(u.target)
+            elif not ((u.op == "call_function" and u.target in _CHANNELWISE_FUNCTIONS) or
+                      (u.op == "call_method" and u.target in _CHANNELWISE_METHODS)):
+                break
+            cur = u
+    return chains
+
+
+def prod_out(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _take(p: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> nn.Parameter:
+    return nn.Parameter(p.detach().index_select(dim, idx).clone(), requires_grad=p.requires_grad)
+
+
+def prune_channels(model: nn.Module, sparsity: float, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """A copy (a torch.fx GraphModule) in which each layer whose output channels feed one conv or linear
+    only keeps the round((1 - sparsity) * n) channels of largest L2 weight norm (at least one): the
+    layer, its batch norms and the reader are rebuilt smaller. Returns the model and how many layers
+    shrank. Layers feeding a residual sum or the output keep their channels."""
+    try:
+        gm = torch.fx.symbolic_trace(copy.deepcopy(model).eval())
+    except Exception as e:  # torch.fx raises many types for code it cannot trace
+        raise KDPipeError(f"cannot prune the channels of {type(model).__name__}: torch.fx cannot trace it "
+                          f"({str(e).strip().splitlines()[0][:150]})") from None
+    chains = _channel_chains(gm, example[:2])
+    keep = {}  # chosen on the weights before any layer shrinks, so the order of the chains does not matter
+    for prod_name, *_ in chains:
+        w = gm.get_submodule(prod_name).weight.detach()
+        keep_n = max(1, int(round(len(w) * (1.0 - sparsity))))
+        keep[prod_name] = torch.sort(torch.topk(w.flatten(1).norm(dim=1), keep_n).indices).values
+    for prod_name, norms, cons_name, per_channel in chains:
+        prod, cons = gm.get_submodule(prod_name), gm.get_submodule(cons_name)
+        idx = keep[prod_name]
+        keep_n = len(idx)
+        prod.weight = _take(prod.weight, idx)
+        if prod.bias is not None:
+            prod.bias = _take(prod.bias, idx)
+        if isinstance(prod, nn.Conv2d):
+            prod.out_channels = keep_n
+        else:
+            prod.out_features = keep_n
+        for bn_name in norms:
+            bn = gm.get_submodule(bn_name)
+            bn.num_features = keep_n
+            if bn.affine:
+                bn.weight, bn.bias = _take(bn.weight, idx), _take(bn.bias, idx)
+            if bn.track_running_stats:
+                bn.running_mean = bn.running_mean.index_select(0, idx).clone()
+                bn.running_var = bn.running_var.index_select(0, idx).clone()
+        cols = (idx[:, None] * per_channel + torch.arange(per_channel)[None, :]).flatten()
+        cons.weight = _take(cons.weight, cols, dim=1)
+        if isinstance(cons, nn.Conv2d):
+            cons.in_channels = keep_n
+        else:
+            cons.in_features = keep_n * per_channel
+    gm.recompile()
+    return gm, len(chains)
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Non-zero entries of the parameters (after pruning masks, where there are any)."""
+    total = 0
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            base = name.removesuffix("_orig")
+            w = getattr(mod, base) if name.endswith("_orig") else p
+            total += int((w != 0).sum())
+    return total
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def finetune(model: nn.Module, train: ImageData, policy: ViewPolicy, mean, std, *, epochs: int,
+             teacher: nn.Module | None, batch_size: int = 128, lr: float = 0.01, seed: int = 0,
+             log=print) -> nn.Module:
+    """A few epochs of SGD on fresh views (cosine schedule from `lr`): KD from `teacher` (T 4, alpha
+    0.9) when given, plain cross-entropy otherwise. Trains `model` in place and returns it."""
+    if epochs <= 0:
+        return model
+    loss = create_loss("kd", temperature=4.0, alpha=0.9) if teacher is not None else create_loss("kd", alpha=0.0)
+    n = len(train)
+    steps = epochs * (n // batch_size if n >= batch_size else 1)
+    optim = OptimConfig(lr=lr)
+    opt, sched = make_optimizer(model, optim, steps)
+    run = Run("finetune", "pruned", loss, seed, model, opt, sched, optim=optim, total_steps=steps)
+    images = images_tensor(train.images, "cpu")
+    labels = torch.from_numpy(train.labels)
+
+    def fresh_views(epoch):
+        return torch.from_numpy(policy.sample_view(seed + 2_000_003, epoch, train.images.shape)), None
+
+    train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
+               online_teacher=teacher, label="fine-tune", log=log, fuse=False)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- measuring
+
+def _policy_of(teacher: LoadedModel) -> ViewPolicy:
+    """The teacher's view policy (its clean view is what the models see at test time)."""
+    ident = teacher.info.get("view_policy")
+    return policy_from_identity(ident) if ident else create_policy("crop-flip", padding=0)
+
+
+def _inputs(policy: ViewPolicy, data: ImageData, rows, mean, std) -> torch.Tensor:
+    imgs = torch.from_numpy(np.ascontiguousarray(data.images[rows]))
+    params = torch.from_numpy(eval_params(policy, data.image_shape, len(rows)))
+    return policy.replay(imgs, params, mean, std)
+
+
+def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.Tensor | None, models_dir: Path,
+            repeats: int, log=print) -> dict:
+    """Test top-1, agreement, size of the exported TorchScript file, CPU latency at batch 1 and 64."""
+    from kdpipe.export import export_model
+
+    lo = row.loaded
+    images = images_tensor(test.images, "cpu")
+    params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
+    logits = predict(row.module, images, policy, params, lo.mean, lo.std, batch_size=256)
+    m = {"test_top1": top1(logits, test.labels),
+         "teacher_agreement": agreement(logits, teacher_pred) if teacher_pred is not None else 1.0}
+    path = models_dir / f"{row.name}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            res = export_model(lo, "torchscript", path, module=row.module)
+            m["size_bytes"] = res["bytes"]
+            m["file"] = path.name
+        except KDPipeError as e:
+            m["size_bytes"] = None
+            row.note = (row.note + "; " if row.note else "") + f"not exported: {e}"
+    for b in LATENCY_BATCHES:
+        m[f"latency_ms_b{b}"] = cpu_latency_ms(row.module, lo.image_shape, repeats=repeats, warmup=3, batch=b)
+    m["_logits"] = logits
+    log(f"  {row.name}: top-1 {m['test_top1']:.4f}, agreement {m['teacher_agreement']:.4f}, "
+        f"{(m['size_bytes'] or 0) / 1e6:.2f} MB, " +
+        ", ".join(f"batch {b} {m[f'latency_ms_b{b}']:.3f} ms/image" for b in LATENCY_BATCHES))
+    return m
+
+
+# ---------------------------------------------------------------- the whole comparison
+
+def _fmt_sparsity(s: float) -> str:
+    return f"{s * 100:g}"
+
+
+def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_dir=None,
+             quantize=QUANT_KINDS, prune=PRUNE_KINDS, sparsities=(0.5, 0.8), backend: str = "x86",
+             calibration: int = 256, finetune_epochs: int = 1, finetune_loss: str = "kd",
+             finetune_samples: int | None = None, batch_size: int = 128, lr: float = 0.01, repeats: int = 20,
+             seed: int = 0, log=print) -> dict:
+    """Build, measure and tabulate every compressed model; write compress.md/.json/.png under `out`."""
+    for q in quantize:
+        if q not in QUANT_KINDS:
+            raise KDPipeError(f"unknown quantization {q!r}: use {', '.join(QUANT_KINDS)}")
+    for p in prune:
+        if p not in PRUNE_KINDS:
+            raise KDPipeError(f"unknown pruning {p!r}: use {', '.join(PRUNE_KINDS)}")
+    if backend not in BACKENDS:
+        raise KDPipeError(f"unknown quantization backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if finetune_loss not in FINETUNE_LOSSES:
+        raise KDPipeError(f"unknown fine-tuning loss {finetune_loss!r}: use kd or ce")
+    for s in sparsities:
+        if not 0 < s < 1:
+            raise KDPipeError(f"sparsities must lie strictly between 0 and 1, got {s:g}")
+    teacher = load_model(teacher_path)
+    students = _students(students_dir) if students_dir else []
+    if teacher.num_classes != test.num_classes or tuple(teacher.info.get("dataset", {}).get("image_shape", [])) not in (
+            (), tuple(test.image_shape)):
+        raise KDPipeError(f"the teacher was trained on {teacher.info.get('dataset', {}).get('spec')} "
+                          f"({teacher.num_classes} classes), not on {test.spec}")
+    if teacher.info.get("dataset", {}).get("fingerprint") not in (None, train.fingerprint):
+        log(f"note: {test.spec} is not the data the teacher was trained on (its fingerprint differs)")
+    out = ensure_out_dir(out, "compress output")
+    models_dir = ensure_out_dir(out / "models", "models folder")
+    policy = _policy_of(teacher)
+    mean, std = teacher.mean, teacher.std
+    rng = np.random.default_rng(seed)
+    calib_rows = np.sort(rng.choice(len(train), size=min(calibration, len(train)), replace=False))
+    calib = _inputs(policy, train, calib_rows, mean, std)
+    ft_train = train if not finetune_samples or finetune_samples >= len(train) else train.subset(finetune_samples)
+    ft_teacher = teacher.module if finetune_loss == "kd" else None
+    ft_desc = (f"{finetune_epochs} epoch(s) on {len(ft_train):,} images, "
+               + ("KD from the teacher (T 4, alpha 0.9)" if ft_teacher is not None else "cross-entropy"))
+    threads = torch.get_num_threads()
+    log(f"compress: teacher {teacher.arch} ({teacher.file}), {len(students)} student(s), backend {backend}, "
+        f"{threads} thread(s)")
+
+    results: list[Row] = []
+
+    def add(row: Row):
+        row.parameters = row.parameters or count_params(row.module)
+        row.nonzero = row.nonzero or count_nonzero(row.module)
+        results.append(row)
+
+    base = Row("teacher", "fp32", "teacher", teacher.module.eval(), teacher)
+    add(base)
+    for q in quantize:
+        _quantized_row(add, results, base, q, calib, backend, log)
+    example = calib[:2]
+    for kind in prune:
+        for s in sparsities:
+            name = f"teacher-prune-{kind}-{_fmt_sparsity(s)}"
+            log(f"pruning ({kind}, {s:.0%}) and fine-tuning: {name}")
+            t0 = time.perf_counter()
+            if kind == "unstructured":
+                m = prune_unstructured(teacher.module, s)
+                note = f"{s:.0%} of conv/linear weights zeroed (global magnitude)"
+            else:
+                m, layers = prune_channels(teacher.module, s, example)
+                if layers == 0:
+                    results.append(Row(name, f"prune {kind} {s:.0%}", "teacher", None, teacher,
+                                       note="no layer's channels feed a single conv/linear: nothing removed"))
+                    continue
+                note = f"{s:.0%} of the channels of {layers} layer(s) removed (L2 magnitude)"
+            m = finetune(m, ft_train, policy, mean, std, epochs=finetune_epochs, teacher=ft_teacher,
+                         batch_size=batch_size, lr=lr, seed=seed, log=log)
+            if finetune_epochs:
+                note += f"; pruned and fine-tuned in {time.perf_counter() - t0:.0f}s"
+            add(Row(name, f"prune {kind} {s:.0%}", "teacher", finalize(m).eval(), teacher,
+                    finetune=ft_desc if finetune_epochs else "none", note=note))
+    for run_name, loaded in students:
+        srow = Row(run_name, "distilled" if loaded.info.get("_uses_teacher", True) else "scratch (no teacher)",
+                   run_name, loaded.module.eval(), loaded)
+        add(srow)
+        q = "static" if any(isinstance(x, nn.Conv2d) for x in loaded.module.modules()) else "dynamic"
+        _quantized_row(add, results, srow, q, _inputs(policy, train, calib_rows, loaded.mean, loaded.std),
+                       backend, log)
+
+    log(f"measuring {len(results)} model(s) on {test.spec} test ({len(test):,} images)")
+    teacher_pred = None
+    for row in results:
+        if row.module is None:
+            continue
+        row.metrics = measure(row, test, policy, teacher_pred, models_dir, repeats, log)
+        if row is base:
+            teacher_pred = row.metrics["_logits"]
+    for row in results:
+        row.metrics.pop("_logits", None)
+    machine = cpu_name()
+    doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),
+           "backend": backend, "calibration_images": len(calib_rows), "finetune": ft_desc if finetune_epochs else "none",
+           "finetune_epochs": finetune_epochs, "machine": machine, "threads": threads, "repeats": repeats,
+           "latency_batches": list(LATENCY_BATCHES), "torch": torch.__version__,
+           "rows": [_row_json(r) for r in results]}
+    atomic_write_json(out / "compress.json", doc)
+    plot = _plot(doc, out / "compress.png")
+    atomic_write_bytes(out / "compress.md", _markdown(doc, plot).encode())
+    return {"table": str(out / "compress.md"), "json": str(out / "compress.json"), "plot": str(plot),
+            "rows": len(results)}
+
+
+def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> None:
+    name = f"{src.name}-int8-{kind}"
+    method = f"int8 {kind} ({backend})"
+    try:
+        t0 = time.perf_counter()
+        q = quantize_dynamic(src.module, backend) if kind == "dynamic" else quantize_static(src.module, calib, backend)
+        note = ("nn.Linear weights int8, activations quantized per batch" if kind == "dynamic" else
+                f"FX graph mode, calibrated on {len(calib)} training images")
+        add(Row(name, method, src.source, q, src.loaded, parameters=count_params(src.module),
+                nonzero=count_nonzero(src.module), note=f"{note}; {time.perf_counter() - t0:.1f}s"))
+    except NoKernel as e:
+        log(f"  {name}: {e}")
+        results.append(Row(name, method, src.source, None, src.loaded, note=str(e)))
+    except KDPipeError as e:
+        if src.name == "teacher" and kind != "dynamic":
+            raise  # asked for by name: the teacher cannot be quantized this way
+        log(f"  {name}: {e}")
+        results.append(Row(name, method, src.source, None, src.loaded, note=str(e)))
+
+
+def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
+    """Every run under RUNS_DIR (or RUNS_DIR itself) with a student.pt and metrics.json, by name."""
+    import json
+    p = Path(runs_dir)
+    dirs = [p] if (p / "metrics.json").is_file() else sorted(d.parent for d in p.glob("*/metrics.json"))
+    if not dirs:
+        raise KDPipeError(f"{p} holds no student runs (no */metrics.json): give the RUNS_DIR train-student wrote")
+    out = []
+    for d in dirs:
+        loaded = load_model(d)
+        metrics = json.loads((d / "metrics.json").read_text())
+        loaded.info["_uses_teacher"] = metrics.get("uses_teacher", metrics.get("alpha", 1) != 0)
+        out.append((d.name, loaded))
+    return out
+
+
+def _row_json(r: Row) -> dict:
+    from kdpipe.export import input_spec
+    dtype, shape = input_spec(r.loaded)
+    return {"name": r.name, "method": r.method, "source": r.source, "arch": r.loaded.arch,
+            "input_dtype": str(dtype).removeprefix("torch."), "input_shape": list(shape),
+            "parameters": r.parameters or None, "nonzero_parameters": r.nonzero or None,
+            "finetune": r.finetune or None, "note": r.note or None, "available": r.module is not None,
+            **r.metrics}
+
+
+def _f(x, spec):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _markdown(doc: dict, plot: Path) -> str:
+    lines = ["# kdpipe compress", "",
+             f"Teacher {doc['teacher_arch']} ({doc['teacher']}), {doc['data']} test split ({doc['test_images']:,} "
+             f"images). CPU latency: median of {doc['repeats']} forward passes per batch size, milliseconds per "
+             f"image, on {doc['machine']}; torch {doc['torch']}, quantized backend {doc['backend']}. Size: the "
+             "TorchScript file with its input normalization (what `kdpipe export` writes); pruned weights are "
+             "stored dense, so unstructured pruning does not shrink it. Fine-tuning of pruned models: "
+             f"{doc['finetune']}.", "",
+             "| model | method | test top-1 | agreement with teacher | parameters (non-zero) | MB on disk | "
+             "ms/image at batch 1 | ms/image at batch 64 | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        params = "–" if not r["parameters"] else (
+            f"{r['parameters']:,}" + ("" if r["nonzero_parameters"] == r["parameters"] else
+                                      f" ({r['nonzero_parameters']:,})"))
+        note = "; ".join(x for x in (("fine-tuned: " + r["finetune"]) if r["finetune"] else "", r["note"] or "") if x)
+        lines.append(f"| {r['name']} | {r['method']} | {_f(r.get('test_top1'), '.4f')} | "
+                     f"{_f(r.get('teacher_agreement'), '.4f')} | {params} | "
+                     f"{_f(None if r.get('size_bytes') is None else r['size_bytes'] / 1e6, '.3f')} | "
+                     f"{_f(r.get('latency_ms_b1'), '.3f')} | {_f(r.get('latency_ms_b64'), '.3f')} | "
+                     f"{(note or '').replace('|', '/')} |")
+    lines += ["", f"![accuracy against CPU latency and size]({plot.name})", ""]
+    return "\n".join(lines)
+
+
+def _plot(doc: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [r for r in doc["rows"] if r.get("test_top1") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = {"fp32": "*", "int8": "o", "prune": "s", "distilled": "D", "scratch": "^"}
+    for ax, key, label in ((axes[0], "latency_ms_b1", "CPU latency at batch 1 (ms/image)"),
+                           (axes[1], "size_bytes", "size on disk (MB)")):
+        for r in rows:
+            x = r.get(key)
+            if x is None:
+                continue
+            x = x / 1e6 if key == "size_bytes" else x
+            kind = r["method"].split()[0]
+            ax.scatter([x], [r["test_top1"]], marker=markers.get(kind, "o"), s=80 if kind == "fp32" else 36,
+                       c="k" if r["source"] == "teacher" else "tab:blue")
+            ax.annotate(r["name"], (x, r["test_top1"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(  # 2 and 5 times a power of ten
+            lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test top-1")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy against CPU latency")
+    axes[1].set_title("accuracy against size")
+    fig.suptitle(f"{doc['teacher_arch']} on {doc['data']}: black from the teacher, blue students "
+                 f"(* fp32, o int8, s pruned, D distilled, ^ scratch)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,186 @@
+"""Export a trained model for deployment: TorchScript, ONNX or a torch.export program (.pt2).
+
+The exported model includes its input normalization (the mean and std its checkpoint records), so it
+takes what the user has: uint8 images (B, C, H, W) at the checkpoint's input size, or float32 feature
+vectors (B, D), and returns raw logits (B, classes). The batch size is free. After writing, the file is
+loaded back and its outputs compared with PyTorch's (ONNX through onnxruntime where installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdpipe import KDPipeError
+from kdpipe.checkpoint import LoadedModel, load_teacher
+from kdpipe.util import ensure_parent
+from kdpipe.views import normalize
+
+EXPORT_PIP = "pip install 'kdpipe[export]'"  # onnx, onnxscript (torch's ONNX exporter), onnxruntime
+RUN_FILES = ("student.pt", "teacher.pt", "model.pt")  # what a run directory holds, in this order
+# Largest |exported - PyTorch| allowed, relative to the largest |logit| (float32 kernels differ slightly).
+CHECK_RTOL = 1e-4
+
+
+class WithNormalization(nn.Module):
+    """`model` behind its input normalization: uint8 images (B, C, H, W) in 0..255, or float feature
+    vectors (B, D), in; raw logits out. The normalization is views.normalize, the one stage two uses."""
+
+    def __init__(self, model: nn.Module, mean, std, images: bool):
+        super().__init__()
+        self.model = model
+        self.images = images
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(x.float(), self.mean, self.std))
+
+
+def input_spec(loaded: LoadedModel) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, per-sample shape) of what the exported model takes."""
+    shape = tuple(int(s) for s in loaded.image_shape)
+    return (torch.uint8 if len(shape) == 3 else torch.float32), shape
+
+
+def example_inputs(loaded: LoadedModel, n: int = 8, seed: int = 0) -> torch.Tensor:
+    """n random inputs of the right dtype and shape (uint8 pixels, or standard-normal features)."""
+    dtype, shape = input_spec(loaded)
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    mean, std = torch.tensor(loaded.mean), torch.tensor(loaded.std)
+    return torch.randn((n, *shape), generator=g) * std + mean
+
+
+def wrap(loaded: LoadedModel, module: nn.Module | None = None) -> WithNormalization:
+    """The loaded model (or `module`, e.g. a compressed copy of it) with its normalization, in eval mode."""
+    return WithNormalization(module if module is not None else loaded.module, loaded.mean, loaded.std,
+                             images=len(loaded.image_shape) == 3).eval()
+
+
+def resolve_model(path) -> Path:
+    """A checkpoint file, or a run directory holding one (student.pt, teacher.pt or model.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in RUN_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise KDPipeError(f"{p} holds no model: expected one of {', '.join(RUN_FILES)} (a kdpipe run directory)")
+    if not p.is_file():
+        raise KDPipeError(f"no such run directory or model file {p}")
+    return p
+
+
+def load_model(path) -> LoadedModel:
+    """A kdpipe checkpoint (from a file or run directory): it records the architecture and normalization."""
+    f = resolve_model(path)
+    loaded = load_teacher(f)
+    if loaded.kind != "kdpipe":
+        raise KDPipeError(f"{f} is a TorchScript file: export and compress need a kdpipe checkpoint (it records "
+                          "the architecture and the input normalization)")
+    return loaded
+
+
+def require(*modules: str, what: str) -> None:
+    """Refuse, in one line with the pip line, when an optional package is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KDPipeError(f"{what} needs the package(s) {', '.join(missing)}: {EXPORT_PIP}")
+
+
+def _quiet():
+    """Silence exporters' progress prints and deprecation notices (the CLI prints one line of its own)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor, out: Path) -> None:
+    with _quiet():
+        ts = torch.jit.trace(model, x, check_trace=False)
+        torch.jit.save(ts, str(out))
+
+
+def _batch_dim(x: torch.Tensor) -> dict:
+    return {"x": {0: torch.export.Dim("batch", min=1, max=1 << 20)}}
+
+
+def _pt2(model: nn.Module, x: torch.Tensor, out: Path) -> None:
+    with _quiet():
+        ep = torch.export.export(model, (x,), dynamic_shapes=_batch_dim(x))
+        torch.export.save(ep, str(out))
+
+
+def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> None:
+    # torch's dynamo-based exporter (the default in torch 2.9+) needs onnx and onnxscript; the older
+    # TorchScript-based one cannot export adaptive pooling to sizes that do not divide the input.
+    require("onnx", "onnxscript", what="ONNX export")
+    with _quiet():
+        torch.onnx.export(model, (x,), str(out), input_names=["x"], output_names=["logits"], dynamo=True,
+                          dynamic_shapes=_batch_dim(x), verbose=False, external_data=False)  # one file
+    import onnx
+    onnx.checker.check_model(str(out))
+
+
+FORMATS = {"torchscript": _torchscript, "onnx": _onnx, "pt2": _pt2}
+
+
+def run_exported(path, fmt: str, x: torch.Tensor) -> np.ndarray | None:
+    """Outputs of an exported file on x; None for ONNX when onnxruntime is not installed."""
+    path = str(path)
+    with _quiet():
+        if fmt == "torchscript":
+            with torch.no_grad():
+                return torch.jit.load(path, map_location="cpu")(x).numpy()
+        if fmt == "pt2":
+            with torch.no_grad():
+                return torch.export.load(path).module()(x).numpy()
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime as ort
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
+
+
+def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: torch.Tensor | None = None) -> dict:
+    """Write the model of checkpoint or run directory `src` (or `module`, a compressed copy of it) with its
+    normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs)."""
+    if fmt not in FORMATS:
+        raise KDPipeError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    out = ensure_parent(out, "export output")
+    model = wrap(loaded, module)
+    x = example_inputs(loaded, 2)
+    try:
+        FORMATS[fmt](model, x, out)
+    except KDPipeError:
+        raise
+    except Exception as e:  # exporters raise many types; the first line says which operator failed
+        raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {str(e).strip().splitlines()[0][:200]}") from None
+    xs = example_inputs(loaded, 5, seed=1) if check is None else check
+    with torch.no_grad():
+        want = model(xs).numpy()
+    got = run_exported(out, fmt, xs)
+    err = None if got is None else max_relative_error(got, want)
+    if err is not None and not err <= CHECK_RTOL:
+        out.unlink(missing_ok=True)
+        raise KDPipeError(f"the exported {fmt} model differed from PyTorch by {err:.2g} (relative), more than "
+                          f"{CHECK_RTOL:g}, so {out} was removed; report this with the model's architecture")
+    dtype, shape = input_spec(loaded)
+    return {"path": str(out), "format": fmt, "arch": loaded.arch, "bytes": out.stat().st_size,
+            "input": f"{str(dtype).removeprefix('torch.')} (B, {', '.join(map(str, shape))})",
+            "checked": err is not None, "max_relative_error": err, "num_classes": loaded.num_classes}

@@ -1,0 +1,307 @@
+"""kdpipe compress: int8 quantization (dynamic, static), magnitude pruning (unstructured, channels) with
+fine-tuning, and the table that measures them beside the distilled students."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from kdpipe import KDPipeError
+from kdpipe.cli import main
+from kdpipe.compress import (NoKernel, count_nonzero, finalize, finetune, prune_channels, prune_unstructured,
+                             quantize_dynamic, quantize_static)
+from kdpipe.export import load_model
+from kdpipe.models import create_model
+from kdpipe.views import create_policy, normalize
+
+
+def _real_inputs(fmnist, loaded, split="test", n=128):
+    x = torch.from_numpy(fmnist.x_test[:n] if split == "test" else fmnist.x_train[:n])[:, None]
+    return normalize(x.float(), loaded.mean, loaded.std)
+
+
+def _agree(a, b) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def test_dynamic_quantization_makes_linear_layers_int8_and_keeps_predictions(fmnist, teacher_ckpt):
+    t = load_model(teacher_ckpt)
+    q = quantize_dynamic(t.module)
+    kinds = {type(m).__name__ for m in q.modules()}
+    assert "Linear" in kinds and not any(type(m) is nn.Linear for m in q.modules())
+    assert not any(type(m) is nn.Linear for m in q.modules())
+    x = _real_inputs(fmnist, t)
+    with torch.no_grad():
+        ref, got = t.module(x), q(x)
+    assert _agree(ref, got) >= 0.95
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_static_quantization_runs_int8_convolutions_calibrated_on_training_images(fmnist, teacher_ckpt):
+    t = load_model(teacher_ckpt)
+    q = quantize_static(t.module, _real_inputs(fmnist, t, "train", 128))
+    quantized = [m for m in q.modules() if type(m).__module__.startswith("torch.ao.nn.") and ".quantized." in type(m).__module__]
+    assert any("Conv" in type(m).__name__ for m in quantized), "no int8 convolution in the converted model"
+    assert any("Linear" in type(m).__name__ for m in quantized)
+    x = _real_inputs(fmnist, t)
+    with torch.no_grad():
+        ref, got = t.module(x), q(x)
+    assert _agree(ref, got) >= 0.95
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # control flow on values: torch.fx cannot trace it
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_model_the_chosen_path_cannot_quantize_is_refused_in_one_line():
+    with pytest.raises(KDPipeError, match="torch.fx cannot trace it.*--quantize dynamic"):
+        quantize_static(_DataDependent(), torch.randn(4, 1, 8, 8))
+    with pytest.raises(KDPipeError, match="no conv or linear|has none"):
+        quantize_dynamic(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_a_backend_missing_from_this_torch_is_no_kernel(monkeypatch, teacher_ckpt):
+    monkeypatch.setattr("kdpipe.compress.supported_engines", lambda: ["none", "x86"])
+    with pytest.raises(NoKernel, match="qnnpack is not built"):
+        quantize_dynamic(load_model(teacher_ckpt).module, backend="qnnpack")
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_unstructured_pruning_zeroes_the_smallest_weights_of_the_whole_model(sparsity):
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 10, (1, 28, 28))
+    pruned = finalize(prune_unstructured(model, sparsity))
+    ws = [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ps = [m.weight.detach() for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    allw = torch.cat([w.flatten().abs() for w in ws])
+    k = int(round(sparsity * allw.numel()))
+    threshold = allw.sort().values[k - 1]
+    for w, p in zip(ws, ps):
+        assert torch.equal(p == 0, w.abs() <= threshold)  # ties aside (random floats have none)
+        assert torch.equal(p[p != 0], w[p != 0])
+    assert sum(int((p == 0).sum()) for p in ps) == k
+    assert count_nonzero(pruned) == count_nonzero(model) - k
+    assert not any(n.endswith("_orig") for n, _ in pruned.named_parameters())
+
+
+def _zero_removed_inputs(model, chains_kept):
+    """Hooks on the original model's readers that zero the inputs the pruned model no longer has."""
+    handles = []
+    for name, (kept, per_channel) in chains_kept.items():
+        mod = model.get_submodule(name)
+
+        def hook(m, args, kept=kept, per_channel=per_channel):
+            x = args[0].clone()
+            mask = torch.zeros(x.shape[1], dtype=torch.bool)
+            cols = (torch.as_tensor(kept)[:, None] * per_channel + torch.arange(per_channel)[None]).flatten()
+            mask[cols] = True
+            x[:, ~mask] = 0
+            return (x,)
+        handles.append(mod.register_forward_pre_hook(hook))
+    return handles
+
+
+def _kept(w: torch.Tensor, sparsity: float) -> list[int]:
+    """Reference: the output channels of largest L2 norm, numpy."""
+    norms = np.linalg.norm(w.detach().numpy().reshape(len(w), -1), axis=1)
+    k = max(1, int(round(len(w) * (1 - sparsity))))
+    return sorted(np.argsort(-norms, kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("arch,shape,chains", [
+    # (reader, producer, features per channel) for every chain the pruner must find
+    ("cnn_small", (1, 28, 28), [("features.4", "features.0", 1), ("head.1", "features.4", 4), ("head.4", "head.1", 1)]),
+    ("mlp_100", (1, 28, 28), [("net.3", "net.1", 1)]),
+    ("resnet20", (3, 32, 32), [(f"layers.{i}.conv2", f"layers.{i}.conv1", 1) for i in range(9)]),
+])
+def test_channel_pruning_removes_channels_and_equals_zeroing_them(arch, shape, chains):
+    torch.manual_seed(0)
+    model = create_model(arch, 10, shape).eval()
+    for m in model.modules():  # non-trivial batch-norm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(6, *shape)
+    pruned, layers = prune_channels(model, 0.5, x)
+    assert layers == len(chains)
+    kept = {reader: (_kept(model.get_submodule(prod).weight, 0.5), per) for reader, prod, per in chains}
+    for reader, prod, per in chains:
+        p = pruned.get_submodule(prod)
+        n = model.get_submodule(prod).weight.shape[0]
+        assert p.weight.shape[0] == round(n * 0.5)
+        assert pruned.get_submodule(reader).weight.shape[1] == round(n * 0.5) * per
+    handles = _zero_removed_inputs(model, kept)
+    with torch.no_grad():
+        want = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        got = pruned(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_channel_pruning_keeps_the_channels_of_residual_sums():
+    model = create_model("resnet20", 10, (3, 32, 32)).eval()
+    pruned, _ = prune_channels(model, 0.8, torch.randn(2, 3, 32, 32))
+    assert pruned.get_submodule("conv1").out_channels == 16
+    assert pruned.get_submodule("layers.0.conv2").out_channels == 16
+    assert pruned.get_submodule("layers.0.conv1").out_channels == 3  # round(16 * 0.2)
+
+
+def test_fine_tuning_keeps_the_pruned_weights_zero_and_learns(fmnist, teacher_ckpt):
+    from kdpipe.data import load_dataset
+
+    t = load_model(teacher_ckpt)
+    train = load_dataset(fmnist.spec, "train").subset(128)
+    model = prune_unstructured(t.module, 0.8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask_zeros = sum(int((b.weight_mask == 0).sum()) for b in model.modules() if hasattr(b, "weight_mask"))
+    finetune(model, train, create_policy("crop-flip", padding=2), t.mean, t.std, epochs=1, teacher=t.module,
+             batch_size=32, log=lambda *a: None)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    model = finalize(model)
+    zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert zeros >= mask_zeros
+
+
+def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckpt, student_runs, tmp_path):
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(student_runs.out), "--sparsity", "0.5", "--finetune-epochs", "1",
+                                  "--finetune-samples", "64", "--calibration", "64", "--repeats", "2",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "compress.json").read_text())
+    rows = {row["name"]: row for row in doc["rows"]}
+    students = sorted(p.name for p in student_runs.out.iterdir() if (p / "metrics.json").is_file())
+    assert set(rows) == {"teacher", "teacher-int8-dynamic", "teacher-int8-static", "teacher-prune-unstructured-50",
+                         "teacher-prune-channels-50"} | set(students) | {f"{s}-int8-dynamic" for s in students}
+    teacher = rows["teacher"]
+    assert teacher["teacher_agreement"] == 1.0
+    assert teacher["test_top1"] == pytest.approx(load_model(teacher_ckpt).info["test_top1"], abs=1e-6)
+    for row in rows.values():
+        assert row["available"], row
+        assert 0 <= row["test_top1"] <= 1 and 0 <= row["teacher_agreement"] <= 1
+        assert row["latency_ms_b1"] > 0 and row["latency_ms_b64"] > 0
+        assert (out / "models" / row["file"]).stat().st_size == row["size_bytes"]
+    un = rows["teacher-prune-unstructured-50"]
+    assert un["parameters"] == teacher["parameters"]
+    assert un["nonzero_parameters"] < 0.6 * teacher["parameters"]
+    ch = rows["teacher-prune-channels-50"]
+    assert ch["parameters"] < 0.75 * teacher["parameters"] and ch["size_bytes"] < teacher["size_bytes"]
+    assert "KD from the teacher" in ch["finetune"]
+    assert rows["teacher-int8-static"]["size_bytes"] < 0.7 * teacher["size_bytes"]
+    for s in students:  # the students' own test accuracy, as train-student measured it
+        m = json.loads((student_runs.out / s / "metrics.json").read_text())
+        assert rows[s]["test_top1"] == pytest.approx(m["test_top1"], abs=1e-6)
+        assert rows[s]["teacher_agreement"] == pytest.approx(m["teacher_agreement"], abs=1e-6)
+    md = (out / "compress.md").read_text()
+    assert md.count("\n| ") == len(rows) + 1 and "ms/image at batch 64" in md and "threads" in md
+    assert (out / "compress.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_backend_without_a_kernel_is_a_note_in_the_table(fmnist, teacher_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr("kdpipe.compress.supported_engines", lambda: ["none", "x86"])
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--prune", "none",
+                                  "--backend", "qnnpack", "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads((out / "compress.json").read_text())["rows"]}
+    for name in ("teacher-int8-dynamic", "teacher-int8-static"):
+        assert not rows[name]["available"] and "qnnpack is not built" in rows[name]["note"]
+    assert "qnnpack is not built" in (out / "compress.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "tpu"], "Invalid value for '--backend'"),
+    (["--sparsity", "1.5"], "strictly between 0 and 1"),
+    (["--students", "{tmp}"], "holds no student runs"),
+])
+def test_bad_compress_inputs_are_one_line_errors(fmnist, teacher_ckpt, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec,
+                                  "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_compress_refuses_a_torchscript_teacher(fmnist, teacher_ckpt, tmp_path):
+    t = load_model(teacher_ckpt)
+    ts = tmp_path / "t.ts"
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; kdpipe still reads it
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(t.module, torch.randn(1, 1, 28, 28)), str(ts))
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(ts), "--data", fmnist.spec, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "need a kdpipe checkpoint" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_a_pipeline_with_a_compress_section_gets_a_compress_step(tmp_path):
+    import shlex
+    from pathlib import Path
+
+    from kdpipe.pipeline import load_pipeline, make_rules
+
+    spec = (Path(__file__).resolve().parent.parent / "pipelines" / "default.toml").read_text()
+    spec += '\n[compress]\nquantize = ["static"]\nprune = ["channels", "unstructured"]\nsparsity = [0.5, 0.8]\n' \
+            'finetune_epochs = 2\nfinetune_loss = "ce"\n'
+    (tmp_path / "p.toml").write_text(spec)
+    rules = make_rules(load_pipeline(tmp_path / "p.toml"))
+    head, command = next((a, b) for a, b in zip(rules.splitlines(), rules.splitlines()[1:])
+                         if a.startswith("runs/default/compress/compress.md:"))
+    assert "runs/default/teacher.pt" in head and "runs/default/students/mlp_800-T4-a0.5-s0/metrics.json" in head
+    args = shlex.split(command.strip())[1:]
+    assert args[0] == "compress"
+    ctx = main.commands["compress"].make_context("compress", args[1:])  # the command line parses
+    assert ctx.params["quantize"] == ("static",) and ctx.params["prune"] == ("channels", "unstructured")
+    assert ctx.params["sparsities"] == ([0.5, 0.8],) and ctx.params["finetune_epochs"] == 2
+    assert ctx.params["students_dir"] == "runs/default/students" and ctx.params["out"] == "runs/default/compress"
+    assert "PIPELINE_TARGET := runs/default/report/report.md runs/default/compress/compress.md" in rules
+    (tmp_path / "p.toml").write_text(spec + "speed = 3\n")
+    with pytest.raises(KDPipeError, match=r"unknown key\(s\) in \[compress\]: speed"):
+        load_pipeline(tmp_path / "p.toml")
+
+
+def test_a_converted_model_the_backend_cannot_run_is_no_kernel(monkeypatch, teacher_ckpt):
+    import torch.ao.quantization.quantize_fx as qfx
+
+    class NoConv(nn.Module):
+        def forward(self, x):
+            raise NotImplementedError("Could not run 'quantized::conv2d.new' with arguments from the "
+                                      "'QuantizedCPU' backend.\nmore lines")
+    monkeypatch.setattr(qfx, "convert_fx", lambda prepared: NoConv())
+    with pytest.raises(NoKernel, match=r"^onednn has no kernel for it: Could not run 'quantized::conv2d.new'"):
+        quantize_static(load_model(teacher_ckpt).module, torch.randn(4, 1, 28, 28), backend="onednn")
+
+
+def test_a_teacher_static_quantization_cannot_trace_is_refused_by_the_command(fmnist, tmp_path, monkeypatch):
+    from kdpipe import models
+    from kdpipe.checkpoint import save_checkpoint
+
+    monkeypatch.setitem(models._REGISTRY, "data_dependent", lambda num_classes, image_shape: _DataDependent())
+    ckpt = tmp_path / "t.pt"
+    save_checkpoint(ckpt, _DataDependent(), arch="data_dependent", num_classes=10, image_shape=(1, 28, 28),
+                    mean=[0.3], std=[0.35], class_names=[str(i) for i in range(10)],
+                    dataset={"spec": fmnist.spec, "image_shape": [1, 28, 28]}, test_top1=None)
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(ckpt), "--data", fmnist.spec, "--quantize", "static",
+                                  "--prune", "none", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ") and "Traceback" not in r.output
+    assert "torch.fx cannot trace it" in err[0] and "--quantize dynamic" in err[0]

@@ -1,0 +1,107 @@
+"""kdpipe export: TorchScript, pt2 and ONNX files that take uint8 images (or float features) and give the
+same logits as the checkpoint behind its normalization, on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdpipe import KDPipeError
+from kdpipe.checkpoint import save_checkpoint
+from kdpipe.cli import main
+from kdpipe.export import EXPORT_PIP, export_model, load_model, run_exported
+from kdpipe.models import create_model
+
+
+def _reference(ckpt, x_uint8: np.ndarray) -> np.ndarray:
+    """The checkpoint's logits, normalized here by hand (not through the exported wrapper)."""
+    t = load_model(ckpt)
+    x = torch.from_numpy(x_uint8).float()[:, None] / 255.0
+    x = (x - torch.tensor(t.mean).view(1, -1, 1, 1)) / torch.tensor(t.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        return t.module(x).numpy()
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("pt2", ".pt2"), ("onnx", ".onnx")])
+def test_an_exported_model_takes_uint8_images_and_gives_the_checkpoints_logits(fmt, suffix, fmnist, teacher_ckpt,
+                                                                               tmp_path):
+    out = tmp_path / f"model{suffix}"
+    r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "matches PyTorch" in r.output and "uint8 (B, 1, 28, 28)" in r.output
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # one file: ONNX weights are not in a side file
+    x = fmnist.x_test[:37][:, None]  # an odd batch size: the batch dimension is free
+    got = run_exported(out, fmt, torch.from_numpy(np.ascontiguousarray(x)))
+    want = _reference(teacher_ckpt, fmnist.x_test[:37])
+    assert got.shape == (37, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_a_run_directory_exports_its_student(student_runs, fmnist, tmp_path):
+    run = next(p for p in sorted(student_runs.out.iterdir()) if (p / "student.pt").is_file())
+    out = tmp_path / "s.pt2"
+    res = export_model(run, "pt2", out)
+    assert res["checked"] and res["arch"] == "mlp_100"
+    got = run_exported(out, "pt2", torch.from_numpy(np.ascontiguousarray(fmnist.x_test[:16][:, None])))
+    np.testing.assert_allclose(got, _reference(run / "student.pt", fmnist.x_test[:16]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_features_model_takes_float_vectors(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mlp_100", 3, (6,)).eval()
+    mean, std = [float(i) for i in range(6)], [0.5 + i for i in range(6)]
+    ckpt = tmp_path / "f.pt"
+    save_checkpoint(ckpt, model, arch="mlp_100", num_classes=3, image_shape=(6,), mean=mean, std=std,
+                    class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    out = tmp_path / "f.onnx"
+    res = export_model(ckpt, "onnx", out)
+    assert res["input"] == "float32 (B, 6)"
+    x = torch.randn(9, 6) * 3 + 1
+    with torch.no_grad():
+        want = model((x - torch.tensor(mean)) / torch.tensor(std)).numpy()
+    np.testing.assert_allclose(run_exported(out, "onnx", x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "tflite"], "unknown export format 'tflite': use one of torchscript, onnx, pt2"),
+    (["--format", "onnx", "--model", "{tmp}/nothing"], "no such run directory or model file"),
+    (["--format", "onnx", "--model", "{tmp}"], "holds no model"),
+])
+def test_bad_export_inputs_are_one_line_errors(args, message, teacher_ckpt, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    model = str(teacher_ckpt)
+    if "--model" in args:
+        i = args.index("--model")
+        model = args[i + 1]
+        del args[i:i + 2]
+    r = CliRunner().invoke(main, ["export", model, *args, "--out", str(tmp_path / "x.bin")])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_missing_optional_package_says_the_pip_line(teacher_ckpt, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2
+    assert r.output.strip() == f"Error: ONNX export needs the package(s) onnxscript: {EXPORT_PIP}"
+
+
+def test_without_onnxruntime_the_onnx_file_is_written_and_said_unchecked(teacher_ckpt, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "not checked: onnxruntime is not installed" in r.output and EXPORT_PIP in r.output
+
+
+def test_an_export_that_differs_from_pytorch_is_refused(teacher_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr("kdpipe.export.run_exported", lambda path, fmt, x: np.zeros((len(x), 10), np.float32))
+    with pytest.raises(KDPipeError, match="differed from PyTorch.*was removed"):
+        export_model(teacher_ckpt, "torchscript", tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
