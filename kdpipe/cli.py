@@ -10,6 +10,7 @@ import time
 import click
 
 from kdpipe import KDPipeError, __version__
+from kdpipe.sweep import STUDENT_BATCH_SIZE
 
 
 class InputError(click.ClickException):
@@ -102,16 +103,43 @@ def policy_options(f):
     return f
 
 
-def optim_options(f):
-    f = click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine",
-                     show_default=True, help="Learning-rate schedule over all steps (step: x0.1 at 50% and 75%).")(f)
-    f = click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
-                     metavar="WD", help="SGD weight decay (not applied to biases and norms).")(f)
-    f = click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, metavar="M",
-                     help="SGD momentum.")(f)
-    f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
-                     metavar="LR", help="Peak learning rate of SGD.")(f)
-    return f
+def optim_options(lr_list: bool):
+    """The optimizer and schedule options; with lr_list, --lr takes a list (a sweep axis)."""
+    def add(f):
+        f = click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                         metavar="E", help="Linear warm-up from ~0 to the peak lr over the first E epochs; the "
+                                           "schedule runs over the rest (not with onecycle, which has its own).")(f)
+        f = click.option("--schedule", type=click.Choice(["cosine", "step", "constant", "onecycle"]),
+                         default="cosine", show_default=True,
+                         help="Learning-rate schedule over all steps (step: x0.1 at 50% and 75%; onecycle: as "
+                              "torch's OneCycleLR, lr only: up from lr/25 over 30% of the steps, cosine down to "
+                              "lr/25e4).")(f)
+        f = click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=1e-8, show_default=True,
+                         metavar="EPS", help="Adam/AdamW epsilon.")(f)
+        f = click.option("--betas", type=NumberList(float), default="0.9,0.999", show_default=True,
+                         metavar="B1,B2", help="Adam/AdamW betas.")(f)
+        f = click.option("--weight-decay", type=click.FloatRange(min=0), default=None, metavar="WD",
+                         help="Weight decay, not applied to biases and norms: L2 for SGD and Adam, decoupled for "
+                              "AdamW.  [default: sgd 5e-4, adam 0, adamw 0.01]")(f)
+        f = click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, metavar="M",
+                         help="SGD momentum.")(f)
+        f = click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
+                         show_default=True, help="Optimizer.")(f)
+        if lr_list:
+            f = click.option("--lr", "lr", type=NumberList(float), multiple=True, metavar="LR[,LR...]",
+                             help="Peak learning rate(s), a sweep axis like --temperature.  "
+                                  "[default: sgd 0.05, adam/adamw 0.001]")(f)
+        else:
+            f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, metavar="LR",
+                             help="Peak learning rate.  [default: sgd 0.05, adam/adamw 0.001]")(f)
+        return f
+    return add
+
+
+def _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs):
+    from kdpipe.engine import OptimConfig
+    return OptimConfig(lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, optimizer=optimizer,
+                       betas=tuple(betas), eps=eps, warmup_epochs=warmup_epochs)
 
 
 def _amp(device, amp):
@@ -136,28 +164,28 @@ def main():
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, metavar="B",
               help="Training batch size.")
 @policy_options
-@optim_options
+@optim_options(lr_list=False)
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch_size, policy, padding, size, lr, momentum,
-                      weight_decay, schedule, seed, device, amp):
+def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch_size, policy, padding, size,
+                      optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
     from kdpipe.data import load_dataset
-    from kdpipe.engine import OptimConfig
     from kdpipe.models import create_model
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
+    optim = _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     dev = pick_device(device)
     train = load_dataset(data_spec, "train", data_root, image_size)
     test = load_dataset(data_spec, "test", data_root, image_size)
     pol = create_policy(policy, padding=padding, size=size)
     create_model(arch, train.num_classes, pol.output_shape(train.image_shape))
     res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size,
-                        optim=OptimConfig(lr, momentum, weight_decay, schedule), seed=seed, device=dev,
+                        optim=optim, seed=seed, device=dev,
                         amp=_amp(dev, amp), log=click.echo)
     click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")
 
@@ -264,9 +292,13 @@ def _term_as_interrupt():
                    "TCKD.  [default: the loss's, kd 0.9, dkd 1]")
 @click.option("--seed", "seeds", type=NumberList(int), multiple=True, metavar="S[,S...]",
               help="Seed(s) of init and data order.  [default: 0]")
-@click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
+@click.option("--batch-size", type=int, default=STUDENT_BATCH_SIZE, show_default=True, metavar="B",
               help="Training batch size; under torchrun per rank (the effective batch is B x world size).")
-@optim_options
+@optim_options(lr_list=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              metavar="F", help="Hold this share of the cache's samples out of training (the same rows for every "
+                                "run: a fixed seed) and keep each run's best epoch by their top-1 "
+                                "(student-best.pt) besides the last (student.pt).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where the cache's dataset lies now, if it moved.")
 @device_option
@@ -279,19 +311,23 @@ def _term_as_interrupt():
                    "(what was measured fastest; see BENCHMARKS.md).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, lr, momentum,
-                      weight_decay, schedule, data_root, device, amp, fuse, out):
+def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer, lr,
+                      momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root, device,
+                      amp, fuse, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
     data. Each run's metrics.json holds the per-epoch mean of every term of its loss."""
     from kdpipe.distributed import from_env
-    from kdpipe.engine import OptimConfig
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
 
     temps = _flatten(temperatures)  # empty: the loss's default
     alphs = _flatten(alphas)
     sds = _flatten(seeds) or [0]
+    lrs = _flatten(lr)
+    if any(x <= 0 for x in lrs):
+        raise InputError(f"--lr must be > 0, got {','.join(f'{x:g}' for x in lrs)}")
+    optim = _optim(optimizer, lrs[0] if lrs else None, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     if epochs <= 0:
         raise InputError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
@@ -299,7 +335,7 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
     dev = pick_device(device)
     dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
     res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs, seeds=sds,
-                         batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
+                         batch_size=batch_size, optim=optim, lrs=lrs, val_fraction=val_fraction,
                          device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
                          log=dist.log(click.echo),
                          fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse])

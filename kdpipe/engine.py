@@ -51,6 +51,12 @@ class OptimConfig:
         return cls(s["lr"], s["momentum"], s["weight_decay"], s["schedule"], s["nesterov"], s["optimizer"],
                    tuple(s["betas"]), s["eps"], s["warmup_epochs"])
 
+    def settings(self) -> dict:
+        """As kdpipe.sweep.resolve_training's arguments (what names runs and is written to metrics.json)."""
+        return {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
+                "momentum": self.momentum, "nesterov": self.nesterov, "betas": list(self.betas), "eps": self.eps,
+                "schedule": self.schedule, "warmup_epochs": self.warmup_epochs}
+
     def lr_factor(self, step: int, total: int, warmup: int = 0) -> float:
         """The learning rate of step `step` (from 0) of `total` as a fraction of lr; `warmup` steps of
         linear warm-up come first (factor (step + 1) / warmup), the schedule runs over the rest.

@@ -14,13 +14,15 @@ import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import parse_loss, plan_runs, run_name
+from kdpipe.sweep import STUDENT_BATCH_SIZE, parse_loss, plan_sweep
 
-_TEACHER_KEYS = {"arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "policy", "padding",
-                 "size", "seed", "device", "file"}
+# Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
+_OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
+                "betas": "betas", "eps": "eps", "schedule": "schedule", "warmup_epochs": "warmup-epochs"}
+_TEACHER_KEYS = {"arch", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file"} | set(_OPTIM_FLAGS)
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
-_STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr", "momentum",
-                 "weight_decay", "schedule", "device"}
+_STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
+                 "val_fraction"} | set(_OPTIM_FLAGS)
 
 
 def load_pipeline(path) -> dict:
@@ -95,8 +97,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
 
     if "file" not in t:
         lines += rule(teacher, [], f"$(KDPIPE) train-teacher {q(data_opts)} " + q(["--arch", t["arch"]] + _opts(t, {
-            "epochs": "epochs", "batch_size": "batch-size", "lr": "lr", "momentum": "momentum",
-            "weight_decay": "weight-decay", "schedule": "schedule", "policy": "policy",
+            "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
             "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
             "teacher")
     manifest = f"{cache_dir}/manifest.json"
@@ -111,13 +112,16 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         alphas = _listify(block.get("alpha", []))
         seeds = _listify(block.get("seed", [0]))
         loss, loss_options = parse_loss(block.get("loss", "kd"))
-        targets = [f"{runs_dir}/students/{run_name(*p, loss, loss_options)}/metrics.json"
-                   for p in plan_runs(archs, temps, alphas, seeds, loss, loss_options)]
+        training = {k: block[k] for k in _OPTIM_FLAGS if k in block and k != "lr"}
+        if "val_fraction" in block:
+            training["val_fraction"] = block["val_fraction"]
+        targets = [f"{runs_dir}/students/{name}/metrics.json" for name, _, _ in plan_sweep(
+            archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
+            block.get("batch_size", STUDENT_BATCH_SIZE), **training)]
         all_metrics += targets
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
-            "batch_size": "batch-size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
-            "schedule": "schedule", "device": "device"})
+            "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device"})
         lines += rule(" ".join(targets) + " &", [manifest],
                       f"$(KDPIPE) train-student {q(args)} --out {runs_dir}/students", f"students-{i}")
     report = f"{runs_dir}/report/report.md"

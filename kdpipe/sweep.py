@@ -27,6 +27,7 @@ OPTIMIZERS = {  # name -> its usual defaults where they differ between optimizer
     "adamw": {"lr": 1e-3, "weight_decay": 0.01},  # decoupled (Loshchilov & Hutter), as torch.optim.AdamW
 }
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
+STUDENT_BATCH_SIZE = 128  # train-student's default --batch-size (a pipeline block without batch_size gets it)
 TRAIN_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False, "betas": (0.9, 0.999), "eps": 1e-8,
                   "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0}
 # What each optimizer uses (a setting it ignores does not change a run's name).
@@ -109,6 +110,15 @@ def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
     return name, options
 
 
+def arch_label(arch: str) -> str:
+    """An architecture as run names write it: a parametric one without Make's special characters,
+    mlp:512,256 -> mlp512x256, dscnn:16:dropout=0.2 -> dscnn16_dropout0.2; others as they are."""
+    family, colon, rest = arch.partition(":")
+    if not colon:
+        return arch
+    return family + rest.replace(",", "x").replace(":", "_").replace("=", "").replace("/", "_")
+
+
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
              loss_options: dict | None = None, tag: str = "") -> str:
     """kd runs: ARCH-T4-a0.9-s0, or ARCH-scratch-s0 for alpha = 0 (T unused). Other losses name the loss,
@@ -116,6 +126,7 @@ def run_name(arch: str, temperature: float | None, alpha: float | None, seed: in
     ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. `tag` (training_tag: optimizer, lr, epochs, hash of
     the other settings) goes before the seed: ARCH-T4-a0.9-adam-lr0.003-e5-s0. No characters that Make
     treats specially."""
+    arch = arch_label(arch)
     tail = ([tag] if tag else []) + [f"s{seed}"]
     if loss == "kd" and not loss_options:
         if alpha == 0:
