@@ -347,10 +347,13 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
 @main.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
 @click.option("--out", required=True, type=click.Path(), metavar="DIR", help="Where to write report.md and plots.")
-def report_cmd(run_dirs, out):
-    """Write a markdown table (teacher and every student) and PNG plots from run directories."""
+@click.option("--mix-datasets", is_flag=True,
+              help="Put runs of several datasets in one report (refused otherwise; each row names its dataset).")
+def report_cmd(run_dirs, out, mix_datasets):
+    """Write a markdown table (teacher, every student, each setting over its seeds) and PNG plots
+    (accuracy against parameters, teacher vs students, learning curves) from run directories."""
     from kdpipe.report import build_report
-    res = build_report(run_dirs, out)
+    res = build_report(run_dirs, out, mix_datasets=mix_datasets)
     click.echo(f"report of {res['runs']} run(s): {res['report']}")
     for p in res["plots"]:
         click.echo(f"  plot: {p}")
