@@ -248,3 +248,17 @@ def test_schedules_and_warmup():
     f = [warm.lr_factor(s, total, warmup=10) for s in range(total)]
     assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert f[10] == 1.0 and f[55] == pytest.approx(0.5)
+
+
+def test_parametric_mlp_and_dscnn_fuse_and_train_as_unfused():
+    """The registry's parametric families fuse too: dscnn's depthwise convolutions (groups = channels)
+    become one grouped convolution over the stack. (dscnn with SGD: Adam's first steps move a weight by
+    about lr whatever the size of its gradient, so where a gradient is near zero, float rounding of the
+    grouped convolution decides the sign, and the runs drift apart by ~1e-4 within a few steps.)"""
+    for arch, optim, same in (("dscnn:4", None, _assert_same),
+                              ("mlp:16,8", OptimConfig(optimizer="adamw", lr=3e-3), _assert_same_adam)):
+        specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch)]
+        plain, fused = _runs(specs, 1, optim=optim), _runs(specs, 1, optim=optim)
+        _train(plain, False, 1)
+        assert _train(fused, True, 1)["fused_groups"] == [["r0", "r1"]]
+        same(plain, fused)
