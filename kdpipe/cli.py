@@ -52,6 +52,9 @@ def _flatten(values):
 
 
 def data_options(f):
+    f = click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Use only the first N samples of each split (quick end-to-end checks); recorded in the "
+                          "cache, so stage two takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Store an ImageFolder's images at S x S: the shorter side resized to S (antialiased "
                           "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
@@ -168,11 +171,11 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch_size, policy, padding, size,
+def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, epochs, out, batch_size, policy, padding, size,
                       optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
-    from kdpipe.data import load_dataset
+    from kdpipe.data import limited, load_dataset
     from kdpipe.models import create_model
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
@@ -180,8 +183,8 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
 
     optim = _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     dev = pick_device(device)
-    train = load_dataset(data_spec, "train", data_root, image_size)
-    test = load_dataset(data_spec, "test", data_root, image_size)
+    train = limited(load_dataset(data_spec, "train", data_root, image_size), limit)
+    test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
     pol = create_policy(policy, padding=padding, size=size)
     create_model(arch, train.num_classes, pol.output_shape(train.image_shape))
     res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size,
@@ -213,11 +216,11 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, epochs, out, batch
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Run the teacher under bf16 autocast.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
-def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, image_size, split, views, policy,
+def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, image_size, limit, split, views, policy,
                     padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, overwrite, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
-    from kdpipe.data import load_dataset
+    from kdpipe.data import limited, load_dataset
     from kdpipe.distributed import from_env
     from kdpipe.teacher import dump_logits
     from kdpipe.util import pick_device
@@ -237,8 +240,8 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
     started = time.perf_counter()
     try:
         dev = pick_device(device)
-        data = load_dataset(data_spec, split, data_root, image_size)
-        test = load_dataset(data_spec, "test", data_root, image_size) if split == "train" else None
+        data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
+        test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
         pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)

@@ -20,6 +20,9 @@ from kdpipe.sweep import STUDENT_BATCH_SIZE, parse_loss, plan_sweep
 _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
                 "betas": "betas", "eps": "eps", "schedule": "schedule", "warmup_epochs": "warmup-epochs"}
 _TEACHER_KEYS = {"arch", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file"} | set(_OPTIM_FLAGS)
+# limit: only the first N samples of each split (quick end-to-end checks); prepare: a command that writes
+# the npz:PATH file of the spec (a rule of its own, run when the file is missing).
+_DATA_KEYS = {"spec", "root", "limit", "prepare"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
 _STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
                  "val_fraction"} | set(_OPTIM_FLAGS)
@@ -42,6 +45,12 @@ def load_pipeline(path) -> dict:
             raise KDPipeError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
     if "data" not in spec or "spec" not in spec["data"]:
         raise KDPipeError(f"{path}: missing [data] spec = \"...\"")
+    unknown = set(spec["data"]) - _DATA_KEYS
+    if unknown:
+        raise KDPipeError(f"{path}: unknown key(s) in [data]: {', '.join(sorted(unknown))}")
+    if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
+        raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
+                          f"{spec['data']['spec']!r}")
     if not spec.get("students"):
         raise KDPipeError(f"{path}: needs at least one [[students]] block")
     for i, block in enumerate(spec["students"]):
@@ -80,7 +89,9 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     step and what follows it, nothing before it."""
     name = spec["name"]
     data = spec["data"]
-    data_opts = ["--data", data["spec"]] + (["--data-root", data["root"]] if data.get("root") else [])
+    data_opts = ["--data", data["spec"]] + (["--data-root", data["root"]] if data.get("root") else []) + \
+        (["--limit", str(int(data["limit"]))] if data.get("limit") else [])
+    data_file = [data["spec"].removeprefix("npz:")] if data.get("prepare") else []
     t, d = spec["teacher"], spec["dump"]
     runs_dir, cache_dir = f"runs/{name}", f"cache/{name}"
     teacher = t.get("file") or f"{runs_dir}/teacher.pt"
@@ -95,13 +106,15 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             prereqs = prereqs + [stamp]
         return [f"{targets}: {' '.join(prereqs)} | $(SETUP)", f"\t{command}", ""]
 
+    if data_file:
+        lines += rule(data_file[0], [], data["prepare"], "data")
     if "file" not in t:
-        lines += rule(teacher, [], f"$(KDPIPE) train-teacher {q(data_opts)} " + q(["--arch", t["arch"]] + _opts(t, {
+        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(["--arch", t["arch"]] + _opts(t, {
             "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
             "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
             "teacher")
     manifest = f"{cache_dir}/manifest.json"
-    lines += rule(manifest, [teacher], f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(_opts(d, {
+    lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(_opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
         "device": "device", "amp": "amp"})) + f" --overwrite --out {cache_dir}", "dump")

@@ -16,7 +16,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
-from kdpipe.data import KINDS, ImageData, load_dataset
+from kdpipe.data import KINDS, ImageData, limited, load_dataset
 from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
@@ -38,14 +38,14 @@ def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData 
         raise KDPipeError(f"the cache's data is of kind {kind!r}, which this version cannot load "
                           f"(it knows {', '.join(KINDS)}): upgrade kdpipe")
     size = d.get("image_size")  # photos: decoded the same way as in stage one, without asking again
-    train = load_dataset(d["spec"], d["split"], root, size)
+    train = limited(load_dataset(d["spec"], d["split"], root, size), d.get("limit"))
     cache.check_dataset(train)
     if train.kind != kind:
         raise KDPipeError(f"the cache was dumped from {kind} data, {d['spec']} now loads as {train.kind}")
     test = None
     ev = cache.manifest.get("eval")
     if ev:
-        test = load_dataset(d["spec"], "test", root, size)
+        test = limited(load_dataset(d["spec"], "test", root, size), ev["dataset"].get("limit"))
         if test.fingerprint != ev["dataset"]["fingerprint"]:
             raise KDPipeError(f"the test split of {d['spec']} differs from the one the cache's teacher "
                               "was evaluated on (fingerprint mismatch)")
