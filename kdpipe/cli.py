@@ -318,8 +318,9 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
                       momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root, device,
                       amp, fuse, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
-    students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
-    data. Each run's metrics.json holds the per-epoch mean of every term of its loss."""
+    students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
+    one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
+    term of its loss, train top-1, validation and test top-1 and agreement with the teacher."""
     from kdpipe.distributed import from_env
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
