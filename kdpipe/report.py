@@ -199,8 +199,12 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
             if s["test_top1_mean"] is not None:
                 ax.annotate(s["setting"], (s["parameters"], s["test_top1_mean"]), fontsize=6, xytext=(4, 2),
                             textcoords="offset points")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    sizes = [s["parameters"] for s in summary] + [t["parameters"] for t in teachers if t.get("parameters")]
+    if sizes and max(sizes) > 10 * min(sizes):  # a log axis only where it spans a decade (else no ticks)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("parameters")
     ax.set_ylabel("test top-1 (mean ± std over seeds)")
     ax.set_title("accuracy against parameters" + ("" if len(summary) <= MAX_LABELS else
