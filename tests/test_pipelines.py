@@ -72,8 +72,13 @@ def test_mnist_mlp_pipeline(mnist, monkeypatch, tmp_path):
     assert kd["parameters"] == 784 * 128 + 128 + 128 * 10 + 10
     assert set(kd["train_terms"]) == {"ce", "kd"} and kd["train_terms"]["ce"] == [0.0] * 5  # soft targets only
     assert len(kd["history"]) == 5 and all(r["test_top1"] > 0.2 for r in (kd, scratch))
-    teacher = json.loads((tmp_path / "cache" / "mnist-mlp" / "manifest.json").read_text())
-    assert teacher["dataset"]["num_samples"] == 200 and teacher["dataset"]["limit"] == 200
+    manifest = json.loads((tmp_path / "cache" / "mnist-mlp" / "manifest.json").read_text())
+    assert manifest["dataset"]["num_samples"] == 200 and manifest["dataset"]["limit"] == 200
+    assert manifest["eval"]["dataset"]["num_samples"] == 128  # the test split holds fewer than the limit
+    # verify-cache reloads the same 200 samples from the manifest and re-runs the teacher on them
+    r = CliRunner().invoke(main, ["verify-cache", "cache/mnist-mlp", "--teacher", "runs/mnist-mlp/teacher.pt",
+                                  "--sample", "16"])
+    assert r.exit_code == 0 and "OK" in r.output, r.output
 
 
 def test_hinton_mnist_pipeline(mnist, monkeypatch, tmp_path):
