@@ -290,7 +290,8 @@ def dump_cache(out: Path, data, test, policy, teacher_path: Path, views: int, de
     teacher = load_teacher(teacher_path)
     with Timer(dev) as tm:
         res = dump_logits(teacher, data, test, out, policy=policy, views=views, logits_dtype=dtype,
-                          batch_size=batch, shard_rows=shard_rows, device=dev, amp=amp, log=quiet)
+                          batch_size=batch, shard_rows=shard_rows, device=dev, amp=amp, log=quiet,
+                          force=True)  # benchmarks time untrained teachers too (the probe would stop them)
     return res, tm.s
 
 

@@ -62,7 +62,7 @@ def main(argv=None):
         pr = cProfile.Profile()
         pr.enable()
         dump_logits(teacher, train, None, out, policy=policy, views=2, device=dev, amp=gpu,
-                    batch_size=1024 if gpu else 512, log=quiet)
+                    batch_size=1024 if gpu else 512, log=quiet, force=True)  # an untrained teacher
         sync(dev)
         pr.disable()
         emit("\n-- dump_logits, cProfile by own time")

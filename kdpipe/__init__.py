@@ -11,3 +11,16 @@ __version__ = "0.1.0"
 
 class KDPipeError(Exception):
     """An error caused by the user's input or files, reported as one line without a traceback."""
+
+
+# The public Python API (kdpipe/api.py), importable from the package: kdpipe.open_cache(...),
+# kdpipe.create_loss(...), kdpipe.create_model(...). Loaded on first use, so `import kdpipe` (and the
+# CLI's start) does not import torch.
+_API = ("open_cache", "CacheData", "create_loss", "create_model", "known_losses")
+
+
+def __getattr__(name):
+    if name in _API:
+        from kdpipe import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'kdpipe' has no attribute {name!r}")

@@ -1,15 +1,29 @@
 """kdpipe checkpoints (teachers and students alike) and loading teachers of other kinds.
 
 A kdpipe checkpoint is a torch file holding plain data only (loads with weights_only=True):
-{"kdpipe_checkpoint": 1, "arch", "num_classes", "image_shape", "mean", "std", "class_names",
- "dataset", "test_top1", "state_dict", ...}.
+{"kdpipe_checkpoint": 1, "arch", "model": {"spec", "args", ["file", "sha256"]}, "num_classes",
+ "image_shape", "mean", "std", "class_names", "dataset", "test_top1", "state_dict", ...}.
+
+Teachers of other kinds (load_teacher, by what the file holds, not its name):
+  torchscript   a TorchScript archive (torch.jit.save);
+  export        a torch.export program (.pt2, torch.export.save), loaded with torch.export.load;
+  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...} or {"model": ...}),
+                with --teacher-arch; loaded with weights_only=True;
+  safetensors   a .safetensors file, with --teacher-arch (optional extra: pip install 'kdpipe[safetensors]');
+  pickle        a whole pickled nn.Module (torch.save(model)): runs code from the file, so only with
+                --trust-pickle.
+Whatever the teacher returns passes through TeacherOutput: a tensor, the first entry of a tuple or
+list, a dict's 'logits' or 'out', or an object's .logits (--teacher-output NAME|INDEX picks another).
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import sys
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +32,20 @@ import torch.nn as nn
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes
-from kdpipe.models import count_parameters, create_model
+from kdpipe.models import canonical, check_recipe, count_parameters, create_model, model_recipe, parse_spec
 from kdpipe.util import file_sha256
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path, model: nn.Module, *, arch: str, num_classes: int, image_shape, mean, std,
-                    class_names, dataset: dict, test_top1: float | None, extra: dict | None = None) -> int:
-    """Write atomically; returns the file's size in bytes."""
+                    class_names, dataset: dict, test_top1: float | None, extra: dict | None = None,
+                    arch_args: dict | None = None) -> int:
+    """Write atomically; returns the file's size in bytes. ``model`` records how to rebuild the network
+    (kdpipe.models.model_recipe: canonical spec, options, user file and its sha256)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    obj = {"kdpipe_checkpoint": CHECKPOINT_VERSION, "arch": arch, "num_classes": int(num_classes),
+    obj = {"kdpipe_checkpoint": CHECKPOINT_VERSION, "arch": arch, "model": model_recipe(arch, arch_args),
+           "num_classes": int(num_classes),
            "image_shape": [int(s) for s in image_shape], "mean": [float(m) for m in mean],
            "std": [float(s) for s in std], "class_names": list(class_names), "dataset": dataset,
            "test_top1": test_top1, "parameters": count_parameters(model), "state_dict": state}
@@ -43,7 +60,7 @@ def save_checkpoint(path, model: nn.Module, *, arch: str, num_classes: int, imag
 class LoadedModel:
     module: nn.Module
     arch: str
-    kind: str  # "kdpipe", "torchscript" or "state_dict"
+    kind: str  # "kdpipe", "torchscript", "export", "state_dict", "safetensors" or "pickle"
     fingerprint: str  # sha256 of the file(s)
     num_classes: int | None
     image_shape: tuple | None
@@ -51,18 +68,118 @@ class LoadedModel:
     std: list | None
     file: str
     info: dict
+    output: str | None = None  # --teacher-output: None picks the logits by the rules of TeacherOutput
+    model: dict | None = None  # how the architecture is rebuilt (kdpipe.models.model_recipe), if kdpipe builds it
 
     def identity(self) -> dict:
-        return {"arch": self.arch, "kind": self.kind, "fingerprint": self.fingerprint,
-                "file": self.file, "num_classes": self.num_classes}
+        out = {"arch": self.arch, "kind": self.kind, "fingerprint": self.fingerprint,
+               "file": self.file, "num_classes": self.num_classes, "output": self.output or "auto"}
+        if self.model is not None:
+            out["model"] = self.model
+        return out
+
+
+# Kinds whose module keeps the memory layout it was saved with (not converted to channels_last on CUDA).
+FIXED_LAYOUT_KINDS = ("torchscript", "export")
+SAFETENSORS_PIP = "pip install 'kdpipe[safetensors]'"
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+class TeacherOutput(nn.Module):
+    """The teacher's logits from whatever it returns: a tensor as is; a tuple or list's first entry; a
+    dict's 'logits', else 'out'; an object's .logits (HuggingFace-style outputs). `select` (a name or an
+    index, --teacher-output) picks another entry. Anything else is a one-line KDPipeError."""
+
+    AUTO_KEYS = ("logits", "out")
+
+    def __init__(self, inner, select: str | None = None, frozen: bool = False):
+        super().__init__()
+        self.inner = inner
+        self.select = None if select in (None, "", "auto") else str(select)
+        self.frozen = frozen  # torch.export programs refuse .train()/.eval(): they run as exported
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        if not self.frozen:
+            self.inner.train(mode)
+        return self
+
+    def forward(self, x):
+        return pick_logits(self.inner(x), self.select)
+
+
+def _describe(out) -> str:
+    if isinstance(out, Mapping):
+        return f"a dict with keys {', '.join(map(repr, list(out)[:8]))}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} ({', '.join(type(o).__name__ for o in out[:6])})"
+    return f"a {type(out).__name__}"
+
+
+def pick_logits(out, select: str | None = None) -> torch.Tensor:
+    hint = "pick the logits with --teacher-output NAME|INDEX"
+    if select is not None:
+        if select.lstrip("-").isdigit() and isinstance(out, (tuple, list)):
+            i = int(select)
+            if not -len(out) <= i < len(out):
+                raise KDPipeError(f"--teacher-output {select}: the teacher returns {_describe(out)}")
+            got = out[i]
+        elif isinstance(out, Mapping) and select in out:
+            got = out[select]
+        elif not isinstance(out, (Mapping, tuple, list, torch.Tensor)) and hasattr(out, select):
+            got = getattr(out, select)
+        else:
+            raise KDPipeError(f"--teacher-output {select}: the teacher returns {_describe(out)}, which has no "
+                              f"entry {select!r}")
+        what = f"entry {select!r}"
+    elif isinstance(out, torch.Tensor):
+        return out
+    elif isinstance(out, (tuple, list)) and out:
+        got, what = out[0], "first entry"
+    elif isinstance(out, Mapping):
+        key = next((k for k in TeacherOutput.AUTO_KEYS if k in out), None)
+        if key is None:
+            raise KDPipeError(f"the teacher returns {_describe(out)}, none of them 'logits' or 'out': {hint}")
+        got, what = out[key], f"entry {key!r}"
+    elif isinstance(getattr(out, "logits", None), torch.Tensor):
+        got, what = out.logits, ".logits"
+    else:
+        raise KDPipeError(f"the teacher returns {_describe(out)}, not logits: {hint}")
+    if not isinstance(got, torch.Tensor):
+        raise KDPipeError(f"the {what} of the teacher's output is {_describe(got)}, not a tensor: {hint}")
+    return got
+
+
+def sniff(path: Path) -> str:
+    """What a model file holds by its bytes: torchscript, export, torch (a torch.save zip or legacy
+    pickle: kdpipe checkpoint, state dict or pickled module), safetensors, or unknown."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        inner = [n.split("/", 1)[-1] for n in names]
+        if any(n.startswith("code/") for n in inner):
+            return "torchscript"
+        if any(n in ("archive_format", "models/model.json") or n.startswith("serialized_exported_program")
+               for n in inner):
+            return "export"
+        if any(n == "data.pkl" for n in inner):
+            return "torch"
+        return "unknown"
+    except (zipfile.BadZipFile, OSError):
+        pass
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        n = struct.unpack("<Q", head[:8])[0]
+        if 0 < n < 100_000_000 and n + 8 <= path.stat().st_size:
+            return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol opcode: torch.save's legacy format
+        return "torch"
+    return "unknown"
 
 
 def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    return sniff(path) == "torchscript"
 
 
 def load_checkpoint_file(path) -> dict:
@@ -72,49 +189,152 @@ def load_checkpoint_file(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise KDPipeError(f"cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg:
+            raise KDPipeError(f"{path} is a pickled Python object (a whole model saved with torch.save(model)): "
+                              "loading it runs code from the file, so kdpipe does so only with --trust-pickle; "
+                              "or save its state_dict and give --teacher-arch") from None
+        raise KDPipeError(f"cannot load {path}: {_first_line(msg)}") from None
     return obj
 
 
-def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_classes=None) -> LoadedModel:
-    """A kdpipe checkpoint or TorchScript file (`path`), or an architecture with a state dict."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise KDPipeError(f"teacher file {path} does not exist")
-        fp = file_sha256(path)
-        if _is_torchscript(path):
-            try:
-                with warnings.catch_warnings():  # torch's deprecation notice would break the one-line errors
-                    warnings.simplefilter("ignore", FutureWarning)
-                    mod = torch.jit.load(str(path), map_location="cpu")
-            except Exception as e:
-                raise KDPipeError(f"cannot load TorchScript teacher {path}: {str(e).splitlines()[0][:200]}") from None
-            return LoadedModel(mod.eval(), "torchscript", "torchscript", fp, None, None, None, None, str(path), {})
+def _first_line(msg) -> str:
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    return (lines[0] if lines else "unknown error")[:200]
+
+
+def _state_dict_of(obj) -> dict | None:
+    """A state dict (name -> tensor), also inside {"state_dict": ...} or {"model": ...}; else None."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)
+    return None
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_classes=None, arch_args=None,
+                 trust_pickle: bool = False, output: str | None = None, warn=_warn) -> LoadedModel:
+    """A teacher from a file (see the module's doc for the kinds); `arch` (with `arch_args`) builds the
+    network a state dict or safetensors file fills. `weights` is the older spelling of such a file.
+    `output` picks the logits from what the teacher returns (TeacherOutput)."""
+    if path is None and weights is not None:
+        path = weights
+    if path is None:
+        raise KDPipeError("give a teacher: --teacher FILE (with --teacher-arch NAME for a state dict or "
+                          "safetensors file)")
+    if arch is not None:
+        parse_spec(arch)  # an unknown name is refused first, whatever the file
+    path = Path(path)
+    if not path.is_file():
+        raise KDPipeError(f"teacher file {path} does not exist")
+    kind = sniff(path)
+    fp = file_sha256(path)
+
+    def done(module, arch_name, kind, num_classes=None, image_shape=None, mean=None, std=None, info=None,
+             model=None, frozen=False):
+        # kdpipe's own networks return logits (their training needs it): they stay bare, so their
+        # state_dict keeps its keys; every other kind passes through TeacherOutput.
+        module = module.eval() if kind == "kdpipe" else TeacherOutput(module, output, frozen=frozen).eval()
+        return LoadedModel(module, arch_name, kind, fp, num_classes, image_shape, mean, std, str(path), info or {},
+                           output, model)
+
+    if kind in ("torchscript", "export") and arch is not None:
+        raise KDPipeError(f"{path} is a {'TorchScript' if kind == 'torchscript' else 'torch.export'} program, "
+                          "which holds its own architecture: drop --teacher-arch")
+    if kind == "torchscript":
+        try:
+            with warnings.catch_warnings():  # torch's deprecation notice would break the one-line errors
+                warnings.simplefilter("ignore", FutureWarning)
+                mod = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise KDPipeError(f"cannot load TorchScript teacher {path}: {_first_line(e)}") from None
+        return done(mod, "torchscript", "torchscript")
+    if kind == "export":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = torch.export.load(str(path)).module()
+        except Exception as e:
+            raise KDPipeError(f"{path} is a torch.export program (.pt2) that torch {torch.__version__} cannot "
+                              f"load: {_first_line(e)}") from None
+        return done(mod, "export", "export", frozen=True)
+    if kind == "safetensors" or path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise KDPipeError(f"{path} is a safetensors file: reading it needs the optional package "
+                              f"safetensors: {SAFETENSORS_PIP}") from None
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as e:
+            raise KDPipeError(f"{path} is not a readable safetensors file: {_first_line(e)}") from None
+        return _from_state(state, path, "safetensors", arch, arch_args, image_shape, num_classes, done)
+    if kind == "unknown":
+        raise KDPipeError(f"cannot load {path}: it is none of the model files kdpipe reads (a kdpipe checkpoint, "
+                          "TorchScript, torch.export .pt2, a torch.save state dict or safetensors)")
+    if trust_pickle:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise KDPipeError(f"cannot load {path}: {_first_line(e)}") from None
+        if isinstance(obj, nn.Module):
+            if arch is not None:
+                raise KDPipeError(f"{path} holds a whole pickled model, which brings its own architecture: "
+                                  "drop --teacher-arch")
+            return done(obj, type(obj).__name__, "pickle")
+    else:
         obj = load_checkpoint_file(path)
-        if not isinstance(obj, dict) or obj.get("kdpipe_checkpoint") != CHECKPOINT_VERSION:
-            raise KDPipeError(f"{path} is neither a kdpipe checkpoint nor a TorchScript file; for a bare "
-                              "state dict use --teacher-arch NAME --teacher-weights FILE")
-        model = create_model(obj["arch"], obj["num_classes"], tuple(obj["image_shape"]))
-        _load_state(model, obj["state_dict"], path)
+    if isinstance(obj, dict) and obj.get("kdpipe_checkpoint") == CHECKPOINT_VERSION:
+        if output not in (None, "", "auto"):
+            raise KDPipeError(f"{path} is a kdpipe checkpoint, whose network returns its logits: drop --teacher-output")
+        if arch is not None:
+            raise KDPipeError(f"{path} is a kdpipe checkpoint, which records its architecture "
+                              f"({obj['arch']}): drop --teacher-arch")
+        model, recipe = _rebuild(obj, path, warn)
         info = {k: v for k, v in obj.items() if k != "state_dict"}
-        return LoadedModel(model.eval(), obj["arch"], "kdpipe", fp, obj["num_classes"],
-                           tuple(obj["image_shape"]), obj["mean"], obj["std"], str(path), info)
-    if arch is None or weights is None:
-        raise KDPipeError("give a teacher: --teacher FILE, or --teacher-arch NAME with --teacher-weights FILE")
-    weights = Path(weights)
-    obj = load_checkpoint_file(weights)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise KDPipeError(f"{weights} does not hold a state dict")
-    model = create_model(arch, num_classes, tuple(image_shape))
-    _load_state(model, obj, weights)
-    return LoadedModel(model.eval(), arch, "state_dict", file_sha256(weights), num_classes,
-                       tuple(image_shape), None, None, str(weights), {})
+        return done(model, obj["arch"], "kdpipe", obj["num_classes"], tuple(obj["image_shape"]), obj["mean"],
+                    obj["std"], info, recipe)
+    return _from_state(obj, path, "state_dict", arch, arch_args, image_shape, num_classes, done)
 
 
-def _load_state(model: nn.Module, state: dict, path) -> None:
+def _from_state(obj, path, kind, arch, arch_args, image_shape, num_classes, done) -> LoadedModel:
+    state = _state_dict_of(obj)
+    if state is None:
+        raise KDPipeError(f"{path} holds {type(obj).__name__} data that is neither a kdpipe checkpoint nor a "
+                          "state dict of tensors")
+    if arch is None:
+        raise KDPipeError(f"{path} is a {'safetensors file' if kind == 'safetensors' else 'state dict'} of "
+                          f"{len(state)} tensors with no architecture: give --teacher-arch NAME (and --arch-args)")
+    model = create_model(arch, num_classes, tuple(image_shape), arch_args)
+    _load_state(model, state, path, arch)
+    return done(model, arch, kind, num_classes, tuple(image_shape), model=model_recipe(arch, arch_args))
+
+
+def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict]:
+    """The network of a kdpipe checkpoint, built from its recorded recipe (older checkpoints: its arch)."""
+    recipe = obj.get("model") or {"spec": canonical(obj["arch"]), "args": {}}
+    spec = recipe["spec"]
+    if "file" in recipe:  # the user's file: as written, else at its recorded absolute place
+        if parse_spec(spec)[0] == "file" and not Path(spec.rpartition(":")[0]).is_file():
+            spec = f"{recipe['file']}:{spec.rpartition(':')[2]}"
+            if not Path(recipe["file"]).is_file():
+                raise KDPipeError(f"{path} was built by {recipe['spec']}, which is not found (nor at "
+                                  f"{recipe['file']}): run from the folder it was trained in")
+        for w in check_recipe({**recipe, "spec": spec}):
+            warn(w)
+    model = create_model(spec, obj["num_classes"], tuple(obj["image_shape"]), recipe.get("args"))
+    _load_state(model, obj["state_dict"], path, recipe["spec"])
+    return model, recipe
+
+
+def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> None:
     target = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(k.startswith("1.") for k in state):
         target = model[1]  # a torchvision model wrapped for grey images; weights are for the bare model
@@ -122,5 +342,5 @@ def _load_state(model: nn.Module, state: dict, path) -> None:
         target.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()
-        raise KDPipeError(f"the weights in {path} do not fit the architecture: "
+        raise KDPipeError(f"the weights in {path} do not fit the architecture {arch}: "
                           f"{' '.join(s.strip() for s in first[:3])[:300]}") from None

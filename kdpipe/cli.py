@@ -56,13 +56,76 @@ def data_options(f):
                      help="Use only the first N samples of each split (quick end-to-end checks); recorded in the "
                           "cache, so stage two takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
-                     help="Store an ImageFolder's images at S x S: the shorter side resized to S (antialiased "
+                     help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
+                          "S (antialiased "
                           "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
                           "in the cache, so stage two reloads the data the same way.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
-    f = click.option("--data", "data_spec", default="fashion-mnist", show_default=True, metavar="SPEC",
-                     help="Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH or npz:PATH.")(f)
+    f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,
+                     metavar="SPEC", help_text=data_help)(f)
+    return f
+
+
+def data_help() -> str:
+    from kdpipe.data import sources_usage
+    return (f"Dataset: {sources_usage()}. files: is flat folders of <label>_<n>.jpg; csv: has columns label, "
+            "split, and path or numeric features (see the README's Bring your own data).")
+
+
+def moved_data_options(f):
+    """Where a cache's dataset lies now (train-student, verify-cache), if it moved since the dump."""
+    f = click.option("--data", "data_spec", default=None, metavar="SPEC",
+                     help="The cache's dataset at its new location, e.g. npz:/new/place/data.npz (default: "
+                          "the spec the cache records). Its fingerprint must match the cache's.")(f)
+    f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="Where the cache's dataset lies now, if it moved: the folder holding the file or "
+                          "folder of imagefolder:, files:, csv: and npz: (or that folder itself), or the "
+                          "folder of the other sources' files.")(f)
+    return f
+
+
+ARCH_SPEC_HELP = ("registry name (kdpipe:NAME or bare), torchvision (tv:NAME or bare), timm:NAME, or your own "
+                  "code: path/to/nets.py:Factory or package.module:Factory")
+
+
+def arch_args_option(f):
+    return click.option("--arch-args", default=None, metavar="K=V,...",
+                        help="Keyword arguments of the architecture's factory, e.g. width=16,depth=4 (numbers, "
+                             "true/false, else strings); recorded in the checkpoint.")(f)
+
+
+def teacher_options(f):
+    """How a teacher file is read (dump-logits and verify-cache alike)."""
+    f = click.option("--teacher-output", default=None, metavar="NAME|INDEX",
+                     help="Which entry of the teacher's output holds the logits (default: a tensor as is, a "
+                          "tuple's or list's first entry, a dict's 'logits' or 'out', an object's .logits).")(f)
+    f = click.option("--trust-pickle", is_flag=True,
+                     help="Load a whole pickled model (torch.save(model)); this runs code from the file.")(f)
+    f = arch_args_option(f)
+    f = click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Same as --teacher FILE, for a state dict with --teacher-arch.")(f)
+    f = click.option("--teacher-arch", default=None, metavar="SPEC",
+                     help="Architecture that a state-dict or safetensors teacher file fills: " + ARCH_SPEC_HELP + ".")(f)
+    f = click.option("--teacher", "teacher_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Teacher: a kdpipe checkpoint, TorchScript, torch.export (.pt2), or a state dict "
+                          "(.pt/.pth/.bin) or .safetensors file with --teacher-arch.")(f)
+    return f
+
+
+def normalization_options(f):
+    from kdpipe.normalization import PRESETS, RANGES  # no torch import: the presets are plain numbers
+    f = click.option("--normalize", "normalize", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="Input normalization preset (mean and std of pixels in [0, 1]), e.g. imagenet for "
+                          "pretrained torchvision/timm weights.")(f)
+    f = click.option("--input-range", type=click.Choice(list(RANGES)), default=None,
+                     help="For a teacher that normalizes inside: feed pixels in [0, 1] or raw 0-255.")(f)
+    f = click.option("--std", type=NumberList(float), default=None, metavar="S[,S...]",
+                     help="Per-channel std of the teacher's input normalization (with --mean).")(f)
+    f = click.option("--mean", type=NumberList(float), default=None, metavar="M[,M...]",
+                     help="Per-channel mean of pixels in [0, 1] the teacher was trained with (with --std). A kdpipe "
+                          "checkpoint carries its own; any other teacher needs --mean/--std, --input-range or "
+                          "--normalize.")(f)
     return f
 
 
@@ -159,7 +222,8 @@ def main():
 
 @main.command("train-teacher")
 @data_options
-@click.option("--arch", required=True, metavar="NAME", help="Teacher architecture (registry or torchvision name).")
+@click.option("--arch", required=True, metavar="SPEC", help="Teacher architecture: " + ARCH_SPEC_HELP + ".")
+@arch_args_option
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
               help="Training epochs.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.pt",
@@ -171,12 +235,12 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, epochs, out, batch_size, policy, padding, size,
-                      optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp):
+def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
+                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
-    from kdpipe.data import limited, load_dataset
-    from kdpipe.models import create_model
+    from kdpipe.data import check_splits, limited, load_dataset
+    from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
@@ -185,21 +249,19 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, epochs, out
     dev = pick_device(device)
     train = limited(load_dataset(data_spec, "train", data_root, image_size), limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
+    check_splits(train, test)
     pol = create_policy(policy, padding=padding, size=size)
-    create_model(arch, train.num_classes, pol.output_shape(train.image_shape))
-    res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size,
+    args = parse_arch_args(arch_args)
+    check_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
+    res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size, arch_args=args,
                         optim=optim, seed=seed, device=dev,
                         amp=_amp(dev, amp), log=click.echo)
     click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")
 
 
 @main.command("dump-logits")
-@click.option("--teacher", "teacher_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Teacher: a kdpipe checkpoint or a TorchScript file.")
-@click.option("--teacher-arch", default=None, metavar="NAME",
-              help="Teacher architecture (registry or torchvision name), with --teacher-weights.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="State dict for --teacher-arch.")
+@teacher_options
+@normalization_options
 @data_options
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Which split to dump.")
@@ -214,15 +276,20 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, epochs, out
               help="Rows per HDF5 shard (the unit of resumption).")
 @device_option
 @click.option("--amp/--no-amp", default=False, show_default=True, help="Run the teacher under bf16 autocast.")
+@click.option("--yes", is_flag=True, help="Dump even when the cache would exceed the free disk space or 10x the "
+                                        "decoded dataset (without it such a dump is refused, saying its size).")
+@click.option("--force", is_flag=True, help="Dump even if the probe finds the teacher at chance level or its outputs "
+              "look like probabilities.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
-def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data_root, image_size, limit, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, overwrite, out):
+def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
+                    input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
+                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
-    from kdpipe.data import limited, load_dataset
+    from kdpipe.data import check_splits, limited, load_dataset
     from kdpipe.distributed import from_env
-    from kdpipe.teacher import dump_logits
+    from kdpipe.teacher import check_planned_size, dump_logits, planned_size
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
@@ -234,24 +301,34 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, data_spec, data
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if shard_rows <= 0:
         raise InputError(f"--shard-rows must be >= 1, got {shard_rows}")
-    if teacher_file is None and not (teacher_arch and teacher_weights):
-        raise InputError("give a teacher: --teacher FILE, or --teacher-arch NAME with --teacher-weights FILE")
+    if teacher_file is None and teacher_weights is None:
+        raise InputError("give a teacher: --teacher FILE (with --teacher-arch SPEC for a state dict or safetensors "
+                         "file)")
+    if teacher_file is not None and teacher_weights is not None:
+        raise InputError("give the teacher file once: --teacher FILE or --teacher-weights FILE, not both")
     _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
     started = time.perf_counter()
     try:
         dev = pick_device(device)
         data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
         test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
+        if split == "train":
+            check_splits(data, test)
+        else:  # the test split is checked against the train split it will be compared with
+            check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
         pol = create_policy(policy, padding=padding, size=size)
-        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
-                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes)
+        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
+                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
+                               trust_pickle=trust_pickle, output=teacher_output)
         dist = from_env(dev)  # torchrun: join the process group; else one process
         log = dist.log(click.echo)
+        check_planned_size(planned_size(data, test, pol, views, logits_dtype), out, yes, log=log)
         log(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
             f"({pol.spec}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
                           logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
-                          device=dist.device, amp=amp, overwrite=overwrite, dist=dist, log=log)
+                          device=dist.device, amp=amp, overwrite=overwrite, mean=mean, std=std,
+                          input_range=input_range, normalize=normalize, force=force, dist=dist, log=log)
         dist.close()
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: complete shards are kept in {out}; run the same command again to resume",
@@ -283,8 +360,9 @@ def _term_as_interrupt():
 @main.command("train-student")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(), metavar="CACHE_DIR",
               help="Cache written by dump-logits.")
-@click.option("--student", "students", multiple=True, required=True, metavar="NAME",
-              help="Student architecture; repeat for several.")
+@click.option("--student", "students", multiple=True, required=True, metavar="SPEC",
+              help="Student architecture; repeat for several: " + ARCH_SPEC_HELP + ".")
+@arch_args_option
 @click.option("--epochs", type=int, default=10, show_default=True, metavar="N", help="Training epochs.")
 @click.option("--loss", "loss", cls=LazyHelpOption, default="kd", show_default=True, metavar="NAME[:OPT=V,...]",
               help_text=loss_help)
@@ -302,8 +380,10 @@ def _term_as_interrupt():
               metavar="F", help="Hold this share of the cache's samples out of training (the same rows for every "
                                 "run: a fixed seed) and keep each run's best epoch by their top-1 "
                                 "(student-best.pt) besides the last (student.pt).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where the cache's dataset lies now, if it moved.")
+@moved_data_options
+@click.option("--allow-test-split", is_flag=True,
+              help="Train on a cache dumped from the test split (refused without it: the student would learn "
+                   "the test set).")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
 @click.option("--fuse", type=click.Choice(["auto", "compile", "on", "off"]), default="auto", show_default=True,
@@ -314,14 +394,15 @@ def _term_as_interrupt():
                    "(what was measured fastest; see BENCHMARKS.md).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer, lr,
-                      momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root, device,
-                      amp, fuse, out):
+def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
+                      lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
+                      data_spec, allow_test_split, device, amp, fuse, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
     one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
     term of its loss, train top-1, validation and test top-1 and agreement with the teacher."""
     from kdpipe.distributed import from_env
+    from kdpipe.models import parse_arch_args
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
 
@@ -340,7 +421,9 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
     dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
     res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs, seeds=sds,
                          batch_size=batch_size, optim=optim, lrs=lrs, val_fraction=val_fraction,
-                         device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
+                         device=dist.device, data_root=data_root, data_spec=data_spec,
+                         allow_test_split=allow_test_split, amp=_amp(dev, amp), dist=dist,
+                         arch_args=parse_arch_args(arch_args),
                          log=dist.log(click.echo),
                          fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse])
     dist.close()
@@ -389,7 +472,10 @@ def inspect_cmd(cache_dir, as_json):
     click.echo(f"  views     K={v['K']} policy {ops}, "
                f"seed {v['seed']}, params {', '.join(v['columns']) or '-'}")
     click.echo(f"  logits    codec {m['logits']['codec']}, {m['logits']['dtype']}, rows {m['rows']:,} "
-               f"({m['row_order']}), input {tuple(m['input']['shape'])}")
+               f"({m['row_order']}), input {tuple(m['input']['shape'])}"
+               + (f", teacher output {t['output']}" if t.get("output") not in (None, "auto") else ""))
+    from kdpipe.normalization import describe
+    click.echo(f"  input     normalization {describe(m['input'])}")
     on_disk = sum((c.path / s["file"]).stat().st_size for s in m["shards"] if (c.path / s["file"]).is_file())
     click.echo(f"  shards    {len(m['shards'])}, {on_disk / 1e6:.2f} MB on disk ({m['bytes'] / 1e6:.2f} MB "
                "with eval), bytes per view row "
@@ -410,24 +496,23 @@ def inspect_cmd(cache_dir, as_json):
 
 @main.command("verify-cache")
 @click.argument("cache_dir", type=click.Path(), metavar="CACHE_DIR")
-@click.option("--teacher", "teacher_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Re-run this teacher on sampled (view, sample) pairs and compare with the stored logits.")
-@click.option("--teacher-arch", default=None, metavar="NAME", help="Teacher architecture, with --teacher-weights.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="State dict for --teacher-arch.")
+@teacher_options
 @click.option("--sample", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="How many random rows the teacher re-computes.")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where the cache's dataset lies now, if it moved.")
+@moved_data_options
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the row sample.")
 @device_option
-def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, sample, data_root, seed, device):
-    """Check every shard's checksums and shapes; with a teacher, re-compute sampled rows. Exits 1 on a
-    fault, naming the shard and rows."""
+def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output,
+                     sample, data_root, data_spec, seed, device):
+    """Check every shard's checksums and shapes; with a teacher (--teacher), re-compute sampled rows with
+    the cache's input normalization (and, unless given, the recorded architecture and output entry).
+    Exits 1 on a fault, naming the shard and rows."""
     from kdpipe.util import pick_device
     from kdpipe.verify import repair_hint, verify_cache
     faults = verify_cache(cache_dir, teacher_file=teacher_file, teacher_arch=teacher_arch,
-                          teacher_weights=teacher_weights, sample=sample, data_root=data_root, seed=seed,
+                          teacher_weights=teacher_weights, arch_args=arch_args, trust_pickle=trust_pickle,
+                          teacher_output=teacher_output, sample=sample, data_root=data_root,
+                          data_spec=data_spec, seed=seed,
                           device=pick_device(device), log=click.echo)
     if faults:
         for f in faults:

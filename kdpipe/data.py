@@ -17,6 +17,14 @@ Specs (the ``--data`` option):
   (photos). A folder mixing grey and colour images is stored in RGB.
 - ``npz:PATH``: arrays x_train, y_train, x_test, y_test (optional class_names); uint8 x arrays are
   images, float x arrays (N, D) are features.
+- ``files:PATH``: PATH/training (or train) and PATH/evaluation (or test; else validation or val), flat
+  folders of images named ``<label>_<n>.jpg`` (Food-11's layout); decoded like imagefolder.
+- ``csv:FILE``: one row per sample with columns label and split, and either path (images, relative to
+  the file's folder; decoded like imagefolder) or numeric feature columns (features). See _load_csv.
+
+Labels that are whole numbers are the class indices; the train split must hold every class 0..N-1
+(check_labels), and the test split no other class nor another sample shape (check_splits).
+A source's data may move: moved_spec points a cache's spec at the new place (--data-root).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import pickle
 import struct
 import sys
 from pathlib import Path
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -235,8 +244,10 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
                  image_size: int | None = None) -> ImageData:
     """Load one split of the dataset named by ``spec``; raise KDPipeError with what to do if it can't.
 
-    ``image_size`` S (``--image-size``): decode an ImageFolder's photos to S x S (shorter side resized
-    to S with antialiasing, then centre-cropped); the resize is part of the dataset's identity.
+    The spec names a registered Source (SOURCES). ``image_size`` S (``--image-size``): decode image
+    files (imagefolder:, files:, csv: image lists) to S x S (shorter side resized to S with
+    antialiasing, then centre-cropped); the resize is part of the dataset's identity. A train split
+    whose labels do not cover 0..N-1 is refused (check_labels).
     """
     if split not in SPLITS:
         raise KDPipeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -246,26 +257,98 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
             raise KDPipeError(f"--image-size must be a whole number of pixels >= 1, got {image_size!r}")
-        if kind != "imagefolder":
-            raise KDPipeError(f"--image-size applies to imagefolder:PATH only; {spec} stores images of "
-                              "one size already: leave it out")
-    if kind == "fashion-mnist" and not arg:
-        return _load_idx_dataset(spec, split, data_root, FASHION_MNIST_CLASSES,
-                                 default_root=DEBIAN_FASHION_MNIST,
-                                 how_to_get="install Debian's package: apt-get install dataset-fashion-mnist, "
-                                            "or pass --data-root DIR holding the four IDX files")
-    if kind == "mnist" and not arg:
-        return _load_idx_dataset(spec, split, data_root, MNIST_CLASSES, default_root=None,
-                                 how_to_get="pass --data-root DIR holding the four MNIST IDX files "
-                                            "(or torchvision's MNIST folder)")
-    if kind in ("cifar10", "cifar100") and not arg:
-        return _load_cifar(spec, kind, split, data_root)
-    if kind == "imagefolder" and arg:
-        return _load_imagefolder(spec, Path(arg).expanduser(), split, image_size)
-    if kind == "npz" and arg:
-        return _load_npz(spec, Path(arg).expanduser(), split)
-    raise KDPipeError(f"unknown dataset {spec!r}: use fashion-mnist, mnist, cifar10, cifar100, "
-                      "imagefolder:PATH or npz:PATH")
+        if kind not in SOURCES or not SOURCES[kind].image_files:
+            files = ", ".join(f"{n}:" for n, src in SOURCES.items() if src.image_files)
+            raise KDPipeError(f"--image-size applies to image files ({files}) only; {spec} "
+                              "stores images of one size already: leave it out")
+    src = SOURCES.get(kind)
+    if src is None or bool(arg) != src.path:
+        raise KDPipeError(f"unknown dataset {spec!r}: use {sources_usage()}")
+    data = src.load(spec, Path(arg).expanduser() if src.path else None, split, data_root, image_size)
+    if split == "train":
+        check_labels(data)
+    return data
+
+
+# ---------------------------------------------------------------- the registry of sources
+
+@dataclass(frozen=True)
+class Source:
+    """A kind of --data spec. ``load(spec, path, split, data_root, image_size)`` returns one split as an
+    ImageData of some kind (KINDS). ``path``: the spec is ``name:PATH`` (and --data-root moves PATH when the
+    data moves); otherwise it is the bare name and finds its files in --data-root. ``image_files``: it
+    decodes image files (through _decode_files) and takes --image-size."""
+
+    name: str
+    usage: str
+    load: Callable
+    path: bool = False
+    image_files: bool = False
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(src: Source) -> Source:
+    if src.name in SOURCES:
+        raise ValueError(f"data source {src.name!r} is registered twice")
+    SOURCES[src.name] = src
+    return src
+
+
+def sources_usage() -> str:
+    """The specs --data takes, for help and errors."""
+    return ", ".join(src.usage for src in SOURCES.values())
+
+
+def check_labels(train: ImageData) -> None:
+    """Refuse a train split whose labels do not run 0..N-1 with every class present: labels 1..10 would
+    otherwise train an 11-class model whose class 0 never occurs."""
+    check_label_coverage(train.labels, train.num_classes, f"{train.spec} {train.split}")
+
+
+def check_label_coverage(labels: np.ndarray, num_classes: int, where: str) -> None:
+    counts = np.bincount(labels, minlength=num_classes)
+    if counts[0] == 0:
+        first = int(np.flatnonzero(counts)[0])
+        raise KDPipeError(f"{where}: the labels start at {first}, not 0: number the classes from 0 "
+                          f"(subtract {first})")
+    absent = np.flatnonzero(counts == 0)
+    if len(absent):
+        raise KDPipeError(f"{where}: no train sample has class(es) {', '.join(map(str, absent[:5].tolist()))} "
+                          f"of 0..{num_classes - 1} (the labels skip them, or the train split has fewer "
+                          "classes than the test split): number the classes 0..N-1 without gaps")
+
+
+def check_splits(train: ImageData, test: ImageData | None) -> None:
+    """Refuse a test split that the train split cannot stand for: other classes, or another sample shape."""
+    if test is None:
+        return
+    check_labels(train)
+    extra = sorted(set(np.unique(test.labels).tolist()) - set(np.unique(train.labels).tolist()))
+    if test.num_classes > train.num_classes or extra:
+        n_train, n_test = len(np.unique(train.labels)), len(np.unique(test.labels))
+        raise KDPipeError(f"{train.spec}: the train split has fewer classes ({n_train}) than the test split "
+                          f"({n_test}): no train sample of class(es) {', '.join(map(str, extra[:5]))}")
+    if test.num_classes != train.num_classes:
+        raise KDPipeError(f"{train.spec}: the train split has {train.num_classes} classes, the test split "
+                          f"{test.num_classes}")
+    if test.image_shape != train.image_shape or test.kind != train.kind:
+        raise KDPipeError(f"{train.spec}: the test samples are {test.kind} {test.image_shape}, the train samples "
+                          f"{train.kind} {train.image_shape}: both splits must have one shape")
+
+
+def moved_spec(spec: str, data_root) -> str:
+    """The spec of a path source that now lies under (or at) `data_root`: DIR/<its old name> when that
+    exists, else DIR itself. Other sources keep their spec (they take
+    --data-root as their folder). The caller checks the fingerprint, so a wrong guess is refused."""
+    kind, _, arg = spec.partition(":")
+    src = SOURCES.get(kind.lower())
+    if data_root is None or src is None or not src.path or not arg:
+        return spec
+    root = Path(data_root).expanduser()
+    inside = root / Path(arg).name
+    return f"{kind}:{inside if inside.exists() else root}"
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -434,8 +517,13 @@ def _decoded_cache_dir() -> Path:
     return env("KDPIPE_DATA_CACHE")
 
 
-def _split_folder(root: Path, split: str) -> Path | None:
-    names = ["train"] if split == "train" else ["test", "val"]
+# Split folder names, in order of preference: kdpipe has two splits, train and test. A validation
+# folder is the test split only where there is no test (or evaluation) folder.
+SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "evaluation", "eval", "val", "validation")}
+
+
+def _split_folder(root: Path, split: str, names: dict | None = None) -> Path | None:
+    names = (names or {"train": ("train",), "test": ("test", "val")})[split]
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
@@ -460,12 +548,11 @@ def _listing_hash(h, folder: Path, files: list[Path]) -> None:
     h.update(str(folder.resolve()).encode())
     for p in files:
         st = p.stat()
-        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(p, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
 def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageData:
-    """Decode once into a memory-mapped .npy under KDPIPE_DATA_CACHE (keyed by both splits' file
-    listings, since the colour mode is chosen over the whole folder, and by the resize), then map it."""
+    """PATH/train and PATH/test (or val), one folder per class; decoded by _decode_files."""
     if not root.is_dir():
         raise KDPipeError(f"{spec}: no such folder {root}")
     folder = _split_folder(root, split)
@@ -479,15 +566,190 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     files, labels = _list_files(spec, folder, classes, split)
     other = _split_folder(root, "test" if split == "train" else "train")
     other_files = _list_files(spec, other, classes, "test")[0] if other is not None and other != folder else []
+    return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
+
+# ---------------------------------------------------------------- files: flat folders, label in the name
+
+def _label_of(spec, p: Path) -> str:
+    label, sep, rest = p.stem.rpartition("_")
+    if not sep or not label or not rest:
+        raise KDPipeError(f"{spec}: {p.name} is not named <label>_<n>{p.suffix} (the label, an underscore, "
+                          "then anything): rename it or move it out of the folder")
+    return label
+
+
+def _flat_listing(spec, folder: Path) -> tuple[list[Path], list[str]]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise KDPipeError(f"{spec}: {folder} holds no .jpg/.jpeg/.png images")
+    return files, [_label_of(spec, p) for p in files]
+
+
+def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Class names and each label's index. Labels that are all whole numbers are the class indices
+    themselves (classes 0..the largest label of either split; check_labels refuses gaps); otherwise the
+    classes are the train split's labels, sorted. A mix of numbers and names is refused."""
+    every = set(train_labels) | set(other_labels)
+    numeric = {s for s in every if s.isdigit()}
+    if numeric and numeric != every:
+        names = sorted(every - numeric)[:3]
+        raise KDPipeError(f"{spec}: the labels mix numbers ({sorted(numeric, key=int)[0]}, ...) and names "
+                          f"({', '.join(names)}, ...): use one or the other")
+    if numeric:
+        n = max(int(s) for s in every) + 1
+        return [str(i) for i in range(n)], {s: int(s) for s in every}
+    classes = sorted(set(train_labels))
+    unknown = sorted(set(other_labels) - set(classes))
+    if unknown:
+        raise KDPipeError(f"{spec}: the train split has fewer classes ({len(classes)}) than the test split: "
+                          f"no train sample of {', '.join(unknown[:5])}")
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
+    """files:PATH: PATH/training (or train) and PATH/evaluation (or test; else validation or val), each a
+    flat folder of images named <label>_<n>.jpg (the layout of Food-11)."""
+    if not root.is_dir():
+        raise KDPipeError(f"{spec}: no such folder {root}")
+    folder = _split_folder(root, split, SPLIT_FOLDERS)
+    if folder is None:
+        raise KDPipeError(f"{spec}: {root} has no {' or '.join(SPLIT_FOLDERS[split])} folder")
+    other = _split_folder(root, "test" if split == "train" else "train", SPLIT_FOLDERS)
+    files, names = _flat_listing(spec, folder)
+    other_files, other_names = _flat_listing(spec, other) if other is not None else ([], [])
+    train_names, test_names = (names, other_names) if split == "train" else (other_names, names)
+    classes, index = class_numbering(spec, train_names, test_names)
+    labels = [index[c] for c in names]
+    return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
+
+
+# ---------------------------------------------------------------- csv: image lists and feature tables
+
+CSV_SPLITS = {"train": "train", "training": "train", "test": "test", "evaluation": "test", "eval": "test",
+              "val": "val", "validation": "val"}
+
+
+def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
+    import csv
+    if not path.is_file():
+        raise KDPipeError(f"{spec}: no such file {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise KDPipeError(f"cannot read {path} as CSV: {e}") from None
+    if not rows:
+        raise KDPipeError(f"{spec}: {path} is empty")
+    header = [c.strip() for c in rows[0]]
+    if len(set(header)) != len(header) or not all(header):
+        raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
+    for name in header:
+        try:
+            float(name)
+        except ValueError:
+            continue
+        raise KDPipeError(f"{spec}: {path} has no header row (its first row holds the number {name}): add one "
+                          "with columns label, split and path (an image list) or numeric feature columns")
+    for i, r in enumerate(rows[1:], start=2):
+        if len(r) != len(header):
+            raise KDPipeError(f"{spec}: {path} line {i} has {len(r)} fields, the header {len(header)}")
+    return header, [[c.strip() for c in r] for r in rows[1:]]
+
+
+def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
+    """csv:FILE, one row per sample. Columns (the header row names them):
+    - ``label``: the class, whole numbers from 0 or names;
+    - ``split``: train (or training), test (or evaluation); val/validation rows are the test split
+      only where the file has no test rows;
+    - then either ``path`` (an image list: the image's path, relative to the CSV's folder) and nothing
+      else, or only numeric feature columns (a feature table, stored as float32).
+    Anything else is refused as ambiguous."""
+    header, rows = _read_csv(spec, path)
+    cols = {c: i for i, c in enumerate(header)}
+    missing = [c for c in ("label", "split") if c not in cols]
+    if missing:
+        raise KDPipeError(f"{spec}: {path} has no {' or '.join(missing)} column (it has {', '.join(header)}): "
+                          "a CSV needs columns label, split, and path or numeric features")
+    if not rows:
+        raise KDPipeError(f"{spec}: {path} has a header but no rows")
+    splits = []
+    for i, r in enumerate(rows, start=2):
+        v = CSV_SPLITS.get(r[cols["split"]].lower())
+        if v is None:
+            raise KDPipeError(f"{spec}: {path} line {i}: split {r[cols['split']]!r} is not train, test or val")
+        splits.append(v)
+    has = set(splits)
+    want = split if split == "train" or "test" in has else "val"
+    other = ("test" if "test" in has else "val") if split == "train" else "train"
+    mine = [r for r, s in zip(rows, splits) if s == want]
+    theirs = [r for r, s in zip(rows, splits) if s == other]
+    if not mine:
+        raise KDPipeError(f"{spec}: {path} has no {split} rows (split column)")
+    lab = cols["label"]
+    train_names = [r[lab] for r in (mine if split == "train" else theirs)]
+    test_names = [r[lab] for r in (theirs if split == "train" else mine)]
+    for i, name in enumerate(train_names + test_names):
+        if not name:
+            raise KDPipeError(f"{spec}: {path} has a row with an empty label")
+    classes, index = class_numbering(spec, train_names, test_names)
+    labels = [index[r[lab]] for r in mine]
+    rest = [c for c in header if c not in ("label", "split")]
+    if "path" in cols:
+        if rest != ["path"]:
+            extra = [c for c in rest if c != "path"]
+            raise KDPipeError(f"{spec}: {path} has a path column and also {', '.join(extra[:5])}: an image list has "
+                              "only the columns path, label and split; a feature table has no path column")
+        base = path.parent
+        files = [base / r[cols["path"]] for r in mine]
+        other_files = [base / r[cols["path"]] for r in theirs]
+        for p in files + other_files:
+            if not p.is_file():
+                raise KDPipeError(f"{spec}: {p} (listed in {path.name}, relative to its folder) is missing")
+        return _decode_files(spec, split, base, files, labels, classes, (base, other_files), image_size)
+    if image_size is not None:
+        raise KDPipeError(f"--image-size applies to images; {spec} is a table of features: leave it out")
+    if not rest:
+        raise KDPipeError(f"{spec}: {path} has neither a path column nor feature columns")
+    feat = [cols[c] for c in rest]
+    x = np.empty((len(mine), len(feat)), dtype=np.float64)
+    for i, r in enumerate(mine):
+        for j, c in enumerate(feat):
+            try:
+                x[i, j] = float(r[c])
+            except ValueError:
+                raise KDPipeError(f"{spec}: {path}: column {rest[j]!r} holds {r[c]!r}, not a number: a feature "
+                                  "table has only numeric columns besides label and split (an image list has a "
+                                  "path column)") from None
+    if not np.isfinite(x).all():
+        bad = int(np.argmin(np.isfinite(x).all(1)))
+        raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values: fill or drop "
+                          "them first")
+    return Features(x.astype(np.float32), np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
+
+
+# ---------------------------------------------------------------- decoding image files once
+
+def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int], classes: list[str],
+                  other: tuple[Path | None, list[Path]], image_size: int | None) -> ImageData:
+    """Decode `files` once into a memory-mapped .npy under KDPIPE_DATA_CACHE (keyed by both splits'
+    file listings, since the colour mode is chosen over the whole dataset, by the labels and classes,
+    and by the resize), then map it. `folder` is where the split's files are (the source), `other` the
+    other split's folder and files."""
+    other_folder, other_files = other
     h = hashlib.sha256(f"{RESIZE if image_size else 'as-is'}\0{image_size}\n".encode())
     _listing_hash(h, folder, files)
     if other_files:
-        _listing_hash(h, other, other_files)
+        _listing_hash(h, other_folder, other_files)
+    h.update(json.dumps(classes).encode())
+    y = np.asarray(labels, dtype=np.int64)
+    h.update(y.tobytes())
     key = h.hexdigest()[:24]
+    if split == "train":  # before any decoding
+        check_label_coverage(y, len(classes), f"{spec} {split}")
     cache_dir = _decoded_cache_dir()
     npy, sizes_npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.sizes.npy", cache_dir / f"{key}.json"
-    y = np.asarray(labels, dtype=np.int64)
 
     def store(images, sizes, fingerprint=None):
         if image_size:
@@ -611,3 +873,25 @@ def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, ima
             for j, arr in enumerate(pool.map(lambda p: _decode_one(spec, p, mode, image_size, shape), block)):
                 out[lo + j] = arr
             prog.update(len(block))
+
+
+# ---------------------------------------------------------------- the sources --data takes (in --help order)
+
+register_source(Source("fashion-mnist", "fashion-mnist", lambda spec, path, split, root, size: _load_idx_dataset(
+    spec, split, root, FASHION_MNIST_CLASSES, default_root=DEBIAN_FASHION_MNIST,
+    how_to_get="install Debian's package: apt-get install dataset-fashion-mnist, or pass --data-root DIR "
+               "holding the four IDX files")))
+register_source(Source("mnist", "mnist", lambda spec, path, split, root, size: _load_idx_dataset(
+    spec, split, root, MNIST_CLASSES, default_root=None,
+    how_to_get="pass --data-root DIR holding the four MNIST IDX files (or torchvision's MNIST folder)")))
+for _name in ("cifar10", "cifar100"):
+    register_source(Source(_name, _name, lambda spec, path, split, root, size, _k=_name: _load_cifar(
+        spec, _k, split, root)))
+register_source(Source("imagefolder", "imagefolder:PATH", lambda spec, path, split, root, size: _load_imagefolder(
+    spec, path, split, size), path=True, image_files=True))
+register_source(Source("files", "files:PATH", lambda spec, path, split, root, size: _load_files(
+    spec, path, split, size), path=True, image_files=True))
+register_source(Source("csv", "csv:FILE", lambda spec, path, split, root, size: _load_csv(
+    spec, path, split, size), path=True, image_files=True))
+register_source(Source("npz", "npz:PATH", lambda spec, path, split, root, size: _load_npz(spec, path, split),
+                       path=True))

@@ -108,18 +108,21 @@ class Run:
     train_top1: list = field(default_factory=list)  # per epoch: top-1 on the training views it stepped on
     own_s: float = 0.0  # seconds of its own steps (a fused group's time shared evenly among its runs)
     train_s: float = 0.0  # own_s plus an even share of its passes' common work
+    arch_args: dict | None = None  # options of the architecture (--arch-args), recorded in its checkpoint
 
 
 def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, optim: OptimConfig,
-              total_steps: int, device, loss_options: dict | None = None, epoch_steps: int | None = None) -> Run:
-    """A run: model, optimizer and schedule, and its loss (a Loss, or a registered name with loss_options).
-    epoch_steps: steps per epoch, needed for a warm-up given in epochs."""
+              total_steps: int, device, loss_options: dict | None = None, arch_args: dict | None = None,
+              epoch_steps: int | None = None) -> Run:
+    """A run: model (arch: a kdpipe.models spec, with arch_args), optimizer and schedule, and its loss (a
+    Loss, or a registered name with loss_options). epoch_steps: steps per epoch, needed for a warm-up
+    given in epochs."""
     if isinstance(loss, str):
         loss = create_loss(loss, **(loss_options or {}))
     elif loss_options:
         raise ValueError("loss_options go with a loss name, not with a loss object")
     torch.manual_seed(seed)
-    model = create_model(arch, num_classes, image_shape).to(device)
+    model = create_model(arch, num_classes, image_shape, arch_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = optim.build(model)
@@ -127,7 +130,8 @@ def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, opti
         raise ValueError("a warm-up in epochs needs epoch_steps")
     warmup = round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps, warmup))
-    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, warmup_steps=warmup)
+    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, warmup_steps=warmup,
+               arch_args=arch_args)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -226,14 +230,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         correct = [torch.zeros(len(u), device=device) for u in units]
         clock = _Clock(device, len(units))
         for idx in order:
-            x = policy.replay(images[idx], params[idx], mean, std)
-            x = channels_last(x)
-            y = labels[idx]
-            t = None
+            x, t, y = replay_batch(images, labels, policy, params, cached if need_teacher else None, idx, mean, std)
             if need_teacher:
-                if cached is not None:
-                    t = cached[idx].float()
-                else:
+                if cached is None:
                     with torch.no_grad(), autocast:
                         t = online_teacher(x).float()
             for k, u in enumerate(units):
@@ -333,6 +332,13 @@ class _Clock:
             self.events = []
         out, self.total = self.total, [0.0] * len(self.total)
         return out
+
+
+def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, std):
+    """One batch of an epoch: the replayed views of samples `idx` (normalized, channels-last on CUDA),
+    their cached teacher logits as float32 (None without `cached`) and their labels."""
+    x = channels_last(policy.replay(images[idx], params[idx], mean, std))
+    return x, (cached[idx].float() if cached is not None else None), labels[idx]
 
 
 def _accumulate(into: dict, terms: dict, runs: int, device) -> None:

@@ -1,14 +1,32 @@
-"""Registry of architectures. ``create_model(name, num_classes, image_shape)``.
+"""Architectures by name. ``create_model(spec, num_classes, image_shape, args)``.
 
-Registered here: Hinton-style MLPs, small CNNs, CIFAR ResNets (resnet8x4, resnet20, resnet32x4,
-resnet56, resnet110, as in the CRD/RepDistiller papers), WRNs, a CIFAR-adapted ResNet-18, and two
-parametric families written NAME:ARGS: `mlp:512,256[:dropout=P]` (any hidden layers) and
-`dscnn:WIDTH[:dropout=P]` (a MobileNet-style depthwise-separable CNN). Any other name is looked up
-among torchvision's classification models (built with random weights; nothing is downloaded).
+A spec names where the architecture comes from, and is written into checkpoints as its canonical form:
+
+  kdpipe:NAME          this registry (also bare NAME): Hinton-style MLPs, small CNNs, CIFAR ResNets
+                       (resnet8x4, resnet20, resnet32x4, resnet56, resnet110, as in the CRD/RepDistiller
+                       papers), WRNs, a CIFAR-adapted ResNet-18;
+  mlp:512,256[:dropout=P], dscnn:WIDTH[:dropout=P]
+                       parametric families of this registry: an MLP with those hidden layers, a
+                       MobileNet-style depthwise-separable CNN of that base width;
+  tv:NAME              a torchvision classification model (also bare NAME, when the registry has no
+                       such name; registry and torchvision names never overlap), random weights;
+  timm:NAME            a timm model (optional extra: pip install kdpipe[timm]), random weights;
+  path/to/nets.py:F    the user's own code: F (a class or function) in that file;
+  package.module:F     F in an importable module.
+
+``args`` (``--arch-args k=v,...``) go to the factory as keyword arguments. A user factory also gets
+``num_classes`` and ``image_shape`` when it takes parameters of those names (or **kwargs).
+Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
@@ -20,10 +38,16 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TAKES_FEATURES: set[str] = set()  # architectures that also take feature vectors (D,), not only images
 _FAMILIES: dict[str, tuple[Callable[..., nn.Module], str, bool]] = {}  # name -> (factory, usage, takes features)
 
+SCHEMES = ("kdpipe", "tv", "timm")  # named sources; user code is PATH.py:NAME or package.module:NAME
+_SCHEME_ALIASES = {"torchvision": "tv"}
+ARCH_HELP = ("registry name (kdpipe:NAME or bare), torchvision (tv:NAME or bare), timm:NAME, or your own code: "
+             "path/to/nets.py:Factory or package.module:Factory")
+TIMM_PIP = "pip install 'kdpipe[timm]'"
+
 
 def register(name: str, *, features: bool = False):
-    """Register a factory ``fn(num_classes, image_shape)``; ``features=True`` when it also builds for
-    inputs of shape (D,) (tabular feature vectors), as the MLPs do."""
+    """Register a factory ``fn(num_classes, image_shape, **options)``; ``features=True`` when it also builds
+    for inputs of shape (D,) (tabular feature vectors), as the MLPs do."""
     def deco(fn):
         _REGISTRY[name] = fn
         if features:
@@ -79,27 +103,241 @@ def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_model(name: str, num_classes: int, image_shape: tuple[int, ...]) -> nn.Module:
-    """Build an architecture by registry or torchvision name for (C, H, W) images or (D,) features."""
-    if len(image_shape) == 1 and (name in _REGISTRY or name in torchvision_models()) and name not in _TAKES_FEATURES:
+def parse_arch_args(text: str | dict | None) -> dict:
+    """'width=16,depth=4,act=relu,bias=false' -> {'width': 16, 'depth': 4, 'act': 'relu', 'bias': False}:
+    integers, floats, true/false/none, else strings."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    out = {}
+    for item in filter(None, (p.strip() for p in str(text).split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not key or not eq or not key.isidentifier():
+            raise KDPipeError(f"bad architecture option {item!r} in {text!r}: write --arch-args KEY=VALUE,... "
+                              "(e.g. width=16,depth=4)")
+        if key in out:
+            raise KDPipeError(f"architecture option {key} is given twice in {text!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif low == "none":
+            out[key] = None
+        else:
+            for conv in (int, float):
+                try:
+                    out[key] = conv(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key] = value
+    return out
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(scheme, name): scheme is kdpipe, tv, timm, file (name 'PATH.py:ATTR') or module ('pkg.mod:ATTR')."""
+    spec = str(spec).strip()
+    if spec.partition(":")[0] in _FAMILIES and spec.partition(":")[1]:
+        return "family", spec
+    head, colon, rest = spec.rpartition(":")
+    if colon:
+        scheme = _SCHEME_ALIASES.get(head, head)
+        if scheme in SCHEMES:
+            if not rest:
+                raise KDPipeError(f"architecture {spec!r} names no model after '{head}:'")
+            return scheme, rest
+        if not rest.isidentifier():
+            raise KDPipeError(f"architecture {spec!r}: after ':' comes the name of a class or function in your "
+                              f"code; use {ARCH_HELP}")
+        if head.endswith(".py"):
+            return "file", spec
+        if re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", head):
+            return "module", spec
+        raise KDPipeError(f"architecture {spec!r}: unknown scheme {head!r}; use {ARCH_HELP}")
+    if spec in _REGISTRY:
+        return "kdpipe", spec
+    if spec in torchvision_models():
+        return "tv", spec
+    raise KDPipeError(f"unknown architecture {spec!r}: use one of {', '.join(registered() + families())} "
+                      f"or a torchvision classification model name ({ARCH_HELP})")
+
+
+def canonical(spec: str) -> str:
+    """The unambiguous form written into checkpoints: kdpipe:cnn_small, tv:resnet18, timm:..., or the
+    user spec as given."""
+    scheme, name = parse_spec(spec)
+    return name if scheme in ("file", "module", "family") else f"{scheme}:{name}"
+
+
+def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args: dict | None = None) -> nn.Module:
+    """Build an architecture (see the module's doc for specs) for (C, H, W) images or (D,) features."""
+    scheme, base = parse_spec(name)
+    args = parse_arch_args(args)
+    features = len(image_shape) == 1
+    if features and scheme in ("kdpipe", "tv", "timm") and base not in _TAKES_FEATURES:
         raise KDPipeError(f"{name} takes images (C, H, W), not feature vectors {tuple(image_shape)}: "
                           f"use one of {_feature_archs()}")
     if len(image_shape) not in (1, 3):
         raise KDPipeError(f"inputs must be images (C, H, W) or feature vectors (D,), got shape {tuple(image_shape)}")
-    if name.partition(":")[0] in _FAMILIES:
+    if scheme == "family":
+        if args:
+            raise KDPipeError(f"{name} takes its options in the spec (e.g. mlp:512,256:dropout=0.2), not "
+                              "in --arch-args")
         return _create_family(name, num_classes, image_shape)
-    if name in _REGISTRY:
-        return _REGISTRY[name](num_classes=num_classes, image_shape=tuple(image_shape))
-    if name in torchvision_models():
+    if scheme == "kdpipe":
+        if base not in _REGISTRY:
+            raise KDPipeError(f"unknown architecture {name!r}: the registry has {', '.join(registered())}")
+        return _call(_REGISTRY[base], name, args, num_classes=num_classes, image_shape=tuple(image_shape))
+    if scheme == "tv":
+        if base not in torchvision_models():
+            raise KDPipeError(f"{name!r}: torchvision has no classification model {base!r}")
         import torchvision
         try:
-            net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            net = torchvision.models.get_model(base, weights=None, num_classes=num_classes, **args)
         except Exception as e:  # torchvision raises various types for bad settings
-            raise KDPipeError(f"cannot build torchvision model {name}: {e}") from None
-        c = image_shape[0]
-        return net if c == 3 else nn.Sequential(_RepeatChannels(3 // c if 3 % c == 0 else 1, c), net)
-    raise KDPipeError(f"unknown architecture {name!r}: use one of {', '.join(registered() + families())} "
-                      "or a torchvision classification model name")
+            raise KDPipeError(f"cannot build torchvision model {base}: {_first_line(e)}") from None
+        return _grey(net, image_shape)
+    if scheme == "timm":
+        timm = import_timm()
+        try:
+            return timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=image_shape[0],
+                                     **args)
+        except Exception as e:  # timm raises RuntimeError for unknown names, TypeError for bad options
+            raise KDPipeError(f"cannot build timm model {base}: {_first_line(e)}") from None
+    factory = user_factory(name)
+    given = {"num_classes": num_classes, "image_shape": tuple(image_shape)}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in given.items() if (k in params or var_kw) and k not in args}
+    net = _call(factory, name, args, **extra)
+    if not isinstance(net, nn.Module):
+        raise KDPipeError(f"{name} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def check_model(name: str, num_classes: int, image_shape, args: dict | None = None) -> None:
+    """Build the architecture and run it on two blank inputs: it must return logits (2, num_classes).
+    A one-line KDPipeError otherwise, before any training starts (user code and timm can return anything)."""
+    import torch
+    net = create_model(name, num_classes, image_shape, args).eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((2, *image_shape)))
+    except Exception as e:
+        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {_first_line(e)}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise KDPipeError(f"{name} returns {got} for a batch of 2, not logits (2, {num_classes}): kdpipe trains "
+                          "models that return one logits tensor")
+
+
+def _call(factory, name, args, **fixed):
+    try:
+        return factory(**fixed, **args)
+    except TypeError as e:
+        if args and "argument" in str(e):
+            raise KDPipeError(f"{name} does not take the options {', '.join(args)}: {_first_line(e)}") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _grey(net: nn.Module, image_shape) -> nn.Module:
+    c = image_shape[0]
+    return net if c == 3 else nn.Sequential(_RepeatChannels(3 // c if 3 % c == 0 else 1, c), net)
+
+
+def import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise KDPipeError(f"timm: architectures need the optional package timm: {TIMM_PIP}") from None
+    return timm
+
+
+_USER_MODULES: dict[tuple[str, str], object] = {}
+
+
+def user_file(spec: str) -> Path | None:
+    """The source file of a user spec (PATH.py:NAME, or the module's file for package.module:NAME)."""
+    scheme, _ = parse_spec(spec)
+    if scheme == "file":
+        return Path(spec.rpartition(":")[0])
+    if scheme == "module":
+        mod = _import_module(spec.rpartition(":")[0], spec)
+        f = getattr(mod, "__file__", None)
+        return Path(f) if f else None
+    return None
+
+
+def _import_module(modname: str, spec: str):
+    try:
+        return importlib.import_module(modname)
+    except Exception as e:  # ImportError, or the user's module raising while it loads
+        raise KDPipeError(f"cannot import {modname} for architecture {spec}: {_first_line(e)}") from None
+
+
+def user_factory(spec: str):
+    """The class or function a user spec names, loaded from its file or module."""
+    scheme, _ = parse_spec(spec)
+    where, _, attr = spec.rpartition(":")
+    if scheme == "file":
+        path = Path(where)
+        if not path.is_file():
+            raise KDPipeError(f"architecture {spec}: no such file {path}")
+        from kdpipe.util import file_sha256
+        key = (str(path.resolve()), file_sha256(path))
+        if key not in _USER_MODULES:
+            modname = f"kdpipe_user_{key[1][:16]}"
+            loader_spec = importlib.util.spec_from_file_location(modname, path)
+            mod = importlib.util.module_from_spec(loader_spec)
+            sys.modules[modname] = mod  # dataclasses and pickling look modules up by name
+            try:
+                loader_spec.loader.exec_module(mod)
+            except Exception as e:
+                sys.modules.pop(modname, None)
+                raise KDPipeError(f"cannot load {path} for architecture {spec}: {type(e).__name__}: "
+                                  f"{_first_line(e)}") from None
+            _USER_MODULES[key] = mod
+        mod = _USER_MODULES[key]
+    else:
+        mod = _import_module(where, spec)
+    if not hasattr(mod, attr):
+        names = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
+        raise KDPipeError(f"{where} has no {attr} (it defines {', '.join(names[:12]) or 'nothing callable'})")
+    return getattr(mod, attr)
+
+
+def model_recipe(spec: str, args: dict | None = None) -> dict:
+    """How to rebuild a model, for checkpoints: canonical spec, options and, for user code, its file and
+    sha256 (checked when the checkpoint is loaded)."""
+    from kdpipe.util import file_sha256
+    out = {"spec": canonical(spec), "args": parse_arch_args(args)}
+    f = user_file(spec)
+    if f is not None:
+        out.update(file=str(f.resolve()), sha256=file_sha256(f))
+    return out
+
+
+def check_recipe(recipe: dict) -> list[str]:
+    """Warnings about a recorded recipe: the user file changed since the checkpoint was written."""
+    if "sha256" not in recipe:
+        return []
+    from kdpipe.util import file_sha256
+    f = user_file(recipe["spec"])
+    if f is None or not f.is_file():
+        return []
+    now = file_sha256(f)
+    if now != recipe["sha256"]:
+        return [f"{f} has changed since the checkpoint was written (sha256 {recipe['sha256'][:12]} then, "
+                f"{now[:12]} now): the model is built from the file as it is now"]
+    return []
 
 
 def count_parameters(model: nn.Module) -> int:

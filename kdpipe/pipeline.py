@@ -19,12 +19,18 @@ from kdpipe.sweep import STUDENT_BATCH_SIZE, parse_loss, plan_sweep
 # Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
 _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
                 "betas": "betas", "eps": "eps", "schedule": "schedule", "warmup_epochs": "warmup-epochs"}
-_TEACHER_KEYS = {"arch", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file"} | set(_OPTIM_FLAGS)
+# arch and archs are kdpipe.models specs (kdpipe:NAME, tv:NAME, timm:NAME, path/nets.py:Factory,
+# package.module:Factory); arch_args is "k=v,..." or a table. A [teacher] with file = "..." is loaded, not
+# trained: with arch too, the file is a state dict or safetensors file that arch fills; mean/std,
+# input_range or normalize give the input normalization of a teacher that is not a kdpipe checkpoint.
+_TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
+                 "output", "trust_pickle", "mean", "std", "input_range", "normalize"} | set(_OPTIM_FLAGS)
 # limit: only the first N samples of each split (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 _DATA_KEYS = {"spec", "root", "limit", "prepare"}
-_DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
-_STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
+_DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
+              "yes", "force"}
+_STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
                  "val_fraction"} | set(_OPTIM_FLAGS)
 
 
@@ -79,6 +85,16 @@ def _opts(d: dict, mapping: dict[str, str]) -> list[str]:
     return out
 
 
+def _arch_args(d: dict) -> list[str]:
+    """--arch-args from a block's arch_args: a "k=v,..." string or a TOML table."""
+    v = d.get("arch_args")
+    if not v:
+        return []
+    if isinstance(v, dict):
+        v = ",".join(f"{k}={str(x).lower() if isinstance(x, bool) else x}" for k, x in v.items())
+    return ["--arch-args", str(v)]
+
+
 def _listify(v):
     return v if isinstance(v, list) else [v]
 
@@ -109,15 +125,22 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     if data_file:
         lines += rule(data_file[0], [], data["prepare"], "data")
     if "file" not in t:
-        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(["--arch", t["arch"]] + _opts(t, {
-            "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
-            "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
+        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
+            ["--arch", t["arch"]] + _arch_args(t) + _opts(t, {
+                "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
+                "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
             "teacher")
     manifest = f"{cache_dir}/manifest.json"
-    lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(_opts(d, {
+    loaded = []  # how a teacher file that kdpipe did not train is read
+    if "file" in t:
+        loaded = (["--teacher-arch", t["arch"]] + _arch_args(t) if "arch" in t else []) + _opts(t, {
+            "output": "teacher-output", "mean": "mean", "std": "std", "input_range": "input-range",
+            "normalize": "normalize"}) + (["--trust-pickle"] if t.get("trust_pickle") else [])
+    lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
-        "device": "device", "amp": "amp"})) + f" --overwrite --out {cache_dir}", "dump")
+        "device": "device", "amp": "amp"}) + (["--yes"] if d.get("yes") else [])
+        + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache_dir}", "dump")
     all_metrics = []
     for i, block in enumerate(spec["students"]):
         archs = _listify(block["archs"])
@@ -132,7 +155,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
             block.get("batch_size", STUDENT_BATCH_SIZE), **training)]
         all_metrics += targets
-        args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _opts(block, {
+        args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _arch_args(block) + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device"})
         lines += rule(" ".join(targets) + " &", [manifest],

@@ -16,49 +16,114 @@ from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
-from kdpipe.data import KINDS, ImageData, limited, load_dataset
+from kdpipe.data import KINDS, SOURCES, ImageData, limited, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import count_parameters, create_model
+from kdpipe.models import check_model, count_parameters, create_model
 from kdpipe.sweep import parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
 
 
-def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData | None]:
-    """The train split the cache was dumped from (checked) and its test split (for evaluation)."""
+def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) -> tuple[ImageData, ImageData | None]:
+    """The train split the cache was dumped from (checked) and its test split (for evaluation).
+
+    Moved data: `data_spec` (--data SPEC) replaces the spec the manifest records; `data_root`
+    (--data-root DIR) is where a path source (imagefolder:, files:, csv:, npz:) lies now, or the folder of
+    the other sources. Either way the fingerprint check refuses a dataset that is not the cache's.
+    """
     d = cache.manifest["dataset"]
+    src = SOURCES.get(d["spec"].split(":")[0].lower())
+    builtin = src is not None and not src.path  # finds its files in a folder, which the manifest records
+    spec = data_spec or moved_spec(d["spec"], data_root)
     root = data_root
-    if root is None and d["spec"].split(":")[0] in ("fashion-mnist", "mnist", "cifar10", "cifar100"):
+    if root is None and builtin and not data_spec:
         root = d.get("source")
     kind = d.get("kind", "dense")
     if kind not in KINDS:
         raise KDPipeError(f"the cache's data is of kind {kind!r}, which this version cannot load "
                           f"(it knows {', '.join(KINDS)}): upgrade kdpipe")
     size = d.get("image_size")  # photos: decoded the same way as in stage one, without asking again
-    train = limited(load_dataset(d["spec"], d["split"], root, size), d.get("limit"))
+    try:
+        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"))
+    except KDPipeError as e:
+        arg = spec.partition(":")[2]
+        gone = Path(arg).expanduser() if src is not None and src.path else Path(root) if root else None
+        if data_root is None and data_spec is None and gone is not None and not gone.exists():
+            raise KDPipeError(f"{e} (if the cache's data moved, pass --data-root DIR or --data SPEC "
+                              "to say where it is now)") from None
+        raise
     cache.check_dataset(train)
     if train.kind != kind:
-        raise KDPipeError(f"the cache was dumped from {kind} data, {d['spec']} now loads as {train.kind}")
+        raise KDPipeError(f"the cache was dumped from {kind} data, {spec} now loads as {train.kind}")
     test = None
     ev = cache.manifest.get("eval")
     if ev:
-        test = limited(load_dataset(d["spec"], "test", root, size), ev["dataset"].get("limit"))
+        test = limited(load_dataset(spec, "test", root, size), ev["dataset"].get("limit"))
         if test.fingerprint != ev["dataset"]["fingerprint"]:
-            raise KDPipeError(f"the test split of {d['spec']} differs from the one the cache's teacher "
-                              "was evaluated on (fingerprint mismatch)")
+            raise KDPipeError(f"the test split of {spec} differs from the one the cache's teacher "
+                              f"was evaluated on (fingerprint: cache has {ev['dataset']['fingerprint'][:12]}, "
+                              f"given {test.fingerprint[:12]})")
     return train, test
+
+
+def check_split_use(cache: Cache, allow_test_split: bool) -> None:
+    """Refuse to train on a cache dumped from the test split unless told to."""
+    d = cache.manifest["dataset"]
+    if d["split"] != "train" and not allow_test_split:
+        raise KDPipeError(f"cache {cache.path} was dumped from the {d['split']} split of {d['spec']}: training a "
+                          "student on it leaks the test set into the student; dump --split train, or pass "
+                          "--allow-test-split if that is what you want")
+
+
+class CachedViews:
+    """The engine's view source over a cache (engine.ViewSource): for an epoch, view e mod K's replay
+    parameters and teacher logits, on the device, read as contiguous slices of the memory maps.
+    With `rows` (a distributed rank's sample indices) only those rows are read, placed at their index.
+    `logits=False` reads the parameters only (an online teacher computes the logits)."""
+
+    def __init__(self, cache: Cache, device, logits: bool = True):
+        self.cache, self.device, self.logits = cache, device, logits
+        self.n = cache.num_samples
+
+    def __call__(self, epoch: int, rows: torch.Tensor | None = None):
+        cache, device, n = self.cache, self.device, self.n
+        v = epoch % cache.num_views
+        if rows is None:
+            params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
+            logits = torch.from_numpy(cache.read_view(v, "logits")).to(device) if self.logits else None
+            return params, logits
+        share = torch.unique(rows)
+        at = (v * n + share.cpu().numpy()).astype(np.int64)
+        params = torch.zeros((n, len(cache.columns)), dtype=torch.int32, device=device)
+        if cache.columns:
+            params[share] = torch.from_numpy(cache.read_rows("view_params", at)).to(device)
+        logits = None
+        if self.logits:
+            part = torch.from_numpy(cache.read_rows("logits", at)).to(device)
+            logits = torch.zeros((n, part.shape[1]), dtype=part.dtype, device=device)
+            logits[share] = part
+        return params, logits
+
+
+def clean_test_logits(model, test: ImageData, policy, mean, std, device, amp: bool = False) -> torch.Tensor:
+    """A model's logits (on the CPU) on the clean test split, as stage two evaluates every student."""
+    timg = images_tensor(test.images, device)
+    tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
+    return predict(model, timg, policy, tp, mean, std, amp=amp).cpu()
 
 
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
-                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None, lrs=(),
-                   val_fraction: float = 0.0) -> list[dict]:
+                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
+                   data_spec: str | None = None, allow_test_split: bool = False,
+                   arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
-    config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
+    config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
+    Runs with the same seed share one pass over the data (one read and replay per batch).
 
     `optim` gives the optimizer and schedule; `lrs`, when given, is a sweep axis over its learning rate.
     `val_fraction` > 0 holds that share of the cache's samples out of training (validation_rows: the same
@@ -80,6 +145,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     `batch_size` is per rank (the effective batch is batch_size x world; the learning rate is used as
     given), each rank reads only its share of every epoch's rows, and rank 0 alone writes the runs'
     files and returns their metrics (the other ranks return []).
+
+    `data_root` / `data_spec`: where the cache's data lies now (load_cache_data). A cache of the test
+    split is refused unless `allow_test_split`.
     """
     ctx = dist or SINGLE
     world = ctx.world
@@ -100,11 +168,12 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     with ctx.together("opening the cache"):
         cache = Cache(cache_dir)
         m = cache.manifest
+        check_split_use(cache, allow_test_split)
         policy = policy_from_identity(m["views"])
-        train, test = load_cache_data(cache, data_root)
+        train, test = load_cache_data(cache, data_root, data_spec)
         in_shape = tuple(m["input"]["shape"])
-        for arch in students:  # fail on a bad name before any training
-            create_model(arch, cache.num_classes, in_shape)
+        for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
+            check_model(arch, cache.num_classes, in_shape, arch_args)
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
     ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:
@@ -140,24 +209,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         + (" (as given: not scaled with the world size)" if world > 1 else "")
         + f", {total_steps // epochs} steps per epoch")
 
-    def view_source(epoch, rows=None):
-        v = epoch % k
-        if rows is None:
-            params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
-            logits = None if online_teacher is not None else torch.from_numpy(cache.read_view(v, "logits")).to(device)
-            return params, logits
-        # A rank's share (sample indices `rows`): only those rows are read, placed at their index.
-        share = torch.unique(rows)
-        at = (v * n + share.cpu().numpy()).astype(np.int64)
-        params = torch.zeros((n, len(cache.columns)), dtype=torch.int32, device=device)
-        if cache.columns:
-            params[share] = torch.from_numpy(cache.read_rows("view_params", at)).to(device)
-        logits = None
-        if online_teacher is None:
-            part = torch.from_numpy(cache.read_rows("logits", at)).to(device)
-            logits = torch.zeros((n, part.shape[1]), dtype=part.dtype, device=device)
-            logits[share] = part
-        return params, logits
+    view_source = CachedViews(cache, device, logits=online_teacher is None)
 
     teacher_test = cache.read_test_logits()
     evaluate = _Evaluator(images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device)
@@ -165,7 +217,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     for seed in sorted({p[3] for _, p, _ in planned}):
         group = [(name, p, st) for name, p, st in planned if p[3] == seed]
         runs: list[Run] = [build_run(name, p[0], losses[name], p[3], cache.num_classes, in_shape,
-                                     OptimConfig.from_settings(st), total_steps, device, epoch_steps=epoch_steps)
+                                     OptimConfig.from_settings(st), total_steps, device, arch_args=arch_args,
+                                     epoch_steps=epoch_steps)
                            for name, p, st in group]
         log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
             + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
@@ -296,9 +349,9 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     common = dict(arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape,
                   mean=cache.manifest["input"]["mean"], std=cache.manifest["input"]["std"],
                   class_names=cache.manifest["dataset"]["class_names"],
-                  dataset={k: v for k, v in cache.manifest["dataset"].items()})
+                  dataset={k: v for k, v in cache.manifest["dataset"].items()}, arch_args=r.arch_args)
     if track.best_epoch is not None:
-        best_model = create_model(r.arch, cache.num_classes, in_shape)
+        best_model = create_model(r.arch, cache.num_classes, in_shape, r.arch_args)
         best_model.load_state_dict(track.best_state)
         save_checkpoint(rdir / "student-best.pt", best_model, **common, test_top1=track.best_eval.get("test_top1"),
                         extra={"role": "student", "run": r.name, "epoch": track.best_epoch, "selected_by": "val_top1"})
@@ -307,7 +360,7 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     metrics["size_bytes"] = save_checkpoint(
         rdir / "student.pt", r.model, **common, test_top1=metrics.get("test_top1"),
         extra={"role": "student", "run": r.name, "epoch": epochs})
-    config = {"run": r.name, "student": r.arch, "loss": {"name": r.loss.name, "options": opts},
+    config = {"run": r.name, "student": r.arch, "arch_args": r.arch_args or {}, "loss": {"name": r.loss.name, "options": opts},
               "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": r.seed,
               "epochs": epochs, "batch_size": batch_size, "world_size": world,
               "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim),

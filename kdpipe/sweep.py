@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 
 from kdpipe import KDPipeError
 
@@ -111,12 +112,14 @@ def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
 
 
 def arch_label(arch: str) -> str:
-    """An architecture as run names write it: a parametric one without Make's special characters,
-    mlp:512,256 -> mlp512x256, dscnn:16:dropout=0.2 -> dscnn16_dropout0.2; others as they are."""
-    family, colon, rest = arch.partition(":")
-    if not colon:
-        return arch
-    return family + rest.replace(",", "x").replace(":", "_").replace("=", "").replace("/", "_")
+    """An architecture spec as a file-name part. A parametric one (NAME:<digits>..., kdpipe.models families)
+    keeps its numbers readable: mlp:512,256 -> mlp512x256, dscnn:16:dropout=0.2 -> dscnn16_dropout0.2;
+    others: tv:resnet18 -> tv_resnet18, nets/a.py:Net -> a.py_Net."""
+    family, colon, rest = str(arch).partition(":")
+    if colon and family.isidentifier() and rest[:1].isdigit():
+        return family + rest.replace(",", "x").replace(":", "_").replace("=", "")
+    base = str(arch).replace("\\", "/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.+]", "_", base)
 
 
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
@@ -125,7 +128,7 @@ def run_name(arch: str, temperature: float | None, alpha: float | None, seed: in
     the options given in its spec (sorted), and the axes given (None: the loss's default, left out):
     ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. `tag` (training_tag: optimizer, lr, epochs, hash of
     the other settings) goes before the seed: ARCH-T4-a0.9-adam-lr0.003-e5-s0. No characters that Make
-    treats specially."""
+    treats specially (an architecture spec passes through arch_label)."""
     arch = arch_label(arch)
     tail = ([tag] if tag else []) + [f"s{seed}"]
     if loss == "kd" and not loss_options:

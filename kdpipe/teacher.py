@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -11,28 +13,30 @@ import torch
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.writer import CacheWriter
-from kdpipe.checkpoint import LoadedModel, save_checkpoint
+from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, LoadedModel, save_checkpoint
 from kdpipe.data import ImageData
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
-from kdpipe.util import Progress, channels_last, ensure_parent, images_tensor
+from kdpipe.normalization import resolve_input
+from kdpipe.util import Progress, channels_last, ensure_parent, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
 
 def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out, *, policy: ViewPolicy,
                   batch_size: int = 128, optim: OptimConfig | None = None, seed: int = 0,
-                  device=torch.device("cpu"), amp: bool = False, log=print) -> dict:
-    """Train `arch` with fresh random views every epoch; save a kdpipe checkpoint at `out`."""
+                  device=torch.device("cpu"), amp: bool = False, log=print, arch_args: dict | None = None) -> dict:
+    """Train `arch` (a kdpipe.models spec, with `arch_args`) with fresh random views every epoch; save a
+    kdpipe checkpoint at `out`."""
     out = ensure_parent(out, "teacher output")
     optim = optim or OptimConfig()
     mean, std = train.channel_stats()
     in_shape = policy.output_shape(train.image_shape)
     epoch_steps = steps_per_epoch(len(train), batch_size)
     run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
-                    epochs * epoch_steps, device, epoch_steps=epoch_steps)
+                    epochs * epoch_steps, device, arch_args=arch_args, epoch_steps=epoch_steps)
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
 
@@ -50,7 +54,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     latency = cpu_latency_ms(run.model, in_shape)
     size = save_checkpoint(out, run.model, arch=arch, num_classes=train.num_classes, image_shape=in_shape,
                            mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
-                           test_top1=acc, extra={"view_policy": policy.identity(), "epochs": epochs,
+                           test_top1=acc, arch_args=arch_args, extra={"view_policy": policy.identity(), "epochs": epochs,
                                                  "cpu_latency_ms": latency, "train_wall_s": stats["wall_s"],
                                                  "role": "teacher", "training": optim.settings()})
     log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
@@ -62,20 +66,117 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
 AMP_DTYPE = torch.bfloat16  # --amp's autocast dtype (as in engine.py); the manifest records it
 
 
+PROBE_SAMPLES = 256  # training samples the teacher is checked on before a dump
+CHANCE_P = 1e-3  # the probe refuses a teacher whose top-1 is not above chance at this significance
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (exact for the probe's n)."""
+    if k <= 0:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+            for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def probe_rows(n: int) -> np.ndarray:
+    """The samples of the probe: PROBE_SAMPLES spread over the split (all of a smaller one), in order."""
+    if n <= PROBE_SAMPLES:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, PROBE_SAMPLES, replace=False))
+
+
+def chance_level(labels: np.ndarray, num_classes: int) -> float:
+    """The top-1 that a teacher blind to its inputs can reach: the most common class's share of the split
+    (1 / classes for balanced data), never below 1 / classes."""
+    share = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).max() / max(1, len(labels))
+    return max(1.0 / num_classes, float(share))
+
+
+def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: int,
+                          chance: float | None = None, what: str = "training samples") -> tuple[str | None, str]:
+    """(a reason to stop, or None; a summary) from the teacher's outputs on the probe's clean views:
+    rows that look like probabilities (all non-negative, each summing to 1), or a top-1 accuracy that a
+    one-sided binomial test cannot tell from chance at CHANCE_P. Chance is 1 / classes unless given
+    (chance_level). A probe too small for the test ever to reject, e.g. 8 samples of 2 classes, skips
+    the test and says so."""
+    n = len(labels)
+    correct = int((logits.argmax(1) == labels).sum())
+    chance = 1.0 / num_classes if chance is None else chance
+    p = binomial_tail(correct, n, chance)
+    summary = f"probe: teacher top-1 {correct / n:.3f} on {n} {what} (chance {chance:.3f}, p = {p:.2g})"
+    fix = "check the input normalization (--normalize, --input-range, --mean/--std), the teacher's class order " \
+          "and --teacher-output, or pass --force"
+    if np.isfinite(logits).all() and (logits >= 0).all() and np.allclose(logits.sum(1), 1.0, atol=1e-3):
+        return ("the teacher's outputs look like probabilities (non-negative, every row sums to 1), not raw logits: "
+                "give the model without its final softmax, or pick its logits with --teacher-output; or pass "
+                "--force"), summary
+    if binomial_tail(n, n, chance) > CHANCE_P:  # even a perfect teacher could not be told from chance
+        return None, summary + "; too few samples to test for chance level"
+    if p > CHANCE_P:
+        return (f"the teacher's top-1 on {n} {what} is {correct / n:.3f}, no better than chance "
+                f"({chance:.3f}; binomial p = {p:.2g}): {fix}"), summary
+    return None, summary
+
+
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
-                   logits_dtype: str, shard_rows: int, batch_size: int, mean, std) -> dict:
+                   logits_dtype: str, shard_rows: int, batch_size: int, norm: dict) -> dict:
     return {"format_version": fmt.FORMAT_VERSION,
-            "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind},
+            "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind,
+                        "output": teacher.output or "auto"},
             "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),
-            "input": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}}
+            "input": {"mean": [float(m) for m in norm["mean"]], "std": [float(s) for s in norm["std"]],
+                      "normalization": {"source": norm["source"], "value": norm["value"]}}}
+
+
+SIZE_FACTOR = 10  # a cache over this many times the decoded dataset's bytes needs --yes
+
+
+def planned_size(data: ImageData, test: ImageData | None, policy: ViewPolicy, views: int,
+                 logits_dtype: str) -> dict:
+    """What a dump will write, from the cache columns' declarations (kdpipe/cache/format.py): rows,
+    bytes per row, and bytes in all (shards and the eval file; HDF5's metadata adds a few KB per file)."""
+    m = {"dataset": {"num_classes": data.num_classes, "num_samples": len(data)},
+         "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype}
+    rows = len(data) * views
+    per_row = fmt.row_bytes(m)
+    eval_bytes = len(test) * fmt.eval_row_bytes(m) if test is not None else 0
+    return {"rows": rows, "row_bytes": per_row, "eval_bytes": eval_bytes, "bytes": rows * per_row + eval_bytes,
+            "data_bytes": int(data.images.nbytes)}
+
+
+def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
+    """Refuse (unless `yes`) a dump whose cache would exceed the free space where it goes, or
+    SIZE_FACTOR times the decoded dataset; either way say the planned size."""
+    out = Path(out_dir).resolve()
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    size = (f"{human_bytes(plan['bytes'])} ({plan['rows']:,} rows x {plan['row_bytes']} bytes"
+            + (f", plus {human_bytes(plan['eval_bytes'])} of test logits)" if plan["eval_bytes"] else ")"))
+    why = []
+    if plan["bytes"] > free:
+        why.append(f"more than the {human_bytes(free)} free on {where}")
+    if plan["bytes"] > SIZE_FACTOR * plan["data_bytes"]:
+        why.append(f"more than {SIZE_FACTOR}x the decoded dataset ({human_bytes(plan['data_bytes'])})")
+    if why and not yes:
+        raise KDPipeError(f"the cache would take {size}, " + " and ".join(why) +
+                          ": pass --yes to dump it anyway, or dump fewer --views")
+    log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 
 def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, out_dir, *, policy: ViewPolicy,
                 views: int, seed: int = 0, logits_dtype: str = "float16", batch_size: int = 512,
                 shard_rows: int = 65536, device=torch.device("cpu"), amp: bool = False,
-                overwrite: bool = False, mean=None, std=None, dist: Dist | None = None, log=print) -> dict:
+                overwrite: bool = False, mean=None, std=None, input_range: str | None = None,
+                normalize: str | None = None, force: bool = False, dist: Dist | None = None, log=print) -> dict:
     """Stage one: run the teacher once over K views of every sample; write shards, then the manifest.
 
     Resumable: complete shards of an earlier run with the same identity are kept. Under torchrun
@@ -83,7 +184,12 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     start; the ranks check the existing shards between them (rank r those with index r mod world),
     share what is complete, and split the shards still to compute round-robin, so a cache begun with
     any world size is finished correctly with any other. Rank 0 gathers the shard entries and writes
-    the manifest. A failure on any rank stops every rank with a message naming it. The cache protocol
+    the manifest. A failure on any rank stops every rank with a message naming it.
+
+    The input normalization is explicit (kdpipe.normalization.resolve_input: a kdpipe checkpoint's own, or
+    mean/std, input_range or the normalize preset). Before the dump, the teacher runs on the clean views
+    of PROBE_SAMPLES training samples: outputs that look like probabilities, or a top-1 no better than
+    chance, stop it (check_teacher_outputs) unless `force`. The cache protocol
     (OUT, resume, shard files, manifest) is kdpipe.cache.writer.CacheWriter's: this function runs the
     teacher and hands it each shard's logits, row indices and view parameters.
     """
@@ -104,16 +210,16 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                           f"has {data.num_classes}")
     if teacher.image_shape is not None and tuple(teacher.image_shape) != tuple(in_shape):
         raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}")
-    if mean is None or std is None:
-        mean, std = (teacher.mean, teacher.std) if teacher.mean is not None else data.channel_stats()
+    norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
+    mean, std = norm["mean"], norm["std"]
     n = len(data)
     shard_rows = min(shard_rows, n * views)
-    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, mean, std)
+    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm)
     writer = CacheWriter(out_dir, ident, overwrite=overwrite, dist=ctx, log=log)
 
     use_channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
     teacher_mod = teacher.module.to(device).eval()
-    if use_channels_last and teacher.kind != "torchscript":
+    if use_channels_last and teacher.kind not in FIXED_LAYOUT_KINDS:
         teacher_mod = teacher_mod.to(memory_format=torch.channels_last)
     images = images_tensor(data.images, device)
     labels = data.labels
@@ -125,17 +231,35 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             param_cache[k] = policy.sample_view(seed, k, data.images.shape)
         return param_cache[k]
 
-    # Check the teacher's output size on one batch before spending time or touching OUT.
+    # Probe the teacher on the clean views of a few hundred training samples before spending time or
+    # touching OUT: its output shape, then outputs that are probabilities or at chance level.
+    sel = probe_rows(n)
     with torch.no_grad():
-        x = policy.replay(images[:2], torch.from_numpy(view_params(0)[:2]).to(device), mean, std)
-        try:
-            probe = teacher_mod(x)
-        except Exception as e:
-            raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: "
-                              f"{str(e).splitlines()[0][:200]}") from None
-    if probe.ndim != 2 or probe.shape[1] != data.num_classes:
-        raise KDPipeError(f"the teacher outputs shape {tuple(probe.shape[1:])} per image, the dataset "
-                          f"{data.spec} has {data.num_classes} classes")
+        pp = torch.from_numpy(eval_params(policy, data.image_shape, len(sel))).to(device)
+        chunks = []
+        for b in range(0, len(sel), batch_size):
+            x = policy.replay(images[torch.from_numpy(sel[b:b + batch_size]).to(device)], pp[b:b + batch_size],
+                              mean, std)
+            try:
+                out = teacher_mod(x)
+            except KDPipeError:
+                raise
+            except Exception as e:
+                raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: "
+                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"
+                                  ) from None
+            if out.ndim != 2 or out.shape[1] != data.num_classes:
+                raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
+                                  f"{data.spec} has {data.num_classes} classes")
+            chunks.append(out.float().cpu())
+    stop, summary = check_teacher_outputs(torch.cat(chunks).numpy(), labels[sel], data.num_classes,
+                                          chance_level(labels, data.num_classes),
+                                          "training samples" if data.split == "train" else f"{data.split} samples")
+    log(summary)
+    if stop is not None:
+        if not force:
+            raise KDPipeError(stop)
+        log(f"warning (--force): {stop}")
 
     finished = writer.open()
     if finished is not None:
@@ -209,7 +333,6 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                                                    **teacher_info}],
         "dataset": {**data.identity(), "source": data.source},
         "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
-        "num_classes": data.num_classes, "input": {"mean": list(map(float, mean)), "std": list(map(float, std)),
-                                                   "shape": list(in_shape)},
+        "num_classes": data.num_classes, "input": {**ident["input"], "shape": list(in_shape)},
         "dump": summary}, eval_entry)
     return {**summary, "bytes": m["bytes"], "out": str(out_dir), "resumed_shards": len(writer.kept)}

@@ -46,6 +46,15 @@ def seeded_generator(*seed_parts: int) -> torch.Generator:
     return g
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def ensure_out_dir(path, what: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():

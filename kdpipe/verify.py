@@ -106,8 +106,12 @@ def repair_hint(cache_dir) -> str:
 
 
 def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weights=None, sample=256,
-                 data_root=None, seed=0, device=torch.device("cpu"), log=print) -> list[str]:
-    """The list of faults found (empty when the cache is sound)."""
+                 data_root=None, seed=0, device=torch.device("cpu"), log=print, data_spec=None, arch_args=None,
+                 trust_pickle: bool = False, teacher_output: str | None = None) -> list[str]:
+    """The list of faults found (empty when the cache is sound). The teacher is loaded as the dump loaded
+    it: the architecture, its options and the output entry default to what the manifest records, and
+    it is fed the manifest's input normalization. `data_root`/`data_spec`: where the cache's data lies
+    now (kdpipe.student.load_cache_data)."""
     cache = Cache(cache_dir, check_checksum=False)  # an edited manifest is reported below, not refused
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
     edited = manifest_fault(cache.manifest)
@@ -115,7 +119,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)
-    if teacher_file is None and teacher_arch is None:
+    if teacher_file is None and teacher_weights is None and teacher_arch is None:
         return faults
     if faults:
         log("skipping the teacher check: the shards are damaged")
@@ -125,10 +129,16 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     from kdpipe.views import policy_from_identity
 
     m = cache.manifest
-    train, _ = load_cache_data(cache, data_root)
+    train, _ = load_cache_data(cache, data_root, data_spec)
     policy = policy_from_identity(m["views"])
-    teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights,
-                           image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes)
+    recorded = m["teacher"]
+    if teacher_arch is None and recorded.get("kind") in ("state_dict", "safetensors") and "model" in recorded:
+        teacher_arch = recorded["model"]["spec"]
+        arch_args = recorded["model"].get("args") if arch_args is None else arch_args
+    output = teacher_output if teacher_output is not None else recorded.get("output")
+    teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
+                           image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes,
+                           trust_pickle=trust_pickle, output=None if output == "auto" else output)
     if teacher.fingerprint != m["teacher"]["fingerprint"]:
         faults.append(f"the teacher given (sha256 {teacher.fingerprint[:12]}) is not the cache's "
                       f"(sha256 {m['teacher']['fingerprint'][:12]})")
@@ -183,9 +193,10 @@ def _rerun(teacher, dump: dict, images: np.ndarray, params: np.ndarray, policy, 
     ac = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
     autocast = torch.autocast(device.type, dtype=getattr(torch, ac)) if ac else \
         torch.autocast(device.type, enabled=False)
+    from kdpipe.checkpoint import FIXED_LAYOUT_KINDS
     channels_last = bool(dump.get("channels_last")) and len(images.shape) == 4
     mod = teacher.module.to(device).eval()
-    if channels_last and teacher.kind != "torchscript":
+    if channels_last and teacher.kind not in FIXED_LAYOUT_KINDS:
         mod = mod.to(memory_format=torch.channels_last)
     imgs = torch.from_numpy(images).to(device)
     batch = int(dump.get("batch_size") or 256)

@@ -230,11 +230,17 @@ def dump_and_capture(teacher_path, data, test, out, *, policy, views, **kwargs) 
         result = dump_logits(teacher, data, test, out, policy=policy, views=views, log=quiet, **kwargs)
     finally:
         handle.remove()
-    # Call 0 is dump_logits' two-row probe; then come the cache's rows in order; then the test split.
-    assert calls and len(calls[0][0]) == 2, "expected dump_logits to probe the teacher on two rows first"
+    # First come dump_logits' probe calls (its clean views of probe_rows); then the cache's rows in order;
+    # then the test split.
+    from kdpipe.teacher import probe_rows
+    probe, first = len(probe_rows(len(data))), 0
+    while probe > 0 and first < len(calls):
+        probe -= len(calls[first][0])
+        first += 1
+    assert probe == 0, "expected dump_logits to probe the teacher on probe_rows first"
     total = len(data) * views
     xs, ys, got = [], [], 0
-    for x, y in calls[1:]:
+    for x, y in calls[first:]:
         if got >= total:
             break
         xs.append(x)

@@ -196,7 +196,8 @@ def test_manifest_records_the_caches_identity(cache, teacher_ckpt):
         ("shard-00003.h5", 1500, 1536)]
     assert m["torch_version"] == torch.__version__ and m["kdpipe_version"]
     ckpt = torch.load(teacher_ckpt, weights_only=True)
-    assert m["input"] == {"mean": ckpt["mean"], "std": ckpt["std"], "shape": [1, 28, 28]}
+    assert m["input"] == {"mean": ckpt["mean"], "std": ckpt["std"], "shape": [1, 28, 28],
+                          "normalization": {"source": "checkpoint", "value": None}}
     assert m["bytes"] == sum(s["bytes"] for s in m["shards"]) + m["eval"]["bytes"]
     # The summary's accuracies are those of the stored logits.
     c = Cache(cache.path)

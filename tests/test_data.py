@@ -399,7 +399,7 @@ def test_varying_sizes_without_image_size_are_refused_before_decoding(tmp_path, 
 
 
 def test_image_size_applies_to_image_folders_only(fmnist_like):
-    with pytest.raises(KDPipeError, match="--image-size applies to imagefolder:PATH only"):
+    with pytest.raises(KDPipeError, match="--image-size applies to image files"):
         load_dataset(fmnist_like, "train", image_size=32)
     with pytest.raises(KDPipeError, match="whole number of pixels"):
         load_dataset("imagefolder:/nowhere", "train", image_size=0)

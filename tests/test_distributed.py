@@ -52,7 +52,7 @@ def work(tmp_path_factory) -> Path:
 def dump_args(work: Path, out: Path, *extra) -> list[str]:
     return ["dump-logits", "--teacher", str(work / "teacher.pt"), "--data", f"npz:{work / 'tiny.npz'}",
             "--views", str(VIEWS), "--shard-rows", str(SHARD_ROWS), "--batch-size", "16", "--device", "cpu",
-            "--out", str(out), *extra]
+            "--force", "--out", str(out), *extra]  # --force: the teacher is untrained
 
 
 def student_args(cache: Path, out: Path, batch_size: int) -> list[str]:

@@ -337,7 +337,9 @@ def test_real_full_disk_then_space_back(small, tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
     try:
         out = mnt / "cache"
-        res = run_cli(small.args(out))
+        # The planned size is checked first; with --yes the dump goes on and meets the full disk.
+        assert_one_line_error(run_cli(small.args(out)), "the cache would take", "free on", "--yes")
+        res = run_cli(small.args(out) + ["--yes"])
         assert_one_line_error(res, "cannot write", "no space left on the device", progress=True)
         assert not list(out.glob(".*tmp*")), "a temporary file was left on the full disk"
         kept = assert_nothing_partial_reads_as_complete(out, small.shards)

@@ -118,10 +118,10 @@ CASES = {
     "teacher file does not load": (
         lambda e, t: _dump(e, t, teacher=(t / "junk.pt").write_bytes(b"not a model\n" * 10) and t / "junk.pt"),
         ["cannot load", "junk.pt"]),
-    "teacher weights do not fit the architecture": (
+    "teacher architecture given for a kdpipe checkpoint": (
         lambda e, t: ["dump-logits", "--teacher-arch", "cnn_small", "--teacher-weights", str(e.teacher),
                       "--data", f"npz:{e.npz}", "--views", "2", "--device", "cpu", "--out", str(t / "out")],
-        ["do not fit the architecture"]),
+        ["is a kdpipe checkpoint, which records its architecture (cnn_tiny): drop --teacher-arch"]),
     "teacher with 7 outputs for 10 classes": (
         lambda e, t: _dump(e, t, teacher=torchscript_teacher(t / "seven.pt", out=7)),
         ["the teacher outputs shape (7,) per image", "has 10 classes"]),

@@ -89,9 +89,11 @@ def torchscript_teacher(path: Path, out: int = 10, nan_above: float = 1e9, inf_b
 
 def dump_args(teacher: Path, npz: Path, out: Path, views: int = 8, shard_rows: int = 400, seed: int = 3,
               batch_size: int = 200, *extra: str) -> list[str]:
+    # The teachers here are untrained (--force passes the probe) and fed save_teacher's normalization (which
+    # TorchScript teachers need given; kdpipe checkpoints saved with it accept it).
     return ["dump-logits", "--teacher", str(teacher), "--data", f"npz:{npz}", "--views", str(views),
             "--shard-rows", str(shard_rows), "--seed", str(seed), "--batch-size", str(batch_size),
-            "--device", "cpu", "--out", str(out), *extra]
+            "--device", "cpu", "--mean", "0.13", "--std", "0.31", "--force", "--out", str(out), *extra]
 
 
 def subprocess_env(**changes) -> dict:

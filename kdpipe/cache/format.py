@@ -170,6 +170,16 @@ def shard_columns(codec: str) -> list[Column]:
     return [c for c in SHARD_COLUMNS.values() if c.codec in (None, codec)]
 
 
+def row_bytes(m: dict, codec: str = "raw") -> int:
+    """Bytes one (view, sample) row takes in the shards of a cache whose manifest (or dump identity) is m."""
+    return sum(c.np_dtype(m).itemsize * int(np.prod(c.shape(m), dtype=np.int64)) for c in shard_columns(codec))
+
+
+def eval_row_bytes(m: dict) -> int:
+    """Bytes one test sample takes in the eval file."""
+    return sum(c.np_dtype(m).itemsize * int(np.prod(c.shape(m), dtype=np.int64)) for c in EVAL_COLUMNS.values())
+
+
 def columns_record(codec: str) -> list[dict]:
     """What the manifest says of its columns (``columns``): enough for a reader to refuse or ignore them."""
     return [{"name": c.name, "path": c.path, "required": c.required} for c in shard_columns(codec)]

@@ -1,0 +1,123 @@
+"""kdpipe's public Python API: train students in your own loop from a cache that dump-logits wrote.
+
+    import kdpipe
+
+    data = kdpipe.open_cache("cache/default")           # checks the dataset against the cache
+    loss_fn = kdpipe.create_loss("kd", temperature=4, alpha=0.9)
+    for epoch in range(epochs):
+        for x, teacher_logits, labels in data.epoch(epoch, batch_size=128):
+            terms = loss_fn(model(x), teacher_logits, labels, epoch)
+            sum(terms.values()).backward()
+            ...
+
+The batches come from the code train-student runs, not a copy of it: the view of epoch e (e mod K)
+is read as contiguous slices of the shards' memory maps (kdpipe.student.CachedViews), the epoch is
+shuffled as kdpipe.engine.batches shuffles it, and each batch is replayed on the device from the
+stored view parameters (kdpipe.engine.replay_batch), so `x` is bit for bit the input the teacher saw
+for that row. The README's section "The Python API" is a complete example, run by tests/test_api.py.
+
+For a torch DataLoader over rows instead (worker processes, your own sampler), see
+kdpipe.cache.reader.CachedLogitsDataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from kdpipe.cache.reader import Cache, CachedLogitsDataset
+from kdpipe.engine import batches, replay_batch, steps_per_epoch
+from kdpipe.evaluate import top1
+from kdpipe.losses import Loss, create_loss, known_losses
+from kdpipe.models import create_model
+from kdpipe.student import CachedViews, check_split_use, clean_test_logits, load_cache_data
+from kdpipe.util import images_tensor, pick_device, seeded_generator
+from kdpipe.views import policy_from_identity
+
+__all__ = ["open_cache", "CacheData", "EpochBatches", "create_loss", "known_losses", "Loss", "create_model",
+           "CachedLogitsDataset"]
+
+
+def open_cache(cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False) -> "CacheData":
+    """Open a finished cache and the dataset it was dumped from, ready to yield training batches.
+
+    device: where batches are replayed and returned ("cpu", "cuda", "cuda:1", "auto" or a torch.device).
+    data_root / data: where the cache's dataset lies now if it moved (as train-student's --data-root and
+    --data); its fingerprint must match the cache's. allow_test_split: accept a cache of the test split.
+    Raises kdpipe.KDPipeError with one line saying what is wrong (unfinished cache, data not found or not
+    the cache's, ...).
+    """
+    return CacheData(cache_dir, device, data_root=data_root, data=data, allow_test_split=allow_test_split)
+
+
+class CacheData:
+    """A cache with its dataset loaded (and checked) for training on `device`.
+
+    Attributes: cache (kdpipe.cache.reader.Cache), manifest, num_classes, num_views (K), num_samples,
+    input_shape (what the student takes, e.g. (1, 28, 28)), class_names, mean and std (the input
+    normalization the teacher was given, applied to every batch), policy (the view composition),
+    train and test (kdpipe.data.ImageData; test is None where the cache has no test logits), device.
+    """
+
+    def __init__(self, cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False):
+        self.device = device if isinstance(device, torch.device) else pick_device(str(device))
+        self.cache = Cache(cache_dir)
+        check_split_use(self.cache, allow_test_split)
+        m = self.manifest = self.cache.manifest
+        self.train, self.test = load_cache_data(self.cache, data_root, data)
+        self.policy = policy_from_identity(m["views"])
+        self.mean, self.std = m["input"]["mean"], m["input"]["std"]
+        self.input_shape = tuple(m["input"]["shape"])
+        self.num_classes, self.num_views = self.cache.num_classes, self.cache.num_views
+        self.num_samples = self.cache.num_samples
+        self.class_names = list(m["dataset"]["class_names"])
+        self._images = images_tensor(self.train.images, self.device)
+        self._labels = torch.from_numpy(self.train.labels).to(self.device)
+        self._views = CachedViews(self.cache, self.device)
+
+    def __repr__(self) -> str:
+        return (f"CacheData({str(self.cache.path)!r}, {self.num_samples} samples x {self.num_views} views, "
+                f"{self.num_classes} classes, input {self.input_shape}, on {self.device})")
+
+    def epoch(self, epoch: int, batch_size: int = 128, seed: int = 0) -> "EpochBatches":
+        """The batches of one epoch: view `epoch` mod K of every sample, shuffled by (seed, epoch) as
+        train-student shuffles them; the last partial batch is dropped (as train-student does)."""
+        return EpochBatches(self, int(epoch), int(batch_size), int(seed))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self.num_samples, batch_size)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, amp: bool = False) -> float:
+        """Top-1 accuracy of `model` on the clean test split, computed as train-student computes it (the
+        model is left in eval mode: call model.train() before training on)."""
+        if self.test is None:
+            raise ValueError(f"cache {self.cache.path} holds no test split to evaluate on")
+        return top1(clean_test_logits(model, self.test, self.policy, self.mean, self.std, self.device, amp),
+                    self.test.labels)
+
+    def teacher_test_logits(self) -> torch.Tensor | None:
+        """The teacher's logits on the clean test split (float32, CPU), or None."""
+        t = self.cache.read_test_logits()
+        return None if t is None else torch.from_numpy(t)
+
+
+class EpochBatches:
+    """An iterable over one epoch's batches (x, teacher_logits, labels), all on the device: x the replayed,
+    normalized views (float32), teacher_logits (B, classes) float32, labels (B,) int64. len() is the
+    number of batches."""
+
+    def __init__(self, data: CacheData, epoch: int, batch_size: int, seed: int):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.epoch, self.batch_size, self.seed = data, epoch, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.data.steps_per_epoch(self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        d = self.data
+        params, logits = d._views(self.epoch)
+        for idx in batches(d.num_samples, self.batch_size, seeded_generator(self.seed, self.epoch), d.device):
+            yield replay_batch(d._images, d._labels, d.policy, params, logits, idx, d.mean, d.std)

@@ -1,0 +1,73 @@
+"""The public Python API (kdpipe/api.py): the README's example runs as written, and its batches are the
+cache's rows: the views the teacher saw, bit for bit, its stored logits and the labels."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kdpipe
+from kdpipe import KDPipeError
+from kdpipe.cache.reader import Cache
+from kdpipe.engine import batches
+from kdpipe.util import seeded_generator
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    section = text.split("\n## The Python API\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the Python API section should hold one python example"
+    return blocks[0]
+
+
+def test_readme_example_trains_a_student(cache, tmp_path, monkeypatch):
+    """The example as written, run where `cache/default` is the conftest's small Fashion-MNIST cache."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "default").symlink_to(cache.path, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(readme_example(), str(README), "exec"), {"__name__": "readme_example"})
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"epoch {e}" for e in range(cache.views)]
+    assert all(re.search(r"ce \d\.\d{3}, kd \d\.\d{3}, test top-1 0\.\d{3}$", line) for line in lines), lines
+    state = torch.load(tmp_path / "student.pt")
+    assert any(v.dtype.is_floating_point for v in state.values())
+
+
+def test_batches_are_the_cache_rows(cache):
+    """Epoch e's batches: the teacher's own inputs for view e mod K (bit for bit), the stored logits and
+    the labels of the samples train-student would draw for (seed, e)."""
+    data = kdpipe.open_cache(cache.path)
+    assert (data.num_classes, data.num_views, data.input_shape) == (10, 3, (1, 28, 28))
+    n, bs, stored = data.num_samples, 100, Cache(cache.path)
+    for epoch in (0, 4):  # 4 reads view 1
+        k = epoch % cache.views
+        order = batches(n, bs, seeded_generator(7, epoch), "cpu")
+        got = list(data.epoch(epoch, batch_size=bs, seed=7))
+        assert len(got) == len(order) == len(data.epoch(epoch, bs, 7)) == n // bs
+        for (x, t, y), idx in zip(got, order):
+            rows = (k * n + idx).numpy()
+            assert torch.equal(x, cache.captured.inputs[rows])
+            assert t.dtype == torch.float32
+            np.testing.assert_array_equal(t.numpy(), stored.read_view(k, "logits")[idx.numpy()].astype(np.float32))
+            np.testing.assert_array_equal(y.numpy(), cache.train.labels[idx.numpy()])
+
+
+def test_open_cache_refuses_what_train_student_refuses(cache, tmp_path):
+    with pytest.raises(KDPipeError, match="not a kdpipe cache"):
+        kdpipe.open_cache(tmp_path)
+    with pytest.raises(KDPipeError, match="fingerprint"):
+        bad = tmp_path / "other.npz"
+        np.savez(bad, x_train=cache.train.images[:, 0][::-1].copy(), y_train=cache.train.labels[::-1].copy(),
+                 x_test=cache.test.images[:, 0], y_test=cache.test.labels)
+        kdpipe.open_cache(cache.path, data=f"npz:{bad}")

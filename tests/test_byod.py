@@ -1,0 +1,370 @@
+"""Bring your own data, through the CLI: files:PATH (labels in file names), csv:FILE (image lists and
+feature tables), data that moved since the dump, the data checks that refuse with one line, and the
+planned-size check before a dump. Data is generated in tmp_path (Fashion-MNIST rows from Debian's
+package, or photos drawn from their index)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdpipe import KDPipeError
+from kdpipe.data import load_dataset, moved_spec
+from test_reliability_helpers import assert_one_line_error, run_cli
+
+N_TRAIN, N_TEST = 100, 40  # Fashion-MNIST rows written out as image files (every class is among the first 100)
+
+
+def ok(res):
+    assert res.exit_code == 0, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    return res
+
+
+@pytest.fixture(autouse=True)
+def _own_decodes(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(tmp_path / "decoded"))
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+# ---------------------------------------------------------------- data built in tmp_path
+
+def _png(arr: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def write_source(kind: str, root: Path, fm) -> str:
+    """The Fashion-MNIST subset (N_TRAIN train, N_TEST test rows) as a `kind` source under root; its spec."""
+    splits = {"train": (fm.x_train[:N_TRAIN], fm.y_train[:N_TRAIN]), "test": (fm.x_test[:N_TEST], fm.y_test[:N_TEST])}
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "npz":
+        np.savez(root / "data.npz", x_train=splits["train"][0], y_train=splits["train"][1],
+                 x_test=splits["test"][0], y_test=splits["test"][1])
+        return f"npz:{root / 'data.npz'}"
+    if kind == "imagefolder":
+        for split, (x, y) in splits.items():
+            for i, (img, label) in enumerate(zip(x, y)):
+                _png(img, root / "fm" / split / f"c{label}" / f"{i:04d}.png")
+        return f"imagefolder:{root / 'fm'}"
+    if kind == "files":
+        folders = {"train": "training", "test": "evaluation"}
+        for split, (x, y) in splits.items():
+            for i, (img, label) in enumerate(zip(x, y)):
+                _png(img, root / "fm" / folders[split] / f"{label}_{i}.png")
+        return f"files:{root / 'fm'}"
+    if kind == "csv":
+        lines = ["path,label,split"]
+        for split, (x, y) in splits.items():
+            for i, (img, label) in enumerate(zip(x, y)):
+                _png(img, root / "img" / f"{split}{i}.png")
+                lines.append(f"img/{split}{i}.png,{label},{split}")
+        (root / "list.csv").write_text("\n".join(lines) + "\n")
+        return f"csv:{root / 'list.csv'}"
+    raise ValueError(kind)
+
+
+def _dump(teacher, spec, out, *extra):
+    return run_cli(["dump-logits", "--teacher", teacher, "--data", spec, "--views", 2, "--policy", "crop:2",
+                    "--batch-size", 64, "--out", out, *extra])
+
+
+def _student(cache, out, *extra):
+    return run_cli(["train-student", "--cache", cache, "--student", "mlp_100", "--epochs", 1, "--batch-size", 32,
+                    "--alpha", 0.9, "--out", out, *extra])
+
+
+# ---------------------------------------------------------------- a folder of photos of any size and mode
+
+CLASS_COLOURS = [(60, 20, 20), (40, 140, 40), (200, 200, 250)]  # distinct in colour and in brightness
+MODES = ["L", "RGB", "RGBA", "P", "CMYK"]
+
+
+def _photo(label: int, i: int, split: str) -> Image.Image:
+    """An image of class `label`: its colour with noise, of a size (24..600 px a side) and mode drawn from
+    (split, label, i). JPEG holds L, RGB and CMYK; RGBA and P are written as PNG."""
+    rng = np.random.default_rng([{"train": 1, "test": 2}[split], label, i])
+    w, h = rng.integers(24, 601, 2)
+    arr = np.clip(np.array(CLASS_COLOURS[label])[None, None] + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr).resize((int(w), int(h)), Image.Resampling.NEAREST)  # blocks of noise, cheap to draw
+    mode = MODES[(i + label) % len(MODES)]
+    if mode == "RGBA":
+        im.putalpha(Image.fromarray(rng.integers(128, 256, (12, 12)).astype(np.uint8)).resize((int(w), int(h))))
+    elif mode == "P":
+        im = im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    elif mode in ("L", "CMYK"):
+        im = im.convert(mode)
+    return im
+
+
+def write_photo_folder(root: Path, per_class: dict[str, int]) -> Path:
+    for split, folder in (("train", "training"), ("test", "evaluation"), ("val", "validation")):
+        for label in range(len(CLASS_COLOURS)):
+            for i in range(per_class[split]):
+                im = _photo(label, i, "test" if split == "val" else split)
+                ext = ".png" if im.mode in ("RGBA", "P") else ".jpg"
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                im.save(root / folder / f"{label}_{i}{ext}", **({"quality": 90} if ext == ".jpg" else {}))
+    return root
+
+
+def test_photo_folder_of_any_size_and_mode_runs_through_both_stages(tmp_path):
+    """60 train photos (24-600 px, modes L, RGB, RGBA, P, CMYK; JPEG and PNG), labels in the file names:
+    train-teacher, dump-logits, train-student, and verify-cache re-running the teacher on the replayed
+    views finds the stored logits."""
+    root = write_photo_folder(tmp_path / "food", {"train": 20, "test": 6, "val": 2})
+    spec = f"files:{root}"
+    data = load_dataset(spec, "train", image_size=32)
+    test = load_dataset(spec, "test", image_size=32)
+    assert data.kind == "photos" and data.image_shape == (3, 32, 32) and len(data) == 60 and len(test) == 18
+    assert data.class_names == ["0", "1", "2"]
+    names = sorted((root / "training").iterdir())
+    assert data.labels.tolist() == [int(p.name.split("_")[0]) for p in names]
+    sizes = {tuple(s) for s in data.sizes.tolist()}
+    assert len(sizes) > 30 and min(min(s) for s in sizes) >= 24 and max(max(s) for s in sizes) <= 600
+
+    teacher = tmp_path / "teacher.pt"
+    ok(run_cli(["train-teacher", "--data", spec, "--image-size", 32, "--arch", "cnn_tiny", "--epochs", 4,
+                "--batch-size", 10, "--lr", 0.05, "--policy", "crop:2+flip", "--out", teacher]))
+    cache = tmp_path / "cache"
+    res = ok(run_cli(["dump-logits", "--teacher", teacher, "--data", spec, "--image-size", 32, "--views", 2,
+                      "--policy", "crop:2+flip", "--out", cache]))
+    assert "planned cache size" in res.output
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["dataset"]["kind"] == "photos" and m["dataset"]["image_size"] == 32 and m["rows"] == 120
+    ok(run_cli(["verify-cache", cache, "--teacher", teacher, "--sample", 40]))
+    runs = tmp_path / "runs"
+    ok(run_cli(["train-student", "--cache", cache, "--student", "cnn_tiny", "--epochs", 2, "--batch-size", 10,
+                "--out", runs]))
+    metrics = json.loads(next(runs.glob("*/metrics.json")).read_text())
+    assert metrics["epochs"] == 2 and 0 <= metrics["test_top1"] <= 1
+
+
+def test_files_layouts_and_names(tmp_path):
+    """train/test folders work like training/evaluation; without a test folder, validation is the test
+    split; class names that are words are sorted; a name without <label>_ is refused with the file's name."""
+    root = tmp_path / "words"
+    for split, folder in (("train", "train"), ("val", "val")):
+        for label, name in enumerate(["zebra", "apple_pie"]):
+            for i in range(2):
+                _png(np.full((8, 8), 40 * label + i, np.uint8), root / folder / f"{name}_{i}.png")
+    tr, te = load_dataset(f"files:{root}", "train"), load_dataset(f"files:{root}", "test")
+    assert tr.class_names == ["apple_pie", "zebra"] and tr.labels.tolist() == [0, 0, 1, 1]
+    assert te.source.endswith("val") and tr.image_shape == (1, 8, 8)
+    _png(np.zeros((8, 8), np.uint8), root / "train" / "nolabel.png")
+    with pytest.raises(KDPipeError, match="nolabel.png is not named <label>_<n>"):
+        load_dataset(f"files:{root}", "train")
+
+
+# ---------------------------------------------------------------- csv: image lists and feature tables
+
+def test_csv_names_as_labels_and_validation_as_test(tmp_path):
+    """Names are classes in sorted order; val rows are the test split when there are no test rows, and
+    are ignored when there are."""
+    rows = ["label,split,a,b", "dog,train,1,2", "cat,train,3,4", "dog,val,5,6", "cat,training,7,8"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    tr, te = load_dataset(f"csv:{tmp_path / 't.csv'}", "train"), load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+    assert tr.class_names == ["cat", "dog"] and tr.labels.tolist() == [1, 0, 0] and te.labels.tolist() == [1]
+    np.testing.assert_array_equal(te.images, np.array([[5, 6]], np.float32))
+    (tmp_path / "t.csv").write_text("\n".join(rows + ["cat,test,9,9"]) + "\n")
+    te = load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+    assert te.labels.tolist() == [0] and te.images.tolist() == [[9.0, 9.0]]
+
+
+def test_file_labels_from_one_are_refused(tmp_path):
+    root = tmp_path / "f"
+    for label in (1, 2, 3):
+        _png(np.full((8, 8), label, np.uint8), root / "train" / f"{label}_0.png")
+        _png(np.full((8, 8), label, np.uint8), root / "test" / f"{label}_0.png")
+    res = run_cli(["train-teacher", "--data", f"files:{root}", "--arch", "mlp_100", "--epochs", 1,
+                   "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, "the labels start at 1, not 0")
+
+
+def test_csv_image_list_equals_the_arrays(tmp_path, fmnist):
+    spec = write_source("csv", tmp_path / "d", fmnist)
+    d = load_dataset(spec, "train")
+    np.testing.assert_array_equal(d.images[:, 0], fmnist.x_train[:N_TRAIN])
+    np.testing.assert_array_equal(d.labels, fmnist.y_train[:N_TRAIN])
+    assert d.num_classes == 10 and len(load_dataset(spec, "test")) == N_TEST
+
+
+def _features_csv(path: Path, d: int, n_train=150, n_test=45, header=True) -> str:
+    rng = np.random.default_rng(0)
+    lines = ["split,label," + ",".join(f"f{j}" for j in range(d))] if header else []
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n) % 3
+        x = rng.normal(0, 0.5, (n, d)) + y[:, None]
+        lines += [f"{split},{y[i]}," + ",".join(f"{v:.6f}" for v in x[i]) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return f"csv:{path}"
+
+
+def test_csv_feature_table_through_both_stages_and_the_size_check(tmp_path):
+    """A CSV of numeric features loads as float32 features; its cache of 4 views takes more than 10x
+    the 2-feature table, so the dump is refused saying its planned size until --yes is given."""
+    spec = _features_csv(tmp_path / "tab.csv", d=2)
+    data = load_dataset(spec, "train")
+    assert data.kind == "features" and data.image_shape == (2,) and data.images.dtype == np.float32
+    teacher = tmp_path / "t.pt"
+    ok(run_cli(["train-teacher", "--data", spec, "--arch", "mlp_100", "--epochs", 3, "--batch-size", 30,
+                "--policy", "none", "--out", teacher]))
+    cache = tmp_path / "cache"
+    args = ["dump-logits", "--teacher", teacher, "--data", spec, "--views", 4, "--policy", "gauss:0.1", "--out", cache]
+    # 600 rows x (3 float16 logits + 1 int32 seed + sample, view and label indices) = 600 x 30 bytes
+    assert_one_line_error(run_cli(args), "the cache would take 18.9 KB (600 rows x 30 bytes, plus 900 bytes of "
+                          "test logits), more than 10x the decoded dataset (1.2 KB): pass --yes")
+    assert not (cache / "manifest.json").exists()
+    assert "more than 10x" in ok(run_cli(args + ["--yes"])).output
+    ok(run_cli(["train-student", "--cache", cache, "--student", "mlp_100", "--epochs", 2, "--batch-size", 30,
+                "--out", tmp_path / "runs"]))
+
+
+def test_dump_larger_than_the_free_space_needs_yes(tmp_path, teacher_ckpt, fmnist, monkeypatch):
+    spec = write_source("npz", tmp_path / "d", fmnist)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=5000))
+    res = _dump(teacher_ckpt, spec, tmp_path / "c")
+    # 200 rows x (10 float16 logits + 2 int32 crop offsets + sample, view and label indices) + 40 x 48 test bytes
+    assert_one_line_error(res, "the cache would take 11.5 KB (200 rows x 48 bytes, plus 1.9 KB of test logits), "
+                          "more than the 5.0 KB free on")
+    monkeypatch.undo()
+    ok(_dump(teacher_ckpt, spec, tmp_path / "c", "--yes"))
+
+
+CSV_CASES = {
+    "no label column": ("path,split\na.png,train\n", "no label column"),
+    "no split column": ("label,f0\n0,1.5\n", "no split column"),
+    "path and more columns": ("path,label,split,f0\na.png,0,train,1\n", "has a path column and also f0"),
+    "a word among features": ("label,split,f0,f1\n0,train,1.0,x\n", "column 'f1' holds 'x', not a number"),
+    "labels mix numbers and names": ("label,split,f0\n0,train,1\ncat,train,2\n", "the labels mix numbers"),
+    "no header": ("0,train,1.0\n1,train,2.0\n", "has no header row"),
+    "a short row": ("label,split,f0\n0,train\n", "line 2 has 2 fields, the header 3"),
+    "a listed image is missing": ("path,label,split\nnope.png,0,train\n", "nope.png (listed in bad.csv"),
+    "an unknown split": ("label,split,f0\n0,holdout,1\n", "split 'holdout' is not train, test or val"),
+    "a NaN feature": ("label,split,f0\n0,train,1\n0,train,nan\n", "train row 1 holds NaN or infinite values"),
+    "no rows": ("label,split,f0\n", "has a header but no rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(CSV_CASES))
+def test_ambiguous_or_broken_csv_is_refused_with_one_line(tmp_path, case):
+    text, fragment = CSV_CASES[case]
+    (tmp_path / "bad.csv").write_text(text)
+    res = run_cli(["train-teacher", "--data", f"csv:{tmp_path / 'bad.csv'}", "--arch", "mlp_100", "--epochs", 1,
+                   "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, fragment)
+    assert not (tmp_path / "t.pt").exists()
+
+
+# ---------------------------------------------------------------- moved data
+
+@pytest.mark.parametrize("kind", ["npz", "imagefolder", "files", "csv"])
+def test_moved_data_is_found_with_data_root_and_checked_by_fingerprint(tmp_path, teacher_ckpt, fmnist, kind):
+    spec = write_source(kind, tmp_path / "old", fmnist)
+    cache = tmp_path / "cache"
+    ok(_dump(teacher_ckpt, spec, cache))
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    assert_one_line_error(_student(cache, tmp_path / "r0"), "--data-root DIR or --data SPEC")
+    ok(_student(cache, tmp_path / "r1", "--data-root", tmp_path / "new"))
+    ok(run_cli(["verify-cache", cache, "--teacher", teacher_ckpt, "--sample", 20, "--data-root", tmp_path / "new"]))
+    new_spec = moved_spec(spec, tmp_path / "new")
+    assert new_spec == spec.replace("/old/", "/new/")
+    if kind in ("imagefolder", "files"):  # --data-root may also name the dataset's folder itself
+        assert moved_spec(spec, tmp_path / "new" / "fm") == new_spec
+    ok(_student(cache, tmp_path / "r2", "--data", new_spec))
+
+
+def test_another_dataset_at_the_new_place_is_refused_by_fingerprint(tmp_path, teacher_ckpt, fmnist):
+    spec = write_source("npz", tmp_path / "old", fmnist)
+    cache = tmp_path / "cache"
+    ok(_dump(teacher_ckpt, spec, cache))
+    (tmp_path / "new").mkdir()
+    z = dict(np.load(tmp_path / "old" / "data.npz"))
+    z["x_train"] = z["x_train"].copy()
+    z["x_train"][3, 5, 5] ^= 1  # one pixel differs
+    np.savez(tmp_path / "new" / "data.npz", **z)
+    res = _student(cache, tmp_path / "r", "--data-root", tmp_path / "new")
+    assert_one_line_error(res, "the dataset does not match cache", "fingerprint: cache has")
+    res = run_cli(["verify-cache", cache, "--teacher", teacher_ckpt, "--data", f"npz:{tmp_path / 'new' / 'data.npz'}"])
+    assert_one_line_error(res, "fingerprint: cache has")
+
+
+# ---------------------------------------------------------------- data checks
+
+def _npz(path, x_train, y_train, x_test, y_test) -> str:
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return f"npz:{path}"
+
+
+def _bad_npz(fm, path, case) -> str:
+    x, y, xt, yt = fm.x_train[:N_TRAIN], fm.y_train[:N_TRAIN], fm.x_test[:N_TEST], fm.y_test[:N_TEST]
+    if case == "labels 1..10":
+        return _npz(path, x, y + 1, xt, yt + 1)
+    if case == "a skipped class":
+        return _npz(path, x, np.where(y == 4, 5, y), xt, np.where(yt == 4, 5, yt))
+    if case == "train has fewer classes than test":
+        keep = y != 9
+        return _npz(path, x[keep], y[keep], xt, yt)
+    if case == "test images of another shape":
+        return _npz(path, x, y, np.zeros((N_TEST, 32, 32), np.uint8), yt)
+    raise ValueError(case)
+
+
+DATA_CHECKS = {
+    "labels 1..10": "the labels start at 1, not 0",
+    "a skipped class": "no train sample has class(es) 4 of 0..9",
+    "train has fewer classes than test": "the train split has fewer classes (9) than the test split (10)",
+    "test images of another shape": "the test samples are dense (1, 32, 32), the train samples dense (1, 28, 28)",
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CHECKS))
+def test_data_checks_refuse_with_one_line(tmp_path, fmnist, teacher_ckpt, case):
+    spec = _bad_npz(fmnist, tmp_path / "bad.npz", case)
+    res = run_cli(["train-teacher", "--data", spec, "--arch", "mlp_100", "--epochs", 1, "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, DATA_CHECKS[case])
+    assert_one_line_error(_dump(teacher_ckpt, spec, tmp_path / "c"), DATA_CHECKS[case])
+    assert not (tmp_path / "c").exists()
+
+
+def test_files_with_names_the_test_split_lacks_in_train(tmp_path):
+    root = tmp_path / "f"
+    for folder, names in (("training", ["cat", "dog"]), ("evaluation", ["cat", "dog", "emu"])):
+        for name in names:
+            _png(np.zeros((8, 8), np.uint8), root / folder / f"{name}_0.png")
+    res = run_cli(["train-teacher", "--data", f"files:{root}", "--arch", "mlp_100", "--epochs", 1,
+                   "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, "the train split has fewer classes (2) than the test split: no train sample of emu")
+
+
+def test_a_test_split_cache_needs_allow_test_split(tmp_path, teacher_ckpt, fmnist):
+    spec = write_source("npz", tmp_path / "d", fmnist)
+    cache = tmp_path / "cache"
+    ok(_dump(teacher_ckpt, spec, cache, "--split", "test"))
+    res = _student(cache, tmp_path / "r")
+    assert_one_line_error(res, "was dumped from the test split", "--allow-test-split")
+    assert not (tmp_path / "r").exists()
+    ok(_student(cache, tmp_path / "r", "--allow-test-split"))
+
+
+def test_pipeline_dump_passes_yes(tmp_path):
+    from kdpipe.pipeline import load_pipeline, make_rules
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "default.toml").read_text()
+    (tmp_path / "p.toml").write_text(text.replace("# yes = true", "yes = true"))
+    dump = [line for line in make_rules(load_pipeline(tmp_path / "p.toml")).splitlines() if "dump-logits" in line]
+    assert len(dump) == 1 and " --yes " in dump[0]
+    (tmp_path / "q.toml").write_text(text)
+    assert "--yes" not in make_rules(load_pipeline(tmp_path / "q.toml"))

@@ -1,0 +1,505 @@
+"""Bring your own teacher (issue 9): every kind of teacher either gives a cache whose stored logits are
+the teacher's own outputs on the replayed views, or is refused with one line and exit code 2.
+
+All through the CLI (click's CliRunner), on the Fashion-MNIST subset with the session's trained
+cnn_small teacher (conftest's teacher_ckpt) wrapped in the shapes users bring: normalizing inside,
+ending in a softmax, returning tuples or dicts, saved as TorchScript, torch.export, state dict,
+safetensors, a pickled module, a timm model, the user's own file.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from kdpipe import KDPipeError
+from kdpipe.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _no_sigterm_handler(monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # dump-logits installs one
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+def refused(result, *fragments):
+    """Exit code 2, one line 'Error: ...' on stderr holding every fragment, no traceback."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- teachers in users' shapes
+
+class Normalizing(nn.Module):
+    """Takes pixels in [0, 1] and normalizes inside (as many exported teachers do)."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).softmax(1)
+
+
+class TupleOut(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), x.flatten(1)[:, :7]
+
+
+class DictOut(nn.Module):
+    def __init__(self, net, key="logits"):
+        super().__init__()
+        self.net = net
+        self.key = key
+
+    def forward(self, x):
+        return {"features": x.flatten(1)[:, :5], self.key: self.net(x)}
+
+
+@pytest.fixture(scope="module")
+def ref(teacher_ckpt, fmnist):
+    """The trained teacher as a plain module, its normalization and the data spec."""
+    from kdpipe.checkpoint import load_teacher
+    t = load_teacher(teacher_ckpt)
+    return types.SimpleNamespace(net=t.module.eval(), mean=list(t.mean), std=list(t.std), spec=fmnist.spec,
+                                 norm=["--mean", ",".join(map(str, t.mean)), "--std", ",".join(map(str, t.std))])
+
+
+def dump(teacher, spec, out, *extra):
+    return invoke("dump-logits", "--teacher", teacher, "--data", spec, "--views", 2, "--policy", "crop:2+flip",
+                  "--seed", 5, "--logits-dtype", "float32", "--batch-size", 256, "--device", "cpu", *extra,
+                  "--out", out)
+
+
+def assert_cache_holds(cache_dir, fn, atol=1e-4):
+    """The stored logits of every row equal fn(x) on that row's view, replayed from the stored view
+    parameters with the manifest's normalization (what the teacher saw); returns the manifest."""
+    from kdpipe.cache.reader import Cache
+    from kdpipe.data import load_dataset
+    from kdpipe.views import policy_from_identity
+
+    c = Cache(cache_dir)
+    m = c.manifest
+    images = torch.from_numpy(np.asarray(load_dataset(m["dataset"]["spec"], m["dataset"]["split"]).images))
+    sidx = torch.from_numpy(c.read("sample_index", 0, c.rows).astype(np.int64))
+    params = torch.from_numpy(c.read("view_params", 0, c.rows))
+    x = policy_from_identity(m["views"]).replay(images[sidx], params, m["input"]["mean"], m["input"]["std"])
+    with torch.no_grad():
+        want = fn(x).float().numpy()
+    np.testing.assert_allclose(c.read("logits", 0, c.rows), want, atol=atol, rtol=1e-4)
+    return m
+
+
+def trace(module, path):
+    torch.jit.trace(module.eval(), torch.randn(2, 1, 28, 28), strict=False).save(str(path))
+    return path
+
+
+# ---------------------------------------------------------------- normalization
+
+def test_a_teacher_without_normalization_is_refused_naming_the_options(ref, tmp_path):
+    ts = trace(ref.net, tmp_path / "t.ts")
+    line = refused(dump(ts, ref.spec, tmp_path / "c"), "does not record the input normalization",
+                   "--normalize imagenet", "--input-range 0-1|0-255", "--mean")
+    assert not (tmp_path / "c").exists()
+    assert "t.ts" in line
+
+
+def test_a_teacher_that_takes_pixels_in_0_1_dumps_its_own_outputs(ref, tmp_path):
+    inner = Normalizing(ref.net, ref.mean, ref.std)
+    ts = trace(inner, tmp_path / "unit.ts")
+    out = tmp_path / "c"
+    r = ok(dump(ts, ref.spec, out, "--input-range", "0-1"))
+    assert "probe: teacher top-1" in r.output
+    m = assert_cache_holds(out, inner)
+    assert m["input"]["mean"] == [0.0] and m["input"]["std"] == [1.0]
+    assert m["input"]["normalization"] == {"source": "input-range", "value": "0-1"}
+    assert m["teacher"]["kind"] == "torchscript"
+    shown = ok(invoke("inspect", out)).output
+    assert "normalization --input-range 0-1: mean [0], std [1]" in shown
+    ok(invoke("verify-cache", out, "--teacher", ts, "--sample", 64))
+
+
+def test_normalization_is_part_of_the_cache_identity_and_a_checkpoint_keeps_its_own(ref, teacher_ckpt, tmp_path):
+    ts = trace(ref.net, tmp_path / "t.ts")
+    out = tmp_path / "c"
+    ok(dump(ts, ref.spec, out, *ref.norm))
+    assert assert_cache_holds(out, ref.net)["input"]["normalization"]["source"] == "mean-std"
+    # Another normalization into the same OUT is another cache: refused unless --overwrite.
+    r = dump(ts, ref.spec, out, "--mean", "0.5", "--std", "0.5", "--force")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    refused(dump(teacher_ckpt, ref.spec, tmp_path / "k", "--input-range", "0-1"),
+            "was trained on inputs normalized with mean", "drop --input-range")
+    refused(dump(ts, ref.spec, tmp_path / "k", "--normalize", "imagenet"), "--normalize imagenet is for 3-channel")
+    refused(dump(ts, ref.spec, tmp_path / "k", "--mean", "0.2"), "--mean and --std go together")
+    refused(dump(ts, ref.spec, tmp_path / "k", "--input-range", "0-1", "--normalize", "imagenet"),
+            "give one input normalization")
+    ckpt = tmp_path / "own"
+    ok(dump(teacher_ckpt, ref.spec, ckpt))
+    m = assert_cache_holds(ckpt, ref.net)
+    assert m["input"]["normalization"]["source"] == "checkpoint" and m["input"]["mean"] == pytest.approx(ref.mean)
+    assert "from the teacher checkpoint" in ok(invoke("inspect", ckpt)).output
+
+
+# ---------------------------------------------------------------- the probe
+
+def test_a_softmax_teacher_is_refused_unless_forced(ref, tmp_path):
+    ts = trace(Softmaxed(ref.net), tmp_path / "soft.ts")
+    refused(dump(ts, ref.spec, tmp_path / "c", *ref.norm), "look like probabilities", "without its final softmax",
+            "--force")
+    assert not (tmp_path / "c").exists()
+    r = ok(dump(ts, ref.spec, tmp_path / "c", *ref.norm, "--force"))
+    assert "warning (--force)" in r.output
+
+
+def test_an_untrained_teacher_is_at_chance(tmp_path, fmnist):
+    from kdpipe.checkpoint import save_checkpoint
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    path = tmp_path / "untrained.pt"
+    save_checkpoint(path, create_model("cnn_tiny", 10, (1, 28, 28)), arch="cnn_tiny", num_classes=10,
+                    image_shape=(1, 28, 28), mean=[0.3], std=[0.35], class_names=list("abcdefghij"), dataset={},
+                    test_top1=None)
+    line = refused(dump(path, fmnist.spec, tmp_path / "c"), "on 256 training samples is", "no better than chance (")
+    share = np.bincount(fmnist.y_train).max() / len(fmnist.y_train)  # chance: the most common class's share
+    assert f"chance ({max(0.1, share):.3f}; binomial p = " in line
+
+
+def test_binomial_tail_and_the_probe_rules():
+    from math import comb
+
+    from kdpipe.teacher import binomial_tail, chance_level, check_teacher_outputs
+    for k, n, p in ((0, 10, 0.1), (3, 10, 0.1), (40, 256, 0.1), (256, 256, 0.5), (5, 8, 0.5)):
+        exact = sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert binomial_tail(k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 256)
+    good = rng.normal(size=(256, 10))
+    good[np.arange(256), labels] += 3
+    assert check_teacher_outputs(good, labels, 10)[0] is None
+    assert "no better than chance" in check_teacher_outputs(rng.normal(size=(256, 10)), labels, 10)[0]
+    probs = np.exp(good) / np.exp(good).sum(1, keepdims=True)
+    assert "probabilities" in check_teacher_outputs(probs, labels, 10)[0]
+    # Log-probabilities are fine as logits (their softmax is the distribution).
+    assert check_teacher_outputs(np.log(probs), labels, 10)[0] is None
+    # On imbalanced labels, always answering the common class is chance too.
+    skewed = np.where(rng.random(256) < 0.9, 0, 1)
+    constant = np.tile(np.array([[2.0, 0.0]]), (256, 1))
+    assert check_teacher_outputs(constant, skewed, 2)[0] is None  # against 1/2 it would pass...
+    assert "no better than chance" in check_teacher_outputs(constant, skewed, 2, chance_level(skewed, 2))[0]
+    assert chance_level(np.repeat(np.arange(10), 3), 10) == pytest.approx(0.1)
+    # 8 samples of 2 classes cannot show anything: the chance test is skipped and says so.
+    stop, summary = check_teacher_outputs(rng.normal(size=(8, 2)), rng.integers(0, 2, 8), 2)
+    assert stop is None and "too few samples" in summary
+
+
+# ---------------------------------------------------------------- outputs
+
+def test_a_tuple_teacher_gives_its_first_entry(ref, tmp_path):
+    ts = trace(TupleOut(ref.net), tmp_path / "tuple.ts")
+    ok(dump(ts, ref.spec, tmp_path / "c", *ref.norm))
+    assert_cache_holds(tmp_path / "c", ref.net)
+    refused(dump(ts, ref.spec, tmp_path / "d", *ref.norm, "--teacher-output", 1),
+            "the teacher outputs shape (7,) per image")
+    refused(dump(ts, ref.spec, tmp_path / "d", *ref.norm, "--teacher-output", 5),
+            "--teacher-output 5: the teacher returns a tuple of 2")
+
+
+def test_a_dict_teacher_gives_logits_or_the_entry_named(ref, tmp_path):
+    ts = trace(DictOut(ref.net), tmp_path / "dict.ts")
+    ok(dump(ts, ref.spec, tmp_path / "c", *ref.norm))
+    assert_cache_holds(tmp_path / "c", ref.net)
+    other = trace(DictOut(ref.net, key="scores"), tmp_path / "scores.ts")
+    refused(dump(other, ref.spec, tmp_path / "d", *ref.norm), "a dict with keys 'features', 'scores'",
+            "--teacher-output NAME|INDEX")
+    out = tmp_path / "e"
+    ok(dump(other, ref.spec, out, *ref.norm, "--teacher-output", "scores"))
+    m = assert_cache_holds(out, ref.net)
+    assert m["teacher"]["output"] == "scores"
+    assert "teacher output scores" in ok(invoke("inspect", out)).output
+    # verify-cache picks the same entry from the manifest, and re-runs with the same normalization.
+    ok(invoke("verify-cache", out, "--teacher", other, "--sample", 64))
+
+
+def test_output_adapters_for_lists_and_objects_with_logits():
+    from kdpipe.checkpoint import pick_logits
+    t = torch.randn(3, 4)
+    assert pick_logits([t, 1]) is t and pick_logits({"out": t}) is t
+    assert pick_logits(types.SimpleNamespace(logits=t, hidden=None)) is t
+    assert pick_logits({"a": 1, "b": t}, "b") is t and pick_logits((1, t), "1") is t
+    assert pick_logits(types.SimpleNamespace(scores=t), "scores") is t
+    with pytest.raises(KDPipeError, match="^the teacher returns a str, not logits: pick the logits with"):
+        pick_logits("nope")
+    with pytest.raises(KDPipeError, match="first entry of the teacher's output is a str, not a tensor"):
+        pick_logits(("x", t))
+
+
+# ---------------------------------------------------------------- formats
+
+def test_a_torch_export_program_dumps_its_own_outputs(ref, tmp_path):
+    batch = torch.export.Dim("batch", min=1)
+    prog = torch.export.export(DictOut(ref.net).eval(), (torch.randn(4, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(prog, str(tmp_path / "t.pt2"))
+    out = tmp_path / "c"
+    ok(dump(tmp_path / "t.pt2", ref.spec, out, *ref.norm))
+    m = assert_cache_holds(out, ref.net)
+    assert m["teacher"]["kind"] == "export"
+    ok(invoke("verify-cache", out, "--teacher", tmp_path / "t.pt2", "--sample", 64))
+    # Exported for one batch size only: one line that says where it failed.
+    fixed = torch.export.export(ref.net, (torch.randn(4, 1, 28, 28),))
+    torch.export.save(fixed, str(tmp_path / "fixed.pt2"))
+    refused(dump(tmp_path / "fixed.pt2", ref.spec, tmp_path / "d", *ref.norm), "the teacher fails on inputs of shape")
+    refused(dump(tmp_path / "t.pt2", ref.spec, tmp_path / "d", *ref.norm, "--teacher-arch", "cnn_small"),
+            "is a torch.export program", "drop --teacher-arch")
+
+
+def test_state_dicts_safetensors_and_pickles(ref, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in ref.net.state_dict().items()}
+    save_file(state, str(tmp_path / "t.safetensors"))
+    torch.save({"state_dict": state}, tmp_path / "t.pth")
+    out = tmp_path / "st"
+    ok(dump(tmp_path / "t.safetensors", ref.spec, out, "--teacher-arch", "cnn_small", *ref.norm))
+    m = assert_cache_holds(out, ref.net)
+    assert m["teacher"]["kind"] == "safetensors" and m["teacher"]["model"]["spec"] == "kdpipe:cnn_small"
+    # verify-cache rebuilds the architecture the manifest records.
+    ok(invoke("verify-cache", out, "--teacher", tmp_path / "t.safetensors", "--sample", 32))
+    ok(dump(tmp_path / "t.pth", ref.spec, tmp_path / "pth", "--teacher-arch", "kdpipe:cnn_small", *ref.norm))
+    assert_cache_holds(tmp_path / "pth", ref.net)
+    refused(dump(tmp_path / "t.safetensors", ref.spec, tmp_path / "x", *ref.norm),
+            "t.safetensors is a safetensors file of", "tensors with no architecture: give --teacher-arch")
+    refused(dump(tmp_path / "t.pth", ref.spec, tmp_path / "x", *ref.norm), "is a state dict of")
+    refused(dump(tmp_path / "t.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_tiny", *ref.norm),
+            "do not fit the architecture cnn_tiny")
+    # A whole pickled model runs code from the file: only with --trust-pickle.
+    torch.save(ref.net, tmp_path / "whole.pt")
+    refused(dump(tmp_path / "whole.pt", ref.spec, tmp_path / "x", *ref.norm),
+            "is a pickled Python object", "--trust-pickle")
+    ok(dump(tmp_path / "whole.pt", ref.spec, tmp_path / "pk", "--trust-pickle", *ref.norm))
+    assert_cache_holds(tmp_path / "pk", ref.net)
+    (tmp_path / "junk.bin").write_bytes(b"\x00garbage" * 20)
+    refused(dump(tmp_path / "junk.bin", ref.spec, tmp_path / "x", *ref.norm), "none of the model files kdpipe reads")
+    # Without the optional package: one line with the pip command.
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    refused(dump(tmp_path / "t.safetensors", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "pip install 'kdpipe[safetensors]'")
+
+
+def _fake_timm(created: list):
+    """A stand-in for the timm package: create_model(name, pretrained, num_classes, in_chans, **kw)."""
+    from kdpipe.models import SmallCNN
+    mod = types.ModuleType("timm")
+
+    def create_model(name, pretrained=False, num_classes=1000, in_chans=3, **kw):
+        created.append((name, pretrained, num_classes, in_chans, kw))
+        if name != "fake_cnn_small":
+            raise RuntimeError(f"Unknown model ({name})")
+        return SmallCNN(in_chans, num_classes, widths=(16, 32), hidden=kw.get("hidden", 64))
+
+    mod.create_model = create_model
+    return mod
+
+
+def test_timm_models_by_name_and_a_one_line_refusal_without_timm(ref, tmp_path, monkeypatch):
+    torch.save(ref.net.state_dict(), tmp_path / "w.pt")
+    monkeypatch.setitem(sys.modules, "timm", None)  # not installed
+    refused(dump(tmp_path / "w.pt", ref.spec, tmp_path / "x", "--teacher-arch", "timm:fake_cnn_small", *ref.norm),
+            "timm: architectures need the optional package timm: pip install 'kdpipe[timm]'")
+    created = []
+    monkeypatch.setitem(sys.modules, "timm", _fake_timm(created))
+    out = tmp_path / "c"
+    ok(dump(tmp_path / "w.pt", ref.spec, out, "--teacher-arch", "timm:fake_cnn_small", "--arch-args", "hidden=64",
+            *ref.norm))
+    assert created[-1] == ("fake_cnn_small", False, 10, 1, {"hidden": 64})  # never pretrained (no download)
+    m = assert_cache_holds(out, ref.net)
+    assert m["teacher"]["model"] == {"spec": "timm:fake_cnn_small", "args": {"hidden": 64}}
+    refused(dump(tmp_path / "w.pt", ref.spec, tmp_path / "x", "--teacher-arch", "timm:nope", *ref.norm),
+            "cannot build timm model nope: Unknown model (nope)")
+
+
+def test_a_real_timm_model_fills_from_a_state_dict(fmnist, tmp_path):
+    """timm itself (the test extra installs it): its tiny test_resnet, untrained (so --force), built for
+    grey 28x28 inputs and 10 classes, pretrained=False."""
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    net = create_model("timm:test_resnet", 10, (1, 28, 28), {"drop_rate": 0.0}).eval()
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "c"
+    r = ok(dump(tmp_path / "w.pth", fmnist.spec, out, "--teacher-arch", "timm:test_resnet", "--arch-args",
+                "drop_rate=0.0", "--input-range", "0-1", "--force"))
+    assert "warning (--force)" in r.output
+    m = assert_cache_holds(out, net)
+    assert m["teacher"]["model"] == {"spec": "timm:test_resnet", "args": {"drop_rate": 0.0}}
+
+
+NETS = '''
+import torch.nn as nn
+
+
+class StudentNet(nn.Module):
+    def __init__(self, num_classes, width=8):
+        super().__init__()
+        self.width = width
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class TwoHeads(StudentNet):
+    def forward(self, x):
+        return self.body(x), x
+'''
+
+
+def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "nets.py").write_text(NETS)
+    teacher, cache, runs = tmp_path / "t.pt", tmp_path / "cache", tmp_path / "runs"
+    ok(invoke("train-teacher", "--data", fmnist.spec, "--arch", "models/nets.py:StudentNet", "--arch-args",
+              "width=32", "--epochs", 2, "--batch-size", 64, "--policy", "none", "--device", "cpu", "--out", teacher))
+    ck = torch.load(teacher, weights_only=True)
+    assert ck["arch"] == "models/nets.py:StudentNet"
+    assert ck["model"]["args"] == {"width": 32} and ck["model"]["spec"] == "models/nets.py:StudentNet"
+    assert len(ck["model"]["sha256"]) == 64 and ck["model"]["file"] == str(tmp_path / "models" / "nets.py")
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", fmnist.spec, "--views", 1, "--policy", "none",
+              "--logits-dtype", "float32", "--device", "cpu", "--out", cache))
+    from kdpipe.checkpoint import load_teacher
+    net = load_teacher(teacher).module
+    assert net.width == 32
+    assert_cache_holds(cache, net)
+    # A package module as student, with its own options; run names stay file-name safe.
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "zoo.py").write_text(NETS.replace("StudentNet", "Tiny"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ok(invoke("train-student", "--cache", cache, "--student", "mypkg.zoo:Tiny", "--student",
+              "models/nets.py:StudentNet", "--arch-args", "width=4", "--epochs", 1, "--batch-size", 128,
+              "--device", "cpu", "--out", runs))
+    names = sorted(p.name for p in runs.iterdir())
+    assert names == ["mypkg.zoo_Tiny-T4-a0.9-s0", "nets.py_StudentNet-T4-a0.9-s0"]
+    st = torch.load(runs / names[0] / "student.pt", weights_only=True)
+    assert st["model"]["spec"] == "mypkg.zoo:Tiny" and st["model"]["args"] == {"width": 4}
+    assert load_teacher(runs / names[1] / "student.pt").module.width == 4
+    # The file changes: loading warns (on stderr), naming it and both hashes.
+    (tmp_path / "models" / "nets.py").write_text(NETS + "\n# edited\n")
+    r = ok(invoke("verify-cache", cache, "--teacher", teacher, "--sample", 16))
+    assert "warning: " in r.stderr and "nets.py has changed since the checkpoint was written" in r.stderr
+    refused(invoke("train-student", "--cache", cache, "--student", "models/nets.py:Missing", "--epochs", 1,
+                   "--device", "cpu", "--out", runs), "models/nets.py has no Missing (it defines StudentNet")
+    refused(invoke("train-student", "--cache", cache, "--student", "models/nets.py:StudentNet", "--arch-args",
+                   "depth=3", "--epochs", 1, "--device", "cpu", "--out", runs),
+            "does not take the options depth")
+    refused(invoke("train-student", "--cache", cache, "--student", "models/nets.py:TwoHeads", "--epochs", 1,
+                   "--device", "cpu", "--out", runs), "models/nets.py:TwoHeads returns a tuple for a batch of 2")
+    refused(invoke("train-teacher", "--data", fmnist.spec, "--arch", "tv:vit_b_16", "--device", "cpu", "--out",
+                   tmp_path / "vit.pt"), "tv:vit_b_16 fails on inputs of shape (2, 1, 28, 28)")
+    refused(invoke("train-student", "--cache", cache, "--student", "nowhere/x.py:Net", "--epochs", 1,
+                   "--device", "cpu", "--out", runs), "no such file nowhere/x.py")
+
+
+# ---------------------------------------------------------------- names
+
+def test_architecture_names_are_unambiguous():
+    from kdpipe.models import canonical, create_model, parse_arch_args, registered, torchvision_models
+    assert not set(registered()) & set(torchvision_models())
+    assert canonical("cnn_small") == "kdpipe:cnn_small" and canonical("resnet18") == "tv:resnet18"
+    assert canonical("torchvision:resnet18") == "tv:resnet18" and canonical("timm:convnext_tiny") == "timm:convnext_tiny"
+    assert canonical("a/b.py:Net") == "a/b.py:Net" and canonical("pkg.mod:make") == "pkg.mod:make"
+    assert parse_arch_args("width=16,drop=0.5,act=relu,bias=false") == {"width": 16, "drop": 0.5, "act": "relu",
+                                                                         "bias": False}
+    net = create_model("tv:resnet18", 10, (3, 32, 32), {"zero_init_residual": True})
+    assert net.fc.out_features == 10
+    with pytest.raises(KDPipeError, match="registry has"):
+        create_model("kdpipe:resnet18", 10, (3, 32, 32))
+    with pytest.raises(KDPipeError, match="does not take the options width"):
+        create_model("cnn_small", 10, (1, 28, 28), {"width": 3})
+    with pytest.raises(KDPipeError, match="bad architecture option"):
+        parse_arch_args("width")
+
+
+def test_pipelines_carry_architecture_options_and_teacher_files(tmp_path):
+    from kdpipe.pipeline import load_pipeline, make_rules
+    spec = tmp_path / "p.toml"
+    spec.write_text('''
+[data]
+spec = "fashion-mnist"
+[teacher]
+file = "weights/t.safetensors"
+arch = "timm:resnet18"
+arch_args = {drop_rate = 0.1}
+normalize = "imagenet"
+output = "logits"
+[dump]
+views = 2
+force = true
+[[students]]
+archs = ["nets.py:StudentNet"]
+arch_args = "width=8"
+epochs = 2
+''')
+    rules = make_rules(load_pipeline(spec))
+    assert ("dump-logits --teacher weights/t.safetensors --data fashion-mnist --teacher-arch timm:resnet18 "
+            "--arch-args drop_rate=0.1 --teacher-output logits --normalize imagenet --views 2 --force") in rules
+    assert "--student nets.py:StudentNet --arch-args width=8" in rules
+    assert "runs/p/students/nets.py_StudentNet-T4-a0.9-s0/metrics.json" in rules
+
+
+def test_normalization_rules_for_images_and_feature_vectors():
+    from kdpipe.normalization import describe, resolve_input
+    other = types.SimpleNamespace(file="t.ts", kind="torchscript", mean=None, std=None)
+    got = resolve_input(other, (3, 8, 8), preset="imagenet")
+    assert got == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "source": "preset", "value": "imagenet"}
+    assert resolve_input(other, (3, 8, 8), mean=[0.5], std=[0.25])["mean"] == [0.5] * 3  # one value for all
+    assert resolve_input(other, (3, 8, 8), input_range="0-255")["std"] == [1 / 255] * 3
+    assert resolve_input(other, (4,), mean=[0, 1, 2, 3], std=[1, 1, 1, 2])["std"] == [1, 1, 1, 2]
+    with pytest.raises(KDPipeError, match=r"--input-range is for images; feature vectors \(4,\) take --mean/--std"):
+        resolve_input(other, (4,), input_range="0-1")
+    with pytest.raises(KDPipeError, match="--mean has 2 values; the inputs have 3 channels"):
+        resolve_input(other, (3, 8, 8), mean=[0.1, 0.2], std=[1])
+    with pytest.raises(KDPipeError, match="--std must be > 0"):
+        resolve_input(other, (3, 8, 8), mean=[0.1], std=[0])
+    own = types.SimpleNamespace(file="t.pt", kind="kdpipe", mean=[0.3], std=[0.4])
+    assert resolve_input(own, (1, 8, 8), mean=[0.3], std=[0.4])["source"] == "checkpoint"  # the same: accepted
+    assert describe({"mean": [0.3], "std": [0.4], "normalization": {"source": "checkpoint", "value": None}}) == \
+        "from the teacher checkpoint: mean [0.3], std [0.4]"
+    assert describe({"mean": [0.3], "std": [0.4]}).startswith("dataset statistics")  # caches made before
