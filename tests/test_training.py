@@ -18,7 +18,7 @@ from kdpipe.engine import OptimConfig, build_run, predict, train_pass
 from kdpipe.evaluate import eval_params
 from kdpipe.pipeline import make_rules
 from kdpipe.student import train_students, validation_rows
-from kdpipe.sweep import plan_sweep, resolve_training, run_name, training_tag
+from kdpipe.sweep import plan_sweep, resolve_training, training_tag
 from kdpipe.views import create_policy
 
 
