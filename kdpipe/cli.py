@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from kdpipe import KDPipeError, __version__
+from kdpipe.sweep import STUDENT_BATCH_SIZE
 
 
 class InputError(click.ClickException):
@@ -53,6 +54,9 @@ def _flatten(values):
 
 
 def data_options(f):
+    f = click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Use only the first N samples of each split (quick end-to-end checks); recorded in the "
+                          "cache, so stage two takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
                           "S (antialiased "
@@ -167,16 +171,43 @@ def policy_options(f):
     return f
 
 
-def optim_options(f):
-    f = click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine",
-                     show_default=True, help="Learning-rate schedule over all steps (step: x0.1 at 50% and 75%).")(f)
-    f = click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True,
-                     metavar="WD", help="SGD weight decay (not applied to biases and norms).")(f)
-    f = click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, metavar="M",
-                     help="SGD momentum.")(f)
-    f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
-                     metavar="LR", help="Peak learning rate of SGD.")(f)
-    return f
+def optim_options(lr_list: bool):
+    """The optimizer and schedule options; with lr_list, --lr takes a list (a sweep axis)."""
+    def add(f):
+        f = click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                         metavar="E", help="Linear warm-up from ~0 to the peak lr over the first E epochs; the "
+                                           "schedule runs over the rest (not with onecycle, which has its own).")(f)
+        f = click.option("--schedule", type=click.Choice(["cosine", "step", "constant", "onecycle"]),
+                         default="cosine", show_default=True,
+                         help="Learning-rate schedule over all steps (step: x0.1 at 50% and 75%; onecycle: as "
+                              "torch's OneCycleLR, lr only: up from lr/25 over 30% of the steps, cosine down to "
+                              "lr/25e4).")(f)
+        f = click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=1e-8, show_default=True,
+                         metavar="EPS", help="Adam/AdamW epsilon.")(f)
+        f = click.option("--betas", type=NumberList(float), default="0.9,0.999", show_default=True,
+                         metavar="B1,B2", help="Adam/AdamW betas.")(f)
+        f = click.option("--weight-decay", type=click.FloatRange(min=0), default=None, metavar="WD",
+                         help="Weight decay, not applied to biases and norms: L2 for SGD and Adam, decoupled for "
+                              "AdamW.  [default: sgd 5e-4, adam 0, adamw 0.01]")(f)
+        f = click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, metavar="M",
+                         help="SGD momentum.")(f)
+        f = click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
+                         show_default=True, help="Optimizer.")(f)
+        if lr_list:
+            f = click.option("--lr", "lr", type=NumberList(float), multiple=True, metavar="LR[,LR...]",
+                             help="Peak learning rate(s), a sweep axis like --temperature.  "
+                                  "[default: sgd 0.05, adam/adamw 0.001]")(f)
+        else:
+            f = click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, metavar="LR",
+                             help="Peak learning rate.  [default: sgd 0.05, adam/adamw 0.001]")(f)
+        return f
+    return add
+
+
+def _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs):
+    from kdpipe.engine import OptimConfig
+    return OptimConfig(lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, optimizer=optimizer,
+                       betas=tuple(betas), eps=eps, warmup_epochs=warmup_epochs)
 
 
 def _amp(device, amp):
@@ -202,30 +233,30 @@ def main():
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, metavar="B",
               help="Training batch size.")
 @policy_options
-@optim_options
+@optim_options(lr_list=False)
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-def train_teacher_cmd(data_spec, data_root, image_size, arch, arch_args, epochs, out, batch_size, policy, padding, size, lr, momentum,
-                      weight_decay, schedule, seed, device, amp):
+def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
+                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
-    from kdpipe.data import check_splits, load_dataset
-    from kdpipe.engine import OptimConfig
+    from kdpipe.data import check_splits, limited, load_dataset
     from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
+    optim = _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     dev = pick_device(device)
-    train = load_dataset(data_spec, "train", data_root, image_size)
-    test = load_dataset(data_spec, "test", data_root, image_size)
+    train = limited(load_dataset(data_spec, "train", data_root, image_size), limit)
+    test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
     check_splits(train, test)
     pol = create_policy(policy, padding=padding, size=size)
     args = parse_arch_args(arch_args)
     check_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
     res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size, arch_args=args,
-                        optim=OptimConfig(lr, momentum, weight_decay, schedule), seed=seed, device=dev,
+                        optim=optim, seed=seed, device=dev,
                         amp=_amp(dev, amp), log=click.echo)
     click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")
 
@@ -254,11 +285,11 @@ def train_teacher_cmd(data_spec, data_root, image_size, arch, arch_args, epochs,
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
-                    input_range, normalize, data_spec, data_root, image_size, split, views, policy,
+                    input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
                     padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
-    from kdpipe.data import check_splits, load_dataset
+    from kdpipe.data import check_splits, limited, load_dataset
     from kdpipe.distributed import from_env
     from kdpipe.teacher import check_planned_size, dump_logits, planned_size
     from kdpipe.util import pick_device
@@ -281,12 +312,12 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     started = time.perf_counter()
     try:
         dev = pick_device(device)
-        data = load_dataset(data_spec, split, data_root, image_size)
-        test = load_dataset(data_spec, "test", data_root, image_size) if split == "train" else None
+        data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
+        test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
         if split == "train":
             check_splits(data, test)
         else:  # the test split is checked against the train split it will be compared with
-            check_splits(load_dataset(data_spec, "train", data_root, image_size), data)
+            check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
         pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
@@ -344,9 +375,13 @@ def _term_as_interrupt():
                    "TCKD.  [default: the loss's, kd 0.9, dkd 1]")
 @click.option("--seed", "seeds", type=NumberList(int), multiple=True, metavar="S[,S...]",
               help="Seed(s) of init and data order.  [default: 0]")
-@click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
+@click.option("--batch-size", type=int, default=STUDENT_BATCH_SIZE, show_default=True, metavar="B",
               help="Training batch size; under torchrun per rank (the effective batch is B x world size).")
-@optim_options
+@optim_options(lr_list=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              metavar="F", help="Hold this share of the cache's samples out of training (the same rows for every "
+                                "run: a fixed seed) and keep each run's best epoch by their top-1 "
+                                "(student-best.pt) besides the last (student.pt).")
 @moved_data_options
 @click.option("--allow-test-split", is_flag=True,
               help="Train on a cache dumped from the test split (refused without it: the student would learn "
@@ -369,16 +404,17 @@ def _term_as_interrupt():
                    "rerun skips finished runs and resumes the others).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, lr,
-                      momentum, weight_decay, schedule, data_root, data_spec, allow_test_split, device, amp, fuse,
-                      checkpoint_every, keep_checkpoints, overwrite, out):
+def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
+                      lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
+                      data_spec, allow_test_split, device, amp, fuse, checkpoint_every, keep_checkpoints, overwrite,
+                      out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
-    students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
-    data. Each run's metrics.json holds the per-epoch mean of every term of its loss. Each pass checkpoints
-    at every epoch's end: after a crash, Ctrl-C or SIGTERM, the same command skips the finished runs and
-    resumes the others."""
+    students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
+    one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
+    term of its loss, train top-1, validation and test top-1 and agreement with the teacher. Each pass
+    checkpoints at every epoch's end: after a crash, Ctrl-C or SIGTERM, the same command skips the finished
+    runs and resumes the others."""
     from kdpipe.distributed import from_env
-    from kdpipe.engine import OptimConfig
     from kdpipe.models import parse_arch_args
     from kdpipe.student import train_students
     from kdpipe.util import pick_device
@@ -386,6 +422,10 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
     temps = _flatten(temperatures)  # empty: the loss's default
     alphs = _flatten(alphas)
     sds = _flatten(seeds) or [0]
+    lrs = _flatten(lr)
+    if any(x <= 0 for x in lrs):
+        raise InputError(f"--lr must be > 0, got {','.join(f'{x:g}' for x in lrs)}")
+    optim = _optim(optimizer, lrs[0] if lrs else None, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     if epochs <= 0:
         raise InputError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
@@ -395,7 +435,7 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
         dev = pick_device(device)
         dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
         res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
-                             seeds=sds, batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
+                             seeds=sds, batch_size=batch_size, optim=optim, lrs=lrs, val_fraction=val_fraction,
                              device=dist.device, data_root=data_root, data_spec=data_spec,
                              allow_test_split=allow_test_split, amp=_amp(dev, amp), dist=dist,
                              arch_args=parse_arch_args(arch_args),
@@ -416,10 +456,13 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
 @main.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
 @click.option("--out", required=True, type=click.Path(), metavar="DIR", help="Where to write report.md and plots.")
-def report_cmd(run_dirs, out):
-    """Write a markdown table (teacher and every student) and PNG plots from run directories."""
+@click.option("--mix-datasets", is_flag=True,
+              help="Put runs of several datasets in one report (refused otherwise; each row names its dataset).")
+def report_cmd(run_dirs, out, mix_datasets):
+    """Write a markdown table (teacher, every student, each setting over its seeds) and PNG plots
+    (accuracy against parameters, teacher vs students, learning curves) from run directories."""
     from kdpipe.report import build_report
-    res = build_report(run_dirs, out)
+    res = build_report(run_dirs, out, mix_datasets=mix_datasets)
     click.echo(f"report of {res['runs']} run(s): {res['report']}")
     if res["unfinished"]:
         click.echo(f"  unfinished: {len(res['unfinished'])} run(s) not reported (run their train-student command "

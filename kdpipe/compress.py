@@ -284,7 +284,7 @@ def finetune(model: nn.Module, train: ImageData, policy: ViewPolicy, mean, std, 
     n = len(train)
     steps = epochs * (n // batch_size if n >= batch_size else 1)
     optim = OptimConfig(lr=lr)
-    opt, sched = make_optimizer(model, optim, steps)
+    opt, sched, _ = make_optimizer(model, optim, steps)
     run = Run("finetune", "pruned", loss, seed, model, opt, sched, optim=optim, total_steps=steps)
     images = images_tensor(train.images, "cpu")
     labels = torch.from_numpy(train.labels)

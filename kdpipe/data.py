@@ -144,7 +144,7 @@ class ImageData:
         return {"spec": self.spec, "split": self.split, "kind": self.kind, "num_samples": len(self),
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                 "class_names": list(self.class_names), "fingerprint": self.fingerprint,
-                **self.storage_identity()}
+                **({"limit": self.limit} if getattr(self, "limit", None) else {}), **self.storage_identity()}
 
     def stats_rows(self) -> np.ndarray:
         """Sorted indices of a uniform sample of the split (every row when it holds at most
@@ -174,12 +174,19 @@ class ImageData:
         return std
 
     def subset(self, n: int) -> "ImageData":
-        """The first n samples (a different dataset, with its own fingerprint), of the same kind."""
+        """The first n samples (a different dataset, with its own fingerprint), of the same kind. Its
+        identity records `limit` = n, so stage two takes the same subset of the split (--limit)."""
         out = copy.copy(self)
         out.images, out.labels, out._fingerprint = self.images[:n], self.labels[:n], None
+        out.limit = int(n)
         out._sizes = None if self._sizes is None else self._sizes[:n]
         out._check()
         return out
+
+
+def limited(data: ImageData, limit: int | None) -> ImageData:
+    """The first `limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it."""
+    return data.subset(limit) if limit and limit < len(data) else data
 
 
 KINDS: dict[str, type[ImageData]] = {}

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.fused import FusedRuns, plan_units
-from kdpipe.losses import Loss, MixedLabels, create_loss
+from kdpipe.losses import Loss, MixedLabels, create_loss, main_labels
 from kdpipe.models import create_model
 from kdpipe.util import Progress, channels_last, seeded_generator
 from kdpipe.views import ViewPolicy
@@ -25,18 +25,70 @@ from kdpipe.views import ViewPolicy
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.05
+    """Optimizer and schedule of a run. None: the optimizer's usual value (kdpipe.sweep.OPTIMIZERS: SGD lr
+    0.05 and weight decay 5e-4, Adam 1e-3 and 0, AdamW 1e-3 and 0.01). Weight decay never applies to
+    biases and norms; Adam's is L2 added to the gradient, AdamW's is decoupled."""
+    lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
+    weight_decay: float | None = None
+    schedule: str = "cosine"  # cosine | step | constant | onecycle
     nesterov: bool = False
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 0.0  # linear warm-up from ~0 to lr, then the schedule over the remaining steps
 
-    def lr_factor(self, step: int, total: int) -> float:
+    def __post_init__(self):
+        from kdpipe.sweep import resolve_training
+        r = resolve_training(self.optimizer, self.lr, self.weight_decay, schedule=self.schedule,
+                             warmup_epochs=float(self.warmup_epochs), betas=tuple(self.betas), eps=self.eps)
+        self.lr, self.weight_decay, self.betas = r["lr"], r["weight_decay"], r["betas"]
+        self.warmup_epochs = float(self.warmup_epochs)
+
+    @classmethod
+    def from_settings(cls, s: dict) -> "OptimConfig":
+        """From kdpipe.sweep.resolve_training's settings."""
+        return cls(s["lr"], s["momentum"], s["weight_decay"], s["schedule"], s["nesterov"], s["optimizer"],
+                   tuple(s["betas"]), s["eps"], s["warmup_epochs"])
+
+    def settings(self) -> dict:
+        """As kdpipe.sweep.resolve_training's arguments (what names runs and is written to metrics.json)."""
+        return {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
+                "momentum": self.momentum, "nesterov": self.nesterov, "betas": list(self.betas), "eps": self.eps,
+                "schedule": self.schedule, "warmup_epochs": self.warmup_epochs}
+
+    def lr_factor(self, step: int, total: int, warmup: int = 0) -> float:
+        """The learning rate of step `step` (from 0) of `total` as a fraction of lr; `warmup` steps of
+        linear warm-up come first (factor (step + 1) / warmup), the schedule runs over the rest.
+        onecycle (as torch's OneCycleLR with its defaults, lr only, momentum not cycled): cosine from
+        lr/25 up to lr over the first 30% of the steps, then cosine down to lr/25e4."""
+        if step < warmup:
+            return (step + 1) / warmup
+        step, total = step - warmup, max(1, total - warmup)
+        frac = min(step, total) / total
         if self.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
         if self.schedule == "step":
             return 0.1 ** sum(step >= int(total * f) for f in (0.5, 0.75))
+        if self.schedule == "onecycle":
+            up, last = 0.3 * total - 1, total - 1  # the phases' last steps, as OneCycleLR counts them
+            start, end = 1 / 25, 1 / 25e4
+            if step <= up:
+                return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / max(1e-9, up)))
+            pct = min(1.0, (step - up) / max(1e-9, last - up))
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * pct))
         return 1.0
+
+    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over the model's parameters: weight decay on weights, none on biases and norms."""
+        decay, no_decay = [], []
+        for p in model.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return cls(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
 
 
 @dataclass
@@ -52,13 +104,19 @@ class Run:
     terms: dict = field(default_factory=dict)  # term name -> per-epoch means, e.g. {"ce": [...], "kd": [...]}
     optim: OptimConfig | None = None  # how the optimizer and schedule were built (runs that share them can fuse)
     total_steps: int | None = None
+    warmup_steps: int = 0
+    train_top1: list = field(default_factory=list)  # per epoch: top-1 on the training views it stepped on
+    own_s: float = 0.0  # seconds of its own steps (a fused group's time shared evenly among its runs)
+    train_s: float = 0.0  # own_s plus an even share of its passes' common work
     arch_args: dict | None = None  # options of the architecture (--arch-args), recorded in its checkpoint
 
 
 def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, optim: OptimConfig,
-              total_steps: int, device, loss_options: dict | None = None, arch_args: dict | None = None) -> Run:
+              total_steps: int, device, loss_options: dict | None = None, arch_args: dict | None = None,
+              epoch_steps: int | None = None) -> Run:
     """A run: model (arch: a kdpipe.models spec, with arch_args), optimizer and schedule, and its loss (a
-    Loss, or a registered name with loss_options)."""
+    Loss, or a registered name with loss_options). epoch_steps: steps per epoch, needed for a warm-up
+    given in epochs."""
     if isinstance(loss, str):
         loss = create_loss(loss, **(loss_options or {}))
     elif loss_options:
@@ -67,20 +125,20 @@ def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, opti
     model = create_model(arch, num_classes, image_shape, arch_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt, sched = make_optimizer(model, optim, total_steps)
-    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, arch_args=arch_args)
+    opt, sched, warmup = make_optimizer(model, optim, total_steps, epoch_steps)
+    return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, warmup_steps=warmup,
+               arch_args=arch_args)
 
 
-def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int):
-    """SGD (no weight decay on biases and norms) and its per-step schedule over total_steps."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": optim.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps))
-    return opt, sched
+def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int, epoch_steps: int | None = None):
+    """The optimizer optim describes over the model's parameters, its per-step schedule over total_steps,
+    and the warm-up in steps (epoch_steps: steps per epoch, needed for a warm-up given in epochs)."""
+    opt = optim.build(model)
+    if optim.warmup_epochs and not epoch_steps:
+        raise ValueError("a warm-up in epochs needs epoch_steps")
+    warmup = round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps, warmup))
+    return opt, sched, warmup
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -116,7 +174,8 @@ ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
                online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print,
-               fuse: bool | None = None, dist=None, checkpoint=None) -> dict:
+               fuse: bool | None = None, dist=None, train_rows: torch.Tensor | None = None,
+               on_epoch_end: Callable[[int], None] | None = None, checkpoint=None) -> dict:
     """Train every run for `epochs` over (images, labels) on their device; returns timing figures.
 
     fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):
@@ -128,6 +187,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
 
+    train_rows: the sample indices to train on (default: all); the rest (a validation split) is never
+    stepped on. on_epoch_end(epoch): called after each epoch, with every run's own module up to date
+    (e.g. to evaluate); the runs are put back in training mode after it.
+
+    Each run's `train_top1` gets the epoch's top-1 on the views it stepped on, and `own_s` the seconds
+    of its own steps (CUDA events on the GPU; a fused group's time is shared evenly among its runs).
+
     Every run's loss is called as `r.loss(out, teacher, labels, epoch)` (epoch counting from 0); the
     run steps on the sum of the terms it returns, and each term's per-epoch mean is appended to
     `r.terms[name]`, their sum to `r.history`. The terms are summed on the device: one sync per epoch.
@@ -137,7 +203,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     """
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     device = images.device
-    n = len(images)
+    if train_rows is not None:
+        train_rows = torch.as_tensor(train_rows, dtype=torch.long).to(device)
+    n = len(images) if train_rows is None else len(train_rows)
     need_teacher = any(r.loss.needs_teacher for r in runs)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     for r in runs:
@@ -161,14 +229,22 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     start = time.perf_counter()
     start_epoch, start_step = checkpoint.position if checkpoint is not None else (0, 0)
     seen, before = (checkpoint.seen, checkpoint.wall_s) if checkpoint is not None else (0, 0.0)
+    hook_s = 0.0
+    # own_s restored from a checkpoint already holds the earlier sessions' steps, as `before` their wall time
+    own_before = {id(r): 0.0 if checkpoint is not None and checkpoint.state else r.own_s for r in runs}
     for epoch in range(start_epoch, epochs):
         order = batches(n, batch_size, seeded_generator(data_seed, epoch), device, rank, world)
+        if train_rows is not None:
+            order = [train_rows[b] for b in order]
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
         first = start_step if epoch == start_epoch else 0  # a checkpoint taken within the epoch resumes there
         prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", (len(order) - first) * batch_size * world,
                         stream=dist.progress_stream if dist is not None else None)
-        # per unit: term name -> (runs in the unit,) sum over steps
+        # per unit: term name -> (runs in the unit,) sum over steps; and (runs,) counts of right answers
         sums: list[dict] = checkpoint.sums(units, runs, device) if first else [{} for _ in units]
+        correct = checkpoint.correct(units, runs, device) if first else [torch.zeros(len(u), device=device)
+                                                                          for u in units]
+        clock = _Clock(device, len(units))
         for step in range(first, len(order)):
             idx = order[step]
             x, t, y = replay_batch(images, labels, policy, params, cached if need_teacher else None, idx, mean, std)
@@ -176,8 +252,12 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 with torch.no_grad(), autocast:
                     t = online_teacher(x).float()
             for k, u in enumerate(units):
+                clock.start()
                 if k in fused:
-                    _accumulate(sums[k], fused[k].step(x, t, y, epoch), len(u), device)
+                    terms, right = fused[k].step(x, t, y, epoch)
+                    _accumulate(sums[k], terms, len(u), device)
+                    correct[k] += right
+                    clock.stop(k)
                     continue
                 r = runs[u[0]]
                 with autocast:
@@ -188,18 +268,24 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 r.optimizer.step()
                 r.scheduler.step()
                 _accumulate(sums[k], {n: v.detach() for n, v in terms.items()}, 1, device)
+                correct[k] += (out.detach().argmax(-1) == main_labels(y)).sum()
+                clock.stop(k)
             seen += len(idx) * world
             prog.update(len(idx) * world)
             if checkpoint is not None and step + 1 < len(order) and checkpoint.due():
                 for f in fused.values():
                     f.sync_to_runs()
-                checkpoint.save(runs, units, epoch, step + 1, sums, seen, before + time.perf_counter() - start)
+                checkpoint.save(runs, units, epoch, step + 1, sums, seen,
+                                before + time.perf_counter() - start - hook_s, correct=correct)
         for f in fused.values():
             f.sync_to_runs()
         flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)
+        right = torch.cat(correct) / max(1, len(order) * batch_size)
         if world > 1:
-            flat = dist.all_mean(flat)
+            flat, right = dist.all_mean(flat), dist.all_mean(right)
         flat, at = (flat / max(1, len(order))).tolist(), 0  # the epoch's one sync
+        right, at_right = right.tolist(), 0
+        unit_s = clock.seconds()
         for k, u in enumerate(units):
             for name in sums[k]:
                 for i in u:
@@ -207,6 +293,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                     at += 1
             for i in u:
                 runs[i].history.append(sum(v[-1] for v in runs[i].terms.values()))
+                runs[i].train_top1.append(right[at_right])
+                runs[i].own_s += unit_s[k] / len(u)
+                at_right += 1
         if len(runs) <= 4:
             log(f"  {label} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{r.name} loss {r.history[-1]:.4f} (" + ", ".join(f"{n} {v[-1]:.4f}" for n, v in r.terms.items())
@@ -214,14 +303,58 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         else:
             log(f"  {label} epoch {epoch + 1}/{epochs}: mean loss "
                 f"{sum(r.history[-1] for r in runs) / len(runs):.4f} over {len(runs)} runs")
+        if on_epoch_end is not None:  # before the epoch's checkpoint, so that it holds what the hook recorded
+            t_hook = time.perf_counter()
+            on_epoch_end(epoch)
+            for r in runs:
+                r.model.train()
+            hook_s += time.perf_counter() - t_hook
         if checkpoint is not None:
-            checkpoint.save(runs, units, epoch + 1, 0, None, seen, before + time.perf_counter() - start)
+            checkpoint.save(runs, units, epoch + 1, 0, None, seen, before + time.perf_counter() - start - hook_s)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    wall = before + time.perf_counter() - start
+    wall = before + time.perf_counter() - start - hook_s  # training only, not on_epoch_end's evaluations
+    own = sum(r.own_s - own_before[id(r)] for r in runs)
+    for r in runs:  # its own steps, plus an even share of the pass's common work (reading, replay, teacher)
+        r.train_s += r.own_s - own_before[id(r)] + max(0.0, wall - own) / len(runs)
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
             "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}
+
+
+class _Clock:
+    """Seconds each unit of a pass spends in its own steps: wall time on the CPU; CUDA events on the GPU
+    (no synchronization in the loop; read once per epoch, after the epoch's sync)."""
+
+    def __init__(self, device, units: int):
+        self.cuda = device.type == "cuda"
+        self.total = [0.0] * units
+        self.events: list = []
+        self.t0 = 0.0
+
+    def start(self):
+        if self.cuda:
+            self.t0 = torch.cuda.Event(enable_timing=True)
+            self.t0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self, k: int):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((k, self.t0, end))
+        else:
+            self.total[k] += time.perf_counter() - self.t0
+
+    def seconds(self) -> list[float]:
+        if self.cuda and self.events:
+            self.events[-1][2].synchronize()
+            for k, a, b in self.events:
+                self.total[k] += a.elapsed_time(b) / 1000.0
+            self.events = []
+        out, self.total = self.total, [0.0] * len(self.total)
+        return out
 
 
 def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, std):

@@ -1,14 +1,15 @@
 """Several runs of one architecture stepped as one: stacked weights, one vmapped forward and backward.
 
 ``train_pass`` hands a group of runs that share an architecture, optimizer settings and schedule
-to ``FusedRuns``. Their weights, BatchNorm buffers and momentum are stacked along a new leading
+to ``FusedRuns``. Their weights, BatchNorm buffers and optimizer state are stacked along a new leading
 dimension; ``torch.func.vmap`` over ``functional_call`` runs all of them on a batch at once
 (convolutions become one grouped convolution, the first layer one wider convolution of the shared
 input), their losses are computed together by one loss object whose hyperparameters are (S,) tensors
-(kdpipe.losses: the same formula as a single run's), and one SGD step updates every run (SGD is
-elementwise, so a step on the stack is the step of each run). The math per run is that of the
+(kdpipe.losses: the same formula as a single run's), and one optimizer step updates every run. SGD,
+Adam and AdamW are elementwise given the step count (which all runs of a group share), so a step on
+the stack is the step of each run. The math per run is that of the
 unfused loop, up to float rounding. At the end of every epoch the runs' own modules, optimizer
-momentum and schedule position are brought up to date, so the rest of kdpipe never sees the stack.
+optimizer state and schedule position are brought up to date, so the rest of kdpipe never sees the stack.
 """
 
 from __future__ import annotations
@@ -21,18 +22,36 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
+from kdpipe.losses import main_labels
+
+
+# Optimizers whose update of each element depends only on that element's gradient and state (and
+# the shared step count): one of them over stacked parameters steps every run exactly as its own would.
+ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _stack_state(states: list[dict]) -> dict:
+    """One fused parameter's optimizer state from the runs' states for it: tensors of the parameter's
+    shape are stacked; scalars (Adam's step) are equal across runs (why_not checks) and kept once."""
+    out = {}
+    for key, v in states[0].items():
+        if torch.is_tensor(v) and v.ndim > 0:
+            out[key] = torch.stack([st[key] for st in states])
+        else:
+            out[key] = v.clone() if torch.is_tensor(v) else v
+    return out
 
 
 def fusion_key(run) -> tuple | None:
     """Runs with equal keys can be fused; None: this run cannot be fused with any other."""
     if run.optim is None or run.total_steps is None:
         return None
-    if type(run.optimizer) is not torch.optim.SGD or not isinstance(run.scheduler, torch.optim.lr_scheduler.LambdaLR):
+    if type(run.optimizer) not in ELEMENTWISE or not isinstance(run.scheduler, torch.optim.lr_scheduler.LambdaLR):
         return None
     shapes = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in run.model.named_parameters())
     bufs = tuple((n, tuple(b.shape), b.dtype) for n, b in run.model.named_buffers())
-    return (type(run.model), run.arch, type(run.loss), repr(run.optim), run.total_steps, run.model.training,
-            shapes, bufs)
+    return (type(run.model), run.arch, type(run.loss), repr(run.optim), run.total_steps,
+            getattr(run, "warmup_steps", 0), run.model.training, shapes, bufs)
 
 
 def plan_units(runs, fuse: bool) -> list[list[int]]:
@@ -93,12 +112,12 @@ class FusedRuns:
             fg = {k: v for k, v in g.items() if k != "params"}
             fg["params"] = [self.params[name_of[id(p)]] for p in g["params"]]
             groups.append(fg)
-        self.optimizer = torch.optim.SGD(groups, lr=first.optimizer.defaults["lr"])
+        self.optimizer = type(first.optimizer)(groups)
         if first.optimizer.state:
             for g_fused, *g_runs in zip(self.optimizer.param_groups, *[r.optimizer.param_groups for r in runs]):
                 for j, p in enumerate(g_fused["params"]):
-                    self.optimizer.state[p]["momentum_buffer"] = torch.stack(
-                        [r.optimizer.state[r_g["params"][j]]["momentum_buffer"] for r, r_g in zip(runs, g_runs)])
+                    self.optimizer.state[p] = _stack_state(
+                        [r.optimizer.state[r_g["params"][j]] for r, r_g in zip(runs, g_runs)])
         self.lr_lambdas = list(first.scheduler.lr_lambdas)
         self.base_lrs = list(first.scheduler.base_lrs)
         self.step_count = first.scheduler.last_epoch
@@ -116,7 +135,8 @@ class FusedRuns:
         def losses(p, b, x, t, y, epoch):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
                 out = vforward(p, b, x)  # (S, B, C)
-            return self.loss(out, t, y, epoch)  # term -> (S,)
+            correct = (out.detach().argmax(-1) == main_labels(y)).sum(-1)  # (S,) for the train top-1
+            return self.loss(out, t, y, epoch), correct  # term -> (S,)
 
         self._eager = losses
         self._losses = losses
@@ -149,43 +169,47 @@ class FusedRuns:
                 return "the runs are at different points of their schedules"
             if r.scheduler.base_lrs != first.scheduler.base_lrs:
                 return "the runs' base learning rates differ"
-            has = [bool(r.optimizer.state.get(p, {}).get("momentum_buffer") is not None)
-                   for g in r.optimizer.param_groups for p in g["params"]]
+            has = [bool(r.optimizer.state.get(p)) for g in r.optimizer.param_groups for p in g["params"]]
             if any(has) and not all(has):
-                return "a run holds momentum for some parameters only"
+                return "a run holds optimizer state for some parameters only"
+            steps = {float(st["step"]) for st in r.optimizer.state.values() if "step" in st}
+            first_steps = {float(st["step"]) for st in first.optimizer.state.values() if "step" in st}
+            if steps != first_steps:
+                return "the runs' optimizers are at different step counts"
         if len({bool(r.optimizer.state) for r in runs}) != 1:
             return "some runs hold optimizer state, others not"
         if any(n != names[0] for n in names):
             return "the runs name their parameters differently"
         return None
 
-    def step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor, epoch: int = 0) -> dict:
-        """One training step of every run on the batch; returns their loss terms (detached, each (S,))."""
+    def step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor, epoch: int = 0) -> tuple[dict, torch.Tensor]:
+        """One training step of every run on the batch; returns their loss terms (detached, each (S,)) and
+        how many samples of the batch each run classified right ((S,))."""
         if self._epoch is None or self._epoch[0] != epoch:  # a tensor: compiled code is not specialised on it
             self._epoch = (epoch, torch.tensor(float(epoch), device=x.device))
         args = (self.params, self.buffers, x, t, y, self._epoch[1])
         if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
             self._check_compiled = False
             try:
-                terms = self._losses(*args)
+                terms, correct = self._losses(*args)
             except Exception as e:  # torch.compile raises many types (missing compiler, unsupported op)
                 self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
                 self._losses = self._eager
-                terms = self._losses(*args)
+                terms, correct = self._losses(*args)
         else:
-            terms = self._losses(*args)
+            terms, correct = self._losses(*args)
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).sum().backward()
         self.optimizer.step()
         self.step_count += 1
         for g, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             g["lr"] = base * fn(self.step_count)
-        return {n: v.detach() for n, v in terms.items()}
+        return {n: v.detach() for n, v in terms.items()}, correct
 
     @torch.no_grad()
     def sync_to_runs(self) -> None:
-        """Copy weights, buffers, momentum and schedule position back into each run's own objects."""
+        """Copy weights, buffers, optimizer state and schedule position back into each run's own objects."""
         for s, r in enumerate(self.runs):
             params = dict(r.model.named_parameters())
             for n in self.names:
@@ -195,9 +219,11 @@ class FusedRuns:
                 bufs[n].copy_(self.buffers[n][s])
             for g_fused, g_run in zip(self.optimizer.param_groups, r.optimizer.param_groups):
                 for pf, pr in zip(g_fused["params"], g_run["params"]):
-                    buf = self.optimizer.state.get(pf, {}).get("momentum_buffer")
-                    if buf is not None:
-                        r.optimizer.state[pr]["momentum_buffer"] = buf[s].clone()
+                    for key, v in self.optimizer.state.get(pf, {}).items():
+                        if torch.is_tensor(v) and v.ndim > 0:
+                            r.optimizer.state[pr][key] = v[s].clone()
+                        elif v is not None:
+                            r.optimizer.state[pr][key] = v.clone() if torch.is_tensor(v) else v
             r.scheduler.last_epoch = self.step_count
             for g, base, fn in zip(r.optimizer.param_groups, r.scheduler.base_lrs, r.scheduler.lr_lambdas):
                 g["lr"] = base * fn(self.step_count)

@@ -5,6 +5,9 @@ A spec names where the architecture comes from, and is written into checkpoints 
   kdpipe:NAME          this registry (also bare NAME): Hinton-style MLPs, small CNNs, CIFAR ResNets
                        (resnet8x4, resnet20, resnet32x4, resnet56, resnet110, as in the CRD/RepDistiller
                        papers), WRNs, a CIFAR-adapted ResNet-18;
+  mlp:512,256[:dropout=P], dscnn:WIDTH[:dropout=P]
+                       parametric families of this registry: an MLP with those hidden layers, a
+                       MobileNet-style depthwise-separable CNN of that base width;
   tv:NAME              a torchvision classification model (also bare NAME, when the registry has no
                        such name; registry and torchvision names never overlap), random weights;
   timm:NAME            a timm model (optional extra: pip install kdpipe[timm]), random weights;
@@ -33,6 +36,7 @@ from kdpipe import KDPipeError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TAKES_FEATURES: set[str] = set()  # architectures that also take feature vectors (D,), not only images
+_FAMILIES: dict[str, tuple[Callable[..., nn.Module], str, bool]] = {}  # name -> (factory, usage, takes features)
 
 SCHEMES = ("kdpipe", "tv", "timm")  # named sources; user code is PATH.py:NAME or package.module:NAME
 _SCHEME_ALIASES = {"torchvision": "tv"}
@@ -52,8 +56,46 @@ def register(name: str, *, features: bool = False):
     return deco
 
 
+def register_family(name: str, usage: str, *, features: bool = False):
+    """Register a parametric family, written NAME:ARGS: ``fn(args, options, num_classes, image_shape)`` gets
+    the positional ARGS (strings) and the OPTION=VALUE options (strings); `usage` is its syntax for errors."""
+    def deco(fn):
+        _FAMILIES[name] = (fn, usage, features)
+        return fn
+    return deco
+
+
 def registered() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def families() -> list[str]:
+    """The parametric families' usages, e.g. 'mlp:H[,H...][:dropout=P]'."""
+    return [usage for _, usage, _ in _FAMILIES.values()]
+
+
+def _feature_archs() -> str:
+    return ", ".join(sorted(_TAKES_FEATURES) + [u for _, u, f in _FAMILIES.values() if f])
+
+
+def _create_family(name: str, num_classes: int, image_shape) -> nn.Module:
+    family, _, rest = name.partition(":")
+    fn, usage, features = _FAMILIES[family]
+    if len(image_shape) == 1 and not features:
+        raise KDPipeError(f"{name} takes images (C, H, W), not feature vectors {tuple(image_shape)}: "
+                          f"use one of {_feature_archs()}")
+    parts = rest.split(":")
+    args = [a.strip() for a in parts[0].split(",") if a.strip()]
+    options = {}
+    for item in parts[1:]:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or key.strip() in options:
+            raise KDPipeError(f"bad option {item!r} in architecture {name!r}: write {usage}")
+        options[key.strip()] = value.strip()
+    try:
+        return fn(args, options, num_classes, tuple(image_shape))
+    except (ValueError, TypeError) as e:
+        raise KDPipeError(f"bad architecture {name!r} ({e}): write {usage}") from None
 
 
 def torchvision_models() -> list[str]:
@@ -96,6 +138,8 @@ def parse_arch_args(text: str | dict | None) -> dict:
 def parse_spec(spec: str) -> tuple[str, str]:
     """(scheme, name): scheme is kdpipe, tv, timm, file (name 'PATH.py:ATTR') or module ('pkg.mod:ATTR')."""
     spec = str(spec).strip()
+    if spec.partition(":")[0] in _FAMILIES and spec.partition(":")[1]:
+        return "family", spec
     head, colon, rest = spec.rpartition(":")
     if colon:
         scheme = _SCHEME_ALIASES.get(head, head)
@@ -115,7 +159,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
         return "kdpipe", spec
     if spec in torchvision_models():
         return "tv", spec
-    raise KDPipeError(f"unknown architecture {spec!r}: use one of {', '.join(registered())} "
+    raise KDPipeError(f"unknown architecture {spec!r}: use one of {', '.join(registered() + families())} "
                       f"or a torchvision classification model name ({ARCH_HELP})")
 
 
@@ -123,7 +167,7 @@ def canonical(spec: str) -> str:
     """The unambiguous form written into checkpoints: kdpipe:cnn_small, tv:resnet18, timm:..., or the
     user spec as given."""
     scheme, name = parse_spec(spec)
-    return name if scheme in ("file", "module") else f"{scheme}:{name}"
+    return name if scheme in ("file", "module", "family") else f"{scheme}:{name}"
 
 
 def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args: dict | None = None) -> nn.Module:
@@ -133,9 +177,14 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
     features = len(image_shape) == 1
     if features and scheme in ("kdpipe", "tv", "timm") and base not in _TAKES_FEATURES:
         raise KDPipeError(f"{name} takes images (C, H, W), not feature vectors {tuple(image_shape)}: "
-                          f"use one of {', '.join(sorted(_TAKES_FEATURES))}")
+                          f"use one of {_feature_archs()}")
     if len(image_shape) not in (1, 3):
         raise KDPipeError(f"inputs must be images (C, H, W) or feature vectors (D,), got shape {tuple(image_shape)}")
+    if scheme == "family":
+        if args:
+            raise KDPipeError(f"{name} takes its options in the spec (e.g. mlp:512,256:dropout=0.2), not "
+                              "in --arch-args")
+        return _create_family(name, num_classes, image_shape)
     if scheme == "kdpipe":
         if base not in _REGISTRY:
             raise KDPipeError(f"unknown architecture {name!r}: the registry has {', '.join(registered())}")
@@ -353,6 +402,24 @@ def mlp_100(num_classes, image_shape):
     return MLP(_numel(image_shape), [100], num_classes)
 
 
+def _dropout(options: dict) -> float:
+    p = float(options.pop("dropout", 0.0))
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {p:g}")
+    if options:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(options))}")
+    return p
+
+
+@register_family("mlp", "mlp:H[,H...][:dropout=P]", features=True)
+def mlp_family(args, options, num_classes, image_shape):
+    """mlp:512,256 is input-512-256-classes with ReLUs; :dropout=P after each hidden layer."""
+    hidden = [int(a) for a in args]
+    if not hidden or min(hidden) < 1:
+        raise ValueError("give one or more hidden sizes >= 1")
+    return MLP(_numel(image_shape), hidden, num_classes, dropout=_dropout(dict(options)))
+
+
 class SmallCNN(nn.Module):
     def __init__(self, in_ch: int, num_classes: int, widths=(32, 64), hidden: int = 128, dropout: float = 0.0):
         super().__init__()
@@ -516,3 +583,41 @@ class ResNet18Cifar(nn.Module):
 
 
 register("resnet18_cifar")(lambda num_classes, image_shape: ResNet18Cifar(num_classes, image_shape[0]))
+
+
+# ---------------------------------------------------------------- depthwise-separable CNN
+
+def _conv_bn(cin, cout, k, stride, groups=1):
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+class DepthwiseSeparableCNN(nn.Module):
+    """MobileNet-style (Howard et al. 2017): a 3x3 stem of `width` channels (stride 2 for inputs of 64
+    pixels or more), then depthwise 3x3 + pointwise 1x1 blocks widening to 2, 4 and 8 times `width` with
+    stride 2 at each widening, global average pooling, optional dropout and a linear classifier."""
+
+    PLAN = ((2, 2), (4, 2), (4, 1), (8, 2), (8, 1))  # (channels as a multiple of width, stride)
+
+    def __init__(self, in_ch, num_classes, width=16, dropout=0.0, stem_stride=1):
+        super().__init__()
+        layers = _conv_bn(in_ch, width, 3, stem_stride)
+        prev = width
+        for mult, stride in self.PLAN:
+            layers += _conv_bn(prev, prev, 3, stride, groups=prev) + _conv_bn(prev, width * mult, 1, 1)
+            prev = width * mult
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout) if dropout else nn.Identity(),
+                                  nn.Linear(prev, num_classes))
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(self.features(x), 1))
+
+
+@register_family("dscnn", "dscnn:WIDTH[:dropout=P]")
+def dscnn_family(args, options, num_classes, image_shape):
+    """dscnn:16 is the depthwise-separable CNN with base width 16."""
+    if len(args) != 1 or int(args[0]) < 1:
+        raise ValueError("give one base width >= 1")
+    return DepthwiseSeparableCNN(image_shape[0], num_classes, int(args[0]), _dropout(dict(options)),
+                                 stem_stride=2 if min(image_shape[1:]) >= 64 else 1)

@@ -17,21 +17,26 @@ import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import parse_loss, plan_runs, run_name
+from kdpipe.sweep import STUDENT_BATCH_SIZE, parse_loss, plan_sweep
 
+# Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
+_OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
+                "betas": "betas", "eps": "eps", "schedule": "schedule", "warmup_epochs": "warmup-epochs"}
 # arch and archs are kdpipe.models specs (kdpipe:NAME, tv:NAME, timm:NAME, path/nets.py:Factory,
 # package.module:Factory); arch_args is "k=v,..." or a table. A [teacher] with file = "..." is loaded, not
 # trained: with arch too, the file is a state dict or safetensors file that arch fills; mean/std,
 # input_range or normalize give the input normalization of a teacher that is not a kdpipe checkpoint.
-_TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "policy",
-                 "padding", "size", "seed", "device", "file", "output", "trust_pickle", "mean", "std", "input_range",
-                 "normalize"}
+_TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
+                 "output", "trust_pickle", "mean", "std", "input_range", "normalize"} | set(_OPTIM_FLAGS)
+# limit: only the first N samples of each split (quick end-to-end checks); prepare: a command that writes
+# the npz:PATH file of the spec (a rule of its own, run when the file is missing).
+_DATA_KEYS = {"spec", "root", "limit", "prepare"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
               "yes", "force"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed"}
-_STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr",
-                 "momentum", "weight_decay", "schedule", "device", "checkpoint_every", "keep_checkpoints"}
+_STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
+                 "val_fraction", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
 
 
 def load_pipeline(path) -> dict:
@@ -53,6 +58,12 @@ def load_pipeline(path) -> dict:
             raise KDPipeError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
     if "data" not in spec or "spec" not in spec["data"]:
         raise KDPipeError(f"{path}: missing [data] spec = \"...\"")
+    unknown = set(spec["data"]) - _DATA_KEYS
+    if unknown:
+        raise KDPipeError(f"{path}: unknown key(s) in [data]: {', '.join(sorted(unknown))}")
+    if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
+        raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
+                          f"{spec['data']['spec']!r}")
     if not spec.get("students"):
         raise KDPipeError(f"{path}: needs at least one [[students]] block")
     for i, block in enumerate(spec["students"]):
@@ -101,7 +112,9 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     step and what follows it, nothing before it."""
     name = spec["name"]
     data = spec["data"]
-    data_opts = ["--data", data["spec"]] + (["--data-root", data["root"]] if data.get("root") else [])
+    data_opts = ["--data", data["spec"]] + (["--data-root", data["root"]] if data.get("root") else []) + \
+        (["--limit", str(int(data["limit"]))] if data.get("limit") else [])
+    data_file = [data["spec"].removeprefix("npz:")] if data.get("prepare") else []
     t, d = spec["teacher"], spec["dump"]
     runs_dir, cache_dir = f"runs/{name}", f"cache/{name}"
     teacher = t.get("file") or f"{runs_dir}/teacher.pt"
@@ -116,12 +129,13 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             prereqs = prereqs + [stamp]
         return [f"{targets}: {' '.join(prereqs)} | $(SETUP)", f"\t{command}", ""]
 
+    if data_file:
+        lines += rule(data_file[0], [], data["prepare"], "data")
     if "file" not in t:
-        lines += rule(teacher, [], f"$(KDPIPE) train-teacher {q(data_opts)} " + q(["--arch", t["arch"]] + _arch_args(t)
-                                                                                  + _opts(t, {
-            "epochs": "epochs", "batch_size": "batch-size", "lr": "lr", "momentum": "momentum",
-            "weight_decay": "weight-decay", "schedule": "schedule", "policy": "policy",
-            "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
+        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
+            ["--arch", t["arch"]] + _arch_args(t) + _opts(t, {
+                "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
+                "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
             "teacher")
     manifest = f"{cache_dir}/manifest.json"
     loaded = []  # how a teacher file that kdpipe did not train is read
@@ -129,7 +143,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         loaded = (["--teacher-arch", t["arch"]] + _arch_args(t) if "arch" in t else []) + _opts(t, {
             "output": "teacher-output", "mean": "mean", "std": "std", "input_range": "input-range",
             "normalize": "normalize"}) + (["--trust-pickle"] if t.get("trust_pickle") else [])
-    lines += rule(manifest, [teacher], f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
+    lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
         "device": "device", "amp": "amp"}) + (["--yes"] if d.get("yes") else [])
@@ -141,14 +155,17 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         alphas = _listify(block.get("alpha", []))
         seeds = _listify(block.get("seed", [0]))
         loss, loss_options = parse_loss(block.get("loss", "kd"))
-        targets = [f"{runs_dir}/students/{run_name(*p, loss, loss_options)}/metrics.json"
-                   for p in plan_runs(archs, temps, alphas, seeds, loss, loss_options)]
+        training = {k: block[k] for k in _OPTIM_FLAGS if k in block and k != "lr"}
+        if "val_fraction" in block:
+            training["val_fraction"] = block["val_fraction"]
+        targets = [f"{runs_dir}/students/{name}/metrics.json" for name, _, _ in plan_sweep(
+            archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
+            block.get("batch_size", STUDENT_BATCH_SIZE), **training)]
         all_metrics += targets
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _arch_args(block) + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
-            "batch_size": "batch-size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
-            "schedule": "schedule", "device": "device", "checkpoint_every": "checkpoint-every",
-            "keep_checkpoints": "keep-checkpoints"})
+            "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device",
+            "checkpoint_every": "checkpoint-every", "keep_checkpoints": "keep-checkpoints"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
         # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
         lines += rule(" ".join(targets) + " &", [manifest],

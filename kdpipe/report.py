@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
+from kdpipe.sweep import arch_label
 from kdpipe.util import ensure_out_dir
 
 
@@ -72,56 +74,99 @@ def _scratch(r) -> bool:
     return not r["uses_teacher"] if "uses_teacher" in r else r["alpha"] == 0
 
 
-def build_report(run_paths, out) -> dict:
+def _setting(r) -> str:
+    """What a run's seed does not decide: its name without the seed (names hold everything else that
+    differs, kdpipe.sweep.run_name), with the epochs for the default-named runs of earlier versions."""
+    name = re.sub(r"-s\d+$", "", r["name"])
+    return name if re.search(r"-e\d+(-|$)", name) else name + f" ({r.get('epochs', '?')} ep)"
+
+
+def _train_s(r) -> float:
+    """The run's own training time; metrics of earlier versions have only the whole pass's."""
+    return r.get("train_s", r.get("train_wall_s", 0.0))
+
+
+def _best(best) -> str:
+    """'3 (0.8125)': the epoch the validation split picked and its validation top-1."""
+    return "" if not best else f"{best['epoch']} ({best['val_top1']:.4f})"
+
+
+def _role(r) -> str:
+    return "scratch" if _scratch(r) else "KD"
+
+
+def _num(x, spec="g") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
+    """report.md (the teacher(s), every finished run, each setting over its seeds, and the unfinished runs
+    listed), summary.json and plots. Runs on more than one dataset are refused unless mix_datasets (then
+    each table row names its dataset, as it always does)."""
     runs, unfinished = scan_runs(run_paths)
+    datasets = sorted({r.get("dataset", "?") for r in runs})
+    if len(datasets) > 1 and not mix_datasets:
+        raise KDPipeError(f"the runs come from {len(datasets)} datasets ({', '.join(datasets)}): report each "
+                          "dataset's runs apart, or pass --mix-datasets to put them in one table")
     out = ensure_out_dir(out, "report directory")
     teachers = {}
     for r in runs:
         t = r.get("teacher") or {}
         if t.get("fingerprint"):
-            teachers[t["fingerprint"]] = t
+            teachers[t["fingerprint"]] = {**t, "dataset": r.get("dataset", "?")}
     lines = ["# kdpipe report", ""]
-    datasets = sorted({r.get("dataset", "?") for r in runs})
-    lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s).", ""]
-    lines += ["| model | role | loss | T | alpha | seed | test top-1 | agreement with teacher | parameters | MB | "
-              "CPU latency (ms/image) | training time (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s). Training time is each run's own: "
+              "its own steps plus an even share of the pass it shared with other runs.", ""]
+    lines += ["| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1 | "
+              "agreement with teacher | best epoch (val top-1) | parameters | MB | CPU latency (ms/image) | "
+              "training time (s) |",
+              "|" + "---|" * 17]
     for t in teachers.values():
-        lines.append(f"| {t.get('arch')} | teacher | | | | | {_fmt(t.get('test_top1'))} | 1.0000 | "
-                     f"{t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
+        lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))} | 1.0000 | "
+                     f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
                      f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
-    for r in sorted(runs, key=lambda r: (r["arch"], _loss(r), r["alpha"], r["temperature"], r["seed"])):
-        role = "scratch" if _scratch(r) else "KD"
-        lines.append(f"| {r['arch']} | {role} | {_loss(r)} | {'' if _scratch(r) else format(r['temperature'], 'g')} | "
-                     f"{r['alpha']:g} | {r['seed']} | {_fmt(r.get('test_top1'))} | "
-                     f"{_fmt(r.get('teacher_agreement'))} | {r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
-                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {r.get('train_wall_s', 0):.1f} |")
+    order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"], r["temperature"] or 0,
+                                        _setting(r), r["seed"]))
+    for r in order:
+        best = r.get("best")
+        lines.append(f"| {r['arch']} | {_role(r)} | {_loss(r)} | "
+                     f"{'' if _scratch(r) else _num(r['temperature'])} | {r['alpha']:g} | {r.get('optimizer', 'sgd')} | "
+                     f"{_num(r.get('lr'))} | {r.get('epochs', '')} | {r['seed']} | {r.get('dataset', '?')} | "
+                     f"{_fmt(r.get('test_top1'))} | {_fmt(r.get('teacher_agreement'))} | "
+                     f"{_best(best)} | "
+                     f"{r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
+                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} |")
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["arch"], _loss(r), r["alpha"], None if _scratch(r) else r["temperature"])].append(r)
+        groups[(r.get("dataset", "?"), _setting(r))].append(r)
     summary = []
-    for (arch, loss, alpha, temp), rs in sorted(groups.items(),
-                                                key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0)):
+    for (dataset, setting), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _group_order(kv[1][0]), kv[0][1])):
         acc, acc_sd = _mean_std([r.get("test_top1") for r in rs])
         agr, agr_sd = _mean_std([r.get("teacher_agreement") for r in rs])
-        summary.append({"arch": arch, "loss": loss, "scratch": _scratch(rs[0]), "alpha": alpha, "temperature": temp,
-                        "seeds": sorted(r["seed"] for r in rs),
+        r0 = rs[0]
+        summary.append({"setting": setting, "dataset": dataset, "arch": r0["arch"], "loss": _loss(r0),
+                        "scratch": _scratch(r0), "alpha": r0["alpha"],
+                        "temperature": None if _scratch(r0) else r0["temperature"],
+                        "optimizer": r0.get("optimizer", "sgd"), "lr": r0.get("lr"), "epochs": r0.get("epochs"),
+                        "seeds": sorted(r["seed"] for r in rs), "n": len(rs),
                         "test_top1_mean": acc, "test_top1_std": acc_sd, "agreement_mean": agr,
-                        "agreement_std": agr_sd, "parameters": rs[0]["parameters"]})
-    if any(len(s["seeds"]) > 1 for s in summary):
-        lines += ["", "Over seeds (mean ± sample std):", "",
-                  "| model | role | loss | T | alpha | seeds | test top-1 | agreement |",
-                  "|---|---|---|---|---|---|---|---|"]
+                        "agreement_std": agr_sd, "parameters": r0["parameters"],
+                        "train_s_mean": statistics.fmean(_train_s(r) for r in rs)})
+    if any(s["n"] > 1 for s in summary):
+        lines += ["", "Each setting over its seeds (mean ± sample std; n runs):", "",
+                  "| model | role | loss | T | alpha | optimizer | lr | epochs | dataset | n | test top-1 | agreement | "
+                  "training time (s, mean) |",
+                  "|" + "---|" * 13]
         for s in summary:
-            role = "scratch" if s["scratch"] else "KD"
-            temp = "" if s["temperature"] is None else format(s["temperature"], "g")
-            lines.append(f"| {s['arch']} | {role} | {s['loss']} | {temp} "
-                         f"| {s['alpha']:g} | {len(s['seeds'])} | {_fmt(s['test_top1_mean'])} ± "
-                         f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} |")
+            lines.append(f"| {s['arch']} | {'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
+                         f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
+                         f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | {_fmt(s['test_top1_mean'])} ± "
+                         f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
+                         f"{s['train_s_mean']:.1f} |")
     if unfinished:
         lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "
                   + ", ".join(f"`{Path(u).name}`" for u in unfinished) + "."]
-    plots = _plots(runs, list(teachers.values()), out)
+    plots = _plots(runs, summary, list(teachers.values()), out)
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
     atomic_write_json(out / "summary.json", {"teachers": list(teachers.values()), "groups": summary,
@@ -131,51 +176,128 @@ def build_report(run_paths, out) -> dict:
             "unfinished": unfinished}
 
 
-def _plots(runs, teachers, out: Path) -> list[Path]:
+def _group_order(r):
+    return (r["arch"], _loss(r), r["alpha"], r["temperature"] or 0)
+
+
+# Plots stay readable with many runs: settings, not runs, get colours and labels; seeds of a setting share
+# its colour; learning curves are faceted by architecture; names are written on points only up to this many.
+MAX_LABELS = 6
+
+
+def _plots(runs, summary, teachers, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    paths = []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    paths = [_accuracy_vs_parameters(plt, summary, teachers, out), _accuracy_bars(plt, summary, teachers, out)]
+    curves = _learning_curves(plt, runs, teachers, out)
+    if curves is not None:
+        paths.append(curves)
+    return paths
+
+
+def _colors(plt, keys):
+    cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    return {k: cmap(i % cmap.N) for i, k in enumerate(keys)}
+
+
+def _accuracy_vs_parameters(plt, summary, teachers, out):
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     for role, marker in (("scratch", "s"), ("KD", "o")):
-        rs = [r for r in runs if _scratch(r) == (role == "scratch") and r.get("test_top1") is not None]
-        if rs:
-            ax.scatter([r["parameters"] for r in rs], [r["test_top1"] for r in rs], marker=marker, label=f"student ({role})")
+        ss = [s for s in summary if s["scratch"] == (role == "scratch") and s["test_top1_mean"] is not None]
+        if ss:
+            ax.errorbar([s["parameters"] for s in ss], [s["test_top1_mean"] for s in ss],
+                        yerr=[s["test_top1_std"] for s in ss], fmt=marker, capsize=3, label=f"student ({role})")
     for t in teachers:
         if t.get("test_top1") is not None:
             ax.scatter([t["parameters"]], [t["test_top1"]], marker="*", s=200, c="k", label=f"teacher {t['arch']}")
-    for r in runs:
-        if r.get("test_top1") is not None:
-            ax.annotate(r["name"], (r["parameters"], r["test_top1"]), fontsize=6, xytext=(4, 2),
-                        textcoords="offset points")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if len(summary) <= MAX_LABELS:
+        for s in summary:
+            if s["test_top1_mean"] is not None:
+                ax.annotate(s["setting"], (s["parameters"], s["test_top1_mean"]), fontsize=6, xytext=(4, 2),
+                            textcoords="offset points")
+    sizes = [s["parameters"] for s in summary] + [t["parameters"] for t in teachers if t.get("parameters")]
+    if sizes and max(sizes) > 10 * min(sizes):  # a log axis only where it spans a decade (else no ticks)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("parameters")
-    ax.set_ylabel("test top-1")
-    ax.set_title("accuracy against parameters")
+    ax.set_ylabel("test top-1 (mean ± std over seeds)")
+    ax.set_title("accuracy against parameters" + ("" if len(summary) <= MAX_LABELS else
+                                                  f" ({len(summary)} settings; see the table for names)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out / "accuracy_vs_parameters.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
-    paths.append(p)
+    return p
 
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * (len(runs) + 1)), 4.5))
-    names = [f"teacher {t['arch']}" for t in teachers] + [r["name"] for r in runs]
-    accs = [t.get("test_top1") or 0 for t in teachers] + [r.get("test_top1") or 0 for r in runs]
-    colors = ["k"] * len(teachers) + ["tab:gray" if _scratch(r) else "tab:blue" for r in runs]
-    ax.bar(range(len(names)), accs, color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    lo = min(a for a in accs if a) if any(accs) else 0
-    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(accs) + 0.02) if accs else 1)
-    ax.set_ylabel("test top-1")
-    ax.set_title("teacher vs students (grey: scratch, blue: KD)")
+
+def _accuracy_bars(plt, summary, teachers, out):
+    """Horizontal bars, one per setting (mean over seeds, std as error bar), teachers first; the axis starts
+    at 0 and every bar carries its value, so small differences are read from the numbers, not the lengths."""
+    labels = [f"teacher {t['arch']}" for t in teachers] + [f"{s['setting']} (n={s['n']})" for s in summary]
+    means = [t.get("test_top1") or 0 for t in teachers] + [s["test_top1_mean"] or 0 for s in summary]
+    errs = [0] * len(teachers) + [s["test_top1_std"] or 0 for s in summary]
+    colors = ["k"] * len(teachers) + ["tab:gray" if s["scratch"] else "tab:blue" for s in summary]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * len(labels) + 1.2)))
+    y = list(range(len(labels)))
+    ax.barh(y, means, xerr=errs, color=colors, capsize=2)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    for yi, m, e in zip(y, means, errs):
+        ax.text(m + e + 0.01, yi, f"{m:.4f}", va="center", fontsize=7)
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("test top-1 (axis from 0)")
+    ax.set_title("teacher vs students (black: teacher, grey: scratch, blue: KD)")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     p = out / "accuracy.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
-    paths.append(p)
-    return paths
+    return p
+
+
+def _learning_curves(plt, runs, teachers, out):
+    """Test top-1 against epoch, one line per run, one panel per architecture; seeds of a setting share a
+    colour and one legend entry; each panel's teacher (of its dataset) is a dashed horizontal line."""
+    from matplotlib.ticker import MaxNLocator
+    runs = [r for r in runs if any(h.get("test_top1") is not None for h in r.get("history", []))]
+    if not runs:
+        return None
+    archs = sorted({r["arch"] for r in runs})
+    cols = min(3, len(archs))
+    rows = (len(archs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, arch in zip(axes.flat, archs):
+        mine = [r for r in runs if r["arch"] == arch]
+        settings = list(dict.fromkeys(_setting(r) for r in sorted(mine, key=lambda r: (_group_order(r), _setting(r)))))
+        color = _colors(plt, settings)
+        done = set()
+        for r in mine:
+            h = [e for e in r["history"] if e.get("test_top1") is not None]
+            key = _setting(r)
+            ax.plot([e["epoch"] for e in h], [e["test_top1"] for e in h], color=color[key], lw=1.2, alpha=0.85,
+                    ls="--" if _scratch(r) else "-", label=None if key in done else key.removeprefix(arch_label(arch) + "-"))
+            done.add(key)
+        for t in teachers:
+            if t.get("test_top1") is not None and t["dataset"] in {r.get("dataset", "?") for r in mine}:
+                ax.axhline(t["test_top1"], color="k", lw=1, ls=":", label=f"teacher {t['arch']}")
+        ax.set_title(arch, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6 if len(settings) <= 10 else 5, ncol=1 if len(settings) <= 10 else 2)
+    for ax in list(axes.flat)[len(archs):]:
+        ax.axis("off")
+    fig.suptitle("learning curves (dashed: scratch; dotted: teacher; seeds share a colour)", fontsize=10)
+    fig.tight_layout()
+    p = out / "learning_curves.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p

@@ -157,7 +157,7 @@ class PassCheckpoint:
     """
 
     def __init__(self, out: Path, seed: int, configs: dict[str, dict], epochs: int, every_minutes: float,
-                 dist=None, log=print, resume_from: str | None = None):
+                 dist=None, log=print, resume_from: str | None = None, tracks: dict | None = None):
         from kdpipe.distributed import SINGLE
         self.path = checkpoint_path(out, seed, configs)
         self.seed, self.epochs = seed, epochs
@@ -169,6 +169,7 @@ class PassCheckpoint:
         self.position = tuple(self.state["position"]) if self.state else (0, 0)
         self.seen = self.state["seen"] if self.state else 0
         self.wall_s = self.state["wall_s"] if self.state else 0.0
+        self.tracks = tracks or {}  # run name -> an object with state() and load(state): saved beside the run
         self.written = False
         self.last = time.monotonic()
         self._steps = 0
@@ -186,6 +187,10 @@ class PassCheckpoint:
             r.scheduler.load_state_dict(s["scheduler"])
             r.history = list(s["history"])
             r.terms = {k: list(v) for k, v in s["terms"].items()}
+            r.train_top1 = list(s["train_top1"])
+            r.own_s, r.train_s = s["own_s"], s["train_s"]
+            if r.name in self.tracks:
+                self.tracks[r.name].load(s["track"])
         part = self._rank_part()
         torch.set_rng_state(part["rng"]["cpu"])
         cuda = part["rng"].get("cuda")
@@ -204,6 +209,11 @@ class PassCheckpoint:
             out.append({n: torch.stack([part[runs[i].name][n] for i in u]).to(device) for n in names})
         return out
 
+    def correct(self, units, runs, device) -> list[torch.Tensor]:
+        """The epoch's counts of right answers up to `position` (this rank's), per unit as train_pass keeps them."""
+        part = self._rank_part()["correct"]
+        return [torch.stack([part[runs[i].name] for i in u]).to(device) for u in units]
+
     # ---------------------------------------------------------------- writing
 
     def due(self) -> bool:
@@ -219,19 +229,20 @@ class PassCheckpoint:
         device = self.dist.device or torch.device("cpu")
         return self.dist.all_mean(torch.tensor([float(late)], device=device)).item() > 0
 
-    def save(self, runs, units, epoch: int, step: int, sums, seen: int, wall_s: float) -> None:
+    def save(self, runs, units, epoch: int, step: int, sums, seen: int, wall_s: float, correct=None) -> None:
         """Write the pass at (epoch, step): `step` batches of `epoch` done (0: the epoch has not begun).
         Fused runs must have been synced into their modules. Every rank calls it; rank 0 writes."""
         from kdpipe.distributed import Dist
-        own = {}
+        own, right = {}, {}
         if sums is not None:
             for k, u in enumerate(units):
                 for j, i in enumerate(u):
                     own[runs[i].name] = {n: v[j].detach().cpu().clone() for n, v in sums[k].items()}
+                    right[runs[i].name] = correct[k][j].detach().cpu().clone()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        parts = self.dist.gather({"sums": own, "rng": rng})
+        parts = self.dist.gather({"sums": own, "correct": right, "rng": rng})
         self.last = time.monotonic()
         if not self.dist.is_main:
             return
@@ -240,7 +251,9 @@ class PassCheckpoint:
             model = Dist.unwrap(r.model)
             state[r.name] = {"model": _cpu(model.state_dict()), "optimizer": _cpu(r.optimizer.state_dict()),
                              "scheduler": r.scheduler.state_dict(), "history": list(r.history),
-                             "terms": {k: list(v) for k, v in r.terms.items()}}
+                             "terms": {k: list(v) for k, v in r.terms.items()},
+                             "train_top1": list(r.train_top1), "own_s": r.own_s, "train_s": r.train_s,
+                             "track": self.tracks[r.name].state() if r.name in self.tracks else None}
         obj = {"kdpipe_pass_checkpoint": CHECKPOINT_VERSION, "seed": self.seed, "epochs": self.epochs,
                "runs": self.runs, "position": [epoch, step], "seen": seen, "wall_s": wall_s,
                "ranks": parts, "state": state}

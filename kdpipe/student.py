@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,16 +14,16 @@ import torch
 import kdpipe
 from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
-from kdpipe.cache.writer import atomic_write_json
+from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
-from kdpipe.data import KINDS, SOURCES, ImageData, load_dataset, moved_spec
+from kdpipe.data import KINDS, SOURCES, ImageData, limited, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import check_model, count_parameters
+from kdpipe.models import check_model, count_parameters, create_model
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, plan_runs_dir, remove_finished_checkpoints
-from kdpipe.sweep import parse_loss, plan_runs, run_name
+from kdpipe.sweep import parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
 
@@ -46,7 +48,7 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
                           f"(it knows {', '.join(KINDS)}): upgrade kdpipe")
     size = d.get("image_size")  # photos: decoded the same way as in stage one, without asking again
     try:
-        train = load_dataset(spec, d["split"], root, size)
+        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"))
     except KDPipeError as e:
         arg = spec.partition(":")[2]
         gone = Path(arg).expanduser() if src is not None and src.path else Path(root) if root else None
@@ -60,7 +62,7 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     test = None
     ev = cache.manifest.get("eval")
     if ev:
-        test = load_dataset(spec, "test", root, size)
+        test = limited(load_dataset(spec, "test", root, size), ev["dataset"].get("limit"))
         if test.fingerprint != ev["dataset"]["fingerprint"]:
             raise KDPipeError(f"the test split of {spec} differs from the one the cache's teacher "
                               f"was evaluated on (fingerprint: cache has {ev['dataset']['fingerprint'][:12]}, "
@@ -139,11 +141,18 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
                    online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
                    data_spec: str | None = None, allow_test_split: bool = False,
-                   arch_args: dict | None = None, overwrite: bool = False,
+                   arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, overwrite: bool = False,
                    checkpoint_every: float = DEFAULT_EVERY_MINUTES, keep_checkpoints: bool = False) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
     Runs with the same seed share one pass over the data (one read and replay per batch).
+
+    `optim` gives the optimizer and schedule; `lrs`, when given, is a sweep axis over its learning rate.
+    `val_fraction` > 0 holds that share of the cache's samples out of training (validation_rows: the same
+    rows for every run and seed); each epoch then evaluates every run on them, and each run keeps its best
+    epoch's weights (student-best.pt) besides the last (student.pt). Every epoch also evaluates on the test
+    split: metrics.json's "history" and history.csv hold, per epoch, the loss terms, train top-1 (on the
+    views stepped on), validation and test top-1 and agreement with the teacher on the test split.
 
     `loss` is a spec, NAME[:OPTION=VALUE,...] (kdpipe.sweep.parse_loss, kdpipe.losses); T and alpha are
     its temperature and alpha, swept; empty `temperatures` or `alphas`: the loss's default (kd: 4, 0.9).
@@ -178,10 +187,12 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     if not students:
         raise KDPipeError("give at least one --student")
     loss_name, loss_options = parse_loss(loss)
-    planned = plan_runs(students, temperatures, alphas, seeds, loss_name, loss_options)
-    losses = {p: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
-                                                            if v is not None})
-              for p in planned}  # bad options fail here, before any training
+    training = {k: v for k, v in optim.settings().items() if k != "lr"}
+    planned = plan_sweep(students, temperatures, alphas, seeds, loss_name, loss_options, list(lrs) or [optim.lr],
+                         epochs, batch_size, val_fraction=val_fraction, **training)
+    losses = {name: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
+                                                               if v is not None})
+              for name, p, _ in planned}  # bad options fail here, before any training
     with ctx.together("opening the cache"):
         cache = Cache(cache_dir)
         m = cache.manifest
@@ -204,21 +215,33 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
     n = len(train)
-    if world > 1 and n < batch_size * world:
+    val_rows = validation_rows(n, val_fraction)
+    train_rows = None
+    if len(val_rows):
+        keep = np.ones(n, dtype=bool)
+        keep[val_rows] = False
+        train_rows = torch.from_numpy(np.flatnonzero(keep))
+        log(f"validation: {len(val_rows)} of {n} samples ({val_fraction:g}) held out of training; each run keeps "
+            "its best epoch by validation top-1")
+    n_train = n - len(val_rows)
+    if n_train < 1:
+        raise KDPipeError(f"--val-fraction {val_fraction:g} leaves no training samples: lower it")
+    if world > 1 and n_train < batch_size * world:
         raise KDPipeError(f"{n} samples are fewer than one global batch ({batch_size} per rank x {world} "
                           "ranks): lower --batch-size")
-    total_steps = epochs * steps_per_epoch(n, batch_size * world)
+    epoch_steps = steps_per_epoch(n_train, batch_size * world)
+    total_steps = epochs * epoch_steps
     log(f"batch {batch_size}" + (f" per rank x {world} ranks = effective batch {batch_size * world} "
                                  f"(DistributedDataParallel, {ctx.backend})" if world > 1 else "")
-        + f", peak lr {optim.lr:g}" + (" (as given: not scaled with the world size)" if world > 1 else "")
+        + f", {optim.optimizer}, peak lr " + ", ".join(sorted({format(st["lr"], "g") for _, _, st in planned}))
+        + (" (as given: not scaled with the world size)" if world > 1 else "")
         + f", {total_steps // epochs} steps per epoch")
 
     view_source = CachedViews(cache, device, logits=online_teacher is None, policy=policy)
 
     teacher_test = cache.read_test_logits()
-    names = {p: run_name(*p, loss_name, loss_options) for p in planned}
-    configs = {names[p]: _run_config(names[p], p[0], arch_args, losses[p], p[3], cache, epochs, batch_size, world,
-                                     optim, amp, device) for p in planned}
+    configs = {name: _run_config(name, p[0], arch_args, losses[name], p[3], cache, epochs, batch_size, world,
+                                 OptimConfig.from_settings(st), val_fraction, amp, device) for name, p, st in planned}
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
@@ -231,18 +254,22 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
             results.append(metrics)
     # A pass per seed; runs that resume from different checkpoints (or none) go in separate passes.
     passes: dict[tuple, list] = {}
-    for p in planned:
-        if names[p] not in plan.finished:
-            passes.setdefault((p[3], plan.resume.get(names[p], "")), []).append(p)
+    for name, p, st in planned:
+        if name not in plan.finished:
+            passes.setdefault((p[3], plan.resume.get(name, "")), []).append((name, p, st))
+    evaluate = _Evaluator(images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device)
     for (seed, resume_from), group in sorted(passes.items()):
-        runs: list[Run] = [build_run(names[p], p[0], losses[p], p[3], cache.num_classes, in_shape, optim,
-                                     total_steps, device, arch_args=arch_args) for p in group]
+        runs: list[Run] = [build_run(name, p[0], losses[name], p[3], cache.num_classes, in_shape,
+                                     OptimConfig.from_settings(st), total_steps, device, arch_args=arch_args,
+                                     epoch_steps=epoch_steps)
+                           for name, p, st in group]
+        tracks = {r.name: _Track() for r in runs}
         if ctx.is_main:
             for r in runs:  # config.json at the start: a run directory without metrics.json is unfinished
                 atomic_write_json(ensure_out_dir(out / r.name, "run directory") / "config.json", configs[r.name])
         with ctx.together("reading the pass checkpoint"):  # every rank reads it: --out must be shared
             ckpt = PassCheckpoint(out, seed, {r.name: configs[r.name] for r in runs}, epochs, checkpoint_every,
-                                  dist=ctx, log=log, resume_from=resume_from or None)
+                                  dist=ctx, log=log, resume_from=resume_from or None, tracks=tracks)
             ckpt.restore(runs)
         log(f"training {len(runs)} student run(s) in one pass (seed {seed}) from {cache.path} on {device}"
             + (f" x {world} ranks" if world > 1 else "") + ": " + ", ".join(r.name for r in runs))
@@ -253,16 +280,22 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         t0 = time.perf_counter()
         for r in runs:
             r.model = ctx.wrap(r.model)  # DistributedDataParallel when world > 1
+
+        def on_epoch_end(epoch, runs=runs, tracks=tracks):
+            for r in runs:
+                tracks[r.name].add(r, epoch, evaluate(ctx.unwrap(r.model)))
+
         stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
                            online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
-                           dist=ctx, fuse=fuse, checkpoint=ckpt)
+                           dist=ctx, fuse=fuse, train_rows=train_rows, on_epoch_end=on_epoch_end, checkpoint=ckpt)
         for r in runs:
             r.model = ctx.unwrap(r.model)
         if not ctx.is_main:
             continue
         for r in runs:
-            results.append(_finish_run(r, cache, test, teacher_test, policy, mean, std, in_shape, out, stats,
-                                       epochs, len(runs), configs[r.name], amp, device, log, world=world))
+            results.append(_finish_run(r, cache, tracks[r.name], in_shape, out, stats, epochs, len(runs),
+                                       configs[r.name], amp, device, log, world=world, val_rows=val_rows,
+                                       val_fraction=val_fraction))
         if not keep_checkpoints:
             ckpt.remove()
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
@@ -272,47 +305,149 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     return results
 
 
-def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_size, world, optim, amp, device) -> dict:
+def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_size, world, optim: OptimConfig,
+                val_fraction: float, amp, device) -> dict:
     """A run's config.json: its settings (kdpipe.resume.settings) and where it ran."""
     opts = loss.options
     return {"run": name, "student": arch, "arch_args": arch_args or {}, "loss": {"name": loss.name, "options": opts},
             "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
             "epochs": epochs, "batch_size": batch_size, "world_size": world,
-            "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
-            "device": str(device),
+            "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim),
+            "val_fraction": val_fraction, "amp": amp, "device": str(device),
             "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
             "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
             "torch_version": torch.__version__}
 
 
-def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_shape, out: Path, stats,
-                epochs, runs_in_pass, config: dict, amp, device, log, world: int = 1) -> dict:
+VAL_SEED = 20_151_031  # the validation rows depend on this, the number of samples and the fraction only
+
+
+def validation_rows(n: int, fraction: float) -> np.ndarray:
+    """The sorted sample indices held out for validation: round(fraction * n) of them, drawn by a fixed
+    seed, so every run, seed and call with this fraction holds out the same rows."""
+    if not 0 <= fraction < 1:
+        raise KDPipeError(f"--val-fraction must lie in [0, 1), got {fraction}")
+    k = int(round(fraction * n))
+    return np.sort(np.random.default_rng(VAL_SEED).permutation(n)[:k]).astype(np.int64)
+
+
+class _Evaluator:
+    """Per epoch: top-1 on the held-out validation rows (clean view) and on the test split, and top-1
+    agreement with the teacher's test logits."""
+
+    def __init__(self, images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device):
+        self.policy, self.mean, self.std, self.amp = policy, mean, std, amp
+        self.val = None
+        if len(val_rows):
+            idx = torch.from_numpy(val_rows).to(device)
+            vimg = images[idx]
+            self.val = (vimg, torch.from_numpy(eval_params(policy, tuple(vimg.shape[1:]), len(idx))).to(device),
+                        labels[idx].cpu())
+        self.test = None
+        if test is not None:
+            self.test = (images_tensor(test.images, device),
+                         torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device), test.labels)
+        self.teacher_test = teacher_test
+
+    def __call__(self, model) -> dict:
+        out = {}
+        if self.val is not None:
+            out["val_top1"] = top1(predict(model, self.val[0], self.policy, self.val[1], self.mean, self.std,
+                                           amp=self.amp).cpu(), self.val[2])
+        if self.test is not None:
+            logits = predict(model, self.test[0], self.policy, self.test[1], self.mean, self.std, amp=self.amp).cpu()
+            out["test_top1"] = top1(logits, self.test[2])
+            if self.teacher_test is not None:
+                out["teacher_agreement"] = agreement(logits, self.teacher_test)
+        return out
+
+
+class _Track:
+    """A run's per-epoch history and, with a validation split, its best epoch and that epoch's weights."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+        self.best_epoch, self.best_val, self.best_state, self.best_eval = None, None, None, {}
+
+    def add(self, r: Run, epoch: int, ev: dict) -> None:
+        row = {"epoch": epoch + 1, "loss": r.history[-1], **{k: v[-1] for k, v in r.terms.items()},
+               "train_top1": r.train_top1[-1], **ev, "lr": r.optimizer.param_groups[0]["lr"]}
+        self.history.append(row)
+        val = ev.get("val_top1")
+        if val is not None and (self.best_val is None or val > self.best_val):  # ties: the earlier epoch
+            model = ctx_unwrap(r.model)
+            self.best_epoch, self.best_val, self.best_eval = epoch + 1, val, ev
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def state(self) -> dict:
+        """What a pass checkpoint keeps of it (kdpipe.resume)."""
+        return {"history": list(self.history), "best_epoch": self.best_epoch, "best_val": self.best_val,
+                "best_state": self.best_state, "best_eval": dict(self.best_eval)}
+
+    def load(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.best_epoch, self.best_val = state["best_epoch"], state["best_val"]
+        self.best_state, self.best_eval = state["best_state"], dict(state["best_eval"])
+
+    def csv(self) -> bytes:
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        for row in self.history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        return buf.getvalue().encode()
+
+
+def ctx_unwrap(model):
+    """The bare module of a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
+                config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     opts = r.loss.options
+    last = track.history[-1] if track.history else {}
+    training = {**r.optim.settings(), "val_fraction": val_fraction, "val_samples": len(val_rows)}
     metrics = {"name": r.name, "arch": r.arch, "loss": {"name": r.loss.name, "options": opts},
                "temperature": opts.get("temperature"), "alpha": opts.get("alpha"),
                "uses_teacher": r.loss.needs_teacher, "seed": r.seed,
                "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
-               "train_terms": r.terms,
+               "train_terms": r.terms, "train_top1": r.train_top1,
+               "train_s": r.train_s, "train_own_s": r.own_s,
                "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
                "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": config["batch_size"],
-               "effective_batch_size": config["effective_batch_size"], "lr": config["lr"],
+               "effective_batch_size": config["effective_batch_size"], "lr": r.optim.lr,
+               "optimizer": r.optim.optimizer, "schedule": r.optim.schedule, "training": training,
                "cache": {"path": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype},
-               "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"]}
-    if test is not None:
-        logits = clean_test_logits(r.model, test, policy, mean, std, device, amp)
-        metrics["test_top1"] = top1(logits, test.labels)
-        if teacher_test is not None:
-            metrics["teacher_agreement"] = agreement(logits, teacher_test)
+               "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"],
+               "history": track.history}
+    for key in ("test_top1", "teacher_agreement", "val_top1"):
+        if key in last:
+            metrics[key] = last[key]
     metrics["cpu_latency_ms"] = cpu_latency_ms(r.model, in_shape)
-    ckpt = rdir / "student.pt"
+    common = dict(arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape,
+                  mean=cache.manifest["input"]["mean"], std=cache.manifest["input"]["std"],
+                  class_names=cache.manifest["dataset"]["class_names"],
+                  dataset={k: v for k, v in cache.manifest["dataset"].items()}, arch_args=r.arch_args)
+    if track.best_epoch is not None:
+        best_model = create_model(r.arch, cache.num_classes, in_shape, r.arch_args)
+        best_model.load_state_dict(track.best_state)
+        save_checkpoint(rdir / "student-best.pt", best_model, **common, test_top1=track.best_eval.get("test_top1"),
+                        extra={"role": "student", "run": r.name, "epoch": track.best_epoch, "selected_by": "val_top1"})
+        metrics["best"] = {"epoch": track.best_epoch, "checkpoint": "student-best.pt", "selected_by": "val_top1",
+                           **track.best_eval}
     metrics["size_bytes"] = save_checkpoint(
-        ckpt, r.model, arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape, mean=mean, std=std,
-        class_names=cache.manifest["dataset"]["class_names"], dataset={k: v for k, v in cache.manifest["dataset"].items()},
-        test_top1=metrics.get("test_top1"), arch_args=r.arch_args, extra={"role": "student", "run": r.name})
+        rdir / "student.pt", r.model, **common, test_top1=metrics.get("test_top1"),
+        extra={"role": "student", "run": r.name, "epoch": epochs})
     atomic_write_json(rdir / "config.json", config)
+    atomic_write_bytes(rdir / "history.csv", track.csv())
     atomic_write_json(rdir / "metrics.json", metrics)  # last: its presence marks a finished run
+    best = metrics.get("best")
     log(f"  {r.name}: test top-1 {metrics.get('test_top1', float('nan')):.4f}, agreement "
-        f"{metrics.get('teacher_agreement', float('nan')):.4f} -> {rdir}")
+        f"{metrics.get('teacher_agreement', float('nan')):.4f}"
+        + (f"; best epoch {best['epoch']} (val top-1 {best['val_top1']:.4f}, test top-1 "
+           f"{best.get('test_top1', float('nan')):.4f})" if best else "") + f" -> {rdir}")
     return metrics

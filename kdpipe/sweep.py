@@ -7,7 +7,9 @@ temperature and alpha are not in the spec: they are the sweep's axes (--temperat
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 
 from kdpipe import KDPipeError
@@ -16,6 +18,72 @@ from kdpipe import KDPipeError
 # which tests/test_losses.py checks). Other losses take their own defaults for an axis not given.
 KD_AXES = {"temperature": 4.0, "alpha": 0.9}
 AXES = tuple(KD_AXES)
+
+
+# Training settings (train-teacher and train-student). Declared here, without torch, because run names
+# (and so Make targets) depend on them; kdpipe.engine.OptimConfig resolves its defaults from these.
+OPTIMIZERS = {  # name -> its usual defaults where they differ between optimizers
+    "sgd": {"lr": 0.05, "weight_decay": 5e-4},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0},  # L2 added to the gradient (coupled), as torch.optim.Adam
+    "adamw": {"lr": 1e-3, "weight_decay": 0.01},  # decoupled (Loshchilov & Hutter), as torch.optim.AdamW
+}
+SCHEDULES = ("cosine", "step", "constant", "onecycle")
+STUDENT_BATCH_SIZE = 128  # train-student's default --batch-size (a pipeline block without batch_size gets it)
+TRAIN_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False, "betas": (0.9, 0.999), "eps": 1e-8,
+                  "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0}
+# What each optimizer uses (a setting it ignores does not change a run's name).
+OPTIMIZER_USES = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps")}
+
+
+def resolve_training(optimizer: str | None = None, lr: float | None = None, weight_decay: float | None = None,
+                     **given) -> dict:
+    """The full training settings: given values, else the optimizer's usual ones, else TRAIN_DEFAULTS.
+    A setting given as None counts as not given."""
+    name = optimizer or TRAIN_DEFAULTS["optimizer"]
+    if name not in OPTIMIZERS:
+        raise KDPipeError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    unknown = set(given) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise KDPipeError(f"unknown training setting(s) {', '.join(sorted(unknown))}")
+    out = {**TRAIN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "optimizer": name,
+           "lr": float(lr if lr is not None else OPTIMIZERS[name]["lr"]),
+           "weight_decay": float(weight_decay if weight_decay is not None else OPTIMIZERS[name]["weight_decay"])}
+    out["betas"] = tuple(float(b) for b in out["betas"])
+    if out["schedule"] not in SCHEDULES:
+        raise KDPipeError(f"unknown schedule {out['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    if out["schedule"] == "onecycle" and out["warmup_epochs"]:
+        raise KDPipeError("the onecycle schedule has its own warm-up: leave --warmup-epochs at 0")
+    if not 0 <= out["val_fraction"] < 1:
+        raise KDPipeError(f"--val-fraction must lie in [0, 1), got {out['val_fraction']}")
+    if out["warmup_epochs"] < 0:
+        raise KDPipeError(f"--warmup-epochs must be >= 0, got {out['warmup_epochs']}")
+    if len(out["betas"]) != 2 or not all(0 <= b < 1 for b in out["betas"]):
+        raise KDPipeError(f"--betas must be two numbers in [0, 1), got {','.join(map(str, out['betas']))}")
+    if out["lr"] <= 0:
+        raise KDPipeError(f"--lr must be > 0, got {out['lr']:g}")
+    return out
+
+
+def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
+    """The part of a run's name that its training settings add: empty for plain SGD with the defaults (the
+    names of earlier versions); else the optimizer (when not SGD), lr<LR> (when not the optimizer's
+    default), e<EPOCHS> and, when anything else differs from the defaults, h<6 hex> hashing it.
+    `settings` is resolve_training's result."""
+    name = settings["optimizer"]
+    base = resolve_training(name)
+    used = ("weight_decay", "schedule", "warmup_epochs", "val_fraction") + OPTIMIZER_USES[name]
+    rest = {k: settings[k] for k in used if settings[k] != base[k]}
+    if name == "sgd" and settings["lr"] == base["lr"] and not rest:
+        return ""
+    parts = [] if name == "sgd" else [name]
+    if settings["lr"] != base["lr"]:
+        parts.append(f"lr{settings['lr']:g}")
+    parts.append(f"e{int(epochs)}")
+    if rest:
+        rest["batch_size"] = int(batch_size)
+        digest = hashlib.sha256(json.dumps(rest, sort_keys=True, default=list).encode()).hexdigest()
+        parts.append("h" + digest[:6])
+    return "-".join(parts)
 
 
 def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
@@ -44,28 +112,35 @@ def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
 
 
 def arch_label(arch: str) -> str:
-    """An architecture spec as a file-name part: tv:resnet18 -> tv_resnet18, nets/a.py:Net -> a.py_Net."""
+    """An architecture spec as a file-name part. A parametric one (NAME:<digits>..., kdpipe.models families)
+    keeps its numbers readable: mlp:512,256 -> mlp512x256, dscnn:16:dropout=0.2 -> dscnn16_dropout0.2;
+    others: tv:resnet18 -> tv_resnet18, nets/a.py:Net -> a.py_Net."""
+    family, colon, rest = str(arch).partition(":")
+    if colon and family.isidentifier() and rest[:1].isdigit():
+        return family + rest.replace(",", "x").replace(":", "_").replace("=", "")
     base = str(arch).replace("\\", "/").rsplit("/", 1)[-1]
     return re.sub(r"[^A-Za-z0-9_.+]", "_", base)
 
 
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
-             loss_options: dict | None = None) -> str:
+             loss_options: dict | None = None, tag: str = "") -> str:
     """kd runs: ARCH-T4-a0.9-s0, or ARCH-scratch-s0 for alpha = 0 (T unused). Other losses name the loss,
     the options given in its spec (sorted), and the axes given (None: the loss's default, left out):
-    ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. No characters that Make treats specially (an
-    architecture spec passes through arch_label)."""
+    ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. `tag` (training_tag: optimizer, lr, epochs, hash of
+    the other settings) goes before the seed: ARCH-T4-a0.9-adam-lr0.003-e5-s0. No characters that Make
+    treats specially (an architecture spec passes through arch_label)."""
     arch = arch_label(arch)
+    tail = ([tag] if tag else []) + [f"s{seed}"]
     if loss == "kd" and not loss_options:
         if alpha == 0:
-            return f"{arch}-scratch-s{seed}"
-        return f"{arch}-T{temperature:g}-a{alpha:g}-s{seed}"
+            return "-".join([arch, "scratch"] + tail)
+        return "-".join([arch, f"T{temperature:g}", f"a{alpha:g}"] + tail)
     parts = [arch, loss + "".join(f"_{k}{v:g}" for k, v in sorted((loss_options or {}).items()))]
     if temperature is not None:
         parts.append(f"T{temperature:g}")
     if alpha is not None:
         parts.append(f"a{alpha:g}")
-    return "-".join(parts + [f"s{seed}"])
+    return "-".join(parts + tail)
 
 
 def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
@@ -85,4 +160,24 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
         if key not in seen:
             seen.add(key)
             out.append(p)
+    return out
+
+
+def plan_sweep(students, temperatures, alphas, seeds, loss: str, loss_options: dict | None, lrs, epochs: int,
+               batch_size: int, **training) -> list[tuple[str, tuple, dict]]:
+    """plan_runs crossed with the learning rates `lrs` (empty: the optimizer's default), as
+    (run name, (arch, T, alpha, seed), resolved training settings) per run. `training`: resolve_training's
+    arguments other than lr. Two runs with one name are refused."""
+    out, seen = [], {}
+    for lr in list(lrs) or [None]:
+        settings = resolve_training(lr=lr, **training)
+        tag = training_tag(settings, epochs, batch_size)
+        for p in plan_runs(students, temperatures, alphas, seeds, loss, loss_options):
+            name = run_name(*p, loss, loss_options, tag=tag)
+            if name in seen:
+                if seen[name] == (p, settings):
+                    continue
+                raise KDPipeError(f"two runs of the sweep would both be named {name}: give each lr once")
+            seen[name] = (p, settings)
+            out.append((name, p, settings))
     return out

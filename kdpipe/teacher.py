@@ -34,8 +34,9 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     optim = optim or OptimConfig()
     mean, std = train.channel_stats()
     in_shape = policy.output_shape(train.image_shape)
+    epoch_steps = steps_per_epoch(len(train), batch_size)
     run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
-                     epochs * steps_per_epoch(len(train), batch_size), device, arch_args=arch_args)
+                    epochs * epoch_steps, device, arch_args=arch_args, epoch_steps=epoch_steps)
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
 
@@ -43,7 +44,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
 
     log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
-        f"({len(train)} images) for {epochs} epochs on {device}")
+        f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} {optim.schedule}")
     stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
                        amp=amp, label="teacher", log=log)
     test_images = images_tensor(test.images, device)
@@ -55,7 +56,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
                            mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
                            test_top1=acc, arch_args=arch_args, extra={"view_policy": policy.identity(), "epochs": epochs,
                                                  "cpu_latency_ms": latency, "train_wall_s": stats["wall_s"],
-                                                 "role": "teacher"})
+                                                 "role": "teacher", "training": optim.settings()})
     log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
     return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
 

@@ -22,12 +22,12 @@ def _data():
     return images, labels, logits
 
 
-def _runs(specs, epochs, batch=32, arch="cnn_tiny", loss="kd", **options):
+def _runs(specs, epochs, batch=32, arch="cnn_tiny", loss="kd", optim=None, **options):
     """specs: (temperature, alpha, seed, arch or None) per run."""
     total = epochs * (N // batch)
-    optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    optim = optim or OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine")
     return [build_run(f"r{i}", arch if a is None else a, create_loss(loss, temperature=t, alpha=al, **options), seed,
-                      CLASSES, (C, H, W), optim, total, torch.device("cpu"))
+                      CLASSES, (C, H, W), optim, total, torch.device("cpu"), epoch_steps=N // batch)
             for i, (t, al, seed, a) in enumerate(specs)]
 
 
@@ -163,3 +163,102 @@ def test_a_failing_compile_falls_back_to_uncompiled(monkeypatch):
 def test_auto_does_not_fuse_on_cpu():
     runs = _runs(SPECS[:2], 1)
     assert _train(runs, None, 1)["fused_groups"] == []
+
+
+def _assert_same_adam(a, b, atol=2e-4):
+    """Weights, losses, schedule and Adam's state (step, both moments) of each run agree."""
+    for ra, rb in zip(a, b):
+        for k, v in ra.model.state_dict().items():
+            torch.testing.assert_close(v.float(), rb.model.state_dict()[k].float(), atol=atol, rtol=1e-3,
+                                       msg=f"{ra.name} {k}")
+        np.testing.assert_allclose(ra.history, rb.history, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ra.train_top1, rb.train_top1, atol=1e-6)
+        assert [g["lr"] for g in ra.optimizer.param_groups] == pytest.approx(
+            [g["lr"] for g in rb.optimizer.param_groups])
+        for pa, pb in zip(ra.model.parameters(), rb.model.parameters()):
+            sa, sb = ra.optimizer.state[pa], rb.optimizer.state[pb]
+            assert float(sa["step"]) == float(sb["step"]) > 0
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=1e-3, msg=f"{ra.name} {key}")
+
+
+@pytest.mark.parametrize("name,schedule,warmup", [("adam", "onecycle", 0.0), ("adamw", "cosine", 1.0)])
+def test_adam_and_adamw_runs_fuse_and_train_as_unfused(name, schedule, warmup):
+    """Adam and AdamW are elementwise given the shared step count: one optimizer over the stacked runs
+    trains each run as its own would, over two passes (the second stacks the state the first left)."""
+    optim = OptimConfig(optimizer=name, lr=3e-3, weight_decay=0.05, schedule=schedule, warmup_epochs=warmup)
+    plain, fused = _runs(SPECS[:3], 2, optim=optim), _runs(SPECS[:3], 2, optim=optim)
+    assert type(plain[0].optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    _train(plain, False, 1)
+    _train(plain, False, 1, start_epoch=1)
+    assert _train(fused, True, 1)["fused_groups"] == [["r0", "r1", "r2"]]
+    _train(fused, True, 1, start_epoch=1)
+    _assert_same_adam(plain, fused)
+    untouched = _runs(SPECS[:1], 2, optim=optim)
+    assert not torch.allclose(untouched[0].model.features[0].weight, fused[0].model.features[0].weight)
+
+
+def test_runs_of_other_optimizers_or_lrs_are_not_fused():
+    sgd = _runs(SPECS[:1], 1)
+    adam = _runs(SPECS[:1], 1, optim=OptimConfig(optimizer="adam"))
+    adam_lr = _runs(SPECS[:1], 1, optim=OptimConfig(optimizer="adam", lr=0.01))
+    assert plan_units(sgd + adam + adam_lr, True) == [[0], [1], [2]]
+
+
+def test_adamw_decay_is_decoupled_and_adam_decay_is_l2():
+    """One step on a zero gradient: AdamW shrinks the weights by lr * wd; Adam's L2 becomes a gradient,
+    which Adam normalizes (a step of about lr)."""
+    for name, expect in (("adamw", lambda w: w * (1 - 0.1 * 0.5)), ("adam", lambda w: w - 0.1 * torch.sign(w))):
+        model = torch.nn.Linear(3, 2)
+        w0 = model.weight.detach().clone()
+        opt = OptimConfig(optimizer=name, lr=0.1, weight_decay=0.5).build(model)
+        model.weight.grad = torch.zeros_like(model.weight)
+        model.bias.grad = torch.zeros_like(model.bias)
+        b0 = model.bias.detach().clone()
+        opt.step()
+        torch.testing.assert_close(model.weight.detach(), expect(w0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.bias.detach(), b0)  # no decay on biases
+
+
+def test_schedules_and_warmup():
+    total = 100
+    for sched in ("cosine", "step", "constant", "onecycle"):
+        f = [OptimConfig(schedule=sched).lr_factor(s, total) for s in range(total)]
+        assert max(f) == pytest.approx(1.0, abs=1e-3) and min(f) >= 0
+    cos = OptimConfig(schedule="cosine")
+    assert cos.lr_factor(0, total) == 1.0 and cos.lr_factor(50, total) == pytest.approx(0.5)
+    step = OptimConfig(schedule="step")
+    assert [step.lr_factor(s, total) for s in (49, 50, 75)] == pytest.approx([1.0, 0.1, 0.01])
+    one = OptimConfig(schedule="onecycle")
+    f = [one.lr_factor(s, total) for s in range(total)]
+    assert f[0] == pytest.approx(1 / 25) and f[29] == pytest.approx(1.0) and f[-1] == pytest.approx(1 / 25e4)
+    assert f.index(max(f)) == 29 and all(a <= b for a, b in zip(f[:29], f[1:30]))
+    # torch's OneCycleLR (lr only) gives the same factors
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, cycle_momentum=False,
+                                              anneal_strategy="cos")
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    np.testing.assert_allclose(f, got, rtol=1e-6, atol=1e-9)
+    warm = OptimConfig(schedule="cosine", warmup_epochs=1)
+    f = [warm.lr_factor(s, total, warmup=10) for s in range(total)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f[10] == 1.0 and f[55] == pytest.approx(0.5)
+
+
+def test_parametric_mlp_and_dscnn_fuse_and_train_as_unfused():
+    """The registry's parametric families fuse too: dscnn's depthwise convolutions (groups = channels)
+    become one grouped convolution over the stack. (dscnn with SGD: Adam's first steps move a weight by
+    about lr whatever the size of its gradient, so where a gradient is near zero, float rounding of the
+    grouped convolution decides the sign, and the runs drift apart by ~1e-4 within a few steps.)"""
+    for arch, optim, same in (("dscnn:4", None, _assert_same),
+                              ("mlp:16,8", OptimConfig(optimizer="adamw", lr=3e-3), _assert_same_adam)):
+        specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch)]
+        plain, fused = _runs(specs, 1, optim=optim), _runs(specs, 1, optim=optim)
+        _train(plain, False, 1)
+        assert _train(fused, True, 1)["fused_groups"] == [["r0", "r1"]]
+        same(plain, fused)

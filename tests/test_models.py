@@ -195,7 +195,7 @@ def test_mlps_take_feature_vectors(name, hidden):
 @pytest.mark.parametrize("name", ["cnn_tiny", "resnet20", "wrn_16_2", "resnet18"])
 def test_conv_nets_refuse_feature_vectors_in_one_line(name):
     with pytest.raises(KDPipeError, match=rf"^{name} takes images \(C, H, W\), not feature vectors \(12,\): "
-                                          "use one of mlp_100, mlp_1200, mlp_800$"):
+                                          "use one of mlp_100, mlp_1200, mlp_800, mlp:H\\[,H\\.\\.\\.\\]\\[:dropout=P\\]$"):
         create_model(name, 3, (12,))
     with pytest.raises(KDPipeError, match="images .C, H, W. or feature vectors .D,., got shape .4, 4."):
         create_model("mlp_100", 3, (4, 4))
@@ -215,3 +215,43 @@ def test_channels_last_and_images_tensor_leave_feature_batches_alone(monkeypatch
     assert isinstance(host, HostImages) and len(host) == 6
     np.testing.assert_array_equal(host[torch.tensor([4, 1])].numpy(), feats[[4, 1]])
     np.testing.assert_array_equal(host[2:4].numpy(), feats[2:4])
+
+
+# ---------------------------------------------------------------- parametric families
+
+def test_parametric_mlp_has_the_layers_asked_for():
+    m = create_model("mlp:512,256", 10, (1, 28, 28))
+    assert linear_sizes(m) == [(784, 512), (512, 256), (256, 10)]
+    assert not any(isinstance(x, nn.Dropout) for x in m.modules())
+    d = create_model("mlp:32:dropout=0.25", 3, (20,))  # feature vectors too
+    assert linear_sizes(d) == [(20, 32), (32, 3)]
+    assert [x.p for x in d.modules() if isinstance(x, nn.Dropout)] == [0.25]
+    assert d(torch.randn(4, 20)).shape == (4, 3)
+
+
+def test_dscnn_is_depthwise_separable_and_scales_with_width():
+    small, wide = create_model("dscnn:8", 10, (1, 28, 28)), create_model("dscnn:16:dropout=0.2", 11, (3, 64, 64))
+    depthwise = [c for c in small.modules() if isinstance(c, nn.Conv2d) and c.groups > 1]
+    assert len(depthwise) == 5 and all(c.groups == c.in_channels == c.out_channels for c in depthwise)
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert wide.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 11)
+    assert wide.features[0].stride == (2, 2) and small.features[0].stride == (1, 1)
+    assert 3 < count_parameters(create_model("dscnn:16", 10, (1, 28, 28))) / count_parameters(small) < 4.5
+
+
+@pytest.mark.parametrize("name, message", [
+    ("mlp:", "give one or more hidden sizes"), ("mlp:a,b", "mlp:H"), ("mlp:8:dropout=1", "dropout must lie"),
+    ("mlp:8:depth=3", "unknown option"), ("dscnn:", "one base width"), ("dscnn:8:dropout", "bad option"),
+    ("dscnn:8,4", "one base width")])
+def test_bad_parametric_architectures_are_one_line_errors(name, message):
+    with pytest.raises(KDPipeError, match=message):
+        create_model(name, 10, (1, 28, 28))
+    with pytest.raises(KDPipeError, match=r"dscnn:16 takes images"):
+        create_model("dscnn:16", 3, (12,))
+
+
+def test_parametric_architectures_name_runs_without_make_specials():
+    from kdpipe.sweep import run_name
+    assert run_name("mlp:512,256", 4.0, 0.9, 0) == "mlp512x256-T4-a0.9-s0"
+    assert run_name("dscnn:16:dropout=0.2", 4.0, 0.0, 1) == "dscnn16_dropout0.2-scratch-s1"
+    assert run_name("mlp:800", 4.0, 0.0, 0) != run_name("mlp_800", 4.0, 0.0, 0)

@@ -23,34 +23,38 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     assert res["runs"] == 4 and res["report"] == str(tmp_path / "rep" / "report.md")
     text = (tmp_path / "rep" / "report.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| model"))
-    for col in ("test top-1", "agreement", "parameters", "MB", "latency", "training time"):
+    for col in ("test top-1", "agreement", "parameters", "MB", "latency", "training time", "dataset", "optimizer",
+                "lr", "epochs", "best epoch"):
         assert col in header
     rows = table_rows(text)
     teacher = [r for r in rows if r[1] == "teacher"]
     manifest = json.loads((cache.path / "manifest.json").read_text())
-    assert len(teacher) == 1 and teacher[0][0] == "cnn_small"
-    assert teacher[0][6] == f"{manifest['teacher']['test_top1']:.4f}"
-    assert teacher[0][8] == f"{manifest['teacher']['parameters']:,}"
-    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 12]
+    assert len(teacher) == 1 and teacher[0][0] == "cnn_small" and teacher[0][9] == manifest["dataset"]["spec"]
+    assert teacher[0][10] == f"{manifest['teacher']['test_top1']:.4f}"
+    assert teacher[0][13] == f"{manifest['teacher']['parameters']:,}"
+    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 17]
     assert len(students) == 4
     metrics = {(m["alpha"], m["seed"]): m for m in student_runs.results}
     for r in students:
-        m = metrics[(float(r[4]), int(r[5]))]
+        m = metrics[(float(r[4]), int(r[8]))]
         assert r[1] == ("scratch" if m["alpha"] == 0 else "KD") and r[2] == "kd"
-        assert r[6] == f"{m['test_top1']:.4f}" and r[7] == f"{m['teacher_agreement']:.4f}"
-        assert r[8] == f"{m['parameters']:,}" and r[9] == f"{m['size_bytes'] / 1e6:.2f}"
-    # Two seeds per setting: a mean ± std table, with the sample standard deviation.
+        assert r[5:8] == ["sgd", "0.05", "2"] and r[9] == manifest["dataset"]["spec"]
+        assert r[10] == f"{m['test_top1']:.4f}" and r[11] == f"{m['teacher_agreement']:.4f}" and r[12] == ""
+        assert r[13] == f"{m['parameters']:,}" and r[14] == f"{m['size_bytes'] / 1e6:.2f}"
+        # each run's own time, not the whole pass's (two runs share each pass)
+        assert r[16] == f"{m['train_s']:.1f}" and 0 < m["train_s"] < m["train_wall_s"]
+    # Two seeds per setting: a mean ± std table, with the sample standard deviation and n.
     assert "mean ± sample std" in text
     for alpha, role in ((0.0, "scratch"), (0.9, "KD")):
         accs = [metrics[(alpha, s)]["test_top1"] for s in (0, 1)]
         cell = f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}"
-        assert any(r[1] == role and r[2] == "kd" and r[6] == cell for r in rows if len(r) == 8), cell
+        assert any(r[1] == role and r[2] == "kd" and r[9] == "2" and r[10] == cell for r in rows if len(r) == 13), cell
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert len(summary["groups"]) == 2 and len(summary["runs"]) == 4
     # Plots: real PNG images, linked from the report.
-    assert len(res["plots"]) >= 2
+    assert len(res["plots"]) == 3
     names = {p.split("/")[-1] for p in res["plots"]}
-    assert "accuracy_vs_parameters.png" in names
+    assert names == {"accuracy_vs_parameters.png", "accuracy.png", "learning_curves.png"}
     for p in res["plots"]:
         img = matplotlib.image.imread(p)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
@@ -106,6 +110,84 @@ def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tm
         (d / "metrics.json").write_text(json.dumps(m))
     build_report([tmp_path / "runs"], tmp_path / "rep")
     rows = table_rows((tmp_path / "rep" / "report.md").read_text())
-    students = {r[2]: r for r in rows if r[1] != "teacher"}
+    students = {r[2]: r for r in rows if r[1] != "teacher" and len(r) == 17}
     assert students["kd"][1:5] == ["KD", "kd", "4", "0.9"]
     assert students["dkd (beta 8, warmup 20)"][1:5] == ["KD", "dkd (beta 8, warmup 20)", "4", "0"]
+
+
+def _copies(student_runs, tmp_path, changes):
+    """Run directories copied from a real run, each with its metrics changed by one dict of `changes`."""
+    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    for i, ch in enumerate(changes):
+        d = tmp_path / "runs" / ch.get("name", f"r{i}")
+        shutil.copytree(src, d)
+        m = json.loads((d / "metrics.json").read_text())
+        m.update({"name": d.name, **ch})
+        (d / "metrics.json").write_text(json.dumps(m))
+    return tmp_path / "runs"
+
+
+def _capture_figures(monkeypatch):
+    import matplotlib.figure
+    figs = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def save(fig, path, *a, **k):
+        figs[str(path).split("/")[-1]] = fig
+        return real(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)
+    return figs
+
+
+def test_mixed_datasets_are_refused_unless_asked(student_runs, tmp_path):
+    from click.testing import CliRunner
+    from kdpipe.cli import main
+    runs = _copies(student_runs, tmp_path, [{"name": "a-s0"}, {"name": "b-s0", "dataset": "npz:/other.npz"}])
+    r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2 and "2 datasets" in r.output and "--mix-datasets" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
+    r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "rep"), "--mix-datasets"])
+    assert r.exit_code == 0, r.output
+    rows = [x for x in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(x) == 17]
+    assert "npz:/other.npz" in {x[9] for x in rows} and len({x[9] for x in rows if x[1] != "teacher"}) == 2
+
+
+def test_thirty_runs_stay_readable(student_runs, tmp_path, monkeypatch):
+    """30 runs: 10 settings (lr x arch label) x 3 seeds. The plots show settings (mean ± std, n), not 30
+    labels; learning curves have one line per run in panels by architecture, and the teacher's line; the
+    bar axis starts at 0."""
+    base = json.loads((student_runs.out / "mlp_100-T4-a0.9-s0" / "metrics.json").read_text())
+    changes = []
+    for k in range(10):
+        arch = "mlp_100" if k < 5 else "mlp:64"
+        lr = 0.01 * (k % 5 + 1)
+        for seed in range(3):
+            acc = 0.5 + 0.02 * k + 0.01 * seed
+            hist = [dict(h, test_top1=acc - 0.1 * (len(base["history"]) - 1 - i)) for i, h in enumerate(base["history"])]
+            changes.append({"name": f"{arch.replace(':', '')}-T4-a0.9-lr{lr:g}-e2-s{seed}", "arch": arch, "lr": lr,
+                            "seed": seed, "test_top1": acc, "history": hist, "train_s": 1.0 + k})
+    runs = _copies(student_runs, tmp_path, changes)
+    figs = _capture_figures(monkeypatch)
+    res = build_report([runs], tmp_path / "rep")
+    assert res["runs"] == 30
+    text = (tmp_path / "rep" / "report.md").read_text()
+    agg = [r for r in table_rows(text) if len(r) == 13]
+    assert len(agg) == 10 and all(r[9] == "3" for r in agg)
+    assert any(r[10] == "0.5100 ± 0.0100" for r in agg)
+    # the bar chart: one bar per setting plus the teacher, axis from 0, every value written
+    ax = figs["accuracy.png"].axes[0]
+    assert ax.get_xlim()[0] == 0 and len(ax.patches) == 11 and len(ax.texts) == 11
+    # scatter: no per-point labels at 10 settings
+    assert len(figs["accuracy_vs_parameters.png"].axes[0].texts) == 0
+    # learning curves: a panel per architecture, a line per run (+ the teacher), a legend entry per setting
+    axes = [a for a in figs["learning_curves.png"].axes if a.lines]
+    assert sorted(a.get_title() for a in axes) == ["mlp:64", "mlp_100"]
+    for a in axes:
+        assert len(a.lines) == 15 + 1
+        teacher = [ln for ln in a.lines if ln.get_linestyle() == ":"]
+        assert len(teacher) == 1 and teacher[0].get_ydata()[0] == pytest.approx(base["teacher"]["test_top1"])
+        assert len(a.get_legend().get_texts()) == 5 + 1
+    for p in res["plots"]:
+        img = matplotlib.image.imread(p)
+        assert img.shape[0] > 200 and img.std() > 0.01

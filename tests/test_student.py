@@ -157,7 +157,7 @@ def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
     test = cache.test
     for name in names:
         d = student_runs.out / name
-        assert {p.name for p in d.iterdir()} == {"student.pt", "metrics.json", "config.json"}
+        assert {p.name for p in d.iterdir()} == {"student.pt", "metrics.json", "config.json", "history.csv"}
         m = json.loads((d / "metrics.json").read_text())
         c = json.loads((d / "config.json").read_text())
         assert m == next(r for r in student_runs.results if r["name"] == name)
@@ -190,6 +190,11 @@ def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
         assert m["teacher_agreement"] == pytest.approx(float((logits.argmax(1).numpy() ==
                                                               teacher_test.argmax(1)).mean()))
         assert m["test_top1"] > 0.3  # well above chance (0.1)
+        # The history's last epoch is the saved student; no validation split: no best epoch.
+        assert [h["epoch"] for h in m["history"]] == [1, 2] and "best" not in m
+        assert m["history"][-1]["test_top1"] == m["test_top1"]
+        assert m["history"][-1]["teacher_agreement"] == m["teacher_agreement"]
+        assert [h["loss"] for h in m["history"]] == m["train_loss"]
         # metrics.json marks a finished run: it is written last.
         assert (d / "metrics.json").stat().st_mtime_ns >= (d / "student.pt").stat().st_mtime_ns
 

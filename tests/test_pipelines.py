@@ -1,0 +1,120 @@
+"""The reference pipelines (pipelines/*.toml) run end to end on CPU: each one's Make rules, step by step,
+on a few hundred generated samples (the TOML's `limit`), through the command line."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from click.testing import CliRunner
+
+from kdpipe import KDPipeError
+from kdpipe.cli import main
+from kdpipe.pipeline import load_pipeline, make_rules
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _steps(rules: str) -> list[tuple[str, str]]:
+    """(target line, command) of each rule, in order."""
+    lines = rules.splitlines()
+    return [(lines[i - 1], line[1:]) for i, line in enumerate(lines) if line.startswith("\t")]
+
+
+def run_pipeline(spec: dict, workdir: Path) -> dict:
+    """Run every step of the pipeline's rules in `workdir`; returns the report's summary.json."""
+    rules = make_rules(spec)
+    for target, command in _steps(rules):
+        if command.startswith("$(KDPIPE) "):
+            r = CliRunner().invoke(main, shlex.split(command)[1:], catch_exceptions=False)
+            assert r.exit_code == 0, f"{command}\n{r.output}"
+        else:  # the data step: a script of this repository
+            cmd = shlex.split(command.replace("$(VENV)/bin/python", sys.executable)
+                              .replace("bench/", str(REPO / "bench") + "/"))
+            subprocess.run(cmd, check=True, cwd=workdir, capture_output=True)
+    report = workdir / "runs" / spec["name"] / "report"
+    for target, _ in _steps(rules):
+        for path in target.split(":")[0].replace(" &", "").split():
+            assert (workdir / path).is_file(), f"{path} was not made"
+    return json.loads((report / "summary.json").read_text())
+
+
+def _load(name, monkeypatch, tmp_path) -> dict:
+    monkeypatch.chdir(tmp_path)
+    spec = load_pipeline(REPO / "pipelines" / f"{name}.toml")
+    assert "limit" not in spec["data"]  # the shipped pipeline is the full run
+    return spec
+
+
+def _check_report(summary, spec, students: int):
+    assert len(summary["runs"]) == students and len(summary["teachers"]) == 1
+    report = Path("runs") / spec["name"] / "report"
+    names = {p.name for p in report.glob("*.png")}
+    assert {"accuracy.png", "accuracy_vs_parameters.png", "learning_curves.png"} <= names
+    for p in report.glob("*.png"):
+        assert matplotlib.image.imread(p).std() > 0.01
+    return {(r["alpha"], r["seed"]): r for r in summary["runs"]}
+
+
+def test_mnist_mlp_pipeline(mnist, monkeypatch, tmp_path):
+    spec = _load("mnist-mlp", monkeypatch, tmp_path)
+    assert spec["teacher"]["arch"] == "mlp:512,256" and spec["teacher"]["optimizer"] == "adam"
+    spec["data"].update(spec=mnist.spec, limit=200)
+    runs = _check_report(run_pipeline(spec, tmp_path), spec, 2)
+    kd, scratch = runs[(1.0, 0)], runs[(0.0, 0)]
+    assert kd["arch"] == "mlp:128" and kd["temperature"] == 5 and kd["optimizer"] == "adam"
+    assert kd["parameters"] == 784 * 128 + 128 + 128 * 10 + 10
+    assert set(kd["train_terms"]) == {"ce", "kd"} and kd["train_terms"]["ce"] == [0.0] * 5  # soft targets only
+    assert len(kd["history"]) == 5 and all(r["test_top1"] > 0.2 for r in (kd, scratch))
+    manifest = json.loads((tmp_path / "cache" / "mnist-mlp" / "manifest.json").read_text())
+    assert manifest["dataset"]["num_samples"] == 200 and manifest["dataset"]["limit"] == 200
+    assert manifest["eval"]["dataset"]["num_samples"] == 128  # the test split holds fewer than the limit
+    # verify-cache reloads the same 200 samples from the manifest and re-runs the teacher on them
+    r = CliRunner().invoke(main, ["verify-cache", "cache/mnist-mlp", "--teacher", "runs/mnist-mlp/teacher.pt",
+                                  "--sample", "16"])
+    assert r.exit_code == 0 and "OK" in r.output, r.output
+
+
+def test_hinton_mnist_pipeline(mnist, monkeypatch, tmp_path):
+    spec = _load("hinton-mnist", monkeypatch, tmp_path)
+    assert spec["teacher"]["arch"] == "mlp_1200" and spec["teacher"]["policy"] == "crop:2"
+    spec["data"].update(spec=mnist.spec, limit=128)
+    spec["teacher"]["epochs"], spec["dump"]["views"], spec["students"][0]["epochs"] = 2, 3, 3  # the shape, fast
+    spec["dump"]["force"] = True  # a 2-epoch teacher on 128 samples is barely above chance: the probe would refuse it
+    runs = _check_report(run_pipeline(spec, tmp_path), spec, 2)
+    kd = runs[(0.9, 0)]
+    assert kd["arch"] == "mlp_800" and kd["temperature"] == 20 and kd["name"] == "mlp_800-T20-a0.9-s0"
+
+
+def test_tabular_pipeline(monkeypatch, tmp_path):
+    spec = _load("tabular", monkeypatch, tmp_path)
+    spec["data"]["limit"] = 300
+    spec["teacher"]["epochs"] = 10
+    spec["students"][0].update(epochs=5, seed=[0, 1])
+    summary = run_pipeline(spec, tmp_path)  # the data step writes data/tabular.npz first
+    runs = _check_report(summary, spec, 4)
+    assert (tmp_path / "data" / "tabular.npz").is_file()
+    t = summary["teachers"][0]
+    assert t["arch"] == "mlp:128,64" and t["test_top1"] > 0.5  # 3 classes: chance is 1/3
+    assert {r["arch"] for r in runs.values()} == {"mlp:32"} and {r["temperature"] for r in runs.values()} == {2}
+    assert {g["n"] for g in summary["groups"]} == {2}  # seeds aggregated
+    text = (tmp_path / "runs" / "tabular" / "report" / "report.md").read_text()
+    assert "![accuracy](accuracy.png)" in text
+
+
+def test_pipeline_data_keys_are_checked(tmp_path):
+    p = tmp_path / "p.toml"
+    base = (REPO / "pipelines" / "tabular.toml").read_text()
+    p.write_text(base.replace("# limit = 300", "lmit = 300"))
+    with pytest.raises(KDPipeError, match=r"unknown key\(s\) in \[data\]: lmit"):
+        load_pipeline(p)
+    p.write_text(base.replace('spec = "npz:data/tabular.npz"', 'spec = "mnist"'))
+    with pytest.raises(KDPipeError, match="prepare makes the file of an npz:PATH spec"):
+        load_pipeline(p)
+    assert tomllib.loads(base)["data"]["prepare"].startswith("$(VENV)/bin/python bench/make_tabular_npz.py")
