@@ -590,18 +590,19 @@ def make_rules_cmd(pipeline, stamps):
               help="Seed of the calibration sample and the fine-tuning.")
 @click.option("--out", required=True, type=click.Path(), metavar="DIR",
               help="Where to write compress.md, compress.json, compress.png and models/.")
-def compress_cmd(teacher_file, data_spec, data_root, image_size, students_dir, quantize, backend, calibration, prune,
+def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students_dir, quantize, backend, calibration, prune,
                  sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, out):
     """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
     model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image at batch
     1 and 64), a table, a JSON file and a plot. CPU only."""
     from kdpipe.compress import PRUNE_KINDS, QUANT_KINDS, compress
-    from kdpipe.data import load_dataset
+    from kdpipe.data import limited, load_dataset
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
     prn = PRUNE_KINDS if not prune else tuple(p for p in prune if p != "none")
-    res = compress(teacher_file, load_dataset(data_spec, "train", data_root, image_size),
-                   load_dataset(data_spec, "test", data_root, image_size), out, students_dir=students_dir,
+    train = limited(load_dataset(data_spec, "train", data_root, image_size), limit)
+    test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
+    res = compress(teacher_file, train, test, out, students_dir=students_dir,
                    quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
                    calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,
                    finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed, log=click.echo)

@@ -67,16 +67,20 @@ def every(wall: float, checkpoints: int = 25) -> list[str]:
 
 
 def assert_same_runs(ref: Path, out: Path, names=RUNS) -> None:
-    """Weight for weight (and buffer for buffer), and the same per-epoch losses and test figures."""
+    """Weight for weight (and buffer for buffer), the best epoch's weights too, and the same per-epoch
+    history (losses, train top-1, validation and test figures) and best epoch."""
     for name in names:
-        a = torch.load(ref / name / "student.pt", weights_only=True)["state_dict"]
-        b = torch.load(out / name / "student.pt", weights_only=True)["state_dict"]
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{name}: {k} differs from the uninterrupted run's"
+        for file in ("student.pt", "student-best.pt")[:1 + (ref / name / "student-best.pt").exists()]:
+            a = torch.load(ref / name / file, weights_only=True)["state_dict"]
+            b = torch.load(out / name / file, weights_only=True)["state_dict"]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), f"{name}/{file}: {k} differs from the uninterrupted run's"
         ma, mb = (json.loads((d / name / "metrics.json").read_text()) for d in (ref, out))
-        for k in ("train_loss", "train_terms", "test_top1", "teacher_agreement", "epochs"):
-            assert ma[k] == mb[k], f"{name}: {k} differs: {ma[k]} vs {mb[k]}"
+        for k in ("train_loss", "train_terms", "train_top1", "history", "best", "test_top1", "teacher_agreement",
+                  "epochs"):
+            assert ma.get(k) == mb.get(k), f"{name}: {k} differs: {ma.get(k)} vs {mb.get(k)}"
+        assert (ref / name / "history.csv").read_bytes() == (out / name / "history.csv").read_bytes()
 
 
 def _stat_key(path: Path):
@@ -243,15 +247,15 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
         assert (out / name / "metrics.json").stat().st_mtime_ns > before[f"{name}/metrics.json"][1]
         assert f"{name}: already finished ({out / name / 'metrics.json'}), skipped" in res.output
     assert "training" not in res.output and _contents(out) == _contents(before)
-    other = student_args(work, out, "off", 2, 32, "--lr", "0.1")
+    # Settings the run names leave out (SGD's defaults: kdpipe.sweep.training_tag) but a run depends on.
+    other = student_args(work, out, "off", 2, 16)
     line = assert_one_line_error(run_cli(other), f"{out} holds 2 run(s) with other settings",
-                                 "epochs was 1, now 2", "lr was 0.05, now 0.1", "optim.lr was 0.05, now 0.1",
-                                 "--overwrite")
+                                 "epochs was 1, now 2", "batch_size was 32, now 16", "--overwrite")
     assert all(name in line for name in RUNS)
     assert _contents(out) == _contents(before)
     res = run_cli(other + ["--overwrite"])
     assert res.exit_code == 0, res.output
-    assert "--overwrite: starting mlp_100-T2-a0.9-s0 over (epochs was 1, now 2" in res.output
+    assert "--overwrite: starting mlp_100-T2-a0.9-s0 over (batch_size was 32, now 16" in res.output
     for name in RUNS:
         assert json.loads((out / name / "metrics.json").read_text())["epochs"] == 2
     (out / RUNS[0] / "config.json").unlink()  # a run whose settings cannot be known is not taken as finished
@@ -349,3 +353,45 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(work,
     assert res.exit_code == 0, res.output
     assert "resuming from" in res.output and "1/8 epochs done" in res.output
     assert_same_runs(reference(work, "on"), out)
+
+
+@pytest.mark.parametrize("mid_epoch", [False, True], ids=["at-epoch-ends", "within-epochs"])
+def test_a_resumed_pass_keeps_history_best_epoch_and_train_top1(work, tmp_path, monkeypatch, mid_epoch):
+    """With a validation split, a pass that crashes after a checkpoint and is resumed ends with the same
+    history (losses, train top-1, validation and test figures per epoch), best epoch and best weights as an
+    uninterrupted one: the checkpoint keeps what each epoch's evaluation recorded."""
+    from kdpipe import resume
+
+    def args(out):
+        return student_args(work, out, "on", 5, 16, "--val-fraction", "0.25", "--checkpoint-every",
+                            "1" if mid_epoch else "0")
+
+    ref = tmp_path / "ref"
+    res = run_cli(args(ref))
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in ref.iterdir() if (p / "metrics.json").exists())
+    assert len(names) == 2 and all((ref / n / "student-best.pt").exists() for n in names)
+    real_save, saves, steps = resume.PassCheckpoint.save, [], []
+
+    def crash_after_a_save(self, *a, **k):
+        real_save(self, *a, **k)
+        saves.append(a[2:4])  # (epoch, step)
+        if len(saves) == 4:
+            raise RuntimeError("simulated crash after a checkpoint")
+
+    def every_fourth_step(self):
+        steps.append(1)
+        return len(steps) % 4 == 0
+
+    monkeypatch.setattr(resume.PassCheckpoint, "save", crash_after_a_save)
+    if mid_epoch:
+        monkeypatch.setattr(resume.PassCheckpoint, "due", every_fourth_step)
+    out = tmp_path / "out"
+    res = run_cli(args(out))
+    assert res.exit_code != 0 and len(saves) == 4
+    assert any(step for _, step in saves) == mid_epoch  # the crash came after checkpoints within epochs, or not
+    monkeypatch.undo()
+    res = run_cli(args(out))
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output
+    assert_same_runs(ref, out, names)
