@@ -104,12 +104,48 @@ def build_report(run_paths, out) -> dict:
             lines.append(f"| {s['arch']} | {role} | {s['loss']} | {temp} "
                          f"| {s['alpha']:g} | {len(s['seeds'])} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} |")
+    versus = versus_scratch(groups)
+    if versus:
+        lines += ["", "KD against its scratch twin (same architecture and seeds; a clear gain is a mean gain of at "
+                  "least twice the larger of the two sample standard deviations):", "",
+                  "| model | loss | T | alpha | seeds | gain in test top-1 | 2 × larger std | wins | clear gain |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for v in versus:
+            lines.append(f"| {v['arch']} | {v['loss']} | {v['temperature']:g} | {v['alpha']:g} | {len(v['seeds'])} | "
+                         f"{v['gain']:+.4f} | {2 * v['larger_std']:.4f} | {v['wins']}/{len(v['seeds'])} | "
+                         f"{'yes' if v['clear'] else 'no'} |")
     plots = _plots(runs, list(teachers.values()), out)
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
     atomic_write_json(out / "summary.json", {"teachers": list(teachers.values()), "groups": summary,
+                                             "versus_scratch": versus,
                                              "runs": [{k: v for k, v in r.items() if k != "teacher"} for r in runs]})
     return {"report": str(out / "report.md"), "plots": [str(p) for p in plots], "runs": len(runs)}
+
+
+def versus_scratch(groups) -> list[dict]:
+    """Each KD setting against the scratch runs of its architecture, over the seeds both have (at least 2):
+    the mean gain in test top-1, the larger sample std of the two, the seeds where KD won, and whether the
+    gain is clear (at least twice the larger std)."""
+    out = []
+    for (arch, loss, alpha, temp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
+                                                                                kv[0][3] or 0)):
+        if _scratch(rs[0]):
+            continue
+        twins = [g for k, g in groups.items() if k[0] == arch and _scratch(g[0])]
+        if len(twins) != 1:
+            continue
+        kd = {r["seed"]: r.get("test_top1") for r in rs}
+        scratch = {r["seed"]: r.get("test_top1") for r in twins[0]}
+        seeds = sorted(s for s in kd.keys() & scratch.keys() if kd[s] is not None and scratch[s] is not None)
+        if len(seeds) < 2:
+            continue
+        (kd_mean, kd_std), (sc_mean, sc_std) = (_mean_std([d[s] for s in seeds]) for d in (kd, scratch))
+        larger = max(kd_std, sc_std)
+        out.append({"arch": arch, "loss": loss, "alpha": alpha, "temperature": temp, "seeds": seeds,
+                    "gain": kd_mean - sc_mean, "larger_std": larger, "wins": sum(kd[s] > scratch[s] for s in seeds),
+                    "clear": kd_mean - sc_mean >= 2 * larger})
+    return out
 
 
 def _plots(runs, teachers, out: Path) -> list[Path]:
