@@ -277,10 +277,13 @@ def _term_as_interrupt():
                    "fused runs on CUDA for passes of at least 1500 steps and groups of at least 4 runs, and steps "
                    "runs one by one otherwise "
                    "(what was measured fastest; see BENCHMARKS.md).")
+@click.option("--train-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train every run on the same N of the cache's samples (a fixed subset) with their cached "
+                   "views: scarce labels, where the teacher's soft targets regularize.  [default: all]")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, seeds, batch_size, lr, momentum,
-                      weight_decay, schedule, data_root, device, amp, fuse, out):
+                      weight_decay, schedule, data_root, device, amp, fuse, train_samples, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas and seeds) for one --loss; runs with the same seed share one pass over the
     data. Each run's metrics.json holds the per-epoch mean of every term of its loss."""
@@ -302,7 +305,8 @@ def train_student_cmd(cache_dir, students, epochs, loss, temperatures, alphas, s
                          batch_size=batch_size, optim=OptimConfig(lr, momentum, weight_decay, schedule),
                          device=dist.device, data_root=data_root, amp=_amp(dev, amp), dist=dist,
                          log=dist.log(click.echo),
-                         fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse])
+                         fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
+                         train_samples=train_samples)
     dist.close()
     if dist.is_main:
         click.echo(f"{len(res)} run(s) written under {out}")

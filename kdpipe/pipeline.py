@@ -20,7 +20,7 @@ _TEACHER_KEYS = {"arch", "epochs", "batch_size", "lr", "momentum", "weight_decay
                  "size", "seed", "device", "file"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp"}
 _STUDENT_KEYS = {"name", "archs", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "lr", "momentum",
-                 "weight_decay", "schedule", "device"}
+                 "weight_decay", "schedule", "device", "train_samples"}
 
 
 def load_pipeline(path) -> dict:
@@ -117,7 +117,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
-            "schedule": "schedule", "device": "device"})
+            "schedule": "schedule", "device": "device", "train_samples": "train-samples"})
         lines += rule(" ".join(targets) + " &", [manifest],
                       f"$(KDPIPE) train-student {q(args)} --out {runs_dir}/students", f"students-{i}")
     report = f"{runs_dir}/report/report.md"

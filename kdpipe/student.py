@@ -50,10 +50,20 @@ def load_cache_data(cache: Cache, data_root=None) -> tuple[ImageData, ImageData 
     return train, test
 
 
+TRAINING_SUBSET_SEED = 20150309  # --train-samples' subset: fixed, so every run and seed sees the same samples
+
+
+def training_subset(n: int, size: int) -> np.ndarray:
+    """The sample indices --train-samples trains on: the first `size` of a permutation of range(n) drawn from
+    a fixed seed (a larger size keeps the smaller one's samples)."""
+    return np.random.default_rng(TRAINING_SUBSET_SEED).permutation(n)[:size]
+
+
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
-                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None) -> list[dict]:
+                   online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
+                   train_samples: int | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. Runs with the same seed share one pass over the data (one read and replay per batch).
 
@@ -62,6 +72,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
     With `online_teacher` (a module), the teacher runs in every step on the same replayed views
     instead of the cached logits (for comparisons; the cache still supplies the view parameters).
+
+    `train_samples` N: every run trains on the same N samples (the first N of a permutation drawn from a fixed
+    seed, whatever the runs' seeds), each with its cached views: scratch runs see N labels, KD runs N labels
+    and the teacher's logits of the same views (Hinton et al. 2015, section 5: soft targets as a regularizer
+    when labelled data is scarce).
 
     `fuse` (see engine.train_pass): runs of one architecture in a pass step as one vmapped network
     (True, or "compile" under torch.compile), or one by one (False); None picks what was measured fastest.
@@ -106,6 +121,15 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     images = images_tensor(train.images, device)
     labels = torch.from_numpy(train.labels).to(device)
     n = len(train)
+    subset = None
+    if train_samples is not None:
+        if not 1 <= train_samples <= n:
+            raise KDPipeError(f"--train-samples must be between 1 and the cache's {n} samples, got {train_samples}")
+        if world > 1:
+            raise KDPipeError("--train-samples runs in one process: launch it without torchrun")
+        subset = torch.from_numpy(np.sort(training_subset(n, train_samples))).to(device)
+        images, labels, n = images[subset], labels[subset], train_samples
+        log(f"training on {n} of the cache's {len(train)} samples (a fixed subset, the same for every run)")
     if world > 1 and n < batch_size * world:
         raise KDPipeError(f"{n} samples are fewer than one global batch ({batch_size} per rank x {world} "
                           "ranks): lower --batch-size")
@@ -120,6 +144,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         if rows is None:
             params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
             logits = None if online_teacher is not None else torch.from_numpy(cache.read_view(v, "logits")).to(device)
+            if subset is not None:
+                params, logits = params[subset], None if logits is None else logits[subset]
             return params, logits
         # A rank's share (sample indices `rows`): only those rows are read, placed at their index.
         share = torch.unique(rows)
@@ -154,20 +180,23 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
             continue
         for r in runs:
             results.append(_finish_run(r, cache, test, teacher_test, policy, mean, std, in_shape, out, stats,
-                                       epochs, batch_size, optim, amp, device, len(runs), log, world=world))
+                                       epochs, batch_size, optim, amp, device, len(runs), log, world=world,
+                                       train_samples=n))
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
             f"per student, {stats['student_images_per_s']:,.0f} student-images/s in all")
     return results
 
 
 def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_shape, out: Path, stats,
-                epochs, batch_size, optim, amp, device, runs_in_pass, log, world: int = 1) -> dict:
+                epochs, batch_size, optim, amp, device, runs_in_pass, log, world: int = 1,
+                train_samples: int | None = None) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     opts = r.loss.options
     metrics = {"name": r.name, "arch": r.arch, "loss": {"name": r.loss.name, "options": opts},
                "temperature": opts.get("temperature"), "alpha": opts.get("alpha"),
                "uses_teacher": r.loss.needs_teacher, "seed": r.seed,
-               "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
+               "parameters": count_parameters(r.model), "epochs": epochs, "train_samples": train_samples,
+               "train_loss": r.history,
                "train_terms": r.terms,
                "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
                "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": batch_size,
@@ -190,7 +219,7 @@ def _finish_run(r: Run, cache: Cache, test, teacher_test, policy, mean, std, in_
         test_top1=metrics.get("test_top1"), extra={"role": "student", "run": r.name})
     config = {"run": r.name, "student": r.arch, "loss": {"name": r.loss.name, "options": opts},
               "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": r.seed,
-              "epochs": epochs, "batch_size": batch_size, "world_size": world,
+              "epochs": epochs, "train_samples": train_samples, "batch_size": batch_size, "world_size": world,
               "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim), "amp": amp,
               "device": str(device),
               "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
