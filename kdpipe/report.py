@@ -68,7 +68,9 @@ def build_report(run_paths, out) -> dict:
             teachers[t["fingerprint"]] = t
     lines = ["# kdpipe report", ""]
     datasets = sorted({r.get("dataset", "?") for r in runs})
-    lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s).", ""]
+    sizes = sorted({r["train_samples"] for r in runs if r.get("train_samples")})  # older metrics: absent
+    lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s)"
+              + (f", trained on {' or '.join(f'{k:,}' for k in sizes)} samples" if sizes else "") + ".", ""]
     lines += ["| model | role | loss | T | alpha | seed | test top-1 | agreement with teacher | parameters | MB | "
               "CPU latency (ms/image) | training time (s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

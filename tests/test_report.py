@@ -22,6 +22,7 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     res = build_report([student_runs.out], tmp_path / "rep")
     assert res["runs"] == 4 and res["report"] == str(tmp_path / "rep" / "report.md")
     text = (tmp_path / "rep" / "report.md").read_text()
+    assert f"4 student run(s), trained on {len(cache.train):,} samples." in text
     header = next(line for line in text.splitlines() if line.startswith("| model"))
     for col in ("test top-1", "agreement", "parameters", "MB", "latency", "training time"):
         assert col in header
