@@ -394,6 +394,9 @@ def _term_as_interrupt():
                    "fused runs on CUDA for passes of at least 1500 steps and groups of at least 4 runs, and steps "
                    "runs one by one otherwise "
                    "(what was measured fastest; see BENCHMARKS.md).")
+@click.option("--train-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train every run on the same N of the cache's samples (a fixed subset) with their cached "
+                   "views: scarce labels, where the teacher's soft targets regularize.  [default: all]")
 @click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
               help="Also checkpoint a pass every MINUTES within an epoch (a checkpoint is written at the end of "
                    "every epoch anyway); 0: only at epoch ends.")
@@ -406,8 +409,8 @@ def _term_as_interrupt():
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
                       lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
-                      data_spec, allow_test_split, device, amp, fuse, checkpoint_every, keep_checkpoints, overwrite,
-                      out):
+                      data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
+                      keep_checkpoints, overwrite, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
     one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
@@ -436,6 +439,7 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
         dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
         res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
                              seeds=sds, batch_size=batch_size, optim=optim, lrs=lrs, val_fraction=val_fraction,
+                             train_samples=train_samples,
                              device=dist.device, data_root=data_root, data_spec=data_spec,
                              allow_test_split=allow_test_split, amp=_amp(dev, amp), dist=dist,
                              arch_args=parse_arch_args(arch_args),

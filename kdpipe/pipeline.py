@@ -36,7 +36,7 @@ _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "bat
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
-                 "val_fraction", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
+                 "val_fraction", "train_samples", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
 
 
 def load_pipeline(path) -> dict:
@@ -156,8 +156,9 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         seeds = _listify(block.get("seed", [0]))
         loss, loss_options = parse_loss(block.get("loss", "kd"))
         training = {k: block[k] for k in _OPTIM_FLAGS if k in block and k != "lr"}
-        if "val_fraction" in block:
-            training["val_fraction"] = block["val_fraction"]
+        for key in ("val_fraction", "train_samples"):
+            if key in block:
+                training[key] = block[key]
         targets = [f"{runs_dir}/students/{name}/metrics.json" for name, _, _ in plan_sweep(
             archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
             block.get("batch_size", STUDENT_BATCH_SIZE), **training)]
@@ -165,7 +166,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _arch_args(block) + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device",
-            "checkpoint_every": "checkpoint-every", "keep_checkpoints": "keep-checkpoints"})
+            "train_samples": "train-samples", "checkpoint_every": "checkpoint-every",
+            "keep_checkpoints": "keep-checkpoints"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
         # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
         lines += rule(" ".join(targets) + " &", [manifest],

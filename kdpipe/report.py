@@ -115,8 +115,11 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         if t.get("fingerprint"):
             teachers[t["fingerprint"]] = {**t, "dataset": r.get("dataset", "?")}
     lines = ["# kdpipe report", ""]
-    lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s). Training time is each run's own: "
-              "its own steps plus an even share of the pass it shared with other runs.", ""]
+    sizes = sorted({r["train_samples"] for r in runs if r.get("train_samples")})  # older metrics: absent
+    lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s)"
+              + (f", trained on {' or '.join(f'{k:,}' for k in sizes)} samples" if sizes else "")
+              + ". Training time is each run's own: its own steps plus an even share of the pass it shared with "
+              "other runs.", ""]
     lines += ["| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1 | "
               "agreement with teacher | best epoch (val top-1) | parameters | MB | CPU latency (ms/image) | "
               "training time (s) |",
@@ -163,6 +166,16 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
                          f"{s['train_s_mean']:.1f} |")
+    versus = versus_scratch(groups)
+    if versus:
+        lines += ["", "KD against its scratch twin (same architecture, training settings and seeds; a clear gain "
+                  "is a mean gain of at least twice the larger of the two sample standard deviations):", "",
+                  "| model | loss | T | alpha | seeds | gain in test top-1 | 2 × larger std | wins | clear gain |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for v in versus:
+            lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {v['alpha']:g} | "
+                         f"{len(v['seeds'])} | {v['gain']:+.4f} | {2 * v['larger_std']:.4f} | "
+                         f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} |")
     if unfinished:
         lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "
                   + ", ".join(f"`{Path(u).name}`" for u in unfinished) + "."]
@@ -170,6 +183,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
     atomic_write_json(out / "summary.json", {"teachers": list(teachers.values()), "groups": summary,
+                                             "versus_scratch": versus,
                                              "runs": [{k: v for k, v in r.items() if k != "teacher"} for r in runs],
                                              "unfinished": unfinished})
     return {"report": str(out / "report.md"), "plots": [str(p) for p in plots], "runs": len(runs),
@@ -178,6 +192,40 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
 
 def _group_order(r):
     return (r["arch"], _loss(r), r["alpha"], r["temperature"] or 0)
+
+
+def _twin_key(r):
+    """What a KD run and its scratch twin share: the data, the architecture and how they trained."""
+    return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
+            r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")))
+
+
+def versus_scratch(groups) -> list[dict]:
+    """Each KD setting (groups: (dataset, setting) -> its runs) against the scratch runs of its architecture
+    and training settings, over the seeds both have (at least 2): the mean gain in test top-1, the larger
+    sample std of the two, the seeds where KD won, and whether the gain is clear (at least twice the larger
+    std)."""
+    scratch = defaultdict(list)
+    for rs in groups.values():
+        if _scratch(rs[0]):
+            scratch[_twin_key(rs[0])].append(rs)
+    out = []
+    for (_, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _group_order(kv[1][0]), kv[0][1])):
+        twins = scratch.get(_twin_key(rs[0]), [])
+        if _scratch(rs[0]) or len(twins) != 1:
+            continue
+        kd = {r["seed"]: r.get("test_top1") for r in rs}
+        base = {r["seed"]: r.get("test_top1") for r in twins[0]}
+        seeds = sorted(s for s in kd.keys() & base.keys() if kd[s] is not None and base[s] is not None)
+        if len(seeds) < 2:
+            continue
+        (kd_mean, kd_std), (sc_mean, sc_std) = (_mean_std([d[s] for s in seeds]) for d in (kd, base))
+        larger = max(kd_std, sc_std)
+        r0 = rs[0]
+        out.append({"arch": r0["arch"], "loss": _loss(r0), "alpha": r0["alpha"], "temperature": r0["temperature"],
+                    "seeds": seeds, "gain": kd_mean - sc_mean, "larger_std": larger,
+                    "wins": sum(kd[s] > base[s] for s in seeds), "clear": kd_mean - sc_mean >= 2 * larger})
+    return out
 
 
 # Plots stay readable with many runs: settings, not runs, get colours and labels; seeds of a setting share

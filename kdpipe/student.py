@@ -120,6 +120,8 @@ def clean_test_logits(model, test: ImageData, policy, mean, std, device, amp: bo
     timg = images_tensor(test.images, device)
     tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
     return predict(model, timg, policy, tp, mean, std, amp=amp).cpu()
+
+
 # Warn from this many epochs per view. Measured on CIFAR-10 (DESIGN.md, "Stage two"): one fixed view
 # (K = 1) trained students worse than no teacher at all, K = E/6 lost about half a point, K close to E
 # matched online KD.
@@ -136,13 +138,23 @@ def views_warning(epochs: int, k: int) -> str | None:
             f"Dump with --views {epochs} to match the epochs")
 
 
+TRAINING_SUBSET_SEED = 20150309  # --train-samples' subset: fixed, so every run and seed sees the same samples
+
+
+def training_subset(rows: np.ndarray, size: int) -> np.ndarray:
+    """The sample indices --train-samples trains on, sorted: the first `size` of a permutation of `rows` (the
+    samples not held out for validation) drawn from a fixed seed (a larger size keeps the smaller one's)."""
+    return np.sort(rows[np.random.default_rng(TRAINING_SUBSET_SEED).permutation(len(rows))[:size]])
+
+
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
                    online_teacher=None, dist=None, log=print, fuse: bool | str | None = None,
                    data_spec: str | None = None, allow_test_split: bool = False,
-                   arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, overwrite: bool = False,
-                   checkpoint_every: float = DEFAULT_EVERY_MINUTES, keep_checkpoints: bool = False) -> list[dict]:
+                   arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, train_samples: int | None = None,
+                   overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
+                   keep_checkpoints: bool = False) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
     Runs with the same seed share one pass over the data (one read and replay per batch).
@@ -159,6 +171,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
     With `online_teacher` (a module), the teacher runs in every step on the same replayed views
     instead of the cached logits (for comparisons; the cache still supplies the view parameters).
+
+    `train_samples` N: every run trains on the same N samples (the first N of a permutation drawn from a fixed
+    seed, whatever the runs' seeds), each with its cached views: scratch runs see N labels, KD runs N labels
+    and the teacher's logits of the same views (Hinton et al. 2015, section 5: soft targets as a regularizer
+    when labelled data is scarce).
 
     `fuse` (see engine.train_pass): runs of one architecture in a pass step as one vmapped network
     (True, or "compile" under torch.compile), or one by one (False); None picks what was measured fastest.
@@ -189,7 +206,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     loss_name, loss_options = parse_loss(loss)
     training = {k: v for k, v in optim.settings().items() if k != "lr"}
     planned = plan_sweep(students, temperatures, alphas, seeds, loss_name, loss_options, list(lrs) or [optim.lr],
-                         epochs, batch_size, val_fraction=val_fraction, **training)
+                         epochs, batch_size, val_fraction=val_fraction, train_samples=train_samples, **training)
     losses = {name: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training
@@ -226,6 +243,14 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     n_train = n - len(val_rows)
     if n_train < 1:
         raise KDPipeError(f"--val-fraction {val_fraction:g} leaves no training samples: lower it")
+    if train_samples is not None:
+        if not 1 <= train_samples <= n_train:
+            raise KDPipeError(f"--train-samples must be between 1 and the {n_train} samples the cache has for "
+                              f"training, got {train_samples}")
+        rows = np.arange(n) if train_rows is None else train_rows.numpy()
+        train_rows = torch.from_numpy(training_subset(rows, train_samples))
+        n_train = train_samples
+        log(f"training on {n_train} of the cache's {n} samples (a fixed subset, the same for every run)")
     if world > 1 and n_train < batch_size * world:
         raise KDPipeError(f"{n} samples are fewer than one global batch ({batch_size} per rank x {world} "
                           "ranks): lower --batch-size")
@@ -241,7 +266,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
     teacher_test = cache.read_test_logits()
     configs = {name: _run_config(name, p[0], arch_args, losses[name], p[3], cache, epochs, batch_size, world,
-                                 OptimConfig.from_settings(st), val_fraction, amp, device) for name, p, st in planned}
+                                 OptimConfig.from_settings(st), val_fraction, train_samples, amp, device)
+               for name, p, st in planned}
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
@@ -295,7 +321,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         for r in runs:
             results.append(_finish_run(r, cache, tracks[r.name], in_shape, out, stats, epochs, len(runs),
                                        configs[r.name], amp, device, log, world=world, val_rows=val_rows,
-                                       val_fraction=val_fraction))
+                                       val_fraction=val_fraction, train_samples=n_train))
         if not keep_checkpoints:
             ckpt.remove()
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
@@ -306,14 +332,14 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
 
 def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_size, world, optim: OptimConfig,
-                val_fraction: float, amp, device) -> dict:
+                val_fraction: float, train_samples: int | None, amp, device) -> dict:
     """A run's config.json: its settings (kdpipe.resume.settings) and where it ran."""
     opts = loss.options
     return {"run": name, "student": arch, "arch_args": arch_args or {}, "loss": {"name": loss.name, "options": opts},
             "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
             "epochs": epochs, "batch_size": batch_size, "world_size": world,
             "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim),
-            "val_fraction": val_fraction, "amp": amp, "device": str(device),
+            "val_fraction": val_fraction, "train_samples": train_samples, "amp": amp, "device": str(device),
             "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
             "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
             "torch_version": torch.__version__}
@@ -405,7 +431,8 @@ def ctx_unwrap(model):
 
 
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
-                config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0) -> dict:
+                config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
+                train_samples: int | None = None) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     opts = r.loss.options
     last = track.history[-1] if track.history else {}
@@ -413,8 +440,8 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     metrics = {"name": r.name, "arch": r.arch, "loss": {"name": r.loss.name, "options": opts},
                "temperature": opts.get("temperature"), "alpha": opts.get("alpha"),
                "uses_teacher": r.loss.needs_teacher, "seed": r.seed,
-               "parameters": count_parameters(r.model), "epochs": epochs, "train_loss": r.history,
-               "train_terms": r.terms, "train_top1": r.train_top1,
+               "parameters": count_parameters(r.model), "epochs": epochs, "train_samples": train_samples,
+               "train_loss": r.history, "train_terms": r.terms, "train_top1": r.train_top1,
                "train_s": r.train_s, "train_own_s": r.own_s,
                "train_wall_s": stats["wall_s"], "images_per_s": stats["images_per_s"],
                "runs_in_pass": runs_in_pass, "world_size": world, "batch_size": config["batch_size"],

@@ -30,7 +30,7 @@ OPTIMIZERS = {  # name -> its usual defaults where they differ between optimizer
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
 STUDENT_BATCH_SIZE = 128  # train-student's default --batch-size (a pipeline block without batch_size gets it)
 TRAIN_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False, "betas": (0.9, 0.999), "eps": 1e-8,
-                  "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0}
+                  "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0, "train_samples": None}
 # What each optimizer uses (a setting it ignores does not change a run's name).
 OPTIMIZER_USES = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps")}
 
@@ -53,6 +53,8 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
         raise KDPipeError(f"unknown schedule {out['schedule']!r}: use one of {', '.join(SCHEDULES)}")
     if out["schedule"] == "onecycle" and out["warmup_epochs"]:
         raise KDPipeError("the onecycle schedule has its own warm-up: leave --warmup-epochs at 0")
+    if out["train_samples"] is not None and int(out["train_samples"]) < 1:
+        raise KDPipeError(f"--train-samples must be >= 1, got {out['train_samples']}")
     if not 0 <= out["val_fraction"] < 1:
         raise KDPipeError(f"--val-fraction must lie in [0, 1), got {out['val_fraction']}")
     if out["warmup_epochs"] < 0:
@@ -71,7 +73,7 @@ def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
     `settings` is resolve_training's result."""
     name = settings["optimizer"]
     base = resolve_training(name)
-    used = ("weight_decay", "schedule", "warmup_epochs", "val_fraction") + OPTIMIZER_USES[name]
+    used = ("weight_decay", "schedule", "warmup_epochs", "val_fraction", "train_samples") + OPTIMIZER_USES[name]
     rest = {k: settings[k] for k in used if settings[k] != base[k]}
     if name == "sgd" and settings["lr"] == base["lr"] and not rest:
         return ""

@@ -213,6 +213,17 @@ def test_make_rules_command(tmp_path):
     assert_one_line_error(invoke("make-rules", tmp_path / "absent.toml"), "absent.toml")
 
 
+def test_make_rules_pass_a_blocks_train_samples(tmp_path):
+    spec = (REPO / "pipelines" / "default.toml").read_text()
+    block = spec.index("[[students]]")
+    spec = spec[:block] + '[[students]]\narchs = ["mlp_100"]\nepochs = 2\ntrain_samples = 500\n'
+    (tmp_path / "p.toml").write_text(spec)
+    r = ok(invoke("make-rules", tmp_path / "p.toml"))
+    assert "--train-samples 500" in r.output
+    (tmp_path / "p.toml").write_text(spec.replace("train_samples", "train_sample"))
+    assert_one_line_error(invoke("make-rules", tmp_path / "p.toml"), "unknown key(s) in [[students]] #1: train_sample")
+
+
 def test_make_rules_of_a_dkd_block_name_the_runs_train_student_writes(tmp_path):
     spec = (REPO / "pipelines" / "default.toml").read_text()
     block = spec.index("[[students]]")

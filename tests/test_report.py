@@ -22,6 +22,7 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     res = build_report([student_runs.out], tmp_path / "rep")
     assert res["runs"] == 4 and res["report"] == str(tmp_path / "rep" / "report.md")
     text = (tmp_path / "rep" / "report.md").read_text()
+    assert f"4 student run(s), trained on {len(cache.train):,} samples." in text
     header = next(line for line in text.splitlines() if line.startswith("| model"))
     for col in ("test top-1", "agreement", "parameters", "MB", "latency", "training time", "dataset", "optimizer",
                 "lr", "epochs", "best epoch"):
@@ -191,3 +192,35 @@ def test_thirty_runs_stay_readable(student_runs, tmp_path, monkeypatch):
     for p in res["plots"]:
         img = matplotlib.image.imread(p)
         assert img.shape[0] > 200 and img.std() > 0.01
+def test_kd_against_its_scratch_twin(student_runs, tmp_path):
+    """Each KD setting is compared with the scratch runs of its architecture over their common seeds: the mean
+    gain, twice the larger std, per-seed wins, and whether the gain is clear (>= 2 x the larger std)."""
+    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    settings = {(0.0, 4.0): (0.80, 0.81, 0.82), (0.9, 4.0): (0.85, 0.84, 0.86), (0.5, 2.0): (0.81, 0.80, 0.83)}
+    for (alpha, temp), accs in settings.items():
+        for seed, acc in enumerate(accs):
+            d = tmp_path / "runs" / f"mlp_100-{alpha}-{temp}-s{seed}"
+            shutil.copytree(src, d)
+            m = json.loads((d / "metrics.json").read_text())
+            m.update(seed=seed, test_top1=acc, alpha=alpha, temperature=temp, name=d.name)
+            m.pop("uses_teacher")
+            (d / "metrics.json").write_text(json.dumps(m))
+    # A KD run with a seed the scratch runs lack is left out of the comparison.
+    shutil.copytree(tmp_path / "runs" / "mlp_100-0.9-4.0-s0", tmp_path / "runs" / "extra")
+    m = json.loads((tmp_path / "runs" / "extra" / "metrics.json").read_text())
+    (tmp_path / "runs" / "extra" / "metrics.json").write_text(json.dumps({**m, "seed": 7, "test_top1": 0.1}))
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "KD against its scratch twin" in text
+    rows = [r for r in table_rows(text) if len(r) == 9]
+    assert rows == [["mlp_100", "kd", "2", "0.5", "3", "+0.0033", "0.0306", "2/3", "no"],
+                    ["mlp_100", "kd", "4", "0.9", "3", "+0.0400", "0.0200", "3/3", "yes"]]
+    v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
+    assert [x["seeds"] for x in v] == [[0, 1, 2], [0, 1, 2]]
+    assert v[1]["gain"] == pytest.approx(0.04) and v[1]["larger_std"] == pytest.approx(0.01) and v[1]["clear"]
+    # One seed: no comparison (no std).
+    one = tmp_path / "one"
+    for name in ("mlp_100-0.0-4.0-s0", "mlp_100-0.9-4.0-s0"):
+        shutil.copytree(tmp_path / "runs" / name, one / name)
+    build_report([one], tmp_path / "rep1")
+    assert "scratch twin" not in (tmp_path / "rep1" / "report.md").read_text()

@@ -248,6 +248,35 @@ def test_a_cache_whose_data_changed_is_refused(fmnist, teacher_ckpt, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_train_samples_trains_every_run_on_one_fixed_subset_with_its_cached_views(eq_cache, teacher_ckpt, tmp_path):
+    """--train-samples N: the logits of each sample of the subset stay its own (cached equals online KD weight
+    for weight on the subset), every run and seed uses the same samples, and N = all changes nothing."""
+    from kdpipe.student import training_subset
+    n = len(load_dataset(Cache(eq_cache).manifest["dataset"]["spec"], "train"))
+    sub = training_subset(np.arange(n), 200)
+    assert len(set(sub)) == 200 and sub.max() < n and set(training_subset(np.arange(n), 100)) <= set(sub)
+    sweep = dict(temperatures=(2.0,), alphas=(0.0, 0.7), seeds=(0, 1), batch_size=64, log=quiet, train_samples=200)
+    cached = train_students(eq_cache, ["mlp_100"], 2, tmp_path / "cached", **sweep)
+    train_students(eq_cache, ["mlp_100"], 2, tmp_path / "online", online_teacher=load_teacher(teacher_ckpt).module,
+                   **sweep)
+    assert {r["train_samples"] for r in cached} == {200} and len(cached) == 4
+    for r in cached:
+        a, b = _weights(tmp_path / "cached" / r["name"]), _weights(tmp_path / "online" / r["name"])
+        assert all(torch.equal(a[k], b[k]) for k in a), r["name"]
+    # Not vacuous: fewer samples train other weights; all of them train what no option trains.
+    full = train_students(eq_cache, ["mlp_100"], 2, tmp_path / "full", temperatures=(2.0,), alphas=(0.7,),
+                          batch_size=64, log=quiet)
+    every = train_students(eq_cache, ["mlp_100"], 2, tmp_path / "every", temperatures=(2.0,), alphas=(0.7,),
+                           batch_size=64, log=quiet, train_samples=n)
+    w_full, w_every = _weights(tmp_path / "full" / full[0]["name"]), _weights(tmp_path / "every" / every[0]["name"])
+    w_sub = _weights(tmp_path / "cached" / next(r["name"] for r in cached if r["alpha"] == 0.7 and r["seed"] == 0))
+    assert all(torch.equal(w_full[k], w_every[k]) for k in w_full)
+    assert not all(torch.equal(w_full[k], w_sub[k]) for k in w_full)
+    assert full[0]["train_samples"] == n and every[0]["train_samples"] == n
+    with pytest.raises(KDPipeError, match="--train-samples must be between 1 and the .* samples the cache has for training"):
+        train_students(eq_cache, ["mlp_100"], 1, tmp_path / "bad", log=quiet, train_samples=n + 1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(students=["mlp_100"], epochs=0), "--epochs must be >= 1"),
     (dict(students=["mlp_100"], epochs=1, alphas=(1.5,)), "kd: --alpha must lie in"),
