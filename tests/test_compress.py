@@ -265,7 +265,7 @@ def test_a_pipeline_with_a_compress_section_gets_a_compress_step(tmp_path):
     rules = make_rules(load_pipeline(tmp_path / "p.toml"))
     head, command = next((a, b) for a, b in zip(rules.splitlines(), rules.splitlines()[1:])
                          if a.startswith("runs/default/compress/compress.md:"))
-    assert "runs/default/teacher.pt" in head and "runs/default/students/mlp_800-T4-a0.5-s0/metrics.json" in head
+    assert "runs/default/teacher.pt" in head and "runs/default/students/mlp_800-T2-a0.9-e30-h95f4e3-s0/metrics.json" in head
     args = shlex.split(command.strip())[1:]
     assert args[0] == "compress"
     ctx = main.commands["compress"].make_context("compress", args[1:])  # the command line parses

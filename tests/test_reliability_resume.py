@@ -278,7 +278,7 @@ def test_pipelines_forward_the_checkpoint_options_and_keep_finished_runs(tmp_pat
     command = next(line for line in rules.splitlines() if "train-student" in line)
     assert "--checkpoint-every 2.5 --keep-checkpoints --overwrite --out" in command
     precious = next(line for line in rules.splitlines() if line.startswith(".PRECIOUS:"))
-    assert "students/cnn_small-scratch-s0/metrics.json" in precious and precious.count("metrics.json") == 4
+    assert "students/mlp_100-scratch-e30-h95f4e3-s0/metrics.json" in precious and precious.count("metrics.json") == 12
 
 
 def test_checkpoint_size_is_printed_once_and_checkpoints_go_when_the_pass_ends(work, tmp_path):
