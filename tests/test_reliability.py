@@ -23,7 +23,7 @@ import pytest
 from test_reliability_helpers import (assert_nothing_partial_reads_as_complete, assert_one_line_error,
                                       assert_same_cache, cache_arrays, dump_args, files_digest, kdpipe_cmd,
                                       mnist_npz, run_cli, run_kdpipe, save_teacher, shard_arrays,
-                                      subprocess_env)
+                                      stat_key, subprocess_env)
 
 N_TRAIN, N_TEST, VIEWS, SHARD_ROWS = 2000, 200, 8, 400  # 16,000 rows in 40 shards
 
@@ -51,19 +51,11 @@ def ref(tmp_path_factory) -> SimpleNamespace:
                            t_dump=max(0.2, t_total - t_start), t_total=t_total)
 
 
-def _stat_key(path: Path):
-    try:
-        st = path.stat()
-        return st.st_ino, st.st_mtime_ns
-    except FileNotFoundError:
-        return None
-
-
 def _wait_for_new_file(path: Path, old_key, proc, timeout: float = 60) -> bool:
     """Until `path` is (re)written or proc exits; True if it was written."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        key = _stat_key(path)
+        key = stat_key(path)
         if key is not None and key != old_key:
             return True
         if proc.poll() is not None:
@@ -102,7 +94,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(ref, tmp_path):
     per_shard = ref.t_dump / total
     kills, moments = 0, []
     while kills < 6:
-        before = _stat_key(out / "dump.json")
+        before = stat_key(out / "dump.json")
         p = _start(args)
         assert _wait_for_new_file(out / "dump.json", before, p), p.communicate()
         done = len(list(out.glob("shard-*.h5")))

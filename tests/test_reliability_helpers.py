@@ -231,3 +231,12 @@ def rewrite_manifest(cache_dir: Path, edit, fix_checksum: bool = True) -> None:
     if fix_checksum:
         m["checksum"] = fmt.manifest_checksum(m)
     path.write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+def stat_key(path: Path):
+    """(inode, mtime) of a file, None while it does not exist: a rename onto it changes the key."""
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+    except FileNotFoundError:
+        return None

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from test_reliability_helpers import (assert_one_line_error, dump_args, files_digest, kdpipe_cmd, mnist_npz,
-                                      run_cli, save_teacher, subprocess_env)
+                                      run_cli, save_teacher, stat_key, subprocess_env)
 
 N, N_TEST, VIEWS = 192, 48, 4
 RUNS = ("mlp_100-T2-a0.9-s0", "mlp_100-T4-a0.9-s0")
@@ -83,14 +83,6 @@ def assert_same_runs(ref: Path, out: Path, names=RUNS) -> None:
         assert (ref / name / "history.csv").read_bytes() == (out / name / "history.csv").read_bytes()
 
 
-def _stat_key(path: Path):
-    try:
-        st = path.stat()
-        return st.st_ino, st.st_mtime_ns
-    except FileNotFoundError:
-        return None
-
-
 def _wait(cond, proc, timeout: float = 60) -> bool:
     """Until cond() or proc exits; True if cond() came true."""
     deadline = time.monotonic() + timeout
@@ -143,13 +135,13 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(work, tmp_pa
         args = student_args(work, out, fuse, 8, 16, *every(wall))
         ck = _checkpoint(out)
         for life in range(3):
-            before = _stat_key(ck)
+            before = stat_key(ck)
             p = _start(args)
             if life == 2 and fuse == "off":  # aimed: while the finished runs are being written
                 hit = _wait(lambda: any((out / n / "metrics.json").exists() for n in RUNS), p)
                 time.sleep(rng.uniform(0, 0.05))
             else:  # after some progress (a new checkpoint), at a random moment
-                hit = _wait(lambda: _stat_key(ck) not in (None, before), p)
+                hit = _wait(lambda: stat_key(ck) not in (None, before), p)
                 time.sleep(rng.uniform(0, wall / 8))
             alive = p.poll() is None
             p.kill()
@@ -180,9 +172,9 @@ def test_ctrl_c_and_sigterm_exit_130_and_say_how_to_resume(work, tmp_path):
     args = student_args(work, out, "off", 8, 16, *every(train_wall_s(reference(work, "off"))))
     ck = _checkpoint(out)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        before = _stat_key(ck)
+        before = stat_key(ck)
         p = _start(args)
-        assert _wait(lambda: _stat_key(ck) not in (None, before), p), p.communicate()
+        assert _wait(lambda: stat_key(ck) not in (None, before), p), p.communicate()
         p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=60)
         assert p.returncode == 130, f"{signal.Signals(sig).name}: exit code {p.returncode}\n{stderr}"
