@@ -30,7 +30,8 @@ _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding
                  "output", "trust_pickle", "mean", "std", "input_range", "normalize"} | set(_OPTIM_FLAGS)
 # limit: only the first N samples of each split (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
-_DATA_KEYS = {"spec", "root", "limit", "prepare"}
+# image_size: photos decoded to S x S (--image-size; the image store's photo kind).
+_DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
               "yes", "force"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
@@ -113,7 +114,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     name = spec["name"]
     data = spec["data"]
     data_opts = ["--data", data["spec"]] + (["--data-root", data["root"]] if data.get("root") else []) + \
-        (["--limit", str(int(data["limit"]))] if data.get("limit") else [])
+        (["--limit", str(int(data["limit"]))] if data.get("limit") else []) + \
+        (["--image-size", str(int(data["image_size"]))] if data.get("image_size") else [])
     data_file = [data["spec"].removeprefix("npz:")] if data.get("prepare") else []
     t, d = spec["teacher"], spec["dump"]
     runs_dir, cache_dir = f"runs/{name}", f"cache/{name}"

@@ -118,3 +118,24 @@ def test_pipeline_data_keys_are_checked(tmp_path):
     with pytest.raises(KDPipeError, match="prepare makes the file of an npz:PATH spec"):
         load_pipeline(p)
     assert tomllib.loads(base)["data"]["prepare"].startswith("$(VENV)/bin/python bench/make_tabular_npz.py")
+
+
+def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_path):
+    """[data] image_size = S passes --image-size S to train-teacher, dump-logits and compress (train-student
+    reads the decoded size from the cache), and the command line parses it."""
+    import shlex
+
+    from kdpipe.cli import main
+    from kdpipe.pipeline import make_rules
+    p = tmp_path / "p.toml"
+    spec = (REPO / "pipelines" / "default.toml").read_text().replace(
+        'spec = "fashion-mnist"', 'spec = "files:/photos"\nimage_size = 64')
+    p.write_text(spec + '\n[compress]\nquantize = ["dynamic"]\n')
+    rules = make_rules(load_pipeline(p))
+    for cmd in ("train-teacher", "dump-logits", "compress"):
+        line = next(x for x in rules.splitlines() if f"$(KDPIPE) {cmd} " in x)
+        args = shlex.split(line.strip())[2:]
+        assert "--image-size" in args and args[args.index("--image-size") + 1] == "64", cmd
+        assert main.commands[cmd].make_context(cmd, args).params["image_size"] == 64
+    student = next(x for x in rules.splitlines() if "$(KDPIPE) train-student " in x)
+    assert "--image-size" not in student
