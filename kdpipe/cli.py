@@ -455,6 +455,11 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
         sys.exit(130)
     if dist.is_main:
         click.echo(f"{len(res)} run(s) written under {out}")
+        bad = [m["name"] for m in res if m.get("diverged_epoch")]
+        if bad:  # written and marked (metrics.json's diverged_epoch, the report), but the call did not succeed
+            click.echo(f"Error: {len(bad)} run(s) diverged (their loss became NaN or infinite): {', '.join(bad)}; "
+                       "lower --lr, or change the loss's options", err=True)
+            sys.exit(1)
 
 
 @main.command("report")

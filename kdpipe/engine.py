@@ -296,6 +296,10 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 runs[i].train_top1.append(right[at_right])
                 runs[i].own_s += unit_s[k] / len(u)
                 at_right += 1
+        for r in runs:  # said once, when it happens; metrics.json and the report mark the run (diverged_epoch)
+            if not math.isfinite(r.history[-1]) and (len(r.history) == 1 or math.isfinite(r.history[-2])):
+                log(f"warning: {r.name}: the loss became {r.history[-1]} in epoch {epoch + 1}: the run diverged "
+                    "and its weights are not usable; lower --lr, or change the loss's options")
         if len(runs) <= 4:
             log(f"  {label} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{r.name} loss {r.history[-1]:.4f} (" + ", ".join(f"{n} {v[-1]:.4f}" for n, v in r.terms.items())

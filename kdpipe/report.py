@@ -91,6 +91,11 @@ def _best(best) -> str:
     return "" if not best else f"{best['epoch']} ({best['val_top1']:.4f})"
 
 
+def _diverged(r) -> str:
+    """A mark for a run whose loss became NaN or infinite (its figures are not a trained student's)."""
+    return f" (diverged in epoch {r['diverged_epoch']})" if r.get("diverged_epoch") else ""
+
+
 def _role(r) -> str:
     return "scratch" if _scratch(r) else "KD"
 
@@ -135,7 +140,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         lines.append(f"| {r['arch']} | {_role(r)} | {_loss(r)} | "
                      f"{'' if _scratch(r) else _num(r['temperature'])} | {r['alpha']:g} | {r.get('optimizer', 'sgd')} | "
                      f"{_num(r.get('lr'))} | {r.get('epochs', '')} | {r['seed']} | {r.get('dataset', '?')} | "
-                     f"{_fmt(r.get('test_top1'))} | {_fmt(r.get('teacher_agreement'))} | "
+                     f"{_fmt(r.get('test_top1'))}{_diverged(r)} | {_fmt(r.get('teacher_agreement'))} | "
                      f"{_best(best)} | "
                      f"{r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
                      f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} |")
@@ -154,7 +159,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                         "seeds": sorted(r["seed"] for r in rs), "n": len(rs),
                         "test_top1_mean": acc, "test_top1_std": acc_sd, "agreement_mean": agr,
                         "agreement_std": agr_sd, "parameters": r0["parameters"],
-                        "train_s_mean": statistics.fmean(_train_s(r) for r in rs)})
+                        "train_s_mean": statistics.fmean(_train_s(r) for r in rs),
+                        "diverged": sum(bool(r.get("diverged_epoch")) for r in rs)})
     if any(s["n"] > 1 for s in summary):
         lines += ["", "Each setting over its seeds (mean ± sample std; n runs):", "",
                   "| model | role | loss | T | alpha | optimizer | lr | epochs | dataset | n | test top-1 | agreement | "
@@ -164,7 +170,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
             lines.append(f"| {s['arch']} | {'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
                          f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | {_fmt(s['test_top1_mean'])} ± "
-                         f"{_fmt(s['test_top1_std'])} | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
+                         f"{_fmt(s['test_top1_std'])}" + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
+                         + f" | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
                          f"{s['train_s_mean']:.1f} |")
     versus = versus_scratch(groups)
     if versus:

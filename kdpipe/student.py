@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -454,6 +455,9 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     for key in ("test_top1", "teacher_agreement", "val_top1"):
         if key in last:
             metrics[key] = last[key]
+    diverged = next((e + 1 for e, v in enumerate(r.history) if not math.isfinite(v)), None)
+    if diverged is not None:  # a NaN or infinite loss: the weights are not a trained student
+        metrics["diverged_epoch"] = diverged
     metrics["cpu_latency_ms"] = cpu_latency_ms(r.model, in_shape)
     common = dict(arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape,
                   mean=cache.manifest["input"]["mean"], std=cache.manifest["input"]["std"],

@@ -291,3 +291,28 @@ def test_bad_arguments_are_refused_before_training(cache, tmp_path, kwargs, mess
     with pytest.raises(KDPipeError, match=message):
         train_students(cache.path, out=tmp_path / "runs", log=quiet, **kwargs)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_diverging_run_is_said_marked_in_the_report_and_fails_the_call(cache, tmp_path):
+    """A loss that becomes NaN or infinite is never silent: a warning in the epoch it happens, metrics.json's
+    diverged_epoch, a mark in the report, and train-student exits 1 naming the run (the others are written)."""
+    from click.testing import CliRunner
+
+    from kdpipe.cli import main
+    from kdpipe.report import build_report
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["train-student", "--cache", str(cache.path), "--student", "mlp_100",
+                                    "--temperature", "4", "--alpha", "0.9", "--lr", "1e30,0.05", "--epochs", "2",
+                                    "--batch-size", "64", "--device", "cpu", "--fuse", "off", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    bad = next(p for p in out.iterdir() if "lr1e+30" in p.name)
+    good = next(p for p in out.iterdir() if p.is_dir() and p != bad and (p / "metrics.json").exists())
+    assert f"warning: {bad.name}: the loss became" in res.output
+    assert res.output.strip().splitlines()[-1] == (f"Error: 1 run(s) diverged (their loss became NaN or infinite): "
+                                                   f"{bad.name}; lower --lr, or change the loss's options")
+    assert json.loads((bad / "metrics.json").read_text())["diverged_epoch"] == 1
+    assert "diverged_epoch" not in json.loads((good / "metrics.json").read_text())
+    build_report([out], tmp_path / "rep")
+    rows = [line for line in (tmp_path / "rep" / "report.md").read_text().splitlines() if "| KD |" in line]
+    assert [("| 1e+30 |" in r, "(diverged in epoch 1)" in r) for r in sorted(rows)] in (
+        [(True, True), (False, False)], [(False, False), (True, True)])
