@@ -14,7 +14,9 @@ The batches come from the code train-student runs, not a copy of it: the view of
 is read as contiguous slices of the shards' memory maps (kdpipe.student.CachedViews), the epoch is
 shuffled as kdpipe.engine.batches shuffles it, and each batch is replayed on the device from the
 stored view parameters (kdpipe.engine.replay_batch), so `x` is bit for bit the input the teacher saw
-for that row. The README's section "The Python API" is a complete example, run by tests/test_api.py.
+for that row. For a cache of mixed views (mixup, cutmix) `labels` is a kdpipe.losses.MixedLabels (both
+labels and the stored share of each), which the registry's losses take as they take plain labels.
+The README's section "The Python API" is a complete example, run by tests/test_api.py.
 
 For a torch DataLoader over rows instead (worker processes, your own sampler), see
 kdpipe.cache.reader.CachedLogitsDataset.
