@@ -139,3 +139,60 @@ def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_pa
         assert main.commands[cmd].make_context(cmd, args).params["image_size"] == 64
     student = next(x for x in rules.splitlines() if "$(KDPIPE) train-student " in x)
     assert "--image-size" not in student
+
+
+def test_food_photos_pipeline(monkeypatch, tmp_path):
+    """pipelines/food-photos.toml on a folder in Food-11's layout made here (no Food-11 copy can be had):
+    JPEGs of 40 to 90 px named <label>_<n>.jpg in training/, validation/ and evaluation/, a torchvision
+    resnet18 state_dict with 11 classes as the teacher, the student from pipelines/food_nets.py. Smaller
+    photos and crops than the shipped pipeline's, so it runs in seconds."""
+    import numpy as np
+    import torch
+    import torchvision
+    from PIL import Image
+
+    spec = _load("food-photos", monkeypatch, tmp_path)
+    rng = np.random.default_rng(0)
+    for split, per_class in (("training", 6), ("validation", 2), ("evaluation", 3)):
+        (tmp_path / "food" / split).mkdir(parents=True)
+        for label in range(11):
+            for i in range(per_class):
+                h, w = (int(v) for v in rng.integers(40, 91, 2))
+                px = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) // 2 + np.uint8(label * 11)
+                Image.fromarray(px).save(tmp_path / "food" / split / f"{label}_{i}.jpg", quality=90)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=11).state_dict(), tmp_path / "food11_resnet18.pth")
+    assert spec["teacher"]["file"] == "food11_resnet18.pth" and spec["teacher"]["arch"] == "tv:resnet18"
+    spec["data"].update(spec=f"files:{tmp_path / 'food'}", image_size=40)
+    spec["dump"].update(views=2, policy="pad-crop:32:symmetric+flip+rotate:15", batch_size=32,
+                        force=True)  # an untrained teacher is at chance: the probe would stop the dump
+    block = spec["students"][0]
+    assert block["archs"] == ["pipelines/food_nets.py:DSNet"] and block["optimizer"] == "adamw"
+    block.update(archs=[str(REPO / "pipelines" / "food_nets.py") + ":DSNet"], epochs=2, batch_size=16)
+    summary = run_pipeline(spec, tmp_path)
+    runs = _check_report(summary, spec, students=2)
+    manifest = json.loads((tmp_path / "cache" / "food-photos" / "manifest.json").read_text())
+    assert manifest["dataset"]["num_samples"] == 66 and manifest["input"]["shape"] == [3, 32, 32]
+    assert manifest["input"]["normalization"]["value"] == "imagenet"
+    for alpha in (0, 0.5):
+        r = runs[(alpha, 0)]
+        assert r["arch"].endswith("food_nets.py:DSNet") and r["temperature"] == 20 and r["optimizer"] == "adamw"
+        assert r["best"]["epoch"] in (1, 2) and r["training"]["val_samples"] == 7
+
+
+def test_cifar10_resnet_pipeline(cifar_folder, monkeypatch, tmp_path):
+    """pipelines/cifar10-resnet.toml with its own teacher training (tv:resnet50), on the generated
+    CIFAR-like ImageFolder (CIFAR-10's classes, 32 x 32 RGB): resnet18 students with crop:4+flip, Adam."""
+    spec = _load("cifar10-resnet", monkeypatch, tmp_path)
+    assert spec["teacher"]["arch"] == "tv:resnet50" and spec["students"][0]["archs"] == ["tv:resnet18"]
+    assert spec["dump"]["policy"] == "crop:4+flip" and spec["students"][0]["temperature"] == [4]
+    spec["data"].update(spec=f"imagefolder:{cifar_folder}")  # 120 train images: no limit (class-sorted)
+    spec["teacher"].update(epochs=1, batch_size=32, lr=0.01)  # lr 0.1 on 120 images: logits past float16
+    spec["dump"].update(views=2, force=True)  # one epoch on 60 images leaves the teacher near chance
+    spec["students"][0].update(epochs=2, batch_size=16)
+    summary = run_pipeline(spec, tmp_path)
+    runs = _check_report(summary, spec, students=2)
+    assert summary["teachers"][0]["arch"] == "tv:resnet50"
+    for alpha in (0, 0.8):
+        r = runs[(alpha, 0)]
+        assert r["arch"] == "tv:resnet18" and r["optimizer"] == "adam" and r["lr"] == 1e-4
