@@ -18,7 +18,7 @@ from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
 from kdpipe.data import KINDS, SOURCES, ImageData, limited, load_dataset, moved_spec
-from kdpipe.distributed import SINGLE
+from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
@@ -253,8 +253,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         n_train = train_samples
         log(f"training on {n_train} of the cache's {n} samples (a fixed subset, the same for every run)")
     if world > 1 and n_train < batch_size * world:
-        raise KDPipeError(f"{n} samples are fewer than one global batch ({batch_size} per rank x {world} "
-                          "ranks): lower --batch-size")
+        raise KDPipeError(f"{n_train} training samples are fewer than one global batch ({batch_size} per rank x "
+                          f"{world} ranks): lower --batch-size")
     epoch_steps = steps_per_epoch(n_train, batch_size * world)
     total_steps = epochs * epoch_steps
     log(f"batch {batch_size}" + (f" per rank x {world} ranks = effective batch {batch_size * world} "
@@ -402,7 +402,7 @@ class _Track:
         self.history.append(row)
         val = ev.get("val_top1")
         if val is not None and (self.best_val is None or val > self.best_val):  # ties: the earlier epoch
-            model = ctx_unwrap(r.model)
+            model = Dist.unwrap(r.model)
             self.best_epoch, self.best_val, self.best_eval = epoch + 1, val, ev
             self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -424,11 +424,6 @@ class _Track:
         for row in self.history:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         return buf.getvalue().encode()
-
-
-def ctx_unwrap(model):
-    """The bare module of a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(model, "module", model)
 
 
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
