@@ -167,8 +167,9 @@ AUTO_COMPILE_MIN_STEPS = 1500
 # compiled against 40 s for a 6-run pass stepped one by one (BENCHMARKS.md).
 AUTO_FUSE_MIN_RUNS = 4
 
-# epoch -> (view params (N, P) on device, teacher logits (N, C) float on device, or None)
-ViewSource = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
+# epoch -> (view params (N, P) on device, the epoch's teacher targets on device, or None): the targets
+# are the cached logits (N, C), or any object with `rows(idx)` giving a batch's targets (see teacher_rows)
+ViewSource = Callable[[int], tuple[torch.Tensor, object | None]]
 
 
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
@@ -363,7 +364,7 @@ class _Clock:
 
 def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, std):
     """One batch of an epoch: the replayed views of samples `idx` (normalized, channels-last on CUDA),
-    their cached teacher logits as float32 (None without `cached`) and their labels; for mixed views
+    their teacher targets (teacher_rows: cached logits as float32; None without `cached`) and their labels; for mixed views
     (mixup, cutmix) the labels are MixedLabels, both labels with the stored share of each."""
     p = params[idx]
     x = channels_last(policy.replay_rows(images, idx, p, mean, std, policy.partner_params(params, p)))
@@ -371,7 +372,18 @@ def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, 
     mix = policy.mixing(p, images.shape[1:])
     if mix is not None:  # the CE term weighs both labels by the stored share
         y = MixedLabels(y, labels[mix[0]], mix[1])
-    return x, (cached[idx].float() if cached is not None else None), y
+    return x, teacher_rows(cached, idx), y
+
+
+def teacher_rows(cached, idx):
+    """The teacher targets of the samples `idx` that the runs' losses are called with: rows of an epoch's
+    cached logits (N, C) as float32, or, for targets that are not one dense logits tensor (an object with
+    a `rows(idx)` method), what that returns; None without targets."""
+    if cached is None:
+        return None
+    if isinstance(cached, torch.Tensor):
+        return cached[idx].float()
+    return cached.rows(idx)
 
 
 def _accumulate(into: dict, terms: dict, runs: int, device) -> None:
