@@ -157,8 +157,9 @@ def policy_help() -> str:
 
 def loss_help() -> str:
     from kdpipe.losses import known_losses
-    return ("Distillation loss and its options other than T and alpha, e.g. dkd:beta=8,warmup=20. Losses "
-            f"(options=defaults): {known_losses()}.")
+    return ("Distillation loss and its options other than T and alpha, e.g. dkd:beta=8,warmup=20, or a weighted "
+            "composition, kd+hint or kd:1,hint:50 (a hint term needs --hint-layer and a cache dumped with "
+            f"--features). Losses (options=defaults): {known_losses()}.")
 
 
 def policy_options(f):
@@ -283,15 +284,19 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--force", is_flag=True, help="Dump even if the probe finds the teacher at chance level or its outputs "
               "look like probabilities.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
+@click.option("--features", "features", multiple=True, metavar="LAYER[,LAYER...]",
+              help="Also store the teacher's output at this module (its path in named_modules(), e.g. avgpool or "
+                   "layer3), float16, for every view: what --loss kd+hint distils from. Repeatable.")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
                     input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, out):
+                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite,
+                    features, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
     from kdpipe.data import check_splits, limited, load_dataset
     from kdpipe.distributed import from_env
-    from kdpipe.teacher import check_planned_size, dump_logits, planned_size
+    from kdpipe.teacher import check_planned_size, dump_logits, feature_shapes, planned_size
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
@@ -324,13 +329,18 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
                                trust_pickle=trust_pickle, output=teacher_output)
         dist = from_env(dev)  # torchrun: join the process group; else one process
         log = dist.log(click.echo)
-        check_planned_size(planned_size(data, test, pol, views, logits_dtype), out, yes, log=log)
+        layers = [x.strip() for v in features for x in v.split(",") if x.strip()]
+        feats = feature_shapes(teacher, layers, pol.output_shape(data.image_shape))
+        for f in feats:
+            log(f"features {f['layer']}: {tuple(f['shape'])} per view, float16")
+        check_planned_size(planned_size(data, test, pol, views, logits_dtype, feats), out, yes, log=log)
         log(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
             f"({pol.spec}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
                           logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
                           device=dist.device, amp=amp, overwrite=overwrite, mean=mean, std=std,
-                          input_range=input_range, normalize=normalize, force=force, dist=dist, log=log)
+                          input_range=input_range, normalize=normalize, force=force, dist=dist, log=log,
+                          features=layers)
         dist.close()
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: complete shards are kept in {out}; run the same command again to resume",
@@ -405,12 +415,18 @@ def _term_as_interrupt():
 @click.option("--overwrite", is_flag=True,
               help="Start a run over if its directory holds a run with other settings (with the same settings a "
                    "rerun skips finished runs and resumes the others).")
+@click.option("--hint-layer", default=None, metavar="MODULE",
+              help="For a loss with a hint term (kd+hint, kd:1,hint:50): the student's layer, by its path in "
+                   "named_modules() (e.g. features.3), that a learned projector maps onto the cached teacher "
+                   "features.")
+@click.option("--hint-feature", default=None, metavar="LAYER",
+              help="Which cached teacher feature the hint distils (needed when the cache holds several).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
                       lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
                       data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
-                      keep_checkpoints, overwrite, out):
+                      keep_checkpoints, overwrite, hint_layer, hint_feature, out):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
     one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
@@ -446,7 +462,8 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
-                             keep_checkpoints=keep_checkpoints)
+                             keep_checkpoints=keep_checkpoints, hint_layer=hint_layer,
+                             hint_feature_name=hint_feature)
         dist.close()
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; rank 0 says it
@@ -485,6 +502,9 @@ def report_cmd(run_dirs, out, mix_datasets):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect_cmd(cache_dir, as_json):
     """Print what a cache holds: teacher, data, views, classes, codec, rows, bytes, creation."""
+    import numpy as np
+
+    from kdpipe.cache.format import feature_column as fmt_feature
     from kdpipe.cache.reader import Cache, open_h5
     c = Cache(cache_dir)
     m = c.manifest
@@ -508,6 +528,10 @@ def inspect_cmd(cache_dir, as_json):
     click.echo(f"  logits    codec {m['logits']['codec']}, {m['logits']['dtype']}, rows {m['rows']:,} "
                f"({m['row_order']}), input {tuple(m['input']['shape'])}"
                + (f", teacher output {t['output']}" if t.get("output") not in (None, "auto") else ""))
+    for f in m.get("features", []):  # cached features (dump-logits --features)
+        col = fmt_feature(f["layer"], f["shape"])
+        click.echo(f"  features  {f['layer']} {tuple(f['shape'])} {f.get('dtype', 'float16')} at {col.path}, "
+                   f"{col.np_dtype(m).itemsize * int(np.prod(f['shape'])):,} bytes per row")
     from kdpipe.normalization import describe
     click.echo(f"  input     normalization {describe(m['input'])}")
     on_disk = sum((c.path / s["file"]).stat().st_size for s in m["shards"] if (c.path / s["file"]).is_file())

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.fused import FusedRuns, plan_units
-from kdpipe.losses import Loss, MixedLabels, create_loss, main_labels
+from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
 from kdpipe.util import Progress, channels_last, seeded_generator
 from kdpipe.views import ViewPolicy
@@ -269,7 +269,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 r.optimizer.step()
                 r.scheduler.step()
                 _accumulate(sums[k], {n: v.detach() for n, v in terms.items()}, 1, device)
-                correct[k] += (out.detach().argmax(-1) == main_labels(y)).sum()
+                correct[k] += (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()  # out: logits or Outputs
                 clock.stop(k)
             seen += len(idx) * world
             prog.update(len(idx) * world)

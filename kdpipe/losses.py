@@ -50,7 +50,10 @@ def known_losses() -> str:
 
 
 def create_loss(name: str, **options) -> Loss:
-    """The loss `name` with `options` (the rest at their defaults); a KDPipeError names what is wrong."""
+    """The loss `name` with `options` (the rest at their defaults); a KDPipeError names what is wrong.
+    A name of members joined by "+" (``kd+hint``) is a ComposedLoss."""
+    if "+" in name:
+        return ComposedLoss(name, **options)
     cls = _LOSSES.get(name)
     if cls is None:
         raise KDPipeError(f"unknown loss {name!r}; known losses (options=defaults): {known_losses()}")
@@ -63,6 +66,8 @@ class Loss:
     name: str = ""
     defaults: dict[str, float] = {}
     integer_options: tuple[str, ...] = ()
+    uses: str = "logits"  # what of Outputs it compares: "logits", or "features" (the hint's projected features)
+    fusable: bool = True  # False: its runs step unfused (kdpipe.student falls back, saying so)
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -95,9 +100,16 @@ class Loss:
     def terms(self, out: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, epoch) -> dict:
         raise NotImplementedError
 
+    @property
+    def needs_features(self) -> bool:
+        """Whether it compares features (a student with a hint projector, a cache with features)."""
+        return self.uses == "features"
+
     def __call__(self, out, teacher, labels, epoch) -> dict[str, torch.Tensor]:
         if teacher is None and self.needs_teacher:
             raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
+        pick = features_of if self.uses == "features" else logits_of
+        out, teacher = pick(out), pick(teacher)
         return self.terms(out.float(), None if teacher is None else teacher.float(), labels, epoch)
 
     def any_member(self, predicate) -> bool:
@@ -125,6 +137,29 @@ class Loss:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.members if self.options is None else self.options})"
+
+
+class Outputs(NamedTuple):
+    """Logits with features: a student with a hint projector returns its logits and its projected
+    features (kdpipe.features.HintStudent); the teacher targets of a cache with features are its logits
+    and the cached features. A loss takes what its `uses` says (logits_of / features_of)."""
+    logits: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+def logits_of(x):
+    """The logits of Outputs, or x itself (a logits tensor, or None)."""
+    return x.logits if isinstance(x, Outputs) else x
+
+
+def features_of(x):
+    """The features of Outputs (None stays None); logits alone are a caller's bug, not a user error."""
+    if x is None:
+        return None
+    if not isinstance(x, Outputs) or x.features is None:
+        raise ValueError("a feature loss was given no features: the student needs a hint projector and the "
+                         "cache features (kdpipe.student does both for losses with needs_features)")
+    return x.features
 
 
 class MixedLabels(NamedTuple):
@@ -260,3 +295,90 @@ def _target_split(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     z_target = (z * target).sum(-1, keepdim=True)
     log_b = torch.cat([z_target - lse_all, lse_rest - lse_all], dim=-1)
     return log_b, (z - lse_rest).masked_fill(target, 0.0)
+
+
+@register_loss("hint")
+class HintLoss(Loss):
+    """Hint (FitNets, Romero et al. 2015): the mean squared error between the student's features at a named
+    layer, mapped by a learned projector (kdpipe.features), and the teacher's cached features: the mean
+    over the feature's elements, then over the batch (so its scale does not grow with the width). It has
+    no weight of its own: compose it, ``kd+hint`` or ``kd:1,hint:50`` (ComposedLoss). Term: hint."""
+
+    defaults = {}
+    uses = "features"
+    fusable = False  # the projector and the hook are per run: its runs step unfused
+
+    @property
+    def needs_teacher(self) -> bool:
+        return True
+
+    def terms(self, out, teacher, labels, epoch):
+        err = (out - teacher).pow(2)  # (..., B, *F) against (B, *F)
+        lead = err.ndim - teacher.ndim + 1  # the run dimensions and the batch's
+        return {"hint": err.reshape(*err.shape[:lead], -1).mean(-1).mean(-1)}
+
+
+class ComposedLoss(Loss):
+    """A weighted sum of registered losses, written ``kd+hint`` (every weight 1) or ``kd:1,hint:50``
+    (kdpipe.sweep.parse_loss). Its options: the sweep axes temperature and alpha (given to the members that
+    have them), ``MEMBER.weight`` and any member's own option as ``MEMBER.OPTION``. Its terms are the members'
+    terms times their weights (a name two members share gets the second's prefixed, ``MEMBER.TERM``). Its
+    runs step unfused."""
+
+    fusable = False
+    AXES = ("temperature", "alpha")
+
+    def __init__(self, name: str, **options):  # noqa: super().__init__ is not called: the options are the members'
+        names = [n for n in name.split("+")]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise KDPipeError(f"loss {name!r}: a composition names each loss once, joined by '+' (e.g. kd+hint)")
+        given: dict[str, dict] = {n: {} for n in names}
+        weights = {n: 1.0 for n in names}
+        for key, v in options.items():
+            member, dot, opt = key.partition(".")
+            if key in self.AXES:
+                takers = [n for n in names if n in _LOSSES and key in _LOSSES[n].defaults]
+                if not takers:
+                    raise KDPipeError(f"loss {name}: no member takes {key}")
+                for n in takers:
+                    given[n][key] = v
+            elif dot and member in given:
+                if opt == "weight":
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                        raise KDPipeError(f"loss {name}: the weight of {member} must be a number >= 0, got {v!r}")
+                    weights[member] = float(v)
+                else:
+                    given[member][opt] = v
+            else:
+                raise KDPipeError(f"loss {name} has no option {key}; its options: temperature, alpha (to members "
+                                  "that take them), MEMBER.weight and MEMBER.OPTION for its members "
+                                  + ", ".join(names))
+        self.name = name
+        self.parts = [(n, weights[n], create_loss(n, **given[n])) for n in names]
+        self.options = {}
+        for n, w, loss in self.parts:
+            for k, v in loss.options.items():
+                self.options[k if k in self.AXES else f"{n}.{k}"] = v
+            self.options[f"{n}.weight"] = w
+        self.members = [self.options]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(w > 0 and loss.needs_teacher for _, w, loss in self.parts)
+
+    @property
+    def needs_features(self) -> bool:
+        return any(loss.needs_features for _, _, loss in self.parts)
+
+    def __call__(self, out, teacher, labels, epoch):
+        if teacher is None and self.needs_teacher:
+            raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
+        terms = {}
+        for n, w, loss in self.parts:
+            for k, v in loss(out, teacher, labels, epoch).items():
+                terms[f"{n}.{k}" if k in terms else k] = w * v
+        return terms
+
+    @classmethod
+    def stack(cls, losses, device=None):
+        raise ValueError("a composed loss steps unfused")

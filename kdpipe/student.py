@@ -19,9 +19,10 @@ from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
 from kdpipe.data import KINDS, SOURCES, ImageData, limited, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE, Dist
-from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
+from kdpipe.features import plain
+from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
-from kdpipe.losses import create_loss
+from kdpipe.losses import Outputs, create_loss
 from kdpipe.models import check_model, count_parameters, create_model
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, plan_runs_dir, remove_finished_checkpoints
 from kdpipe.sweep import parse_loss, plan_sweep
@@ -84,10 +85,12 @@ class CachedViews:
     """The engine's view source over a cache (engine.ViewSource): for an epoch, view e mod K's replay
     parameters and teacher logits, on the device, read as contiguous slices of the memory maps.
     With `rows` (a distributed rank's sample indices) only those rows are read, placed at their index.
-    `logits=False` reads the parameters only (an online teacher computes the logits)."""
+    `logits=False` reads the parameters only (an online teacher computes the logits). `features` (a cached
+    feature column, features/<layer>): the epoch's targets are then logits with features (WithFeatures)."""
 
-    def __init__(self, cache: Cache, device, logits: bool = True, policy=None):
+    def __init__(self, cache: Cache, device, logits: bool = True, policy=None, features: str | None = None):
         self.cache, self.device, self.logits, self.policy = cache, device, logits, policy
+        self.features = features if logits else None
         self.n = cache.num_samples
 
     def __call__(self, epoch: int, rows: torch.Tensor | None = None):
@@ -96,6 +99,8 @@ class CachedViews:
         if rows is None:
             params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
             logits = torch.from_numpy(cache.read_view(v, "logits")).to(device) if self.logits else None
+            if self.features:
+                return params, WithFeatures(logits, torch.from_numpy(cache.read_view(v, self.features)).to(device))
             return params, logits
         share = torch.unique(rows)
         at = (v * n + share.cpu().numpy()).astype(np.int64)
@@ -113,7 +118,53 @@ class CachedViews:
             part = torch.from_numpy(cache.read_rows("logits", at)).to(device)
             logits = torch.zeros((n, part.shape[1]), dtype=part.dtype, device=device)
             logits[share] = part
+        if self.features:
+            part = torch.from_numpy(cache.read_rows(self.features, at)).to(device)
+            feats = torch.zeros((n, *part.shape[1:]), dtype=part.dtype, device=device)
+            feats[share] = part
+            return params, WithFeatures(logits, feats)
         return params, logits
+
+
+class WithFeatures:
+    """An epoch's teacher targets with cached features (engine.teacher_rows): a batch's rows are
+    Outputs(logits, features), both float32; losses take what they use (kdpipe.losses.Outputs)."""
+
+    def __init__(self, logits: torch.Tensor, features: torch.Tensor):
+        self.logits, self.features = logits, features
+
+    def rows(self, idx):
+        return Outputs(self.logits[idx].float(), self.features[idx].float())
+
+
+def hint_feature(cache: Cache, given: str | None) -> dict:
+    """The cached feature a hint loss distils from (the manifest's features entry): the one given
+    (--hint-feature LAYER), or the cache's only one."""
+    feats = cache.manifest.get("features", [])
+    if not feats:
+        raise KDPipeError(f"cache {cache.path} holds no features, which a hint loss needs: dump it with "
+                          "--features LAYER")
+    layers = [f["layer"] for f in feats]
+    if given is None:
+        if len(feats) > 1:
+            raise KDPipeError(f"cache {cache.path} holds several features ({', '.join(layers)}): say which one the "
+                              "hint uses with --hint-feature LAYER")
+        return feats[0]
+    if given not in layers:
+        raise KDPipeError(f"cache {cache.path} has no feature {given!r}; it holds: {', '.join(layers)}")
+    return feats[layers.index(given)]
+
+
+def with_projector(r: Run, hint: dict, in_shape, device, total_steps: int, epoch_steps: int) -> dict:
+    """Give run r a hint projector (kdpipe.features.HintStudent) from its layer hint["student_layer"] to the
+    cached feature's shape, and rebuild its optimizer and schedule over both. Returns the run's hint record."""
+    from kdpipe.features import HintStudent, layer_shape, make_projector
+    layer = hint["student_layer"]
+    shape = layer_shape(r.model, layer, in_shape, device)
+    proj = make_projector(shape, hint["teacher_shape"], layer, hint["teacher_feature"]).to(device)
+    r.model = HintStudent(r.model, layer, proj)
+    r.optimizer, r.scheduler, r.warmup_steps = make_optimizer(r.model, r.optim, total_steps, epoch_steps)
+    return {**hint, "student_shape": list(shape), "projector": repr(proj).replace("\n", "")}
 
 
 def clean_test_logits(model, test: ImageData, policy, mean, std, device, amp: bool = False) -> torch.Tensor:
@@ -155,7 +206,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    data_spec: str | None = None, allow_test_split: bool = False,
                    arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, train_samples: int | None = None,
                    overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
-                   keep_checkpoints: bool = False) -> list[dict]:
+                   keep_checkpoints: bool = False, hint_layer: str | None = None,
+                   hint_feature_name: str | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
     Runs with the same seed share one pass over the data (one read and replay per batch).
@@ -194,6 +246,12 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     `keep_checkpoints`. Called again with the same arguments, it returns the metrics of finished runs
     without training them and resumes the others from their checkpoint; a run directory holding a run with
     other settings is refused unless `overwrite` (which starts that run over).
+
+    A loss with a feature term (``kd+hint``, ``kd:1,hint:50``; kdpipe.losses.HintLoss) needs a cache with
+    features (dump-logits --features) and `hint_layer`, the student's module path whose output a learned
+    projector (kdpipe.features) maps onto the cached feature `hint_feature_name` (needed when the cache holds
+    several). The projector trains in the run's optimizer, is in its checkpoints, is saved as the run's
+    projector.pt and is not part of student.pt. Such runs step unfused.
     """
     ctx = dist or SINGLE
     world = ctx.world
@@ -211,6 +269,19 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     losses = {name: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training
+    hinted = any(x.needs_features for x in losses.values())
+    if hinted and online_teacher is not None:
+        raise KDPipeError(f"--loss {loss} distils cached features: it cannot run with an online teacher")
+    if hinted and not hint_layer:
+        raise KDPipeError(f"--loss {loss} needs --hint-layer MODULE: the student's layer (its path in "
+                          "named_modules(), e.g. features.3) that the projector maps onto the teacher's features")
+    if not hinted and (hint_layer or hint_feature_name):
+        raise KDPipeError(f"--hint-layer and --hint-feature go with a loss that has a hint term (e.g. kd+hint), "
+                          f"not --loss {loss}")
+    if fuse is not False and not all(x.fusable for x in losses.values()):
+        if fuse or device.type == "cuda":  # asked for, or what auto would pick on a GPU
+            log(f"--loss {loss}: its runs step unfused (a composed or hint loss has no fused form)")
+        fuse = False
     with ctx.together("opening the cache"):
         cache = Cache(cache_dir)
         m = cache.manifest
@@ -220,6 +291,16 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         in_shape = tuple(m["input"]["shape"])
         for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
             check_model(arch, cache.num_classes, in_shape, arch_args)
+        hint = None
+        if hinted:
+            feat = hint_feature(cache, hint_feature_name)
+            hint = {"student_layer": hint_layer, "teacher_feature": feat["layer"],
+                    "teacher_shape": list(feat["shape"])}
+            for arch in students:  # an unknown layer or shapes without a projector fail before any training
+                from kdpipe.features import layer_shape, make_projector
+                model = create_model(arch, cache.num_classes, in_shape, arch_args)
+                make_projector(layer_shape(model, hint_layer, in_shape, torch.device("cpu")), feat["shape"],
+                               hint_layer, feat["layer"])
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
     ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:
@@ -263,12 +344,16 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         + (" (as given: not scaled with the world size)" if world > 1 else "")
         + f", {total_steps // epochs} steps per epoch")
 
-    view_source = CachedViews(cache, device, logits=online_teacher is None, policy=policy)
+    view_source = CachedViews(cache, device, logits=online_teacher is None, policy=policy,
+                              features=f"features/{hint['teacher_feature']}" if hint else None)
 
     teacher_test = cache.read_test_logits()
     configs = {name: _run_config(name, p[0], arch_args, losses[name], p[3], cache, epochs, batch_size, world,
                                  OptimConfig.from_settings(st), val_fraction, train_samples, amp, device)
                for name, p, st in planned}
+    for name in configs:
+        if losses[name].needs_features:  # a setting: another layer or feature is another run
+            configs[name]["hint"] = hint
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
@@ -290,6 +375,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                                      OptimConfig.from_settings(st), total_steps, device, arch_args=arch_args,
                                      epoch_steps=epoch_steps)
                            for name, p, st in group]
+        hints = {r.name: with_projector(r, hint, in_shape, device, total_steps, epoch_steps)
+                 for r in runs if r.loss.needs_features}
         tracks = {r.name: _Track() for r in runs}
         if ctx.is_main:
             for r in runs:  # config.json at the start: a run directory without metrics.json is unfinished
@@ -310,7 +397,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
         def on_epoch_end(epoch, runs=runs, tracks=tracks):
             for r in runs:
-                tracks[r.name].add(r, epoch, evaluate(ctx.unwrap(r.model)))
+                tracks[r.name].add(r, epoch, evaluate(plain(ctx.unwrap(r.model))))
 
         stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
                            online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
@@ -322,7 +409,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         for r in runs:
             results.append(_finish_run(r, cache, tracks[r.name], in_shape, out, stats, epochs, len(runs),
                                        configs[r.name], amp, device, log, world=world, val_rows=val_rows,
-                                       val_fraction=val_fraction, train_samples=n_train))
+                                       val_fraction=val_fraction, train_samples=n_train, hint=hints.get(r.name)))
         if not keep_checkpoints:
             ckpt.remove()
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
@@ -402,7 +489,7 @@ class _Track:
         self.history.append(row)
         val = ev.get("val_top1")
         if val is not None and (self.best_val is None or val > self.best_val):  # ties: the earlier epoch
-            model = Dist.unwrap(r.model)
+            model = plain(Dist.unwrap(r.model))  # the student without a hint projector
             self.best_epoch, self.best_val, self.best_eval = epoch + 1, val, ev
             self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -428,8 +515,10 @@ class _Track:
 
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
                 config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
-                train_samples: int | None = None) -> dict:
+                train_samples: int | None = None, hint: dict | None = None) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
+    hinted = r.model
+    r.model = plain(r.model)  # what the run saves, measures and exports: the student alone
     opts = r.loss.options
     last = track.history[-1] if track.history else {}
     training = {**r.optim.settings(), "val_fraction": val_fraction, "val_samples": len(val_rows)}
@@ -453,6 +542,11 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     diverged = next((e + 1 for e, v in enumerate(r.history) if not math.isfinite(v)), None)
     if diverged is not None:  # a NaN or infinite loss: the weights are not a trained student
         metrics["diverged_epoch"] = diverged
+    if hint is not None:  # the projector is saved beside the student, never in it
+        from kdpipe.features import PROJECTOR_FILE, save_projector
+        size = save_projector(rdir / PROJECTOR_FILE, hinted, hint)
+        metrics["hint"] = {**hint, "file": PROJECTOR_FILE, "bytes": size,
+                           "projector_parameters": count_parameters(hinted.projector)}
     metrics["cpu_latency_ms"] = cpu_latency_ms(r.model, in_shape)
     common = dict(arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape,
                   mean=cache.manifest["input"]["mean"], std=cache.manifest["input"]["std"],

@@ -90,27 +90,57 @@ def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
 
 def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
     """'dkd:beta=8,warmup=20' -> ('dkd', {'beta': 8.0, 'warmup': 20.0}). Option names and ranges are
-    checked by kdpipe.losses.create_loss; here only the syntax."""
-    name, _, rest = str(spec).strip().partition(":")
-    usage = "write --loss NAME or NAME:OPTION=VALUE,... (e.g. dkd:beta=8,warmup=20)"
-    if not name:
-        raise KDPipeError(f"empty loss name in {spec!r}: {usage}")
+    checked by kdpipe.losses.create_loss; here only the syntax.
+
+    A composition (kdpipe.losses.ComposedLoss) joins members with '+' (``kd+hint``: every weight 1) or
+    lists them with weights, ``kd:1,hint:50``: an item NAME:... starts a member, a bare number first in it
+    is the member's weight, OPTION=VALUE its options. It parses to ('kd+hint', {'hint.weight': 50.0}):
+    weights of 1 are left out (so ``kd:1,hint:1`` is ``kd+hint``), member options are MEMBER.OPTION.
+    """
+    usage = ("write --loss NAME or NAME:OPTION=VALUE,... (e.g. dkd:beta=8,warmup=20), or a composition "
+             "NAME+NAME or NAME:WEIGHT,NAME:WEIGHT (e.g. kd+hint, kd:1,hint:50)")
+    members: list[tuple[str, list[str]]] = []
+    for chunk in str(spec).strip().split("+"):
+        items = [p.strip() for p in chunk.split(",")]
+        for i, item in enumerate(items):
+            head, colon, rest = item.partition(":")
+            if i == 0 or (colon and "=" not in head and head.strip() and not _is_number(head)):
+                if not head.strip():
+                    raise KDPipeError(f"empty loss name in {spec!r}: {usage}")
+                members.append((head.strip(), [rest.strip()] if colon else []))
+            else:
+                members[-1][1].append(item)
+    composed = len(members) > 1
     options: dict[str, float] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = (s.strip() for s in item.partition("="))
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if not key or not eq or number is None:
-            raise KDPipeError(f"bad loss option {item!r} in {spec!r}: {usage}, with numbers as values")
-        if key in AXES:
-            raise KDPipeError(f"the loss's {key} is a sweep axis: give it as --{key} (or {key} = [...] in a "
-                              f"pipeline), not in --loss {spec}")
-        if key in options:
-            raise KDPipeError(f"loss option {key} is given twice in {spec!r}")
-        options[key] = number
-    return name, options
+    for name, items in members:
+        for j, item in enumerate(filter(None, items)):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if composed and not eq and j == 0 and _is_number(key):
+                key, value, eq = "weight", key, "="
+            number = float(value) if _is_number(value) else None
+            if not key or not eq or number is None:
+                raise KDPipeError(f"bad loss option {item!r} in {spec!r}: {usage}, with numbers as values")
+            if key in AXES:
+                raise KDPipeError(f"the loss's {key} is a sweep axis: give it as --{key} (or {key} = [...] in a "
+                                  f"pipeline), not in --loss {spec}")
+            full = f"{name}.{key}" if composed else key
+            if full in options:
+                raise KDPipeError(f"loss option {key} is given twice in {spec!r}")
+            if composed and key == "weight" and number == 1.0:
+                continue
+            options[full] = number
+    names = [n for n, _ in members]
+    if len(set(names)) != len(names):
+        raise KDPipeError(f"loss {spec!r} names a loss twice: {usage}")
+    return "+".join(names), options
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def arch_label(arch: str) -> str:

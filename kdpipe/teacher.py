@@ -126,8 +126,9 @@ def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: i
 
 
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
-                   logits_dtype: str, shard_rows: int, batch_size: int, norm: dict) -> dict:
-    return {"format_version": fmt.FORMAT_VERSION,
+                   logits_dtype: str, shard_rows: int, batch_size: int, norm: dict, features=()) -> dict:
+    extra = {"features": [dict(f) for f in features]} if features else {}  # none: the identity of earlier versions
+    return {**extra, "format_version": fmt.FORMAT_VERSION,
             "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind,
                         "output": teacher.output or "auto"},
             "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
@@ -141,16 +142,36 @@ SIZE_FACTOR = 10  # a cache over this many times the decoded dataset's bytes nee
 
 
 def planned_size(data: ImageData, test: ImageData | None, policy: ViewPolicy, views: int,
-                 logits_dtype: str) -> dict:
+                 logits_dtype: str, features=()) -> dict:
     """What a dump will write, from the cache columns' declarations (kdpipe/cache/format.py): rows,
-    bytes per row, and bytes in all (shards and the eval file; HDF5's metadata adds a few KB per file)."""
+    bytes per row, and bytes in all (shards and the eval file; HDF5's metadata adds a few KB per file).
+    `features`: the cached features ({"layer", "shape"}, feature_shapes); "feature_bytes" is their share
+    of a row."""
     m = {"dataset": {"num_classes": data.num_classes, "num_samples": len(data)},
-         "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype}
+         "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype, "features": list(features)}
     rows = len(data) * views
     per_row = fmt.row_bytes(m)
+    feature_bytes = per_row - fmt.row_bytes({**m, "features": []})
     eval_bytes = len(test) * fmt.eval_row_bytes(m) if test is not None else 0
-    return {"rows": rows, "row_bytes": per_row, "eval_bytes": eval_bytes, "bytes": rows * per_row + eval_bytes,
-            "data_bytes": int(data.images.nbytes)}
+    return {"rows": rows, "row_bytes": per_row, "feature_bytes": feature_bytes, "eval_bytes": eval_bytes,
+            "bytes": rows * per_row + eval_bytes, "data_bytes": int(data.images.nbytes)}
+
+
+def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
+    """[{"layer", "shape"}] of the teacher's modules at these paths, from one forward pass of two blank
+    inputs on the teacher's current device (kdpipe.features: unknown layers and modules without hooks
+    are refused in one line)."""
+    from kdpipe.features import FeatureTap, hook_root
+    if not layers:
+        return []
+    if len(set(layers)) != len(layers):
+        raise KDPipeError(f"--features names a layer twice: {', '.join(layers)}")
+    root = hook_root(teacher.module, teacher.kind)
+    dev = next(iter(teacher.module.parameters()), torch.zeros(0)).device
+    with torch.no_grad(), FeatureTap(root, layers) as tap:
+        teacher.module.eval()(torch.zeros((2, *in_shape), device=dev))
+        got = tap.take()
+    return [{"layer": layer, "shape": [int(v) for v in got[layer].shape[1:]]} for layer in layers]
 
 
 def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
@@ -160,6 +181,7 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(where).free
     size = (f"{human_bytes(plan['bytes'])} ({plan['rows']:,} rows x {plan['row_bytes']} bytes"
+            + (f", of which {plan['feature_bytes']} of features" if plan.get("feature_bytes") else "")
             + (f", plus {human_bytes(plan['eval_bytes'])} of test logits)" if plan["eval_bytes"] else ")"))
     why = []
     if plan["bytes"] > free:
@@ -176,7 +198,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                 views: int, seed: int = 0, logits_dtype: str = "float16", batch_size: int = 512,
                 shard_rows: int = 65536, device=torch.device("cpu"), amp: bool = False,
                 overwrite: bool = False, mean=None, std=None, input_range: str | None = None,
-                normalize: str | None = None, force: bool = False, dist: Dist | None = None, log=print) -> dict:
+                normalize: str | None = None, force: bool = False, dist: Dist | None = None, log=print,
+                features=()) -> dict:
     """Stage one: run the teacher once over K views of every sample; write shards, then the manifest.
 
     Resumable: complete shards of an earlier run with the same identity are kept. Under torchrun
@@ -192,6 +215,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     chance, stop it (check_teacher_outputs) unless `force`. The cache protocol
     (OUT, resume, shard files, manifest) is kdpipe.cache.writer.CacheWriter's: this function runs the
     teacher and hands it each shard's logits, row indices and view parameters.
+
+    `features`: module paths of the teacher (kdpipe.features) whose outputs are stored too, float16, for
+    every row (columns features/<layer>; the manifest's ``features`` records layers and shapes).
     """
     ctx = dist or SINGLE
     rank, world = ctx.rank, ctx.world
@@ -214,7 +240,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     mean, std = norm["mean"], norm["std"]
     n = len(data)
     shard_rows = min(shard_rows, n * views)
-    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm)
+    feats = feature_shapes(teacher, list(features), in_shape)
+    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm, feats)
     writer = CacheWriter(out_dir, ident, overwrite=overwrite, dist=ctx, log=log)
 
     use_channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
@@ -269,8 +296,12 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     prog = Progress("dump-logits" + (f" (rank 0 of {world})" if world > 1 else ""), todo_rows, "rows",
                     stream=ctx.progress_stream)
     autocast = torch.autocast(device.type, dtype=AMP_DTYPE) if amp else torch.autocast(device.type, enabled=False)
+    from contextlib import nullcontext
+
+    from kdpipe.features import FeatureTap, hook_root
+    tap = FeatureTap(hook_root(teacher_mod, teacher.kind), [f["layer"] for f in feats]) if feats else nullcontext()
     t_start = time.perf_counter()
-    with writer.writing():
+    with writer.writing(), tap:
         for i in todo:
             s, e = writer.plan[i]
             rows = np.arange(s, e, dtype=np.int64)
@@ -290,6 +321,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                 dev_params = torch.from_numpy(vparams).to(device)
                 dev_pparams = None if pparams is None else torch.from_numpy(pparams).to(device)
                 lg_dev = torch.empty((e - s, data.num_classes), dtype=torch.float32, device=device)
+                # features go to float16 on the device (an overflow becomes inf, which the writer refuses)
+                ft_dev = {f["layer"]: torch.empty((e - s, *f["shape"]), dtype=torch.float16, device=device)
+                          for f in feats}
                 for b in range(0, e - s, batch_size):
                     bi = dev_sidx[b:b + batch_size]
                     x = policy.replay_rows(images, bi, dev_params[b:b + batch_size], mean, std,
@@ -298,12 +332,16 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                         x = channels_last(x)
                     with autocast:
                         lg_dev[b:b + len(bi)] = teacher_mod(x).float()
+                    if feats:
+                        for layer, v in tap.take().items():
+                            ft_dev[layer][b:b + len(bi)] = v.to(torch.float16)
                     prog.update(len(bi))
                 lg = lg_dev.cpu().numpy()
+                ft = {fmt.feature_column(f["layer"], f["shape"]).name: ft_dev[f["layer"]].cpu().numpy() for f in feats}
             # The writer refuses logits its dtype cannot hold, then writes the shard in the background
             # while the teacher computes the next one.
             writer.put(i, {"logits": lg, "sample_index": sidx, "view_index": vidx, "labels": labels[sidx],
-                           "view_params": vparams})
+                           "view_params": vparams, **ft})
     compute_s = time.perf_counter() - t_start
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -166,7 +166,26 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
         at = (rows // cache.num_samples) * cache.num_samples + np.maximum(partners, 0)
         recompute = cache.shard_columns["view_params"].recompute
         partners = np.concatenate([recompute(m, int(r), int(r) + 1) for r in at])
-    fresh = _rerun(teacher, m["dump"], np.asarray(train.images), sidx, params, partners, policy, m["input"], device)
+    layers = [f["layer"] for f in m.get("features", []) if fmt.feature_column(f["layer"], f["shape"]).name
+              in cache.shard_columns]
+    taken: dict = {}
+    fresh = _rerun(teacher, m["dump"], np.asarray(train.images), sidx, params, partners, policy, m["input"], device,
+                   layers=layers, features=taken)
+    for layer in layers:  # cached features: stored float16, compared as float16 logits are
+        name = fmt.feature_column(layer, taken[layer].shape[1:]).name
+        got = cache.read_rows(name, rows).astype(np.float32)
+        want = taken[layer].reshape(len(rows), -1)
+        got = got.reshape(len(rows), -1)
+        atol, rtol = tolerance({**m, "logits": {**m["logits"], "dtype": "float16"}})
+        off = ~np.all(np.abs(got - want) <= atol + rtol * np.abs(want), axis=1) if got.shape == want.shape else \
+            np.ones(len(rows), dtype=bool)
+        if off.any():
+            worst = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+            faults.append(f"{int(off.sum())} of {len(rows)} re-computed rows differ from the stored features "
+                          f"{name} (max |diff| {worst:.4g}): rows {', '.join(map(str, rows[off][:10]))}"
+                          f" in {', '.join(sorted({_shard_of(cache, int(r)) for r in rows[off]}))}")
+        else:
+            log(f"feature check: {name} agrees on {len(rows)} rows within atol {atol}, rtol {rtol}")
     atol, rtol = tolerance(m)
     bad = ~np.all(np.abs(stored - fresh) <= atol + rtol * np.abs(fresh), axis=1)
     if bad.any():
@@ -193,11 +212,12 @@ def tolerance(m: dict) -> tuple[float, float]:
 
 
 def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params: np.ndarray, partner_params,
-           policy, inp: dict, device) -> np.ndarray:
+           policy, inp: dict, device, layers=(), features: dict | None = None) -> np.ndarray:
     """The teacher's float32 logits on the views of these rows (sample indices into the store ``images``,
     view parameters, and for mixed views the partners' parameters), replayed as stage one replayed them
     and run the way the dump ran it (manifest's ``dump``): the same autocast and dtype, channels_last
-    where the dump used it."""
+    where the dump used it. `layers`: cached feature layers, whose outputs go into `features` (layer ->
+    float32 array) as float16 values, as the dump stored them."""
     ac = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
     autocast = torch.autocast(device.type, dtype=getattr(torch, ac)) if ac else \
         torch.autocast(device.type, enabled=False)
@@ -209,7 +229,12 @@ def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params:
         mod = mod.to(memory_format=torch.channels_last)
     batch = int(dump.get("batch_size") or 256)
     out = []
-    with torch.no_grad():
+    from contextlib import nullcontext
+
+    from kdpipe.features import FeatureTap, hook_root
+    tap = FeatureTap(hook_root(mod, teacher.kind), layers) if layers else nullcontext()
+    feats: dict = {layer: [] for layer in layers}
+    with torch.no_grad(), tap:
         x = policy.replay_rows(images, samples, torch.from_numpy(params).to(device), inp["mean"], inp["std"], pp)
         for i in range(0, len(x), batch):
             xb = x[i:i + batch]
@@ -217,6 +242,11 @@ def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast:
                 out.append(mod(xb).float())
+            if layers:
+                for layer, v in tap.take().items():
+                    feats[layer].append(v.to(torch.float16).float().cpu())
+    if features is not None:
+        features.update({layer: torch.cat(v).numpy() for layer, v in feats.items()})
     return torch.cat(out).cpu().numpy()
 
 

@@ -28,6 +28,13 @@ cache whose logits codec (``logits.codec``, today only "raw") or required column
 naming them; it ignores optional columns it does not know. Room to grow: a top-k codec declares
 ``logits_topk_values``, ``logits_topk_indices`` and ``logits_rest_mass`` with codec "topk"; mixing
 policies add ``mix_partner`` (int64) and ``mix_weight`` (float32) per row.
+
+Cached features (``dump-logits --features LAYER``): one optional float16 column per layer, named and
+placed at ``features/<layer>`` (``feature_column``), its per-row shape the layer's output shape. The
+manifest's ``features`` lists them ([{"layer", "shape", "dtype", "path"}]) and its ``columns`` marks them
+optional: a kdpipe that does not know them reads the cache's logits as before (they change nothing of the
+other columns), and its checksums still cover them. A dump's identity (cache id) names its features, so a
+dump of other features never resumes or reuses a cache.
 """
 
 from __future__ import annotations
@@ -165,14 +172,33 @@ for _c in (
     register(_c, EVAL_COLUMNS)
 
 
-def shard_columns(codec: str) -> list[Column]:
-    """The declared columns a cache of this codec holds, in table order."""
-    return [c for c in SHARD_COLUMNS.values() if c.codec in (None, codec)]
+FEATURES_GROUP = "features"
+FEATURES_DTYPE = np.dtype("<f2")
+
+
+def feature_column(layer: str, shape) -> Column:
+    """The optional column of a cached feature: the teacher's output at module path `layer`, float16, at
+    ``features/<layer>``, of per-row shape `shape` (as the manifest's ``features`` records it)."""
+    shape = tuple(int(v) for v in shape)
+    return Column(f"{FEATURES_GROUP}/{layer}", FEATURES_DTYPE, lambda m, s=shape: s,
+                  f"The teacher's output at module {layer!r} (a forward hook), float16, one row per (view, sample) "
+                  "in the order of logits.", required=False)
+
+
+def feature_columns(m: dict | None) -> list[Column]:
+    """The feature columns a manifest (or dump identity) declares, in its order."""
+    return [feature_column(f["layer"], f["shape"]) for f in (m or {}).get("features", [])]
+
+
+def shard_columns(codec: str, m: dict | None = None) -> list[Column]:
+    """The declared columns a cache of this codec holds, in table order; with the manifest (or dump
+    identity) `m`, its feature columns after them."""
+    return [c for c in SHARD_COLUMNS.values() if c.codec in (None, codec)] + feature_columns(m)
 
 
 def row_bytes(m: dict, codec: str = "raw") -> int:
     """Bytes one (view, sample) row takes in the shards of a cache whose manifest (or dump identity) is m."""
-    return sum(c.np_dtype(m).itemsize * int(np.prod(c.shape(m), dtype=np.int64)) for c in shard_columns(codec))
+    return sum(c.np_dtype(m).itemsize * int(np.prod(c.shape(m), dtype=np.int64)) for c in shard_columns(codec, m))
 
 
 def eval_row_bytes(m: dict) -> int:
@@ -180,9 +206,9 @@ def eval_row_bytes(m: dict) -> int:
     return sum(c.np_dtype(m).itemsize * int(np.prod(c.shape(m), dtype=np.int64)) for c in EVAL_COLUMNS.values())
 
 
-def columns_record(codec: str) -> list[dict]:
+def columns_record(codec: str, m: dict | None = None) -> list[dict]:
     """What the manifest says of its columns (``columns``): enough for a reader to refuse or ignore them."""
-    return [{"name": c.name, "path": c.path, "required": c.required} for c in shard_columns(codec)]
+    return [{"name": c.name, "path": c.path, "required": c.required} for c in shard_columns(codec, m)]
 
 
 def unreadable(m: dict) -> str | None:
@@ -210,7 +236,7 @@ def cache_columns(m: dict) -> list[Column]:
     if listed is None:
         return shard_columns(m["logits"]["codec"])
     names = {c["name"] for c in listed}
-    return [c for c in shard_columns(m["logits"]["codec"]) if c.name in names]
+    return [c for c in shard_columns(m["logits"]["codec"], m) if c.name in names]
 
 
 def shard_name(i: int) -> str:

@@ -155,7 +155,7 @@ def shard_datasets(values: dict[str, np.ndarray], m: dict, start: int, stop: int
     recomputable, or handed with the wrong shape, is a bug in the caller, not a user error.
     """
     out = {}
-    for col in fmt.shard_columns(m["logits"]["codec"]):
+    for col in fmt.shard_columns(m["logits"]["codec"], m):
         if col.name in values:
             arr = values[col.name]
         elif col.recompute is not None:
@@ -341,7 +341,7 @@ class CacheWriter:
                 if a.get("cache_id") != self.cache_id or int(a["row_start"]) != start or int(a["row_stop"]) != stop:
                     return None
                 digests = {}
-                for col in fmt.shard_columns(self.spec["logits"]["codec"]):
+                for col in fmt.shard_columns(self.spec["logits"]["codec"], self.spec):
                     if col.path not in f or "sha256" not in f[col.path].attrs:
                         return None
                     digests[col.path] = sha256_dataset(f[col.path])
@@ -393,6 +393,16 @@ class CacheWriter:
         overflow = np.flatnonzero(~bad & ~np.isfinite(out).all(axis=1)).tolist()
         if nonfinite or overflow:
             raise unstorable_logits(nonfinite, overflow, s, sidx, vidx, self.logits_dtype)
+        for col in fmt.feature_columns(self.spec):  # float16 features: refuse what it cannot hold, naming rows
+            with np.errstate(over="ignore"):
+                f16 = np.asarray(values[col.name], dtype=np.float32).astype(col.dtype)
+            bad = np.flatnonzero(~np.isfinite(f16.reshape(len(f16), -1)).all(axis=1))
+            if len(bad):
+                raise KDPipeError(f"the teacher's features at {col.name.partition('/')[2]!r} are NaN, Inf or past "
+                                  f"float16 for {len(bad)} input(s) among rows {s}..{e - 1} (first: sample "
+                                  f"{int(sidx[bad[0]])} view {int(vidx[bad[0]])}): cache another layer, e.g. one "
+                                  "after a normalization")
+            values = {**values, col.name: f16}
         datasets = shard_datasets({**values, "logits": out}, self.spec, s, e)
         attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": self.cache_id, "row_start": s,
                  "row_stop": e, "num_samples": self.n, "num_views": self.views,
@@ -451,7 +461,9 @@ class CacheWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kdpipe_version": _kdpipe_version(), "torch_version": torch.__version__,
             **record,
-            "logits": self.spec["logits"], "columns": fmt.columns_record(self.spec["logits"]["codec"]),
+            "logits": self.spec["logits"], "columns": fmt.columns_record(self.spec["logits"]["codec"], self.spec),
+            **({"features": [{**f, "dtype": fmt.FEATURES_DTYPE.name, "path": fmt.feature_column(f["layer"], f["shape"]).path}
+                             for f in self.ident["features"]]} if self.ident.get("features") else {}),
             "rows": self.rows, "row_order": "view-major", "shards": shards, "eval": eval_entry,
             "bytes": total_bytes,
         }
