@@ -32,12 +32,15 @@ _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind).
 _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
+# features: teacher layers cached for hint losses (dump-logits --features); hint_layer / hint_feature: a students
+# block's --hint-layer and --hint-feature (a loss with a hint term, e.g. loss = "kd:1,hint:50").
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
-              "yes", "force"}
+              "yes", "force", "features"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
-                 "val_fraction", "train_samples", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
+                 "val_fraction", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
+                 "hint_feature"} | set(_OPTIM_FLAGS)
 
 
 def load_pipeline(path) -> dict:
@@ -148,7 +151,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
-        "device": "device", "amp": "amp"}) + (["--yes"] if d.get("yes") else [])
+        "device": "device", "amp": "amp", "features": "features"}) + (["--yes"] if d.get("yes") else [])
         + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache_dir}", "dump")
     all_metrics = []
     for i, block in enumerate(spec["students"]):
@@ -169,7 +172,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device",
             "train_samples": "train-samples", "checkpoint_every": "checkpoint-every",
-            "keep_checkpoints": "keep-checkpoints"})
+            "keep_checkpoints": "keep-checkpoints", "hint_layer": "hint-layer", "hint_feature": "hint-feature"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
         # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
         lines += rule(" ".join(targets) + " &", [manifest],

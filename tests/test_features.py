@@ -1,0 +1,341 @@
+"""Cached features (dump-logits --features) and hint losses (--loss kd+hint, --hint-layer): the feature
+columns, their refusals and verify-cache coverage, the projector's training, saving, resume and export,
+and pipelines/cifar10-features.toml end to end on generated data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdpipe import KDPipeError
+from kdpipe.cache import format as fmt
+from kdpipe.cache.reader import Cache
+from kdpipe.cli import main
+from kdpipe.losses import Outputs, create_loss
+from kdpipe.sweep import parse_loss
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(args, code=0):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r.output
+
+
+def one_line_error(output: str) -> str:
+    lines = [x for x in output.strip().splitlines() if x.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def feat_cache(fmnist, teacher_ckpt, tmp_path_factory):
+    """The conftest teacher (cnn_small) on 128 Fashion-MNIST samples, 2 views, with features at `pool`
+    (32, 2, 2) and `head.2` (64,), in shards of 100 rows."""
+    out = tmp_path_factory.mktemp("features") / "cache"
+    output = invoke(["dump-logits", "--teacher", teacher_ckpt, "--data", fmnist.spec, "--limit", 128, "--views", 2,
+                     "--policy", "crop:2+flip", "--features", "pool,head.2", "--shard-rows", 100, "--out", out])
+    return SimpleNamespace(path=out, output=output, teacher=teacher_ckpt, spec=fmnist.spec)
+
+
+def teacher_features(teacher, module_of, cache: Cache, rows, images):
+    """The teacher's output at a module on the cache's rows, recomputed here with a plain forward hook."""
+    from kdpipe.views import policy_from_identity
+    m = cache.manifest
+    policy = policy_from_identity(m["views"])
+    params = torch.from_numpy(cache.read_rows("view_params", rows))
+    x = policy.replay_rows(torch.from_numpy(images), torch.from_numpy(rows % cache.num_samples), params,
+                           m["input"]["mean"], m["input"]["std"], None)
+    got = []
+    h = module_of(teacher.module).register_forward_hook(lambda mod, a, o: got.append(o.clone()))
+    with torch.no_grad():
+        teacher.module.eval()(x)
+    h.remove()
+    return got[0].numpy()
+
+
+def test_dump_stores_features_of_a_kdpipe_teacher(feat_cache, fmnist):
+    from kdpipe.checkpoint import load_teacher
+    # planned size: logits 10 x 2 bytes + 44 bytes of indices, labels and view parameters, + 2 x (128 + 64)
+    assert "planned cache size" in feat_cache.output and "of which 384 of features" in feat_cache.output
+    c = Cache(feat_cache.path)
+    m = c.manifest
+    assert m["features"] == [{"layer": "pool", "shape": [32, 2, 2], "dtype": "float16", "path": "features/pool"},
+                             {"layer": "head.2", "shape": [64], "dtype": "float16", "path": "features/head.2"}]
+    assert m["identity"]["features"] == [{"layer": "pool", "shape": [32, 2, 2]}, {"layer": "head.2", "shape": [64]}]
+    listed = {x["name"]: x for x in m["columns"]}
+    assert listed["features/pool"] == {"name": "features/pool", "path": "features/pool", "required": False}
+    assert fmt.row_bytes(m) - fmt.row_bytes({**m, "features": []}) == 2 * (32 * 4 + 64)
+    for s in m["shards"]:
+        assert {"features/pool", "features/head.2"} <= set(s["sha256"]) and "features/pool" in s["layout"]
+    with h5py.File(c.shard_path(0), "r") as f:
+        d = f["features/pool"]
+        assert d.dtype == np.dtype("<f2") and d.shape == (100, 32, 2, 2) and "pool" in d.attrs["description"]
+    rows = np.array([0, 5, 99, 100, 127, 128, 255])
+    images = np.asarray(fmnist.x_train[:128])[:, None] if fmnist.x_train.ndim == 3 else fmnist.x_train[:128]
+    teacher = load_teacher(feat_cache.teacher)
+    for name, module_of in (("features/pool", lambda t: t.pool), ("features/head.2", lambda t: t.head[2])):
+        stored = c.read_rows(name, rows).astype(np.float32)
+        want = teacher_features(teacher, module_of, c, rows, images)
+        assert stored.shape == want.shape
+        np.testing.assert_allclose(stored, want.astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert c.read_view(1, "features/head.2").shape == (128, 64)
+    out = invoke(["inspect", feat_cache.path])
+    assert "features  pool (32, 2, 2) float16 at features/pool, 256 bytes per row" in out
+    assert "features/head.2 <f2[100, 64]" in out
+
+
+def test_an_older_reader_ignores_the_feature_columns_and_reads_the_logits(feat_cache, monkeypatch):
+    m = json.loads((feat_cache.path / fmt.MANIFEST).read_text())
+    assert fmt.unreadable(m) is None and m["format_version"] == fmt.FORMAT_VERSION
+    monkeypatch.setattr(fmt, "feature_columns", lambda m: [])  # a kdpipe without the declaration
+    c = Cache(feat_cache.path)
+    assert not any(n.startswith("features/") for n in c.shard_columns)
+    assert c.read("logits", 0, 256).shape == (256, 10)
+    with pytest.raises(KDPipeError, match="has no column 'features/pool'"):
+        c.read("features/pool", 0, 1)
+
+
+def test_a_dump_with_other_features_does_not_resume_the_cache(feat_cache, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(feat_cache.path, out)
+    args = ["dump-logits", "--teacher", feat_cache.teacher, "--data", feat_cache.spec, "--limit", 128, "--views", 2,
+            "--policy", "crop:2+flip", "--shard-rows", 100, "--out", out]
+    err = one_line_error(invoke(args + ["--features", "pool"], code=2))
+    assert "other arguments" in err and "features" in err
+    assert "already complete" in invoke(args + ["--features", "pool", "--features", "head.2"])
+
+
+@pytest.mark.parametrize("arch,layers,shapes", [
+    ("tv:resnet18", "1.avgpool,1.layer3", [[512, 1, 1], [256, 2, 2]]),
+    ("timm:resnet10t", "global_pool", [[512]]),
+])
+def test_torchvision_and_timm_teachers_give_features(fmnist, tmp_path, arch, layers, shapes):
+    from kdpipe.checkpoint import load_teacher
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    model = create_model(arch, 10, (1, 28, 28))
+    torch.save(model.state_dict(), tmp_path / "t.pth")
+    out = tmp_path / "c"
+    output = invoke(["dump-logits", "--teacher", tmp_path / "t.pth", "--teacher-arch", arch, "--mean", 0.3,
+                     "--std", 0.35, "--data", fmnist.spec, "--limit", 64, "--views", 1, "--force",
+                     "--features", layers, "--out", out])
+    per_row = sum(2 * int(np.prod(s)) for s in shapes)
+    assert f"of which {per_row} of features" in output
+    c = Cache(out)
+    assert [f["shape"] for f in c.manifest["features"]] == shapes
+    teacher = load_teacher(tmp_path / "t.pth", arch=arch, image_shape=(1, 28, 28), num_classes=10)
+    first = layers.split(",")[0]
+    inner = dict(teacher.module.inner.named_modules() if hasattr(teacher.module, "inner")
+                 else teacher.module.named_modules())[first]
+    rows = np.arange(16)
+    want = teacher_features(teacher, lambda t: inner, c, rows, np.asarray(fmnist.x_train[:16]).reshape(16, 1, 28, 28))
+    np.testing.assert_allclose(c.read_rows(f"features/{first}", rows).astype(np.float32),
+                               want.astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_torchscript_teachers_and_unknown_layers_are_refused_in_one_line(fmnist, teacher_ckpt, tmp_path):
+    from kdpipe.checkpoint import load_teacher
+    teacher = load_teacher(teacher_ckpt)
+    ts = torch.jit.trace(teacher.module.eval(), torch.zeros(2, 1, 28, 28))
+    ts.save(str(tmp_path / "t.ts"))
+    base = ["dump-logits", "--data", fmnist.spec, "--limit", 64, "--views", 1]
+    err = one_line_error(invoke(base + ["--teacher", tmp_path / "t.ts", "--mean", 0.3, "--std", 0.35,
+                                        "--features", "pool", "--out", tmp_path / "a"], code=2))
+    assert "TorchScript module" in err and "forward hook" in err
+    err = one_line_error(invoke(base + ["--teacher", teacher_ckpt, "--features", "poool", "--out", tmp_path / "b"],
+                                code=2))
+    assert "no module 'poool'" in err and "close names: pool" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _tamper(path: Path, shard: dict, column: str, row: int, value: float) -> None:
+    """Overwrite one row of a float16 column of a shard file in place, at its recorded layout."""
+    offset, nbytes = shard["layout"][column]
+    rows = shard["row_stop"] - shard["row_start"]
+    per = nbytes // rows
+    with open(path, "r+b") as f:
+        f.seek(offset + row * per)
+        f.write(np.full(per // 2, value, dtype="<f2").tobytes())
+
+
+def test_verify_cache_detects_a_tampered_feature_column(feat_cache, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(feat_cache.path, out)
+    m = json.loads((out / fmt.MANIFEST).read_text())
+    shard = m["shards"][0]
+    _tamper(out / shard["file"], shard, "features/pool", 7, 3.0)
+    r = CliRunner().invoke(main, ["verify-cache", str(out)])
+    assert r.exit_code == 1 and "dataset features/pool checksum mismatch" in r.output
+    # A writer that stored wrong features with right digests: only re-running the teacher tells
+    data = (out / shard["file"]).read_bytes()
+    off, n = shard["layout"]["features/pool"]
+    shard["sha256"]["features/pool"] = hashlib.sha256(data[off:off + n]).hexdigest()
+    shard["file_sha256"] = hashlib.sha256(data).hexdigest()
+    m["checksum"] = fmt.manifest_checksum(m)
+    (out / fmt.MANIFEST).write_text(json.dumps(m))
+    assert CliRunner().invoke(main, ["verify-cache", str(out)]).exit_code == 0
+    r = CliRunner().invoke(main, ["verify-cache", str(out), "--teacher", str(feat_cache.teacher), "--sample", "256"])
+    assert r.exit_code == 1, r.output
+    assert "1 of 256 re-computed rows differ from the stored features features/pool" in r.output
+    assert "rows 7 in shard-00000.h5" in r.output and "features/head.2 agrees" in r.output
+
+
+def test_loss_compositions_parse_and_sum_their_weighted_terms():
+    assert parse_loss("kd+hint") == ("kd+hint", {})
+    assert parse_loss("kd:1,hint:50") == ("kd+hint", {"hint.weight": 50.0})
+    assert parse_loss("kd:0.5,hint:2") == ("kd+hint", {"kd.weight": 0.5, "hint.weight": 2.0})
+    assert parse_loss("dkd:1,beta=2,hint:3") == ("dkd+hint", {"dkd.beta": 2.0, "hint.weight": 3.0})
+    assert parse_loss("dkd:beta=8,warmup=20") == ("dkd", {"beta": 8.0, "warmup": 20.0})  # unchanged
+    for bad, words in (("kd:1,hint:x", "bad loss option"), ("kd+kd", "twice"), ("kd+", "empty loss name"),
+                       ("kd:temperature=2,hint:1", "sweep axis")):
+        with pytest.raises(KDPipeError, match=words):
+            parse_loss(bad)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    fs, ft = torch.randn(8, 6, 2, 2, generator=g), torch.randn(8, 6, 2, 2, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    loss = create_loss("kd+hint", temperature=2.0, alpha=0.7, **{"kd.weight": 0.5, "hint.weight": 50.0})
+    assert loss.needs_teacher and loss.needs_features and not loss.fusable
+    assert loss.options == {"temperature": 2.0, "alpha": 0.7, "kd.weight": 0.5, "hint.weight": 50.0}
+    terms = loss(Outputs(s, fs), Outputs(t, ft), y, 0)
+    kd = create_loss("kd", temperature=2.0, alpha=0.7)(s, t, y, 0)
+    assert set(terms) == {"ce", "kd", "hint"}
+    torch.testing.assert_close(terms["kd"], 0.5 * kd["kd"])
+    torch.testing.assert_close(terms["ce"], 0.5 * kd["ce"])
+    ref = 50.0 * ((fs.double() - ft.double()) ** 2).reshape(8, -1).mean(1).mean()
+    torch.testing.assert_close(terms["hint"].double(), ref)
+    plain = create_loss("kd", temperature=2.0, alpha=0.7)(Outputs(s, fs), Outputs(t, ft), y, 0)  # takes the logits
+    torch.testing.assert_close(plain["kd"], kd["kd"])
+    with pytest.raises(KDPipeError, match="no option"):
+        create_loss("kd+hint", **{"hint.beta": 1.0})
+
+
+def test_projector_shapes():
+    from kdpipe.features import make_projector
+    x = torch.randn(2, 16, 8, 8)
+    assert make_projector((16, 8, 8), (32, 4, 4))(x).shape == (2, 32, 4, 4)
+    assert make_projector((16, 8, 8), (32,))(x).shape == (2, 32)
+    assert make_projector((16,), (32,))(torch.randn(2, 16)).shape == (2, 32)
+    for s, t, words in (((16, 2, 2), (32, 4, 4), "smaller than the teacher's"), ((16,), (32, 2, 2), "vectors"),
+                        ((4, 16), (32,), "vectors")):
+        with pytest.raises(KDPipeError, match=words):
+            make_projector(s, t)
+
+
+def test_hint_settings_are_refused_in_one_line(feat_cache, tmp_path):
+    from kdpipe.student import hint_feature
+    base = ["train-student", "--cache", feat_cache.path, "--student", "cnn_tiny", "--epochs", 1, "--out", tmp_path]
+    for extra, words in ((["--loss", "kd+hint"], "needs --hint-layer"),
+                         (["--loss", "kd+hint", "--hint-layer", "pool"], "several features (pool, head.2)"),
+                         (["--loss", "kd+hint", "--hint-layer", "pool", "--hint-feature", "x"], "no feature 'x'"),
+                         (["--loss", "kd+hint", "--hint-layer", "poo", "--hint-feature", "pool"],
+                          "student has no module 'poo'"),
+                         (["--loss", "kd+hint", "--hint-layer", "head.1", "--hint-feature", "pool"], "vectors"),
+                         (["--hint-layer", "pool"], "go with a loss that has a hint term")):
+        assert words in one_line_error(invoke(base + extra, code=2))
+    with pytest.raises(KDPipeError, match="holds no features"):
+        hint_feature(SimpleNamespace(manifest={}, path="c"), None)
+
+
+def test_kd_hint_trains_the_projector_saves_it_in_the_run_and_export_drops_it(feat_cache, tmp_path):
+    from kdpipe.export import load_model
+    from kdpipe.models import create_model
+    out = invoke(["train-student", "--cache", feat_cache.path, "--student", "cnn_tiny", "--epochs", 2,
+                  "--batch-size", 32, "--loss", "kd:1,hint:50", "--hint-layer", "features.7", "--hint-feature", "pool",
+                  "--fuse", "on", "--out", tmp_path / "runs"])
+    assert "its runs step unfused" in out
+    run = tmp_path / "runs" / "cnn_tiny-kd+hint_hint.weight50-s0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["train_terms"]) == {"ce", "kd", "hint"} and all(v > 0 for v in metrics["train_terms"]["hint"])
+    assert metrics["loss"] == {"name": "kd+hint", "options": {"temperature": 4.0, "alpha": 0.9, "kd.weight": 1.0,
+                                                              "hint.weight": 50.0}}
+    hint = metrics["hint"]
+    assert hint["student_layer"] == "features.7" and hint["student_shape"] == [16, 7, 7]
+    assert hint["teacher_feature"] == "pool" and hint["teacher_shape"] == [32, 2, 2]
+    assert hint["projector_parameters"] == 16 * 32 + 32 and hint["file"] == "projector.pt"
+    proj = torch.load(run / "projector.pt", weights_only=True)
+    assert set(proj["state_dict"]) == {"1.weight", "1.bias"} and proj["student_layer"] == "features.7"
+    plain = create_model("cnn_tiny", 10, (1, 28, 28))
+    loaded = load_model(run)
+    assert set(loaded.module.state_dict()) == set(plain.state_dict())  # the student alone
+    assert metrics["parameters"] == sum(p.numel() for p in plain.parameters())
+    assert "matches PyTorch" in invoke(["export", run, "--format", "torchscript", "--out", tmp_path / "s.ts"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["hint"]["student_layer"] == "features.7"
+
+
+def test_resume_restores_the_projector_from_the_pass_checkpoint(feat_cache, tmp_path):
+    from kdpipe.student import train_students
+    kwargs = dict(loss="kd+hint", batch_size=32, hint_layer="head.2", hint_feature_name="head.2", keep_checkpoints=True)
+    log: list[str] = []
+    train_students(feat_cache.path, ["cnn_tiny"], 2, tmp_path, log=log.append, **kwargs)
+    run = tmp_path / "cnn_tiny-kd+hint-s0"
+    ckpts = list((tmp_path / "checkpoints").glob("pass-*.pt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=True)["state"]["cnn_tiny-kd+hint-s0"]
+    assert {"projector.weight", "projector.bias"} <= set(state["model"])
+    n_params = len(list(create_model_params()))
+    assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == n_params + 2  # the projector's too
+    saved = torch.load(run / "projector.pt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(saved["weight"], state["model"]["projector.weight"])
+    # An unfinished run (no metrics.json) resumes from the checkpoint, projector included
+    (run / "metrics.json").unlink()
+    (run / "projector.pt").unlink()
+    log = []
+    train_students(feat_cache.path, ["cnn_tiny"], 2, tmp_path, log=log.append, **kwargs)
+    assert any("resuming from" in x for x in log), log
+    torch.testing.assert_close(torch.load(run / "projector.pt", weights_only=True)["state_dict"]["weight"],
+                               saved["weight"])
+
+
+def create_model_params():
+    from kdpipe.models import create_model
+    return create_model("cnn_tiny", 10, (1, 28, 28)).parameters()
+
+
+def cifar_like_npz(path: Path, train: int, test: int) -> str:
+    """Generated CIFAR-like 32x32 RGB images (conftest's), classes interleaved so that a `limit` keeps all ten."""
+    from conftest import _cifar_like_image
+    arrays = {}
+    for split, n in (("train", train), ("test", test)):
+        labels = np.arange(n) % 10
+        arrays[f"x_{split}"] = np.stack([_cifar_like_image(int(c), split, i) for i, c in enumerate(labels)])
+        arrays[f"y_{split}"] = labels
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def test_cifar10_features_pipeline(monkeypatch, tmp_path):
+    """pipelines/cifar10-features.toml (teacher training, a dump with features, scratch, KD and KD plus
+    a hint) end to end on generated CIFAR-like data, with a `limit`."""
+    from kdpipe.pipeline import load_pipeline, make_rules
+    from test_pipelines import run_pipeline
+    monkeypatch.chdir(tmp_path)
+    spec = load_pipeline(REPO / "pipelines" / "cifar10-features.toml")
+    assert "limit" not in spec["data"] and spec["dump"]["features"] == ["avgpool"]
+    assert spec["students"][1]["loss"] == "kd:1,hint:50" and spec["students"][1]["hint_layer"] == "avgpool"
+    rules = make_rules(spec)
+    assert "--features avgpool" in rules and "--hint-layer avgpool --hint-feature avgpool" in rules
+    spec["data"].update(spec=cifar_like_npz(tmp_path / "cifar-like.npz", 120, 60), limit=60)
+    spec["teacher"].update(arch="tv:resnet18", epochs=1, batch_size=20, lr=0.01)  # resnet50 is slow on CPU
+    spec["dump"].update(views=1, force=True)
+    for block in spec["students"]:
+        block.update(epochs=1, batch_size=20)
+    summary = run_pipeline(spec, tmp_path)
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert len(runs) == 3
+    hinted = [r for r in runs.values() if r["loss"]["name"] == "kd+hint"]
+    assert len(hinted) == 1 and "hint" in hinted[0]["train_terms"]
+    m = json.loads((tmp_path / "cache" / "cifar10-features" / "manifest.json").read_text())
+    assert m["features"][0]["layer"] == "avgpool" and m["features"][0]["shape"] == [512, 1, 1]
