@@ -153,6 +153,12 @@ def test_torchscript_teachers_and_unknown_layers_are_refused_in_one_line(fmnist,
     err = one_line_error(invoke(base + ["--teacher", tmp_path / "t.ts", "--mean", 0.3, "--std", 0.35,
                                         "--features", "pool", "--out", tmp_path / "a"], code=2))
     assert "TorchScript module" in err and "forward hook" in err
+    batch = torch.export.Dim("batch", min=1)
+    prog = torch.export.export(teacher.module.eval(), (torch.zeros(4, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(prog, str(tmp_path / "t.pt2"))
+    err = one_line_error(invoke(base + ["--teacher", tmp_path / "t.pt2", "--mean", 0.3, "--std", 0.35,
+                                        "--features", "pool", "--out", tmp_path / "a"], code=2))
+    assert "torch.export program" in err and "forward hook" in err
     err = one_line_error(invoke(base + ["--teacher", teacher_ckpt, "--features", "poool", "--out", tmp_path / "b"],
                                 code=2))
     assert "no module 'poool'" in err and "close names: pool" in err
