@@ -23,6 +23,7 @@ exported student (``student.pt`` holds the plain student).
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -160,5 +161,4 @@ def save_projector(path, model: HintStudent, hint: dict) -> int:
     obj = {"kdpipe_hint_projector": 1, "state_dict": state, **hint,
            "parameters": sum(p.numel() for p in model.projector.parameters())}
     atomic_write_stream(path, lambda f: torch.save(obj, f))
-    from pathlib import Path
     return Path(path).stat().st_size

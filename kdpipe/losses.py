@@ -329,7 +329,7 @@ class ComposedLoss(Loss):
     AXES = ("temperature", "alpha")
 
     def __init__(self, name: str, **options):  # noqa: super().__init__ is not called: the options are the members'
-        names = [n for n in name.split("+")]
+        names = name.split("+")
         if any(not n for n in names) or len(set(names)) != len(names):
             raise KDPipeError(f"loss {name!r}: a composition names each loss once, joined by '+' (e.g. kd+hint)")
         given: dict[str, dict] = {n: {} for n in names}

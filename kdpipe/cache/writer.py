@@ -462,7 +462,8 @@ class CacheWriter:
             "kdpipe_version": _kdpipe_version(), "torch_version": torch.__version__,
             **record,
             "logits": self.spec["logits"], "columns": fmt.columns_record(self.spec["logits"]["codec"], self.spec),
-            **({"features": [{**f, "dtype": fmt.FEATURES_DTYPE.name, "path": fmt.feature_column(f["layer"], f["shape"]).path}
+            **({"features": [{**f, "dtype": fmt.FEATURES_DTYPE.name,
+                              "path": fmt.feature_column(f["layer"], f["shape"]).path}
                              for f in self.ident["features"]]} if self.ident.get("features") else {}),
             "rows": self.rows, "row_order": "view-major", "shards": shards, "eval": eval_entry,
             "bytes": total_bytes,
