@@ -35,7 +35,7 @@ _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
               "yes", "force"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
-                  "finetune_samples", "lr", "repeats", "seed"}
+                  "finetune_samples", "lr", "repeats", "seed", "device"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
                  "val_fraction", "train_samples", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
 
@@ -189,7 +189,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
                       + q(kinds + _opts(c, {"backend": "backend", "calibration": "calibration", "sparsity": "sparsity",
                                             "finetune_epochs": "finetune-epochs", "finetune_loss": "finetune-loss",
                                             "finetune_samples": "finetune-samples", "lr": "lr", "repeats": "repeats",
-                                            "seed": "seed"}))
+                                            "seed": "seed", "device": "device"}))
                       + f" --students {runs_dir}/students --out {runs_dir}/compress", "compress")
         targets.append(target)
     lines += [f"PIPELINE_TARGET := {' '.join(targets)}", ""]
