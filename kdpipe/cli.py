@@ -55,8 +55,9 @@ def _flatten(values):
 
 def data_options(f):
     f = click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Use only the first N samples of each split (quick end-to-end checks); recorded in the "
-                          "cache, so stage two takes the same samples.")(f)
+                     help="Use only N samples of each split, every (size // N)-th, so a folder sorted by class "
+                          "keeps every class (quick end-to-end checks); recorded in the cache, so stage two "
+                          "takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
                           "S (antialiased "

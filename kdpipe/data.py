@@ -144,7 +144,9 @@ class ImageData:
         return {"spec": self.spec, "split": self.split, "kind": self.kind, "num_samples": len(self),
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                 "class_names": list(self.class_names), "fingerprint": self.fingerprint,
-                **({"limit": self.limit} if getattr(self, "limit", None) else {}), **self.storage_identity()}
+                **({"limit": self.limit} if getattr(self, "limit", None) else {}),
+                **({"limit_step": self.limit_step} if getattr(self, "limit_step", 1) > 1 else {}),
+                **self.storage_identity()}
 
     def stats_rows(self) -> np.ndarray:
         """Sorted indices of a uniform sample of the split (every row when it holds at most
@@ -173,20 +175,27 @@ class ImageData:
     def _std(self, std: np.ndarray) -> np.ndarray:
         return std
 
-    def subset(self, n: int) -> "ImageData":
-        """The first n samples (a different dataset, with its own fingerprint), of the same kind. Its
-        identity records `limit` = n, so stage two takes the same subset of the split (--limit)."""
+    def subset(self, n: int, step: int = 1) -> "ImageData":
+        """n samples, every `step`-th from the first (a different dataset, with its own fingerprint), of
+        the same kind; a strided view, so a memory-mapped store stays mapped. Its identity records `limit`
+        = n (and `limit_step`), so stage two takes the same subset of the split (--limit)."""
         out = copy.copy(self)
-        out.images, out.labels, out._fingerprint = self.images[:n], self.labels[:n], None
-        out.limit = int(n)
-        out._sizes = None if self._sizes is None else self._sizes[:n]
+        rows = slice(0, n * step, step)
+        out.images, out.labels, out._fingerprint = self.images[rows], self.labels[rows], None
+        out.limit, out.limit_step = int(n), int(step)
+        out._sizes = None if self._sizes is None else self._sizes[rows]
         out._check()
         return out
 
 
-def limited(data: ImageData, limit: int | None) -> ImageData:
-    """The first `limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it."""
-    return data.subset(limit) if limit and limit < len(data) else data
+def limited(data: ImageData, limit: int | None, step: int | None = None) -> ImageData:
+    """`limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it: every `step`-th
+    sample from the first, by default step = len // limit, so a folder sorted by class still gives every
+    class. A manifest records the step as "limit_step"; one written before kdpipe spread the samples has
+    none, and stage two passes step 1 for it (its first `limit` samples)."""
+    if not limit or limit >= len(data):
+        return data
+    return data.subset(limit, step or max(1, len(data) // limit))
 
 
 KINDS: dict[str, type[ImageData]] = {}
