@@ -542,8 +542,8 @@ IMAGEFOLDER_SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val
 
 
 def _split_folder(root: Path, split: str, names: dict | None = None) -> Path | None:
-    names = (names or IMAGEFOLDER_SPLITS)[split]
-    folder = next((root / n for n in names if (root / n).is_dir()), None)
+    names = names or IMAGEFOLDER_SPLITS
+    folder = next((root / n for n in names[split] if (root / n).is_dir()), None)
     if split == "val" and folder is not None and folder == _split_folder(root, "test", names):
         return None  # the only held-out folder is the test split: selecting on it would select on the test set
     return folder
@@ -551,10 +551,13 @@ def _split_folder(root: Path, split: str, names: dict | None = None) -> Path | N
 
 def _no_val_folder(spec, root: Path, names: dict) -> KDPipeError:
     test = _split_folder(root, "test", names)
-    held = f" ({test.name} is its test split)" if test is not None else ""
-    return KDPipeError(f"{spec}: {root} has no {' or '.join(names['val'])} folder besides a "
-                       f"{' or '.join(n for n in names['test'] if n not in names['val'])} folder{held}: add one to "
-                       "pick the best epoch on it, or hold out part of the train split with --val-fraction F")
+    how = "or hold out part of the train split with --val-fraction F"
+    if test is not None and test.name in names["val"]:
+        others = " or ".join(n for n in names["test"] if n not in names["val"])
+        return KDPipeError(f"{spec}: {root}'s {test.name} folder is its test split (it has no {others} folder): "
+                           f"a validation split needs a test folder besides it; {how}")
+    return KDPipeError(f"{spec}: {root} has no {' or '.join(names['val'])} folder besides its test folder"
+                       + (f" {test.name}" if test is not None else "") + f": add one to pick the best epoch on it, {how}")
 
 
 def _list_files(spec, folder: Path, classes: list[str], split: str) -> tuple[list[Path], list[int]]:
