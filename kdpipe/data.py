@@ -601,6 +601,8 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     files, labels = _list_files(spec, folder, classes, split)
     other = _split_folder(root, "test" if split == "train" else "train")
     other_files = _list_files(spec, other, classes, "test")[0] if other is not None and other != folder else []
+    if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
+        other_files += _list_files(spec, _split_folder(root, "test"), classes, "test")[0]
     return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
 
@@ -660,6 +662,8 @@ def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
     train_names, test_names = (names, other_names) if split == "train" else (other_names, names)
     classes, index = class_numbering(spec, train_names, test_names)
     labels = [index[c] for c in names]
+    if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
+        other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS))[0]
     return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
 
@@ -745,6 +749,8 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
         base = path.parent
         files = [base / r[cols["path"]] for r in mine]
         other_files = [base / r[cols["path"]] for r in theirs]
+        if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
+            other_files += [base / r[cols["path"]] for r, s in zip(rows, splits) if s == "test"]
         for p in files + other_files:
             if not p.is_file():
                 raise KDPipeError(f"{spec}: {p} (listed in {path.name}, relative to its folder) is missing")

@@ -298,3 +298,18 @@ def test_a_pipeline_passes_val_split_and_refuses_it_with_val_fraction():
     spec["students"][0]["val_fraction"] = 0.1
     with pytest.raises(KDPipeError, match="--val-split and --val-fraction"):
         make_rules(spec)
+
+
+def test_the_validation_split_takes_the_colour_mode_of_the_cache_splits(tmp_path):
+    """Grey training/ and validation/ photos, colour evaluation/ ones: the train and test splits are stored in
+    RGB (one mode over the dataset), and so is the validation split, which then has the train split's shape."""
+    rng = np.random.default_rng(2)
+    for split in ("training", "validation", "evaluation"):
+        (tmp_path / split).mkdir()
+        for label in range(2):
+            px = _photo(rng, label, SIZE)
+            Image.fromarray(np.stack([px] * 3, -1) if split == "evaluation" else px).save(
+                tmp_path / split / f"{label}_0.png")
+    train, val = (load_dataset(f"files:{tmp_path}", s) for s in ("train", "val"))
+    assert train.image_shape == val.image_shape == (3, SIZE, SIZE)
+    assert np.array_equal(np.array(val.images)[:, 0], np.array(val.images)[:, 2])
