@@ -192,9 +192,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     on the data source's own validation split (load_validation_split), which is never trained on: every
     training sample of the cache is trained on, and the validation split's fingerprint is part of each run's
     settings (config.json), so a rerun or resume with other validation data is refused by name. Every epoch
-    also evaluates on the test
-    split: metrics.json's "history" and history.csv hold, per epoch, the loss terms, train top-1 (on the
-    views stepped on), validation and test top-1 and agreement with the teacher on the test split.
+    also evaluates on the test split: metrics.json's "history" and history.csv hold, per epoch, the loss
+    terms, train top-1 (on the views stepped on), validation and test top-1 and agreement with the teacher
+    on the test split.
 
     `loss` is a spec, NAME[:OPTION=VALUE,...] (kdpipe.sweep.parse_loss, kdpipe.losses); T and alpha are
     its temperature and alpha, swept; empty `temperatures` or `alphas`: the loss's default (kd: 4, 0.9).
