@@ -383,6 +383,10 @@ def _term_as_interrupt():
               metavar="F", help="Hold this share of the cache's samples out of training (the same rows for every "
                                 "run: a fixed seed) and keep each run's best epoch by their top-1 "
                                 "(student-best.pt) besides the last (student.pt).")
+@click.option("--val-split/--no-val-split", default=False, show_default=True,
+              help="Pick each run's best epoch (student-best.pt) on the data's own validation split, never trained "
+                   "on: files: validation/ beside evaluation/, imagefolder: val/ beside test/, csv: val rows beside "
+                   "test rows, npz: x_val and y_val. Not with --val-fraction.")
 @moved_data_options
 @click.option("--allow-test-split", is_flag=True,
               help="Train on a cache dumped from the test split (refused without it: the student would learn "
@@ -411,7 +415,7 @@ def _term_as_interrupt():
 def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
                       lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
                       data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
-                      keep_checkpoints, overwrite, out):
+                      keep_checkpoints, overwrite, out, val_split):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
     one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
@@ -447,7 +451,7 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
-                             keep_checkpoints=keep_checkpoints)
+                             keep_checkpoints=keep_checkpoints, val_split=val_split)
         dist.close()
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; rank 0 says it

@@ -37,7 +37,7 @@ _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "bat
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed", "device"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
-                 "val_fraction", "train_samples", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
+                 "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints"} | set(_OPTIM_FLAGS)
 
 
 def load_pipeline(path) -> dict:
@@ -158,7 +158,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         seeds = _listify(block.get("seed", [0]))
         loss, loss_options = parse_loss(block.get("loss", "kd"))
         training = {k: block[k] for k in _OPTIM_FLAGS if k in block and k != "lr"}
-        for key in ("val_fraction", "train_samples"):
+        for key in ("val_fraction", "val_split", "train_samples"):
             if key in block:
                 training[key] = block[key]
         targets = [f"{runs_dir}/students/{name}/metrics.json" for name, _, _ in plan_sweep(
@@ -167,7 +167,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         all_metrics += targets
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _arch_args(block) + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
-            "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device",
+            "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction",
+            "val_split": "val-split", "device": "device",
             "train_samples": "train-samples", "checkpoint_every": "checkpoint-every",
             "keep_checkpoints": "keep-checkpoints"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
