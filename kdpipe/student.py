@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import time
@@ -23,7 +24,8 @@ from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch,
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import check_model, count_parameters, create_model
-from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, plan_runs_dir, remove_finished_checkpoints
+from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
+                           remove_finished_checkpoints)
 from kdpipe.sweep import parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
@@ -174,6 +176,19 @@ def training_subset(rows: np.ndarray, size: int) -> np.ndarray:
     return np.sort(rows[np.random.default_rng(TRAINING_SUBSET_SEED).permutation(len(rows))[:size]])
 
 
+def _releasing_run_locks(train):
+    """train_students holds a lock on each run it may train (kdpipe.resume.RunLocks), released however it ends."""
+    @functools.wraps(train)
+    def wrapper(*args, **kwargs):
+        locks = RunLocks(kwargs.get("log", print))
+        try:
+            return train(*args, locks=locks, **kwargs)
+        finally:
+            locks.release()
+    return wrapper
+
+
+@_releasing_run_locks
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
@@ -181,7 +196,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    data_spec: str | None = None, allow_test_split: bool = False,
                    arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, train_samples: int | None = None,
                    overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
-                   keep_checkpoints: bool = False, val_split: bool = False) -> list[dict]:
+                   keep_checkpoints: bool = False, val_split: bool = False, locks: RunLocks | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
     Runs with the same seed share one pass over the data (one read and replay per batch).
@@ -223,7 +238,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     `checkpoint_every` minutes (0: only at epoch ends), removed when the pass ends unless
     `keep_checkpoints`. Called again with the same arguments, it returns the metrics of finished runs
     without training them and resumes the others from their checkpoint; a run directory holding a run with
-    other settings is refused unless `overwrite` (which starts that run over).
+    other settings is refused unless `overwrite` (which starts that run over). A run that another command
+    is training at the same time is refused (RUN/.lock, kdpipe.resume.RunLocks).
     """
     ctx = dist or SINGLE
     world = ctx.world
@@ -307,6 +323,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
+            if locks is not None:  # another command training one of these runs is refused, before anything changes
+                locks.acquire(out, configs)
             plan = plan_runs_dir(out, configs, overwrite, log)
     plan = ctx.broadcast(plan)
     results = []
