@@ -286,3 +286,41 @@ def test_the_report_names_the_ensemble_and_its_teachers(ens, ens_runs, tmp_path)
     assert "KD from ensemble ens0.7_0.3: 0.7 x fmnist-k3 (cnn_small) + 0.3 x B (mlp_100)" in text
     assert "| ens0.7_0.3 | 4 | B (mlp_100) | 0.3 |" in text
     assert text.count("| teacher | |") == 2  # both teachers have a row of their own
+
+
+# ---------------------------------------------------------------- DistributedDataParallel
+
+def test_ddp_students_of_an_ensemble_match_the_single_process_run(tmp_path):
+    """Under torchrun each rank reads its share of every cache's rows: the 2-rank MLP follows the single-process
+    run of twice the batch (as tests/test_distributed.py checks for one cache)."""
+    from test_distributed import N_TEST, N_TRAIN, single, torchrun
+    from test_distributed import ok as ran
+
+    from conftest import fashion_mnist_arrays
+    from kdpipe.checkpoint import save_checkpoint
+    from kdpipe.models import create_model
+
+    (x, y), (xt, yt) = fashion_mnist_arrays("train", N_TRAIN), fashion_mnist_arrays("test", N_TEST)
+    np.savez(tmp_path / "tiny.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / f"t{seed}.pt", create_model("cnn_tiny", 10, (1, 28, 28)), arch="cnn_tiny",
+                        num_classes=10, image_shape=(1, 28, 28), mean=[0.286], std=[0.353],
+                        class_names=[str(i) for i in range(10)], dataset={}, test_top1=None)
+    common = ["--batch-size", "16", "--device", "cpu", "--force"]  # --force: the teachers are untrained
+    single(["dump-logits", "--teacher", str(tmp_path / "t0.pt"), "--data", f"npz:{tmp_path / 'tiny.npz'}",
+            "--views", "2", *common, "--out", str(tmp_path / "a")])
+    single(["dump-logits", "--teacher", str(tmp_path / "t1.pt"), "--like", str(tmp_path / "a"), *common,
+            "--out", str(tmp_path / "b")])
+
+    def args(out, b):
+        return ["train-student", "--cache", str(tmp_path / "a"), "--cache", str(tmp_path / "b"), "--teacher-weights",
+                "0.6,0.4", "--student", "mlp_100", "--epochs", "2", "--batch-size", str(b), "--device", "cpu",
+                "--out", str(out)]
+    single(args(tmp_path / "one", 32))
+    ran(torchrun(args(tmp_path / "two", 16)))
+    (name,) = [p.name for p in (tmp_path / "one").iterdir()]
+    m1, m2 = (json.loads((tmp_path / d / name / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m2["world_size"] == 2 and m2["ensemble"]["weights"] == pytest.approx([0.6, 0.4])
+    np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=1e-4)
+    assert abs(m2["teacher_agreement_2"] - m1["teacher_agreement_2"]) <= 1 / N_TEST
