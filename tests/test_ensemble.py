@@ -98,6 +98,18 @@ def test_kd_on_an_ensemble_is_the_kl_to_the_mixture_and_stacked_runs_get_their_o
                 assert float(terms[k][s]) == pytest.approx(float(v), rel=1e-5, abs=1e-7), (name, k, s)
 
 
+def test_weights_default_to_equal_and_are_checked():
+    from kdpipe import KDPipeError
+    from kdpipe.ensemble import ensemble_tag, parse_weights
+    assert parse_weights(None, 3) == [1 / 3] * 3
+    assert sum(parse_weights([0.333, 0.333, 0.333], 3)) == pytest.approx(1.0, abs=1e-12)
+    assert ensemble_tag(2) == ensemble_tag(2, [0.5, 0.5]) == "ens2" and ensemble_tag(1) == ""
+    assert ensemble_tag(2, [0.7, 0.3]) == "ens0.7_0.3"
+    for bad in ([0.7, 0.2], [1.0, 0.0], [0.5, 0.5, 0.0], [float("nan"), 1.0]):
+        with pytest.raises(KDPipeError):
+            parse_weights(bad, 2)
+
+
 def test_mixture_log_probs_of_one_teacher_is_its_log_softmax():
     z = torch.randn(4, 7)
     np.testing.assert_allclose(mixture_log_probs(z[None], torch.zeros(1), 3.0), torch.log_softmax(z / 3, -1),
@@ -175,6 +187,14 @@ def test_the_epochs_targets_are_the_caches_rows_mixed(ens):
         want = _hand_mixture([Cache(p).read_view(v, "logits")[idx.numpy()].astype(np.float32) for p in (ens.a, ens.b)],
                              [0.7, 0.3], 4.0)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # caches of other logits dtypes (float16, float32) mix in float32
+    _, e = open_caches([ens.a, ens.a32])
+    _, targets = e.view_source(torch.device("cpu"), None)(1)
+    assert targets.logits.dtype == torch.float32
+    got = teacher_rows(targets, idx).at_temperature(1.0).exp().double().numpy()
+    want = _hand_mixture([Cache(p).read_view(1, "logits")[idx.numpy()].astype(np.float32) for p in (ens.a, ens.a32)],
+                         [0.5, 0.5], 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- refusals
