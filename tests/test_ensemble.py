@@ -281,6 +281,29 @@ def test_an_ensemble_run_is_named_and_records_teachers_weights_and_agreements(en
         assert "teacher_agreement_2" in (ens_runs.out / name / "history.csv").read_text().splitlines()[0]
 
 
+def test_the_training_loop_hands_the_loss_both_teachers_rows_and_the_weights(ens, tmp_path, monkeypatch):
+    """Through train-student, the loss gets EnsembleTargets: M = 2 teachers' rows of the batch and log w."""
+    from kdpipe.cache.reader import Cache
+    from kdpipe.losses import KDLoss
+    seen = []
+    terms = KDLoss.terms
+
+    def spy(self, out, teacher, labels, epoch):
+        seen.append((teacher.logits.detach().clone(), teacher.log_weights.exp().tolist()))
+        return terms(self, out, teacher, labels, epoch)
+
+    monkeypatch.setattr(KDLoss, "terms", spy)
+    ok(invoke("train-student", "--cache", ens.a, "--cache", ens.b, "--teacher-weights", "0.25,0.75", "--student",
+              "mlp_100", "--epochs", 1, "--batch-size", 128, "--out", tmp_path / "runs"))
+    assert len(seen) == 512 // 128
+    a, b = (Cache(p).read_view(0, "logits").astype(np.float32) for p in (ens.a, ens.b))
+    for logits, w in seen:
+        assert logits.shape == (2, 128, 10) and w == pytest.approx([0.25, 0.75])
+        # each batch row is one sample's row of both caches, view 0 (epoch 0)
+        rows = [int(np.flatnonzero((a == r.numpy()).all(1))[0]) for r in logits[0]]
+        np.testing.assert_array_equal(logits[1].numpy(), b[rows])
+
+
 def test_equal_weights_are_the_default_and_named_apart(ens, ens_runs, tmp_path):
     out = tmp_path / "runs"
     ok(invoke("train-student", "--cache", ens.a, "--cache", ens.b, "--student", "mlp_100", "--epochs", 1,
