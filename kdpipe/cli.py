@@ -55,8 +55,9 @@ def _flatten(values):
 
 def data_options(f):
     f = click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Use only the first N samples of each split (quick end-to-end checks); recorded in the "
-                          "cache, so stage two takes the same samples.")(f)
+                     help="Use only N samples of each split, every (size // N)-th, so a folder sorted by class "
+                          "keeps every class (quick end-to-end checks); recorded in the cache, so stage two "
+                          "takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
                           "S (antialiased "
@@ -402,6 +403,10 @@ def _term_as_interrupt():
               metavar="F", help="Hold this share of the cache's samples out of training (the same rows for every "
                                 "run: a fixed seed) and keep each run's best epoch by their top-1 "
                                 "(student-best.pt) besides the last (student.pt).")
+@click.option("--val-split/--no-val-split", default=False, show_default=True,
+              help="Pick each run's best epoch (student-best.pt) on the data's own validation split, never trained "
+                   "on: files: validation/ beside evaluation/, imagefolder: val/ beside test/, csv: val rows beside "
+                   "test rows, npz: x_val and y_val. Not with --val-fraction.")
 @moved_data_options
 @click.option("--allow-test-split", is_flag=True,
               help="Train on a cache dumped from the test split (refused without it: the student would learn "
@@ -430,7 +435,7 @@ def _term_as_interrupt():
 def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
                       lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
                       data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
-                      keep_checkpoints, overwrite, out):
+                      keep_checkpoints, overwrite, out, val_split):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
     one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
@@ -466,7 +471,8 @@ def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, l
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
-                             keep_checkpoints=keep_checkpoints, teacher_weights=teacher_weights)
+                             keep_checkpoints=keep_checkpoints, val_split=val_split,
+                             teacher_weights=teacher_weights)
         dist.close()
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; rank 0 says it
@@ -617,14 +623,19 @@ def make_rules_cmd(pipeline, stamps):
               help="Timed forward passes per batch size; the median is reported.")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S",
               help="Seed of the calibration sample and the fine-tuning.")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
+              help="Where pruned models are fine-tuned: cpu, auto (CUDA when present), cuda or cuda:N. Every "
+                   "measurement (accuracy, latency, quantization) is on the CPU.")
 @click.option("--out", required=True, type=click.Path(), metavar="DIR",
               help="Where to write compress.md, compress.json, compress.png and models/.")
 def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students_dir, quantize, backend, calibration, prune,
-                 sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, out):
+                 sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, device, out):
     """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
     model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image at batch
-    1 and 64), a table, a JSON file and a plot. CPU only."""
+    1 and 64), a table, a JSON file and a plot. Measured on the CPU; pruned models can be fine-tuned on a GPU
+    (--device)."""
     from kdpipe.compress import PRUNE_KINDS, QUANT_KINDS, compress
+    from kdpipe.util import pick_device
     from kdpipe.data import limited, load_dataset
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
@@ -634,7 +645,8 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
     res = compress(teacher_file, train, test, out, students_dir=students_dir,
                    quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
                    calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,
-                   finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed, log=click.echo)
+                   finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed,
+                   device=pick_device(device), log=click.echo)
     click.echo(f"{res['rows']} model(s): {res['table']} ({res['json']}, plot {res['plot']})")
 
 

@@ -235,7 +235,8 @@ def _group_order(r):
 def _twin_key(r):
     """What a KD run and its scratch twin share: the data, the architecture and how they trained."""
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
-            r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")))
+            r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
+            bool(r.get("training", {}).get("val_split")))
 
 
 def versus_scratch(groups) -> list[dict]:
