@@ -284,10 +284,15 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--force", is_flag=True, help="Dump even if the probe finds the teacher at chance level or its outputs "
               "look like probabilities.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
+@click.option("--like", type=click.Path(), default=None, metavar="CACHE_DIR",
+              help="Dump over exactly the views of another cache (its data, split, limit, view policy, seed and K), "
+                   "so that the two form an ensemble for train-student; --data/--data-root only say where its data "
+                   "lies now, and an explicit option that differs from the cache's is refused.")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
                     input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, out):
+                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, like,
+                    out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
     from kdpipe.data import check_splits, limited, load_dataset
@@ -296,6 +301,14 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
+    if like is not None:  # the other cache's data and views (kdpipe.ensemble.like_cache checks what is given)
+        from kdpipe.ensemble import LIKE_OPTIONS, like_cache
+        ctx = click.get_current_context()
+        given = {k: v for k, v in locals().items() if k in LIKE_OPTIONS
+                 and ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        explicit_data = ctx.get_parameter_source("data_spec") is not click.core.ParameterSource.DEFAULT
+        like_data, like_test, like_policy, views, seed, split = like_cache(like, given, data_root,
+                                                                          data_spec if explicit_data else None)
     if views is None:
         raise click.UsageError("--views K is required (views per sample; the students' planned epochs)")
     if views <= 0:
@@ -313,13 +326,16 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     started = time.perf_counter()
     try:
         dev = pick_device(device)
-        data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
-        test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
-        if split == "train":
-            check_splits(data, test)
-        else:  # the test split is checked against the train split it will be compared with
-            check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
-        pol = create_policy(policy, padding=padding, size=size)
+        if like is not None:
+            data, test, pol = like_data, like_test, like_policy
+        else:
+            data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
+            test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
+            if split == "train":
+                check_splits(data, test)
+            else:  # the test split is checked against the train split it will be compared with
+                check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
+            pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
                                trust_pickle=trust_pickle, output=teacher_output)
@@ -361,8 +377,12 @@ def _term_as_interrupt():
 
 
 @main.command("train-student")
-@click.option("--cache", "cache_dir", required=True, type=click.Path(), metavar="CACHE_DIR",
-              help="Cache written by dump-logits.")
+@click.option("--cache", "cache_dir", required=True, multiple=True, type=click.Path(), metavar="CACHE_DIR",
+              help="Cache written by dump-logits. Repeat for an ensemble of teachers: caches of the same views "
+                   "(dump the others with dump-logits --like), trained against the weighted mean of their "
+                   "probabilities at T.")
+@click.option("--teacher-weights", type=NumberList(float), default=None, metavar="W,W,...",
+              help="An ensemble's weights, one per --cache in order, positive, summing to 1.  [default: equal]")
 @click.option("--student", "students", multiple=True, required=True, metavar="SPEC",
               help="Student architecture; repeat for several: " + ARCH_SPEC_HELP + ".")
 @arch_args_option
@@ -412,7 +432,7 @@ def _term_as_interrupt():
                    "rerun skips finished runs and resumes the others).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
+def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
                       lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
                       data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
                       keep_checkpoints, overwrite, out, val_split):
@@ -442,7 +462,7 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
     try:
         dev = pick_device(device)
         dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
-        res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
+        res = train_students(list(cache_dir), list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
                              seeds=sds, batch_size=batch_size, optim=optim, lrs=lrs, val_fraction=val_fraction,
                              train_samples=train_samples,
                              device=dist.device, data_root=data_root, data_spec=data_spec,
@@ -451,7 +471,8 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
-                             keep_checkpoints=keep_checkpoints, val_split=val_split)
+                             keep_checkpoints=keep_checkpoints, val_split=val_split,
+                             teacher_weights=teacher_weights)
         dist.close()
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; rank 0 says it

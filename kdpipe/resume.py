@@ -41,7 +41,7 @@ CHECKPOINT_VERSION = 1
 DEFAULT_EVERY_MINUTES = 10.0
 # Keys of a run's config.json that do not change what it computes (where it ran, which versions, where the
 # cache lies now): a rerun may differ in them. Every other key is a setting that must match to resume or skip.
-NOT_SETTINGS = ("run", "device", "cache", "kdpipe_version", "torch_version")
+NOT_SETTINGS = ("run", "device", "cache", "ensemble_paths", "kdpipe_version", "torch_version")
 # Under torchrun the ranks agree every this many steps whether a timed checkpoint is due (one all-reduce).
 DIST_CHECK_STEPS = 8
 

@@ -21,6 +21,7 @@ from kdpipe.checkpoint import save_checkpoint
 from kdpipe.data import KINDS, SOURCES, ImageData, check_splits, limited, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, Run, build_run, predict, steps_per_epoch, train_pass
+from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import check_model, count_parameters, create_model
@@ -196,7 +197,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    data_spec: str | None = None, allow_test_split: bool = False,
                    arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, train_samples: int | None = None,
                    overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
-                   keep_checkpoints: bool = False, val_split: bool = False, locks: RunLocks | None = None) -> list[dict]:
+                   keep_checkpoints: bool = False, val_split: bool = False, teacher_weights=None,
+                   locks: RunLocks | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
     Runs with the same seed share one pass over the data (one read and replay per batch).
@@ -240,6 +242,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     without training them and resumes the others from their checkpoint; a run directory holding a run with
     other settings is refused unless `overwrite` (which starts that run over). A run that another command
     is training at the same time is refused (RUN/.lock, kdpipe.resume.RunLocks).
+
+    Ensembles (kdpipe.ensemble): `cache_dir` may be a list of caches of the same views; the runs then train
+    against their teachers' probabilities at T, mixed with `teacher_weights` (default: equal).
     """
     ctx = dist or SINGLE
     world = ctx.world
@@ -252,15 +257,18 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         raise KDPipeError("give at least one --student")
     loss_name, loss_options = parse_loss(loss)
     training = {k: v for k, v in optim.settings().items() if k != "lr"}
+    ens_tag = ensemble_tag(len(cache_dirs_list(cache_dir)), teacher_weights)  # "" for one cache
     planned = plan_sweep(students, temperatures, alphas, seeds, loss_name, loss_options, list(lrs) or [optim.lr],
                          epochs, batch_size, val_fraction=val_fraction, train_samples=train_samples,
-                         val_split=val_split, **training)
+                         val_split=val_split, extra_tag=ens_tag, **training)
     losses = {name: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training
     with ctx.together("opening the cache"):
-        cache = Cache(cache_dir)
+        cache, ensemble = open_caches(cache_dir, teacher_weights)
         m = cache.manifest
+        if ensemble is not None and online_teacher is not None:
+            raise KDPipeError("an online teacher and an ensemble of caches exclude each other: give one cache")
         check_split_use(cache, allow_test_split)
         policy = policy_from_identity(m["views"])
         train, test = load_cache_data(cache, data_root, data_spec)
@@ -269,7 +277,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
             check_model(arch, cache.num_classes, in_shape, arch_args)
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
-    ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
+    ids = ctx.all_gather(m["cache_id"] if ensemble is None else ensemble.identity())  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:
         raise KDPipeError("the ranks opened different caches (" + ", ".join(f"rank {r}: id {i[:12]}" for r, i in
                           enumerate(ids)) + "): every rank must read the same cache")
@@ -315,11 +323,13 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         + f", {total_steps // epochs} steps per epoch")
 
     view_source = CachedViews(cache, device, logits=online_teacher is None, policy=policy)
-
     teacher_test = cache.read_test_logits()
+    if ensemble is not None:
+        log(f"ensemble of {len(ensemble.caches)} teachers, their probabilities at T mixed: {ensemble.describe()}")
+        view_source, teacher_test = ensemble.view_source(device, policy), ensemble.test()
     configs = {name: _run_config(name, p[0], arch_args, losses[name], p[3], cache, epochs, batch_size, world,
                                  OptimConfig.from_settings(st), val_fraction, train_samples, amp, device, val)
-               for name, p, st in planned}
+               | ({} if ensemble is None else ensemble.config()) for name, p, st in planned}
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
@@ -363,7 +373,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
         def on_epoch_end(epoch, runs=runs, tracks=tracks):
             for r in runs:
-                tracks[r.name].add(r, epoch, evaluate(ctx.unwrap(r.model)))
+                tracks[r.name].add(r, epoch, evaluate(ctx.unwrap(r.model), r.loss))
 
         stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
                            online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
@@ -375,7 +385,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         for r in runs:
             results.append(_finish_run(r, cache, tracks[r.name], in_shape, out, stats, epochs, len(runs),
                                        configs[r.name], amp, device, log, world=world, val_rows=val_rows,
-                                       val_fraction=val_fraction, train_samples=n_train, val=val))
+                                       val_fraction=val_fraction, train_samples=n_train, val=val, ensemble=ensemble,
+                                       ensemble_test=teacher_test if ensemble is not None else None))
         if not keep_checkpoints:
             ckpt.remove()
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
@@ -443,7 +454,7 @@ class _Evaluator:
                          torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device), test.labels)
         self.teacher_test = teacher_test
 
-    def __call__(self, model) -> dict:
+    def __call__(self, model, loss=None) -> dict:
         out = {}
         if self.val is not None:
             out["val_top1"] = top1(predict(model, self.val[0], self.policy, self.val[1], self.mean, self.std,
@@ -451,7 +462,9 @@ class _Evaluator:
         if self.test is not None:
             logits = predict(model, self.test[0], self.policy, self.test[1], self.mean, self.std, amp=self.amp).cpu()
             out["test_top1"] = top1(logits, self.test[2])
-            if self.teacher_test is not None:
+            if hasattr(self.teacher_test, "agreements"):  # an ensemble's, at the run's T (kdpipe.ensemble)
+                out.update(self.teacher_test.agreements(logits, loss))
+            elif self.teacher_test is not None:
                 out["teacher_agreement"] = agreement(logits, self.teacher_test)
         return out
 
@@ -495,7 +508,8 @@ class _Track:
 
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
                 config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
-                train_samples: int | None = None, val: ImageData | None = None) -> dict:
+                train_samples: int | None = None, val: ImageData | None = None, ensemble=None,
+                ensemble_test=None) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     opts = r.loss.options
     last = track.history[-1] if track.history else {}
@@ -520,6 +534,8 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     for key in ("test_top1", "teacher_agreement", "val_top1"):
         if key in last:
             metrics[key] = last[key]
+    if ensemble is not None:
+        metrics.update(ensemble.run_metrics(r.loss, last, ensemble_test))
     diverged = next((e + 1 for e, v in enumerate(r.history) if not math.isfinite(v)), None)
     if diverged is not None:  # a NaN or infinite loss: the weights are not a trained student
         metrics["diverged_epoch"] = diverged

@@ -172,14 +172,15 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
 
 
 def plan_sweep(students, temperatures, alphas, seeds, loss: str, loss_options: dict | None, lrs, epochs: int,
-               batch_size: int, **training) -> list[tuple[str, tuple, dict]]:
+               batch_size: int, extra_tag: str = "", **training) -> list[tuple[str, tuple, dict]]:
     """plan_runs crossed with the learning rates `lrs` (empty: the optimizer's default), as
     (run name, (arch, T, alpha, seed), resolved training settings) per run. `training`: resolve_training's
-    arguments other than lr. Two runs with one name are refused."""
+    arguments other than lr; `extra_tag` (an ensemble's, kdpipe.ensemble.ensemble_tag) follows the training tag.
+    Two runs with one name are refused."""
     out, seen = [], {}
     for lr in list(lrs) or [None]:
         settings = resolve_training(lr=lr, **training)
-        tag = training_tag(settings, epochs, batch_size)
+        tag = "-".join(filter(None, (training_tag(settings, epochs, batch_size), extra_tag)))
         for p in plan_runs(students, temperatures, alphas, seeds, loss, loss_options):
             name = run_name(*p, loss, loss_options, tag=tag)
             if name in seen:
