@@ -22,11 +22,14 @@ directory that differ may train at the same time (a pipeline's [[students]] bloc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +171,7 @@ class PassCheckpoint:
 
     The pass's runs must be restored (`restore`) before they are wrapped for DistributedDataParallel
     and handed to train_pass with `checkpoint=` this object; train_pass then starts at `position`,
-    calls `sums`, `due` and `save`.
+    calls `sums`, `due` and `save`, and after a save `stop_if_interrupted` (see holding_interrupts).
     """
 
     def __init__(self, out: Path, seed: int, configs: dict[str, dict], epochs: int, every_minutes: float,
@@ -188,6 +191,37 @@ class PassCheckpoint:
         self.written = False
         self.last = time.monotonic()
         self._steps = 0
+        self.interrupted = False  # a Ctrl-C or SIGTERM held by holding_interrupts, until the step ends
+
+    @contextlib.contextmanager
+    def holding_interrupts(self):
+        """Around train_pass in one process: the first Ctrl-C or SIGTERM is held until the step in progress
+        ends; train_pass then writes the checkpoint there and raises KeyboardInterrupt (stop_if_interrupted),
+        so no work is lost. A second one interrupts at once. Under torchrun, or off the main thread, signals
+        are left as they are (a rank cannot write alone; the last checkpoint is kept)."""
+        if self.dist.world > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def hold(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.log(f"\n{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
+                     "(again to stop at once)")
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, hold)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def stop_if_interrupted(self) -> None:
+        """Raise the held interrupt, once the checkpoint is written."""
+        if self.interrupted:
+            raise KeyboardInterrupt
 
     # ---------------------------------------------------------------- resume
 

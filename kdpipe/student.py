@@ -375,9 +375,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
             for r in runs:
                 tracks[r.name].add(r, epoch, evaluate(ctx.unwrap(r.model), r.loss))
 
-        stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
-                           online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
-                           dist=ctx, fuse=fuse, train_rows=train_rows, on_epoch_end=on_epoch_end, checkpoint=ckpt)
+        with ckpt.holding_interrupts():  # Ctrl-C / SIGTERM: a checkpoint where it stopped, then KeyboardInterrupt
+            stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
+                               online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
+                               dist=ctx, fuse=fuse, train_rows=train_rows, on_epoch_end=on_epoch_end,
+                               checkpoint=ckpt)
         for r in runs:
             r.model = ctx.unwrap(r.model)
         if not ctx.is_main:
