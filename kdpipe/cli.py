@@ -55,8 +55,9 @@ def _flatten(values):
 
 def data_options(f):
     f = click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Use only the first N samples of each split (quick end-to-end checks); recorded in the "
-                          "cache, so stage two takes the same samples.")(f)
+                     help="Use only N samples of each split, every (size // N)-th, so a folder sorted by class "
+                          "keeps every class (quick end-to-end checks); recorded in the cache, so stage two "
+                          "takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
                           "S (antialiased "
@@ -284,13 +285,17 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--force", is_flag=True, help="Dump even if the probe finds the teacher at chance level or its outputs "
               "look like probabilities.")
 @click.option("--overwrite", is_flag=True, help="Start over if OUT holds a cache made with other arguments (with the same arguments a dump resumes).")
+@click.option("--like", type=click.Path(), default=None, metavar="CACHE_DIR",
+              help="Dump over exactly the views of another cache (its data, split, limit, view policy, seed and K), "
+                   "so that the two form an ensemble for train-student; --data/--data-root only say where its data "
+                   "lies now, and an explicit option that differs from the cache's is refused.")
 @click.option("--features", "features", multiple=True, metavar="LAYER[,LAYER...]",
               help="Also store the teacher's output at this module (its path in named_modules(), e.g. avgpool or "
                    "layer3), float16, for every view: what --loss kd+hint distils from. Repeatable.")
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
                     input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite,
+                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, like,
                     features, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
@@ -300,6 +305,14 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     from kdpipe.util import pick_device
     from kdpipe.views import create_policy
 
+    if like is not None:  # the other cache's data and views (kdpipe.ensemble.like_cache checks what is given)
+        from kdpipe.ensemble import LIKE_OPTIONS, like_cache
+        ctx = click.get_current_context()
+        given = {k: v for k, v in locals().items() if k in LIKE_OPTIONS
+                 and ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        explicit_data = ctx.get_parameter_source("data_spec") is not click.core.ParameterSource.DEFAULT
+        like_data, like_test, like_policy, views, seed, split = like_cache(like, given, data_root,
+                                                                          data_spec if explicit_data else None)
     if views is None:
         raise click.UsageError("--views K is required (views per sample; the students' planned epochs)")
     if views <= 0:
@@ -317,13 +330,16 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     started = time.perf_counter()
     try:
         dev = pick_device(device)
-        data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
-        test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
-        if split == "train":
-            check_splits(data, test)
-        else:  # the test split is checked against the train split it will be compared with
-            check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
-        pol = create_policy(policy, padding=padding, size=size)
+        if like is not None:
+            data, test, pol = like_data, like_test, like_policy
+        else:
+            data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
+            test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
+            if split == "train":
+                check_splits(data, test)
+            else:  # the test split is checked against the train split it will be compared with
+                check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
+            pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
                                trust_pickle=trust_pickle, output=teacher_output)
@@ -370,8 +386,12 @@ def _term_as_interrupt():
 
 
 @main.command("train-student")
-@click.option("--cache", "cache_dir", required=True, type=click.Path(), metavar="CACHE_DIR",
-              help="Cache written by dump-logits.")
+@click.option("--cache", "cache_dir", required=True, multiple=True, type=click.Path(), metavar="CACHE_DIR",
+              help="Cache written by dump-logits. Repeat for an ensemble of teachers: caches of the same views "
+                   "(dump the others with dump-logits --like), trained against the weighted mean of their "
+                   "probabilities at T.")
+@click.option("--teacher-weights", type=NumberList(float), default=None, metavar="W,W,...",
+              help="An ensemble's weights, one per --cache in order, positive, summing to 1.  [default: equal]")
 @click.option("--student", "students", multiple=True, required=True, metavar="SPEC",
               help="Student architecture; repeat for several: " + ARCH_SPEC_HELP + ".")
 @arch_args_option
@@ -392,6 +412,10 @@ def _term_as_interrupt():
               metavar="F", help="Hold this share of the cache's samples out of training (the same rows for every "
                                 "run: a fixed seed) and keep each run's best epoch by their top-1 "
                                 "(student-best.pt) besides the last (student.pt).")
+@click.option("--val-split/--no-val-split", default=False, show_default=True,
+              help="Pick each run's best epoch (student-best.pt) on the data's own validation split, never trained "
+                   "on: files: validation/ beside evaluation/, imagefolder: val/ beside test/, csv: val rows beside "
+                   "test rows, npz: x_val and y_val. Not with --val-fraction.")
 @moved_data_options
 @click.option("--allow-test-split", is_flag=True,
               help="Train on a cache dumped from the test split (refused without it: the student would learn "
@@ -423,10 +447,10 @@ def _term_as_interrupt():
               help="Which cached teacher feature the hint distils (needed when the cache holds several).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
+def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
                       lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
                       data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
-                      keep_checkpoints, overwrite, hint_layer, hint_feature, out):
+                      keep_checkpoints, overwrite, hint_layer, hint_feature, out, val_split):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
     students, temperatures, alphas, learning rates and seeds) for one --loss; runs with the same seed share
     one pass over the data. Each run's metrics.json (and history.csv) holds, per epoch, the mean of every
@@ -453,7 +477,7 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
     try:
         dev = pick_device(device)
         dist = from_env(dev)  # torchrun: DistributedDataParallel, --batch-size per rank; else one process
-        res = train_students(cache_dir, list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
+        res = train_students(list(cache_dir), list(students), epochs, out, loss=loss, temperatures=temps, alphas=alphs,
                              seeds=sds, batch_size=batch_size, optim=optim, lrs=lrs, val_fraction=val_fraction,
                              train_samples=train_samples,
                              device=dist.device, data_root=data_root, data_spec=data_spec,
@@ -462,7 +486,8 @@ def train_student_cmd(cache_dir, students, arch_args, epochs, loss, temperatures
                              log=dist.log(click.echo),
                              fuse={"auto": None, "compile": "compile", "on": True, "off": False}[fuse],
                              overwrite=overwrite, checkpoint_every=checkpoint_every,
-                             keep_checkpoints=keep_checkpoints, hint_layer=hint_layer,
+                             keep_checkpoints=keep_checkpoints, val_split=val_split,
+                             teacher_weights=teacher_weights, hint_layer=hint_layer,
                              hint_feature_name=hint_feature)
         dist.close()
     except KeyboardInterrupt:
@@ -621,14 +646,19 @@ def make_rules_cmd(pipeline, stamps):
               help="Timed forward passes per batch size; the median is reported.")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S",
               help="Seed of the calibration sample and the fine-tuning.")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
+              help="Where pruned models are fine-tuned: cpu, auto (CUDA when present), cuda or cuda:N. Every "
+                   "measurement (accuracy, latency, quantization) is on the CPU.")
 @click.option("--out", required=True, type=click.Path(), metavar="DIR",
               help="Where to write compress.md, compress.json, compress.png and models/.")
 def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students_dir, quantize, backend, calibration, prune,
-                 sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, out):
+                 sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, device, out):
     """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
     model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image at batch
-    1 and 64), a table, a JSON file and a plot. CPU only."""
+    1 and 64), a table, a JSON file and a plot. Measured on the CPU; pruned models can be fine-tuned on a GPU
+    (--device)."""
     from kdpipe.compress import PRUNE_KINDS, QUANT_KINDS, compress
+    from kdpipe.util import pick_device
     from kdpipe.data import limited, load_dataset
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
@@ -638,7 +668,8 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
     res = compress(teacher_file, train, test, out, students_dir=students_dir,
                    quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
                    calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,
-                   finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed, log=click.echo)
+                   finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed,
+                   device=pick_device(device), log=click.echo)
     click.echo(f"{res['rows']} model(s): {res['table']} ({res['json']}, plot {res['plot']})")
 
 

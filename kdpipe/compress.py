@@ -275,26 +275,31 @@ def count_params(model: nn.Module) -> int:
 
 def finetune(model: nn.Module, train: ImageData, policy: ViewPolicy, mean, std, *, epochs: int,
              teacher: nn.Module | None, batch_size: int = 128, lr: float = 0.01, seed: int = 0,
-             log=print) -> nn.Module:
+             device="cpu", log=print) -> nn.Module:
     """A few epochs of SGD on fresh views (cosine schedule from `lr`): KD from `teacher` (T 4, alpha
-    0.9) when given, plain cross-entropy otherwise. Trains `model` in place and returns it."""
+    0.9) when given, plain cross-entropy otherwise, on `device`. Trains `model` in place and returns it
+    on the CPU (where it is measured); the teacher is left where it was."""
     if epochs <= 0:
         return model
+    device = torch.device(device)
+    model.to(device)
+    if teacher is not None and device.type != "cpu":
+        teacher = copy.deepcopy(teacher).to(device)
     loss = create_loss("kd", temperature=4.0, alpha=0.9) if teacher is not None else create_loss("kd", alpha=0.0)
     n = len(train)
     steps = epochs * (n // batch_size if n >= batch_size else 1)
     optim = OptimConfig(lr=lr)
     opt, sched, _ = make_optimizer(model, optim, steps)
     run = Run("finetune", "pruned", loss, seed, model, opt, sched, optim=optim, total_steps=steps)
-    images = images_tensor(train.images, "cpu")
-    labels = torch.from_numpy(train.labels)
+    images = images_tensor(train.images, device)
+    labels = torch.from_numpy(train.labels).to(device)
 
     def fresh_views(epoch):
-        return torch.from_numpy(policy.sample_view(seed + 2_000_003, epoch, train.images.shape)), None
+        return torch.from_numpy(policy.sample_view(seed + 2_000_003, epoch, train.images.shape)).to(device), None
 
     train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
                online_teacher=teacher, label="fine-tune", log=log, fuse=False)
-    return model.eval()
+    return model.cpu().eval()
 
 
 # ---------------------------------------------------------------- measuring
@@ -351,7 +356,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
              quantize=QUANT_KINDS, prune=PRUNE_KINDS, sparsities=(0.5, 0.8), backend: str = "x86",
              calibration: int = 256, finetune_epochs: int = 1, finetune_loss: str = "kd",
              finetune_samples: int | None = None, batch_size: int = 128, lr: float = 0.01, repeats: int = 20,
-             seed: int = 0, log=print) -> dict:
+             seed: int = 0, device="cpu", log=print) -> dict:
     """Build, measure and tabulate every compressed model; write compress.md/.json/.png under `out`."""
     for q in quantize:
         if q not in QUANT_KINDS:
@@ -387,7 +392,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
                + ("KD from the teacher (T 4, alpha 0.9)" if ft_teacher is not None else "cross-entropy"))
     threads = torch.get_num_threads()
     log(f"compress: teacher {teacher.arch} ({teacher.file}), {len(students)} student(s), backend {backend}, "
-        f"{threads} thread(s)")
+        f"{threads} thread(s)" + (f"; fine-tuning on {device}" if str(device) != "cpu" else ""))
 
     results: list[Row] = []
 
@@ -417,7 +422,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
                     continue
                 note = f"{s:.0%} of the channels of {layers} layer(s) removed (L2 magnitude)"
             m = finetune(m, ft_train, policy, mean, std, epochs=finetune_epochs, teacher=ft_teacher,
-                         batch_size=batch_size, lr=lr, seed=seed, log=log)
+                         batch_size=batch_size, lr=lr, seed=seed, device=device, log=log)
             if finetune_epochs:
                 note += f"; pruned and fine-tuned in {time.perf_counter() - t0:.0f}s"
             add(Row(name, f"prune {kind} {s:.0%}", "teacher", finalize(m).eval(), teacher,
@@ -443,7 +448,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     machine = cpu_name()
     doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),
            "backend": backend, "calibration_images": len(calib_rows), "finetune": ft_desc if finetune_epochs else "none",
-           "finetune_epochs": finetune_epochs, "machine": machine, "threads": threads, "repeats": repeats,
+           "finetune_epochs": finetune_epochs, "finetune_device": str(device), "machine": machine, "threads": threads, "repeats": repeats,
            "latency_batches": list(LATENCY_BATCHES), "torch": torch.__version__,
            "rows": [_row_json(r) for r in results]}
     atomic_write_json(out / "compress.json", doc)

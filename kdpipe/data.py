@@ -11,16 +11,22 @@ Specs (the ``--data`` option):
 - ``mnist``: IDX files (gz or not) in ``--data-root``, or torchvision's ``MNIST/raw`` folder under it.
 - ``cifar10`` / ``cifar100``: torchvision's extracted python folders (``cifar-10-batches-py``,
   ``cifar-100-python``) in ``--data-root`` (or ``--data-root`` is that folder).
-- ``imagefolder:PATH``: PATH/train and PATH/test (or PATH/val), one folder per class, JPEG or PNG.
+- ``imagefolder:PATH``: PATH/train and PATH/test (or PATH/val), one folder per class, JPEG or PNG;
+  PATH/val is the validation split where PATH/test exists too.
   Decoded once into a memory-mapped ``.npy`` under KDPIPE_DATA_CACHE, which later runs map again.
   Images of one size are stored as they are (dense); images of varying size need ``--image-size S``
   (photos). A folder mixing grey and colour images is stored in RGB.
-- ``npz:PATH``: arrays x_train, y_train, x_test, y_test (optional class_names); uint8 x arrays are
-  images, float x arrays (N, D) are features.
+- ``npz:PATH``: arrays x_train, y_train, x_test, y_test (optional class_names, and x_val, y_val: the
+  validation split); uint8 x arrays are images, float x arrays (N, D) are features.
 - ``files:PATH``: PATH/training (or train) and PATH/evaluation (or test; else validation or val), flat
-  folders of images named ``<label>_<n>.jpg`` (Food-11's layout); decoded like imagefolder.
+  folders of images named ``<label>_<n>.jpg`` (Food-11's layout); decoded like imagefolder. With an
+  evaluation (or test) folder, PATH/validation (or val) is the validation split.
 - ``csv:FILE``: one row per sample with columns label and split, and either path (images, relative to
   the file's folder; decoded like imagefolder) or numeric feature columns (features). See _load_csv.
+
+The validation split (split "val", for picking the best epoch: train-student --val-split) is a
+source's own held-out data besides its test split; only sources with ``val=True`` have one, and a
+source whose only held-out data is its test split refuses it rather than select on the test set.
 
 Labels that are whole numbers are the class indices; the train split must hold every class 0..N-1
 (check_labels), and the test split no other class nor another sample shape (check_splits).
@@ -49,7 +55,7 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # val: a source's own validation split (Source.val)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
 # How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's
@@ -144,7 +150,9 @@ class ImageData:
         return {"spec": self.spec, "split": self.split, "kind": self.kind, "num_samples": len(self),
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                 "class_names": list(self.class_names), "fingerprint": self.fingerprint,
-                **({"limit": self.limit} if getattr(self, "limit", None) else {}), **self.storage_identity()}
+                **({"limit": self.limit} if getattr(self, "limit", None) else {}),
+                **({"limit_step": self.limit_step} if getattr(self, "limit_step", 1) > 1 else {}),
+                **self.storage_identity()}
 
     def stats_rows(self) -> np.ndarray:
         """Sorted indices of a uniform sample of the split (every row when it holds at most
@@ -173,20 +181,27 @@ class ImageData:
     def _std(self, std: np.ndarray) -> np.ndarray:
         return std
 
-    def subset(self, n: int) -> "ImageData":
-        """The first n samples (a different dataset, with its own fingerprint), of the same kind. Its
-        identity records `limit` = n, so stage two takes the same subset of the split (--limit)."""
+    def subset(self, n: int, step: int = 1) -> "ImageData":
+        """n samples, every `step`-th from the first (a different dataset, with its own fingerprint), of
+        the same kind; a strided view, so a memory-mapped store stays mapped. Its identity records `limit`
+        = n (and `limit_step`), so stage two takes the same subset of the split (--limit)."""
         out = copy.copy(self)
-        out.images, out.labels, out._fingerprint = self.images[:n], self.labels[:n], None
-        out.limit = int(n)
-        out._sizes = None if self._sizes is None else self._sizes[:n]
+        rows = slice(0, n * step, step)
+        out.images, out.labels, out._fingerprint = self.images[rows], self.labels[rows], None
+        out.limit, out.limit_step = int(n), int(step)
+        out._sizes = None if self._sizes is None else self._sizes[rows]
         out._check()
         return out
 
 
-def limited(data: ImageData, limit: int | None) -> ImageData:
-    """The first `limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it."""
-    return data.subset(limit) if limit and limit < len(data) else data
+def limited(data: ImageData, limit: int | None, step: int | None = None) -> ImageData:
+    """`limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it: every `step`-th
+    sample from the first, by default step = len // limit, so a folder sorted by class still gives every
+    class. A manifest records the step as "limit_step"; one written before kdpipe spread the samples has
+    none, and stage two passes step 1 for it (its first `limit` samples)."""
+    if not limit or limit >= len(data):
+        return data
+    return data.subset(limit, step or max(1, len(data) // limit))
 
 
 KINDS: dict[str, type[ImageData]] = {}
@@ -264,6 +279,10 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
     src = SOURCES.get(kind)
     if src is None or bool(arg) != src.path:
         raise KDPipeError(f"unknown dataset {spec!r}: use {sources_usage()}")
+    if split == "val" and not src.val:
+        having = ", ".join(s.usage for s in SOURCES.values() if s.val)
+        raise KDPipeError(f"{spec} has no validation split of its own (sources that can have one: {having}): "
+                          "hold out part of the train split with --val-fraction F instead")
     data = src.load(spec, Path(arg).expanduser() if src.path else None, split, data_root, image_size)
     if split == "train":
         check_labels(data)
@@ -277,13 +296,15 @@ class Source:
     """A kind of --data spec. ``load(spec, path, split, data_root, image_size)`` returns one split as an
     ImageData of some kind (KINDS). ``path``: the spec is ``name:PATH`` (and --data-root moves PATH when the
     data moves); otherwise it is the bare name and finds its files in --data-root. ``image_files``: it
-    decodes image files (through _decode_files) and takes --image-size."""
+    decodes image files (through _decode_files) and takes --image-size. ``val``: it may have a validation
+    split of its own (``load(..., "val", ...)``; the loader refuses, in one line, data that lacks one)."""
 
     name: str
     usage: str
     load: Callable
     path: bool = False
     image_files: bool = False
+    val: bool = False
 
 
 SOURCES: dict[str, Source] = {}
@@ -321,20 +342,22 @@ def check_label_coverage(labels: np.ndarray, num_classes: int, where: str) -> No
 
 
 def check_splits(train: ImageData, test: ImageData | None) -> None:
-    """Refuse a test split that the train split cannot stand for: other classes, or another sample shape."""
+    """Refuse a test (or validation) split that the train split cannot stand for: other classes, or another
+    sample shape."""
     if test is None:
         return
     check_labels(train)
+    name = {"val": "validation"}.get(test.split, test.split)
     extra = sorted(set(np.unique(test.labels).tolist()) - set(np.unique(train.labels).tolist()))
     if test.num_classes > train.num_classes or extra:
         n_train, n_test = len(np.unique(train.labels)), len(np.unique(test.labels))
-        raise KDPipeError(f"{train.spec}: the train split has fewer classes ({n_train}) than the test split "
+        raise KDPipeError(f"{train.spec}: the train split has fewer classes ({n_train}) than the {name} split "
                           f"({n_test}): no train sample of class(es) {', '.join(map(str, extra[:5]))}")
     if test.num_classes != train.num_classes:
-        raise KDPipeError(f"{train.spec}: the train split has {train.num_classes} classes, the test split "
+        raise KDPipeError(f"{train.spec}: the train split has {train.num_classes} classes, the {name} split "
                           f"{test.num_classes}")
     if test.image_shape != train.image_shape or test.kind != train.kind:
-        raise KDPipeError(f"{train.spec}: the test samples are {test.kind} {test.image_shape}, the train samples "
+        raise KDPipeError(f"{train.spec}: the {name} samples are {test.kind} {test.image_shape}, the train samples "
                           f"{train.kind} {train.image_shape}: both splits must have one shape")
 
 
@@ -455,6 +478,9 @@ def _load_npz(spec, path: Path, split) -> ImageData:
     except Exception as e:  # numpy raises several types for a corrupt archive
         raise KDPipeError(f"cannot read {path} as .npz: {e}") from None
     xk, yk = f"x_{split}", f"y_{split}"
+    if split == "val" and not {xk, yk} <= keys:
+        raise KDPipeError(f"{path} holds no x_val and y_val arrays (the validation split): add them to pick the best "
+                          "epoch on them, or hold out part of the train split with --val-fraction F")
     if xk not in keys or yk not in keys:
         raise KDPipeError(f"{path} must hold arrays x_train, y_train, x_test, y_test; "
                           f"it holds {', '.join(sorted(keys)) or 'nothing'}")
@@ -517,14 +543,30 @@ def _decoded_cache_dir() -> Path:
     return env("KDPIPE_DATA_CACHE")
 
 
-# Split folder names, in order of preference: kdpipe has two splits, train and test. A validation
-# folder is the test split only where there is no test (or evaluation) folder.
-SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "evaluation", "eval", "val", "validation")}
+# Split folder names, in order of preference. A validation folder is the test split where there is no
+# test (or evaluation) folder; beside one, it is the validation split ("val").
+SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "evaluation", "eval", "val", "validation"),
+                 "val": ("validation", "val")}
+IMAGEFOLDER_SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val",)}
 
 
 def _split_folder(root: Path, split: str, names: dict | None = None) -> Path | None:
-    names = (names or {"train": ("train",), "test": ("test", "val")})[split]
-    return next((root / n for n in names if (root / n).is_dir()), None)
+    names = names or IMAGEFOLDER_SPLITS
+    folder = next((root / n for n in names[split] if (root / n).is_dir()), None)
+    if split == "val" and folder is not None and folder == _split_folder(root, "test", names):
+        return None  # the only held-out folder is the test split: selecting on it would select on the test set
+    return folder
+
+
+def _no_val_folder(spec, root: Path, names: dict) -> KDPipeError:
+    test = _split_folder(root, "test", names)
+    how = "or hold out part of the train split with --val-fraction F"
+    if test is not None and test.name in names["val"]:
+        others = " or ".join(n for n in names["test"] if n not in names["val"])
+        return KDPipeError(f"{spec}: {root}'s {test.name} folder is its test split (it has no {others} folder): "
+                           f"a validation split needs a test folder besides it; {how}")
+    return KDPipeError(f"{spec}: {root} has no {' or '.join(names['val'])} folder besides its test folder"
+                       + (f" {test.name}" if test is not None else "") + f": add one to pick the best epoch on it, {how}")
 
 
 def _list_files(spec, folder: Path, classes: list[str], split: str) -> tuple[list[Path], list[int]]:
@@ -556,6 +598,8 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     if not root.is_dir():
         raise KDPipeError(f"{spec}: no such folder {root}")
     folder = _split_folder(root, split)
+    if folder is None and split == "val":
+        raise _no_val_folder(spec, root, IMAGEFOLDER_SPLITS)
     if folder is None:
         raise KDPipeError(f"{spec}: {root} has no {'train' if split == 'train' else 'test or val'} folder")
     # Class names come from the train folder so that both splits number classes alike.
@@ -566,6 +610,8 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     files, labels = _list_files(spec, folder, classes, split)
     other = _split_folder(root, "test" if split == "train" else "train")
     other_files = _list_files(spec, other, classes, "test")[0] if other is not None and other != folder else []
+    if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
+        other_files += _list_files(spec, _split_folder(root, "test"), classes, "test")[0]
     return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
 
@@ -610,10 +656,13 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> t
 
 def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
     """files:PATH: PATH/training (or train) and PATH/evaluation (or test; else validation or val), each a
-    flat folder of images named <label>_<n>.jpg (the layout of Food-11)."""
+    flat folder of images named <label>_<n>.jpg (the layout of Food-11); beside an evaluation (or test)
+    folder, PATH/validation (or val) is the validation split."""
     if not root.is_dir():
         raise KDPipeError(f"{spec}: no such folder {root}")
     folder = _split_folder(root, split, SPLIT_FOLDERS)
+    if folder is None and split == "val":
+        raise _no_val_folder(spec, root, SPLIT_FOLDERS)
     if folder is None:
         raise KDPipeError(f"{spec}: {root} has no {' or '.join(SPLIT_FOLDERS[split])} folder")
     other = _split_folder(root, "test" if split == "train" else "train", SPLIT_FOLDERS)
@@ -622,6 +671,8 @@ def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
     train_names, test_names = (names, other_names) if split == "train" else (other_names, names)
     classes, index = class_numbering(spec, train_names, test_names)
     labels = [index[c] for c in names]
+    if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
+        other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS))[0]
     return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
 
@@ -662,7 +713,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     """csv:FILE, one row per sample. Columns (the header row names them):
     - ``label``: the class, whole numbers from 0 or names;
     - ``split``: train (or training), test (or evaluation); val/validation rows are the test split
-      only where the file has no test rows;
+      where the file has no test rows, else the validation split;
     - then either ``path`` (an image list: the image's path, relative to the CSV's folder) and nothing
       else, or only numeric feature columns (a feature table, stored as float32).
     Anything else is refused as ambiguous."""
@@ -681,7 +732,10 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
             raise KDPipeError(f"{spec}: {path} line {i}: split {r[cols['split']]!r} is not train, test or val")
         splits.append(v)
     has = set(splits)
-    want = split if split == "train" or "test" in has else "val"
+    if split == "val" and not {"val", "test"} <= has:
+        raise KDPipeError(f"{spec}: {path} has no val rows besides test rows (split column): add some to pick the "
+                          "best epoch on them, or hold out part of the train split with --val-fraction F")
+    want = "val" if split == "test" and "test" not in has else split
     other = ("test" if "test" in has else "val") if split == "train" else "train"
     mine = [r for r, s in zip(rows, splits) if s == want]
     theirs = [r for r, s in zip(rows, splits) if s == other]
@@ -704,6 +758,8 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
         base = path.parent
         files = [base / r[cols["path"]] for r in mine]
         other_files = [base / r[cols["path"]] for r in theirs]
+        if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
+            other_files += [base / r[cols["path"]] for r, s in zip(rows, splits) if s == "test"]
         for p in files + other_files:
             if not p.is_file():
                 raise KDPipeError(f"{spec}: {p} (listed in {path.name}, relative to its folder) is missing")
@@ -888,10 +944,10 @@ for _name in ("cifar10", "cifar100"):
     register_source(Source(_name, _name, lambda spec, path, split, root, size, _k=_name: _load_cifar(
         spec, _k, split, root)))
 register_source(Source("imagefolder", "imagefolder:PATH", lambda spec, path, split, root, size: _load_imagefolder(
-    spec, path, split, size), path=True, image_files=True))
+    spec, path, split, size), path=True, image_files=True, val=True))
 register_source(Source("files", "files:PATH", lambda spec, path, split, root, size: _load_files(
-    spec, path, split, size), path=True, image_files=True))
+    spec, path, split, size), path=True, image_files=True, val=True))
 register_source(Source("csv", "csv:FILE", lambda spec, path, split, root, size: _load_csv(
-    spec, path, split, size), path=True, image_files=True))
+    spec, path, split, size), path=True, image_files=True, val=True))
 register_source(Source("npz", "npz:PATH", lambda spec, path, split, root, size: _load_npz(spec, path, split),
-                       path=True))
+                       path=True, val=True))

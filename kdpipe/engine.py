@@ -200,7 +200,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     `r.terms[name]`, their sum to `r.history`. The terms are summed on the device: one sync per epoch.
 
     checkpoint (kdpipe.resume.PassCheckpoint): the pass starts at its position (the runs' states were
-    restored from it) and saves one at the end of every epoch and after any step where checkpoint.due().
+    restored from it) and saves one at the end of every epoch and after any step where checkpoint.due(), or
+    where a Ctrl-C or SIGTERM was held (PassCheckpoint.holding_interrupts): then it stops (KeyboardInterrupt).
     """
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     device = images.device
@@ -273,11 +274,12 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 clock.stop(k)
             seen += len(idx) * world
             prog.update(len(idx) * world)
-            if checkpoint is not None and step + 1 < len(order) and checkpoint.due():
+            if checkpoint is not None and step + 1 < len(order) and (checkpoint.interrupted or checkpoint.due()):
                 for f in fused.values():
                     f.sync_to_runs()
                 checkpoint.save(runs, units, epoch, step + 1, sums, seen,
                                 before + time.perf_counter() - start - hook_s, correct=correct)
+                checkpoint.stop_if_interrupted()
         for f in fused.values():
             f.sync_to_runs()
         flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)
@@ -316,6 +318,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
             hook_s += time.perf_counter() - t_hook
         if checkpoint is not None:
             checkpoint.save(runs, units, epoch + 1, 0, None, seen, before + time.perf_counter() - start - hook_s)
+            checkpoint.stop_if_interrupted()
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = before + time.perf_counter() - start - hook_s  # training only, not on_epoch_end's evaluations

@@ -2,7 +2,8 @@
 
 The training loop calls `loss(out, teacher, labels, epoch)` and nothing else:
 - out: student logits (B, C) for one run, or (S, B, C) for S runs stacked by kdpipe.fused;
-- teacher: teacher logits (B, C) shared by the stacked runs, or None when no run needs them;
+- teacher: teacher logits (B, C) shared by the stacked runs, or None when no run needs them, or targets
+  with `at_temperature(t)` (an ensemble's, kdpipe.ensemble): losses read them through teacher_at;
 - labels: (B,) int64, or MixedLabels for mixed views (cross_entropy weighs both labels);
 - epoch: the epoch index, counting from 0 (the index kdpipe uses everywhere:
   epoch e reads view e mod K), an int or, in fused runs, a 0-dim tensor (so torch.compile does
@@ -110,7 +111,9 @@ class Loss:
             raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
         pick = features_of if self.uses == "features" else logits_of
         out, teacher = pick(out), pick(teacher)
-        return self.terms(out.float(), None if teacher is None else teacher.float(), labels, epoch)
+        if torch.is_tensor(teacher):
+            teacher = teacher.float()
+        return self.terms(out.float(), teacher, labels, epoch)
 
     def any_member(self, predicate) -> bool:
         """Whether predicate(options) holds for some stacked run: decided once, never on the device."""
@@ -198,6 +201,13 @@ def kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
+def teacher_at(teacher, t) -> torch.Tensor:
+    """The teacher's logits scaled by the temperature, teacher / t, for the softmax at T. Targets that are not
+    one dense logits tensor give them through `at_temperature(t)`: an ensemble (kdpipe.ensemble) gives the
+    log of its teachers' weighted mean probability at T, whose softmax is that mixture. t is per_run's."""
+    return teacher / t if torch.is_tensor(teacher) else teacher.at_temperature(t)
+
+
 def _zeros(out: torch.Tensor) -> torch.Tensor:
     return out.new_zeros(out.shape[:-2])
 
@@ -229,7 +239,7 @@ class KDLoss(Loss):
             ce = (1.0 - w(self.alpha)) * cross_entropy(out, labels)
         if teacher is not None and self.needs_teacher:
             t = self.per_run(self.temperature, out.ndim)
-            kl = kl_sum(F.log_softmax(teacher / t, dim=-1), F.log_softmax(out / t, dim=-1)).mean(-1)
+            kl = kl_sum(F.log_softmax(teacher_at(teacher, t), dim=-1), F.log_softmax(out / t, dim=-1)).mean(-1)
             kd = w(self.alpha) * w(self.temperature) ** 2 * kl
         return {"ce": ce, "kd": kd}
 
@@ -277,7 +287,7 @@ class DKDLoss(Loss):
             t = self.per_run(self.temperature, out.ndim)
             target = F.one_hot(main_labels(labels), out.shape[-1]).bool()  # (B, C), broadcast over the runs
             split_s, rest_s = _target_split(out / t, target)
-            split_t, rest_t = _target_split(teacher / t, target)
+            split_t, rest_t = _target_split(teacher_at(teacher, t), target)
             scale = w(warmup_weight(epoch, self.warmup)) * w(self.temperature) ** 2
             tckd = w(self.alpha) * scale * kl_sum(split_t, split_s).mean(-1)
             nckd = w(self.beta) * scale * kl_sum(rest_t, rest_s).mean(-1)

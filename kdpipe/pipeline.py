@@ -28,7 +28,7 @@ _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "w
 # input_range or normalize give the input normalization of a teacher that is not a kdpipe checkpoint.
 _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
                  "output", "trust_pickle", "mean", "std", "input_range", "normalize"} | set(_OPTIM_FLAGS)
-# limit: only the first N samples of each split (quick end-to-end checks); prepare: a command that writes
+# limit: only N samples of each split, spread evenly over it (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind).
 _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
@@ -37,9 +37,9 @@ _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
               "yes", "force", "features"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
-                  "finetune_samples", "lr", "repeats", "seed"}
+                  "finetune_samples", "lr", "repeats", "seed", "device"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
-                 "val_fraction", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
+                 "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
                  "hint_feature"} | set(_OPTIM_FLAGS)
 
 
@@ -161,7 +161,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         seeds = _listify(block.get("seed", [0]))
         loss, loss_options = parse_loss(block.get("loss", "kd"))
         training = {k: block[k] for k in _OPTIM_FLAGS if k in block and k != "lr"}
-        for key in ("val_fraction", "train_samples"):
+        for key in ("val_fraction", "val_split", "train_samples"):
             if key in block:
                 training[key] = block[key]
         targets = [f"{runs_dir}/students/{name}/metrics.json" for name, _, _ in plan_sweep(
@@ -170,7 +170,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         all_metrics += targets
         args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _arch_args(block) + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
-            "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction", "device": "device",
+            "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction",
+            "val_split": "val-split", "device": "device",
             "train_samples": "train-samples", "checkpoint_every": "checkpoint-every",
             "keep_checkpoints": "keep-checkpoints", "hint_layer": "hint-layer", "hint_feature": "hint-feature"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
@@ -192,7 +193,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
                       + q(kinds + _opts(c, {"backend": "backend", "calibration": "calibration", "sparsity": "sparsity",
                                             "finetune_epochs": "finetune-epochs", "finetune_loss": "finetune-loss",
                                             "finetune_samples": "finetune-samples", "lr": "lr", "repeats": "repeats",
-                                            "seed": "seed"}))
+                                            "seed": "seed", "device": "device"}))
                       + f" --students {runs_dir}/students --out {runs_dir}/compress", "compress")
         targets.append(target)
     lines += [f"PIPELINE_TARGET := {' '.join(targets)}", ""]

@@ -97,7 +97,34 @@ def _diverged(r) -> str:
 
 
 def _role(r) -> str:
-    return "scratch" if _scratch(r) else "KD"
+    if _scratch(r):
+        return "scratch"
+    ens = r.get("ensemble")
+    return "KD" if not ens else f"KD from ensemble {ens['tag']}: {ens['label']}"
+
+
+def _ensembles(runs) -> list[str]:
+    """The report's lines on the ensembles of teachers that runs trained from (kdpipe.ensemble): per ensemble and
+    T, its teachers with their weights, the mixture's test top-1 and the runs' mean agreement with each."""
+    groups = defaultdict(list)
+    for r in runs:
+        e = r.get("ensemble")
+        if e:
+            groups[(e["label"], e["temperature"])].append(r)
+    if not groups:
+        return []
+    lines = ["", "Ensembles of teachers (students trained against the weighted mean of the teachers' probabilities "
+             "at T; agreement: the students' mean top-1 agreement on the clean test split):", "",
+             "| ensemble | T | teacher | weight | teacher test top-1 | agreement | runs |", "|---|---|---|---|---|---|---|"]
+    for (label, t), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        e = rs[0]["ensemble"]
+        lines.append(f"| {e['tag']} | {t:g} | the ensemble | | {_fmt(e.get('test_top1'))} | "
+                     f"{_fmt(_mean_std([r['ensemble'].get('agreement') for r in rs])[0])} | {len(rs)} |")
+        for i, tc in enumerate(e["teachers"]):
+            agr = _mean_std([r["ensemble"]["teachers"][i].get("agreement") for r in rs])[0]
+            lines.append(f"| {e['tag']} | {t:g} | {tc['label']} | {tc['weight']:.3g} | {_fmt(tc.get('test_top1'))} | "
+                         f"{_fmt(agr)} | {len(rs)} |")
+    return lines
 
 
 def _num(x, spec="g") -> str:
@@ -119,6 +146,9 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         t = r.get("teacher") or {}
         if t.get("fingerprint"):
             teachers[t["fingerprint"]] = {**t, "dataset": r.get("dataset", "?")}
+        for t in (r.get("ensemble") or {}).get("teachers", []):  # every teacher of an ensemble
+            teachers.setdefault(t["fingerprint"], {k: v for k, v in t.items() if k not in (
+                "name", "label", "weight", "cache", "cache_id", "agreement")} | {"dataset": r.get("dataset", "?")})
     lines = ["# kdpipe report", ""]
     sizes = sorted({r["train_samples"] for r in runs if r.get("train_samples")})  # older metrics: absent
     lines += [f"Dataset: {', '.join(datasets)}. {len(runs)} student run(s)"
@@ -173,6 +203,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                          f"{_fmt(s['test_top1_std'])}" + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
                          + f" | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
                          f"{s['train_s_mean']:.1f} |")
+    lines += _ensembles(runs)
     versus = versus_scratch(groups)
     if versus:
         lines += ["", "KD against its scratch twin (same architecture, training settings and seeds; a clear gain "
@@ -204,7 +235,8 @@ def _group_order(r):
 def _twin_key(r):
     """What a KD run and its scratch twin share: the data, the architecture and how they trained."""
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
-            r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")))
+            r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
+            bool(r.get("training", {}).get("val_split")))
 
 
 def versus_scratch(groups) -> list[dict]:

@@ -13,14 +13,23 @@ Each run's directory gets config.json when its pass starts and metrics.json when
 a run directory with config.json and no metrics.json is unfinished. Rerunning the same command
 skips finished runs, resumes unfinished ones from the furthest checkpoint that holds them, and
 refuses (unless --overwrite) a directory holding a run with other settings, naming each difference.
+
+Two commands never train one run at once: a run being trained holds RUN/.lock (RunLocks: the pid, host
+and start of its process, created exclusively). Another command that would train it is refused in one
+line naming that process; a lock whose process is gone (same host) is taken over. Runs of one runs
+directory that differ may train at the same time (a pipeline's [[students]] blocks under make -j).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +37,14 @@ from pathlib import Path
 import torch
 
 from kdpipe import KDPipeError
-from kdpipe.cache.writer import atomic_write_stream, differences, remove_temporaries
+from kdpipe.cache.writer import atomic_write_stream, differences
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_VERSION = 1
 DEFAULT_EVERY_MINUTES = 10.0
 # Keys of a run's config.json that do not change what it computes (where it ran, which versions, where the
 # cache lies now): a rerun may differ in them. Every other key is a setting that must match to resume or skip.
-NOT_SETTINGS = ("run", "device", "cache", "kdpipe_version", "torch_version")
+NOT_SETTINGS = ("run", "device", "cache", "ensemble_paths", "kdpipe_version", "torch_version")
 # Under torchrun the ranks agree every this many steps whether a timed checkpoint is due (one all-reduce).
 DIST_CHECK_STEPS = 8
 
@@ -89,7 +98,7 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     ckdir = out / CHECKPOINT_DIR
     held: dict[str, dict] = {}  # checkpoint path -> header (runs' settings, position, seed)
     if ckdir.is_dir():
-        remove_temporaries(ckdir)  # writes a crash interrupted
+        _remove_dead_temporaries(ckdir)
         for p in sorted(ckdir.glob("pass-*.pt")):
             c = load_checkpoint(p)
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
@@ -132,6 +141,15 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     return plan
 
 
+def _remove_dead_temporaries(ckdir: Path) -> None:
+    """Remove the checkpoint writes a crash interrupted (.NAME.tmp-PID), not those of a live command training
+    other runs of the same runs directory."""
+    for p in ckdir.glob(".*.tmp-*"):
+        pid = p.name.rpartition("-")[2]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_runs(int(pid))):
+            p.unlink(missing_ok=True)
+
+
 def remove_finished_checkpoints(out: Path, log=print) -> None:
     """Remove the checkpoints every run of which has finished (metrics.json), and the folder once empty."""
     ckdir = Path(out) / CHECKPOINT_DIR
@@ -141,7 +159,7 @@ def remove_finished_checkpoints(out: Path, log=print) -> None:
         runs = load_checkpoint(p)["runs"]
         if all((Path(out) / name / "metrics.json").is_file() for name in runs):
             p.unlink(missing_ok=True)
-    remove_temporaries(ckdir)
+    _remove_dead_temporaries(ckdir)
     try:
         ckdir.rmdir()  # only when empty
     except OSError:
@@ -153,7 +171,7 @@ class PassCheckpoint:
 
     The pass's runs must be restored (`restore`) before they are wrapped for DistributedDataParallel
     and handed to train_pass with `checkpoint=` this object; train_pass then starts at `position`,
-    calls `sums`, `due` and `save`.
+    calls `sums`, `due` and `save`, and after a save `stop_if_interrupted` (see holding_interrupts).
     """
 
     def __init__(self, out: Path, seed: int, configs: dict[str, dict], epochs: int, every_minutes: float,
@@ -173,6 +191,37 @@ class PassCheckpoint:
         self.written = False
         self.last = time.monotonic()
         self._steps = 0
+        self.interrupted = False  # a Ctrl-C or SIGTERM held by holding_interrupts, until the step ends
+
+    @contextlib.contextmanager
+    def holding_interrupts(self):
+        """Around train_pass in one process: the first Ctrl-C or SIGTERM is held until the step in progress
+        ends; train_pass then writes the checkpoint there and raises KeyboardInterrupt (stop_if_interrupted),
+        so no work is lost. A second one interrupts at once. Under torchrun, or off the main thread, signals
+        are left as they are (a rank cannot write alone; the last checkpoint is kept)."""
+        if self.dist.world > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def hold(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.log(f"\n{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
+                     "(again to stop at once)")
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, hold)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def stop_if_interrupted(self) -> None:
+        """Raise the held interrupt, once the checkpoint is written."""
+        if self.interrupted:
+            raise KeyboardInterrupt
 
     # ---------------------------------------------------------------- resume
 
@@ -281,3 +330,82 @@ def _cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu(v) for v in obj)
     return obj
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLocks:
+    """Exclusive locks on the run directories one train-student call trains: RUN/.lock, created with
+    O_EXCL, holding this process's pid, host and start time; removed by release(). A lock held by a live
+    process is a one-line refusal; one left by a process that is gone (same host: its pid no longer runs,
+    or it is this process's own, from a call that raised) is taken over."""
+
+    def __init__(self, log=print):
+        self.log, self.held = log, []
+
+    def acquire(self, out: Path, names) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            for name in names:
+                path = Path(out) / name / LOCK_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                for _ in range(2):
+                    try:
+                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        holder = _read_lock(path)
+                        if _alive_elsewhere(holder, me):
+                            raise KDPipeError(
+                                f"run {name} is being trained by another kdpipe (pid {holder.get('pid')} on "
+                                f"{holder.get('host')}, since {holder.get('started')}): wait for it to finish, or "
+                                f"remove {path} if that process is gone") from None
+                        path.unlink(missing_ok=True)  # its process is gone: take the run over
+                        if holder.get("pid") != me["pid"]:
+                            self.log(f"{name}: the process that was training it (pid {holder.get('pid')}) is gone")
+                        continue
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(me, f)
+                    self.held.append(path)
+                    break
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        for path in self.held:
+            if _read_lock(path).get("pid") == os.getpid():
+                path.unlink(missing_ok=True)
+        self.held = []
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # half-written by a process that died at once, or removed meanwhile: nobody holds it
+
+
+def _alive_elsewhere(holder: dict, me: dict) -> bool:
+    """Whether the lock's process may still be training: another host (it cannot be checked from here),
+    or a live pid on this host other than this process."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if holder.get("host") != me["host"]:
+        return True
+    return pid != me["pid"] and _pid_runs(pid)
+
+
+def _pid_runs(pid: int) -> bool:
+    """Whether process `pid` of this host is running (a zombie, killed but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: a killed process that its parent has not reaped yet (a zombie) trains nothing
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import time
@@ -17,14 +18,16 @@ from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
-from kdpipe.data import KINDS, SOURCES, ImageData, limited, load_dataset, moved_spec
+from kdpipe.data import KINDS, SOURCES, ImageData, check_splits, limited, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE, Dist
-from kdpipe.features import plain
 from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, steps_per_epoch, train_pass
+from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
+from kdpipe.features import plain
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.losses import Outputs, create_loss
 from kdpipe.models import check_model, count_parameters, create_model
-from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, plan_runs_dir, remove_finished_checkpoints
+from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
+                           remove_finished_checkpoints)
 from kdpipe.sweep import parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
@@ -38,19 +41,14 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     the other sources. Either way the fingerprint check refuses a dataset that is not the cache's.
     """
     d = cache.manifest["dataset"]
-    src = SOURCES.get(d["spec"].split(":")[0].lower())
-    builtin = src is not None and not src.path  # finds its files in a folder, which the manifest records
-    spec = data_spec or moved_spec(d["spec"], data_root)
-    root = data_root
-    if root is None and builtin and not data_spec:
-        root = d.get("source")
+    spec, root, src = _data_where(cache, data_root, data_spec)
     kind = d.get("kind", "dense")
     if kind not in KINDS:
         raise KDPipeError(f"the cache's data is of kind {kind!r}, which this version cannot load "
                           f"(it knows {', '.join(KINDS)}): upgrade kdpipe")
     size = d.get("image_size")  # photos: decoded the same way as in stage one, without asking again
     try:
-        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"))
+        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"), d.get("limit_step", 1))
     except KDPipeError as e:
         arg = spec.partition(":")[2]
         gone = Path(arg).expanduser() if src is not None and src.path else Path(root) if root else None
@@ -64,12 +62,43 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     test = None
     ev = cache.manifest.get("eval")
     if ev:
-        test = limited(load_dataset(spec, "test", root, size), ev["dataset"].get("limit"))
+        test = limited(load_dataset(spec, "test", root, size), ev["dataset"].get("limit"),
+                       ev["dataset"].get("limit_step", 1))
         if test.fingerprint != ev["dataset"]["fingerprint"]:
             raise KDPipeError(f"the test split of {spec} differs from the one the cache's teacher "
                               f"was evaluated on (fingerprint: cache has {ev['dataset']['fingerprint'][:12]}, "
                               f"given {test.fingerprint[:12]})")
     return train, test
+
+
+def _data_where(cache: Cache, data_root=None, data_spec: str | None = None):
+    """(spec, data root, Source) of the cache's dataset where it lies now (see load_cache_data)."""
+    d = cache.manifest["dataset"]
+    src = SOURCES.get(d["spec"].split(":")[0].lower())
+    builtin = src is not None and not src.path  # finds its files in a folder, which the manifest records
+    spec = data_spec or moved_spec(d["spec"], data_root)
+    root = data_root
+    if root is None and builtin and not data_spec:
+        root = d.get("source")
+    return spec, root, src
+
+
+def load_validation_split(cache: Cache, train: ImageData, test: ImageData | None, data_root=None,
+                          data_spec: str | None = None) -> ImageData:
+    """The data source's own validation split (--val-split: Food-11's validation/, imagefolder's val/, a CSV's
+    val rows, an npz's x_val), decoded as the cache's data was (the manifest's image size; the first `limit`
+    samples where the cache's data was limited, as --limit takes of each split) and checked against the train
+    split (classes, shape). A source without one is refused by its loader, in one line; so is a validation
+    split that holds the same data as the test split (selecting on it would select on the test set)."""
+    spec, root, _ = _data_where(cache, data_root, data_spec)
+    d = cache.manifest["dataset"]
+    val = limited(load_dataset(spec, "val", root, d.get("image_size")), d.get("limit"))
+    check_splits(train, val)
+    if val.fingerprint in (train.fingerprint, test.fingerprint if test is not None else None):
+        same = "train" if val.fingerprint == train.fingerprint else "test"
+        raise KDPipeError(f"{spec}: the validation split holds the same data as the {same} split: give the data a "
+                          "validation split of its own, or use --val-fraction F")
+    return val
 
 
 def check_split_use(cache: Cache, allow_test_split: bool) -> None:
@@ -199,6 +228,19 @@ def training_subset(rows: np.ndarray, size: int) -> np.ndarray:
     return np.sort(rows[np.random.default_rng(TRAINING_SUBSET_SEED).permutation(len(rows))[:size]])
 
 
+def _releasing_run_locks(train):
+    """train_students holds a lock on each run it may train (kdpipe.resume.RunLocks), released however it ends."""
+    @functools.wraps(train)
+    def wrapper(*args, **kwargs):
+        locks = RunLocks(kwargs.get("log", print))
+        try:
+            return train(*args, locks=locks, **kwargs)
+        finally:
+            locks.release()
+    return wrapper
+
+
+@_releasing_run_locks
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
                    device=torch.device("cpu"), data_root=None, amp: bool = False,
@@ -206,7 +248,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                    data_spec: str | None = None, allow_test_split: bool = False,
                    arch_args: dict | None = None, lrs=(), val_fraction: float = 0.0, train_samples: int | None = None,
                    overwrite: bool = False, checkpoint_every: float = DEFAULT_EVERY_MINUTES,
-                   keep_checkpoints: bool = False, hint_layer: str | None = None,
+                   keep_checkpoints: bool = False, val_split: bool = False, teacher_weights=None,
+                   locks: RunLocks | None = None, hint_layer: str | None = None,
                    hint_feature_name: str | None = None) -> list[dict]:
     """Train every (student, T, alpha, seed) from the cache; write RUNS/<name>/{student.pt, metrics.json,
     config.json}. `students` are kdpipe.models specs; `arch_args` (--arch-args) go to every one of them.
@@ -215,9 +258,13 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     `optim` gives the optimizer and schedule; `lrs`, when given, is a sweep axis over its learning rate.
     `val_fraction` > 0 holds that share of the cache's samples out of training (validation_rows: the same
     rows for every run and seed); each epoch then evaluates every run on them, and each run keeps its best
-    epoch's weights (student-best.pt) besides the last (student.pt). Every epoch also evaluates on the test
-    split: metrics.json's "history" and history.csv hold, per epoch, the loss terms, train top-1 (on the
-    views stepped on), validation and test top-1 and agreement with the teacher on the test split.
+    epoch's weights (student-best.pt) besides the last (student.pt). `val_split` instead picks the best epoch
+    on the data source's own validation split (load_validation_split), which is never trained on: every
+    training sample of the cache is trained on, and the validation split's fingerprint is part of each run's
+    settings (config.json), so a rerun or resume with other validation data is refused by name. Every epoch
+    also evaluates on the test split: metrics.json's "history" and history.csv hold, per epoch, the loss
+    terms, train top-1 (on the views stepped on), validation and test top-1 and agreement with the teacher
+    on the test split.
 
     `loss` is a spec, NAME[:OPTION=VALUE,...] (kdpipe.sweep.parse_loss, kdpipe.losses); T and alpha are
     its temperature and alpha, swept; empty `temperatures` or `alphas`: the loss's default (kd: 4, 0.9).
@@ -245,7 +292,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     `checkpoint_every` minutes (0: only at epoch ends), removed when the pass ends unless
     `keep_checkpoints`. Called again with the same arguments, it returns the metrics of finished runs
     without training them and resumes the others from their checkpoint; a run directory holding a run with
-    other settings is refused unless `overwrite` (which starts that run over).
+    other settings is refused unless `overwrite` (which starts that run over). A run that another command
+    is training at the same time is refused (RUN/.lock, kdpipe.resume.RunLocks).
+
+    Ensembles (kdpipe.ensemble): `cache_dir` may be a list of caches of the same views; the runs then train
+    against their teachers' probabilities at T, mixed with `teacher_weights` (default: equal).
 
     A loss with a feature term (``kd+hint``, ``kd:1,hint:50``; kdpipe.losses.HintLoss) needs a cache with
     features (dump-logits --features) and `hint_layer`, the student's module path whose output a learned
@@ -264,8 +315,10 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         raise KDPipeError("give at least one --student")
     loss_name, loss_options = parse_loss(loss)
     training = {k: v for k, v in optim.settings().items() if k != "lr"}
+    ens_tag = ensemble_tag(len(cache_dirs_list(cache_dir)), teacher_weights)  # "" for one cache
     planned = plan_sweep(students, temperatures, alphas, seeds, loss_name, loss_options, list(lrs) or [optim.lr],
-                         epochs, batch_size, val_fraction=val_fraction, train_samples=train_samples, **training)
+                         epochs, batch_size, val_fraction=val_fraction, train_samples=train_samples,
+                         val_split=val_split, extra_tag=ens_tag, **training)
     losses = {name: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training
@@ -283,11 +336,16 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
             log(f"--loss {loss}: its runs step unfused (a composed or hint loss has no fused form)")
         fuse = False
     with ctx.together("opening the cache"):
-        cache = Cache(cache_dir)
+        cache, ensemble = open_caches(cache_dir, teacher_weights)
         m = cache.manifest
+        if ensemble is not None and online_teacher is not None:
+            raise KDPipeError("an online teacher and an ensemble of caches exclude each other: give one cache")
+        if ensemble is not None and hinted:
+            raise KDPipeError(f"--loss {loss} distils one cache's features: give one --cache, not an ensemble")
         check_split_use(cache, allow_test_split)
         policy = policy_from_identity(m["views"])
         train, test = load_cache_data(cache, data_root, data_spec)
+        val = load_validation_split(cache, train, test, data_root, data_spec) if val_split else None
         in_shape = tuple(m["input"]["shape"])
         for arch in students:  # fail on a bad name, or a model that returns no logits, before any training
             check_model(arch, cache.num_classes, in_shape, arch_args)
@@ -302,7 +360,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                 make_projector(layer_shape(model, hint_layer, in_shape, torch.device("cpu")), feat["shape"],
                                hint_layer, feat["layer"])
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
-    ids = ctx.all_gather(m["cache_id"])  # per-node copies of a cache are fine; different caches are not
+    ids = ctx.all_gather(m["cache_id"] if ensemble is None else ensemble.identity())  # per-node copies of a cache are fine; different caches are not
     if len(set(ids)) > 1:
         raise KDPipeError("the ranks opened different caches (" + ", ".join(f"rank {r}: id {i[:12]}" for r, i in
                           enumerate(ids)) + "): every rank must read the same cache")
@@ -322,6 +380,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         train_rows = torch.from_numpy(np.flatnonzero(keep))
         log(f"validation: {len(val_rows)} of {n} samples ({val_fraction:g}) held out of training; each run keeps "
             "its best epoch by validation top-1")
+    if val is not None:
+        log(f"validation: the data's own validation split, {len(val)} samples of {val.spec} (not trained on); each "
+            "run keeps its best epoch by validation top-1")
     n_train = n - len(val_rows)
     if n_train < 1:
         raise KDPipeError(f"--val-fraction {val_fraction:g} leaves no training samples: lower it")
@@ -346,17 +407,21 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
     view_source = CachedViews(cache, device, logits=online_teacher is None, policy=policy,
                               features=f"features/{hint['teacher_feature']}" if hint else None)
-
     teacher_test = cache.read_test_logits()
+    if ensemble is not None:
+        log(f"ensemble of {len(ensemble.caches)} teachers, their probabilities at T mixed: {ensemble.describe()}")
+        view_source, teacher_test = ensemble.view_source(device, policy), ensemble.test()
     configs = {name: _run_config(name, p[0], arch_args, losses[name], p[3], cache, epochs, batch_size, world,
-                                 OptimConfig.from_settings(st), val_fraction, train_samples, amp, device)
-               for name, p, st in planned}
+                                 OptimConfig.from_settings(st), val_fraction, train_samples, amp, device, val)
+               | ({} if ensemble is None else ensemble.config()) for name, p, st in planned}
     for name in configs:
         if losses[name].needs_features:  # a setting: another layer or feature is another run
             configs[name]["hint"] = hint
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
+            if locks is not None:  # another command training one of these runs is refused, before anything changes
+                locks.acquire(out, configs)
             plan = plan_runs_dir(out, configs, overwrite, log)
     plan = ctx.broadcast(plan)
     results = []
@@ -369,7 +434,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     for name, p, st in planned:
         if name not in plan.finished:
             passes.setdefault((p[3], plan.resume.get(name, "")), []).append((name, p, st))
-    evaluate = _Evaluator(images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device)
+    evaluate = _Evaluator(images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device, val)
     for (seed, resume_from), group in sorted(passes.items()):
         runs: list[Run] = [build_run(name, p[0], losses[name], p[3], cache.num_classes, in_shape,
                                      OptimConfig.from_settings(st), total_steps, device, arch_args=arch_args,
@@ -397,11 +462,13 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
         def on_epoch_end(epoch, runs=runs, tracks=tracks):
             for r in runs:
-                tracks[r.name].add(r, epoch, evaluate(plain(ctx.unwrap(r.model))))
+                tracks[r.name].add(r, epoch, evaluate(plain(ctx.unwrap(r.model)), r.loss))
 
-        stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
-                           online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
-                           dist=ctx, fuse=fuse, train_rows=train_rows, on_epoch_end=on_epoch_end, checkpoint=ckpt)
+        with ckpt.holding_interrupts():  # Ctrl-C / SIGTERM: a checkpoint where it stopped, then KeyboardInterrupt
+            stats = train_pass(runs, images, labels, policy, mean, std, epochs, batch_size, seed, view_source,
+                               online_teacher=online_teacher, amp=amp, label=f"students s{seed}", log=log,
+                               dist=ctx, fuse=fuse, train_rows=train_rows, on_epoch_end=on_epoch_end,
+                               checkpoint=ckpt)
         for r in runs:
             r.model = ctx.unwrap(r.model)
         if not ctx.is_main:
@@ -409,7 +476,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         for r in runs:
             results.append(_finish_run(r, cache, tracks[r.name], in_shape, out, stats, epochs, len(runs),
                                        configs[r.name], amp, device, log, world=world, val_rows=val_rows,
-                                       val_fraction=val_fraction, train_samples=n_train, hint=hints.get(r.name)))
+                                       val_fraction=val_fraction, train_samples=n_train, val=val, ensemble=ensemble,
+                                       ensemble_test=teacher_test if ensemble is not None else None,
+                                       hint=hints.get(r.name)))
         if not keep_checkpoints:
             ckpt.remove()
         log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
@@ -420,17 +489,28 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
 
 
 def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_size, world, optim: OptimConfig,
-                val_fraction: float, train_samples: int | None, amp, device) -> dict:
-    """A run's config.json: its settings (kdpipe.resume.settings) and where it ran."""
+                val_fraction: float, train_samples: int | None, amp, device, val: ImageData | None = None) -> dict:
+    """A run's config.json: its settings (kdpipe.resume.settings) and where it ran. With the data's validation
+    split (`val`), its identity (sample count, fingerprint) is a setting: other validation data is other settings."""
     opts = loss.options
     return {"run": name, "student": arch, "arch_args": arch_args or {}, "loss": {"name": loss.name, "options": opts},
             "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
             "epochs": epochs, "batch_size": batch_size, "world_size": world,
             "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim),
-            "val_fraction": val_fraction, "train_samples": train_samples, "amp": amp, "device": str(device),
+            "val_fraction": val_fraction, "train_samples": train_samples, "val_split": _val_identity(val),
+            "amp": amp, "device": str(device),
             "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
             "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
             "torch_version": torch.__version__}
+
+
+def _val_identity(val: ImageData | None) -> dict | None:
+    """What a run records of the validation split it selected on (config.json, metrics.json): not its spec,
+    which changes when the data moves (--data-root), but what it holds."""
+    if val is None:
+        return None
+    return {"split": val.split, "num_samples": len(val), "fingerprint": val.fingerprint,
+            **({"limit": val.limit} if getattr(val, "limit", None) else {})}
 
 
 VAL_SEED = 20_151_031  # the validation rows depend on this, the number of samples and the fraction only
@@ -446,13 +526,16 @@ def validation_rows(n: int, fraction: float) -> np.ndarray:
 
 
 class _Evaluator:
-    """Per epoch: top-1 on the held-out validation rows (clean view) and on the test split, and top-1
-    agreement with the teacher's test logits."""
+    """Per epoch: top-1 on the held-out validation rows or the data's validation split `val` (clean view) and on
+    the test split, and top-1 agreement with the teacher's test logits."""
 
-    def __init__(self, images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device):
+    def __init__(self, images, labels, val_rows, test, teacher_test, policy, mean, std, amp, device, val=None):
         self.policy, self.mean, self.std, self.amp = policy, mean, std, amp
         self.val = None
-        if len(val_rows):
+        if val is not None:
+            self.val = (images_tensor(val.images, device),
+                        torch.from_numpy(eval_params(policy, val.image_shape, len(val))).to(device), val.labels)
+        elif len(val_rows):
             idx = torch.from_numpy(val_rows).to(device)
             vimg = images[idx]
             self.val = (vimg, torch.from_numpy(eval_params(policy, tuple(vimg.shape[1:]), len(idx))).to(device),
@@ -463,7 +546,7 @@ class _Evaluator:
                          torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device), test.labels)
         self.teacher_test = teacher_test
 
-    def __call__(self, model) -> dict:
+    def __call__(self, model, loss=None) -> dict:
         out = {}
         if self.val is not None:
             out["val_top1"] = top1(predict(model, self.val[0], self.policy, self.val[1], self.mean, self.std,
@@ -471,7 +554,9 @@ class _Evaluator:
         if self.test is not None:
             logits = predict(model, self.test[0], self.policy, self.test[1], self.mean, self.std, amp=self.amp).cpu()
             out["test_top1"] = top1(logits, self.test[2])
-            if self.teacher_test is not None:
+            if hasattr(self.teacher_test, "agreements"):  # an ensemble's, at the run's T (kdpipe.ensemble)
+                out.update(self.teacher_test.agreements(logits, loss))
+            elif self.teacher_test is not None:
                 out["teacher_agreement"] = agreement(logits, self.teacher_test)
         return out
 
@@ -515,13 +600,15 @@ class _Track:
 
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
                 config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
-                train_samples: int | None = None, hint: dict | None = None) -> dict:
+                train_samples: int | None = None, val: ImageData | None = None, ensemble=None,
+                ensemble_test=None, hint: dict | None = None) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     hinted = r.model
     r.model = plain(r.model)  # what the run saves, measures and exports: the student alone
     opts = r.loss.options
     last = track.history[-1] if track.history else {}
-    training = {**r.optim.settings(), "val_fraction": val_fraction, "val_samples": len(val_rows)}
+    training = {**r.optim.settings(), "val_fraction": val_fraction, "val_split": val is not None,
+                "val_samples": len(val) if val is not None else len(val_rows)}
     metrics = {"name": r.name, "arch": r.arch, "loss": {"name": r.loss.name, "options": opts},
                "temperature": opts.get("temperature"), "alpha": opts.get("alpha"),
                "uses_teacher": r.loss.needs_teacher, "seed": r.seed,
@@ -536,9 +623,13 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"],
                "history": track.history}
+    if val is not None:
+        metrics["val_data"] = {"spec": val.spec, **_val_identity(val)}
     for key in ("test_top1", "teacher_agreement", "val_top1"):
         if key in last:
             metrics[key] = last[key]
+    if ensemble is not None:
+        metrics.update(ensemble.run_metrics(r.loss, last, ensemble_test))
     diverged = next((e + 1 for e, v in enumerate(r.history) if not math.isfinite(v)), None)
     if diverged is not None:  # a NaN or infinite loss: the weights are not a trained student
         metrics["diverged_epoch"] = diverged
@@ -553,12 +644,12 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
                   class_names=cache.manifest["dataset"]["class_names"],
                   dataset={k: v for k, v in cache.manifest["dataset"].items()}, arch_args=r.arch_args)
     if track.best_epoch is not None:
+        chosen = {"selected_by": "val_top1", "validation": "val_split" if val is not None else "val_fraction"}
         best_model = create_model(r.arch, cache.num_classes, in_shape, r.arch_args)
         best_model.load_state_dict(track.best_state)
         save_checkpoint(rdir / "student-best.pt", best_model, **common, test_top1=track.best_eval.get("test_top1"),
-                        extra={"role": "student", "run": r.name, "epoch": track.best_epoch, "selected_by": "val_top1"})
-        metrics["best"] = {"epoch": track.best_epoch, "checkpoint": "student-best.pt", "selected_by": "val_top1",
-                           **track.best_eval}
+                        extra={"role": "student", "run": r.name, "epoch": track.best_epoch, **chosen})
+        metrics["best"] = {"epoch": track.best_epoch, "checkpoint": "student-best.pt", **chosen, **track.best_eval}
     metrics["size_bytes"] = save_checkpoint(
         rdir / "student.pt", r.model, **common, test_top1=metrics.get("test_top1"),
         extra={"role": "student", "run": r.name, "epoch": epochs})

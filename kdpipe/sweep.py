@@ -30,7 +30,8 @@ OPTIMIZERS = {  # name -> its usual defaults where they differ between optimizer
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
 STUDENT_BATCH_SIZE = 128  # train-student's default --batch-size (a pipeline block without batch_size gets it)
 TRAIN_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False, "betas": (0.9, 0.999), "eps": 1e-8,
-                  "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0, "train_samples": None}
+                  "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0, "train_samples": None,
+                  "val_split": False}
 # What each optimizer uses (a setting it ignores does not change a run's name).
 OPTIMIZER_USES = {"sgd": ("momentum", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps")}
 
@@ -57,6 +58,10 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
         raise KDPipeError(f"--train-samples must be >= 1, got {out['train_samples']}")
     if not 0 <= out["val_fraction"] < 1:
         raise KDPipeError(f"--val-fraction must lie in [0, 1), got {out['val_fraction']}")
+    out["val_split"] = bool(out["val_split"])
+    if out["val_split"] and out["val_fraction"]:
+        raise KDPipeError("--val-split and --val-fraction both choose what picks the best epoch: give one of them "
+                          "(the data's own validation split, or a share of the train split)")
     if out["warmup_epochs"] < 0:
         raise KDPipeError(f"--warmup-epochs must be >= 0, got {out['warmup_epochs']}")
     if len(out["betas"]) != 2 or not all(0 <= b < 1 for b in out["betas"]):
@@ -73,7 +78,8 @@ def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
     `settings` is resolve_training's result."""
     name = settings["optimizer"]
     base = resolve_training(name)
-    used = ("weight_decay", "schedule", "warmup_epochs", "val_fraction", "train_samples") + OPTIMIZER_USES[name]
+    used = ("weight_decay", "schedule", "warmup_epochs", "val_fraction", "train_samples", "val_split") + \
+        OPTIMIZER_USES[name]
     rest = {k: settings[k] for k in used if settings[k] != base[k]}
     if name == "sgd" and settings["lr"] == base["lr"] and not rest:
         return ""
@@ -196,14 +202,15 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
 
 
 def plan_sweep(students, temperatures, alphas, seeds, loss: str, loss_options: dict | None, lrs, epochs: int,
-               batch_size: int, **training) -> list[tuple[str, tuple, dict]]:
+               batch_size: int, extra_tag: str = "", **training) -> list[tuple[str, tuple, dict]]:
     """plan_runs crossed with the learning rates `lrs` (empty: the optimizer's default), as
     (run name, (arch, T, alpha, seed), resolved training settings) per run. `training`: resolve_training's
-    arguments other than lr. Two runs with one name are refused."""
+    arguments other than lr; `extra_tag` (an ensemble's, kdpipe.ensemble.ensemble_tag) follows the training tag.
+    Two runs with one name are refused."""
     out, seen = [], {}
     for lr in list(lrs) or [None]:
         settings = resolve_training(lr=lr, **training)
-        tag = training_tag(settings, epochs, batch_size)
+        tag = "-".join(filter(None, (training_tag(settings, epochs, batch_size), extra_tag)))
         for p in plan_runs(students, temperatures, alphas, seeds, loss, loss_options):
             name = run_name(*p, loss, loss_options, tag=tag)
             if name in seen:

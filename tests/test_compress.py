@@ -185,7 +185,7 @@ def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckp
     r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
                                   str(student_runs.out), "--sparsity", "0.5", "--finetune-epochs", "1",
                                   "--finetune-samples", "64", "--calibration", "64", "--repeats", "2",
-                                  "--out", str(out)])
+                                  "--device", "auto" if not torch.cuda.is_available() else "cpu", "--out", str(out)])
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "compress.json").read_text())
     rows = {row["name"]: row for row in doc["rows"]}
@@ -205,7 +205,7 @@ def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckp
     assert un["nonzero_parameters"] < 0.6 * teacher["parameters"]
     ch = rows["teacher-prune-channels-50"]
     assert ch["parameters"] < 0.75 * teacher["parameters"] and ch["size_bytes"] < teacher["size_bytes"]
-    assert "KD from the teacher" in ch["finetune"]
+    assert "KD from the teacher" in ch["finetune"] and doc["finetune_device"] == "cpu"
     assert rows["teacher-int8-static"]["size_bytes"] < 0.7 * teacher["size_bytes"]
     for s in students:  # the students' own test accuracy, as train-student measured it
         m = json.loads((student_runs.out / s / "metrics.json").read_text())
@@ -232,8 +232,10 @@ def test_a_backend_without_a_kernel_is_a_note_in_the_table(fmnist, teacher_ckpt,
     (["--backend", "tpu"], "Invalid value for '--backend'"),
     (["--sparsity", "1.5"], "strictly between 0 and 1"),
     (["--students", "{tmp}"], "holds no student runs"),
+    (["--device", "cuda"], "CUDA is not available here"),
 ])
-def test_bad_compress_inputs_are_one_line_errors(fmnist, teacher_ckpt, tmp_path, args, message):
+def test_bad_compress_inputs_are_one_line_errors(fmnist, teacher_ckpt, tmp_path, args, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec,
                                   "--out", str(tmp_path / "o"), *args])

@@ -498,3 +498,43 @@ def test_a_photo_truncated_after_its_header_is_named(tmp_path):
     victim.write_bytes(raw[: len(raw) // 2])  # the header still reads; the pixels do not
     with pytest.raises(KDPipeError, match=rf"cannot decode {victim}"):
         load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
+
+
+def test_limit_spreads_over_a_class_sorted_split_and_stage_two_takes_the_same_rows(fmnist):
+    """--limit takes every (n // N)-th sample, so a folder sorted by class keeps every class; a manifest
+    without limit_step (written before) still means the first N."""
+    from kdpipe.data import limited
+    order = np.argsort(fmnist.y_train, kind="stable")
+    sorted_split = ImageData(fmnist.x_train[order][:, None], fmnist.y_train[order], FASHION_MNIST_CLASSES, "sorted", "train",
+                             "memory")
+    sub = limited(sorted_split, 50)
+    assert len(sub) == 50 and set(sub.labels.tolist()) == set(range(10))
+    ident = sub.identity()
+    assert ident["limit"] == 50 and ident["limit_step"] == len(sorted_split) // 50
+    again = limited(sorted_split, ident["limit"], ident["limit_step"])
+    assert again.fingerprint == sub.fingerprint
+    first = limited(sorted_split, 50, 1)
+    assert (first.labels == sorted_split.labels[:50]).all() and "limit_step" not in first.identity()
+    assert first.fingerprint != sub.fingerprint
+
+
+def test_a_limited_dump_of_a_class_sorted_folder_trains_and_verifies(cifar_folder, tmp_path):
+    """The cifar10-resnet pipeline's quick check on an ImageFolder copy: --limit keeps every class, and
+    train-student and verify-cache reload the same spread-out samples from the manifest."""
+    from click.testing import CliRunner
+
+    from kdpipe.cli import main
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    data = ["--data", f"imagefolder:{cifar_folder}", "--limit", 30]
+    r = run("train-teacher", *data, "--arch", "cnn_tiny", "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t.pt")
+    assert r.exit_code == 0, r.output
+    r = run("dump-logits", "--teacher", tmp_path / "t.pt", *data, "--views", 1, "--device", "cpu", "--force",
+            "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())["dataset"]
+    assert m["limit"] == 30 and m["limit_step"] == 10 * CIFAR_TRAIN_PER_CLASS // 30
+    r = run("train-student", "--cache", tmp_path / "c", "--student", "cnn_tiny", "--epochs", 1, "--device", "cpu",
+            "--out", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    r = run("verify-cache", tmp_path / "c", "--teacher", tmp_path / "t.pt", "--device", "cpu")
+    assert r.exit_code == 0, r.output

@@ -144,8 +144,9 @@ def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_pa
 def test_food_photos_pipeline(monkeypatch, tmp_path):
     """pipelines/food-photos.toml on a folder in Food-11's layout made here (no Food-11 copy can be had):
     JPEGs of 40 to 90 px named <label>_<n>.jpg in training/, validation/ and evaluation/, a torchvision
-    resnet18 state_dict with 11 classes as the teacher, the student from pipelines/food_nets.py. Smaller
-    photos and crops than the shipped pipeline's, so it runs in seconds."""
+    resnet18 state_dict with 11 classes as the teacher, the student from pipelines/food_nets.py;
+    validation/ picks each run's best epoch and evaluation/ gives the final number. Smaller photos and
+    crops than the shipped pipeline's, so it runs in seconds."""
     import numpy as np
     import torch
     import torchvision
@@ -169,15 +170,25 @@ def test_food_photos_pipeline(monkeypatch, tmp_path):
     block = spec["students"][0]
     assert block["archs"] == ["pipelines/food_nets.py:DSNet"] and block["optimizer"] == "adamw"
     block.update(archs=[str(REPO / "pipelines" / "food_nets.py") + ":DSNet"], epochs=2, batch_size=16)
+    assert block["val_split"] is True and "val_fraction" not in block
+    assert "--val-split" in make_rules(spec)
     summary = run_pipeline(spec, tmp_path)
     runs = _check_report(summary, spec, students=2)
     manifest = json.loads((tmp_path / "cache" / "food-photos" / "manifest.json").read_text())
+    from kdpipe.data import load_dataset
+    val = load_dataset(spec["data"]["spec"], "val", image_size=40)
+    assert val.source == str(tmp_path / "food" / "validation") and len(val) == 22
     assert manifest["dataset"]["num_samples"] == 66 and manifest["input"]["shape"] == [3, 32, 32]
     assert manifest["input"]["normalization"]["value"] == "imagenet"
     for alpha in (0, 0.5):
         r = runs[(alpha, 0)]
         assert r["arch"].endswith("food_nets.py:DSNet") and r["temperature"] == 20 and r["optimizer"] == "adamw"
-        assert r["best"]["epoch"] in (1, 2) and r["training"]["val_samples"] == 7
+        # validation/ picks the best epoch; all of training/ is trained on; evaluation/ gives test_top1
+        assert r["best"]["epoch"] in (1, 2) and r["best"]["validation"] == "val_split"
+        assert r["training"]["val_split"] is True and r["training"]["val_fraction"] == 0
+        assert r["training"]["val_samples"] == 22 and r["train_samples"] == 66
+        assert r["val_data"]["fingerprint"] == val.fingerprint and len(r["history"]) == 2
+        assert all("val_top1" in e and "test_top1" in e for e in r["history"])
 
 
 def test_cifar10_resnet_pipeline(cifar_folder, monkeypatch, tmp_path):

@@ -189,6 +189,37 @@ def test_ctrl_c_and_sigterm_exit_130_and_say_how_to_resume(work, tmp_path):
     assert_same_runs(reference(work, "off"), out)
 
 
+def test_ctrl_c_mid_epoch_is_checkpointed_where_it_stopped(work, tmp_path, monkeypatch):
+    """With checkpoints at epoch ends only, a Ctrl-C in the middle of epoch 3 is held until its step ends:
+    the pass is checkpointed there (epoch 3, that step), the command exits 130, and the same command resumes
+    from that step, ending equal to an uninterrupted run. No work since the last checkpoint is lost."""
+    from kdpipe import util
+    from kdpipe.resume import load_checkpoint
+
+    out = tmp_path / "ctrl-c"
+    args = student_args(work, out, "off", 8, 16, "--checkpoint-every", "0")
+    steps = []
+    update = util.Progress.update
+
+    def ctrl_c_at_the_fifth_step_of_epoch_3(self, n, extra=""):
+        update(self, n, extra)
+        if "epoch 3/" in self.what:
+            steps.append(n)
+            if len(steps) == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(util.Progress, "update", ctrl_c_at_the_fifth_step_of_epoch_3)
+    res = run_cli(args)
+    assert res.exit_code == 130, res.output
+    assert "SIGINT: writing a checkpoint after this step" in res.output
+    assert list(load_checkpoint(_checkpoint(out))["position"]) == [2, 5]
+    monkeypatch.undo()
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and "epoch 3/8, step 5" in res.output
+    assert_same_runs(reference(work, "off"), out)
+
+
 def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, tmp_path):
     """Under torchrun (2 processes, gloo): an uninterrupted run, and one whose whole process group (the
     launcher and both workers) is SIGKILLed at a random moment, then resumed by the same command: equal
