@@ -48,6 +48,12 @@ def feat_cache(fmnist, teacher_ckpt, tmp_path_factory):
     return SimpleNamespace(path=out, output=output, teacher=teacher_ckpt, spec=fmnist.spec)
 
 
+def cache_images(cache: Cache) -> np.ndarray:
+    """The uint8 images the cache was dumped from (its --limit's samples), as stage two loads them."""
+    from kdpipe.student import load_cache_data
+    return np.asarray(load_cache_data(cache)[0].images)
+
+
 def teacher_features(teacher, module_of, cache: Cache, rows, images):
     """The teacher's output at a module on the cache's rows, recomputed here with a plain forward hook."""
     from kdpipe.views import policy_from_identity
@@ -82,7 +88,7 @@ def test_dump_stores_features_of_a_kdpipe_teacher(feat_cache, fmnist):
         d = f["features/pool"]
         assert d.dtype == np.dtype("<f2") and d.shape == (100, 32, 2, 2) and "pool" in d.attrs["description"]
     rows = np.array([0, 5, 99, 100, 127, 128, 255])
-    images = np.asarray(fmnist.x_train[:128])[:, None] if fmnist.x_train.ndim == 3 else fmnist.x_train[:128]
+    images = cache_images(c)
     teacher = load_teacher(feat_cache.teacher)
     for name, module_of in (("features/pool", lambda t: t.pool), ("features/head.2", lambda t: t.head[2])):
         stored = c.read_rows(name, rows).astype(np.float32)
@@ -138,8 +144,8 @@ def test_torchvision_and_timm_teachers_give_features(fmnist, tmp_path, arch, lay
     first = layers.split(",")[0]
     inner = dict(teacher.module.inner.named_modules() if hasattr(teacher.module, "inner")
                  else teacher.module.named_modules())[first]
-    rows = np.arange(16)
-    want = teacher_features(teacher, lambda t: inner, c, rows, np.asarray(fmnist.x_train[:16]).reshape(16, 1, 28, 28))
+    rows = np.arange(64)
+    want = teacher_features(teacher, lambda t: inner, c, rows, cache_images(c))
     np.testing.assert_allclose(c.read_rows(f"features/{first}", rows).astype(np.float32),
                                want.astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
 
@@ -310,21 +316,9 @@ def create_model_params():
     return create_model("cnn_tiny", 10, (1, 28, 28)).parameters()
 
 
-def cifar_like_npz(path: Path, train: int, test: int) -> str:
-    """Generated CIFAR-like 32x32 RGB images (conftest's), classes interleaved so that a `limit` keeps all ten."""
-    from conftest import _cifar_like_image
-    arrays = {}
-    for split, n in (("train", train), ("test", test)):
-        labels = np.arange(n) % 10
-        arrays[f"x_{split}"] = np.stack([_cifar_like_image(int(c), split, i) for i, c in enumerate(labels)])
-        arrays[f"y_{split}"] = labels
-    np.savez(path, **arrays)
-    return f"npz:{path}"
-
-
-def test_cifar10_features_pipeline(monkeypatch, tmp_path):
+def test_cifar10_features_pipeline(cifar_folder, monkeypatch, tmp_path):
     """pipelines/cifar10-features.toml (teacher training, a dump with features, scratch, KD and KD plus
-    a hint) end to end on generated CIFAR-like data, with a `limit`."""
+    a hint) end to end on the generated CIFAR-like ImageFolder, with a `limit` (every other image)."""
     from kdpipe.pipeline import load_pipeline, make_rules
     from test_pipelines import run_pipeline
     monkeypatch.chdir(tmp_path)
@@ -333,7 +327,7 @@ def test_cifar10_features_pipeline(monkeypatch, tmp_path):
     assert spec["students"][1]["loss"] == "kd:1,hint:50" and spec["students"][1]["hint_layer"] == "avgpool"
     rules = make_rules(spec)
     assert "--features avgpool" in rules and "--hint-layer avgpool --hint-feature avgpool" in rules
-    spec["data"].update(spec=cifar_like_npz(tmp_path / "cifar-like.npz", 120, 60), limit=60)
+    spec["data"].update(spec=f"imagefolder:{cifar_folder}", limit=60)
     spec["teacher"].update(arch="tv:resnet18", epochs=1, batch_size=20, lr=0.01)  # resnet50 is slow on CPU
     spec["dump"].update(views=1, force=True)
     for block in spec["students"]:
