@@ -276,18 +276,30 @@ class TopKTargets(NamedTuple):
     """A top-k cache's teacher targets (kdpipe/cache/format.py, codec "topk") for N rows, on one device:
     values (N, k) float32, the k largest raw logits in decreasing order; indices (N, k) int64, their
     classes; rest (N, D) float32, per declared temperature, log sum exp(z_c / T) over the other classes
-    (-inf when k = C); temperatures (D,) float32, the declared temperatures. `rows(idx)` gives a batch's."""
+    (-inf when k = C); temperatures (D,) float32, the declared temperatures (and `declared`, the same as
+    Python floats). `rows(idx)` gives a batch's."""
     values: torch.Tensor
     indices: torch.Tensor
     rest: torch.Tensor
     temperatures: torch.Tensor
+    declared: tuple = ()
 
     def rows(self, idx) -> TopKTargets:
-        return TopKTargets(self.values[idx].float(), self.indices[idx], self.rest[idx], self.temperatures)
+        return TopKTargets(self.values[idx].float(), self.indices[idx], self.rest[idx], self.temperatures,
+                           self.declared)
 
     def rest_at(self, temperature) -> torch.Tensor:
-        """The rest term at each run's temperature: (B,) for a float (or 0-dim) T, (S, B) for (S,) stacked
-        runs; the nearest declared temperature is taken (stage two refuses undeclared ones beforehand)."""
+        """The rest term at each run's temperature: (B,) for a float T, which must be a declared one (else
+        a KDPipeError names them); (S, B) for the (S,) temperatures of stacked runs, where the nearest
+        declared one is taken without a device sync (stage two refuses undeclared ones beforehand)."""
+        if not torch.is_tensor(temperature):
+            declared = self.declared or tuple(self.temperatures.tolist())
+            for j, d in enumerate(declared):
+                if abs(float(temperature) - d) <= 1e-6 * max(1.0, abs(d)):
+                    return self.rest[:, j]
+            raise KDPipeError(f"temperature {temperature:g} was not declared when this top-k cache was dumped: "
+                              f"use one of {', '.join(f'{d:g}' for d in declared)}, or dump again with it in "
+                              "--temperatures")
         t = torch.as_tensor(temperature, dtype=torch.float32, device=self.temperatures.device)
         j = (t.reshape(-1, 1) - self.temperatures.reshape(1, -1)).abs().argmin(-1)  # (S,) or (1,)
         r = self.rest[:, j].transpose(0, 1)  # (S, B)

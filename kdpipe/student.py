@@ -156,7 +156,8 @@ class CachedViews:
             return torch.as_tensor(read("logits"), device=self.device)
         values, indices, rest = (torch.as_tensor(read(name), device=self.device) for name in fmt.TOPK_COLUMNS)
         return TopKTargets(values, indices.long(), rest,
-                           torch.tensor(lg["temperatures"], dtype=torch.float32, device=self.device))
+                           torch.tensor(lg["temperatures"], dtype=torch.float32, device=self.device),
+                           tuple(float(t) for t in lg["temperatures"]))
 
 
 def clean_test_logits(model, test: ImageData, policy, mean, std, device, amp: bool = False) -> torch.Tensor:

@@ -135,6 +135,9 @@ def test_the_python_api_yields_topk_targets_that_the_kd_loss_takes(topk):
     assert isinstance(t, TopKTargets) and t.values.shape == (32, 3) and t.rest.shape == (32, 2)
     terms = kdpipe.create_loss("kd", temperature=4)(torch.zeros(32, 10, requires_grad=True), t, y, 1)
     assert terms["kd"] > 0
+    with pytest.raises(KDPipeError, match="temperature 2 was not declared when this top-k cache was dumped: use one "
+                                          "of 1, 4"):
+        kdpipe.create_loss("kd", temperature=2)(torch.zeros(32, 10), t, y, 1)
 
 
 def test_k_equal_to_the_classes_is_the_dense_loss():
@@ -280,3 +283,14 @@ def test_fused_topk_runs_train_as_unfused():
         for k in ra.terms:
             np.testing.assert_allclose(ra.terms[k], rb.terms[k], rtol=1e-4, atol=1e-5)
         assert ra.terms["kd"][0] > 0
+
+
+def test_a_pipeline_dump_passes_the_codec_and_its_temperatures(tmp_path):
+    from pathlib import Path
+
+    from kdpipe.pipeline import load_pipeline, make_rules
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "default.toml").read_text()
+    assert "\n[dump]\n" in text
+    (tmp_path / "p.toml").write_text(text.replace("\n[dump]\n", '\n[dump]\ncodec = "topk:3"\ntemperatures = [1, 4]\n'))
+    dump = [line for line in make_rules(load_pipeline(tmp_path / "p.toml")).splitlines() if "dump-logits" in line]
+    assert len(dump) == 1 and " --codec topk:3 --temperatures 1,4 " in dump[0], dump
