@@ -100,6 +100,47 @@ def check_derived(cache: Cache, skip=()) -> list[str]:
     return faults
 
 
+def check_topk(cache: Cache, skip=()) -> list[str]:
+    """A top-k cache's columns, every row, without the teacher: classes within [0, C) and distinct, values in
+    decreasing order, and each rest term no larger than the other C - k classes could make it (each at
+    most the k-th value: rest_T <= v_k / T + log(C - k), within the storage rounding), finite unless
+    k = C. Shards with damaged files (`skip`) are left to the checksum pass."""
+    m = cache.manifest
+    if m["logits"]["codec"] != "topk":
+        return []
+    k, temps, c = int(m["logits"]["k"]), np.asarray(m["logits"]["temperatures"]), cache.num_classes
+    atol, rtol = tolerance(m)
+    faults = []
+    for s in m["shards"]:
+        lo, hi = s["row_start"], s["row_stop"]
+        if s["file"] in skip:
+            continue
+        try:
+            values = cache.read("logits_topk_values", lo, hi).astype(np.float64)
+            indices = cache.read("logits_topk_indices", lo, hi).astype(np.int64)
+            rest = cache.read("logits_topk_rest", lo, hi).astype(np.float64)
+        except (KDPipeError, OSError, ValueError):
+            continue  # reported by the shape check
+        rows = np.arange(lo, hi)
+        srt = np.sort(indices, axis=1)
+        wrong = {"logits_topk_indices": ((indices < 0) | (indices >= c)).any(1) | (srt[:, 1:] == srt[:, :-1]).any(1),
+                 "logits_topk_values": (np.diff(values, axis=1) > 0).any(1)}
+        if k < c:
+            vk = values[:, -1:] + atol + rtol * np.abs(values[:, -1:])
+            bound = vk / temps[None, :] + np.log(c - k) + 1e-5
+            wrong["logits_topk_rest"] = ~np.isfinite(rest).all(1) | (rest > bound).any(1)
+        else:
+            wrong["logits_topk_rest"] = ~np.isneginf(rest).all(1)
+        what = {"logits_topk_indices": "classes outside [0, C) or repeated", "logits_topk_values": "not in decreasing "
+                "order", "logits_topk_rest": "more rest mass than the other classes can hold"}
+        for name, bad in wrong.items():
+            if bad.any():
+                faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {cache.shard_columns[name].path} is wrong in "
+                              f"{int(bad.sum())} row(s) ({what[name]}): " + ", ".join(map(str, rows[bad][:10]))
+                              + (" ..." if bad.sum() > 10 else ""))
+    return faults
+
+
 def repair_hint(cache_dir) -> str:
     return (f"to repair, delete {Path(cache_dir) / fmt.MANIFEST} and the shard files named above, then run the same "
             "dump-logits command again: it computes only what is missing")
@@ -119,6 +160,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)
+    faults += check_topk(cache, skip=damaged)
     if teacher_file is None and teacher_weights is None and teacher_arch is None:
         return faults
     if faults:

@@ -200,35 +200,76 @@ def test_topk_kl_is_the_kl_over_k_plus_one_bins(k):
             np.testing.assert_allclose(got.numpy(), ref[rest], rtol=1e-4, atol=1e-6, err_msg=f"{rest} T={temp}")
 
 
-def test_verify_cache_recomputes_topk_rows_and_names_wrong_values_classes_and_rest(topk, teacher_ckpt, tmp_path):
+def _tampered(src, dst, edit):
+    """A copy of the top-k cache whose shard 1 (rows 500..999) was rewritten after edit(arrays), with its
+    checksums and the manifest's to match (as a faulty dump would write it)."""
     from kdpipe.cache.writer import shard_datasets, write_h5_atomic
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    path = dst / m["shards"][1]["file"]
+    with h5py.File(path, "r") as f:
+        arrays = {name: f[col.path][()] for name, col in fmt.SHARD_COLUMNS.items() if col.path in f}
+        attrs = dict(f.attrs)
+    edit(arrays)
+    ent = write_h5_atomic(path, shard_datasets(arrays, m, int(attrs["row_start"]), int(attrs["row_stop"])), attrs)
+    rewrite_manifest(dst, lambda m: m["shards"][1].update(ent))
+    return dst
+
+
+def test_verify_cache_checks_every_topk_row_for_order_classes_and_rest_mass(topk, tmp_path):
+    from kdpipe.verify import verify_cache
+
+    def edit(a):
+        v, i, rest = a["logits_topk_values"], a["logits_topk_indices"], a["logits_topk_rest"]
+        v[10, [0, 1]], i[10, [0, 1]] = v[10, [1, 0]], i[10, [1, 0]]  # row 510: out of order
+        i[20, 1] = i[20, 0]  # row 520: a class twice
+        rest[25, 0] = float(v[25, 2]) / 1.0 + np.log(10 - 3) + 0.5  # row 525: more mass than 7 classes <= v_k hold
+
+    assert verify_cache(topk.path, log=quiet) == []
+    faults = verify_cache(_tampered(topk.path, tmp_path / "bad", edit), log=quiet)
+    assert faults == [
+        "shard-00001.h5 (rows 500..999): dataset logits_topk_indices is wrong in 1 row(s) (classes outside [0, C) or "
+        "repeated): 520",
+        "shard-00001.h5 (rows 500..999): dataset logits_topk_values is wrong in 1 row(s) (not in decreasing order): 510",
+        "shard-00001.h5 (rows 500..999): dataset logits_topk_rest is wrong in 1 row(s) (more rest mass than the other "
+        "classes can hold): 525"], faults
+
+
+def test_verify_cache_recomputes_topk_rows_and_names_wrong_values_classes_and_rest(topk, teacher_ckpt, tmp_path):
     from kdpipe.verify import verify_cache
 
     rows = Cache(topk.path).rows
     assert verify_cache(topk.path, teacher_file=str(teacher_ckpt), sample=rows, log=quiet) == []
-    bad = tmp_path / "bad"
-    shutil.copytree(topk.path, bad)
-    m = json.loads((bad / "manifest.json").read_text())
-    path = bad / m["shards"][1]["file"]  # rows 500..999
-    with h5py.File(path, "r") as f:
-        arrays = {name: f[col.path][()] for name, col in fmt.SHARD_COLUMNS.items() if col.path in f}
-        attrs = dict(f.attrs)
-    v, i = arrays["logits_topk_values"], arrays["logits_topk_indices"]
-    v[10, [0, 1]], i[10, [0, 1]] = v[10, [1, 0]], i[10, [1, 0]]  # consistent, but out of order: row 510
-    j = next(r for r in range(50, 500) if v[r, 0] - v[r, 1] > 0.5)
-    i[j, [0, 1]] = i[j, [1, 0]]  # classes swapped under their values
-    v[30, 2] += np.float16(1.0)  # row 530
-    arrays["logits_topk_rest"][40, 1] += 0.5  # row 540
-    ent = write_h5_atomic(path, shard_datasets(arrays, m, int(attrs["row_start"]), int(attrs["row_stop"])), attrs)
-    rewrite_manifest(bad, lambda m: m["shards"][1].update(ent))
-    assert verify_cache(bad, log=quiet) == []  # consistent with its checksums: only the teacher can tell
+    picked = {}
+
+    def edit(a):
+        v, i = a["logits_topk_values"], a["logits_topk_indices"]
+        j = picked["j"] = next(r for r in range(50, 500) if v[r, 0] - v[r, 1] > 0.5)
+        i[j, [0, 1]] = i[j, [1, 0]]  # classes swapped under their values
+        v[30, 0] += np.float16(1.0)  # row 530, still in order
+        a["logits_topk_rest"][40, 1] -= 0.5  # row 540, still possible
+
+    bad = _tampered(topk.path, tmp_path / "bad", edit)
+    j = 500 + picked["j"]
+    assert verify_cache(bad, log=quiet) == []  # consistent with itself: only the teacher can tell
     faults = verify_cache(bad, teacher_file=str(teacher_ckpt), sample=rows, log=quiet)
     assert len(faults) == 3, faults
     assert faults[0].startswith(f"2 of {rows} re-computed rows differ from the stored top-k values")
-    assert f"rows {min(500 + j, 530)}, {max(500 + j, 530)} in shard-00001.h5" in faults[0]
-    assert faults[1].startswith(f"2 of {rows} re-computed rows differ from the stored top-k indices")
-    assert f"rows {min(510, 500 + j)}, {max(510, 500 + j)} in shard-00001.h5" in faults[1]
+    assert f"rows 530, {j} in shard-00001.h5" in faults[0]
+    assert faults[1] == f"1 of {rows} re-computed rows differ from the stored top-k indices: rows {j} in shard-00001.h5"
     assert faults[2] == f"1 of {rows} re-computed rows differ from the stored top-k rest: rows 540 in shard-00001.h5"
+
+
+def test_cached_views_of_a_rank_read_its_rows_of_topk_targets(topk):
+    from kdpipe.student import CachedViews
+    views = CachedViews(Cache(topk.path), torch.device("cpu"))
+    _, full = views(1)
+    share = torch.tensor([3, 9, 400])
+    _, part = views(1, share)
+    assert isinstance(part, TopKTargets) and part.declared == (1.0, 4.0)
+    for a, b in zip(part.rows(share)[:3], full.rows(share)[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_ties_may_come_in_either_order():
