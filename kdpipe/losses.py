@@ -50,6 +50,11 @@ def known_losses() -> str:
     return "; ".join(f"{n} ({', '.join(f'{k}={v:g}' for k, v in c.defaults.items())})" for n, c in _LOSSES.items())
 
 
+def topk_losses() -> list[str]:
+    """The losses that train from a top-k cache's targets (those with `topk`)."""
+    return [n for n, c in _LOSSES.items() if c.topk]
+
+
 def create_loss(name: str, **options) -> Loss:
     """The loss `name` with `options` (the rest at their defaults); a KDPipeError names what is wrong."""
     cls = _LOSSES.get(name)
@@ -293,10 +298,11 @@ class TopKTargets(NamedTuple):
         a KDPipeError names them); (S, B) for the (S,) temperatures of stacked runs, where the nearest
         declared one is taken without a device sync (stage two refuses undeclared ones beforehand)."""
         if not torch.is_tensor(temperature):
+            from kdpipe.cache.format import declared_temperature
             declared = self.declared or tuple(self.temperatures.tolist())
-            for j, d in enumerate(declared):
-                if abs(float(temperature) - d) <= 1e-6 * max(1.0, abs(d)):
-                    return self.rest[:, j]
+            j = declared_temperature({"temperatures": declared}, temperature)
+            if j is not None:
+                return self.rest[:, j]
             raise KDPipeError(f"temperature {temperature:g} was not declared when this top-k cache was dumped: "
                               f"use one of {', '.join(f'{d:g}' for d in declared)}, or dump again with it in "
                               "--temperatures")

@@ -92,12 +92,12 @@ def check_codec_use(cache: Cache, losses) -> None:
     lg = cache.manifest["logits"]
     if lg["codec"] != "topk":
         return
-    from kdpipe.losses import _LOSSES
+    from kdpipe.losses import topk_losses
     for loss in losses:
         if not loss.needs_teacher:
             continue
         if not loss.topk:
-            able = ", ".join(n for n, c in _LOSSES.items() if c.topk)
+            able = ", ".join(topk_losses())
             raise KDPipeError(f"loss {loss.name} needs every teacher logit, and cache {cache.path} holds only the top "
                               f"{lg['k']} (codec {fmt.describe_codec(lg)}): use a loss that takes top-k targets "
                               f"({able}), or a cache dumped with --codec raw")
