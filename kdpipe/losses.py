@@ -312,7 +312,7 @@ class TopKTargets(NamedTuple):
         return r if t.ndim else r[0]
 
 
-REST_MODES = ("keep", "drop", "renormalize")
+REST_MODES = ("keep", "drop", "zero", "renormalize")
 
 
 def topk_kl(out: torch.Tensor, teacher: TopKTargets, temperature, rest: str = "keep") -> torch.Tensor:
@@ -326,10 +326,13 @@ def topk_kl(out: torch.Tensor, teacher: TopKTargets, temperature, rest: str = "k
     with the remaining classes merged into one (a lower bound of it, exact in their total mass).
 
     The naive alternatives, kept for bench/topk.py to measure (no CLI loss uses them):
-    "drop": the teacher's top-k probabilities renormalized to sum to 1 (what one knows without the rest
-    term), against the student's full distribution: the rest mass is treated as zero, so the student is
-    pushed to put none outside the teacher's top k. "renormalize": teacher and student both renormalized
-    over the teacher's top k classes: the student's mass outside them is ignored.
+    "drop": the same sum without the rest bin: the teacher's true top-k probabilities p_i (as a tool that
+    stores top-k log-probabilities has them) against the student's, sum_i p_i (log p_i - log q_i); its
+    minimum puts all of the student's mass on the top k (q_i = p_i / sum p).
+    "zero": the rest taken as zero mass: the teacher's top-k probabilities renormalized to sum to 1 (all
+    one knows from top-k logits alone) against the student's full distribution.
+    "renormalize": teacher and student both renormalized over the teacher's top k: the student's mass
+    outside them is ignored (at k = 1 the term is 0).
     """
     t = Loss.per_run(temperature, out.ndim)
     z = out / t  # (..., B, C)
@@ -337,15 +340,17 @@ def topk_kl(out: torch.Tensor, teacher: TopKTargets, temperature, rest: str = "k
     idx = teacher.indices.expand(*z.shape[:-1], k)
     zk = z.gather(-1, idx)
     vk = teacher.values / t  # (..., B, k)
+    if rest not in REST_MODES:
+        raise ValueError(f"rest must be one of {REST_MODES}, got {rest!r}")
     if rest == "renormalize":
         return kl_sum(F.log_softmax(vk, -1), F.log_softmax(zk, -1))
     lse_all = z.logsumexp(-1, keepdim=True)
-    if rest == "drop":
+    if rest == "zero":
         return kl_sum(F.log_softmax(vk, -1), zk - lse_all)
-    if rest != "keep":
-        raise ValueError(f"rest must be one of {REST_MODES}, got {rest!r}")
     rest_t = teacher.rest_at(temperature).unsqueeze(-1)  # (..., B, 1)
     log_p = F.log_softmax(torch.cat([vk, rest_t.expand(*vk.shape[:-1], 1)], -1), -1)
+    if rest == "drop":
+        return kl_sum(log_p[..., :k], zk - lse_all)
     mask = torch.zeros_like(z, dtype=torch.bool).scatter(-1, idx, True)
     log_q = torch.cat([zk, z.masked_fill(mask, float("-inf")).logsumexp(-1, keepdim=True)], -1) - lse_all
     # An empty bin (k = C: no class remains, rest -inf for both) adds 0, not 0 * (-inf - -inf).

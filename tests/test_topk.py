@@ -181,10 +181,11 @@ def _merged_kl(teacher: np.ndarray, student: np.ndarray, k: int, temp: float) ->
     pb = np.concatenate([pk, 1 - pk.sum(1, keepdims=True)], 1)
     qb = np.concatenate([qk, 1 - qk.sum(1, keepdims=True)], 1)
     keep = (pb * (np.log(pb) - np.log(qb))).sum(1)
+    drop = (pk * (np.log(pk) - np.log(qk))).sum(1)
     pr = pk / pk.sum(1, keepdims=True)
-    drop = (pr * (np.log(pr) - np.log(qk))).sum(1)
+    zero = (pr * (np.log(pr) - np.log(qk))).sum(1)
     renorm = (pr * (np.log(pr) - np.log(qk / qk.sum(1, keepdims=True)))).sum(1)
-    return {"keep": keep, "drop": drop, "renormalize": renorm}
+    return {"keep": keep, "drop": drop, "zero": zero, "renormalize": renorm}
 
 
 @pytest.mark.parametrize("k", [1, 3, 9])
@@ -195,7 +196,7 @@ def test_topk_kl_is_the_kl_over_k_plus_one_bins(k):
     tt = targets(t, k)
     for temp in TEMPS:
         ref = _merged_kl(t, s, k, temp)
-        for rest in ("keep", "drop", "renormalize"):
+        for rest in ("keep", "drop", "zero", "renormalize"):
             got = topk_kl(torch.from_numpy(s), tt, temp, rest)
             np.testing.assert_allclose(got.numpy(), ref[rest], rtol=1e-4, atol=1e-6, err_msg=f"{rest} T={temp}")
 
