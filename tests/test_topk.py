@@ -336,3 +336,20 @@ def test_a_pipeline_dump_passes_the_codec_and_its_temperatures(tmp_path):
     (tmp_path / "p.toml").write_text(text.replace("\n[dump]\n", '\n[dump]\ncodec = "topk:3"\ntemperatures = [1, 4]\n'))
     dump = [line for line in make_rules(load_pipeline(tmp_path / "p.toml")).splitlines() if "dump-logits" in line]
     assert len(dump) == 1 and " --codec topk:3 --temperatures 1,4 " in dump[0], dump
+
+
+def test_the_codec_is_part_of_the_cache_identity(topk, fmnist, teacher_ckpt, tmp_path):
+    """A rerun with another k or other temperatures is refused by name (the same arguments resume); with
+    --overwrite it starts over."""
+    dst = tmp_path / "c"
+    shutil.copytree(topk.path, dst)
+    base = ["dump-logits", "--teacher", teacher_ckpt, "--data", fmnist.spec, "--views", 3, "--seed", 7, "--padding", 2,
+            "--shard-rows", 500, "--batch-size", 200, "--out", dst]
+    r = invoke(*base, "--codec", "topk:3", "--temperatures", "1,4")
+    assert r.exit_code == 0 and "already complete" in r.output, r.output
+    r = invoke(*base, "--codec", "topk:5", "--temperatures", "1,4")
+    assert_one_line_error(r, "holds a cache made with other arguments", "logits_codec.k was 3, now 5")
+    r = invoke(*base, "--codec", "topk:3", "--temperatures", "4")
+    assert_one_line_error(r, "logits_codec.temperatures was [1.0, 4.0], now [4.0]")
+    r = invoke(*base)
+    assert_one_line_error(r, "logits_codec was {'codec': 'topk', 'k': 3, 'temperatures': [1.0, 4.0]}, now None")
