@@ -26,7 +26,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from common import emit, header, load_split, quiet, setup, subset_npz, workdir
@@ -163,7 +162,8 @@ def main(argv=None):
             return out
 
         out = run("full", "raw float16", alphas=(0.0, alpha))
-        for label, keep in (("scratch (alpha 0)", lambda r: r["alpha"] == 0), ("full logits", lambda r: r["alpha"] != 0)):
+        for label, keep in (("scratch (alpha 0)", lambda r: r["alpha"] == 0),
+                            ("full logits", lambda r: r["alpha"] != 0)):
             sel = [r for r in out if keep(r)]
             results[label] = {"top1": [r["test_top1"] for r in sel], "agree": [r["teacher_agreement"] for r in sel]}
         full_run = next(r for r in out if r["alpha"] != 0 and r["seed"] == 0)

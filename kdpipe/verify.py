@@ -135,7 +135,8 @@ def check_topk(cache: Cache, skip=()) -> list[str]:
                 "order", "logits_topk_rest": "more rest mass than the other classes can hold"}
         for name, bad in wrong.items():
             if bad.any():
-                faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {cache.shard_columns[name].path} is wrong in "
+                path = cache.shard_columns[name].path
+                faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {path} is wrong in "
                               f"{int(bad.sum())} row(s) ({what[name]}): " + ", ".join(map(str, rows[bad][:10]))
                               + (" ..." if bad.sum() > 10 else ""))
     return faults
@@ -261,7 +262,8 @@ def _compare_topk(cache: Cache, rows: np.ndarray, fresh: np.ndarray, atol: float
             worst = ""
             if what == "values":
                 worst = f" (max |diff| {float(np.abs(values - at)[bad].max()):.4g})"
-            faults.append(f"{int(bad.sum())} of {len(rows)} re-computed rows differ from the stored top-k {what}{worst}: "
+            faults.append(f"{int(bad.sum())} of {len(rows)} re-computed rows differ from the stored top-k {what}"
+                          f"{worst}: "
                           f"rows {', '.join(map(str, rows[bad][:10]))}"
                           f" in {', '.join(sorted({_shard_of(cache, int(r)) for r in rows[bad]}))}")
     if not faults:

@@ -232,7 +232,8 @@ def test_verify_cache_checks_every_topk_row_for_order_classes_and_rest_mass(topk
     assert faults == [
         "shard-00001.h5 (rows 500..999): dataset logits_topk_indices is wrong in 1 row(s) (classes outside [0, C) or "
         "repeated): 520",
-        "shard-00001.h5 (rows 500..999): dataset logits_topk_values is wrong in 1 row(s) (not in decreasing order): 510",
+        "shard-00001.h5 (rows 500..999): dataset logits_topk_values is wrong in 1 row(s) (not in decreasing order): "
+        "510",
         "shard-00001.h5 (rows 500..999): dataset logits_topk_rest is wrong in 1 row(s) (more rest mass than the other "
         "classes can hold): 525"], faults
 

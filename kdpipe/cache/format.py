@@ -32,23 +32,26 @@ Logits codecs (the manifest's ``logits``: ``codec``, ``dtype`` and the codec's o
 
 - "raw" (the default): ``logits`` (rows, C), the teacher's raw logits in the logits dtype.
 - "topk" (``dump-logits --codec topk:K --temperatures T1,T2``; ``logits`` also records ``k`` and
-  ``temperatures``, and the dump identity, hence the cache id, holds both):
-  ``logits_topk_values`` (rows, k), the k largest raw logits of the row in decreasing order, in the
-  logits dtype; ``logits_topk_indices`` (rows, k), their classes as uint16 (int32 past 65,536 classes) (ties go to the lower class
-  index, as argmax breaks them); ``logits_topk_rest`` (rows, len(temperatures)) float32, for each
-  declared temperature T, ``log sum_{c not in top k} exp(z_c / T)`` of the float32 logits z: the
-  log-mass of the remaining classes, on the scale of ``values / T``, so that
-  ``softmax([values / T, rest_T])`` is exactly the teacher's distribution at T over k + 1 bins (its top
-  k classes and one bin for the rest). -inf when k = C (no class remains). The rest is needed per T
-  because log-sum-exp does not commute with scaling; stage two refuses a temperature the dump did not
-  declare. A row costs 2k (float16) or 4k (float32) bytes of values, 2k of indices (4k past 65,536
-  classes) and 4 per declared temperature, against 2C or 4C for raw logits: it saves space for many
-  classes, not for 10. The eval file keeps the dense test logits whatever the codec (one row per test
-  sample: small next to K views of the train split), so agreement with the teacher works unchanged.
+  ``temperatures``, and the dump identity, hence the cache id, holds both): ``logits_topk_values``
+  (rows, k), the k largest raw logits of the row in decreasing order, in the logits dtype;
+  ``logits_topk_indices`` (rows, k), their classes as uint16 (int32 past 65,536 classes; ties go to
+  the lower class index, as argmax breaks them); ``logits_topk_rest`` (rows, len(temperatures))
+  float32, for each declared temperature T, ``log sum_{c not in top k} exp(z_c / T)`` of the float32
+  logits z: the log-mass of the remaining classes, on the scale of ``values / T``, so that
+  ``softmax([values / T, rest_T])`` is exactly the teacher's distribution at T over k + 1 bins (its
+  top k classes and one bin for the rest). -inf when k = C (no class remains). The rest is needed
+  per T because log-sum-exp does not commute with scaling; stage two refuses a temperature the dump
+  did not declare. A row costs 2k (float16) or 4k (float32) bytes of values, 2k of indices (4k past
+  65,536 classes) and 4 per declared temperature, against 2C or 4C for raw logits: it saves space
+  for many classes, not for 10. The eval file keeps the dense test logits whatever the codec (one
+  row per test sample: small next to K views of the train split), so agreement with the teacher
+  works unchanged.
 
-Older readers: a kdpipe that knows only "raw" refuses a top-k cache by its codec (``unreadable``), and
-one older still finds no ``logits`` dataset in its shards and stops; none reads top-k values as logits,
-so the format version stays 1.
+Older readers: a kdpipe that knows only "raw" refuses a top-k cache by its codec (``unreadable``).
+Builds from before that check stop on the missing ``logits`` dataset ("shard-00000.h5 has no dataset
+'logits'", tried with one of them); those older still cannot parse a current cache's views at all. None
+reads top-k values as logits, so the format version stays 1, and raw caches stay readable by every
+version that reads them today.
 """
 
 from __future__ import annotations
@@ -76,13 +79,13 @@ CODECS = ("raw", "topk")  # logits codecs this version reads and writes
 class Column:
     """One dataset of a shard (or of the eval file), declared once.
 
-    ``dtype`` None means the manifest's logits dtype; a callable gives it from the manifest. ``shape(m)`` is the trailing shape (after the
-    row axis) that the manifest ``m`` implies. ``path`` is the dataset's HDF5 path (defaults to the
-    name; may lie in a group). ``codec`` None: every cache holds it; else only caches of that logits
-    codec. ``required``: a reader that does not know this column cannot use the cache. ``recompute(m,
-    start, stop)``, where the manifest determines the column, gives its rows [start, stop): the
-    writer fills it when not handed, verify-cache compares it row by row. ``item``: part of the rows
-    the torch Dataset yields, in table order.
+    ``dtype`` None means the manifest's logits dtype; a callable gives it from the manifest.
+    ``shape(m)`` is the trailing shape (after the row axis) that the manifest ``m`` implies. ``path`` is
+    the dataset's HDF5 path (defaults to the name; may lie in a group). ``codec`` None: every cache
+    holds it; else only caches of that logits codec. ``required``: a reader that does not know this
+    column cannot use the cache. ``recompute(m, start, stop)``, where the manifest determines the
+    column, gives its rows [start, stop): the writer fills it when not handed, verify-cache compares it
+    row by row. ``item``: part of the rows the torch Dataset yields, in table order.
     """
     name: str
     dtype: np.dtype | Callable[[dict], np.dtype] | None
