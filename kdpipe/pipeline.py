@@ -33,7 +33,7 @@ _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind).
 _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
-              "yes", "force"}
+              "yes", "force", "codec", "temperatures"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed", "device"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
@@ -148,7 +148,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
-        "device": "device", "amp": "amp"}) + (["--yes"] if d.get("yes") else [])
+        "device": "device", "amp": "amp", "codec": "codec", "temperatures": "temperatures"}) + (["--yes"] if d.get("yes") else [])
         + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache_dir}", "dump")
     all_metrics = []
     for i, block in enumerate(spec["students"]):
