@@ -108,7 +108,9 @@ class CacheData:
 class EpochBatches:
     """An iterable over one epoch's batches (x, teacher_logits, labels), all on the device: x the replayed,
     normalized views (float32), teacher_logits (B, classes) float32, labels (B,) int64. len() is the
-    number of batches."""
+    number of batches. From a cache of the top-k codec (manifest["logits"]["codec"] == "topk") the teacher
+    targets are a kdpipe.losses.TopKTargets (values (B, k), indices (B, k), rest (B, temperatures)), which
+    the kd loss takes in their place, at a temperature the dump declared."""
 
     def __init__(self, data: CacheData, epoch: int, batch_size: int, seed: int):
         if batch_size <= 0:

@@ -275,6 +275,12 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the view parameters.")
 @click.option("--logits-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How raw logits are stored.")
+@click.option("--codec", default="raw", show_default=True, metavar="raw|topk:K",
+              help="raw: every logit of every row; topk:K: the K largest logits of each row, their classes and "
+                   "the log-mass of the other classes at each --temperatures T (README: Top-k codec).")
+@click.option("--temperatures", type=NumberList(float), multiple=True, metavar="T[,T...]",
+              help="With --codec topk:K: the temperatures stage two may train at (the rest mass is stored for "
+                   "each; stage two refuses others).")
 @click.option("--batch-size", type=int, default=512, show_default=True, metavar="B", help="Teacher batch size.")
 @click.option("--shard-rows", type=int, default=65536, show_default=True, metavar="ROWS",
               help="Rows per HDF5 shard (the unit of resumption).")
@@ -295,8 +301,8 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
                     input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
-                    padding, size, seed, logits_dtype, batch_size, shard_rows, device, amp, yes, force, overwrite, like,
-                    features, out):
+                    padding, size, seed, logits_dtype, codec, temperatures, batch_size, shard_rows, device, amp, yes,
+                    force, overwrite, like, features, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
     from kdpipe.checkpoint import load_teacher
     from kdpipe.data import check_splits, limited, load_dataset
@@ -345,18 +351,23 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
                                trust_pickle=trust_pickle, output=teacher_output)
         dist = from_env(dev)  # torchrun: join the process group; else one process
         log = dist.log(click.echo)
+        from kdpipe.cache.format import codec_identity, parse_codec
+        try:
+            codec_ident = codec_identity(parse_codec(codec), _flatten(temperatures), data.num_classes)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         layers = [x.strip() for v in features for x in v.split(",") if x.strip()]
         feats = feature_shapes(teacher, layers, pol.output_shape(data.image_shape))
         for f in feats:
             log(f"features {f['layer']}: {tuple(f['shape'])} per view, float16")
-        check_planned_size(planned_size(data, test, pol, views, logits_dtype, feats), out, yes, log=log)
+        check_planned_size(planned_size(data, test, pol, views, logits_dtype, codec_ident, feats), out, yes, log=log)
         log(f"dumping {teacher.arch} logits: {data.spec} {split} ({len(data)} samples) x {views} views "
             f"({pol.spec}) -> {out} on {dist.device}" + (f" x {dist.world} ranks" if dist.world > 1 else ""))
         res = dump_logits(teacher, data, test, out, policy=pol, views=views, seed=seed,
                           logits_dtype=logits_dtype, batch_size=batch_size, shard_rows=shard_rows,
                           device=dist.device, amp=amp, overwrite=overwrite, mean=mean, std=std,
                           input_range=input_range, normalize=normalize, force=force, dist=dist, log=log,
-                          features=layers)
+                          codec=codec, temperatures=_flatten(temperatures), features=layers)
         dist.close()
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: complete shards are kept in {out}; run the same command again to resume",
@@ -550,7 +561,8 @@ def inspect_cmd(cache_dir, as_json):
             f"{k}={val}" for k, val in v.get("options", {}).items()) or "no options") + ")"
     click.echo(f"  views     K={v['K']} policy {ops}, "
                f"seed {v['seed']}, params {', '.join(v['columns']) or '-'}")
-    click.echo(f"  logits    codec {m['logits']['codec']}, {m['logits']['dtype']}, rows {m['rows']:,} "
+    from kdpipe.cache.format import describe_codec
+    click.echo(f"  logits    codec {describe_codec(m['logits'])}, {m['logits']['dtype']}, rows {m['rows']:,} "
                f"({m['row_order']}), input {tuple(m['input']['shape'])}"
                + (f", teacher output {t['output']}" if t.get("output") not in (None, "auto") else ""))
     for f in m.get("features", []):  # cached features (dump-logits --features)

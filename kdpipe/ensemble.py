@@ -275,6 +275,10 @@ def open_caches(cache_dirs, weights=None) -> tuple[Cache, Ensemble | None]:
         if weights and [float(x) for x in weights] != [1.0]:
             raise KDPipeError("--teacher-weights weighs the teachers of an ensemble: give two or more --cache")
         return caches[0], None
+    for c in caches:  # the mixture needs every teacher's full distribution at T
+        if c.manifest["logits"]["codec"] != "raw":
+            raise KDPipeError(f"{c.path} holds top-k logits (codec {c.manifest['logits']['codec']}): an ensemble "
+                              "mixes full distributions, so give caches dumped with --codec raw")
     return caches[0], Ensemble(caches, weights)
 
 

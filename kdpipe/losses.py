@@ -3,7 +3,8 @@
 The training loop calls `loss(out, teacher, labels, epoch)` and nothing else:
 - out: student logits (B, C) for one run, or (S, B, C) for S runs stacked by kdpipe.fused;
 - teacher: teacher logits (B, C) shared by the stacked runs, or None when no run needs them, or targets
-  with `at_temperature(t)` (an ensemble's, kdpipe.ensemble): losses read them through teacher_at;
+  with `at_temperature(t)` (an ensemble's, kdpipe.ensemble): losses read them through teacher_at; or, from
+  a cache of the top-k codec, TopKTargets (losses with `topk = True` take them: kd);
 - labels: (B,) int64, or MixedLabels for mixed views (cross_entropy weighs both labels);
 - epoch: the epoch index, counting from 0 (the index kdpipe uses everywhere:
   epoch e reads view e mod K), an int or, in fused runs, a 0-dim tensor (so torch.compile does
@@ -50,6 +51,11 @@ def known_losses() -> str:
     return "; ".join(f"{n} ({', '.join(f'{k}={v:g}' for k, v in c.defaults.items())})" for n, c in _LOSSES.items())
 
 
+def topk_losses() -> list[str]:
+    """The losses that train from a top-k cache's targets (those with `topk`)."""
+    return [n for n, c in _LOSSES.items() if c.topk]
+
+
 def create_loss(name: str, **options) -> Loss:
     """The loss `name` with `options` (the rest at their defaults); a KDPipeError names what is wrong.
     A name of members joined by "+" (``kd+hint``) is a ComposedLoss."""
@@ -67,6 +73,7 @@ class Loss:
     name: str = ""
     defaults: dict[str, float] = {}
     integer_options: tuple[str, ...] = ()
+    topk: bool = False  # whether terms() takes TopKTargets (a top-k cache's targets) as `teacher`
     uses: str = "logits"  # what of Outputs it compares: "logits", or "features" (the hint's projected features)
     fusable: bool = True  # False: its runs step unfused (kdpipe.student falls back, saying so)
 
@@ -221,6 +228,7 @@ class KDLoss(Loss):
     """
 
     defaults = {"temperature": 4.0, "alpha": 0.9}
+    topk = True  # from a top-k cache, the KL is topk_kl's (k + 1)-bin one
 
     def check(self):
         if not self.temperature > 0:
@@ -237,11 +245,18 @@ class KDLoss(Loss):
         ce = kd = _zeros(out)
         if self.any_member(lambda m: m["alpha"] < 1):  # alpha = 1 leaves CE out, as it always did
             ce = (1.0 - w(self.alpha)) * cross_entropy(out, labels)
-        if teacher is not None and self.needs_teacher:
+        if isinstance(teacher, TopKTargets) and self.needs_teacher:
+            kd = w(self.alpha) * w(self.temperature) ** 2 * self.topk_kl(out, teacher).mean(-1)
+        elif teacher is not None and self.needs_teacher:
             t = self.per_run(self.temperature, out.ndim)
             kl = kl_sum(F.log_softmax(teacher_at(teacher, t), dim=-1), F.log_softmax(out / t, dim=-1)).mean(-1)
             kd = w(self.alpha) * w(self.temperature) ** 2 * kl
         return {"ce": ce, "kd": kd}
+
+    def topk_kl(self, out, teacher: TopKTargets) -> torch.Tensor:
+        """Per-sample KL against top-k targets at the runs' temperatures (the bench's naive variants
+        override this with topk_kl's other `rest` modes)."""
+        return topk_kl(out, teacher, self.temperature)
 
 
 def warmup_weight(epoch, warmup):
@@ -305,6 +320,86 @@ def _target_split(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     z_target = (z * target).sum(-1, keepdim=True)
     log_b = torch.cat([z_target - lse_all, lse_rest - lse_all], dim=-1)
     return log_b, (z - lse_rest).masked_fill(target, 0.0)
+
+
+class TopKTargets(NamedTuple):
+    """A top-k cache's teacher targets (kdpipe/cache/format.py, codec "topk") for N rows, on one device:
+    values (N, k) float32, the k largest raw logits in decreasing order; indices (N, k) int64, their
+    classes; rest (N, D) float32, per declared temperature, log sum exp(z_c / T) over the other classes
+    (-inf when k = C); temperatures (D,) float32, the declared temperatures (and `declared`, the same as
+    Python floats). `rows(idx)` gives a batch's."""
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest: torch.Tensor
+    temperatures: torch.Tensor
+    declared: tuple = ()
+
+    def rows(self, idx) -> TopKTargets:
+        return TopKTargets(self.values[idx].float(), self.indices[idx], self.rest[idx], self.temperatures,
+                           self.declared)
+
+    def rest_at(self, temperature) -> torch.Tensor:
+        """The rest term at each run's temperature: (B,) for a float T, which must be a declared one (else
+        a KDPipeError names them); (S, B) for the (S,) temperatures of stacked runs, where the nearest
+        declared one is taken without a device sync (stage two refuses undeclared ones beforehand)."""
+        if not torch.is_tensor(temperature):
+            from kdpipe.cache.format import declared_temperature
+            declared = self.declared or tuple(self.temperatures.tolist())
+            j = declared_temperature({"temperatures": declared}, temperature)
+            if j is not None:
+                return self.rest[:, j]
+            raise KDPipeError(f"temperature {temperature:g} was not declared when this top-k cache was dumped: "
+                              f"use one of {', '.join(f'{d:g}' for d in declared)}, or dump again with it in "
+                              "--temperatures")
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=self.temperatures.device)
+        j = (t.reshape(-1, 1) - self.temperatures.reshape(1, -1)).abs().argmin(-1)  # (S,) or (1,)
+        r = self.rest[:, j].transpose(0, 1)  # (S, B)
+        return r if t.ndim else r[0]
+
+
+REST_MODES = ("keep", "drop", "zero", "renormalize")
+
+
+def topk_kl(out: torch.Tensor, teacher: TopKTargets, temperature, rest: str = "keep") -> torch.Tensor:
+    """Per-sample KL (..., B) between the teacher's and the student's distributions at temperature T
+    (a float, or (S,) for stacked runs), from top-k targets.
+
+    rest "keep" (what kd uses): a (k + 1)-bin KL over the teacher's top k classes and one bin for every
+    other class: the teacher's bins are softmax([values / T, rest_T]); the student's are its own
+    probabilities of those k classes and the sum of its probabilities of the others (the log-sum-exp of
+    its remaining logits / T minus that of all). With k = C it is the dense KL; else it is the dense KL
+    with the remaining classes merged into one (a lower bound of it, exact in their total mass).
+
+    The naive alternatives, kept for bench/topk.py to measure (no CLI loss uses them):
+    "drop": the same sum without the rest bin: the teacher's true top-k probabilities p_i (as a tool that
+    stores top-k log-probabilities has them) against the student's, sum_i p_i (log p_i - log q_i); its
+    minimum puts all of the student's mass on the top k (q_i = p_i / sum p).
+    "zero": the rest taken as zero mass: the teacher's top-k probabilities renormalized to sum to 1 (all
+    one knows from top-k logits alone) against the student's full distribution.
+    "renormalize": teacher and student both renormalized over the teacher's top k: the student's mass
+    outside them is ignored (at k = 1 the term is 0).
+    """
+    t = Loss.per_run(temperature, out.ndim)
+    z = out / t  # (..., B, C)
+    k = teacher.indices.shape[-1]
+    idx = teacher.indices.expand(*z.shape[:-1], k)
+    zk = z.gather(-1, idx)
+    vk = teacher.values / t  # (..., B, k)
+    if rest not in REST_MODES:
+        raise ValueError(f"rest must be one of {REST_MODES}, got {rest!r}")
+    if rest == "renormalize":
+        return kl_sum(F.log_softmax(vk, -1), F.log_softmax(zk, -1))
+    lse_all = z.logsumexp(-1, keepdim=True)
+    if rest == "zero":
+        return kl_sum(F.log_softmax(vk, -1), zk - lse_all)
+    rest_t = teacher.rest_at(temperature).unsqueeze(-1)  # (..., B, 1)
+    log_p = F.log_softmax(torch.cat([vk, rest_t.expand(*vk.shape[:-1], 1)], -1), -1)
+    if rest == "drop":
+        return kl_sum(log_p[..., :k], zk - lse_all)
+    mask = torch.zeros_like(z, dtype=torch.bool).scatter(-1, idx, True)
+    log_q = torch.cat([zk, z.masked_fill(mask, float("-inf")).logsumexp(-1, keepdim=True)], -1) - lse_all
+    # An empty bin (k = C: no class remains, rest -inf for both) adds 0, not 0 * (-inf - -inf).
+    return torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0).sum(-1)
 
 
 @register_loss("hint")

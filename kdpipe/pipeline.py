@@ -35,7 +35,7 @@ _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
 # features: teacher layers cached for hint losses (dump-logits --features); hint_layer / hint_feature: a students
 # block's --hint-layer and --hint-feature (a loss with a hint term, e.g. loss = "kd:1,hint:50").
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
-              "yes", "force", "features"}
+              "yes", "force", "codec", "temperatures", "features"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed", "device"}
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
@@ -151,7 +151,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
         "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
         "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
-        "device": "device", "amp": "amp", "features": "features"}) + (["--yes"] if d.get("yes") else [])
+        "device": "device", "amp": "amp", "codec": "codec", "temperatures": "temperatures",
+        "features": "features"}) + (["--yes"] if d.get("yes") else [])
         + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache_dir}", "dump")
     all_metrics = []
     for i, block in enumerate(spec["students"]):

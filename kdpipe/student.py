@@ -24,7 +24,8 @@ from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, 
 from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
 from kdpipe.features import plain
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
-from kdpipe.losses import Outputs, create_loss
+from kdpipe.cache import format as fmt
+from kdpipe.losses import Outputs, TopKTargets, create_loss
 from kdpipe.models import check_model, count_parameters, create_model
 from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
                            remove_finished_checkpoints)
@@ -110,12 +111,41 @@ def check_split_use(cache: Cache, allow_test_split: bool) -> None:
                           "--allow-test-split if that is what you want")
 
 
+def _signed(a: np.ndarray) -> np.ndarray:
+    """Unsigned integer columns (a top-k cache's uint16 classes) as int64, which torch indexes with."""
+    return a.astype(np.int64) if a.dtype.kind == "u" else a
+
+
+def check_codec_use(cache: Cache, losses) -> None:
+    """Refuse, in one line, a loss that cannot train from the cache's targets: from a top-k cache, a loss
+    that needs dense logits (every one but those with `topk`), or a temperature the dump did not declare."""
+    lg = cache.manifest["logits"]
+    if lg["codec"] != "topk":
+        return
+    from kdpipe.losses import topk_losses
+    for loss in losses:
+        if not loss.needs_teacher:
+            continue
+        if not loss.topk:
+            able = ", ".join(topk_losses())
+            raise KDPipeError(f"loss {loss.name} needs every teacher logit, and cache {cache.path} holds only the top "
+                              f"{lg['k']} (codec {fmt.describe_codec(lg)}): use a loss that takes top-k targets "
+                              f"({able}), or a cache dumped with --codec raw")
+        for m in loss.members:
+            if fmt.declared_temperature(lg, m["temperature"]) is None:
+                raise KDPipeError(f"temperature {m['temperature']:g} was not declared when cache {cache.path} was "
+                                  f"dumped (codec {fmt.describe_codec(lg)}): train at one of "
+                                  f"{', '.join(f'{t:g}' for t in lg['temperatures'])}, or dump again with it in "
+                                  "--temperatures")
+
+
 class CachedViews:
     """The engine's view source over a cache (engine.ViewSource): for an epoch, view e mod K's replay
     parameters and teacher logits, on the device, read as contiguous slices of the memory maps.
     With `rows` (a distributed rank's sample indices) only those rows are read, placed at their index.
-    `logits=False` reads the parameters only (an online teacher computes the logits). `features` (a cached
-    feature column, features/<layer>): the epoch's targets are then logits with features (WithFeatures)."""
+    `logits=False` reads the parameters only (an online teacher computes the logits). From a cache of
+    the top-k codec the epoch's targets are a kdpipe.losses.TopKTargets instead of dense logits. `features` (a
+    cached feature column, features/<layer>): the epoch's targets are then logits with features (WithFeatures)."""
 
     def __init__(self, cache: Cache, device, logits: bool = True, policy=None, features: str | None = None):
         self.cache, self.device, self.logits, self.policy = cache, device, logits, policy
@@ -127,7 +157,7 @@ class CachedViews:
         v = epoch % cache.num_views
         if rows is None:
             params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
-            logits = torch.from_numpy(cache.read_view(v, "logits")).to(device) if self.logits else None
+            logits = self._targets(lambda name: _signed(cache.read_view(v, name))) if self.logits else None
             if self.features:
                 return params, WithFeatures(logits, torch.from_numpy(cache.read_view(v, self.features)).to(device))
             return params, logits
@@ -144,15 +174,26 @@ class CachedViews:
                         cache.read_rows("view_params", (v * n + extra).astype(np.int64))).to(device)
         logits = None
         if self.logits:
-            part = torch.from_numpy(cache.read_rows("logits", at)).to(device)
-            logits = torch.zeros((n, part.shape[1]), dtype=part.dtype, device=device)
-            logits[share] = part
-        if self.features:
-            part = torch.from_numpy(cache.read_rows(self.features, at)).to(device)
-            feats = torch.zeros((n, *part.shape[1:]), dtype=part.dtype, device=device)
-            feats[share] = part
-            return params, WithFeatures(logits, feats)
+            def read(name):
+                part = torch.from_numpy(_signed(cache.read_rows(name, at))).to(device)
+                full = torch.zeros((n, *part.shape[1:]), dtype=part.dtype, device=device)
+                full[share] = part
+                return full
+            logits = self._targets(read)
+            if self.features:
+                return params, WithFeatures(logits, read(self.features))
         return params, logits
+
+    def _targets(self, read):
+        """The epoch's teacher targets from read(column) (rows in sample order): the logits tensor, or for
+        the top-k codec a TopKTargets."""
+        lg = self.cache.manifest["logits"]
+        if lg["codec"] != "topk":
+            return torch.as_tensor(read("logits"), device=self.device)
+        values, indices, rest = (torch.as_tensor(read(name), device=self.device) for name in fmt.TOPK_COLUMNS)
+        return TopKTargets(values, indices.long(), rest,
+                           torch.tensor(lg["temperatures"], dtype=torch.float32, device=self.device),
+                           tuple(float(t) for t in lg["temperatures"]))
 
 
 class WithFeatures:
@@ -343,6 +384,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         if ensemble is not None and hinted:
             raise KDPipeError(f"--loss {loss} distils one cache's features: give one --cache, not an ensemble")
         check_split_use(cache, allow_test_split)
+        if online_teacher is None:
+            check_codec_use(cache, losses.values())
         policy = policy_from_identity(m["views"])
         train, test = load_cache_data(cache, data_root, data_spec)
         val = load_validation_split(cache, train, test, data_root, data_spec) if val_split else None
@@ -620,7 +663,8 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
                "effective_batch_size": config["effective_batch_size"], "lr": r.optim.lr,
                "optimizer": r.optim.optimizer, "schedule": r.optim.schedule, "training": training,
                "cache": {"path": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
-                         "views": cache.num_views, "logits_dtype": cache.logits_dtype},
+                         "views": cache.num_views, "logits_dtype": cache.logits_dtype,
+                         "logits_codec": fmt.describe_codec(cache.manifest["logits"])},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"],
                "history": track.history}
     if val is not None:

@@ -126,9 +126,12 @@ def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: i
 
 
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
-                   logits_dtype: str, shard_rows: int, batch_size: int, norm: dict, features=()) -> dict:
-    extra = {"features": [dict(f) for f in features]} if features else {}  # none: the identity of earlier versions
-    return {**extra, "format_version": fmt.FORMAT_VERSION,
+                   logits_dtype: str, shard_rows: int, batch_size: int, norm: dict,
+                   codec: dict | None = None, features=()) -> dict:
+    extra = {"logits_codec": codec} if codec else {}  # raw caches keep the identity (and ids) they always had
+    if features:  # none: the identity of earlier versions
+        extra["features"] = [dict(f) for f in features]
+    return {"format_version": fmt.FORMAT_VERSION, **extra,
             "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind,
                         "output": teacher.output or "auto"},
             "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
@@ -142,13 +145,14 @@ SIZE_FACTOR = 10  # a cache over this many times the decoded dataset's bytes nee
 
 
 def planned_size(data: ImageData, test: ImageData | None, policy: ViewPolicy, views: int,
-                 logits_dtype: str, features=()) -> dict:
-    """What a dump will write, from the cache columns' declarations (kdpipe/cache/format.py): rows,
-    bytes per row, and bytes in all (shards and the eval file; HDF5's metadata adds a few KB per file).
-    `features`: the cached features ({"layer", "shape"}, feature_shapes); "feature_bytes" is their share
-    of a row."""
+                 logits_dtype: str, codec: dict | None = None, features=()) -> dict:
+    """What a dump will write, from the cache columns' declarations (kdpipe/cache/format.py) of its codec
+    (`codec`: format.codec_identity's record; None: raw): rows, bytes per row, and bytes in all (shards
+    and the eval file; HDF5's metadata adds a few KB per file). `features`: the cached features
+    ({"layer", "shape"}, feature_shapes); "feature_bytes" is their share of a row."""
     m = {"dataset": {"num_classes": data.num_classes, "num_samples": len(data)},
-         "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype, "features": list(features)}
+         "views": {"columns": list(policy.columns)}, "logits_dtype": logits_dtype, "logits_codec": codec,
+         "features": list(features)}
     rows = len(data) * views
     per_row = fmt.row_bytes(m)
     feature_bytes = per_row - fmt.row_bytes({**m, "features": []})
@@ -199,7 +203,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                 shard_rows: int = 65536, device=torch.device("cpu"), amp: bool = False,
                 overwrite: bool = False, mean=None, std=None, input_range: str | None = None,
                 normalize: str | None = None, force: bool = False, dist: Dist | None = None, log=print,
-                features=()) -> dict:
+                codec: str = "raw", temperatures=(), features=()) -> dict:
     """Stage one: run the teacher once over K views of every sample; write shards, then the manifest.
 
     Resumable: complete shards of an earlier run with the same identity are kept. Under torchrun
@@ -212,7 +216,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     The input normalization is explicit (kdpipe.normalization.resolve_input: a kdpipe checkpoint's own, or
     mean/std, input_range or the normalize preset). Before the dump, the teacher runs on the clean views
     of PROBE_SAMPLES training samples: outputs that look like probabilities, or a top-1 no better than
-    chance, stop it (check_teacher_outputs) unless `force`. The cache protocol
+    chance, stop it (check_teacher_outputs) unless `force`. `codec` "raw" stores the logits, "topk:K" the K
+    largest with their classes and the rest mass at each of `temperatures` (kdpipe/cache/format.py). The
+    cache protocol
     (OUT, resume, shard files, manifest) is kdpipe.cache.writer.CacheWriter's: this function runs the
     teacher and hands it each shard's logits, row indices and view parameters.
 
@@ -227,6 +233,10 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         raise KDPipeError("batch size and shard rows must be >= 1")
     if logits_dtype not in fmt.LOGITS_DTYPES:
         raise KDPipeError(f"unknown logits dtype {logits_dtype!r}: use {', '.join(fmt.LOGITS_DTYPES)}")
+    try:
+        codec_ident = fmt.codec_identity(fmt.parse_codec(codec), temperatures, data.num_classes)
+    except ValueError as e:
+        raise KDPipeError(str(e)) from None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise KDPipeError(f"output {out_dir} is a file, not a directory: choose another path")
@@ -241,7 +251,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     n = len(data)
     shard_rows = min(shard_rows, n * views)
     feats = feature_shapes(teacher, list(features), in_shape)
-    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm, feats)
+    ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm, codec_ident,
+                           feats)
     writer = CacheWriter(out_dir, ident, overwrite=overwrite, dist=ctx, log=log)
 
     use_channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
@@ -372,7 +383,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                     "file_bytes": Path(teacher.file).stat().st_size,
                     "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape)}
     m = writer.write_manifest({
-        "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS["logits"].path,
+        "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS[
+                                                   "logits" if codec_ident is None else "logits_topk_values"].path,
                                                    **teacher_info}],
         "dataset": {**data.identity(), "source": data.source},
         "views": {**policy.identity(), "seed": int(seed), "K": int(views)},

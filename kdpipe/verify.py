@@ -100,6 +100,48 @@ def check_derived(cache: Cache, skip=()) -> list[str]:
     return faults
 
 
+def check_topk(cache: Cache, skip=()) -> list[str]:
+    """A top-k cache's columns, every row, without the teacher: classes within [0, C) and distinct, values in
+    decreasing order, and each rest term no larger than the other C - k classes could make it (each at
+    most the k-th value: rest_T <= v_k / T + log(C - k), within the storage rounding), finite unless
+    k = C. Shards with damaged files (`skip`) are left to the checksum pass."""
+    m = cache.manifest
+    if m["logits"]["codec"] != "topk":
+        return []
+    k, temps, c = int(m["logits"]["k"]), np.asarray(m["logits"]["temperatures"]), cache.num_classes
+    atol, rtol = tolerance(m)
+    faults = []
+    for s in m["shards"]:
+        lo, hi = s["row_start"], s["row_stop"]
+        if s["file"] in skip:
+            continue
+        try:
+            values = cache.read("logits_topk_values", lo, hi).astype(np.float64)
+            indices = cache.read("logits_topk_indices", lo, hi).astype(np.int64)
+            rest = cache.read("logits_topk_rest", lo, hi).astype(np.float64)
+        except (KDPipeError, OSError, ValueError):
+            continue  # reported by the shape check
+        rows = np.arange(lo, hi)
+        srt = np.sort(indices, axis=1)
+        wrong = {"logits_topk_indices": ((indices < 0) | (indices >= c)).any(1) | (srt[:, 1:] == srt[:, :-1]).any(1),
+                 "logits_topk_values": (np.diff(values, axis=1) > 0).any(1)}
+        if k < c:
+            vk = values[:, -1:] + atol + rtol * np.abs(values[:, -1:])
+            bound = vk / temps[None, :] + np.log(c - k) + 1e-5
+            wrong["logits_topk_rest"] = ~np.isfinite(rest).all(1) | (rest > bound).any(1)
+        else:
+            wrong["logits_topk_rest"] = ~np.isneginf(rest).all(1)
+        what = {"logits_topk_indices": "classes outside [0, C) or repeated", "logits_topk_values": "not in decreasing "
+                "order", "logits_topk_rest": "more rest mass than the other classes can hold"}
+        for name, bad in wrong.items():
+            if bad.any():
+                path = cache.shard_columns[name].path
+                faults.append(f"{s['file']} (rows {lo}..{hi - 1}): dataset {path} is wrong in "
+                              f"{int(bad.sum())} row(s) ({what[name]}): " + ", ".join(map(str, rows[bad][:10]))
+                              + (" ..." if bad.sum() > 10 else ""))
+    return faults
+
+
 def repair_hint(cache_dir) -> str:
     return (f"to repair, delete {Path(cache_dir) / fmt.MANIFEST} and the shard files named above, then run the same "
             "dump-logits command again: it computes only what is missing")
@@ -119,6 +161,7 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)
+    faults += check_topk(cache, skip=damaged)
     if teacher_file is None and teacher_weights is None and teacher_arch is None:
         return faults
     if faults:
@@ -146,7 +189,6 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(cache.rows, size=min(sample, cache.rows), replace=False))
     log(f"re-running the teacher on {len(rows)} random (view, sample) rows")
-    stored = cache.read_rows("logits", rows).astype(np.float32)
     params = cache.read_rows("view_params", rows) if cache.columns else np.zeros((len(rows), 0), np.int32)
     # The rows' sample indices and view parameters must be those the manifest gives (a cache can't be
     # re-seeded silently): the teacher is re-run on what the manifest says, not on what the shard says.
@@ -187,6 +229,9 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
         else:
             log(f"feature check: {name} agrees on {len(rows)} rows within atol {atol}, rtol {rtol}")
     atol, rtol = tolerance(m)
+    if m["logits"]["codec"] == "topk":
+        return faults + _compare_topk(cache, rows, fresh, atol, rtol, log)
+    stored = cache.read_rows("logits", rows).astype(np.float32)
     bad = ~np.all(np.abs(stored - fresh) <= atol + rtol * np.abs(fresh), axis=1)
     if bad.any():
         worst = float(np.abs(stored - fresh).max())
@@ -195,6 +240,54 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
                       f" in {', '.join(sorted({_shard_of(cache, int(r)) for r in rows[bad]}))}")
     else:
         log(f"teacher check: {len(rows)} rows agree within atol {atol}, rtol {rtol}")
+    return faults
+
+
+def _compare_topk(cache: Cache, rows: np.ndarray, fresh: np.ndarray, atol: float, rtol: float, log) -> list[str]:
+    """A top-k cache's sampled rows against the teacher's fresh float32 logits, within (atol, rtol):
+    - values: each stored value against the fresh logit of its stored class;
+    - indices: the fresh logits of the stored classes against the fresh top k, rank by rank, so classes
+      tied within the tolerance may come in either order (or either side of the k-th place), while a
+      class that is not among the top k is found;
+    - rest: each declared temperature's stored log-sum-exp against that of the fresh logits of the
+      classes not stored (-inf when none remain), within atol + rtol |rest|: a log-sum-exp moves by at
+      most the largest change of its terms, here logits / T with T >= the declared minimum."""
+    lg = cache.manifest["logits"]
+    k, temps = int(lg["k"]), lg["temperatures"]
+    values = cache.read_rows("logits_topk_values", rows).astype(np.float32)
+    indices = cache.read_rows("logits_topk_indices", rows).astype(np.int64)
+    rest = cache.read_rows("logits_topk_rest", rows).astype(np.float64)
+    c = fresh.shape[1]
+    close = lambda got, want: np.isclose(got, want, rtol=rtol, atol=atol)  # noqa: E731 (equal infs are close)
+    in_range = ((indices >= 0) & (indices < c)).all(axis=1)
+    safe = np.where(in_range[:, None], indices, 0)
+    at = np.take_along_axis(fresh, safe, 1)
+    top = -np.sort(-fresh, axis=1)[:, :k]
+    distinct = np.array([len(set(r)) == k for r in indices])
+    wrong = {"values": ~close(values, at).all(axis=1),
+             "indices": ~in_range | ~distinct | ~close(at, top).all(axis=1)}
+    scale = 1.0 / min(temps)
+    want = np.empty_like(rest)
+    for i in range(len(rows)):
+        keep = np.ones(c, dtype=bool)
+        keep[safe[i]] = False
+        for j, t in enumerate(temps):
+            z = fresh[i, keep].astype(np.float64) / t
+            want[i, j] = (z.max() + np.log(np.exp(z - z.max()).sum())) if z.size else -np.inf
+    wrong["rest"] = ~np.isclose(rest, want, rtol=rtol, atol=atol * scale).all(axis=1)
+    faults = []
+    for what, bad in wrong.items():
+        if bad.any():
+            worst = ""
+            if what == "values":
+                worst = f" (max |diff| {float(np.abs(values - at)[bad].max()):.4g})"
+            faults.append(f"{int(bad.sum())} of {len(rows)} re-computed rows differ from the stored top-k {what}"
+                          f"{worst}: "
+                          f"rows {', '.join(map(str, rows[bad][:10]))}"
+                          f" in {', '.join(sorted({_shard_of(cache, int(r)) for r in rows[bad]}))}")
+    if not faults:
+        log(f"teacher check: {len(rows)} rows agree (top-{k} values, classes and rest at T "
+            f"{', '.join(f'{t:g}' for t in temps)}) within atol {atol}, rtol {rtol}")
     return faults
 
 

@@ -76,7 +76,7 @@ def test_round_trip_through_the_memory_map(cache, memmap_calls):
     n = len(cache.train)
     assert len(c.manifest["shards"]) == 4  # 1536 rows in shards of 500: boundaries inside views
     for i in range(len(c.manifest["shards"])):
-        for name in fmt.SHARD_COLUMNS:
+        for name in (col.name for col in fmt.shard_columns("raw")):
             assert c._dataset_layout(i, name)[0] is not None, f"shard {i} {name} is not mappable"
     for v in range(cache.views):
         for name, full in want.items():
@@ -147,7 +147,7 @@ def test_shards_open_with_plain_h5py_and_describe_every_dataset(cache):
     for entry in m["shards"]:
         path = cache.path / entry["file"]
         with h5py.File(path, "r") as f:
-            assert set(f.keys()) == {col.path for col in fmt.SHARD_COLUMNS.values()}
+            assert set(f.keys()) == {col.path for col in fmt.shard_columns("raw")}
             assert f.attrs["cache_id"] == m["cache_id"]
             assert f.attrs["kdpipe_format_version"] == fmt.FORMAT_VERSION
             assert (int(f.attrs["row_start"]), int(f.attrs["row_stop"])) == (entry["row_start"], entry["row_stop"])
@@ -379,7 +379,7 @@ def test_a_column_in_a_group_is_written_read_checksummed_and_verified(fmnist, te
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["logits"].update(codec="topk"), "its logits codec 'topk' is unknown to this kdpipe, which reads raw"),
+    (lambda m: m["logits"].update(codec="pq8"), "its logits codec 'pq8' is unknown to this kdpipe, which reads raw, topk"),
     (lambda m: m["columns"].append({"name": "mix_partner", "path": "mix_partner", "required": True}),
      "needs column(s) mix_partner, which this kdpipe does not know"),
     (lambda m: m.update(columns=[c for c in m["columns"] if c["name"] != "logits"]),
@@ -398,5 +398,5 @@ def test_an_unknown_optional_column_is_ignored(cache, tmp_path):
     dst = _edited_copy(cache, tmp_path, lambda m: m["columns"].append(
         {"name": "features_penultimate", "path": "features/penultimate", "required": False}))
     c = Cache(dst)
-    assert list(c.shard_columns) == list(fmt.SHARD_COLUMNS)
+    assert list(c.shard_columns) == [col.name for col in fmt.shard_columns("raw")]
     np.testing.assert_array_equal(c.read_view(0, "logits"), Cache(cache.path).read_view(0, "logits"))

@@ -140,7 +140,7 @@ def test_inspect_command(pipeline):
         assert fragment in r.output, fragment
     from kdpipe.cache import format as fmt
     columns = next(line for line in r.output.splitlines() if line.strip().startswith("columns"))
-    for col in fmt.SHARD_COLUMNS.values():  # each declared column, as the first shard holds it
+    for col in fmt.shard_columns("raw"):  # each declared column of a raw cache, as the first shard holds it
         assert f"{col.path} {col.np_dtype(json.loads((pipeline.cache / 'manifest.json').read_text())).str}" in columns
     r = ok(invoke("inspect", "--json", pipeline.cache))
     assert json.loads(r.output) == json.loads((pipeline.cache / "manifest.json").read_text())

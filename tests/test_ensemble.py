@@ -215,6 +215,15 @@ def test_bad_ensembles_are_refused_in_one_line(ens, tmp_path, caches, weights, f
     assert not any((tmp_path / "runs").glob("*/metrics.json"))
 
 
+def test_a_top_k_cache_in_an_ensemble_is_refused(ens, teacher_ckpt, tmp_path):
+    """The mixture needs each teacher's whole distribution at T: a top-k cache of the same views is refused."""
+    topk = tmp_path / "topk"
+    ok(invoke("dump-logits", "--teacher", teacher_ckpt, "--like", ens.a, "--codec", "topk:2", "--temperatures", 4,
+              "--out", topk, "--batch-size", 256))
+    assert_one_line_error(invoke("train-student", "--cache", ens.a, "--cache", topk, "--student", "mlp_100",
+                                 "--epochs", 1, "--out", tmp_path / "runs"), "holds top-k logits", "--codec raw")
+
+
 def test_caches_of_other_data_or_classes_are_refused(ens):
     from kdpipe.cache.reader import Cache
     from kdpipe.ensemble import mismatch

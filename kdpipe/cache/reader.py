@@ -293,7 +293,9 @@ def sha256_dataset(d) -> str:
 class CachedLogitsDataset(torch.utils.data.Dataset):
     """Row-wise access to a cache for torch DataLoaders: item r is a tuple of the cache's item columns
     (cache/format.py, in table order): (sample_index, view_index, label, logits as float32,
-    view_params). Shards are opened lazily in each worker process (the object pickles without any
+    view_params); for a cache of the top-k codec the logits' place holds three items, the top-k values
+    (k,) float32, their classes (k,) int64 and the rest terms (one per declared temperature) float32
+    (Cache.manifest["logits"] names k and the temperatures). Shards are opened lazily in each worker process (the object pickles without any
     open file)."""
 
     def __init__(self, cache_dir):
@@ -311,6 +313,8 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
         if name == "view_params" and not c.columns:
             return torch.zeros(0, dtype=torch.int32)
         v = c.read(name, r, r + 1)[0]
+        if v.dtype.kind == "u":  # a top-k cache's uint16 classes: int64, as torch indexes with
+            v = v.astype(np.int64)
         if v.ndim == 0:
             return int(v) if v.dtype.kind in "iu" else float(v)
         return torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v)

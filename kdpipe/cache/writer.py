@@ -244,7 +244,7 @@ class CacheWriter:
         self.rows = self.n * self.views
         self.logits_dtype = identity["logits_dtype"]
         # What the columns' declarations read: the identity in the manifest's terms.
-        self.spec = {**identity, "logits": {"codec": "raw", "dtype": self.logits_dtype}}
+        self.spec = {**identity, "logits": fmt.logits_record(identity)}
         self.plan = plan_shards(self.rows, int(identity["shard_rows"]))
         self.entries: dict[int, dict] = {}
         self.correct: dict[int, int] = {}  # shard -> rows whose teacher argmax is the label
@@ -358,7 +358,11 @@ class CacheWriter:
         """Rows of a shard whose teacher argmax equals the label."""
         from kdpipe.cache.reader import open_h5
         with open_h5(path) as f:
-            return int((f["logits"][()].astype(np.float32).argmax(1) == f["labels"][()]).sum())
+            if "logits" in f:
+                top = f["logits"][()].astype(np.float32).argmax(1)
+            else:  # codec topk: the first of the top k is the argmax
+                top = f[fmt.SHARD_COLUMNS["logits_topk_indices"].path][:, 0]
+            return int((top == f["labels"][()]).sum())
 
     # ---------------------------------------------------------------- 3. shards
 
@@ -386,13 +390,22 @@ class CacheWriter:
         s, e = self.plan[i]
         lg = np.asarray(values["logits"], dtype=np.float32)
         sidx, vidx = values["sample_index"], values["view_index"]
+        codec = self.spec["logits"]
+        if codec["codec"] == "topk":  # the codec's columns replace the logits; only their values need the dtype
+            coded = fmt.encode_topk(lg, codec["k"], codec["temperatures"])
+            kept = coded.pop("logits_topk_values")
+        else:
+            coded, kept = {}, lg
         with np.errstate(over="ignore"):  # logits the dtype cannot hold are reported just below
-            out = lg.astype(fmt.LOGITS_DTYPES[self.logits_dtype])
+            out = kept.astype(fmt.LOGITS_DTYPES[self.logits_dtype])
         bad = ~np.isfinite(lg).all(axis=1)
         nonfinite = np.flatnonzero(bad).tolist()  # rows of this shard (relative) that cannot be stored
         overflow = np.flatnonzero(~bad & ~np.isfinite(out).all(axis=1)).tolist()
         if nonfinite or overflow:
             raise unstorable_logits(nonfinite, overflow, s, sidx, vidx, self.logits_dtype)
+        stored = {**values, **coded, "logits_topk_values" if coded else "logits": out}
+        if coded:
+            del stored["logits"]
         for col in fmt.feature_columns(self.spec):  # float16 features: refuse what it cannot hold, naming rows
             with np.errstate(over="ignore"):
                 f16 = np.asarray(values[col.name], dtype=np.float32).astype(col.dtype)
@@ -402,12 +415,13 @@ class CacheWriter:
                                   f"float16 for {len(bad)} input(s) among rows {s}..{e - 1} (first: sample "
                                   f"{int(sidx[bad[0]])} view {int(vidx[bad[0]])}): cache another layer, e.g. one "
                                   "after a normalization")
-            values = {**values, col.name: f16}
-        datasets = shard_datasets({**values, "logits": out}, self.spec, s, e)
+            stored[col.name] = f16
+        datasets = shard_datasets(stored, self.spec, s, e)
         attrs = {"kdpipe_format_version": fmt.FORMAT_VERSION, "cache_id": self.cache_id, "row_start": s,
                  "row_stop": e, "num_samples": self.n, "num_views": self.views,
                  "kdpipe_version": _kdpipe_version()}
-        self.correct[i] = int((out.astype(np.float32).argmax(1) == np.asarray(values["labels"])).sum())
+        top = out.astype(np.float32).argmax(1) if not coded else coded["logits_topk_indices"][:, 0]
+        self.correct[i] = int((top == np.asarray(values["labels"])).sum())
         if self._pending is not None:
             self._pending.result()  # the previous shard is on disk (or its error is raised here)
         self._pending = self._executor.submit(self._write_shard, i, s, e, datasets, attrs)
