@@ -475,6 +475,11 @@ class ComposedLoss(Loss):
     def needs_features(self) -> bool:
         return any(loss.needs_features for _, _, loss in self.parts)
 
+    @property
+    def topk(self) -> bool:
+        """Whether it trains from a top-k cache: every member that reads teacher logits takes top-k targets."""
+        return all(loss.topk or loss.uses == "features" for _, _, loss in self.parts)
+
     def __call__(self, out, teacher, labels, epoch):
         if teacher is None and self.needs_teacher:
             raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")

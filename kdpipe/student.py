@@ -204,7 +204,8 @@ class WithFeatures:
         self.logits, self.features = logits, features
 
     def rows(self, idx):
-        return Outputs(self.logits[idx].float(), self.features[idx].float())
+        lg = self.logits.rows(idx) if hasattr(self.logits, "rows") else self.logits[idx].float()  # TopKTargets
+        return Outputs(lg, self.features[idx].float())
 
 
 def hint_feature(cache: Cache, given: str | None) -> dict:

@@ -339,3 +339,26 @@ def test_cifar10_features_pipeline(cifar_folder, monkeypatch, tmp_path):
     assert len(hinted) == 1 and "hint" in hinted[0]["train_terms"]
     m = json.loads((tmp_path / "cache" / "cifar10-features" / "manifest.json").read_text())
     assert m["features"][0]["layer"] == "avgpool" and m["features"][0]["shape"] == [512, 1, 1]
+
+
+def test_features_beside_the_top_k_codec_train_kd_plus_hint(feat_cache, tmp_path):
+    """A top-k cache with features: verify-cache checks both, and kd+hint trains from its (k + 1)-bin KL and
+    the features; dkd+hint, whose dkd needs every logit, is refused in one line."""
+    out = tmp_path / "c"
+    output = invoke(["dump-logits", "--teacher", feat_cache.teacher, "--data", feat_cache.spec, "--limit", 128,
+                     "--views", 2, "--policy", "crop:2+flip", "--codec", "topk:3", "--temperatures", 4,
+                     "--features", "head.2", "--out", out])
+    assert "of which 128 of features" in output
+    c = Cache(out)
+    assert c.manifest["logits"]["codec"] == "topk" and c.manifest["features"][0]["layer"] == "head.2"
+    np.testing.assert_array_equal(c.read("features/head.2", 0, 256),
+                                  Cache(feat_cache.path).read("features/head.2", 0, 256))
+    r = CliRunner().invoke(main, ["verify-cache", str(out), "--teacher", str(feat_cache.teacher), "--sample", "32"])
+    assert r.exit_code == 0 and "features/head.2 agrees" in r.output, r.output
+    invoke(["train-student", "--cache", out, "--student", "cnn_tiny", "--epochs", 1, "--batch-size", 32,
+            "--loss", "kd+hint", "--hint-layer", "head.2", "--out", tmp_path / "runs"])
+    metrics = json.loads((tmp_path / "runs" / "cnn_tiny-kd+hint-s0" / "metrics.json").read_text())
+    assert set(metrics["train_terms"]) == {"ce", "kd", "hint"} and metrics["train_terms"]["kd"][0] > 0
+    err = one_line_error(invoke(["train-student", "--cache", out, "--student", "cnn_tiny", "--epochs", 1,
+                                 "--loss", "dkd+hint", "--hint-layer", "head.2", "--out", tmp_path / "r2"], code=2))
+    assert "needs every teacher logit" in err
