@@ -48,7 +48,8 @@ def register_loss(name: str):
 
 def known_losses() -> str:
     """One line: each loss with its options and defaults, for error messages and --help."""
-    return "; ".join(f"{n} ({', '.join(f'{k}={v:g}' for k, v in c.defaults.items())})" for n, c in _LOSSES.items())
+    return "; ".join(f"{n} ({', '.join(f'{k}={v:g}' for k, v in c.defaults.items()) or 'no options'})"
+                     for n, c in _LOSSES.items())
 
 
 def topk_losses() -> list[str]:
