@@ -55,7 +55,7 @@ def _flatten(values):
 
 def data_options(f):
     f = click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Use only N samples of each split, every (size // N)-th, so a folder sorted by class "
+                     help="Use only N samples of each split, drawn from a fixed seed, so a folder sorted by class "
                           "keeps every class (quick end-to-end checks); recorded in the cache, so stage two "
                           "takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",

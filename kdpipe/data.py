@@ -151,7 +151,7 @@ class ImageData:
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                 "class_names": list(self.class_names), "fingerprint": self.fingerprint,
                 **({"limit": self.limit} if getattr(self, "limit", None) else {}),
-                **({"limit_step": self.limit_step} if getattr(self, "limit_step", 1) > 1 else {}),
+                **({"limit_sampled": True} if getattr(self, "limit_sampled", False) else {}),
                 **self.storage_identity()}
 
     def stats_rows(self) -> np.ndarray:
@@ -181,27 +181,36 @@ class ImageData:
     def _std(self, std: np.ndarray) -> np.ndarray:
         return std
 
-    def subset(self, n: int, step: int = 1) -> "ImageData":
-        """n samples, every `step`-th from the first (a different dataset, with its own fingerprint), of
-        the same kind; a strided view, so a memory-mapped store stays mapped. Its identity records `limit`
-        = n (and `limit_step`), so stage two takes the same subset of the split (--limit)."""
+    def subset(self, n: int, sampled: bool = False) -> "ImageData":
+        """n samples (a different dataset, with its own fingerprint), of the same kind: the first n (a view, so
+        a memory-mapped store stays mapped), or with `sampled` limit_rows' n, in the split's order. Its identity
+        records `limit` = n (and `limit_sampled`), so stage two takes the same subset of the split (--limit)."""
         out = copy.copy(self)
-        rows = slice(0, n * step, step)
+        rows = limit_rows(len(self), n) if sampled else slice(0, n)
         out.images, out.labels, out._fingerprint = self.images[rows], self.labels[rows], None
-        out.limit, out.limit_step = int(n), int(step)
+        out.limit, out.limit_sampled = int(n), bool(sampled)
         out._sizes = None if self._sizes is None else self._sizes[rows]
         out._check()
         return out
 
 
-def limited(data: ImageData, limit: int | None, step: int | None = None) -> ImageData:
-    """`limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it: every `step`-th
-    sample from the first, by default step = len // limit, so a folder sorted by class still gives every
-    class. A manifest records the step as "limit_step"; one written before kdpipe spread the samples has
-    none, and stage two passes step 1 for it (its first `limit` samples)."""
+LIMIT_SEED = 0
+
+
+def limit_rows(total: int, n: int) -> np.ndarray:
+    """The rows --limit n keeps of a split of `total`: n drawn without replacement from a fixed seed, sorted.
+    Any order of the split gives a fair share of every class (the first n of a folder sorted by class hold one
+    class; every k-th of labels that repeat with a period sharing a factor with k, too)."""
+    return np.sort(np.random.default_rng(LIMIT_SEED).choice(total, size=n, replace=False))
+
+
+def limited(data: ImageData, limit: int | None, sampled: bool = True) -> ImageData:
+    """`limit` samples of a split (--limit, or a manifest's dataset "limit"), or all of it: limit_rows' sample.
+    A manifest records "limit_sampled"; one written before kdpipe sampled them has none, and stage two passes
+    sampled=False for it (its first `limit` samples)."""
     if not limit or limit >= len(data):
         return data
-    return data.subset(limit, step or max(1, len(data) // limit))
+    return data.subset(limit, sampled)
 
 
 KINDS: dict[str, type[ImageData]] = {}

@@ -121,7 +121,7 @@ def _same_input_identity(m: dict) -> dict:
     d = m["dataset"]
     ev = m.get("eval") or {}
     return {"dataset": {k: d.get(k) for k in ("fingerprint", "split", "num_samples", "image_shape", "kind",
-                                              "limit", "limit_step")},
+                                              "limit", "limit_sampled")},
             "num_classes": m["num_classes"], "class_names": d.get("class_names"),
             "views": views_identity(m), "row_order": m.get("row_order"), "input shape": m["input"]["shape"],
             "test split": (ev.get("dataset") or {}).get("fingerprint")}

@@ -49,7 +49,7 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
                           f"(it knows {', '.join(KINDS)}): upgrade kdpipe")
     size = d.get("image_size")  # photos: decoded the same way as in stage one, without asking again
     try:
-        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"), d.get("limit_step", 1))
+        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"), d.get("limit_sampled", False))
     except KDPipeError as e:
         arg = spec.partition(":")[2]
         gone = Path(arg).expanduser() if src is not None and src.path else Path(root) if root else None
@@ -64,7 +64,7 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     ev = cache.manifest.get("eval")
     if ev:
         test = limited(load_dataset(spec, "test", root, size), ev["dataset"].get("limit"),
-                       ev["dataset"].get("limit_step", 1))
+                       ev["dataset"].get("limit_sampled", False))
         if test.fingerprint != ev["dataset"]["fingerprint"]:
             raise KDPipeError(f"the test split of {spec} differs from the one the cache's teacher "
                               f"was evaluated on (fingerprint: cache has {ev['dataset']['fingerprint'][:12]}, "

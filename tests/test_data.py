@@ -500,22 +500,22 @@ def test_a_photo_truncated_after_its_header_is_named(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
 
 
-def test_limit_spreads_over_a_class_sorted_split_and_stage_two_takes_the_same_rows(fmnist):
-    """--limit takes every (n // N)-th sample, so a folder sorted by class keeps every class; a manifest
-    without limit_step (written before) still means the first N."""
+def test_limit_samples_every_class_of_any_order_and_stage_two_takes_the_same_rows(fmnist):
+    """--limit draws its samples from a fixed seed, so a folder sorted by class, or labels that cycle, keep
+    every class; a manifest without limit_sampled (written before) still means the first N."""
     from kdpipe.data import limited
     order = np.argsort(fmnist.y_train, kind="stable")
-    sorted_split = ImageData(fmnist.x_train[order][:, None], fmnist.y_train[order], FASHION_MNIST_CLASSES, "sorted", "train",
-                             "memory")
-    sub = limited(sorted_split, 50)
-    assert len(sub) == 50 and set(sub.labels.tolist()) == set(range(10))
-    ident = sub.identity()
-    assert ident["limit"] == 50 and ident["limit_step"] == len(sorted_split) // 50
-    again = limited(sorted_split, ident["limit"], ident["limit_step"])
-    assert again.fingerprint == sub.fingerprint
-    first = limited(sorted_split, 50, 1)
-    assert (first.labels == sorted_split.labels[:50]).all() and "limit_step" not in first.identity()
-    assert first.fingerprint != sub.fingerprint
+    cyclic = np.concatenate([np.flatnonzero(fmnist.y_train == c)[:40] for c in range(10)]).reshape(10, 40).T.ravel()
+    for rows in (order, cyclic):  # sorted by class; labels 0..9 0..9 ... (every 10th sample is one class)
+        split = ImageData(fmnist.x_train[rows][:, None], fmnist.y_train[rows], FASHION_MNIST_CLASSES, "s", "train", "m")
+        sub = limited(split, 50)
+        assert len(sub) == 50 and set(sub.labels.tolist()) == set(range(10))
+        ident = sub.identity()
+        assert ident["limit"] == 50 and ident["limit_sampled"] is True
+        assert limited(split, ident["limit"], ident["limit_sampled"]).fingerprint == sub.fingerprint
+        first = limited(split, 50, False)
+        assert (first.labels == split.labels[:50]).all() and "limit_sampled" not in first.identity()
+        assert first.fingerprint != sub.fingerprint
 
 
 def test_a_limited_dump_of_a_class_sorted_folder_trains_and_verifies(cifar_folder, tmp_path):
@@ -532,7 +532,7 @@ def test_a_limited_dump_of_a_class_sorted_folder_trains_and_verifies(cifar_folde
             "--out", tmp_path / "c")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())["dataset"]
-    assert m["limit"] == 30 and m["limit_step"] == 10 * CIFAR_TRAIN_PER_CLASS // 30
+    assert m["limit"] == 30 and m["limit_sampled"] is True
     r = run("train-student", "--cache", tmp_path / "c", "--student", "cnn_tiny", "--epochs", 1, "--device", "cpu",
             "--out", tmp_path / "r")
     assert r.exit_code == 0, r.output

@@ -318,7 +318,7 @@ def create_model_params():
 
 def test_cifar10_features_pipeline(cifar_folder, monkeypatch, tmp_path):
     """pipelines/cifar10-features.toml (teacher training, a dump with features, scratch, KD and KD plus
-    a hint) end to end on the generated CIFAR-like ImageFolder, with a `limit` (every other image)."""
+    a hint) end to end on the generated CIFAR-like ImageFolder, with a `limit` (60 of its 120 images)."""
     from kdpipe.pipeline import load_pipeline, make_rules
     from test_pipelines import run_pipeline
     monkeypatch.chdir(tmp_path)
