@@ -138,6 +138,17 @@ def _cifar_like_image(label: int, split: str, i: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    """dump-logits and train-student turn SIGTERM into an interrupt (and a student pass holds Ctrl-C until
+    its step ends); give every test the process's own handlers back."""
+    import signal
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_cpu_thread():
     """Small models on a shared 2-core machine run several times faster on one thread (OpenMP threads

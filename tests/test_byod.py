@@ -31,14 +31,6 @@ def _own_decodes(tmp_path, monkeypatch):
     monkeypatch.setenv("KDPIPE_DATA_CACHE", str(tmp_path / "decoded"))
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    import signal
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
-
-
 # ---------------------------------------------------------------- data built in tmp_path
 
 def _png(arr: np.ndarray, path: Path) -> Path:

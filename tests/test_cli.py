@@ -22,14 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"train-teacher", "dump-logits", "train-student", "report", "inspect", "verify-cache", "make-rules"}
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """dump-logits turns SIGTERM into an interrupt; give the test process its own handler back."""
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
-
-
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

@@ -4,44 +4,24 @@ of the teachers' probabilities at T; dump-logits --like; the refusals; metrics a
 from __future__ import annotations
 
 import json
-import signal
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kdpipe.cli import main
 from kdpipe.ensemble import EnsembleTargets, mixture_log_probs
 from kdpipe.losses import create_loss
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """dump-logits and train-student turn SIGTERM into an interrupt; give the test process its own back."""
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
+from test_reliability_helpers import assert_one_line_error, run_cli
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return run_cli(list(args))
 
 
 def ok(result):
     assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
     return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def _softmax(z):
