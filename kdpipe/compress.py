@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -542,17 +543,26 @@ def _plot(doc: dict, path: Path) -> Path:
     rows = [r for r in doc["rows"] if r.get("test_top1") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     markers = {"fp32": "*", "int8": "o", "prune": "s", "distilled": "D", "scratch": "^"}
+    # Seeds of one student setting share a colour and one label (a sweep of 3 seeds would pile 6 labels up)
+    setting = {r["name"]: re.sub(r"-h[0-9a-f]{6}", "", re.sub(r"-s\d+(?=(-int8-\w+)?$)", "", r["name"]))
+               for r in rows}
+    bases = sorted({re.sub(r"-int8-\w+$", "", setting[r["name"]]) for r in rows if r["source"] != "teacher"})
+    colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
     for ax, key, label in ((axes[0], "latency_ms_b1", "CPU latency at batch 1 (ms/image)"),
                            (axes[1], "size_bytes", "size on disk (MB)")):
+        labelled = set()
         for r in rows:
             x = r.get(key)
             if x is None:
                 continue
             x = x / 1e6 if key == "size_bytes" else x
             kind = r["method"].split()[0]
+            name = setting[r["name"]]
             ax.scatter([x], [r["test_top1"]], marker=markers.get(kind, "o"), s=80 if kind == "fp32" else 36,
-                       c="k" if r["source"] == "teacher" else "tab:blue")
-            ax.annotate(r["name"], (x, r["test_top1"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+                       color="k" if r["source"] == "teacher" else colour[re.sub(r"-int8-\w+$", "", name)])
+            if name not in labelled:
+                labelled.add(name)
+                ax.annotate(name, (x, r["test_top1"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(  # 2 and 5 times a power of ten
@@ -563,8 +573,8 @@ def _plot(doc: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title("accuracy against CPU latency")
     axes[1].set_title("accuracy against size")
-    fig.suptitle(f"{doc['teacher_arch']} on {doc['data']}: black from the teacher, blue students "
-                 f"(* fp32, o int8, s pruned, D distilled, ^ scratch)", fontsize=9)
+    fig.suptitle(f"{doc['teacher_arch']} on {doc['data']}: black from the teacher, a colour per student setting "
+                 f"(its seeds labelled once; * fp32, o int8, s pruned, D distilled, ^ scratch)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
