@@ -449,7 +449,8 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     machine = cpu_name()
     doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),
            "backend": backend, "calibration_images": len(calib_rows), "finetune": ft_desc if finetune_epochs else "none",
-           "finetune_epochs": finetune_epochs, "finetune_device": str(device), "machine": machine, "threads": threads, "repeats": repeats,
+           "finetune_epochs": finetune_epochs, "finetune_device": str(device), "machine": machine,
+           "threads": threads, "repeats": repeats,
            "latency_batches": list(LATENCY_BATCHES), "torch": torch.__version__,
            "rows": [_row_json(r) for r in results]}
     atomic_write_json(out / "compress.json", doc)

@@ -367,8 +367,8 @@ class _Clock:
 
 def replay_batch(images, labels, policy: ViewPolicy, params, cached, idx, mean, std):
     """One batch of an epoch: the replayed views of samples `idx` (normalized, channels-last on CUDA),
-    their teacher targets (teacher_rows: cached logits as float32; None without `cached`) and their labels; for mixed views
-    (mixup, cutmix) the labels are MixedLabels, both labels with the stored share of each."""
+    their teacher targets (teacher_rows: cached logits as float32; None without `cached`) and their labels;
+    for mixed views (mixup, cutmix) the labels are MixedLabels, both labels with the stored share of each."""
     p = params[idx]
     x = channels_last(policy.replay_rows(images, idx, p, mean, std, policy.partner_params(params, p)))
     y = labels[idx]

@@ -87,13 +87,13 @@ def _data_where(cache: Cache, data_root=None, data_spec: str | None = None):
 def load_validation_split(cache: Cache, train: ImageData, test: ImageData | None, data_root=None,
                           data_spec: str | None = None) -> ImageData:
     """The data source's own validation split (--val-split: Food-11's validation/, imagefolder's val/, a CSV's
-    val rows, an npz's x_val), decoded as the cache's data was (the manifest's image size; the first `limit`
-    samples where the cache's data was limited, as --limit takes of each split) and checked against the train
+    val rows, an npz's x_val), decoded as the cache's data was (the manifest's image size; `limit` samples
+    where the cache's data was limited, drawn as --limit draws from each split) and checked against the train
     split (classes, shape). A source without one is refused by its loader, in one line; so is a validation
     split that holds the same data as the test split (selecting on it would select on the test set)."""
     spec, root, _ = _data_where(cache, data_root, data_spec)
     d = cache.manifest["dataset"]
-    val = limited(load_dataset(spec, "val", root, d.get("image_size")), d.get("limit"))
+    val = limited(load_dataset(spec, "val", root, d.get("image_size")), d.get("limit"), d.get("limit_sampled", False))
     check_splits(train, val)
     if val.fingerprint in (train.fingerprint, test.fingerprint if test is not None else None):
         same = "train" if val.fingerprint == train.fingerprint else "test"
@@ -404,7 +404,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                 make_projector(layer_shape(model, hint_layer, in_shape, torch.device("cpu")), feat["shape"],
                                hint_layer, feat["layer"])
         out = ensure_out_dir(out, "runs directory") if ctx.is_main else Path(out)
-    ids = ctx.all_gather(m["cache_id"] if ensemble is None else ensemble.identity())  # per-node copies of a cache are fine; different caches are not
+    # per-node copies of a cache are fine; different caches are not
+    ids = ctx.all_gather(m["cache_id"] if ensemble is None else ensemble.identity())
     if len(set(ids)) > 1:
         raise KDPipeError("the ranks opened different caches (" + ", ".join(f"rank {r}: id {i[:12]}" for r, i in
                           enumerate(ids)) + "): every rank must read the same cache")

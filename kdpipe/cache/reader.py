@@ -295,8 +295,8 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
     (cache/format.py, in table order): (sample_index, view_index, label, logits as float32,
     view_params); for a cache of the top-k codec the logits' place holds three items, the top-k values
     (k,) float32, their classes (k,) int64 and the rest terms (one per declared temperature) float32
-    (Cache.manifest["logits"] names k and the temperatures). Shards are opened lazily in each worker process (the object pickles without any
-    open file)."""
+    (Cache.manifest["logits"] names k and the temperatures). Shards are opened lazily in each worker
+    process (the object pickles without any open file)."""
 
     def __init__(self, cache_dir):
         self.cache = Cache(cache_dir)
