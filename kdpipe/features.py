@@ -55,9 +55,10 @@ def find_module(root: nn.Module, name: str, what: str = "teacher") -> nn.Module:
     if name in mods:
         return mods[name]
     close = difflib.get_close_matches(name, list(mods), n=6, cutoff=0.5)
-    if not close:
-        close = [n for n in mods if "." not in n][:12]
-        where = f"its top-level modules: {', '.join(close)}"
+    if not close and len(mods) <= 24:
+        where = f"its modules: {', '.join(mods)}"
+    elif not close:
+        where = f"its top-level modules: {', '.join([n for n in mods if '.' not in n][:12])}"
     else:
         where = f"close names: {', '.join(close)}"
     raise KDPipeError(f"the {what} has no module {name!r} ({where}); name a layer by its path in "
