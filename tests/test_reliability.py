@@ -11,6 +11,7 @@ import builtins
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -191,6 +192,7 @@ def test_rerun_with_other_arguments_is_refused_naming_each_difference(ref, other
     for c in changes:
         for frag in CHANGES[c][1]:
             assert frag in line, f"{frag!r} not named in {line!r}"
+    assert not re.search(r"[0-9a-f]{13}", line), line  # digests are shown by their first 12 digits
     assert files_digest(out) == before
 
 

@@ -174,15 +174,23 @@ def shard_datasets(values: dict[str, np.ndarray], m: dict, start: int, stop: int
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key was A, now B' for every (nested) key whose value differs."""
+    """'key was A, now B' for every (nested) key whose value differs; sha256 digests shortened to 12 digits
+    (as inspect shows them), so a refusal naming several differences stays readable."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k} was {a}, now {b}")
+            out.append(f"{prefix}{k} was {_short_digest(a)}, now {_short_digest(b)}")
     return out
+
+
+def _short_digest(v):
+    """A hex digest (32 hex digits or more) as its first 12, else v."""
+    if isinstance(v, str) and len(v) >= 32 and all(c in "0123456789abcdef" for c in v):
+        return v[:12]
+    return v
 
 
 def unstorable_logits(nonfinite: list, overflow: list, start: int, sidx, vidx, logits_dtype: str) -> KDPipeError:
