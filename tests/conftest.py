@@ -297,3 +297,29 @@ def student_runs(cache, tmp_path_factory) -> SimpleNamespace:
     results = train_students(cache.path, ["mlp_100"], 2, out, temperatures=(4.0,), alphas=(0.0, 0.9),
                              seeds=(0, 1), batch_size=64, log=log.append)
     return SimpleNamespace(out=out, results=results, log=log)
+
+
+def spy_stage_two(monkeypatch, wrap_loss=None) -> SimpleNamespace:
+    """Record what train_students' loop hands its students: each epoch's batch order (.orders) and each
+    training forward pass's input (.inputs). `wrap_loss(loss)`, when given, replaces every run's loss
+    (e.g. with one that records its labels)."""
+    from kdpipe import engine, student
+    spy = SimpleNamespace(orders=[], inputs=[])
+    real_batches, real_build = engine.batches, student.build_run
+
+    def batches(*a, **kw):
+        out = real_batches(*a, **kw)
+        spy.orders.append(out)
+        return out
+
+    def build_run(*a, **kw):
+        run = real_build(*a, **kw)
+        run.model.register_forward_pre_hook(
+            lambda mod, args: spy.inputs.append(args[0].detach().clone()) if mod.training else None)
+        if wrap_loss is not None:
+            run.loss = wrap_loss(run.loss)
+        return run
+
+    monkeypatch.setattr(engine, "batches", batches)
+    monkeypatch.setattr(student, "build_run", build_run)
+    return spy

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import kdpipe.engine as engine
-import kdpipe.student as student_mod
 from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.checkpoint import load_teacher
@@ -20,7 +18,7 @@ from kdpipe.teacher import dump_logits
 from kdpipe.verify import verify_cache
 from kdpipe.views import MIX_SCALE, create_policy, normalize, policy_from_identity
 
-from conftest import quiet
+from conftest import quiet, spy_stage_two
 
 GEO = "crop:2+flip"
 PAD = 2
@@ -137,23 +135,9 @@ def test_stage_two_replays_the_teachers_mixed_views_bit_for_bit(mix, fmnist, tea
     assert not torch.equal(cap.inputs[:n], cap.inputs[n:])
 
     # What the students receive in train_students (epoch e uses view e mod K), and the labels their CE gets.
-    orders, seen, labels_seen = [], [], []
-    real_batches, real_build = engine.batches, student_mod.build_run
-
-    def spy_batches(*a, **kw):
-        out = real_batches(*a, **kw)
-        orders.append(out)
-        return out
-
-    def spy_build(*a, **kw):
-        run = real_build(*a, **kw)
-        run.model.register_forward_pre_hook(
-            lambda mod, args: seen.append(args[0].detach().clone()) if mod.training else None)
-        run.loss = SpyLoss(run.loss, labels_seen)
-        return run
-
-    monkeypatch.setattr(engine, "batches", spy_batches)
-    monkeypatch.setattr(student_mod, "build_run", spy_build)
+    labels_seen = []
+    spy = spy_stage_two(monkeypatch, lambda loss: SpyLoss(loss, labels_seen))
+    orders, seen = spy.orders, spy.inputs
     train_students(tmp_path / "cache", ["mlp_100"], 3, tmp_path / "runs", alphas=(0.5,), batch_size=64, log=quiet)
     steps = [(e, idx) for e, order in enumerate(orders) for idx in order]
     assert len(seen) == len(steps) == len(labels_seen) > 0

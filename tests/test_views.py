@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-import kdpipe.engine as engine
-import kdpipe.student as student_mod
 from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.checkpoint import save_checkpoint
@@ -24,7 +22,7 @@ from kdpipe.models import create_model
 from kdpipe.student import train_students
 from kdpipe.views import V1_POLICIES, create_policy, hash_normal, known_ops, normalize, policy_from_identity
 
-from conftest import quiet
+from conftest import quiet, spy_stage_two
 
 ZERO, ONE = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
 BILINEAR = TF.InterpolationMode.BILINEAR
@@ -614,22 +612,8 @@ def test_stage_two_replays_the_teachers_views_bit_for_bit(name, fmnist, cifar_fo
         assert torch.equal(x, cap.inputs[v * n:(v + 1) * n]), f"view {v} differs from the teacher's"
 
     # What the students actually receive in train_students (epochs > K: epoch e uses view e mod K).
-    orders, seen = [], []
-    real_batches, real_build = engine.batches, student_mod.build_run
-
-    def spy_batches(*a, **kw):
-        out = real_batches(*a, **kw)
-        orders.append(out)
-        return out
-
-    def spy_build(*a, **kw):
-        run = real_build(*a, **kw)
-        run.model.register_forward_pre_hook(
-            lambda mod, args: seen.append(args[0].detach().clone()) if mod.training else None)
-        return run
-
-    monkeypatch.setattr(engine, "batches", spy_batches)
-    monkeypatch.setattr(student_mod, "build_run", spy_build)
+    spy = spy_stage_two(monkeypatch)
+    orders, seen = spy.orders, spy.inputs
     epochs = 3
     train_students(tmp_path / "cache", ["mlp_100"], epochs, tmp_path / "runs", batch_size=32, log=quiet)
     assert len(orders) == epochs
