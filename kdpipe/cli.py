@@ -458,8 +458,8 @@ def _term_as_interrupt():
               help="Which cached teacher feature the hint distils (needed when the cache holds several).")
 @click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
-def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, loss, temperatures, alphas, seeds, batch_size, optimizer,
-                      lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
+def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, loss, temperatures, alphas, seeds,
+                      batch_size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
                       data_spec, allow_test_split, device, amp, fuse, train_samples, checkpoint_every,
                       keep_checkpoints, overwrite, hint_layer, hint_feature, out, val_split):
     """Stage two: train students from cached logits. Lists make a sweep (the cartesian product of
