@@ -56,7 +56,9 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
 SPLITS = ("train", "test", "val")  # val: a source's own validation split (Source.val)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The image files a folder source reads (torchvision's ImageFolder reads the same, less .pgm/.ppm's
+# siblings): any other file in a class or split folder is skipped, and the skip is said (_skipped_note).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
 # How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's
 # BICUBIC resize of the shorter side to S, which filters over the whole footprint when it reduces (an
@@ -543,6 +545,8 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
 # ---------------------------------------------------------------- ImageFolder
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")  # 16-bit grey (PNG, TIFF): full scale 65535, stored as v / 257
+UNREADABLE_MODES = {"I": "32-bit integer", "F": "32-bit float"}  # no range kdpipe can be sure of
 DECODE_THREADS = 8  # at most this many decoding threads (fewer on fewer cores)
 DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
 
@@ -578,17 +582,40 @@ def _no_val_folder(spec, root: Path, names: dict) -> KDPipeError:
                        + (f" {test.name}" if test is not None else "") + f": add one to pick the best epoch on it, {how}")
 
 
-def _list_files(spec, folder: Path, classes: list[str], split: str) -> tuple[list[Path], list[int]]:
-    files, labels = [], []
+def _images_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The image files of `folder` (sorted), and the other files there that are not hidden."""
+    images, other = [], []
+    for p in folder.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+    return sorted(images), other
+
+
+def _skipped_note(spec, folder: Path, skipped: list[Path]) -> None:
+    """Say which files a folder source did not read, so that a folder of .heic photos or a class of
+    .jp2 files is not dropped without a word."""
+    if not skipped:
+        return
+    kinds = sorted({p.suffix.lower() or "(no extension)" for p in skipped})
+    print(f"note: {spec}: skipped {len(skipped)} file(s) under {folder} that are not images kdpipe reads "
+          f"({', '.join(kinds[:6])}; e.g. {sorted(skipped)[0].name}); it reads {'/'.join(IMAGE_EXTENSIONS)}",
+          file=sys.stderr, flush=True)
+
+
+def _list_files(spec, folder: Path, classes: list[str], split: str, note: bool = True) -> tuple[list[Path], list[int]]:
+    files, labels, skipped = [], [], []
     for ci, c in enumerate(classes):
         cdir = folder / c
-        found = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if cdir.is_dir() else []
+        found, other = _images_in(cdir) if cdir.is_dir() else ([], [])
+        skipped += other
         if not found and split == "train":
-            raise KDPipeError(f"{spec}: class folder {cdir} holds no .jpg/.jpeg/.png images")
+            raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
         files += found
         labels += [ci] * len(found)
     if not files:
         raise KDPipeError(f"{spec}: {folder} holds no images")
+    if note:
+        _skipped_note(spec, folder, skipped)
     extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
     if extra:
         raise KDPipeError(f"{spec}: {folder} has class folders not in the train folder: {', '.join(extra[:5])}")
@@ -618,9 +645,10 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
         raise KDPipeError(f"{spec}: {class_root} has no class folders")
     files, labels = _list_files(spec, folder, classes, split)
     other = _split_folder(root, "test" if split == "train" else "train")
-    other_files = _list_files(spec, other, classes, "test")[0] if other is not None and other != folder else []
+    other_files = (_list_files(spec, other, classes, "test", note=False)[0]
+                   if other is not None and other != folder else [])
     if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
-        other_files += _list_files(spec, _split_folder(root, "test"), classes, "test")[0]
+        other_files += _list_files(spec, _split_folder(root, "test"), classes, "test", note=False)[0]
     return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
 
@@ -634,11 +662,12 @@ def _label_of(spec, p: Path) -> str:
     return label
 
 
-def _flat_listing(spec, folder: Path) -> tuple[list[Path], list[str]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _flat_listing(spec, folder: Path, note: bool = True) -> tuple[list[Path], list[str]]:
+    files, skipped = _images_in(folder)
     if not files:
-        raise KDPipeError(f"{spec}: {folder} holds no .jpg/.jpeg/.png images")
+        raise KDPipeError(f"{spec}: {folder} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
+    if note:
+        _skipped_note(spec, folder, skipped)
     return files, [_label_of(spec, p) for p in files]
 
 
@@ -676,12 +705,12 @@ def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
         raise KDPipeError(f"{spec}: {root} has no {' or '.join(SPLIT_FOLDERS[split])} folder")
     other = _split_folder(root, "test" if split == "train" else "train", SPLIT_FOLDERS)
     files, names = _flat_listing(spec, folder)
-    other_files, other_names = _flat_listing(spec, other) if other is not None else ([], [])
+    other_files, other_names = _flat_listing(spec, other, note=False) if other is not None else ([], [])
     train_names, test_names = (names, other_names) if split == "train" else (other_names, names)
     classes, index = class_numbering(spec, train_names, test_names)
     labels = [index[c] for c in names]
     if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
-        other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS))[0]
+        other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS), note=False)[0]
     return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
 
 
@@ -877,6 +906,9 @@ def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str]]:
         with _open_image(spec, p) as im:
             sizes[i] = im.size[1], im.size[0]
             modes.append(im.mode)
+        if im.mode in UNREADABLE_MODES:
+            raise KDPipeError(f"{spec}: {p} has {UNREADABLE_MODES[im.mode]} pixels (mode {im.mode}), whose range "
+                              "kdpipe cannot know: convert the images to 8 or 16 bits per channel")
     return sizes, modes
 
 
@@ -897,6 +929,9 @@ def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
 
     if im.mode == "P":
         im = im.convert("RGBA")  # a palette with transparency converts cleanly only through RGBA
+    elif im.mode in SIXTEEN_BIT_MODES:  # Pillow's own conversion clips at 255: a 16-bit image turned white
+        wide = np.asarray(im).astype(np.uint32)
+        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     im = im.convert(mode)
     if image_size:
         w, h = im.size

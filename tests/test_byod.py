@@ -360,3 +360,64 @@ def test_pipeline_dump_passes_yes(tmp_path):
     assert len(dump) == 1 and " --yes " in dump[0]
     (tmp_path / "q.toml").write_text(text)
     assert "--yes" not in make_rules(load_pipeline(tmp_path / "q.toml"))
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path, fmnist):
+    """A 16-bit grey PNG holds 0..65535: stored as v / 257, so Fashion-MNIST rows written at 16 bits
+    (v * 257) come back as their 8-bit pixels. (Pillow's own conversion clips at 255: nearly every pixel
+    of such an image would be stored white.)"""
+    root = tmp_path / "fm16"
+    x, y = fmnist.x_train[:N_TRAIN], fmnist.y_train[:N_TRAIN]
+    for split, (xs, ys) in {"train": (x, y), "test": (fmnist.x_test[:N_TEST], fmnist.y_test[:N_TEST])}.items():
+        for i, (img, label) in enumerate(zip(xs, ys)):
+            _png(img.astype(np.uint16) * 257, root / split / f"c{label}" / f"{i:04d}.png")
+    assert Image.open(next((root / "train").rglob("*.png"))).mode == "I;16"
+    data = load_dataset(f"imagefolder:{root}", "train")
+    order = np.argsort([f"c{label}/{i:04d}" for i, label in enumerate(y)], kind="stable")
+    assert data.image_shape == (1, 28, 28)
+    np.testing.assert_array_equal(np.asarray(data.images)[:, 0], x[order])
+
+
+def test_float_or_32_bit_images_are_refused_with_one_line(tmp_path):
+    root = tmp_path / "f"
+    for i in range(2):
+        _png(np.zeros((8, 8), np.uint8), root / "train" / "a" / f"{i}.png")
+        _png(np.zeros((8, 8), np.uint8), root / "test" / "a" / f"{i}.png")
+    Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)).save(root / "train" / "a" / "x.tif")
+    res = run_cli(["train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp_100", "--epochs", 1,
+                   "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, "x.tif has 32-bit float pixels (mode F)", "convert the images to 8 or 16 bits")
+
+
+def test_other_image_formats_are_read_and_other_files_named(tmp_path, fmnist, capsys):
+    """BMP, WebP, TIFF and GIF photos are read as JPEG and PNG are (torchvision's ImageFolder reads
+    them too); a file that is no image (a README, a .heic kdpipe cannot decode) is skipped with a note
+    naming it, not dropped without a word."""
+    root = tmp_path / "mixed"
+    exts = [".png", ".bmp", ".webp", ".tif", ".gif", ".JPG"]
+    x, y = fmnist.x_train[:60], fmnist.y_train[:60]
+    for split in ("train", "test"):
+        for i, (img, label) in enumerate(zip(x, y)):
+            path = root / split / f"c{label}" / f"{i:04d}{exts[i % len(exts)]}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path, **({"lossless": True} if path.suffix == ".webp" else
+                                               {"quality": 100} if path.suffix == ".JPG" else {}))
+    (root / "train" / f"c{y[0]}" / "notes.txt").write_text("not an image")
+    (root / "train" / f"c{y[1]}" / "IMG_1.heic").write_bytes(b"\0" * 16)
+    (root / "train" / f"c{y[1]}" / ".DS_Store").write_bytes(b"\0" * 16)
+    data = load_dataset(f"imagefolder:{root}", "train")
+    assert len(data) == 60
+    err = capsys.readouterr().err
+    assert "skipped 2 file(s)" in err and ".heic, .txt" in err and ".DS_Store" not in err
+    names = sorted(f"c{label}/{i:04d}" for i, label in enumerate(y))
+    by_name = {f"c{label}/{i:04d}": (img, i % len(exts)) for i, (img, label) in enumerate(zip(x, y))}
+    for row, name in enumerate(names):
+        img, kind = by_name[name]
+        stored = np.asarray(data.images)[row, 0].astype(int)
+        if exts[kind] == ".JPG":  # lossy even at quality 100
+            assert np.abs(stored - img).mean() < 2
+        else:
+            np.testing.assert_array_equal(stored, img, err_msg=f"{name}{exts[kind]}")
+    capsys.readouterr()
+    load_dataset(f"imagefolder:{root}", "test")
+    assert "skipped" not in capsys.readouterr().err  # the train folder's note is not repeated for the test split
