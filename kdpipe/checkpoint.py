@@ -7,8 +7,9 @@ A kdpipe checkpoint is a torch file holding plain data only (loads with weights_
 Teachers of other kinds (load_teacher, by what the file holds, not its name):
   torchscript   a TorchScript archive (torch.jit.save);
   export        a torch.export program (.pt2, torch.export.save), loaded with torch.export.load;
-  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...} or {"model": ...}),
-                with --teacher-arch; loaded with weights_only=True;
+  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...}, {"model": ...} or
+                {"net": ...}), with --teacher-arch; loaded with weights_only=True; a wrapper's prefix on
+                every name ("module.", "_orig_mod.", ...) is removed when the rest fits (_unwrapped);
   safetensors   a .safetensors file, with --teacher-arch (optional extra: pip install 'kdpipe[safetensors]');
   pickle        a whole pickled nn.Module (torch.save(model)): runs code from the file, so only with
                 --trust-pickle.
@@ -204,9 +205,9 @@ def _first_line(msg) -> str:
 
 
 def _state_dict_of(obj) -> dict | None:
-    """A state dict (name -> tensor), also inside {"state_dict": ...} or {"model": ...}; else None."""
+    """A state dict (name -> tensor), also inside {"state_dict": ...}, {"model": ...} or {"net": ...}; else None."""
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict"):
+        for key in ("state_dict", "model", "model_state_dict", "net"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
@@ -334,7 +335,30 @@ def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict]:
     return model, recipe
 
 
+# Prefixes that wrappers put before every weight's name: DataParallel/DDP ("module."), torch.compile
+# ("_orig_mod."), Lightning modules holding the net as .model or .net.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+
+
+def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
+    """`state` with the wrapper prefixes every one of its names shares removed, when that makes its names
+    exactly the network's (`wanted`); else `state` as it is. Also the prefix removed ("" for none)."""
+    keys, removed = list(state), ""
+    while set(keys) != wanted:
+        p = next((p for p in WRAPPER_PREFIXES if keys and all(k.startswith(p) for k in keys)), None)
+        if p is None:
+            return state, ""
+        keys, removed = [k[len(p):] for k in keys], removed + p
+    return dict(zip(keys, state.values())), removed
+
+
 def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> None:
+    wanted = set(model.state_dict())
+    if isinstance(model, nn.Sequential) and len(model) == 2:  # or, for grey images, the bare torchvision model's
+        bare = set(model[1].state_dict())
+        if _unwrapped(state, bare)[1]:
+            wanted = bare
+    state, removed = _unwrapped(state, wanted)
     target = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(k.startswith("1.") for k in state):
         target = model[1]  # a torchvision model wrapped for grey images; weights are for the bare model
@@ -344,3 +368,6 @@ def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> Non
         first = str(e).splitlines()
         raise KDPipeError(f"the weights in {path} do not fit the architecture {arch}: "
                           f"{' '.join(s.strip() for s in first[:3])[:300]}") from None
+    if removed:
+        print(f"note: every weight's name in {path} starts with {removed!r} (saved from a wrapper such as "
+              "DataParallel or torch.compile): loaded without it", file=sys.stderr)

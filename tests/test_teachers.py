@@ -323,6 +323,34 @@ def test_state_dicts_safetensors_and_pickles(ref, tmp_path, monkeypatch):
             "pip install 'kdpipe[safetensors]'")
 
 
+def test_state_dicts_saved_from_wrappers_load_without_their_prefix(ref, tmp_path):
+    """Weights saved from DataParallel/DDP ("module."), torch.compile ("_orig_mod.") or a Lightning module
+    ("model."), the common CIFAR checkpoint {"net": ..., "acc": ...}: the prefix every name shares is
+    removed when that makes the names exactly the architecture's, with a note; the cache holds the
+    teacher's own outputs. A prefix on some names only, or names that still do not fit, are refused."""
+    state = ref.net.state_dict()
+    for name, obj, prefix in (
+            ("dp", {f"module.{k}": v for k, v in state.items()}, "'module.'"),
+            ("compiled_ddp", {f"module._orig_mod.{k}": v for k, v in state.items()}, "'module._orig_mod.'"),
+            ("lightning", {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}, "'model.'"),
+            ("kuangliu", {"net": {f"module.{k}": v for k, v in state.items()}, "acc": 91.2, "epoch": 180},
+             "'module.'")):
+        torch.save(obj, tmp_path / f"{name}.pth")
+        res = ok(dump(tmp_path / f"{name}.pth", ref.spec, tmp_path / name, "--teacher-arch", "cnn_small", *ref.norm))
+        assert f"starts with {prefix}" in res.stderr, name
+        assert_cache_holds(tmp_path / name, ref.net)
+    torch.save(state, tmp_path / "plain.pth")
+    assert "starts with" not in ok(dump(tmp_path / "plain.pth", ref.spec, tmp_path / "plain", "--teacher-arch",
+                                        "cnn_small", *ref.norm)).stderr
+    some = {(f"module.{k}" if i % 2 else k): v for i, (k, v) in enumerate(state.items())}
+    torch.save(some, tmp_path / "some.pth")
+    refused(dump(tmp_path / "some.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "do not fit the architecture cnn_small")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "other.pth")
+    refused(dump(tmp_path / "other.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_tiny", *ref.norm),
+            "do not fit the architecture cnn_tiny")
+
+
 def _fake_timm(created: list):
     """A stand-in for the timm package: create_model(name, pretrained, num_classes, in_chans, **kw)."""
     from kdpipe.models import SmallCNN
