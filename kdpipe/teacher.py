@@ -45,18 +45,27 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
 
     log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
         f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} {optim.schedule}")
-    stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
-                       amp=amp, label="teacher", log=log)
-    test_images = images_tensor(test.images, device)
+    test_images, test_labels = images_tensor(test.images, device), torch.from_numpy(test.labels).to(device)
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
-    logits = predict(run.model, test_images, policy, params, mean, std, amp=amp)
-    acc = top1(logits, torch.from_numpy(test.labels).to(device))
+    history = []  # per epoch: the loss, top-1 on the views trained on, test top-1 (a teacher that is not
+    # learning shows in the first epochs, not at the end of a long run)
+
+    def on_epoch_end(epoch):
+        acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
+        history.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
+                        "test_top1": acc})
+        log(f"  teacher epoch {epoch + 1}/{epochs}: train top-1 {run.train_top1[-1]:.4f}, test top-1 {acc:.4f}")
+
+    stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
+                       amp=amp, label="teacher", log=log, on_epoch_end=on_epoch_end)
+    acc = history[-1]["test_top1"]
     latency = cpu_latency_ms(run.model, in_shape)
     size = save_checkpoint(out, run.model, arch=arch, num_classes=train.num_classes, image_shape=in_shape,
                            mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
                            test_top1=acc, arch_args=arch_args, extra={"view_policy": policy.identity(), "epochs": epochs,
                                                  "cpu_latency_ms": latency, "train_wall_s": stats["wall_s"],
-                                                 "role": "teacher", "training": optim.settings()})
+                                                 "role": "teacher", "training": optim.settings(),
+                                                 "history": history})
     log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
     return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
 

@@ -97,6 +97,11 @@ def test_train_teacher_command(pipeline, fmnist):
     assert ckpt["arch"] == "mlp_100" and ckpt["num_classes"] == 10 and ckpt["image_shape"] == [1, 28, 28]
     assert ckpt["dataset"]["spec"] == fmnist.spec
     assert ckpt["test_top1"] > 0.5  # 2 epochs on 512 images: about 0.58, where chance is 0.1
+    # each epoch's test top-1 is printed and kept, so a teacher that is not learning shows early
+    hist = ckpt["history"]
+    assert [h["epoch"] for h in hist] == [1, 2] and hist[-1]["test_top1"] == ckpt["test_top1"]
+    assert all(0 <= h["train_top1"] <= 1 and h["loss"] > 0 for h in hist)
+    assert "teacher epoch 1/2: train top-1" in r.output and f"test top-1 {hist[0]['test_top1']:.4f}" in r.output
 
 
 def test_dump_logits_command_summarises(pipeline):
