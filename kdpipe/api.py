@@ -33,7 +33,7 @@ from kdpipe.engine import batches, replay_batch, steps_per_epoch
 from kdpipe.evaluate import top1
 from kdpipe.losses import Loss, create_loss, known_losses
 from kdpipe.models import create_model
-from kdpipe.student import CachedViews, check_split_use, clean_test_logits, load_cache_data
+from kdpipe.student import CachedViews, check_split_use, clean_test_logits, hint_feature, load_cache_data
 from kdpipe.util import images_tensor, pick_device, seeded_generator
 from kdpipe.views import policy_from_identity
 
@@ -41,16 +41,20 @@ __all__ = ["open_cache", "CacheData", "EpochBatches", "create_loss", "known_loss
            "CachedLogitsDataset"]
 
 
-def open_cache(cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False) -> "CacheData":
+def open_cache(cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False,
+               features: str | bool | None = None) -> "CacheData":
     """Open a finished cache and the dataset it was dumped from, ready to yield training batches.
 
     device: where batches are replayed and returned ("cpu", "cuda", "cuda:1", "auto" or a torch.device).
     data_root / data: where the cache's dataset lies now if it moved (as train-student's --data-root and
     --data); its fingerprint must match the cache's. allow_test_split: accept a cache of the test split.
+    features: a layer the cache holds features of (dump-logits --features), or True for its only one: each
+    batch's teacher targets are then a kdpipe.losses.Outputs (.logits, .features, both float32).
     Raises kdpipe.KDPipeError with one line saying what is wrong (unfinished cache, data not found or not
     the cache's, ...).
     """
-    return CacheData(cache_dir, device, data_root=data_root, data=data, allow_test_split=allow_test_split)
+    return CacheData(cache_dir, device, data_root=data_root, data=data, allow_test_split=allow_test_split,
+                     features=features)
 
 
 class CacheData:
@@ -59,10 +63,12 @@ class CacheData:
     Attributes: cache (kdpipe.cache.reader.Cache), manifest, num_classes, num_views (K), num_samples,
     input_shape (what the student takes, e.g. (1, 28, 28)), class_names, mean and std (the input
     normalization the teacher was given, applied to every batch), policy (the view composition),
-    train and test (kdpipe.data.ImageData; test is None where the cache has no test logits), device.
+    train and test (kdpipe.data.ImageData; test is None where the cache has no test logits), device,
+    feature (the manifest's record of the cached feature batches carry, or None).
     """
 
-    def __init__(self, cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False):
+    def __init__(self, cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False,
+                 features: str | bool | None = None):
         self.device = device if isinstance(device, torch.device) else pick_device(str(device))
         self.cache = Cache(cache_dir)
         check_split_use(self.cache, allow_test_split)
@@ -76,7 +82,12 @@ class CacheData:
         self.class_names = list(m["dataset"]["class_names"])
         self._images = images_tensor(self.train.images, self.device)
         self._labels = torch.from_numpy(self.train.labels).to(self.device)
-        self._views = CachedViews(self.cache, self.device)
+        self.feature = None
+        if features is not None and features is not False:
+            self.feature = hint_feature(self.cache, None if features is True else str(features),
+                                        option="open_cache(..., features='LAYER')")
+        self._views = CachedViews(self.cache, self.device,
+                                  features=self.feature["path"] if self.feature else None)
 
     def __repr__(self) -> str:
         return (f"CacheData({str(self.cache.path)!r}, {self.num_samples} samples x {self.num_views} views, "

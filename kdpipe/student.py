@@ -208,9 +208,9 @@ class WithFeatures:
         return Outputs(lg, self.features[idx].float())
 
 
-def hint_feature(cache: Cache, given: str | None) -> dict:
+def hint_feature(cache: Cache, given: str | None, option: str = "--hint-feature LAYER") -> dict:
     """The cached feature a hint loss distils from (the manifest's features entry): the one given
-    (--hint-feature LAYER), or the cache's only one."""
+    (`option`, --hint-feature LAYER), or the cache's only one."""
     feats = cache.manifest.get("features", [])
     if not feats:
         raise KDPipeError(f"cache {cache.path} holds no features, which a hint loss needs: dump it with "
@@ -219,7 +219,7 @@ def hint_feature(cache: Cache, given: str | None) -> dict:
     if given is None:
         if len(feats) > 1:
             raise KDPipeError(f"cache {cache.path} holds several features ({', '.join(layers)}): say which one the "
-                              "hint uses with --hint-feature LAYER")
+                              f"hint uses with {option}")
         return feats[0]
     if given not in layers:
         raise KDPipeError(f"cache {cache.path} has no feature {given!r}; it holds: {', '.join(layers)}")

@@ -362,3 +362,36 @@ def test_features_beside_the_top_k_codec_train_kd_plus_hint(feat_cache, tmp_path
     err = one_line_error(invoke(["train-student", "--cache", out, "--student", "cnn_tiny", "--epochs", 1,
                                  "--loss", "dkd+hint", "--hint-layer", "head.2", "--out", tmp_path / "r2"], code=2))
     assert "needs every teacher logit" in err
+
+
+def test_the_python_api_gives_cached_features(feat_cache):
+    """open_cache(features=LAYER): each batch's teacher targets are Outputs(logits, features), the rows
+    of the cache's columns for that batch's samples; CachedLogitsDataset(features=True) adds each
+    feature to a row's items. Several features and none given, or a layer not cached, are refused."""
+    import kdpipe
+    from kdpipe.cache.reader import CachedLogitsDataset
+    from kdpipe.engine import batches
+    from kdpipe.util import seeded_generator
+
+    c = Cache(feat_cache.path)
+    data = kdpipe.open_cache(feat_cache.path, features="head.2")
+    assert data.feature["layer"] == "head.2"
+    idx = next(iter(batches(data.num_samples, 32, seeded_generator(3, 1), data.device)))
+    x, t, y = next(iter(data.epoch(1, batch_size=32, seed=3)))
+    assert isinstance(t, Outputs) and t.logits.shape == (32, 10) and t.features.shape == (32, 64)
+    view1 = {name: c.read_view(1, name).astype(np.float32) for name in ("features/head.2", "logits")}
+    np.testing.assert_array_equal(t.features.numpy(), view1["features/head.2"][idx.numpy()])
+    np.testing.assert_array_equal(t.logits.numpy(), view1["logits"][idx.numpy()])
+    plain = next(iter(kdpipe.open_cache(feat_cache.path).epoch(1, batch_size=32, seed=3)))
+    torch.testing.assert_close(plain[1], t.logits)
+    torch.testing.assert_close(plain[0], x)
+    with pytest.raises(KDPipeError, match="holds several features .pool, head.2.: .* features='LAYER'"):
+        kdpipe.open_cache(feat_cache.path, features=True)
+    with pytest.raises(KDPipeError, match="has no feature 'fc'"):
+        kdpipe.open_cache(feat_cache.path, features="fc")
+
+    ds = CachedLogitsDataset(feat_cache.path, features=True)
+    item = ds[130]
+    assert len(item) == len(CachedLogitsDataset(feat_cache.path)[130]) + 2
+    np.testing.assert_array_equal(item[-2].numpy(), c.read_rows("features/pool", np.array([130]))[0].astype(np.float32))
+    assert item[-2].shape == (32, 2, 2) and item[-1].shape == (64,) and item[-1].dtype == torch.float32

@@ -295,12 +295,18 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
     (cache/format.py, in table order): (sample_index, view_index, label, logits as float32,
     view_params); for a cache of the top-k codec the logits' place holds three items, the top-k values
     (k,) float32, their classes (k,) int64 and the rest terms (one per declared temperature) float32
-    (Cache.manifest["logits"] names k and the temperatures). Shards are opened lazily in each worker
-    process (the object pickles without any open file)."""
+    (Cache.manifest["logits"] names k and the temperatures). With features=True, each cached feature
+    (dump-logits --features; the manifest's "features", in that order) follows, float32 of its layer's
+    shape. Shards are opened lazily in each worker process (the object pickles without any open file)."""
 
-    def __init__(self, cache_dir):
+    def __init__(self, cache_dir, features: bool = False):
         self.cache = Cache(cache_dir)
         self.items = [c.name for c in self.cache.shard_columns.values() if c.item]
+        if features:
+            feats = self.cache.manifest.get("features", [])
+            if not feats:
+                raise KDPipeError(f"cache {self.cache.path} holds no features: dump it with --features LAYER")
+            self.items += [f["path"] for f in feats]
 
     def __len__(self):
         return self.cache.rows
