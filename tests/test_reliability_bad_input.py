@@ -112,7 +112,7 @@ CASES = {
         ["the train images differ in size", "20x20", "pass --image-size S"]),
     "empty class folder": (
         lambda e, t: _dump(e, t, f"imagefolder:{_image_folder(t / 'if', {'a': [16, 16], 'b': []})}"),
-        ["class folder", "holds no .jpg/.jpeg/.png images"]),
+        ["class folder", "holds no images (.jpg/.jpeg/.png/.bmp"]),
     "teacher file missing": (
         lambda e, t: _dump(e, t, teacher=t / "no-teacher.pt"), ["teacher file", "no-teacher.pt does not exist"]),
     "teacher file does not load": (
