@@ -269,3 +269,27 @@ def test_ddp_students_on_mixed_views_read_their_partners_rows(work):
     m1, m2 = (json.loads((d / name / "metrics.json").read_text()) for d in (one, two))
     np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=1e-4)
     assert abs(m2["test_top1"] - m1["test_top1"]) <= 1 / N_TEST
+
+
+def test_ddp_students_with_a_hint_match_single_process(work):
+    """kd+hint under DistributedDataParallel: each rank reads its rows' cached features with their logits,
+    the hint projector trains inside the DDP model beside the student and is saved once, unwrapped; the
+    2-rank MLP (2 x 16 images) follows the single process (32), term for term."""
+    cache, one, two = work / "feat", work / "feat-runs1", work / "feat-runs2"
+    single(dump_args(work, cache, "--features", "head.2"))
+
+    def args(out, b):
+        return ["train-student", "--cache", str(cache), "--student", "mlp_100", "--loss", "kd+hint",
+                "--hint-layer", "net.2", "--epochs", "2", "--batch-size", str(b), "--device", "cpu", "--out", str(out)]
+    single(args(one, 32))
+    ok(torchrun(args(two, 16)))
+    (name,) = [p.name for p in one.iterdir()]
+    assert "projector.pt" in {p.name for p in (two / name).iterdir()}
+    m1, m2 = (json.loads((d / name / "metrics.json").read_text()) for d in (one, two))
+    assert m2["world_size"] == 2 and set(m2["train_terms"]) == {"ce", "kd", "hint"}
+    for term in ("ce", "kd", "hint"):
+        np.testing.assert_allclose(m2["train_terms"][term], m1["train_terms"][term], rtol=1e-4, err_msg=term)
+    p1, p2 = (torch.load(d / name / "projector.pt", weights_only=True)["state_dict"] for d in (one, two))
+    assert set(p2) == set(p1) and not any(k.startswith("module.") for k in p2)
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], atol=1e-5, rtol=1e-4)
