@@ -547,6 +547,9 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")  # 16-bit grey (PNG, TIFF): full scale 65535, stored as v / 257
 UNREADABLE_MODES = {"I": "32-bit integer", "F": "32-bit float"}  # no range kdpipe can be sure of
+# Part of a decoded copy's key: a copy decoded by an older rule is decoded again, not reused. 2: 16-bit
+# grey images scaled (v / 257), where Pillow's conversion had clipped them at 255.
+DECODE_VERSION = 2
 DECODE_THREADS = 8  # at most this many decoding threads (fewer on fewer cores)
 DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
 
@@ -832,7 +835,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     and by the resize), then map it. `folder` is where the split's files are (the source), `other` the
     other split's folder and files."""
     other_folder, other_files = other
-    h = hashlib.sha256(f"{RESIZE if image_size else 'as-is'}\0{image_size}\n".encode())
+    h = hashlib.sha256(f"{RESIZE if image_size else 'as-is'}\0{image_size}\0{DECODE_VERSION}\n".encode())
     _listing_hash(h, folder, files)
     if other_files:
         _listing_hash(h, other_folder, other_files)

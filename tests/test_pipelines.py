@@ -198,7 +198,9 @@ def test_cifar10_resnet_pipeline(cifar_folder, monkeypatch, tmp_path):
     assert spec["teacher"]["arch"] == "tv:resnet50" and spec["students"][0]["archs"] == ["tv:resnet18"]
     assert spec["dump"]["policy"] == "crop:4+flip" and spec["students"][0]["temperature"] == [4]
     spec["data"].update(spec=f"imagefolder:{cifar_folder}")  # 120 train images: no limit (class-sorted)
-    spec["teacher"].update(epochs=1, batch_size=32, lr=0.01)  # lr 0.1 on 120 images: logits past float16
+    assert spec["teacher"]["optimizer"] == "adam" and spec["teacher"]["lr"] == 1e-3
+    assert spec["teacher"]["arch_args"] == "zero_init_residual=true"
+    spec["teacher"].update(epochs=1, batch_size=32)
     spec["dump"].update(views=2, force=True)  # one epoch on 60 images leaves the teacher near chance
     spec["students"][0].update(epochs=2, batch_size=16)
     summary = run_pipeline(spec, tmp_path)
