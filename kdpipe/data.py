@@ -585,11 +585,22 @@ def _no_val_folder(spec, root: Path, names: dict) -> KDPipeError:
                        + (f" {test.name}" if test is not None else "") + f": add one to pick the best epoch on it, {how}")
 
 
-def _images_in(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The image files of `folder` (sorted), and the other files there that are not hidden."""
+def _images_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """The image files of `folder` (sorted; with `recursive`, in its subfolders too, as torchvision's
+    ImageFolder reads a class folder), and the other entries there that are not hidden (files, or
+    subfolders when not recursive)."""
     images, other = [], []
     for p in folder.iterdir():
-        if p.is_file() and not p.name.startswith("."):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if recursive:
+                sub_images, sub_other = _images_in(p, True)
+                images += sub_images
+                other += sub_other
+            else:
+                other.append(p)
+        elif p.is_file():
             (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
     return sorted(images), other
 
@@ -599,8 +610,8 @@ def _skipped_note(spec, folder: Path, skipped: list[Path]) -> None:
     .jp2 files is not dropped without a word."""
     if not skipped:
         return
-    kinds = sorted({p.suffix.lower() or "(no extension)" for p in skipped})
-    print(f"note: {spec}: skipped {len(skipped)} file(s) under {folder} that are not images kdpipe reads "
+    kinds = sorted({"folders" if p.is_dir() else p.suffix.lower() or "(no extension)" for p in skipped})
+    print(f"note: {spec}: skipped {len(skipped)} item(s) under {folder} that are not images kdpipe reads "
           f"({', '.join(kinds[:6])}; e.g. {sorted(skipped)[0].name}); it reads {'/'.join(IMAGE_EXTENSIONS)}",
           file=sys.stderr, flush=True)
 
@@ -609,7 +620,7 @@ def _list_files(spec, folder: Path, classes: list[str], split: str, note: bool =
     files, labels, skipped = [], [], []
     for ci, c in enumerate(classes):
         cdir = folder / c
-        found, other = _images_in(cdir) if cdir.is_dir() else ([], [])
+        found, other = _images_in(cdir, recursive=True) if cdir.is_dir() else ([], [])
         skipped += other
         if not found and split == "train":
             raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")

@@ -390,9 +390,9 @@ def test_float_or_32_bit_images_are_refused_with_one_line(tmp_path):
 
 
 def test_other_image_formats_are_read_and_other_files_named(tmp_path, fmnist, capsys):
-    """BMP, WebP, TIFF and GIF photos are read as JPEG and PNG are (torchvision's ImageFolder reads
-    them too); a file that is no image (a README, a .heic kdpipe cannot decode) is skipped with a note
-    naming it, not dropped without a word."""
+    """BMP, WebP, TIFF and GIF photos are read as JPEG and PNG are, and so are images in subfolders of
+    a class folder (torchvision's ImageFolder reads both); a file that is no image (a README, a .heic
+    kdpipe cannot decode) is skipped with a note naming its kind, not dropped without a word."""
     root = tmp_path / "mixed"
     exts = [".png", ".bmp", ".webp", ".tif", ".gif", ".JPG"]
     x, y = fmnist.x_train[:60], fmnist.y_train[:60]
@@ -402,15 +402,20 @@ def test_other_image_formats_are_read_and_other_files_named(tmp_path, fmnist, ca
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(path, **({"lossless": True} if path.suffix == ".webp" else
                                                {"quality": 100} if path.suffix == ".JPG" else {}))
+    nested = root / "train" / f"c{y[2]}" / "more" / "deeper"  # read, as torchvision's ImageFolder reads it
+    nested.mkdir(parents=True)
+    shutil.move(root / "train" / f"c{y[2]}" / f"0002{exts[2]}", nested / f"0002{exts[2]}")
     (root / "train" / f"c{y[0]}" / "notes.txt").write_text("not an image")
     (root / "train" / f"c{y[1]}" / "IMG_1.heic").write_bytes(b"\0" * 16)
     (root / "train" / f"c{y[1]}" / ".DS_Store").write_bytes(b"\0" * 16)
     data = load_dataset(f"imagefolder:{root}", "train")
     assert len(data) == 60
     err = capsys.readouterr().err
-    assert "skipped 2 file(s)" in err and ".heic, .txt" in err and ".DS_Store" not in err
-    names = sorted(f"c{label}/{i:04d}" for i, label in enumerate(y))
-    by_name = {f"c{label}/{i:04d}": (img, i % len(exts)) for i, (img, label) in enumerate(zip(x, y))}
+    assert "skipped 2 item(s)" in err and ".heic, .txt" in err and ".DS_Store" not in err
+    names = sorted(f"c{label}/{'more/deeper/' if i == 2 else ''}{i:04d}" for i, label in enumerate(y))
+    by_name = {f"c{label}/{'more/deeper/' if i == 2 else ''}{i:04d}": (img, i % len(exts))
+               for i, (img, label) in enumerate(zip(x, y))}
+    assert data.labels.tolist() == [int(n.split("/")[0][1:]) for n in names]
     for row, name in enumerate(names):
         img, kind = by_name[name]
         stored = np.asarray(data.images)[row, 0].astype(int)
