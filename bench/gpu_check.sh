@@ -8,7 +8,7 @@ NPZ=${1:?give the Fashion-MNIST npz}; W=${2:-$(mktemp -d)}
 KD="python3 -m kdpipe"; D="npz:$NPZ"; L="--limit 20000"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 t() { local s; s=$(date +%s%N); "$@"; echo "TIME $(( ($(date +%s%N) - s) / 1000000 )) ms: ${*:4:1}"; }
-t $KD train-teacher --data $D $L --arch cnn_small --epochs 3 --device cuda --out $W/t.pt | tail -2
+t $KD train-teacher --data $D $L --arch cnn_small --epochs 3 --device cuda --overwrite --out $W/t.pt | tail -2
 t $KD dump-logits --teacher $W/t.pt --data $D $L --views 4 --policy crop:2+flip+mixup:0.4 --amp --device cuda \
   --out $W/c | tail -3
 $KD verify-cache $W/c --teacher $W/t.pt --device cuda | tail -3

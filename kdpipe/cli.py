@@ -239,10 +239,14 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training).")
 def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
-                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp):
+                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp,
+                      overwrite):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
+    if Path(out).is_file() and not overwrite:  # a teacher may have taken hours, and caches name its sha256
+        raise KDPipeError(f"{out} already exists: give another --out, or --overwrite to replace it")
     from kdpipe.data import check_splits, limited, load_dataset
     from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher

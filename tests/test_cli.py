@@ -210,6 +210,31 @@ def test_make_rules_command(tmp_path):
     assert_one_line_error(invoke("make-rules", tmp_path / "absent.toml"), "absent.toml")
 
 
+def test_train_teacher_refuses_to_overwrite_a_teacher_without_overwrite(pipeline, fmnist, tmp_path):
+    """A second train-teacher into the same file is refused before any training, the first teacher kept
+    byte for byte; --overwrite replaces it. Make runs the teacher rule with --overwrite (it retrains a
+    teacher whose settings changed), but the flag is not in the step's stamp: a pipeline from before
+    the flag does not retrain its teacher for it."""
+    import hashlib
+
+    from kdpipe.pipeline import load_pipeline, make_rules
+    teacher = tmp_path / "t.pt"
+    shutil.copy(pipeline.teacher, teacher)
+    before = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    args = ["train-teacher", "--data", fmnist.spec, "--arch", "mlp_100", "--epochs", 1, "--device", "cpu",
+            "--out", teacher]
+    res = invoke(*args)
+    assert_one_line_error(res, f"{teacher} already exists: give another --out, or --overwrite to replace it")
+    assert "training teacher" not in res.output
+    assert hashlib.sha256(teacher.read_bytes()).hexdigest() == before
+    ok(invoke(*args, "--overwrite"))
+    assert hashlib.sha256(teacher.read_bytes()).hexdigest() != before
+    rules = make_rules(load_pipeline(REPO / "pipelines" / "default.toml"), str(tmp_path / "stamps"))
+    assert "--out runs/default/teacher.pt --overwrite" in rules
+    stamp = (tmp_path / "stamps" / "teacher.cmd").read_text()
+    assert stamp.rstrip().endswith("--out runs/default/teacher.pt") and "--overwrite" not in stamp
+
+
 def test_make_rules_pass_a_blocks_train_samples(tmp_path):
     spec = (REPO / "pipelines" / "default.toml").read_text()
     block = spec.index("[[students]]")
