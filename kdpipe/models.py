@@ -193,10 +193,14 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
         if base not in torchvision_models():
             raise KDPipeError(f"{name!r}: torchvision has no classification model {base!r}")
         import torchvision
+        args = dict(args)
+        cifar_stem = args.pop("cifar_stem", False)
         try:
             net = torchvision.models.get_model(base, weights=None, num_classes=num_classes, **args)
         except Exception as e:  # torchvision raises various types for bad settings
             raise KDPipeError(f"cannot build torchvision model {base}: {_first_line(e)}") from None
+        if cifar_stem:
+            _cifar_stem(net, name)
         return _grey(net, image_shape)
     if scheme == "timm":
         timm = import_timm()
@@ -338,6 +342,20 @@ def check_recipe(recipe: dict) -> list[str]:
         return [f"{f} has changed since the checkpoint was written (sha256 {recipe['sha256'][:12]} then, "
                 f"{now[:12]} now): the model is built from the file as it is now"]
     return []
+
+
+def _cifar_stem(net: nn.Module, name: str) -> None:
+    """arch_args cifar_stem=true for a torchvision ResNet (resnet*, resnext*, wide_resnet*): the 7x7
+    stride-2 stem convolution becomes a 3x3 stride-1 one and the max-pool goes, as CIFAR training
+    scripts adapt these models to 32 x 32 images (the ImageNet stem leaves layer4 a 1 x 1 map there).
+    The weights keep their names: state dicts of models adapted this way load."""
+    conv = getattr(net, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(net, "maxpool", None), nn.MaxPool2d):
+        raise KDPipeError(f"{name}: cifar_stem applies to torchvision ResNets (conv1 and maxpool), "
+                          "not to this model")
+    net.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's ResNet
+    net.maxpool = nn.Identity()
 
 
 def count_parameters(model: nn.Module) -> int:

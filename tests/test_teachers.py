@@ -351,6 +351,28 @@ def test_state_dicts_saved_from_wrappers_load_without_their_prefix(ref, tmp_path
             "do not fit the architecture cnn_tiny")
 
 
+def test_a_torchvision_resnet_with_the_cifar_stem_from_a_state_dict(ref, tmp_path):
+    """The CIFAR adaptation of a torchvision ResNet (conv1 3x3 stride 1, no max-pool), saved as a state
+    dict, is read with --arch-args cifar_stem=true: the cache holds its own outputs (grey images repeated
+    to 3 channels, as for any torchvision model). Without the option the weights do not fit, in one line."""
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.eval()
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "cache"
+    ok(dump(tmp_path / "r18.pth", ref.spec, out, "--teacher-arch", "tv:resnet18", "--arch-args", "cifar_stem=true",
+            "--force", *ref.norm))
+    m = assert_cache_holds(out, lambda x: net(x.repeat(1, 3, 1, 1)), atol=1e-3)
+    assert m["teacher"]["model"]["args"] == {"cifar_stem": True}
+    refused(dump(tmp_path / "r18.pth", ref.spec, tmp_path / "x", "--teacher-arch", "tv:resnet18", "--force",
+                 *ref.norm), "do not fit the architecture tv:resnet18", "conv1.weight")
+    refused(dump(tmp_path / "r18.pth", ref.spec, tmp_path / "x", "--teacher-arch", "tv:vgg11", "--arch-args",
+                 "cifar_stem=true", "--force", *ref.norm), "cifar_stem applies to torchvision ResNets")
+
+
 def _fake_timm(created: list):
     """A stand-in for the timm package: create_model(name, pretrained, num_classes, in_chans, **kw)."""
     from kdpipe.models import SmallCNN
