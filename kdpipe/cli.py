@@ -538,11 +538,16 @@ def report_cmd(run_dirs, out, mix_datasets):
 
 
 @main.command("inspect")
-@click.argument("cache_dir", type=click.Path(), metavar="CACHE_DIR")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.argument("cache_dir", type=click.Path(), metavar="CACHE_DIR|CHECKPOINT")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (or the checkpoint's record) as JSON.")
 def inspect_cmd(cache_dir, as_json):
-    """Print what a cache holds: teacher, data, views, classes, codec, rows, bytes, creation."""
+    """Print what a cache holds: teacher, data, views, classes, codec, rows, bytes, creation. Given a kdpipe
+    checkpoint (a teacher.pt or student.pt) instead: its model, data, training and test top-1."""
     import numpy as np
+
+    if Path(cache_dir).is_file():
+        _inspect_checkpoint(Path(cache_dir), as_json)
+        return
 
     from kdpipe.cache.format import feature_column as fmt_feature
     from kdpipe.cache.reader import Cache, open_h5
@@ -591,6 +596,43 @@ def inspect_cmd(cache_dir, as_json):
         amp = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
         click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}"
                    + (f" under {amp} autocast" if amp else "") + f", teacher top-1 on views {dump['views_top1']:.4f}")
+
+
+def _inspect_checkpoint(path: Path, as_json: bool) -> None:
+    """`kdpipe inspect FILE.pt`: a kdpipe checkpoint's record, without its weights."""
+    from kdpipe.checkpoint import CHECKPOINT_VERSION, load_checkpoint_file, sniff
+    obj = load_checkpoint_file(path) if sniff(path) == "torch" else None
+    if not (isinstance(obj, dict) and obj.get("kdpipe_checkpoint") == CHECKPOINT_VERSION):
+        raise KDPipeError(f"{path} is a file but not a kdpipe checkpoint: inspect reads a cache directory or a "
+                          "teacher.pt / student.pt that kdpipe wrote")
+    record = {k: v for k, v in obj.items() if k != "state_dict"}
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
+    model, data = record.get("model") or {}, record.get("dataset") or {}
+    args = model.get("args") or {}
+    click.echo(f"checkpoint {path}  (kdpipe checkpoint {obj['kdpipe_checkpoint']}, {record.get('role', 'model')}, "
+               f"{path.stat().st_size / 1e6:.2f} MB)")
+    click.echo(f"  model     {model.get('spec', record['arch'])}"
+               + (" " + ",".join(f"{k}={v}" for k, v in args.items()) if args else "")
+               + f", {record.get('parameters', 0):,} parameters, input {tuple(record['image_shape'])}, "
+               f"{record['num_classes']} classes")
+    if data:
+        click.echo(f"  data      {data.get('spec')} {data.get('split', '')}: {data.get('num_samples', 0):,} samples, "
+                   f"sha256 {str(data.get('fingerprint', ''))[:12]}")
+    click.echo(f"  input     mean {[round(m, 4) for m in record['mean']]}, std {[round(s, 4) for s in record['std']]}")
+    training = record.get("training") or {}
+    if record.get("epochs") or training:
+        how = " ".join(f"{training[k]}" for k in ("optimizer",) if k in training)
+        how += f" lr {training['lr']:g}" if "lr" in training else ""
+        how += f" {training['schedule']}" if "schedule" in training else ""
+        wall = f", {record['train_wall_s']:.1f} s" if record.get("train_wall_s") else ""
+        click.echo(f"  trained   {record.get('epochs', '?')} epochs{', ' + how.strip() if how.strip() else ''}{wall}")
+    top1 = record.get("test_top1")
+    click.echo(f"  test      top-1 {top1:.4f}" if isinstance(top1, (int, float)) else "  test      top-1 not recorded")
+    history = record.get("history") or []
+    if history:
+        click.echo("  history   test top-1 by epoch: " + ", ".join(f"{h['test_top1']:.4f}" for h in history))
 
 
 @main.command("verify-cache")

@@ -104,6 +104,22 @@ def test_train_teacher_command(pipeline, fmnist):
     assert "teacher epoch 1/2: train top-1" in r.output and f"test top-1 {hist[0]['test_top1']:.4f}" in r.output
 
 
+def test_inspect_a_checkpoint(pipeline, tmp_path):
+    """inspect FILE.pt: a kdpipe checkpoint's model, data, training, test top-1 and per-epoch history
+    (--json: the whole record but the weights); any other file is refused in one line."""
+    import torch
+    ckpt = torch.load(pipeline.teacher, weights_only=True)
+    out = ok(invoke("inspect", pipeline.teacher)).output
+    assert "kdpipe checkpoint 1, teacher" in out and "kdpipe:mlp_100, 79,510 parameters, input (1, 28, 28)" in out
+    assert f"top-1 {ckpt['test_top1']:.4f}" in out and "2 epochs, sgd lr 0.05 cosine" in out
+    assert "test top-1 by epoch: " + ", ".join(f"{h['test_top1']:.4f}" for h in ckpt["history"]) in out
+    record = json.loads(ok(invoke("inspect", "--json", pipeline.teacher)).output)
+    assert "state_dict" not in record and record["history"] == ckpt["history"]
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert_one_line_error(invoke("inspect", tmp_path / "notes.pt"),
+                          "notes.pt is a file but not a kdpipe checkpoint")
+
+
 def test_dump_logits_command_summarises(pipeline):
     r = ok(pipeline.dump)
     out = r.stdout
