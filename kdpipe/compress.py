@@ -4,8 +4,8 @@ From one teacher (a kdpipe checkpoint) `compress` builds
 - int8 post-training quantization with torch.ao: dynamic (nn.Linear weights int8, activations quantized
   on the fly) and static (FX graph mode, observers calibrated on a few hundred training images, real
   int8 conv/linear kernels) on a chosen backend (x86, fbgemm, onednn or qnnpack);
-- magnitude pruning at given sparsities, unstructured (the smallest |w| of all conv/linear weights,
-  global) and structured (the output channels of smallest L2 norm in each layer whose channels feed
+- magnitude pruning at given sparsities, unstructured (the smallest |w| of all conv/linear weights
+  but the classifier's, global) and structured (the output channels of smallest L2 norm in each layer whose channels feed
   one conv or linear only: the layers are rebuilt smaller, so CPU latency changes), each fine-tuned
   briefly, by default with KD from the teacher;
 - the distilled students of a runs directory, each also int8-quantized.
@@ -126,11 +126,14 @@ def _prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def prune_unstructured(model: nn.Module, sparsity: float) -> nn.Module:
-    """A copy with the fraction `sparsity` of all conv and linear weights (smallest |w| over the whole
-    model) masked to zero; the masks stay during fine-tuning. `finalize` makes them permanent."""
+    """A copy with the fraction `sparsity` of the conv and linear weights (smallest |w| over the whole
+    model) masked to zero; the masks stay during fine-tuning. `finalize` makes them permanent. The
+    classifier (the last conv or linear layer) stays dense, as is usual: global magnitude pruning takes
+    a wide network's small-weighted classifier nearly whole (99.98% of a ResNet-50's fc at 80%,
+    measured), and the model then predicts one class."""
     import torch.nn.utils.prune as prune
     m = copy.deepcopy(model)
-    params = _prunable_weights(m)
+    params = _prunable_weights(m)[:-1]
     if not params:
         raise KDPipeError(f"{type(model).__name__} has no conv or linear weights to prune")
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(sparsity))
