@@ -417,7 +417,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             t0 = time.perf_counter()
             if kind == "unstructured":
                 m = prune_unstructured(teacher.module, s)
-                note = f"{s:.0%} of conv/linear weights zeroed (global magnitude)"
+                note = f"{s:.0%} of conv/linear weights zeroed (global magnitude, the classifier kept dense)"
             else:
                 m, layers = prune_channels(teacher.module, s, example)
                 if layers == 0:
