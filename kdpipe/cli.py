@@ -241,8 +241,8 @@ def main():
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training).")
 def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
-                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device, amp,
-                      overwrite):
+                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device,
+                      amp, overwrite):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy."""
     if Path(out).is_file() and not overwrite:  # a teacher may have taken hours, and caches name its sha256

@@ -5,9 +5,9 @@ From one teacher (a kdpipe checkpoint) `compress` builds
   on the fly) and static (FX graph mode, observers calibrated on a few hundred training images, real
   int8 conv/linear kernels) on a chosen backend (x86, fbgemm, onednn or qnnpack);
 - magnitude pruning at given sparsities, unstructured (the smallest |w| of all conv/linear weights
-  but the classifier's, global) and structured (the output channels of smallest L2 norm in each layer whose channels feed
-  one conv or linear only: the layers are rebuilt smaller, so CPU latency changes), each fine-tuned
-  briefly, by default with KD from the teacher;
+  but the classifier's, global) and structured (the output channels of smallest L2 norm in each layer
+  whose channels feed one conv or linear only: the layers are rebuilt smaller, so CPU latency changes),
+  each fine-tuned briefly, by default with KD from the teacher;
 - the distilled students of a runs directory, each also int8-quantized.
 Each model is one row: test top-1, agreement with the teacher, (non-zero) parameters, size on disk (a
 TorchScript file with the input normalization, as `kdpipe export` writes), and CPU latency per image
