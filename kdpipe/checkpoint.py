@@ -353,12 +353,9 @@ def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
 
 
 def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> None:
-    wanted = set(model.state_dict())
-    if isinstance(model, nn.Sequential) and len(model) == 2:  # or, for grey images, the bare torchvision model's
-        bare = set(model[1].state_dict())
-        if _unwrapped(state, bare)[1]:
-            wanted = bare
-    state, removed = _unwrapped(state, wanted)
+    state, removed = _unwrapped(state, set(model.state_dict()))
+    if not removed and isinstance(model, nn.Sequential) and len(model) == 2:
+        state, removed = _unwrapped(state, set(model[1].state_dict()))  # a grey-wrapped torchvision model's
     target = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(k.startswith("1.") for k in state):
         target = model[1]  # a torchvision model wrapped for grey images; weights are for the bare model

@@ -56,8 +56,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
 SPLITS = ("train", "test", "val")  # val: a source's own validation split (Source.val)
-# The image files a folder source reads (torchvision's ImageFolder reads the same, less .pgm/.ppm's
-# siblings): any other file in a class or split folder is skipped, and the skip is said (_skipped_note).
+# The image files a folder source reads (torchvision's ImageFolder's list, plus .gif, first frame): any
+# other file in a class or split folder is skipped, and the skip is said (_skipped_note).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
 # How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's

@@ -391,8 +391,9 @@ def test_float_or_32_bit_images_are_refused_with_one_line(tmp_path):
 
 def test_other_image_formats_are_read_and_other_files_named(tmp_path, fmnist, capsys):
     """BMP, WebP, TIFF and GIF photos are read as JPEG and PNG are, and so are images in subfolders of
-    a class folder (torchvision's ImageFolder reads both); a file that is no image (a README, a .heic
-    kdpipe cannot decode) is skipped with a note naming its kind, not dropped without a word."""
+    a class folder (torchvision's ImageFolder reads these, GIF aside); a file that is no image (a
+    README, a .heic kdpipe cannot decode) is skipped with a note naming its kind, not dropped without a
+    word."""
     root = tmp_path / "mixed"
     exts = [".png", ".bmp", ".webp", ".tif", ".gif", ".JPG"]
     x, y = fmnist.x_train[:60], fmnist.y_train[:60]

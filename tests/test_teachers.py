@@ -367,6 +367,12 @@ def test_a_torchvision_resnet_with_the_cifar_stem_from_a_state_dict(ref, tmp_pat
             "--force", *ref.norm))
     m = assert_cache_holds(out, lambda x: net(x.repeat(1, 3, 1, 1)), atol=1e-3)
     assert m["teacher"]["model"]["args"] == {"cifar_stem": True}
+    # saved from DataParallel: the prefix goes, and the weights fill the torchvision model inside the grey wrapper
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "dp.pth")
+    res = ok(dump(tmp_path / "dp.pth", ref.spec, tmp_path / "dp", "--teacher-arch", "tv:resnet18", "--arch-args",
+                  "cifar_stem=true", "--force", *ref.norm))
+    assert "starts with 'module.'" in res.stderr
+    assert_cache_holds(tmp_path / "dp", lambda x: net(x.repeat(1, 3, 1, 1)), atol=1e-3)
     refused(dump(tmp_path / "r18.pth", ref.spec, tmp_path / "x", "--teacher-arch", "tv:resnet18", "--force",
                  *ref.norm), "do not fit the architecture tv:resnet18", "conv1.weight")
     refused(dump(tmp_path / "r18.pth", ref.spec, tmp_path / "x", "--teacher-arch", "tv:vgg11", "--arch-args",
