@@ -239,12 +239,17 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training).")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
+              help="Also checkpoint the training every MINUTES within an epoch (OUT.checkpoint is written at the end "
+                   "of every epoch anyway); 0: only at epoch ends.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training), and "
+              "start over if OUT.checkpoint holds a training with other settings.")
 def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
                       size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device,
-                      amp, overwrite):
+                      amp, checkpoint_every, overwrite):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
-    normalization and size, the dataset fingerprint and its test accuracy."""
+    normalization and size, the dataset fingerprint and its test accuracy. The training checkpoints to
+    OUT.checkpoint at every epoch's end: after a crash, Ctrl-C or SIGTERM, the same command resumes it."""
     if Path(out).is_file() and not overwrite:  # a teacher may have taken hours, and caches name its sha256
         raise KDPipeError(f"{out} already exists: give another --out, or --overwrite to replace it")
     from kdpipe.data import check_splits, limited, load_dataset
@@ -261,9 +266,18 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
     pol = create_policy(policy, padding=padding, size=size)
     args = parse_arch_args(arch_args)
     check_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
-    res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size, arch_args=args,
-                        optim=optim, seed=seed, device=dev,
-                        amp=_amp(dev, amp), log=click.echo)
+    _term_as_interrupt()
+    try:
+        res = train_teacher(train, test, arch, epochs, out, policy=pol, batch_size=batch_size, arch_args=args,
+                            optim=optim, seed=seed, device=dev, amp=_amp(dev, amp), log=click.echo,
+                            checkpoint_every=checkpoint_every, overwrite=overwrite)
+    except KeyboardInterrupt:
+        from kdpipe.teacher import teacher_checkpoint_path
+        ck = teacher_checkpoint_path(out)
+        click.echo("\ninterrupted: " + (f"the training's last checkpoint is kept in {ck}; run the same command again "
+                                        "to resume" if ck.is_file() else "no epoch had finished, nothing is kept"),
+                   err=True)
+        sys.exit(130)
     click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")
 
 

@@ -27,7 +27,7 @@ _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "w
 # trained: with arch too, the file is a state dict or safetensors file that arch fills; mean/std,
 # input_range or normalize give the input normalization of a teacher that is not a kdpipe checkpoint.
 _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
-                 "output", "trust_pickle", "mean", "std", "input_range", "normalize"} | set(_OPTIM_FLAGS)
+                 "output", "trust_pickle", "mean", "std", "input_range", "normalize", "checkpoint_every"} | set(_OPTIM_FLAGS)
 # limit: only N samples of each split, drawn from a fixed seed (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind).
@@ -143,7 +143,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             ["--arch", t["arch"]] + _arch_args(t) + _opts(t, {
                 "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
                 "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
-            "teacher", unstamped=" --overwrite")  # Make retrains a teacher whose settings changed
+            # Make retrains a teacher whose settings changed; how often it checkpoints is not one of them
+            "teacher", unstamped=" " + q(_opts(t, {"checkpoint_every": "checkpoint-every"}) + ["--overwrite"]))
     manifest = f"{cache_dir}/manifest.json"
     loaded = []  # how a teacher file that kdpipe did not train is read
     if "file" in t:

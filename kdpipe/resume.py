@@ -141,10 +141,31 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     return plan
 
 
-def _remove_dead_temporaries(ckdir: Path) -> None:
+def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, log=print,
+                what: str = "a training") -> str | None:
+    """The checkpoint at `path` to resume from, when it holds these runs (name -> config) with the same
+    settings; None when there is none. One with other settings is refused, naming the differences, unless
+    `overwrite`: then it is removed (the training starts over)."""
+    path = Path(path)
+    _remove_dead_temporaries(path.parent, f".{path.name}.tmp-*")
+    if not path.is_file():
+        return None
+    held = load_checkpoint(path)["runs"]
+    d = sorted({x for name, cfg in configs.items() for x in differences(held.get(name, {}), settings(cfg))})
+    if not d:
+        return str(path)
+    if not overwrite:
+        raise KDPipeError(f"{path} is the checkpoint of {what} with other settings ({', '.join(d)}): pass "
+                          "--overwrite to start over, or delete it")
+    log(f"--overwrite: the checkpoint {path} had other settings ({', '.join(d)}); starting over")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _remove_dead_temporaries(ckdir: Path, pattern: str = ".*.tmp-*") -> None:
     """Remove the checkpoint writes a crash interrupted (.NAME.tmp-PID), not those of a live command training
     other runs of the same runs directory."""
-    for p in ckdir.glob(".*.tmp-*"):
+    for p in ckdir.glob(pattern):
         pid = p.name.rpartition("-")[2]
         if not (pid.isdigit() and int(pid) != os.getpid() and _pid_runs(int(pid))):
             p.unlink(missing_ok=True)
@@ -175,9 +196,11 @@ class PassCheckpoint:
     """
 
     def __init__(self, out: Path, seed: int, configs: dict[str, dict], epochs: int, every_minutes: float,
-                 dist=None, log=print, resume_from: str | None = None, tracks: dict | None = None):
+                 dist=None, log=print, resume_from: str | None = None, tracks: dict | None = None,
+                 path: Path | None = None):
         from kdpipe.distributed import SINGLE
-        self.path = checkpoint_path(out, seed, configs)
+        # path: where it goes when not in OUT/checkpoints/ (a teacher's: beside the file it will be saved to)
+        self.path = Path(path) if path is not None else checkpoint_path(out, seed, configs)
         self.seed, self.epochs = seed, epochs
         self.runs = {name: settings(c) for name, c in configs.items()}
         self.every_s = every_minutes * 60 if every_minutes and every_minutes > 0 else math.inf

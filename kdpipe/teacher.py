@@ -21,15 +21,43 @@ from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
 from kdpipe.normalization import resolve_input
+from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, resume_file
 from kdpipe.util import Progress, channels_last, ensure_parent, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
 
+def teacher_checkpoint_path(out) -> Path:
+    """Where train-teacher keeps the checkpoint of a training in progress: beside the teacher it will save."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
+
+
+class _History:
+    """The teacher's per-epoch record (loss, train and test top-1), kept in its checkpoint."""
+
+    def __init__(self):
+        self.epochs: list[dict] = []
+
+    def state(self) -> list[dict]:
+        return list(self.epochs)
+
+    def load(self, state) -> None:
+        self.epochs = list(state)
+
+
 def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out, *, policy: ViewPolicy,
                   batch_size: int = 128, optim: OptimConfig | None = None, seed: int = 0,
-                  device=torch.device("cpu"), amp: bool = False, log=print, arch_args: dict | None = None) -> dict:
+                  device=torch.device("cpu"), amp: bool = False, log=print, arch_args: dict | None = None,
+                  checkpoint_every: float = DEFAULT_EVERY_MINUTES, overwrite: bool = False) -> dict:
     """Train `arch` (a kdpipe.models spec, with `arch_args`) with fresh random views every epoch; save a
-    kdpipe checkpoint at `out`."""
+    kdpipe checkpoint at `out`.
+
+    The training survives crashes as stage two's passes do (kdpipe.resume): a checkpoint of the weights,
+    optimizer, schedule, data position and RNG states goes to OUT.checkpoint at every epoch's end and
+    every `checkpoint_every` minutes (0: epoch ends only), and after a held Ctrl-C or SIGTERM (then
+    KeyboardInterrupt). The same call resumes from it and ends with the weights an uninterrupted training
+    gives; one with other settings is refused unless `overwrite` (then it starts over). The checkpoint is
+    removed once the teacher is saved."""
     out = ensure_parent(out, "teacher output")
     optim = optim or OptimConfig()
     mean, std = train.channel_stats()
@@ -43,29 +71,45 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
         return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
 
+    # What must match for a checkpoint to be resumed (the data by content, not by where it lies now).
+    config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {}, "epochs": epochs,
+              "batch_size": batch_size, "optim": optim.settings(), "policy": policy.identity(), "seed": seed,
+              "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
+              "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
+    ck_path = teacher_checkpoint_path(out)
+    history = _History()  # per epoch: the loss, top-1 on the views trained on, test top-1 (a teacher that is
+    # not learning shows in the first epochs, not at the end of a long run)
+    ckpt = PassCheckpoint(out.parent, seed, {"teacher": config}, epochs, checkpoint_every, log=log,
+                          resume_from=resume_file(ck_path, {"teacher": config}, overwrite, log, "a teacher training"),
+                          tracks={"teacher": history}, path=ck_path)
+    ckpt.restore([run])
     log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
         f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} {optim.schedule}")
+    if ckpt.state is not None:
+        e, s = ckpt.position
+        log(f"  resuming from {ck_path}: " + (f"epoch {e + 1}/{epochs}, step {s}" if s else f"{e}/{epochs} epochs done")
+            + " (delete it to start over)")
     test_images, test_labels = images_tensor(test.images, device), torch.from_numpy(test.labels).to(device)
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
-    history = []  # per epoch: the loss, top-1 on the views trained on, test top-1 (a teacher that is not
-    # learning shows in the first epochs, not at the end of a long run)
 
     def on_epoch_end(epoch):
         acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
-        history.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
-                        "test_top1": acc})
+        history.epochs.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
+                               "test_top1": acc})
         log(f"  teacher epoch {epoch + 1}/{epochs}: train top-1 {run.train_top1[-1]:.4f}, test top-1 {acc:.4f}")
 
-    stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
-                       amp=amp, label="teacher", log=log, on_epoch_end=on_epoch_end)
-    acc = history[-1]["test_top1"]
+    with ckpt.holding_interrupts():  # Ctrl-C / SIGTERM: a checkpoint where it stopped, then KeyboardInterrupt
+        stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
+                           amp=amp, label="teacher", log=log, on_epoch_end=on_epoch_end, checkpoint=ckpt)
+    acc = history.epochs[-1]["test_top1"]
     latency = cpu_latency_ms(run.model, in_shape)
     size = save_checkpoint(out, run.model, arch=arch, num_classes=train.num_classes, image_shape=in_shape,
                            mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
                            test_top1=acc, arch_args=arch_args, extra={"view_policy": policy.identity(), "epochs": epochs,
                                                  "cpu_latency_ms": latency, "train_wall_s": stats["wall_s"],
                                                  "role": "teacher", "training": optim.settings(),
-                                                 "history": history})
+                                                 "history": history.state()})
+    ckpt.remove()
     log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
     return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
 

@@ -304,6 +304,23 @@ def test_pipelines_forward_the_checkpoint_options_and_keep_finished_runs(tmp_pat
     assert "students/mlp_100-scratch-e30-h95f4e3-s0/metrics.json" in precious and precious.count("metrics.json") == 12
 
 
+
+def test_a_pipelines_teacher_checkpoint_every_is_forwarded_but_not_stamped(tmp_path):
+    """[teacher] checkpoint_every reaches train-teacher, but not the step's stamp: changing how often a
+    teacher checkpoints must not make Make retrain it."""
+    from kdpipe.pipeline import load_pipeline, make_rules
+
+    spec = (Path(__file__).parents[1] / "pipelines" / "default.toml").read_text()
+    stamps = {}
+    for every in ("", "2.5"):
+        text = spec.replace("[teacher]\n", f"[teacher]\ncheckpoint_every = {every}\n" if every else "[teacher]\n")
+        (tmp_path / "p.toml").write_text(text)
+        rules = make_rules(load_pipeline(tmp_path / "p.toml"), str(tmp_path / f"stamps{every}"))
+        command = next(line for line in rules.splitlines() if "train-teacher" in line)
+        assert command.endswith(("--checkpoint-every 2.5 --overwrite" if every else "--overwrite"))
+        stamps[every] = (tmp_path / f"stamps{every}" / "teacher.cmd").read_text()
+    assert stamps[""] == stamps["2.5"] and "checkpoint" not in stamps[""] and "overwrite" not in stamps[""]
+
 def test_checkpoint_size_is_printed_once_and_checkpoints_go_when_the_pass_ends(work, tmp_path):
     """One line gives the checkpoint's path and size when it is first written; the pass ends without
     RUNS/checkpoints, unless --keep-checkpoints."""
@@ -418,3 +435,98 @@ def test_a_resumed_pass_keeps_history_best_epoch_and_train_top1(work, tmp_path, 
     assert res.exit_code == 0, res.output
     assert "resuming from" in res.output
     assert_same_runs(ref, out, names)
+
+
+# ---------------------------------------------------------------- train-teacher
+
+def teacher_args(work, out: Path, *extra) -> list[str]:
+    """A teacher with dropout (its RNG must resume too) on the module's 192 digits: 4 epochs of 12 steps."""
+    return ["train-teacher", "--data", f"npz:{work.root / 'digits.npz'}", "--arch", "mlp:64:dropout=0.3",
+            "--epochs", "4", "--batch-size", "16", "--optimizer", "adam", "--lr", "0.003", "--warmup-epochs", "1",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+def _teacher_record(path: Path) -> tuple[dict, list]:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj["state_dict"], obj["history"]
+
+
+def test_a_teacher_interrupted_mid_epoch_resumes_to_the_same_teacher(work, tmp_path, monkeypatch):
+    """A Ctrl-C in the middle of epoch 2 of train-teacher is held until its step ends: OUT.checkpoint holds
+    the training there, the command exits 130 saying how to resume, and the same command resumes from that
+    step and saves the teacher an uninterrupted training saves, weight for weight, with the same per-epoch
+    history; the checkpoint is then removed."""
+    from kdpipe import util
+    from kdpipe.resume import load_checkpoint
+    from kdpipe.teacher import teacher_checkpoint_path
+
+    ref = tmp_path / "ref.pt"
+    res = run_cli(teacher_args(work, ref))
+    assert res.exit_code == 0, res.output
+    assert not teacher_checkpoint_path(ref).exists(), "the checkpoint was left after the teacher was saved"
+
+    out = tmp_path / "teacher.pt"
+    ck = teacher_checkpoint_path(out)
+    steps = []
+    update = util.Progress.update
+
+    def ctrl_c_at_the_fifth_step_of_epoch_2(self, n, extra=""):
+        update(self, n, extra)
+        if "epoch 2/" in self.what:
+            steps.append(n)
+            if len(steps) == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(util.Progress, "update", ctrl_c_at_the_fifth_step_of_epoch_2)
+    res = run_cli(teacher_args(work, out, "--checkpoint-every", "0"))
+    assert res.exit_code == 130, res.output
+    assert "SIGINT: writing a checkpoint after this step" in res.output
+    assert f"the training's last checkpoint is kept in {ck}; run the same command again to resume" in res.stderr
+    assert not out.exists() and list(load_checkpoint(ck)["position"]) == [1, 5]
+    monkeypatch.undo()
+    res = run_cli(teacher_args(work, out, "--checkpoint-every", "0"))
+    assert res.exit_code == 0, res.output
+    assert f"resuming from {ck}: epoch 2/4, step 5" in res.output
+    assert not ck.exists()
+    (want, want_history), (got, got_history) = _teacher_record(ref), _teacher_record(out)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert [h["epoch"] for h in got_history] == [1, 2, 3, 4]
+    assert got_history == want_history
+
+
+def test_a_teacher_checkpoint_with_other_settings_is_refused_unless_overwrite(work, tmp_path, monkeypatch):
+    """A SIGTERM at the first step of epoch 3: exit 130, no traceback, the checkpoint kept. The same command
+    with another --lr is refused in one line naming the difference, the checkpoint untouched; with
+    --overwrite that training starts over, and ends equal to an uninterrupted one at that lr."""
+    from kdpipe import util
+    from kdpipe.teacher import teacher_checkpoint_path
+
+    out = tmp_path / "teacher.pt"
+    ck = teacher_checkpoint_path(out)
+    update = util.Progress.update
+
+    def sigterm_in_epoch_3(self, n, extra=""):
+        update(self, n, extra)
+        if "epoch 3/" in self.what:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(util.Progress, "update", sigterm_in_epoch_3)
+    res = run_cli(teacher_args(work, out))
+    monkeypatch.undo()
+    assert res.exit_code == 130, res.output
+    assert "Traceback" not in res.output and "run the same command again to resume" in res.stderr
+    assert ck.is_file() and not out.exists()
+    key = stat_key(ck)
+    other = [a if a != "0.003" else "0.001" for a in teacher_args(work, out)]
+    assert_one_line_error(run_cli(other), f"{ck} is the checkpoint of a teacher training with other settings",
+                          "optim.lr was 0.003, now 0.001", "--overwrite")
+    assert stat_key(ck) == key
+    res = run_cli(other + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "had other settings" in res.output and "resuming" not in res.output and not ck.exists()
+    ref = tmp_path / "ref.pt"
+    assert run_cli([a if a != str(out) else str(ref) for a in other]).exit_code == 0
+    (want, _), (got, _) = _teacher_record(ref), _teacher_record(out)
+    assert all(torch.equal(want[k], got[k]) for k in want)
