@@ -359,41 +359,58 @@ LOCK_FILE = ".lock"
 
 
 class RunLocks:
-    """Exclusive locks on the run directories one train-student call trains: RUN/.lock, created with
-    O_EXCL, holding this process's pid, host and start time; removed by release(). A lock held by a live
-    process is a one-line refusal; one left by a process that is gone (same host: its pid no longer runs,
-    or it is this process's own, from a call that raised) is taken over."""
+    """Exclusive locks on what one command writes: the run directories a train-student call trains
+    (RUN/.lock), a cache a dump writes (OUT/.lock, rank 0's), a teacher train-teacher trains (OUT.lock).
+    Each is created with O_EXCL, holding this process's pid, host and start time; removed by release(). A
+    lock held by a live process is a one-line refusal; one left by a process that is gone (same host: its
+    pid no longer runs, or it is this process's own, from a call that raised) is taken over."""
 
     def __init__(self, log=print):
         self.log, self.held = log, []
 
     def acquire(self, out: Path, names) -> None:
+        for name in names:
+            self.acquire_path(Path(out) / name / LOCK_FILE, f"run {name}", "trained")
+
+    def acquire_path(self, path: Path, what: str, doing: str) -> None:
+        """Lock `path` (a lock file) for `what` (e.g. "run R"), or raise, saying it is being `doing` (e.g.
+        "trained") by the holder. Whatever this object holds is released when it raises."""
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        path = Path(path)
         try:
-            for name in names:
-                path = Path(out) / name / LOCK_FILE
-                path.parent.mkdir(parents=True, exist_ok=True)
-                for _ in range(2):
-                    try:
-                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                    except FileExistsError:
-                        holder = _read_lock(path)
-                        if _alive_elsewhere(holder, me):
-                            raise KDPipeError(
-                                f"run {name} is being trained by another kdpipe (pid {holder.get('pid')} on "
-                                f"{holder.get('host')}, since {holder.get('started')}): wait for it to finish, or "
-                                f"remove {path} if that process is gone") from None
-                        path.unlink(missing_ok=True)  # its process is gone: take the run over
-                        if holder.get("pid") != me["pid"]:
-                            self.log(f"{name}: the process that was training it (pid {holder.get('pid')}) is gone")
-                        continue
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(me, f)
-                    self.held.append(path)
-                    break
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    if path.is_dir():
+                        raise KDPipeError(f"{path} is a directory where kdpipe keeps a lock file: remove it") from None
+                    holder = _read_lock(path)
+                    if _alive_elsewhere(holder, me):
+                        raise KDPipeError(
+                            f"{what} is being {doing} by another kdpipe (pid {holder.get('pid')} on "
+                            f"{holder.get('host')}, since {holder.get('started')}): wait for it to finish, or "
+                            f"remove {path} if that process is gone") from None
+                    path.unlink(missing_ok=True)  # its process is gone: take it over
+                    if holder.get("pid") != me["pid"]:
+                        self.log(f"{what}: the process that held it (pid {holder.get('pid')}) is gone")
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                self.held.append(path)
+                break
+        except OSError as e:
+            self.release()
+            raise KDPipeError(f"cannot create the lock file {path}: {e.strerror or e}") from None
         except BaseException:
             self.release()
             raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
     def release(self) -> None:
         for path in self.held:

@@ -21,7 +21,7 @@ from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
 from kdpipe.normalization import resolve_input
-from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, resume_file
+from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file
 from kdpipe.util import Progress, channels_last, ensure_parent, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
@@ -59,59 +59,65 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     gives; one with other settings is refused unless `overwrite` (then it starts over). The checkpoint is
     removed once the teacher is saved."""
     out = ensure_parent(out, "teacher output")
-    optim = optim or OptimConfig()
-    mean, std = train.channel_stats()
-    in_shape = policy.output_shape(train.image_shape)
-    epoch_steps = steps_per_epoch(len(train), batch_size)
-    run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
-                    epochs * epoch_steps, device, arch_args=arch_args, epoch_steps=epoch_steps)
-    images = images_tensor(train.images, device)
-    labels = torch.from_numpy(train.labels).to(device)
+    locks = RunLocks(log)  # one training of OUT at a time: both would write OUT.checkpoint
+    locks.acquire_path(out.with_name(out.name + ".lock"), f"the teacher {out}", "trained")
+    try:
+        optim = optim or OptimConfig()
+        mean, std = train.channel_stats()
+        in_shape = policy.output_shape(train.image_shape)
+        epoch_steps = steps_per_epoch(len(train), batch_size)
+        run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
+                        epochs * epoch_steps, device, arch_args=arch_args, epoch_steps=epoch_steps)
+        images = images_tensor(train.images, device)
+        labels = torch.from_numpy(train.labels).to(device)
 
-    def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
-        return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
+        def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
+            return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
 
-    # What must match for a checkpoint to be resumed (the data by content, not by where it lies now).
-    config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {}, "epochs": epochs,
-              "batch_size": batch_size, "optim": optim.settings(), "policy": policy.identity(), "seed": seed,
-              "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
-              "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
-    ck_path = teacher_checkpoint_path(out)
-    history = _History()  # per epoch: the loss, top-1 on the views trained on, test top-1 (a teacher that is
-    # not learning shows in the first epochs, not at the end of a long run)
-    ckpt = PassCheckpoint(out.parent, seed, {"teacher": config}, epochs, checkpoint_every, log=log,
-                          resume_from=resume_file(ck_path, {"teacher": config}, overwrite, log, "a teacher training"),
-                          tracks={"teacher": history}, path=ck_path)
-    ckpt.restore([run])
-    log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
-        f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} {optim.schedule}")
-    if ckpt.state is not None:
-        e, s = ckpt.position
-        log(f"  resuming from {ck_path}: " + (f"epoch {e + 1}/{epochs}, step {s}" if s else f"{e}/{epochs} epochs done")
-            + " (delete it to start over)")
-    test_images, test_labels = images_tensor(test.images, device), torch.from_numpy(test.labels).to(device)
-    params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
+        # What must match for a checkpoint to be resumed (the data by content, not by where it lies now).
+        config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {}, "epochs": epochs,
+                  "batch_size": batch_size, "optim": optim.settings(), "policy": policy.identity(), "seed": seed,
+                  "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
+                  "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
+        ck_path = teacher_checkpoint_path(out)
+        history = _History()  # per epoch: the loss, top-1 on the views trained on, test top-1 (a teacher that is
+        # not learning shows in the first epochs, not at the end of a long run)
+        resume_from = resume_file(ck_path, {"teacher": config}, overwrite, log, "a teacher training")
+        ckpt = PassCheckpoint(out.parent, seed, {"teacher": config}, epochs, checkpoint_every, log=log,
+                              resume_from=resume_from, tracks={"teacher": history}, path=ck_path)
+        ckpt.restore([run])
+        log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
+            f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} "
+            f"{optim.schedule}")
+        if ckpt.state is not None:
+            e, s = ckpt.position
+            at = f"epoch {e + 1}/{epochs}, step {s}" if s else f"{e}/{epochs} epochs done"
+            log(f"  resuming from {ck_path}: {at} (delete it to start over)")
+        test_images, test_labels = images_tensor(test.images, device), torch.from_numpy(test.labels).to(device)
+        params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
 
-    def on_epoch_end(epoch):
-        acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
-        history.epochs.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
-                               "test_top1": acc})
-        log(f"  teacher epoch {epoch + 1}/{epochs}: train top-1 {run.train_top1[-1]:.4f}, test top-1 {acc:.4f}")
+        def on_epoch_end(epoch):
+            acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
+            history.epochs.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
+                                   "test_top1": acc})
+            log(f"  teacher epoch {epoch + 1}/{epochs}: train top-1 {run.train_top1[-1]:.4f}, test top-1 {acc:.4f}")
 
-    with ckpt.holding_interrupts():  # Ctrl-C / SIGTERM: a checkpoint where it stopped, then KeyboardInterrupt
-        stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
-                           amp=amp, label="teacher", log=log, on_epoch_end=on_epoch_end, checkpoint=ckpt)
-    acc = history.epochs[-1]["test_top1"]
-    latency = cpu_latency_ms(run.model, in_shape)
-    size = save_checkpoint(out, run.model, arch=arch, num_classes=train.num_classes, image_shape=in_shape,
-                           mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
-                           test_top1=acc, arch_args=arch_args, extra={"view_policy": policy.identity(), "epochs": epochs,
-                                                 "cpu_latency_ms": latency, "train_wall_s": stats["wall_s"],
-                                                 "role": "teacher", "training": optim.settings(),
-                                                 "history": history.state()})
-    ckpt.remove()
-    log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
-    return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
+        with ckpt.holding_interrupts():  # Ctrl-C / SIGTERM: a checkpoint where it stopped, then KeyboardInterrupt
+            stats = train_pass([run], images, labels, policy, mean, std, epochs, batch_size, seed, fresh_views,
+                               amp=amp, label="teacher", log=log, on_epoch_end=on_epoch_end, checkpoint=ckpt)
+        acc = history.epochs[-1]["test_top1"]
+        latency = cpu_latency_ms(run.model, in_shape)
+        size = save_checkpoint(out, run.model, arch=arch, num_classes=train.num_classes, image_shape=in_shape,
+                               mean=mean, std=std, class_names=train.class_names, dataset=train.identity(),
+                               test_top1=acc, arch_args=arch_args,
+                               extra={"view_policy": policy.identity(), "epochs": epochs, "cpu_latency_ms": latency,
+                                      "train_wall_s": stats["wall_s"], "role": "teacher",
+                                      "training": optim.settings(), "history": history.state()})
+        ckpt.remove()
+        log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
+        return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
+    finally:
+        locks.release()
 
 
 # ---------------------------------------------------------------- stage one
@@ -352,95 +358,99 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             raise KDPipeError(stop)
         log(f"warning (--force): {stop}")
 
-    finished = writer.open()
-    if finished is not None:
-        return finished
-    todo = writer.resume()
-    todo_rows = sum(writer.plan[i][1] - writer.plan[i][0] for i in todo)
-    prog = Progress("dump-logits" + (f" (rank 0 of {world})" if world > 1 else ""), todo_rows, "rows",
-                    stream=ctx.progress_stream)
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPE) if amp else torch.autocast(device.type, enabled=False)
-    from contextlib import nullcontext
+    try:  # OUT stays locked (OUT/.lock, rank 0's) from its check to the manifest: one dump at a time
+        finished = writer.open()
+        if finished is not None:
+            return finished
+        todo = writer.resume()
+        todo_rows = sum(writer.plan[i][1] - writer.plan[i][0] for i in todo)
+        prog = Progress("dump-logits" + (f" (rank 0 of {world})" if world > 1 else ""), todo_rows, "rows",
+                        stream=ctx.progress_stream)
+        autocast = torch.autocast(device.type, dtype=AMP_DTYPE) if amp else torch.autocast(device.type, enabled=False)
+        from contextlib import nullcontext
 
-    from kdpipe.features import FeatureTap, hook_root
-    tap = FeatureTap(hook_root(teacher_mod, teacher.kind), [f["layer"] for f in feats]) if feats else nullcontext()
-    t_start = time.perf_counter()
-    with writer.writing(), tap:
-        for i in todo:
-            s, e = writer.plan[i]
-            rows = np.arange(s, e, dtype=np.int64)
-            vidx = (rows // n).astype(np.int32)
-            sidx = rows % n
-            vparams = np.empty((e - s, len(policy.columns)), dtype=np.int32)
-            pparams = np.empty_like(vparams) if policy.mixer is not None else None  # the partners' rows
-            for k in np.unique(vidx):
-                sel = vidx == k
-                vparams[sel] = view_params(int(k))[sidx[sel]]
-                if pparams is not None:
-                    pparams[sel] = policy.partner_params(view_params(int(k)), vparams[sel])
-            # The shard's logits stay on the device until the shard is done: one copy and one wait per
-            # shard, not per batch (indices and view parameters go up once per shard too).
-            with torch.no_grad():
-                dev_sidx = torch.from_numpy(sidx).to(device)
-                dev_params = torch.from_numpy(vparams).to(device)
-                dev_pparams = None if pparams is None else torch.from_numpy(pparams).to(device)
-                lg_dev = torch.empty((e - s, data.num_classes), dtype=torch.float32, device=device)
-                # features go to float16 on the device (an overflow becomes inf, which the writer refuses)
-                ft_dev = {f["layer"]: torch.empty((e - s, *f["shape"]), dtype=torch.float16, device=device)
+        from kdpipe.features import FeatureTap, hook_root
+        tap = FeatureTap(hook_root(teacher_mod, teacher.kind), [f["layer"] for f in feats]) if feats else nullcontext()
+        t_start = time.perf_counter()
+        with writer.writing(), tap:
+            for i in todo:
+                s, e = writer.plan[i]
+                rows = np.arange(s, e, dtype=np.int64)
+                vidx = (rows // n).astype(np.int32)
+                sidx = rows % n
+                vparams = np.empty((e - s, len(policy.columns)), dtype=np.int32)
+                pparams = np.empty_like(vparams) if policy.mixer is not None else None  # the partners' rows
+                for k in np.unique(vidx):
+                    sel = vidx == k
+                    vparams[sel] = view_params(int(k))[sidx[sel]]
+                    if pparams is not None:
+                        pparams[sel] = policy.partner_params(view_params(int(k)), vparams[sel])
+                # The shard's logits stay on the device until the shard is done: one copy and one wait per
+                # shard, not per batch (indices and view parameters go up once per shard too).
+                with torch.no_grad():
+                    dev_sidx = torch.from_numpy(sidx).to(device)
+                    dev_params = torch.from_numpy(vparams).to(device)
+                    dev_pparams = None if pparams is None else torch.from_numpy(pparams).to(device)
+                    lg_dev = torch.empty((e - s, data.num_classes), dtype=torch.float32, device=device)
+                    # features go to float16 on the device (an overflow becomes inf, which the writer refuses)
+                    ft_dev = {f["layer"]: torch.empty((e - s, *f["shape"]), dtype=torch.float16, device=device)
+                              for f in feats}
+                    for b in range(0, e - s, batch_size):
+                        bi = dev_sidx[b:b + batch_size]
+                        x = policy.replay_rows(images, bi, dev_params[b:b + batch_size], mean, std,
+                                               None if dev_pparams is None else dev_pparams[b:b + batch_size])
+                        if use_channels_last:
+                            x = channels_last(x)
+                        with autocast:
+                            lg_dev[b:b + len(bi)] = teacher_mod(x).float()
+                        if feats:
+                            for layer, v in tap.take().items():
+                                ft_dev[layer][b:b + len(bi)] = v.to(torch.float16)
+                        prog.update(len(bi))
+                    lg = lg_dev.cpu().numpy()
+                    ft = {fmt.feature_column(f["layer"], f["shape"]).name: ft_dev[f["layer"]].cpu().numpy()
                           for f in feats}
-                for b in range(0, e - s, batch_size):
-                    bi = dev_sidx[b:b + batch_size]
-                    x = policy.replay_rows(images, bi, dev_params[b:b + batch_size], mean, std,
-                                           None if dev_pparams is None else dev_pparams[b:b + batch_size])
-                    if use_channels_last:
-                        x = channels_last(x)
-                    with autocast:
-                        lg_dev[b:b + len(bi)] = teacher_mod(x).float()
-                    if feats:
-                        for layer, v in tap.take().items():
-                            ft_dev[layer][b:b + len(bi)] = v.to(torch.float16)
-                    prog.update(len(bi))
-                lg = lg_dev.cpu().numpy()
-                ft = {fmt.feature_column(f["layer"], f["shape"]).name: ft_dev[f["layer"]].cpu().numpy() for f in feats}
-            # The writer refuses logits its dtype cannot hold, then writes the shard in the background
-            # while the teacher computes the next one.
-            writer.put(i, {"logits": lg, "sample_index": sidx, "view_index": vidx, "labels": labels[sidx],
-                           "view_params": vparams, **ft})
-    compute_s = time.perf_counter() - t_start
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+                # The writer refuses logits its dtype cannot hold, then writes the shard in the background
+                # while the teacher computes the next one.
+                writer.put(i, {"logits": lg, "sample_index": sidx, "view_index": vidx, "labels": labels[sidx],
+                               "view_params": vparams, **ft})
+        compute_s = time.perf_counter() - t_start
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    done = writer.collect(todo_rows, compute_s)
-    if done is None:  # not rank 0: rank 0 writes the manifest
-        return {"rank": rank, "rows": todo_rows, "wall_s": compute_s}
+        done = writer.collect(todo_rows, compute_s)
+        if done is None:  # not rank 0: rank 0 writes the manifest
+            return {"rank": rank, "rows": todo_rows, "wall_s": compute_s}
 
-    # Teacher top-1 on its views (counted shard by shard) and on the clean test split (kept for agreement).
-    rows_computed, compute_s = done["rows_computed"], done["compute_wall_s"]
-    summary = {"rows": writer.rows, "views_top1": done["views_top1"], "batch_size": batch_size,
-               "device": str(device), "device_type": device.type, "amp": amp,
-               "autocast_dtype": str(AMP_DTYPE).removeprefix("torch.") if amp else None,
-               "channels_last": use_channels_last, "rows_computed": rows_computed, "compute_wall_s": compute_s,
-               "rows_per_s": rows_computed / compute_s if compute_s > 0 else None, "world_size": world}
-    eval_entry = None
-    if test is not None:
-        if test.num_classes != data.num_classes or test.image_shape != data.image_shape:
-            raise KDPipeError("the test split's classes or image shape differ from the dumped split's")
-        tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
-        timg = images_tensor(test.images, device)
-        tl = predict(teacher_mod, timg, policy, tp, mean, std, batch_size=batch_size, amp=amp).cpu().numpy()
-        summary["test_top1"] = top1(tl, test.labels)
-        eval_entry = writer.write_eval({"test_logits": tl, "test_labels": test.labels}, test.identity())
-    teacher_cpu = teacher.module.to("cpu")
-    teacher_info = {**teacher.identity(), "image_shape": list(in_shape),
-                    "parameters": count_parameters(teacher_cpu),
-                    "file_bytes": Path(teacher.file).stat().st_size,
-                    "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape)}
-    m = writer.write_manifest({
-        "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS[
-                                                   "logits" if codec_ident is None else "logits_topk_values"].path,
-                                                   **teacher_info}],
-        "dataset": {**data.identity(), "source": data.source},
-        "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
-        "num_classes": data.num_classes, "input": {**ident["input"], "shape": list(in_shape)},
-        "dump": summary}, eval_entry)
-    return {**summary, "bytes": m["bytes"], "out": str(out_dir), "resumed_shards": len(writer.kept)}
+        # Teacher top-1 on its views (counted shard by shard) and on the clean test split (kept for agreement).
+        rows_computed, compute_s = done["rows_computed"], done["compute_wall_s"]
+        summary = {"rows": writer.rows, "views_top1": done["views_top1"], "batch_size": batch_size,
+                   "device": str(device), "device_type": device.type, "amp": amp,
+                   "autocast_dtype": str(AMP_DTYPE).removeprefix("torch.") if amp else None,
+                   "channels_last": use_channels_last, "rows_computed": rows_computed, "compute_wall_s": compute_s,
+                   "rows_per_s": rows_computed / compute_s if compute_s > 0 else None, "world_size": world}
+        eval_entry = None
+        if test is not None:
+            if test.num_classes != data.num_classes or test.image_shape != data.image_shape:
+                raise KDPipeError("the test split's classes or image shape differ from the dumped split's")
+            tp = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
+            timg = images_tensor(test.images, device)
+            tl = predict(teacher_mod, timg, policy, tp, mean, std, batch_size=batch_size, amp=amp).cpu().numpy()
+            summary["test_top1"] = top1(tl, test.labels)
+            eval_entry = writer.write_eval({"test_logits": tl, "test_labels": test.labels}, test.identity())
+        teacher_cpu = teacher.module.to("cpu")
+        teacher_info = {**teacher.identity(), "image_shape": list(in_shape),
+                        "parameters": count_parameters(teacher_cpu),
+                        "file_bytes": Path(teacher.file).stat().st_size,
+                        "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape)}
+        m = writer.write_manifest({
+            "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS[
+                                                       "logits" if codec_ident is None else "logits_topk_values"].path,
+                                                       **teacher_info}],
+            "dataset": {**data.identity(), "source": data.source},
+            "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
+            "num_classes": data.num_classes, "input": {**ident["input"], "shape": list(in_shape)},
+            "dump": summary}, eval_entry)
+        return {**summary, "bytes": m["bytes"], "out": str(out_dir), "resumed_shards": len(writer.kept)}
+    finally:
+        writer.release()

@@ -95,3 +95,54 @@ def test_this_process_takes_its_own_locks_back_and_releases_them_when_a_call_rai
     locks.release()
     again.release()
     assert not any(tmp_path.glob(f"*/{LOCK_FILE}"))
+
+
+def test_a_cache_another_live_dump_writes_is_refused_and_a_dead_ones_lock_taken_over(work, tmp_path, live_pid):
+    """dump-logits locks OUT (OUT/.lock) from its check to the manifest: a second dump into a cache a live
+    process is writing is refused in one line, before it touches OUT; the lock of a process that is gone is
+    taken over, saying so, and the dump ends with no lock left. A fresh OUT holding only a dead lock is
+    not "a directory that holds no cache"."""
+    npz = mnist_npz(tmp_path / "digits.npz", 96, 32)
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    out = tmp_path / "cache"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    lock.write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(), "started": "2026-11-28 09:00:00"}))
+    res = run_cli(dump_args(teacher, npz, out, 2, 1000))
+    assert_one_line_error(res, f"the cache {out} is being written by another kdpipe (pid {live_pid}",
+                          f"remove {lock}")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "2026-11-28 09:00:00"}))
+    res = run_cli(dump_args(teacher, npz, out, 2, 1000))
+    assert res.exit_code == 0, res.output
+    assert f"the cache {out}: the process that held it (pid {gone.pid}) is gone" in res.output
+    assert (out / "manifest.json").is_file() and not lock.exists()
+
+
+def test_a_dump_that_fails_releases_its_lock(work, tmp_path):
+    """A dump refused after OUT was locked (other arguments, no --overwrite) leaves no lock behind."""
+    npz = mnist_npz(tmp_path / "digits.npz", 96, 32)
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    out = tmp_path / "cache"
+    assert run_cli(dump_args(teacher, npz, out, 2, 1000)).exit_code == 0
+    assert_one_line_error(run_cli(dump_args(teacher, npz, out, 3, 1000)), "holds a cache made with other arguments")
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_teacher_another_live_process_trains_is_refused(tmp_path, live_pid):
+    """train-teacher locks OUT.lock while it trains: a second training of the same OUT is refused in one
+    line, and its checkpoint and the teacher are left alone."""
+    npz = mnist_npz(tmp_path / "digits.npz", 96, 32)
+    out = tmp_path / "teacher.pt"
+    lock = tmp_path / "teacher.pt.lock"
+    lock.write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(), "started": "2026-11-28 09:00:00"}))
+    args = ["train-teacher", "--data", f"npz:{npz}", "--arch", "mlp_100", "--epochs", "1", "--device", "cpu",
+            "--out", str(out)]
+    assert_one_line_error(run_cli(args), f"the teacher {out} is being trained by another kdpipe (pid {live_pid}")
+    assert not out.exists() and not (tmp_path / "teacher.pt.checkpoint").exists()
+    lock.unlink()
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and not lock.exists()

@@ -259,6 +259,7 @@ class CacheWriter:
         self.kept: list[int] = []
         self._pending = None
         self._executor = None
+        self._locks = None  # rank 0's lock on OUT (kdpipe.resume.RunLocks), from _prepare_out_dir to release()
 
     @property
     def state_path(self) -> Path:
@@ -290,8 +291,13 @@ class CacheWriter:
 
     def _prepare_out_dir(self) -> dict | None:  # rank 0, while the other ranks wait
         from kdpipe.util import ensure_out_dir
+        from kdpipe.resume import LOCK_FILE, RunLocks
         out_dir, state_path, manifest_path = self.out_dir, self.state_path, self.manifest_path
         ensure_out_dir(out_dir, "cache directory")
+        # Two dumps into one OUT would remove each other's temporaries and interleave shards: the second waits
+        # for nothing, it is refused (a lock whose process is gone is taken over).
+        self._locks = RunLocks(self.log)
+        self._locks.acquire_path(out_dir / LOCK_FILE, f"the cache {out_dir}", "written")
         if state_path.is_file() or manifest_path.is_file():
             try:
                 old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
@@ -306,7 +312,7 @@ class CacheWriter:
                 self.log(f"--overwrite: discarding the cache in {out_dir} (" + "; ".join(diffs) + ")")
                 for p in list(out_dir.glob("shard-*.h5")) + [state_path, manifest_path, out_dir / fmt.EVAL_FILE]:
                     p.unlink(missing_ok=True)
-        elif any(out_dir.iterdir()):
+        elif any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
         remove_temporaries(out_dir)
         if manifest_path.is_file():
@@ -317,6 +323,12 @@ class CacheWriter:
                         resumed_shards=len(m["shards"]), already_complete=True)
         atomic_write_json(state_path, {"identity": self.ident, "cache_id": self.cache_id, "started": time.time()})
         return None
+
+    def release(self) -> None:
+        """Release the lock on OUT (when this rank holds it): at the end of a dump, also a failed one."""
+        if self._locks is not None:
+            self._locks.release()
+            self._locks = None
 
     # ---------------------------------------------------------------- 2. resume
 
