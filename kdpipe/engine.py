@@ -19,7 +19,7 @@ import torch.nn as nn
 from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
-from kdpipe.util import Progress, channels_last, seeded_generator
+from kdpipe.util import Progress, channels_last, human_duration, seeded_generator
 from kdpipe.views import ViewPolicy
 
 
@@ -303,13 +303,17 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
             if not math.isfinite(r.history[-1]) and (len(r.history) == 1 or math.isfinite(r.history[-2])):
                 log(f"warning: {r.name}: the loss became {r.history[-1]} in epoch {epoch + 1}: the run diverged "
                     "and its weights are not usable; lower --lr, or change the loss's options")
+        # How long the pass has taken and will take: the epochs this process ran, evaluations between them included
+        spent = time.perf_counter() - start
+        left = spent / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+        when = f"; {human_duration(spent)} elapsed" + (f", ~{human_duration(left)} left" if epoch + 1 < epochs else "")
         if len(runs) <= 4:
             log(f"  {label} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{r.name} loss {r.history[-1]:.4f} (" + ", ".join(f"{n} {v[-1]:.4f}" for n, v in r.terms.items())
-                + ")" for r in runs))
+                + ")" for r in runs) + when)
         else:
             log(f"  {label} epoch {epoch + 1}/{epochs}: mean loss "
-                f"{sum(r.history[-1] for r in runs) / len(runs):.4f} over {len(runs)} runs")
+                f"{sum(r.history[-1] for r in runs) / len(runs):.4f} over {len(runs)} runs" + when)
         if on_epoch_end is not None:  # before the epoch's checkpoint, so that it holds what the hook recorded
             t_hook = time.perf_counter()
             on_epoch_end(epoch)

@@ -46,6 +46,16 @@ def seeded_generator(*seed_parts: int) -> torch.Generator:
     return g
 
 
+def human_duration(seconds: float) -> str:
+    """'42s', '4m 30s', '2h 05m'."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
 def human_bytes(n: float) -> str:
     """1234567 -> '1.2 MB' (decimal units)."""
     for unit in ("bytes", "KB", "MB", "GB"):

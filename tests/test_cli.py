@@ -4,6 +4,7 @@ input answered with a one-line error and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,9 @@ def test_train_teacher_command(pipeline, fmnist):
     assert [h["epoch"] for h in hist] == [1, 2] and hist[-1]["test_top1"] == ckpt["test_top1"]
     assert all(0 <= h["train_top1"] <= 1 and h["loss"] > 0 for h in hist)
     assert "teacher epoch 1/2: train top-1" in r.output and f"test top-1 {hist[0]['test_top1']:.4f}" in r.output
+    # each epoch's loss line says how long the training took so far and, but for the last, how long it will take
+    assert re.search(r"teacher epoch 1/2: teacher loss .*; \d+s elapsed, ~\d+s left\n", r.output), r.output
+    assert re.search(r"teacher epoch 2/2: teacher loss .*; \d+s elapsed\n", r.output), r.output
 
 
 def test_inspect_a_checkpoint(pipeline, tmp_path):
