@@ -275,7 +275,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
         from kdpipe.teacher import teacher_checkpoint_path
         ck = teacher_checkpoint_path(out)
         click.echo("\ninterrupted: " + (f"the training's last checkpoint is kept in {ck}; run the same command again "
-                                        "to resume" if ck.is_file() else "no epoch had finished, nothing is kept"),
+                                        "to resume" if ck.is_file() else "the training had not begun, nothing is kept"),
                    err=True)
         sys.exit(130)
     click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")

@@ -27,7 +27,8 @@ _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "w
 # trained: with arch too, the file is a state dict or safetensors file that arch fills; mean/std,
 # input_range or normalize give the input normalization of a teacher that is not a kdpipe checkpoint.
 _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
-                 "output", "trust_pickle", "mean", "std", "input_range", "normalize", "checkpoint_every"} | set(_OPTIM_FLAGS)
+                 "output", "trust_pickle", "mean", "std", "input_range", "normalize",
+                 "checkpoint_every"} | set(_OPTIM_FLAGS)
 # limit: only N samples of each split, drawn from a fixed seed (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind).

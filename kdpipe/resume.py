@@ -406,12 +406,6 @@ class RunLocks:
             self.release()
             raise
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
     def release(self) -> None:
         for path in self.held:
             if _read_lock(path).get("pid") == os.getpid():
