@@ -556,7 +556,9 @@ def report_cmd(run_dirs, out, mix_datasets):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (or the checkpoint's record) as JSON.")
 def inspect_cmd(cache_dir, as_json):
     """Print what a cache holds: teacher, data, views, classes, codec, rows, bytes, creation. Given a kdpipe
-    checkpoint (a teacher.pt or student.pt) instead: its model, data, training and test top-1."""
+    checkpoint (a teacher.pt or student.pt) instead: its model, data, training and test top-1; given the
+    checkpoint of a training in progress (teacher.pt.checkpoint, RUNS/checkpoints/pass-*.pt): where it
+    stands and each run's record per epoch so far."""
     import numpy as np
 
     if Path(cache_dir).is_file():
@@ -616,9 +618,12 @@ def _inspect_checkpoint(path: Path, as_json: bool) -> None:
     """`kdpipe inspect FILE.pt`: a kdpipe checkpoint's record, without its weights."""
     from kdpipe.checkpoint import CHECKPOINT_VERSION, load_checkpoint_file, sniff
     obj = load_checkpoint_file(path) if sniff(path) == "torch" else None
+    if isinstance(obj, dict) and "kdpipe_pass_checkpoint" in obj:
+        _inspect_training_checkpoint(path, obj, as_json)
+        return
     if not (isinstance(obj, dict) and obj.get("kdpipe_checkpoint") == CHECKPOINT_VERSION):
-        raise KDPipeError(f"{path} is a file but not a kdpipe checkpoint: inspect reads a cache directory or a "
-                          "teacher.pt / student.pt that kdpipe wrote")
+        raise KDPipeError(f"{path} is a file but not a kdpipe checkpoint: inspect reads a cache directory, a "
+                          "teacher.pt / student.pt that kdpipe wrote, or the checkpoint of a training in progress")
     record = {k: v for k, v in obj.items() if k != "state_dict"}
     if as_json:
         click.echo(json.dumps(record, indent=2, default=str))
@@ -647,6 +652,41 @@ def _inspect_checkpoint(path: Path, as_json: bool) -> None:
     history = record.get("history") or []
     if history:
         click.echo("  history   test top-1 by epoch: " + ", ".join(f"{h['test_top1']:.4f}" for h in history))
+
+
+def _inspect_training_checkpoint(path: Path, c: dict, as_json: bool) -> None:
+    """`kdpipe inspect` of a training in progress (a teacher's FILE.pt.checkpoint, a pass's
+    RUNS/checkpoints/pass-*.pt, loaded as `c`): where it stands and each run's per-epoch record so far."""
+    from kdpipe.resume import CHECKPOINT_VERSION
+    if c.get("kdpipe_pass_checkpoint") != CHECKPOINT_VERSION:
+        raise KDPipeError(f"{path} is the checkpoint of a training by another kdpipe version: inspect it with that "
+                          "version")
+    epoch, step = c["position"]
+    runs = {}
+    for name, settings in c["runs"].items():
+        st = c["state"][name]
+        track = st.get("track")
+        rows = track if isinstance(track, list) else (track or {}).get("history")  # a teacher's, a student's
+        if not rows:  # no evaluation record: the losses
+            rows = [{"epoch": i + 1, "loss": v} for i, v in enumerate(st["history"])]
+        runs[name] = {"settings": settings, "epochs_done": len(st["history"]), "history": rows}
+    record = {"checkpoint": str(path), "seed": c["seed"], "epochs": c["epochs"],
+              "position": {"epoch": epoch, "step": step}, "images_seen": c["seen"], "train_wall_s": c["wall_s"],
+              "runs": runs}
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
+    from kdpipe.util import human_duration
+    at = f"in epoch {epoch + 1}/{c['epochs']}, after step {step}" if step else f"{epoch}/{c['epochs']} epochs done"
+    click.echo(f"training in progress {path}  ({path.stat().st_size / 1e6:.2f} MB): {at}, seed {c['seed']}, "
+               f"{human_duration(c['wall_s'])} of training so far; the command that wrote it resumes it")
+    for name, r in runs.items():
+        arch = r["settings"].get("arch") or r["settings"].get("student") or "?"
+        click.echo(f"  {name}  ({arch}, {r['epochs_done']} epochs done)")
+        if any(h.get("test_top1") is not None for h in r["history"]):
+            click.echo("    test top-1 by epoch: " + ", ".join(
+                f"{h['test_top1']:.4f}" if h.get("test_top1") is not None else "-" for h in r["history"]))
+        click.echo("    loss by epoch: " + ", ".join(f"{h['loss']:.4f}" for h in r["history"]))
 
 
 @main.command("verify-cache")

@@ -214,6 +214,12 @@ def test_ctrl_c_mid_epoch_is_checkpointed_where_it_stopped(work, tmp_path, monke
     assert "SIGINT: writing a checkpoint after this step" in res.output
     assert list(load_checkpoint(_checkpoint(out))["position"]) == [2, 5]
     monkeypatch.undo()
+    shown = run_cli(["inspect", str(_checkpoint(out))])
+    assert shown.exit_code == 0, shown.output
+    assert "in epoch 3/8, after step 5" in shown.output
+    for name in RUNS:
+        assert f"{name}  (mlp_100, 2 epochs done)" in shown.output
+    assert shown.output.count("test top-1 by epoch: ") == 2
     res = run_cli(args)
     assert res.exit_code == 0, res.output
     assert "resuming from" in res.output and "epoch 3/8, step 5" in res.output
@@ -484,6 +490,15 @@ def test_a_teacher_interrupted_mid_epoch_resumes_to_the_same_teacher(work, tmp_p
     assert f"the training's last checkpoint is kept in {ck}; run the same command again to resume" in res.stderr
     assert not out.exists() and list(load_checkpoint(ck)["position"]) == [1, 5]
     monkeypatch.undo()
+    # inspect tells where a training in progress stands, with the epochs it has recorded
+    shown = run_cli(["inspect", str(ck)])
+    assert shown.exit_code == 0, shown.output
+    first = load_checkpoint(ck)["state"]["teacher"]["track"][0]
+    assert f"training in progress {ck}" in shown.output and "in epoch 2/4, after step 5" in shown.output
+    assert "teacher  (mlp:64:dropout=0.3, 1 epochs done)" in shown.output
+    assert f"test top-1 by epoch: {first['test_top1']:.4f}\n" in shown.output
+    record = json.loads(run_cli(["inspect", str(ck), "--json"]).output)
+    assert record["position"] == {"epoch": 1, "step": 5} and record["runs"]["teacher"]["history"] == [first]
     res = run_cli(teacher_args(work, out, "--checkpoint-every", "0"))
     assert res.exit_code == 0, res.output
     assert f"resuming from {ck}: epoch 2/4, step 5" in res.output
