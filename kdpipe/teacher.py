@@ -312,7 +312,17 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     feats = feature_shapes(teacher, list(features), in_shape)
     ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm, codec_ident,
                            feats)
-    writer = CacheWriter(out_dir, ident, overwrite=overwrite, dist=ctx, log=log)
+
+    def label_of(sidx: np.ndarray, vparams: np.ndarray) -> np.ndarray:
+        """The class a row's view shows most: its sample's, or a mixed view's partner's where the partner has
+        the larger share (what the teacher's top-1 on its views is scored against)."""
+        own = data.labels[sidx]
+        if policy.mixer is None:
+            return own
+        partner, share = policy.mixing(torch.from_numpy(np.asarray(vparams, dtype=np.int64)), data.image_shape)
+        return np.where(share.numpy() >= 0.5, own, data.labels[partner.numpy()])
+
+    writer = CacheWriter(out_dir, ident, overwrite=overwrite, dist=ctx, log=log, label_of=label_of)
 
     use_channels_last = device.type == "cuda"  # recorded in the manifest: verify-cache re-runs the teacher alike
     teacher_mod = teacher.module.to(device).eval()

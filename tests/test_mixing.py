@@ -182,6 +182,59 @@ def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_
     assert verify_cache(out, log=quiet) == []
 
 
+
+@pytest.mark.parametrize("mix", ["mixup:0.4", "cutmix:1"])
+def test_teacher_top1_on_mixed_views_is_scored_against_the_larger_share(fmnist, teacher_ckpt, tmp_path, mix):
+    """The dump's "teacher top-1 on its views" scores a mixed view against the class it shows most: its
+    sample's label, or its partner's where the partner's share is larger (it was scored against the
+    sample's label alone, which a teacher that sees the partner's class is marked wrong for). Shards kept
+    by a resumed dump are scored alike."""
+    import h5py
+
+    from kdpipe.cache import format as fmt
+    n = 192
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=fmnist.x_train[:n], y_train=fmnist.y_train[:n], x_test=fmnist.x_test[:32],
+             y_test=fmnist.y_test[:32])
+    out = tmp_path / "cache"
+    data = load_dataset(f"npz:{p}", "train")
+    policy = create_policy(f"{GEO}+{mix}")
+
+    def dump():
+        return dump_logits(load_teacher(teacher_ckpt), data, None, out, policy=policy, views=2, seed=3,
+                           shard_rows=128, batch_size=64, log=quiet)
+
+    res = dump()
+    cache = Cache(out)
+    cols = list(cache.columns)
+    top, own, larger = [], [], []
+    for shard in cache.manifest["shards"]:
+        with h5py.File(out / shard["file"]) as f:
+            logits = f[fmt.SHARD_COLUMNS["logits"].path][()].astype(np.float32)
+            sidx = f[fmt.SHARD_COLUMNS["sample_index"].path][()]
+            vp = f[fmt.SHARD_COLUMNS["view_params"].path][()].astype(np.int64)
+        partner = vp[:, cols.index("partner")]
+        if mix.startswith("mixup"):
+            share = vp[:, cols.index("mix_weight")] / MIX_SCALE
+        else:  # the pasted box is the partner's share of the 28 x 28 image
+            box = ((vp[:, cols.index("cut_y1")] - vp[:, cols.index("cut_y0")])
+                   * (vp[:, cols.index("cut_x1")] - vp[:, cols.index("cut_x0")]))
+            share = 1.0 - box / (28 * 28)
+        top.append(logits.argmax(1))
+        own.append(data.labels[sidx])
+        larger.append(np.where(share >= 0.5, data.labels[sidx], data.labels[partner]))
+    top, own, larger = (np.concatenate(a) for a in (top, own, larger))
+    assert (partner >= 0).all() and (own != larger).mean() > 0.1  # many views show their partner's class most
+    assert res["views_top1"] == pytest.approx((top == larger).mean(), abs=1e-12)
+    # the teacher sees the larger share's class (measured: 0.54 against 0.31 for mixup, 0.47 against 0.41 for
+    # cutmix, whose boxes clipped at the borders leave fewer views to their partner)
+    assert (top == larger).mean() > (top == own).mean() + 0.02
+    # a resumed dump keeps the complete shards and scores them the same way
+    (out / "manifest.json").unlink()
+    (out / cache.manifest["shards"][1]["file"]).unlink()
+    again = dump()
+    assert again["resumed_shards"] == 2 and again["views_top1"] == pytest.approx(res["views_top1"], abs=1e-12)
+
 # ---------------------------------------------------------------- the loss
 
 def test_mixed_cross_entropy_matches_a_float64_reference():

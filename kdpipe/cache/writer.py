@@ -241,10 +241,13 @@ class CacheWriter:
     follows from it.
     """
 
-    def __init__(self, out_dir, identity: dict, *, overwrite: bool = False, dist=None, log=print):
+    def __init__(self, out_dir, identity: dict, *, overwrite: bool = False, dist=None, log=print, label_of=None):
         from kdpipe.distributed import SINGLE
         self.out_dir = Path(out_dir)
         self.ident = identity
+        # label_of(sample_index, view_params): the class each row's view shows most, which the teacher's top-1 on
+        # its views is scored against (a mixed view's partner may outweigh its sample); None: the rows' labels
+        self.label_of = label_of
         self.cache_id = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(identity, sort_keys=True)).hex
         self.overwrite, self.ctx, self.log = overwrite, dist or SINGLE, log
         self.n = int(identity["dataset"]["num_samples"])
@@ -340,7 +343,7 @@ class CacheWriter:
                 ent = self._existing_shard(i)
                 if ent:
                     self.entries[i] = ent
-                    self.correct[i] = self._shard_correct(self.out_dir / fmt.shard_name(i))
+                    self.correct[i] = self._shard_correct(self.out_dir / fmt.shard_name(i), self.label_of)
         self.kept = sorted(i for part in ctx.all_gather(sorted(self.entries)) for i in part)
         todo_all = sorted(set(range(len(self.plan))) - set(self.kept))
         if self.kept:
@@ -374,15 +377,20 @@ class CacheWriter:
                 "file_sha256": file_sha256(path), "row_start": start, "row_stop": stop}
 
     @staticmethod
-    def _shard_correct(path: Path) -> int:
-        """Rows of a shard whose teacher argmax equals the label."""
+    def _shard_correct(path: Path, label_of=None) -> int:
+        """Rows of a shard whose teacher argmax equals the label (label_of's, when given)."""
         from kdpipe.cache.reader import open_h5
         with open_h5(path) as f:
             if "logits" in f:
                 top = f["logits"][()].astype(np.float32).argmax(1)
             else:  # codec topk: the first of the top k is the argmax
                 top = f[fmt.SHARD_COLUMNS["logits_topk_indices"].path][:, 0]
-            return int((top == f["labels"][()]).sum())
+            if label_of is None:
+                truth = f["labels"][()]
+            else:
+                truth = label_of(f[fmt.SHARD_COLUMNS["sample_index"].path][()],
+                                 f[fmt.SHARD_COLUMNS["view_params"].path][()])
+            return int((top == truth).sum())
 
     # ---------------------------------------------------------------- 3. shards
 
@@ -441,7 +449,8 @@ class CacheWriter:
                  "row_stop": e, "num_samples": self.n, "num_views": self.views,
                  "kdpipe_version": _kdpipe_version()}
         top = out.astype(np.float32).argmax(1) if not coded else coded["logits_topk_indices"][:, 0]
-        self.correct[i] = int((top == np.asarray(values["labels"])).sum())
+        truth = values["labels"] if self.label_of is None else self.label_of(sidx, values["view_params"])
+        self.correct[i] = int((top == np.asarray(truth)).sum())
         if self._pending is not None:
             self._pending.result()  # the previous shard is on disk (or its error is raised here)
         self._pending = self._executor.submit(self._write_shard, i, s, e, datasets, attrs)
