@@ -392,6 +392,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
                    err=True)
         sys.exit(130)
     if not dist.is_main:
+        _end_distributed(dist)
         return
     click.echo(f"done: {res['rows']:,} rows, {res['bytes'] / 1e6:.2f} MB on disk in {out}, "
                f"{time.perf_counter() - started:.1f}s wall time in all")
@@ -402,6 +403,21 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
                    (f", {res['resumed_shards']} shard(s) kept from an earlier run" if res["resumed_shards"] else ""))
     click.echo(f"  teacher top-1 on its views {res['views_top1']:.4f}"
                + (f", on the clean test split {res['test_top1']:.4f}" if res.get("test_top1") is not None else ""))
+    _end_distributed(dist)
+
+
+def _end_distributed(dist, code: int = 0) -> None:
+    """End a command with exit code `code`. Under torchrun, once the process group is left and everything
+    is written and printed, the process ends at once (os._exit), without the interpreter's teardown: there
+    gloo's teardown aborted a rank now and then (exit -6 after its work was done; seen on a loaded 2-core
+    machine in about one torchrun test in ten, after destroy_process_group had returned), and torchrun then
+    reports the whole command as failed."""
+    if dist.world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def _term_as_interrupt():
@@ -524,13 +540,15 @@ def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, l
             click.echo(f"\ninterrupted: finished runs and the last checkpoint of each pass are kept in {out}; "
                        "run the same command again to resume", err=True)
         sys.exit(130)
+    code = 0
     if dist.is_main:
         click.echo(f"{len(res)} run(s) written under {out}")
         bad = [m["name"] for m in res if m.get("diverged_epoch")]
         if bad:  # written and marked (metrics.json's diverged_epoch, the report), but the call did not succeed
             click.echo(f"Error: {len(bad)} run(s) diverged (their loss became NaN or infinite): {', '.join(bad)}; "
                        "lower --lr, or change the loss's options", err=True)
-            sys.exit(1)
+            code = 1
+    _end_distributed(dist, code)
 
 
 @main.command("report")
