@@ -196,6 +196,17 @@ def test_rerun_with_other_arguments_is_refused_naming_each_difference(ref, other
     assert files_digest(out) == before
 
 
+
+def test_a_rerun_with_another_view_option_names_that_option_alone(ref, tmp_path):
+    """Another option of one view op is named by its place in the policy, not by printing both policies'
+    whole op lists."""
+    out = tmp_path / "cache"
+    shutil.copytree(ref.out, out)
+    res = run_cli(dump_args(ref.teacher, ref.npz, out, VIEWS, SHARD_ROWS, 3, 200, "--policy", "crop:2+flip"))
+    line = assert_one_line_error(res, "views.ops[0].options.padding was 4, now 2",
+                                 "views.spec was crop:4+flip, now crop:2+flip")
+    assert "'columns'" not in line and "'version'" not in line, line
+
 def test_overwrite_starts_over(ref, other_inputs, tmp_path):
     """--overwrite with other arguments discards the old cache (no stale shard stays) and writes one
     identical to a fresh dump with the new arguments."""

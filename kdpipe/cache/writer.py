@@ -181,6 +181,16 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{k}.")
+        elif isinstance(a, list) and isinstance(b, list) and a != b and any(isinstance(x, dict) for x in a + b):
+            # lists of records (a view policy's ops): name the entries that differ, not both whole lists
+            if len(a) != len(b):
+                out.append(f"{prefix}{k} had {len(a)} entries, now {len(b)}")
+                continue
+            for i, (x, y) in enumerate(zip(a, b)):
+                if isinstance(x, dict) and isinstance(y, dict):
+                    out += differences(x, y, f"{prefix}{k}[{i}].")
+                elif x != y:
+                    out.append(f"{prefix}{k}[{i}] was {_short_digest(x)}, now {_short_digest(y)}")
         elif a != b:
             out.append(f"{prefix}{k} was {_short_digest(a)}, now {_short_digest(b)}")
     return out
