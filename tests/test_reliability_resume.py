@@ -107,6 +107,23 @@ def _checkpoint(out: Path) -> Path:
     return checkpoint_path(out, 0, RUNS)
 
 
+def signal_at(monkeypatch, epoch: int, step: int, sig=signal.SIGINT) -> None:
+    """Send this process `sig` when the progress of epoch `epoch` (counting from 1) reports its `step`-th
+    step: an interruption in the middle of an epoch, at a known place."""
+    from kdpipe import util
+    steps = []
+    update = util.Progress.update
+
+    def interrupting_update(self, n, extra=""):
+        update(self, n, extra)
+        if f"epoch {epoch}/" in self.what:
+            steps.append(n)
+            if len(steps) == step:
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(util.Progress, "update", interrupting_update)
+
+
 def _assert_consistent(out: Path, seed) -> None:
     """What a kill leaves: a checkpoint that loads whole (or none), no finished run without its weights."""
     from kdpipe.resume import load_checkpoint
@@ -193,22 +210,11 @@ def test_ctrl_c_mid_epoch_is_checkpointed_where_it_stopped(work, tmp_path, monke
     """With checkpoints at epoch ends only, a Ctrl-C in the middle of epoch 3 is held until its step ends:
     the pass is checkpointed there (epoch 3, that step), the command exits 130, and the same command resumes
     from that step, ending equal to an uninterrupted run. No work since the last checkpoint is lost."""
-    from kdpipe import util
     from kdpipe.resume import load_checkpoint
 
     out = tmp_path / "ctrl-c"
     args = student_args(work, out, "off", 8, 16, "--checkpoint-every", "0")
-    steps = []
-    update = util.Progress.update
-
-    def ctrl_c_at_the_fifth_step_of_epoch_3(self, n, extra=""):
-        update(self, n, extra)
-        if "epoch 3/" in self.what:
-            steps.append(n)
-            if len(steps) == 5:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(util.Progress, "update", ctrl_c_at_the_fifth_step_of_epoch_3)
+    signal_at(monkeypatch, epoch=3, step=5)
     res = run_cli(args)
     assert res.exit_code == 130, res.output
     assert "SIGINT: writing a checkpoint after this step" in res.output
@@ -462,7 +468,6 @@ def test_a_teacher_interrupted_mid_epoch_resumes_to_the_same_teacher(work, tmp_p
     the training there, the command exits 130 saying how to resume, and the same command resumes from that
     step and saves the teacher an uninterrupted training saves, weight for weight, with the same per-epoch
     history; the checkpoint is then removed."""
-    from kdpipe import util
     from kdpipe.resume import load_checkpoint
     from kdpipe.teacher import teacher_checkpoint_path
 
@@ -473,17 +478,7 @@ def test_a_teacher_interrupted_mid_epoch_resumes_to_the_same_teacher(work, tmp_p
 
     out = tmp_path / "teacher.pt"
     ck = teacher_checkpoint_path(out)
-    steps = []
-    update = util.Progress.update
-
-    def ctrl_c_at_the_fifth_step_of_epoch_2(self, n, extra=""):
-        update(self, n, extra)
-        if "epoch 2/" in self.what:
-            steps.append(n)
-            if len(steps) == 5:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(util.Progress, "update", ctrl_c_at_the_fifth_step_of_epoch_2)
+    signal_at(monkeypatch, epoch=2, step=5)
     res = run_cli(teacher_args(work, out, "--checkpoint-every", "0"))
     assert res.exit_code == 130, res.output
     assert "SIGINT: writing a checkpoint after this step" in res.output
@@ -515,19 +510,11 @@ def test_a_teacher_checkpoint_with_other_settings_is_refused_unless_overwrite(wo
     """A SIGTERM at the first step of epoch 3: exit 130, no traceback, the checkpoint kept. The same command
     with another --lr is refused in one line naming the difference, the checkpoint untouched; with
     --overwrite that training starts over, and ends equal to an uninterrupted one at that lr."""
-    from kdpipe import util
     from kdpipe.teacher import teacher_checkpoint_path
 
     out = tmp_path / "teacher.pt"
     ck = teacher_checkpoint_path(out)
-    update = util.Progress.update
-
-    def sigterm_in_epoch_3(self, n, extra=""):
-        update(self, n, extra)
-        if "epoch 3/" in self.what:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(util.Progress, "update", sigterm_in_epoch_3)
+    signal_at(monkeypatch, epoch=3, step=1, sig=signal.SIGTERM)
     res = run_cli(teacher_args(work, out))
     monkeypatch.undo()
     assert res.exit_code == 130, res.output
