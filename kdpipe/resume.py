@@ -197,10 +197,11 @@ class PassCheckpoint:
 
     def __init__(self, out: Path, seed: int, configs: dict[str, dict], epochs: int, every_minutes: float,
                  dist=None, log=print, resume_from: str | None = None, tracks: dict | None = None,
-                 path: Path | None = None):
+                 path: Path | None = None, what: str = "the pass"):
         from kdpipe.distributed import SINGLE
         # path: where it goes when not in OUT/checkpoints/ (a teacher's: beside the file it will be saved to)
         self.path = Path(path) if path is not None else checkpoint_path(out, seed, configs)
+        self.what = what  # what the log line says it is the checkpoint of
         self.seed, self.epochs = seed, epochs
         self.runs = {name: settings(c) for name, c in configs.items()}
         self.every_s = every_minutes * 60 if every_minutes and every_minutes > 0 else math.inf
@@ -335,7 +336,7 @@ class PassCheckpoint:
         self.last = time.monotonic()
         if not self.written:
             self.written = True
-            self.log(f"  checkpoint of the pass: {self.path} ({self.path.stat().st_size / 1e6:.2f} MB, written in "
+            self.log(f"  checkpoint of {self.what}: {self.path} ({self.path.stat().st_size / 1e6:.2f} MB, written in "
                      f"{time.perf_counter() - t0:.2f}s) at every epoch's end"
                      + (f" and every {self.every_s / 60:g} min" if self.every_s < math.inf else ""))
 

@@ -84,7 +84,8 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         # not learning shows in the first epochs, not at the end of a long run)
         resume_from = resume_file(ck_path, {"teacher": config}, overwrite, log, "a teacher training")
         ckpt = PassCheckpoint(out.parent, seed, {"teacher": config}, epochs, checkpoint_every, log=log,
-                              resume_from=resume_from, tracks={"teacher": history}, path=ck_path)
+                              resume_from=resume_from, tracks={"teacher": history}, path=ck_path,
+                              what="the teacher's training")
         ckpt.restore([run])
         log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
             f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} "

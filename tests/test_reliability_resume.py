@@ -497,6 +497,7 @@ def test_a_teacher_interrupted_mid_epoch_resumes_to_the_same_teacher(work, tmp_p
     res = run_cli(teacher_args(work, out, "--checkpoint-every", "0"))
     assert res.exit_code == 0, res.output
     assert f"resuming from {ck}: epoch 2/4, step 5" in res.output
+    assert f"checkpoint of the teacher's training: {ck} (" in res.output
     assert not ck.exists()
     (want, want_history), (got, got_history) = _teacher_record(ref), _teacher_record(out)
     assert want.keys() == got.keys()
