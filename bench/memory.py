@@ -55,7 +55,7 @@ def main(argv=None):
     ks = [int(k) for k in (args.views or ("1,128" if args.quick else "1,64,512")).split(",")]
     n = args.samples or (1000 if args.quick else 10000)
     epochs = args.epochs or 2
-    dev = torch.device("cpu")  # stage two runs on the CPU; the dumps use CUDA when present (faster, same files)
+    # stage two runs on the CPU (the child process); the dumps use CUDA when present (faster, same files)
     dump_dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick and args.device != "cpu" else "cpu")
     with workdir(args) as work:
         tr, te = load_split(args.fashion, "train"), load_split(args.fashion, "test")

@@ -95,7 +95,7 @@ def main(argv=None):
                     firsts.append(first)
                 # S separate runs one after another: total student-images / total steady time
                 results[mode] = s_count / sum(1.0 / r for r in rates)
-                emit(f"separate: per run " + ", ".join(f"{r:,.0f}" for r in rates) + " images/s (steady); first "
+                emit("separate: per run " + ", ".join(f"{r:,.0f}" for r in rates) + " images/s (steady); first "
                      f"epochs {', '.join(f'{f:.2f}' for f in firsts)} s")
             elif mode in ("onepass", "fused", "compiled"):
                 fuse = {"onepass": False, "fused": True, "compiled": "compile"}[mode]
