@@ -15,7 +15,7 @@ each: T is a per-run (S, 1, 1) tensor there.
 
 The first cache is the primary: the student's inputs are replayed from its view parameters (the others'
 are checked equal every epoch) with its input normalization, and metrics.json's "teacher" is its teacher.
-Weights must be positive, one per cache, and sum to 1 (within WEIGHT_SUM_TOLERANCE, then divided by their
+Weights must be positive, one per cache, and sum to 1 (within kdpipe.sweep.WEIGHT_SUM_TOLERANCE, then divided by their
 sum); without them the weights are equal.
 
 `dump-logits --like CACHE` (like_cache) dumps a second teacher over exactly the views of CACHE.
@@ -26,7 +26,6 @@ The Python API (kdpipe.api) stays single-cache.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,9 +36,7 @@ import torch.nn.functional as F
 from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.evaluate import agreement, top1
-
-WEIGHT_SUM_TOLERANCE = 1e-3  # 0.333,0.333,0.333 is accepted (and divided by its sum); 0.7,0.2 is refused
-
+from kdpipe.sweep import ensemble_tag, parse_weights  # pure Python: Make targets (run names) need them
 
 def mixture_log_probs(logits: torch.Tensor, log_weights: torch.Tensor, t) -> torch.Tensor:
     """log sum_m w_m softmax(logits_m / t) over the teachers m, the first dimension of `logits` (M, ..., C).
@@ -72,35 +69,6 @@ class EnsembleEpoch:
 
     def rows(self, idx) -> EnsembleTargets:
         return EnsembleTargets(self.logits[:, idx].float(), self.log_weights)
-
-
-def parse_weights(weights, n: int) -> list[float]:
-    """The teachers' weights: equal without `weights`; else n positive numbers summing to 1 (within
-    WEIGHT_SUM_TOLERANCE), divided by their sum."""
-    if not weights:
-        return [1.0 / n] * n
-    w = [float(x) for x in weights]
-    given = ",".join(f"{x:g}" for x in w)
-    if len(w) != n:
-        raise KDPipeError(f"--teacher-weights gives {len(w)} weight(s) ({given}) for {n} cache(s): give one per "
-                          "--cache, in the same order")
-    if not all(math.isfinite(x) and x > 0 for x in w):
-        raise KDPipeError(f"--teacher-weights must be positive numbers, got {given}")
-    if abs(sum(w) - 1.0) > WEIGHT_SUM_TOLERANCE:
-        raise KDPipeError(f"--teacher-weights {given} sum to {sum(w):g}, not 1: give weights that sum to 1 (e.g. "
-                          + ",".join(f"{x / sum(w):.3g}" for x in w) + ")")
-    return [x / sum(w) for x in w]
-
-
-def ensemble_tag(n: int, weights=None) -> str:
-    """The part of the run names an ensemble of n caches adds (checking the weights): ens<n> for equal weights,
-    else ens<w1>_<w2>... (as given, 3 significant digits); "" for one cache."""
-    if n < 2:
-        return ""
-    w = parse_weights(weights, n)
-    if max(w) - min(w) <= 1e-9:
-        return f"ens{n}"
-    return "ens" + "_".join(f"{x:.3g}" for x in weights)
 
 
 def cache_dirs_list(cache_dir) -> list:

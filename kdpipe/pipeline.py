@@ -2,6 +2,8 @@
 
     teacher:  runs/<name>/teacher.pt                          (train-teacher, unless [teacher].file is given)
     cache:    cache/<name>/manifest.json                       (dump-logits)
+    (an ensemble, [[teacher]] entries with a name each: runs/<name>/teacher-<t>.pt and cache/<name>/<t>/, the
+     second and later dumped with --like the first's cache; students in runs/<name>/students/<t1>+<t2>/)
     students: runs/<name>/students/<run>/metrics.json           (one train-student call per [[students]] block;
                                                                  a grouped target: one pass trains the block;
                                                                  precious: a rerun skips finished runs and
@@ -12,12 +14,13 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import STUDENT_BATCH_SIZE, parse_loss, plan_sweep
+from kdpipe.sweep import STUDENT_BATCH_SIZE, ensemble_tag, parse_loss, plan_sweep
 
 # Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
 _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
@@ -39,9 +42,13 @@ _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "bat
               "yes", "force", "codec", "temperatures", "features"}
 _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "finetune_epochs", "finetune_loss",
                   "finetune_samples", "lr", "repeats", "seed", "device"}
+# teachers / teacher_weights: in a pipeline with [[teacher]] entries, the block's teachers by name (default: all of
+# them, in their order; two or more are an ensemble, the first its primary) and their weights (train-student's
+# --teacher-weights; default equal).
 _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
                  "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
-                 "hint_feature"} | set(_OPTIM_FLAGS)
+                 "hint_feature", "teachers", "teacher_weights"} | set(_OPTIM_FLAGS)
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a [[teacher]] entry's name: part of file names and Make targets
 
 
 def load_pipeline(path) -> dict:
@@ -53,7 +60,7 @@ def load_pipeline(path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise KDPipeError(f"{path} is not valid TOML: {e}") from None
     spec.setdefault("name", path.stem)
-    for section, keys in (("teacher", _TEACHER_KEYS), ("dump", _DUMP_KEYS), ("compress", _COMPRESS_KEYS)):
+    for section, keys in (("dump", _DUMP_KEYS), ("compress", _COMPRESS_KEYS)):
         if section not in spec:
             if section == "compress":  # optional
                 continue
@@ -61,6 +68,7 @@ def load_pipeline(path) -> dict:
         unknown = set(spec[section]) - keys
         if unknown:
             raise KDPipeError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+    names = _check_teachers(path, spec)
     if "data" not in spec or "spec" not in spec["data"]:
         raise KDPipeError(f"{path}: missing [data] spec = \"...\"")
     unknown = set(spec["data"]) - _DATA_KEYS
@@ -77,9 +85,75 @@ def load_pipeline(path) -> dict:
             raise KDPipeError(f"{path}: unknown key(s) in [[students]] #{i + 1}: {', '.join(sorted(unknown))}")
         if not block.get("archs") or not block.get("epochs"):
             raise KDPipeError(f"{path}: [[students]] #{i + 1} needs archs = [...] and epochs = N")
-    if "file" not in spec["teacher"] and "arch" not in spec["teacher"]:
-        raise KDPipeError(f"{path}: [teacher] needs arch = \"...\" (to train one) or file = \"...\" (to load one)")
+        _check_block_teachers(path, spec, block, i, names)
     return spec
+
+
+def _check_teachers(path, spec: dict) -> list[str] | None:
+    """[teacher] (one teacher), or [[teacher]] entries (an ensemble's teachers, each with a name). Returns the
+    entries' names, None for a [teacher] table."""
+    if "teacher" not in spec:
+        raise KDPipeError(f"{path}: missing [teacher]")
+    entries = spec["teacher"]
+    if isinstance(entries, dict):
+        entries, label, names = [entries], lambda i: "[teacher]", None
+    else:
+        label, names = (lambda i: f"[[teacher]] #{i + 1}"), []
+        if not entries:
+            raise KDPipeError(f"{path}: [[teacher]] holds no entry")
+    for i, t in enumerate(entries):
+        unknown = set(t) - _TEACHER_KEYS - ({"name"} if names is not None else set())
+        if unknown:
+            raise KDPipeError(f"{path}: unknown key(s) in {label(i)}: {', '.join(sorted(unknown))}")
+        if "file" not in t and "arch" not in t:
+            raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
+                              "one)")
+        if names is None:
+            continue
+        name = t.get("name")
+        if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name):
+            raise KDPipeError(f"{path}: {label(i)} needs name = \"...\" (letters, digits, '_', '.', '-'), which "
+                              f"names its teacher file and cache; got {name!r}")
+        if name in names:
+            raise KDPipeError(f"{path}: two [[teacher]] entries are named {name!r}: give each its own name")
+        names.append(name)
+    if names is not None and "compress" in spec:
+        raise KDPipeError(f"{path}: [compress] compares students with one teacher, and this pipeline has "
+                          f"{len(names)} ([[teacher]]): run `kdpipe compress --teacher FILE --students DIR` for the "
+                          "teacher you mean, or drop [compress]")
+    return names
+
+
+def _check_block_teachers(path, spec: dict, block: dict, i: int, names: list[str] | None) -> None:
+    """A students block's teachers and teacher_weights (see _STUDENT_KEYS), refused in one line if wrong."""
+    where = f"{path}: [[students]] #{i + 1}"
+    if names is None:
+        for key in ("teachers", "teacher_weights"):
+            if key in block:
+                raise KDPipeError(f"{where}: {key} picks among [[teacher]] entries; this pipeline has one "
+                                  "[teacher]")
+        return
+    chosen = _listify(block.get("teachers", names))
+    unknown = [n for n in chosen if n not in names]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise KDPipeError(f"{where}: teachers = {chosen!r} must name [[teacher]] entries, each once (the "
+                          f"pipeline's: {', '.join(names)})")
+    if len(chosen) > 1:
+        if str(spec["dump"].get("codec", "dense")).startswith("topk"):
+            raise KDPipeError(f"{where}: an ensemble of teachers mixes dense logits, and [dump] codec is "
+                              f"{spec['dump']['codec']!r}: drop the codec or give the block one teacher")
+        if "hint" in parse_loss(block.get("loss", "kd"))[0].split("+"):
+            raise KDPipeError(f"{where}: a hint loss distils one teacher's features: give the block one teacher "
+                              "(teachers = [\"...\"])")
+    weights = block.get("teacher_weights")
+    if weights is not None:
+        if len(chosen) < 2:
+            raise KDPipeError(f"{where}: teacher_weights weighs the teachers of an ensemble, and the block has one "
+                              f"teacher ({chosen[0]})")
+        try:
+            ensemble_tag(len(chosen), _listify(weights))
+        except (KDPipeError, TypeError, ValueError) as e:
+            raise KDPipeError(f"{where}: teacher_weights: {e}") from None
 
 
 def _opts(d: dict, mapping: dict[str, str]) -> list[str]:
@@ -121,9 +195,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         (["--limit", str(int(data["limit"]))] if data.get("limit") else []) + \
         (["--image-size", str(int(data["image_size"]))] if data.get("image_size") else [])
     data_file = [data["spec"].removeprefix("npz:")] if data.get("prepare") else []
-    t, d = spec["teacher"], spec["dump"]
+    d = spec["dump"]
     runs_dir, cache_dir = f"runs/{name}", f"cache/{name}"
-    teacher = t.get("file") or f"{runs_dir}/teacher.pt"
     q = shlex.join
     lines = [f"# Generated by `python -m kdpipe.pipeline` from the pipeline {name!r}: do not edit.", ""]
     stamps = {}
@@ -139,25 +212,18 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
 
     if data_file:
         lines += rule(data_file[0], [], data["prepare"], "data")
-    if "file" not in t:
-        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
-            ["--arch", t["arch"]] + _arch_args(t) + _opts(t, {
-                "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
-                "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
-            # Make retrains a teacher whose settings changed; how often it checkpoints is not one of them
-            "teacher", unstamped=" " + q(_opts(t, {"checkpoint_every": "checkpoint-every"}) + ["--overwrite"]))
-    manifest = f"{cache_dir}/manifest.json"
-    loaded = []  # how a teacher file that kdpipe did not train is read
-    if "file" in t:
-        loaded = (["--teacher-arch", t["arch"]] + _arch_args(t) if "arch" in t else []) + _opts(t, {
-            "output": "teacher-output", "mean": "mean", "std": "std", "input_range": "input-range",
-            "normalize": "normalize"}) + (["--trust-pickle"] if t.get("trust_pickle") else [])
-    lines += rule(manifest, [teacher] + data_file, f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + _opts(d, {
-        "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
-        "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
-        "device": "device", "amp": "amp", "codec": "codec", "temperatures": "temperatures",
-        "features": "features"}) + (["--yes"] if d.get("yes") else [])
-        + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache_dir}", "dump")
+    # One teacher ([teacher]): runs/NAME/teacher.pt, cache/NAME. An ensemble ([[teacher]] entries): each entry's
+    # teacher-<t>.pt and cache/NAME/<t>, every cache after the first dumped over the first's views (--like).
+    ensemble = isinstance(spec["teacher"], list)
+    teacher_files, caches = {}, {}
+    for t in (spec["teacher"] if ensemble else [spec["teacher"]]):
+        tname = t["name"] if ensemble else None
+        key = (lambda k: f"{k}-{tname}") if ensemble else (lambda k: k)  # noqa: E731
+        teacher = t.get("file") or (f"{runs_dir}/teacher-{tname}.pt" if ensemble else f"{runs_dir}/teacher.pt")
+        cache = f"{cache_dir}/{tname}" if ensemble else cache_dir
+        first = next(iter(caches.values()), None)  # the primary cache, once dumped
+        teacher_files[tname], caches[tname] = teacher, cache
+        lines += _teacher_rules(rule, t, teacher, cache, first, data_opts, data_file, d, key)
     all_metrics = []
     for i, block in enumerate(spec["students"]):
         archs = _listify(block["archs"])
@@ -169,11 +235,20 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         for key in ("val_fraction", "val_split", "train_samples"):
             if key in block:
                 training[key] = block[key]
-        targets = [f"{runs_dir}/students/{name}/metrics.json" for name, _, _ in plan_sweep(
+        chosen = _listify(block.get("teachers", list(caches)))
+        weights = _listify(block["teacher_weights"]) if "teacher_weights" in block else None
+        out = f"{runs_dir}/students" + (f"/{'+'.join(chosen)}" if ensemble else "")
+        targets = [f"{out}/{run}/metrics.json" for run, _, _ in plan_sweep(
             archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
-            block.get("batch_size", STUDENT_BATCH_SIZE), **training)]
+            block.get("batch_size", STUDENT_BATCH_SIZE), extra_tag=ensemble_tag(len(chosen), weights), **training)]
+        for target in targets:
+            if target in all_metrics:
+                raise KDPipeError(f"[[students]] #{i + 1} would train {target} again, as an earlier block does: "
+                                  "drop the run from one of them")
         all_metrics += targets
-        args = ["--cache", cache_dir] + [x for a in archs for x in ("--student", a)] + _arch_args(block) + _opts(block, {
+        args = [x for n in chosen for x in ("--cache", caches[n])] + [x for a in archs for x in ("--student", a)] \
+            + (["--teacher-weights", ",".join(str(w) for w in weights)] if weights else []) \
+            + _arch_args(block) + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction",
             "val_split": "val-split", "device": "device",
@@ -181,8 +256,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             "keep_checkpoints": "keep-checkpoints", "hint_layer": "hint-layer", "hint_feature": "hint-feature"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
         # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
-        lines += rule(" ".join(targets) + " &", [manifest],
-                      f"$(KDPIPE) train-student {q(args)} --overwrite --out {runs_dir}/students", f"students-{i}")
+        lines += rule(" ".join(targets) + " &", [f"{caches[n]}/manifest.json" for n in chosen],
+                      f"$(KDPIPE) train-student {q(args)} --overwrite --out {out}", f"students-{i}")
     # A run's metrics.json is written last and atomically: one that exists is complete. Make must not delete
     # those a failed or interrupted train-student finished (.DELETE_ON_ERROR), or the rerun would retrain them.
     lines += [f".PRECIOUS: {' '.join(all_metrics)}", ""]
@@ -194,6 +269,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         c = spec["compress"]
         target = f"{runs_dir}/compress/compress.md"
         kinds = [x for key in ("quantize", "prune") if key in c for k in _listify(c[key]) for x in (f"--{key}", k)]
+        teacher = teacher_files[None]  # [compress] needs one teacher (load_pipeline)
         lines += rule(target, [teacher] + all_metrics, f"$(KDPIPE) compress --teacher {teacher} {q(data_opts)} "
                       + q(kinds + _opts(c, {"backend": "backend", "calibration": "calibration", "sparsity": "sparsity",
                                             "finetune_epochs": "finetune-epochs", "finetune_loss": "finetune-loss",
@@ -209,6 +285,35 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(content)
     return "\n".join(lines)
+
+def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, data_opts: list[str],
+                   data_file: list[str], d: dict, key) -> list[str]:
+    """The rules of one teacher: train it (unless its file is given), dump its cache (over the views of the
+    cache `first`, when given: an ensemble's later teachers)."""
+    q = shlex.join
+    lines = []
+    if "file" not in t:
+        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
+            ["--arch", t["arch"]] + _arch_args(t) + _opts(t, {
+                "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
+                "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
+            # Make retrains a teacher whose settings changed; how often it checkpoints is not one of them
+            key("teacher"), unstamped=" " + q(_opts(t, {"checkpoint_every": "checkpoint-every"}) + ["--overwrite"]))
+    loaded = []  # how a teacher file that kdpipe did not train is read
+    if "file" in t:
+        loaded = (["--teacher-arch", t["arch"]] + _arch_args(t) if "arch" in t else []) + _opts(t, {
+            "output": "teacher-output", "mean": "mean", "std": "std", "input_range": "input-range",
+            "normalize": "normalize"}) + (["--trust-pickle"] if t.get("trust_pickle") else [])
+    like = ["--like", first] if first else []  # dump-logits checks that the shared [dump] options agree with it
+    lines += rule(f"{cache}/manifest.json", [teacher] + data_file + ([f"{first}/manifest.json"] if first else []),
+                  f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + like + _opts(d, {
+                      "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
+                      "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
+                      "device": "device", "amp": "amp", "codec": "codec", "temperatures": "temperatures",
+                      "features": "features"}) + (["--yes"] if d.get("yes") else [])
+                      + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache}", key("dump"))
+    return lines
+
 
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library
     import sys

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 
 from kdpipe import KDPipeError
@@ -205,7 +206,7 @@ def plan_sweep(students, temperatures, alphas, seeds, loss: str, loss_options: d
                batch_size: int, extra_tag: str = "", **training) -> list[tuple[str, tuple, dict]]:
     """plan_runs crossed with the learning rates `lrs` (empty: the optimizer's default), as
     (run name, (arch, T, alpha, seed), resolved training settings) per run. `training`: resolve_training's
-    arguments other than lr; `extra_tag` (an ensemble's, kdpipe.ensemble.ensemble_tag) follows the training tag.
+    arguments other than lr; `extra_tag` (an ensemble's, ensemble_tag) follows the training tag.
     Two runs with one name are refused."""
     out, seen = [], {}
     for lr in list(lrs) or [None]:
@@ -220,3 +221,36 @@ def plan_sweep(students, temperatures, alphas, seeds, loss: str, loss_options: d
             seen[name] = (p, settings)
             out.append((name, p, settings))
     return out
+
+
+# Ensembles' weights (kdpipe.ensemble), here because run names, and so Make targets, depend on them.
+WEIGHT_SUM_TOLERANCE = 1e-3  # 0.333,0.333,0.333 is accepted (and divided by its sum); 0.7,0.2 is refused
+
+
+def parse_weights(weights, n: int) -> list[float]:
+    """The teachers' weights: equal without `weights`; else n positive numbers summing to 1 (within
+    WEIGHT_SUM_TOLERANCE), divided by their sum."""
+    if not weights:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    given = ",".join(f"{x:g}" for x in w)
+    if len(w) != n:
+        raise KDPipeError(f"--teacher-weights gives {len(w)} weight(s) ({given}) for {n} cache(s): give one per "
+                          "--cache, in the same order")
+    if not all(math.isfinite(x) and x > 0 for x in w):
+        raise KDPipeError(f"--teacher-weights must be positive numbers, got {given}")
+    if abs(sum(w) - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise KDPipeError(f"--teacher-weights {given} sum to {sum(w):g}, not 1: give weights that sum to 1 (e.g. "
+                          + ",".join(f"{x / sum(w):.3g}" for x in w) + ")")
+    return [x / sum(w) for x in w]
+
+
+def ensemble_tag(n: int, weights=None) -> str:
+    """The part of the run names an ensemble of n caches adds (checking the weights): ens<n> for equal weights,
+    else ens<w1>_<w2>... (as given, 3 significant digits); "" for one cache."""
+    if n < 2:
+        return ""
+    w = parse_weights(weights, n)
+    if max(w) - min(w) <= 1e-9:
+        return f"ens{n}"
+    return "ens" + "_".join(f"{x:.3g}" for x in weights)

@@ -209,3 +209,98 @@ def test_cifar10_resnet_pipeline(cifar_folder, monkeypatch, tmp_path):
     for alpha in (0, 0.8):
         r = runs[(alpha, 0)]
         assert r["arch"] == "tv:resnet18" and r["optimizer"] == "adam" and r["lr"] == 1e-4
+
+
+ENSEMBLE_PIPELINE = """
+name = "ens"
+[data]
+spec = "{spec}"
+[[teacher]]
+name = "cnn"
+arch = "cnn_small"
+epochs = 3
+batch_size = 32
+optimizer = "adam"
+[[teacher]]
+name = "mlp"
+arch = "mlp_100"
+epochs = 3
+batch_size = 32
+optimizer = "adam"
+seed = 1
+[dump]
+views = 2
+[[students]]                # both teachers, equal weights, and a scratch twin
+archs = ["mlp_100"]
+epochs = 2
+alpha = [0, 0.9]
+[[students]]                # weighted, the MLP teacher first (the primary)
+archs = ["mlp_100"]
+epochs = 2
+teachers = ["mlp", "cnn"]
+teacher_weights = [0.7, 0.3]
+[[students]]                # one teacher of the two
+archs = ["mlp_100"]
+epochs = 2
+teachers = ["cnn"]
+"""
+
+
+def test_an_ensemble_pipeline_runs_each_teacher_over_the_same_views(fmnist, monkeypatch, tmp_path):
+    """[[teacher]] entries: each teacher trained and dumped (the second --like the first), blocks that learn
+    from both (weighted or not) or from one, each teacher set in its own runs folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ens.toml").write_text(ENSEMBLE_PIPELINE.format(spec=fmnist.spec))
+    spec = load_pipeline(tmp_path / "ens.toml")
+    summary = run_pipeline(spec, tmp_path)
+    caches = {n: json.loads((tmp_path / "cache" / "ens" / n / "manifest.json").read_text()) for n in ("cnn", "mlp")}
+    assert caches["cnn"]["views"] == caches["mlp"]["views"] and caches["cnn"]["dataset"] == caches["mlp"]["dataset"]
+    assert caches["cnn"]["teacher"]["fingerprint"] != caches["mlp"]["teacher"]["fingerprint"]
+    students = tmp_path / "runs" / "ens" / "students"
+    runs = {p.parent.relative_to(students).as_posix(): json.loads(p.read_text())
+            for p in students.glob("*/*/metrics.json")}
+    assert set(runs) == {"cnn+mlp/mlp_100-scratch-ens2-s0", "cnn+mlp/mlp_100-T4-a0.9-ens2-s0",
+                         "mlp+cnn/mlp_100-T4-a0.9-ens0.7_0.3-s0", "cnn/mlp_100-T4-a0.9-s0"}
+    weighted = runs["mlp+cnn/mlp_100-T4-a0.9-ens0.7_0.3-s0"]["ensemble"]
+    assert [t["weight"] for t in weighted["teachers"]] == pytest.approx([0.7, 0.3])
+    assert [Path(t["cache"]).name for t in weighted["teachers"]] == ["mlp", "cnn"]
+    assert "ensemble" not in runs["cnn/mlp_100-T4-a0.9-s0"]
+    assert len(summary["runs"]) == 4 and len(summary["teachers"]) == 2
+    # the rules' second dump is --like the first's cache, and depends on it
+    rules = make_rules(spec)
+    assert "cache/ens/mlp/manifest.json: runs/ens/teacher-mlp.pt cache/ens/cnn/manifest.json" in rules
+    assert "--like cache/ens/cnn" in rules
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.replace('name = "mlp"\n', ""), r"\[\[teacher\]\] #2 needs name = "),
+    (lambda s: s.replace('name = "mlp"', 'name = "cnn"'), "two \\[\\[teacher\\]\\] entries are named 'cnn'"),
+    (lambda s: s.replace('name = "mlp"', 'name = "a b"'), "needs name = .*got 'a b'"),
+    (lambda s: s.replace('teachers = ["cnn"]', 'teachers = ["vgg"]'),
+     r"\[\[students\]\] #3: teachers = \['vgg'\] must name \[\[teacher\]\] entries, each once \(the pipeline's: "
+     r"cnn, mlp\)"),
+    (lambda s: s.replace("[0.7, 0.3]", "[0.7, 0.2]"), r"#2: teacher_weights: .*sum to 0.9, not 1"),
+    (lambda s: s.replace("[0.7, 0.3]", "[0.5, 0.3, 0.2]"), r"#2: teacher_weights: .*3 weight\(s\)"),
+    (lambda s: s.replace('teachers = ["cnn"]', 'teachers = ["cnn"]\nteacher_weights = [1]'),
+     "#3: teacher_weights weighs the teachers of an ensemble, and the block has one teacher"),
+    (lambda s: s.replace("views = 2", "views = 2\ncodec = \"topk:3\""), "#1: an ensemble of teachers mixes dense"),
+    (lambda s: s + "[compress]\nquantize = \"dynamic\"\n", r"\[compress\] compares students with one teacher"),
+    (lambda s: s.replace('seed = 1', 'sed = 1'), r"unknown key\(s\) in \[\[teacher\]\] #2: sed"),
+])
+def test_an_ensemble_pipelines_mistakes_are_refused_when_it_is_read(tmp_path, change, message):
+    p = tmp_path / "ens.toml"
+    p.write_text(change(ENSEMBLE_PIPELINE.format(spec="fashion-mnist")))
+    with pytest.raises(KDPipeError, match=message):
+        make_rules(load_pipeline(p))
+
+
+def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_one_run(tmp_path):
+    p = tmp_path / "one.toml"
+    base = (REPO / "pipelines" / "mnist-mlp.toml").read_text()
+    p.write_text(base + '\n[[students]]\narchs = ["mlp:128"]\nepochs = 5\nteachers = ["a"]\n')
+    with pytest.raises(KDPipeError, match=r"#2: teachers picks among \[\[teacher\]\] entries; this pipeline has one"):
+        load_pipeline(p)
+    block = base[base.index("[[students]]"):]
+    p.write_text(base + "\n" + block)  # the same block twice
+    with pytest.raises(KDPipeError, match=r"\[\[students\]\] #2 would train runs/mnist-mlp/students/.* again"):
+        make_rules(load_pipeline(p))
