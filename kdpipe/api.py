@@ -18,7 +18,12 @@ for that row. For a cache of mixed views (mixup, cutmix) `labels` is a kdpipe.lo
 labels and the stored share of each), which the registry's losses take as they take plain labels.
 The README's section "The Python API" is a complete example, run by tests/test_api.py.
 
-For a torch DataLoader over rows instead (worker processes, your own sampler), see
+Several caches of the same views (dump-logits --like) open as an ensemble: open_cache(["cache/a",
+"cache/b"], weights=[0.7, 0.3]) yields, in place of one teacher's logits, a kdpipe.ensemble.EnsembleTargets
+(every teacher's rows and the weights), which the registry's losses mix at their temperature as
+train-student does (the weighted mean of the teachers' probabilities at T).
+
+For a torch DataLoader over rows instead (worker processes, your own sampler; one cache), see
 kdpipe.cache.reader.CachedLogitsDataset.
 """
 
@@ -28,7 +33,9 @@ from collections.abc import Iterator
 
 import torch
 
-from kdpipe.cache.reader import Cache, CachedLogitsDataset
+from kdpipe import KDPipeError
+from kdpipe.cache.reader import CachedLogitsDataset
+from kdpipe.ensemble import mixture_log_probs, open_caches
 from kdpipe.engine import batches, replay_batch, steps_per_epoch
 from kdpipe.evaluate import top1
 from kdpipe.losses import Loss, create_loss, known_losses
@@ -42,9 +49,12 @@ __all__ = ["open_cache", "CacheData", "EpochBatches", "create_loss", "known_loss
 
 
 def open_cache(cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False,
-               features: str | bool | None = None) -> "CacheData":
+               features: str | bool | None = None, weights=None) -> "CacheData":
     """Open a finished cache and the dataset it was dumped from, ready to yield training batches.
 
+    cache_dir: a cache, or a list of caches of the same views (an ensemble: the first is the primary, whose
+    input normalization the batches get), weighted by `weights` (one positive weight per cache, summing to
+    1; equal if None), as train-student's --cache A --cache B --teacher-weights.
     device: where batches are replayed and returned ("cpu", "cuda", "cuda:1", "auto" or a torch.device).
     data_root / data: where the cache's dataset lies now if it moved (as train-student's --data-root and
     --data); its fingerprint must match the cache's. allow_test_split: accept a cache of the test split.
@@ -54,7 +64,7 @@ def open_cache(cache_dir, device="cpu", *, data_root=None, data=None, allow_test
     the cache's, ...).
     """
     return CacheData(cache_dir, device, data_root=data_root, data=data, allow_test_split=allow_test_split,
-                     features=features)
+                     features=features, weights=weights)
 
 
 class CacheData:
@@ -64,14 +74,19 @@ class CacheData:
     input_shape (what the student takes, e.g. (1, 28, 28)), class_names, mean and std (the input
     normalization the teacher was given, applied to every batch), policy (the view composition),
     train and test (kdpipe.data.ImageData; test is None where the cache has no test logits), device,
-    feature (the manifest's record of the cached feature batches carry, or None).
+    feature (the manifest's record of the cached feature batches carry, or None), ensemble
+    (kdpipe.ensemble.Ensemble, or None for one cache: then cache is its primary and the other attributes
+    are the primary's, which the other caches share).
     """
 
     def __init__(self, cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False,
-                 features: str | bool | None = None):
+                 features: str | bool | None = None, weights=None):
         self.device = device if isinstance(device, torch.device) else pick_device(str(device))
-        self.cache = Cache(cache_dir)
-        check_split_use(self.cache, allow_test_split)
+        self.cache, self.ensemble = open_caches(cache_dir, weights)
+        if self.ensemble is not None and features not in (None, False):
+            raise KDPipeError("features= distils one cache's features: open one cache, not an ensemble")
+        for c in self.ensemble.caches if self.ensemble is not None else [self.cache]:
+            check_split_use(c, allow_test_split)
         m = self.manifest = self.cache.manifest
         self.train, self.test = load_cache_data(self.cache, data_root, data)
         self.policy = policy_from_identity(m["views"])
@@ -86,11 +101,15 @@ class CacheData:
         if features is not None and features is not False:
             self.feature = hint_feature(self.cache, None if features is True else str(features),
                                         option="open_cache(..., features='LAYER')")
-        self._views = CachedViews(self.cache, self.device,
-                                  features=self.feature["path"] if self.feature else None)
+        if self.ensemble is not None:
+            self._views = self.ensemble.view_source(self.device, self.policy)
+        else:
+            self._views = CachedViews(self.cache, self.device,
+                                      features=self.feature["path"] if self.feature else None)
 
     def __repr__(self) -> str:
-        return (f"CacheData({str(self.cache.path)!r}, {self.num_samples} samples x {self.num_views} views, "
+        what = repr(str(self.cache.path)) if self.ensemble is None else f"ensemble {self.ensemble.describe()!r}"
+        return (f"CacheData({what}, {self.num_samples} samples x {self.num_views} views, "
                 f"{self.num_classes} classes, input {self.input_shape}, on {self.device})")
 
     def epoch(self, epoch: int, batch_size: int = 128, seed: int = 0) -> "EpochBatches":
@@ -110,10 +129,20 @@ class CacheData:
         return top1(clean_test_logits(model, self.test, self.policy, self.mean, self.std, self.device, amp),
                     self.test.labels)
 
-    def teacher_test_logits(self) -> torch.Tensor | None:
-        """The teacher's logits on the clean test split (float32, CPU), or None."""
-        t = self.cache.read_test_logits()
-        return None if t is None else torch.from_numpy(t)
+    def teacher_test_logits(self, temperature: float | None = None) -> torch.Tensor | None:
+        """The teacher's logits on the clean test split (float32, CPU), or None. For an ensemble, give the
+        temperature the teachers are mixed at: the result is T * log p_ens(T), logits whose softmax at T is
+        the weighted mean of the teachers' probabilities at T (their top-1 is the ensemble's prediction)."""
+        if self.ensemble is None:
+            t = self.cache.read_test_logits()
+            return None if t is None else torch.from_numpy(t)
+        if temperature is None:
+            raise ValueError("an ensemble's test logits are its teachers' probabilities mixed at a temperature: "
+                             "call teacher_test_logits(temperature=T)")
+        test = self.ensemble.test()
+        if test is None:
+            return None
+        return float(temperature) * mixture_log_probs(test.logits, test.log_weights, float(temperature))
 
 
 class EpochBatches:
@@ -121,7 +150,9 @@ class EpochBatches:
     normalized views (float32), teacher_logits (B, classes) float32, labels (B,) int64. len() is the
     number of batches. From a cache of the top-k codec (manifest["logits"]["codec"] == "topk") the teacher
     targets are a kdpipe.losses.TopKTargets (values (B, k), indices (B, k), rest (B, temperatures)), which
-    the kd loss takes in their place, at a temperature the dump declared."""
+    the kd loss takes in their place, at a temperature the dump declared. From an ensemble they are a
+    kdpipe.ensemble.EnsembleTargets (logits (M, B, C) of the M teachers, log_weights (M,)), which the
+    losses mix at their temperature; its at_temperature(T) is log p_ens(T)."""
 
     def __init__(self, data: CacheData, epoch: int, batch_size: int, seed: int):
         if batch_size <= 0:

@@ -20,7 +20,7 @@ sum); without them the weights are equal.
 
 `dump-logits --like CACHE` (like_cache) dumps a second teacher over exactly the views of CACHE.
 
-The Python API (kdpipe.api) stays single-cache.
+The Python API opens an ensemble with kdpipe.open_cache([A, B], weights=...); pipelines with [[teacher]] entries.
 """
 
 from __future__ import annotations

@@ -356,3 +356,32 @@ def test_ddp_students_of_an_ensemble_match_the_single_process_run(tmp_path):
     assert m2["world_size"] == 2 and m2["ensemble"]["weights"] == pytest.approx([0.6, 0.4])
     np.testing.assert_allclose(m2["train_loss"], m1["train_loss"], rtol=1e-4)
     assert abs(m2["teacher_agreement_2"] - m1["teacher_agreement_2"]) <= 1 / N_TEST
+
+
+def test_the_python_api_opens_an_ensemble(ens):
+    """kdpipe.open_cache([A, B], weights=...): the primary's replayed inputs, both caches' rows of the batch with
+    the weights (what train-student's loss gets), and the ensemble's clean test logits at a temperature."""
+    import kdpipe
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    one, both = kdpipe.open_cache(ens.a), kdpipe.open_cache([ens.a, ens.b], weights=[0.7, 0.3])
+    assert both.ensemble is not None and one.ensemble is None and "ensemble" in repr(both)
+    b_rows = Cache(ens.b).read_view(1, "logits").astype(np.float32)
+    a_rows = Cache(ens.a).read_view(1, "logits").astype(np.float32)
+    for (x1, t1, y1), (x2, t2, y2) in zip(one.epoch(4, 100, seed=3), both.epoch(4, 100, seed=3)):  # view 1
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert t2.logits.shape == (2, 100, 10) and t2.log_weights.exp().tolist() == pytest.approx([0.7, 0.3])
+        assert torch.equal(t2.logits[0], t1)
+        rows = [int(np.flatnonzero((a_rows == r.numpy()).all(1))[0]) for r in t1]
+        np.testing.assert_array_equal(t2.logits[1].numpy(), b_rows[rows])
+    loss = kdpipe.create_loss("kd", temperature=4, alpha=1.0)
+    assert set(loss(torch.zeros(100, 10), t2, y2, 0)) == {"ce", "kd"}
+    test = [Cache(p).read_test_logits() for p in (ens.a, ens.b)]
+    got = torch.softmax(both.teacher_test_logits(temperature=4) / 4, dim=1).double().numpy()
+    np.testing.assert_allclose(got, _hand_mixture(test, [0.7, 0.3], 4.0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="temperature=T"):
+        both.teacher_test_logits()
+    with pytest.raises(KDPipeError, match="cannot form an ensemble"):
+        kdpipe.open_cache([ens.a, ens.c])
+    with pytest.raises(KDPipeError, match="open one cache, not an ensemble"):
+        kdpipe.open_cache([ens.a, ens.b], features=True)
