@@ -15,12 +15,13 @@ each: T is a per-run (S, 1, 1) tensor there.
 
 The first cache is the primary: the student's inputs are replayed from its view parameters (the others'
 are checked equal every epoch) with its input normalization, and metrics.json's "teacher" is its teacher.
-Weights must be positive, one per cache, and sum to 1 (within kdpipe.sweep.WEIGHT_SUM_TOLERANCE, then divided by their
-sum); without them the weights are equal.
+Weights must be positive, one per cache, and sum to 1 (within kdpipe.sweep.WEIGHT_SUM_TOLERANCE, then
+divided by their sum); without them the weights are equal.
 
 `dump-logits --like CACHE` (like_cache) dumps a second teacher over exactly the views of CACHE.
 
-The Python API opens an ensemble with kdpipe.open_cache([A, B], weights=...); pipelines with [[teacher]] entries.
+The Python API opens an ensemble with kdpipe.open_cache([A, B], weights=...), and a pipeline holds one as
+[[teacher]] entries (kdpipe.pipeline).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.evaluate import agreement, top1
 from kdpipe.sweep import ensemble_tag, parse_weights  # pure Python: Make targets (run names) need them
+
 
 def mixture_log_probs(logits: torch.Tensor, log_weights: torch.Tensor, t) -> torch.Tensor:
     """log sum_m w_m softmax(logits_m / t) over the teachers m, the first dimension of `logits` (M, ..., C).
