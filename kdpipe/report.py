@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from kdpipe import KDPipeError
@@ -76,9 +76,40 @@ def _scratch(r) -> bool:
 
 def _setting(r) -> str:
     """What a run's seed does not decide: its name without the seed (names hold everything else that
-    differs, kdpipe.sweep.run_name), with the epochs for the default-named runs of earlier versions."""
+    differs, kdpipe.sweep.run_name), with the epochs for the default-named runs of earlier versions, and
+    the cache(s) it trained from where the report holds runs of several (_mark_sources)."""
     name = re.sub(r"-s\d+$", "", r["name"])
-    return name if re.search(r"-e\d+(-|$)", name) else name + f" ({r.get('epochs', '?')} ep)"
+    name = name if re.search(r"-e\d+(-|$)", name) else name + f" ({r.get('epochs', '?')} ep)"
+    return name + (f" [{r['_source']}]" if r.get("_source") else "")
+
+
+def _cache_ids(r) -> tuple:
+    """The cache(s) a run trained from, by id (an ensemble's in its order); (None,) for metrics without."""
+    e = r.get("ensemble")
+    if e:
+        return tuple(t.get("cache_id") for t in e["teachers"])
+    return ((r.get("cache") or {}).get("cache_id"),)
+
+
+def _mark_sources(runs) -> None:
+    """Runs of one name from different caches (other teachers, other views, the same student in two pipelines'
+    blocks) are not seeds of one setting. Where the runs come from more than one cache (or set of caches), each
+    gets "_source", a label of its cache(s): the caches' folder names (joined by '+'), or their ids where two
+    caches share a folder name."""
+    if len({_cache_ids(r) for r in runs}) < 2:
+        return
+    folder = {}  # cache id -> the name of its folder
+    for r in runs:
+        e = r.get("ensemble")
+        paths = [t.get("cache") for t in e["teachers"]] if e else [(r.get("cache") or {}).get("path")]
+        folder.update((i, Path(path).name if path else None) for i, path in zip(_cache_ids(r), paths))
+    shared = Counter(folder.values())
+
+    def label(i) -> str:
+        return folder[i] if folder[i] and shared[folder[i]] == 1 else f"cache {str(i)[:8]}"
+
+    for r in runs:
+        r["_source"] = "+".join(label(i) for i in _cache_ids(r))
 
 
 def _train_s(r) -> float:
@@ -97,10 +128,13 @@ def _diverged(r) -> str:
 
 
 def _role(r) -> str:
+    src = r.get("_source")  # the report holds runs of several caches: say which
     if _scratch(r):
-        return "scratch"
+        return "scratch" + (f", views of {src}" if src else "")
     ens = r.get("ensemble")
-    return "KD" if not ens else f"KD from ensemble {ens['tag']}: {ens['label']}"
+    if ens:
+        return f"KD from ensemble {ens['tag']}: {ens['label']}"
+    return "KD" + (f" from {src} ({(r.get('teacher') or {}).get('arch', '?')})" if src else "")
 
 
 def _ensembles(runs) -> list[str]:
@@ -136,6 +170,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     listed), summary.json and plots. Runs on more than one dataset are refused unless mix_datasets (then
     each table row names its dataset, as it always does)."""
     runs, unfinished = scan_runs(run_paths)
+    _mark_sources(runs)
     datasets = sorted({r.get("dataset", "?") for r in runs})
     if len(datasets) > 1 and not mix_datasets:
         raise KDPipeError(f"the runs come from {len(datasets)} datasets ({', '.join(datasets)}): report each "
@@ -233,10 +268,11 @@ def _group_order(r):
 
 
 def _twin_key(r):
-    """What a KD run and its scratch twin share: the data, the architecture and how they trained."""
+    """What a KD run and its scratch twin share: the data, the architecture, how they trained, and the cache
+    whose views they saw (where the report holds several)."""
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
             r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
-            bool(r.get("training", {}).get("val_split")))
+            bool(r.get("training", {}).get("val_split")), r.get("_source", ""))
 
 
 def versus_scratch(groups) -> list[dict]:
