@@ -218,12 +218,12 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     teacher_files, caches = {}, {}
     for t in (spec["teacher"] if ensemble else [spec["teacher"]]):
         tname = t["name"] if ensemble else None
-        key = (lambda k: f"{k}-{tname}") if ensemble else (lambda k: k)  # noqa: E731
-        teacher = t.get("file") or (f"{runs_dir}/teacher-{tname}.pt" if ensemble else f"{runs_dir}/teacher.pt")
+        suffix = f"-{tname}" if ensemble else ""  # of the teacher file and the steps' stamps
+        teacher = t.get("file") or f"{runs_dir}/teacher{suffix}.pt"
         cache = f"{cache_dir}/{tname}" if ensemble else cache_dir
         first = next(iter(caches.values()), None)  # the primary cache, once dumped
         teacher_files[tname], caches[tname] = teacher, cache
-        lines += _teacher_rules(rule, t, teacher, cache, first, data_opts, data_file, d, key)
+        lines += _teacher_rules(rule, t, teacher, cache, first, data_opts, data_file, d, suffix)
     all_metrics = []
     for i, block in enumerate(spec["students"]):
         archs = _listify(block["archs"])
@@ -286,8 +286,9 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
                 p.write_text(content)
     return "\n".join(lines)
 
+
 def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, data_opts: list[str],
-                   data_file: list[str], d: dict, key) -> list[str]:
+                   data_file: list[str], d: dict, suffix: str) -> list[str]:
     """The rules of one teacher: train it (unless its file is given), dump its cache (over the views of the
     cache `first`, when given: an ensemble's later teachers)."""
     q = shlex.join
@@ -298,7 +299,7 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
                 "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
                 "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
             # Make retrains a teacher whose settings changed; how often it checkpoints is not one of them
-            key("teacher"), unstamped=" " + q(_opts(t, {"checkpoint_every": "checkpoint-every"}) + ["--overwrite"]))
+            f"teacher{suffix}", unstamped=" " + q(_opts(t, {"checkpoint_every": "checkpoint-every"}) + ["--overwrite"]))
     loaded = []  # how a teacher file that kdpipe did not train is read
     if "file" in t:
         loaded = (["--teacher-arch", t["arch"]] + _arch_args(t) if "arch" in t else []) + _opts(t, {
@@ -311,7 +312,7 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
                       "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",
                       "device": "device", "amp": "amp", "codec": "codec", "temperatures": "temperatures",
                       "features": "features"}) + (["--yes"] if d.get("yes") else [])
-                      + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache}", key("dump"))
+                      + (["--force"] if d.get("force") else [])) + f" --overwrite --out {cache}", f"dump{suffix}")
     return lines
 
 
