@@ -420,11 +420,14 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _load_idx_dataset(spec, split, data_root, class_names, default_root, how_to_get) -> ImageData:
+def _load_idx_dataset(spec, split, data_root, class_names, default_root, how_to_get, tv_folder) -> ImageData:
+    """The IDX files in --data-root, its raw/ (it is torchvision's dataset folder), or torchvision's folder
+    of this dataset under it (`tv_folder`/raw): torchvision keeps MNIST and FashionMNIST side by side under
+    one root, whose files have the same names, so each source looks in its own folder only."""
     candidates = []
     if data_root is not None:
         root = Path(data_root).expanduser()
-        candidates += [root, root / "raw", root / "MNIST" / "raw", root / "FashionMNIST" / "raw"]
+        candidates += [root, root / "raw", root / tv_folder / "raw"]
     elif default_root is not None:
         candidates.append(Path(default_root))
     img_stem, lbl_stem = _IDX_FILES[split]
@@ -994,10 +997,11 @@ def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, ima
 register_source(Source("fashion-mnist", "fashion-mnist", lambda spec, path, split, root, size: _load_idx_dataset(
     spec, split, root, FASHION_MNIST_CLASSES, default_root=DEBIAN_FASHION_MNIST,
     how_to_get="install Debian's package: apt-get install dataset-fashion-mnist, or pass --data-root DIR "
-               "holding the four IDX files")))
+               "holding the four IDX files (or torchvision's FashionMNIST folder)", tv_folder="FashionMNIST")))
 register_source(Source("mnist", "mnist", lambda spec, path, split, root, size: _load_idx_dataset(
     spec, split, root, MNIST_CLASSES, default_root=None,
-    how_to_get="pass --data-root DIR holding the four MNIST IDX files (or torchvision's MNIST folder)")))
+    how_to_get="pass --data-root DIR holding the four MNIST IDX files (or torchvision's MNIST folder)",
+    tv_folder="MNIST")))
 for _name in ("cifar10", "cifar100"):
     register_source(Source(_name, _name, lambda spec, path, split, root, size, _k=_name: _load_cifar(
         spec, _k, split, root)))

@@ -159,6 +159,26 @@ def test_mnist_from_torchvisions_folder_layout(tmp_path, mnist):
     np.testing.assert_array_equal(d.images[:, 0], mnist.x_test)
 
 
+def test_mnist_and_fashion_mnist_side_by_side_in_one_torchvision_root(tmp_path, mnist):
+    """torchvision keeps MNIST/raw and FashionMNIST/raw under one root, with the same file names: each
+    source reads its own folder, and one missing is refused rather than the other read in its place."""
+    write_idx_folder(tmp_path / "MNIST" / "raw", mnist, compress=True)
+    fashion = mnist.x_train[:, ::-1].copy()
+    (tmp_path / "FashionMNIST" / "raw").mkdir(parents=True)
+    write_idx(tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz", fashion, True)
+    write_idx(tmp_path / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte.gz", mnist.y_train, True)
+    np.testing.assert_array_equal(load_dataset("fashion-mnist", "train", data_root=tmp_path).images[:, 0], fashion)
+    np.testing.assert_array_equal(load_dataset("mnist", "train", data_root=tmp_path).images[:, 0], mnist.x_train)
+    np.testing.assert_array_equal(load_dataset("fashion-mnist", "train", data_root=tmp_path / "FashionMNIST")
+                                  .images[:, 0], fashion)
+    with pytest.raises(KDPipeError, match="FashionMNIST"):
+        load_dataset("fashion-mnist", "test", data_root=tmp_path)  # its test files are missing: not MNIST's
+    import shutil
+    shutil.rmtree(tmp_path / "MNIST")
+    with pytest.raises(KDPipeError, match="MNIST IDX files"):
+        load_dataset("mnist", "train", data_root=tmp_path)
+
+
 def test_idx_missing_files_say_how_to_get_them(tmp_path):
     with pytest.raises(KDPipeError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", "train", data_root=tmp_path)
