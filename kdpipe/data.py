@@ -508,8 +508,10 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         raise KDPipeError(f"{path}: {xk} must be uint8 pixels or float (N, D) features, got {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    elif x.ndim == 4 and x.shape[3] < min(x.shape[1], x.shape[2]):
+        # NHWC -> NCHW: the channels are the axis smaller than height and width, whatever their number
+        # (grey, RGB, RGBA, 2 or 13 bands); not only 1 or 3, which read (N, 32, 32, 4) as 32 channels of 32x4
+        x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise KDPipeError(f"{path}: {xk} must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
     class_names = _npz_labels(path, z, keys, y, yk)

@@ -64,6 +64,22 @@ def test_npz_nhwc_colour_images_are_transposed_and_class_names_kept(tmp_path, ci
     assert load_dataset(f"npz:{p}", "test").image_shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("channels", [2, 4, 13])
+def test_npz_nhwc_of_any_channel_count_is_transposed(tmp_path, channels):
+    """RGBA, grey+alpha or 13 bands last: the channel axis is the one smaller than height and width (it was
+    taken for a 1- or 3-channel axis only, so (N, 16, 12, 4) loaded as 16 channels of 12x4 pixels)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 32, 24, channels), dtype=np.uint8)
+    y = np.arange(8) % 2
+    p = tmp_path / "nhwc.npz"
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y)
+    d = load_dataset(f"npz:{p}", "train")
+    assert d.image_shape == (channels, 32, 24)
+    np.testing.assert_array_equal(d.images, x.transpose(0, 3, 1, 2))
+    np.savez(p, x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x.transpose(0, 3, 1, 2), y_test=y)
+    np.testing.assert_array_equal(load_dataset(f"npz:{p}", "train").images, d.images)  # NCHW kept as it is
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"x_train": np.zeros((4, 8, 8), np.uint8)}, "must hold arrays x_train"),
     ({"x_train": np.zeros((4, 8, 8), np.float32), "y_train": np.zeros(4, np.int64),
