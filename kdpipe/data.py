@@ -635,7 +635,8 @@ def _list_files(spec, folder: Path, classes: list[str], split: str, note: bool =
         raise KDPipeError(f"{spec}: {folder} holds no images")
     if note:
         _skipped_note(spec, folder, skipped)
-    extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
+    # hidden folders (.ipynb_checkpoints, .git) are no classes, as in the train folder
+    extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes and d.name[:1] != ".")
     if extra:
         raise KDPipeError(f"{spec}: {folder} has class folders not in the train folder: {', '.join(extra[:5])}")
     return files, labels

@@ -305,6 +305,19 @@ def test_imagefolder_errors(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'x'}", "train")
 
 
+def test_imagefolder_hidden_folders_are_not_classes(tmp_path):
+    """Jupyter leaves .ipynb_checkpoints in every folder it opens: no class in the train folder, and not a
+    class 'not in the train folder' in either split (that refused the dataset)."""
+    for split in ("train", "test"):
+        for c in ("a", "b", ".ipynb_checkpoints"):
+            (tmp_path / split / c).mkdir(parents=True)
+        for c in ("a", "b"):
+            Image.fromarray(np.full((8, 8), 40 if c == "a" else 200, np.uint8)).save(tmp_path / split / c / "0.png")
+    for split in ("train", "test"):
+        d = load_dataset(f"imagefolder:{tmp_path}", split)
+        assert d.class_names == ["a", "b"] and d.labels.tolist() == [0, 1]
+
+
 def test_imagefolder_of_mixed_sizes_is_refused(tmp_path):
     for i, size in enumerate((8, 9)):
         d = tmp_path / "train" / "c"
