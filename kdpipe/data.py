@@ -553,8 +553,8 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")  # 16-bit grey (PNG, TIFF): full scale 65535, stored as v / 257
 UNREADABLE_MODES = {"I": "32-bit integer", "F": "32-bit float"}  # no range kdpipe can be sure of
 # Part of a decoded copy's key: a copy decoded by an older rule is decoded again, not reused. 2: 16-bit
-# grey images scaled (v / 257), where Pillow's conversion had clipped them at 255.
-DECODE_VERSION = 2
+# grey images scaled (v / 257), where Pillow's conversion had clipped them at 255. 3: EXIF orientation applied.
+DECODE_VERSION = 3
 DECODE_THREADS = 8  # at most this many decoding threads (fewer on fewer cores)
 DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
 
@@ -918,13 +918,27 @@ def _open_image(spec, p: Path):
         raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
 
 
+EXIF_ORIENTATION = 0x0112  # 1: upright; 2-4 mirrored or turned 180 degrees; 5-8 also transposed (90 degrees)
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation a camera wrote (1 where there is none, or it cannot be read)."""
+    try:
+        o = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
 def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str]]:
-    """Each file's (height, width) and mode from its header alone (no pixels decoded)."""
+    """Each file's (height, width) as viewers show it (EXIF orientation applied) and mode, from its header
+    alone (no pixels decoded)."""
     sizes = np.empty((len(files), 2), dtype=np.int64)
     modes = []
     for i, p in enumerate(files):
         with _open_image(spec, p) as im:
-            sizes[i] = im.size[1], im.size[0]
+            w, h = im.size
+            sizes[i] = (w, h) if _orientation(im) >= 5 else (h, w)
             modes.append(im.mode)
         if im.mode in UNREADABLE_MODES:
             raise KDPipeError(f"{spec}: {p} has {UNREADABLE_MODES[im.mode]} pixels (mode {im.mode}), whose range "
@@ -944,9 +958,12 @@ def _common_mode(modes: list[str], other_files: list[Path]) -> str:
 
 
 def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
-    """One PIL image as stored: (C, H, W) uint8 in `mode`, resized and centre-cropped per RESIZE."""
-    from PIL import Image
+    """One PIL image as stored: (C, H, W) uint8 in `mode`, upright as viewers show it (a phone's portrait
+    photo is stored in landscape with an EXIF orientation), resized and centre-cropped per RESIZE."""
+    from PIL import Image, ImageOps
 
+    if _orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
     if im.mode == "P":
         im = im.convert("RGBA")  # a palette with transparency converts cleanly only through RGBA
     elif im.mode in SIXTEEN_BIT_MODES:  # Pillow's own conversion clips at 255: a 16-bit image turned white

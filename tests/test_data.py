@@ -384,6 +384,29 @@ def test_photos_of_any_size_and_mode_load_at_image_size(tmp_path, capsys):
     assert d.identity()["image_size"] == 32 and d.identity()["kind"] == "photos"
 
 
+def test_photos_are_stored_upright_by_their_exif_orientation(tmp_path):
+    """A phone's portrait photo is its sensor's landscape pixels with an EXIF orientation (6: turn 90 degrees
+    clockwise to view). It is stored as viewers show it, beside an upright portrait photo of the same scene:
+    it was stored on its side (and, as landscape, passed the same-size check of a folder of portraits)."""
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)  # 12 wide, 20 high
+    sensor = np.ascontiguousarray(np.rot90(upright, k=1))  # 20 wide, 12 high; clockwise 90 shows `upright`
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(upright).save(tmp_path / split / c / "0.png")
+            Image.fromarray(sensor).save(tmp_path / split / c / "1.png", exif=exif.tobytes())
+    d = load_dataset(f"imagefolder:{tmp_path}", "train")
+    assert d.image_shape == (3, 20, 12)
+    np.testing.assert_array_equal(d.images[1], upright.transpose(2, 0, 1))
+    np.testing.assert_array_equal(d.images[0], d.images[1])
+    p = load_dataset(f"imagefolder:{tmp_path}", "train", image_size=12)
+    np.testing.assert_array_equal(p.sizes, [[20, 12]] * 4)
+    np.testing.assert_array_equal(p.images[1], p.images[0])
+
+
 def test_photo_resize_is_antialiased_and_centred(tmp_path):
     """A 600x200 image whose middle half is red and the rest vertical 1-px stripes: the centre crop of
     the 96x32 resize keeps red only (32 of 48 red columns, clear of the filter's reach); and a 64x64 of
