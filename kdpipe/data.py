@@ -691,19 +691,30 @@ def _flat_listing(spec, folder: Path, note: bool = True) -> tuple[list[Path], li
     return files, [_label_of(spec, p) for p in files]
 
 
+def _whole_number(label: str) -> int | None:
+    """The class index a label writes (``7``, ``007``, ``7.0``), or None for a name (``-1`` and ``7.5`` are
+    names too: sorted as text, numbered from 0). ASCII digits only (str.isdigit() takes "²", int() not)."""
+    whole, dot, frac = label.partition(".")
+    if whole.isascii() and whole.isdigit() and set(frac) <= {"0"}:
+        return int(whole)
+    return None
+
+
 def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> tuple[list[str], dict[str, int]]:
-    """Class names and each label's index. Labels that are all whole numbers are the class indices
-    themselves (classes 0..the largest label of either split; check_labels refuses gaps); otherwise the
-    classes are the train split's labels, sorted. A mix of numbers and names is refused."""
+    """Class names and each label's index. Labels that are all whole numbers (``3``, or ``3.0`` as pandas
+    writes an integer column that had missing values) are the class indices themselves (classes 0..the
+    largest label of either split; check_labels refuses gaps); otherwise the classes are the train split's
+    labels, sorted. A mix of numbers and names is refused."""
     every = set(train_labels) | set(other_labels)
-    numeric = {s for s in every if s.isdigit()}
-    if numeric and numeric != every:
-        names = sorted(every - numeric)[:3]
-        raise KDPipeError(f"{spec}: the labels mix numbers ({sorted(numeric, key=int)[0]}, ...) and names "
+    numeric = {s: _whole_number(s) for s in every}
+    numeric = {s: v for s, v in numeric.items() if v is not None}
+    if numeric and len(numeric) != len(every):
+        names = sorted(every - set(numeric))[:3]
+        raise KDPipeError(f"{spec}: the labels mix numbers ({min(numeric, key=numeric.get)}, ...) and names "
                           f"({', '.join(names)}, ...): use one or the other")
     if numeric:
-        n = max(int(s) for s in every) + 1
-        return [str(i) for i in range(n)], {s: int(s) for s in every}
+        n = max(numeric.values()) + 1
+        return [str(i) for i in range(n)], numeric
     classes = sorted(set(train_labels))
     unknown = sorted(set(other_labels) - set(classes))
     if unknown:

@@ -176,6 +176,23 @@ def test_csv_names_as_labels_and_validation_as_test(tmp_path):
     assert te.labels.tolist() == [0] and te.images.tolist() == [[9.0, 9.0]]
 
 
+def test_whole_number_labels_written_as_floats_are_class_indices(tmp_path):
+    """pandas writes an integer column that had a missing value as 0.0, 1.0, ...: those are the classes 0, 1,
+    ..., as 0, 1, ... are; they were names, sorted as text, so of 11 classes "10.0" became class 2 and the
+    model's output 2 meant the label 10. A label of non-ASCII digits is a name, not a traceback."""
+    lines = ["label,split,f0"] + [f"{c}.0,{s},{c}" for s in ("train", "test") for c in range(11)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    d = load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+    assert d.class_names == [str(c) for c in range(11)]
+    assert d.labels.tolist() == list(range(11)) and d.images[:, 0].tolist() == list(range(11))
+    for label in ("10.00", "010", "10."):  # the same class, however written
+        (tmp_path / "t.csv").write_text("\n".join(lines + [f"{label},test,10"]) + "\n")
+        assert load_dataset(f"csv:{tmp_path / 't.csv'}", "test").labels.tolist() == list(range(11)) + [10]
+    (tmp_path / "t.csv").write_text("label,split,f0\n\u00b2,train,1\n0,train,2\n0,test,3\n")
+    with pytest.raises(KDPipeError, match="the labels mix numbers .0, .... and names .\u00b2"):
+        load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+
+
 def test_file_labels_from_one_are_refused(tmp_path):
     root = tmp_path / "f"
     for label in (1, 2, 3):
