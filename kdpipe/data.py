@@ -758,20 +758,29 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        raise KDPipeError(f"cannot read {path} as CSV: it is not UTF-8 text ({e}): save it as UTF-8") from None
+    except (OSError, csv.Error) as e:
         raise KDPipeError(f"cannot read {path} as CSV: {e}") from None
     if not rows:
         raise KDPipeError(f"{spec}: {path} is empty")
     header = [c.strip() for c in rows[0]]
-    if len(set(header)) != len(header) or not all(header):
-        raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
-    for name in header:
+    for name in header:  # before the names' checks: a first row of data repeats values (0, train, 0)
         try:
             float(name)
         except ValueError:
             continue
         raise KDPipeError(f"{spec}: {path} has no header row (its first row holds the number {name}): add one "
                           "with columns label, split and path (an image list) or numeric feature columns")
+    sep = next((c for c in ";\t|" if len(header) == 1 and c in header[0]), None)
+    if sep:
+        raise KDPipeError(f"{spec}: {path}'s columns are separated by {sep!r}, not commas: save it as comma-separated "
+                          "values (with '.' as the decimal point)")
+    if header[0] == "" and len(header) > 1 and all(header[1:]):
+        raise KDPipeError(f"{spec}: {path}'s first column has no name: the row index pandas writes unless "
+                          "to_csv(..., index=False); write the file without it")
+    if len(set(header)) != len(header) or not all(header):
+        raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
     for i, r in enumerate(rows[1:], start=2):
         if len(r) != len(header):
             raise KDPipeError(f"{spec}: {path} line {i} has {len(r)} fields, the header {len(header)}")

@@ -265,13 +265,19 @@ CSV_CASES = {
     "an unknown split": ("label,split,f0\n0,holdout,1\n", "split 'holdout' is not train, test or val"),
     "a NaN feature": ("label,split,f0\n0,train,1\n0,train,nan\n", "train row 1 holds NaN or infinite values"),
     "no rows": ("label,split,f0\n", "has a header but no rows"),
+    # the reasons these are refused are named, not 'empty or repeated column names' or 'no label column'
+    "no header, values repeated": ("0,train,0\n1,train,2.0\n", "has no header row (its first row holds the number 0)"),
+    "semicolons": ("label;split;f0\n0;train;1,5\n", "columns are separated by ';', not commas"),
+    "tabs": ("label\tsplit\tf0\n0\ttrain\t1\n", "columns are separated by '\\t', not commas"),
+    "pandas' index": (",label,split,f0\n0,0,train,1\n", "first column has no name: the row index pandas writes"),
+    "latin-1": (b"label,split,f0\ncaf\xe9,train,1\n", "): save it as UTF-8"),
 }
 
 
 @pytest.mark.parametrize("case", list(CSV_CASES))
 def test_ambiguous_or_broken_csv_is_refused_with_one_line(tmp_path, case):
     text, fragment = CSV_CASES[case]
-    (tmp_path / "bad.csv").write_text(text)
+    (tmp_path / "bad.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
     res = run_cli(["train-teacher", "--data", f"csv:{tmp_path / 'bad.csv'}", "--arch", "mlp_100", "--epochs", 1,
                    "--out", tmp_path / "t.pt"])
     assert_one_line_error(res, fragment)
