@@ -400,9 +400,12 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
+    """An IDX file, gzip-compressed or not whatever its name says (a browser may save the decompressed
+    download under its .gz name, or a .gz file lose its suffix)."""
     try:
-        with opener(path, "rb") as f:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gz else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise KDPipeError(f"cannot read {path}: {e} (the file is corrupt or truncated)") from None
@@ -438,6 +441,8 @@ def _load_idx_dataset(spec, split, data_root, class_names, default_root, how_to_
             labels = _read_idx(lbl).astype(np.int64)
             if images.ndim != 3:
                 raise KDPipeError(f"{img}: expected (N, H, W) images, got shape {images.shape}")
+            if labels.ndim != 1:
+                raise KDPipeError(f"{lbl}: expected (N,) labels, got shape {labels.shape}")
             return ImageData(images[:, None, :, :], labels, list(class_names), spec, split, str(folder))
     where = ", ".join(str(c) for c in candidates) or "(no folder)"
     raise KDPipeError(f"{spec}: no {img_stem}[.gz] and {lbl_stem}[.gz] in {where}; {how_to_get}")

@@ -169,6 +169,20 @@ def test_mnist_from_a_folder_of_idx_files(tmp_path, mnist, compress):
     assert tr.class_names == MNIST_CLASSES and tr.images.shape == (len(mnist.x_train), 1, 28, 28)
 
 
+def test_idx_files_are_read_by_their_contents_not_their_gz_suffix(tmp_path, mnist):
+    """A browser may save a gzip download decompressed under its .gz name, and a .gz file may lose its
+    suffix: both were refused as corrupt or 'not an IDX file'. Labels of another shape are named."""
+    write_idx_folder(tmp_path, mnist, compress=False)
+    (tmp_path / "train-images-idx3-ubyte").rename(tmp_path / "train-images-idx3-ubyte.gz")  # plain, named .gz
+    write_idx(tmp_path / "train-labels-idx1-ubyte", mnist.y_train, compress=True)  # gzip, named plain
+    d = load_dataset("mnist", "train", data_root=tmp_path)
+    np.testing.assert_array_equal(d.images[:, 0], mnist.x_train)
+    np.testing.assert_array_equal(d.labels, mnist.y_train)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.stack([mnist.y_train] * 2, 1), compress=False)
+    with pytest.raises(KDPipeError, match=r"train-labels-idx1-ubyte: expected \(N,\) labels, got shape \(256, 2\)"):
+        load_dataset("mnist", "train", data_root=tmp_path)
+
+
 def test_mnist_from_torchvisions_folder_layout(tmp_path, mnist):
     write_idx_folder(tmp_path / "MNIST" / "raw", mnist, compress=True)
     d = load_dataset("mnist", "test", data_root=tmp_path)
