@@ -528,7 +528,14 @@ def _npz_labels(path, z, keys, y, yk) -> list[str]:
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
         raise KDPipeError(f"{path}: {yk} must be a 1-D integer array, got {y.dtype} {y.shape}")
     if "class_names" in keys:
-        class_names = [str(c) for c in z["class_names"]]
+        try:
+            names = z["class_names"]
+        except ValueError as e:  # an object array (e.g. holding None), which allow_pickle=False refuses
+            raise KDPipeError(f"cannot read class_names from {path}: {e}: store them as strings") from None
+        if names.ndim != 1:
+            raise KDPipeError(f"{path}: class_names must be a 1-D array of names, got shape {names.shape}")
+        # bytes (numpy's 'S' dtype, as h5py and Python 2 pickles give) are names, not "b'cat'"
+        class_names = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in names]
     else:
         ytr = z["y_train"] if "y_train" in keys else y
         n = int(max(ytr.max(initial=0), y.max(initial=0))) + 1

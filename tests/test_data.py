@@ -80,6 +80,21 @@ def test_npz_nhwc_of_any_channel_count_is_transposed(tmp_path, channels):
     np.testing.assert_array_equal(load_dataset(f"npz:{p}", "train").images, d.images)  # NCHW kept as it is
 
 
+def test_npz_class_names_as_bytes_or_objects(tmp_path):
+    """Bytes names (numpy's 'S' dtype, as h5py gives) are the names, not "b'cat'"; an object array (which
+    np.load refuses without pickles) or a 2-D one is one line, not a ValueError traceback or "['cat']"."""
+    x, y = np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 0, 1])
+    p = tmp_path / "n.npz"
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array([b"cat", b"dog"]))
+    assert load_dataset(f"npz:{p}", "train").class_names == ["cat", "dog"]
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", None], dtype=object))
+    with pytest.raises(KDPipeError, match="cannot read class_names .*: store them as strings"):
+        load_dataset(f"npz:{p}", "train")
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array([["cat"], ["dog"]]))
+    with pytest.raises(KDPipeError, match=r"class_names must be a 1-D array of names, got shape \(2, 1\)"):
+        load_dataset(f"npz:{p}", "train")
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"x_train": np.zeros((4, 8, 8), np.uint8)}, "must hold arrays x_train"),
     ({"x_train": np.zeros((4, 8, 8), np.float32), "y_train": np.zeros(4, np.int64),
