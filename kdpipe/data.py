@@ -551,10 +551,11 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
     if x.ndim != 2:
         raise KDPipeError(f"{path}: {xk} is {x.dtype} {x.shape}: float arrays must be (N, D) feature "
                           "vectors; images must be uint8 pixels")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise KDPipeError(f"{path}: {xk} holds NaN or infinite values (row {int(np.argmin(np.isfinite(x).all(1)))}): "
-                          "fill or drop them first")
+        raise KDPipeError(f"{path}: {xk} holds NaN or infinite values, or values past float32's range (row "
+                          f"{int(np.argmin(np.isfinite(x).all(1)))}): fill or drop them first")
     class_names = _npz_labels(path, z, keys, y, yk)
     return Features(x, y.astype(np.int64), class_names, spec, split, str(path))
 
@@ -868,11 +869,13 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
                 raise KDPipeError(f"{spec}: {path}: column {rest[j]!r} holds {r[c]!r}, not a number: a feature "
                                   "table has only numeric columns besides label and split (an image list has a "
                                   "path column)") from None
+    with np.errstate(over="ignore"):  # checked as stored: a value past float32's range (1e39) becomes inf
+        x = x.astype(np.float32)
     if not np.isfinite(x).all():
         bad = int(np.argmin(np.isfinite(x).all(1)))
-        raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values: fill or drop "
-                          "them first")
-    return Features(x.astype(np.float32), np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
+        raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values, or values past "
+                          "float32's range: fill or drop them first")
+    return Features(x, np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
 
 
 # ---------------------------------------------------------------- decoding image files once

@@ -264,6 +264,8 @@ CSV_CASES = {
     "a listed image is missing": ("path,label,split\nnope.png,0,train\n", "nope.png (listed in bad.csv"),
     "an unknown split": ("label,split,f0\n0,holdout,1\n", "split 'holdout' is not train, test or val"),
     "a NaN feature": ("label,split,f0\n0,train,1\n0,train,nan\n", "train row 1 holds NaN or infinite values"),
+    "a feature past float32": ("label,split,f0\n0,train,1\n0,train,1e39\n", "train row 1 holds NaN or infinite "
+                               "values, or values past float32's range"),
     "no rows": ("label,split,f0\n", "has a header but no rows"),
     # the reasons these are refused are named, not 'empty or repeated column names' or 'no label column'
     "no header, values repeated": ("0,train,0\n1,train,2.0\n", "has no header row (its first row holds the number 0)"),
