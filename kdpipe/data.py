@@ -644,10 +644,19 @@ def _list_files(spec, folder: Path, classes: list[str], split: str, note: bool =
             raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
         files += found
         labels += [ci] * len(found)
+    # images beside the class folders have no class: said, not dropped without a word
+    loose = sorted(p for p in folder.iterdir() if p.name[:1] != "." and p.is_file()
+                   and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
+        if loose:
+            raise KDPipeError(f"{spec}: the {len(loose)} images of {folder} (e.g. {loose[0].name}) lie outside class "
+                              f"folders: put each in {folder}/<class>/, as the train folder has them")
         raise KDPipeError(f"{spec}: {folder} holds no images")
     if note:
         _skipped_note(spec, folder, skipped)
+        if loose:
+            print(f"note: {spec}: skipped {len(loose)} image(s) directly in {folder}, outside its class folders "
+                  f"(e.g. {loose[0].name}): their class is unknown", file=sys.stderr, flush=True)
     # hidden folders (.ipynb_checkpoints, .git) are no classes, as in the train folder
     extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes and d.name[:1] != ".")
     if extra:

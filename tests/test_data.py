@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import shutil
 import struct
 import warnings
 
@@ -223,7 +224,6 @@ def test_mnist_and_fashion_mnist_side_by_side_in_one_torchvision_root(tmp_path, 
                                   .images[:, 0], fashion)
     with pytest.raises(KDPipeError, match="FashionMNIST"):
         load_dataset("fashion-mnist", "test", data_root=tmp_path)  # its test files are missing: not MNIST's
-    import shutil
     shutil.rmtree(tmp_path / "MNIST")
     with pytest.raises(KDPipeError, match="MNIST IDX files"):
         load_dataset("mnist", "train", data_root=tmp_path)
@@ -350,6 +350,25 @@ def test_imagefolder_hidden_folders_are_not_classes(tmp_path):
     for split in ("train", "test"):
         d = load_dataset(f"imagefolder:{tmp_path}", split)
         assert d.class_names == ["a", "b"] and d.labels.tolist() == [0, 1]
+
+
+def test_imagefolder_images_outside_class_folders_are_said(tmp_path, capsys):
+    """An image beside the class folders has no class: it was dropped without a word, and a test folder of
+    loose images was said to hold no images."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / split / c / "0.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "stray.png")
+    assert len(load_dataset(f"imagefolder:{tmp_path}", "train")) == 2
+    err = capsys.readouterr().err
+    assert "skipped 1 image(s) directly in" in err and "(e.g. stray.png): their class is unknown" in err
+    shutil.rmtree(tmp_path / "test")
+    (tmp_path / "test").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "test" / f"{i}.png")
+    with pytest.raises(KDPipeError, match=r"the 3 images of .*test \(e.g. 0.png\) lie outside class folders: put each"):
+        load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
 def test_imagefolder_of_mixed_sizes_is_refused(tmp_path):
