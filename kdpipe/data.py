@@ -685,6 +685,12 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise KDPipeError(f"{spec}: {class_root} has no class folders")
+    if len(classes) == 1:  # train/images/<class>/ (a zip unpacked into a folder of its own): not one class
+        inner = sorted(d.name for d in (class_root / classes[0]).iterdir() if d.is_dir() and d.name[:1] != ".")
+        if inner:
+            raise KDPipeError(f"{spec}: {class_root} has one folder, {classes[0]}, and its subfolders "
+                              f"({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}) look like the classes: "
+                              f"move them up into {class_root} (and likewise in the other splits)")
     files, labels = _list_files(spec, folder, classes, split)
     other = _split_folder(root, "test" if split == "train" else "train")
     other_files = (_list_files(spec, other, classes, "test", note=False)[0]

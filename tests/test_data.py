@@ -371,6 +371,18 @@ def test_imagefolder_images_outside_class_folders_are_said(tmp_path, capsys):
         load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
+def test_an_imagefolder_one_level_too_high_is_named(tmp_path):
+    """train/images/<class>/ (a zip unpacked into a folder of its own) read as the one class 'images', its
+    subfolders' photos all of it: the teacher trained to 100% and learnt nothing."""
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / "if" / split / "images" / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "if" / split / "images" / c / "0.png")
+    with pytest.raises(KDPipeError, match=r"train has one folder, images, and its subfolders \(cat, dog\) look like "
+                                          r"the classes: move them up into"):
+        load_dataset(f"imagefolder:{tmp_path / 'if'}", "train")
+
+
 def test_imagefolder_of_mixed_sizes_is_refused(tmp_path):
     for i, size in enumerate((8, 9)):
         d = tmp_path / "train" / "c"
