@@ -861,6 +861,12 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
             extra = [c for c in rest if c != "path"]
             raise KDPipeError(f"{spec}: {path} has a path column and also {', '.join(extra[:5])}: an image list has "
                               "only the columns path, label and split; a feature table has no path column")
+        seen = {}  # an image in two splits is a test measured on training images; with two labels, a typo
+        for i, (r, s) in enumerate(zip(rows, splits), start=2):
+            first = seen.setdefault(os.path.normpath(r[cols["path"]]), (i, s, r[lab]))
+            if first[1:] != (s, r[lab]):
+                raise KDPipeError(f"{spec}: {path} lists {r[cols['path']]} on line {first[0]} ({first[1]}, label "
+                                  f"{first[2]}) and line {i} ({s}, label {r[lab]}): list each image once, in one split")
         base = path.parent
         files = [base / r[cols["path"]] for r in mine]
         other_files = [base / r[cols["path"]] for r in theirs]
@@ -868,7 +874,9 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
             other_files += [base / r[cols["path"]] for r, s in zip(rows, splits) if s == "test"]
         for p in files + other_files:
             if not p.is_file():
-                raise KDPipeError(f"{spec}: {p} (listed in {path.name}, relative to its folder) is missing")
+                hint = (": write its path with / (a Windows path's \\ is part of the name here)"
+                        if "\\" in str(p) else "")
+                raise KDPipeError(f"{spec}: {p} (listed in {path.name}, relative to its folder) is missing{hint}")
         return _decode_files(spec, split, base, files, labels, classes, (base, other_files), image_size)
     if image_size is not None:
         raise KDPipeError(f"--image-size applies to images; {spec} is a table of features: leave it out")

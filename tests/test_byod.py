@@ -272,6 +272,11 @@ CSV_CASES = {
     "semicolons": ("label;split;f0\n0;train;1,5\n", "columns are separated by ';', not commas"),
     "tabs": ("label\tsplit\tf0\n0\ttrain\t1\n", "columns are separated by '\\t', not commas"),
     "pandas' index": (",label,split,f0\n0,0,train,1\n", "first column has no name: the row index pandas writes"),
+    "an image in both splits": ("path,label,split\na.png,0,train\nb.png,1,train\na.png,0,test\n",
+                                "lists a.png on line 2 (train, label 0) and line 4 (test, label 0): list each image once"),
+    "an image with two labels": ("path,label,split\na.png,0,train\n./a.png,1,train\n",
+                                 "lists ./a.png on line 2 (train, label 0) and line 3 (train, label 1)"),
+    "a Windows path": ("path,label,split\nimg\\a.png,0,train\n", "is missing: write its path with /"),
     "latin-1": (b"label,split,f0\ncaf\xe9,train,1\n", "): save it as UTF-8"),
 }
 
