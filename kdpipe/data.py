@@ -341,6 +341,9 @@ def check_labels(train: ImageData) -> None:
 
 def check_label_coverage(labels: np.ndarray, num_classes: int, where: str) -> None:
     counts = np.bincount(labels, minlength=num_classes)
+    if len(counts) < 2:  # every label 0: a model that always answers 0 is "100%" and learns nothing
+        raise KDPipeError(f"{where}: every sample has label 0, so there is one class: a classifier needs "
+                          "two or more (check the label column or array)")
     if counts[0] == 0:
         first = int(np.flatnonzero(counts)[0])
         raise KDPipeError(f"{where}: the labels start at {first}, not 0: number the classes from 0 "

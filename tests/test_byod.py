@@ -411,8 +411,9 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path, fmnist):
 def test_float_or_32_bit_images_are_refused_with_one_line(tmp_path):
     root = tmp_path / "f"
     for i in range(2):
-        _png(np.zeros((8, 8), np.uint8), root / "train" / "a" / f"{i}.png")
-        _png(np.zeros((8, 8), np.uint8), root / "test" / "a" / f"{i}.png")
+        for c in ("a", "b"):
+            _png(np.zeros((8, 8), np.uint8), root / "train" / c / f"{i}.png")
+            _png(np.zeros((8, 8), np.uint8), root / "test" / c / f"{i}.png")
     Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)).save(root / "train" / "a" / "x.tif")
     res = run_cli(["train-teacher", "--data", f"imagefolder:{root}", "--arch", "mlp_100", "--epochs", 1,
                    "--out", tmp_path / "t.pt"])

@@ -333,8 +333,9 @@ def test_imagefolder_errors(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'x'}", "train")
     with pytest.raises(KDPipeError, match="no test or val folder"):
         load_dataset(f"imagefolder:{tmp_path / 'x'}", "test")
-    (tmp_path / "x" / "train" / "a").mkdir()
-    (tmp_path / "x" / "train" / "a" / "0.png").write_bytes(b"not a png")
+    for c in ("a", "b"):
+        (tmp_path / "x" / "train" / c).mkdir()
+        (tmp_path / "x" / "train" / c / "0.png").write_bytes(b"not a png")
     with pytest.raises(KDPipeError, match="cannot decode"):
         load_dataset(f"imagefolder:{tmp_path / 'x'}", "train")
 
@@ -383,11 +384,27 @@ def test_an_imagefolder_one_level_too_high_is_named(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'if'}", "train")
 
 
+def test_one_class_is_refused(tmp_path):
+    """Labels that are all 0 (a label column misread, a folder of one class): a model that always answers 0
+    reaches 100% and learns nothing, so the data is refused before anything trains on it."""
+    np.savez(tmp_path / "one.npz", x_train=np.zeros((6, 4, 4), np.uint8), y_train=np.zeros(6, np.int64),
+             x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.zeros(2, np.int64))
+    with pytest.raises(KDPipeError, match="every sample has label 0, so there is one class"):
+        load_dataset(f"npz:{tmp_path / 'one.npz'}", "train")
+    for i in range(2):
+        (tmp_path / "f" / "train" / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "f" / "train" / "c" / f"{i}.png")
+    with pytest.raises(KDPipeError, match="one class: a classifier needs two or more"):
+        load_dataset(f"imagefolder:{tmp_path / 'f'}", "train")
+
+
 def test_imagefolder_of_mixed_sizes_is_refused(tmp_path):
     for i, size in enumerate((8, 9)):
         d = tmp_path / "train" / "c"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "train" / "d").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "d" / "2.png")
     with pytest.raises(KDPipeError, match=r"differ in size \(0.png is 8x8, 1.png is 9x9\): pass --image-size S"):
         load_dataset(f"imagefolder:{tmp_path}", "train")
 
@@ -480,9 +497,11 @@ def test_photo_resize_is_antialiased_and_centred(tmp_path):
     img[:, ::2] = 255
     img[:, 150:450] = (200, 0, 0)
     (tmp_path / "f" / "train" / "c").mkdir(parents=True)
+    (tmp_path / "f" / "train" / "d").mkdir()  # a second class: one class is refused
     Image.fromarray(img).save(tmp_path / "f" / "train" / "c" / "x.png")
+    Image.fromarray(img).save(tmp_path / "f" / "train" / "d" / "y.png")
     d = load_dataset(f"imagefolder:{tmp_path / 'f'}", "train", image_size=32)
-    assert d.sizes.tolist() == [[200, 600]]
+    assert d.sizes.tolist() == [[200, 600], [200, 600]]
     x = np.asarray(d.images[0]).astype(int)
     np.testing.assert_array_equal(x[0], 200)  # red spans columns 24..71 of 96; the crop keeps 32..63
     np.testing.assert_array_equal(x[1:], 0)
