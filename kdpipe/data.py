@@ -589,7 +589,14 @@ IMAGEFOLDER_SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val
 
 def _split_folder(root: Path, split: str, names: dict | None = None) -> Path | None:
     names = names or IMAGEFOLDER_SPLITS
-    folder = next((root / n for n in names[split] if (root / n).is_dir()), None)
+    found = [root / n for n in names[split] if (root / n).is_dir()]
+    # two folders that each name this split (train/ and training/, test/ and evaluation/): which one the user
+    # means cannot be told, and taking the first would drop the other without a word
+    own = [f for f in found if split != "test" or f.name not in names["val"]]
+    if len(own) > 1:
+        raise KDPipeError(f"{root} has folders {' and '.join(f.name for f in own)}, which both name its {split} "
+                          "split: keep one of them there (merge or move the other)")
+    folder = found[0] if found else None
     if split == "val" and folder is not None and folder == _split_folder(root, "test", names):
         return None  # the only held-out folder is the test split: selecting on it would select on the test set
     return folder
@@ -745,6 +752,12 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> t
                           f"({', '.join(names)}, ...): use one or the other")
     if numeric:
         n = max(numeric.values()) + 1
+        values = sorted(set(numeric.values()))
+        if n > 10 * len(values) + 1000:  # mostly gaps (labels like 20240101), which check_labels refuses, but
+            # only after a list of n names (20 million here; a Unix time would exhaust memory) is built
+            raise KDPipeError(f"{spec}: whole-number labels are the class indices, but these run {values[0]}.."
+                              f"{values[-1]} with {len(values)} distinct values: number the classes 0..N-1 "
+                              "without gaps, or write them as names")
         return [str(i) for i in range(n)], numeric
     classes = sorted(set(train_labels))
     unknown = sorted(set(other_labels) - set(classes))

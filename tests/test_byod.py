@@ -193,6 +193,34 @@ def test_whole_number_labels_written_as_floats_are_class_indices(tmp_path):
         load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
 
 
+def test_two_folders_naming_one_split_are_refused(tmp_path):
+    """train/ beside training/, or test/ beside evaluation/: which the user means cannot be told, and the
+    first in kdpipe's order was taken while the other was dropped without a word."""
+    root = tmp_path / "f"
+    for folder in ("training", "evaluation", "test"):
+        for label in (0, 1):
+            _png(np.full((8, 8), label, np.uint8), root / folder / f"{label}_0.png")
+    with pytest.raises(KDPipeError, match="has folders test and evaluation, which both name its test split"):
+        load_dataset(f"files:{root}", "test")
+    (root / "test").rename(root / "validation")  # the validation split beside the test split: fine
+    assert load_dataset(f"files:{root}", "test").source.endswith("evaluation")
+    (root / "validation").rename(root / "train")
+    with pytest.raises(KDPipeError, match="has folders train and training, which both name its train split"):
+        load_dataset(f"files:{root}", "train")
+
+
+def test_date_like_labels_are_refused_without_listing_every_class(tmp_path):
+    """Labels like 20240101 (a photo named by its date) are whole numbers, so class indices with 20 million
+    gaps: refused at once, naming their range, not after a list of 20 million class names (a Unix time
+    would exhaust memory)."""
+    root = tmp_path / "f"
+    for i, label in enumerate((20240101, 20240102)):
+        _png(np.full((8, 8), i, np.uint8), root / "train" / f"{label}_0.png")
+        _png(np.full((8, 8), i, np.uint8), root / "test" / f"{label}_0.png")
+    with pytest.raises(KDPipeError, match="these run 20240101..20240102 with 2 distinct values"):
+        load_dataset(f"files:{root}", "train")
+
+
 def test_file_labels_from_one_are_refused(tmp_path):
     root = tmp_path / "f"
     for label in (1, 2, 3):
