@@ -232,7 +232,8 @@ def check_model(name: str, num_classes: int, image_shape, args: dict | None = No
         with torch.no_grad():
             out = net(torch.zeros((2, *image_shape)))
     except Exception as e:
-        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {_first_line(e)}") from None
+        from kdpipe.util import error_line
+        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {error_line(e)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDPipeError(f"{name} returns {got} for a batch of 2, not logits (2, {num_classes}): kdpipe trains "

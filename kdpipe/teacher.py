@@ -22,7 +22,7 @@ from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
 from kdpipe.normalization import resolve_input
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file
-from kdpipe.util import Progress, channels_last, ensure_parent, human_bytes, images_tensor
+from kdpipe.util import Progress, channels_last, ensure_parent, error_line, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
 
@@ -353,9 +353,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             except KDPipeError:
                 raise
             except Exception as e:
-                raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: "
-                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"
-                                  ) from None
+                raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: {error_line(e)}") from None
             if out.ndim != 2 or out.shape[1] != data.num_classes:
                 raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
                                   f"{data.spec} has {data.num_classes} classes")

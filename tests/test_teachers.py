@@ -290,6 +290,17 @@ def test_a_torch_export_program_dumps_its_own_outputs(ref, tmp_path):
             "is a torch.export program", "drop --teacher-arch")
 
 
+
+def test_a_torchscript_teacher_that_fails_says_why_not_where(ref, tmp_path):
+    """TorchScript's errors open with 'The following operation failed in the TorchScript interpreter.' and
+    its traceback: the one line must carry the error at its end (here: 3 channels expected, 1 given)."""
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    for name, prog in (("traced", torch.jit.trace(rgb, torch.randn(2, 3, 28, 28))), ("scripted", torch.jit.script(rgb))):
+        prog.save(str(tmp_path / f"{name}.ts"))
+        line = refused(dump(tmp_path / f"{name}.ts", ref.spec, tmp_path / "x", *ref.norm),
+                       "the teacher fails on inputs of shape (256, 1, 28, 28)", "to have 3 channels, but got 1")
+        assert "TorchScript interpreter" not in line
+
 def test_state_dicts_safetensors_and_pickles(ref, tmp_path, monkeypatch):
     from safetensors.torch import save_file
     state = {k: v.contiguous() for k, v in ref.net.state_dict().items()}
