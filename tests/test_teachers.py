@@ -189,6 +189,36 @@ def test_a_softmax_teacher_is_refused_unless_forced(ref, tmp_path):
     assert "warning (--force)" in r.output
 
 
+
+class Dropped(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.net(self.drop(x))
+
+
+def test_a_teacher_left_in_training_mode_is_refused_unless_forced(ref, tmp_path):
+    """Traced in training mode, dropout stays random and batch norm keeps using the batch's statistics,
+    whatever .eval() says later: the cache would hold logits the teacher never gives again (verify-cache
+    then reports every row). The probe runs the teacher twice, in batches of two sizes, and stops."""
+    import copy
+
+    for name, net in (("dropout", Dropped(copy.deepcopy(ref.net))), ("batchnorm", copy.deepcopy(ref.net))):
+        path = tmp_path / f"{name}.ts"
+        torch.jit.trace(net.train(), torch.randn(4, 1, 28, 28), check_trace=False).save(str(path))
+        refused(dump(path, ref.spec, tmp_path / "c", *ref.norm), "the teacher's outputs change when it runs again",
+                "model.eval()", "--force")
+        assert not (tmp_path / "c").exists()
+    r = ok(dump(path, ref.spec, tmp_path / "c", *ref.norm, "--force"))
+    assert "warning (--force): the teacher's outputs change" in r.output
+    # Scripted in training mode, the dropout obeys .eval(): its outputs are stable and it dumps.
+    torch.jit.script(Dropped(copy.deepcopy(ref.net)).train()).save(str(tmp_path / "scripted.ts"))
+    ok(dump(tmp_path / "scripted.ts", ref.spec, tmp_path / "s", *ref.norm))
+    assert_cache_holds(tmp_path / "s", ref.net)
+
 def test_an_untrained_teacher_is_at_chance(tmp_path, fmnist):
     from kdpipe.checkpoint import save_checkpoint
     from kdpipe.models import create_model
