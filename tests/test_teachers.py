@@ -534,6 +534,42 @@ def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypat
                    "--device", "cpu", "--out", runs), "no such file nowhere/x.py")
 
 
+
+FACTORIES = '''
+import torch.nn as nn
+
+
+class Wide(nn.Module):
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def broken(num_classes):
+    raise ValueError("no such checkpoint layout")
+'''
+
+
+def test_a_user_factory_that_needs_arguments_or_raises_is_one_line(fmnist, tmp_path, monkeypatch):
+    """The user's factory is called with num_classes and image_shape, and --arch-args: one it needs besides,
+    or an error it raises while building, was a traceback; it is one line saying what to give."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(FACTORIES)
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "w.pth")
+    mean_std = ("--mean", 0.3, "--std", 0.35)
+    refused(dump(tmp_path / "w.pth", fmnist.spec, tmp_path / "c", "--teacher-arch", "nets.py:Wide", *mean_std),
+            "nets.py:Wide cannot be built: missing a required argument: 'width'", "--arch-args")
+    refused(dump(tmp_path / "w.pth", fmnist.spec, tmp_path / "c", "--teacher-arch", "nets.py:broken", *mean_std),
+            "nets.py:broken raised ValueError while building the model: no such checkpoint layout")
+    refused(dump(tmp_path / "w.pth", fmnist.spec, tmp_path / "c", "--teacher-arch", "nets.py:Wide", "--arch-args",
+                 "width=8,depth=2", *mean_std), "nets.py:Wide does not take the options depth:")
+    refused(invoke("train-teacher", "--data", fmnist.spec, "--arch", "nets.py:Wide", "--epochs", 1, "--device", "cpu",
+                   "--out", tmp_path / "t.pt"), "nets.py:Wide cannot be built", "--arch-args")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t.pt").exists()
+
 # ---------------------------------------------------------------- names
 
 def test_architecture_names_are_unambiguous():
