@@ -206,9 +206,17 @@ def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, vi
     extra = {"logits_codec": codec} if codec else {}  # raw caches keep the identity (and ids) they always had
     if features:  # none: the identity of earlier versions
         extra["features"] = [dict(f) for f in features]
+    # The file's sha256 covers a state dict's weights only: the options its architecture is built with and
+    # the user's code it is built from make the teacher too (added only where present, so that the
+    # identities, and ids, of the caches of other teachers stay what they were).
+    built = {}
+    if teacher.kind in ("state_dict", "safetensors") and (teacher.model or {}).get("args"):
+        built["arch_args"] = teacher.model["args"]
+    if teacher.code:
+        built["code_sha256"] = teacher.code
     return {"format_version": fmt.FORMAT_VERSION, **extra,
             "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind,
-                        "output": teacher.output or "auto"},
+                        "output": teacher.output or "auto", **built},
             "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),

@@ -570,6 +570,48 @@ def test_a_user_factory_that_needs_arguments_or_raises_is_one_line(fmnist, tmp_p
                    "--out", tmp_path / "t.pt"), "nets.py:Wide cannot be built", "--arch-args")
     assert not (tmp_path / "c").exists() and not (tmp_path / "t.pt").exists()
 
+
+SCALED = '''
+import torch.nn as nn
+
+from kdpipe.models import create_model
+
+
+class Scaled(nn.Module):
+    def __init__(self, num_classes, image_shape, scale=1.0):
+        super().__init__()
+        self.net = create_model("cnn_small", num_classes, image_shape)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+'''
+
+
+def test_a_resumed_dump_refuses_other_architecture_options_or_code(ref, tmp_path, monkeypatch):
+    """A state dict's sha256 covers its weights only: the same file with other --arch-args, or built from
+    the user's code after it was edited, is another teacher. Resuming with either used to keep the shards
+    of the first and add those of the second, one cache of two teachers (and a finished cache was
+    'already complete'); the dump is refused, naming the difference."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(SCALED)
+    torch.save({"net." + k: v for k, v in ref.net.state_dict().items()}, tmp_path / "w.pth")
+    out = tmp_path / "c"
+    args = ("--teacher-arch", "nets.py:Scaled", *ref.norm, "--shard-rows", 256)
+    ok(dump(tmp_path / "w.pth", ref.spec, out, *args))
+    (out / "manifest.json").unlink()
+    (out / "shard-00003.h5").unlink()  # as if the dump had been killed before its last shard
+    refused(dump(tmp_path / "w.pth", ref.spec, out, *args, "--arch-args", "scale=3"),
+            "holds a cache made with other arguments (teacher.arch_args was None, now {'scale': 3})")
+    (tmp_path / "nets.py").write_text(SCALED.replace("* self.scale", "* self.scale * 2"))
+    refused(dump(tmp_path / "w.pth", ref.spec, out, *args), "teacher.code_sha256 was")
+    (tmp_path / "nets.py").write_text(SCALED)
+    r = ok(dump(tmp_path / "w.pth", ref.spec, out, *args))
+    assert "resuming: 3 complete shard(s) kept, 1 to compute" in r.output
+    assert_cache_holds(out, ref.net)
+    ok(dump(tmp_path / "w.pth", ref.spec, out, *args, "--arch-args", "scale=3", "--overwrite"))
+    assert_cache_holds(out, lambda x: ref.net(x) * 3)
+
 # ---------------------------------------------------------------- names
 
 def test_architecture_names_are_unambiguous():
