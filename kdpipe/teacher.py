@@ -256,7 +256,12 @@ def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
     root = hook_root(teacher.module, teacher.kind)
     dev = next(iter(teacher.module.parameters()), torch.zeros(0)).device
     with torch.no_grad(), FeatureTap(root, layers) as tap:
-        teacher.module.eval()(torch.zeros((2, *in_shape), device=dev))
+        try:
+            teacher.module.eval()(torch.zeros((2, *in_shape), device=dev))
+        except KDPipeError:
+            raise
+        except Exception as e:
+            raise KDPipeError(f"the teacher fails on inputs of shape {(2, *tuple(in_shape))}: {error_line(e)}") from None
         got = tap.take()
     return [{"layer": layer, "shape": [int(v) for v in got[layer].shape[1:]]} for layer in layers]
 
