@@ -196,7 +196,6 @@ class CachedViews:
                            torch.tensor(lg["temperatures"], dtype=torch.float32, device=self.device),
                            tuple(float(t) for t in lg["temperatures"]))
 
-
     def _finite(self, logits: torch.Tensor, v: int) -> torch.Tensor:
         """`logits` (view v's rows, in sample order), refused when some are NaN or Inf: a dump never writes
         those (its writer refuses them), so the shards changed since (stage two does not re-hash them), and
