@@ -71,6 +71,7 @@ class LoadedModel:
     info: dict
     output: str | None = None  # --teacher-output: None picks the logits by the rules of TeacherOutput
     model: dict | None = None  # how the architecture is rebuilt (kdpipe.models.model_recipe), if kdpipe builds it
+    code: str | None = None  # sha256 of the user's source file the network was built from now (None: not user code)
 
     def identity(self) -> dict:
         out = {"arch": self.arch, "kind": self.kind, "fingerprint": self.fingerprint,
@@ -239,12 +240,12 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
     fp = file_sha256(path)
 
     def done(module, arch_name, kind, num_classes=None, image_shape=None, mean=None, std=None, info=None,
-             model=None, frozen=False):
+             model=None, frozen=False, code=None):
         # kdpipe's own networks return logits (their training needs it): they stay bare, so their
         # state_dict keeps its keys; every other kind passes through TeacherOutput.
         module = module.eval() if kind == "kdpipe" else TeacherOutput(module, output, frozen=frozen).eval()
         return LoadedModel(module, arch_name, kind, fp, num_classes, image_shape, mean, std, str(path), info or {},
-                           output, model)
+                           output, model, code)
 
     if kind in ("torchscript", "export") and arch is not None:
         raise KDPipeError(f"{path} is a {'TorchScript' if kind == 'torchscript' else 'torch.export'} program, "
@@ -298,10 +299,10 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
         if arch is not None:
             raise KDPipeError(f"{path} is a kdpipe checkpoint, which records its architecture "
                               f"({obj['arch']}): drop --teacher-arch")
-        model, recipe = _rebuild(obj, path, warn)
+        model, recipe, code = _rebuild(obj, path, warn)
         info = {k: v for k, v in obj.items() if k != "state_dict"}
         return done(model, obj["arch"], "kdpipe", obj["num_classes"], tuple(obj["image_shape"]), obj["mean"],
-                    obj["std"], info, recipe)
+                    obj["std"], info, recipe, code=code)
     return _from_state(obj, path, "state_dict", arch, arch_args, image_shape, num_classes, done)
 
 
@@ -315,11 +316,13 @@ def _from_state(obj, path, kind, arch, arch_args, image_shape, num_classes, done
                           f"{len(state)} tensors with no architecture: give --teacher-arch NAME (and --arch-args)")
     model = create_model(arch, num_classes, tuple(image_shape), arch_args)
     _load_state(model, state, path, arch)
-    return done(model, arch, kind, num_classes, tuple(image_shape), model=model_recipe(arch, arch_args))
+    recipe = model_recipe(arch, arch_args)
+    return done(model, arch, kind, num_classes, tuple(image_shape), model=recipe, code=recipe.get("sha256"))
 
 
-def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict]:
-    """The network of a kdpipe checkpoint, built from its recorded recipe (older checkpoints: its arch)."""
+def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict, str | None]:
+    """The network of a kdpipe checkpoint, built from its recorded recipe (older checkpoints: its arch), and
+    the sha256 of the user's source file it was built from now (None: not user code)."""
     recipe = obj.get("model") or {"spec": canonical(obj["arch"]), "args": {}}
     spec = recipe["spec"]
     if "file" in recipe:  # the user's file: as written, else at its recorded absolute place
@@ -332,7 +335,7 @@ def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict]:
             warn(w)
     model = create_model(spec, obj["num_classes"], tuple(obj["image_shape"]), recipe.get("args"))
     _load_state(model, obj["state_dict"], path, recipe["spec"])
-    return model, recipe
+    return model, recipe, model_recipe(spec).get("sha256")
 
 
 # Prefixes that wrappers put before every weight's name: DataParallel/DDP ("module."), torch.compile

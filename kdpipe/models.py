@@ -232,7 +232,8 @@ def check_model(name: str, num_classes: int, image_shape, args: dict | None = No
         with torch.no_grad():
             out = net(torch.zeros((2, *image_shape)))
     except Exception as e:
-        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {_first_line(e)}") from None
+        from kdpipe.util import error_line
+        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {error_line(e)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise KDPipeError(f"{name} returns {got} for a batch of 2, not logits (2, {num_classes}): kdpipe trains "
@@ -240,12 +241,34 @@ def check_model(name: str, num_classes: int, image_shape, args: dict | None = No
 
 
 def _call(factory, name, args, **fixed):
+    """factory(**fixed, **args); arguments that do not fit its signature, and any error the factory (the
+    user's code) raises while it builds, are one-line KDPipeErrors."""
     try:
-        return factory(**fixed, **args)
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have none: let the call say
+        sig = None
+    try:
+        if sig is not None:
+            sig.bind(**fixed, **args)
+        else:
+            return factory(**fixed, **args)
     except TypeError as e:
         if args and "argument" in str(e):
-            raise KDPipeError(f"{name} does not take the options {', '.join(args)}: {_first_line(e)}") from None
+            takes = sig.parameters if sig is not None and not any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()) else {}
+            unknown = [k for k in args if k not in takes] or list(args)
+            raise KDPipeError(f"{name} does not take the options {', '.join(unknown)}: {_first_line(e)}") from None
+        if "argument" not in str(e):
+            raise
+        raise KDPipeError(f"{name} cannot be built: {_first_line(e)}; kdpipe gives num_classes and image_shape, "
+                          "give the others with --arch-args KEY=VALUE,...") from None
+    try:
+        return factory(**fixed, **args)
+    except KDPipeError:
         raise
+    except Exception as e:
+        from kdpipe.util import error_line
+        raise KDPipeError(f"{name} raised {type(e).__name__} while building the model: {error_line(e)}") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -157,7 +157,7 @@ class CachedViews:
         v = epoch % cache.num_views
         if rows is None:
             params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
-            logits = self._targets(lambda name: _signed(cache.read_view(v, name))) if self.logits else None
+            logits = self._targets(lambda name: _signed(cache.read_view(v, name)), v) if self.logits else None
             if self.features:
                 return params, WithFeatures(logits, torch.from_numpy(cache.read_view(v, self.features)).to(device))
             return params, logits
@@ -179,21 +179,37 @@ class CachedViews:
                 full = torch.zeros((n, *part.shape[1:]), dtype=part.dtype, device=device)
                 full[share] = part
                 return full
-            logits = self._targets(read)
+            logits = self._targets(read, v)
             if self.features:
                 return params, WithFeatures(logits, read(self.features))
         return params, logits
 
-    def _targets(self, read):
-        """The epoch's teacher targets from read(column) (rows in sample order): the logits tensor, or for
-        the top-k codec a TopKTargets."""
+    def _targets(self, read, v: int):
+        """The epoch's teacher targets from read(column) (rows in sample order) of view v: the logits tensor,
+        or for the top-k codec a TopKTargets."""
         lg = self.cache.manifest["logits"]
         if lg["codec"] != "topk":
-            return torch.as_tensor(read("logits"), device=self.device)
+            return self._finite(torch.as_tensor(read("logits"), device=self.device), v)
         values, indices, rest = (torch.as_tensor(read(name), device=self.device) for name in fmt.TOPK_COLUMNS)
+        self._finite(values, v)
         return TopKTargets(values, indices.long(), rest,
                            torch.tensor(lg["temperatures"], dtype=torch.float32, device=self.device),
                            tuple(float(t) for t in lg["temperatures"]))
+
+    def _finite(self, logits: torch.Tensor, v: int) -> torch.Tensor:
+        """`logits` (view v's rows, in sample order), refused when some are NaN or Inf: a dump never writes
+        those (its writer refuses them), so the shards changed since (stage two does not re-hash them), and
+        training on them would only end in a loss of NaN, blamed on the learning rate."""
+        bad = ~torch.isfinite(logits).all(1)
+        if not bool(bad.any()):
+            return logits
+        cache, rows = self.cache, (v * self.n + bad.nonzero().flatten().cpu().numpy()).tolist()
+        shards = sorted({s["file"] for s in cache.manifest["shards"] for r in rows
+                         if s["row_start"] <= r < s["row_stop"]})
+        raise KDPipeError(f"cache {cache.path} holds NaN or Inf teacher logits in {len(rows)} row(s) of view {v} "
+                          f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''} in "
+                          f"{', '.join(shards)}), which a dump never writes: the cache is damaged; run kdpipe "
+                          f"verify-cache {cache.path} and repair it as it says")
 
 
 class WithFeatures:

@@ -22,7 +22,7 @@ from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
 from kdpipe.normalization import resolve_input
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file
-from kdpipe.util import Progress, channels_last, ensure_parent, human_bytes, images_tensor
+from kdpipe.util import Progress, channels_last, ensure_parent, error_line, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
 
@@ -185,15 +185,38 @@ def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: i
     return None, summary
 
 
+def check_teacher_stable(first: np.ndarray, again: np.ndarray, atol: float, rtol: float) -> str | None:
+    """A reason to stop, or None: the teacher's outputs on the probe's inputs, run twice in batches of
+    different sizes, must agree within (atol, rtol), verify-cache's tolerance for float16. Dropout or batch
+    norm left in training mode (which a traced or scripted model keeps from when it was traced) breaks
+    this, and the cache would then hold logits the teacher does not give again."""
+    off = ~np.isclose(first, again, rtol=rtol, atol=atol, equal_nan=True).all(axis=1)  # NaN: the writer's to name
+    if not off.any():
+        return None
+    return (f"the teacher's outputs change when it runs again on the same inputs ({int(off.sum())} of {len(off)} "
+            f"probe samples, max |diff| {float(np.nanmax(np.abs(first - again)[off])):.3g}, batches of another "
+            "size): it "
+            "has dropout or batch norm in training mode, or other randomness; save or export it after "
+            "model.eval() (a traced or scripted model keeps the mode it was traced in), or pass --force")
+
+
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
                    logits_dtype: str, shard_rows: int, batch_size: int, norm: dict,
                    codec: dict | None = None, features=()) -> dict:
     extra = {"logits_codec": codec} if codec else {}  # raw caches keep the identity (and ids) they always had
     if features:  # none: the identity of earlier versions
         extra["features"] = [dict(f) for f in features]
+    # The file's sha256 covers a state dict's weights only: the options its architecture is built with and
+    # the user's code it is built from make the teacher too (added only where present, so that the
+    # identities, and ids, of the caches of other teachers stay what they were).
+    built = {}
+    if teacher.kind in ("state_dict", "safetensors") and (teacher.model or {}).get("args"):
+        built["arch_args"] = teacher.model["args"]
+    if teacher.code:
+        built["code_sha256"] = teacher.code
     return {"format_version": fmt.FORMAT_VERSION, **extra,
             "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind,
-                        "output": teacher.output or "auto"},
+                        "output": teacher.output or "auto", **built},
             "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),
@@ -233,7 +256,12 @@ def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
     root = hook_root(teacher.module, teacher.kind)
     dev = next(iter(teacher.module.parameters()), torch.zeros(0)).device
     with torch.no_grad(), FeatureTap(root, layers) as tap:
-        teacher.module.eval()(torch.zeros((2, *in_shape), device=dev))
+        try:
+            teacher.module.eval()(torch.zeros((2, *in_shape), device=dev))
+        except KDPipeError:
+            raise
+        except Exception as e:
+            raise KDPipeError(f"the teacher fails on inputs of shape {(2, *tuple(in_shape))}: {error_line(e)}") from None
         got = tap.take()
     return [{"layer": layer, "shape": [int(v) for v in got[layer].shape[1:]]} for layer in layers]
 
@@ -340,34 +368,46 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         return param_cache[k]
 
     # Probe the teacher on the clean views of a few hundred training samples before spending time or
-    # touching OUT: its output shape, then outputs that are probabilities or at chance level.
+    # touching OUT: its output shape, then outputs that are probabilities or at chance level, then outputs
+    # that change when it runs again on the same inputs in other batches.
     sel = probe_rows(n)
-    with torch.no_grad():
-        pp = torch.from_numpy(eval_params(policy, data.image_shape, len(sel))).to(device)
+
+    def probe(bs: int) -> np.ndarray:
         chunks = []
-        for b in range(0, len(sel), batch_size):
-            x = policy.replay(images[torch.from_numpy(sel[b:b + batch_size]).to(device)], pp[b:b + batch_size],
-                              mean, std)
-            try:
-                out = teacher_mod(x)
-            except KDPipeError:
-                raise
-            except Exception as e:
-                raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: "
-                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"
-                                  ) from None
-            if out.ndim != 2 or out.shape[1] != data.num_classes:
-                raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
-                                  f"{data.spec} has {data.num_classes} classes")
-            chunks.append(out.float().cpu())
-    stop, summary = check_teacher_outputs(torch.cat(chunks).numpy(), labels[sel], data.num_classes,
+        with torch.no_grad():
+            pp = torch.from_numpy(eval_params(policy, data.image_shape, len(sel))).to(device)
+            for b in range(0, len(sel), bs):
+                x = policy.replay(images[torch.from_numpy(sel[b:b + bs]).to(device)], pp[b:b + bs], mean, std)
+                try:
+                    out = teacher_mod(x)
+                except KDPipeError:
+                    raise
+                except Exception as e:
+                    raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: {error_line(e)}"
+                                      ) from None
+                if out.ndim != 2 or out.shape[1] != data.num_classes:
+                    raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
+                                      f"{data.spec} has {data.num_classes} classes")
+                chunks.append(out.float().cpu())
+        return torch.cat(chunks).numpy()
+
+    first = probe(batch_size)
+    stop, summary = check_teacher_outputs(first, labels[sel], data.num_classes,
                                           chance_level(labels, data.num_classes),
                                           "training samples" if data.split == "train" else f"{data.split} samples")
     log(summary)
-    if stop is not None:
+    # At least float16's tolerance, even for a float32 cache: on CUDA, kernels picked by batch size (TF32
+    # convolutions) differ in the last bits, while dropout or batch statistics move logits far more.
+    from kdpipe.verify import tolerance
+    tol = tolerance({"logits": {"dtype": "float16"},
+                     "dump": {"amp": amp, "autocast_dtype": str(AMP_DTYPE).removeprefix("torch.") if amp else None}})
+    unstable = check_teacher_stable(first, probe(max(1, min(batch_size, len(sel)) // 2)), *tol)
+    for reason in (stop, unstable):
+        if reason is None:
+            continue
         if not force:
-            raise KDPipeError(stop)
-        log(f"warning (--force): {stop}")
+            raise KDPipeError(reason)
+        log(f"warning (--force): {reason}")
 
     try:  # OUT stays locked (OUT/.lock, rank 0's) from its check to the manifest: one dump at a time
         finished = writer.open()

@@ -134,6 +134,18 @@ def hdf5_open_error(path, e: OSError) -> KDPipeError:
     return KDPipeError(f"cannot open {path} as HDF5: {e} (truncated or not a kdpipe shard)")
 
 
+TORCHSCRIPT_FAILED = "The following operation failed in the TorchScript interpreter"
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error raised inside the user's model: its message's first line; for an error raised
+    inside TorchScript, whose message opens with the interpreter's traceback, the error at its end (e.g.
+    "RuntimeError: ... expected input[2, 1, 28, 28] to have 3 channels, but got 1 channels instead")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    return (lines[-1] if lines[0].startswith(TORCHSCRIPT_FAILED) else lines[0])[:200]
+
 # ---------------------------------------------------------------- environment variables
 
 def _positive_int(raw: str) -> int:

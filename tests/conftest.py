@@ -241,10 +241,10 @@ def dump_and_capture(teacher_path, data, test, out, *, policy, views, **kwargs) 
         result = dump_logits(teacher, data, test, out, policy=policy, views=views, log=quiet, **kwargs)
     finally:
         handle.remove()
-    # First come dump_logits' probe calls (its clean views of probe_rows); then the cache's rows in order;
-    # then the test split.
+    # First come dump_logits' probe calls (its clean views of probe_rows, twice: in batches of two sizes);
+    # then the cache's rows in order; then the test split.
     from kdpipe.teacher import probe_rows
-    probe, first = len(probe_rows(len(data))), 0
+    probe, first = 2 * len(probe_rows(len(data))), 0
     while probe > 0 and first < len(calls):
         probe -= len(calls[first][0])
         first += 1

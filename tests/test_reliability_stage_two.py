@@ -108,6 +108,29 @@ def test_stage_two_refuses_a_cache_it_cannot_read_right(shared, tmp_path, change
     assert not (tmp_path / "runs").exists()
 
 
+
+def test_logits_that_turned_nan_or_inf_on_disk_stop_training_naming_the_shard(shared, tmp_path):
+    """Stage two does not re-hash the shards, so damage after the dump can reach it; a dump never writes NaN
+    or Inf logits, though, so those are damage for sure. Training on them diverged and blamed the learning
+    rate; it stops at the epoch that reads them, naming the rows and shards and verify-cache."""
+    cache = Path(shutil.copytree(shared.cache, tmp_path / "cache"))
+    for name, rel, value in (("shard-00001.h5", 50, b"\x00\x7c"), ("shard-00002.h5", 60, b"\x00\x7e")):  # Inf, NaN
+        path = cache / name
+        with h5py.File(path, "r") as f:
+            at = f["logits"].id.get_offset() + rel * f["logits"].shape[1] * 2
+        raw = bytearray(path.read_bytes())
+        raw[at:at + 2] = value
+        path.write_bytes(bytes(raw))
+    res = run_cli(_train_args(cache, tmp_path / "runs"))
+    assert_one_line_error(res, "holds NaN or Inf teacher logits in 1 row(s) of view 0 (rows 250 in shard-00001.h5)",
+                          f"run kdpipe verify-cache {cache}")
+    assert not list((tmp_path / "runs").glob("*/metrics.json"))
+    shutil.copy(shared.cache / "shard-00001.h5", cache / "shard-00001.h5")  # the second epoch reads view 1
+    res = run_cli(_train_args(cache, tmp_path / "runs2"))  # after the first epoch's progress lines
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "of view 1 (rows 460 in shard-00002.h5)" in res.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "runs2").glob("*/metrics.json"))
+
 def test_stage_two_opens_the_cache_read_only(shared, tmp_path, monkeypatch):
     """Every HDF5 open during training is read-only without file locking, and no file of the cache
     changes (contents or modification times)."""

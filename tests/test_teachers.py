@@ -189,6 +189,36 @@ def test_a_softmax_teacher_is_refused_unless_forced(ref, tmp_path):
     assert "warning (--force)" in r.output
 
 
+
+class Dropped(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.net(self.drop(x))
+
+
+def test_a_teacher_left_in_training_mode_is_refused_unless_forced(ref, tmp_path):
+    """Traced in training mode, dropout stays random and batch norm keeps using the batch's statistics,
+    whatever .eval() says later: the cache would hold logits the teacher never gives again (verify-cache
+    then reports every row). The probe runs the teacher twice, in batches of two sizes, and stops."""
+    import copy
+
+    for name, net in (("dropout", Dropped(copy.deepcopy(ref.net))), ("batchnorm", copy.deepcopy(ref.net))):
+        path = tmp_path / f"{name}.ts"
+        torch.jit.trace(net.train(), torch.randn(4, 1, 28, 28), check_trace=False).save(str(path))
+        refused(dump(path, ref.spec, tmp_path / "c", *ref.norm), "the teacher's outputs change when it runs again",
+                "model.eval()", "--force")
+        assert not (tmp_path / "c").exists()
+    r = ok(dump(path, ref.spec, tmp_path / "c", *ref.norm, "--force"))
+    assert "warning (--force): the teacher's outputs change" in r.output
+    # Scripted in training mode, the dropout obeys .eval(): its outputs are stable and it dumps.
+    torch.jit.script(Dropped(copy.deepcopy(ref.net)).train()).save(str(tmp_path / "scripted.ts"))
+    ok(dump(tmp_path / "scripted.ts", ref.spec, tmp_path / "s", *ref.norm))
+    assert_cache_holds(tmp_path / "s", ref.net)
+
 def test_an_untrained_teacher_is_at_chance(tmp_path, fmnist):
     from kdpipe.checkpoint import save_checkpoint
     from kdpipe.models import create_model
@@ -289,6 +319,23 @@ def test_a_torch_export_program_dumps_its_own_outputs(ref, tmp_path):
     refused(dump(tmp_path / "t.pt2", ref.spec, tmp_path / "d", *ref.norm, "--teacher-arch", "cnn_small"),
             "is a torch.export program", "drop --teacher-arch")
 
+
+
+def test_a_torchscript_teacher_that_fails_says_why_not_where(ref, tmp_path):
+    """TorchScript's errors open with 'The following operation failed in the TorchScript interpreter.' and
+    its traceback: the one line must carry the error at its end (here: 3 channels expected, 1 given)."""
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    for name, prog in (("traced", torch.jit.trace(rgb, torch.randn(2, 3, 28, 28))), ("scripted", torch.jit.script(rgb))):
+        prog.save(str(tmp_path / f"{name}.ts"))
+        line = refused(dump(tmp_path / f"{name}.ts", ref.spec, tmp_path / "x", *ref.norm),
+                       "the teacher fails on inputs of shape (256, 1, 28, 28)", "to have 3 channels, but got 1")
+        assert "TorchScript interpreter" not in line
+    # With --features the teacher first runs on two blank inputs to size them: as one line too.
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
+    (tmp_path / "nets.py").write_text("import torch.nn as nn\n\ndef rgb(num_classes):\n    return nn.Sequential("
+                                      "nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))\n")
+    refused(dump(tmp_path / "rgb.pth", ref.spec, tmp_path / "x", "--teacher-arch", f"{tmp_path / 'nets.py'}:rgb",
+                 "--features", "1", *ref.norm), "the teacher fails on inputs of shape (2, 1, 28, 28)", "3 channels")
 
 def test_state_dicts_safetensors_and_pickles(ref, tmp_path, monkeypatch):
     from safetensors.torch import save_file
@@ -492,6 +539,84 @@ def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypat
     refused(invoke("train-student", "--cache", cache, "--student", "nowhere/x.py:Net", "--epochs", 1,
                    "--device", "cpu", "--out", runs), "no such file nowhere/x.py")
 
+
+
+FACTORIES = '''
+import torch.nn as nn
+
+
+class Wide(nn.Module):
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def broken(num_classes):
+    raise ValueError("no such checkpoint layout")
+'''
+
+
+def test_a_user_factory_that_needs_arguments_or_raises_is_one_line(fmnist, tmp_path, monkeypatch):
+    """The user's factory is called with num_classes and image_shape, and --arch-args: one it needs besides,
+    or an error it raises while building, was a traceback; it is one line saying what to give."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(FACTORIES)
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "w.pth")
+    mean_std = ("--mean", 0.3, "--std", 0.35)
+    refused(dump(tmp_path / "w.pth", fmnist.spec, tmp_path / "c", "--teacher-arch", "nets.py:Wide", *mean_std),
+            "nets.py:Wide cannot be built: missing a required argument: 'width'", "--arch-args")
+    refused(dump(tmp_path / "w.pth", fmnist.spec, tmp_path / "c", "--teacher-arch", "nets.py:broken", *mean_std),
+            "nets.py:broken raised ValueError while building the model: no such checkpoint layout")
+    refused(dump(tmp_path / "w.pth", fmnist.spec, tmp_path / "c", "--teacher-arch", "nets.py:Wide", "--arch-args",
+                 "width=8,depth=2", *mean_std), "nets.py:Wide does not take the options depth:")
+    refused(invoke("train-teacher", "--data", fmnist.spec, "--arch", "nets.py:Wide", "--epochs", 1, "--device", "cpu",
+                   "--out", tmp_path / "t.pt"), "nets.py:Wide cannot be built", "--arch-args")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t.pt").exists()
+
+
+SCALED = '''
+import torch.nn as nn
+
+from kdpipe.models import create_model
+
+
+class Scaled(nn.Module):
+    def __init__(self, num_classes, image_shape, scale=1.0):
+        super().__init__()
+        self.net = create_model("cnn_small", num_classes, image_shape)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+'''
+
+
+def test_a_resumed_dump_refuses_other_architecture_options_or_code(ref, tmp_path, monkeypatch):
+    """A state dict's sha256 covers its weights only: the same file with other --arch-args, or built from
+    the user's code after it was edited, is another teacher. Resuming with either used to keep the shards
+    of the first and add those of the second, one cache of two teachers (and a finished cache was
+    'already complete'); the dump is refused, naming the difference."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(SCALED)
+    torch.save({"net." + k: v for k, v in ref.net.state_dict().items()}, tmp_path / "w.pth")
+    out = tmp_path / "c"
+    args = ("--teacher-arch", "nets.py:Scaled", *ref.norm, "--shard-rows", 256)
+    ok(dump(tmp_path / "w.pth", ref.spec, out, *args))
+    (out / "manifest.json").unlink()
+    (out / "shard-00003.h5").unlink()  # as if the dump had been killed before its last shard
+    refused(dump(tmp_path / "w.pth", ref.spec, out, *args, "--arch-args", "scale=3"),
+            "holds a cache made with other arguments (teacher.arch_args was None, now {'scale': 3})")
+    (tmp_path / "nets.py").write_text(SCALED.replace("* self.scale", "* self.scale * 2"))
+    refused(dump(tmp_path / "w.pth", ref.spec, out, *args), "teacher.code_sha256 was")
+    (tmp_path / "nets.py").write_text(SCALED)
+    r = ok(dump(tmp_path / "w.pth", ref.spec, out, *args))
+    assert "resuming: 3 complete shard(s) kept, 1 to compute" in r.output
+    assert_cache_holds(out, ref.net)
+    ok(dump(tmp_path / "w.pth", ref.spec, out, *args, "--arch-args", "scale=3", "--overwrite"))
+    assert_cache_holds(out, lambda x: ref.net(x) * 3)
 
 # ---------------------------------------------------------------- names
 
