@@ -202,8 +202,10 @@ def check_teacher_stable(first: np.ndarray, again: np.ndarray, atol: float, rtol
 
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
                    logits_dtype: str, shard_rows: int, batch_size: int, norm: dict,
-                   codec: dict | None = None, features=()) -> dict:
+                   codec: dict | None = None, features=(), amp: bool = False) -> dict:
     extra = {"logits_codec": codec} if codec else {}  # raw caches keep the identity (and ids) they always had
+    if amp:  # a resumed dump must not add float32 shards to bf16-autocast ones, or the other way round
+        extra["autocast"] = str(AMP_DTYPE).removeprefix("torch.")
     if features:  # none: the identity of earlier versions
         extra["features"] = [dict(f) for f in features]
     # The file's sha256 covers a state dict's weights only: the options its architecture is built with and
@@ -340,7 +342,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     shard_rows = min(shard_rows, n * views)
     feats = feature_shapes(teacher, list(features), in_shape)
     ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm, codec_ident,
-                           feats)
+                           feats, amp)
 
     def label_of(sidx: np.ndarray, vparams: np.ndarray) -> np.ndarray:
         """The class a row's view shows most: its sample's, or a mixed view's partner's where the partner has

@@ -169,6 +169,8 @@ CHANGES = {  # what is changed -> (how the command differs, what the refusal mus
     "policy": (lambda o: {"extra": ["--policy", "none"]}, ["views.spec was crop:4+flip, now none"]),
     "seed": (lambda o: {"seed": 4}, ["views.seed was 3, now 4"]),
     "dtype": (lambda o: {"extra": ["--logits-dtype", "float32"]}, ["logits_dtype was float16, now float32"]),
+    # bf16 autocast: resumed, a cache would hold shards of both precisions and record only the last run's
+    "amp": (lambda o: {"extra": ["--amp"]}, ["autocast was None, now bfloat16"]),
 }
 
 
