@@ -207,13 +207,16 @@ def _first_line(msg) -> str:
 
 def _state_dict_of(obj) -> dict | None:
     """A state dict (name -> tensor), also inside {"state_dict": ...}, {"model": ...} or {"net": ...}; else None."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict", "net"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return dict(obj)
+    def weights(d) -> bool:
+        return isinstance(d, Mapping) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in d.items())
+
+    if weights(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):  # the first wrapper key that holds weights: {"model": config, "model_state_dict": ...}
+        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict", "net") if weights(obj.get(k))), None)
+        if inner is not None:
+            return dict(inner)
     return None
 
 

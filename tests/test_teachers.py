@@ -389,6 +389,11 @@ def test_state_dicts_saved_from_wrappers_load_without_their_prefix(ref, tmp_path
     torch.save(state, tmp_path / "plain.pth")
     assert "starts with" not in ok(dump(tmp_path / "plain.pth", ref.spec, tmp_path / "plain", "--teacher-arch",
                                         "cnn_small", *ref.norm)).stderr
+    # the weights under a later key than one holding something else ({"model": its config}): read, not refused
+    torch.save({"model": {"arch": "cnn_small", "width": 2}, "model_state_dict": state, "epoch": 3},
+               tmp_path / "config.pth")
+    ok(dump(tmp_path / "config.pth", ref.spec, tmp_path / "config", "--teacher-arch", "cnn_small", *ref.norm))
+    assert_cache_holds(tmp_path / "config", ref.net)
     some = {(f"module.{k}" if i % 2 else k): v for i, (k, v) in enumerate(state.items())}
     torch.save(some, tmp_path / "some.pth")
     refused(dump(tmp_path / "some.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
