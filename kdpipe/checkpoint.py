@@ -358,6 +358,33 @@ def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
     return dict(zip(keys, state.values())), removed
 
 
+def _misfit(state: dict, own: dict) -> str:
+    """How the names and shapes of `state` differ from the network's (`own`), in one short line ("" where
+    they fit): the first mismatched shapes, then the missing and unexpected names. An output layer of
+    another width is said to be one, since that (weights for another number of classes) is the usual case."""
+    def few(names):
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    parts = []
+    if shapes:
+        k, theirs, ours = shapes[0]
+        last = [n for n in own if n.endswith(".weight")][-1:]
+        if [k] == last and theirs[1:] == ours[1:]:
+            parts.append(f"its output layer {k} has {theirs[0]} outputs, the architecture {ours[0]} (the data's "
+                         "classes): these weights are for another number of classes")
+        else:
+            parts.append(f"{k} is {theirs} in the file, {ours} in the network"
+                         + (f" (and {len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""))
+    if missing:
+        parts.append(f"missing {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {few(unexpected)}")
+    return "; ".join(parts)
+
+
 def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> None:
     state, removed = _unwrapped(state, set(model.state_dict()))
     if not removed and isinstance(model, nn.Sequential) and len(model) == 2:
@@ -365,6 +392,9 @@ def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> Non
     target = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(k.startswith("1.") for k in state):
         target = model[1]  # a torchvision model wrapped for grey images; weights are for the bare model
+    misfit = _misfit(state, target.state_dict())
+    if misfit:
+        raise KDPipeError(f"the weights in {path} do not fit the architecture {arch}: {misfit}")
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -354,7 +354,12 @@ def test_state_dicts_safetensors_and_pickles(ref, tmp_path, monkeypatch):
             "t.safetensors is a safetensors file of", "tensors with no architecture: give --teacher-arch")
     refused(dump(tmp_path / "t.pth", ref.spec, tmp_path / "x", *ref.norm), "is a state dict of")
     refused(dump(tmp_path / "t.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_tiny", *ref.norm),
-            "do not fit the architecture cnn_tiny")
+            "do not fit the architecture cnn_tiny", "is (16, 1, 3, 3) in the file, (8, 1, 3, 3) in the network")
+    # Weights for another number of classes are said to be that, not cut from torch's long message.
+    from kdpipe.models import create_model
+    torch.save(create_model("cnn_small", 11, (1, 28, 28)).state_dict(), tmp_path / "eleven.pth")
+    refused(dump(tmp_path / "eleven.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "has 11 outputs, the architecture 10", "weights are for another number of classes")
     # A whole pickled model runs code from the file: only with --trust-pickle.
     torch.save(ref.net, tmp_path / "whole.pt")
     refused(dump(tmp_path / "whole.pt", ref.spec, tmp_path / "x", *ref.norm),
