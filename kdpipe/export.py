@@ -105,9 +105,35 @@ def _quiet():
     return stack
 
 
+class _Checked(nn.Module):
+    """A traced model behind a check of its input's dtype and per-sample shape. A trace records no checks:
+    a CNN with global pooling ran on images of another size, and on float images, giving other logits
+    without a word (ONNX and pt2 refuse them)."""
+
+    def __init__(self, traced, shape: list[int], images: bool):
+        super().__init__()
+        self.traced = traced
+        self.shape = shape
+        self.images = images
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        want = "uint8 images (B, " if self.images else "float feature vectors (B, "
+        want = want + ", ".join([str(s) for s in self.shape]) + ")"
+        if x.dim() != len(self.shape) + 1 or x.shape[1:] != self.shape:
+            raise ValueError("this model takes " + want + ", got shape " + str(list(x.shape))
+                             + ": resize (and convert grey/RGB) as its test images were")
+        if self.images and x.dtype != torch.uint8:
+            raise ValueError("this model takes " + want + " in 0..255, got a tensor of another dtype: pass the "
+                             "uint8 pixels, not scaled floats")
+        if not self.images and not x.is_floating_point():
+            raise ValueError("this model takes " + want + ", got a tensor of integers")
+        return self.traced(x)
+
+
 def _torchscript(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     with _quiet():
         ts = torch.jit.trace(model, x, check_trace=False)
+        ts = torch.jit.script(_Checked(ts, [int(s) for s in x.shape[1:]], x.dtype == torch.uint8))
         torch.jit.save(ts, str(out))
 
 

@@ -105,3 +105,32 @@ def test_an_export_that_differs_from_pytorch_is_refused(teacher_ckpt, tmp_path, 
     with pytest.raises(KDPipeError, match="differed from PyTorch.*was removed"):
         export_model(teacher_ckpt, "torchscript", tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_torchscript_file_refuses_images_of_another_size_or_dtype(teacher_ckpt, fmnist, tmp_path):
+    """A trace records no checks: the cnn_small file ran on 32 x 32 images and on images scaled to floats in
+    0..1, giving other logits without a word (pt2 and ONNX refuse them). It says what it takes now."""
+    out = tmp_path / "m.pt"
+    export_model(teacher_ckpt, "torchscript", out)
+    x = torch.from_numpy(np.ascontiguousarray(fmnist.x_test[:3][:, None]))
+    ts = torch.jit.load(str(out))
+    assert ts(x).shape == (3, 10) and ts(x[:1]).shape == (1, 10)
+    bigger = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for bad, message in ((bigger, r"takes uint8 images \(B, 1, 28, 28\), got shape \[3, 1, 32, 32\]"),
+                         (x.float() / 255, "another dtype: pass the uint8 pixels"),
+                         (x.expand(3, 3, 28, 28), r"got shape \[3, 3, 28, 28\]"),
+                         (x[:, 0], r"got shape \[3, 28, 28\]")):
+        with pytest.raises(Exception, match=message):
+            ts(bad)
+
+
+def test_a_torchscript_features_model_refuses_vectors_of_another_length(tmp_path):
+    model = create_model("mlp_100", 3, (6,)).eval()
+    ckpt = tmp_path / "f.pt"
+    save_checkpoint(ckpt, model, arch="mlp_100", num_classes=3, image_shape=(6,), mean=[0.0] * 6, std=[1.0] * 6,
+                    class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    export_model(ckpt, "torchscript", tmp_path / "f.ts")
+    ts = torch.jit.load(str(tmp_path / "f.ts"))
+    assert ts(torch.randn(1, 6)).shape == (1, 3) and ts(torch.randn(4, 6, dtype=torch.float64)).shape == (4, 3)
+    with pytest.raises(Exception, match=r"float feature vectors \(B, 6\), got shape \[2, 7\]"):
+        ts(torch.randn(2, 7))
