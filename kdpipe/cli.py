@@ -818,6 +818,15 @@ def export_cmd(model, fmt, out):
              f"not checked: onnxruntime is not installed ({EXPORT_PIP})")
     click.echo(f"{res['format']} {res['arch']} -> {res['path']} ({res['bytes'] / 1e6:.2f} MB), input "
                f"{res['input']}, {check}")
+    best = Path(model) / "student-best.pt"
+    if Path(model).is_dir() and best.is_file():  # a run whose validation picked an epoch: say which one this is
+        try:
+            m = json.loads((Path(model) / "metrics.json").read_text())
+            last, picked = m.get("epochs", "?"), m["best"]["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            last, picked = "?", "?"
+        click.echo(f"  note: this is student.pt, the last epoch ({last}); the validation picked epoch {picked} "
+                   f"(student-best.pt): export {best} for that one")
 
 
 if __name__ == "__main__":

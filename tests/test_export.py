@@ -134,3 +134,22 @@ def test_a_torchscript_features_model_refuses_vectors_of_another_length(tmp_path
     assert ts(torch.randn(1, 6)).shape == (1, 3) and ts(torch.randn(4, 6, dtype=torch.float64)).shape == (4, 3)
     with pytest.raises(Exception, match=r"float feature vectors \(B, 6\), got shape \[2, 7\]"):
         ts(torch.randn(2, 7))
+
+
+def test_exporting_a_run_with_a_best_epoch_says_which_epoch_it_wrote(student_runs, tmp_path):
+    """A run whose validation picked an epoch holds student-best.pt beside the last epoch's student.pt: the run
+    directory exports student.pt, and says so, with the file of the picked epoch."""
+    import json
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    shutil.copy(run / "student.pt", run / "student-best.pt")
+    m = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**m, "best": {"epoch": 1, "checkpoint": "student-best.pt"}}))
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0, r.output
+    assert (f"this is student.pt, the last epoch (2); the validation picked epoch 1 (student-best.pt): export "
+            f"{run / 'student-best.pt'} for that one") in r.output
+    r = CliRunner().invoke(main, ["export", str(student_runs.out / "mlp_100-T4-a0.9-s0"), "--format", "pt2",
+                                  "--out", str(tmp_path / "n.pt2")])
+    assert r.exit_code == 0 and "note" not in r.output
