@@ -35,7 +35,7 @@ from kdpipe.checkpoint import LoadedModel
 from kdpipe.data import ImageData
 from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
-from kdpipe.export import load_model
+from kdpipe.export import finite, load_model
 from kdpipe.losses import create_loss
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import ViewPolicy, create_policy, policy_from_identity
@@ -439,8 +439,15 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             add(Row(name, f"prune {kind} {s:.0%}", "teacher", finalize(m).eval(), teacher,
                     finetune=ft_desc if finetune_epochs else "none", note=note))
     for run_name, loaded in students:
-        srow = Row(run_name, "distilled" if loaded.info.get("_uses_teacher", True) else "scratch (no teacher)",
-                   run_name, loaded.module.eval(), loaded, note=other_data.get(run_name, ""))
+        method = "distilled" if loaded.info.get("_uses_teacher", True) else "scratch (no teacher)"
+        if loaded.info.get("_diverged") or not finite(loaded.module):  # NaN weights: nothing to measure or quantize
+            when = loaded.info.get("_diverged")
+            results.append(Row(run_name, method, run_name, None, loaded,
+                               note=(f"diverged in epoch {when}" if when else "weights not finite")
+                               + ": not measured (its loss became NaN or infinite)"))
+            log(f"  {run_name}: diverged, not measured")
+            continue
+        srow = Row(run_name, method, run_name, loaded.module.eval(), loaded, note=other_data.get(run_name, ""))
         add(srow)
         q = "static" if any(isinstance(x, nn.Conv2d) for x in loaded.module.modules()) else "dynamic"
         _quantized_row(add, results, srow, q, _inputs(_policy_of(loaded, policy), train, calib_rows, loaded.mean,
@@ -535,6 +542,7 @@ def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
         loaded = load_model(d)
         metrics = json.loads((d / "metrics.json").read_text())
         loaded.info["_uses_teacher"] = metrics.get("uses_teacher", metrics.get("alpha", 1) != 0)
+        loaded.info["_diverged"] = metrics.get("diverged_epoch")
         out.append((d.name, loaded))
     return out
 

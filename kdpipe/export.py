@@ -66,6 +66,12 @@ def wrap(loaded: LoadedModel, module: nn.Module | None = None) -> WithNormalizat
                              images=len(loaded.image_shape) == 3).eval()
 
 
+def finite(module: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (a diverged run's are not)."""
+    return all(bool(torch.isfinite(t).all()) for t in list(module.parameters()) + list(module.buffers())
+               if t.is_floating_point())
+
+
 def resolve_model(path) -> Path:
     """A checkpoint file, or a run directory holding one (student.pt, teacher.pt or model.pt)."""
     p = Path(path)
@@ -188,6 +194,9 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     if fmt not in FORMATS:
         raise KDPipeError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    if not finite(module if module is not None else loaded.module):
+        raise KDPipeError(f"the weights of {loaded.file} are not finite (NaN or infinite): its training diverged; "
+                          "export another run, or train it again with a lower --lr")
     out = ensure_parent(out, "export output")
     model = wrap(loaded, module)
     x = example_inputs(loaded, 2)

@@ -371,3 +371,27 @@ def test_a_students_checkpoint_records_its_views(student_runs, cache):
     want = policy_from_identity(Cache(cache.path).manifest["views"]).identity()
     files = list(student_runs.out.glob("*/student.pt"))
     assert files and all(load_model(f).info["view_policy"] == want for f in files)
+
+
+def test_a_diverged_student_is_a_row_that_says_so(fmnist, teacher_ckpt, tmp_path):
+    """A run whose loss became NaN has NaN weights: static quantization's observers failed on them with a
+    traceback, and the whole table was lost. Its row now says it diverged; the others are measured."""
+    from kdpipe.data import load_dataset
+
+    train = load_dataset(fmnist.spec, "train")
+    runs = tmp_path / "runs"
+    nan = create_model("cnn_tiny", 10, (1, 28, 28))
+    with torch.no_grad():
+        for p in nan.parameters():
+            p.fill_(float("nan"))
+    d = _student_run(runs, "nan", nan, "cnn_tiny", image_shape=(1, 28, 28), dataset=train.identity())
+    (d / "metrics.json").write_text(json.dumps({"name": "nan", "uses_teacher": True, "diverged_epoch": 2}))
+    _student_run(runs, "ok", create_model("mlp:32", 10, (1, 28, 28)), "mlp:32", image_shape=(1, 28, 28),
+                 dataset=train.identity())
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(runs), "--quantize", "none", "--prune", "none", "--repeats", "1",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert not rows["nan"]["available"] and "diverged in epoch 2: not measured" in rows["nan"]["note"]
+    assert "nan-int8-static" not in rows and rows["ok"]["test_top1"] is not None and rows["ok-int8-dynamic"]["available"]

@@ -153,3 +153,16 @@ def test_exporting_a_run_with_a_best_epoch_says_which_epoch_it_wrote(student_run
     r = CliRunner().invoke(main, ["export", str(student_runs.out / "mlp_100-T4-a0.9-s0"), "--format", "pt2",
                                   "--out", str(tmp_path / "n.pt2")])
     assert r.exit_code == 0 and "note" not in r.output
+
+
+def test_a_diverged_model_is_refused_saying_so(tmp_path):
+    """NaN weights exported, then failed the comparison with PyTorch as an exporter fault ('report this')."""
+    model = create_model("mlp_100", 3, (6,)).eval()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    ckpt = tmp_path / "f.pt"
+    save_checkpoint(ckpt, model, arch="mlp_100", num_classes=3, image_shape=(6,), mean=[0.0] * 6, std=[1.0] * 6,
+                    class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2 and "are not finite (NaN or infinite): its training diverged" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
