@@ -383,6 +383,11 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             raise KDPipeError(f"sparsities must lie strictly between 0 and 1, got {s:g}")
     teacher = load_model(teacher_path)
     students = _students(students_dir) if students_dir else []
+    unfinished = sorted(c.parent.name for c in Path(students_dir).glob("*/config.json")
+                        if not (c.parent / "metrics.json").is_file()) if students_dir else []
+    if unfinished:
+        log(f"note: {len(unfinished)} unfinished run(s) under {students_dir} not measured (run their train-student "
+            f"command again to finish them): {', '.join(unfinished)}")
     if teacher.num_classes != test.num_classes or tuple(teacher.info.get("dataset", {}).get("image_shape", [])) not in (
             (), tuple(test.image_shape)):
         raise KDPipeError(f"the teacher was trained on {teacher.info.get('dataset', {}).get('spec')} "

@@ -395,3 +395,10 @@ def test_a_diverged_student_is_a_row_that_says_so(fmnist, teacher_ckpt, tmp_path
     rows = {row["name"]: row for row in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
     assert not rows["nan"]["available"] and "diverged in epoch 2: not measured" in rows["nan"]["note"]
     assert "nan-int8-static" not in rows and rows["ok"]["test_top1"] is not None and rows["ok-int8-dynamic"]["available"]
+    # an unfinished run (config.json, no metrics.json yet) is named, not left out without a word
+    (runs / "later").mkdir()
+    (runs / "later" / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(runs), "--quantize", "none", "--prune", "none", "--repeats", "1",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "note: 1 unfinished run(s) under" in r.output and ": later" in r.output
