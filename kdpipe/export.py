@@ -165,6 +165,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> None:
 
 
 FORMATS = {"torchscript": _torchscript, "onnx": _onnx, "pt2": _pt2}
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # what export suggests naming a file
 
 
 def run_exported(path, fmt: str, x: torch.Tensor) -> np.ndarray | None:
@@ -193,6 +194,11 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs)."""
     if fmt not in FORMATS:
         raise KDPipeError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    suffix = Path(out).suffix.lower()
+    named = {".onnx": "onnx", ".pt2": "pt2"}.get(suffix)
+    if (named and named != fmt) or (fmt == "pt2" and suffix != ".pt2"):
+        raise KDPipeError(f"--out {out} is not a name for a {fmt} file: name it {SUFFIXES[fmt]} (or give the --format "
+                          "its name says)" + (": torch.export.load reads .pt2 files" if fmt == "pt2" else ""))
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
     if not finite(module if module is not None else loaded.module):
         raise KDPipeError(f"the weights of {loaded.file} are not finite (NaN or infinite): its training diverged; "

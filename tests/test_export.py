@@ -166,3 +166,12 @@ def test_a_diverged_model_is_refused_saying_so(tmp_path):
     r = CliRunner().invoke(main, ["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 2 and "are not finite (NaN or infinite): its training diverged" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt,name", [("pt2", "m.onnx"), ("onnx", "m.pt2"), ("pt2", "m.pt")])
+def test_a_file_name_of_another_format_is_refused(fmt, name, teacher_ckpt, tmp_path):
+    """--format pt2 --out m.onnx wrote a torch.export program named .onnx (onnxruntime then fails on it), and
+    torch.export.load wants .pt2."""
+    r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(tmp_path / name)])
+    assert r.exit_code == 2 and f"is not a name for a {fmt} file" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
