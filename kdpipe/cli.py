@@ -793,9 +793,10 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
     prn = PRUNE_KINDS if not prune else tuple(p for p in prune if p != "none")
-    train = limited(load_dataset(data_spec, "train", data_root, image_size), limit)
+    full_train = load_dataset(data_spec, "train", data_root, image_size)
+    train = limited(full_train, limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
-    res = compress(teacher_file, train, test, out, students_dir=students_dir,
+    res = compress(teacher_file, train, test, out, students_dir=students_dir, full_train=full_train,
                    quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
                    calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,
                    finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed,
@@ -818,6 +819,15 @@ def export_cmd(model, fmt, out):
              f"not checked: onnxruntime is not installed ({EXPORT_PIP})")
     click.echo(f"{res['format']} {res['arch']} -> {res['path']} ({res['bytes'] / 1e6:.2f} MB), input "
                f"{res['input']}, {check}")
+    best = Path(model) / "student-best.pt"
+    if Path(model).is_dir() and best.is_file():  # a run whose validation picked an epoch: say which one this is
+        try:
+            m = json.loads((Path(model) / "metrics.json").read_text())
+            last, picked = m.get("epochs", "?"), m["best"]["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            last, picked = "?", "?"
+        click.echo(f"  note: this is student.pt, the last epoch ({last}); the validation picked epoch {picked} "
+                   f"(student-best.pt): export {best} for that one")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from kdpipe.checkpoint import LoadedModel
 from kdpipe.data import ImageData
 from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
-from kdpipe.export import load_model
+from kdpipe.export import finite, load_model
 from kdpipe.losses import create_loss
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import ViewPolicy, create_policy, policy_from_identity
@@ -308,10 +308,13 @@ def finetune(model: nn.Module, train: ImageData, policy: ViewPolicy, mean, std, 
 
 # ---------------------------------------------------------------- measuring
 
-def _policy_of(teacher: LoadedModel) -> ViewPolicy:
-    """The teacher's view policy (its clean view is what the models see at test time)."""
-    ident = teacher.info.get("view_policy")
-    return policy_from_identity(ident) if ident else create_policy("crop-flip", padding=0)
+def _policy_of(model: LoadedModel, default: ViewPolicy | None = None) -> ViewPolicy:
+    """The view policy a model trained on (its clean view is what it sees at test time): the one its
+    checkpoint records (a teacher's, or a student's cache's), else `default` (the teacher's)."""
+    ident = model.info.get("view_policy")
+    if ident:
+        return policy_from_identity(ident)
+    return default if default is not None else create_policy("crop-flip", padding=0)
 
 
 def _inputs(policy: ViewPolicy, data: ImageData, rows, mean, std) -> torch.Tensor:
@@ -326,6 +329,7 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
     from kdpipe.export import export_model
 
     lo = row.loaded
+    policy = _policy_of(lo, policy)  # a student's own clean view, as train-student measured it
     images = images_tensor(test.images, "cpu")
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
     logits = predict(row.module, images, policy, params, lo.mean, lo.std, batch_size=256)
@@ -360,8 +364,10 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
              quantize=QUANT_KINDS, prune=PRUNE_KINDS, sparsities=(0.5, 0.8), backend: str = "x86",
              calibration: int = 256, finetune_epochs: int = 1, finetune_loss: str = "kd",
              finetune_samples: int | None = None, batch_size: int = 128, lr: float = 0.01, repeats: int = 20,
-             seed: int = 0, device="cpu", log=print) -> dict:
-    """Build, measure and tabulate every compressed model; write compress.md/.json/.png under `out`."""
+             seed: int = 0, device="cpu", full_train: ImageData | None = None, log=print) -> dict:
+    """Build, measure and tabulate every compressed model; write compress.md/.json/.png under `out`.
+    `full_train`: the whole train split that `train` was limited from (default `train`), against which each
+    student's recorded training data is checked (with the student's own limit)."""
     for q in quantize:
         if q not in QUANT_KINDS:
             raise KDPipeError(f"unknown quantization {q!r}: use {', '.join(QUANT_KINDS)}")
@@ -377,15 +383,21 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             raise KDPipeError(f"sparsities must lie strictly between 0 and 1, got {s:g}")
     teacher = load_model(teacher_path)
     students = _students(students_dir) if students_dir else []
+    unfinished = sorted(c.parent.name for c in Path(students_dir).glob("*/config.json")
+                        if not (c.parent / "metrics.json").is_file()) if students_dir else []
+    if unfinished:
+        log(f"note: {len(unfinished)} unfinished run(s) under {students_dir} not measured (run their train-student "
+            f"command again to finish them): {', '.join(unfinished)}")
     if teacher.num_classes != test.num_classes or tuple(teacher.info.get("dataset", {}).get("image_shape", [])) not in (
             (), tuple(test.image_shape)):
         raise KDPipeError(f"the teacher was trained on {teacher.info.get('dataset', {}).get('spec')} "
                           f"({teacher.num_classes} classes), not on {test.spec}")
-    if teacher.info.get("dataset", {}).get("fingerprint") not in (None, train.fingerprint):
+    if _trained_on(teacher.info.get("dataset") or {}, full_train if full_train is not None else train, {}) is False:
         log(f"note: {test.spec} is not the data the teacher was trained on (its fingerprint differs)")
+    policy = _policy_of(teacher)
+    other_data = _check_students(students, policy, test, full_train if full_train is not None else train, log)
     out = ensure_out_dir(out, "compress output")
     models_dir = ensure_out_dir(out / "models", "models folder")
-    policy = _policy_of(teacher)
     mean, std = teacher.mean, teacher.std
     rng = np.random.default_rng(seed)
     calib_rows = np.sort(rng.choice(len(train), size=min(calibration, len(train)), replace=False))
@@ -432,12 +444,19 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             add(Row(name, f"prune {kind} {s:.0%}", "teacher", finalize(m).eval(), teacher,
                     finetune=ft_desc if finetune_epochs else "none", note=note))
     for run_name, loaded in students:
-        srow = Row(run_name, "distilled" if loaded.info.get("_uses_teacher", True) else "scratch (no teacher)",
-                   run_name, loaded.module.eval(), loaded)
+        method = "distilled" if loaded.info.get("_uses_teacher", True) else "scratch (no teacher)"
+        if loaded.info.get("_diverged") or not finite(loaded.module):  # NaN weights: nothing to measure or quantize
+            when = loaded.info.get("_diverged")
+            results.append(Row(run_name, method, run_name, None, loaded,
+                               note=(f"diverged in epoch {when}" if when else "weights not finite")
+                               + ": not measured (its loss became NaN or infinite)"))
+            log(f"  {run_name}: diverged, not measured")
+            continue
+        srow = Row(run_name, method, run_name, loaded.module.eval(), loaded, note=other_data.get(run_name, ""))
         add(srow)
         q = "static" if any(isinstance(x, nn.Conv2d) for x in loaded.module.modules()) else "dynamic"
-        _quantized_row(add, results, srow, q, _inputs(policy, train, calib_rows, loaded.mean, loaded.std),
-                       backend, log)
+        _quantized_row(add, results, srow, q, _inputs(_policy_of(loaded, policy), train, calib_rows, loaded.mean,
+                                                      loaded.std), backend, log)
 
     log(f"measuring {len(results)} model(s) on {test.spec} test ({len(test):,} images)")
     teacher_pred = None
@@ -483,6 +502,39 @@ def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> No
         results.append(Row(name, method, src.source, None, src.loaded, note=str(e)))
 
 
+def _trained_on(d: dict, full_train: ImageData, seen: dict) -> bool | None:
+    """Whether the dataset record `d` of a checkpoint is `full_train` limited as it was (--limit); None where it
+    records no fingerprint. `seen` keeps the fingerprints of the limits already drawn."""
+    from kdpipe.data import limited
+    if not d.get("fingerprint") or d.get("split", full_train.split) != full_train.split:
+        return None
+    key = (d.get("limit"), d.get("limit_sampled", False))
+    if key not in seen:
+        seen[key] = limited(full_train, *key).fingerprint
+    return seen[key] == d["fingerprint"]
+
+
+def _check_students(students, teacher_policy: ViewPolicy, test: ImageData, full_train: ImageData, log) -> dict:
+    """Refuse a student that cannot be measured on `test` (other classes, or inputs its clean view does not
+    give); return run name -> a note for those trained on other data than `full_train` (with their own
+    --limit), whose rows are measured on data they were not trained for."""
+    notes, seen = {}, {}
+    for name, lo in students:
+        if lo.num_classes != test.num_classes:
+            raise KDPipeError(f"student {name} has {lo.num_classes} classes, {test.spec} has {test.num_classes}: "
+                              "give --students runs trained on this data")
+        shape = tuple(_policy_of(lo, teacher_policy).output_shape(tuple(test.image_shape)))
+        if shape != tuple(lo.image_shape):
+            raise KDPipeError(f"student {name} takes inputs {tuple(lo.image_shape)}, the test images' clean views are "
+                              f"{shape}: give --students runs trained on this data and views")
+        d = lo.info.get("dataset") or {}
+        if _trained_on(d, full_train, seen) is False:
+            notes[name] = (f"trained on other data ({d.get('spec')}, {d.get('num_samples', '?')} samples, sha256 "
+                           f"{d['fingerprint'][:12]}) than {full_train.spec}: measured on data it was not trained for")
+            log(f"note: student {name} was {notes[name]}")
+    return notes
+
+
 def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
     """Every run under RUNS_DIR (or RUNS_DIR itself) with a student.pt and metrics.json, by name."""
     import json
@@ -495,6 +547,7 @@ def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
         loaded = load_model(d)
         metrics = json.loads((d / "metrics.json").read_text())
         loaded.info["_uses_teacher"] = metrics.get("uses_teacher", metrics.get("alpha", 1) != 0)
+        loaded.info["_diverged"] = metrics.get("diverged_epoch")
         out.append((d.name, loaded))
     return out
 

@@ -66,6 +66,12 @@ def wrap(loaded: LoadedModel, module: nn.Module | None = None) -> WithNormalizat
                              images=len(loaded.image_shape) == 3).eval()
 
 
+def finite(module: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (a diverged run's are not)."""
+    return all(bool(torch.isfinite(t).all()) for t in list(module.parameters()) + list(module.buffers())
+               if t.is_floating_point())
+
+
 def resolve_model(path) -> Path:
     """A checkpoint file, or a run directory holding one (student.pt, teacher.pt or model.pt)."""
     p = Path(path)
@@ -105,9 +111,35 @@ def _quiet():
     return stack
 
 
+class _Checked(nn.Module):
+    """A traced model behind a check of its input's dtype and per-sample shape. A trace records no checks:
+    a CNN with global pooling ran on images of another size, and on float images, giving other logits
+    without a word (ONNX and pt2 refuse them)."""
+
+    def __init__(self, traced, shape: list[int], images: bool):
+        super().__init__()
+        self.traced = traced
+        self.shape = shape
+        self.images = images
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        want = "uint8 images (B, " if self.images else "float feature vectors (B, "
+        want = want + ", ".join([str(s) for s in self.shape]) + ")"
+        if x.dim() != len(self.shape) + 1 or x.shape[1:] != self.shape:
+            raise ValueError("this model takes " + want + ", got shape " + str(list(x.shape))
+                             + ": resize (and convert grey/RGB) as its test images were")
+        if self.images and x.dtype != torch.uint8:
+            raise ValueError("this model takes " + want + " in 0..255, got a tensor of another dtype: pass the "
+                             "uint8 pixels, not scaled floats")
+        if not self.images and not x.is_floating_point():
+            raise ValueError("this model takes " + want + ", got a tensor of integers")
+        return self.traced(x)
+
+
 def _torchscript(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     with _quiet():
         ts = torch.jit.trace(model, x, check_trace=False)
+        ts = torch.jit.script(_Checked(ts, [int(s) for s in x.shape[1:]], x.dtype == torch.uint8))
         torch.jit.save(ts, str(out))
 
 
@@ -133,6 +165,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> None:
 
 
 FORMATS = {"torchscript": _torchscript, "onnx": _onnx, "pt2": _pt2}
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}  # what export suggests naming a file
 
 
 def run_exported(path, fmt: str, x: torch.Tensor) -> np.ndarray | None:
@@ -161,7 +194,15 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs)."""
     if fmt not in FORMATS:
         raise KDPipeError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    suffix = Path(out).suffix.lower()
+    named = {".onnx": "onnx", ".pt2": "pt2"}.get(suffix)
+    if (named and named != fmt) or (fmt == "pt2" and suffix != ".pt2"):
+        raise KDPipeError(f"--out {out} is not a name for a {fmt} file: name it {SUFFIXES[fmt]} (or give the --format "
+                          "its name says)" + (": torch.export.load reads .pt2 files" if fmt == "pt2" else ""))
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    if not finite(module if module is not None else loaded.module):
+        raise KDPipeError(f"the weights of {loaded.file} are not finite (NaN or infinite): its training diverged; "
+                          "export another run, or train it again with a lower --lr")
     out = ensure_parent(out, "export output")
     model = wrap(loaded, module)
     x = example_inputs(loaded, 2)

@@ -22,7 +22,7 @@ def find_runs(paths) -> list[dict]:
 def scan_runs(paths) -> tuple[list[dict], list[str]]:
     """find_runs, and the directories of unfinished runs: config.json, written when a run's pass starts,
     without metrics.json, written when it ends (kdpipe.resume)."""
-    found, unfinished = [], []
+    found, unfinished, seen = [], [], set()
     for p in map(Path, paths):
         started = []
         if (p / "metrics.json").is_file():
@@ -38,6 +38,9 @@ def scan_runs(paths) -> tuple[list[dict], list[str]]:
         if not files and not started:
             raise KDPipeError(f"{p} holds no runs (no metrics.json in it or its sub-directories)")
         for f in files:
+            if f.resolve() in seen:  # given twice (a run and its parent): one run, counted once
+                continue
+            seen.add(f.resolve())
             try:
                 m = json.loads(f.read_text())
             except (OSError, ValueError) as e:
@@ -80,7 +83,59 @@ def _setting(r) -> str:
     the cache(s) it trained from where the report holds runs of several (_mark_sources)."""
     name = re.sub(r"-s\d+$", "", r["name"])
     name = name if re.search(r"-e\d+(-|$)", name) else name + f" ({r.get('epochs', '?')} ep)"
-    return name + (f" [{r['_source']}]" if r.get("_source") else "")
+    return name + (f" [{r['_source']}]" if r.get("_source") else "") + _variant(r)
+
+
+def _variant(r) -> str:
+    return f" {{{r['_variant']}}}" if r.get("_variant") else ""
+
+
+# config.json keys that are not settings a run's name may leave out: where and with what it ran, its seed, its
+# cache(s) (_mark_sources labels those) and autocast (the device's).
+_NOT_VARIANT = ("run", "device", "cache", "cache_id", "ensemble", "ensemble_paths", "kdpipe_version",
+                "torch_version", "seed", "amp")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def _mark_variants(runs) -> None:
+    """Runs of one name (and cache) whose config.json holds other settings that the name leaves out (the
+    architecture's --arch-args, the batch size with otherwise default training, a hint layer) are not seeds of
+    one setting: each gets "_variant", the settings that differ ("arch_args.width=4"). Two runs of one setting
+    and one seed are the same run twice, and are refused."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r.get("dataset", "?"), _setting(r))].append(r)
+    for rs in groups.values():
+        sig = {}
+        for r in rs:
+            f = Path(r["_dir"]) / "config.json" if r.get("_dir") else None
+            try:
+                cfg = json.loads(f.read_text()) if f is not None and f.is_file() else None
+            except (OSError, ValueError):
+                cfg = None
+            sig[id(r)] = _flat({k: v for k, v in cfg.items() if k not in _NOT_VARIANT}) if isinstance(cfg, dict) else {}
+        keys = sorted({k for x in sig.values() for k in x})
+        differ = [k for k in keys if len({sig[id(r)].get(k) for r in rs if sig[id(r)]}) > 1]
+        for r in rs:
+            if differ and sig[id(r)]:
+                r["_variant"] = ", ".join(f"{k}={json.loads(sig[id(r)][k]) if k in sig[id(r)] else '-'}"
+                                          for k in differ)
+        seen = {}
+        for r in rs:
+            key = (r.get("_variant", ""), r["seed"])
+            if key in seen:
+                raise KDPipeError(f"{seen[key]['_dir']} and {r['_dir']} are one setting with one seed ({r['seed']}), "
+                                  "the same run twice: report one of them")
+            seen[key] = r
 
 
 def _cache_ids(r) -> tuple:
@@ -171,6 +226,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     each table row names its dataset, as it always does)."""
     runs, unfinished = scan_runs(run_paths)
     _mark_sources(runs)
+    _mark_variants(runs)
     datasets = sorted({r.get("dataset", "?") for r in runs})
     if len(datasets) > 1 and not mix_datasets:
         raise KDPipeError(f"the runs come from {len(datasets)} datasets ({', '.join(datasets)}): report each "
@@ -202,7 +258,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                                         _setting(r), r["seed"]))
     for r in order:
         best = r.get("best")
-        lines.append(f"| {r['arch']} | {_role(r)} | {_loss(r)} | "
+        lines.append(f"| {r['arch']}{_variant(r)} | {_role(r)} | {_loss(r)} | "
                      f"{'' if _scratch(r) else _num(r['temperature'])} | {r['alpha']:g} | {r.get('optimizer', 'sgd')} | "
                      f"{_num(r.get('lr'))} | {r.get('epochs', '')} | {r['seed']} | {r.get('dataset', '?')} | "
                      f"{_fmt(r.get('test_top1'))}{_diverged(r)} | {_fmt(r.get('teacher_agreement'))} | "
@@ -217,7 +273,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         acc, acc_sd = _mean_std([r.get("test_top1") for r in rs])
         agr, agr_sd = _mean_std([r.get("teacher_agreement") for r in rs])
         r0 = rs[0]
-        summary.append({"setting": setting, "dataset": dataset, "arch": r0["arch"], "loss": _loss(r0),
+        summary.append({"setting": setting, "dataset": dataset, "arch": r0["arch"], "variant": r0.get("_variant"),
+                        "loss": _loss(r0),
                         "scratch": _scratch(r0), "alpha": r0["alpha"],
                         "temperature": None if _scratch(r0) else r0["temperature"],
                         "optimizer": r0.get("optimizer", "sgd"), "lr": r0.get("lr"), "epochs": r0.get("epochs"),
@@ -232,7 +289,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                   "training time (s, mean) |",
                   "|" + "---|" * 13]
         for s in summary:
-            lines.append(f"| {s['arch']} | {'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
+            lines.append(f"| {s['arch']}{_variant({'_variant': s['variant']})} | "
+                         f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
                          f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | {_fmt(s['test_top1_mean'])} ± "
                          f"{_fmt(s['test_top1_std'])}" + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
@@ -272,7 +330,7 @@ def _twin_key(r):
     whose views they saw (where the report holds several)."""
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
             r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
-            bool(r.get("training", {}).get("val_split")), r.get("_source", ""))
+            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""))
 
 
 def versus_scratch(groups) -> list[dict]:

@@ -705,16 +705,19 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
                   mean=cache.manifest["input"]["mean"], std=cache.manifest["input"]["std"],
                   class_names=cache.manifest["dataset"]["class_names"],
                   dataset={k: v for k, v in cache.manifest["dataset"].items()}, arch_args=r.arch_args)
+    # the views' policy, whose clean view is what the student sees at test time (kdpipe compress measures it so)
+    view_policy = policy_from_identity(cache.manifest["views"]).identity()
     if track.best_epoch is not None:
         chosen = {"selected_by": "val_top1", "validation": "val_split" if val is not None else "val_fraction"}
         best_model = create_model(r.arch, cache.num_classes, in_shape, r.arch_args)
         best_model.load_state_dict(track.best_state)
         save_checkpoint(rdir / "student-best.pt", best_model, **common, test_top1=track.best_eval.get("test_top1"),
-                        extra={"role": "student", "run": r.name, "epoch": track.best_epoch, **chosen})
+                        extra={"role": "student", "run": r.name, "epoch": track.best_epoch, "view_policy": view_policy,
+                               **chosen})
         metrics["best"] = {"epoch": track.best_epoch, "checkpoint": "student-best.pt", **chosen, **track.best_eval}
     metrics["size_bytes"] = save_checkpoint(
         rdir / "student.pt", r.model, **common, test_top1=metrics.get("test_top1"),
-        extra={"role": "student", "run": r.name, "epoch": epochs})
+        extra={"role": "student", "run": r.name, "epoch": epochs, "view_policy": view_policy})
     atomic_write_json(rdir / "config.json", config)
     atomic_write_bytes(rdir / "history.csv", track.csv())
     atomic_write_json(rdir / "metrics.json", metrics)  # last: its presence marks a finished run

@@ -190,6 +190,12 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
     default) for other losses. Runs with equal names appear once: kd's alpha = 0 ignores T, so it
     appears once per (student, seed)."""
     kd = loss == "kd"
+    labels: dict[str, str] = {}
+    for arch in students:  # two specs written alike in run names would train one run and drop the other
+        other = labels.setdefault(arch_label(arch), str(arch))
+        if other != str(arch):
+            raise KDPipeError(f"--student {other} and --student {arch} would both be named {arch_label(arch)} in "
+                              "run names: rename one file or class, or train them into separate --out directories")
     temperatures = list(temperatures) or [KD_AXES["temperature"] if kd else None]
     alphas = list(alphas) or [KD_AXES["alpha"] if kd else None]
     out, seen = [], set()

@@ -309,3 +309,96 @@ def test_a_teacher_static_quantization_cannot_trace_is_refused_by_the_command(fm
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error: ") and "Traceback" not in r.output
     assert "torch.fx cannot trace it" in err[0] and "--quantize dynamic" in err[0]
+
+
+def _student_run(runs, name, model, arch, *, image_shape, dataset, view_policy=None, num_classes=10):
+    """A run directory as train-student writes it (student.pt and metrics.json), for a model built here."""
+    from kdpipe.checkpoint import save_checkpoint
+
+    d = runs / name
+    d.mkdir(parents=True)
+    save_checkpoint(d / "student.pt", model, arch=arch, num_classes=num_classes, image_shape=image_shape,
+                    mean=[0.3], std=[0.35], class_names=[str(i) for i in range(num_classes)], dataset=dataset,
+                    test_top1=None, extra={"role": "student", **({"view_policy": view_policy} if view_policy else {})})
+    (d / "metrics.json").write_text(json.dumps({"name": name, "uses_teacher": True}))
+    return d
+
+
+def test_a_student_is_measured_on_its_own_clean_view_and_other_data_is_said(fmnist, mnist, teacher_ckpt, tmp_path):
+    """A student's row is measured as train-student measured it: on the clean view of its cache's views (here
+    pad-crop:24, a centre crop), not the teacher's (resized-crop:24, a resize); one trained on other data (the
+    digits) gets a note in its row instead of a number read as comparable; one of other classes is refused."""
+    from kdpipe.checkpoint import save_checkpoint
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+    from kdpipe.engine import predict
+    from kdpipe.evaluate import eval_params, top1
+
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.pt"
+    save_checkpoint(teacher, create_model("cnn_tiny", 10, (1, 24, 24)), arch="cnn_tiny", num_classes=10,
+                    image_shape=(1, 24, 24), mean=[0.3], std=[0.35], class_names=list(train.class_names),
+                    dataset=train.identity(), test_top1=None,
+                    extra={"view_policy": create_policy("resized-crop:24").identity()})
+    crop = create_policy("pad-crop:24")
+    student = create_model("mlp:32", 10, (1, 24, 24)).eval()
+    runs = tmp_path / "runs"
+    _student_run(runs, "mine", student, "mlp:32", image_shape=(1, 24, 24), dataset=train.identity(),
+                 view_policy=crop.identity())
+    digits = load_dataset(mnist.spec, "train")
+    _student_run(runs, "digits", create_model("mlp:32", 10, (1, 24, 24)), "mlp:32", image_shape=(1, 24, 24),
+                 dataset=digits.identity(), view_policy=crop.identity())
+    compress(teacher, train, test, tmp_path / "o", students_dir=runs, quantize=(), prune=(), repeats=1,
+             log=lambda *a: None)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    params = torch.from_numpy(eval_params(crop, test.image_shape, len(test)))
+    want = top1(predict(student, torch.from_numpy(test.images), crop, params, [0.3], [0.35]), test.labels)
+    assert rows["mine"]["test_top1"] == pytest.approx(want, abs=1e-9) and not rows["mine"]["note"]
+    assert "trained on other data" in rows["digits"]["note"] and "measured on data it was not trained for" in \
+        (tmp_path / "o" / "compress.md").read_text()
+    _student_run(runs, "three", create_model("mlp:32", 3, (1, 24, 24)), "mlp:32", image_shape=(1, 24, 24),
+                 dataset=train.identity(), view_policy=crop.identity(), num_classes=3)
+    with pytest.raises(KDPipeError, match="student three has 3 classes"):
+        compress(teacher, train, test, tmp_path / "o2", students_dir=runs, quantize=(), prune=(), repeats=1,
+                 log=lambda *a: None)
+
+
+def test_a_students_checkpoint_records_its_views(student_runs, cache):
+    """compress measures a student on the clean view of the views it trained on: its checkpoint says which."""
+    from kdpipe.cache.reader import Cache
+    from kdpipe.views import policy_from_identity
+    want = policy_from_identity(Cache(cache.path).manifest["views"]).identity()
+    files = list(student_runs.out.glob("*/student.pt"))
+    assert files and all(load_model(f).info["view_policy"] == want for f in files)
+
+
+def test_a_diverged_student_is_a_row_that_says_so(fmnist, teacher_ckpt, tmp_path):
+    """A run whose loss became NaN has NaN weights: static quantization's observers failed on them with a
+    traceback, and the whole table was lost. Its row now says it diverged; the others are measured."""
+    from kdpipe.data import load_dataset
+
+    train = load_dataset(fmnist.spec, "train")
+    runs = tmp_path / "runs"
+    nan = create_model("cnn_tiny", 10, (1, 28, 28))
+    with torch.no_grad():
+        for p in nan.parameters():
+            p.fill_(float("nan"))
+    d = _student_run(runs, "nan", nan, "cnn_tiny", image_shape=(1, 28, 28), dataset=train.identity())
+    (d / "metrics.json").write_text(json.dumps({"name": "nan", "uses_teacher": True, "diverged_epoch": 2}))
+    _student_run(runs, "ok", create_model("mlp:32", 10, (1, 28, 28)), "mlp:32", image_shape=(1, 28, 28),
+                 dataset=train.identity())
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(runs), "--quantize", "none", "--prune", "none", "--repeats", "1",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert not rows["nan"]["available"] and "diverged in epoch 2: not measured" in rows["nan"]["note"]
+    assert "nan-int8-static" not in rows and rows["ok"]["test_top1"] is not None and rows["ok-int8-dynamic"]["available"]
+    # an unfinished run (config.json, no metrics.json yet) is named, not left out without a word
+    (runs / "later").mkdir()
+    (runs / "later" / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(runs), "--quantize", "none", "--prune", "none", "--repeats", "1",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "note: 1 unfinished run(s) under" in r.output and ": later" in r.output

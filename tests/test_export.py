@@ -105,3 +105,73 @@ def test_an_export_that_differs_from_pytorch_is_refused(teacher_ckpt, tmp_path, 
     with pytest.raises(KDPipeError, match="differed from PyTorch.*was removed"):
         export_model(teacher_ckpt, "torchscript", tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_torchscript_file_refuses_images_of_another_size_or_dtype(teacher_ckpt, fmnist, tmp_path):
+    """A trace records no checks: the cnn_small file ran on 32 x 32 images and on images scaled to floats in
+    0..1, giving other logits without a word (pt2 and ONNX refuse them). It says what it takes now."""
+    out = tmp_path / "m.pt"
+    export_model(teacher_ckpt, "torchscript", out)
+    x = torch.from_numpy(np.ascontiguousarray(fmnist.x_test[:3][:, None]))
+    ts = torch.jit.load(str(out))
+    assert ts(x).shape == (3, 10) and ts(x[:1]).shape == (1, 10)
+    bigger = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for bad, message in ((bigger, r"takes uint8 images \(B, 1, 28, 28\), got shape \[3, 1, 32, 32\]"),
+                         (x.float() / 255, "another dtype: pass the uint8 pixels"),
+                         (x.expand(3, 3, 28, 28), r"got shape \[3, 3, 28, 28\]"),
+                         (x[:, 0], r"got shape \[3, 28, 28\]")):
+        with pytest.raises(Exception, match=message):
+            ts(bad)
+
+
+def test_a_torchscript_features_model_refuses_vectors_of_another_length(tmp_path):
+    model = create_model("mlp_100", 3, (6,)).eval()
+    ckpt = tmp_path / "f.pt"
+    save_checkpoint(ckpt, model, arch="mlp_100", num_classes=3, image_shape=(6,), mean=[0.0] * 6, std=[1.0] * 6,
+                    class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    export_model(ckpt, "torchscript", tmp_path / "f.ts")
+    ts = torch.jit.load(str(tmp_path / "f.ts"))
+    assert ts(torch.randn(1, 6)).shape == (1, 3) and ts(torch.randn(4, 6, dtype=torch.float64)).shape == (4, 3)
+    with pytest.raises(Exception, match=r"float feature vectors \(B, 6\), got shape \[2, 7\]"):
+        ts(torch.randn(2, 7))
+
+
+def test_exporting_a_run_with_a_best_epoch_says_which_epoch_it_wrote(student_runs, tmp_path):
+    """A run whose validation picked an epoch holds student-best.pt beside the last epoch's student.pt: the run
+    directory exports student.pt, and says so, with the file of the picked epoch."""
+    import json
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    shutil.copy(run / "student.pt", run / "student-best.pt")
+    m = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**m, "best": {"epoch": 1, "checkpoint": "student-best.pt"}}))
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0, r.output
+    assert (f"this is student.pt, the last epoch (2); the validation picked epoch 1 (student-best.pt): export "
+            f"{run / 'student-best.pt'} for that one") in r.output
+    r = CliRunner().invoke(main, ["export", str(student_runs.out / "mlp_100-T4-a0.9-s0"), "--format", "pt2",
+                                  "--out", str(tmp_path / "n.pt2")])
+    assert r.exit_code == 0 and "note" not in r.output
+
+
+def test_a_diverged_model_is_refused_saying_so(tmp_path):
+    """NaN weights exported, then failed the comparison with PyTorch as an exporter fault ('report this')."""
+    model = create_model("mlp_100", 3, (6,)).eval()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    ckpt = tmp_path / "f.pt"
+    save_checkpoint(ckpt, model, arch="mlp_100", num_classes=3, image_shape=(6,), mean=[0.0] * 6, std=[1.0] * 6,
+                    class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2 and "are not finite (NaN or infinite): its training diverged" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt,name", [("pt2", "m.onnx"), ("onnx", "m.pt2"), ("pt2", "m.pt")])
+def test_a_file_name_of_another_format_is_refused(fmt, name, teacher_ckpt, tmp_path):
+    """--format pt2 --out m.onnx wrote a torch.export program named .onnx (onnxruntime then fails on it), and
+    torch.export.load wants .pt2."""
+    r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(tmp_path / name)])
+    assert r.exit_code == 2 and f"is not a name for a {fmt} file" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()

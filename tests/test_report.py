@@ -254,3 +254,31 @@ def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_r
     build_report([tmp_path / "teacher-a"], tmp_path / "rep-a")
     assert {g["setting"] for g in json.loads((tmp_path / "rep-a" / "summary.json").read_text())["groups"]} == {
         "mlp_100-scratch (2 ep)", "mlp_100-T4-a0.9 (2 ep)"}
+
+
+def test_runs_of_one_name_with_other_settings_are_not_seeds_of_one_setting(student_runs, tmp_path):
+    """One student and cache with other --arch-args (or a batch size its name leaves out), trained into two runs
+    directories: two settings, each labelled with what differs, not one setting of n = 4. The same run given
+    twice is counted once; a copy of a run (one setting, one seed, two places) is refused."""
+    for folder, width, base in (("w4", 4, 0.8), ("w16", 16, 0.6)):
+        for seed in (0, 1):
+            src = student_runs.out / f"mlp_100-T4-a0.9-s{seed}"
+            d = tmp_path / folder / src.name
+            shutil.copytree(src, d)
+            m = json.loads((d / "metrics.json").read_text())
+            (d / "metrics.json").write_text(json.dumps({**m, "test_top1": base + 0.01 * seed}))
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "arch_args": {"width": width}}))
+    build_report([tmp_path / "w4", tmp_path / "w16"], tmp_path / "rep")
+    groups = {g["setting"]: g for g in json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]}
+    assert set(groups) == {"mlp_100-T4-a0.9 (2 ep) {arch_args.width=4}", "mlp_100-T4-a0.9 (2 ep) {arch_args.width=16}"}
+    assert groups["mlp_100-T4-a0.9 (2 ep) {arch_args.width=4}"]["test_top1_mean"] == pytest.approx(0.805)
+    assert all(g["n"] == 2 for g in groups.values())
+    models = {r[0] for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if r[1] == "KD"}
+    assert models == {"mlp_100 {arch_args.width=4}", "mlp_100 {arch_args.width=16}"}
+    # one run given twice (itself and its parent): once
+    res = build_report([tmp_path / "w4", tmp_path / "w4" / "mlp_100-T4-a0.9-s0"], tmp_path / "rep2")
+    assert res["runs"] == 2
+    shutil.copytree(tmp_path / "w4", tmp_path / "w4-copy")
+    with pytest.raises(KDPipeError, match=r"are one setting with one seed \(0\), the same run twice"):
+        build_report([tmp_path / "w4", tmp_path / "w4-copy"], tmp_path / "rep3")

@@ -65,6 +65,13 @@ def test_sweep_is_the_cartesian_product_with_scratch_once_per_student_and_seed()
     assert plan_runs(["a"], [4], [0.9], [0]) == [("a", 4.0, 0.9, 0)]
 
 
+def test_two_students_whose_run_names_would_be_equal_are_refused():
+    # two users' files of one name: both were run names net.py_Net-..., and the second was dropped silently
+    with pytest.raises(KDPipeError, match=r"a/net.py:Net and --student b/net.py:Net would both be named net.py_Net"):
+        plan_runs(["a/net.py:Net", "b/net.py:Net"], [4], [0.9], [0])
+    assert len(plan_runs(["a/net.py:Net", "a/net.py:Net", "b/net.py:Other"], [4], [0.9], [0])) == 2
+
+
 # ---------------------------------------------------------------- equivalence with online KD
 
 @pytest.fixture(scope="module")
