@@ -812,13 +812,17 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
 def export_cmd(model, fmt, out):
     """Write a run's model (or a kdpipe checkpoint) for deployment, with its input normalization inside: it
     takes uint8 images (B, C, H, W), or float32 features (B, D), and returns logits. The file is loaded back
-    and compared with PyTorch (ONNX with onnxruntime, where installed)."""
-    from kdpipe.export import EXPORT_PIP, export_model
-    res = export_model(model, fmt, out)
+    and compared with PyTorch (ONNX with onnxruntime, where installed). FILE.json beside it gives the class
+    of each output, the preprocessing its input needs and the checkpoint it came from."""
+    from kdpipe.export import EXPORT_PIP, export_model, load_model, preprocessing, write_card
+    loaded = load_model(model)
+    res = export_model(loaded, fmt, out)
     check = (f"matches PyTorch (max relative error {res['max_relative_error']:.1e})" if res["checked"] else
              f"not checked: onnxruntime is not installed ({EXPORT_PIP})")
     click.echo(f"{res['format']} {res['arch']} -> {res['path']} ({res['bytes'] / 1e6:.2f} MB), input "
                f"{res['input']}, {check}")
+    click.echo("  its input, made as in training: " + "; then ".join(preprocessing(loaded)))
+    click.echo(f"  classes, preprocessing and source: {write_card(res, loaded)}")
     best = Path(model) / "student-best.pt"
     if Path(model).is_dir() and best.is_file():  # a run whose validation picked an epoch: say which one this is
         try:

@@ -20,8 +20,9 @@ import torch.nn as nn
 
 from kdpipe import KDPipeError
 from kdpipe.checkpoint import LoadedModel, load_teacher
+from kdpipe.cache.writer import atomic_write_json
 from kdpipe.util import ensure_parent
-from kdpipe.views import normalize
+from kdpipe.views import normalize, policy_from_identity
 
 EXPORT_PIP = "pip install 'kdpipe[export]'"  # onnx, onnxscript (torch's ONNX exporter), onnxruntime
 RUN_FILES = ("student.pt", "teacher.pt", "model.pt")  # what a run directory holds, in this order
@@ -58,6 +59,56 @@ def example_inputs(loaded: LoadedModel, n: int = 8, seed: int = 0) -> torch.Tens
         return torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
     mean, std = torch.tensor(loaded.mean), torch.tensor(loaded.std)
     return torch.randn((n, *shape), generator=g) * std + mean
+
+
+def preprocessing(loaded: LoadedModel) -> list[str]:
+    """The steps, in words, that make a user's input what the exported model takes: how its training data was
+    stored (photos resized and cropped), the clean view of the views it trained on, and the dtype and layout.
+    A deployed model given anything else (a photo squashed to size, pixels scaled to 0..1) sees other inputs."""
+    dtype, shape = input_spec(loaded)
+    data = loaded.info.get("dataset") or {}
+    if dtype != torch.uint8:
+        return [f"float32 feature vectors (B, {shape[0]}): the columns in the order of the training file "
+                f"({data.get('spec', '?')}), unscaled (the model normalizes them inside)"]
+    c = shape[0]
+    colour = {1: "grey (1 channel)", 3: "RGB (3 channels, in R, G, B order)"}.get(c, f"{c} channels")
+    stored = tuple(data.get("image_shape") or shape)
+    steps = []
+    if data.get("kind") == "photos":
+        s = data.get("image_size")
+        steps.append(f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize "
+                     f"its shorter side to {s} (PIL bicubic, antialiased) and take the centre {s} x {s}")
+    elif data:
+        steps.append(f"{colour} images of {stored[1]} x {stored[2]}, as in {data.get('spec', '?')}")
+    ident = loaded.info.get("view_policy")
+    if ident:
+        steps += policy_from_identity(ident).clean_steps(stored)
+    elif stored != tuple(shape):
+        steps.append(f"bring it to {shape[1]} x {shape[2]} as the views' clean view did (this checkpoint does "
+                     "not record its views)")
+    steps.append(f"pass uint8 pixels 0..255 as (B, {', '.join(map(str, shape))}), channels first (the model "
+                 "normalizes them inside)")
+    return steps
+
+
+def write_card(res: dict, loaded: LoadedModel) -> Path:
+    """FILE.json beside an exported FILE: what a deployment needs besides the model, namely its input, the
+    preprocessing, the class of each output and where the model came from."""
+    dtype, shape = input_spec(loaded)
+    card = {"model": Path(res["path"]).name, "format": res["format"], "arch": loaded.arch,
+            "input": {"dtype": str(dtype).removeprefix("torch."), "shape": ["B", *shape]},
+            "output": f"raw logits (B, {loaded.num_classes}): output i is class_names[i]; softmax gives "
+                      "probabilities",
+            "class_names": list(loaded.info.get("class_names") or []),
+            "preprocessing": preprocessing(loaded),
+            "normalization_inside": {"mean": list(loaded.mean), "std": list(loaded.std)},
+            "source": {"checkpoint": str(loaded.file), "sha256": loaded.fingerprint,
+                       "dataset": (loaded.info.get("dataset") or {}).get("spec"),
+                       "test_top1": loaded.info.get("test_top1")},
+            "checked_against_pytorch": {"checked": res["checked"], "max_relative_error": res["max_relative_error"]}}
+    path = Path(f"{res['path']}.json")
+    atomic_write_json(path, card)
+    return path
 
 
 def wrap(loaded: LoadedModel, module: nn.Module | None = None) -> WithNormalization:

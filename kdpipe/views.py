@@ -128,6 +128,11 @@ class ViewOp:
         """Apply the op to batch x with its int64 columns p (B, len(columns)), on x's device."""
         return x
 
+    def clean_step(self, shape: tuple[int, ...]) -> str | None:
+        """What the clean view does to a sample of ``shape``, in words for whoever deploys the model and must
+        give it the same input (None: nothing; the clean view of most ops is the sample as it is)."""
+        return None
+
     def folds(self, nxt: ViewOp) -> bool:
         """True if this op replays the next op too (its replay then gets both ops' columns)."""
         return False
@@ -243,6 +248,13 @@ class PadCrop(ViewOp):
         s = self.options["size"]
         ph, pw = self._padded(shape)
         return [np.full(n, (ph - s) // 2), np.full(n, (pw - s) // 2)]
+
+    def clean_step(self, shape):
+        s, (_, h, w) = self.options["size"], shape
+        if (h, w) == (s, s):
+            return None
+        pad = f", padding ({self.options['mode']}) equally on each side shorter than {s}" if min(h, w) < s else ""
+        return f"take the centre {s} x {s} of the {h} x {w} image{pad}"
 
     def folds(self, nxt):
         return isinstance(nxt, Flip)
@@ -384,6 +396,13 @@ class ResizedCrop(ViewOp):
     def clean(self, shape, n):
         _, h, w = shape
         return [np.zeros(n), np.zeros(n), np.full(n, h), np.full(n, w)]
+
+    def clean_step(self, shape):
+        _, h, w = shape
+        s = self.output_shape(shape)[1]
+        if (h, w) == (s, s):
+            return None
+        return f"resize the whole {h} x {w} image to {s} x {s} (bilinear, without antialiasing)"
 
     def folds(self, nxt):
         return isinstance(nxt, Flip)
@@ -635,6 +654,11 @@ class ViewPolicy:
     def sample(self, seed: int, views, data_shape) -> np.ndarray:
         """Parameters (len(views), N, P) for the given view indices."""
         return np.stack([self.sample_view(seed, k, data_shape) for k in views])
+
+    def clean_steps(self, sample_shape) -> list[str]:
+        """What the clean view does to a sample, step by step in words (empty: nothing)."""
+        shapes = self._shapes(sample_shape)
+        return [step for op, s in zip(self.ops, shapes) if (step := op.clean_step(s)) is not None]
 
     def eval_params(self, sample_shape, n: int) -> np.ndarray:
         """Replay parameters (n, P) of the clean view: no jitter, no flip, centred, at the output size."""

@@ -4,6 +4,7 @@ same logits as the checkpoint behind its normalization, on real Fashion-MNIST im
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from kdpipe import KDPipeError
 from kdpipe.checkpoint import save_checkpoint
 from kdpipe.cli import main
-from kdpipe.export import EXPORT_PIP, export_model, load_model, run_exported
+from kdpipe.export import EXPORT_PIP, export_model, load_model, preprocessing, run_exported
 from kdpipe.models import create_model
 
 
@@ -33,7 +34,13 @@ def test_an_exported_model_takes_uint8_images_and_gives_the_checkpoints_logits(f
     r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "matches PyTorch" in r.output and "uint8 (B, 1, 28, 28)" in r.output
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # one file: ONNX weights are not in a side file
+    # the model in one file (ONNX weights are not in a side file) and its card, FILE.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, f"{out.name}.json"]
+    card = json.loads((tmp_path / f"{out.name}.json").read_text())
+    assert card["class_names"] == load_model(teacher_ckpt).info["class_names"] and len(card["class_names"]) == 10
+    assert card["input"] == {"dtype": "uint8", "shape": ["B", 1, 28, 28]} and card["checked_against_pytorch"]["checked"]
+    assert card["preprocessing"][-1].startswith("pass uint8 pixels 0..255 as (B, 1, 28, 28)")
+    assert "its input, made as in training: grey (1 channel) images of 28 x 28" in r.output
     x = fmnist.x_test[:37][:, None]  # an odd batch size: the batch dimension is free
     got = run_exported(out, fmt, torch.from_numpy(np.ascontiguousarray(x)))
     want = _reference(teacher_ckpt, fmnist.x_test[:37])
@@ -49,6 +56,30 @@ def test_a_run_directory_exports_its_student(student_runs, fmnist, tmp_path):
     assert res["checked"] and res["arch"] == "mlp_100"
     got = run_exported(out, "pt2", torch.from_numpy(np.ascontiguousarray(fmnist.x_test[:16][:, None])))
     np.testing.assert_allclose(got, _reference(run / "student.pt", fmnist.x_test[:16]), rtol=1e-4, atol=1e-5)
+
+
+def test_preprocessing_names_the_photo_resize_and_the_clean_view(tmp_path):
+    """A deployed model must get what training gave it: a photo student says how its photos were stored
+    (shorter side resized, centre crop) and what its views' clean view does to them (here pad-crop's
+    centre 32 x 32 of the 40 x 40 stored image; resized-crop's whole image resized)."""
+    from kdpipe.views import create_policy
+    model = create_model("cnn_tiny", 3, (3, 32, 32)).eval()
+    photos = {"spec": "files:food", "kind": "photos", "image_size": 40, "image_shape": [3, 40, 40]}
+    for policy, step in (("pad-crop:32+flip", "take the centre 32 x 32 of the 40 x 40 image"),
+                         ("resized-crop:32+flip", "resize the whole 40 x 40 image to 32 x 32 (bilinear")):
+        ckpt = tmp_path / "p.pt"
+        save_checkpoint(ckpt, model, arch="cnn_tiny", num_classes=3, image_shape=(3, 32, 32), mean=[0.5] * 3,
+                        std=[0.25] * 3, class_names=["a", "b", "c"], dataset=photos, test_top1=0.5,
+                        extra={"view_policy": create_policy(policy).identity()})
+        steps = preprocessing(load_model(ckpt))
+        assert steps[0].startswith("decode the photo, turn it upright by its EXIF orientation and convert it to "
+                                   "RGB (3 channels, in R, G, B order); resize its shorter side to 40"), steps
+        assert steps[1].startswith(step) and len(steps) == 3, steps
+        assert steps[2].startswith("pass uint8 pixels 0..255 as (B, 3, 32, 32)")
+    # the same without a recorded policy (an older checkpoint): the step is named as unknown, not left out
+    save_checkpoint(ckpt, model, arch="cnn_tiny", num_classes=3, image_shape=(3, 32, 32), mean=[0.5] * 3,
+                    std=[0.25] * 3, class_names=["a", "b", "c"], dataset=photos, test_top1=0.5)
+    assert "does not record its views" in preprocessing(load_model(ckpt))[1]
 
 
 def test_a_features_model_takes_float_vectors(tmp_path):
