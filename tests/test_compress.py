@@ -215,6 +215,8 @@ def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckp
         assert rows[s]["teacher_agreement"] == pytest.approx(m["teacher_agreement"], abs=1e-6)
     md = (out / "compress.md").read_text()
     assert md.count("\n| ") == len(rows) + 1 and "ms/image at batch 64" in md and "threads" in md
+    assert "| 0.000 |" not in md  # a latency under 0.1 ms keeps 3 significant digits, not 3 decimals
+
     assert (out / "compress.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -402,3 +404,9 @@ def test_a_diverged_student_is_a_row_that_says_so(fmnist, teacher_ckpt, tmp_path
                                   str(runs), "--quantize", "none", "--prune", "none", "--repeats", "1",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and "note: 1 unfinished run(s) under" in r.output and ": later" in r.output
+
+
+def test_latencies_keep_three_significant_digits():
+    from kdpipe.compress import _ms
+    assert [_ms(x) for x in (0.00043217, 0.012345, 0.09876, 0.5, 12.3456, float("nan"), None)] == [
+        "0.000432", "0.0123", "0.0988", "0.500", "12.346", "–", "–"]
