@@ -629,6 +629,8 @@ class ViewPolicy:
         """Replay parameters (N, P) int32 of one view for N samples; data_shape = (N, *sample_shape)."""
         n = int(data_shape[0])
         shapes = self._shapes(data_shape[1:])
+        if int(seed) < 0:
+            raise KDPipeError(f"the view seed must be >= 0, got {seed}")
         rng = np.random.default_rng([int(seed), int(view)])
         return self._columns([op.draw(rng, n, s) for op, s in zip(self.ops, shapes)], n)
 

@@ -622,3 +622,15 @@ def test_stage_two_replays_the_teachers_views_bit_for_bit(name, fmnist, cifar_fo
     for (e, idx), x in zip(steps, seen):
         want = cap.inputs[(e % k) * n + idx]
         assert torch.equal(x, want), f"epoch {e}: the student's input is not the teacher's view {e % k}"
+
+
+def test_a_negative_view_seed_is_one_line_and_claims_nothing(fmnist, tmp_path):
+    """numpy's seed sequences take no negative integers: a traceback after dump.json was written, before."""
+    with pytest.raises(KDPipeError, match="seed must be >= 0"):
+        create_policy("crop:2").sample_view(-1, 0, (4, 1, 28, 28))
+    from click.testing import CliRunner
+    for cmd in (["dump-logits", "--teacher", str(tmp_path / "t.pt"), "--views", "2"],
+                ["train-teacher", "--arch", "mlp_100", "--epochs", "1"]):
+        res = CliRunner().invoke(cli_main, [*cmd, "--data", fmnist.spec, "--seed", "-1", "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and "--seed" in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "o").exists()
