@@ -446,8 +446,8 @@ class Gauss(ViewOp):
     usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1)"
 
     def check(self):
-        if not self.options["sigma"] >= 0:
-            raise KDPipeError(f"gauss sigma must be >= 0, got {self.options['sigma']}")
+        if not 0 <= self.options["sigma"] <= np.finfo(np.float32).max:  # inf noise makes NaN views
+            raise KDPipeError(f"gauss sigma must be >= 0 and finite, got {self.options['sigma']}")
 
     def draw(self, rng, n, shape):
         return [rng.integers(0, 2**31 - 1, size=n)]

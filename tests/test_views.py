@@ -194,7 +194,8 @@ def test_specs_aliases_and_identity_round_trip():
     ("blur:3", "unknown view op 'blur'"), ("crop", "crop needs padding"), ("crop:x", "bad padding 'x'"),
     ("crop:-1", "padding must be >= 0"), ("crop:1:2", "at most 1 option"), ("pad-crop:20:wrap", "not one of"),
     ("pad-crop:0", "bad size"), ("rotate:500", "[0, 180]"), ("resized-crop:16:0.5", "one option"),
-    ("gauss:-1", "sigma must be >= 0"), ("crop:4+", "unknown view op ''")])
+    ("gauss:-1", "sigma must be >= 0"), ("gauss:inf", "sigma must be >= 0 and finite"),
+    ("gauss:1e39", "finite"), ("gauss:nan", "finite"), ("crop:4+", "unknown view op ''")])
 def test_a_bad_spec_is_one_line_naming_the_syntax(spec, fragment):
     with pytest.raises(KDPipeError) as e:
         create_policy(spec)
