@@ -635,3 +635,32 @@ def test_a_negative_view_seed_is_one_line_and_claims_nothing(fmnist, tmp_path):
         res = CliRunner().invoke(cli_main, [*cmd, "--data", fmnist.spec, "--seed", "-1", "--out", str(tmp_path / "o")])
         assert res.exit_code == 2 and "--seed" in res.output and "Traceback" not in res.output
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spec, shape, fragment", [
+    ("flip+flip", (3, 16, 16), "view op flip is given 2 times in 'flip+flip': give it once"),
+    ("crop:2+flip+crop:2", (3, 16, 16), "view op crop is given 2 times"),
+    ("rotate:10+crop:2+rotate:10", (3, 16, 16), "view op rotate is given 2 times"),
+    ("gauss:1+gauss:2", (12,), "view op gauss is given 2 times"),
+    ("crop:16", (3, 16, 20), "give a padding below 16"),  # a shift of 16 leaves no pixel of a 16-high image
+    ("crop:40", (1, 28, 28), "give a padding below 28"),
+    ("crop:2", (1, 1, 40), "leave crop out"),  # 1 x N rows: 4 views in 5 would be all zero padding
+    ("rotate:15", (1, 1, 40), "leave rotate out"),
+    ("rotate:15", (1, 40, 1), "leave rotate out"),
+    ("resized-crop", (1, 1, 40), "leave resized-crop out"),  # every box is one pixel
+    ("crop-flip", (12,), "for feature vectors give --policy with gauss, mixup, none"),  # the default on a table
+    ("flip", (12,), "--policy none")])
+def test_policies_that_make_no_sense_for_the_data_are_refused_in_one_line(spec, shape, fragment):
+    with pytest.raises(KDPipeError) as e:
+        create_policy(spec, padding=4).output_shape(shape)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec, shape", [
+    ("pad-crop:40:reflect+pad-crop:32", (3, 32, 32)),  # reflect padding, then a random crop: both kept
+    ("resized-crop:24+resized-crop:16", (3, 32, 32)), ("crop:15", (3, 16, 20)), ("crop:0", (1, 1, 40)),
+    ("flip", (1, 1, 40)), ("pad-crop:8", (1, 1, 40)), ("rotate:15", (1, 2, 40))])
+def test_compositions_that_make_sense_still_pass(spec, shape):
+    pol = create_policy(spec)
+    x = torch.zeros((3, *shape), dtype=torch.uint8)
+    assert pol.replay(x, torch.from_numpy(pol.sample_view(0, 0, x.shape)), [0.0] * shape[0], [1.0] * shape[0]).isfinite().all()
