@@ -462,14 +462,16 @@ def hash_normal(seeds: torch.Tensor, m: int) -> torch.Tensor:
 
 @view_op
 class Gauss(ViewOp):
-    """Add N(0, SIGMA^2) noise to every element (feature vectors or images, in their raw units),
-    replayed exactly from a stored per-row seed; seed -1 is the clean view."""
+    """Add N(0, SIGMA^2) noise to every element (feature vectors or images, in their raw units: pixel levels
+    for images, whose views are then clipped to 0..255 as a noisy 8-bit image saturates), replayed exactly
+    from a stored per-row seed; seed -1 is the clean view. Version 2: version 1 did not clip images."""
     name = "gauss"
+    version = 2
     columns = ("noise_seed",)
     params = (("sigma", float, REQUIRED),)
     exact = False
     kinds = ("features", "image")
-    usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1)"
+    usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1 on features, gauss:8 on 0..255 pixels)"
 
     def check(self):
         if not 0 <= self.options["sigma"] <= np.finfo(np.float32).max:  # inf noise makes NaN views
@@ -484,7 +486,8 @@ class Gauss(ViewOp):
     def replay(self, x, p):
         z = hash_normal(p[:, 0], math.prod(x.shape[1:])).view(x.shape)
         on = (p[:, 0] >= 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return x + (self.options["sigma"] * on) * z
+        x = x + (self.options["sigma"] * on) * z
+        return x.clamp(0.0, 255.0) if x.dim() == 4 else x  # images stay pixel values
 
 
 # ---------------------------------------------------------------------- mixing ops
@@ -810,8 +813,11 @@ def policy_from_identity(ident: dict) -> ViewPolicy:
             raise KDPipeError(f"the cache's views use unknown view op {rec.get('name')!r} (this kdpipe knows "
                               f"{', '.join(known_ops())}): upgrade kdpipe")
         if rec.get("version") != cls.version:
+            older = isinstance(rec.get("version"), int) and rec["version"] < cls.version
             raise KDPipeError(f"the cache's view op {cls.name} is version {rec.get('version')}, this kdpipe "
-                              f"replays version {cls.version}: upgrade kdpipe")
+                              f"replays version {cls.version}: "
+                              + ("dump the cache again with this kdpipe, or read it with the kdpipe that wrote it"
+                                 if older else "upgrade kdpipe"))
         op = cls(**rec.get("options", {}))
         if list(op.columns) != list(rec.get("columns", op.columns)):
             raise KDPipeError(f"the cache's view op {cls.name} has columns {rec.get('columns')}, this kdpipe "

@@ -182,7 +182,8 @@ def test_specs_aliases_and_identity_round_trip():
         ident = pol.identity()
         assert ident["spec"] == pol.spec and ident["columns"] == list(pol.columns)
         assert [op["name"] for op in ident["ops"]] == [op.name for op in pol.ops]
-        assert all(op["version"] == 1 and isinstance(op["options"], dict) for op in ident["ops"])
+        assert all(op["version"] == (2 if op["name"] == "gauss" else 1) and isinstance(op["options"], dict)
+                   for op in ident["ops"])
         back = policy_from_identity({**ident, "seed": 0, "K": 1})
         assert back == pol and back.spec == pol.spec and create_policy(pol.spec) == pol
     ident = create_policy(COMPOSITION).identity()
@@ -664,3 +665,24 @@ def test_compositions_that_make_sense_still_pass(spec, shape):
     pol = create_policy(spec)
     x = torch.zeros((3, *shape), dtype=torch.uint8)
     assert pol.replay(x, torch.from_numpy(pol.sample_view(0, 0, x.shape)), [0.0] * shape[0], [1.0] * shape[0]).isfinite().all()
+
+
+def test_gauss_on_images_stays_in_pixel_range_and_old_unclipped_caches_are_refused():
+    """Noise on 0..255 pixels made values no 8-bit image holds (-40, 300): the views are clipped now, and
+    version 1 caches, whose views were not, are refused (their stored logits are of unclipped views)."""
+    x = torch.cat([torch.zeros((20, 3, 8, 8), dtype=torch.uint8), torch.full((20, 3, 8, 8), 255, dtype=torch.uint8)])
+    pol = create_policy("gauss:30")
+    p = torch.from_numpy(pol.sample_view(0, 0, x.shape))
+    got = replay01(pol, x, p) * 255.0
+    assert got.min() >= 0 and got.max() <= 255.0
+    assert (got[:20] > 1).float().mean() > 0.4 and (got[20:] < 254).float().mean() > 0.4  # noise is there
+    ref = x.float() + 30 * hash_normal(p[:, 0], 3 * 8 * 8).view(x.shape)
+    torch.testing.assert_close(got, ref.clamp(0, 255), atol=1e-3, rtol=0)
+    f = features(10, 5) * 1000  # feature vectors keep their range
+    pf = torch.from_numpy(pol.sample_view(0, 0, f.shape))
+    assert (pol.replay(f, pf, [0.0] * 5, [1.0] * 5) - f).abs().max() < 300
+    ident = create_policy("crop:2+gauss:3").identity()
+    ident["ops"][1]["version"] = 1
+    with pytest.raises(KDPipeError, match="view op gauss is version 1, this kdpipe replays version 2: dump the cache "
+                                          "again"):
+        policy_from_identity(ident)
