@@ -236,7 +236,8 @@ def main():
               help="Training batch size.")
 @policy_options
 @optim_options(lr_list=False)
-@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of init, order and views.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="S",
+              help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
 @click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
@@ -290,7 +291,8 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--views", type=int, default=None, metavar="K",
               help="Views per sample; set it to the students' planned epochs.  [required]")
 @policy_options
-@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the view parameters.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="S",
+              help="Seed of the view parameters.")
 @click.option("--logits-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How raw logits are stored.")
 @click.option("--codec", default="raw", show_default=True, metavar="raw|topk:K",

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from kdpipe import KDPipeError
 
+_KIND_NAMES = {"image": "images", "features": "feature vectors"}
 IDENTITY_LAYOUT = "ops"  # a views identity with "ops" is a composition; one without is a named v1 policy
 
 _OPS: dict[str, type[ViewOp]] = {}
@@ -58,6 +59,8 @@ class ViewOp:
     ``params`` lists the options in the order the spec gives them positionally: (name, parse, default);
     ``REQUIRED`` as default makes an option mandatory. ``exact`` ops move integers (uint8 stays uint8);
     the others work in float32. ``derived``: verify-cache can recompute the columns from (seed, view).
+    ``repeatable``: the op may come more than once in a composition (one flip, crop, rotate or gauss says
+    what two would).
     """
 
     name: ClassVar[str]
@@ -68,6 +71,7 @@ class ViewOp:
     exact: ClassVar[bool] = True
     derived: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("image",)  # "image" (C, H, W) and/or "features" (D,)
+    repeatable: ClassVar[bool] = False
     usage: ClassVar[str] = ""
 
     def __init__(self, **options):
@@ -90,6 +94,9 @@ class ViewOp:
 
     def check(self) -> None:
         """Refuse options out of range (KDPipeError); called once the options are parsed."""
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse (KDPipeError) a per-sample input shape of the op's kind that the op makes no sense on."""
 
     # -------------------------------------------------------------- spec and identity
 
@@ -179,6 +186,13 @@ class Crop(ViewOp):
         if self.options["padding"] < 0:
             raise KDPipeError(f"crop padding must be >= 0, got {self.options['padding']}")
 
+    def check_shape(self, shape):
+        p, side = self.options["padding"], min(shape[1:])
+        if p >= side:  # a shift by the padding or more leaves no pixel of the image in the view
+            raise KDPipeError(f"crop:{p} shifts {shape[1]}x{shape[2]} images by up to {p} pixels, so some views "
+                              "would show none of the image: "
+                              + (f"give a padding below {side}" if side > 1 else "leave crop out"))
+
     def draw(self, rng, n, shape):
         p = self.options["padding"]
         return [rng.integers(0, 2 * p + 1, size=n), rng.integers(0, 2 * p + 1, size=n)]
@@ -224,6 +238,7 @@ class PadCrop(ViewOp):
     side that is short: torchvision's RandomCrop(S, pad_if_needed=True, padding_mode=MODE)."""
     name = "pad-crop"
     columns = ("y0", "x0")  # top-left corner of the crop in the padded image
+    repeatable = True  # pad-crop:40:reflect+pad-crop:32: reflect padding, then a random crop
     params = (("size", _positive_int, REQUIRED), ("mode", str, "constant"))
     usage = f"pad-crop:S[:MODE] (MODE one of {', '.join(PAD_MODES)})"
 
@@ -316,6 +331,11 @@ class Rotate(ViewOp):
         if not 0 <= self.options["degrees"] <= 180:
             raise KDPipeError(f"rotate degrees must lie in [0, 180], got {self.options['degrees']}")
 
+    def check_shape(self, shape):
+        if min(shape[1:]) < 2:
+            raise KDPipeError(f"rotate turns images about their centre, and {shape[1]}x{shape[2]} images are one "
+                              "pixel thin, so a rotated view would be mostly zero fill: leave rotate out")
+
     def draw(self, rng, n, shape):
         m = int(round(self.options["degrees"] * 1000))
         return [rng.integers(-m, m + 1, size=n)]
@@ -343,6 +363,7 @@ class ResizedCrop(ViewOp):
     is folded into the sampling grid (so ``resized-crop+flip`` replays as version 1 caches did)."""
     name = "resized-crop"
     columns = ("y0", "x0", "h", "w")
+    repeatable = True
     SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's defaults; the spec sets only S
     params = (("size", _positive_int, None), ("scale", _pair, SCALE), ("ratio", _pair, RATIO))
     exact = False
@@ -362,6 +383,11 @@ class ResizedCrop(ViewOp):
         (s0, s1), (r0, r1) = self.options["scale"], self.options["ratio"]
         if not (0 < s0 <= s1 <= 1) or not (0 < r0 <= r1):
             raise KDPipeError(f"bad scale {[s0, s1]} or ratio {[r0, r1]} for resized-crop")
+
+    def check_shape(self, shape):
+        if min(shape[1:]) < 2:
+            raise KDPipeError(f"resized-crop's boxes (aspect ratio near 1) in {shape[1]}x{shape[2]} images are "
+                              "single pixels, so every view would be one pixel's colour: leave resized-crop out")
 
     def output_shape(self, shape):
         s = self.options["size"] or shape[1]
@@ -455,18 +481,20 @@ def hash_normal(seeds: torch.Tensor, m: int) -> torch.Tensor:
 
 @view_op
 class Gauss(ViewOp):
-    """Add N(0, SIGMA^2) noise to every element (feature vectors or images, in their raw units),
-    replayed exactly from a stored per-row seed; seed -1 is the clean view."""
+    """Add N(0, SIGMA^2) noise to every element (feature vectors or images, in their raw units: pixel levels
+    for images, whose views are then clipped to 0..255 as a noisy 8-bit image saturates), replayed exactly
+    from a stored per-row seed; seed -1 is the clean view. Version 2: version 1 did not clip images."""
     name = "gauss"
+    version = 2
     columns = ("noise_seed",)
     params = (("sigma", float, REQUIRED),)
     exact = False
     kinds = ("features", "image")
-    usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1)"
+    usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1 on features, gauss:8 on 0..255 pixels)"
 
     def check(self):
-        if not self.options["sigma"] >= 0:
-            raise KDPipeError(f"gauss sigma must be >= 0, got {self.options['sigma']}")
+        if not 0 <= self.options["sigma"] <= np.finfo(np.float32).max:  # inf noise makes NaN views
+            raise KDPipeError(f"gauss sigma must be >= 0 and finite, got {self.options['sigma']}")
 
     def draw(self, rng, n, shape):
         return [rng.integers(0, 2**31 - 1, size=n)]
@@ -477,7 +505,8 @@ class Gauss(ViewOp):
     def replay(self, x, p):
         z = hash_normal(p[:, 0], math.prod(x.shape[1:])).view(x.shape)
         on = (p[:, 0] >= 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return x + (self.options["sigma"] * on) * z
+        x = x + (self.options["sigma"] * on) * z
+        return x.clamp(0.0, 255.0) if x.dim() == 4 else x  # images stay pixel values
 
 
 # ---------------------------------------------------------------------- mixing ops
@@ -595,6 +624,10 @@ class ViewPolicy:
             raise KDPipeError(f"view op {mixing[0].name} mixes views, so it comes last (after the geometric ops):"
                               f" write {rest}+{mixing[0].spec()}")
         self.mixer: MixOp | None = mixing[0] if mixing else None
+        for op in self.ops:
+            times = sum(type(o) is type(op) for o in self.ops)
+            if times > 1 and not op.repeatable:
+                raise KDPipeError(f"view op {op.name} is given {times} times in {self.spec!r}: give it once")
         cols, seen = [], set()
         for i, op in enumerate(self.ops):
             for c in op.columns:
@@ -632,8 +665,12 @@ class ViewPolicy:
         for op in self.ops:
             kind = "image" if len(shapes[-1]) == 3 else "features" if len(shapes[-1]) == 1 else None
             if kind not in op.kinds:
+                fits = [n for n in known_ops() if kind in _OPS[n].kinds]
                 raise KDPipeError(f"view op {op.name} does not apply to samples of shape {shapes[-1]} "
-                                  f"(it takes {' or '.join(op.kinds)})")
+                                  f"(it takes {' or '.join(_KIND_NAMES[k] for k in op.kinds)})"
+                                  + (f": for {_KIND_NAMES[kind]} give --policy with {', '.join(fits)} (e.g. "
+                                     f"--policy none; the default, crop-flip, is for images)" if kind == "features" else ""))
+            op.check_shape(shapes[-1])
             shapes.append(tuple(op.output_shape(shapes[-1])))
         return shapes
 
@@ -648,6 +685,8 @@ class ViewPolicy:
         """Replay parameters (N, P) int32 of one view for N samples; data_shape = (N, *sample_shape)."""
         n = int(data_shape[0])
         shapes = self._shapes(data_shape[1:])
+        if int(seed) < 0:
+            raise KDPipeError(f"the view seed must be >= 0, got {seed}")
         rng = np.random.default_rng([int(seed), int(view)])
         return self._columns([op.draw(rng, n, s) for op, s in zip(self.ops, shapes)], n)
 
@@ -798,8 +837,11 @@ def policy_from_identity(ident: dict) -> ViewPolicy:
             raise KDPipeError(f"the cache's views use unknown view op {rec.get('name')!r} (this kdpipe knows "
                               f"{', '.join(known_ops())}): upgrade kdpipe")
         if rec.get("version") != cls.version:
+            older = isinstance(rec.get("version"), int) and rec["version"] < cls.version
             raise KDPipeError(f"the cache's view op {cls.name} is version {rec.get('version')}, this kdpipe "
-                              f"replays version {cls.version}: upgrade kdpipe")
+                              f"replays version {cls.version}: "
+                              + ("dump the cache again with this kdpipe, or read it with the kdpipe that wrote it"
+                                 if older else "upgrade kdpipe"))
         op = cls(**rec.get("options", {}))
         if list(op.columns) != list(rec.get("columns", op.columns)):
             raise KDPipeError(f"the cache's view op {cls.name} has columns {rec.get('columns')}, this kdpipe "

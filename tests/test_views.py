@@ -182,7 +182,8 @@ def test_specs_aliases_and_identity_round_trip():
         ident = pol.identity()
         assert ident["spec"] == pol.spec and ident["columns"] == list(pol.columns)
         assert [op["name"] for op in ident["ops"]] == [op.name for op in pol.ops]
-        assert all(op["version"] == 1 and isinstance(op["options"], dict) for op in ident["ops"])
+        assert all(op["version"] == (2 if op["name"] == "gauss" else 1) and isinstance(op["options"], dict)
+                   for op in ident["ops"])
         back = policy_from_identity({**ident, "seed": 0, "K": 1})
         assert back == pol and back.spec == pol.spec and create_policy(pol.spec) == pol
     ident = create_policy(COMPOSITION).identity()
@@ -194,7 +195,8 @@ def test_specs_aliases_and_identity_round_trip():
     ("blur:3", "unknown view op 'blur'"), ("crop", "crop needs padding"), ("crop:x", "bad padding 'x'"),
     ("crop:-1", "padding must be >= 0"), ("crop:1:2", "at most 1 option"), ("pad-crop:20:wrap", "not one of"),
     ("pad-crop:0", "bad size"), ("rotate:500", "[0, 180]"), ("resized-crop:16:0.5", "one option"),
-    ("gauss:-1", "sigma must be >= 0"), ("crop:4+", "unknown view op ''")])
+    ("gauss:-1", "sigma must be >= 0"), ("gauss:inf", "sigma must be >= 0 and finite"),
+    ("gauss:1e39", "finite"), ("gauss:nan", "finite"), ("crop:4+", "unknown view op ''")])
 def test_a_bad_spec_is_one_line_naming_the_syntax(spec, fragment):
     with pytest.raises(KDPipeError) as e:
         create_policy(spec)
@@ -622,3 +624,65 @@ def test_stage_two_replays_the_teachers_views_bit_for_bit(name, fmnist, cifar_fo
     for (e, idx), x in zip(steps, seen):
         want = cap.inputs[(e % k) * n + idx]
         assert torch.equal(x, want), f"epoch {e}: the student's input is not the teacher's view {e % k}"
+
+
+def test_a_negative_view_seed_is_one_line_and_claims_nothing(fmnist, tmp_path):
+    """numpy's seed sequences take no negative integers: a traceback after dump.json was written, before."""
+    with pytest.raises(KDPipeError, match="seed must be >= 0"):
+        create_policy("crop:2").sample_view(-1, 0, (4, 1, 28, 28))
+    from click.testing import CliRunner
+    for cmd in (["dump-logits", "--teacher", str(tmp_path / "t.pt"), "--views", "2"],
+                ["train-teacher", "--arch", "mlp_100", "--epochs", "1"]):
+        res = CliRunner().invoke(cli_main, [*cmd, "--data", fmnist.spec, "--seed", "-1", "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and "--seed" in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spec, shape, fragment", [
+    ("flip+flip", (3, 16, 16), "view op flip is given 2 times in 'flip+flip': give it once"),
+    ("crop:2+flip+crop:2", (3, 16, 16), "view op crop is given 2 times"),
+    ("rotate:10+crop:2+rotate:10", (3, 16, 16), "view op rotate is given 2 times"),
+    ("gauss:1+gauss:2", (12,), "view op gauss is given 2 times"),
+    ("crop:16", (3, 16, 20), "give a padding below 16"),  # a shift of 16 leaves no pixel of a 16-high image
+    ("crop:40", (1, 28, 28), "give a padding below 28"),
+    ("crop:2", (1, 1, 40), "leave crop out"),  # 1 x N rows: 4 views in 5 would be all zero padding
+    ("rotate:15", (1, 1, 40), "leave rotate out"),
+    ("rotate:15", (1, 40, 1), "leave rotate out"),
+    ("resized-crop", (1, 1, 40), "leave resized-crop out"),  # every box is one pixel
+    ("crop-flip", (12,), "for feature vectors give --policy with gauss, mixup, none"),  # the default on a table
+    ("flip", (12,), "--policy none")])
+def test_policies_that_make_no_sense_for_the_data_are_refused_in_one_line(spec, shape, fragment):
+    with pytest.raises(KDPipeError) as e:
+        create_policy(spec, padding=4).output_shape(shape)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec, shape", [
+    ("pad-crop:40:reflect+pad-crop:32", (3, 32, 32)),  # reflect padding, then a random crop: both kept
+    ("resized-crop:24+resized-crop:16", (3, 32, 32)), ("crop:15", (3, 16, 20)), ("crop:0", (1, 1, 40)),
+    ("flip", (1, 1, 40)), ("pad-crop:8", (1, 1, 40)), ("rotate:15", (1, 2, 40))])
+def test_compositions_that_make_sense_still_pass(spec, shape):
+    pol = create_policy(spec)
+    x = torch.zeros((3, *shape), dtype=torch.uint8)
+    assert pol.replay(x, torch.from_numpy(pol.sample_view(0, 0, x.shape)), [0.0] * shape[0], [1.0] * shape[0]).isfinite().all()
+
+
+def test_gauss_on_images_stays_in_pixel_range_and_old_unclipped_caches_are_refused():
+    """Noise on 0..255 pixels made values no 8-bit image holds (-40, 300): the views are clipped now, and
+    version 1 caches, whose views were not, are refused (their stored logits are of unclipped views)."""
+    x = torch.cat([torch.zeros((20, 3, 8, 8), dtype=torch.uint8), torch.full((20, 3, 8, 8), 255, dtype=torch.uint8)])
+    pol = create_policy("gauss:30")
+    p = torch.from_numpy(pol.sample_view(0, 0, x.shape))
+    got = replay01(pol, x, p) * 255.0
+    assert got.min() >= 0 and got.max() <= 255.0
+    assert (got[:20] > 1).float().mean() > 0.4 and (got[20:] < 254).float().mean() > 0.4  # noise is there
+    ref = x.float() + 30 * hash_normal(p[:, 0], 3 * 8 * 8).view(x.shape)
+    torch.testing.assert_close(got, ref.clamp(0, 255), atol=1e-3, rtol=0)
+    f = features(10, 5) * 1000  # feature vectors keep their range
+    pf = torch.from_numpy(pol.sample_view(0, 0, f.shape))
+    assert (pol.replay(f, pf, [0.0] * 5, [1.0] * 5) - f).abs().max() < 300
+    ident = create_policy("crop:2+gauss:3").identity()
+    ident["ops"][1]["version"] = 1
+    with pytest.raises(KDPipeError, match="view op gauss is version 1, this kdpipe replays version 2: dump the cache "
+                                          "again"):
+        policy_from_identity(ident)
