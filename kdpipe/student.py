@@ -455,6 +455,15 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         train_rows = torch.from_numpy(training_subset(rows, train_samples))
         n_train = train_samples
         log(f"training on {n_train} of the cache's {n} samples (a fixed subset, the same for every run)")
+    if policy.mixer is not None and train_rows is not None:
+        # the partners were drawn at the dump from every sample: rows kept out still reach training through them
+        log(f"warning: the cache's views mix each sample with a partner drawn from all {n} samples "
+            f"({policy.mixer.name}), so the samples left out of training (--val-fraction, --train-samples) reach "
+            "it as partners, their images and labels mixed in: "
+            + ("validation top-1 reads high and picks the best epoch less surely; hold out a validation split "
+               "of the data's own (--val-split), or use a cache dumped without mixing" if len(val_rows) else
+               "the student sees more than the subset's images; use a cache dumped without mixing for a clean "
+               "subset"))
     if world > 1 and n_train < batch_size * world:
         raise KDPipeError(f"{n_train} training samples are fewer than one global batch ({batch_size} per rank x "
                           f"{world} ranks): lower --batch-size")

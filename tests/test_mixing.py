@@ -7,10 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.checkpoint import load_teacher
+from kdpipe.cli import main
 from kdpipe.data import load_dataset
 from kdpipe.losses import KDLoss, MixedLabels, create_loss, cross_entropy, main_labels
 from kdpipe.student import train_students
@@ -181,6 +183,23 @@ def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_
         f.write_bytes(original)
     assert verify_cache(out, log=quiet) == []
 
+
+def test_held_out_rows_of_a_mixed_cache_are_said_to_reach_training(fmnist, teacher_ckpt, tmp_path):
+    """The dump drew each view's partner from every sample, so the rows --val-fraction (or --train-samples)
+    keeps out of training come back in as partners: said, since validation then scores images trained on."""
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=fmnist.x_train[:96], y_train=fmnist.y_train[:96], x_test=fmnist.x_test[:32],
+             y_test=fmnist.y_test[:32])
+    out = tmp_path / "cache"
+    dump_logits(load_teacher(teacher_ckpt), load_dataset(f"npz:{p}", "train"), None, out,
+                policy=create_policy(f"{GEO}+mixup:0.4"), views=2, seed=3, shard_rows=64, batch_size=40, log=quiet)
+    for extra, says in ((["--val-fraction", "0.25"], "validation top-1 reads high"),
+                        (["--train-samples", "40"], "the student sees more than the subset's images")):
+        r = CliRunner().invoke(main, ["train-student", "--cache", str(out), "--student", "mlp_100", "--epochs", "1",
+                                      "--batch-size", "16", *extra, "--out", str(tmp_path / "runs" / extra[0])])
+        assert r.exit_code == 0, r.output
+        assert "warning: the cache's views mix each sample with a partner drawn from all 96 samples" in r.output
+        assert says in r.output
 
 
 @pytest.mark.parametrize("mix", ["mixup:0.4", "cutmix:1"])
