@@ -4,6 +4,7 @@ its refusals, verify-cache of the top-k columns, fused runs, bytes per row."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from types import SimpleNamespace
 
@@ -82,6 +83,10 @@ def test_dump_stores_the_top_k_logits_their_classes_and_the_rest_at_each_tempera
     item = CachedLogitsDataset(topk.path)[5]
     assert len(item) == 7 and item[3].dtype == torch.float32 and item[4].dtype == torch.int64
     assert item[4].tolist() == indices[5].astype(int).tolist() and item[5].shape == (2,)
+    # A DataLoader's spawned workers get the dataset pickled: the codec's columns (their dtype is a function of
+    # the manifest) must not stop it.
+    clone = pickle.loads(pickle.dumps(CachedLogitsDataset(topk.path)))
+    assert clone[5][4].tolist() == item[4].tolist()
 
 
 def test_a_kdpipe_that_knows_only_raw_refuses_a_topk_cache_by_its_codec(topk, monkeypatch):

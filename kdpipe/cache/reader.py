@@ -105,7 +105,14 @@ class Cache:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_layout"] = {}
+        # Columns hold functions of the manifest (some are lambdas), which do not pickle: a DataLoader's spawned
+        # workers rebuild them from the manifest.
+        del d["shard_columns"]
         return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.shard_columns = {c.name: c for c in fmt.cache_columns(self.manifest)}
 
     # ---------------------------------------------------------------- layout and raw reads
 
