@@ -143,6 +143,12 @@ def test_the_python_api_yields_topk_targets_that_the_kd_loss_takes(topk):
     with pytest.raises(KDPipeError, match="temperature 2 was not declared when this top-k cache was dumped: use one "
                                           "of 1, 4"):
         kdpipe.create_loss("kd", temperature=2)(torch.zeros(32, 10), t, y, 1)
+    # A loss that needs every logit (dkd) is refused in one line, not an AttributeError from deep in its terms;
+    # one that needs no teacher (alpha = 0) still trains.
+    with pytest.raises(KDPipeError, match="loss dkd needs every teacher logit, and these targets are a top-k "
+                                          "cache's .*: use a loss that takes them \\(kd\\)"):
+        kdpipe.create_loss("dkd", temperature=4)(torch.zeros(32, 10), t, y, 1)
+    assert kdpipe.create_loss("dkd", alpha=0, beta=0)(torch.zeros(32, 10), t, y, 1)["tckd"] == 0
 
 
 def test_k_equal_to_the_classes_is_the_dense_loss():
