@@ -307,6 +307,9 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
     shape. Shards are opened lazily in each worker process (the object pickles without any open file)."""
 
     def __init__(self, cache_dir, features: bool = False):
+        if isinstance(cache_dir, (list, tuple)):
+            raise KDPipeError("CachedLogitsDataset reads one cache's rows; for an ensemble of caches use "
+                              "kdpipe.open_cache([...], weights=...)")
         self.cache = Cache(cache_dir)
         self.items = [c.name for c in self.cache.shard_columns.values() if c.item]
         if features:
