@@ -122,12 +122,18 @@ class CacheData:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, amp: bool = False) -> float:
-        """Top-1 accuracy of `model` on the clean test split, computed as train-student computes it (the
-        model is left in eval mode: call model.train() before training on)."""
+        """Top-1 accuracy of `model` on the clean test split, computed as train-student computes it (in eval
+        mode; each module's training mode is restored afterwards, so a loop that calls it mid-training trains on
+        with its dropout and batch statistics)."""
         if self.test is None:
             raise ValueError(f"cache {self.cache.path} holds no test split to evaluate on")
-        return top1(clean_test_logits(model, self.test, self.policy, self.mean, self.std, self.device, amp),
-                    self.test.labels)
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            return top1(clean_test_logits(model, self.test, self.policy, self.mean, self.std, self.device, amp),
+                        self.test.labels)
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def teacher_test_logits(self, temperature: float | None = None) -> torch.Tensor | None:
         """The teacher's logits on the clean test split (float32, CPU), or None. For an ensemble, give the

@@ -119,6 +119,10 @@ class Loss:
             raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
         pick = features_of if self.uses == "features" else logits_of
         out, teacher = pick(out), pick(teacher)
+        if isinstance(teacher, TopKTargets) and not self.topk and self.needs_teacher:  # a top-k cache's, in a user's loop
+            raise KDPipeError(f"loss {self.name} needs every teacher logit, and these targets are a top-k cache's "
+                              f"(its k largest logits): use a loss that takes them ({', '.join(topk_losses())}), or a "
+                              "cache dumped with --codec raw")
         if torch.is_tensor(teacher):
             teacher = teacher.float()
         return self.terms(out.float(), teacher, labels, epoch)

@@ -49,6 +49,57 @@ _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", 
                  "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
                  "hint_feature", "teachers", "teacher_weights"} | set(_OPTIM_FLAGS)
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a [[teacher]] entry's name: part of file names and Make targets
+# The pipeline's own keys and sections; its name is part of every file name and Make target, as a teacher's.
+_TOP_KEYS = {"name", "data", "teacher", "dump", "students", "compress"}
+# The types of the keys that the Make rules build file names from or pass on as numbers: a quoted number
+# (epochs = "10") would name other Make targets than the runs train-student writes, or fail only when its step
+# runs. int: a whole number; float: any number; str, bool; a list [kind]: one such value or a list of them
+# (a sweep axis). Keys not listed take what their command line option takes (checked when the step runs).
+_INT, _NUM = "int", "float"
+_TYPES = {
+    "data": {"spec": str, "root": str, "limit": _INT, "image_size": _INT, "prepare": str},
+    "teacher": {"arch": str, "file": str, "epochs": _INT, "batch_size": _INT, "seed": _INT, "padding": _INT,
+                "size": _INT, "policy": str, "device": str, "trust_pickle": bool, "checkpoint_every": _NUM,
+                "optimizer": str, "lr": _NUM, "momentum": _NUM, "weight_decay": _NUM, "eps": _NUM,
+                "schedule": str, "warmup_epochs": _NUM, "normalize": str, "output": str},
+    "dump": {"views": _INT, "padding": _INT, "size": _INT, "seed": _INT, "batch_size": _INT, "shard_rows": _INT,
+             "policy": str, "logits_dtype": str, "codec": str, "device": str, "amp": bool, "yes": bool,
+             "force": bool},
+    "students": {"archs": [str], "epochs": _INT, "batch_size": _INT, "seed": [_INT], "temperature": [_NUM],
+                 "alpha": [_NUM], "lr": [_NUM], "loss": str, "train_samples": _INT, "val_fraction": _NUM,
+                 "val_split": bool, "checkpoint_every": _NUM, "keep_checkpoints": bool, "device": str,
+                 "optimizer": str, "momentum": _NUM, "weight_decay": _NUM, "eps": _NUM, "schedule": str,
+                 "warmup_epochs": _NUM, "hint_layer": str, "hint_feature": str},
+    "compress": {"calibration": _INT, "finetune_epochs": _INT, "finetune_samples": _INT, "repeats": _INT,
+                 "seed": _INT, "lr": _NUM, "backend": str, "finetune_loss": str, "device": str},
+}
+_KIND_WORDS = {_INT: "a whole number", _NUM: "a number", str: "a string in quotes", bool: "true or false"}
+_KIND_PLURALS = {_INT: "whole numbers", _NUM: "numbers", str: "strings in quotes", bool: "true or false"}
+
+
+def _type_fault(value, kind) -> str | None:
+    """What a value is not, of the kinds of _TYPES, or None when it fits."""
+    if isinstance(kind, list):
+        if isinstance(value, list):
+            if not value:
+                return "a value or a non-empty list"
+            return next((f"a list of {_KIND_PLURALS[kind[0]]}" for v in value if _type_fault(v, kind[0])), None)
+        return _type_fault(value, kind[0]) and f"{_KIND_WORDS[kind[0]]} or a list of them"
+    fits = {_INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            _NUM: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(kind, lambda v: isinstance(v, kind))
+    return None if fits(value) else _KIND_WORDS[kind]
+
+
+def _check_types(path, where: str, table: dict, section: str) -> None:
+    for key, kind in _TYPES[section].items():
+        if key not in table:
+            continue
+        fault = _type_fault(table[key], kind)
+        if fault:
+            v = table[key]
+            quoted = any(isinstance(x, str) for x in (v if isinstance(v, list) else [v]))
+            hint = ": write it without quotes" if quoted and kind not in (str, [str]) else ""
+            raise KDPipeError(f"{path}: {where} {key} must be {fault}, got {v!r}{hint}")
 
 
 def load_pipeline(path) -> dict:
@@ -59,7 +110,18 @@ def load_pipeline(path) -> dict:
         raise KDPipeError(f"no pipeline file {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise KDPipeError(f"{path} is not valid TOML: {e}") from None
+    unknown = set(spec) - _TOP_KEYS
+    if unknown:
+        raise KDPipeError(f"{path}: unknown key(s) or section(s): {', '.join(sorted(unknown))} (a pipeline has name, "
+                          "[data], [teacher] or [[teacher]] entries, [dump], [[students]] blocks and [compress])")
     spec.setdefault("name", path.stem)
+    name = spec["name"]
+    if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name) or name in (".", ".."):
+        raise KDPipeError(f"{path}: name must be letters, digits, '_', '.' or '-' (it names runs/<name>/ and "
+                          f"cache/<name>/, and Make targets), got {name!r}")
+    for section in ("data", "dump", "compress"):
+        if section in spec and not isinstance(spec[section], dict):
+            raise KDPipeError(f"{path}: [{section}] must be one table, written [{section}]")
     for section, keys in (("dump", _DUMP_KEYS), ("compress", _COMPRESS_KEYS)):
         if section not in spec:
             if section == "compress":  # optional
@@ -68,21 +130,26 @@ def load_pipeline(path) -> dict:
         unknown = set(spec[section]) - keys
         if unknown:
             raise KDPipeError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+        _check_types(path, f"[{section}]", spec[section], section)
     names = _check_teachers(path, spec)
     if "data" not in spec or "spec" not in spec["data"]:
         raise KDPipeError(f"{path}: missing [data] spec = \"...\"")
     unknown = set(spec["data"]) - _DATA_KEYS
     if unknown:
         raise KDPipeError(f"{path}: unknown key(s) in [data]: {', '.join(sorted(unknown))}")
+    _check_types(path, "[data]", spec["data"], "data")
     if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
         raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
                           f"{spec['data']['spec']!r}")
     if not spec.get("students"):
         raise KDPipeError(f"{path}: needs at least one [[students]] block")
+    if not isinstance(spec["students"], list) or not all(isinstance(b, dict) for b in spec["students"]):
+        raise KDPipeError(f"{path}: students are [[students]] blocks (two brackets), not [students] or a key")
     for i, block in enumerate(spec["students"]):
         unknown = set(block) - _STUDENT_KEYS
         if unknown:
             raise KDPipeError(f"{path}: unknown key(s) in [[students]] #{i + 1}: {', '.join(sorted(unknown))}")
+        _check_types(path, f"[[students]] #{i + 1}", block, "students")
         if not block.get("archs") or not block.get("epochs"):
             raise KDPipeError(f"{path}: [[students]] #{i + 1} needs archs = [...] and epochs = N")
         _check_block_teachers(path, spec, block, i, names)
@@ -101,17 +168,20 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         label, names = (lambda i: f"[[teacher]] #{i + 1}"), []
         if not entries:
             raise KDPipeError(f"{path}: [[teacher]] holds no entry")
+    if not all(isinstance(t, dict) for t in entries):
+        raise KDPipeError(f"{path}: the teacher is a [teacher] table, or [[teacher]] entries for an ensemble")
     for i, t in enumerate(entries):
         unknown = set(t) - _TEACHER_KEYS - ({"name"} if names is not None else set())
         if unknown:
             raise KDPipeError(f"{path}: unknown key(s) in {label(i)}: {', '.join(sorted(unknown))}")
+        _check_types(path, label(i), t, "teacher")
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
                               "one)")
         if names is None:
             continue
         name = t.get("name")
-        if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name):
+        if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name) or name in (".", ".."):
             raise KDPipeError(f"{path}: {label(i)} needs name = \"...\" (letters, digits, '_', '.', '-'), which "
                               f"names its teacher file and cache; got {name!r}")
         if name in names:

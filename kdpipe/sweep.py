@@ -238,7 +238,12 @@ def parse_weights(weights, n: int) -> list[float]:
     WEIGHT_SUM_TOLERANCE), divided by their sum."""
     if not weights:
         return [1.0 / n] * n
-    w = [float(x) for x in weights]
+    if isinstance(weights, str):  # "0.7,0.3", as --teacher-weights takes them (open_cache(weights=...) too)
+        weights = weights.split(",")
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise KDPipeError(f"--teacher-weights must be numbers, one per --cache, got {weights!r}") from None
     given = ",".join(f"{x:g}" for x in w)
     if len(w) != n:
         raise KDPipeError(f"--teacher-weights gives {len(w)} weight(s) ({given}) for {n} cache(s): give one per "

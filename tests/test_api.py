@@ -71,3 +71,20 @@ def test_open_cache_refuses_what_train_student_refuses(cache, tmp_path):
         np.savez(bad, x_train=cache.train.images[:, 0][::-1].copy(), y_train=cache.train.labels[::-1].copy(),
                  x_test=cache.test.images[:, 0], y_test=cache.test.labels)
         kdpipe.open_cache(cache.path, data=f"npz:{bad}")
+
+
+def test_evaluate_leaves_the_models_training_mode_as_it_found_it(cache):
+    """A loop that calls model.train() once and evaluates after every epoch must not train on in eval mode
+    (dropout off, batch norm on its running statistics): evaluate() evaluates in eval mode and restores each
+    module's mode."""
+    data = kdpipe.open_cache(cache.path)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(32, 10))
+    model.train()
+    model[2].eval()  # a frozen norm stays frozen
+    first = data.evaluate(model)
+    assert model.training and model[3].training and not model[2].training
+    assert data.evaluate(model) == first  # in eval mode: no dropout, the running statistics
+    model.eval()
+    assert data.evaluate(model) == first and not any(m.training for m in model.modules())

@@ -385,3 +385,9 @@ def test_the_python_api_opens_an_ensemble(ens):
         kdpipe.open_cache([ens.a, ens.c])
     with pytest.raises(KDPipeError, match="open one cache, not an ensemble"):
         kdpipe.open_cache([ens.a, ens.b], features=True)
+    # The weights as --teacher-weights writes them, or not numbers; a row dataset over two caches: one line each.
+    assert kdpipe.open_cache([ens.a, ens.b], weights="0.7,0.3").ensemble.weights == pytest.approx([0.7, 0.3])
+    with pytest.raises(KDPipeError, match="--teacher-weights must be numbers, one per --cache, got .*'a'"):
+        kdpipe.open_cache([ens.a, ens.b], weights=["a", 0.3])
+    with pytest.raises(KDPipeError, match="CachedLogitsDataset reads one cache's rows; .* kdpipe.open_cache"):
+        kdpipe.api.CachedLogitsDataset([ens.a, ens.b])

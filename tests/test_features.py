@@ -395,3 +395,22 @@ def test_the_python_api_gives_cached_features(feat_cache):
     assert len(item) == len(CachedLogitsDataset(feat_cache.path)[130]) + 2
     np.testing.assert_array_equal(item[-2].numpy(), c.read_rows("features/pool", np.array([130]))[0].astype(np.float32))
     assert item[-2].shape == (32, 2, 2) and item[-1].shape == (64,) and item[-1].dtype == torch.float32
+
+
+def test_a_feature_caches_rows_reach_spawned_dataloader_workers(feat_cache):
+    """A DataLoader whose workers are spawned (the default start method on macOS, and forkserver from Python
+    3.14 on Linux) pickles the dataset: the feature columns' shapes must survive it, not fail to pickle."""
+    import pickle
+
+    from kdpipe.cache.reader import CachedLogitsDataset
+
+    ds = CachedLogitsDataset(feat_cache.path, features=True)
+    clone = pickle.loads(pickle.dumps(ds))
+    for a, b in zip(clone[130], ds[130]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    rows = [0, 99, 100, 255]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, rows), batch_size=2, num_workers=2,
+                                         multiprocessing_context="spawn")
+    got = torch.cat([b[-2] for b in loader])
+    c = Cache(feat_cache.path)
+    np.testing.assert_array_equal(got.numpy(), c.read_rows("features/pool", np.array(rows)).astype(np.float32))

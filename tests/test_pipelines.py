@@ -304,3 +304,43 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
     p.write_text(base + "\n" + block)  # the same block twice
     with pytest.raises(KDPipeError, match=r"\[\[students\]\] #2 would train runs/mnist-mlp/students/.* again"):
         make_rules(load_pipeline(p))
+
+
+@pytest.mark.parametrize("change, message", [
+    # A quoted number named other Make targets than the runs train-student wrote (train_samples = "200": the
+    # students trained, then the report found no metrics.json, and every make retrained them).
+    (lambda s: s.replace("train_samples = 2000", 'train_samples = "2000"'),
+     r"\[\[students\]\] #1 train_samples must be a whole number, got '2000': write it without quotes"),
+    (lambda s: s.replace("epochs = 30", "epochs = 2.5"), r"#1 epochs must be a whole number, got 2.5$"),
+    (lambda s: s.replace("epochs = 30", "epochs = [30]"), r"#1 epochs must be a whole number, got \[30\]"),
+    (lambda s: s.replace("temperature = [2]", 'temperature = "2,4"'),
+     r"#1 temperature must be a number or a list of them, got '2,4': write it without quotes"),
+    (lambda s: s.replace("seed = [0, 1, 2]", 'seed = ["0"]'), r"#1 seed must be a list of whole numbers"),
+    (lambda s: s.replace("epochs = 10 ", 'epochs = "10" '), r"\[teacher\] epochs must be a whole number, got '10'"),
+    (lambda s: s.replace("lr = 0.05", "lr = [0.05, 0.1]", 1), r"\[teacher\] lr must be a number, got \[0.05, 0.1\]"),
+    (lambda s: s.replace("views = 10 ", "views = [10] "), r"\[dump\] views must be a whole number"),
+    (lambda s: s.replace("# yes = true", 'yes = "no"'), r"\[dump\] yes must be true or false, got 'no'"),
+    (lambda s: s.replace('spec = "fashion-mnist"', "spec = 5"), r"\[data\] spec must be a string in quotes, got 5"),
+    (lambda s: s.replace('# root = "/path/to/idx/files"', "limit = 300.5"), r"\[data\] limit must be a whole"),
+    # Sections and keys of the pipeline itself: a typo was ignored ([compres] ran no compress step; nmae named the
+    # pipeline after its file), a table for an array of tables read its keys' letters as blocks.
+    (lambda s: s.replace("# [compress]", "[compres]"), r"unknown key\(s\) or section\(s\): compres \(a pipeline has"),
+    (lambda s: s.replace('name = "default"', 'nmae = "default"'), r"unknown key\(s\) or section\(s\): nmae"),
+    (lambda s: s.replace("[[students]]", "[[student]]"), r"unknown key\(s\) or section\(s\): student"),
+    (lambda s: s.replace("[[students]]", "[students]"), r"students are \[\[students\]\] blocks \(two brackets\)"),
+    (lambda s: s.replace("[dump]", "[[dump]]"), r"\[dump\] must be one table, written \[dump\]"),
+    (lambda s: s.replace("[teacher]", "teacher = 1\n[teacherx]"), r"unknown key\(s\) or section\(s\): teacherx"),
+    # The name is part of every path and Make target.
+    (lambda s: s.replace('name = "default"', 'name = "my run"'), r"name must be letters, .* got 'my run'"),
+    (lambda s: s.replace('name = "default"', 'name = "../x"'), r"name must be letters, .* got '../x'"),
+])
+def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_it_is_read(tmp_path, change, message):
+    p = tmp_path / "mine.toml"
+    p.write_text(change((REPO / "pipelines" / "default.toml").read_text()))
+    with pytest.raises(KDPipeError, match=message):
+        make_rules(load_pipeline(p))
+
+
+def test_every_shipped_pipeline_passes_the_type_checks():
+    for path in sorted((REPO / "pipelines").glob("*.toml")):
+        assert make_rules(load_pipeline(path))

@@ -4,6 +4,7 @@ its refusals, verify-cache of the top-k columns, fused runs, bytes per row."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from types import SimpleNamespace
 
@@ -82,6 +83,10 @@ def test_dump_stores_the_top_k_logits_their_classes_and_the_rest_at_each_tempera
     item = CachedLogitsDataset(topk.path)[5]
     assert len(item) == 7 and item[3].dtype == torch.float32 and item[4].dtype == torch.int64
     assert item[4].tolist() == indices[5].astype(int).tolist() and item[5].shape == (2,)
+    # A DataLoader's spawned workers get the dataset pickled: the codec's columns (their dtype is a function of
+    # the manifest) must not stop it.
+    clone = pickle.loads(pickle.dumps(CachedLogitsDataset(topk.path)))
+    assert clone[5][4].tolist() == item[4].tolist()
 
 
 def test_a_kdpipe_that_knows_only_raw_refuses_a_topk_cache_by_its_codec(topk, monkeypatch):
@@ -138,6 +143,12 @@ def test_the_python_api_yields_topk_targets_that_the_kd_loss_takes(topk):
     with pytest.raises(KDPipeError, match="temperature 2 was not declared when this top-k cache was dumped: use one "
                                           "of 1, 4"):
         kdpipe.create_loss("kd", temperature=2)(torch.zeros(32, 10), t, y, 1)
+    # A loss that needs every logit (dkd) is refused in one line, not an AttributeError from deep in its terms;
+    # one that needs no teacher (alpha = 0) still trains.
+    with pytest.raises(KDPipeError, match="loss dkd needs every teacher logit, and these targets are a top-k "
+                                          "cache's .*: use a loss that takes them \\(kd\\)"):
+        kdpipe.create_loss("dkd", temperature=4)(torch.zeros(32, 10), t, y, 1)
+    assert kdpipe.create_loss("dkd", alpha=0, beta=0)(torch.zeros(32, 10), t, y, 1)["tckd"] == 0
 
 
 def test_k_equal_to_the_classes_is_the_dense_loss():

@@ -105,7 +105,14 @@ class Cache:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_layout"] = {}
+        # Columns hold functions of the manifest (some are lambdas), which do not pickle: a DataLoader's spawned
+        # workers rebuild them from the manifest.
+        del d["shard_columns"]
         return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.shard_columns = {c.name: c for c in fmt.cache_columns(self.manifest)}
 
     # ---------------------------------------------------------------- layout and raw reads
 
@@ -300,6 +307,9 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
     shape. Shards are opened lazily in each worker process (the object pickles without any open file)."""
 
     def __init__(self, cache_dir, features: bool = False):
+        if isinstance(cache_dir, (list, tuple)):
+            raise KDPipeError("CachedLogitsDataset reads one cache's rows; for an ensemble of caches use "
+                              "kdpipe.open_cache([...], weights=...)")
         self.cache = Cache(cache_dir)
         self.items = [c.name for c in self.cache.shard_columns.values() if c.item]
         if features:
