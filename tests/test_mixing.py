@@ -153,13 +153,19 @@ def test_stage_two_replays_the_teachers_mixed_views_bit_for_bit(mix, fmnist, tea
 
 # ---------------------------------------------------------------- verify-cache
 
-def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_path):
+def _mixup_cache(fmnist, teacher_ckpt, tmp_path):
+    """A cache of 2 crop-flip+mixup views of 96 Fashion-MNIST images (64-row shards)."""
     p = tmp_path / "d.npz"
     np.savez(p, x_train=fmnist.x_train[:96], y_train=fmnist.y_train[:96], x_test=fmnist.x_test[:32],
              y_test=fmnist.y_test[:32])
     out = tmp_path / "cache"
     dump_logits(load_teacher(teacher_ckpt), load_dataset(f"npz:{p}", "train"), None, out,
                 policy=create_policy(f"{GEO}+mixup:0.4"), views=2, seed=3, shard_rows=64, batch_size=40, log=quiet)
+    return out
+
+
+def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_path):
+    out = _mixup_cache(fmnist, teacher_ckpt, tmp_path)
     # Sound: the derived columns match, and the teacher re-run on the mixed views (partners from the
     # manifest) agrees with every stored row.
     assert verify_cache(out, teacher_file=teacher_ckpt, sample=192, data_root=None, log=quiet) == []
@@ -187,12 +193,7 @@ def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_
 def test_held_out_rows_of_a_mixed_cache_are_said_to_reach_training(fmnist, teacher_ckpt, tmp_path):
     """The dump drew each view's partner from every sample, so the rows --val-fraction (or --train-samples)
     keeps out of training come back in as partners: said, since validation then scores images trained on."""
-    p = tmp_path / "d.npz"
-    np.savez(p, x_train=fmnist.x_train[:96], y_train=fmnist.y_train[:96], x_test=fmnist.x_test[:32],
-             y_test=fmnist.y_test[:32])
-    out = tmp_path / "cache"
-    dump_logits(load_teacher(teacher_ckpt), load_dataset(f"npz:{p}", "train"), None, out,
-                policy=create_policy(f"{GEO}+mixup:0.4"), views=2, seed=3, shard_rows=64, batch_size=40, log=quiet)
+    out = _mixup_cache(fmnist, teacher_ckpt, tmp_path)
     for extra, says in ((["--val-fraction", "0.25"], "validation top-1 reads high"),
                         (["--train-samples", "40"], "the student sees more than the subset's images")):
         r = CliRunner().invoke(main, ["train-student", "--cache", str(out), "--student", "mlp_100", "--epochs", "1",
