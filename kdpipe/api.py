@@ -126,7 +126,8 @@ class CacheData:
         mode; each module's training mode is restored afterwards, so a loop that calls it mid-training trains on
         with its dropout and batch statistics)."""
         if self.test is None:
-            raise ValueError(f"cache {self.cache.path} holds no test split to evaluate on")
+            raise KDPipeError(f"cache {self.cache.path} holds no test split to evaluate on: evaluate on your own "
+                              "held-out data, or dump a cache of data with a test split")
         modes = [(m, m.training) for m in model.modules()]
         try:
             return top1(clean_test_logits(model, self.test, self.policy, self.mean, self.std, self.device, amp),
@@ -143,8 +144,8 @@ class CacheData:
             t = self.cache.read_test_logits()
             return None if t is None else torch.from_numpy(t)
         if temperature is None:
-            raise ValueError("an ensemble's test logits are its teachers' probabilities mixed at a temperature: "
-                             "call teacher_test_logits(temperature=T)")
+            raise KDPipeError("an ensemble's test logits are its teachers' probabilities mixed at a temperature: "
+                              "call teacher_test_logits(temperature=T)")
         test = self.ensemble.test()
         if test is None:
             return None
@@ -162,7 +163,7 @@ class EpochBatches:
 
     def __init__(self, data: CacheData, epoch: int, batch_size: int, seed: int):
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise KDPipeError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.epoch, self.batch_size, self.seed = data, epoch, batch_size, seed
 
     def __len__(self) -> int:

@@ -88,3 +88,5 @@ def test_evaluate_leaves_the_models_training_mode_as_it_found_it(cache):
     assert data.evaluate(model) == first  # in eval mode: no dropout, the running statistics
     model.eval()
     assert data.evaluate(model) == first and not any(m.training for m in model.modules())
+    with pytest.raises(KDPipeError, match="batch_size must be >= 1, got 0"):  # one line, as the CLI's errors
+        next(iter(data.epoch(0, batch_size=0)))

@@ -379,7 +379,7 @@ def test_the_python_api_opens_an_ensemble(ens):
     test = [Cache(p).read_test_logits() for p in (ens.a, ens.b)]
     got = torch.softmax(both.teacher_test_logits(temperature=4) / 4, dim=1).double().numpy()
     np.testing.assert_allclose(got, _hand_mixture(test, [0.7, 0.3], 4.0), rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="temperature=T"):
+    with pytest.raises(KDPipeError, match="temperature=T"):
         both.teacher_test_logits()
     with pytest.raises(KDPipeError, match="cannot form an ensemble"):
         kdpipe.open_cache([ens.a, ens.c])
