@@ -130,7 +130,7 @@ class Ensemble:
                 raise KDPipeError(f"caches {caches[0].path} and {c.path} cannot form an ensemble, their views or data "
                                   f"differ: {why}; dump the second teacher with dump-logits --like {caches[0].path}")
         self.caches = caches
-        if isinstance(weights, str):  # "0.7,0.3", as --teacher-weights takes them
+        if isinstance(weights, str):  # "0.7,0.3", as --teacher-weights takes them (open_cache(weights=...))
             weights = weights.split(",")
         self.weights = parse_weights(weights, len(caches))
         self.given = [float(x) for x in weights] if weights else None

@@ -238,8 +238,6 @@ def parse_weights(weights, n: int) -> list[float]:
     WEIGHT_SUM_TOLERANCE), divided by their sum."""
     if not weights:
         return [1.0 / n] * n
-    if isinstance(weights, str):  # "0.7,0.3", as --teacher-weights takes them (open_cache(weights=...) too)
-        weights = weights.split(",")
     try:
         w = [float(x) for x in weights]
     except (TypeError, ValueError):
