@@ -31,6 +31,9 @@ def run_pipeline(spec: dict, workdir: Path) -> dict:
     """Run every step of the pipeline's rules in `workdir`; returns the report's summary.json."""
     rules = make_rules(spec)
     for target, command in _steps(rules):
+        made, prereqs = target.split(":", 1)
+        if not prereqs.strip() and (workdir / made).exists():
+            continue  # a file the pipeline is given (a teacher): as Make, nothing to do
         if command.startswith("$(KDPIPE) "):
             r = CliRunner().invoke(main, shlex.split(command)[1:], catch_exceptions=False)
             assert r.exit_code == 0, f"{command}\n{r.output}"
@@ -191,6 +194,23 @@ def test_food_photos_pipeline(monkeypatch, tmp_path):
         assert all("val_top1" in e and "test_top1" in e for e in r["history"])
 
 
+def test_a_missing_teacher_file_is_named_in_one_line_when_make_runs(tmp_path):
+    """A [teacher] file that is not there: Make alone said "No rule to make target"; now the pipeline's
+    rules say which file of which pipeline, and what to do."""
+    spec = load_pipeline(REPO / "pipelines" / "food-photos.toml")
+    (tmp_path / "rules.mk").write_text(make_rules(spec))
+    cmd = ["make", "-s", "-f", "rules.mk", "PIPELINE=pipelines/food-photos.toml", "KDPIPE=true", "SETUP=",
+           "cache/food-photos/manifest.json"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and "No rule" not in r.stderr
+    assert r.stderr.splitlines()[0] == ("Error: pipelines/food-photos.toml: the [teacher] file food11_resnet18.pth "
+                                        "does not exist (a path from the folder make runs in): put your teacher "
+                                        "there, or set file = \"...\" to where it is")
+    (tmp_path / "food11_resnet18.pth").write_bytes(b"weights")  # there: the dump's rule runs (KDPIPE=true)
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_cifar10_resnet_pipeline(cifar_folder, monkeypatch, tmp_path):
     """pipelines/cifar10-resnet.toml with its own teacher training (tv:resnet50), on the generated
     CIFAR-like ImageFolder (CIFAR-10's classes, 32 x 32 RGB): resnet18 students with crop:4+flip, Adam."""
@@ -266,10 +286,41 @@ def test_an_ensemble_pipeline_runs_each_teacher_over_the_same_views(fmnist, monk
     assert [Path(t["cache"]).name for t in weighted["teachers"]] == ["mlp", "cnn"]
     assert "ensemble" not in runs["cnn/mlp_100-T4-a0.9-s0"]
     assert len(summary["runs"]) == 4 and len(summary["teachers"]) == 2
-    # the rules' second dump is --like the first's cache, and depends on it
+    # the rules' second dump is --like the first's cache, made after it
     rules = make_rules(spec)
-    assert "cache/ens/mlp/manifest.json: runs/ens/teacher-mlp.pt cache/ens/cnn/manifest.json" in rules
+    assert "cache/ens/mlp/manifest.json: runs/ens/teacher-mlp.pt | $(SETUP) cache/ens/cnn/manifest.json" in rules
     assert "--like cache/ens/cnn" in rules
+
+
+def test_a_new_first_teacher_of_an_ensemble_pipeline_does_not_redump_the_others(monkeypatch, tmp_path):
+    """The second teacher's cache is dumped over the first's views, which the [dump] options and the data
+    make: a retrained first teacher re-dumps its own cache, not the second's (a teacher pass saved); a new
+    [dump] option re-dumps both, the first before the second."""
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)  # the stamps' folder
+
+    def make_n(toml_text):
+        (tmp_path / "ens.toml").write_text(toml_text)
+        (tmp_path / "rules.mk").write_text(make_rules(load_pipeline(tmp_path / "ens.toml"), "stamps"))
+        r = subprocess.run(["make", "-n", "-f", "rules.mk", "KDPIPE=kd", "SETUP=", "cache/ens/mlp/manifest.json"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True)
+        return [line.split(" --out ")[1].split()[0] for line in r.stdout.splitlines() if " --out " in line]
+
+    text = ENSEMBLE_PIPELINE.format(spec="npz:d.npz")
+    assert make_n(text) == ["runs/ens/teacher-mlp.pt", "runs/ens/teacher-cnn.pt", "cache/ens/cnn", "cache/ens/mlp"]
+    t0 = time.time() - 100
+    for p in (tmp_path / "stamps").iterdir():
+        os.utime(p, (t0, t0))
+    for i, f in enumerate(["runs/ens/teacher-cnn.pt", "runs/ens/teacher-mlp.pt", "cache/ens/cnn/manifest.json",
+                           "cache/ens/mlp/manifest.json"], 1):  # all made, in order
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+        os.utime(tmp_path / f, (t0 + i, t0 + i))
+    assert make_n(text) == []
+    os.utime(tmp_path / "runs/ens/teacher-cnn.pt", (t0 + 9, t0 + 9))  # the first teacher retrained
+    assert make_n(text) == ["cache/ens/cnn"]
+    assert make_n(text.replace("views = 2", "views = 3")) == ["cache/ens/cnn", "cache/ens/mlp"]
 
 
 @pytest.mark.parametrize("change, message", [
