@@ -615,8 +615,8 @@ def _no_val_folder(spec, root: Path, names: dict) -> KDPipeError:
 
 def _images_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """The image files of `folder` (sorted; with `recursive`, in its subfolders too, as torchvision's
-    ImageFolder reads a class folder), and the other entries there that are not hidden (files, or
-    subfolders when not recursive)."""
+    ImageFolder reads a class folder), and the other entries there that are not hidden (files, subfolders
+    when not recursive, and links whose target is missing)."""
     images, other = [], []
     for p in folder.iterdir():
         if p.name.startswith("."):
@@ -630,12 +630,20 @@ def _images_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[
                 other.append(p)
         elif p.is_file():
             (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+        else:  # a link to nothing (its target deleted or not mounted), said like any other skip
+            other.append(p)
     return sorted(images), other
 
 
 def _skipped_note(spec, folder: Path, skipped: list[Path]) -> None:
     """Say which files a folder source did not read, so that a folder of .heic photos or a class of
     .jp2 files is not dropped without a word."""
+    broken = sorted(p for p in skipped if p.is_symlink() and not p.exists())  # links whose target is missing
+    if broken:
+        print(f"note: {spec}: skipped {len(broken)} link(s) under {folder} whose target is missing (e.g. "
+              f"{broken[0].name} -> {os.readlink(broken[0])}): restore the targets (mount their disk) to read "
+              "them, or remove the links", file=sys.stderr, flush=True)
+    skipped = [p for p in skipped if p not in broken]
     if not skipped:
         return
     kinds = sorted({"folders" if p.is_dir() else p.suffix.lower() or "(no extension)" for p in skipped})

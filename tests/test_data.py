@@ -372,6 +372,27 @@ def test_imagefolder_images_outside_class_folders_are_said(tmp_path, capsys):
         load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
+def test_links_whose_target_is_missing_are_said_not_dropped(tmp_path, capsys):
+    """A class folder of links into a photo store that is not mounted (or whose files were deleted): the links
+    were neither images nor "other files", so they were dropped without a word, in imagefolder: and files:."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "if" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "if" / split / c / "0.png")
+            (tmp_path / "fl" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "fl" / split / f"{c}_0.png")
+    for i in range(2):
+        (tmp_path / "if" / "train" / "a" / f"gone{i}.jpg").symlink_to(tmp_path / "unmounted" / f"{i}.jpg")
+    (tmp_path / "fl" / "train" / "b_7.jpg").symlink_to(tmp_path / "unmounted" / "7.jpg")
+    assert len(load_dataset(f"imagefolder:{tmp_path / 'if'}", "train")) == 2
+    err = capsys.readouterr().err
+    assert (f"skipped 2 link(s) under {tmp_path / 'if' / 'train'} whose target is missing (e.g. gone0.jpg -> "
+            f"{tmp_path / 'unmounted' / '0.jpg'}): restore the targets") in err
+    assert "not images kdpipe reads" not in err
+    assert len(load_dataset(f"files:{tmp_path / 'fl'}", "train")) == 2
+    assert "skipped 1 link(s)" in capsys.readouterr().err
+
+
 def test_an_imagefolder_one_level_too_high_is_named(tmp_path):
     """train/images/<class>/ (a zip unpacked into a folder of its own) read as the one class 'images', its
     subfolders' photos all of it: the teacher trained to 100% and learnt nothing."""
