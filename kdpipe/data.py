@@ -992,12 +992,21 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     return data
 
 
+def _undecodable(spec, p: Path, e: Exception) -> KDPipeError:
+    return KDPipeError(f"{spec}: cannot decode {p}: {e}: the file is damaged, truncated or not an image; "
+                       "replace it or move it out of the folder")
+
+
 def _open_image(spec, p: Path):
     from PIL import Image, UnidentifiedImageError
     try:
         return Image.open(p)
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
-        raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+    except Image.DecompressionBombError:
+        raise KDPipeError(f"{spec}: {p} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most Pillow decodes "
+                          "(its guard against decompression bombs): shrink it (kdpipe stores it at --image-size "
+                          "anyway), e.g. to 8000 pixels a side, or move it out of the folder") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise _undecodable(spec, p, e) from None
 
 
 EXIF_ORIENTATION = 0x0112  # 1: upright; 2-4 mirrored or turned 180 degrees; 5-8 also transposed (90 degrees)
@@ -1069,7 +1078,7 @@ def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape) -> np.n
         try:
             arr = to_storage(im, mode, image_size)
         except (OSError, SyntaxError) as e:
-            raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+            raise _undecodable(spec, p, e) from None
     if arr.shape != shape:
         raise KDPipeError(f"{spec}: {p} is {arr.shape[2]}x{arr.shape[1]}, the others {shape[2]}x{shape[1]}: "
                           "pass --image-size S")

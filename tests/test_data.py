@@ -677,6 +677,34 @@ def test_a_photo_truncated_after_its_header_is_named(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
 
 
+def _truncated_jpeg(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:-20])  # the end of its scan is missing
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p.write_bytes(b""), "cannot identify image file"),  # a failed download
+    (lambda p: p.write_text("<html>404 Not Found</html>"), "cannot identify image file"),  # an error page
+    (_truncated_jpeg, "runcated"),
+])
+def test_a_file_that_does_not_decode_is_named_with_what_to_do(tmp_path, make, says):
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    make(tmp_path / "p" / "train" / "b" / "bad.jpg")
+    with pytest.raises(KDPipeError, match=rf"cannot decode {tmp_path / 'p' / 'train' / 'b' / 'bad.jpg'}: .*{says}.*: "
+                                          r"the file is damaged, truncated or not an image; replace it or move it out"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
+
+
+def test_an_image_past_pillows_pixel_limit_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    """Past 2 x Image.MAX_IMAGE_PIXELS (179 million pixels: a gigapixel panorama, a slide scan) Pillow refuses to
+    open an image; the refusal said "could be decompression bomb DOS attack" and nothing the user could do."""
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # the folder's photos are 24..600 px a side
+    with pytest.raises(KDPipeError, match=r"/train/a/000.jpg has more than 600 pixels, the most Pillow decodes \(its "
+                                          r"guard against decompression bombs\): shrink it .* or move it out"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
+
+
 def test_limit_samples_every_class_of_any_order_and_stage_two_takes_the_same_rows(fmnist):
     """--limit draws its samples from a fixed seed, so a folder sorted by class, or labels that cycle, keep
     every class; a manifest without limit_sampled (written before) still means the first N."""
