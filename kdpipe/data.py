@@ -955,7 +955,11 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     if npy.is_file() and meta.is_file() and sizes_npy.is_file():  # the .json is written last
         return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), json.loads(meta.read_text()).get("fingerprint"))
 
-    sizes, modes = _scan_headers(spec, files)
+    sizes, modes, several = _scan_headers(spec, files)
+    if several:
+        print(f"note: {spec} {split}: {len(several)} image(s) hold several frames or pages (an animated GIF, PNG or "
+              f"WebP, a multi-page TIFF; e.g. {several[0].name}): only the first of each is read", file=sys.stderr,
+              flush=True)
     if image_size is None and len(set(map(tuple, sizes.tolist()))) > 1:
         a = int(np.flatnonzero((sizes != sizes[0]).any(axis=1))[0])
         raise KDPipeError(f"{spec}: the {split} images differ in size ({files[0].name} is {sizes[0][1]}x{sizes[0][0]}, "
@@ -1021,20 +1025,23 @@ def _orientation(im) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str]]:
+def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str], list[Path]]:
     """Each file's (height, width) as viewers show it (EXIF orientation applied) and mode, from its header
-    alone (no pixels decoded)."""
+    alone (no pixels decoded); and the files of several frames or pages, of which the first is read."""
     sizes = np.empty((len(files), 2), dtype=np.int64)
-    modes = []
+    modes, several = [], []
     for i, p in enumerate(files):
         with _open_image(spec, p) as im:
             w, h = im.size
             sizes[i] = (w, h) if _orientation(im) >= 5 else (h, w)
             modes.append(im.mode)
+            # a camera's JPEG (MPO) holds the photo first, then previews or a depth map: not worth a note
+            if getattr(im, "is_animated", False) and im.format != "MPO":
+                several.append(p)
         if im.mode in UNREADABLE_MODES:
             raise KDPipeError(f"{spec}: {p} has {UNREADABLE_MODES[im.mode]} pixels (mode {im.mode}), whose range "
                               "kdpipe cannot know: convert the images to 8 or 16 bits per channel")
-    return sizes, modes
+    return sizes, modes, several
 
 
 def _common_mode(modes: list[str], other_files: list[Path]) -> str:

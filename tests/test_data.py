@@ -603,6 +603,26 @@ def test_same_size_folder_mixing_grey_and_colour_is_stored_in_rgb_with_a_note(tm
     np.testing.assert_array_equal(t.images[0], np.stack([pix] * 3))
 
 
+def test_images_of_several_frames_or_pages_are_said_to_be_read_from_their_first(tmp_path, capsys):
+    """A multi-page TIFF (a scanned document, a microscope's stack of channels) and an animated GIF are read
+    from their first page or frame, as before, but no longer without a word."""
+    red, blue, grey = (Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (90, 90, 90)))
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            grey.save(tmp_path / split / c / "0.png")
+    red.save(tmp_path / "train" / "a" / "pages.tif", save_all=True, append_images=[blue])
+    red.save(tmp_path / "train" / "b" / "anim.gif", save_all=True, append_images=[blue])
+    # a camera's JPEG holding a preview after the photo (MPO) is not worth the note
+    red.save(tmp_path / "test" / "a" / "camera.jpg", format="MPO", save_all=True, append_images=[blue.resize((4, 4))])
+    d = load_dataset(f"imagefolder:{tmp_path}", "train")
+    assert "2 image(s) hold several frames or pages" in capsys.readouterr().err
+    for row in (1, 3):  # a/pages.tif, b/anim.gif
+        np.testing.assert_array_equal(np.asarray(d.images[row])[:, 0, 0], (255, 0, 0))
+    load_dataset(f"imagefolder:{tmp_path}", "test")
+    assert "several frames" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- statistics
 
 def test_channel_stats_use_a_uniform_sample_of_a_class_sorted_split():
