@@ -623,6 +623,9 @@ def _images_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[
             continue
         if p.is_dir():
             if recursive:
+                if p.is_symlink() and folder.resolve().is_relative_to(p.resolve()):
+                    raise KDPipeError(f"{p} links to {os.readlink(p)}, a folder that holds it: its images (and other "
+                                      "classes' with them) would be read again and again: remove the link")
                 sub_images, sub_other = _images_in(p, True)
                 images += sub_images
                 other += sub_other

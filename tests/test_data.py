@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import warnings
@@ -391,6 +392,26 @@ def test_links_whose_target_is_missing_are_said_not_dropped(tmp_path, capsys):
     assert "not images kdpipe reads" not in err
     assert len(load_dataset(f"files:{tmp_path / 'fl'}", "train")) == 2
     assert "skipped 1 link(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["..", "."])
+def test_a_link_to_a_folder_holding_it_is_refused(tmp_path, target):
+    """Class folders are read with their subfolders, following links: a link back up (to the split folder, or
+    to the class folder itself) made class a's images be read again at every level, with class b's among them,
+    until the path grew too long (4 train images became 164)."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / split / c / "0.png")
+    (tmp_path / "train" / "a" / "more").symlink_to(target, target_is_directory=True)
+    with pytest.raises(KDPipeError, match=rf"train/a/more links to {re.escape(target)}, a folder that holds it: .* "
+                                          "remove the link"):
+        load_dataset(f"imagefolder:{tmp_path}", "train")
+    (tmp_path / "train" / "a" / "more").unlink()
+    (tmp_path / "elsewhere").mkdir()  # a link to a folder elsewhere is read, as before
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "elsewhere" / "1.png")
+    (tmp_path / "train" / "a" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert load_dataset(f"imagefolder:{tmp_path}", "train").labels.tolist() == [0, 0, 1]
 
 
 def test_an_imagefolder_one_level_too_high_is_named(tmp_path):
