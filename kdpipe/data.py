@@ -968,7 +968,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         raise KDPipeError(f"{spec}: the {split} images differ in size ({files[0].name} is {sizes[0][1]}x{sizes[0][0]}, "
                           f"{files[a].name} is {sizes[a][1]}x{sizes[a][0]}): pass --image-size S to store them "
                           "at S x S (shorter side resized to S, centre crop)")
-    mode = _common_mode(modes, other_files)
+    mode = _common_mode(spec, modes, other_files)
     grey = sum(m in GREY_MODES for m in modes)
     if mode == "RGB" and grey:
         print(f"note: {spec} {split}: the folder mixes grey and colour images; {grey} of {len(files)} grey "
@@ -1047,12 +1047,12 @@ def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str], list[
     return sizes, modes, several
 
 
-def _common_mode(modes: list[str], other_files: list[Path]) -> str:
+def _common_mode(spec, modes: list[str], other_files: list[Path]) -> str:
     """RGB when any image of the folder (either split) is colour, so both splits get one shape; else L."""
     if any(m not in GREY_MODES for m in modes):
         return "RGB"
     for p in other_files:
-        with _open_image("", p) as im:
+        with _open_image(spec, p) as im:
             if im.mode not in GREY_MODES:
                 return "RGB"
     return "L"

@@ -736,6 +736,16 @@ def test_a_file_that_does_not_decode_is_named_with_what_to_do(tmp_path, make, sa
         load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
 
 
+def test_a_file_of_the_other_split_that_does_not_decode_is_named_with_the_spec(tmp_path):
+    """Loading the train split of a grey folder opens the test split's files too (a colour one there makes both
+    splits RGB): a damaged one was refused with a line that began ": cannot decode", the spec left out."""
+    make_photo_folder(tmp_path / "p", modes=("L",))
+    (tmp_path / "p" / "test" / "b" / "bad.jpg").write_bytes(b"")
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    with pytest.raises(KDPipeError, match=rf"^{re.escape(spec)}: cannot decode .*test/b/bad.jpg"):
+        load_dataset(spec, "train", image_size=16)
+
+
 def test_an_image_past_pillows_pixel_limit_is_refused_with_what_to_do(tmp_path, monkeypatch):
     """Past 2 x Image.MAX_IMAGE_PIXELS (179 million pixels: a gigapixel panorama, a slide scan) Pillow refuses to
     open an image; the refusal said "could be decompression bomb DOS attack" and nothing the user could do."""
