@@ -700,7 +700,11 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     if folder is None and split == "val":
         raise _no_val_folder(spec, root, IMAGEFOLDER_SPLITS)
     if folder is None:
-        raise KDPipeError(f"{spec}: {root} has no {'train' if split == 'train' else 'test or val'} folder")
+        known = {n for names in IMAGEFOLDER_SPLITS.values() for n in names}
+        have = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name[:1] != "." and d.name not in known)
+        raise KDPipeError(f"{spec}: {root} has no {'train' if split == 'train' else 'test or val'} folder"
+                          + (f" (its folders: {', '.join(have[:5])}): imagefolder: reads PATH/train and PATH/test "
+                             "(or val), one folder per class in each: rename them" if have else ""))
     # Class names come from the train folder so that both splits number classes alike.
     class_root = root / "train" if (root / "train").is_dir() else folder
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -734,6 +738,11 @@ def _label_of(spec, p: Path) -> str:
 def _flat_listing(spec, folder: Path, note: bool = True) -> tuple[list[Path], list[str]]:
     files, skipped = _images_in(folder)
     if not files:
+        sub = sorted(p.name for p in skipped if p.is_dir())
+        if sub:  # a folder per class (Food-11 as Kaggle has it): imagefolder's layout
+            raise KDPipeError(f"{spec}: {folder} holds folders ({', '.join(sub[:3])}{', ...' if len(sub) > 3 else ''})"
+                              f", not images: files: reads flat folders of <label>_<n>.jpg; for one folder per class "
+                              "use imagefolder:PATH, whose split folders are named train and test (or val)")
         raise KDPipeError(f"{spec}: {folder} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
     if note:
         _skipped_note(spec, folder, skipped)
