@@ -615,14 +615,17 @@ def _no_val_folder(spec, root: Path, names: dict) -> KDPipeError:
 
 def _images_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """The image files of `folder` (sorted; with `recursive`, in its subfolders too, as torchvision's
-    ImageFolder reads a class folder), and the other entries there that are not hidden (files, or
-    subfolders when not recursive)."""
+    ImageFolder reads a class folder), and the other entries there that are not hidden (files, subfolders
+    when not recursive, and links whose target is missing)."""
     images, other = [], []
     for p in folder.iterdir():
         if p.name.startswith("."):
             continue
         if p.is_dir():
             if recursive:
+                if p.is_symlink() and folder.resolve().is_relative_to(p.resolve()):
+                    raise KDPipeError(f"{p} links to {os.readlink(p)}, a folder that holds it: its images (and other "
+                                      "classes' with them) would be read again and again: remove the link")
                 sub_images, sub_other = _images_in(p, True)
                 images += sub_images
                 other += sub_other
@@ -630,12 +633,20 @@ def _images_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[
                 other.append(p)
         elif p.is_file():
             (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+        else:  # a link to nothing (its target deleted or not mounted), said like any other skip
+            other.append(p)
     return sorted(images), other
 
 
 def _skipped_note(spec, folder: Path, skipped: list[Path]) -> None:
     """Say which files a folder source did not read, so that a folder of .heic photos or a class of
     .jp2 files is not dropped without a word."""
+    broken = sorted(p for p in skipped if p.is_symlink() and not p.exists())  # links whose target is missing
+    if broken:
+        print(f"note: {spec}: skipped {len(broken)} link(s) under {folder} whose target is missing (e.g. "
+              f"{broken[0].name} -> {os.readlink(broken[0])}): restore the targets (mount their disk) to read "
+              "them, or remove the links", file=sys.stderr, flush=True)
+    skipped = [p for p in skipped if p not in broken]
     if not skipped:
         return
     kinds = sorted({"folders" if p.is_dir() else p.suffix.lower() or "(no extension)" for p in skipped})
@@ -689,7 +700,11 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
     if folder is None and split == "val":
         raise _no_val_folder(spec, root, IMAGEFOLDER_SPLITS)
     if folder is None:
-        raise KDPipeError(f"{spec}: {root} has no {'train' if split == 'train' else 'test or val'} folder")
+        known = {n for names in IMAGEFOLDER_SPLITS.values() for n in names}
+        have = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name[:1] != "." and d.name not in known)
+        raise KDPipeError(f"{spec}: {root} has no {'train' if split == 'train' else 'test or val'} folder"
+                          + (f" (its folders: {', '.join(have[:5])}): imagefolder: reads PATH/train and PATH/test "
+                             "(or val), one folder per class in each: rename them" if have else ""))
     # Class names come from the train folder so that both splits number classes alike.
     class_root = root / "train" if (root / "train").is_dir() else folder
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -723,6 +738,11 @@ def _label_of(spec, p: Path) -> str:
 def _flat_listing(spec, folder: Path, note: bool = True) -> tuple[list[Path], list[str]]:
     files, skipped = _images_in(folder)
     if not files:
+        sub = sorted(p.name for p in skipped if p.is_dir())
+        if sub:  # a folder per class (Food-11 as Kaggle has it): imagefolder's layout
+            raise KDPipeError(f"{spec}: {folder} holds folders ({', '.join(sub[:3])}{', ...' if len(sub) > 3 else ''})"
+                              f", not images: files: reads flat folders of <label>_<n>.jpg; for one folder per class "
+                              "use imagefolder:PATH, whose split folders are named train and test (or val)")
         raise KDPipeError(f"{spec}: {folder} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
     if note:
         _skipped_note(spec, folder, skipped)
@@ -947,13 +967,17 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     if npy.is_file() and meta.is_file() and sizes_npy.is_file():  # the .json is written last
         return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), json.loads(meta.read_text()).get("fingerprint"))
 
-    sizes, modes = _scan_headers(spec, files)
+    sizes, modes, several = _scan_headers(spec, files)
+    if several:
+        print(f"note: {spec} {split}: {len(several)} image(s) hold several frames or pages (an animated GIF, PNG or "
+              f"WebP, a multi-page TIFF; e.g. {several[0].name}): only the first of each is read", file=sys.stderr,
+              flush=True)
     if image_size is None and len(set(map(tuple, sizes.tolist()))) > 1:
         a = int(np.flatnonzero((sizes != sizes[0]).any(axis=1))[0])
         raise KDPipeError(f"{spec}: the {split} images differ in size ({files[0].name} is {sizes[0][1]}x{sizes[0][0]}, "
                           f"{files[a].name} is {sizes[a][1]}x{sizes[a][0]}): pass --image-size S to store them "
                           "at S x S (shorter side resized to S, centre crop)")
-    mode = _common_mode(modes, other_files)
+    mode = _common_mode(spec, modes, other_files)
     grey = sum(m in GREY_MODES for m in modes)
     if mode == "RGB" and grey:
         print(f"note: {spec} {split}: the folder mixes grey and colour images; {grey} of {len(files)} grey "
@@ -984,12 +1008,21 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     return data
 
 
+def _undecodable(spec, p: Path, e: Exception) -> KDPipeError:
+    return KDPipeError(f"{spec}: cannot decode {p}: {e}: the file is damaged, truncated or not an image; "
+                       "replace it or move it out of the folder")
+
+
 def _open_image(spec, p: Path):
     from PIL import Image, UnidentifiedImageError
     try:
         return Image.open(p)
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
-        raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+    except Image.DecompressionBombError:
+        raise KDPipeError(f"{spec}: {p} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most Pillow decodes "
+                          "(its guard against decompression bombs): shrink it (kdpipe stores it at --image-size "
+                          "anyway), e.g. to 8000 pixels a side, or move it out of the folder") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise _undecodable(spec, p, e) from None
 
 
 EXIF_ORIENTATION = 0x0112  # 1: upright; 2-4 mirrored or turned 180 degrees; 5-8 also transposed (90 degrees)
@@ -1004,28 +1037,31 @@ def _orientation(im) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str]]:
+def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str], list[Path]]:
     """Each file's (height, width) as viewers show it (EXIF orientation applied) and mode, from its header
-    alone (no pixels decoded)."""
+    alone (no pixels decoded); and the files of several frames or pages, of which the first is read."""
     sizes = np.empty((len(files), 2), dtype=np.int64)
-    modes = []
+    modes, several = [], []
     for i, p in enumerate(files):
         with _open_image(spec, p) as im:
             w, h = im.size
             sizes[i] = (w, h) if _orientation(im) >= 5 else (h, w)
             modes.append(im.mode)
+            # a camera's JPEG (MPO) holds the photo first, then previews or a depth map: not worth a note
+            if getattr(im, "is_animated", False) and im.format != "MPO":
+                several.append(p)
         if im.mode in UNREADABLE_MODES:
             raise KDPipeError(f"{spec}: {p} has {UNREADABLE_MODES[im.mode]} pixels (mode {im.mode}), whose range "
                               "kdpipe cannot know: convert the images to 8 or 16 bits per channel")
-    return sizes, modes
+    return sizes, modes, several
 
 
-def _common_mode(modes: list[str], other_files: list[Path]) -> str:
+def _common_mode(spec, modes: list[str], other_files: list[Path]) -> str:
     """RGB when any image of the folder (either split) is colour, so both splits get one shape; else L."""
     if any(m not in GREY_MODES for m in modes):
         return "RGB"
     for p in other_files:
-        with _open_image("", p) as im:
+        with _open_image(spec, p) as im:
             if im.mode not in GREY_MODES:
                 return "RGB"
     return "L"
@@ -1061,7 +1097,7 @@ def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape) -> np.n
         try:
             arr = to_storage(im, mode, image_size)
         except (OSError, SyntaxError) as e:
-            raise KDPipeError(f"{spec}: cannot decode {p}: {e}") from None
+            raise _undecodable(spec, p, e) from None
     if arr.shape != shape:
         raise KDPipeError(f"{spec}: {p} is {arr.shape[2]}x{arr.shape[1]}, the others {shape[2]}x{shape[1]}: "
                           "pass --image-size S")

@@ -163,6 +163,23 @@ def test_files_layouts_and_names(tmp_path):
 
 # ---------------------------------------------------------------- csv: image lists and feature tables
 
+def test_a_folder_per_class_under_training_and_evaluation_is_pointed_to_its_layout(tmp_path):
+    """Food-11 as Kaggle has it: training/, evaluation/ and validation/, each one folder per class. files: said
+    "training holds no images" and imagefolder: "has no train folder", with nothing on what either reads."""
+    for folder in ("training", "evaluation", "validation"):
+        for c in ("Bread", "Dairy product"):
+            _png(np.zeros((8, 8, 3), np.uint8), tmp_path / "food11" / folder / c / "0.jpg")
+    with pytest.raises(KDPipeError, match=r"training holds folders \(Bread, Dairy product\), not images: files: reads "
+                                          r"flat folders of <label>_<n>.jpg; for one folder per class use imagefolder"):
+        load_dataset(f"files:{tmp_path / 'food11'}", "train")
+    with pytest.raises(KDPipeError, match=r"has no train folder \(its folders: evaluation, training, validation\): "
+                                          r"imagefolder: reads PATH/train and PATH/test \(or val\), .*: rename them"):
+        load_dataset(f"imagefolder:{tmp_path / 'food11'}", "train")
+    for folder, name in (("training", "train"), ("evaluation", "test"), ("validation", "val")):
+        (tmp_path / "food11" / folder).rename(tmp_path / "food11" / name)
+    assert load_dataset(f"imagefolder:{tmp_path / 'food11'}", "train").class_names == ["Bread", "Dairy product"]
+
+
 def test_csv_names_as_labels_and_validation_as_test(tmp_path):
     """Names are classes in sorted order; val rows are the test split when there are no test rows, and
     are ignored when there are."""

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import warnings
@@ -372,6 +373,47 @@ def test_imagefolder_images_outside_class_folders_are_said(tmp_path, capsys):
         load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
+def test_links_whose_target_is_missing_are_said_not_dropped(tmp_path, capsys):
+    """A class folder of links into a photo store that is not mounted (or whose files were deleted): the links
+    were neither images nor "other files", so they were dropped without a word, in imagefolder: and files:."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "if" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "if" / split / c / "0.png")
+            (tmp_path / "fl" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "fl" / split / f"{c}_0.png")
+    for i in range(2):
+        (tmp_path / "if" / "train" / "a" / f"gone{i}.jpg").symlink_to(tmp_path / "unmounted" / f"{i}.jpg")
+    (tmp_path / "fl" / "train" / "b_7.jpg").symlink_to(tmp_path / "unmounted" / "7.jpg")
+    assert len(load_dataset(f"imagefolder:{tmp_path / 'if'}", "train")) == 2
+    err = capsys.readouterr().err
+    assert (f"skipped 2 link(s) under {tmp_path / 'if' / 'train'} whose target is missing (e.g. gone0.jpg -> "
+            f"{tmp_path / 'unmounted' / '0.jpg'}): restore the targets") in err
+    assert "not images kdpipe reads" not in err
+    assert len(load_dataset(f"files:{tmp_path / 'fl'}", "train")) == 2
+    assert "skipped 1 link(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["..", "."])
+def test_a_link_to_a_folder_holding_it_is_refused(tmp_path, target):
+    """Class folders are read with their subfolders, following links: a link back up (to the split folder, or
+    to the class folder itself) made class a's images be read again at every level, with class b's among them,
+    until the path grew too long (4 train images became 164)."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / split / c / "0.png")
+    (tmp_path / "train" / "a" / "more").symlink_to(target, target_is_directory=True)
+    with pytest.raises(KDPipeError, match=rf"train/a/more links to {re.escape(target)}, a folder that holds it: .* "
+                                          "remove the link"):
+        load_dataset(f"imagefolder:{tmp_path}", "train")
+    (tmp_path / "train" / "a" / "more").unlink()
+    (tmp_path / "elsewhere").mkdir()  # a link to a folder elsewhere is read, as before
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "elsewhere" / "1.png")
+    (tmp_path / "train" / "a" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert load_dataset(f"imagefolder:{tmp_path}", "train").labels.tolist() == [0, 0, 1]
+
+
 def test_an_imagefolder_one_level_too_high_is_named(tmp_path):
     """train/images/<class>/ (a zip unpacked into a folder of its own) read as the one class 'images', its
     subfolders' photos all of it: the teacher trained to 100% and learnt nothing."""
@@ -582,6 +624,26 @@ def test_same_size_folder_mixing_grey_and_colour_is_stored_in_rgb_with_a_note(tm
     np.testing.assert_array_equal(t.images[0], np.stack([pix] * 3))
 
 
+def test_images_of_several_frames_or_pages_are_said_to_be_read_from_their_first(tmp_path, capsys):
+    """A multi-page TIFF (a scanned document, a microscope's stack of channels) and an animated GIF are read
+    from their first page or frame, as before, but no longer without a word."""
+    red, blue, grey = (Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (90, 90, 90)))
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            grey.save(tmp_path / split / c / "0.png")
+    red.save(tmp_path / "train" / "a" / "pages.tif", save_all=True, append_images=[blue])
+    red.save(tmp_path / "train" / "b" / "anim.gif", save_all=True, append_images=[blue])
+    # a camera's JPEG holding a preview after the photo (MPO) is not worth the note
+    red.save(tmp_path / "test" / "a" / "camera.jpg", format="MPO", save_all=True, append_images=[blue.resize((4, 4))])
+    d = load_dataset(f"imagefolder:{tmp_path}", "train")
+    assert "2 image(s) hold several frames or pages" in capsys.readouterr().err
+    for row in (1, 3):  # a/pages.tif, b/anim.gif
+        np.testing.assert_array_equal(np.asarray(d.images[row])[:, 0, 0], (255, 0, 0))
+    load_dataset(f"imagefolder:{tmp_path}", "test")
+    assert "several frames" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- statistics
 
 def test_channel_stats_use_a_uniform_sample_of_a_class_sorted_split():
@@ -653,6 +715,44 @@ def test_a_photo_truncated_after_its_header_is_named(tmp_path):
     raw = victim.read_bytes()
     victim.write_bytes(raw[: len(raw) // 2])  # the header still reads; the pixels do not
     with pytest.raises(KDPipeError, match=rf"cannot decode {victim}"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
+
+
+def _truncated_jpeg(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:-20])  # the end of its scan is missing
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p.write_bytes(b""), "cannot identify image file"),  # a failed download
+    (lambda p: p.write_text("<html>404 Not Found</html>"), "cannot identify image file"),  # an error page
+    (_truncated_jpeg, "runcated"),
+])
+def test_a_file_that_does_not_decode_is_named_with_what_to_do(tmp_path, make, says):
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    make(tmp_path / "p" / "train" / "b" / "bad.jpg")
+    with pytest.raises(KDPipeError, match=rf"cannot decode {tmp_path / 'p' / 'train' / 'b' / 'bad.jpg'}: .*{says}.*: "
+                                          r"the file is damaged, truncated or not an image; replace it or move it out"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
+
+
+def test_a_file_of_the_other_split_that_does_not_decode_is_named_with_the_spec(tmp_path):
+    """Loading the train split of a grey folder opens the test split's files too (a colour one there makes both
+    splits RGB): a damaged one was refused with a line that began ": cannot decode", the spec left out."""
+    make_photo_folder(tmp_path / "p", modes=("L",))
+    (tmp_path / "p" / "test" / "b" / "bad.jpg").write_bytes(b"")
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    with pytest.raises(KDPipeError, match=rf"^{re.escape(spec)}: cannot decode .*test/b/bad.jpg"):
+        load_dataset(spec, "train", image_size=16)
+
+
+def test_an_image_past_pillows_pixel_limit_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    """Past 2 x Image.MAX_IMAGE_PIXELS (179 million pixels: a gigapixel panorama, a slide scan) Pillow refuses to
+    open an image; the refusal said "could be decompression bomb DOS attack" and nothing the user could do."""
+    make_photo_folder(tmp_path / "p", modes=("RGB",))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # the folder's photos are 24..600 px a side
+    with pytest.raises(KDPipeError, match=r"/train/a/000.jpg has more than 600 pixels, the most Pillow decodes \(its "
+                                          r"guard against decompression bombs\): shrink it .* or move it out"):
         load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=16)
 
 
