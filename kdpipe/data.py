@@ -809,7 +809,9 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
     if not rows:
         raise KDPipeError(f"{spec}: {path} is empty")
     header = [c.strip() for c in rows[0]]
-    for name in header:  # before the names' checks: a first row of data repeats values (0, train, 0)
+    # before the names' checks: a first row of data repeats values (0, train, 0); a row naming label and split is
+    # the header, whatever its other names (pandas names a DataFrame(array)'s columns 0, 1, 2, ...)
+    for name in header if not {"label", "split"} <= set(header) else ():
         try:
             float(name)
         except ValueError:

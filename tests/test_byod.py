@@ -176,6 +176,14 @@ def test_csv_names_as_labels_and_validation_as_test(tmp_path):
     assert te.labels.tolist() == [0] and te.images.tolist() == [[9.0, 9.0]]
 
 
+def test_a_header_of_numbered_feature_columns_is_the_header(tmp_path):
+    """pandas names a DataFrame(array)'s columns 0, 1, 2, ...: beside label and split that row is the header, not
+    a first row of data ("has no header row (its first row holds the number 0)" refused the file)."""
+    (tmp_path / "t.csv").write_text("0,1,label,split\n0.5,1.5,0,train\n2.5,3.5,1,train\n4.5,5.5,1,test\n")
+    d = load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+    assert d.images.tolist() == [[0.5, 1.5], [2.5, 3.5]] and d.labels.tolist() == [0, 1]
+
+
 def test_whole_number_labels_written_as_floats_are_class_indices(tmp_path):
     """pandas writes an integer column that had a missing value as 0.0, 1.0, ...: those are the classes 0, 1,
     ..., as 0, 1, ... are; they were names, sorted as text, so of 11 classes "10.0" became class 2 and the
