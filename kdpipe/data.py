@@ -738,11 +738,30 @@ def _whole_number(label: str) -> int | None:
     return None
 
 
-def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> tuple[list[str], dict[str, int]]:
+def _case_note(spec, train_labels: list[str]) -> None:
+    """Say which class names differ only in case (``Cat`` beside ``cat``): two classes, as letters' classes
+    ``a`` and ``A`` are, but more often one class written two ways, which would split its samples."""
+    counts: dict[str, int] = {}
+    for s in train_labels:
+        counts[s] = counts.get(s, 0) + 1
+    groups: dict[str, list[str]] = {}
+    for s in sorted(counts):
+        groups.setdefault(s.casefold(), []).append(s)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        shown = "; ".join(" and ".join(f"{s!r} ({counts[s]})" for s in g) for g in alike[:3])
+        print(f"note: {spec}: class names that differ only in case are classes of their own: {shown}"
+              f"{'; ...' if len(alike) > 3 else ''} (train samples); write them alike where they are one class",
+              file=sys.stderr, flush=True)
+
+
+def class_numbering(spec, train_labels: list[str], other_labels: list[str],
+                    note: bool = True) -> tuple[list[str], dict[str, int]]:
     """Class names and each label's index. Labels that are all whole numbers (``3``, or ``3.0`` as pandas
     writes an integer column that had missing values) are the class indices themselves (classes 0..the
     largest label of either split; check_labels refuses gaps); otherwise the classes are the train split's
-    labels, sorted. A mix of numbers and names is refused."""
+    labels, sorted (with `note`, names that differ only in case are said: _case_note). A mix of numbers
+    and names is refused."""
     every = set(train_labels) | set(other_labels)
     numeric = {s: _whole_number(s) for s in every}
     numeric = {s: v for s, v in numeric.items() if v is not None}
@@ -764,6 +783,8 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> t
     if unknown:
         raise KDPipeError(f"{spec}: the train split has fewer classes ({len(classes)}) than the test split: "
                           f"no train sample of {', '.join(unknown[:5])}")
+    if note:
+        _case_note(spec, train_labels)
     return classes, {c: i for i, c in enumerate(classes)}
 
 
@@ -782,7 +803,7 @@ def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
     files, names = _flat_listing(spec, folder)
     other_files, other_names = _flat_listing(spec, other, note=False) if other is not None else ([], [])
     train_names, test_names = (names, other_names) if split == "train" else (other_names, names)
-    classes, index = class_numbering(spec, train_names, test_names)
+    classes, index = class_numbering(spec, train_names, test_names, note=split == "train")
     labels = [index[c] for c in names]
     if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
         other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS), note=False)[0]
@@ -871,7 +892,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     for i, name in enumerate(train_names + test_names):
         if not name:
             raise KDPipeError(f"{spec}: {path} has a row with an empty label")
-    classes, index = class_numbering(spec, train_names, test_names)
+    classes, index = class_numbering(spec, train_names, test_names, note=split == "train")
     labels = [index[r[lab]] for r in mine]
     rest = [c for c in header if c not in ("label", "split")]
     if "path" in cols:

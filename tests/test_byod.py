@@ -184,6 +184,19 @@ def test_a_header_of_numbered_feature_columns_is_the_header(tmp_path):
     assert d.images.tolist() == [[0.5, 1.5], [2.5, 3.5]] and d.labels.tolist() == [0, 1]
 
 
+def test_class_names_that_differ_only_in_case_are_said_once(tmp_path, capsys):
+    """'Cat' beside 'cat' (one class typed two ways, or letters' classes a and A) are two classes: said with
+    their counts when the train split loads, where the rare spelling had split a class without a word."""
+    rows = ["label,split,f0"] + [f"{c},train,{i}" for i, c in enumerate(["cat"] * 5 + ["Cat", "dog", "dog"])]
+    (tmp_path / "t.csv").write_text("\n".join(rows + ["cat,test,1", "dog,test,2"]) + "\n")
+    d = load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+    assert d.class_names == ["Cat", "cat", "dog"]
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "differ only in case are classes of their own: 'Cat' (1) and 'cat' (5)" in err
+    load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_whole_number_labels_written_as_floats_are_class_indices(tmp_path):
     """pandas writes an integer column that had a missing value as 0.0, 1.0, ...: those are the classes 0, 1,
     ..., as 0, 1, ... are; they were names, sorted as text, so of 11 classes "10.0" became class 2 and the
