@@ -854,6 +854,37 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
     return header, [[c.strip() for c in r] for r in rows[1:]]
 
 
+ID_NAMES = ("id", "idx", "index", "row", "rowid", "row_id", "unnamed: 0")  # and names ending in _id, Id, ID
+
+
+def _id_like(name: str) -> bool:
+    low = name.lower()
+    return low in ID_NAMES or low.endswith(("_id", " id", "-id")) or (len(name) > 2 and name.endswith(("Id", "ID")))
+
+
+def _refuse_leaking_columns(spec, path: Path, x: np.ndarray, names: list[str], labels: list[str]) -> None:
+    """Refuse a feature column that a model would read the answer off, over every row of the file: an id or row
+    number (distinct whole numbers, one apart in the file's order or under an id's name: Kaggle's Iris has an Id
+    column, and its rows are sorted by class), or a copy or code of the label (one value per class on every row,
+    in a file of 3 or more rows per class: a target column left beside the label copied from it)."""
+    keys = [str(w) if (w := _whole_number(t)) is not None else t for t in labels]  # 3 and 3.0 are one class
+    codes = np.unique(keys, return_inverse=True)[1].reshape(-1)
+    n_classes = int(codes.max()) + 1
+    for j, name in enumerate(names):
+        v = x[:, j]
+        values, inverse = np.unique(v, return_inverse=True)
+        if len(values) == len(v) > 2 and np.array_equal(v, np.round(v)) and (
+                _id_like(name) or bool(np.all(np.diff(v) == 1))):
+            raise KDPipeError(f"{spec}: {path}: column {name!r} numbers the rows ({v[0]:.0f}, {v[1]:.0f}, ..., distinct "
+                              "whole numbers): an id or row number is no feature (a model would learn the rows' order): "
+                              "drop the column")
+        if (len(values) == n_classes and len(v) >= 3 * n_classes  # not in a few rows typed to try kdpipe out
+                and len(np.unique(inverse.reshape(-1) * n_classes + codes)) == n_classes):
+            raise KDPipeError(f"{spec}: {path}: column {name!r} takes one value per class on every row ({n_classes} "
+                              "values for its classes): a copy or code of the label, which a model would read the "
+                              "answer off: drop the column")
+
+
 def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     """csv:FILE, one row per sample. Columns (the header row names them):
     - ``label``: the class, whole numbers from 0 or names;
@@ -922,21 +953,22 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     if not rest:
         raise KDPipeError(f"{spec}: {path} has neither a path column nor feature columns")
     feat = [cols[c] for c in rest]
-    x = np.empty((len(mine), len(feat)), dtype=np.float64)
-    for i, r in enumerate(mine):
+    x_all = np.empty((len(rows), len(feat)), dtype=np.float64)  # every split's rows: the checks below see the file
+    for i, r in enumerate(rows):
         for j, c in enumerate(feat):
             try:
-                x[i, j] = float(r[c])
+                x_all[i, j] = float(r[c])
             except ValueError:
                 raise KDPipeError(f"{spec}: {path}: column {rest[j]!r} holds {r[c]!r}, not a number: a feature "
                                   "table has only numeric columns besides label and split (an image list has a "
                                   "path column)") from None
     with np.errstate(over="ignore"):  # checked as stored: a value past float32's range (1e39) becomes inf
-        x = x.astype(np.float32)
+        x = x_all[[i for i, s in enumerate(splits) if s == want]].astype(np.float32)
     if not np.isfinite(x).all():
         bad = int(np.argmin(np.isfinite(x).all(1)))
         raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values, or values past "
                           "float32's range: fill or drop them first")
+    _refuse_leaking_columns(spec, path, x_all, rest, [r[lab] for r in rows])
     return Features(x, np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
 
 

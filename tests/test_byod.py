@@ -6,6 +6,7 @@ package, or photos drawn from their index)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -195,6 +196,43 @@ def test_class_names_that_differ_only_in_case_are_said_once(tmp_path, capsys):
     assert err.count("note:") == 1 and "differ only in case are classes of their own: 'Cat' (1) and 'cat' (5)" in err
     load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
     assert "note:" not in capsys.readouterr().err
+
+
+def _leak_table(path, extra: str, value) -> str:
+    """A feature table sorted by class (as Kaggle's Iris is), 4 rows per class, with a column `extra` whose value
+    for row i of class c is value(i, c)."""
+    lines = [f"{extra},f0,label,split"]
+    for i, c in enumerate(["setosa"] * 4 + ["versicolor"] * 4 + ["virginica"] * 4):
+        lines.append(f"{value(i, c)},{(i * 7) % 5 + 0.5},{c},{'test' if i % 4 == 3 else 'train'}")
+    path.write_text("\n".join(lines) + "\n")
+    return f"csv:{path}"
+
+
+@pytest.mark.parametrize("extra, value, fragment", [
+    ("Id", lambda i, c: i + 1, "column 'Id' numbers the rows (1, 2, ..., distinct whole numbers)"),
+    ("row", lambda i, c: (i * 5) % 12, "column 'row' numbers the rows (0, 5, ..."),  # shuffled, named as an id
+    ("Unnamed: 0", lambda i, c: i, "column 'Unnamed: 0' numbers the rows"),  # pandas' index, read and written again
+    ("target", lambda i, c: {"setosa": 2, "versicolor": 0, "virginica": 1}[c],
+     "column 'target' takes one value per class on every row (3 values for its classes): a copy or code of the label"),
+])
+def test_an_id_or_a_copy_of_the_label_is_no_feature(tmp_path, extra, value, fragment):
+    """A row number, or the label under another name, was a feature the model read the answer off (rows sorted by
+    class: the id tells the class) and a teacher of 100% looked like a fine one: refused, naming the column."""
+    spec = _leak_table(tmp_path / "t.csv", extra, value)
+    for split in ("train", "test"):
+        with pytest.raises(KDPipeError, match=re.escape(fragment)):
+            load_dataset(spec, split)
+
+
+def test_whole_number_features_that_are_no_id_load(tmp_path):
+    """Distinct whole numbers not one apart under another name (counts, prices), a column of few values that is
+    not one per class, and a file too small to tell (2 rows per class) are features."""
+    spec = _leak_table(tmp_path / "t.csv", "price", lambda i, c: 100 + i * i)
+    assert load_dataset(spec, "train").images[:2, 0].tolist() == [100, 101]
+    spec = _leak_table(tmp_path / "t.csv", "citric_acid", lambda i, c: i % 3)
+    assert load_dataset(spec, "train").image_shape == (2,)
+    (tmp_path / "t.csv").write_text("label,split,f0\n0,train,5\n1,train,7\n0,test,5\n1,test,7\n")
+    assert load_dataset(f"csv:{tmp_path / 't.csv'}", "train").images[:, 0].tolist() == [5, 7]
 
 
 def test_whole_number_labels_written_as_floats_are_class_indices(tmp_path):
