@@ -510,6 +510,7 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         x, y = z[xk], z[yk]
     except Exception as e:
         raise KDPipeError(f"cannot read {xk}/{yk} from {path}: {e}") from None
+    y = _npz_label_vector(path, y, yk)
     if np.issubdtype(x.dtype, np.floating):
         return _npz_features(spec, path, split, z, keys, x, y)
     if x.dtype != np.uint8:
@@ -524,6 +525,17 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         raise KDPipeError(f"{path}: {xk} must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
     class_names = _npz_labels(path, z, keys, y, yk)
     return ImageData(np.ascontiguousarray(x), y.astype(np.int64), class_names, spec, split, str(path))
+
+
+def _npz_label_vector(path, y: np.ndarray, yk: str) -> np.ndarray:
+    """Labels (N, 1), as Keras' datasets give them, are the labels (N,); one-hot labels (N, C) are refused saying
+    how to store them (they were refused as 'a 1-D integer array' with no word of what to do)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        return y.reshape(-1)
+    if y.ndim == 2 and y.shape[1] > 1 and y.dtype.kind in "biuf" and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():
+        raise KDPipeError(f"{path}: {yk} is one-hot, {y.dtype} {y.shape}: store the class indices, "
+                          f"{yk}.argmax(1), a 1-D integer array")
+    return y
 
 
 def _npz_labels(path, z, keys, y, yk) -> list[str]:
