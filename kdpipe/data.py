@@ -828,13 +828,19 @@ CSV_SPLITS = {"train": "train", "training": "train", "test": "test", "evaluation
               "val": "val", "validation": "val"}
 
 
-def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
+def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """The header, the rows (cells stripped; blank rows dropped) and each row's line in the file, which errors name."""
     import csv
     if not path.is_file():
         raise KDPipeError(f"{spec}: no such file {path}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+            reader = csv.reader(f)
+            rows, lines = [], []
+            for r in reader:
+                if any(c.strip() for c in r):
+                    rows.append(r)
+                    lines.append(reader.line_num)  # the last line of a row whose quoted cell spans lines
     except UnicodeDecodeError as e:
         raise KDPipeError(f"cannot read {path} as CSV: it is not UTF-8 text ({e}): save it as UTF-8") from None
     except (OSError, csv.Error) as e:
@@ -860,12 +866,13 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
                           "to_csv(..., index=False); write the file without it")
     if len(set(header)) != len(header) or not all(header):
         raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
-    for i, r in enumerate(rows[1:], start=2):
+    for i, r in zip(lines[1:], rows[1:]):
         if len(r) != len(header):
             raise KDPipeError(f"{spec}: {path} line {i} has {len(r)} fields, the header {len(header)}")
-    return header, [[c.strip() for c in r] for r in rows[1:]]
+    return header, [[c.strip() for c in r] for r in rows[1:]], lines[1:]
 
 
+MISSING_VALUES = ("", "na", "n/a", "nan", "null", "none", "?", "-", "#n/a")  # as spreadsheets and pandas write them
 ID_NAMES = ("id", "idx", "index", "row", "rowid", "row_id", "unnamed: 0")  # and names ending in _id, Id, ID
 
 
@@ -905,7 +912,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     - then either ``path`` (an image list: the image's path, relative to the CSV's folder) and nothing
       else, or only numeric feature columns (a feature table, stored as float32).
     Anything else is refused as ambiguous."""
-    header, rows = _read_csv(spec, path)
+    header, rows, lines = _read_csv(spec, path)
     cols = {c: i for i, c in enumerate(header)}
     missing = [c for c in ("label", "split") if c not in cols]
     if missing:
@@ -914,7 +921,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     if not rows:
         raise KDPipeError(f"{spec}: {path} has a header but no rows")
     splits = []
-    for i, r in enumerate(rows, start=2):
+    for i, r in zip(lines, rows):
         v = CSV_SPLITS.get(r[cols["split"]].lower())
         if v is None:
             raise KDPipeError(f"{spec}: {path} line {i}: split {r[cols['split']]!r} is not train, test or val")
@@ -932,9 +939,9 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     lab = cols["label"]
     train_names = [r[lab] for r in (mine if split == "train" else theirs)]
     test_names = [r[lab] for r in (theirs if split == "train" else mine)]
-    for i, name in enumerate(train_names + test_names):
-        if not name:
-            raise KDPipeError(f"{spec}: {path} has a row with an empty label")
+    for i, r in zip(lines, rows):
+        if not r[lab]:
+            raise KDPipeError(f"{spec}: {path} line {i} has an empty label: fill it or drop the row")
     classes, index = class_numbering(spec, train_names, test_names, note=split == "train")
     labels = [index[r[lab]] for r in mine]
     rest = [c for c in header if c not in ("label", "split")]
@@ -944,7 +951,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
             raise KDPipeError(f"{spec}: {path} has a path column and also {', '.join(extra[:5])}: an image list has "
                               "only the columns path, label and split; a feature table has no path column")
         seen = {}  # an image in two splits is a test measured on training images; with two labels, a typo
-        for i, (r, s) in enumerate(zip(rows, splits), start=2):
+        for i, r, s in zip(lines, rows, splits):
             first = seen.setdefault(os.path.normpath(r[cols["path"]]), (i, s, r[lab]))
             if first[1:] != (s, r[lab]):
                 raise KDPipeError(f"{spec}: {path} lists {r[cols['path']]} on line {first[0]} ({first[1]}, label "
@@ -971,15 +978,19 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
             try:
                 x_all[i, j] = float(r[c])
             except ValueError:
-                raise KDPipeError(f"{spec}: {path}: column {rest[j]!r} holds {r[c]!r}, not a number: a feature "
-                                  "table has only numeric columns besides label and split (an image list has a "
-                                  "path column)") from None
+                if r[c].lower() in MISSING_VALUES:
+                    raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a missing "
+                                      "value: fill it or drop the row") from None
+                raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, not a number: a "
+                                  "feature table has only numeric columns besides label and split (an image list has "
+                                  "a path column)") from None
     with np.errstate(over="ignore"):  # checked as stored: a value past float32's range (1e39) becomes inf
-        x = x_all[[i for i, s in enumerate(splits) if s == want]].astype(np.float32)
+        at = [i for i, s in enumerate(splits) if s == want]
+        x = x_all[at].astype(np.float32)
     if not np.isfinite(x).all():
         bad = int(np.argmin(np.isfinite(x).all(1)))
-        raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values, or values past "
-                          "float32's range: fill or drop them first")
+        raise KDPipeError(f"{spec}: {path} line {lines[at[bad]]}: {split} row {bad} holds NaN or infinite values, or "
+                          "values past float32's range: fill or drop them first")
     _refuse_leaking_columns(spec, path, x_all, rest, [r[lab] for r in rows])
     return Features(x, np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
 

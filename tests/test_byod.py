@@ -365,6 +365,13 @@ CSV_CASES = {
                                  "lists ./a.png on line 2 (train, label 0) and line 3 (train, label 1)"),
     "a Windows path": ("path,label,split\nimg\\a.png,0,train\n", "is missing: write its path with /"),
     "latin-1": (b"label,split,f0\ncaf\xe9,train,1\n", "): save it as UTF-8"),
+    # the line in the file, past blank lines (they were counted out, so the line named was another one)
+    "a short row past blank lines": ("label,split,f0\n0,train,1\n\n\n1,train,2,3\n", "line 5 has 4 fields"),
+    "a missing value": ("label,split,f0,f1\n0,train,1,2\n\n1,train,3,\n", "line 4: column 'f1' holds '', a missing "
+                        "value: fill it or drop the row"),
+    "NA": ("label,split,f0\n0,train,1\n1,test,NA\n", "line 3: column 'f0' holds 'NA', a missing value"),
+    "an empty label": ("label,split,f0\n0,train,1\n\n,train,2\n", "line 4 has an empty label: fill it or drop the row"),
+    "a NaN past a blank line": ("label,split,f0\n0,train,1\n\n1,train,nan\n", "line 4: train row 1 holds NaN"),
 }
 
 
