@@ -876,6 +876,16 @@ MISSING_VALUES = ("", "na", "n/a", "nan", "null", "none", "?", "-", "#n/a")  # a
 ID_NAMES = ("id", "idx", "index", "row", "rowid", "row_id", "unnamed: 0")  # and names ending in _id, Id, ID
 
 
+def _comma_number(cell: str) -> bool:
+    """A number written with a decimal comma (2,5) or thousands separators (1,000 or 1.000,5), as a spreadsheet
+    set to a European locale exports it, quoted."""
+    try:
+        float(cell.replace(",", "").replace(".", "").replace(" ", ""))
+    except ValueError:
+        return False
+    return "," in cell and cell[:1] not in ".,"
+
+
 def _id_like(name: str) -> bool:
     low = name.lower()
     return low in ID_NAMES or low.endswith(("_id", " id", "-id")) or (len(name) > 2 and name.endswith(("Id", "ID")))
@@ -981,6 +991,10 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
                 if r[c].lower() in MISSING_VALUES:
                     raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a missing "
                                       "value: fill it or drop the row") from None
+                if _comma_number(r[c]):
+                    raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a number "
+                                      "written with a comma: write numbers with '.' as the decimal point and no "
+                                      "thousands separators") from None
                 raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, not a number: a "
                                   "feature table has only numeric columns besides label and split (an image list has "
                                   "a path column)") from None

@@ -369,6 +369,9 @@ CSV_CASES = {
     "a short row past blank lines": ("label,split,f0\n0,train,1\n\n\n1,train,2,3\n", "line 5 has 4 fields"),
     "a missing value": ("label,split,f0,f1\n0,train,1,2\n\n1,train,3,\n", "line 4: column 'f1' holds '', a missing "
                         "value: fill it or drop the row"),
+    "a decimal comma": ('label,split,f0\n0,train,"2,5"\n', "line 2: column 'f0' holds '2,5', a number written with "
+                        "a comma: write numbers with '.' as the decimal point and no thousands separators"),
+    "thousands separators": ('label,split,f0\n0,train,1\n0,train,"1,000.5"\n', "holds '1,000.5', a number written"),
     "NA": ("label,split,f0\n0,train,1\n1,test,NA\n", "line 3: column 'f0' holds 'NA', a missing value"),
     "an empty label": ("label,split,f0\n0,train,1\n\n,train,2\n", "line 4 has an empty label: fill it or drop the row"),
     "a NaN past a blank line": ("label,split,f0\n0,train,1\n\n1,train,nan\n", "line 4: train row 1 holds NaN"),
