@@ -510,6 +510,7 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         x, y = z[xk], z[yk]
     except Exception as e:
         raise KDPipeError(f"cannot read {xk}/{yk} from {path}: {e}") from None
+    y = _npz_label_vector(path, y, yk)
     if np.issubdtype(x.dtype, np.floating):
         return _npz_features(spec, path, split, z, keys, x, y)
     if x.dtype != np.uint8:
@@ -524,6 +525,17 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         raise KDPipeError(f"{path}: {xk} must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
     class_names = _npz_labels(path, z, keys, y, yk)
     return ImageData(np.ascontiguousarray(x), y.astype(np.int64), class_names, spec, split, str(path))
+
+
+def _npz_label_vector(path, y: np.ndarray, yk: str) -> np.ndarray:
+    """Labels (N, 1), as Keras' datasets give them, are the labels (N,); one-hot labels (N, C) are refused saying
+    how to store them (they were refused as 'a 1-D integer array' with no word of what to do)."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        return y.reshape(-1)
+    if y.ndim == 2 and y.shape[1] > 1 and y.dtype.kind in "biuf" and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():
+        raise KDPipeError(f"{path}: {yk} is one-hot, {y.dtype} {y.shape}: store the class indices, "
+                          f"{yk}.argmax(1), a 1-D integer array")
+    return y
 
 
 def _npz_labels(path, z, keys, y, yk) -> list[str]:
@@ -758,11 +770,30 @@ def _whole_number(label: str) -> int | None:
     return None
 
 
-def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> tuple[list[str], dict[str, int]]:
+def _case_note(spec, train_labels: list[str]) -> None:
+    """Say which class names differ only in case (``Cat`` beside ``cat``): two classes, as letters' classes
+    ``a`` and ``A`` are, but more often one class written two ways, which would split its samples."""
+    counts: dict[str, int] = {}
+    for s in train_labels:
+        counts[s] = counts.get(s, 0) + 1
+    groups: dict[str, list[str]] = {}
+    for s in sorted(counts):
+        groups.setdefault(s.casefold(), []).append(s)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        shown = "; ".join(" and ".join(f"{s!r} ({counts[s]})" for s in g) for g in alike[:3])
+        print(f"note: {spec}: class names that differ only in case are classes of their own: {shown}"
+              f"{'; ...' if len(alike) > 3 else ''} (train samples); write them alike where they are one class",
+              file=sys.stderr, flush=True)
+
+
+def class_numbering(spec, train_labels: list[str], other_labels: list[str],
+                    note: bool = True) -> tuple[list[str], dict[str, int]]:
     """Class names and each label's index. Labels that are all whole numbers (``3``, or ``3.0`` as pandas
     writes an integer column that had missing values) are the class indices themselves (classes 0..the
     largest label of either split; check_labels refuses gaps); otherwise the classes are the train split's
-    labels, sorted. A mix of numbers and names is refused."""
+    labels, sorted (with `note`, names that differ only in case are said: _case_note). A mix of numbers
+    and names is refused."""
     every = set(train_labels) | set(other_labels)
     numeric = {s: _whole_number(s) for s in every}
     numeric = {s: v for s, v in numeric.items() if v is not None}
@@ -784,6 +815,8 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str]) -> t
     if unknown:
         raise KDPipeError(f"{spec}: the train split has fewer classes ({len(classes)}) than the test split: "
                           f"no train sample of {', '.join(unknown[:5])}")
+    if note:
+        _case_note(spec, train_labels)
     return classes, {c: i for i, c in enumerate(classes)}
 
 
@@ -802,7 +835,7 @@ def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
     files, names = _flat_listing(spec, folder)
     other_files, other_names = _flat_listing(spec, other, note=False) if other is not None else ([], [])
     train_names, test_names = (names, other_names) if split == "train" else (other_names, names)
-    classes, index = class_numbering(spec, train_names, test_names)
+    classes, index = class_numbering(spec, train_names, test_names, note=split == "train")
     labels = [index[c] for c in names]
     if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
         other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS), note=False)[0]
@@ -815,13 +848,19 @@ CSV_SPLITS = {"train": "train", "training": "train", "test": "test", "evaluation
               "val": "val", "validation": "val"}
 
 
-def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
+def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """The header, the rows (cells stripped; blank rows dropped) and each row's line in the file, which errors name."""
     import csv
     if not path.is_file():
         raise KDPipeError(f"{spec}: no such file {path}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+            reader = csv.reader(f)
+            rows, lines = [], []
+            for r in reader:
+                if any(c.strip() for c in r):
+                    rows.append(r)
+                    lines.append(reader.line_num)  # the last line of a row whose quoted cell spans lines
     except UnicodeDecodeError as e:
         raise KDPipeError(f"cannot read {path} as CSV: it is not UTF-8 text ({e}): save it as UTF-8") from None
     except (OSError, csv.Error) as e:
@@ -829,7 +868,9 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
     if not rows:
         raise KDPipeError(f"{spec}: {path} is empty")
     header = [c.strip() for c in rows[0]]
-    for name in header:  # before the names' checks: a first row of data repeats values (0, train, 0)
+    # before the names' checks: a first row of data repeats values (0, train, 0); a row naming label and split is
+    # the header, whatever its other names (pandas names a DataFrame(array)'s columns 0, 1, 2, ...)
+    for name in header if not {"label", "split"} <= set(header) else ():
         try:
             float(name)
         except ValueError:
@@ -845,10 +886,52 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]]]:
                           "to_csv(..., index=False); write the file without it")
     if len(set(header)) != len(header) or not all(header):
         raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
-    for i, r in enumerate(rows[1:], start=2):
+    for i, r in zip(lines[1:], rows[1:]):
         if len(r) != len(header):
             raise KDPipeError(f"{spec}: {path} line {i} has {len(r)} fields, the header {len(header)}")
-    return header, [[c.strip() for c in r] for r in rows[1:]]
+    return header, [[c.strip() for c in r] for r in rows[1:]], lines[1:]
+
+
+MISSING_VALUES = ("", "na", "n/a", "nan", "null", "none", "?", "-", "#n/a")  # as spreadsheets and pandas write them
+ID_NAMES = ("id", "idx", "index", "row", "rowid", "row_id", "unnamed: 0")  # and names ending in _id, Id, ID
+
+
+def _comma_number(cell: str) -> bool:
+    """A number written with a decimal comma (2,5) or thousands separators (1,000 or 1.000,5), as a spreadsheet
+    set to a European locale exports it, quoted."""
+    try:
+        float(cell.replace(",", "").replace(".", "").replace(" ", ""))
+    except ValueError:
+        return False
+    return "," in cell and cell[:1] not in ".,"
+
+
+def _id_like(name: str) -> bool:
+    low = name.lower()
+    return low in ID_NAMES or low.endswith(("_id", " id", "-id")) or (len(name) > 2 and name.endswith(("Id", "ID")))
+
+
+def _refuse_leaking_columns(spec, path: Path, x: np.ndarray, names: list[str], labels: list[str]) -> None:
+    """Refuse a feature column that a model would read the answer off, over every row of the file: an id or row
+    number (distinct whole numbers, one apart in the file's order or under an id's name: Kaggle's Iris has an Id
+    column, and its rows are sorted by class), or a copy or code of the label (one value per class on every row,
+    in a file of 3 or more rows per class: a target column left beside the label copied from it)."""
+    keys = [str(w) if (w := _whole_number(t)) is not None else t for t in labels]  # 3 and 3.0 are one class
+    codes = np.unique(keys, return_inverse=True)[1].reshape(-1)
+    n_classes = int(codes.max()) + 1
+    for j, name in enumerate(names):
+        v = x[:, j]
+        values, inverse = np.unique(v, return_inverse=True)
+        if len(values) == len(v) > 2 and np.array_equal(v, np.round(v)) and (
+                _id_like(name) or bool(np.all(np.diff(v) == 1))):
+            raise KDPipeError(f"{spec}: {path}: column {name!r} numbers the rows ({v[0]:.0f}, {v[1]:.0f}, ..., distinct "
+                              "whole numbers): an id or row number is no feature (a model would learn the rows' order): "
+                              "drop the column")
+        if (len(values) == n_classes and len(v) >= 3 * n_classes  # not in a few rows typed to try kdpipe out
+                and len(np.unique(inverse.reshape(-1) * n_classes + codes)) == n_classes):
+            raise KDPipeError(f"{spec}: {path}: column {name!r} takes one value per class on every row ({n_classes} "
+                              "values for its classes): a copy or code of the label, which a model would read the "
+                              "answer off: drop the column")
 
 
 def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
@@ -859,7 +942,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     - then either ``path`` (an image list: the image's path, relative to the CSV's folder) and nothing
       else, or only numeric feature columns (a feature table, stored as float32).
     Anything else is refused as ambiguous."""
-    header, rows = _read_csv(spec, path)
+    header, rows, lines = _read_csv(spec, path)
     cols = {c: i for i, c in enumerate(header)}
     missing = [c for c in ("label", "split") if c not in cols]
     if missing:
@@ -868,7 +951,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     if not rows:
         raise KDPipeError(f"{spec}: {path} has a header but no rows")
     splits = []
-    for i, r in enumerate(rows, start=2):
+    for i, r in zip(lines, rows):
         v = CSV_SPLITS.get(r[cols["split"]].lower())
         if v is None:
             raise KDPipeError(f"{spec}: {path} line {i}: split {r[cols['split']]!r} is not train, test or val")
@@ -886,10 +969,10 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     lab = cols["label"]
     train_names = [r[lab] for r in (mine if split == "train" else theirs)]
     test_names = [r[lab] for r in (theirs if split == "train" else mine)]
-    for i, name in enumerate(train_names + test_names):
-        if not name:
-            raise KDPipeError(f"{spec}: {path} has a row with an empty label")
-    classes, index = class_numbering(spec, train_names, test_names)
+    for i, r in zip(lines, rows):
+        if not r[lab]:
+            raise KDPipeError(f"{spec}: {path} line {i} has an empty label: fill it or drop the row")
+    classes, index = class_numbering(spec, train_names, test_names, note=split == "train")
     labels = [index[r[lab]] for r in mine]
     rest = [c for c in header if c not in ("label", "split")]
     if "path" in cols:
@@ -898,7 +981,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
             raise KDPipeError(f"{spec}: {path} has a path column and also {', '.join(extra[:5])}: an image list has "
                               "only the columns path, label and split; a feature table has no path column")
         seen = {}  # an image in two splits is a test measured on training images; with two labels, a typo
-        for i, (r, s) in enumerate(zip(rows, splits), start=2):
+        for i, r, s in zip(lines, rows, splits):
             first = seen.setdefault(os.path.normpath(r[cols["path"]]), (i, s, r[lab]))
             if first[1:] != (s, r[lab]):
                 raise KDPipeError(f"{spec}: {path} lists {r[cols['path']]} on line {first[0]} ({first[1]}, label "
@@ -919,21 +1002,30 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     if not rest:
         raise KDPipeError(f"{spec}: {path} has neither a path column nor feature columns")
     feat = [cols[c] for c in rest]
-    x = np.empty((len(mine), len(feat)), dtype=np.float64)
-    for i, r in enumerate(mine):
+    x_all = np.empty((len(rows), len(feat)), dtype=np.float64)  # every split's rows: the checks below see the file
+    for i, r in enumerate(rows):
         for j, c in enumerate(feat):
             try:
-                x[i, j] = float(r[c])
+                x_all[i, j] = float(r[c])
             except ValueError:
-                raise KDPipeError(f"{spec}: {path}: column {rest[j]!r} holds {r[c]!r}, not a number: a feature "
-                                  "table has only numeric columns besides label and split (an image list has a "
-                                  "path column)") from None
+                if r[c].lower() in MISSING_VALUES:
+                    raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a missing "
+                                      "value: fill it or drop the row") from None
+                if _comma_number(r[c]):
+                    raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a number "
+                                      "written with a comma: write numbers with '.' as the decimal point and no "
+                                      "thousands separators") from None
+                raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, not a number: a "
+                                  "feature table has only numeric columns besides label and split (an image list has "
+                                  "a path column)") from None
     with np.errstate(over="ignore"):  # checked as stored: a value past float32's range (1e39) becomes inf
-        x = x.astype(np.float32)
+        at = [i for i, s in enumerate(splits) if s == want]
+        x = x_all[at].astype(np.float32)
     if not np.isfinite(x).all():
         bad = int(np.argmin(np.isfinite(x).all(1)))
-        raise KDPipeError(f"{spec}: {path}: {split} row {bad} holds NaN or infinite values, or values past "
-                          "float32's range: fill or drop them first")
+        raise KDPipeError(f"{spec}: {path} line {lines[at[bad]]}: {split} row {bad} holds NaN or infinite values, or "
+                          "values past float32's range: fill or drop them first")
+    _refuse_leaking_columns(spec, path, x_all, rest, [r[lab] for r in rows])
     return Features(x, np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
 
 

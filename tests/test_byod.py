@@ -6,6 +6,7 @@ package, or photos drawn from their index)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -193,6 +194,64 @@ def test_csv_names_as_labels_and_validation_as_test(tmp_path):
     assert te.labels.tolist() == [0] and te.images.tolist() == [[9.0, 9.0]]
 
 
+def test_a_header_of_numbered_feature_columns_is_the_header(tmp_path):
+    """pandas names a DataFrame(array)'s columns 0, 1, 2, ...: beside label and split that row is the header, not
+    a first row of data ("has no header row (its first row holds the number 0)" refused the file)."""
+    (tmp_path / "t.csv").write_text("0,1,label,split\n0.5,1.5,0,train\n2.5,3.5,1,train\n4.5,5.5,1,test\n")
+    d = load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+    assert d.images.tolist() == [[0.5, 1.5], [2.5, 3.5]] and d.labels.tolist() == [0, 1]
+
+
+def test_class_names_that_differ_only_in_case_are_said_once(tmp_path, capsys):
+    """'Cat' beside 'cat' (one class typed two ways, or letters' classes a and A) are two classes: said with
+    their counts when the train split loads, where the rare spelling had split a class without a word."""
+    rows = ["label,split,f0"] + [f"{c},train,{i}" for i, c in enumerate(["cat"] * 5 + ["Cat", "dog", "dog"])]
+    (tmp_path / "t.csv").write_text("\n".join(rows + ["cat,test,1", "dog,test,2"]) + "\n")
+    d = load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+    assert d.class_names == ["Cat", "cat", "dog"]
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "differ only in case are classes of their own: 'Cat' (1) and 'cat' (5)" in err
+    load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+    assert "note:" not in capsys.readouterr().err
+
+
+def _leak_table(path, extra: str, value) -> str:
+    """A feature table sorted by class (as Kaggle's Iris is), 4 rows per class, with a column `extra` whose value
+    for row i of class c is value(i, c)."""
+    lines = [f"{extra},f0,label,split"]
+    for i, c in enumerate(["setosa"] * 4 + ["versicolor"] * 4 + ["virginica"] * 4):
+        lines.append(f"{value(i, c)},{(i * 7) % 5 + 0.5},{c},{'test' if i % 4 == 3 else 'train'}")
+    path.write_text("\n".join(lines) + "\n")
+    return f"csv:{path}"
+
+
+@pytest.mark.parametrize("extra, value, fragment", [
+    ("Id", lambda i, c: i + 1, "column 'Id' numbers the rows (1, 2, ..., distinct whole numbers)"),
+    ("row", lambda i, c: (i * 5) % 12, "column 'row' numbers the rows (0, 5, ..."),  # shuffled, named as an id
+    ("Unnamed: 0", lambda i, c: i, "column 'Unnamed: 0' numbers the rows"),  # pandas' index, read and written again
+    ("target", lambda i, c: {"setosa": 2, "versicolor": 0, "virginica": 1}[c],
+     "column 'target' takes one value per class on every row (3 values for its classes): a copy or code of the label"),
+])
+def test_an_id_or_a_copy_of_the_label_is_no_feature(tmp_path, extra, value, fragment):
+    """A row number, or the label under another name, was a feature the model read the answer off (rows sorted by
+    class: the id tells the class) and a teacher of 100% looked like a fine one: refused, naming the column."""
+    spec = _leak_table(tmp_path / "t.csv", extra, value)
+    for split in ("train", "test"):
+        with pytest.raises(KDPipeError, match=re.escape(fragment)):
+            load_dataset(spec, split)
+
+
+def test_whole_number_features_that_are_no_id_load(tmp_path):
+    """Distinct whole numbers not one apart under another name (counts, prices), a column of few values that is
+    not one per class, and a file too small to tell (2 rows per class) are features."""
+    spec = _leak_table(tmp_path / "t.csv", "price", lambda i, c: 100 + i * i)
+    assert load_dataset(spec, "train").images[:2, 0].tolist() == [100, 101]
+    spec = _leak_table(tmp_path / "t.csv", "citric_acid", lambda i, c: i % 3)
+    assert load_dataset(spec, "train").image_shape == (2,)
+    (tmp_path / "t.csv").write_text("label,split,f0\n0,train,5\n1,train,7\n0,test,5\n1,test,7\n")
+    assert load_dataset(f"csv:{tmp_path / 't.csv'}", "train").images[:, 0].tolist() == [5, 7]
+
+
 def test_whole_number_labels_written_as_floats_are_class_indices(tmp_path):
     """pandas writes an integer column that had a missing value as 0.0, 1.0, ...: those are the classes 0, 1,
     ..., as 0, 1, ... are; they were names, sorted as text, so of 11 classes "10.0" became class 2 and the
@@ -323,6 +382,16 @@ CSV_CASES = {
                                  "lists ./a.png on line 2 (train, label 0) and line 3 (train, label 1)"),
     "a Windows path": ("path,label,split\nimg\\a.png,0,train\n", "is missing: write its path with /"),
     "latin-1": (b"label,split,f0\ncaf\xe9,train,1\n", "): save it as UTF-8"),
+    # the line in the file, past blank lines (they were counted out, so the line named was another one)
+    "a short row past blank lines": ("label,split,f0\n0,train,1\n\n\n1,train,2,3\n", "line 5 has 4 fields"),
+    "a missing value": ("label,split,f0,f1\n0,train,1,2\n\n1,train,3,\n", "line 4: column 'f1' holds '', a missing "
+                        "value: fill it or drop the row"),
+    "a decimal comma": ('label,split,f0\n0,train,"2,5"\n', "line 2: column 'f0' holds '2,5', a number written with "
+                        "a comma: write numbers with '.' as the decimal point and no thousands separators"),
+    "thousands separators": ('label,split,f0\n0,train,1\n0,train,"1,000.5"\n', "holds '1,000.5', a number written"),
+    "NA": ("label,split,f0\n0,train,1\n1,test,NA\n", "line 3: column 'f0' holds 'NA', a missing value"),
+    "an empty label": ("label,split,f0\n0,train,1\n\n,train,2\n", "line 4 has an empty label: fill it or drop the row"),
+    "a NaN past a blank line": ("label,split,f0\n0,train,1\n\n1,train,nan\n", "line 4: train row 1 holds NaN"),
 }
 
 

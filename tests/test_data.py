@@ -110,6 +110,9 @@ def test_npz_class_names_as_bytes_or_objects(tmp_path):
       "x_test": np.zeros((1, 2)), "y_test": np.zeros(1, np.int64)}, "past float32's range .row 1."),
     ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.zeros(3, np.int64),
       "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.zeros(4, np.int64)}, "labels"),
+    ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.eye(3)[[0, 1, 2, 0]],
+      "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.eye(3)[[0, 1, 2, 0]]},
+     r"y_train is one-hot, float64 \(4, 3\): store the class indices, y_train.argmax\(1\)"),
 ])
 def test_npz_bad_contents_are_refused_with_a_reason(tmp_path, arrays, message):
     p = tmp_path / "bad.npz"
@@ -118,6 +121,17 @@ def test_npz_bad_contents_are_refused_with_a_reason(tmp_path, arrays, message):
         warnings.simplefilter("error")  # the reason alone: no RuntimeWarning of numpy's before it
         with pytest.raises(KDPipeError, match=message):
             load_dataset(f"npz:{p}", "train")
+
+
+def test_npz_labels_of_shape_n_by_1_are_the_labels(tmp_path):
+    """Keras' load_data() gives labels (N, 1): saved as they are, they were refused as 'a 1-D integer array'
+    with no word of what to do; they are the labels (N,)."""
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    y = np.array([[0], [1], [2], [0], [1], [2]], np.uint8)
+    np.savez(tmp_path / "k.npz", x_train=x, y_train=y, x_test=x[:3], y_test=y[:3])
+    d = load_dataset(f"npz:{tmp_path / 'k.npz'}", "train")
+    assert d.labels.tolist() == [0, 1, 2, 0, 1, 2] and d.image_shape == (3, 32, 32) and d.num_classes == 3
+    assert load_dataset(f"npz:{tmp_path / 'k.npz'}", "test").labels.tolist() == [0, 1, 2]
 
 
 def test_npz_missing_or_corrupt_file(tmp_path):
