@@ -219,6 +219,27 @@ def test_a_teacher_left_in_training_mode_is_refused_unless_forced(ref, tmp_path)
     ok(dump(tmp_path / "scripted.ts", ref.spec, tmp_path / "s", *ref.norm))
     assert_cache_holds(tmp_path / "s", ref.net)
 
+def test_a_checkpoint_whose_classes_are_in_another_order_is_refused(teacher_ckpt, fmnist, tmp_path):
+    """The teacher (trained on classes named 0..9) on the same images with classes 3 and 5 swapped: the probe
+    still passed (about 80% of its top-1 is left), and the cache held class 3's logits as class 5's. A
+    checkpoint names its classes: one that names a data class at another index is refused; other names
+    get a note."""
+    swap = np.arange(10)
+    swap[[3, 5]] = [5, 3]
+    names = np.array([str(i) for i in swap])
+    np.savez(tmp_path / "swapped.npz", x_train=fmnist.x_train, y_train=swap[fmnist.y_train], x_test=fmnist.x_test,
+             y_test=swap[fmnist.y_test], class_names=names)
+    refused(dump(teacher_ckpt, f"npz:{tmp_path / 'swapped.npz'}", tmp_path / "c"),
+            "the teacher's classes are in another order than the data's: its output 3 is '3', which is class 5",
+            "(2 of 10 classes moved)")
+    assert not (tmp_path / "c").exists()
+    np.savez(tmp_path / "named.npz", **{k: getattr(fmnist, k) for k in ("x_train", "y_train", "x_test", "y_test")},
+             class_names=np.array([f"c{i}" for i in range(10)]))
+    r = ok(dump(teacher_ckpt, f"npz:{tmp_path / 'named.npz'}", tmp_path / "n"))
+    assert "note: the teacher was trained on classes 0, 1, 2, 3, ...;" in r.output
+    assert "has c0, c1, c2, c3, ...: output i is taken as class i" in r.output
+
+
 def test_an_untrained_teacher_is_at_chance(tmp_path, fmnist):
     from kdpipe.checkpoint import save_checkpoint
     from kdpipe.models import create_model
