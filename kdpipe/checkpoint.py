@@ -7,8 +7,9 @@ A kdpipe checkpoint is a torch file holding plain data only (loads with weights_
 Teachers of other kinds (load_teacher, by what the file holds, not its name):
   torchscript   a TorchScript archive (torch.jit.save);
   export        a torch.export program (.pt2, torch.export.save), loaded with torch.export.load;
-  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...}, {"model": ...} or
-                {"net": ...}), with --teacher-arch; loaded with weights_only=True; a wrapper's prefix on
+  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...}, {"model": ...}, {"net": ...},
+                or an average's {"state_dict_ema": ...}: STATE_KEYS, with a note naming the other sets a file
+                holds), with --teacher-arch; loaded with weights_only=True; a wrapper's prefix on
                 every name ("module.", "_orig_mod.", ...) is removed when the rest fits (_unwrapped);
   safetensors   a .safetensors file, with --teacher-arch (optional extra: pip install 'kdpipe[safetensors]');
   pickle        a whole pickled nn.Module (torch.save(model)): runs code from the file, so only with
@@ -19,7 +20,9 @@ list, a dict's 'logits' or 'out', or an object's .logits (--teacher-output NAME|
 
 from __future__ import annotations
 
+import argparse
 import io
+import re
 import struct
 import sys
 import warnings
@@ -184,18 +187,26 @@ def _is_torchscript(path: Path) -> bool:
     return sniff(path) == "torchscript"
 
 
+# Plain-data classes that training scripts put beside the weights (timm's train.py: its argparse options, "args"),
+# read with weights_only=True: they hold values only and run no code when unpickled.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def load_checkpoint_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise KDPipeError(f"no such file {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg:
-            raise KDPipeError(f"{path} is a pickled Python object (a whole model saved with torch.save(model)): "
-                              "loading it runs code from the file, so kdpipe does so only with --trust-pickle; "
-                              "or save its state_dict and give --teacher-arch") from None
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+            what = f" ({found.group(1)})" if found else ""
+            raise KDPipeError(f"{path} is a pickled Python object{what} (a whole model saved with torch.save(model)) "
+                              "or holds one beside its weights: loading it runs code from the file, so kdpipe does so "
+                              "only with --trust-pickle; or save its state_dict and give --teacher-arch") from None
         raise KDPipeError(f"cannot load {path}: {_first_line(msg)}") from None
     return obj
 
@@ -205,19 +216,32 @@ def _first_line(msg) -> str:
     return (lines[0] if lines else "unknown error")[:200]
 
 
-def _state_dict_of(obj) -> dict | None:
-    """A state dict (name -> tensor), also inside {"state_dict": ...}, {"model": ...} or {"net": ...}; else None."""
-    def weights(d) -> bool:
-        return isinstance(d, Mapping) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                          for k, v in d.items())
+# Keys under which training scripts keep the weights, in the order kdpipe looks: the weights themselves, then
+# a moving average of them where that is all the file holds (timm's train.py saves both, the average as
+# "state_dict_ema").
+STATE_KEYS = ("state_dict", "model", "model_state_dict", "net", "state_dict_ema", "model_ema", "ema")
 
-    if weights(obj):
-        return dict(obj)
-    if isinstance(obj, Mapping):  # the first wrapper key that holds weights: {"model": config, "model_state_dict": ...}
-        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict", "net") if weights(obj.get(k))), None)
-        if inner is not None:
-            return dict(inner)
-    return None
+
+def _is_weights(d) -> bool:
+    return isinstance(d, Mapping) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in d.items())
+
+
+def _state_dict_of(obj) -> tuple[dict | None, str | None]:
+    """A state dict (name -> tensor), also inside a dict under one of STATE_KEYS (the first that holds weights:
+    {"model": config, "model_state_dict": ...}), and that key (None: the object itself); else (None, None)."""
+    if _is_weights(obj):
+        return dict(obj), None
+    if isinstance(obj, Mapping):
+        key = next((k for k in STATE_KEYS if _is_weights(obj.get(k))), None)
+        if key is not None:
+            return dict(obj[key]), key
+    return None, None
+
+
+def _weight_keys(obj) -> list[str]:
+    """The keys of a dict whose values are sets of weights."""
+    return [str(k) for k, v in obj.items() if _is_weights(v)] if isinstance(obj, Mapping) else []
 
 
 def _warn(msg: str) -> None:
@@ -310,13 +334,21 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
 
 
 def _from_state(obj, path, kind, arch, arch_args, image_shape, num_classes, done) -> LoadedModel:
-    state = _state_dict_of(obj)
+    state, key = _state_dict_of(obj)
+    held = _weight_keys(obj) if key is not None or state is None else []
+    save_alone = "save the set to dump alone (torch.save(checkpoint[KEY], FILE)) and give that file"
     if state is None:
+        if held:
+            raise KDPipeError(f"{path} holds weights under {', '.join(map(repr, held))}, none of the keys kdpipe "
+                              f"reads ({', '.join(STATE_KEYS)}): {save_alone}")
         raise KDPipeError(f"{path} holds {type(obj).__name__} data that is neither a kdpipe checkpoint nor a "
                           "state dict of tensors")
     if arch is None:
         raise KDPipeError(f"{path} is a {'safetensors file' if kind == 'safetensors' else 'state dict'} of "
                           f"{len(state)} tensors with no architecture: give --teacher-arch NAME (and --arch-args)")
+    if len(held) > 1:
+        print(f"note: {path} holds weights under {', '.join(map(repr, held))}: kdpipe reads {key!r}; to dump "
+              f"another, {save_alone}", file=sys.stderr)
     model = create_model(arch, num_classes, tuple(image_shape), arch_args)
     _load_state(model, state, path, arch)
     recipe = model_recipe(arch, arch_args)

@@ -429,6 +429,41 @@ def test_state_dicts_saved_from_wrappers_load_without_their_prefix(ref, tmp_path
             "do not fit the architecture cnn_tiny")
 
 
+class RunConfig:
+    """A training script's own config object saved beside the weights."""
+
+    def __init__(self):
+        self.lr = 0.1
+
+
+def test_a_timm_training_checkpoint_and_moving_average_weights(ref, tmp_path):
+    """timm's train.py saves {"state_dict", "state_dict_ema", "args": argparse.Namespace, ...}: the Namespace made
+    it 'a whole model saved with torch.save(model)' that needed --trust-pickle; it loads (plain data), and a note
+    says which of its two sets of weights is read. A file holding only an average's weights ({"ema": ...})
+    or sets under other names was 'neither a kdpipe checkpoint nor a state dict of tensors'."""
+    import argparse
+    state = ref.net.state_dict()
+    other = {k: torch.zeros_like(v) for k, v in state.items()}
+    torch.save({"epoch": 30, "arch": "cnn_small", "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
+                "version": 2, "args": argparse.Namespace(lr=0.1, model="cnn_small"), "metric": 61.2,
+                "state_dict_ema": other}, tmp_path / "model_best.pth.tar")
+    res = ok(dump(tmp_path / "model_best.pth.tar", ref.spec, tmp_path / "timm", "--teacher-arch", "cnn_small",
+                  *ref.norm))
+    assert "holds weights under 'state_dict', 'state_dict_ema': kdpipe reads 'state_dict'" in res.stderr
+    assert_cache_holds(tmp_path / "timm", ref.net)
+    torch.save({"ema": state, "epoch": 3}, tmp_path / "ema.pth")
+    ok(dump(tmp_path / "ema.pth", ref.spec, tmp_path / "ema", "--teacher-arch", "cnn_small", *ref.norm))
+    assert_cache_holds(tmp_path / "ema", ref.net)
+    torch.save({"teacher": state, "student": other}, tmp_path / "two.pth")
+    refused(dump(tmp_path / "two.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "two.pth holds weights under 'teacher', 'student', none of the keys kdpipe reads",
+            "torch.save(checkpoint[KEY], FILE)")
+    torch.save({"state_dict": state, "config": RunConfig()}, tmp_path / "config.pth")
+    refused(dump(tmp_path / "config.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "is a pickled Python object (", "RunConfig) (a whole model", "or holds one beside its weights",
+            "--trust-pickle")
+
+
 def test_a_torchvision_resnet_with_the_cifar_stem_from_a_state_dict(ref, tmp_path):
     """The CIFAR adaptation of a torchvision ResNet (conv1 3x3 stride 1, no max-pool), saved as a state
     dict, is read with --arch-args cifar_stem=true: the cache holds its own outputs (grey images repeated
