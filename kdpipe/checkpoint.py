@@ -390,7 +390,7 @@ def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
     return dict(zip(keys, state.values())), removed
 
 
-def _misfit(state: dict, own: dict) -> str:
+def _misfit(state: dict, own: dict, arch: str = "") -> str:
     """How the names and shapes of `state` differ from the network's (`own`), in one short line ("" where
     they fit): the first mismatched shapes, then the missing and unexpected names. An output layer of
     another width is said to be one, since that (weights for another number of classes) is the usual case."""
@@ -410,6 +410,8 @@ def _misfit(state: dict, own: dict) -> str:
         else:
             parts.append(f"{k} is {theirs} in the file, {ours} in the network"
                          + (f" (and {len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""))
+            if arch.startswith("timm:") and len(ours) == 4 and theirs[1] == 3 and ours[1] == 1:
+                parts[-1] += " (weights for RGB images: give --arch-args in_chans=3 to repeat grey images to 3 channels)"
     if missing:
         parts.append(f"missing {few(missing)}")
     if unexpected:
@@ -424,7 +426,7 @@ def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> Non
     target = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(k.startswith("1.") for k in state):
         target = model[1]  # a torchvision model wrapped for grey images; weights are for the bare model
-    misfit = _misfit(state, target.state_dict())
+    misfit = _misfit(state, target.state_dict(), arch)
     if misfit:
         raise KDPipeError(f"the weights in {path} do not fit the architecture {arch}: {misfit}")
     try:

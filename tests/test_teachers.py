@@ -539,6 +539,27 @@ def test_a_real_timm_model_fills_from_a_state_dict(fmnist, tmp_path):
     assert m["teacher"]["model"] == {"spec": "timm:test_resnet", "args": {"drop_rate": 0.0}}
 
 
+def test_an_rgb_timm_model_on_grey_images_with_in_chans_3(fmnist, tmp_path):
+    """An RGB timm teacher's state dict on grey data: kdpipe builds timm models for the images' channels, so
+    the stem did not fit, and --arch-args in_chans=3 was 'got multiple values for keyword argument'. It
+    now builds the RGB model and repeats grey images to 3 channels (as for torchvision models); the
+    refusal without it says so."""
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    net = create_model("timm:test_resnet", 10, (3, 28, 28), {"drop_rate": 0.0}).eval()
+    torch.save(net.state_dict(), tmp_path / "rgb.pth")
+    args = ("--teacher-arch", "timm:test_resnet", "--input-range", "0-1", "--force")
+    refused(dump(tmp_path / "rgb.pth", fmnist.spec, tmp_path / "x", *args),
+            "is (", "3, 3) in the file", "give --arch-args in_chans=3 to repeat grey images")
+    out = tmp_path / "c"
+    ok(dump(tmp_path / "rgb.pth", fmnist.spec, out, *args, "--arch-args", "in_chans=3,drop_rate=0.0"))
+    m = assert_cache_holds(out, lambda x: net(x.repeat(1, 3, 1, 1)))
+    assert m["teacher"]["model"]["args"] == {"in_chans": 3, "drop_rate": 0.0}
+    ok(invoke("verify-cache", out, "--teacher", tmp_path / "rgb.pth", "--sample", 32))
+    refused(dump(tmp_path / "rgb.pth", fmnist.spec, tmp_path / "x", *args, "--arch-args", "in_chans=2"),
+            "timm:test_resnet with in_chans=2 cannot take 1-channel images")
+
+
 NETS = '''
 import torch.nn as nn
 
