@@ -211,6 +211,19 @@ def load_checkpoint_file(path) -> dict:
     return obj
 
 
+def _pickle_hint(e: Exception) -> str:
+    """What to do when a pickle names code that cannot be imported here: a class of the script that saved it
+    (__main__), or a module of its project."""
+    save = "or save its state_dict (torch.save(model.state_dict(), FILE)) and give --teacher-arch PATH.py:CLASS"
+    if isinstance(e, AttributeError) and "__main__" in str(e):
+        return (": the pickle names a class of the script that saved it (its __main__), which kdpipe cannot "
+                f"import; {save}")
+    if isinstance(e, ModuleNotFoundError):
+        return (f": the pickle names code of the module {e.name!r}, not importable here: add the folder that "
+                f"holds it to PYTHONPATH, {save}")
+    return ""
+
+
 def _first_line(msg) -> str:
     lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
     return (lines[0] if lines else "unknown error")[:200]
@@ -312,7 +325,7 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise KDPipeError(f"cannot load {path}: {_first_line(e)}") from None
+            raise KDPipeError(f"cannot load {path}: {_first_line(e)}{_pickle_hint(e)}") from None
         if isinstance(obj, nn.Module):
             if arch is not None:
                 raise KDPipeError(f"{path} holds a whole pickled model, which brings its own architecture: "

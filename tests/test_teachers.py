@@ -464,6 +464,33 @@ def test_a_timm_training_checkpoint_and_moving_average_weights(ref, tmp_path):
             "--trust-pickle")
 
 
+def test_a_pickled_model_whose_code_is_not_importable_says_what_to_do(ref, tmp_path, monkeypatch):
+    """torch.save(model) in a training script whose class lives in the script (its __main__), or in the
+    project's own module: with --trust-pickle the line was pickle's "Can't get attribute 'Net' on <module
+    'kdpipe.__main__'>" or "No module named 'nets_of_the_project'", with nothing to do about it."""
+    import importlib
+    main = sys.modules["__main__"]
+    scripted = type("ScriptNet", (nn.Sequential,), {"__module__": "__main__"})
+    monkeypatch.setattr(main, "ScriptNet", scripted, raising=False)
+    torch.save(scripted(nn.Flatten(), nn.Linear(784, 10)), tmp_path / "script.pt")
+    monkeypatch.delattr(main, "ScriptNet")
+    refused(dump(tmp_path / "script.pt", ref.spec, tmp_path / "x", "--trust-pickle", *ref.norm),
+            "Can't get attribute 'ScriptNet'", "a class of the script that saved it",
+            "save its state_dict (torch.save(model.state_dict(), FILE)) and give --teacher-arch PATH.py:CLASS")
+    (tmp_path / "nets_of_the_project.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Sequential):\n"
+                                                     "    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mod = importlib.import_module("nets_of_the_project")
+        torch.save(mod.Net(nn.Flatten(), nn.Linear(784, 10)), tmp_path / "project.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nets_of_the_project", None)
+    refused(dump(tmp_path / "project.pt", ref.spec, tmp_path / "x", "--trust-pickle", *ref.norm),
+            "the pickle names code of the module 'nets_of_the_project', not importable here: add the folder",
+            "to PYTHONPATH")
+
+
 def test_a_torchvision_resnet_with_the_cifar_stem_from_a_state_dict(ref, tmp_path):
     """The CIFAR adaptation of a torchvision ResNet (conv1 3x3 stride 1, no max-pool), saved as a state
     dict, is read with --arch-args cifar_stem=true: the cache holds its own outputs (grey images repeated
