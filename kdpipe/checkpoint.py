@@ -389,6 +389,9 @@ def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict, str | None]:
 # Prefixes that wrappers put before every weight's name: DataParallel/DDP ("module."), torch.compile
 # ("_orig_mod."), Lightning modules holding the net as .model or .net.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+# torch.optim.swa_utils.AveragedModel (SWA; torchvision's reference script's --model-ema) keeps the number of
+# models averaged beside the averaged weights (which then start with "module.").
+AVERAGED_COUNT = "n_averaged"
 
 
 def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
@@ -433,6 +436,8 @@ def _misfit(state: dict, own: dict, arch: str = "") -> str:
 
 
 def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> None:
+    if AVERAGED_COUNT in state and AVERAGED_COUNT not in model.state_dict():
+        state = {k: v for k, v in state.items() if k != AVERAGED_COUNT}
     state, removed = _unwrapped(state, set(model.state_dict()))
     if not removed and isinstance(model, nn.Sequential) and len(model) == 2:
         state, removed = _unwrapped(state, set(model[1].state_dict()))  # a grey-wrapped torchvision model's

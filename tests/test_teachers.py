@@ -454,6 +454,13 @@ def test_a_timm_training_checkpoint_and_moving_average_weights(ref, tmp_path):
     torch.save({"ema": state, "epoch": 3}, tmp_path / "ema.pth")
     ok(dump(tmp_path / "ema.pth", ref.spec, tmp_path / "ema", "--teacher-arch", "cnn_small", *ref.norm))
     assert_cache_holds(tmp_path / "ema", ref.net)
+    # torchvision's reference script: --model-ema keeps an AveragedModel, whose weights start with "module." and
+    # come with its count "n_averaged" (they were refused: "unexpected n_averaged, module.features.0.weight ...")
+    from torch.optim.swa_utils import AveragedModel
+    torch.save(AveragedModel(ref.net).state_dict(), tmp_path / "model_ema.pth")
+    res = ok(dump(tmp_path / "model_ema.pth", ref.spec, tmp_path / "swa", "--teacher-arch", "cnn_small", *ref.norm))
+    assert "starts with 'module.'" in res.stderr
+    assert_cache_holds(tmp_path / "swa", ref.net)
     torch.save({"teacher": state, "student": other}, tmp_path / "two.pth")
     refused(dump(tmp_path / "two.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
             "two.pth holds weights under 'teacher', 'student', none of the keys kdpipe reads",
