@@ -7,8 +7,9 @@ A kdpipe checkpoint is a torch file holding plain data only (loads with weights_
 Teachers of other kinds (load_teacher, by what the file holds, not its name):
   torchscript   a TorchScript archive (torch.jit.save);
   export        a torch.export program (.pt2, torch.export.save), loaded with torch.export.load;
-  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...}, {"model": ...} or
-                {"net": ...}), with --teacher-arch; loaded with weights_only=True; a wrapper's prefix on
+  state_dict    a torch.save'd state dict (.pt, .pth, .bin; also {"state_dict": ...}, {"model": ...}, {"net": ...},
+                or an average's {"state_dict_ema": ...}: STATE_KEYS, with a note naming the other sets a file
+                holds), with --teacher-arch; loaded with weights_only=True; a wrapper's prefix on
                 every name ("module.", "_orig_mod.", ...) is removed when the rest fits (_unwrapped);
   safetensors   a .safetensors file, with --teacher-arch (optional extra: pip install 'kdpipe[safetensors]');
   pickle        a whole pickled nn.Module (torch.save(model)): runs code from the file, so only with
@@ -19,7 +20,9 @@ list, a dict's 'logits' or 'out', or an object's .logits (--teacher-output NAME|
 
 from __future__ import annotations
 
+import argparse
 import io
+import re
 import struct
 import sys
 import warnings
@@ -184,20 +187,41 @@ def _is_torchscript(path: Path) -> bool:
     return sniff(path) == "torchscript"
 
 
+# Plain-data classes that training scripts put beside the weights (timm's train.py: its argparse options, "args"),
+# read with weights_only=True: they hold values only and run no code when unpickled.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def load_checkpoint_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise KDPipeError(f"no such file {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg:
-            raise KDPipeError(f"{path} is a pickled Python object (a whole model saved with torch.save(model)): "
-                              "loading it runs code from the file, so kdpipe does so only with --trust-pickle; "
-                              "or save its state_dict and give --teacher-arch") from None
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+            what = f" ({found.group(1)})" if found else ""
+            raise KDPipeError(f"{path} is a pickled Python object{what} (a whole model saved with torch.save(model)) "
+                              "or holds one beside its weights: loading it runs code from the file, so kdpipe does so "
+                              "only with --trust-pickle; or save its state_dict and give --teacher-arch") from None
         raise KDPipeError(f"cannot load {path}: {_first_line(msg)}") from None
     return obj
+
+
+def _pickle_hint(e: Exception) -> str:
+    """What to do when a pickle names code that cannot be imported here: a class of the script that saved it
+    (__main__), or a module of its project."""
+    save = "or save its state_dict (torch.save(model.state_dict(), FILE)) and give --teacher-arch PATH.py:CLASS"
+    if isinstance(e, AttributeError) and "__main__" in str(e):
+        return (": the pickle names a class of the script that saved it (its __main__), which kdpipe cannot "
+                f"import; {save}")
+    if isinstance(e, ModuleNotFoundError):
+        return (f": the pickle names code of the module {e.name!r}, not importable here: add the folder that "
+                f"holds it to PYTHONPATH, {save}")
+    return ""
 
 
 def _first_line(msg) -> str:
@@ -205,19 +229,32 @@ def _first_line(msg) -> str:
     return (lines[0] if lines else "unknown error")[:200]
 
 
-def _state_dict_of(obj) -> dict | None:
-    """A state dict (name -> tensor), also inside {"state_dict": ...}, {"model": ...} or {"net": ...}; else None."""
-    def weights(d) -> bool:
-        return isinstance(d, Mapping) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                          for k, v in d.items())
+# Keys under which training scripts keep the weights, in the order kdpipe looks: the weights themselves, then
+# a moving average of them where that is all the file holds (timm's train.py saves both, the average as
+# "state_dict_ema").
+STATE_KEYS = ("state_dict", "model", "model_state_dict", "net", "state_dict_ema", "model_ema", "ema")
 
-    if weights(obj):
-        return dict(obj)
-    if isinstance(obj, Mapping):  # the first wrapper key that holds weights: {"model": config, "model_state_dict": ...}
-        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict", "net") if weights(obj.get(k))), None)
-        if inner is not None:
-            return dict(inner)
-    return None
+
+def _is_weights(d) -> bool:
+    return isinstance(d, Mapping) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in d.items())
+
+
+def _state_dict_of(obj) -> tuple[dict | None, str | None]:
+    """A state dict (name -> tensor), also inside a dict under one of STATE_KEYS (the first that holds weights:
+    {"model": config, "model_state_dict": ...}), and that key (None: the object itself); else (None, None)."""
+    if _is_weights(obj):
+        return dict(obj), None
+    if isinstance(obj, Mapping):
+        key = next((k for k in STATE_KEYS if _is_weights(obj.get(k))), None)
+        if key is not None:
+            return dict(obj[key]), key
+    return None, None
+
+
+def _weight_keys(obj) -> list[str]:
+    """The keys of a dict whose values are sets of weights."""
+    return [str(k) for k, v in obj.items() if _is_weights(v)] if isinstance(obj, Mapping) else []
 
 
 def _warn(msg: str) -> None:
@@ -288,7 +325,7 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise KDPipeError(f"cannot load {path}: {_first_line(e)}") from None
+            raise KDPipeError(f"cannot load {path}: {_first_line(e)}{_pickle_hint(e)}") from None
         if isinstance(obj, nn.Module):
             if arch is not None:
                 raise KDPipeError(f"{path} holds a whole pickled model, which brings its own architecture: "
@@ -310,13 +347,21 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
 
 
 def _from_state(obj, path, kind, arch, arch_args, image_shape, num_classes, done) -> LoadedModel:
-    state = _state_dict_of(obj)
+    state, key = _state_dict_of(obj)
+    held = _weight_keys(obj) if key is not None or state is None else []
+    save_alone = "save the set to dump alone (torch.save(checkpoint[KEY], FILE)) and give that file"
     if state is None:
+        if held:
+            raise KDPipeError(f"{path} holds weights under {', '.join(map(repr, held))}, none of the keys kdpipe "
+                              f"reads ({', '.join(STATE_KEYS)}): {save_alone}")
         raise KDPipeError(f"{path} holds {type(obj).__name__} data that is neither a kdpipe checkpoint nor a "
                           "state dict of tensors")
     if arch is None:
         raise KDPipeError(f"{path} is a {'safetensors file' if kind == 'safetensors' else 'state dict'} of "
                           f"{len(state)} tensors with no architecture: give --teacher-arch NAME (and --arch-args)")
+    if len(held) > 1:
+        print(f"note: {path} holds weights under {', '.join(map(repr, held))}: kdpipe reads {key!r}; to dump "
+              f"another, {save_alone}", file=sys.stderr)
     model = create_model(arch, num_classes, tuple(image_shape), arch_args)
     _load_state(model, state, path, arch)
     recipe = model_recipe(arch, arch_args)
@@ -344,6 +389,9 @@ def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict, str | None]:
 # Prefixes that wrappers put before every weight's name: DataParallel/DDP ("module."), torch.compile
 # ("_orig_mod."), Lightning modules holding the net as .model or .net.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+# torch.optim.swa_utils.AveragedModel (SWA; torchvision's reference script's --model-ema) keeps the number of
+# models averaged beside the averaged weights (which then start with "module.").
+AVERAGED_COUNT = "n_averaged"
 
 
 def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
@@ -358,7 +406,7 @@ def _unwrapped(state: dict, wanted: set[str]) -> tuple[dict, str]:
     return dict(zip(keys, state.values())), removed
 
 
-def _misfit(state: dict, own: dict) -> str:
+def _misfit(state: dict, own: dict, arch: str = "") -> str:
     """How the names and shapes of `state` differ from the network's (`own`), in one short line ("" where
     they fit): the first mismatched shapes, then the missing and unexpected names. An output layer of
     another width is said to be one, since that (weights for another number of classes) is the usual case."""
@@ -378,6 +426,8 @@ def _misfit(state: dict, own: dict) -> str:
         else:
             parts.append(f"{k} is {theirs} in the file, {ours} in the network"
                          + (f" (and {len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""))
+            if arch.startswith("timm:") and len(ours) == 4 and theirs[1] == 3 and ours[1] == 1:
+                parts[-1] += " (weights for RGB images: give --arch-args in_chans=3 to repeat grey images to 3 channels)"
     if missing:
         parts.append(f"missing {few(missing)}")
     if unexpected:
@@ -386,13 +436,15 @@ def _misfit(state: dict, own: dict) -> str:
 
 
 def _load_state(model: nn.Module, state: dict, path, arch: str = "given") -> None:
+    if AVERAGED_COUNT in state and AVERAGED_COUNT not in model.state_dict():
+        state = {k: v for k, v in state.items() if k != AVERAGED_COUNT}
     state, removed = _unwrapped(state, set(model.state_dict()))
     if not removed and isinstance(model, nn.Sequential) and len(model) == 2:
         state, removed = _unwrapped(state, set(model[1].state_dict()))  # a grey-wrapped torchvision model's
     target = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and not any(k.startswith("1.") for k in state):
         target = model[1]  # a torchvision model wrapped for grey images; weights are for the bare model
-    misfit = _misfit(state, target.state_dict())
+    misfit = _misfit(state, target.state_dict(), arch)
     if misfit:
         raise KDPipeError(f"the weights in {path} do not fit the architecture {arch}: {misfit}")
     try:

@@ -10,7 +10,9 @@ A spec names where the architecture comes from, and is written into checkpoints 
                        MobileNet-style depthwise-separable CNN of that base width;
   tv:NAME              a torchvision classification model (also bare NAME, when the registry has no
                        such name; registry and torchvision names never overlap), random weights;
-  timm:NAME            a timm model (optional extra: pip install kdpipe[timm]), random weights;
+  timm:NAME            a timm model (optional extra: pip install kdpipe[timm]), random weights; built for
+                       the images' channels, or with --arch-args in_chans=3 for an RGB model's weights on
+                       grey images (repeated to 3 channels, as for torchvision models);
   path/to/nets.py:F    the user's own code: F (a class or function) in that file;
   package.module:F     F in an importable module.
 
@@ -204,11 +206,16 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
         return _grey(net, image_shape)
     if scheme == "timm":
         timm = import_timm()
+        args = dict(args)
+        chans = args.pop("in_chans", image_shape[0])  # in_chans=3: an RGB model's weights, grey images repeated
+        if len(image_shape) == 3 and chans != image_shape[0] and chans != 3:
+            raise KDPipeError(f"{name} with in_chans={chans} cannot take {image_shape[0]}-channel images: kdpipe "
+                              "repeats grey images to in_chans=3 only")
         try:
-            return timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=image_shape[0],
-                                     **args)
+            net = timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=chans, **args)
         except Exception as e:  # timm raises RuntimeError for unknown names, TypeError for bad options
             raise KDPipeError(f"cannot build timm model {base}: {_first_line(e)}") from None
+        return net if chans == image_shape[0] else _grey(net, image_shape)
     factory = user_factory(name)
     given = {"num_classes": num_classes, "image_shape": tuple(image_shape)}
     try:

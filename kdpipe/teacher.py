@@ -200,6 +200,26 @@ def check_teacher_stable(first: np.ndarray, again: np.ndarray, atol: float, rtol
             "model.eval() (a traced or scripted model keeps the mode it was traced in), or pass --force")
 
 
+def check_class_names(teacher: LoadedModel, data: ImageData, log=print) -> None:
+    """Output i of the teacher is taken as the data's class i. A teacher that records its classes (a kdpipe
+    checkpoint) and names one of the data's classes at another index would fill the cache with another
+    class's logits (two swapped classes still pass the probe): refused. Other names are said in a note."""
+    names = [str(c) for c in (teacher.info.get("class_names") or [])]
+    ours = [str(c) for c in data.class_names]
+    if not names or names == ours or len(names) != len(ours):
+        return
+    where = {c: i for i, c in enumerate(ours)}
+    moved = [(i, c) for i, c in enumerate(names) if c in where and where[c] != i]
+    if moved:
+        i, c = moved[0]
+        raise KDPipeError(f"the teacher's classes are in another order than the data's: its output {i} is {c!r}, "
+                          f"which is class {where[c]} of {data.spec} ({len(moved)} of {len(names)} classes "
+                          "moved): give the data its classes in the teacher's order, or use a teacher trained "
+                          "on this order")
+    log(f"note: the teacher was trained on classes {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}; "
+        f"{data.spec} has {', '.join(ours[:4])}{', ...' if len(ours) > 4 else ''}: output i is taken as class i")
+
+
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
                    logits_dtype: str, shard_rows: int, batch_size: int, norm: dict,
                    codec: dict | None = None, features=(), amp: bool = False) -> dict:
@@ -336,6 +356,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                           f"has {data.num_classes}")
     if teacher.image_shape is not None and tuple(teacher.image_shape) != tuple(in_shape):
         raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}")
+    check_class_names(teacher, data, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]
     n = len(data)

@@ -219,6 +219,27 @@ def test_a_teacher_left_in_training_mode_is_refused_unless_forced(ref, tmp_path)
     ok(dump(tmp_path / "scripted.ts", ref.spec, tmp_path / "s", *ref.norm))
     assert_cache_holds(tmp_path / "s", ref.net)
 
+def test_a_checkpoint_whose_classes_are_in_another_order_is_refused(teacher_ckpt, fmnist, tmp_path):
+    """The teacher (trained on classes named 0..9) on the same images with classes 3 and 5 swapped: the probe
+    still passed (about 80% of its top-1 is left), and the cache held class 3's logits as class 5's. A
+    checkpoint names its classes: one that names a data class at another index is refused; other names
+    get a note."""
+    swap = np.arange(10)
+    swap[[3, 5]] = [5, 3]
+    names = np.array([str(i) for i in swap])
+    np.savez(tmp_path / "swapped.npz", x_train=fmnist.x_train, y_train=swap[fmnist.y_train], x_test=fmnist.x_test,
+             y_test=swap[fmnist.y_test], class_names=names)
+    refused(dump(teacher_ckpt, f"npz:{tmp_path / 'swapped.npz'}", tmp_path / "c"),
+            "the teacher's classes are in another order than the data's: its output 3 is '3', which is class 5",
+            "(2 of 10 classes moved)")
+    assert not (tmp_path / "c").exists()
+    np.savez(tmp_path / "named.npz", **{k: getattr(fmnist, k) for k in ("x_train", "y_train", "x_test", "y_test")},
+             class_names=np.array([f"c{i}" for i in range(10)]))
+    r = ok(dump(teacher_ckpt, f"npz:{tmp_path / 'named.npz'}", tmp_path / "n"))
+    assert "note: the teacher was trained on classes 0, 1, 2, 3, ...;" in r.output
+    assert "has c0, c1, c2, c3, ...: output i is taken as class i" in r.output
+
+
 def test_an_untrained_teacher_is_at_chance(tmp_path, fmnist):
     from kdpipe.checkpoint import save_checkpoint
     from kdpipe.models import create_model
@@ -408,6 +429,75 @@ def test_state_dicts_saved_from_wrappers_load_without_their_prefix(ref, tmp_path
             "do not fit the architecture cnn_tiny")
 
 
+class RunConfig:
+    """A training script's own config object saved beside the weights."""
+
+    def __init__(self):
+        self.lr = 0.1
+
+
+def test_a_timm_training_checkpoint_and_moving_average_weights(ref, tmp_path):
+    """timm's train.py saves {"state_dict", "state_dict_ema", "args": argparse.Namespace, ...}: the Namespace made
+    it 'a whole model saved with torch.save(model)' that needed --trust-pickle; it loads (plain data), and a note
+    says which of its two sets of weights is read. A file holding only an average's weights ({"ema": ...})
+    or sets under other names was 'neither a kdpipe checkpoint nor a state dict of tensors'."""
+    import argparse
+    state = ref.net.state_dict()
+    other = {k: torch.zeros_like(v) for k, v in state.items()}
+    torch.save({"epoch": 30, "arch": "cnn_small", "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
+                "version": 2, "args": argparse.Namespace(lr=0.1, model="cnn_small"), "metric": 61.2,
+                "state_dict_ema": other}, tmp_path / "model_best.pth.tar")
+    res = ok(dump(tmp_path / "model_best.pth.tar", ref.spec, tmp_path / "timm", "--teacher-arch", "cnn_small",
+                  *ref.norm))
+    assert "holds weights under 'state_dict', 'state_dict_ema': kdpipe reads 'state_dict'" in res.stderr
+    assert_cache_holds(tmp_path / "timm", ref.net)
+    torch.save({"ema": state, "epoch": 3}, tmp_path / "ema.pth")
+    ok(dump(tmp_path / "ema.pth", ref.spec, tmp_path / "ema", "--teacher-arch", "cnn_small", *ref.norm))
+    assert_cache_holds(tmp_path / "ema", ref.net)
+    # torchvision's reference script: --model-ema keeps an AveragedModel, whose weights start with "module." and
+    # come with its count "n_averaged" (they were refused: "unexpected n_averaged, module.features.0.weight ...")
+    from torch.optim.swa_utils import AveragedModel
+    torch.save(AveragedModel(ref.net).state_dict(), tmp_path / "model_ema.pth")
+    res = ok(dump(tmp_path / "model_ema.pth", ref.spec, tmp_path / "swa", "--teacher-arch", "cnn_small", *ref.norm))
+    assert "starts with 'module.'" in res.stderr
+    assert_cache_holds(tmp_path / "swa", ref.net)
+    torch.save({"teacher": state, "student": other}, tmp_path / "two.pth")
+    refused(dump(tmp_path / "two.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "two.pth holds weights under 'teacher', 'student', none of the keys kdpipe reads",
+            "torch.save(checkpoint[KEY], FILE)")
+    torch.save({"state_dict": state, "config": RunConfig()}, tmp_path / "config.pth")
+    refused(dump(tmp_path / "config.pth", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", *ref.norm),
+            "is a pickled Python object (", "RunConfig) (a whole model", "or holds one beside its weights",
+            "--trust-pickle")
+
+
+def test_a_pickled_model_whose_code_is_not_importable_says_what_to_do(ref, tmp_path, monkeypatch):
+    """torch.save(model) in a training script whose class lives in the script (its __main__), or in the
+    project's own module: with --trust-pickle the line was pickle's "Can't get attribute 'Net' on <module
+    'kdpipe.__main__'>" or "No module named 'nets_of_the_project'", with nothing to do about it."""
+    import importlib
+    main = sys.modules["__main__"]
+    scripted = type("ScriptNet", (nn.Sequential,), {"__module__": "__main__"})
+    monkeypatch.setattr(main, "ScriptNet", scripted, raising=False)
+    torch.save(scripted(nn.Flatten(), nn.Linear(784, 10)), tmp_path / "script.pt")
+    monkeypatch.delattr(main, "ScriptNet")
+    refused(dump(tmp_path / "script.pt", ref.spec, tmp_path / "x", "--trust-pickle", *ref.norm),
+            "Can't get attribute 'ScriptNet'", "a class of the script that saved it",
+            "save its state_dict (torch.save(model.state_dict(), FILE)) and give --teacher-arch PATH.py:CLASS")
+    (tmp_path / "nets_of_the_project.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Sequential):\n"
+                                                     "    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mod = importlib.import_module("nets_of_the_project")
+        torch.save(mod.Net(nn.Flatten(), nn.Linear(784, 10)), tmp_path / "project.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nets_of_the_project", None)
+    refused(dump(tmp_path / "project.pt", ref.spec, tmp_path / "x", "--trust-pickle", *ref.norm),
+            "the pickle names code of the module 'nets_of_the_project', not importable here: add the folder",
+            "to PYTHONPATH")
+
+
 def test_a_torchvision_resnet_with_the_cifar_stem_from_a_state_dict(ref, tmp_path):
     """The CIFAR adaptation of a torchvision ResNet (conv1 3x3 stride 1, no max-pool), saved as a state
     dict, is read with --arch-args cifar_stem=true: the cache holds its own outputs (grey images repeated
@@ -481,6 +571,27 @@ def test_a_real_timm_model_fills_from_a_state_dict(fmnist, tmp_path):
     assert "warning (--force)" in r.output
     m = assert_cache_holds(out, net)
     assert m["teacher"]["model"] == {"spec": "timm:test_resnet", "args": {"drop_rate": 0.0}}
+
+
+def test_an_rgb_timm_model_on_grey_images_with_in_chans_3(fmnist, tmp_path):
+    """An RGB timm teacher's state dict on grey data: kdpipe builds timm models for the images' channels, so
+    the stem did not fit, and --arch-args in_chans=3 was 'got multiple values for keyword argument'. It
+    now builds the RGB model and repeats grey images to 3 channels (as for torchvision models); the
+    refusal without it says so."""
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    net = create_model("timm:test_resnet", 10, (3, 28, 28), {"drop_rate": 0.0}).eval()
+    torch.save(net.state_dict(), tmp_path / "rgb.pth")
+    args = ("--teacher-arch", "timm:test_resnet", "--input-range", "0-1", "--force")
+    refused(dump(tmp_path / "rgb.pth", fmnist.spec, tmp_path / "x", *args),
+            "is (", "3, 3) in the file", "give --arch-args in_chans=3 to repeat grey images")
+    out = tmp_path / "c"
+    ok(dump(tmp_path / "rgb.pth", fmnist.spec, out, *args, "--arch-args", "in_chans=3,drop_rate=0.0"))
+    m = assert_cache_holds(out, lambda x: net(x.repeat(1, 3, 1, 1)))
+    assert m["teacher"]["model"]["args"] == {"in_chans": 3, "drop_rate": 0.0}
+    ok(invoke("verify-cache", out, "--teacher", tmp_path / "rgb.pth", "--sample", 32))
+    refused(dump(tmp_path / "rgb.pth", fmnist.spec, tmp_path / "x", *args, "--arch-args", "in_chans=2"),
+            "timm:test_resnet with in_chans=2 cannot take 1-channel images")
 
 
 NETS = '''
