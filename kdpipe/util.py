@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -144,7 +145,22 @@ def error_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
-    return (lines[-1] if lines[0].startswith(TORCHSCRIPT_FAILED) else lines[0])[:200]
+    line = (lines[-1] if lines[0].startswith(TORCHSCRIPT_FAILED) else lines[0])[:200]
+    return line + _fixed_size_hint(line)
+
+
+# What models of one input size say to inputs of another (timm's, torchvision's vision transformers).
+FIXED_SIZE = re.compile(r"doesn't match model \((\d+)\)|Wrong image (?:height|width)! Expected (\d+)")
+
+
+def _fixed_size_hint(line: str) -> str:
+    """What to do when a model takes inputs of one size only, from its error line ("" if it is not that)."""
+    found = FIXED_SIZE.search(line)
+    if not found:
+        return ""
+    s = found.group(1) or found.group(2)
+    return (f" (the model takes {s} x {s} inputs only: store photos at that size, --image-size {s}, or make views "
+            f"of it, --policy resized-crop:{s}; students then train on {s} x {s} views too)")
 
 # ---------------------------------------------------------------- environment variables
 

@@ -656,7 +656,9 @@ def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypat
     refused(invoke("train-student", "--cache", cache, "--student", "models/nets.py:TwoHeads", "--epochs", 1,
                    "--device", "cpu", "--out", runs), "models/nets.py:TwoHeads returns a tuple for a batch of 2")
     refused(invoke("train-teacher", "--data", fmnist.spec, "--arch", "tv:vit_b_16", "--device", "cpu", "--out",
-                   tmp_path / "vit.pt"), "tv:vit_b_16 fails on inputs of shape (2, 1, 28, 28)")
+                   tmp_path / "vit.pt"), "tv:vit_b_16 fails on inputs of shape (2, 1, 28, 28)",
+            "Wrong image height! Expected 224 but got 28! (the model takes 224 x 224 inputs only: store photos at "
+            "that size, --image-size 224, or make views of it, --policy resized-crop:224")
     refused(invoke("train-student", "--cache", cache, "--student", "nowhere/x.py:Net", "--epochs", 1,
                    "--device", "cpu", "--out", runs), "no such file nowhere/x.py")
 
