@@ -1090,6 +1090,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         np.save(sizes_npy, sizes)
         os.replace(tmp, npy)
         data = store(np.load(npy, mmap_mode="r"), sizes)
+        _low_range_note(spec, split, data.images, [i for i, m in enumerate(modes) if m in SIXTEEN_BIT_MODES])
         meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint, "num_images": len(files),
                                     "mode": mode, "image_size": image_size, "resize": RESIZE if image_size else None}))
     except OSError as e:  # e.g. the disk filled up while decoding
@@ -1098,6 +1099,18 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     finally:
         tmp.unlink(missing_ok=True)
     return data
+
+
+def _low_range_note(spec, split, images: np.ndarray, wide: list[int]) -> None:
+    """Say when 16-bit images hold values of a narrower range (12-bit sensor data, as medical and microscope
+    images often are): stored at 8 bits by v / 257, as any 16-bit image, they keep only a few grey levels."""
+    if not wide:
+        return
+    top = max(int(images[wide[b:b + DECODE_BLOCK]].max()) for b in range(0, len(wide), DECODE_BLOCK))
+    if top < 64:
+        print(f"note: {spec} {split}: the {len(wide)} 16-bit image(s) use values up to about {top * 257} of 65535 "
+              f"(data of fewer bits, as a 12-bit sensor's?): stored at 8 bits (v / 257) they keep {top + 1} grey "
+              "levels; scale them to the full 16-bit range first to keep more", file=sys.stderr, flush=True)
 
 
 def _undecodable(spec, p: Path, e: Exception) -> KDPipeError:

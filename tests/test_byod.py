@@ -522,6 +522,27 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path, fmnist):
     np.testing.assert_array_equal(np.asarray(data.images)[:, 0], x[order])
 
 
+def test_sixteen_bit_images_of_twelve_bit_data_are_said_to_keep_few_levels(tmp_path, capsys):
+    """A 12-bit sensor's images saved as 16-bit PNGs (values up to 4095, as microscopes and medical
+    scanners write them) keep 16 grey levels at 8 bits: said in a note, not left to read as near-black
+    images; full-range 16-bit images get no note."""
+    rng = np.random.default_rng(0)
+    for name, scale in (("d12", 1), ("d16", 16)):
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                for i in range(2):
+                    _png((rng.integers(0, 4096, (8, 8)) * scale).astype(np.uint16), tmp_path / name / split / c
+                         / f"{i}.png")
+        capsys.readouterr()
+        data = load_dataset(f"imagefolder:{tmp_path / name}", "train")
+        err = capsys.readouterr().err
+        if scale == 1:
+            assert int(np.asarray(data.images).max()) == 16
+            assert "the 4 16-bit image(s) use values up to about 4112 of 65535" in err and "keep 17 grey levels" in err
+        else:
+            assert "16-bit" not in err
+
+
 def test_float_or_32_bit_images_are_refused_with_one_line(tmp_path):
     root = tmp_path / "f"
     for i in range(2):
