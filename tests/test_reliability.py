@@ -372,3 +372,28 @@ def test_resume_after_crash_replaces_a_damaged_shard(small, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"resuming: {len(small.shards) - 1} complete shard(s) kept, 1 to compute" in res.output
     assert cache_arrays(out) == cache_arrays(small.out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_a_damaged_manifest_is_written_again_by_the_same_dump(small, tmp_path, damage):
+    """A manifest that does not read (cut short, as by a copy that stopped) or no longer matches its checksum
+    (edited): stage two refuses the cache and says to dump again, and the same dump-logits command now
+    rebuilds the manifest from the shards that check out. Before, it called such a cache complete ("nothing
+    to do"), or stopped with a JSONDecodeError traceback on one that is not JSON."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    mpath = out / "manifest.json"
+    if damage == "truncated":
+        mpath.write_text(mpath.read_text()[:100])
+    else:
+        mpath.write_text(mpath.read_text().replace('"views_top1": ', '"views_top1": 1'))
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    with pytest.raises(KDPipeError, match="dump again" if damage == "edited" else "not valid JSON"):
+        Cache(out)
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert f"{mpath} " in res.output and "writing it again from the shards that check out" in res.output
+    assert f"resuming: {len(small.shards)} complete shard(s) kept, 0 to compute" in res.output
+    assert cache_arrays(out) == cache_arrays(small.out)
+    assert Cache(out).manifest["dump"]["views_top1"] == Cache(small.out).manifest["dump"]["views_top1"]

@@ -312,12 +312,13 @@ class CacheWriter:
         self._locks = RunLocks(self.log)
         self._locks.acquire_path(out_dir / LOCK_FILE, f"the cache {out_dir}", "written")
         if state_path.is_file() or manifest_path.is_file():
+            record = state_path if state_path.is_file() else manifest_path
             try:
-                old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
+                old = json.loads(record.read_text())
                 old = old.get("identity", old)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 old = {}
-            diffs = differences(old, self.ident)
+            diffs = differences(old, self.ident) if old else [f"its {record.name} does not read"]
             if diffs and not self.overwrite:
                 raise KDPipeError(f"{out_dir} holds a cache made with other arguments (" + "; ".join(diffs) +
                                   "): pass --overwrite to start over, or choose another --out")
@@ -328,6 +329,10 @@ class CacheWriter:
         elif any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
         remove_temporaries(out_dir)
+        damage = _manifest_damage(manifest_path)
+        if damage:  # a cache is complete by a sound manifest only: this one is written again from the shards
+            self.log(f"{manifest_path} {damage}: writing it again from the shards that check out")
+            manifest_path.unlink()
         if manifest_path.is_file():
             m = json.loads(manifest_path.read_text())
             os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
@@ -524,6 +529,23 @@ class CacheWriter:
         manifest["checksum"] = fmt.manifest_checksum(manifest)
         atomic_write_json(self.manifest_path, manifest)
         return manifest
+
+
+def _manifest_damage(path: Path) -> str | None:
+    """Why the manifest at `path` cannot say the cache is complete (not JSON, or not matching its own checksum:
+    damaged or edited since the dump), or None (also when there is none). Stage two refuses such a cache and
+    says to dump again; the dump then rebuilds the manifest instead of calling the cache complete."""
+    from kdpipe.cache.reader import manifest_fault
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"is not valid JSON ({e})"
+    if not isinstance(m, dict):
+        return "is not a kdpipe manifest"
+    fault = manifest_fault(m)
+    return f"does not read: {fault}" if fault else None
 
 
 def _kdpipe_version() -> str:
