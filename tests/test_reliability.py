@@ -397,3 +397,30 @@ def test_a_damaged_manifest_is_written_again_by_the_same_dump(small, tmp_path, d
     assert f"resuming: {len(small.shards)} complete shard(s) kept, 0 to compute" in res.output
     assert cache_arrays(out) == cache_arrays(small.out)
     assert Cache(out).manifest["dump"]["views_top1"] == Cache(small.out).manifest["dump"]["views_top1"]
+
+
+def test_a_resumed_dump_needs_free_space_only_for_what_it_still_writes(small, tmp_path, monkeypatch):
+    """After a dump stopped on a full disk and some space was freed, the same command resumes when the space
+    left holds the shards still to compute. Before, the size check counted the whole cache against the free
+    space, kept shards included: it refused, saying to pass --yes or dump fewer --views (which would have
+    thrown the kept shards away); a finished cache on a nearly full disk was refused the same way."""
+    import collections
+    import kdpipe.teacher as teacher_mod
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    (out / "manifest.json").unlink()  # as if the disk had filled before the last 4 shards
+    gone = sorted(out.glob("shard-*.h5"))[-4:]
+    missing = sum(p.stat().st_size for p in gone)
+    for p in gone:
+        p.unlink()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(teacher_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, missing + 20_000))
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert f"resuming: {len(small.shards) - 4} complete shard(s) kept, 4 to compute" in res.output
+    assert_same_cache(small.out, out)
+    res = run_cli(small.args(out))  # finished: nothing to write
+    assert res.exit_code == 0 and "already complete" in res.output, res.output
+    monkeypatch.setattr(teacher_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
+    fresh = tmp_path / "fresh"  # a new dump is still measured whole
+    assert_one_line_error(run_cli(small.args(fresh)), "the cache would take", "more than the 1.0 KB free on", "--yes")
