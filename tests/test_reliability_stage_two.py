@@ -198,6 +198,25 @@ def _read_only_bind(src: Path, dst: Path) -> bool:
     return True
 
 
+def test_the_same_dump_on_a_finished_read_only_cache_says_it_is_complete(shared, tmp_path):
+    """A finished cache on a read-only file system (skipped where mounting is not allowed): running its dump
+    again (a pipeline rerun) needs nothing written, and says the cache is complete. Before, it stopped on the
+    lock file it could not create ('cannot create the lock file ...: Read-only file system'), as if the cache
+    were unusable. A dump with other arguments is still refused."""
+    ro = tmp_path / "ro-cache"
+    if not _read_only_bind(shared.cache, ro):
+        pytest.skip("cannot mount read-only here (needs root and mount permission)")
+    try:
+        before = files_digest(shared.cache)
+        res = run_cli(dump_args(shared.teacher, shared.npz, ro, 2, 200, 0))
+        assert res.exit_code == 0, res.output
+        assert f"{ro} is already complete (600 rows) and read-only: nothing to do" in res.output
+        assert_one_line_error(run_cli(dump_args(shared.teacher, shared.npz, ro, 2, 200, 5)), "Read-only file system")
+        assert files_digest(shared.cache) == before
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
 def test_four_concurrent_students_on_one_cache_with_locks_held(shared, tmp_path):
     """4 train-student processes at once on one cache, two with HDF5_USE_FILE_LOCKING unset and two
     with it FALSE, while another process holds an exclusive lock on every file of the cache (as on a

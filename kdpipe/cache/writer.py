@@ -310,7 +310,13 @@ class CacheWriter:
         # Two dumps into one OUT would remove each other's temporaries and interleave shards: the second waits
         # for nothing, it is refused (a lock whose process is gone is taken over).
         self._locks = RunLocks(self.log)
-        self._locks.acquire_path(out_dir / LOCK_FILE, f"the cache {out_dir}", "written")
+        try:
+            self._locks.acquire_path(out_dir / LOCK_FILE, f"the cache {out_dir}", "written")
+        except KDPipeError:
+            finished = self._finished_read_only()
+            if finished is None:
+                raise
+            return finished
         if state_path.is_file() or manifest_path.is_file():
             record = state_path if state_path.is_file() else manifest_path
             try:
@@ -337,10 +343,25 @@ class CacheWriter:
             m = json.loads(manifest_path.read_text())
             os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
             self.log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
-            return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir),
-                        resumed_shards=len(m["shards"]), already_complete=True)
+            return self._complete(m)
         atomic_write_json(state_path, {"identity": self.ident, "cache_id": self.cache_id, "started": time.time()})
         return None
+
+    def _complete(self, m: dict) -> dict:
+        """What open() returns for a cache that is complete already (manifest m)."""
+        return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(self.out_dir),
+                    resumed_shards=len(m["shards"]), already_complete=True)
+
+    def _finished_read_only(self) -> dict | None:
+        """Where OUT cannot be written (a read-only mount, as a shared cache often is), so not locked either: a
+        complete cache of these arguments there needs nothing written, and is reported as complete (else None)."""
+        if os.access(self.out_dir, os.W_OK) or _manifest_damage(self.manifest_path) or not self.manifest_path.is_file():
+            return None
+        m = json.loads(self.manifest_path.read_text())
+        if differences(m.get("identity", {}), self.ident):
+            return None
+        self.log(f"{self.out_dir} is already complete ({m['rows']} rows) and read-only: nothing to do")
+        return self._complete(m)
 
     def release(self) -> None:
         """Release the lock on OUT (when this rank holds it): at the end of a dump, also a failed one."""
