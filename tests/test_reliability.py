@@ -424,3 +424,17 @@ def test_a_resumed_dump_needs_free_space_only_for_what_it_still_writes(small, tm
     monkeypatch.setattr(teacher_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
     fresh = tmp_path / "fresh"  # a new dump is still measured whole
     assert_one_line_error(run_cli(small.args(fresh)), "the cache would take", "more than the 1.0 KB free on", "--yes")
+
+
+def test_a_finished_cache_rerun_with_overwrite_says_what_overwrite_does(small, tmp_path):
+    """The same dump on a finished cache does nothing, --overwrite or not (--overwrite starts over a cache of
+    other arguments only). It said 'nothing to do (--overwrite starts over)', so a user who wanted the cache
+    dumped again passed --overwrite and was told the same thing."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    before = {name: digest for name, (digest, _) in files_digest(out).items()}  # (the manifest is touched for make)
+    res = run_cli(small.args(out) + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "nothing to do (to dump it again, remove it or choose another --out: --overwrite starts over only a " \
+           "cache of other arguments)" in res.output
+    assert {name: digest for name, (digest, _) in files_digest(out).items()} == before

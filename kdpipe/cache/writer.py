@@ -342,7 +342,8 @@ class CacheWriter:
         if manifest_path.is_file():
             m = json.loads(manifest_path.read_text())
             os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
-            self.log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
+            self.log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (to dump it again, remove "
+                     "it or choose another --out: --overwrite starts over only a cache of other arguments)")
             return self._complete(m)
         atomic_write_json(state_path, {"identity": self.ident, "cache_id": self.cache_id, "started": time.time()})
         return None
