@@ -290,16 +290,19 @@ def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
 
 def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     """Refuse (unless `yes`) a dump whose cache would exceed the free space where it goes, or
-    SIZE_FACTOR times the decoded dataset; either way say the planned size."""
+    SIZE_FACTOR times the decoded dataset; either way say the planned size. The cache files already in
+    OUT count as free: a resumed dump keeps them (a finished one writes nothing), --overwrite removes them."""
     out = Path(out_dir).resolve()
     where = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(where).free
+    have = sum(f.stat().st_size for f in (*out.glob("shard-*.h5"), out / fmt.EVAL_FILE) if f.is_file())
+    free = shutil.disk_usage(where).free + have
     size = (f"{human_bytes(plan['bytes'])} ({plan['rows']:,} rows x {plan['row_bytes']} bytes"
             + (f", of which {plan['feature_bytes']} of features" if plan.get("feature_bytes") else "")
             + (f", plus {human_bytes(plan['eval_bytes'])} of test logits)" if plan["eval_bytes"] else ")"))
     why = []
     if plan["bytes"] > free:
-        why.append(f"more than the {human_bytes(free)} free on {where}")
+        why.append(f"more than the {human_bytes(free - have)} free on {where}"
+                   + (f" and the {human_bytes(have)} of it already in {out_dir}" if have else ""))
     if plan["bytes"] > SIZE_FACTOR * plan["data_bytes"]:
         why.append(f"more than {SIZE_FACTOR}x the decoded dataset ({human_bytes(plan['data_bytes'])})")
     if why and not yes:

@@ -372,3 +372,69 @@ def test_resume_after_crash_replaces_a_damaged_shard(small, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"resuming: {len(small.shards) - 1} complete shard(s) kept, 1 to compute" in res.output
     assert cache_arrays(out) == cache_arrays(small.out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_a_damaged_manifest_is_written_again_by_the_same_dump(small, tmp_path, damage):
+    """A manifest that does not read (cut short, as by a copy that stopped) or no longer matches its checksum
+    (edited): stage two refuses the cache and says to dump again, and the same dump-logits command now
+    rebuilds the manifest from the shards that check out. Before, it called such a cache complete ("nothing
+    to do"), or stopped with a JSONDecodeError traceback on one that is not JSON."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    mpath = out / "manifest.json"
+    if damage == "truncated":
+        mpath.write_text(mpath.read_text()[:100])
+    else:
+        mpath.write_text(mpath.read_text().replace('"views_top1": ', '"views_top1": 1'))
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    with pytest.raises(KDPipeError, match="dump again" if damage == "edited" else "not valid JSON"):
+        Cache(out)
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert f"{mpath} " in res.output and "writing it again from the shards that check out" in res.output
+    assert f"resuming: {len(small.shards)} complete shard(s) kept, 0 to compute" in res.output
+    assert cache_arrays(out) == cache_arrays(small.out)
+    assert Cache(out).manifest["dump"]["views_top1"] == Cache(small.out).manifest["dump"]["views_top1"]
+
+
+def test_a_resumed_dump_needs_free_space_only_for_what_it_still_writes(small, tmp_path, monkeypatch):
+    """After a dump stopped on a full disk and some space was freed, the same command resumes when the space
+    left holds the shards still to compute. Before, the size check counted the whole cache against the free
+    space, kept shards included: it refused, saying to pass --yes or dump fewer --views (which would have
+    thrown the kept shards away); a finished cache on a nearly full disk was refused the same way."""
+    import collections
+    import kdpipe.teacher as teacher_mod
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    (out / "manifest.json").unlink()  # as if the disk had filled before the last 4 shards
+    gone = sorted(out.glob("shard-*.h5"))[-4:]
+    missing = sum(p.stat().st_size for p in gone)
+    for p in gone:
+        p.unlink()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(teacher_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, missing + 20_000))
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    assert f"resuming: {len(small.shards) - 4} complete shard(s) kept, 4 to compute" in res.output
+    assert_same_cache(small.out, out)
+    res = run_cli(small.args(out))  # finished: nothing to write
+    assert res.exit_code == 0 and "already complete" in res.output, res.output
+    monkeypatch.setattr(teacher_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
+    fresh = tmp_path / "fresh"  # a new dump is still measured whole
+    assert_one_line_error(run_cli(small.args(fresh)), "the cache would take", "more than the 1.0 KB free on", "--yes")
+
+
+def test_a_finished_cache_rerun_with_overwrite_says_what_overwrite_does(small, tmp_path):
+    """The same dump on a finished cache does nothing, --overwrite or not (--overwrite starts over a cache of
+    other arguments only). It said 'nothing to do (--overwrite starts over)', so a user who wanted the cache
+    dumped again passed --overwrite and was told the same thing."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    before = {name: digest for name, (digest, _) in files_digest(out).items()}  # (the manifest is touched for make)
+    res = run_cli(small.args(out) + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "nothing to do (to dump it again, remove it or choose another --out: --overwrite starts over only a " \
+           "cache of other arguments)" in res.output
+    assert {name: digest for name, (digest, _) in files_digest(out).items()} == before

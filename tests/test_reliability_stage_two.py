@@ -131,6 +131,42 @@ def test_logits_that_turned_nan_or_inf_on_disk_stop_training_naming_the_shard(sh
     assert "of view 1 (rows 460 in shard-00002.h5)" in res.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "runs2").glob("*/metrics.json"))
 
+
+def _other_dumps(root: Path, shared) -> dict:
+    """Two other caches of the shared cache's data: another view seed (same shard sizes), other shard rows."""
+    out = {}
+    for name, seed, rows in (("seed1", 1, 200), ("rows150", 0, 150)):
+        res = run_cli(dump_args(shared.teacher, shared.npz, root / name, 2, rows, seed))
+        assert res.exit_code == 0, res.output
+        out[name] = root / name
+    return out
+
+
+SHARD_DAMAGE = {  # what happened to shard-00001.h5 (rows 200..399) after the dump -> what the refusal names
+    "from another cache": (lambda c, o: shutil.copy(o["seed1"] / "shard-00001.h5", c / "shard-00001.h5"),
+                           "is a shard of another cache"),
+    "from a cache of other shard rows": (
+        lambda c, o: shutil.copy(o["rows150"] / "shard-00001.h5", c / "shard-00001.h5"), "is a shard of another cache"),
+    "truncated": (lambda c, o: os.truncate(c / "shard-00001.h5", 3000), "does not open as HDF5 (Unable to"),
+    "deleted": (lambda c, o: (c / "shard-00001.h5").unlink(), "is missing"),
+}
+
+
+def test_a_shard_that_is_not_the_dumps_is_refused_naming_it_and_verify_cache(shared, tmp_path):
+    """Stage two does not re-hash the shards, but it checks that each one is a shard of this cache (it opens,
+    its attributes name the cache id and rows) before reading it. A shard of another cache with the same shape
+    was trained on silently (its rows taken for this cache's), one of another shard size ended in an IndexError
+    traceback, a truncated or missing one in a line that did not say what to do."""
+    others = _other_dumps(tmp_path / "others", shared)
+    for i, (change, (damage, words)) in enumerate(SHARD_DAMAGE.items()):
+        cache = Path(shutil.copytree(shared.cache, tmp_path / f"cache{i}"))
+        damage(cache, others)
+        res = run_cli(_train_args(cache, tmp_path / f"runs{i}"))
+        assert_one_line_error(res, f"shard-00001.h5 (rows 200..399 of cache {cache}) {words}",
+                              f"run kdpipe verify-cache {cache}")
+        assert not list((tmp_path / f"runs{i}").glob("*/metrics.json")), change
+
+
 def test_stage_two_opens_the_cache_read_only(shared, tmp_path, monkeypatch):
     """Every HDF5 open during training is read-only without file locking, and no file of the cache
     changes (contents or modification times)."""
@@ -160,6 +196,25 @@ def _read_only_bind(src: Path, dst: Path) -> bool:
         subprocess.run(["umount", "-l", str(dst)], capture_output=True)
         return False
     return True
+
+
+def test_the_same_dump_on_a_finished_read_only_cache_says_it_is_complete(shared, tmp_path):
+    """A finished cache on a read-only file system (skipped where mounting is not allowed): running its dump
+    again (a pipeline rerun) needs nothing written, and says the cache is complete. Before, it stopped on the
+    lock file it could not create ('cannot create the lock file ...: Read-only file system'), as if the cache
+    were unusable. A dump with other arguments is still refused."""
+    ro = tmp_path / "ro-cache"
+    if not _read_only_bind(shared.cache, ro):
+        pytest.skip("cannot mount read-only here (needs root and mount permission)")
+    try:
+        before = files_digest(shared.cache)
+        res = run_cli(dump_args(shared.teacher, shared.npz, ro, 2, 200, 0))
+        assert res.exit_code == 0, res.output
+        assert f"{ro} is already complete (600 rows) and read-only: nothing to do" in res.output
+        assert_one_line_error(run_cli(dump_args(shared.teacher, shared.npz, ro, 2, 200, 5)), "Read-only file system")
+        assert files_digest(shared.cache) == before
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
 def test_four_concurrent_students_on_one_cache_with_locks_held(shared, tmp_path):

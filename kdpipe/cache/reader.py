@@ -91,6 +91,7 @@ class Cache:
         self.shard_columns = {c.name: c for c in fmt.cache_columns(m)}  # those this version knows
         self._starts = np.array([s["row_start"] for s in m["shards"]], dtype=np.int64)
         self._layout: dict[tuple[int, str], tuple] = {}
+        self._sound: set[int] = set()  # shards whose attributes name this cache and their rows (_open_shard)
         if self.rows != self.num_samples * self.num_views:
             raise KDPipeError(f"{self.path}: manifest says {self.rows} rows, expected "
                               f"{self.num_samples} samples x {self.num_views} views")
@@ -130,13 +131,46 @@ class Cache:
         key = (i, name)
         if key not in self._layout:
             path = self._path(name)
-            with open_h5(self.shard_path(i)) as f:
+            with self._open_shard(i) as f:
                 if path not in f:
                     raise KDPipeError(f"{self.shard_path(i)} has no dataset {path!r}")
                 d = f[path]
                 off = d.id.get_offset() if (d.chunks is None and d.compression is None) else None
                 self._layout[key] = (off, d.dtype, d.shape)
         return self._layout[key]
+
+    def _open_shard(self, i: int) -> h5py.File:
+        """Shard i, open; refused when it is not the file the dump wrote there (missing, not HDF5 any more, or
+        its attributes naming another cache id or rows), before any of its rows is read. The attributes are
+        checked once per shard; the bytes are verify-cache's to check. A shard copied in from another cache
+        (another teacher, seed or shard size) was otherwise read as this cache's rows, or failed with a
+        traceback."""
+        s = self.manifest["shards"][i]
+        path = self.shard_path(i)
+
+        def refuse(why: str):
+            return KDPipeError(f"{path} (rows {s['row_start']}..{s['row_stop'] - 1} of cache {self.path}) {why}: "
+                               f"run kdpipe verify-cache {self.path}, which says how to repair it")
+        if not path.is_file():
+            raise refuse("is missing")
+        try:
+            f = open_h5(path)
+        except KDPipeError as e:  # damaged; not when HDF5_USE_FILE_LOCKING made HDF5 lock it (its own advice)
+            damaged = f"cannot open {path} as HDF5: "
+            if not str(e).startswith(damaged):
+                raise
+            raise refuse(f"does not open as HDF5 ({str(e).removeprefix(damaged)})") from None
+        if i not in self._sound:
+            a, why = f.attrs, None
+            if a.get("cache_id") != self.manifest["cache_id"]:
+                why = "is a shard of another cache"
+            elif (a.get("row_start"), a.get("row_stop")) != (s["row_start"], s["row_stop"]):
+                why = f"holds rows {a.get('row_start')}..{a.get('row_stop', 0) - 1}, not those the manifest says"
+            if why:
+                f.close()
+                raise refuse(why)
+            self._sound.add(i)
+        return f
 
     def _read_shard(self, i: int, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) relative to shard i, copied out."""

@@ -310,14 +310,21 @@ class CacheWriter:
         # Two dumps into one OUT would remove each other's temporaries and interleave shards: the second waits
         # for nothing, it is refused (a lock whose process is gone is taken over).
         self._locks = RunLocks(self.log)
-        self._locks.acquire_path(out_dir / LOCK_FILE, f"the cache {out_dir}", "written")
+        try:
+            self._locks.acquire_path(out_dir / LOCK_FILE, f"the cache {out_dir}", "written")
+        except KDPipeError:
+            finished = self._finished_read_only()
+            if finished is None:
+                raise
+            return finished
         if state_path.is_file() or manifest_path.is_file():
+            record = state_path if state_path.is_file() else manifest_path
             try:
-                old = json.loads((state_path if state_path.is_file() else manifest_path).read_text())
+                old = json.loads(record.read_text())
                 old = old.get("identity", old)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 old = {}
-            diffs = differences(old, self.ident)
+            diffs = differences(old, self.ident) if old else [f"its {record.name} does not read"]
             if diffs and not self.overwrite:
                 raise KDPipeError(f"{out_dir} holds a cache made with other arguments (" + "; ".join(diffs) +
                                   "): pass --overwrite to start over, or choose another --out")
@@ -328,14 +335,34 @@ class CacheWriter:
         elif any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
         remove_temporaries(out_dir)
+        damage = _manifest_damage(manifest_path)
+        if damage:  # a cache is complete by a sound manifest only: this one is written again from the shards
+            self.log(f"{manifest_path} {damage}: writing it again from the shards that check out")
+            manifest_path.unlink()
         if manifest_path.is_file():
             m = json.loads(manifest_path.read_text())
             os.utime(manifest_path)  # up to date for make, whose prerequisite may merely have been touched
-            self.log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (--overwrite starts over)")
-            return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(out_dir),
-                        resumed_shards=len(m["shards"]), already_complete=True)
+            self.log(f"{out_dir} is already complete ({m['rows']} rows): nothing to do (to dump it again, remove "
+                     "it or choose another --out: --overwrite starts over only a cache of other arguments)")
+            return self._complete(m)
         atomic_write_json(state_path, {"identity": self.ident, "cache_id": self.cache_id, "started": time.time()})
         return None
+
+    def _complete(self, m: dict) -> dict:
+        """What open() returns for a cache that is complete already (manifest m)."""
+        return dict(m["dump"], rows=m["rows"], bytes=m["bytes"], out=str(self.out_dir),
+                    resumed_shards=len(m["shards"]), already_complete=True)
+
+    def _finished_read_only(self) -> dict | None:
+        """Where OUT cannot be written (a read-only mount, as a shared cache often is), so not locked either: a
+        complete cache of these arguments there needs nothing written, and is reported as complete (else None)."""
+        if os.access(self.out_dir, os.W_OK) or _manifest_damage(self.manifest_path) or not self.manifest_path.is_file():
+            return None
+        m = json.loads(self.manifest_path.read_text())
+        if differences(m.get("identity", {}), self.ident):
+            return None
+        self.log(f"{self.out_dir} is already complete ({m['rows']} rows) and read-only: nothing to do")
+        return self._complete(m)
 
     def release(self) -> None:
         """Release the lock on OUT (when this rank holds it): at the end of a dump, also a failed one."""
@@ -524,6 +551,23 @@ class CacheWriter:
         manifest["checksum"] = fmt.manifest_checksum(manifest)
         atomic_write_json(self.manifest_path, manifest)
         return manifest
+
+
+def _manifest_damage(path: Path) -> str | None:
+    """Why the manifest at `path` cannot say the cache is complete (not JSON, or not matching its own checksum:
+    damaged or edited since the dump), or None (also when there is none). Stage two refuses such a cache and
+    says to dump again; the dump then rebuilds the manifest instead of calling the cache complete."""
+    from kdpipe.cache.reader import manifest_fault
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"is not valid JSON ({e})"
+    if not isinstance(m, dict):
+        return "is not a kdpipe manifest"
+    fault = manifest_fault(m)
+    return f"does not read: {fault}" if fault else None
 
 
 def _kdpipe_version() -> str:
