@@ -316,6 +316,7 @@ class Source:
     path: bool = False
     image_files: bool = False
     val: bool = False
+    file: bool = False  # PATH is one file, not a folder
 
 
 SOURCES: dict[str, Source] = {}
@@ -385,6 +386,9 @@ def moved_spec(spec: str, data_root) -> str:
         return spec
     root = Path(data_root).expanduser()
     inside = root / Path(arg).name
+    if src.file and root.is_dir() and not inside.exists():  # the file was renamed as it moved
+        raise KDPipeError(f"--data-root {root} holds no {inside.name} (the cache's {kind} file): give the file "
+                          f"itself, --data {kind}:FILE")
     return f"{kind}:{inside if inside.exists() else root}"
 
 
@@ -1245,6 +1249,6 @@ register_source(Source("imagefolder", "imagefolder:PATH", lambda spec, path, spl
 register_source(Source("files", "files:PATH", lambda spec, path, split, root, size: _load_files(
     spec, path, split, size), path=True, image_files=True, val=True))
 register_source(Source("csv", "csv:FILE", lambda spec, path, split, root, size: _load_csv(
-    spec, path, split, size), path=True, image_files=True, val=True))
+    spec, path, split, size), path=True, image_files=True, val=True, file=True))
 register_source(Source("npz", "npz:PATH", lambda spec, path, split, root, size: _load_npz(spec, path, split),
-                       path=True, val=True))
+                       path=True, val=True, file=True))

@@ -423,6 +423,25 @@ def test_moved_data_is_found_with_data_root_and_checked_by_fingerprint(tmp_path,
     ok(_student(cache, tmp_path / "r2", "--data", new_spec))
 
 
+@pytest.mark.parametrize("kind", ["npz", "csv"])
+def test_a_data_file_renamed_as_it_moved_is_asked_for_by_name(tmp_path, teacher_ckpt, fmnist, kind):
+    """--data-root DIR where the npz or CSV file now has another name: DIR holds no file of the old name, and
+    the error says so (it said "no such file DIR"); the file itself is found."""
+    spec = write_source(kind, tmp_path / "old", fmnist)
+    cache = tmp_path / "cache"
+    ok(_dump(teacher_ckpt, spec, cache))
+    old = Path(spec.partition(":")[2])
+    (tmp_path / "new").mkdir()
+    renamed = tmp_path / "new" / f"renamed{old.suffix}"
+    shutil.copy(old, renamed)
+    if kind == "csv":  # an image list's images lie beside the CSV
+        shutil.copytree(old.parent, tmp_path / "new", dirs_exist_ok=True, ignore=shutil.ignore_patterns(old.name))
+    res = _student(cache, tmp_path / "r0", "--data-root", tmp_path / "new")
+    assert_one_line_error(res, f"--data-root {tmp_path / 'new'} holds no {old.name} (the cache's {kind} file): "
+                               f"give the file itself, --data {kind}:FILE")
+    ok(_student(cache, tmp_path / "r1", "--data", f"{kind}:{renamed}"))
+
+
 def test_another_dataset_at_the_new_place_is_refused_by_fingerprint(tmp_path, teacher_ckpt, fmnist):
     spec = write_source("npz", tmp_path / "old", fmnist)
     cache = tmp_path / "cache"
