@@ -803,6 +803,10 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str],
     numeric = {s: v for s, v in numeric.items() if v is not None}
     if numeric and len(numeric) != len(every):
         names = sorted(every - set(numeric))[:3]
+        if all(n.startswith("-") and _whole_number(n[1:]) is not None for n in every - set(numeric)):
+            raise KDPipeError(f"{spec}: the labels are whole numbers, some negative ({', '.join(names)}, ...), and "
+                              "whole-number labels are the class indices 0..N-1: renumber them from 0 (a -1/1 "
+                              "coding as 0/1)")
         raise KDPipeError(f"{spec}: the labels mix numbers ({min(numeric, key=numeric.get)}, ...) and names "
                           f"({', '.join(names)}, ...): use one or the other")
     if numeric:

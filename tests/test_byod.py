@@ -363,6 +363,8 @@ CSV_CASES = {
     "path and more columns": ("path,label,split,f0\na.png,0,train,1\n", "has a path column and also f0"),
     "a word among features": ("label,split,f0,f1\n0,train,1.0,x\n", "column 'f1' holds 'x', not a number"),
     "labels mix numbers and names": ("label,split,f0\n0,train,1\ncat,train,2\n", "the labels mix numbers"),
+    "labels -1 and 1": ("label,split,f0\n-1,train,1\n1,train,2\n", "the labels are whole numbers, some negative "
+                        "(-1, ...), and whole-number labels are the class indices 0..N-1: renumber them from 0"),
     "no header": ("0,train,1.0\n1,train,2.0\n", "has no header row"),
     "a short row": ("label,split,f0\n0,train\n", "line 2 has 2 fields, the header 3"),
     "a listed image is missing": ("path,label,split\nnope.png,0,train\n", "nope.png (listed in bad.csv"),
