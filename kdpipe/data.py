@@ -555,6 +555,11 @@ def _npz_labels(path, z, keys, y, yk) -> list[str]:
             raise KDPipeError(f"{path}: class_names must be a 1-D array of names, got shape {names.shape}")
         # bytes (numpy's 'S' dtype, as h5py and Python 2 pickles give) are names, not "b'cat'"
         class_names = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in names]
+        twice = sorted({c for c in class_names if class_names.count(c) > 1})
+        if twice:  # the report, the exported model's card and a teacher's class check would confuse the two
+            at = [i for i, c in enumerate(class_names) if c == twice[0]]
+            raise KDPipeError(f"{path}: class_names names {twice[0]!r} {len(at)} times (classes "
+                              f"{', '.join(map(str, at))}): give each class its own name")
     else:
         ytr = z["y_train"] if "y_train" in keys else y
         n = int(max(ytr.max(initial=0), y.max(initial=0))) + 1

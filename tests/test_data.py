@@ -96,6 +96,9 @@ def test_npz_class_names_as_bytes_or_objects(tmp_path):
     np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array([["cat"], ["dog"]]))
     with pytest.raises(KDPipeError, match=r"class_names must be a 1-D array of names, got shape \(2, 1\)"):
         load_dataset(f"npz:{p}", "train")
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["cat", "cat"]))
+    with pytest.raises(KDPipeError, match=r"class_names names 'cat' 2 times \(classes 0, 1\): give each class"):
+        load_dataset(f"npz:{p}", "train")
 
 
 @pytest.mark.parametrize("arrays, message", [
