@@ -240,9 +240,11 @@ def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
 
 
-def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: torch.Tensor | None = None) -> dict:
+def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: torch.Tensor | None = None,
+                 overwrite: bool = True) -> dict:
     """Write the model of checkpoint or run directory `src` (or `module`, a compressed copy of it) with its
-    normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs)."""
+    normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs).
+    An existing `out` is replaced only with `overwrite`; the checkpoint itself never."""
     if fmt not in FORMATS:
         raise KDPipeError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     suffix = Path(out).suffix.lower()
@@ -251,6 +253,10 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
         raise KDPipeError(f"--out {out} is not a name for a {fmt} file: name it {SUFFIXES[fmt]} (or give the --format "
                           "its name says)" + (": torch.export.load reads .pt2 files" if fmt == "pt2" else ""))
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    if Path(out).resolve() == Path(loaded.file).resolve():  # the trained model would be lost
+        raise KDPipeError(f"--out {out} is the checkpoint being exported: give another file name")
+    if Path(out).is_file() and not overwrite:
+        raise KDPipeError(f"{out} already exists: give another --out, or --overwrite to replace it")
     if not finite(module if module is not None else loaded.module):
         raise KDPipeError(f"the weights of {loaded.file} are not finite (NaN or infinite): its training diverged; "
                           "export another run, or train it again with a lower --lr")

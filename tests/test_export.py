@@ -206,3 +206,27 @@ def test_a_file_name_of_another_format_is_refused(fmt, name, teacher_ckpt, tmp_p
     r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(tmp_path / name)])
     assert r.exit_code == 2 and f"is not a name for a {fmt} file" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
+
+
+def test_export_never_writes_over_its_own_checkpoint_and_replaces_a_file_only_when_asked(student_runs, tmp_path):
+    """`export RUN --out RUN/student.pt` replaced the trained student with a TorchScript file without a word (the
+    run then held no checkpoint), and a second export to the same FILE silently replaced the first."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    before = (run / "student.pt").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        r = CliRunner().invoke(main, ["export", str(run), "--format", "torchscript", "--out", str(run / "student.pt"),
+                                      *extra])
+        assert r.exit_code == 2 and "is the checkpoint being exported: give another file name" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert (run / "student.pt").read_bytes() == before and not (run / "student.pt.json").exists()
+    out = tmp_path / "m.pt2"
+    assert CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out)]).exit_code == 0
+    first = out.read_bytes()
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out)])
+    assert r.exit_code == 2 and r.output.strip() == f"Error: {out} already exists: give another --out, or --overwrite " \
+                                                    "to replace it"
+    assert out.read_bytes() == first
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
