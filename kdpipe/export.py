@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe import KDPipeError
-from kdpipe.checkpoint import LoadedModel, load_teacher
+from kdpipe.checkpoint import CHECKPOINT_VERSION, LoadedModel, load_checkpoint_file, load_teacher, sniff
 from kdpipe.cache.writer import atomic_write_json
 from kdpipe.util import ensure_parent
 from kdpipe.views import normalize, policy_from_identity
@@ -136,14 +136,31 @@ def resolve_model(path) -> Path:
     return p
 
 
+# What a model file is, by checkpoint.sniff, where it is not a kdpipe checkpoint.
+OTHER_FILES = {"torchscript": "a TorchScript program", "export": "a torch.export program (.pt2)",
+               "safetensors": "a safetensors file of weights", "unknown": "not a model file kdpipe reads",
+               "torch": "a state dict or pickled model, not a kdpipe checkpoint"}
+
+
+def _is_checkpoint(f: Path) -> bool:
+    try:
+        obj = load_checkpoint_file(f)
+    except KDPipeError:  # a pickled whole model, or no torch file at all
+        return False
+    return isinstance(obj, dict) and obj.get("kdpipe_checkpoint") == CHECKPOINT_VERSION
+
+
 def load_model(path) -> LoadedModel:
-    """A kdpipe checkpoint (from a file or run directory): it records the architecture and normalization."""
+    """A kdpipe checkpoint (from a file or run directory): it records the architecture and normalization.
+    Other model files are refused here, before load_teacher's advice (--teacher-arch, --trust-pickle), which
+    is for dump-logits: export and compress have no such options."""
     f = resolve_model(path)
-    loaded = load_teacher(f)
-    if loaded.kind != "kdpipe":
-        raise KDPipeError(f"{f} is a TorchScript file: export and compress need a kdpipe checkpoint (it records "
-                          "the architecture and the input normalization)")
-    return loaded
+    kind = sniff(f)
+    if kind != "torch" or not _is_checkpoint(f):
+        raise KDPipeError(f"{f} is {OTHER_FILES.get(kind, kind)}: export and compress need a kdpipe checkpoint "
+                          "(train-teacher's file or a run's student.pt), which records the architecture and the "
+                          "input normalization")
+    return load_teacher(f)
 
 
 def require(*modules: str, what: str) -> None:

@@ -230,3 +230,22 @@ def test_export_never_writes_over_its_own_checkpoint_and_replaces_a_file_only_wh
     assert out.read_bytes() == first
     r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out), "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_model_file_that_is_not_a_kdpipe_checkpoint_is_named_and_refused(teacher_ckpt, fmnist, tmp_path):
+    """A .pt2 program was called 'a TorchScript file', and a state dict (or a pickled model) got dump-logits'
+    advice, '--teacher-arch NAME' (or '--trust-pickle'), options that export and compress do not have."""
+    loaded = load_model(teacher_ckpt)
+    export_model(teacher_ckpt, "pt2", tmp_path / "m.pt2")
+    export_model(teacher_ckpt, "torchscript", tmp_path / "m.ts")
+    torch.save(loaded.module.state_dict(), tmp_path / "sd.pt")
+    torch.save(loaded.module, tmp_path / "whole.pt")
+    for name, what in (("m.pt2", "a torch.export program (.pt2)"), ("m.ts", "a TorchScript program"),
+                       ("sd.pt", "a state dict or pickled model"), ("whole.pt", "a state dict or pickled model")):
+        for args in (["export", str(tmp_path / name), "--format", "onnx", "--out", str(tmp_path / "x.onnx")],
+                     ["compress", "--teacher", str(tmp_path / name), "--data", fmnist.spec, "--out",
+                      str(tmp_path / "c")]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+            assert f"{name} is {what}" in r.output and "need a kdpipe checkpoint" in r.output, r.output
+            assert "--teacher-arch" not in r.output and "--trust-pickle" not in r.output
