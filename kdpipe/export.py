@@ -127,9 +127,16 @@ def resolve_model(path) -> Path:
     """A checkpoint file, or a run directory holding one (student.pt, teacher.pt or model.pt)."""
     p = Path(path)
     if p.is_dir():
+        if (p / "config.json").is_file() and not (p / "metrics.json").is_file():  # train-student writes it last
+            raise KDPipeError(f"{p} is an unfinished run (no metrics.json): run its train-student command again to "
+                              "finish it, then export it")
         for name in RUN_FILES:
             if (p / name).is_file():
                 return p / name
+        runs = sorted(d.name for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in RUN_FILES))
+        if runs:  # the RUNS_DIR of a sweep
+            raise KDPipeError(f"{p} holds {len(runs)} runs ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): "
+                              f"export one of them, e.g. {p / runs[0]}")
         raise KDPipeError(f"{p} holds no model: expected one of {', '.join(RUN_FILES)} (a kdpipe run directory)")
     if not p.is_file():
         raise KDPipeError(f"no such run directory or model file {p}")

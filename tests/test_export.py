@@ -249,3 +249,20 @@ def test_a_model_file_that_is_not_a_kdpipe_checkpoint_is_named_and_refused(teach
             assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
             assert f"{name} is {what}" in r.output and "need a kdpipe checkpoint" in r.output, r.output
             assert "--teacher-arch" not in r.output and "--trust-pickle" not in r.output
+
+
+def test_a_sweeps_runs_dir_and_an_unfinished_run_are_refused_saying_what_to_export(student_runs, tmp_path):
+    """The RUNS_DIR of a sweep was refused as holding 'no model' (it holds four); a run directory that train-student
+    had not finished (config.json and a student.pt, no metrics.json) was exported as if it were a trained run."""
+    import shutil
+    r = CliRunner().invoke(main, ["export", str(student_runs.out), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{student_runs.out} holds 4 runs (mlp_100-T4-a0.9-s0, " in r.output
+    assert f"export one of them, e.g. {student_runs.out / 'mlp_100-T4-a0.9-s0'}" in r.output
+    run = tmp_path / "run"
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    (run / "metrics.json").unlink()
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "is an unfinished run (no metrics.json): run its train-student command again" in r.output
+    assert not (tmp_path / "m.pt2").exists()
