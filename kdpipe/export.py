@@ -76,8 +76,12 @@ def preprocessing(loaded: LoadedModel) -> list[str]:
     steps = []
     if data.get("kind") == "photos":
         s = data.get("image_size")
+        # data.to_storage's rounding, said exactly: rounding the longer side or the offset otherwise (round for
+        # int, floor for round) moved the crop by a pixel in most non-square photos
         steps.append(f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize "
-                     f"its shorter side to {s} (PIL bicubic, antialiased) and take the centre {s} x {s}")
+                     f"its shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL "
+                     f"bicubic, antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
+                     f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this)")
     elif data:
         steps.append(f"{colour} images of {stored[1]} x {stored[2]}, as in {data.get('spec', '?')}")
     ident = loaded.info.get("view_policy")

@@ -266,3 +266,49 @@ def test_a_sweeps_runs_dir_and_an_unfinished_run_are_refused_saying_what_to_expo
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "is an unfinished run (no metrics.json): run its train-student command again" in r.output
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_path):
+    """The card said 'resize its shorter side to S ... and take the centre S x S', and 'take the centre T x T':
+    followed by hand (the longer side rounded, the offsets floored or rounded), most non-square photos came out a
+    pixel off the images kdpipe evaluated on. The card now says the rounding; followed literally here with PIL and
+    numpy on the photo files, it gives exactly the clean views kdpipe's evaluation feeds the model."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    from kdpipe.evaluate import eval_params
+    from kdpipe.views import create_policy
+    rng = np.random.default_rng(0)
+    root = tmp_path / "food"
+    sizes = [(37, 50), (61, 44), (45, 45), (44, 71), (38, 59), (53, 38), (70, 47), (29, 40)]  # (w, h)
+    for split in ("training", "evaluation"):
+        (root / split).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / f"{i % 2}_{i}.png")
+    S, T = 23, 16  # 23 - 16 is odd: the centre crop's offset is 3 (floor), not torchvision's round(3.5) = 4
+    test = load_dataset(f"files:{root}", "test", None, S)
+    policy = create_policy(f"pad-crop:{T}+flip")
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, T, T)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, T, T), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None, extra={"view_policy": policy.identity()})
+    steps = preprocessing(load_model(ckpt))
+    assert f"longer side to int({S} * longer / shorter), rounded down" in steps[0], steps
+    assert f"take the centre {S} x {S} from round((side - {S}) / 2) on each axis" in steps[0], steps
+    assert steps[1] == f"take the centre {T} x {T} of the {S} x {S} image (rows 3 to 18 of 0 to 22; columns 3 to 18 " \
+                       "of 0 to 22)", steps
+
+    def by_hand(path):  # the card's words, one by one
+        im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        w, h = im.size
+        nw, nh = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = round((nw - S) / 2), round((nh - S) / 2)
+        stored = np.asarray(im.crop((left, top, left + S, top + S)))
+        return stored[3:19, 3:19].transpose(2, 0, 1)  # rows and columns 3 to 18, channels first
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
+    seen = policy.replay(torch.from_numpy(np.ascontiguousarray(test.images)), params, [0.0] * 3, [1 / 255] * 3)
+    seen = seen.round().to(torch.uint8).numpy()  # the clean views, unnormalized
+    assert seen.shape == hand.shape == (len(sizes), 3, T, T)
+    assert sorted(a.tobytes() for a in seen) == sorted(a.tobytes() for a in hand)
