@@ -264,6 +264,26 @@ def run_exported(path, fmt: str, x: torch.Tensor) -> np.ndarray | None:
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
+BATCH_HINT = ("the model's code turns the batch size into a number, e.g. x.reshape(int(x.shape[0]), -1) "
+              "(x.flatten(1) keeps it free)")
+
+
+def _run_back(out: Path, fmt: str, xs: torch.Tensor, traced: torch.Tensor) -> np.ndarray | None:
+    """run_exported on xs; an exported file that fails there is removed and refused in one line (a traceback
+    before): one that runs at the batch size it was traced at only has that size built in."""
+    try:
+        return run_exported(out, fmt, xs)
+    except Exception as e:  # torch.jit, torch.export and onnxruntime raise many types
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        try:
+            run_exported(out, fmt, traced)
+            why = f"it runs on a batch of {len(traced)}, the size it was traced at, not on one of {len(xs)}: {BATCH_HINT}"
+        except Exception:
+            why = f"{lines[-1][:200]}; report this with the model's architecture"
+        out.unlink(missing_ok=True)
+        raise KDPipeError(f"the exported {fmt} model fails when run, so {out} was removed: {why}") from None
+
+
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
 
@@ -296,11 +316,13 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     except KDPipeError:
         raise
     except Exception as e:  # exporters raise many types; the first line says which operator failed
-        raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {str(e).strip().splitlines()[0][:200]}") from None
+        why = (f"its batch dimension cannot stay free: {BATCH_HINT}" if "Constraints violated (batch)" in str(e)
+               else str(e).strip().splitlines()[0][:200])
+        raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {why}") from None
     xs = example_inputs(loaded, 5, seed=1) if check is None else check
     with torch.no_grad():
         want = model(xs).numpy()
-    got = run_exported(out, fmt, xs)
+    got = _run_back(out, fmt, xs, x)
     err = None if got is None else max_relative_error(got, want)
     if err is not None and not err <= CHECK_RTOL:
         out.unlink(missing_ok=True)

@@ -312,3 +312,34 @@ def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_
     seen = seen.round().to(torch.uint8).numpy()  # the clean views, unnormalized
     assert seen.shape == hand.shape == (len(sizes), 3, T, T)
     assert sorted(a.tobytes() for a in seen) == sorted(a.tobytes() for a in hand)
+
+
+BATCH_FIXED_NET = '''
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self, num_classes, image_shape=(1, 28, 28)):
+        super().__init__()
+        self.fc = nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], num_classes)
+
+    def forward(self, x):
+        return self.fc(x.reshape(int(x.shape[0]), -1))  # a trace records the batch size as a number
+'''
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("onnx", ".onnx"), ("pt2", ".pt2")])
+def test_a_model_whose_code_fixes_the_batch_size_is_refused_in_one_line(fmt, suffix, tmp_path):
+    """User code with x.reshape(int(x.shape[0]), -1) traced at batch 2: the TorchScript and ONNX files failed when
+    loaded back on 5 inputs, with a traceback (and were left on disk); pt2 said 'Constraints violated (batch)!'."""
+    (tmp_path / "nets.py").write_text(BATCH_FIXED_NET)
+    arch = f"{tmp_path / 'nets.py'}:Net"
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, create_model(arch, 3, (1, 28, 28)), arch=arch, num_classes=3, image_shape=(1, 28, 28),
+                    mean=[0.5], std=[0.25], class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    out = tmp_path / f"x{suffix}"
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--format", fmt, "--out", str(out)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "the model's code turns the batch size into a number, e.g. x.reshape(int(x.shape[0]), -1)" in r.output
+    if fmt != "pt2":
+        assert f"it runs on a batch of 2, the size it was traced at, not on one of 5" in r.output
+    assert not out.exists() and not (tmp_path / f"x{suffix}.json").exists()
