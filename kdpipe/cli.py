@@ -811,14 +811,15 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
 @click.option("--format", "fmt", required=True, metavar="FORMAT",
               help="torchscript, onnx (needs the onnx and onnxscript packages) or pt2 (torch.export).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE", help="The file to write.")
-def export_cmd(model, fmt, out):
+@click.option("--overwrite", is_flag=True, help="Replace FILE (and FILE.json) if it exists (else refused).")
+def export_cmd(model, fmt, out, overwrite):
     """Write a run's model (or a kdpipe checkpoint) for deployment, with its input normalization inside: it
     takes uint8 images (B, C, H, W), or float32 features (B, D), and returns logits. The file is loaded back
     and compared with PyTorch (ONNX with onnxruntime, where installed). FILE.json beside it gives the class
     of each output, the preprocessing its input needs and the checkpoint it came from."""
     from kdpipe.export import EXPORT_PIP, export_model, load_model, preprocessing, write_card
     loaded = load_model(model)
-    res = export_model(loaded, fmt, out)
+    res = export_model(loaded, fmt, out, overwrite=overwrite)
     check = (f"matches PyTorch (max relative error {res['max_relative_error']:.1e})" if res["checked"] else
              f"not checked: onnxruntime is not installed ({EXPORT_PIP})")
     click.echo(f"{res['format']} {res['arch']} -> {res['path']} ({res['bytes'] / 1e6:.2f} MB), input "

@@ -394,6 +394,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
                           f"({teacher.num_classes} classes), not on {test.spec}")
     if _trained_on(teacher.info.get("dataset") or {}, full_train if full_train is not None else train, {}) is False:
         log(f"note: {test.spec} is not the data the teacher was trained on (its fingerprint differs)")
+    _check_fx(teacher.module, quantize, prune)
     policy = _policy_of(teacher)
     other_data = _check_students(students, policy, test, full_train if full_train is not None else train, log)
     out = ensure_out_dir(out, "compress output")
@@ -480,6 +481,22 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     atomic_write_bytes(out / "compress.md", _markdown(doc, plot).encode())
     return {"table": str(out / "compress.md"), "json": str(out / "compress.json"), "plot": str(plot),
             "rows": len(results)}
+
+
+def _check_fx(model: nn.Module, quantize, prune) -> None:
+    """Refuse, before any work, a teacher torch.fx cannot trace when static quantization or channel pruning
+    (which trace it) are asked for: channel pruning failed only after the quantization and the unstructured
+    pruning had run, and each fix of the command line met the next refusal."""
+    instead = [alt for kind, alt in (("static" in quantize, "--quantize dynamic"),
+                                     ("channels" in prune, "--prune unstructured")) if kind]
+    if not instead:
+        return
+    try:
+        torch.fx.symbolic_trace(copy.deepcopy(model).eval())
+    except Exception as e:  # torch.fx raises many types for code it cannot trace
+        raise KDPipeError(f"the teacher {type(model).__name__}: torch.fx cannot trace it "
+                          f"({str(e).strip().splitlines()[0][:150]}), and static quantization and channel pruning "
+                          f"need it: give {' '.join(instead)}") from None
 
 
 def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> None:

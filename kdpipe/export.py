@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe import KDPipeError
-from kdpipe.checkpoint import LoadedModel, load_teacher
+from kdpipe.checkpoint import CHECKPOINT_VERSION, LoadedModel, load_checkpoint_file, load_teacher, sniff
 from kdpipe.cache.writer import atomic_write_json
 from kdpipe.util import ensure_parent
 from kdpipe.views import normalize, policy_from_identity
@@ -76,8 +76,12 @@ def preprocessing(loaded: LoadedModel) -> list[str]:
     steps = []
     if data.get("kind") == "photos":
         s = data.get("image_size")
+        # data.to_storage's rounding, said exactly: rounding the longer side or the offset otherwise (round for
+        # int, floor for round) moved the crop by a pixel in most non-square photos
         steps.append(f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize "
-                     f"its shorter side to {s} (PIL bicubic, antialiased) and take the centre {s} x {s}")
+                     f"its shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL "
+                     f"bicubic, antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
+                     f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this)")
     elif data:
         steps.append(f"{colour} images of {stored[1]} x {stored[2]}, as in {data.get('spec', '?')}")
     ident = loaded.info.get("view_policy")
@@ -127,23 +131,47 @@ def resolve_model(path) -> Path:
     """A checkpoint file, or a run directory holding one (student.pt, teacher.pt or model.pt)."""
     p = Path(path)
     if p.is_dir():
+        if (p / "config.json").is_file() and not (p / "metrics.json").is_file():  # train-student writes it last
+            raise KDPipeError(f"{p} is an unfinished run (no metrics.json): run its train-student command again to "
+                              "finish it, then export it")
         for name in RUN_FILES:
             if (p / name).is_file():
                 return p / name
+        runs = sorted(d.name for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in RUN_FILES))
+        if runs:  # the RUNS_DIR of a sweep
+            raise KDPipeError(f"{p} holds {len(runs)} runs ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): "
+                              f"export one of them, e.g. {p / runs[0]}")
         raise KDPipeError(f"{p} holds no model: expected one of {', '.join(RUN_FILES)} (a kdpipe run directory)")
     if not p.is_file():
         raise KDPipeError(f"no such run directory or model file {p}")
     return p
 
 
+# What a model file is, by checkpoint.sniff, where it is not a kdpipe checkpoint.
+OTHER_FILES = {"torchscript": "a TorchScript program", "export": "a torch.export program (.pt2)",
+               "safetensors": "a safetensors file of weights", "unknown": "not a model file kdpipe reads",
+               "torch": "a state dict or pickled model, not a kdpipe checkpoint"}
+
+
+def _is_checkpoint(f: Path) -> bool:
+    try:
+        obj = load_checkpoint_file(f)
+    except KDPipeError:  # a pickled whole model, or no torch file at all
+        return False
+    return isinstance(obj, dict) and obj.get("kdpipe_checkpoint") == CHECKPOINT_VERSION
+
+
 def load_model(path) -> LoadedModel:
-    """A kdpipe checkpoint (from a file or run directory): it records the architecture and normalization."""
+    """A kdpipe checkpoint (from a file or run directory): it records the architecture and normalization.
+    Other model files are refused here, before load_teacher's advice (--teacher-arch, --trust-pickle), which
+    is for dump-logits: export and compress have no such options."""
     f = resolve_model(path)
-    loaded = load_teacher(f)
-    if loaded.kind != "kdpipe":
-        raise KDPipeError(f"{f} is a TorchScript file: export and compress need a kdpipe checkpoint (it records "
-                          "the architecture and the input normalization)")
-    return loaded
+    kind = sniff(f)
+    if kind != "torch" or not _is_checkpoint(f):
+        raise KDPipeError(f"{f} is {OTHER_FILES.get(kind, kind)}: export and compress need a kdpipe checkpoint "
+                          "(train-teacher's file or a run's student.pt), which records the architecture and the "
+                          "input normalization")
+    return load_teacher(f)
 
 
 def require(*modules: str, what: str) -> None:
@@ -236,13 +264,35 @@ def run_exported(path, fmt: str, x: torch.Tensor) -> np.ndarray | None:
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
+BATCH_HINT = ("the model's code turns the batch size into a number, e.g. x.reshape(int(x.shape[0]), -1) "
+              "(x.flatten(1) keeps it free)")
+
+
+def _run_back(out: Path, fmt: str, xs: torch.Tensor, traced: torch.Tensor) -> np.ndarray | None:
+    """run_exported on xs; an exported file that fails there is removed and refused in one line (a traceback
+    before): one that runs at the batch size it was traced at only has that size built in."""
+    try:
+        return run_exported(out, fmt, xs)
+    except Exception as e:  # torch.jit, torch.export and onnxruntime raise many types
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        try:
+            run_exported(out, fmt, traced)
+            why = f"it runs on a batch of {len(traced)}, the size it was traced at, not on one of {len(xs)}: {BATCH_HINT}"
+        except Exception:
+            why = f"{lines[-1][:200]}; report this with the model's architecture"
+        out.unlink(missing_ok=True)
+        raise KDPipeError(f"the exported {fmt} model fails when run, so {out} was removed: {why}") from None
+
+
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(1e-12, float(np.abs(want).max())))
 
 
-def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: torch.Tensor | None = None) -> dict:
+def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: torch.Tensor | None = None,
+                 overwrite: bool = True) -> dict:
     """Write the model of checkpoint or run directory `src` (or `module`, a compressed copy of it) with its
-    normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs)."""
+    normalization to `out` in `fmt`; reload it and compare its outputs on `check` (default: random inputs).
+    An existing `out` is replaced only with `overwrite`; the checkpoint itself never."""
     if fmt not in FORMATS:
         raise KDPipeError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     suffix = Path(out).suffix.lower()
@@ -251,6 +301,10 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
         raise KDPipeError(f"--out {out} is not a name for a {fmt} file: name it {SUFFIXES[fmt]} (or give the --format "
                           "its name says)" + (": torch.export.load reads .pt2 files" if fmt == "pt2" else ""))
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
+    if Path(out).resolve() == Path(loaded.file).resolve():  # the trained model would be lost
+        raise KDPipeError(f"--out {out} is the checkpoint being exported: give another file name")
+    if Path(out).is_file() and not overwrite:
+        raise KDPipeError(f"{out} already exists: give another --out, or --overwrite to replace it")
     if not finite(module if module is not None else loaded.module):
         raise KDPipeError(f"the weights of {loaded.file} are not finite (NaN or infinite): its training diverged; "
                           "export another run, or train it again with a lower --lr")
@@ -262,11 +316,13 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     except KDPipeError:
         raise
     except Exception as e:  # exporters raise many types; the first line says which operator failed
-        raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {str(e).strip().splitlines()[0][:200]}") from None
+        why = (f"its batch dimension cannot stay free: {BATCH_HINT}" if "Constraints violated (batch)" in str(e)
+               else str(e).strip().splitlines()[0][:200])
+        raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {why}") from None
     xs = example_inputs(loaded, 5, seed=1) if check is None else check
     with torch.no_grad():
         want = model(xs).numpy()
-    got = run_exported(out, fmt, xs)
+    got = _run_back(out, fmt, xs, x)
     err = None if got is None else max_relative_error(got, want)
     if err is not None and not err <= CHECK_RTOL:
         out.unlink(missing_ok=True)

@@ -268,8 +268,16 @@ class PadCrop(ViewOp):
         s, (_, h, w) = self.options["size"], shape
         if (h, w) == (s, s):
             return None
-        pad = f", padding ({self.options['mode']}) equally on each side shorter than {s}" if min(h, w) < s else ""
-        return f"take the centre {s} x {s} of the {h} x {w} image{pad}"
+        pad = f", padding ({self.options['mode']}) each side shorter than {s}" if min(h, w) < s else ""
+        return f"take the centre {s} x {s} of the {h} x {w} image{pad} ({self._span(h, 'rows')}; {self._span(w, 'columns')})"
+
+    def _span(self, n: int, axis: str) -> str:
+        """Where the clean crop lies along an axis of n pixels, exactly (clean()'s floor, which torchvision's
+        CenterCrop rounds the other way when n - S is odd; and its padding, the odd pixel before)."""
+        s = self.options["size"]
+        if n >= s:
+            return f"{axis} {(n - s) // 2} to {(n - s) // 2 + s - 1} of 0 to {n - 1}"
+        return f"{axis} padded by {s - n - (s - n) // 2} before and {(s - n) // 2} after"
 
     def folds(self, nxt):
         return isinstance(nxt, Flip)

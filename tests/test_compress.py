@@ -410,3 +410,28 @@ def test_latencies_keep_three_significant_digits():
     from kdpipe.compress import _ms
     assert [_ms(x) for x in (0.00043217, 0.012345, 0.09876, 0.5, 12.3456, float("nan"), None)] == [
         "0.000432", "0.0123", "0.0988", "0.500", "12.346", "–", "–"]
+
+
+def test_a_teacher_torch_fx_cannot_trace_is_refused_before_any_work_naming_every_option_to_change(fmnist, tmp_path,
+                                                                                                 monkeypatch):
+    """With --quantize dynamic, channel pruning failed only after the quantization and the unstructured pruning and
+    its fine-tuning had run, saying no option to change; with the defaults, the user met one refusal per option."""
+    from kdpipe import models
+    from kdpipe.checkpoint import save_checkpoint
+
+    monkeypatch.setitem(models._REGISTRY, "data_dependent", lambda num_classes, image_shape: _DataDependent())
+    ckpt = tmp_path / "t.pt"
+    save_checkpoint(ckpt, _DataDependent(), arch="data_dependent", num_classes=10, image_shape=(1, 28, 28),
+                    mean=[0.3], std=[0.35], class_names=[str(i) for i in range(10)],
+                    dataset={"spec": fmnist.spec, "image_shape": [1, 28, 28]}, test_top1=None)
+    base = ["compress", "--teacher", str(ckpt), "--data", fmnist.spec, "--sparsity", "0.5", "--limit", "64",
+            "--repeats", "1", "--out", str(tmp_path / "o")]
+    for args, say in (([], "give --quantize dynamic --prune unstructured"),
+                      (["--quantize", "dynamic"], "give --prune unstructured")):
+        r = CliRunner().invoke(main, base + args)
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [r.stderr.strip()] and "torch.fx cannot trace it" in r.output
+        assert r.output.strip().endswith(say), r.output
+        assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, base + ["--quantize", "dynamic", "--prune", "unstructured"])
+    assert r.exit_code == 0, r.output

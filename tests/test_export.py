@@ -206,3 +206,140 @@ def test_a_file_name_of_another_format_is_refused(fmt, name, teacher_ckpt, tmp_p
     r = CliRunner().invoke(main, ["export", str(teacher_ckpt), "--format", fmt, "--out", str(tmp_path / name)])
     assert r.exit_code == 2 and f"is not a name for a {fmt} file" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
+
+
+def test_export_never_writes_over_its_own_checkpoint_and_replaces_a_file_only_when_asked(student_runs, tmp_path):
+    """`export RUN --out RUN/student.pt` replaced the trained student with a TorchScript file without a word (the
+    run then held no checkpoint), and a second export to the same FILE silently replaced the first."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    before = (run / "student.pt").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        r = CliRunner().invoke(main, ["export", str(run), "--format", "torchscript", "--out", str(run / "student.pt"),
+                                      *extra])
+        assert r.exit_code == 2 and "is the checkpoint being exported: give another file name" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert (run / "student.pt").read_bytes() == before and not (run / "student.pt.json").exists()
+    out = tmp_path / "m.pt2"
+    assert CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out)]).exit_code == 0
+    first = out.read_bytes()
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out)])
+    assert r.exit_code == 2 and r.output.strip() == f"Error: {out} already exists: give another --out, or --overwrite " \
+                                                    "to replace it"
+    assert out.read_bytes() == first
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_model_file_that_is_not_a_kdpipe_checkpoint_is_named_and_refused(teacher_ckpt, fmnist, tmp_path):
+    """A .pt2 program was called 'a TorchScript file', and a state dict (or a pickled model) got dump-logits'
+    advice, '--teacher-arch NAME' (or '--trust-pickle'), options that export and compress do not have."""
+    loaded = load_model(teacher_ckpt)
+    export_model(teacher_ckpt, "pt2", tmp_path / "m.pt2")
+    export_model(teacher_ckpt, "torchscript", tmp_path / "m.ts")
+    torch.save(loaded.module.state_dict(), tmp_path / "sd.pt")
+    torch.save(loaded.module, tmp_path / "whole.pt")
+    for name, what in (("m.pt2", "a torch.export program (.pt2)"), ("m.ts", "a TorchScript program"),
+                       ("sd.pt", "a state dict or pickled model"), ("whole.pt", "a state dict or pickled model")):
+        for args in (["export", str(tmp_path / name), "--format", "onnx", "--out", str(tmp_path / "x.onnx")],
+                     ["compress", "--teacher", str(tmp_path / name), "--data", fmnist.spec, "--out",
+                      str(tmp_path / "c")]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+            assert f"{name} is {what}" in r.output and "need a kdpipe checkpoint" in r.output, r.output
+            assert "--teacher-arch" not in r.output and "--trust-pickle" not in r.output
+
+
+def test_a_sweeps_runs_dir_and_an_unfinished_run_are_refused_saying_what_to_export(student_runs, tmp_path):
+    """The RUNS_DIR of a sweep was refused as holding 'no model' (it holds four); a run directory that train-student
+    had not finished (config.json and a student.pt, no metrics.json) was exported as if it were a trained run."""
+    import shutil
+    r = CliRunner().invoke(main, ["export", str(student_runs.out), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{student_runs.out} holds 4 runs (mlp_100-T4-a0.9-s0, " in r.output
+    assert f"export one of them, e.g. {student_runs.out / 'mlp_100-T4-a0.9-s0'}" in r.output
+    run = tmp_path / "run"
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    (run / "metrics.json").unlink()
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "is an unfinished run (no metrics.json): run its train-student command again" in r.output
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_path):
+    """The card said 'resize its shorter side to S ... and take the centre S x S', and 'take the centre T x T':
+    followed by hand (the longer side rounded, the offsets floored or rounded), most non-square photos came out a
+    pixel off the images kdpipe evaluated on. The card now says the rounding; followed literally here with PIL and
+    numpy on the photo files, it gives exactly the clean views kdpipe's evaluation feeds the model."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    from kdpipe.evaluate import eval_params
+    from kdpipe.views import create_policy
+    rng = np.random.default_rng(0)
+    root = tmp_path / "food"
+    sizes = [(37, 50), (61, 44), (45, 45), (44, 71), (38, 59), (53, 38), (70, 47), (29, 40)]  # (w, h)
+    for split in ("training", "evaluation"):
+        (root / split).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / f"{i % 2}_{i}.png")
+    S, T = 23, 16  # 23 - 16 is odd: the centre crop's offset is 3 (floor), not torchvision's round(3.5) = 4
+    test = load_dataset(f"files:{root}", "test", None, S)
+    policy = create_policy(f"pad-crop:{T}+flip")
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, T, T)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, T, T), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None, extra={"view_policy": policy.identity()})
+    steps = preprocessing(load_model(ckpt))
+    assert f"longer side to int({S} * longer / shorter), rounded down" in steps[0], steps
+    assert f"take the centre {S} x {S} from round((side - {S}) / 2) on each axis" in steps[0], steps
+    assert steps[1] == f"take the centre {T} x {T} of the {S} x {S} image (rows 3 to 18 of 0 to 22; columns 3 to 18 " \
+                       "of 0 to 22)", steps
+
+    def by_hand(path):  # the card's words, one by one
+        im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        w, h = im.size
+        nw, nh = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = round((nw - S) / 2), round((nh - S) / 2)
+        stored = np.asarray(im.crop((left, top, left + S, top + S)))
+        return stored[3:19, 3:19].transpose(2, 0, 1)  # rows and columns 3 to 18, channels first
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
+    seen = policy.replay(torch.from_numpy(np.ascontiguousarray(test.images)), params, [0.0] * 3, [1 / 255] * 3)
+    seen = seen.round().to(torch.uint8).numpy()  # the clean views, unnormalized
+    assert seen.shape == hand.shape == (len(sizes), 3, T, T)
+    assert sorted(a.tobytes() for a in seen) == sorted(a.tobytes() for a in hand)
+
+
+BATCH_FIXED_NET = '''
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self, num_classes, image_shape=(1, 28, 28)):
+        super().__init__()
+        self.fc = nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], num_classes)
+
+    def forward(self, x):
+        return self.fc(x.reshape(int(x.shape[0]), -1))  # a trace records the batch size as a number
+'''
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("onnx", ".onnx"), ("pt2", ".pt2")])
+def test_a_model_whose_code_fixes_the_batch_size_is_refused_in_one_line(fmt, suffix, tmp_path):
+    """User code with x.reshape(int(x.shape[0]), -1) traced at batch 2: the TorchScript and ONNX files failed when
+    loaded back on 5 inputs, with a traceback (and were left on disk); pt2 said 'Constraints violated (batch)!'."""
+    (tmp_path / "nets.py").write_text(BATCH_FIXED_NET)
+    arch = f"{tmp_path / 'nets.py'}:Net"
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, create_model(arch, 3, (1, 28, 28)), arch=arch, num_classes=3, image_shape=(1, 28, 28),
+                    mean=[0.5], std=[0.25], class_names=["a", "b", "c"], dataset={"spec": "npz:x"}, test_top1=None)
+    out = tmp_path / f"x{suffix}"
+    r = CliRunner().invoke(main, ["export", str(ckpt), "--format", fmt, "--out", str(out)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "the model's code turns the batch size into a number, e.g. x.reshape(int(x.shape[0]), -1)" in r.output
+    if fmt != "pt2":
+        assert f"it runs on a batch of 2, the size it was traced at, not on one of 5" in r.output
+    assert not out.exists() and not (tmp_path / f"x{suffix}.json").exists()
