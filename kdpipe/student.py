@@ -643,10 +643,13 @@ class _Track:
                "train_top1": r.train_top1[-1], **ev, "lr": r.optimizer.param_groups[0]["lr"]}
         self.history.append(row)
         val = ev.get("val_top1")
-        if val is not None and (self.best_val is None or val > self.best_val):  # ties: the earlier epoch
+        # ties: the earlier epoch; never an epoch whose loss or weights are NaN or infinite (a diverged run's
+        # argmax of NaN logits still scores the share of class 0, which may beat the epochs before)
+        if val is not None and math.isfinite(r.history[-1]) and (self.best_val is None or val > self.best_val):
             model = plain(Dist.unwrap(r.model))  # the student without a hint projector
-            self.best_epoch, self.best_val, self.best_eval = epoch + 1, val, ev
-            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+                self.best_epoch, self.best_val, self.best_eval, self.best_state = epoch + 1, val, ev, state
 
     def state(self) -> dict:
         """What a pass checkpoint keeps of it (kdpipe.resume)."""

@@ -116,6 +116,30 @@ def test_validation_picks_the_best_epoch_and_keeps_its_weights(cache, tmp_path):
     assert float(rows[-1]["loss"]) == pytest.approx(m["train_loss"][-1], rel=1e-5)
 
 
+def test_the_best_epoch_is_never_one_whose_loss_or_weights_are_not_finite():
+    """A diverged run's NaN logits all argmax to class 0, whose share of the validation rows can beat the epochs
+    before: the best epoch (student-best.pt, metrics.json's best) was then the NaN weights."""
+    from kdpipe.student import _Track
+    run = build_run("r", "mlp_100", "kd", 0, 10, (1, 28, 28), OptimConfig(), 10, torch.device("cpu"))
+    weight = run.model.net[1].weight
+    good = weight.detach().clone()
+    track = _Track()
+
+    def epoch(e, loss, val, weights):
+        run.history.append(loss)
+        run.train_top1.append(0.5)
+        with torch.no_grad():
+            weight.copy_(weights)
+        track.add(run, e, {"val_top1": val})
+
+    epoch(0, 1.0, 0.2, good)
+    epoch(1, float("nan"), 0.3, torch.full_like(good, float("nan")))  # the loss diverged
+    epoch(2, 2.0, 0.4, good.masked_fill(good > 0, float("inf")))  # the last step's update overflowed
+    assert track.best_epoch == 1 and track.best_val == 0.2 and torch.equal(track.best_state["net.1.weight"], good)
+    epoch(3, 0.5, 0.5, good * 2)
+    assert track.best_epoch == 4 and torch.equal(track.best_state["net.1.weight"], good * 2)
+
+
 def test_cli_lr_sweep_with_adamw_makes_the_runs_make_rules_name(cache, tmp_path):
     out = tmp_path / "runs"
     args = ["train-student", "--cache", str(cache.path), "--student", "mlp_100", "--epochs", "1", "--alpha", "0.9",
