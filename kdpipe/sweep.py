@@ -51,6 +51,9 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
            "lr": float(lr if lr is not None else OPTIMIZERS[name]["lr"]),
            "weight_decay": float(weight_decay if weight_decay is not None else OPTIMIZERS[name]["weight_decay"])}
     out["betas"] = tuple(float(b) for b in out["betas"])
+    for key in ("lr", "weight_decay", "momentum", "eps", "warmup_epochs"):  # NaN passes every range check
+        if not math.isfinite(float(out[key])):
+            raise KDPipeError(f"--{key.replace('_', '-')} must be a finite number, got {out[key]}")
     if out["schedule"] not in SCHEDULES:
         raise KDPipeError(f"unknown schedule {out['schedule']!r}: use one of {', '.join(SCHEDULES)}")
     if out["schedule"] == "onecycle" and out["warmup_epochs"]:

@@ -165,6 +165,12 @@ def test_cli_lr_sweep_with_adamw_makes_the_runs_make_rules_name(cache, tmp_path)
     (["--schedule", "onecycle", "--warmup-epochs", "1"], "onecycle schedule has its own warm-up"),
     (["--optimizer", "adam", "--betas", "0.9,1.5"], "--betas must be two numbers"),
     (["--lr", "0.1,-1"], "--lr must be > 0"),
+    (["--lr", "0.1,nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
+    (["--optimizer", "adam", "--eps", "inf"], "--eps must be a finite number, got inf"),
     (["--val-fraction", "1"], "--val-fraction"),
 ])
 def test_bad_training_options_are_one_line_errors(cache, tmp_path, args, message):
