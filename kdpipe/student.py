@@ -29,7 +29,7 @@ from kdpipe.losses import Outputs, TopKTargets, create_loss
 from kdpipe.models import check_model, count_parameters, create_model
 from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
                            remove_finished_checkpoints)
-from kdpipe.sweep import parse_loss, plan_sweep
+from kdpipe.sweep import check_warmup, parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
 
@@ -369,6 +369,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         raise KDPipeError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
         raise KDPipeError(f"--batch-size must be >= 1, got {batch_size}")
+    check_warmup(optim.warmup_epochs, epochs)
     if not students:
         raise KDPipeError("give at least one --student")
     loss_name, loss_options = parse_loss(loss)

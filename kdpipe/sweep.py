@@ -75,6 +75,14 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
     return out
 
 
+def check_warmup(warmup_epochs: float, epochs: int) -> None:
+    """Refuse a warm-up longer than the run: its learning rate would never reach the peak its name and
+    metrics.json record, and the schedule would never start."""
+    if warmup_epochs > epochs:
+        raise KDPipeError(f"--warmup-epochs {warmup_epochs:g} is longer than the run's {epochs} epoch(s): its learning "
+                          "rate would never reach its peak; give a warm-up of at most --epochs")
+
+
 def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
     """The part of a run's name that its training settings add: empty for plain SGD with the defaults (the
     names of earlier versions); else the optimizer (when not SGD), lr<LR> (when not the optimizer's

@@ -171,6 +171,7 @@ def test_cli_lr_sweep_with_adamw_makes_the_runs_make_rules_name(cache, tmp_path)
     (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
     (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
     (["--optimizer", "adam", "--eps", "inf"], "--eps must be a finite number, got inf"),
+    (["--epochs", "2", "--warmup-epochs", "2.5"], "--warmup-epochs 2.5 is longer than the run's 2 epoch(s)"),
     (["--val-fraction", "1"], "--val-fraction"),
 ])
 def test_bad_training_options_are_one_line_errors(cache, tmp_path, args, message):
@@ -179,6 +180,17 @@ def test_bad_training_options_are_one_line_errors(cache, tmp_path, args, message
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_teacher_refuses_a_warmup_longer_than_its_training(mnist, tmp_path):
+    """The learning rate would never reach the peak the teacher's checkpoint records."""
+    out = tmp_path / "t.pt"
+    r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:64", "--epochs", "1",
+                                  "--warmup-epochs", "3", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 2 and r.output.strip() == ("Error: --warmup-epochs 3 is longer than the run's 1 epoch(s): its "
+                                                     "learning rate would never reach its peak; give a warm-up of at "
+                                                     "most --epochs")
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_train_teacher_with_adam_and_warmup(mnist, tmp_path):
