@@ -114,6 +114,11 @@ class Loss:
         """Whether it compares features (a student with a hint projector, a cache with features)."""
         return self.uses == "features"
 
+    @property
+    def trains_logits(self) -> bool:
+        """Whether some term reaches the student's logits (a feature loss alone leaves its classifier untrained)."""
+        return self.uses != "features"
+
     def __call__(self, out, teacher, labels, epoch) -> dict[str, torch.Tensor]:
         if teacher is None and self.needs_teacher:
             raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
@@ -479,6 +484,10 @@ class ComposedLoss(Loss):
     @property
     def needs_features(self) -> bool:
         return any(loss.needs_features for _, _, loss in self.parts)
+
+    @property
+    def trains_logits(self) -> bool:
+        return any(w > 0 and loss.trains_logits for _, w, loss in self.parts)
 
     @property
     def topk(self) -> bool:

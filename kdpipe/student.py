@@ -382,6 +382,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training
     hinted = any(x.needs_features for x in losses.values())
+    if not all(x.trains_logits for x in losses.values()):
+        raise KDPipeError(f"--loss {loss} trains only the student's features, never its logits: the student would not "
+                          "learn to classify; compose it with a loss on the logits, e.g. --loss kd+hint")
     if hinted and online_teacher is not None:
         raise KDPipeError(f"--loss {loss} distils cached features: it cannot run with an online teacher")
     if hinted and not hint_layer:

@@ -292,6 +292,9 @@ def test_train_samples_trains_every_run_on_one_fixed_subset_with_its_cached_view
     (dict(students=["mlp_100"], epochs=1, loss="dkd:gamma=2"), "dkd has no option gamma"),
     (dict(students=["mlp_100"], epochs=1, loss="dkd", alphas=(-1.0,)), "dkd: alpha must be >= 0"),
     (dict(students=[], epochs=1), "at least one --student"),
+    (dict(students=["mlp_100"], epochs=1, loss="hint", hint_layer="net.2"), "--loss hint trains only the student's "
+     "features, never its logits: the student would not learn to classify; compose it .* e.g. --loss kd\\+hint"),
+    (dict(students=["mlp_100"], epochs=1, loss="kd:0,hint:1", hint_layer="net.2"), "--loss kd:0,hint:1 trains only"),
     (dict(students=["mlp_100", "no_such_net"], epochs=1), "unknown architecture 'no_such_net'"),
 ])
 def test_bad_arguments_are_refused_before_training(cache, tmp_path, kwargs, message):
