@@ -100,6 +100,11 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
 
         def on_epoch_end(epoch):
+            if not math.isfinite(run.history[-1]):  # NaN weights: no teacher to save, nor a checkpoint to resume
+                ckpt.remove()
+                raise KDPipeError(f"the teacher's training diverged: its loss became {run.history[-1]} in epoch "
+                                  f"{epoch + 1}, so its weights are not usable and nothing was saved to {out}: lower "
+                                  f"--lr (it was {optim.lr:g}) and train again")
             acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
             history.epochs.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
                                    "test_top1": acc})

@@ -193,6 +193,21 @@ def test_train_teacher_refuses_a_warmup_longer_than_its_training(mnist, tmp_path
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_diverging_teacher_stops_in_one_line_and_saves_nothing(mnist, tmp_path):
+    """train-teacher --lr 1e30 warned in the epoch its loss became NaN, trained on, saved the NaN weights and
+    exited 0; dump-logits then refused that teacher as 'no better than chance: check the input normalization'."""
+    out = tmp_path / "t.pt"
+    r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:64", "--epochs", "4",
+                                  "--batch-size", "32", "--lr", "1e30", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the teacher's training diverged: its loss became nan in epoch ")
+    assert last.endswith(f"so its weights are not usable and nothing was saved to {out}: lower --lr (it was 1e+30) "
+                         "and train again")
+    assert "teacher epoch 4/4" not in r.output  # stopped at the epoch it diverged in
+    assert not list(tmp_path.iterdir())  # no teacher, no checkpoint to resume the NaN weights from
+
+
 def test_train_teacher_with_adam_and_warmup(mnist, tmp_path):
     out = tmp_path / "t.pt"
     r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:64", "--epochs", "3", "--batch-size", "32",
