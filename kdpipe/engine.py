@@ -202,6 +202,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     checkpoint (kdpipe.resume.PassCheckpoint): the pass starts at its position (the runs' states were
     restored from it) and saves one at the end of every epoch and after any step where checkpoint.due(), or
     where a Ctrl-C or SIGTERM was held (PassCheckpoint.holding_interrupts): then it stops (KeyboardInterrupt).
+
+    A pass in which every run's epoch loss became NaN or infinite (diverged: its weights stay so) stops after that
+    epoch, saying so; the runs' histories then end there.
     """
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     device = images.device
@@ -323,6 +326,10 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         if checkpoint is not None:
             checkpoint.save(runs, units, epoch + 1, 0, None, seen, before + time.perf_counter() - start - hook_s)
             checkpoint.stop_if_interrupted()
+        if epoch + 1 < epochs and not any(math.isfinite(r.history[-1]) for r in runs):
+            # NaN or infinite weights stay so: the epochs left would train nothing (the runs are marked diverged)
+            log(f"  {label}: every run of the pass diverged: it stops after epoch {epoch + 1}/{epochs}")
+            break
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = before + time.perf_counter() - start - hook_s  # training only, not on_epoch_end's evaluations

@@ -114,11 +114,18 @@ class Loss:
         """Whether it compares features (a student with a hint projector, a cache with features)."""
         return self.uses == "features"
 
+    @property
+    def trains_logits(self) -> bool:
+        """Whether some term reaches the student's logits (a feature loss alone leaves its classifier untrained)."""
+        return self.uses != "features"
+
     def __call__(self, out, teacher, labels, epoch) -> dict[str, torch.Tensor]:
         if teacher is None and self.needs_teacher:
             raise ValueError(f"loss {self.name} with {self.options} needs teacher logits")
         pick = features_of if self.uses == "features" else logits_of
         out, teacher = pick(out), pick(teacher)
+        if self.uses == "logits" and teacher is not None:
+            _check_sizes(self.name, out, teacher)
         if isinstance(teacher, TopKTargets) and not self.topk and self.needs_teacher:  # a top-k cache's, in a user's loop
             raise KDPipeError(f"loss {self.name} needs every teacher logit, and these targets are a top-k cache's "
                               f"(its k largest logits): use a loss that takes them ({', '.join(topk_losses())}), or a "
@@ -152,6 +159,21 @@ class Loss:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.members if self.options is None else self.options})"
+
+
+def _check_sizes(name: str, out, teacher) -> None:
+    """Refuse, in one line, student logits whose batch or number of classes is not the teacher targets' (a user's
+    loop, kdpipe.api, with a student built for other classes): torch's IndexError or size mismatch otherwise."""
+    t = teacher.values if isinstance(teacher, TopKTargets) else getattr(teacher, "logits", teacher)
+    if not (torch.is_tensor(out) and torch.is_tensor(t)) or out.ndim < 2 or t.ndim < 2:
+        return
+    if out.shape[-2] != t.shape[-2]:
+        raise KDPipeError(f"loss {name}: the student's logits hold {out.shape[-2]} samples and the teacher's "
+                          f"{t.shape[-2]}: give the loss the teacher targets of the same batch")
+    if not isinstance(teacher, TopKTargets) and out.shape[-1] != t.shape[-1]:
+        raise KDPipeError(f"loss {name}: the student gives {out.shape[-1]} logits per sample and the teacher "
+                          f"{t.shape[-1]}: build the student for the cache's {t.shape[-1]} classes "
+                          "(kdpipe.create_model(arch, data.num_classes, data.input_shape))")
 
 
 class Outputs(NamedTuple):
@@ -479,6 +501,10 @@ class ComposedLoss(Loss):
     @property
     def needs_features(self) -> bool:
         return any(loss.needs_features for _, _, loss in self.parts)
+
+    @property
+    def trains_logits(self) -> bool:
+        return any(w > 0 and loss.trains_logits for _, w, loss in self.parts)
 
     @property
     def topk(self) -> bool:

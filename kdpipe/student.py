@@ -29,7 +29,7 @@ from kdpipe.losses import Outputs, TopKTargets, create_loss
 from kdpipe.models import check_model, count_parameters, create_model
 from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
                            remove_finished_checkpoints)
-from kdpipe.sweep import parse_loss, plan_sweep
+from kdpipe.sweep import check_warmup, parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
 
@@ -369,6 +369,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         raise KDPipeError(f"--epochs must be >= 1, got {epochs}")
     if batch_size <= 0:
         raise KDPipeError(f"--batch-size must be >= 1, got {batch_size}")
+    check_warmup(optim.warmup_epochs, epochs)
     if not students:
         raise KDPipeError("give at least one --student")
     loss_name, loss_options = parse_loss(loss)
@@ -381,6 +382,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training
     hinted = any(x.needs_features for x in losses.values())
+    if not all(x.trains_logits for x in losses.values()):
+        raise KDPipeError(f"--loss {loss} trains only the student's features, never its logits: the student would not "
+                          "learn to classify; compose it with a loss on the logits, e.g. --loss kd+hint")
     if hinted and online_teacher is not None:
         raise KDPipeError(f"--loss {loss} distils cached features: it cannot run with an online teacher")
     if hinted and not hint_layer:
@@ -643,10 +647,13 @@ class _Track:
                "train_top1": r.train_top1[-1], **ev, "lr": r.optimizer.param_groups[0]["lr"]}
         self.history.append(row)
         val = ev.get("val_top1")
-        if val is not None and (self.best_val is None or val > self.best_val):  # ties: the earlier epoch
+        # ties: the earlier epoch; never an epoch whose loss or weights are NaN or infinite (a diverged run's
+        # argmax of NaN logits still scores the share of class 0, which may beat the epochs before)
+        if val is not None and math.isfinite(r.history[-1]) and (self.best_val is None or val > self.best_val):
             model = plain(Dist.unwrap(r.model))  # the student without a hint projector
-            self.best_epoch, self.best_val, self.best_eval = epoch + 1, val, ev
-            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+                self.best_epoch, self.best_val, self.best_eval, self.best_state = epoch + 1, val, ev, state
 
     def state(self) -> dict:
         """What a pass checkpoint keeps of it (kdpipe.resume)."""

@@ -51,6 +51,9 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
            "lr": float(lr if lr is not None else OPTIMIZERS[name]["lr"]),
            "weight_decay": float(weight_decay if weight_decay is not None else OPTIMIZERS[name]["weight_decay"])}
     out["betas"] = tuple(float(b) for b in out["betas"])
+    for key in ("lr", "weight_decay", "momentum", "eps", "warmup_epochs"):  # NaN passes every range check
+        if not math.isfinite(float(out[key])):
+            raise KDPipeError(f"--{key.replace('_', '-')} must be a finite number, got {out[key]}")
     if out["schedule"] not in SCHEDULES:
         raise KDPipeError(f"unknown schedule {out['schedule']!r}: use one of {', '.join(SCHEDULES)}")
     if out["schedule"] == "onecycle" and out["warmup_epochs"]:
@@ -70,6 +73,14 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
     if out["lr"] <= 0:
         raise KDPipeError(f"--lr must be > 0, got {out['lr']:g}")
     return out
+
+
+def check_warmup(warmup_epochs: float, epochs: int) -> None:
+    """Refuse a warm-up longer than the run: its learning rate would never reach the peak its name and
+    metrics.json record, and the schedule would never start."""
+    if warmup_epochs > epochs:
+        raise KDPipeError(f"--warmup-epochs {warmup_epochs:g} is longer than the run's {epochs} epoch(s): its learning "
+                          "rate would never reach its peak; give a warm-up of at most --epochs")
 
 
 def training_tag(settings: dict, epochs: int, batch_size: int) -> str:

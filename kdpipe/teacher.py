@@ -22,6 +22,7 @@ from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters
 from kdpipe.normalization import resolve_input
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file
+from kdpipe.sweep import check_warmup
 from kdpipe.util import Progress, channels_last, ensure_parent, error_line, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
 
@@ -58,6 +59,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     KeyboardInterrupt). The same call resumes from it and ends with the weights an uninterrupted training
     gives; one with other settings is refused unless `overwrite` (then it starts over). The checkpoint is
     removed once the teacher is saved."""
+    check_warmup((optim or OptimConfig()).warmup_epochs, epochs)
     out = ensure_parent(out, "teacher output")
     locks = RunLocks(log)  # one training of OUT at a time: both would write OUT.checkpoint
     locks.acquire_path(out.with_name(out.name + ".lock"), f"the teacher {out}", "trained")
@@ -98,6 +100,11 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         params = torch.from_numpy(eval_params(policy, test.image_shape, len(test))).to(device)
 
         def on_epoch_end(epoch):
+            if not math.isfinite(run.history[-1]):  # NaN weights: no teacher to save, nor a checkpoint to resume
+                ckpt.remove()
+                raise KDPipeError(f"the teacher's training diverged: its loss became {run.history[-1]} in epoch "
+                                  f"{epoch + 1}, so its weights are not usable and nothing was saved to {out}: lower "
+                                  f"--lr (it was {optim.lr:g}) and train again")
             acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
             history.epochs.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
                                    "test_top1": acc})

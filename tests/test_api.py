@@ -90,3 +90,20 @@ def test_evaluate_leaves_the_models_training_mode_as_it_found_it(cache):
     assert data.evaluate(model) == first and not any(m.training for m in model.modules())
     with pytest.raises(KDPipeError, match="batch_size must be >= 1, got 0"):  # one line, as the CLI's errors
         next(iter(data.epoch(0, batch_size=0)))
+
+
+def test_a_student_of_other_classes_or_batch_is_one_line_in_the_loss(cache):
+    """A loop whose student was built for another number of classes than the cache's (or that pairs another
+    batch's teacher targets) got torch's IndexError ('Target 7 is out of bounds') or a size mismatch from inside
+    the loss; now a KDPipeError that names both sizes."""
+    data = kdpipe.open_cache(cache.path)
+    x, t, y = next(iter(data.epoch(0, batch_size=16)))
+    for name in ("kd", "dkd"):
+        loss = kdpipe.create_loss(name)
+        for classes in (5, 100):
+            with pytest.raises(KDPipeError, match=f"loss {name}: the student gives {classes} logits per sample and "
+                                                  "the teacher 10: build the student for the cache's 10 classes"):
+                loss(torch.zeros(16, classes), t, y, 0)
+        with pytest.raises(KDPipeError, match=f"loss {name}: the student's logits hold 8 samples and the teacher's 16"):
+            loss(torch.zeros(8, 10), t, y[:8], 0)
+        assert set(loss(torch.zeros(16, 10), t, y, 0)) >= {"ce"}  # the right sizes still train

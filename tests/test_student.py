@@ -292,6 +292,9 @@ def test_train_samples_trains_every_run_on_one_fixed_subset_with_its_cached_view
     (dict(students=["mlp_100"], epochs=1, loss="dkd:gamma=2"), "dkd has no option gamma"),
     (dict(students=["mlp_100"], epochs=1, loss="dkd", alphas=(-1.0,)), "dkd: alpha must be >= 0"),
     (dict(students=[], epochs=1), "at least one --student"),
+    (dict(students=["mlp_100"], epochs=1, loss="hint", hint_layer="net.2"), "--loss hint trains only the student's "
+     "features, never its logits: the student would not learn to classify; compose it .* e.g. --loss kd\\+hint"),
+    (dict(students=["mlp_100"], epochs=1, loss="kd:0,hint:1", hint_layer="net.2"), "--loss kd:0,hint:1 trains only"),
     (dict(students=["mlp_100", "no_such_net"], epochs=1), "unknown architecture 'no_such_net'"),
 ])
 def test_bad_arguments_are_refused_before_training(cache, tmp_path, kwargs, message):
@@ -323,3 +326,18 @@ def test_a_diverging_run_is_said_marked_in_the_report_and_fails_the_call(cache, 
     rows = [line for line in (tmp_path / "rep" / "report.md").read_text().splitlines() if "| KD |" in line]
     assert [("| 1e+30 |" in r, "(diverged in epoch 1)" in r) for r in sorted(rows)] in (
         [(True, True), (False, False)], [(False, False), (True, True)])
+
+
+def test_a_pass_whose_every_run_diverged_stops_there(cache, tmp_path):
+    """--lr 1e30 alone: the loss became NaN in the first epoch and the pass trained every remaining epoch on NaN
+    weights; now it stops after the epoch it diverged in, and the run is written and marked as before."""
+    log: list[str] = []
+    (m,) = train_students(cache.path, ["mlp_100"], 4, tmp_path / "runs", temperatures=(4.0,), alphas=(0.9,),
+                          lrs=(1e30,), batch_size=64, fuse=False, log=log.append)
+    assert m["diverged_epoch"] == 1 and len(m["train_loss"]) == len(m["history"]) == 1
+    assert "  students s0: every run of the pass diverged: it stops after epoch 1/4" in log
+    assert not any("epoch 2/4" in line for line in log)
+    assert (tmp_path / "runs" / m["name"] / "metrics.json").is_file()
+    from kdpipe.report import build_report
+    build_report([tmp_path / "runs"], tmp_path / "rep")  # a history shorter than the epochs asked for reports
+    assert "(diverged in epoch 1)" in (tmp_path / "rep" / "report.md").read_text()

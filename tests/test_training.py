@@ -116,6 +116,30 @@ def test_validation_picks_the_best_epoch_and_keeps_its_weights(cache, tmp_path):
     assert float(rows[-1]["loss"]) == pytest.approx(m["train_loss"][-1], rel=1e-5)
 
 
+def test_the_best_epoch_is_never_one_whose_loss_or_weights_are_not_finite():
+    """A diverged run's NaN logits all argmax to class 0, whose share of the validation rows can beat the epochs
+    before: the best epoch (student-best.pt, metrics.json's best) was then the NaN weights."""
+    from kdpipe.student import _Track
+    run = build_run("r", "mlp_100", "kd", 0, 10, (1, 28, 28), OptimConfig(), 10, torch.device("cpu"))
+    weight = run.model.net[1].weight
+    good = weight.detach().clone()
+    track = _Track()
+
+    def epoch(e, loss, val, weights):
+        run.history.append(loss)
+        run.train_top1.append(0.5)
+        with torch.no_grad():
+            weight.copy_(weights)
+        track.add(run, e, {"val_top1": val})
+
+    epoch(0, 1.0, 0.2, good)
+    epoch(1, float("nan"), 0.3, torch.full_like(good, float("nan")))  # the loss diverged
+    epoch(2, 2.0, 0.4, good.masked_fill(good > 0, float("inf")))  # the last step's update overflowed
+    assert track.best_epoch == 1 and track.best_val == 0.2 and torch.equal(track.best_state["net.1.weight"], good)
+    epoch(3, 0.5, 0.5, good * 2)
+    assert track.best_epoch == 4 and torch.equal(track.best_state["net.1.weight"], good * 2)
+
+
 def test_cli_lr_sweep_with_adamw_makes_the_runs_make_rules_name(cache, tmp_path):
     out = tmp_path / "runs"
     args = ["train-student", "--cache", str(cache.path), "--student", "mlp_100", "--epochs", "1", "--alpha", "0.9",
@@ -141,6 +165,13 @@ def test_cli_lr_sweep_with_adamw_makes_the_runs_make_rules_name(cache, tmp_path)
     (["--schedule", "onecycle", "--warmup-epochs", "1"], "onecycle schedule has its own warm-up"),
     (["--optimizer", "adam", "--betas", "0.9,1.5"], "--betas must be two numbers"),
     (["--lr", "0.1,-1"], "--lr must be > 0"),
+    (["--lr", "0.1,nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
+    (["--optimizer", "adam", "--eps", "inf"], "--eps must be a finite number, got inf"),
+    (["--epochs", "2", "--warmup-epochs", "2.5"], "--warmup-epochs 2.5 is longer than the run's 2 epoch(s)"),
     (["--val-fraction", "1"], "--val-fraction"),
 ])
 def test_bad_training_options_are_one_line_errors(cache, tmp_path, args, message):
@@ -149,6 +180,32 @@ def test_bad_training_options_are_one_line_errors(cache, tmp_path, args, message
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_teacher_refuses_a_warmup_longer_than_its_training(mnist, tmp_path):
+    """The learning rate would never reach the peak the teacher's checkpoint records."""
+    out = tmp_path / "t.pt"
+    r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:64", "--epochs", "1",
+                                  "--warmup-epochs", "3", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 2 and r.output.strip() == ("Error: --warmup-epochs 3 is longer than the run's 1 epoch(s): its "
+                                                     "learning rate would never reach its peak; give a warm-up of at "
+                                                     "most --epochs")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_diverging_teacher_stops_in_one_line_and_saves_nothing(mnist, tmp_path):
+    """train-teacher --lr 1e30 warned in the epoch its loss became NaN, trained on, saved the NaN weights and
+    exited 0; dump-logits then refused that teacher as 'no better than chance: check the input normalization'."""
+    out = tmp_path / "t.pt"
+    r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:64", "--epochs", "4",
+                                  "--batch-size", "32", "--lr", "1e30", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the teacher's training diverged: its loss became nan in epoch ")
+    assert last.endswith(f"so its weights are not usable and nothing was saved to {out}: lower --lr (it was 1e+30) "
+                         "and train again")
+    assert "teacher epoch 4/4" not in r.output  # stopped at the epoch it diverged in
+    assert not list(tmp_path.iterdir())  # no teacher, no checkpoint to resume the NaN weights from
 
 
 def test_train_teacher_with_adam_and_warmup(mnist, tmp_path):
