@@ -37,16 +37,25 @@ class NumberList(click.ParamType):
 
     name = "LIST"
 
-    def __init__(self, kind=float):
-        self.kind = kind
+    def __init__(self, kind=float, top: int | None = None):
+        self.kind, self.top = kind, top  # top: the largest value (with kind int, values from 0: seeds)
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
             return list(value)
         try:
-            return [self.kind(v) for v in str(value).split(",") if v.strip()]
+            values = [self.kind(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of {self.kind.__name__}s", param, ctx)
+        if not values:  # "--temperature ," trained at the loss's default without a word
+            self.fail(f"{value!r} holds no number", param, ctx)
+        if self.top is not None and not all(0 <= v <= self.top for v in values):
+            self.fail(f"{value!r}: each must lie in 0..{self.top}", param, ctx)
+        return values
+
+
+SEED_MAX = 2 ** 32 - 1  # torch and numpy take larger seeds, but not every larger one (an int64 overflows)
+SEED = click.IntRange(0, SEED_MAX)
 
 
 def _flatten(values):
@@ -236,7 +245,7 @@ def main():
               help="Training batch size.")
 @policy_options
 @optim_options(lr_list=False)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="S",
+@click.option("--seed", type=SEED, default=0, show_default=True, metavar="S",
               help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
@@ -291,7 +300,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--views", type=int, default=None, metavar="K",
               help="Views per sample; set it to the students' planned epochs.  [required]")
 @policy_options
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="S",
+@click.option("--seed", type=SEED, default=0, show_default=True, metavar="S",
               help="Seed of the view parameters.")
 @click.option("--logits-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How raw logits are stored.")
@@ -450,7 +459,7 @@ def _term_as_interrupt():
 @click.option("--alpha", "alphas", type=NumberList(float), multiple=True, metavar="A[,A...]",
               help="The loss's alpha(s): kd's weight of the KD term (0 trains from scratch), dkd's weight of "
                    "TCKD.  [default: the loss's, kd 0.9, dkd 1]")
-@click.option("--seed", "seeds", type=NumberList(int), multiple=True, metavar="S[,S...]",
+@click.option("--seed", "seeds", type=NumberList(int, top=SEED_MAX), multiple=True, metavar="S[,S...]",
               help="Seed(s) of init and data order.  [default: 0]")
 @click.option("--batch-size", type=int, default=STUDENT_BATCH_SIZE, show_default=True, metavar="B",
               help="Training batch size; under torchrun per rank (the effective batch is B x world size).")
@@ -715,7 +724,7 @@ def _inspect_training_checkpoint(path: Path, c: dict, as_json: bool) -> None:
 @click.option("--sample", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="How many random rows the teacher re-computes.")
 @moved_data_options
-@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the row sample.")
+@click.option("--seed", type=SEED, default=0, show_default=True, metavar="S", help="Seed of the row sample.")
 @device_option
 def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output,
                      sample, data_root, data_spec, seed, device):
@@ -776,7 +785,7 @@ def make_rules_cmd(pipeline, stamps):
               help="Peak learning rate of the fine-tuning (cosine schedule).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
               help="Timed forward passes per batch size; the median is reported.")
-@click.option("--seed", type=int, default=0, show_default=True, metavar="S",
+@click.option("--seed", type=SEED, default=0, show_default=True, metavar="S",
               help="Seed of the calibration sample and the fine-tuning.")
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="Where pruned models are fine-tuned: cpu, auto (CUDA when present), cuda or cuda:N. Every "

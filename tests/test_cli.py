@@ -418,3 +418,27 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
                   "--device", "cpu", "--out", runs))
     for p in runs.iterdir():
         assert json.loads((p / "metrics.json").read_text())["test_top1"] > 0.8, p.name
+
+
+@pytest.mark.parametrize("cmd, seed", [
+    (cmd, seed) for cmd in ("train-teacher", "train-student", "dump-logits", "verify-cache")
+    for seed in ["-1", "99999999999999999999"] + (["0,-2"] if cmd == "train-student" else [])])
+def test_a_seed_out_of_range_is_one_line_before_any_work(tmp_path, cmd, seed):
+    """A seed past int64 gave an OverflowError traceback from torch; train-student took negative seeds, which
+    train-teacher and dump-logits refuse."""
+    args = {"train-teacher": ["--data", "fashion-mnist", "--arch", "mlp_100", "--out", str(tmp_path / "o")],
+            "dump-logits": ["--data", "fashion-mnist", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o")],
+            "train-student": ["--cache", str(tmp_path), "--student", "mlp_100", "--out", str(tmp_path / "o")],
+            "verify-cache": [str(tmp_path), "--teacher", str(tmp_path / "t.pt")]}[cmd]
+    r = CliRunner().invoke(main, [cmd, *args, "--seed", seed])
+    assert r.exit_code == 2 and "--seed" in r.output and "Traceback" not in r.output, r.output
+    assert "0..4294967295" in r.output or "0<=x<=4294967295" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--alpha", "--seed", "--lr"])
+def test_a_sweep_list_of_no_number_is_refused(tmp_path, flag):
+    """`--temperature ,` trained at the loss's default without a word."""
+    r = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", flag, ",",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "',' holds no number" in r.output, r.output
