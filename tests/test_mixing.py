@@ -190,6 +190,31 @@ def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_
     assert verify_cache(out, log=quiet) == []
 
 
+def test_a_partner_or_a_partners_view_out_of_range_stops_stage_two_in_one_line(fmnist, teacher_ckpt, tmp_path):
+    """A damaged partner index (beyond the 96 samples) crashed the replay in an IndexError; a damaged partner's
+    own parameters, read for a rank only as some row's partner, too. Both are refused, naming the row."""
+    from kdpipe.student import CachedViews
+    out = _mixup_cache(fmnist, teacher_ckpt, tmp_path)
+    cache = Cache(out)
+    shard, cols = cache.manifest["shards"][0], list(cache.columns)
+    params = cache.read_view(0, "view_params")
+    partner = params[:, cols.index("partner")]
+    q = int(np.flatnonzero((partner < shard["row_stop"]) & (partner != np.arange(96)))[0])
+    r = int(partner[q])  # row q's partner in view 0, another row of shard 0
+    f = out / shard["file"]
+    original = f.read_bytes()
+    for row, col, value in ((q, "partner", 96 + 5), (r, "dy", 1000)):
+        at = shard["layout"]["view_params"][0] + (row * len(cols) + cols.index(col)) * 4
+        f.write_bytes(original[:at] + np.array([value], "<i4").tobytes() + original[at + 4:])
+        views = CachedViews(Cache(out), torch.device("cpu"), policy=create_policy(f"{GEO}+mixup:0.4"))
+        with pytest.raises(KDPipeError, match=rf"never draw in 1 row\(s\) of view 0 \(rows {row} in shard-00000"):
+            views(0, torch.tensor([q]))  # a rank's row, whose partner's parameters are read too
+        r2 = CliRunner().invoke(main, ["train-student", "--cache", str(out), "--student", "mlp_100", "--epochs", "1",
+                                       "--batch-size", "16", "--out", str(tmp_path / "runs" / col)])
+        assert r2.exit_code == 2 and "Traceback" not in r2.output and f"run kdpipe verify-cache {out}" in r2.output
+    f.write_bytes(original)
+
+
 def test_held_out_rows_of_a_mixed_cache_are_said_to_reach_training(fmnist, teacher_ckpt, tmp_path):
     """The dump drew each view's partner from every sample, so the rows --val-fraction (or --train-samples)
     keeps out of training come back in as partners: said, since validation then scores images trained on."""

@@ -377,6 +377,45 @@ def test_columns_verify_cache_recomputes():
     assert pol.columns == ("dy", "dx", "partner", "flip") and pol.derived.tolist() == [True, True, False, True]
 
 
+BOUNDED = {"crop": "crop:3", "flip": "flip", "pad-crop": "pad-crop:20", "rotate": "rotate:15",
+           "resized-crop": "resized-crop:12", "gauss": "gauss:4", "mixup": "mixup:0.4", "cutmix": "cutmix:1"}
+
+
+def test_every_op_with_columns_declares_its_bounds():
+    """Stage two checks each epoch's parameters against the ops' bounds: a new op names an example here."""
+    from kdpipe.views import _OPS
+    assert sorted(BOUNDED) == [n for n in known_ops() if _OPS[n].columns]
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDED))
+def test_drawn_and_clean_parameters_lie_in_the_bounds_and_one_step_beyond_does_not(name):
+    """ViewPolicy.outside finds the rows that no draw or clean view gives (a damaged cache's), per column, on
+    square, non-square and tiny images and on feature vectors; nothing a dump writes is flagged."""
+    pol = create_policy(BOUNDED[name])
+    op = pol.ops[0]
+    for sample in ((3, 16, 18), (1, 5, 3), (1, 2, 2), (40,)):
+        try:
+            pol.output_shape(sample)
+        except KDPipeError:
+            continue
+        shape = (60, *sample)
+        drawn = [pol.sample_view(1, k, shape) for k in range(3)] + [pol.eval_params(sample, 60)]
+        for p in drawn:
+            assert not pol.outside(p, shape).any(), (sample, p[pol.outside(p, shape)])
+        for j, (lo, hi) in enumerate(op.bounds(60, sample)):
+            for value in (lo - 1, hi + 1):
+                p = drawn[0].copy()
+                p[7, j] = value
+                assert pol.outside(p, shape).tolist() == [i == 7 for i in range(60)], (sample, j, value)
+    if name in ("resized-crop", "cutmix"):  # and what ties the columns together: the box in the image, y0 <= y1
+        p = pol.sample_view(1, 0, (60, 3, 16, 18))
+        if name == "resized-crop":
+            p[3, 0] = 16 - p[3, 2] + 1  # y0 + h > H
+        else:
+            p[3, 1] = p[3, 3] + 1  # cut_y0 > cut_y1
+        assert pol.outside(p, (60, 3, 16, 18)).nonzero()[0].tolist() == [3]
+
+
 # ---------------------------------------------------------------- semantics against torchvision
 
 def test_crop_and_flip_equal_torchvision_exactly():
