@@ -677,6 +677,23 @@ def test_a_negative_view_seed_is_one_line_and_claims_nothing(fmnist, tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("cmd", ["train-teacher", "dump-logits"])
+@pytest.mark.parametrize("given, fragment", [
+    (["--policy", "crop:2+flip", "--padding", "4"], "--padding 4 sets the padding of the crop-flip alias, and the "
+     "policy 'crop:2+flip' is another spec, which would ignore it: write it in the spec (e.g. crop:4+flip)"),
+    (["--policy", "resized-crop+flip", "--size", "24"], "(e.g. resized-crop:24+flip) and leave --size out"),
+    (["--size", "24"], "--size 24 sets the size of the resized-crop-flip alias, and the policy 'crop-flip'")])
+def test_padding_or_size_that_the_policy_ignores_is_refused_in_one_line(cmd, given, fragment, fmnist, tmp_path):
+    """--padding and --size set the aliases' options; with another spec they were ignored without a word (a crop
+    by 2 where 4 was asked for, views at the input height where 24 was)."""
+    from click.testing import CliRunner
+    args = ["--arch", "mlp_100", "--epochs", "1"] if cmd == "train-teacher" else ["--teacher", "t.pt", "--views", "2"]
+    res = CliRunner().invoke(cli_main, [cmd, *args, "--data", fmnist.spec, *given, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert fragment in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("spec, shape, fragment", [
     ("flip+flip", (3, 16, 16), "view op flip is given 2 times in 'flip+flip': give it once"),
     ("crop:2+flip+crop:2", (3, 16, 16), "view op crop is given 2 times"),
