@@ -92,6 +92,28 @@ def test_mixing_ops_come_last_and_alone_and_never_replay_unmixed():
                        normalize(x.float(), [0.5], [0.25]))
 
 
+@pytest.mark.parametrize("spec, shape", [("crop:2+flip+mixup:0.4", (1, 12, 10)), ("rotate:15+cutmix:1", (3, 9, 13)),
+                                         ("gauss:0.5+mixup:0.4", (7,)), ("resized-crop:8+flip+cutmix:1", (3, 5, 3))])
+def test_mixed_views_are_bit_identical_between_batch_splits(spec, shape):
+    """test_views' batch-split test for the mixing ops, whose rows fetch their partners (replay_rows), on images
+    and feature vectors: a row's view is the same in any batch, alone, or among other neighbours."""
+    pol, n = create_policy(spec), 23
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen) if len(shape) == 3 else \
+        torch.randn((n, *shape), generator=gen)
+    vp = torch.from_numpy(pol.sample_view(2, 1, x.shape))
+    mean, std = [0.3] * shape[0], [0.2] * shape[0]
+
+    def rows(idx):
+        idx = torch.as_tensor(idx)
+        return pol.replay_rows(x, idx, vp[idx], mean, std, pol.partner_params(vp, vp[idx]))
+    full = rows(torch.arange(n))
+    assert full.isfinite().all()
+    assert torch.equal(torch.cat([rows(torch.arange(i, min(i + 4, n))) for i in range(0, n, 4)]), full)
+    perm = torch.randperm(n, generator=gen)
+    assert torch.equal(rows(perm), full[perm]) and torch.equal(rows([5]), full[5:6])
+
+
 # ---------------------------------------------------------------- replay: stage one = stage two
 
 class SpyLoss:
