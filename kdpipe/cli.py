@@ -174,12 +174,21 @@ def loss_help() -> str:
 
 def policy_options(f):
     f = click.option("--size", type=click.IntRange(min=1), default=None, metavar="PIXELS",
-                     help="Output size of the resized-crop-flip alias (default: the image height).")(f)
+                     help="Output size of the resized-crop-flip alias (default: the image height); other specs "
+                          "carry their own, e.g. resized-crop:224+flip.")(f)
     f = click.option("--padding", type=click.IntRange(min=0), default=4, show_default=True, metavar="PIXELS",
-                     help="Zero padding of the crop-flip alias.")(f)
+                     help="Zero padding of the crop-flip alias; other specs carry their own, e.g. crop:2+flip.")(f)
     f = click.option("--policy", cls=LazyHelpOption, default="crop-flip", show_default=True, metavar="SPEC",
                      help_text=policy_help)(f)
     return f
+
+
+def check_policy_options(policy: str, padding: int, size: int | None) -> None:
+    """--padding and --size, given explicitly, with a --policy that would ignore them (kdpipe.views)."""
+    from kdpipe.views import check_alias_options
+    ctx = click.get_current_context()
+    check_alias_options(policy, {name: value for name, value in (("padding", padding), ("size", size))
+                                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT})
 
 
 def optim_options(lr_list: bool):
@@ -262,6 +271,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
     OUT.checkpoint at every epoch's end: after a crash, Ctrl-C or SIGTERM, the same command resumes it."""
     if Path(out).is_file() and not overwrite:  # a teacher may have taken hours, and caches name its sha256
         raise KDPipeError(f"{out} already exists: give another --out, or --overwrite to replace it")
+    check_policy_options(policy, padding, size)
     from kdpipe.data import check_splits, limited, load_dataset
     from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher
@@ -348,6 +358,8 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
         explicit_data = ctx.get_parameter_source("data_spec") is not click.core.ParameterSource.DEFAULT
         like_data, like_test, like_policy, views, seed, split = like_cache(like, given, data_root,
                                                                           data_spec if explicit_data else None)
+    else:
+        check_policy_options(policy, padding, size)
     if views is None:
         raise click.UsageError("--views K is required (views per sample; the students' planned epochs)")
     if views <= 0:

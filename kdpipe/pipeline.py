@@ -131,6 +131,7 @@ def load_pipeline(path) -> dict:
         if unknown:
             raise KDPipeError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
         _check_types(path, f"[{section}]", spec[section], section)
+    _check_policy(path, "[dump]", spec["dump"])
     names = _check_teachers(path, spec)
     if "data" not in spec or "spec" not in spec["data"]:
         raise KDPipeError(f"{path}: missing [data] spec = \"...\"")
@@ -156,6 +157,14 @@ def load_pipeline(path) -> dict:
     return spec
 
 
+def _check_policy(path, where: str, table: dict) -> None:
+    """padding and size set the options of the crop-flip and resized-crop-flip aliases: refused with another policy
+    (which ignored them), before any step runs."""
+    from kdpipe.views import check_alias_options
+    check_alias_options(table.get("policy", "crop-flip"), {k: table[k] for k in ("padding", "size") if k in table},
+                        where=f"{path}: {where} ")
+
+
 def _check_teachers(path, spec: dict) -> list[str] | None:
     """[teacher] (one teacher), or [[teacher]] entries (an ensemble's teachers, each with a name). Returns the
     entries' names, None for a [teacher] table."""
@@ -175,6 +184,7 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if unknown:
             raise KDPipeError(f"{path}: unknown key(s) in {label(i)}: {', '.join(sorted(unknown))}")
         _check_types(path, label(i), t, "teacher")
+        _check_policy(path, label(i), t)
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
                               "one)")

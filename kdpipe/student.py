@@ -151,12 +151,14 @@ class CachedViews:
         self.cache, self.device, self.logits, self.policy = cache, device, logits, policy
         self.features = features if logits else None
         self.n = cache.num_samples
+        self.drawn = policy_from_identity(cache.manifest["views"])  # what the stored parameters must be views of
+        self.data_shape = (self.n, *cache.manifest["dataset"]["image_shape"])
 
     def __call__(self, epoch: int, rows: torch.Tensor | None = None):
         cache, device, n = self.cache, self.device, self.n
         v = epoch % cache.num_views
         if rows is None:
-            params = torch.from_numpy(cache.read_view(v, "view_params")).to(device)
+            params = torch.from_numpy(self._in_range(cache.read_view(v, "view_params"), v * n, v)).to(device)
             logits = self._targets(lambda name: _signed(cache.read_view(v, name)), v) if self.logits else None
             if self.features:
                 return params, WithFeatures(logits, torch.from_numpy(cache.read_view(v, self.features)).to(device))
@@ -165,13 +167,14 @@ class CachedViews:
         at = (v * n + share.cpu().numpy()).astype(np.int64)
         params = torch.zeros((n, len(cache.columns)), dtype=torch.int32, device=device)
         if cache.columns:
-            params[share] = torch.from_numpy(cache.read_rows("view_params", at)).to(device)
+            params[share] = torch.from_numpy(self._in_range(cache.read_rows("view_params", at), at, v)).to(device)
             partners = None if self.policy is None else self.policy.partners(params[share])
             if partners is not None:  # mixed views replay their partners' views too
                 extra = np.setdiff1d(partners.clamp(min=0).cpu().numpy(), share.cpu().numpy())
                 if len(extra):
+                    rows = (v * n + extra).astype(np.int64)
                     params[torch.from_numpy(extra).to(device)] = torch.from_numpy(
-                        cache.read_rows("view_params", (v * n + extra).astype(np.int64))).to(device)
+                        self._in_range(cache.read_rows("view_params", rows), rows, v)).to(device)
         logits = None
         if self.logits:
             def read(name):
@@ -203,13 +206,29 @@ class CachedViews:
         bad = ~torch.isfinite(logits).all(1)
         if not bool(bad.any()):
             return logits
-        cache, rows = self.cache, (v * self.n + bad.nonzero().flatten().cpu().numpy()).tolist()
+        rows = (v * self.n + bad.nonzero().flatten().cpu().numpy()).tolist()
+        raise self._damaged("NaN or Inf teacher logits", rows, v)
+
+    def _in_range(self, params: np.ndarray, rows, v: int) -> np.ndarray:
+        """`params` of cache rows `rows` (their numbers, or the first one's of a view's rows in sample order),
+        refused when some lie outside what the cache's view ops draw (ViewPolicy.outside): damage since the dump
+        (stage two does not re-hash the shards), which would crash the replay (a crop's shift beyond the padding,
+        a partner beyond the samples) or quietly replay a view no teacher saw (a rotation beyond the spec's)."""
+        bad = np.flatnonzero(self.drawn.outside(params, self.data_shape))
+        if not len(bad):
+            return params
+        rows = (rows + bad if np.isscalar(rows) else np.asarray(rows)[bad]).tolist()
+        raise self._damaged(f"view parameters that its views ({self.drawn.spec}) never draw", rows, v)
+
+    def _damaged(self, what: str, rows: list, v: int) -> KDPipeError:
+        """The one-line refusal of a cache whose rows `rows` of view v hold `what`, which a dump never writes."""
+        cache = self.cache
         shards = sorted({s["file"] for s in cache.manifest["shards"] for r in rows
                          if s["row_start"] <= r < s["row_stop"]})
-        raise KDPipeError(f"cache {cache.path} holds NaN or Inf teacher logits in {len(rows)} row(s) of view {v} "
-                          f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''} in "
-                          f"{', '.join(shards)}), which a dump never writes: the cache is damaged; run kdpipe "
-                          f"verify-cache {cache.path} and repair it as it says")
+        return KDPipeError(f"cache {cache.path} holds {what} in {len(rows)} row(s) of view {v} "
+                           f"(rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''} in "
+                           f"{', '.join(shards)}), which a dump never writes: the cache is damaged; run kdpipe "
+                           f"verify-cache {cache.path} and repair it as it says")
 
 
 class WithFeatures:

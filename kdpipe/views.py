@@ -131,6 +131,22 @@ class ViewOp:
         """The columns of the evaluation view (no augmentation), for n samples."""
         return []
 
+    def bounds(self, n: int, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """The least and the greatest value (both included) that ``draw`` or ``clean`` gives each column, for
+        n samples of per-sample ``shape``. Stage two refuses a cache whose parameters lie outside (``outside``):
+        a damaged shard, which would otherwise crash the replay or replay a view no dump drew."""
+        if self.columns:
+            raise NotImplementedError(f"view op {self.name} declares no bounds for its columns {self.columns}")
+        return []
+
+    def outside(self, p: np.ndarray, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        """(B,) True where a row of ``p`` (B, len(columns)) is none that draw or clean gives: by default, where
+        a column lies outside its ``bounds``. Override to add constraints between columns."""
+        bad = np.zeros(len(p), dtype=bool)
+        for j, (lo, hi) in enumerate(self.bounds(n, shape)):  # column by column: 20x faster than (B, P) at once
+            bad |= (p[:, j] < lo) | (p[:, j] > hi)
+        return bad
+
     def replay(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Apply the op to batch x with its int64 columns p (B, len(columns)), on x's device."""
         return x
@@ -201,6 +217,10 @@ class Crop(ViewOp):
         p = self.options["padding"]
         return [np.full(n, p), np.full(n, p)]
 
+    def bounds(self, n, shape):
+        p = self.options["padding"]
+        return [(0, 2 * p), (0, 2 * p)]
+
     def folds(self, nxt):
         return isinstance(nxt, Flip)
 
@@ -224,6 +244,9 @@ class Flip(ViewOp):
 
     def clean(self, shape, n):
         return [np.zeros(n)]
+
+    def bounds(self, n, shape):
+        return [(0, 1)]
 
     def replay(self, x, p):
         return torch.where(p[:, 0].bool().view(-1, 1, 1, 1), x.flip(-1), x)
@@ -263,6 +286,11 @@ class PadCrop(ViewOp):
         s = self.options["size"]
         ph, pw = self._padded(shape)
         return [np.full(n, (ph - s) // 2), np.full(n, (pw - s) // 2)]
+
+    def bounds(self, n, shape):
+        s = self.options["size"]
+        ph, pw = self._padded(shape)
+        return [(0, ph - s), (0, pw - s)]
 
     def clean_step(self, shape):
         s, (_, h, w) = self.options["size"], shape
@@ -351,6 +379,10 @@ class Rotate(ViewOp):
     def clean(self, shape, n):
         return [np.zeros(n)]
 
+    def bounds(self, n, shape):
+        m = int(round(self.options["degrees"] * 1000))
+        return [(-m, m)]
+
     def replay(self, x, p):
         b, c, h, w = x.shape
         a = p[:, 0].to(torch.float32) * (math.pi / 180_000.0)
@@ -431,6 +463,14 @@ class ResizedCrop(ViewOp):
         _, h, w = shape
         return [np.zeros(n), np.zeros(n), np.full(n, h), np.full(n, w)]
 
+    def bounds(self, n, shape):
+        _, h, w = shape
+        return [(0, h - 1), (0, w - 1), (1, h), (1, w)]
+
+    def outside(self, p, n, shape):
+        _, h, w = shape  # and the box inside the image
+        return super().outside(p, n, shape) | (p[:, 0] + p[:, 2] > h) | (p[:, 1] + p[:, 3] > w)
+
     def clean_step(self, shape):
         _, h, w = shape
         s = self.output_shape(shape)[1]
@@ -510,6 +550,9 @@ class Gauss(ViewOp):
     def clean(self, shape, n):
         return [np.full(n, -1)]
 
+    def bounds(self, n, shape):
+        return [(-1, 2**31 - 2)]
+
     def replay(self, x, p):
         z = hash_normal(p[:, 0], math.prod(x.shape[1:])).view(x.shape)
         on = (p[:, 0] >= 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -569,6 +612,9 @@ class Mixup(MixOp):
     def clean(self, shape, n):
         return [np.full(n, -1), np.full(n, MIX_SCALE)]
 
+    def bounds(self, n, shape):
+        return [(-1, n - 1), (0, MIX_SCALE)]
+
     def weight(self, p, shape):
         return p[:, 1].to(torch.float32) * (1.0 / MIX_SCALE)
 
@@ -600,6 +646,13 @@ class CutMix(MixOp):
 
     def clean(self, shape, n):
         return [np.full(n, -1), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)]
+
+    def bounds(self, n, shape):
+        _, h, w = shape
+        return [(-1, n - 1), (0, h), (0, w), (0, h), (0, w)]
+
+    def outside(self, p, n, shape):
+        return super().outside(p, n, shape) | (p[:, 1] > p[:, 3]) | (p[:, 2] > p[:, 4])  # y0 <= y1, x0 <= x1
 
     def weight(self, p, shape):
         area = (p[:, 3] - p[:, 1]) * (p[:, 4] - p[:, 2])
@@ -701,6 +754,16 @@ class ViewPolicy:
     def sample(self, seed: int, views, data_shape) -> np.ndarray:
         """Parameters (len(views), N, P) for the given view indices."""
         return np.stack([self.sample_view(seed, k, data_shape) for k in views])
+
+    def outside(self, params: np.ndarray, data_shape) -> np.ndarray:
+        """(B,) True for the rows of ``params`` (B, P) that no view of data of ``data_shape`` = (N,
+        *sample_shape) has (ViewOp.outside): a damaged cache's, found without drawing the views again."""
+        n, bad, at = int(data_shape[0]), np.zeros(len(params), dtype=bool), 0
+        for op, shape in zip(self.ops, self._shapes(data_shape[1:])):
+            if op.columns:
+                bad |= op.outside(params[:, at:at + len(op.columns)], n, shape)
+            at += len(op.columns)
+        return bad
 
     def clean_steps(self, sample_shape) -> list[str]:
         """What the clean view does to a sample, step by step in words (empty: nothing)."""
@@ -831,6 +894,19 @@ def create_policy(spec: str, padding: int = 4, size: int | None = None,
 
 
 V1_POLICIES = ("none", "crop-flip", "resized-crop-flip")
+ALIAS_OPTIONS = {"padding": ("crop-flip", "crop:{}+flip"), "size": ("resized-crop-flip", "resized-crop:{}+flip")}
+
+
+def check_alias_options(spec: str, given: dict, where: str = "--") -> None:
+    """Refuse the options ``given`` ({name: value} of padding, size; ``where`` + name is what the user wrote) that
+    ``spec`` would ignore: each sets the option of one alias only (create_policy), any other spec carries its
+    own (crop:2+flip with padding 4 crops by 2, resized-crop+flip with size 224 keeps the input height)."""
+    for name, value in given.items():
+        alias, example = ALIAS_OPTIONS[name]
+        if spec.strip() != alias:
+            raise KDPipeError(f"{where}{name} {value} sets the {name} of the {alias} alias, and the policy {spec!r} "
+                              f"is another spec, which would ignore it: write it in the spec (e.g. "
+                              f"{example.format(value)}) and leave {where}{name} out")
 
 
 def policy_from_identity(ident: dict) -> ViewPolicy:

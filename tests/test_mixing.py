@@ -92,6 +92,28 @@ def test_mixing_ops_come_last_and_alone_and_never_replay_unmixed():
                        normalize(x.float(), [0.5], [0.25]))
 
 
+@pytest.mark.parametrize("spec, shape", [("crop:2+flip+mixup:0.4", (1, 12, 10)), ("rotate:15+cutmix:1", (3, 9, 13)),
+                                         ("gauss:0.5+mixup:0.4", (7,)), ("resized-crop:8+flip+cutmix:1", (3, 5, 3))])
+def test_mixed_views_are_bit_identical_between_batch_splits(spec, shape):
+    """test_views' batch-split test for the mixing ops, whose rows fetch their partners (replay_rows), on images
+    and feature vectors: a row's view is the same in any batch, alone, or among other neighbours."""
+    pol, n = create_policy(spec), 23
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen) if len(shape) == 3 else \
+        torch.randn((n, *shape), generator=gen)
+    vp = torch.from_numpy(pol.sample_view(2, 1, x.shape))
+    mean, std = [0.3] * shape[0], [0.2] * shape[0]
+
+    def rows(idx):
+        idx = torch.as_tensor(idx)
+        return pol.replay_rows(x, idx, vp[idx], mean, std, pol.partner_params(vp, vp[idx]))
+    full = rows(torch.arange(n))
+    assert full.isfinite().all()
+    assert torch.equal(torch.cat([rows(torch.arange(i, min(i + 4, n))) for i in range(0, n, 4)]), full)
+    perm = torch.randperm(n, generator=gen)
+    assert torch.equal(rows(perm), full[perm]) and torch.equal(rows([5]), full[5:6])
+
+
 # ---------------------------------------------------------------- replay: stage one = stage two
 
 class SpyLoss:
@@ -188,6 +210,31 @@ def test_verify_cache_recomputes_partners_and_weights(fmnist, teacher_ckpt, tmp_
         assert any(f"dataset view_params is wrong in 1 row(s): {row}" in x for x in faults), (col, faults)
         f.write_bytes(original)
     assert verify_cache(out, log=quiet) == []
+
+
+def test_a_partner_or_a_partners_view_out_of_range_stops_stage_two_in_one_line(fmnist, teacher_ckpt, tmp_path):
+    """A damaged partner index (beyond the 96 samples) crashed the replay in an IndexError; a damaged partner's
+    own parameters, read for a rank only as some row's partner, too. Both are refused, naming the row."""
+    from kdpipe.student import CachedViews
+    out = _mixup_cache(fmnist, teacher_ckpt, tmp_path)
+    cache = Cache(out)
+    shard, cols = cache.manifest["shards"][0], list(cache.columns)
+    params = cache.read_view(0, "view_params")
+    partner = params[:, cols.index("partner")]
+    q = int(np.flatnonzero((partner < shard["row_stop"]) & (partner != np.arange(96)))[0])
+    r = int(partner[q])  # row q's partner in view 0, another row of shard 0
+    f = out / shard["file"]
+    original = f.read_bytes()
+    for row, col, value in ((q, "partner", 96 + 5), (r, "dy", 1000)):
+        at = shard["layout"]["view_params"][0] + (row * len(cols) + cols.index(col)) * 4
+        f.write_bytes(original[:at] + np.array([value], "<i4").tobytes() + original[at + 4:])
+        views = CachedViews(Cache(out), torch.device("cpu"), policy=create_policy(f"{GEO}+mixup:0.4"))
+        with pytest.raises(KDPipeError, match=rf"never draw in 1 row\(s\) of view 0 \(rows {row} in shard-00000"):
+            views(0, torch.tensor([q]))  # a rank's row, whose partner's parameters are read too
+        r2 = CliRunner().invoke(main, ["train-student", "--cache", str(out), "--student", "mlp_100", "--epochs", "1",
+                                       "--batch-size", "16", "--out", str(tmp_path / "runs" / col)])
+        assert r2.exit_code == 2 and "Traceback" not in r2.output and f"run kdpipe verify-cache {out}" in r2.output
+    f.write_bytes(original)
 
 
 def test_held_out_rows_of_a_mixed_cache_are_said_to_reach_training(fmnist, teacher_ckpt, tmp_path):

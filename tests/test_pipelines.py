@@ -123,6 +123,22 @@ def test_pipeline_data_keys_are_checked(tmp_path):
     assert tomllib.loads(base)["data"]["prepare"].startswith("$(VENV)/bin/python bench/make_tabular_npz.py")
 
 
+@pytest.mark.parametrize("old, new, where", [
+    ('images\npolicy = "crop-flip"', 'images\npolicy = "crop:2+flip"', r"\[dump\] padding 2"),
+    ('lr = 0.05\npolicy = "crop-flip"', 'lr = 0.05\npolicy = "rotate:10"', r"\[teacher\] padding 2"),
+    ("seed = 0\nlogits_dtype", "size = 24\nseed = 0\nlogits_dtype", r"\[dump\] size 24 sets the size of the "
+     "resized-crop-flip alias")])
+def test_a_pipelines_padding_or_size_that_its_policy_ignores_is_refused_when_it_is_read(tmp_path, old, new, where):
+    """padding and size set the aliases' options only: with policy = "crop:2+flip" (or a size with crop-flip)
+    they were ignored without a word, after the teacher had trained."""
+    p = tmp_path / "p.toml"
+    base = (REPO / "pipelines" / "default.toml").read_text()
+    assert old in base
+    p.write_text(base.replace(old, new))
+    with pytest.raises(KDPipeError, match=where + ".*write it in the spec"):
+        load_pipeline(p)
+
+
 def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_path):
     """[data] image_size = S passes --image-size S to train-teacher, dump-logits and compress (train-student
     reads the decoded size from the cache), and the command line parses it."""

@@ -132,6 +132,30 @@ def test_logits_that_turned_nan_or_inf_on_disk_stop_training_naming_the_shard(sh
     assert not list((tmp_path / "runs2").glob("*/metrics.json"))
 
 
+def test_view_parameters_that_no_view_draws_stop_training_naming_the_rows(shared, tmp_path):
+    """A flipped byte in a shard's view_params made a crop shift beyond its padding: train-student died in an
+    IndexError traceback inside the replay (and a rotation beyond the spec's would have trained silently).
+    Every epoch's parameters are checked against the ranges the cache's view ops draw, in one line."""
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    from kdpipe.student import CachedViews
+    cache = Path(shutil.copytree(shared.cache, tmp_path / "cache"))
+    path = cache / "shard-00001.h5"
+    with h5py.File(path, "r") as f:
+        at = f["view_params"].id.get_offset() + 50 * f["view_params"].shape[1] * 4 + 3  # row 250's dy, high byte
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    res = run_cli(_train_args(cache, tmp_path / "runs"))
+    assert_one_line_error(res, "holds view parameters that its views (crop:4+flip) never draw in 1 row(s) of view 0 "
+                          "(rows 250 in shard-00001.h5)", f"run kdpipe verify-cache {cache}")
+    assert not list((tmp_path / "runs").glob("*/metrics.json"))
+    views = CachedViews(Cache(cache), torch.device("cpu"))  # a rank's rows are checked as well
+    views(0, torch.arange(0, 100))
+    with pytest.raises(KDPipeError, match="rows 250 in shard-00001.h5"):
+        views(0, torch.arange(240, 260))
+
+
 def _other_dumps(root: Path, shared) -> dict:
     """Two other caches of the shared cache's data: another view seed (same shard sizes), other shard rows."""
     out = {}

@@ -377,6 +377,45 @@ def test_columns_verify_cache_recomputes():
     assert pol.columns == ("dy", "dx", "partner", "flip") and pol.derived.tolist() == [True, True, False, True]
 
 
+BOUNDED = {"crop": "crop:3", "flip": "flip", "pad-crop": "pad-crop:20", "rotate": "rotate:15",
+           "resized-crop": "resized-crop:12", "gauss": "gauss:4", "mixup": "mixup:0.4", "cutmix": "cutmix:1"}
+
+
+def test_every_op_with_columns_declares_its_bounds():
+    """Stage two checks each epoch's parameters against the ops' bounds: a new op names an example here."""
+    from kdpipe.views import _OPS
+    assert sorted(BOUNDED) == [n for n in known_ops() if _OPS[n].columns]
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDED))
+def test_drawn_and_clean_parameters_lie_in_the_bounds_and_one_step_beyond_does_not(name):
+    """ViewPolicy.outside finds the rows that no draw or clean view gives (a damaged cache's), per column, on
+    square, non-square and tiny images and on feature vectors; nothing a dump writes is flagged."""
+    pol = create_policy(BOUNDED[name])
+    op = pol.ops[0]
+    for sample in ((3, 16, 18), (1, 5, 3), (1, 2, 2), (40,)):
+        try:
+            pol.output_shape(sample)
+        except KDPipeError:
+            continue
+        shape = (60, *sample)
+        drawn = [pol.sample_view(1, k, shape) for k in range(3)] + [pol.eval_params(sample, 60)]
+        for p in drawn:
+            assert not pol.outside(p, shape).any(), (sample, p[pol.outside(p, shape)])
+        for j, (lo, hi) in enumerate(op.bounds(60, sample)):
+            for value in (lo - 1, hi + 1):
+                p = drawn[0].copy()
+                p[7, j] = value
+                assert pol.outside(p, shape).tolist() == [i == 7 for i in range(60)], (sample, j, value)
+    if name in ("resized-crop", "cutmix"):  # and what ties the columns together: the box in the image, y0 <= y1
+        p = pol.sample_view(1, 0, (60, 3, 16, 18))
+        if name == "resized-crop":
+            p[3, 0] = 16 - p[3, 2] + 1  # y0 + h > H
+        else:
+            p[3, 1] = p[3, 3] + 1  # cut_y0 > cut_y1
+        assert pol.outside(p, (60, 3, 16, 18)).nonzero()[0].tolist() == [3]
+
+
 # ---------------------------------------------------------------- semantics against torchvision
 
 def test_crop_and_flip_equal_torchvision_exactly():
@@ -636,6 +675,23 @@ def test_a_negative_view_seed_is_one_line_and_claims_nothing(fmnist, tmp_path):
         res = CliRunner().invoke(cli_main, [*cmd, "--data", fmnist.spec, "--seed", "-1", "--out", str(tmp_path / "o")])
         assert res.exit_code == 2 and "--seed" in res.output and "Traceback" not in res.output
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("cmd", ["train-teacher", "dump-logits"])
+@pytest.mark.parametrize("given, fragment", [
+    (["--policy", "crop:2+flip", "--padding", "4"], "--padding 4 sets the padding of the crop-flip alias, and the "
+     "policy 'crop:2+flip' is another spec, which would ignore it: write it in the spec (e.g. crop:4+flip)"),
+    (["--policy", "resized-crop+flip", "--size", "24"], "(e.g. resized-crop:24+flip) and leave --size out"),
+    (["--size", "24"], "--size 24 sets the size of the resized-crop-flip alias, and the policy 'crop-flip'")])
+def test_padding_or_size_that_the_policy_ignores_is_refused_in_one_line(cmd, given, fragment, fmnist, tmp_path):
+    """--padding and --size set the aliases' options; with another spec they were ignored without a word (a crop
+    by 2 where 4 was asked for, views at the input height where 24 was)."""
+    from click.testing import CliRunner
+    args = ["--arch", "mlp_100", "--epochs", "1"] if cmd == "train-teacher" else ["--teacher", "t.pt", "--views", "2"]
+    res = CliRunner().invoke(cli_main, [cmd, *args, "--data", fmnist.spec, *given, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert fragment in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("spec, shape, fragment", [
