@@ -833,8 +833,9 @@ def export_cmd(model, fmt, out):
             last, picked = m.get("epochs", "?"), m["best"]["epoch"]
         except (OSError, ValueError, KeyError, TypeError):
             last, picked = "?", "?"
-        click.echo(f"  note: this is student.pt, the last epoch ({last}); the validation picked epoch {picked} "
-                   f"(student-best.pt): export {best} for that one")
+        if picked != last or picked == "?":  # the picked epoch is the last one: student.pt is that epoch
+            click.echo(f"  note: this is student.pt, the last epoch ({last}); the validation picked epoch {picked} "
+                       f"(student-best.pt): export {best} for that one")
 
 
 if __name__ == "__main__":
