@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import LoadedModel
-from kdpipe.data import ImageData
+from kdpipe.data import ImageData, limited
 from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
 from kdpipe.export import finite, load_model
@@ -403,7 +403,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     rng = np.random.default_rng(seed)
     calib_rows = np.sort(rng.choice(len(train), size=min(calibration, len(train)), replace=False))
     calib = _inputs(policy, train, calib_rows, mean, std)
-    ft_train = train if not finetune_samples or finetune_samples >= len(train) else train.subset(finetune_samples)
+    ft_train = limited(train, finetune_samples)  # drawn as --limit draws: a folder sorted by class keeps every class
     ft_teacher = teacher.module if finetune_loss == "kd" else None
     ft_desc = (f"{finetune_epochs} epoch(s) on {len(ft_train):,} images, "
                + ("KD from the teacher (T 4, alpha 0.9)" if ft_teacher is not None else "cross-entropy"))

@@ -220,6 +220,27 @@ def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckp
     assert (out / "compress.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_finetune_samples_of_a_folder_sorted_by_class_keep_every_class(fmnist, teacher_ckpt, tmp_path, monkeypatch):
+    """--finetune-samples N on data sorted by class (as an ImageFolder is read) fine-tunes on a draw that
+    holds every class, as --limit draws, not on the first N images, which held one class."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+    order = np.argsort(fmnist.y_train, kind="stable")
+    path = tmp_path / "sorted.npz"
+    np.savez(path, x_train=fmnist.x_train[order], y_train=fmnist.y_train[order], x_test=fmnist.x_test,
+             y_test=fmnist.y_test)
+    seen = []
+
+    def spy(model, train, *args, **kwargs):
+        seen.append(np.unique(train.labels))
+        return model
+    monkeypatch.setattr("kdpipe.compress.finetune", spy)
+    train, test = load_dataset(f"npz:{path}", "train"), load_dataset(f"npz:{path}", "test")
+    compress(teacher_ckpt, train, test, tmp_path / "cmp", quantize=(), prune=("unstructured",), sparsities=(0.5,),
+             finetune_samples=40, repeats=1, log=lambda *a, **k: None)
+    assert len(seen) == 1 and list(seen[0]) == list(range(10))
+
+
 def test_a_backend_without_a_kernel_is_a_note_in_the_table(fmnist, teacher_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("kdpipe.compress.supported_engines", lambda: ["none", "x86"])
     out = tmp_path / "cmp"

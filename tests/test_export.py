@@ -181,6 +181,9 @@ def test_exporting_a_run_with_a_best_epoch_says_which_epoch_it_wrote(student_run
     assert r.exit_code == 0, r.output
     assert (f"this is student.pt, the last epoch (2); the validation picked epoch 1 (student-best.pt): export "
             f"{run / 'student-best.pt'} for that one") in r.output
+    (run / "metrics.json").write_text(json.dumps({**m, "best": {"epoch": 2, "checkpoint": "student-best.pt"}}))
+    r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "l.pt2")])
+    assert r.exit_code == 0 and "note" not in r.output, r.output  # the picked epoch is the last: nothing to say
     r = CliRunner().invoke(main, ["export", str(student_runs.out / "mlp_100-T4-a0.9-s0"), "--format", "pt2",
                                   "--out", str(tmp_path / "n.pt2")])
     assert r.exit_code == 0 and "note" not in r.output

@@ -341,6 +341,20 @@ def test_cifar10_features_pipeline(cifar_folder, monkeypatch, tmp_path):
     assert m["features"][0]["layer"] == "avgpool" and m["features"][0]["shape"] == [512, 1, 1]
 
 
+def test_cifar10_features_trains_the_cifar10_resnet_teacher():
+    """The README says cifar10-features caches the features of the cifar10-resnet teacher: it is trained
+    alike (Adam with a warm-up and zero-init residuals; SGD at lr 0.1 did not learn there), and the
+    first step's command line is the same."""
+    from kdpipe.pipeline import load_pipeline, make_rules
+    feat = load_pipeline(REPO / "pipelines" / "cifar10-features.toml")
+    resnet = load_pipeline(REPO / "pipelines" / "cifar10-resnet.toml")
+    assert feat["teacher"] == resnet["teacher"]
+    teacher_cmd = [line.replace("cifar10-features", "P") for line in make_rules(feat).splitlines()
+                   if "train-teacher" in line]
+    assert teacher_cmd == [line.replace("cifar10-resnet", "P") for line in make_rules(resnet).splitlines()
+                           if "train-teacher" in line]
+
+
 def test_features_beside_the_top_k_codec_train_kd_plus_hint(feat_cache, tmp_path):
     """A top-k cache with features: verify-cache checks both, and kd+hint trains from its (k + 1)-bin KL and
     the features; dkd+hint, whose dkd needs every logit, is refused in one line."""

@@ -804,6 +804,11 @@ def test_normalization_rules_for_images_and_feature_vectors():
         resolve_input(other, (3, 8, 8), mean=[0.1], std=[0])
     own = types.SimpleNamespace(file="t.pt", kind="kdpipe", mean=[0.3], std=[0.4])
     assert resolve_input(own, (1, 8, 8), mean=[0.3], std=[0.4])["source"] == "checkpoint"  # the same: accepted
+    own = types.SimpleNamespace(file="t.pt", kind="kdpipe", mean=[0.2869704], std=[0.3532836])
+    got = resolve_input(own, (1, 8, 8), mean=[0.287], std=[0.3533])  # as `kdpipe inspect` prints them
+    assert got["source"] == "checkpoint" and got["mean"] == [0.2869704] and got["std"] == [0.3532836]
+    with pytest.raises(KDPipeError, match=r"mean \[0.287\], std \[0.3533\]; --mean/--std asks for mean \[0.286\]"):
+        resolve_input(own, (1, 8, 8), mean=[0.286], std=[0.3533])
     assert describe({"mean": [0.3], "std": [0.4], "normalization": {"source": "checkpoint", "value": None}}) == \
         "from the teacher checkpoint: mean [0.3], std [0.4]"
     assert describe({"mean": [0.3], "std": [0.4]}).startswith("dataset statistics")  # caches made before
