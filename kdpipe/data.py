@@ -1085,8 +1085,8 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     mode = _common_mode(spec, modes, other_files)
     grey = sum(m in GREY_MODES for m in modes)
     if mode == "RGB" and grey:
-        print(f"note: {spec} {split}: the folder mixes grey and colour images; {grey} of {len(files)} grey "
-              "images converted to RGB", file=sys.stderr, flush=True)
+        print(f"note: {spec} {split}: the folder mixes grey and colour images; its {grey} grey images "
+              f"(of {len(files)}) converted to RGB", file=sys.stderr, flush=True)
     channels = 3 if mode == "RGB" else 1
     h_out, w_out = (image_size, image_size) if image_size else (int(sizes[0][0]), int(sizes[0][1]))
     try:

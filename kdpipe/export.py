@@ -298,8 +298,9 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     suffix = Path(out).suffix.lower()
     named = {".onnx": "onnx", ".pt2": "pt2"}.get(suffix)
     if (named and named != fmt) or (fmt == "pt2" and suffix != ".pt2"):
-        raise KDPipeError(f"--out {out} is not a name for a {fmt} file: name it {SUFFIXES[fmt]} (or give the --format "
-                          "its name says)" + (": torch.export.load reads .pt2 files" if fmt == "pt2" else ""))
+        article = "an" if fmt[0] in "aeiou" else "a"
+        raise KDPipeError(f"--out {out} is not a name for {article} {fmt} file: name it {SUFFIXES[fmt]} (or give the "
+                          "--format its name says)" + (": torch.export.load reads .pt2 files" if fmt == "pt2" else ""))
     loaded = src if isinstance(src, LoadedModel) else load_model(src)
     if Path(out).resolve() == Path(loaded.file).resolve():  # the trained model would be lost
         raise KDPipeError(f"--out {out} is the checkpoint being exported: give another file name")

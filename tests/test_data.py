@@ -512,7 +512,7 @@ def test_photos_of_any_size_and_mode_load_at_image_size(tmp_path, capsys):
     np.testing.assert_array_equal(d.sizes, [made[p][1] for p in files])
     grey = sum(made[p][0] == "L" for p in files)
     err = capsys.readouterr().err
-    assert grey and f"{grey} of {len(files)} grey images converted to RGB" in err
+    assert grey and f"its {grey} grey images (of {len(files)}) converted to RGB" in err
     assert "decoding" in err and "8/8 images (100.0%)" in err  # progress shown
     # Values: torchvision's Resize(32, bicubic) + CenterCrop(32) of the same PIL image, for every mode.
     from torchvision.transforms import InterpolationMode
@@ -633,7 +633,7 @@ def test_same_size_folder_mixing_grey_and_colour_is_stored_in_rgb_with_a_note(tm
     Image.fromarray(pix, "L").save(grey_test)
     d = load_dataset(f"imagefolder:{tmp_path / 'f'}", "train")
     assert d.kind == "dense" and d.image_shape == (3, 16, 16)
-    assert "2 of 3 grey images converted to RGB" in capsys.readouterr().err
+    assert "its 2 grey images (of 3) converted to RGB" in capsys.readouterr().err
     np.testing.assert_array_equal(d.images[0], np.stack([pix] * 3))
     # The test split is all grey, but its folder holds colour: it is stored in RGB too (one shape).
     t = load_dataset(f"imagefolder:{tmp_path / 'f'}", "test")
