@@ -344,5 +344,5 @@ def test_a_model_whose_code_fixes_the_batch_size_is_refused_in_one_line(fmt, suf
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "the model's code turns the batch size into a number, e.g. x.reshape(int(x.shape[0]), -1)" in r.output
     if fmt != "pt2":
-        assert f"it runs on a batch of 2, the size it was traced at, not on one of 5" in r.output
+        assert "it runs on a batch of 2, the size it was traced at, not on one of 5" in r.output
     assert not out.exists() and not (tmp_path / f"x{suffix}.json").exists()
