@@ -29,6 +29,7 @@ kdpipe.cache.reader.CachedLogitsDataset.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -81,6 +82,9 @@ class CacheData:
 
     def __init__(self, cache_dir, device="cpu", *, data_root=None, data=None, allow_test_split: bool = False,
                  features: str | bool | None = None, weights=None):
+        if not isinstance(cache_dir, (str, os.PathLike, list, tuple)):
+            raise KDPipeError(f"open_cache takes a cache folder (a str or path), or a list of them, got "
+                              f"{type(cache_dir).__name__} {cache_dir!r}")
         self.device = device if isinstance(device, torch.device) else pick_device(str(device))
         self.cache, self.ensemble = open_caches(cache_dir, weights)
         if self.ensemble is not None and features not in (None, False):
@@ -118,7 +122,9 @@ class CacheData:
         return EpochBatches(self, int(epoch), int(batch_size), int(seed))
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return steps_per_epoch(self.num_samples, batch_size)
+        if int(batch_size) < 1:
+            raise KDPipeError(f"batch_size must be >= 1, got {batch_size}")
+        return steps_per_epoch(self.num_samples, int(batch_size))
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, amp: bool = False) -> float:

@@ -59,7 +59,12 @@ def topk_losses() -> list[str]:
 
 def create_loss(name: str, **options) -> Loss:
     """The loss `name` with `options` (the rest at their defaults); a KDPipeError names what is wrong.
-    A name of members joined by "+" (``kd+hint``) is a ComposedLoss."""
+    A name of members joined by "+" (``kd+hint``) is a ComposedLoss. `name` may also be a spec as --loss
+    takes it (``dkd:beta=8``, ``kd:1,hint:50``): its options, then `options` over them."""
+    if ":" in str(name) or "," in str(name):
+        from kdpipe.sweep import parse_loss
+        name, given = parse_loss(name, allow_axes=True)
+        options = {**given, **options}
     if "+" in name:
         return ComposedLoss(name, **options)
     cls = _LOSSES.get(name)

@@ -106,7 +106,7 @@ def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
     return "-".join(parts)
 
 
-def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
+def parse_loss(spec: str, allow_axes: bool = False) -> tuple[str, dict[str, float]]:
     """'dkd:beta=8,warmup=20' -> ('dkd', {'beta': 8.0, 'warmup': 20.0}). Option names and ranges are
     checked by kdpipe.losses.create_loss; here only the syntax.
 
@@ -114,6 +114,8 @@ def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
     lists them with weights, ``kd:1,hint:50``: an item NAME:... starts a member, a bare number first in it
     is the member's weight, OPTION=VALUE its options. It parses to ('kd+hint', {'hint.weight': 50.0}):
     weights of 1 are left out (so ``kd:1,hint:1`` is ``kd+hint``), member options are MEMBER.OPTION.
+    The sweep axes (temperature, alpha) are refused as options, since the CLI and pipelines take them apart,
+    unless `allow_axes` (kdpipe.create_loss, whose caller gives one loss).
     """
     usage = ("write --loss NAME or NAME:OPTION=VALUE,... (e.g. dkd:beta=8,warmup=20), or a composition "
              "NAME+NAME or NAME:WEIGHT,NAME:WEIGHT (e.g. kd+hint, kd:1,hint:50)")
@@ -138,7 +140,7 @@ def parse_loss(spec: str) -> tuple[str, dict[str, float]]:
             number = float(value) if _is_number(value) else None
             if not key or not eq or number is None:
                 raise KDPipeError(f"bad loss option {item!r} in {spec!r}: {usage}, with numbers as values")
-            if key in AXES:
+            if key in AXES and not allow_axes:
                 raise KDPipeError(f"the loss's {key} is a sweep axis: give it as --{key} (or {key} = [...] in a "
                                   f"pipeline), not in --loss {spec}")
             full = f"{name}.{key}" if composed else key

@@ -71,6 +71,11 @@ def test_open_cache_refuses_what_train_student_refuses(cache, tmp_path):
         np.savez(bad, x_train=cache.train.images[:, 0][::-1].copy(), y_train=cache.train.labels[::-1].copy(),
                  x_test=cache.test.images[:, 0], y_test=cache.test.labels)
         kdpipe.open_cache(cache.path, data=f"npz:{bad}")
+    for wrong in (3, None):  # a TypeError from deep inside before
+        with pytest.raises(KDPipeError, match="open_cache takes a cache folder"):
+            kdpipe.open_cache(wrong)
+    with pytest.raises(KDPipeError, match="batch_size must be >= 1, got 0"):  # a ZeroDivisionError before
+        kdpipe.open_cache(cache.path).steps_per_epoch(0)
 
 
 def test_evaluate_leaves_the_models_training_mode_as_it_found_it(cache):

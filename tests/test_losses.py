@@ -74,6 +74,15 @@ def test_the_registry_creates_each_loss_and_refuses_unknown_names_and_options():
         create_loss("dkd", warmup=2.5)
 
 
+def test_the_registry_takes_a_spec_as_loss_takes_it():
+    """create_loss("dkd:beta=2"), copied from a command line, was 'unknown loss'."""
+    assert create_loss("dkd:beta=2").options == create_loss("dkd", beta=2).options
+    assert create_loss("kd:temperature=2", alpha=0.5).options == {"temperature": 2.0, "alpha": 0.5}
+    assert create_loss("kd:1,hint:50").options == create_loss("kd+hint", **{"hint.weight": 50}).options
+    with pytest.raises(KDPipeError, match="loss dkd has no option gamma"):
+        create_loss("dkd:gamma=1")
+
+
 def test_a_new_loss_is_one_registered_class():
     @register_loss("test-l2")
     class L2(Loss):
