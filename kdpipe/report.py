@@ -106,6 +106,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _config_settings(r) -> dict:
+    """The run's config.json, flattened, less _NOT_VARIANT; {} for a run without one (metrics of earlier
+    versions, or given without its folder)."""
+    f = Path(r["_dir"]) / "config.json" if r.get("_dir") else None
+    try:
+        cfg = json.loads(f.read_text()) if f is not None and f.is_file() else None
+    except (OSError, ValueError):
+        cfg = None
+    return _flat({k: v for k, v in cfg.items() if k not in _NOT_VARIANT}) if isinstance(cfg, dict) else {}
+
+
 def _mark_variants(runs) -> None:
     """Runs of one name (and cache) whose config.json holds other settings that the name leaves out (the
     architecture's --arch-args, the batch size with otherwise default training, a hint layer) are not seeds of
@@ -115,14 +126,7 @@ def _mark_variants(runs) -> None:
     for r in runs:
         groups[(r.get("dataset", "?"), _setting(r))].append(r)
     for rs in groups.values():
-        sig = {}
-        for r in rs:
-            f = Path(r["_dir"]) / "config.json" if r.get("_dir") else None
-            try:
-                cfg = json.loads(f.read_text()) if f is not None and f.is_file() else None
-            except (OSError, ValueError):
-                cfg = None
-            sig[id(r)] = _flat({k: v for k, v in cfg.items() if k not in _NOT_VARIANT}) if isinstance(cfg, dict) else {}
+        sig = {id(r): _config_settings(r) for r in rs}
         keys = sorted({k for x in sig.values() for k in x})
         differ = [k for k in keys if len({sig[id(r)].get(k) for r in rs if sig[id(r)]}) > 1]
         for r in rs:
@@ -325,12 +329,19 @@ def _group_order(r):
     return (r["arch"], _loss(r), r["alpha"], r["temperature"] or 0)
 
 
+# config.json keys of a run's teacher and loss: what a KD run and its scratch twin differ in (the rest must match)
+_TEACHER_SETTINGS = ("loss", "temperature", "alpha", "hint")
+
+
 def _twin_key(r):
-    """What a KD run and its scratch twin share: the data, the architecture, how they trained, and the cache
-    whose views they saw (where the report holds several)."""
+    """What a KD run and its scratch twin share: the data, the architecture, how they trained (every setting of
+    config.json but the loss's: batch size, schedule, weight decay, --arch-args, ..., which run names leave out
+    or only hash), and the cache whose views they saw (where the report holds several)."""
+    training = tuple(sorted((k, v) for k, v in _config_settings(r).items()
+                            if k.split(".")[0] not in _TEACHER_SETTINGS))
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
             r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
-            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""))
+            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""), training)
 
 
 def versus_scratch(groups) -> list[dict]:

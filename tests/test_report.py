@@ -282,3 +282,24 @@ def test_runs_of_one_name_with_other_settings_are_not_seeds_of_one_setting(stude
     shutil.copytree(tmp_path / "w4", tmp_path / "w4-copy")
     with pytest.raises(KDPipeError, match=r"are one setting with one seed \(0\), the same run twice"):
         build_report([tmp_path / "w4", tmp_path / "w4-copy"], tmp_path / "rep3")
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 128), ("optim", {"schedule": "step"}),
+                                        ("arch_args", {"width": 4})])
+def test_a_scratch_run_trained_otherwise_is_not_the_twin_of_a_kd_run(student_runs, tmp_path, key, value):
+    """A KD block at batch 64 and a scratch block at batch 128 (or another schedule, other --arch-args) have the
+    names of twins (the names leave these out, or only hash them): they were compared as twins, a gain that
+    mixed two trainings. Now they are not twins; the same settings still are."""
+    for name in ("mlp_100-scratch-s0", "mlp_100-scratch-s1", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"):
+        shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    assert "scratch twin" in (tmp_path / "rep" / "report.md").read_text()
+    for name in ("mlp_100-scratch-s0", "mlp_100-scratch-s1"):
+        f = tmp_path / "runs" / name / "config.json"
+        cfg = json.loads(f.read_text())
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        f.write_text(json.dumps(cfg))
+    build_report([tmp_path / "runs"], tmp_path / "rep2")
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    assert "scratch twin" not in text
+    assert json.loads((tmp_path / "rep2" / "summary.json").read_text())["versus_scratch"] == []
