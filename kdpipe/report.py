@@ -61,7 +61,14 @@ def _mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # one value: no std, not 0
+
+
+def _pm(mean, std) -> str:
+    """'0.8000 ± 0.0100'; one value has no sample std, and says so (not ± 0)."""
+    if mean is None:
+        return _fmt(mean)
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} (one value: no std)"
 
 
 def _loss(r) -> str:
@@ -296,9 +303,10 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
             lines.append(f"| {s['arch']}{_variant({'_variant': s['variant']})} | "
                          f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
                          f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
-                         f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | {_fmt(s['test_top1_mean'])} ± "
-                         f"{_fmt(s['test_top1_std'])}" + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
-                         + f" | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
+                         f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | "
+                         f"{_pm(s['test_top1_mean'], s['test_top1_std'])}"
+                         + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
+                         + f" | {_pm(s['agreement_mean'], s['agreement_std'])} | "
                          f"{s['train_s_mean']:.1f} |")
     lines += _ensembles(runs)
     versus = versus_scratch(groups)
@@ -401,7 +409,7 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
         ss = [s for s in summary if s["scratch"] == (role == "scratch") and s["test_top1_mean"] is not None]
         if ss:
             ax.errorbar([s["parameters"] for s in ss], [s["test_top1_mean"] for s in ss],
-                        yerr=[s["test_top1_std"] for s in ss], fmt=marker, capsize=3, label=f"student ({role})")
+                        yerr=[s["test_top1_std"] or 0 for s in ss], fmt=marker, capsize=3, label=f"student ({role})")
     for t in teachers:
         if t.get("test_top1") is not None:
             ax.scatter([t["parameters"]], [t["test_top1"]], marker="*", s=200, c="k", label=f"teacher {t['arch']}")

@@ -303,3 +303,19 @@ def test_a_scratch_run_trained_otherwise_is_not_the_twin_of_a_kd_run(student_run
     text = (tmp_path / "rep2" / "report.md").read_text()
     assert "scratch twin" not in text
     assert json.loads((tmp_path / "rep2" / "summary.json").read_text())["versus_scratch"] == []
+
+
+def test_a_setting_of_one_run_has_no_std_not_a_std_of_zero(student_runs, tmp_path):
+    """Two seeds of KD beside one scratch run: the scratch setting's cell said '± 0.0000', as if its runs agreed
+    exactly; one run has no sample std, and the table and summary.json say so."""
+    for name in ("mlp_100-scratch-s0", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"):
+        shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
+    res = build_report([tmp_path / "runs"], tmp_path / "rep")
+    rows = {r[1]: r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 13}
+    m = json.loads((tmp_path / "runs" / "mlp_100-scratch-s0" / "metrics.json").read_text())
+    assert rows["scratch"][9:12] == ["1", f"{m['test_top1']:.4f} (one value: no std)",
+                                     f"{m['teacher_agreement']:.4f} (one value: no std)"]
+    assert " ± " in rows["KD"][10] and "no std" not in rows["KD"][10]
+    groups = {g["scratch"]: g for g in json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]}
+    assert groups[True]["test_top1_std"] is None and groups[False]["test_top1_std"] > 0
+    assert all(matplotlib.image.imread(p).std() > 0.01 for p in res["plots"])
