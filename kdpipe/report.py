@@ -193,6 +193,12 @@ def _diverged(r) -> str:
     return f" (diverged in epoch {r['diverged_epoch']})" if r.get("diverged_epoch") else ""
 
 
+def _diverged_runs(n: int) -> str:
+    """A mark for a mean over runs of which n diverged (their figures are in it: a setting that diverges is
+    what it is, but the reader must know)."""
+    return f" ({n} diverged)" if n else ""
+
+
 def _role(r) -> str:
     src = r.get("_source")  # the report holds runs of several caches: say which
     if _scratch(r):
@@ -304,8 +310,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                          f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
                          f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | "
-                         f"{_pm(s['test_top1_mean'], s['test_top1_std'])}"
-                         + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
+                         f"{_pm(s['test_top1_mean'], s['test_top1_std'])}{_diverged_runs(s['diverged'])}"
                          + f" | {_pm(s['agreement_mean'], s['agreement_std'])} | "
                          f"{s['train_s_mean']:.1f} |")
     lines += _ensembles(runs)
@@ -317,7 +322,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                   "|---|---|---|---|---|---|---|---|---|"]
         for v in versus:
             lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {v['alpha']:g} | "
-                         f"{len(v['seeds'])} | {v['gain']:+.4f} | {2 * v['larger_std']:.4f} | "
+                         f"{len(v['seeds'])} | {v['gain']:+.4f}{_diverged_runs(v['diverged'])} | {2 * v['larger_std']:.4f} | "
                          f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} |")
     if unfinished:
         lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "
@@ -355,8 +360,8 @@ def _twin_key(r):
 def versus_scratch(groups) -> list[dict]:
     """Each KD setting (groups: (dataset, setting) -> its runs) against the scratch runs of its architecture
     and training settings, over the seeds both have (at least 2): the mean gain in test top-1, the larger
-    sample std of the two, the seeds where KD won, and whether the gain is clear (at least twice the larger
-    std)."""
+    sample std of the two, the seeds where KD won, whether the gain is clear (at least twice the larger std),
+    and how many of the compared runs (KD and scratch) diverged."""
     scratch = defaultdict(list)
     for rs in groups.values():
         if _scratch(rs[0]):
@@ -376,7 +381,8 @@ def versus_scratch(groups) -> list[dict]:
         r0 = rs[0]
         out.append({"arch": r0["arch"], "loss": _loss(r0), "alpha": r0["alpha"], "temperature": r0["temperature"],
                     "seeds": seeds, "gain": kd_mean - sc_mean, "larger_std": larger,
-                    "wins": sum(kd[s] > base[s] for s in seeds), "clear": kd_mean - sc_mean >= 2 * larger})
+                    "wins": sum(kd[s] > base[s] for s in seeds), "clear": kd_mean - sc_mean >= 2 * larger,
+                    "diverged": sum(bool(r.get("diverged_epoch")) for r in rs + twins[0] if r["seed"] in seeds)})
     return out
 
 

@@ -319,3 +319,18 @@ def test_a_setting_of_one_run_has_no_std_not_a_std_of_zero(student_runs, tmp_pat
     groups = {g["scratch"]: g for g in json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]}
     assert groups[True]["test_top1_std"] is None and groups[False]["test_top1_std"] > 0
     assert all(matplotlib.image.imread(p).std() > 0.01 for p in res["plots"])
+
+
+def test_a_diverged_seed_is_marked_in_the_kd_against_scratch_table(student_runs, tmp_path):
+    """One KD seed of three diverged (NaN weights, test top-1 at chance): the per-setting table said so, but the
+    KD-vs-scratch table showed its gain, with that run in it, unmarked. Now the gain says how many diverged."""
+    changes = [{"name": f"mlp_100-scratch-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False,
+                "test_top1": 0.80 + 0.01 * s} for s in range(3)]
+    changes += [{"name": f"mlp_100-T4-a0.9-s{s}", "seed": s, "test_top1": 0.85 + 0.01 * s} for s in range(3)]
+    changes[4].update(diverged_epoch=2, test_top1=0.1)
+    build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    kd = next(r for r in table_rows(text) if len(r) == 13 and r[1] == "KD")
+    assert kd[10].endswith("(1 diverged)")
+    assert [r[5] for r in table_rows(text) if len(r) == 9] == ["-0.2033 (1 diverged)"]
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"][0]["diverged"] == 1
