@@ -407,9 +407,23 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     return lines
 
 
+def check_file_name(spec: dict, path) -> None:
+    """Under make, a pipeline's name is its file's: the Makefile keeps its rules and stamps under build/<file
+    name>/ and names runs/<file name>/report/ as its report. A name of its own (pipelines/mine.toml copied from
+    default.toml, name = "default" kept) would retrain and overwrite another pipeline's teacher, cache and
+    runs, and point at a report that is not there: refused."""
+    stem = Path(path).stem
+    if spec["name"] != stem:
+        raise KDPipeError(f"{path}: name = {spec['name']!r} is not the file's name ({stem!r}): make would write "
+                          f"runs/{spec['name']}/ and cache/{spec['name']}/, another pipeline's; set name = "
+                          f"\"{stem}\" or delete the name line (or name the file {spec['name']}.toml)")
+
+
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library
     import sys
     try:
-        sys.stdout.write(make_rules(load_pipeline(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None))
+        spec = load_pipeline(sys.argv[1])
+        check_file_name(spec, sys.argv[1])
+        sys.stdout.write(make_rules(spec, sys.argv[2] if len(sys.argv) > 2 else None))
     except (KDPipeError, IndexError) as e:
         sys.exit(f"Error: {e or 'usage: python -m kdpipe.pipeline PIPELINE.toml [STAMP_DIR]'}")

@@ -409,5 +409,31 @@ def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_i
 
 
 def test_every_shipped_pipeline_passes_the_type_checks():
+    from kdpipe.pipeline import check_file_name
     for path in sorted((REPO / "pipelines").glob("*.toml")):
-        assert make_rules(load_pipeline(path))
+        spec = load_pipeline(path)
+        check_file_name(spec, path)
+        assert make_rules(spec)
+
+
+def _rules_for_make(toml: Path) -> subprocess.CompletedProcess:
+    """What the Makefile runs to make a pipeline's rules: `python -m kdpipe.pipeline FILE STAMPS`."""
+    import os
+    return subprocess.run([sys.executable, "-m", "kdpipe.pipeline", toml.name, "stamps"], cwd=toml.parent,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(tmp_path):
+    """pipelines/mine.toml copied from default.toml with name = "default" kept: `make all PIPELINE=...mine.toml`
+    retrained runs/default/teacher.pt, re-dumped cache/default and overwrote runs/default/students (every step
+    --overwrite, its stamps new), then printed runs/mine/report/report.md, which does not exist."""
+    text = (REPO / "pipelines" / "default.toml").read_text().replace("alpha = [0, 0.9]", "alpha = [0, 0.5]")
+    (tmp_path / "mine.toml").write_text(text)
+    r = _rules_for_make(tmp_path / "mine.toml")
+    assert r.returncode != 0 and r.stdout == "" and not (tmp_path / "stamps").exists()
+    assert r.stderr.splitlines() == ["Error: mine.toml: name = 'default' is not the file's name ('mine'): make would "
+                                     "write runs/default/ and cache/default/, another pipeline's; set name = \"mine\" "
+                                     "or delete the name line (or name the file default.toml)"]
+    (tmp_path / "mine.toml").write_text(text.replace('name = "default"\n', ""))  # the file's name, by default
+    r = _rules_for_make(tmp_path / "mine.toml")
+    assert r.returncode == 0 and "--out runs/mine/students" in r.stdout, r.stderr
