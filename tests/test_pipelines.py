@@ -437,3 +437,20 @@ def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(t
     (tmp_path / "mine.toml").write_text(text.replace('name = "default"\n', ""))  # the file's name, by default
     r = _rules_for_make(tmp_path / "mine.toml")
     assert r.returncode == 0 and "--out runs/mine/students" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("path", ["pipelines/my exp.toml", "pipelines/mnist(2).toml", "pipelines/absent.toml"])
+def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
+    """A space in PIPELINE gave "No rule to make target 'pipelines/my'", a parenthesis a shell syntax error, a
+    missing file "No rule to make target": now one line that says what is wrong, before any step runs."""
+    import shutil
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pipelines").mkdir()
+    if "absent" not in path:
+        shutil.copy(REPO / "pipelines" / "mnist-mlp.toml", tmp_path / path)
+    r = subprocess.run(["make", "-n", "all", f"PIPELINE={path}", f"PYTHON={sys.executable}"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and not (tmp_path / "build").exists()
+    why = "no such file" if "absent" in path else \
+        "a pipeline file's path may hold only letters, digits, '_', '.', '-' and '/'"
+    assert len(r.stderr.splitlines()) == 1 and f"*** PIPELINE={path}: {why}" in r.stderr, r.stderr
