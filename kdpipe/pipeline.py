@@ -49,6 +49,18 @@ _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", 
                  "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
                  "hint_feature", "teachers", "teacher_weights"} | set(_OPTIM_FLAGS)
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a [[teacher]] entry's name: part of file names and Make targets
+# A file the pipeline is given ([teacher] file, the npz that [data] prepare writes) is a Make target, and is written
+# unquoted in the steps' command lines: no space, parenthesis, quote, '$', ':', '#', '%', '=', '*', ... in it.
+_MAKE_PATH = re.compile(r"[A-Za-z0-9_./+,@~-]+")
+
+
+def _check_make_path(path, where: str, file: str) -> None:
+    if not _MAKE_PATH.fullmatch(file):
+        raise KDPipeError(f"{path}: {where} {file!r} is a Make target, and make cannot take a space or any of "
+                          "()'\"$:#%;=*?[]\\ in one: rename the file, or link it under a plain name (ln -s), and give "
+                          "that")
+
+
 # The pipeline's own keys and sections; its name is part of every file name and Make target, as a teacher's.
 _TOP_KEYS = {"name", "data", "teacher", "dump", "students", "compress"}
 # The types of the keys that the Make rules build file names from or pass on as numbers: a quoted number
@@ -142,6 +154,8 @@ def load_pipeline(path) -> dict:
     if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
         raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
                           f"{spec['data']['spec']!r}")
+    if "prepare" in spec["data"]:
+        _check_make_path(path, "[data] prepare's file", spec["data"]["spec"].removeprefix("npz:"))
     if not spec.get("students"):
         raise KDPipeError(f"{path}: needs at least one [[students]] block")
     if not isinstance(spec["students"], list) or not all(isinstance(b, dict) for b in spec["students"]):
@@ -188,6 +202,8 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
                               "one)")
+        if "file" in t:
+            _check_make_path(path, f"{label(i)} file", t["file"])
         if names is None:
             continue
         name = t.get("name")

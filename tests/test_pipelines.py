@@ -454,3 +454,20 @@ def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
     why = "no such file" if "absent" in path else \
         "a pipeline file's path may hold only letters, digits, '_', '.', '-' and '/'"
     assert len(r.stderr.splitlines()) == 1 and f"*** PIPELINE={path}: {why}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name, old, new, message", [
+    ("food-photos", "food11_resnet18.pth", "resnet18 (1).pth",
+     r"\[teacher\] file 'resnet18 \(1\).pth' is a Make target"),
+    ("food-photos", "food11_resnet18.pth", "my teacher.pth", r"\[teacher\] file 'my teacher.pth' is a Make target"),
+    ("tabular", "data/tabular.npz", "data/tab$1.npz", r"\[data\] prepare's file 'data/tab\$1.npz' is a Make target")])
+def test_a_given_file_make_cannot_name_is_refused_when_the_pipeline_is_read(tmp_path, name, old, new, message):
+    """A teacher file named like a browser download, 'resnet18 (1).pth', that was there: make read the rule's
+    target as two files and said "the [teacher] file resnet18 (1).pth does not exist" (and the dump's command
+    line, unquoted, was a shell syntax error). Now one line when the pipeline is read: rename or link it."""
+    p = tmp_path / f"{name}.toml"
+    p.write_text((REPO / "pipelines" / f"{name}.toml").read_text().replace(old, new))
+    (tmp_path / new).parent.mkdir(exist_ok=True)
+    (tmp_path / new).write_bytes(b"x")
+    with pytest.raises(KDPipeError, match=message + ".*rename the file, or link it under a plain name"):
+        load_pipeline(p)
