@@ -36,6 +36,9 @@ def scan_runs(paths) -> tuple[list[dict], list[str]]:
             raise KDPipeError(f"{p} is not a run directory (no metrics.json)")
         unfinished += started
         if not files and not started:
+            deeper = sorted({str(c.parent.parent) for c in p.glob("*/*/metrics.json")})
+            if deeper:  # an ensemble pipeline's students/<teachers>/<run>/, or a folder of runs folders
+                raise KDPipeError(f"{p} holds no runs itself, but folders of runs: give those ({' '.join(deeper)})")
             raise KDPipeError(f"{p} holds no runs (no metrics.json in it or its sub-directories)")
         for f in files:
             if f.resolve() in seen:  # given twice (a run and its parent): one run, counted once

@@ -334,3 +334,17 @@ def test_a_diverged_seed_is_marked_in_the_kd_against_scratch_table(student_runs,
     assert kd[10].endswith("(1 diverged)")
     assert [r[5] for r in table_rows(text) if len(r) == 9] == ["-0.2033 (1 diverged)"]
     assert json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"][0]["diverged"] == 1
+
+
+def test_a_folder_of_runs_folders_names_them(student_runs, tmp_path):
+    """An ensemble pipeline's runs are in runs/NAME/students/<teachers>/<run>/: `kdpipe report runs/NAME/students`
+    said it held no runs (no metrics.json in it or its sub-directories), which the user could see was untrue.
+    Now it names the folders of runs to give."""
+    for group in ("cnn+mlp", "cnn"):
+        shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", tmp_path / "students" / group / "mlp_100-T4-a0.9-s0")
+    import re
+    d = tmp_path / "students"
+    want = f"holds no runs itself, but folders of runs: give those ({d / 'cnn'} {d / 'cnn+mlp'})"
+    with pytest.raises(KDPipeError, match=re.escape(want) + "$"):
+        find_runs([tmp_path / "students"])
+    assert len(find_runs([tmp_path / "students" / "cnn", tmp_path / "students" / "cnn+mlp"])) == 2
