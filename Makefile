@@ -47,6 +47,15 @@ $(RULES): $(PIPELINE) kdpipe/pipeline.py kdpipe/sweep.py
 	$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && mv $@.tmp $@
 
 ifeq ($(filter help setup data test bench bench-quick clean distclean,$(MAKECMDGOALS)),)
+# PIPELINE's path is part of file names, Make targets and command lines: a space or a shell character in it
+# broke make in ways that did not name the cause; a missing file got "No rule to make target".
+ifneq ($(shell printf '%s\n' '$(PIPELINE)' | LC_ALL=C grep -qx '[A-Za-z0-9_./-]*' && echo ok),ok)
+$(error PIPELINE=$(PIPELINE): a pipeline file's path may hold only letters, digits, '_', '.', '-' and '/': \
+  rename the file)
+endif
+ifeq ($(wildcard $(PIPELINE)),)
+$(error PIPELINE=$(PIPELINE): no such file (pipelines/*.toml lists the shipped ones))
+endif
 include $(RULES)
 endif
 

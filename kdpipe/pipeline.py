@@ -49,6 +49,18 @@ _STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", 
                  "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
                  "hint_feature", "teachers", "teacher_weights"} | set(_OPTIM_FLAGS)
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a [[teacher]] entry's name: part of file names and Make targets
+# A file the pipeline is given ([teacher] file, the npz that [data] prepare writes) is a Make target, and is written
+# unquoted in the steps' command lines: no space, parenthesis, quote, '$', ':', '#', '%', '=', '*', ... in it.
+_MAKE_PATH = re.compile(r"[A-Za-z0-9_./+,@~-]+")
+
+
+def _check_make_path(path, where: str, file: str) -> None:
+    if not _MAKE_PATH.fullmatch(file):
+        raise KDPipeError(f"{path}: {where} {file!r} is a Make target, and make cannot take a space or any of "
+                          "()'\"$:#%;=*?[]\\ in one: rename the file, or link it under a plain name (ln -s), and give "
+                          "that")
+
+
 # The pipeline's own keys and sections; its name is part of every file name and Make target, as a teacher's.
 _TOP_KEYS = {"name", "data", "teacher", "dump", "students", "compress"}
 # The types of the keys that the Make rules build file names from or pass on as numbers: a quoted number
@@ -142,6 +154,8 @@ def load_pipeline(path) -> dict:
     if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
         raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
                           f"{spec['data']['spec']!r}")
+    if "prepare" in spec["data"]:
+        _check_make_path(path, "[data] prepare's file", spec["data"]["spec"].removeprefix("npz:"))
     if not spec.get("students"):
         raise KDPipeError(f"{path}: needs at least one [[students]] block")
     if not isinstance(spec["students"], list) or not all(isinstance(b, dict) for b in spec["students"]):
@@ -188,6 +202,8 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
                               "one)")
+        if "file" in t:
+            _check_make_path(path, f"{label(i)} file", t["file"])
         if names is None:
             continue
         name = t.get("name")
@@ -407,9 +423,23 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     return lines
 
 
+def check_file_name(spec: dict, path) -> None:
+    """Under make, a pipeline's name is its file's: the Makefile keeps its rules and stamps under build/<file
+    name>/ and names runs/<file name>/report/ as its report. A name of its own (pipelines/mine.toml copied from
+    default.toml, name = "default" kept) would retrain and overwrite another pipeline's teacher, cache and
+    runs, and point at a report that is not there: refused."""
+    stem = Path(path).stem
+    if spec["name"] != stem:
+        raise KDPipeError(f"{path}: name = {spec['name']!r} is not the file's name ({stem!r}): make would write "
+                          f"runs/{spec['name']}/ and cache/{spec['name']}/, another pipeline's; set name = "
+                          f"\"{stem}\" or delete the name line (or name the file {spec['name']}.toml)")
+
+
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library
     import sys
     try:
-        sys.stdout.write(make_rules(load_pipeline(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None))
+        spec = load_pipeline(sys.argv[1])
+        check_file_name(spec, sys.argv[1])
+        sys.stdout.write(make_rules(spec, sys.argv[2] if len(sys.argv) > 2 else None))
     except (KDPipeError, IndexError) as e:
         sys.exit(f"Error: {e or 'usage: python -m kdpipe.pipeline PIPELINE.toml [STAMP_DIR]'}")

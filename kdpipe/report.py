@@ -36,6 +36,9 @@ def scan_runs(paths) -> tuple[list[dict], list[str]]:
             raise KDPipeError(f"{p} is not a run directory (no metrics.json)")
         unfinished += started
         if not files and not started:
+            deeper = sorted({str(c.parent.parent) for c in p.glob("*/*/metrics.json")})
+            if deeper:  # an ensemble pipeline's students/<teachers>/<run>/, or a folder of runs folders
+                raise KDPipeError(f"{p} holds no runs itself, but folders of runs: give those ({' '.join(deeper)})")
             raise KDPipeError(f"{p} holds no runs (no metrics.json in it or its sub-directories)")
         for f in files:
             if f.resolve() in seen:  # given twice (a run and its parent): one run, counted once
@@ -61,7 +64,14 @@ def _mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # one value: no std, not 0
+
+
+def _pm(mean, std) -> str:
+    """'0.8000 ± 0.0100'; one value has no sample std, and says so (not ± 0)."""
+    if mean is None:
+        return _fmt(mean)
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} (one value: no std)"
 
 
 def _loss(r) -> str:
@@ -106,6 +116,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _config_settings(r) -> dict:
+    """The run's config.json, flattened, less _NOT_VARIANT; {} for a run without one (metrics of earlier
+    versions, or given without its folder)."""
+    f = Path(r["_dir"]) / "config.json" if r.get("_dir") else None
+    try:
+        cfg = json.loads(f.read_text()) if f is not None and f.is_file() else None
+    except (OSError, ValueError):
+        cfg = None
+    return _flat({k: v for k, v in cfg.items() if k not in _NOT_VARIANT}) if isinstance(cfg, dict) else {}
+
+
 def _mark_variants(runs) -> None:
     """Runs of one name (and cache) whose config.json holds other settings that the name leaves out (the
     architecture's --arch-args, the batch size with otherwise default training, a hint layer) are not seeds of
@@ -115,14 +136,7 @@ def _mark_variants(runs) -> None:
     for r in runs:
         groups[(r.get("dataset", "?"), _setting(r))].append(r)
     for rs in groups.values():
-        sig = {}
-        for r in rs:
-            f = Path(r["_dir"]) / "config.json" if r.get("_dir") else None
-            try:
-                cfg = json.loads(f.read_text()) if f is not None and f.is_file() else None
-            except (OSError, ValueError):
-                cfg = None
-            sig[id(r)] = _flat({k: v for k, v in cfg.items() if k not in _NOT_VARIANT}) if isinstance(cfg, dict) else {}
+        sig = {id(r): _config_settings(r) for r in rs}
         keys = sorted({k for x in sig.values() for k in x})
         differ = [k for k in keys if len({sig[id(r)].get(k) for r in rs if sig[id(r)]}) > 1]
         for r in rs:
@@ -180,6 +194,12 @@ def _best(best) -> str:
 def _diverged(r) -> str:
     """A mark for a run whose loss became NaN or infinite (its figures are not a trained student's)."""
     return f" (diverged in epoch {r['diverged_epoch']})" if r.get("diverged_epoch") else ""
+
+
+def _diverged_runs(n: int) -> str:
+    """A mark for a mean over runs of which n diverged (their figures are in it: a setting that diverges is
+    what it is, but the reader must know)."""
+    return f" ({n} diverged)" if n else ""
 
 
 def _role(r) -> str:
@@ -292,9 +312,9 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
             lines.append(f"| {s['arch']}{_variant({'_variant': s['variant']})} | "
                          f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
                          f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
-                         f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | {_fmt(s['test_top1_mean'])} ± "
-                         f"{_fmt(s['test_top1_std'])}" + (f" ({s['diverged']} diverged)" if s["diverged"] else "")
-                         + f" | {_fmt(s['agreement_mean'])} ± {_fmt(s['agreement_std'])} | "
+                         f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | "
+                         f"{_pm(s['test_top1_mean'], s['test_top1_std'])}{_diverged_runs(s['diverged'])}"
+                         + f" | {_pm(s['agreement_mean'], s['agreement_std'])} | "
                          f"{s['train_s_mean']:.1f} |")
     lines += _ensembles(runs)
     versus = versus_scratch(groups)
@@ -305,7 +325,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                   "|---|---|---|---|---|---|---|---|---|"]
         for v in versus:
             lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {v['alpha']:g} | "
-                         f"{len(v['seeds'])} | {v['gain']:+.4f} | {2 * v['larger_std']:.4f} | "
+                         f"{len(v['seeds'])} | {v['gain']:+.4f}{_diverged_runs(v['diverged'])} | {2 * v['larger_std']:.4f} | "
                          f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} |")
     if unfinished:
         lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "
@@ -325,19 +345,26 @@ def _group_order(r):
     return (r["arch"], _loss(r), r["alpha"], r["temperature"] or 0)
 
 
+# config.json keys of a run's teacher and loss: what a KD run and its scratch twin differ in (the rest must match)
+_TEACHER_SETTINGS = ("loss", "temperature", "alpha", "hint")
+
+
 def _twin_key(r):
-    """What a KD run and its scratch twin share: the data, the architecture, how they trained, and the cache
-    whose views they saw (where the report holds several)."""
+    """What a KD run and its scratch twin share: the data, the architecture, how they trained (every setting of
+    config.json but the loss's: batch size, schedule, weight decay, --arch-args, ..., which run names leave out
+    or only hash), and the cache whose views they saw (where the report holds several)."""
+    training = tuple(sorted((k, v) for k, v in _config_settings(r).items()
+                            if k.split(".")[0] not in _TEACHER_SETTINGS))
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
             r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
-            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""))
+            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""), training)
 
 
 def versus_scratch(groups) -> list[dict]:
     """Each KD setting (groups: (dataset, setting) -> its runs) against the scratch runs of its architecture
     and training settings, over the seeds both have (at least 2): the mean gain in test top-1, the larger
-    sample std of the two, the seeds where KD won, and whether the gain is clear (at least twice the larger
-    std)."""
+    sample std of the two, the seeds where KD won, whether the gain is clear (at least twice the larger std),
+    and how many of the compared runs (KD and scratch) diverged."""
     scratch = defaultdict(list)
     for rs in groups.values():
         if _scratch(rs[0]):
@@ -357,7 +384,8 @@ def versus_scratch(groups) -> list[dict]:
         r0 = rs[0]
         out.append({"arch": r0["arch"], "loss": _loss(r0), "alpha": r0["alpha"], "temperature": r0["temperature"],
                     "seeds": seeds, "gain": kd_mean - sc_mean, "larger_std": larger,
-                    "wins": sum(kd[s] > base[s] for s in seeds), "clear": kd_mean - sc_mean >= 2 * larger})
+                    "wins": sum(kd[s] > base[s] for s in seeds), "clear": kd_mean - sc_mean >= 2 * larger,
+                    "diverged": sum(bool(r.get("diverged_epoch")) for r in rs + twins[0] if r["seed"] in seeds)})
     return out
 
 
@@ -390,7 +418,7 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
         ss = [s for s in summary if s["scratch"] == (role == "scratch") and s["test_top1_mean"] is not None]
         if ss:
             ax.errorbar([s["parameters"] for s in ss], [s["test_top1_mean"] for s in ss],
-                        yerr=[s["test_top1_std"] for s in ss], fmt=marker, capsize=3, label=f"student ({role})")
+                        yerr=[s["test_top1_std"] or 0 for s in ss], fmt=marker, capsize=3, label=f"student ({role})")
     for t in teachers:
         if t.get("test_top1") is not None:
             ax.scatter([t["parameters"]], [t["test_top1"]], marker="*", s=200, c="k", label=f"teacher {t['arch']}")

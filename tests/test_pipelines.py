@@ -409,5 +409,65 @@ def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_i
 
 
 def test_every_shipped_pipeline_passes_the_type_checks():
+    from kdpipe.pipeline import check_file_name
     for path in sorted((REPO / "pipelines").glob("*.toml")):
-        assert make_rules(load_pipeline(path))
+        spec = load_pipeline(path)
+        check_file_name(spec, path)
+        assert make_rules(spec)
+
+
+def _rules_for_make(toml: Path) -> subprocess.CompletedProcess:
+    """What the Makefile runs to make a pipeline's rules: `python -m kdpipe.pipeline FILE STAMPS`."""
+    import os
+    return subprocess.run([sys.executable, "-m", "kdpipe.pipeline", toml.name, "stamps"], cwd=toml.parent,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(tmp_path):
+    """pipelines/mine.toml copied from default.toml with name = "default" kept: `make all PIPELINE=...mine.toml`
+    retrained runs/default/teacher.pt, re-dumped cache/default and overwrote runs/default/students (every step
+    --overwrite, its stamps new), then printed runs/mine/report/report.md, which does not exist."""
+    text = (REPO / "pipelines" / "default.toml").read_text().replace("alpha = [0, 0.9]", "alpha = [0, 0.5]")
+    (tmp_path / "mine.toml").write_text(text)
+    r = _rules_for_make(tmp_path / "mine.toml")
+    assert r.returncode != 0 and r.stdout == "" and not (tmp_path / "stamps").exists()
+    assert r.stderr.splitlines() == ["Error: mine.toml: name = 'default' is not the file's name ('mine'): make would "
+                                     "write runs/default/ and cache/default/, another pipeline's; set name = \"mine\" "
+                                     "or delete the name line (or name the file default.toml)"]
+    (tmp_path / "mine.toml").write_text(text.replace('name = "default"\n', ""))  # the file's name, by default
+    r = _rules_for_make(tmp_path / "mine.toml")
+    assert r.returncode == 0 and "--out runs/mine/students" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("path", ["pipelines/my exp.toml", "pipelines/mnist(2).toml", "pipelines/absent.toml"])
+def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
+    """A space in PIPELINE gave "No rule to make target 'pipelines/my'", a parenthesis a shell syntax error, a
+    missing file "No rule to make target": now one line that says what is wrong, before any step runs."""
+    import shutil
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pipelines").mkdir()
+    if "absent" not in path:
+        shutil.copy(REPO / "pipelines" / "mnist-mlp.toml", tmp_path / path)
+    r = subprocess.run(["make", "-n", "all", f"PIPELINE={path}", f"PYTHON={sys.executable}"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and not (tmp_path / "build").exists()
+    why = "no such file" if "absent" in path else \
+        "a pipeline file's path may hold only letters, digits, '_', '.', '-' and '/'"
+    assert len(r.stderr.splitlines()) == 1 and f"*** PIPELINE={path}: {why}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name, old, new, message", [
+    ("food-photos", "food11_resnet18.pth", "resnet18 (1).pth",
+     r"\[teacher\] file 'resnet18 \(1\).pth' is a Make target"),
+    ("food-photos", "food11_resnet18.pth", "my teacher.pth", r"\[teacher\] file 'my teacher.pth' is a Make target"),
+    ("tabular", "data/tabular.npz", "data/tab$1.npz", r"\[data\] prepare's file 'data/tab\$1.npz' is a Make target")])
+def test_a_given_file_make_cannot_name_is_refused_when_the_pipeline_is_read(tmp_path, name, old, new, message):
+    """A teacher file named like a browser download, 'resnet18 (1).pth', that was there: make read the rule's
+    target as two files and said "the [teacher] file resnet18 (1).pth does not exist" (and the dump's command
+    line, unquoted, was a shell syntax error). Now one line when the pipeline is read: rename or link it."""
+    p = tmp_path / f"{name}.toml"
+    p.write_text((REPO / "pipelines" / f"{name}.toml").read_text().replace(old, new))
+    (tmp_path / new).parent.mkdir(exist_ok=True)
+    (tmp_path / new).write_bytes(b"x")
+    with pytest.raises(KDPipeError, match=message + ".*rename the file, or link it under a plain name"):
+        load_pipeline(p)

@@ -282,3 +282,69 @@ def test_runs_of_one_name_with_other_settings_are_not_seeds_of_one_setting(stude
     shutil.copytree(tmp_path / "w4", tmp_path / "w4-copy")
     with pytest.raises(KDPipeError, match=r"are one setting with one seed \(0\), the same run twice"):
         build_report([tmp_path / "w4", tmp_path / "w4-copy"], tmp_path / "rep3")
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 128), ("optim", {"schedule": "step"}),
+                                        ("arch_args", {"width": 4})])
+def test_a_scratch_run_trained_otherwise_is_not_the_twin_of_a_kd_run(student_runs, tmp_path, key, value):
+    """A KD block at batch 64 and a scratch block at batch 128 (or another schedule, other --arch-args) have the
+    names of twins (the names leave these out, or only hash them): they were compared as twins, a gain that
+    mixed two trainings. Now they are not twins; the same settings still are."""
+    for name in ("mlp_100-scratch-s0", "mlp_100-scratch-s1", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"):
+        shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    assert "scratch twin" in (tmp_path / "rep" / "report.md").read_text()
+    for name in ("mlp_100-scratch-s0", "mlp_100-scratch-s1"):
+        f = tmp_path / "runs" / name / "config.json"
+        cfg = json.loads(f.read_text())
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        f.write_text(json.dumps(cfg))
+    build_report([tmp_path / "runs"], tmp_path / "rep2")
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    assert "scratch twin" not in text
+    assert json.loads((tmp_path / "rep2" / "summary.json").read_text())["versus_scratch"] == []
+
+
+def test_a_setting_of_one_run_has_no_std_not_a_std_of_zero(student_runs, tmp_path):
+    """Two seeds of KD beside one scratch run: the scratch setting's cell said '± 0.0000', as if its runs agreed
+    exactly; one run has no sample std, and the table and summary.json say so."""
+    for name in ("mlp_100-scratch-s0", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"):
+        shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
+    res = build_report([tmp_path / "runs"], tmp_path / "rep")
+    rows = {r[1]: r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 13}
+    m = json.loads((tmp_path / "runs" / "mlp_100-scratch-s0" / "metrics.json").read_text())
+    assert rows["scratch"][9:12] == ["1", f"{m['test_top1']:.4f} (one value: no std)",
+                                     f"{m['teacher_agreement']:.4f} (one value: no std)"]
+    assert " ± " in rows["KD"][10] and "no std" not in rows["KD"][10]
+    groups = {g["scratch"]: g for g in json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]}
+    assert groups[True]["test_top1_std"] is None and groups[False]["test_top1_std"] > 0
+    assert all(matplotlib.image.imread(p).std() > 0.01 for p in res["plots"])
+
+
+def test_a_diverged_seed_is_marked_in_the_kd_against_scratch_table(student_runs, tmp_path):
+    """One KD seed of three diverged (NaN weights, test top-1 at chance): the per-setting table said so, but the
+    KD-vs-scratch table showed its gain, with that run in it, unmarked. Now the gain says how many diverged."""
+    changes = [{"name": f"mlp_100-scratch-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False,
+                "test_top1": 0.80 + 0.01 * s} for s in range(3)]
+    changes += [{"name": f"mlp_100-T4-a0.9-s{s}", "seed": s, "test_top1": 0.85 + 0.01 * s} for s in range(3)]
+    changes[4].update(diverged_epoch=2, test_top1=0.1)
+    build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    kd = next(r for r in table_rows(text) if len(r) == 13 and r[1] == "KD")
+    assert kd[10].endswith("(1 diverged)")
+    assert [r[5] for r in table_rows(text) if len(r) == 9] == ["-0.2033 (1 diverged)"]
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"][0]["diverged"] == 1
+
+
+def test_a_folder_of_runs_folders_names_them(student_runs, tmp_path):
+    """An ensemble pipeline's runs are in runs/NAME/students/<teachers>/<run>/: `kdpipe report runs/NAME/students`
+    said it held no runs (no metrics.json in it or its sub-directories), which the user could see was untrue.
+    Now it names the folders of runs to give."""
+    for group in ("cnn+mlp", "cnn"):
+        shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", tmp_path / "students" / group / "mlp_100-T4-a0.9-s0")
+    import re
+    d = tmp_path / "students"
+    want = f"holds no runs itself, but folders of runs: give those ({d / 'cnn'} {d / 'cnn+mlp'})"
+    with pytest.raises(KDPipeError, match=re.escape(want) + "$"):
+        find_runs([tmp_path / "students"])
+    assert len(find_runs([tmp_path / "students" / "cnn", tmp_path / "students" / "cnn+mlp"])) == 2
