@@ -773,8 +773,9 @@ def make_rules_cmd(pipeline, stamps):
 @click.option("--teacher", "teacher_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="The teacher: a kdpipe checkpoint (it records the architecture and the input normalization).")
 @data_options
-@click.option("--students", "students_dir", type=click.Path(file_okay=False), default=None, metavar="RUNS_DIR",
-              help="Also measure the distilled students trained into RUNS_DIR (and each of them int8-quantized).")
+@click.option("--students", "students_dir", type=click.Path(file_okay=False), multiple=True, metavar="RUNS_DIR",
+              help="Also measure the distilled students trained into RUNS_DIR (and each of them int8-quantized); "
+                   "RUNS_DIR may be one run, and the option may be repeated.")
 @click.option("--quantize", type=click.Choice(["dynamic", "static", "none"]), multiple=True, metavar="KIND",
               help="int8 post-training quantization of the teacher: dynamic (nn.Linear weights), static (FX graph "
                    "mode, calibrated); repeat for both, 'none' for neither.  [default: dynamic and static]")

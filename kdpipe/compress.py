@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import time
 import warnings
@@ -382,12 +383,17 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
         if not 0 < s < 1:
             raise KDPipeError(f"sparsities must lie strictly between 0 and 1, got {s:g}")
     teacher = load_model(teacher_path)
-    students = _students(students_dir) if students_dir else []
-    unfinished = sorted(c.parent.name for c in Path(students_dir).glob("*/config.json")
-                        if not (c.parent / "metrics.json").is_file()) if students_dir else []
-    if unfinished:
-        log(f"note: {len(unfinished)} unfinished run(s) under {students_dir} not measured (run their train-student "
-            f"command again to finish them): {', '.join(unfinished)}")
+    dirs = [students_dir] if isinstance(students_dir, (str, os.PathLike)) else list(students_dir or [])
+    students = [s for d in dirs for s in _students(d)]  # each a RUNS_DIR, or one run (a pipeline's runs, named)
+    twice = sorted({name for name, _ in students if [n for n, _ in students].count(name) > 1})
+    if twice:
+        raise KDPipeError(f"two runs named {twice[0]} among {', '.join(map(str, dirs))}: give each run once")
+    for d in dirs:
+        unfinished = sorted(c.parent.name for c in Path(d).glob("*/config.json")
+                            if not (c.parent / "metrics.json").is_file())
+        if unfinished:
+            log(f"note: {len(unfinished)} unfinished run(s) under {d} not measured (run their train-student "
+                f"command again to finish them): {', '.join(unfinished)}")
     if teacher.num_classes != test.num_classes or tuple(teacher.info.get("dataset", {}).get("image_shape", [])) not in (
             (), tuple(test.image_shape)):
         raise KDPipeError(f"the teacher was trained on {teacher.info.get('dataset', {}).get('spec')} "

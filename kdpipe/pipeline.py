@@ -379,7 +379,10 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
                                             "finetune_epochs": "finetune-epochs", "finetune_loss": "finetune-loss",
                                             "finetune_samples": "finetune-samples", "lr": "lr", "repeats": "repeats",
                                             "seed": "seed", "device": "device"}))
-                      + f" --students {runs_dir}/students --out {runs_dir}/compress", "compress")
+                      # the pipeline's runs, not whatever else runs/<name>/students holds (runs of settings since
+                      # removed from the pipeline)
+                      + "".join(f" --students {Path(m).parent}" for m in all_metrics)
+                      + f" --out {runs_dir}/compress", "compress")
         targets.append(target)
     lines += [f"PIPELINE_TARGET := {' '.join(targets)}", ""]
     if stamp_dir is not None:

@@ -298,7 +298,9 @@ def test_a_pipeline_with_a_compress_section_gets_a_compress_step(tmp_path):
     ctx = main.commands["compress"].make_context("compress", args[1:])  # the command line parses
     assert ctx.params["quantize"] == ("static",) and ctx.params["prune"] == ("channels", "unstructured")
     assert ctx.params["sparsities"] == ([0.5, 0.8],) and ctx.params["finetune_epochs"] == 2
-    assert ctx.params["students_dir"] == "runs/default/students" and ctx.params["out"] == "runs/default/compress"
+    runs = ctx.params["students_dir"]  # the pipeline's own runs, one by one (not the folder, which may hold others)
+    assert len(runs) == 12 and all(r.startswith("runs/default/students/mlp_") for r in runs)
+    assert ctx.params["out"] == "runs/default/compress"
     assert "PIPELINE_TARGET := runs/default/report/report.md runs/default/compress/compress.md" in rules
     (tmp_path / "p.toml").write_text(spec + "speed = 3\n")
     with pytest.raises(KDPipeError, match=r"unknown key\(s\) in \[compress\]: speed"):
@@ -425,6 +427,30 @@ def test_a_diverged_student_is_a_row_that_says_so(fmnist, teacher_ckpt, tmp_path
                                   str(runs), "--quantize", "none", "--prune", "none", "--repeats", "1",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and "note: 1 unfinished run(s) under" in r.output and ": later" in r.output
+
+
+def test_students_given_run_by_run_are_the_ones_measured(fmnist, teacher_ckpt, tmp_path):
+    """A pipeline's [compress] passed its whole runs folder, so runs of settings since removed from the pipeline
+    were measured beside its own; --students now takes runs one by one (repeated), and the pipeline gives its own
+    (test_a_pipeline_with_a_compress_section_gets_a_compress_step)."""
+    from kdpipe.data import load_dataset
+
+    train = load_dataset(fmnist.spec, "train")
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "old"):
+        d = _student_run(runs, name, create_model("mlp:16", 10, (1, 28, 28)), "mlp:16", image_shape=(1, 28, 28),
+                         dataset=train.identity())
+        (d / "metrics.json").write_text(json.dumps({"name": name, "uses_teacher": True}))
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(runs / "a"), "--students", str(runs / "b"), "--quantize", "none", "--prune",
+                                  "none", "--repeats", "1", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    names = {row["name"] for row in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert {"a", "b"} <= names and not any(n.startswith("old") for n in names)
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
+                                  str(runs / "a"), "--students", str(runs / "a"), "--quantize", "none", "--prune",
+                                  "none", "--repeats", "1", "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "two runs named a among" in r.output
 
 
 def test_latencies_keep_three_significant_digits():
