@@ -10,6 +10,9 @@
                                                                  resumes the others from their checkpoint)
     report:   runs/<name>/report/report.md                     (report)
     compress: runs/<name>/compress/compress.md                 (compress, only with a [compress] section)
+
+A file the pipeline is given ([teacher] file, the npz or CSV file of [data] spec) is a prerequisite of the
+steps that read it (edited, they rerun) with a rule that names it in one line when it is missing.
 """
 
 from __future__ import annotations
@@ -291,6 +294,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         (["--limit", str(int(data["limit"]))] if data.get("limit") else []) + \
         (["--image-size", str(int(data["image_size"]))] if data.get("image_size") else [])
     data_file = [data["spec"].removeprefix("npz:")] if data.get("prepare") else []
+    given_data = _data_file(data) if not data_file else None  # the user's npz or CSV file: changed, steps rerun
+    data_file = data_file or ([given_data] if given_data else [])
     d = spec["dump"]
     runs_dir, cache_dir = f"runs/{name}", f"cache/{name}"
     q = shlex.join
@@ -309,17 +314,16 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         return [f"{targets}: {' '.join(prereqs)} | {' '.join(('$(SETUP)',) + after)}", f"\t{command}{unstamped}",
                 ""]
 
-    if data_file:
+    if data.get("prepare"):
         lines += rule(data_file[0], [], data["prepare"], "data")
+    elif given_data:
+        lines += _missing_file_rule(given_data, f"the [data] file {given_data}", "spec = \"...\"")
     # One teacher ([teacher]): runs/NAME/teacher.pt, cache/NAME. An ensemble ([[teacher]] entries): each entry's
     # teacher-<t>.pt and cache/NAME/<t>, every cache after the first dumped over the first's views (--like).
     ensemble = isinstance(spec["teacher"], list)
     teacher_files, caches = {}, {}
     for given in dict.fromkeys(t["file"] for t in _listify(spec["teacher"]) if "file" in t):
-        # a teacher file the user gives: missing, one line (Make alone says "No rule to make target")
-        lines += [f"{given}:", "\t@echo " + shlex.quote(
-            f"Error: $(PIPELINE): the [teacher] file {given} does not exist (a path from the folder make runs "
-            "in): put your teacher there, or set file = \"...\" to where it is") + " >&2; exit 1", ""]
+        lines += _missing_file_rule(given, f"the [teacher] file {given}", "file = \"...\"")
     for t in (spec["teacher"] if ensemble else [spec["teacher"]]):
         tname = t["name"] if ensemble else None
         suffix = f"-{tname}" if ensemble else ""  # of the teacher file and the steps' stamps
@@ -392,6 +396,23 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(content)
     return "\n".join(lines)
+
+
+def _data_file(data: dict) -> str | None:
+    """The file of an npz: or csv: spec, which the teacher and the dumps then depend on (a file edited in place
+    reruns them), where Make can name it (no root to resolve it under, no character Make cannot take)."""
+    kind, _, path = str(data["spec"]).partition(":")
+    if kind not in ("npz", "csv") or not path or data.get("root") or not _MAKE_PATH.fullmatch(path):
+        return None
+    return path
+
+
+def _missing_file_rule(path: str, what: str, key: str) -> list[str]:
+    """A rule for a file the pipeline is given: when it is missing, one line (Make alone says "No rule to make
+    target")."""
+    return [f"{path}:", "\t@echo " + shlex.quote(
+        f"Error: $(PIPELINE): {what} does not exist (a path from the folder make runs in): put it there, or set "
+        f"{key} to where it is") + " >&2; exit 1", ""]
 
 
 def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, data_opts: list[str],

@@ -220,11 +220,45 @@ def test_a_missing_teacher_file_is_named_in_one_line_when_make_runs(tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and "No rule" not in r.stderr
     assert r.stderr.splitlines()[0] == ("Error: pipelines/food-photos.toml: the [teacher] file food11_resnet18.pth "
-                                        "does not exist (a path from the folder make runs in): put your teacher "
-                                        "there, or set file = \"...\" to where it is")
+                                        "does not exist (a path from the folder make runs in): put it there, or set "
+                                        "file = \"...\" to where it is")
     (tmp_path / "food11_resnet18.pth").write_bytes(b"weights")  # there: the dump's rule runs (KDPIPE=true)
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_users_data_file_is_a_prerequisite_of_the_teacher_and_the_dump(monkeypatch, tmp_path):
+    """[data] spec = "npz:FILE" (or csv:FILE): the file was no prerequisite, so a file edited in place reran
+    nothing (stage two then refused the cache by fingerprint); now its change reruns the teacher and the dump,
+    and a missing one is named in one line."""
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / "pipelines" / "default.toml").read_text()
+    (tmp_path / "default.toml").write_text(text.replace('spec = "fashion-mnist"', 'spec = "npz:data/d.npz"'))
+    spec = load_pipeline(tmp_path / "default.toml")
+    assert spec["data"]["spec"] == "npz:data/d.npz"
+    (tmp_path / "rules.mk").write_text(make_rules(spec))
+
+    def make(*flags):
+        return subprocess.run(["make", *flags, "-f", "rules.mk", "PIPELINE=default.toml", "KDPIPE=kd", "SETUP=",
+                               "cache/default/manifest.json"], capture_output=True, text=True)
+    r = make("-s")
+    assert r.returncode != 0 and r.stderr.splitlines()[0] == (
+        "Error: default.toml: the [data] file data/d.npz does not exist (a path from the folder make runs in): put it "
+        "there, or set spec = \"...\" to where it is")
+    t0 = time.time() - 100
+    for i, f in enumerate(["data/d.npz", "runs/default/teacher.pt", "cache/default/manifest.json"]):
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).write_text("x")
+        os.utime(f, (t0 + i, t0 + i))
+    assert "kd " not in make("-n").stdout  # up to date
+    os.utime("data/d.npz", (t0 + 9, t0 + 9))  # edited in place
+    steps = make("-n").stdout
+    assert "kd train-teacher" in steps and "kd dump-logits" in steps
+    (tmp_path / "default.toml").write_text(text.replace('spec = "fashion-mnist"', 'spec = "npz:my data/d.npz"'))
+    rules = make_rules(load_pipeline(tmp_path / "default.toml"))  # a path Make cannot name: no prerequisite
+    assert not any("my data" in line or " my " in line for line in rules.splitlines() if line[:1] not in ("\t", "#"))
 
 
 def test_cifar10_resnet_pipeline(cifar_folder, monkeypatch, tmp_path):
@@ -304,7 +338,8 @@ def test_an_ensemble_pipeline_runs_each_teacher_over_the_same_views(fmnist, monk
     assert len(summary["runs"]) == 4 and len(summary["teachers"]) == 2
     # the rules' second dump is --like the first's cache, made after it
     rules = make_rules(spec)
-    assert "cache/ens/mlp/manifest.json: runs/ens/teacher-mlp.pt | $(SETUP) cache/ens/cnn/manifest.json" in rules
+    assert (f"cache/ens/mlp/manifest.json: runs/ens/teacher-mlp.pt {fmnist.path} | $(SETUP) "
+            "cache/ens/cnn/manifest.json") in rules
     assert "--like cache/ens/cnn" in rules
 
 
@@ -328,8 +363,8 @@ def test_a_new_first_teacher_of_an_ensemble_pipeline_does_not_redump_the_others(
     t0 = time.time() - 100
     for p in (tmp_path / "stamps").iterdir():
         os.utime(p, (t0, t0))
-    for i, f in enumerate(["runs/ens/teacher-cnn.pt", "runs/ens/teacher-mlp.pt", "cache/ens/cnn/manifest.json",
-                           "cache/ens/mlp/manifest.json"], 1):  # all made, in order
+    for i, f in enumerate(["d.npz", "runs/ens/teacher-cnn.pt", "runs/ens/teacher-mlp.pt",
+                           "cache/ens/cnn/manifest.json", "cache/ens/mlp/manifest.json"], 1):  # all made, in order
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("x")
         os.utime(tmp_path / f, (t0 + i, t0 + i))
