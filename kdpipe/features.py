@@ -67,7 +67,9 @@ def find_module(root: nn.Module, name: str, what: str = "teacher") -> nn.Module:
 
 class FeatureTap:
     """Within `with tap:`, every forward pass of the root keeps the outputs of the named modules in
-    ``tap.out`` (layer -> tensor, as returned). A module that returns anything but a tensor is refused."""
+    ``tap.out`` (layer -> tensor, as returned); ``take()`` hands them over after each pass. A module that
+    returns anything but a tensor is refused, and so is one that runs more than once in a pass (a shared
+    activation, such as torchvision's BasicBlock.relu): which of its outputs is the feature would be a guess."""
 
     def __init__(self, root: nn.Module, layers, what: str = "teacher"):
         self.modules = {layer: find_module(root, layer, what) for layer in layers}
@@ -90,6 +92,10 @@ class FeatureTap:
             if not torch.is_tensor(output):
                 raise KDPipeError(f"the {self.what}'s module {layer!r} returns {type(output).__name__}, not a "
                                   "tensor: name a module that returns one tensor")
+            if layer in self.out:
+                raise KDPipeError(f"the {self.what}'s module {layer!r} runs more than once in one forward pass (a "
+                                  "module its forward calls several times): name a module that runs once, such "
+                                  "as the block that contains it")
             self.out[layer] = output.clone()  # a later in-place op (ReLU(inplace=True)) must not change it
         return hook
 
