@@ -294,7 +294,9 @@ def awkward_net(tmp_path) -> SimpleNamespace:
     return SimpleNamespace(spec=spec, weights=tmp_path / "awkward.pth")
 
 
-@pytest.mark.parametrize("layer, words", [("act", "runs more than once in one forward pass")])
+@pytest.mark.parametrize("layer, words", [("act", "runs more than once in one forward pass"),
+                                          ("seq", "gives (2, 3, 16) for a batch of 3 inputs: its first dimension "
+                                                  "is not the batch")])
 def test_a_layer_that_is_not_one_row_per_image_is_refused_on_both_sides(feat_cache, awkward_net, tmp_path,
                                                                         layer, words):
     """A shared module's features would be whichever call came last, and a sequence-first output's rows are not
