@@ -314,8 +314,10 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     if plan["bytes"] > SIZE_FACTOR * plan["data_bytes"]:
         why.append(f"more than {SIZE_FACTOR}x the decoded dataset ({human_bytes(plan['data_bytes'])})")
     if why and not yes:
+        smaller = ("cache a smaller --features layer (a pooled one: most of each row is features), or dump fewer "
+                   "--views" if 2 * plan.get("feature_bytes", 0) > plan["row_bytes"] else "dump fewer --views")
         raise KDPipeError(f"the cache would take {size}, " + " and ".join(why) +
-                          ": pass --yes to dump it anyway, or dump fewer --views")
+                          f": pass --yes to dump it anyway, or {smaller}")
     log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 

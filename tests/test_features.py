@@ -112,6 +112,17 @@ def test_an_older_reader_ignores_the_feature_columns_and_reads_the_logits(feat_c
         c.read("features/pool", 0, 1)
 
 
+def test_a_dump_too_large_for_its_features_says_to_cache_a_smaller_layer(fmnist, teacher_ckpt, tmp_path):
+    """A feature map ((16, 28, 28) per view: 25 KB against a 784-byte image) makes the cache refused for its size;
+    the line says what made it large: fewer --views would cut the views a student needs, a pooled layer not."""
+    err = one_line_error(invoke(["dump-logits", "--teacher", teacher_ckpt, "--data", fmnist.spec, "--limit", 64,
+                                 "--views", 2, "--features", "features.0", "--out", tmp_path / "c"], code=2))
+    assert "of which 25088 of features" in err and "more than 10x the decoded dataset" in err
+    assert err.endswith("pass --yes to dump it anyway, or cache a smaller --features layer (a pooled one: most of "
+                        "each row is features), or dump fewer --views")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
 def test_a_dump_with_other_features_does_not_resume_the_cache(feat_cache, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(feat_cache.path, out)
