@@ -32,6 +32,9 @@ from kdpipe import KDPipeError
 from kdpipe.losses import Outputs
 
 PROJECTOR_FILE = "projector.pt"
+# Blank inputs in the forward pass that finds a layer's shape per image: not 2, which a sequence-first or
+# two-state output (a bidirectional RNN's (2, batch, D)) also has first, so take() could not tell the batch.
+PROBE_BATCH = 3
 UNHOOKABLE = {"torchscript": "a TorchScript module", "export": "a torch.export program"}
 
 
@@ -67,7 +70,9 @@ def find_module(root: nn.Module, name: str, what: str = "teacher") -> nn.Module:
 
 class FeatureTap:
     """Within `with tap:`, every forward pass of the root keeps the outputs of the named modules in
-    ``tap.out`` (layer -> tensor, as returned). A module that returns anything but a tensor is refused."""
+    ``tap.out`` (layer -> tensor, as returned); ``take()`` hands them over after each pass. A module that
+    returns anything but a tensor is refused, and so is one that runs more than once in a pass (a shared
+    activation, such as torchvision's BasicBlock.relu): which of its outputs is the feature would be a guess."""
 
     def __init__(self, root: nn.Module, layers, what: str = "teacher"):
         self.modules = {layer: find_module(root, layer, what) for layer in layers}
@@ -90,15 +95,27 @@ class FeatureTap:
             if not torch.is_tensor(output):
                 raise KDPipeError(f"the {self.what}'s module {layer!r} returns {type(output).__name__}, not a "
                                   "tensor: name a module that returns one tensor")
+            if layer in self.out:
+                raise KDPipeError(f"the {self.what}'s module {layer!r} runs more than once in one forward pass (a "
+                                  "module its forward calls several times): name a module that runs once, such "
+                                  "as the block that contains it")
             self.out[layer] = output.clone()  # a later in-place op (ReLU(inplace=True)) must not change it
         return hook
 
-    def take(self) -> dict[str, torch.Tensor]:
+    def take(self, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """The outputs of the last pass; with `batch` (the pass's number of inputs), each must hold one row
+        per input: an output whose first dimension is not the batch (a sequence-first layout, a statistic
+        over the batch) is refused, naming its shape."""
         out, self.out = self.out, {}
         missing = [layer for layer in self.modules if layer not in out]
         if missing:
             raise KDPipeError(f"the {self.what}'s module(s) {', '.join(map(repr, missing))} did not run in its "
                               "forward pass: name a layer its forward calls")
+        for layer, v in out.items():
+            if batch is not None and (v.ndim == 0 or v.shape[0] != batch):
+                raise KDPipeError(f"the {self.what}'s module {layer!r} gives {tuple(v.shape)} for a batch of {batch} "
+                                  "inputs: its first dimension is not the batch, so its rows are not one per image; "
+                                  "name a module whose output is (batch, ...)")
         return out
 
 
@@ -121,13 +138,13 @@ def make_projector(student_shape, teacher_shape, student_layer: str = "", teache
 
 
 def layer_shape(model: nn.Module, layer: str, in_shape, device, what: str = "student") -> tuple:
-    """The per-image shape of a named layer's output, from one forward pass of two blank images."""
+    """The per-image shape of a named layer's output, from one forward pass of PROBE_BATCH blank images."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), FeatureTap(model, [layer], what) as tap:
-            model(torch.zeros((2, *in_shape), device=device))
-            return tuple(tap.take()[layer].shape[1:])
+            model(torch.zeros((PROBE_BATCH, *in_shape), device=device))
+            return tuple(tap.take(PROBE_BATCH)[layer].shape[1:])
     finally:
         model.train(was)
 
@@ -145,7 +162,7 @@ class HintStudent(nn.Module):
     def forward(self, x):
         with FeatureTap(self.student, [self.layer], "student") as tap:
             logits = self.student(x)
-            feats = tap.take()[self.layer]
+            feats = tap.take(len(x))[self.layer]
         return Outputs(logits, self.projector(feats))
 
 

@@ -72,6 +72,20 @@ def load_checkpoint(path: Path) -> dict:
     return obj
 
 
+WORLD_SETTINGS = ("world_size ", "effective_batch_size ")
+
+
+def _other_settings_advice(diffs: dict[str, list[str]], worlds: set) -> str:
+    """What to do about runs with other settings: where only the world size differs (a run begun under torchrun,
+    rerun without it, or the reverse), rerun with the processes it was begun with, which resumes it."""
+    advice = "pass --overwrite to start them over, or choose another --out"
+    if len(worlds) != 1 or not all(x.startswith(WORLD_SETTINGS) for d in diffs.values() for x in d):
+        return advice
+    (w,) = worlds
+    how = f"under torchrun --nproc-per-node {w}" if w and w > 1 else "as one process (without torchrun)"
+    return f"they were begun with {w or 1} process(es): run the same command {how} to resume them, or " + advice
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -104,6 +118,7 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
                             "epochs": c["epochs"]}
     diffs: dict[str, list[str]] = {}
+    worlds = set()  # the world sizes the differing runs were begun with
     for name, cfg in configs.items():
         want = settings(cfg)
         found = []
@@ -111,14 +126,15 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
             found.append(settings(_read_json(out / name / "config.json")))
         found += [h["runs"][name] for h in held.values() if name in h["runs"]]
         d = sorted({x for old in found for x in differences(old, want)})
+        worlds |= {old.get("world_size") for old in found if differences(old, want)}
         if not found and (out / name / "metrics.json").is_file():
             d = ["a metrics.json without the config.json that says its settings"]
         if d:
             diffs[name] = d
     if diffs and not overwrite:
         listed = "; ".join(f"{n} ({', '.join(d)})" for n, d in diffs.items())
-        raise KDPipeError(f"{out} holds {len(diffs)} run(s) with other settings: {listed}: pass --overwrite to start "
-                          "them over, or choose another --out")
+        raise KDPipeError(f"{out} holds {len(diffs)} run(s) with other settings: {listed}: "
+                          + _other_settings_advice(diffs, worlds))
     for name, d in diffs.items():
         log(f"--overwrite: starting {name} over ({', '.join(d)})")
         for f in ("metrics.json", "config.json", "student.pt"):

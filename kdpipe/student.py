@@ -510,6 +510,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     for name in configs:
         if losses[name].needs_features:  # a setting: another layer or feature is another run
             configs[name]["hint"] = hint
+    _check_ranks_agree(ctx, configs)
     plan = None
     with ctx.together("checking the runs directory"):
         if ctx.is_main:
@@ -595,6 +596,24 @@ def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_s
             "cache": str(cache.path.resolve()), "cache_id": cache.manifest["cache_id"],
             "view_schedule": "epoch e uses view e mod K", "kdpipe_version": kdpipe.__version__,
             "torch_version": torch.__version__}
+
+
+def _check_ranks_agree(ctx: Dist, configs: dict) -> None:
+    """Refuse, on every rank, runs whose settings differ between the ranks (a node given another --epochs, --lr
+    or --alpha): DDP would average gradients of different runs, and rank 0 would write its own settings alone."""
+    from kdpipe.cache.writer import differences
+    from kdpipe.resume import settings
+    plans = ctx.all_gather({name: settings(c) for name, c in configs.items()})
+    for r, other in enumerate(plans):
+        if other == plans[0]:  # every rank sees the same list, so every rank raises
+            continue
+        if sorted(other) != sorted(plans[0]):
+            diffs = [f"runs: rank 0 has {', '.join(sorted(plans[0]))}, rank {r} has {', '.join(sorted(other))}"]
+        else:
+            diffs = list(dict.fromkeys(d.replace(" was ", ": rank 0 has ", 1).replace(", now ", f", rank {r} has ", 1)
+                                       for name in sorted(other) for d in differences(plans[0][name], other[name])))
+        raise KDPipeError(f"rank {r} was given other arguments than rank 0 (" + "; ".join(diffs) + "): every rank "
+                          "must run the same train-student command")
 
 
 def _val_identity(val: ImageData | None) -> dict | None:

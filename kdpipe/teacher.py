@@ -274,10 +274,10 @@ def planned_size(data: ImageData, test: ImageData | None, policy: ViewPolicy, vi
 
 
 def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
-    """[{"layer", "shape"}] of the teacher's modules at these paths, from one forward pass of two blank
-    inputs on the teacher's current device (kdpipe.features: unknown layers and modules without hooks
+    """[{"layer", "shape"}] of the teacher's modules at these paths, from one forward pass of PROBE_BATCH
+    blank inputs on the teacher's current device (kdpipe.features: unknown layers and modules without hooks
     are refused in one line)."""
-    from kdpipe.features import FeatureTap, hook_root
+    from kdpipe.features import PROBE_BATCH, FeatureTap, hook_root
     if not layers:
         return []
     if len(set(layers)) != len(layers):
@@ -286,12 +286,13 @@ def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
     dev = next(iter(teacher.module.parameters()), torch.zeros(0)).device
     with torch.no_grad(), FeatureTap(root, layers) as tap:
         try:
-            teacher.module.eval()(torch.zeros((2, *in_shape), device=dev))
+            teacher.module.eval()(torch.zeros((PROBE_BATCH, *in_shape), device=dev))
         except KDPipeError:
             raise
         except Exception as e:
-            raise KDPipeError(f"the teacher fails on inputs of shape {(2, *tuple(in_shape))}: {error_line(e)}") from None
-        got = tap.take()
+            raise KDPipeError(f"the teacher fails on inputs of shape {(PROBE_BATCH, *tuple(in_shape))}: "
+                              f"{error_line(e)}") from None
+        got = tap.take(PROBE_BATCH)
     return [{"layer": layer, "shape": [int(v) for v in got[layer].shape[1:]]} for layer in layers]
 
 
@@ -313,8 +314,10 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     if plan["bytes"] > SIZE_FACTOR * plan["data_bytes"]:
         why.append(f"more than {SIZE_FACTOR}x the decoded dataset ({human_bytes(plan['data_bytes'])})")
     if why and not yes:
+        smaller = ("cache a smaller --features layer (a pooled one: most of each row is features), or dump fewer "
+                   "--views" if 2 * plan.get("feature_bytes", 0) > plan["row_bytes"] else "dump fewer --views")
         raise KDPipeError(f"the cache would take {size}, " + " and ".join(why) +
-                          ": pass --yes to dump it anyway, or dump fewer --views")
+                          f": pass --yes to dump it anyway, or {smaller}")
     log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 
@@ -488,7 +491,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                         with autocast:
                             lg_dev[b:b + len(bi)] = teacher_mod(x).float()
                         if feats:
-                            for layer, v in tap.take().items():
+                            for layer, v in tap.take(len(bi)).items():
                                 ft_dev[layer][b:b + len(bi)] = v.to(torch.float16)
                         prog.update(len(bi))
                     lg = lg_dev.cpu().numpy()

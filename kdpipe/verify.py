@@ -336,7 +336,7 @@ def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params:
             with autocast:
                 out.append(mod(xb).float())
             if layers:
-                for layer, v in tap.take().items():
+                for layer, v in tap.take(len(xb)).items():
                     feats[layer].append(v.to(torch.float16).float().cpu())
     if features is not None:
         features.update({layer: torch.cat(v).numpy() for layer, v in feats.items()})

@@ -71,12 +71,12 @@ def single(args: list[str]) -> str:
     return res.output
 
 
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, program=("-m", "kdpipe")) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", KDPIPE_DIST_TIMEOUT="120")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "kdpipe", *args]
+           *program, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
 
 
@@ -224,6 +224,28 @@ def test_failure_on_one_rank_stops_all_and_keeps_finished_shards(work, reference
 
 
 # ---------------------------------------------------------------- stage two under torchrun
+
+@pytest.mark.parametrize("extra, words", [
+    (["--epochs", "3"], "(epochs: rank 0 has 2, rank 1 has 3)"),
+    (["--alpha", "0.1"], "(runs: rank 0 has cnn_tiny-T4-a0.9-s0, cnn_tiny-T4-a0.9-s1, mlp_100-T4-a0.9-s0, "
+                         "mlp_100-T4-a0.9-s1, rank 1 has cnn_tiny-T4-a0.1-s0,"),
+])
+def test_ranks_given_other_student_arguments_are_refused(work, reference, tmp_path, extra, words):
+    """A node given another --epochs or --alpha than the others (several nodes each run the command) trained its
+    own runs under DDP, gradients averaged with rank 0's, and rank 0 wrote its settings alone (or rank 0 finished
+    and rank 1 crashed waiting for it): every rank refuses in one line, naming the difference."""
+    repo = Path(__file__).resolve().parent.parent
+    wrapper = tmp_path / "rank1_differs.py"
+    wrapper.write_text(f"import os, sys\nsys.path.insert(0, {str(repo)!r})\nfrom kdpipe.cli import main\n"
+                       f"extra = {extra!r} if os.environ['RANK'] == '1' else []\nmain(sys.argv[1:] + extra)\n")
+    out = tmp_path / "runs"
+    proc = torchrun(student_args(reference, out, batch_size=16), program=[str(wrapper)])
+    assert proc.returncode != 0
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("Error:")]
+    assert lines and all(x == lines[0] for x in lines), proc.stdout + proc.stderr
+    assert "rank 1 was given other arguments than rank 0 " + words in lines[0]
+    assert not list(out.glob("*/*"))
+
 
 def test_ddp_students_write_one_set_of_outputs_and_match_single_process(work, reference):
     one, two = work / "runs1", work / "runs2"

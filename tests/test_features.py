@@ -112,6 +112,17 @@ def test_an_older_reader_ignores_the_feature_columns_and_reads_the_logits(feat_c
         c.read("features/pool", 0, 1)
 
 
+def test_a_dump_too_large_for_its_features_says_to_cache_a_smaller_layer(fmnist, teacher_ckpt, tmp_path):
+    """A feature map ((16, 28, 28) per view: 25 KB against a 784-byte image) makes the cache refused for its size;
+    the line says what made it large: fewer --views would cut the views a student needs, a pooled layer not."""
+    err = one_line_error(invoke(["dump-logits", "--teacher", teacher_ckpt, "--data", fmnist.spec, "--limit", 64,
+                                 "--views", 2, "--features", "features.0", "--out", tmp_path / "c"], code=2))
+    assert "of which 25088 of features" in err and "more than 10x the decoded dataset" in err
+    assert err.endswith("pass --yes to dump it anyway, or cache a smaller --features layer (a pooled one: most of "
+                        "each row is features), or dump fewer --views")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
 def test_a_dump_with_other_features_does_not_resume_the_cache(feat_cache, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(feat_cache.path, out)
@@ -258,6 +269,59 @@ def test_hint_settings_are_refused_in_one_line(feat_cache, tmp_path):
         assert words in one_line_error(invoke(base + extra, code=2))
     with pytest.raises(KDPipeError, match="holds no features"):
         hint_feature(SimpleNamespace(manifest={}, path="c"), None)
+
+
+# A network of the user's own: `act` is one ReLU its forward calls twice (as torchvision's BasicBlock.relu), `seq`
+# returns a sequence-first (2, batch, 16) tensor.
+AWKWARD_NETS = """
+import torch.nn as nn
+
+class SeqFirst(nn.Module):
+    def forward(self, x):
+        return x.unsqueeze(0).expand(2, -1, -1)
+
+class Net(nn.Module):
+    def __init__(self, num_classes, image_shape):
+        super().__init__()
+        self.flat, self.fc1, self.fc2 = nn.Flatten(), nn.Linear(28 * 28, 16), nn.Linear(16, 16)
+        self.act, self.seq, self.head = nn.ReLU(), SeqFirst(), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.act(self.fc2(self.act(self.fc1(self.flat(x)))))
+        return self.head(self.seq(h)[0])
+
+def Factory(num_classes=10, image_shape=(1, 28, 28)):
+    return Net(num_classes, image_shape)
+"""
+
+
+@pytest.fixture
+def awkward_net(tmp_path) -> SimpleNamespace:
+    (tmp_path / "awkward.py").write_text(AWKWARD_NETS)
+    torch.manual_seed(0)
+    from kdpipe.models import create_model
+    spec = f"{tmp_path / 'awkward.py'}:Factory"
+    torch.save(create_model(spec, 10, (1, 28, 28)).state_dict(), tmp_path / "awkward.pth")
+    return SimpleNamespace(spec=spec, weights=tmp_path / "awkward.pth")
+
+
+@pytest.mark.parametrize("layer, words", [("act", "runs more than once in one forward pass"),
+                                          ("seq", "gives (2, 3, 16) for a batch of 3 inputs: its first dimension "
+                                                  "is not the batch")])
+def test_a_layer_that_is_not_one_row_per_image_is_refused_on_both_sides(feat_cache, awkward_net, tmp_path,
+                                                                        layer, words):
+    """A shared module's features would be whichever call came last, and a sequence-first output's rows are not
+    the images': both are refused in one line, for the teacher's --features and the student's --hint-layer."""
+    err = one_line_error(invoke(["dump-logits", "--teacher", awkward_net.weights, "--teacher-arch", awkward_net.spec,
+                                 "--input-range", "0-1", "--data", feat_cache.spec, "--limit", 64, "--views", 1,
+                                 "--features", layer, "--force", "--out", tmp_path / "c"], code=2))
+    assert f"the teacher's module {layer!r} {words}" in err
+    assert not (tmp_path / "c").exists()
+    err = one_line_error(invoke(["train-student", "--cache", feat_cache.path, "--student", awkward_net.spec,
+                                 "--loss", "kd+hint", "--hint-layer", layer, "--hint-feature", "head.2",
+                                 "--epochs", 1, "--out", tmp_path / "runs"], code=2))
+    assert f"the student's module {layer!r} {words}" in err
+    assert not list((tmp_path / "runs").glob("*/metrics.json"))
 
 
 def test_kd_hint_trains_the_projector_saves_it_in_the_run_and_export_drops_it(feat_cache, tmp_path):

@@ -297,6 +297,29 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
     assert_one_line_error(run_cli(other), f"{RUNS[0]} (a metrics.json without the config.json that says its settings)")
 
 
+def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(work, tmp_path):
+    """A run begun under torchrun and rerun as one process (or the reverse) is refused, as its world size is one
+    of its settings; the line says to rerun with the processes it was begun with (which resumes it), not only to
+    start it over with --overwrite."""
+    from kdpipe import KDPipeError
+    from kdpipe.resume import plan_runs_dir
+    out = tmp_path / "runs"
+    args = student_args(work, out, "off", 1, 32)
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    configs = {name: json.loads((out / name / "config.json").read_text()) for name in RUNS}
+    with pytest.raises(KDPipeError, match=r"world_size was 1, now 2\): they were begun with 1 process\(es\): run "
+                                          r"the same command as one process \(without torchrun\) to resume them"):
+        plan_runs_dir(out, {n: {**c, "world_size": 2, "effective_batch_size": 64} for n, c in configs.items()})
+    for name, c in configs.items():  # as if begun by torchrun --nproc-per-node 2 with --batch-size 32
+        (out / name / "config.json").write_text(json.dumps({**c, "world_size": 2, "effective_batch_size": 64}))
+    assert_one_line_error(run_cli(args), "world_size was 2, now 1", "they were begun with 2 process(es): run the "
+                          "same command under torchrun --nproc-per-node 2 to resume them, or pass --overwrite")
+    (out / RUNS[0] / "config.json").write_text(json.dumps({**configs[RUNS[0]], "world_size": 2, "epochs": 3}))
+    line = assert_one_line_error(run_cli(args), "epochs was 3, now 1", "--overwrite")
+    assert "begun with" not in line  # another setting differs too: resuming with 2 processes would not do
+
+
 def _contents(d) -> dict:
     """files_digest without the times (a skipped run's metrics.json is touched)."""
     return {k: v[0] for k, v in (d if isinstance(d, dict) else files_digest(d)).items()}

@@ -356,7 +356,7 @@ def test_a_torchscript_teacher_that_fails_says_why_not_where(ref, tmp_path):
     (tmp_path / "nets.py").write_text("import torch.nn as nn\n\ndef rgb(num_classes):\n    return nn.Sequential("
                                       "nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))\n")
     refused(dump(tmp_path / "rgb.pth", ref.spec, tmp_path / "x", "--teacher-arch", f"{tmp_path / 'nets.py'}:rgb",
-                 "--features", "1", *ref.norm), "the teacher fails on inputs of shape (2, 1, 28, 28)", "3 channels")
+                 "--features", "1", *ref.norm), "the teacher fails on inputs of shape (3, 1, 28, 28)", "3 channels")
 
 def test_state_dicts_safetensors_and_pickles(ref, tmp_path, monkeypatch):
     from safetensors.torch import save_file
