@@ -541,7 +541,7 @@ class Gauss(ViewOp):
     usage = "gauss:SIGMA (noise std in the data's units, e.g. gauss:0.1 on features, gauss:8 on 0..255 pixels)"
 
     def check(self):
-        if not 0 <= self.options["sigma"] <= np.finfo(np.float32).max:  # inf noise makes NaN views
+        if not 0 <= self.options["sigma"] <= float(np.finfo(np.float32).max):  # inf noise makes NaN views
             raise KDPipeError(f"gauss sigma must be >= 0 and finite, got {self.options['sigma']}")
 
     def draw(self, rng, n, shape):
