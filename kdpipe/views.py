@@ -131,6 +131,11 @@ class ViewOp:
         """The columns of the evaluation view (no augmentation), for n samples."""
         return []
 
+    def varies(self) -> bool:
+        """Whether, with its options, two views can differ (crop:0 and rotate:0 cannot): a policy of such
+        ops alone is no more random than none, whatever `random` says of the op."""
+        return True
+
     def bounds(self, n: int, shape: tuple[int, ...]) -> list[tuple[int, int]]:
         """The least and the greatest value (both included) that ``draw`` or ``clean`` gives each column, for
         n samples of per-sample ``shape``. Stage two refuses a cache whose parameters lie outside (``outside``):
@@ -216,6 +221,9 @@ class Crop(ViewOp):
     def clean(self, shape, n):
         p = self.options["padding"]
         return [np.full(n, p), np.full(n, p)]
+
+    def varies(self):
+        return self.options["padding"] > 0
 
     def bounds(self, n, shape):
         p = self.options["padding"]
@@ -378,6 +386,9 @@ class Rotate(ViewOp):
 
     def clean(self, shape, n):
         return [np.zeros(n)]
+
+    def varies(self):
+        return self.options["degrees"] > 0
 
     def bounds(self, n, shape):
         m = int(round(self.options["degrees"] * 1000))
@@ -696,7 +707,7 @@ class ViewPolicy:
                 seen.add(name)
                 cols.append(name)
         self.columns = tuple(cols)
-        self.is_random = any(op.random for op in self.ops)
+        self.is_random = any(op.random and op.varies() for op in self.ops)
         self.derived = np.concatenate([np.full(len(op.columns), op.derived, bool) for op in self.ops])
         # Replay plan: (op, first column, last column); an op that folds its successor replays both.
         # The mixing op is not in it: replay_rows applies it to the view and its partner's view.

@@ -598,7 +598,8 @@ def test_feature_normalization_is_per_feature():
 
 # ---------------------------------------------------------------- the too-few-views warning
 
-@pytest.mark.parametrize("spec, warns", [("none", False), ("crop:2", True)])
+@pytest.mark.parametrize("spec, warns", [("none", False), ("crop:2", True), ("crop:0", False),
+                                         ("rotate:0", False), ("crop:0+rotate:5", True)])
 def test_too_few_views_warns_only_for_random_views(spec, warns, fmnist, teacher_ckpt, tmp_path):
     from kdpipe.checkpoint import load_teacher
     from kdpipe.teacher import dump_logits
