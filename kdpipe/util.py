@@ -24,6 +24,8 @@ def pick_device(name: str | None) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise KDPipeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xla, meta...: torch names them, kdpipe runs on none of them
+        raise KDPipeError(f"device {name!r} is not one kdpipe runs on: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KDPipeError(f"device {name} asked for, but CUDA is not available here: use --device cpu")
     return dev

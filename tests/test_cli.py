@@ -442,3 +442,16 @@ def test_a_sweep_list_of_no_number_is_refused(tmp_path, flag):
     r = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", flag, ",",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "',' holds no number" in r.output, r.output
+
+
+# ---------------------------------------------------------------- odd values: one line, never a traceback
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_a_device_torch_knows_but_kdpipe_does_not_run_on_is_one_line(tmp_path, device):
+    """torch.device('meta') and friends parsed, then training failed with a RuntimeError or
+    NotImplementedError traceback."""
+    r = invoke("train-teacher", "--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--device", device,
+               "--out", tmp_path / "t.pt")
+    assert_one_line_error(r, f"device '{device}' is not one kdpipe runs on")
+
+
