@@ -455,3 +455,19 @@ def test_a_device_torch_knows_but_kdpipe_does_not_run_on_is_one_line(tmp_path, d
     assert_one_line_error(r, f"device '{device}' is not one kdpipe runs on")
 
 
+@pytest.mark.parametrize("cmd, flag, message", [
+    ("train-teacher", "--momentum", "--momentum must be a finite number, got nan"),
+    ("train-teacher", "--checkpoint-every", "Invalid value for '--checkpoint-every': 'nan' is not a number"),
+    ("train-student", "--checkpoint-every", "Invalid value for '--checkpoint-every': 'nan' is not a number"),
+    ("compress", "--lr", "--lr must be a finite number, got nan"),
+])
+def test_nan_is_refused_where_no_range_caught_it(fmnist, tmp_path, cmd, flag, message):
+    """NaN fails no comparison, so click's FloatRange let it through: train-teacher --momentum nan trained a
+    teacher at chance without a word (train-student's was checked), --checkpoint-every nan never checkpointed
+    within an epoch, compress --lr nan fine-tuned the pruned models to NaN."""
+    args = {"train-teacher": ["--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--out", tmp_path / "t.pt"],
+            "train-student": ["--cache", tmp_path, "--student", "mlp_100", "--out", tmp_path / "r"],
+            "compress": ["--data", fmnist.spec, "--teacher", tmp_path / "t.pt", "--out", tmp_path / "c"]}[cmd]
+    assert_one_line_error(invoke(cmd, *args, flag, "nan"), message)
+
+
