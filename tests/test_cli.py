@@ -471,3 +471,10 @@ def test_nan_is_refused_where_no_range_caught_it(fmnist, tmp_path, cmd, flag, me
     assert_one_line_error(invoke(cmd, *args, flag, "nan"), message)
 
 
+def test_a_learning_rate_past_float32_is_one_line(tmp_path):
+    """--lr 1e300 passed every check, then the optimizer's step raised a RuntimeError traceback."""
+    r = invoke("train-teacher", "--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--lr", "1e300",
+               "--out", tmp_path / "t.pt")
+    assert_one_line_error(r, "--lr must lie within float32's range")
+
+
