@@ -123,6 +123,11 @@ def load_pipeline(path) -> dict:
         spec = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise KDPipeError(f"no pipeline file {path}") from None
+    except UnicodeDecodeError:
+        raise KDPipeError(f"{path} is not a text file: give a pipeline's TOML file (e.g. pipelines/default.toml)") \
+            from None
+    except OSError as e:  # a folder ('' is the current one), a file it may not read
+        raise KDPipeError(f"cannot read the pipeline file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise KDPipeError(f"{path} is not valid TOML: {e}") from None
     unknown = set(spec) - _TOP_KEYS

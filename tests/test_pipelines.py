@@ -506,3 +506,14 @@ def test_a_given_file_make_cannot_name_is_refused_when_the_pipeline_is_read(tmp_
     (tmp_path / new).write_bytes(b"x")
     with pytest.raises(KDPipeError, match=message + ".*rename the file, or link it under a plain name"):
         load_pipeline(p)
+
+
+@pytest.mark.parametrize("what", ["folder", "binary"])
+def test_a_pipeline_path_that_is_no_text_file_is_one_line(tmp_path, monkeypatch, what):
+    """make-rules '' (the current folder) gave IsADirectoryError, a teacher.pt given by mistake a UnicodeDecodeError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"PK\x03\x04\x80\xff\xfe")
+    r = CliRunner().invoke(main, ["make-rules", "" if what == "folder" else "teacher.pt"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    words = "cannot read the pipeline file ." if what == "folder" else "teacher.pt is not a text file"
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr, r.stderr
