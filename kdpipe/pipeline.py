@@ -86,7 +86,8 @@ _TYPES = {
                  "optimizer": str, "momentum": _NUM, "weight_decay": _NUM, "eps": _NUM, "schedule": str,
                  "warmup_epochs": _NUM, "hint_layer": str, "hint_feature": str},
     "compress": {"calibration": _INT, "finetune_epochs": _INT, "finetune_samples": _INT, "repeats": _INT,
-                 "seed": _INT, "lr": _NUM, "backend": str, "finetune_loss": str, "device": str},
+                 "seed": _INT, "lr": _NUM, "backend": str, "finetune_loss": str, "device": str,
+                 "quantize": [str], "prune": [str], "sparsity": [_NUM]},
 }
 _KIND_WORDS = {_INT: "a whole number", _NUM: "a number", str: "a string in quotes", bool: "true or false"}
 _KIND_PLURALS = {_INT: "whole numbers", _NUM: "numbers", str: "strings in quotes", bool: "true or false"}

@@ -51,7 +51,10 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
     out = {**TRAIN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "optimizer": name,
            "lr": float(lr if lr is not None else OPTIMIZERS[name]["lr"]),
            "weight_decay": float(weight_decay if weight_decay is not None else OPTIMIZERS[name]["weight_decay"])}
-    out["betas"] = tuple(float(b) for b in out["betas"])
+    try:
+        out["betas"] = tuple(float(b) for b in out["betas"])
+    except (TypeError, ValueError):  # a pipeline's betas = 0.9, or ["a", "b"]
+        raise KDPipeError(f"--betas must be two numbers in [0, 1), got {out['betas']!r}") from None
     for key in ("lr", "weight_decay", "momentum", "eps", "warmup_epochs"):  # NaN passes every range check
         if not math.isfinite(float(out[key])):
             raise KDPipeError(f"--{key.replace('_', '-')} must be a finite number, got {out[key]}")

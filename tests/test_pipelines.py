@@ -435,6 +435,16 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
     # The name is part of every path and Make target.
     (lambda s: s.replace('name = "default"', 'name = "my run"'), r"name must be letters, .* got 'my run'"),
     (lambda s: s.replace('name = "default"', 'name = "../x"'), r"name must be letters, .* got '../x'"),
+    # A value of the wrong shape gave a TypeError traceback (from resolve_training, or shlex writing the rules).
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = 0.9\n#"),
+     r"--betas must be two numbers in \[0, 1\), got 0.9"),
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = [[0.9]]\n#"), r"--betas must be two numbers"),
+    (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nquantize = 3\n# quantize"),
+     r"\[compress\] quantize must be a string in quotes or a list of them, got 3"),
+    (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nprune = [['channels']]\n# quantize"),
+     r"\[compress\] prune must be a list of strings in quotes"),
+    (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nsparsity = {a = 0.5}\n# quantize"),
+     r"\[compress\] sparsity must be a number or a list of them"),
 ])
 def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_it_is_read(tmp_path, change, message):
     p = tmp_path / "mine.toml"
