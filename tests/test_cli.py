@@ -478,3 +478,12 @@ def test_a_learning_rate_past_float32_is_one_line(tmp_path):
     assert_one_line_error(r, "--lr must lie within float32's range")
 
 
+def test_a_limit_too_small_to_hold_every_class_says_so(fmnist, tmp_path):
+    """--limit 5 of ten classes said "the labels start at 1, not 0: number the classes from 0 (subtract 1)",
+    which would have had the user renumber labels that were right."""
+    r = invoke("train-teacher", "--data", fmnist.spec, "--limit", 5, "--arch", "mlp_100", "--device", "cpu",
+               "--out", tmp_path / "t.pt")
+    assert_one_line_error(r, "--limit 5 keeps no sample of class(es) ")
+    assert "of the 10: give a larger --limit" in r.stderr and "subtract" not in r.stderr
+
+
