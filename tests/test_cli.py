@@ -487,3 +487,18 @@ def test_a_limit_too_small_to_hold_every_class_says_so(fmnist, tmp_path):
     assert "of the 10: give a larger --limit" in r.stderr and "subtract" not in r.stderr
 
 
+@pytest.mark.parametrize("code, message", [
+    ("Net = 3\n", "Net is a int, not a class or function that builds the model"),
+    ("import torch\nclass Net(torch.nn.Module):\n    def __init__(self, num_classes, image_shape):\n"
+     "        super().__init__()\n    def forward(self, x):\n        return x.flatten(1)[:, :10] * 0\n",
+     "has no trainable parameters"),
+    ("import torch\ndef Net(num_classes, image_shape):\n    m = torch.nn.Sequential(torch.nn.Flatten(), "
+     "torch.nn.Linear(784, num_classes))\n    return m.requires_grad_(False)\n", "has no trainable parameters"),
+])
+def test_a_user_architecture_that_cannot_train_is_one_line(fmnist, tmp_path, code, message):
+    """A factory that is not callable gave a TypeError traceback; a model with nothing to train, a RuntimeError
+    from backward() in the first step."""
+    (tmp_path / "nets.py").write_text(code)
+    assert_one_line_error(invoke("train-teacher", "--data", fmnist.spec, "--arch", f"{tmp_path / 'nets.py'}:Net",
+                                 "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t.pt"), message)
+    assert not (tmp_path / "t.pt").exists()
