@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -52,6 +53,17 @@ class NumberList(click.ParamType):
         if self.top is not None and not all(0 <= v <= self.top for v in values):
             self.fail(f"{value!r}: each must lie in 0..{self.top}", param, ctx)
         return values
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN, which fails no comparison, so click lets it through (where the library
+    checks no value for NaN: --checkpoint-every nan never checkpointed within an epoch, without a word)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if math.isnan(v):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return v
 
 
 SEED_MAX = 2 ** 32 - 1  # torch and numpy take larger seeds, but not every larger one (an int64 overflows)
@@ -258,7 +270,7 @@ def main():
               help="Seed of init, order and views.")
 @device_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (default: on with CUDA, off on CPU).")
-@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
+@click.option("--checkpoint-every", type=FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
               help="Also checkpoint the training every MINUTES within an epoch (OUT.checkpoint is written at the end "
                    "of every epoch anyway); 0: only at epoch ends.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training), and "
@@ -499,7 +511,7 @@ def _term_as_interrupt():
 @click.option("--train-samples", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train every run on the same N of the cache's samples (a fixed subset) with their cached "
                    "views: scarce labels, where the teacher's soft targets regularize.  [default: all]")
-@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
+@click.option("--checkpoint-every", type=FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES",
               help="Also checkpoint a pass every MINUTES within an epoch (a checkpoint is written at the end of "
                    "every epoch anyway); 0: only at epoch ends.")
 @click.option("--keep-checkpoints/--no-keep-checkpoints", default=False, show_default=True,

@@ -382,6 +382,8 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     for s in sparsities:
         if not 0 < s < 1:
             raise KDPipeError(f"sparsities must lie strictly between 0 and 1, got {s:g}")
+    if finetune_epochs > 0 and prune:
+        OptimConfig(lr=lr)  # a bad --lr is refused now, not after the teacher's measurements
     teacher = load_model(teacher_path)
     dirs = [students_dir] if isinstance(students_dir, (str, os.PathLike)) else list(students_dir or [])
     students = [s for d in dirs for s in _students(d)]  # each a RUNS_DIR, or one run (a pipeline's runs, named)

@@ -337,6 +337,13 @@ def sources_usage() -> str:
 def check_labels(train: ImageData) -> None:
     """Refuse a train split whose labels do not run 0..N-1 with every class present: labels 1..10 would
     otherwise train an 11-class model whose class 0 never occurs."""
+    limit = getattr(train, "limit", None)
+    if limit:  # a --limit subset of a split whose labels load_dataset checked whole: too few samples, not bad labels
+        absent = np.flatnonzero(np.bincount(train.labels, minlength=train.num_classes) == 0)
+        if len(absent):
+            raise KDPipeError(f"{train.spec} {train.split}: --limit {limit} keeps no sample of class(es) "
+                              f"{', '.join(map(str, absent[:5].tolist()))} of the {train.num_classes}: give a "
+                              "larger --limit")
     check_label_coverage(train.labels, train.num_classes, f"{train.spec} {train.split}")
 
 

@@ -41,7 +41,8 @@ class OptimConfig:
     def __post_init__(self):
         from kdpipe.sweep import resolve_training
         r = resolve_training(self.optimizer, self.lr, self.weight_decay, schedule=self.schedule,
-                             warmup_epochs=float(self.warmup_epochs), betas=tuple(self.betas), eps=self.eps)
+                             warmup_epochs=float(self.warmup_epochs), betas=tuple(self.betas), eps=self.eps,
+                             momentum=self.momentum)
         self.lr, self.weight_decay, self.betas = r["lr"], r["weight_decay"], r["betas"]
         self.warmup_epochs = float(self.warmup_epochs)
 

@@ -235,6 +235,9 @@ def check_model(name: str, num_classes: int, image_shape, args: dict | None = No
     A one-line KDPipeError otherwise, before any training starts (user code and timm can return anything)."""
     import torch
     net = create_model(name, num_classes, image_shape, args).eval()
+    if not any(p.requires_grad for p in net.parameters()):  # else a traceback from backward() in the first step
+        raise KDPipeError(f"{name} has no trainable parameters (none, or all with requires_grad=False): kdpipe "
+                          "trains it, so leave some of its parameters trainable")
     try:
         with torch.no_grad():
             out = net(torch.zeros((2, *image_shape)))
@@ -345,7 +348,11 @@ def user_factory(spec: str):
     if not hasattr(mod, attr):
         names = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
         raise KDPipeError(f"{where} has no {attr} (it defines {', '.join(names[:12]) or 'nothing callable'})")
-    return getattr(mod, attr)
+    factory = getattr(mod, attr)
+    if not callable(factory):
+        raise KDPipeError(f"architecture {spec}: {attr} is a {type(factory).__name__}, not a class or function that "
+                          "builds the model")
+    return factory
 
 
 def model_recipe(spec: str, args: dict | None = None) -> dict:

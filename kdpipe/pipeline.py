@@ -86,7 +86,8 @@ _TYPES = {
                  "optimizer": str, "momentum": _NUM, "weight_decay": _NUM, "eps": _NUM, "schedule": str,
                  "warmup_epochs": _NUM, "hint_layer": str, "hint_feature": str},
     "compress": {"calibration": _INT, "finetune_epochs": _INT, "finetune_samples": _INT, "repeats": _INT,
-                 "seed": _INT, "lr": _NUM, "backend": str, "finetune_loss": str, "device": str},
+                 "seed": _INT, "lr": _NUM, "backend": str, "finetune_loss": str, "device": str,
+                 "quantize": [str], "prune": [str], "sparsity": [_NUM]},
 }
 _KIND_WORDS = {_INT: "a whole number", _NUM: "a number", str: "a string in quotes", bool: "true or false"}
 _KIND_PLURALS = {_INT: "whole numbers", _NUM: "numbers", str: "strings in quotes", bool: "true or false"}
@@ -123,6 +124,11 @@ def load_pipeline(path) -> dict:
         spec = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise KDPipeError(f"no pipeline file {path}") from None
+    except UnicodeDecodeError:
+        raise KDPipeError(f"{path} is not a text file: give a pipeline's TOML file (e.g. pipelines/default.toml)") \
+            from None
+    except OSError as e:  # a folder ('' is the current one), a file it may not read
+        raise KDPipeError(f"cannot read the pipeline file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise KDPipeError(f"{path} is not valid TOML: {e}") from None
     unknown = set(spec) - _TOP_KEYS

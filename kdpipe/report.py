@@ -14,6 +14,10 @@ from kdpipe.sweep import arch_label
 from kdpipe.util import ensure_out_dir
 
 
+# What the report reads of every run's metrics.json (kdpipe.student writes them all).
+RUN_KEYS = ("name", "arch", "seed", "alpha", "temperature", "history")
+
+
 def find_runs(paths) -> list[dict]:
     """metrics.json of each given run directory, or of each run directly inside a given directory."""
     return scan_runs(paths)[0]
@@ -48,6 +52,10 @@ def scan_runs(paths) -> tuple[list[dict], list[str]]:
                 m = json.loads(f.read_text())
             except (OSError, ValueError) as e:
                 raise KDPipeError(f"cannot read {f}: {e}") from None
+            missing = [k for k in RUN_KEYS if not isinstance(m, dict) or k not in m]
+            if missing:  # another tool's metrics.json in the folder, or one edited by hand
+                raise KDPipeError(f"{f} is not the metrics.json of a kdpipe run (it has no {', '.join(missing)}): give "
+                                  "the run directories train-student wrote, or move this file out of them")
             m["_dir"] = str(f.parent)
             found.append(m)
     if not found:

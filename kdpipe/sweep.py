@@ -29,6 +29,7 @@ OPTIMIZERS = {  # name -> its usual defaults where they differ between optimizer
     "adamw": {"lr": 1e-3, "weight_decay": 0.01},  # decoupled (Loshchilov & Hutter), as torch.optim.AdamW
 }
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32, the dtype of the weights an optimizer steps
 STUDENT_BATCH_SIZE = 128  # train-student's default --batch-size (a pipeline block without batch_size gets it)
 TRAIN_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False, "betas": (0.9, 0.999), "eps": 1e-8,
                   "schedule": "cosine", "warmup_epochs": 0.0, "val_fraction": 0.0, "train_samples": None,
@@ -50,10 +51,16 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
     out = {**TRAIN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "optimizer": name,
            "lr": float(lr if lr is not None else OPTIMIZERS[name]["lr"]),
            "weight_decay": float(weight_decay if weight_decay is not None else OPTIMIZERS[name]["weight_decay"])}
-    out["betas"] = tuple(float(b) for b in out["betas"])
+    try:
+        out["betas"] = tuple(float(b) for b in out["betas"])
+    except (TypeError, ValueError):  # a pipeline's betas = 0.9, or ["a", "b"]
+        raise KDPipeError(f"--betas must be two numbers in [0, 1), got {out['betas']!r}") from None
     for key in ("lr", "weight_decay", "momentum", "eps", "warmup_epochs"):  # NaN passes every range check
         if not math.isfinite(float(out[key])):
             raise KDPipeError(f"--{key.replace('_', '-')} must be a finite number, got {out[key]}")
+        if abs(float(out[key])) > FLOAT32_MAX:  # torch's optimizers step float32 weights: a traceback mid-run
+            raise KDPipeError(f"--{key.replace('_', '-')} must lie within float32's range (below {FLOAT32_MAX:.1e}), "
+                              f"got {out[key]:g}")
     if out["schedule"] not in SCHEDULES:
         raise KDPipeError(f"unknown schedule {out['schedule']!r}: use one of {', '.join(SCHEDULES)}")
     if out["schedule"] == "onecycle" and out["warmup_epochs"]:

@@ -24,6 +24,8 @@ def pick_device(name: str | None) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise KDPipeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xla, meta...: torch names them, kdpipe runs on none of them
+        raise KDPipeError(f"device {name!r} is not one kdpipe runs on: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KDPipeError(f"device {name} asked for, but CUDA is not available here: use --device cpu")
     return dev
@@ -164,6 +166,9 @@ def _fixed_size_hint(line: str) -> str:
 
 # ---------------------------------------------------------------- environment variables
 
+MAX_THREADS = 1024  # more than any one machine's CPU threads
+
+
 def _positive_int(raw: str) -> int:
     try:
         v = int(raw)
@@ -171,6 +176,8 @@ def _positive_int(raw: str) -> int:
         raise ValueError("is not a whole number") from None
     if v < 1:
         raise ValueError("must be at least 1")
+    if v > MAX_THREADS:  # torch took 99999 and OpenMP then crashed the process (a segfault, not an error)
+        raise ValueError(f"must be at most {MAX_THREADS}")
     return v
 
 
@@ -191,7 +198,10 @@ def _seconds(raw: str) -> float:
 
 
 def _folder(raw: str) -> Path:
-    p = Path(raw).expanduser()
+    try:
+        p = Path(raw).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not know
+        raise ValueError("names the home folder of an unknown user") from None
     if p.exists() and not p.is_dir():
         raise ValueError("is a file, not a folder")
     return p

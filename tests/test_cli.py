@@ -442,3 +442,63 @@ def test_a_sweep_list_of_no_number_is_refused(tmp_path, flag):
     r = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", flag, ",",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "',' holds no number" in r.output, r.output
+
+
+# ---------------------------------------------------------------- odd values: one line, never a traceback
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_a_device_torch_knows_but_kdpipe_does_not_run_on_is_one_line(tmp_path, device):
+    """torch.device('meta') and friends parsed, then training failed with a RuntimeError or
+    NotImplementedError traceback."""
+    r = invoke("train-teacher", "--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--device", device,
+               "--out", tmp_path / "t.pt")
+    assert_one_line_error(r, f"device '{device}' is not one kdpipe runs on")
+
+
+@pytest.mark.parametrize("cmd, flag, message", [
+    ("train-teacher", "--momentum", "--momentum must be a finite number, got nan"),
+    ("train-teacher", "--checkpoint-every", "Invalid value for '--checkpoint-every': 'nan' is not a number"),
+    ("train-student", "--checkpoint-every", "Invalid value for '--checkpoint-every': 'nan' is not a number"),
+    ("compress", "--lr", "--lr must be a finite number, got nan"),
+])
+def test_nan_is_refused_where_no_range_caught_it(fmnist, tmp_path, cmd, flag, message):
+    """NaN fails no comparison, so click's FloatRange let it through: train-teacher --momentum nan trained a
+    teacher at chance without a word (train-student's was checked), --checkpoint-every nan never checkpointed
+    within an epoch, compress --lr nan fine-tuned the pruned models to NaN."""
+    args = {"train-teacher": ["--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--out", tmp_path / "t.pt"],
+            "train-student": ["--cache", tmp_path, "--student", "mlp_100", "--out", tmp_path / "r"],
+            "compress": ["--data", fmnist.spec, "--teacher", tmp_path / "t.pt", "--out", tmp_path / "c"]}[cmd]
+    assert_one_line_error(invoke(cmd, *args, flag, "nan"), message)
+
+
+def test_a_learning_rate_past_float32_is_one_line(tmp_path):
+    """--lr 1e300 passed every check, then the optimizer's step raised a RuntimeError traceback."""
+    r = invoke("train-teacher", "--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--lr", "1e300",
+               "--out", tmp_path / "t.pt")
+    assert_one_line_error(r, "--lr must lie within float32's range")
+
+
+def test_a_limit_too_small_to_hold_every_class_says_so(fmnist, tmp_path):
+    """--limit 5 of ten classes said "the labels start at 1, not 0: number the classes from 0 (subtract 1)",
+    which would have had the user renumber labels that were right."""
+    r = invoke("train-teacher", "--data", fmnist.spec, "--limit", 5, "--arch", "mlp_100", "--device", "cpu",
+               "--out", tmp_path / "t.pt")
+    assert_one_line_error(r, "--limit 5 keeps no sample of class(es) ")
+    assert "of the 10: give a larger --limit" in r.stderr and "subtract" not in r.stderr
+
+
+@pytest.mark.parametrize("code, message", [
+    ("Net = 3\n", "Net is a int, not a class or function that builds the model"),
+    ("import torch\nclass Net(torch.nn.Module):\n    def __init__(self, num_classes, image_shape):\n"
+     "        super().__init__()\n    def forward(self, x):\n        return x.flatten(1)[:, :10] * 0\n",
+     "has no trainable parameters"),
+    ("import torch\ndef Net(num_classes, image_shape):\n    m = torch.nn.Sequential(torch.nn.Flatten(), "
+     "torch.nn.Linear(784, num_classes))\n    return m.requires_grad_(False)\n", "has no trainable parameters"),
+])
+def test_a_user_architecture_that_cannot_train_is_one_line(fmnist, tmp_path, code, message):
+    """A factory that is not callable gave a TypeError traceback; a model with nothing to train, a RuntimeError
+    from backward() in the first step."""
+    (tmp_path / "nets.py").write_text(code)
+    assert_one_line_error(invoke("train-teacher", "--data", fmnist.spec, "--arch", f"{tmp_path / 'nets.py'}:Net",
+                                 "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t.pt"), message)
+    assert not (tmp_path / "t.pt").exists()

@@ -92,3 +92,15 @@ def test_import_kdpipe_leaves_hdf5_use_file_locking_alone():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "TRUE"
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("KDPIPE_THREADS", "99999", "must be at most 1024"),  # torch took it; OpenMP then segfaulted the process
+    ("KDPIPE_THREADS", "99999999999", "must be at most 1024"),  # an OverflowError traceback from torch
+    ("KDPIPE_DATA_CACHE", "~no_such_user_kdpipe/decoded", "names the home folder of an unknown user"),
+])
+def test_an_odd_value_is_one_line_not_a_crash(tmp_path, name, value, words):
+    res = invoke({name: value}, "inspect", tmp_path / "no-cache")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {name}={value!r} {words}"), res.stderr

@@ -435,6 +435,16 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
     # The name is part of every path and Make target.
     (lambda s: s.replace('name = "default"', 'name = "my run"'), r"name must be letters, .* got 'my run'"),
     (lambda s: s.replace('name = "default"', 'name = "../x"'), r"name must be letters, .* got '../x'"),
+    # A value of the wrong shape gave a TypeError traceback (from resolve_training, or shlex writing the rules).
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = 0.9\n#"),
+     r"--betas must be two numbers in \[0, 1\), got 0.9"),
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = [[0.9]]\n#"), r"--betas must be two numbers"),
+    (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nquantize = 3\n# quantize"),
+     r"\[compress\] quantize must be a string in quotes or a list of them, got 3"),
+    (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nprune = [['channels']]\n# quantize"),
+     r"\[compress\] prune must be a list of strings in quotes"),
+    (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nsparsity = {a = 0.5}\n# quantize"),
+     r"\[compress\] sparsity must be a number or a list of them"),
 ])
 def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_it_is_read(tmp_path, change, message):
     p = tmp_path / "mine.toml"
@@ -506,3 +516,14 @@ def test_a_given_file_make_cannot_name_is_refused_when_the_pipeline_is_read(tmp_
     (tmp_path / new).write_bytes(b"x")
     with pytest.raises(KDPipeError, match=message + ".*rename the file, or link it under a plain name"):
         load_pipeline(p)
+
+
+@pytest.mark.parametrize("what", ["folder", "binary"])
+def test_a_pipeline_path_that_is_no_text_file_is_one_line(tmp_path, monkeypatch, what):
+    """make-rules '' (the current folder) gave IsADirectoryError, a teacher.pt given by mistake a UnicodeDecodeError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"PK\x03\x04\x80\xff\xfe")
+    r = CliRunner().invoke(main, ["make-rules", "" if what == "folder" else "teacher.pt"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    words = "cannot read the pipeline file ." if what == "folder" else "teacher.pt is not a text file"
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr, r.stderr

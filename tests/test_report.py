@@ -348,3 +348,16 @@ def test_a_folder_of_runs_folders_names_them(student_runs, tmp_path):
     with pytest.raises(KDPipeError, match=re.escape(want) + "$"):
         find_runs([tmp_path / "students"])
     assert len(find_runs([tmp_path / "students" / "cnn", tmp_path / "students" / "cnn+mlp"])) == 2
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "{}", '{"epoch": 3, "val_loss": 0.2}'])
+def test_another_tools_metrics_json_is_refused_in_one_line(student_runs, tmp_path, text):
+    """A metrics.json that is not a kdpipe run's (another tool's, in a folder of runs) gave a TypeError or
+    KeyError traceback."""
+    runs = tmp_path / "runs"
+    shutil.copytree(student_runs.out / "mlp_100-scratch-s1", runs / "mlp_100-scratch-s1")
+    (runs / "other").mkdir()
+    (runs / "other" / "metrics.json").write_text(text)
+    with pytest.raises(KDPipeError, match=r"other/metrics.json is not the metrics.json of a kdpipe run \(it has "
+                                          r"no name, arch, .*\): give the run directories"):
+        build_report([runs], tmp_path / "rep")
