@@ -427,7 +427,8 @@ def _misfit(state: dict, own: dict, arch: str = "") -> str:
             parts.append(f"{k} is {theirs} in the file, {ours} in the network"
                          + (f" (and {len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""))
             if arch.startswith("timm:") and len(ours) == 4 and theirs[1] == 3 and ours[1] == 1:
-                parts[-1] += " (weights for RGB images: give --arch-args in_chans=3 to repeat grey images to 3 channels)"
+                parts[-1] += (" (weights for RGB images: give --arch-args in_chans=3 to repeat grey images to 3 "
+                              "channels)")
     if missing:
         parts.append(f"missing {few(missing)}")
     if unexpected:

@@ -944,9 +944,9 @@ def _refuse_leaking_columns(spec, path: Path, x: np.ndarray, names: list[str], l
         values, inverse = np.unique(v, return_inverse=True)
         if len(values) == len(v) > 2 and np.array_equal(v, np.round(v)) and (
                 _id_like(name) or bool(np.all(np.diff(v) == 1))):
-            raise KDPipeError(f"{spec}: {path}: column {name!r} numbers the rows ({v[0]:.0f}, {v[1]:.0f}, ..., distinct "
-                              "whole numbers): an id or row number is no feature (a model would learn the rows' order): "
-                              "drop the column")
+            raise KDPipeError(f"{spec}: {path}: column {name!r} numbers the rows ({v[0]:.0f}, {v[1]:.0f}, ..., "
+                              "distinct whole numbers): an id or row number is no feature (a model would learn the "
+                              "rows' order): drop the column")
         if (len(values) == n_classes and len(v) >= 3 * n_classes  # not in a few rows typed to try kdpipe out
                 and len(np.unique(inverse.reshape(-1) * n_classes + codes)) == n_classes):
             raise KDPipeError(f"{spec}: {path}: column {name!r} takes one value per class on every row ({n_classes} "

@@ -277,7 +277,8 @@ def _run_back(out: Path, fmt: str, xs: torch.Tensor, traced: torch.Tensor) -> np
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         try:
             run_exported(out, fmt, traced)
-            why = f"it runs on a batch of {len(traced)}, the size it was traced at, not on one of {len(xs)}: {BATCH_HINT}"
+            why = (f"it runs on a batch of {len(traced)}, the size it was traced at, not on one of {len(xs)}: "
+                   f"{BATCH_HINT}")
         except Exception:
             why = f"{lines[-1][:200]}; report this with the model's architecture"
         out.unlink(missing_ok=True)

@@ -333,7 +333,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                   "|---|---|---|---|---|---|---|---|---|"]
         for v in versus:
             lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {v['alpha']:g} | "
-                         f"{len(v['seeds'])} | {v['gain']:+.4f}{_diverged_runs(v['diverged'])} | {2 * v['larger_std']:.4f} | "
+                         f"{len(v['seeds'])} | {v['gain']:+.4f}{_diverged_runs(v['diverged'])} | "
+                         f"{2 * v['larger_std']:.4f} | "
                          f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} |")
     if unfinished:
         lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "

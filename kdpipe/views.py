@@ -305,7 +305,8 @@ class PadCrop(ViewOp):
         if (h, w) == (s, s):
             return None
         pad = f", padding ({self.options['mode']}) each side shorter than {s}" if min(h, w) < s else ""
-        return f"take the centre {s} x {s} of the {h} x {w} image{pad} ({self._span(h, 'rows')}; {self._span(w, 'columns')})"
+        return (f"take the centre {s} x {s} of the {h} x {w} image{pad} ({self._span(h, 'rows')}; "
+                f"{self._span(w, 'columns')})")
 
     def _span(self, n: int, axis: str) -> str:
         """Where the clean crop lies along an axis of n pixels, exactly (clean()'s floor, which torchvision's
