@@ -311,7 +311,7 @@ def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_
 
     hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
-    seen = policy.replay(torch.from_numpy(np.ascontiguousarray(test.images)), params, [0.0] * 3, [1 / 255] * 3)
+    seen = policy.replay(torch.from_numpy(np.array(test.images)), params, [0.0] * 3, [1 / 255] * 3)
     seen = seen.round().to(torch.uint8).numpy()  # the clean views, unnormalized
     assert seen.shape == hand.shape == (len(sizes), 3, T, T)
     assert sorted(a.tobytes() for a in seen) == sorted(a.tobytes() for a in hand)
