@@ -38,7 +38,7 @@ from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
 from kdpipe.export import finite, load_model
 from kdpipe.losses import create_loss
-from kdpipe.util import ensure_out_dir, images_tensor
+from kdpipe.util import ensure_out_dir, error_line, images_tensor
 from kdpipe.views import ViewPolicy, create_policy, policy_from_identity
 
 BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
@@ -503,7 +503,7 @@ def _check_fx(model: nn.Module, quantize, prune) -> None:
         torch.fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:  # torch.fx raises many types for code it cannot trace
         raise KDPipeError(f"the teacher {type(model).__name__}: torch.fx cannot trace it "
-                          f"({str(e).strip().splitlines()[0][:150]}), and static quantization and channel pruning "
+                          f"({error_line(e)[:150]}), and static quantization and channel pruning "
                           f"need it: give {' '.join(instead)}") from None
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from kdpipe import KDPipeError
 from kdpipe.checkpoint import CHECKPOINT_VERSION, LoadedModel, load_checkpoint_file, load_teacher, sniff
 from kdpipe.cache.writer import atomic_write_json
-from kdpipe.util import ensure_parent
+from kdpipe.util import ensure_parent, error_line
 from kdpipe.views import normalize, policy_from_identity
 
 EXPORT_PIP = "pip install 'kdpipe[export]'"  # onnx, onnxscript (torch's ONNX exporter), onnxruntime
@@ -319,7 +319,7 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
         raise
     except Exception as e:  # exporters raise many types; the first line says which operator failed
         why = (f"its batch dimension cannot stay free: {BATCH_HINT}" if "Constraints violated (batch)" in str(e)
-               else str(e).strip().splitlines()[0][:200])
+               else error_line(e))
         raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {why}") from None
     xs = example_inputs(loaded, 5, seed=1) if check is None else check
     with torch.no_grad():
