@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -22,6 +23,33 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
+class OutOfMemory(click.ClickException):
+    """Memory ran out (a model or batch too large for the machine): one line, exit code 1."""
+
+    exit_code = 1
+
+
+def out_of_memory_line(e: BaseException) -> str | None:
+    """The one line for an allocation that failed (CPU or CUDA), or None where e is not one."""
+    import torch
+    from kdpipe.util import error_line
+    text = str(e)
+    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    cpu = re.search(r"tried to allocate (\d+) bytes", text)
+    gpu = re.search(r"Tried to allocate ([\d.]+ \w+)\. GPU (\d+) has a total capacity of ([\d.]+ \w+) of which "
+                    r"([\d.]+ \w+) is free", text)
+    if cpu:
+        what = f"an allocation of {int(cpu.group(1)) / 2**30:,.1f} GiB failed"
+    elif gpu:
+        what = f"an allocation of {gpu[1]} on GPU {gpu[2]} failed ({gpu[4]} free of {gpu[3]})"
+    else:
+        what = error_line(e)
+    return (f"out of memory: {what}; use a smaller --batch-size or a smaller model (or a machine with more "
+            "memory)")
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -31,6 +59,11 @@ class _Group(click.Group):
         except click.UsageError as e:  # click's own parse errors: one line too, with where to look
             name = e.ctx.command_path if e.ctx is not None else ctx.command_path
             raise InputError(f"{e.format_message()} (see '{name} --help')") from None
+        except (MemoryError, RuntimeError) as e:
+            line = out_of_memory_line(e)
+            if line is None:
+                raise
+            raise OutOfMemory(line) from None
 
 
 class NumberList(click.ParamType):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from kdpipe.cli import main
@@ -476,6 +477,33 @@ def test_a_learning_rate_past_float32_is_one_line(tmp_path):
     r = invoke("train-teacher", "--data", f"npz:{tmp_path}/absent.npz", "--arch", "mlp_100", "--lr", "1e300",
                "--out", tmp_path / "t.pt")
     assert_one_line_error(r, "--lr must lie within float32's range")
+
+
+def test_a_model_too_large_for_memory_is_one_line(fmnist, tmp_path):
+    """mlp:99999999999 ended in a 30-line traceback from torch's allocator (and a CUDA OOM mid-sweep in one
+    from the step): now one line that says what ran out and what to change, exit code 1."""
+    r = invoke("train-teacher", "--data", fmnist.spec, "--arch", "mlp:99999999999", "--epochs", 1,
+               "--device", "cpu", "--out", tmp_path / "t.pt")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: out of memory: an allocation of "), r.stderr
+    assert "GiB failed; use a smaller --batch-size or a smaller model" in lines[0]
+    assert not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.parametrize("error, line", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                            "79.11 GiB of which 1.25 GiB is free. Including non-PyTorch memory, this process has "
+                            "77.85 GiB memory in use. See documentation for Memory Management"),
+     "out of memory: an allocation of 2.00 GiB on GPU 0 failed (1.25 GiB free of 79.11 GiB); use a smaller "
+     "--batch-size"),
+    (MemoryError(), "out of memory: MemoryError; use a smaller --batch-size"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None),
+])
+def test_out_of_memory_line(error, line):
+    from kdpipe.cli import out_of_memory_line
+    got = out_of_memory_line(error)
+    assert got == line if line is None else got.startswith(line), got
 
 
 def test_a_limit_too_small_to_hold_every_class_says_so(fmnist, tmp_path):
