@@ -244,7 +244,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
             order = [train_rows[b] for b in order]
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
         first = start_step if epoch == start_epoch else 0  # a checkpoint taken within the epoch resumes there
-        prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", (len(order) - first) * batch_size * world,
+        prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", sum(len(b) for b in order[first:]) * world,
                         stream=dist.progress_stream if dist is not None else None)
         # per unit: term name -> (runs in the unit,) sum over steps; and (runs,) counts of right answers
         sums: list[dict] = checkpoint.sums(units, runs, device) if first else [{} for _ in units]
@@ -287,7 +287,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         for f in fused.values():
             f.sync_to_runs()
         flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)
-        right = torch.cat(correct) / max(1, len(order) * batch_size)
+        # per sample stepped on: the one batch of a split smaller than --batch-size holds fewer than batch_size
+        right = torch.cat(correct) / max(1, sum(len(b) for b in order))
         if world > 1:
             flat, right = dist.all_mean(flat), dist.all_mean(right)
         flat, at = (flat / max(1, len(order))).tolist(), 0  # the epoch's one sync

@@ -315,3 +315,69 @@ def test_kd_gradient_is_the_closed_form(batch):
     onehot = np.eye(10)[y]
     want = 0.5 * 4.0 * (softmax(s / 4) - softmax(t / 4)) / len(s) + 0.5 * (softmax(s) - onehot) / len(s)
     np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def _targets_of_every_kind(t: torch.Tensor, t2: torch.Tensor) -> dict:
+    """The teacher targets a loss is called with: a float16 cache's logits, an ensemble's, a top-k cache's."""
+    from kdpipe.cache.format import encode_topk
+    from kdpipe.ensemble import EnsembleTargets
+    from kdpipe.losses import TopKTargets
+    enc = encode_topk(t.numpy(), 3, [1.0, 2.5, 4.0])
+    topk = TopKTargets(torch.from_numpy(enc["logits_topk_values"]), torch.from_numpy(enc["logits_topk_indices"]),
+                       torch.from_numpy(enc["logits_topk_rest"]), torch.tensor([1.0, 2.5, 4.0]), (1.0, 2.5, 4.0))
+    return {"float16": t.half(), "ensemble": EnsembleTargets(torch.stack([t, t2]), torch.tensor([0.7, 0.3]).log()),
+            "topk": topk}
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+def test_stacked_runs_get_each_runs_loss_and_gradient_for_every_kind_of_target_and_mixed_labels(name):
+    """What a fused step backpropagates: the stacked loss's gradient w.r.t. run s's logits is run s's own, for
+    float16 cache logits, an ensemble's targets and a top-k cache's, with mixed-view labels."""
+    from kdpipe.losses import MixedLabels
+    g = torch.Generator().manual_seed(2)
+    out = torch.randn(3, 8, 6, generator=g) * 3
+    t, t2 = torch.randn(8, 6, generator=g) * 3, torch.randn(8, 6, generator=g) * 3
+    y = MixedLabels(torch.randint(0, 6, (8,), generator=g), torch.randint(0, 6, (8,), generator=g),
+                    torch.rand(8, generator=g))
+    options = [dict(o, temperature=T) for o, T in zip(STACKS[name], (4.0, 1.0, 2.5))]
+    single = [create_loss(name, **o) for o in options]
+    for kind, teacher in _targets_of_every_kind(t, t2).items():
+        if kind == "topk" and not single[0].topk:
+            continue
+        x = out.clone().requires_grad_(True)
+        got = type(single[0]).stack(single)(x, teacher, y, torch.tensor(2.0))
+        sum(got.values()).sum().backward()
+        for i, loss in enumerate(single):
+            xi = out[i].clone().requires_grad_(True)
+            want = loss(xi, teacher, y, 2)
+            sum(want.values()).backward()
+            for k in want:
+                torch.testing.assert_close(got[k][i], want[k], atol=1e-5, rtol=1e-5, msg=f"{kind} {k} run {i}")
+            torch.testing.assert_close(x.grad[i], xi.grad, atol=1e-6, rtol=1e-5, msg=f"{kind} gradient run {i}")
+            assert xi.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 7.5])
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_kd_value_and_gradient_with_float16_logits_and_mixed_labels_match_float64(temperature, alpha):
+    """From first principles in float64: (1 - a) * mean_i [w_i CE(s_i, y_i) + (1 - w_i) CE(s_i, y'_i)]
+    + a * T^2 * mean_i KL(softmax(t_i / T) || softmax(s_i / T)), t the float16 cache logits; its gradient w.r.t.
+    s is ((1 - a) (softmax(s) - target) + a T (softmax(s / T) - softmax(t / T))) / B, target the mixed one-hots."""
+    from kdpipe.losses import MixedLabels
+    g = np.random.default_rng(3)
+    s, t = g.normal(size=(7, 10)) * 3, (g.normal(size=(7, 10)) * 6).astype(np.float16)
+    ya, yb, w = g.integers(0, 10, 7), g.integers(0, 10, 7), g.random(7).astype(np.float32)
+    x = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    labels = MixedLabels(torch.from_numpy(ya), torch.from_numpy(yb), torch.from_numpy(w))
+    total = sum(create_loss("kd", temperature=temperature, alpha=alpha)(x, torch.from_numpy(t), labels, 0).values())
+    total.backward()
+    rows, wd = np.arange(7), w.astype(np.float64)
+    p, ps, pt = softmax(s), softmax(s / temperature), softmax(t.astype(np.float64) / temperature)
+    ce = np.mean(-wd * np.log(p[rows, ya]) - (1 - wd) * np.log(p[rows, yb]))
+    ref = (1 - alpha) * ce + alpha * temperature ** 2 * kl(pt, ps).mean()
+    assert float(total.detach()) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    target = np.zeros((7, 10))
+    np.add.at(target, (rows, ya), wd)
+    np.add.at(target, (rows, yb), 1 - wd)
+    grad = ((1 - alpha) * (p - target) + alpha * temperature * (ps - pt)) / 7
+    np.testing.assert_allclose(x.grad.numpy(), grad, rtol=1e-4, atol=2e-6)

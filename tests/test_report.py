@@ -361,3 +361,16 @@ def test_another_tools_metrics_json_is_refused_in_one_line(student_runs, tmp_pat
     with pytest.raises(KDPipeError, match=r"other/metrics.json is not the metrics.json of a kdpipe run \(it has "
                                           r"no name, arch, .*\): give the run directories"):
         build_report([runs], tmp_path / "rep")
+
+
+def test_no_gain_is_not_a_clear_gain_when_every_seed_scores_alike(student_runs, tmp_path):
+    """An easy dataset: KD and scratch students both get every test sample right on every seed. The gain is 0 and
+    both stds are 0; 0 >= 2 x 0 made the table say "clear gain: yes" for a gain of +0.0000."""
+    changes = [{"name": f"mlp_100-scratch-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False, "test_top1": 1.0}
+               for s in range(3)]
+    changes += [{"name": f"mlp_100-T4-a0.9-s{s}", "seed": s, "test_top1": 1.0} for s in range(3)]
+    build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert [r[5:] for r in table_rows(text) if len(r) == 9] == [["+0.0000", "0.0000", "0/3", "no"]]
+    v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
+    assert v[0]["gain"] == 0 and v[0]["larger_std"] == 0 and not v[0]["clear"]

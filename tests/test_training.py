@@ -217,3 +217,26 @@ def test_train_teacher_with_adam_and_warmup(mnist, tmp_path):
     t = load_teacher(out)
     assert t.info["training"]["optimizer"] == "adam" and t.info["training"]["warmup_epochs"] == 1.0
     assert t.info["test_top1"] > 0.3  # generated digits: well above chance
+
+
+def test_train_top1_is_per_sample_when_the_split_is_smaller_than_one_batch():
+    """A CSV of 20 rows with the default --batch-size 128 trains on one batch of 20 rows: the epoch's train top-1
+    is right answers / 20 (counted here by hand from the model's own forward passes), not / 128."""
+    n = 20
+    images = torch.randint(0, 256, (n, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8) * 10  # sample i's first pixel: 10 i, its label i mod 3
+    labels = torch.arange(n) % 3
+    run = build_run("r", "mlp:8", "kd", 0, 3, (1, 4, 4), OptimConfig(lr=1e-3), 2, torch.device("cpu"),
+                    loss_options={"alpha": 0.0})
+    right, count = [], []
+
+    def score(m, args, out):  # the input is the pixels themselves (mean 0, std 1/255)
+        y = (args[0][:, 0, 0, 0] / 10).round().long() % 3
+        right.append(int((out.argmax(-1) == y).sum()))
+        count.append(len(out))
+
+    run.model.register_forward_hook(score)
+    train_pass([run], images, labels, create_policy("none"), [0.0], [1 / 255], 2, 128, 0,
+               lambda e: (torch.zeros((n, 0), dtype=torch.int32), None), log=lambda *a: None)
+    assert count == [n, n] and 0 < sum(right) < 2 * n
+    assert run.train_top1 == pytest.approx([r / n for r in right])
