@@ -228,6 +228,11 @@ def policy_options(f):
     return f
 
 
+def check_teacher_once(teacher_file, teacher_weights) -> None:
+    if teacher_file is not None and teacher_weights is not None:
+        raise InputError("give the teacher file once: --teacher FILE or --teacher-weights FILE, not both")
+
+
 def check_policy_options(policy: str, padding: int, size: int | None) -> None:
     """--padding and --size, given explicitly, with a --policy that would ignore them (kdpipe.views)."""
     from kdpipe.views import check_alias_options
@@ -416,8 +421,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     if teacher_file is None and teacher_weights is None:
         raise InputError("give a teacher: --teacher FILE (with --teacher-arch SPEC for a state dict or safetensors "
                          "file)")
-    if teacher_file is not None and teacher_weights is not None:
-        raise InputError("give the teacher file once: --teacher FILE or --teacher-weights FILE, not both")
+    check_teacher_once(teacher_file, teacher_weights)
     _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
     started = time.perf_counter()
     try:
@@ -790,6 +794,15 @@ def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, arc
     Exits 1 on a fault, naming the shard and rows."""
     from kdpipe.util import pick_device
     from kdpipe.verify import repair_hint, verify_cache
+    check_teacher_once(teacher_file, teacher_weights)
+    if teacher_file is None and teacher_weights is None and teacher_arch is None:
+        ctx = click.get_current_context()
+        unused = [f"--{name.replace('_', '-').replace('-spec', '')}" for name in
+                  ("arch_args", "trust_pickle", "teacher_output", "sample", "data_root", "data_spec")
+                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if unused:
+            raise InputError(f"{unused[0]} is for the teacher check, which needs the teacher: give --teacher FILE "
+                             "as well (without it verify-cache checks the shards only)")
     faults = verify_cache(cache_dir, teacher_file=teacher_file, teacher_arch=teacher_arch,
                           teacher_weights=teacher_weights, arch_args=arch_args, trust_pickle=trust_pickle,
                           teacher_output=teacher_output, sample=sample, data_root=data_root,

@@ -182,6 +182,18 @@ def test_verify_cache_command(pipeline, tmp_path):
     assert "shard-00001.h5" in r.stderr and "logits" in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--sample", 1000], "--sample is for the teacher check, which needs the teacher: give --teacher FILE"),
+    (["--trust-pickle"], "--trust-pickle is for the teacher check"),
+    (["--data-root", "/elsewhere"], "--data-root is for the teacher check"),
+    (["--teacher", "t.pt", "--teacher-weights", "t.pt"], "give the teacher file once"),
+])
+def test_verify_cache_refuses_teacher_options_it_would_ignore(pipeline, args, message):
+    """verify-cache --sample 1000 (no teacher) printed OK after checking the checksums only, as if 1000 rows
+    had been re-computed; --teacher with --teacher-weights used one of the two without a word."""
+    assert_one_line_error(invoke("verify-cache", pipeline.cache, *args), message)
+
+
 def test_train_student_command_runs_the_sweep(pipeline):
     r = ok(pipeline.train_student)
     assert "6 run(s) written" in r.output
