@@ -235,7 +235,7 @@ def check_teacher_once(teacher_file, teacher_weights) -> None:
 
 def check_policy_options(policy: str, padding: int, size: int | None) -> None:
     """--padding and --size, given explicitly, with a --policy that would ignore them (kdpipe.views)."""
-    from kdpipe.views import check_alias_options
+    from kdpipe.sweep import check_alias_options
     ctx = click.get_current_context()
     check_alias_options(policy, {name: value for name, value in (("padding", padding), ("size", size))
                                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT})

@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import STUDENT_BATCH_SIZE, ensemble_tag, parse_loss, plan_sweep
+from kdpipe.sweep import STUDENT_BATCH_SIZE, check_alias_options, ensemble_tag, parse_loss, plan_sweep
 
 # Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
 _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
@@ -183,7 +183,6 @@ def load_pipeline(path) -> dict:
 def _check_policy(path, where: str, table: dict) -> None:
     """padding and size set the options of the crop-flip and resized-crop-flip aliases: refused with another policy
     (which ignored them), before any step runs."""
-    from kdpipe.views import check_alias_options
     check_alias_options(table.get("policy", "crop-flip"), {k: table[k] for k in ("padding", "size") if k in table},
                         where=f"{path}: {where} ")
 

@@ -283,3 +283,20 @@ def ensemble_tag(n: int, weights=None) -> str:
     if max(w) - min(w) <= 1e-9:
         return f"ens{n}"
     return "ens" + "_".join(f"{x:.3g}" for x in weights)
+
+
+# The options of the view aliases (kdpipe.views.create_policy), checked here without torch: Make rules are
+# generated from the pipeline spec by a Python that may lack it.
+ALIAS_OPTIONS = {"padding": ("crop-flip", "crop:{}+flip"), "size": ("resized-crop-flip", "resized-crop:{}+flip")}
+
+
+def check_alias_options(spec: str, given: dict, where: str = "--") -> None:
+    """Refuse the options ``given`` ({name: value} of padding, size; ``where`` + name is what the user wrote) that
+    ``spec`` would ignore: each sets the option of one alias only (create_policy), any other spec carries its
+    own (crop:2+flip with padding 4 crops by 2, resized-crop+flip with size 224 keeps the input height)."""
+    for name, value in given.items():
+        alias, example = ALIAS_OPTIONS[name]
+        if spec.strip() != alias:
+            raise KDPipeError(f"{where}{name} {value} sets the {name} of the {alias} alias, and the policy {spec!r} "
+                              f"is another spec, which would ignore it: write it in the spec (e.g. "
+                              f"{example.format(value)}) and leave {where}{name} out")

@@ -906,21 +906,6 @@ def create_policy(spec: str, padding: int = 4, size: int | None = None,
 
 
 V1_POLICIES = ("none", "crop-flip", "resized-crop-flip")
-ALIAS_OPTIONS = {"padding": ("crop-flip", "crop:{}+flip"), "size": ("resized-crop-flip", "resized-crop:{}+flip")}
-
-
-def check_alias_options(spec: str, given: dict, where: str = "--") -> None:
-    """Refuse the options ``given`` ({name: value} of padding, size; ``where`` + name is what the user wrote) that
-    ``spec`` would ignore: each sets the option of one alias only (create_policy), any other spec carries its
-    own (crop:2+flip with padding 4 crops by 2, resized-crop+flip with size 224 keeps the input height)."""
-    for name, value in given.items():
-        alias, example = ALIAS_OPTIONS[name]
-        if spec.strip() != alias:
-            raise KDPipeError(f"{where}{name} {value} sets the {name} of the {alias} alias, and the policy {spec!r} "
-                              f"is another spec, which would ignore it: write it in the spec (e.g. "
-                              f"{example.format(value)}) and leave {where}{name} out")
-
-
 def policy_from_identity(ident: dict) -> ViewPolicy:
     """The composition a cache manifest records; refuses an op, or op version, this kdpipe does not know.
     Reads the named policies of version 1 caches too (their replay and parameters are unchanged)."""

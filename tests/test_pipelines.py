@@ -468,6 +468,22 @@ def _rules_for_make(toml: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "pipelines").glob("*.toml")))
+def test_every_shipped_pipelines_rules_are_made_by_a_python_without_torch(tmp_path, name):
+    """The Makefile makes the rules with the system's python3 (standard library only), before `make all` has set
+    up the venv: a check that imported kdpipe.views (torch) broke `make all` on every fresh machine with
+    "ModuleNotFoundError: No module named 'torch'"."""
+    import os
+    blocked = ("torch", "torchvision", "numpy", "h5py", "click", "PIL", "matplotlib")
+    code = (f"import runpy, sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"
+            f"sys.argv = ['kdpipe.pipeline', {str(REPO / 'pipelines' / f'{name}.toml')!r}, {str(tmp_path)!r}]\n"
+            "runpy.run_module('kdpipe.pipeline', run_name='__main__', alter_sys=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert f"runs/{name}/report/report.md" in r.stdout
+
+
 def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(tmp_path):
     """pipelines/mine.toml copied from default.toml with name = "default" kept: `make all PIPELINE=...mine.toml`
     retrained runs/default/teacher.pt, re-dumped cache/default and overwrote runs/default/students (every step
