@@ -1079,7 +1079,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     if npy.is_file() and meta.is_file() and sizes_npy.is_file():  # the .json is written last
         return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), json.loads(meta.read_text()).get("fingerprint"))
 
-    sizes, modes, several = _scan_headers(spec, files)
+    sizes, modes, several = _scan_headers(spec, split, files)
     if several:
         print(f"note: {spec} {split}: {len(several)} image(s) hold several frames or pages (an animated GIF, PNG or "
               f"WebP, a multi-page TIFF; e.g. {several[0].name}): only the first of each is read", file=sys.stderr,
@@ -1162,12 +1162,18 @@ def _orientation(im) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str], list[Path]]:
+def _scan_headers(spec, split, files: list[Path]) -> tuple[np.ndarray, list[str], list[Path]]:
     """Each file's (height, width) as viewers show it (EXIF orientation applied) and mode, from its header
-    alone (no pixels decoded); and the files of several frames or pages, of which the first is read."""
+    alone (no pixels decoded); and the files of several frames or pages, of which the first is read. A pass
+    over every file before decoding (one seek each on a cold disk): its progress is reported like decoding's."""
+    from kdpipe.util import Progress
+
+    prog = Progress(f"reading the headers of {spec} {split}", len(files), "images")
     sizes = np.empty((len(files), 2), dtype=np.int64)
     modes, several = [], []
     for i, p in enumerate(files):
+        if i and i % DECODE_BLOCK == 0:
+            prog.update(DECODE_BLOCK)
         with _open_image(spec, p) as im:
             w, h = im.size
             sizes[i] = (w, h) if _orientation(im) >= 5 else (h, w)
@@ -1178,6 +1184,7 @@ def _scan_headers(spec, files: list[Path]) -> tuple[np.ndarray, list[str], list[
         if im.mode in UNREADABLE_MODES:
             raise KDPipeError(f"{spec}: {p} has {UNREADABLE_MODES[im.mode]} pixels (mode {im.mode}), whose range "
                               "kdpipe cannot know: convert the images to 8 or 16 bits per channel")
+    prog.update(len(files) - prog.done)
     return sizes, modes, several
 
 
