@@ -257,6 +257,7 @@ def env_threads() -> None:
 
 # Uint8 images go to the GPU when they take at most this share of its free memory; else they stay in
 # host memory (a memory map for decoded ImageFolders) and each batch is gathered there and copied over.
+# On the CPU, a memory map is copied into RAM only when it takes at most this share of the available memory.
 DEVICE_IMAGES_MAX_FRACTION = 0.5
 HOST_IMAGES_ENV = "KDPIPE_IMAGES_ON_HOST"  # "1": always keep images in host memory
 
@@ -294,7 +295,8 @@ class HostImages:
 def images_tensor(images, device):
     """A dataset's samples (uint8 images or float32 features, any rank) for batched replay on `device`:
     a tensor there when they fit (read-only arrays are copied, not aliased), else a HostImages that
-    copies each batch over."""
+    copies each batch over. On the CPU, a read-only array (the memory map of decoded photos) larger than
+    DEVICE_IMAGES_MAX_FRACTION of the available memory stays mapped: its copy would not fit beside it."""
     import numpy as np
     device = torch.device(device)
     arr = np.asarray(images)
@@ -306,8 +308,29 @@ def images_tensor(images, device):
             print(f"note: the samples ({arr.nbytes / 2**30:.1f} GiB) take more than "
                   f"{DEVICE_IMAGES_MAX_FRACTION:.0%} of {device}'s free memory ({free / 2**30:.1f} GiB): they stay in "
                   "host memory and each batch is copied over", file=sys.stderr, flush=True)
+    if device.type == "cpu" and not on_host and not arr.flags.writeable:
+        # a memory map (decoded photos): copying it would hold every sample in RAM at once
+        avail = host_available_bytes()
+        on_host = avail is not None and arr.nbytes > DEVICE_IMAGES_MAX_FRACTION * avail
+        if on_host:
+            print(f"note: the samples ({arr.nbytes / 2**30:.1f} GiB) take more than "
+                  f"{DEVICE_IMAGES_MAX_FRACTION:.0%} of the available memory ({avail / 2**30:.1f} GiB): they stay "
+                  "memory-mapped and each batch is read from the map", file=sys.stderr, flush=True)
     if on_host:
         return HostImages(arr, device)
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr, order="C")
     return torch.from_numpy(arr).to(device)
+
+
+def host_available_bytes() -> int | None:
+    """Memory the system can still give this process (Linux's MemAvailable: free memory and reclaimable
+    caches), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

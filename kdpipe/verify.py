@@ -158,7 +158,9 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     log(f"checking checksums of {len(cache.manifest['shards'])} shard(s) in {cache.path}")
     edited = manifest_fault(cache.manifest)
     faults = [f"{fmt.MANIFEST}: {edited}"] if edited else []
-    damaged = cache.file_faults(deep=bool(faults))  # first, and without HDF5
+    from kdpipe.util import Progress
+    prog = Progress("checksums", len(cache.manifest["shards"]) + bool(cache.manifest.get("eval")), "files")
+    damaged = cache.file_faults(lambda done, total: prog.update(1), deep=bool(faults))  # first, and without HDF5
     faults += check_shapes(cache, skip=damaged) + [f for fs in damaged.values() for f in fs]
     faults += check_derived(cache, skip=damaged)
     faults += check_topk(cache, skip=damaged)

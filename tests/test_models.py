@@ -217,6 +217,27 @@ def test_channels_last_and_images_tensor_leave_feature_batches_alone(monkeypatch
     np.testing.assert_array_equal(host[2:4].numpy(), feats[2:4])
 
 
+def test_a_memory_map_larger_than_half_the_available_memory_is_not_copied_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """Decoded photos are a read-only memory map; on the CPU it was copied whole into RAM whatever its size (a
+    decoded copy larger than the machine's memory was killed by the OOM killer, without a word). A map that
+    fits in half the available memory is still copied; a larger one stays mapped and is served batch by batch."""
+    from kdpipe import util
+    from kdpipe.util import HostImages, images_tensor
+    arr = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=(8, 1, 4, 4))
+    arr[:] = np.arange(8, dtype=np.uint8)[:, None, None, None]
+    arr.flush()
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    monkeypatch.setattr(util, "host_available_bytes", lambda: 10 * mapped.nbytes, raising=False)
+    assert isinstance(images_tensor(mapped, "cpu"), torch.Tensor)
+    monkeypatch.setattr(util, "host_available_bytes", lambda: mapped.nbytes, raising=False)
+    host = images_tensor(mapped, "cpu")
+    assert isinstance(host, HostImages) and np.shares_memory(host.array, mapped)  # the map, not a copy
+    np.testing.assert_array_equal(host[torch.tensor([5, 2])].numpy()[:, 0, 0, 0], [5, 2])
+    assert "stay memory-mapped" in capsys.readouterr().err
+    monkeypatch.setattr(util, "host_available_bytes", lambda: None)  # unknown (not Linux): copied, as before
+    assert isinstance(images_tensor(mapped, "cpu"), torch.Tensor)
+
+
 # ---------------------------------------------------------------- parametric families
 
 def test_parametric_mlp_has_the_layers_asked_for():

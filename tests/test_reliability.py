@@ -374,6 +374,21 @@ def test_resume_after_crash_replaces_a_damaged_shard(small, tmp_path):
     assert cache_arrays(out) == cache_arrays(small.out)
 
 
+def test_a_resumed_dump_reports_its_check_of_the_earlier_shards(small, tmp_path):
+    """A resumed dump reads every shard of the earlier run whole (checksums, teacher top-1) before it says
+    "resuming: ..."; for a large cache that was minutes without a word. The check now reports its progress; a
+    fresh dump, which has no shards to check, says nothing of it."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    (out / "manifest.json").unlink()  # as if the crash came before the manifest
+    res = run_cli(small.args(out))
+    assert res.exit_code == 0, res.output
+    n = len(small.shards)
+    assert f"checking the shards of the earlier run: {n}/{n} shards (100.0%)" in res.stderr
+    fresh = run_cli(small.args(tmp_path / "fresh"))
+    assert fresh.exit_code == 0 and "checking the shards" not in fresh.output
+
+
 @pytest.mark.parametrize("damage", ["truncated", "edited"])
 def test_a_damaged_manifest_is_written_again_by_the_same_dump(small, tmp_path, damage):
     """A manifest that does not read (cut short, as by a copy that stopped) or no longer matches its checksum

@@ -26,7 +26,7 @@ import torch.nn as nn
 from conftest import digit_arrays
 
 DATASETS = ("logits", "view_params", "labels", "sample_index", "view_index")
-PROGRESS = re.compile(r"^  dump-logits[^:]*: \d+/\d+ rows ")
+PROGRESS = re.compile(r"^  [^:]+: \d+/\d+ \S+ \( *\d+\.\d%\), ")  # a kdpipe.util.Progress line
 
 
 def mnist_npz(dst: Path, n_train: int, n_test: int, start: int = 0, edit=None) -> Path:
@@ -134,7 +134,8 @@ def run_cli(args: list[str], **kwargs):
 def assert_one_line_error(result, *fragments: str, progress: bool = False) -> str:
     """Exit code 2, no traceback, and stderr exactly one line 'Error: ...' holding every fragment.
 
-    progress=True: a failure in the middle of a dump may follow its progress lines on stderr.
+    progress=True: a failure in the middle of a dump (or after verify-cache's checksum pass) may follow its
+    progress lines on stderr.
     """
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         f"raised {result.exception!r}:\n{result.output}"

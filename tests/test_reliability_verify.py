@@ -325,3 +325,11 @@ def test_an_amp_cache_verifies_with_its_teacher_and_not_with_another(made, tmp_p
     assert res.exit_code == 1
     assert f"1 of {2 * N} re-computed rows differ from the stored logits" in res.stderr
     assert "rows 207 in shard-00001.h5" in res.stderr
+
+
+def test_the_checksum_pass_reports_its_progress(made, capsys):
+    """Hashing every byte of a large cache takes minutes; verify-cache said one line before it and nothing until it
+    was done, as if it hung. The pass now reports its progress (the last line at least), counting files."""
+    assert verify(made.cache) == []
+    files = len(json.loads((made.cache / "manifest.json").read_text())["shards"]) + 1  # and the eval file
+    assert f"checksums: {files}/{files} files (100.0%)" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import numpy as np
 
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
-from kdpipe.util import file_sha256
+from kdpipe.util import Progress, file_sha256
 
 
 def sha256_array(a: np.ndarray) -> str:
@@ -375,9 +375,14 @@ class CacheWriter:
     def resume(self) -> list[int]:
         """The shards this rank computes: those no earlier run completed, balanced over the ranks."""
         ctx = self.ctx
+        mine = [i for i in range(ctx.rank, len(self.plan), ctx.world) if (self.out_dir / fmt.shard_name(i)).is_file()]
+        # each earlier shard is read whole (its checksums, its teacher top-1): minutes for a large cache, said
+        prog = Progress("checking the shards of the earlier run" + (f" (rank {ctx.rank})" if ctx.world > 1 else ""),
+                        len(mine), "shards", stream=ctx.progress_stream) if mine else None
         with ctx.together("checking existing shards"):
-            for i in range(ctx.rank, len(self.plan), ctx.world):
+            for i in mine:
                 ent = self._existing_shard(i)
+                prog.update(1)
                 if ent:
                     self.entries[i] = ent
                     self.correct[i] = self._shard_correct(self.out_dir / fmt.shard_name(i), self.label_of)
