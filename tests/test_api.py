@@ -112,3 +112,21 @@ def test_a_student_of_other_classes_or_batch_is_one_line_in_the_loss(cache):
         with pytest.raises(KDPipeError, match=f"loss {name}: the student's logits hold 8 samples and the teacher's 16"):
             loss(torch.zeros(8, 10), t, y[:8], 0)
         assert set(loss(torch.zeros(16, 10), t, y, 0)) >= {"ce"}  # the right sizes still train
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(cache, monkeypatch):
+    """open_cache(device=torch.device("cuda")) on a machine without CUDA went unchecked and failed deep in torch
+    ('Found no NVIDIA driver'); cuda:N past the machine's devices failed at the first copy ('invalid device
+    ordinal'). Both are now refused in one line, as the string "cuda" always was."""
+    from kdpipe.util import pick_device
+
+    if not torch.cuda.is_available():
+        for device in ("cuda", torch.device("cuda"), torch.device("cuda:0")):
+            with pytest.raises(KDPipeError, match="CUDA is not available here"):
+                kdpipe.open_cache(cache.path, device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KDPipeError, match=r"device cuda:2 asked for, but this machine has 2 CUDA device\(s\) "
+                                          r"\(cuda:0 to cuda:1\)"):
+        pick_device("cuda:2")
+    assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("cuda") == torch.device("cuda")
