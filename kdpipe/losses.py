@@ -175,9 +175,12 @@ def _check_sizes(name: str, out, teacher) -> None:
     if out.shape[-2] != t.shape[-2]:
         raise KDPipeError(f"loss {name}: the student's logits hold {out.shape[-2]} samples and the teacher's "
                           f"{t.shape[-2]}: give the loss the teacher targets of the same batch")
-    if not isinstance(teacher, TopKTargets) and out.shape[-1] != t.shape[-1]:
+    # a top-k cache's k values per row are not its classes: its targets carry C (a student of more classes
+    # trained silently on them, their mass lumped into the rest bin; one of fewer failed in torch's gather)
+    classes = teacher.num_classes if isinstance(teacher, TopKTargets) else t.shape[-1]
+    if classes and out.shape[-1] != classes:
         raise KDPipeError(f"loss {name}: the student gives {out.shape[-1]} logits per sample and the teacher "
-                          f"{t.shape[-1]}: build the student for the cache's {t.shape[-1]} classes "
+                          f"{classes}: build the student for the cache's {classes} classes "
                           "(kdpipe.create_model(arch, data.num_classes, data.input_shape))")
 
 
@@ -359,16 +362,18 @@ class TopKTargets(NamedTuple):
     values (N, k) float32, the k largest raw logits in decreasing order; indices (N, k) int64, their
     classes; rest (N, D) float32, per declared temperature, log sum exp(z_c / T) over the other classes
     (-inf when k = C); temperatures (D,) float32, the declared temperatures (and `declared`, the same as
-    Python floats). `rows(idx)` gives a batch's."""
+    Python floats); num_classes, the cache's C (0: not known), which a student's logits must match.
+    `rows(idx)` gives a batch's."""
     values: torch.Tensor
     indices: torch.Tensor
     rest: torch.Tensor
     temperatures: torch.Tensor
     declared: tuple = ()
+    num_classes: int = 0
 
     def rows(self, idx) -> TopKTargets:
         return TopKTargets(self.values[idx].float(), self.indices[idx], self.rest[idx], self.temperatures,
-                           self.declared)
+                           self.declared, self.num_classes)
 
     def rest_at(self, temperature) -> torch.Tensor:
         """The rest term at each run's temperature: (B,) for a float T, which must be a declared one (else
