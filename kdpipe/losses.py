@@ -131,6 +131,8 @@ class Loss:
         out, teacher = pick(out), pick(teacher)
         if self.uses == "logits" and teacher is not None:
             _check_sizes(self.name, out, teacher)
+        if self.uses == "logits":
+            labels = _check_labels(self.name, out, labels)
         if isinstance(teacher, TopKTargets) and not self.topk and self.needs_teacher:  # a top-k cache's, in a user's loop
             raise KDPipeError(f"loss {self.name} needs every teacher logit, and these targets are a top-k cache's "
                               f"(its k largest logits): use a loss that takes them ({', '.join(topk_losses())}), or a "
@@ -182,6 +184,23 @@ def _check_sizes(name: str, out, teacher) -> None:
         raise KDPipeError(f"loss {name}: the student gives {out.shape[-1]} logits per sample and the teacher "
                           f"{classes}: build the student for the cache's {classes} classes "
                           "(kdpipe.create_model(arch, data.num_classes, data.input_shape))")
+
+
+def _check_labels(name: str, out, labels):
+    """The labels as the losses take them: MixedLabels, or the batch's class indices (B,) as int64 (another integer
+    dtype is cast). Float labels (one-hot, soft, or indices as floats), (B, 1) labels or another batch's are refused
+    in one line: torch's 'expected target dtype to be Long' or an expand error from inside cross_entropy otherwise."""
+    if labels is None or isinstance(labels, MixedLabels) or not torch.is_tensor(out):
+        return labels
+    if (not torch.is_tensor(labels) or labels.ndim != 1 or labels.dtype == torch.bool
+            or labels.dtype.is_floating_point or labels.dtype.is_complex):
+        what = f"{labels.dtype} of shape {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+        raise KDPipeError(f"loss {name}: labels must be the batch's class indices, a (B,) integer tensor, got {what}: "
+                          "pass e.g. labels.long(), labels.view(-1), or labels.argmax(-1) of one-hot labels")
+    if out.ndim >= 2 and labels.shape[0] != out.shape[-2]:
+        raise KDPipeError(f"loss {name}: the student's logits hold {out.shape[-2]} samples and the labels "
+                          f"{labels.shape[0]}: give the loss the labels of the same batch")
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 class Outputs(NamedTuple):
