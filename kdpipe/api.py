@@ -118,7 +118,8 @@ class CacheData:
 
     def epoch(self, epoch: int, batch_size: int = 128, seed: int = 0) -> "EpochBatches":
         """The batches of one epoch: view `epoch` mod K of every sample, shuffled by (seed, epoch) as
-        train-student shuffles them; the last partial batch is dropped (as train-student does)."""
+        train-student shuffles them; the last partial batch is dropped (as train-student does), and a batch_size
+        above the number of samples gives one batch of them all."""
         return EpochBatches(self, int(epoch), int(batch_size), int(seed))
 
     def steps_per_epoch(self, batch_size: int) -> int:
