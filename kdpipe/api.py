@@ -85,7 +85,7 @@ class CacheData:
         if not isinstance(cache_dir, (str, os.PathLike, list, tuple)):
             raise KDPipeError(f"open_cache takes a cache folder (a str or path), or a list of them, got "
                               f"{type(cache_dir).__name__} {cache_dir!r}")
-        self.device = device if isinstance(device, torch.device) else pick_device(str(device))
+        self.device = pick_device(str(device))  # a torch.device too: checked, not left to fail deep in torch
         self.cache, self.ensemble = open_caches(cache_dir, weights)
         if self.ensemble is not None and features not in (None, False):
             raise KDPipeError("features= distils one cache's features: open one cache, not an ensemble")
@@ -118,7 +118,8 @@ class CacheData:
 
     def epoch(self, epoch: int, batch_size: int = 128, seed: int = 0) -> "EpochBatches":
         """The batches of one epoch: view `epoch` mod K of every sample, shuffled by (seed, epoch) as
-        train-student shuffles them; the last partial batch is dropped (as train-student does)."""
+        train-student shuffles them; the last partial batch is dropped (as train-student does), and a batch_size
+        above the number of samples gives one batch of them all."""
         return EpochBatches(self, int(epoch), int(batch_size), int(seed))
 
     def steps_per_epoch(self, batch_size: int) -> int:

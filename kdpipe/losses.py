@@ -131,6 +131,8 @@ class Loss:
         out, teacher = pick(out), pick(teacher)
         if self.uses == "logits" and teacher is not None:
             _check_sizes(self.name, out, teacher)
+        if self.uses == "logits":
+            labels = _check_labels(self.name, out, labels)
         if isinstance(teacher, TopKTargets) and not self.topk and self.needs_teacher:  # a top-k cache's, in a user's loop
             raise KDPipeError(f"loss {self.name} needs every teacher logit, and these targets are a top-k cache's "
                               f"(its k largest logits): use a loss that takes them ({', '.join(topk_losses())}), or a "
@@ -175,10 +177,30 @@ def _check_sizes(name: str, out, teacher) -> None:
     if out.shape[-2] != t.shape[-2]:
         raise KDPipeError(f"loss {name}: the student's logits hold {out.shape[-2]} samples and the teacher's "
                           f"{t.shape[-2]}: give the loss the teacher targets of the same batch")
-    if not isinstance(teacher, TopKTargets) and out.shape[-1] != t.shape[-1]:
+    # a top-k cache's k values per row are not its classes: its targets carry C (a student of more classes
+    # trained silently on them, their mass lumped into the rest bin; one of fewer failed in torch's gather)
+    classes = teacher.num_classes if isinstance(teacher, TopKTargets) else t.shape[-1]
+    if classes and out.shape[-1] != classes:
         raise KDPipeError(f"loss {name}: the student gives {out.shape[-1]} logits per sample and the teacher "
-                          f"{t.shape[-1]}: build the student for the cache's {t.shape[-1]} classes "
+                          f"{classes}: build the student for the cache's {classes} classes "
                           "(kdpipe.create_model(arch, data.num_classes, data.input_shape))")
+
+
+def _check_labels(name: str, out, labels):
+    """The labels as the losses take them: MixedLabels, or the batch's class indices (B,) as int64 (another integer
+    dtype is cast). Float labels (one-hot, soft, or indices as floats), (B, 1) labels or another batch's are refused
+    in one line: torch's 'expected target dtype to be Long' or an expand error from inside cross_entropy otherwise."""
+    if labels is None or isinstance(labels, MixedLabels) or not torch.is_tensor(out):
+        return labels
+    if (not torch.is_tensor(labels) or labels.ndim != 1 or labels.dtype == torch.bool
+            or labels.dtype.is_floating_point or labels.dtype.is_complex):
+        what = f"{labels.dtype} of shape {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+        raise KDPipeError(f"loss {name}: labels must be the batch's class indices, a (B,) integer tensor, got {what}: "
+                          "pass e.g. labels.long(), labels.view(-1), or labels.argmax(-1) of one-hot labels")
+    if out.ndim >= 2 and labels.shape[0] != out.shape[-2]:
+        raise KDPipeError(f"loss {name}: the student's logits hold {out.shape[-2]} samples and the labels "
+                          f"{labels.shape[0]}: give the loss the labels of the same batch")
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 class Outputs(NamedTuple):
@@ -359,16 +381,18 @@ class TopKTargets(NamedTuple):
     values (N, k) float32, the k largest raw logits in decreasing order; indices (N, k) int64, their
     classes; rest (N, D) float32, per declared temperature, log sum exp(z_c / T) over the other classes
     (-inf when k = C); temperatures (D,) float32, the declared temperatures (and `declared`, the same as
-    Python floats). `rows(idx)` gives a batch's."""
+    Python floats); num_classes, the cache's C (0: not known), which a student's logits must match.
+    `rows(idx)` gives a batch's."""
     values: torch.Tensor
     indices: torch.Tensor
     rest: torch.Tensor
     temperatures: torch.Tensor
     declared: tuple = ()
+    num_classes: int = 0
 
     def rows(self, idx) -> TopKTargets:
         return TopKTargets(self.values[idx].float(), self.indices[idx], self.rest[idx], self.temperatures,
-                           self.declared)
+                           self.declared, self.num_classes)
 
     def rest_at(self, temperature) -> torch.Tensor:
         """The rest term at each run's temperature: (B,) for a float T, which must be a declared one (else

@@ -197,7 +197,7 @@ class CachedViews:
         self._finite(values, v)
         return TopKTargets(values, indices.long(), rest,
                            torch.tensor(lg["temperatures"], dtype=torch.float32, device=self.device),
-                           tuple(float(t) for t in lg["temperatures"]))
+                           tuple(float(t) for t in lg["temperatures"]), self.cache.num_classes)
 
     def _finite(self, logits: torch.Tensor, v: int) -> torch.Tensor:
         """`logits` (view v's rows, in sample order), refused when some are NaN or Inf: a dump never writes

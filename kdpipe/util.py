@@ -28,6 +28,10 @@ def pick_device(name: str | None) -> torch.device:
         raise KDPipeError(f"device {name!r} is not one kdpipe runs on: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KDPipeError(f"device {name} asked for, but CUDA is not available here: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise KDPipeError(f"device {name} asked for, but this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1}): "
+                          "name one of them")
     return dev
 
 

@@ -112,3 +112,44 @@ def test_a_student_of_other_classes_or_batch_is_one_line_in_the_loss(cache):
         with pytest.raises(KDPipeError, match=f"loss {name}: the student's logits hold 8 samples and the teacher's 16"):
             loss(torch.zeros(8, 10), t, y[:8], 0)
         assert set(loss(torch.zeros(16, 10), t, y, 0)) >= {"ce"}  # the right sizes still train
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(cache, monkeypatch):
+    """open_cache(device=torch.device("cuda")) on a machine without CUDA went unchecked and failed deep in torch
+    ('Found no NVIDIA driver'); cuda:N past the machine's devices failed at the first copy ('invalid device
+    ordinal'). Both are now refused in one line, as the string "cuda" always was."""
+    from kdpipe.util import pick_device
+
+    if not torch.cuda.is_available():
+        for device in ("cuda", torch.device("cuda"), torch.device("cuda:0")):
+            with pytest.raises(KDPipeError, match="CUDA is not available here"):
+                kdpipe.open_cache(cache.path, device=device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KDPipeError, match=r"device cuda:2 asked for, but this machine has 2 CUDA device\(s\) "
+                                          r"\(cuda:0 to cuda:1\)"):
+        pick_device("cuda:2")
+    assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("cuda") == torch.device("cuda")
+
+
+def test_labels_a_loss_cannot_take_are_one_line(cache):
+    """Labels from a user's own pipeline: floats (indices as floats, one-hot), (B, 1) or another batch's failed
+    inside torch's cross_entropy ('expected target dtype to be Long', an expand error); now one KDPipeError
+    line naming what was given. Integer labels of another dtype (int32, uint8) are class indices: cast."""
+    data = kdpipe.open_cache(cache.path)
+    x, t, y = next(iter(data.epoch(0, batch_size=16)))
+    out = torch.randn(16, 10)
+    for name in ("kd", "dkd"):
+        loss = kdpipe.create_loss(name)
+        want = loss(out, t, y, 0)
+        for bad, what in ((y.float(), r"torch.float32 of shape \(16,\)"),
+                          (torch.nn.functional.one_hot(y, 10).float(), r"torch.float32 of shape \(16, 10\)"),
+                          (y.view(16, 1), r"torch.int64 of shape \(16, 1\)"), (y.numpy(), "ndarray")):
+            with pytest.raises(KDPipeError, match=f"loss {name}: labels must be the batch's class indices, a "
+                                                  rf"\(B,\) integer tensor, got {what}"):
+                loss(out, t, bad, 0)
+        with pytest.raises(KDPipeError, match=f"loss {name}: the student's logits hold 16 samples and the labels 8"):
+            loss(out, t, y[:8], 0)
+        for other in (y.int(), y.to(torch.uint8)):
+            got = loss(out, t, other, 0)
+            assert all(torch.equal(got[k], want[k]) for k in want)

@@ -274,6 +274,21 @@ def test_verify_cache_recomputes_topk_rows_and_names_wrong_values_classes_and_re
     assert faults[2] == f"1 of {rows} re-computed rows differ from the stored top-k rest: rows 540 in shard-00001.h5"
 
 
+def test_a_student_of_other_classes_than_a_topk_cache_is_one_line_in_the_loss(topk):
+    """A top-k cache's targets hold k values per row, not C: a student of 100 classes trained silently on a
+    10-class cache (its 90 extra classes lumped into the rest bin), one of 7 failed in torch ('Target 9 is out of
+    bounds'). The targets carry the cache's classes, and the loss names both, as it does for raw logits."""
+    import kdpipe
+    data = kdpipe.open_cache(topk.path)
+    x, t, y = next(iter(data.epoch(0, batch_size=16)))
+    for classes in (7, 100):
+        with pytest.raises(KDPipeError, match=f"loss kd: the student gives {classes} logits per sample and the "
+                                              "teacher 10: build the student for the cache's 10 classes"):
+            kdpipe.create_loss("kd", temperature=4)(torch.zeros(16, classes), t, y, 0)
+    assert t.num_classes == 10 and t.rows(torch.arange(4)).num_classes == 10
+    assert kdpipe.create_loss("kd", temperature=4)(torch.zeros(16, 10), t, y, 0)["kd"] > 0
+
+
 def test_cached_views_of_a_rank_read_its_rows_of_topk_targets(topk):
     from kdpipe.student import CachedViews
     views = CachedViews(Cache(topk.path), torch.device("cpu"))
