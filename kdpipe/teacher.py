@@ -296,6 +296,22 @@ def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
     return [{"layer": layer, "shape": [int(v) for v in got[layer].shape[1:]]} for layer in layers]
 
 
+# A shard is built in memory before it is written (its logits in float32 and as stored, HDF5's image of the file:
+# about five times its bytes); rows of many classes or of large cached features are held to this many bytes a shard.
+SHARD_BYTES = 512 << 20
+
+
+def _rows_within(limit: int, data, policy, views, logits_dtype, codec, feats, shard_rows: int, log) -> int:
+    """The rows of one shard whose stored bytes stay within `limit` (at least one); said where it is fewer than
+    `shard_rows`."""
+    row = planned_size(data, None, policy, views, logits_dtype, codec, feats)["row_bytes"]
+    rows, want = max(1, limit // row), min(shard_rows, len(data) * views)
+    if rows < want:
+        log(f"note: shards of {want:,} rows of {row:,} bytes would take {human_bytes(want * row)} each "
+            f"(built in memory before they are written): writing shards of {rows:,} rows instead")
+    return rows
+
+
 def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     """Refuse (unless `yes`) a dump whose cache would exceed the free space where it goes, or
     SIZE_FACTOR times the decoded dataset; either way say the planned size. The cache files already in
@@ -373,8 +389,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]
     n = len(data)
-    shard_rows = min(shard_rows, n * views)
     feats = feature_shapes(teacher, list(features), in_shape)
+    shard_rows = min(shard_rows, n * views, _rows_within(SHARD_BYTES, data, policy, views, logits_dtype, codec_ident,
+                                                         feats, shard_rows, log))
     ident = _dump_identity(teacher, data, policy, views, seed, logits_dtype, shard_rows, batch_size, norm, codec_ident,
                            feats, amp)
 

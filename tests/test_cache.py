@@ -400,3 +400,25 @@ def test_an_unknown_optional_column_is_ignored(cache, tmp_path):
     c = Cache(dst)
     assert list(c.shard_columns) == [col.name for col in fmt.shard_columns("raw")]
     np.testing.assert_array_equal(c.read_view(0, "logits"), Cache(cache.path).read_view(0, "logits"))
+
+
+def test_shards_of_large_rows_are_held_to_shard_bytes(fmnist, teacher_ckpt, tmp_path, monkeypatch):
+    """--shard-rows 65536 of rows of many classes or of large cached features made shards of gigabytes, each built
+    in memory before it is written (about five times its size: 10 GB of RAM for 32 KB rows). Such shards now hold
+    SHARD_BYTES at most, with a note; the cache reads as any other."""
+    import kdpipe.teacher as teacher_mod
+    from kdpipe.checkpoint import load_teacher
+    from kdpipe.verify import verify_cache
+
+    data = load_dataset(fmnist.spec, "train")
+    policy = create_policy("crop-flip", padding=2)
+    row = teacher_mod.planned_size(data, None, policy, 2, "float16")["row_bytes"]
+    monkeypatch.setattr(teacher_mod, "SHARD_BYTES", 300 * row + 1)
+    said = []
+    teacher_mod.dump_logits(load_teacher(teacher_ckpt), data, None, tmp_path / "c", policy=policy, views=2,
+                            log=said.append)
+    c = Cache(tmp_path / "c")
+    assert [sh["row_stop"] - sh["row_start"] for sh in c.manifest["shards"]] == [300] * 3 + [124]
+    assert any(f"note: shards of 1,024 rows of {row} bytes would take" in s and "shards of 300 rows instead" in s
+               for s in said), said
+    assert verify_cache(tmp_path / "c", log=quiet) == []
