@@ -131,6 +131,13 @@ class ImageData:
         """What besides the stored samples makes this copy (empty for dense data)."""
         return {}
 
+    @classmethod
+    def storage_step(cls, identity: dict, colour: str) -> str | None:
+        """How a user's input becomes a stored sample of this kind, in words, for the card `kdpipe export` writes
+        (``identity``: the dataset's, as the checkpoint records it; ``colour``: its channels in words). None: the
+        samples are stored as they are, and the card names their size."""
+        return None
+
     @property
     def fingerprint(self) -> str:
         """sha256 over shape, samples, labels and the storage identity: a different copy, subset or
@@ -241,6 +248,16 @@ class Photos(ImageData):
 
     def storage_identity(self) -> dict:
         return {"image_size": self.image_size, "resize": RESIZE}
+
+    @classmethod
+    def storage_step(cls, identity, colour):
+        s = identity.get("image_size")
+        # to_storage's rounding, said exactly: rounding the longer side or the offset otherwise (round for int,
+        # floor for round) moved the crop by a pixel in most non-square photos
+        return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize its "
+                f"shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL bicubic, "
+                f"antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
+                f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this)")
 
 
 @register_kind

@@ -21,6 +21,7 @@ import torch.nn as nn
 from kdpipe import KDPipeError
 from kdpipe.checkpoint import CHECKPOINT_VERSION, LoadedModel, load_checkpoint_file, load_teacher, sniff
 from kdpipe.cache.writer import atomic_write_json
+from kdpipe.data import KINDS
 from kdpipe.util import ensure_parent, error_line
 from kdpipe.views import normalize, policy_from_identity
 
@@ -74,14 +75,10 @@ def preprocessing(loaded: LoadedModel) -> list[str]:
     colour = {1: "grey (1 channel)", 3: "RGB (3 channels, in R, G, B order)"}.get(c, f"{c} channels")
     stored = tuple(data.get("image_shape") or shape)
     steps = []
-    if data.get("kind") == "photos":
-        s = data.get("image_size")
-        # data.to_storage's rounding, said exactly: rounding the longer side or the offset otherwise (round for
-        # int, floor for round) moved the crop by a pixel in most non-square photos
-        steps.append(f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize "
-                     f"its shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL "
-                     f"bicubic, antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
-                     f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this)")
+    kind = KINDS.get(data.get("kind", "dense"))  # the store kind says how it stored its samples (photos: resized)
+    stored_as = kind.storage_step(data, colour) if kind is not None else None
+    if stored_as:
+        steps.append(stored_as)
     elif data:
         steps.append(f"{colour} images of {stored[1]} x {stored[2]}, as in {data.get('spec', '?')}")
     ident = loaded.info.get("view_policy")

@@ -516,10 +516,13 @@ class ComposedLoss(Loss):
                                   + ", ".join(names))
         self.name = name
         self.parts = [(n, weights[n], create_loss(n, **given[n])) for n in names]
+        # An axis is recorded once where every member that takes it has one value (given, or alike by default);
+        # else per member (kd+dkd: kd.alpha 0.9, dkd.alpha 1), so config.json and the report say what each used.
+        shared = {k for k in self.AXES if len({loss.options[k] for _, _, loss in self.parts if k in loss.options}) == 1}
         self.options = {}
         for n, w, loss in self.parts:
             for k, v in loss.options.items():
-                self.options[k if k in self.AXES else f"{n}.{k}"] = v
+                self.options[k if k in shared else f"{n}.{k}"] = v
             self.options[f"{n}.weight"] = w
         self.members = [self.options]
 

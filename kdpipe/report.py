@@ -282,12 +282,13 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))} | 1.0000 | "
                      f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
                      f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
-    order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"], r["temperature"] or 0,
-                                        _setting(r), r["seed"]))
+    order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"] or 0,
+                                        r["temperature"] or 0, _setting(r), r["seed"]))
     for r in order:
         best = r.get("best")
         lines.append(f"| {r['arch']}{_variant(r)} | {_role(r)} | {_loss(r)} | "
-                     f"{'' if _scratch(r) else _num(r['temperature'])} | {r['alpha']:g} | {r.get('optimizer', 'sgd')} | "
+                     f"{'' if _scratch(r) else _num(r['temperature'])} | {_num(r['alpha'])} | "
+                     f"{r.get('optimizer', 'sgd')} | "
                      f"{_num(r.get('lr'))} | {r.get('epochs', '')} | {r['seed']} | {r.get('dataset', '?')} | "
                      f"{_fmt(r.get('test_top1'))}{_diverged(r)} | {_fmt(r.get('teacher_agreement'))} | "
                      f"{_best(best)} | "
@@ -319,7 +320,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         for s in summary:
             lines.append(f"| {s['arch']}{_variant({'_variant': s['variant']})} | "
                          f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
-                         f"{_num(s['temperature'])} | {s['alpha']:g} | {s['optimizer']} | {_num(s['lr'])} | "
+                         f"{_num(s['temperature'])} | {_num(s['alpha'])} | {s['optimizer']} | {_num(s['lr'])} | "
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | "
                          f"{_pm(s['test_top1_mean'], s['test_top1_std'])}{_diverged_runs(s['diverged'])}"
                          + f" | {_pm(s['agreement_mean'], s['agreement_std'])} | "
@@ -332,7 +333,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                   "| model | loss | T | alpha | seeds | gain in test top-1 | 2 × larger std | wins | clear gain |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for v in versus:
-            lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {v['alpha']:g} | "
+            lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {_num(v['alpha'])} | "
                          f"{len(v['seeds'])} | {v['gain']:+.4f}{_diverged_runs(v['diverged'])} | "
                          f"{2 * v['larger_std']:.4f} | "
                          f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} |")
@@ -351,7 +352,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
 
 
 def _group_order(r):
-    return (r["arch"], _loss(r), r["alpha"], r["temperature"] or 0)
+    return (r["arch"], _loss(r), r["alpha"] or 0, r["temperature"] or 0)
 
 
 # config.json keys of a run's teacher and loss: what a KD run and its scratch twin differ in (the rest must match)

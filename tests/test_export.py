@@ -82,6 +82,29 @@ def test_preprocessing_names_the_photo_resize_and_the_clean_view(tmp_path):
     assert "does not record its views" in preprocessing(load_model(ckpt))[1]
 
 
+def test_a_new_store_kind_says_on_the_card_how_it_stored_its_samples(tmp_path, monkeypatch):
+    """The card's first step comes from the data's store kind (ImageData.storage_step): a kind registered beside
+    photos (here letterboxed photos) says its own, not "images of 40 x 40", which a deployment would feed as is."""
+    from kdpipe.data import KINDS, ImageData
+
+    class Letterboxed(ImageData):
+        kind = "letterboxed"
+
+        @classmethod
+        def storage_step(cls, identity, colour):
+            return f"convert to {colour}, resize the longer side to {identity['image_size']} and pad the rest with 0"
+
+    monkeypatch.setitem(KINDS, Letterboxed.kind, Letterboxed)
+    ckpt = tmp_path / "l.pt"
+    data = {"spec": "files:food", "kind": "letterboxed", "image_size": 40, "image_shape": [3, 40, 40]}
+    save_checkpoint(ckpt, create_model("cnn_tiny", 3, (3, 40, 40)).eval(), arch="cnn_tiny", num_classes=3,
+                    image_shape=(3, 40, 40), mean=[0.5] * 3, std=[0.25] * 3, class_names=["a", "b", "c"], dataset=data,
+                    test_top1=0.5)
+    steps = preprocessing(load_model(ckpt))
+    assert steps[0] == ("convert to RGB (3 channels, in R, G, B order), resize the longer side to 40 and pad the rest "
+                        "with 0"), steps
+
+
 def test_a_features_model_takes_float_vectors(tmp_path):
     torch.manual_seed(0)
     model = create_model("mlp_100", 3, (6,)).eval()

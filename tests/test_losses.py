@@ -105,6 +105,32 @@ def test_a_new_loss_is_one_registered_class():
         del losses._LOSSES["test-l2"]
 
 
+def test_a_composition_records_each_members_own_axis_where_their_defaults_differ():
+    """kd+dkd recorded alpha 1 (dkd's default, the last member's) in config.json, metrics.json and the report, while
+    kd trained at its own 0.9; a new loss with another alpha default composed with kd did the same."""
+    @register_loss("test-mse")
+    class MSE(Loss):
+        defaults = {"alpha": 0.5}
+
+        @property
+        def needs_teacher(self):
+            return True
+
+        def terms(self, out, teacher, labels, epoch):
+            return {"mse": self.per_run(self.alpha, 1) * ((out - teacher) ** 2).mean((-2, -1))}
+
+    try:
+        loss = create_loss("kd+test-mse")
+        assert [(n, x.options["alpha"]) for n, _, x in loss.parts] == [("kd", 0.9), ("test-mse", 0.5)]
+        assert loss.options == {"temperature": 4.0, "kd.alpha": 0.9, "kd.weight": 1.0, "test-mse.alpha": 0.5,
+                                "test-mse.weight": 1.0}
+        assert create_loss("kd+test-mse", alpha=0.3).options["alpha"] == 0.3  # given: one value, recorded once
+        assert "alpha" not in create_loss("kd+dkd").options and create_loss("kd+dkd").options["temperature"] == 4.0
+    finally:
+        from kdpipe import losses
+        del losses._LOSSES["test-mse"]
+
+
 @pytest.mark.parametrize("name, options, message", [
     ("kd", dict(temperature=0.0), "temperature must be > 0"), ("kd", dict(temperature=-1.0), "temperature must be > 0"),
     ("kd", dict(alpha=-0.1), r"alpha must lie in \[0, 1\]"), ("kd", dict(alpha=1.1), r"alpha must lie in \[0, 1\]"),

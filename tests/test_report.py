@@ -116,6 +116,37 @@ def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tm
     assert students["dkd (beta 8, warmup 20)"][1:5] == ["KD", "dkd (beta 8, warmup 20)", "4", "0"]
 
 
+def test_a_new_loss_without_alpha_is_reported(cache, tmp_path):
+    """A loss is one registered class, and the report picks it up: one without an alpha (here an L2 on the logits,
+    weighted by its own option) stopped `kdpipe report` with a TypeError on formatting alpha None."""
+    from kdpipe import losses
+    from kdpipe.student import train_students
+
+    @losses.register_loss("test-l2")
+    class L2(losses.Loss):
+        defaults = {"weight": 1.0}
+
+        @property
+        def needs_teacher(self):
+            return True
+
+        def terms(self, out, teacher, labels, epoch):
+            return {"ce": losses.cross_entropy(out, labels),
+                    "l2": self.per_run(self.weight, 1) * ((out - teacher) ** 2).mean((-2, -1))}
+
+    try:
+        train_students(cache.path, ["mlp_100"], 1, tmp_path / "runs", loss="test-l2:weight=0.5", seeds=(0, 1),
+                       batch_size=64, log=lambda *a: None)
+    finally:
+        del losses._LOSSES["test-l2"]
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    students = [r for r in table_rows(text) if r[1] != "teacher" and len(r) == 17]
+    assert [r[1:5] for r in students] == [["KD", "test-l2 (weight 0.5)", "", ""]] * 2
+    settings = [r for r in table_rows(text) if len(r) == 13]  # each setting over its seeds
+    assert [r[1:5] + r[9:10] for r in settings] == [["KD", "test-l2 (weight 0.5)", "", "", "2"]], text
+
+
 def _copies(student_runs, tmp_path, changes):
     """Run directories copied from a real run, each with its metrics changed by one dict of `changes`."""
     src = student_runs.out / "mlp_100-T4-a0.9-s0"
