@@ -36,6 +36,7 @@ A source's data may move: moved_spec points a cache's spec at the new place (--d
 from __future__ import annotations
 
 import copy
+import errno
 import gzip
 import hashlib
 import json
@@ -1104,6 +1105,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror}; "
                           "set KDPIPE_DATA_CACHE to a writable folder") from None
     try:
+        _reserve(tmp)
         _decode_into(out, spec, split, files, mode, image_size)
         out.flush()
         del out
@@ -1119,6 +1121,22 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     finally:
         tmp.unlink(missing_ok=True)
     return data
+
+
+def _reserve(path: Path) -> None:
+    """Reserve the disk space of the file open_memmap made (sparse): writing through the map to a full disk
+    killed the process with SIGBUS ("Bus error", no message, a temporary left behind); reserved first, a full
+    disk is an OSError here, said in one line. Where the file system cannot reserve, the map is written as before."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _low_range_note(spec, split, images: np.ndarray, wide: list[int]) -> None:

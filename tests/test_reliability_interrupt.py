@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -74,3 +79,60 @@ def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(features_ckpt, 
     assert r.output.strip() == (f"Error: cannot write {out}: no space left on the device; nothing partial was kept, "
                                 "run the same command again once the location is writable")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt"]
+
+
+def _can_mount(path: Path, size: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _photo_folder(root, n=20, size=32):
+    """imagefolder train/ and test/ with two classes of n random RGB PNGs each."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_decoding_photos_to_a_full_disk_is_one_line_not_a_bus_error(tmp_path, monkeypatch):
+    """The decoded copy is written through a memory map of a sparse file: on a full disk the process died of
+    SIGBUS ('Bus error', exit 135, no message, a temporary left). Its space is reserved first now. Here a real full
+    tmpfs, in a child process (a bus error would kill pytest)."""
+    folder = _photo_folder(tmp_path / "photos")
+    mnt = tmp_path / "small-fs"
+    if not _can_mount(mnt, "64k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        env = {**os.environ, "KDPIPE_DATA_CACHE": str(mnt / "decoded")}
+        r = subprocess.run([sys.executable, "-c", "from kdpipe.data import load_dataset; from kdpipe import KDPipeError\n"
+                            f"try:\n    load_dataset('imagefolder:{folder}', 'train')\n"
+                            "except KDPipeError as e:\n    print('Error:', e)\n"],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-500:]}"
+        assert r.stdout.startswith(f"Error: cannot write the decoded copy of imagefolder:{folder} under "
+                                   f"{mnt / 'decoded'}: No space left on device; free space or set KDPIPE_DATA_CACHE")
+        assert list((mnt / "decoded").iterdir()) == [], "a temporary was left on the full disk"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_decode_whose_space_cannot_be_reserved_stops_before_decoding(tmp_path, monkeypatch):
+    """The same, where mounting is not allowed: the reservation meets ENOSPC; one line, nothing kept."""
+    from kdpipe import KDPipeError
+    from kdpipe.data import load_dataset
+    folder = _photo_folder(tmp_path / "photos", n=3, size=8)
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(tmp_path / "decoded"))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(KDPipeError, match="cannot write the decoded copy .*: No space left on device; free space"):
+        load_dataset(f"imagefolder:{folder}", "train")
+    assert list((tmp_path / "decoded").iterdir()) == []
