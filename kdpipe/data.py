@@ -1077,8 +1077,9 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
             return Photos(images, y, classes, spec, split, str(folder), fingerprint, sizes, image_size=image_size)
         return ImageData(images, y, classes, spec, split, str(folder), fingerprint)
 
-    if npy.is_file() and meta.is_file() and sizes_npy.is_file():  # the .json is written last
-        return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), json.loads(meta.read_text()).get("fingerprint"))
+    recorded = _decoded_meta(meta) if npy.is_file() and sizes_npy.is_file() else None  # the .json is written last
+    if recorded is not None:
+        return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), recorded.get("fingerprint"))
 
     sizes, modes, several = _scan_headers(spec, files)
     if several:
@@ -1100,6 +1101,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f"{key}.tmp{os.getpid()}.npy"
+        meta_tmp = cache_dir / f"{key}.tmp{os.getpid()}.json"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, h_out, w_out))
     except OSError as e:
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror}; "
@@ -1113,14 +1115,29 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         os.replace(tmp, npy)
         data = store(np.load(npy, mmap_mode="r"), sizes)
         _low_range_note(spec, split, data.images, [i for i, m in enumerate(modes) if m in SIXTEEN_BIT_MODES])
-        meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint, "num_images": len(files),
-                                    "mode": mode, "image_size": image_size, "resize": RESIZE if image_size else None}))
+        # by rename, complete or absent: a .json the disk filled up in was left empty, and every later run failed
+        # on it with a JSONDecodeError traceback
+        meta_tmp.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint,
+                                        "num_images": len(files), "mode": mode, "image_size": image_size,
+                                        "resize": RESIZE if image_size else None}))
+        os.replace(meta_tmp, meta)
     except OSError as e:  # e.g. the disk filled up while decoding
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
                           "free space or set KDPIPE_DATA_CACHE to another folder") from None
     finally:
         tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
     return data
+
+
+def _decoded_meta(path: Path) -> dict | None:
+    """The record of a finished decoded copy, or None where there is none or it does not read (one an older
+    kdpipe left half-written): the copy is then decoded again."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _reserve(path: Path) -> None:

@@ -4,6 +4,7 @@ commands leave behind when they are stopped half-way or the disk fills, and what
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -136,3 +137,32 @@ def test_a_decode_whose_space_cannot_be_reserved_stops_before_decoding(tmp_path,
     with pytest.raises(KDPipeError, match="cannot write the decoded copy .*: No space left on device; free space"):
         load_dataset(f"imagefolder:{folder}", "train")
     assert list((tmp_path / "decoded").iterdir()) == []
+
+
+def test_a_decoded_copys_record_the_disk_filled_up_in_is_decoded_again_not_a_traceback(tmp_path, monkeypatch):
+    """The disk filled just as the decoded copy's .json was written: the run stopped in one line, but left the
+    .json empty beside a complete .npy, and every later run failed with a JSONDecodeError traceback until the
+    user found and deleted it. The record is written by rename now, and one that does not read is decoded again."""
+    from kdpipe import KDPipeError
+    from kdpipe.data import load_dataset
+    folder = _photo_folder(tmp_path / "photos", n=3, size=8)
+    decoded = tmp_path / "decoded"
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(decoded))
+    real = Path.write_text
+
+    def full(self, *a, **kw):  # the file is created (truncated), then its write fails
+        if self.suffix == ".json" and self.parent == decoded:
+            real(self, "")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(Path, "write_text", full)
+        with pytest.raises(KDPipeError, match="No space left on device; free space"):
+            load_dataset(f"imagefolder:{folder}", "train")
+    assert not list(decoded.glob("*.json")), "a decoded copy's record was left that does not read"
+    want = load_dataset(f"imagefolder:{folder}", "train")
+    (meta,) = decoded.glob("*.json")
+    meta.write_text("")  # as an older kdpipe left it
+    again = load_dataset(f"imagefolder:{folder}", "train")
+    assert np.array_equal(again.images, want.images) and again.fingerprint == want.fingerprint
+    assert json.loads(meta.read_text())["fingerprint"] == want.fingerprint
