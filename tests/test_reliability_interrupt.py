@@ -98,7 +98,8 @@ def _photo_folder(root, n=20, size=32):
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
     return root
 
 
@@ -112,10 +113,10 @@ def test_decoding_photos_to_a_full_disk_is_one_line_not_a_bus_error(tmp_path, mo
         pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
     try:
         env = {**os.environ, "KDPIPE_DATA_CACHE": str(mnt / "decoded")}
-        r = subprocess.run([sys.executable, "-c", "from kdpipe.data import load_dataset; from kdpipe import KDPipeError\n"
-                            f"try:\n    load_dataset('imagefolder:{folder}', 'train')\n"
-                            "except KDPipeError as e:\n    print('Error:', e)\n"],
-                           env=env, capture_output=True, text=True, timeout=120)
+        code = ("from kdpipe.data import load_dataset; from kdpipe import KDPipeError\n"
+                f"try:\n    load_dataset('imagefolder:{folder}', 'train')\n"
+                "except KDPipeError as e:\n    print('Error:', e)\n")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-500:]}"
         assert r.stdout.startswith(f"Error: cannot write the decoded copy of imagefolder:{folder} under "
                                    f"{mnt / 'decoded'}: No space left on device; free space or set KDPIPE_DATA_CACHE")
@@ -166,3 +167,4 @@ def test_a_decoded_copys_record_the_disk_filled_up_in_is_decoded_again_not_a_tra
     again = load_dataset(f"imagefolder:{folder}", "train")
     assert np.array_equal(again.images, want.images) and again.fingerprint == want.fingerprint
     assert json.loads(meta.read_text())["fingerprint"] == want.fingerprint
+
