@@ -168,3 +168,29 @@ def test_a_decoded_copys_record_the_disk_filled_up_in_is_decoded_again_not_a_tra
     assert np.array_equal(again.images, want.images) and again.fingerprint == want.fingerprint
     assert json.loads(meta.read_text())["fingerprint"] == want.fingerprint
 
+
+def test_a_shard_replaced_while_a_student_reads_the_cache_is_refused_not_read(tmp_path):
+    """A dump-logits --overwrite (another teacher, seed...) into the cache a sweep is training from: the reader
+    opened shards by name at every read, so after their attributes were checked once it read the new cache's rows
+    as this cache's without a word (the run's metrics.json naming the old cache id), or failed with a
+    FileNotFoundError traceback while the shard was gone. Both are one line now, naming the shard."""
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    from test_reliability_helpers import dump_args, mnist_npz, run_cli, save_teacher
+    npz = mnist_npz(tmp_path / "digits.npz", 64, 16)
+    teacher = save_teacher(tmp_path / "teacher.pt")
+    for seed, name in ((3, "a"), (4, "b")):
+        assert run_cli(dump_args(teacher, npz, tmp_path / name, 2, 64, seed)).exit_code == 0
+    cache = Cache(tmp_path / "a")
+    first = cache.read_view(0, "logits")
+    shard = tmp_path / "a" / "shard-00000.h5"
+    os.replace(shutil.copy(tmp_path / "b" / "shard-00000.h5", tmp_path / "a" / ".new"), shard)  # as a dump writes
+    with pytest.raises(KDPipeError, match=r"shard-00000.h5 \(rows 0..63 of cache .*\) was removed or replaced while "
+                                          r"the cache was being read .*dump-logits.*--overwrite"):
+        cache.read_view(0, "logits")
+    with pytest.raises(KDPipeError, match="was removed or replaced"):
+        cache.read_rows("logits", [1, 2])
+    shard.unlink()
+    with pytest.raises(KDPipeError, match="was removed or replaced"):
+        cache.read_view(0, "logits")
+    assert Cache(tmp_path / "a").read_view(1, "logits").shape == first.shape  # the shards untouched still read
