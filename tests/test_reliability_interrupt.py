@@ -194,3 +194,29 @@ def test_a_shard_replaced_while_a_student_reads_the_cache_is_refused_not_read(tm
     with pytest.raises(KDPipeError, match="was removed or replaced"):
         cache.read_view(0, "logits")
     assert Cache(tmp_path / "a").read_view(1, "logits").shape == first.shape  # the shards untouched still read
+
+
+def test_a_full_disk_while_report_draws_its_plots_is_one_line_and_leaves_no_partial_png(student_runs, tmp_path,
+                                                                                      monkeypatch):
+    """The disk filled while matplotlib wrote a plot: report failed with PIL's OSError traceback (compress's plot
+    the same), after a half-written PNG. Plots are written as every other output is now: a temporary, renamed."""
+    import matplotlib.figure
+    out = tmp_path / "rep"
+    real = matplotlib.figure.Figure.savefig
+
+    def full(self, fname, *a, **kw):  # some bytes reach the file, then the disk is full
+        if isinstance(fname, (str, os.PathLike)):
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n")
+        else:
+            fname.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    r = CliRunner().invoke(main, ["report", str(student_runs.out), "--out", str(out)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: cannot write {out}/") and "no space left on the device" in r.output
+    assert list(out.iterdir()) == [], "a partial plot was left"
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
+    assert CliRunner().invoke(main, ["report", str(student_runs.out), "--out", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "accuracy_vs_parameters.png",
+                                                     "learning_curves.png", "report.md", "summary.json"]
