@@ -101,7 +101,7 @@ class Cache:
         self._starts = np.array([s["row_start"] for s in m["shards"]], dtype=np.int64)
         self._layout: dict[tuple[int, str], tuple] = {}
         self._sound: set[int] = set()  # shards whose attributes name this cache and their rows (_open_shard)
-        self._files: dict[int, tuple] = {}  # shard -> (device, inode) of the file whose attributes were checked
+        self._files: dict[int, tuple] = {}  # shard -> (inode, size, mtime) of the file whose attributes were checked
         if self.rows != self.num_samples * self.num_views:
             raise KDPipeError(f"{self.path}: manifest says {self.rows} rows, expected "
                               f"{self.num_samples} samples x {self.num_views} views")
@@ -187,14 +187,16 @@ class Cache:
                 raise refuse(why)
             self._sound.add(i)
             st = _stat(f, path)
-            self._files[i] = (st.st_dev, st.st_ino)
+            self._files[i] = (st.st_ino, st.st_size, st.st_mtime_ns)
         return f
 
     def _same_file(self, i: int, st: os.stat_result | None) -> None:
         """Refuse shard i where the file at its path (`st`; None: there is none) is no longer the one whose
         attributes were checked: a dump into this directory (dump-logits --overwrite) removed or replaced it
-        while this cache was read, and rows read from it now would be another cache's, without a word."""
-        if i in self._files and (st is None or (st.st_dev, st.st_ino) != self._files[i]):
+        while this cache was read, and rows read from it now would be another cache's, without a word. Another file
+        has another inode and another size or time (both asked: some FUSE file systems number inodes anew)."""
+        old = self._files.get(i)
+        if old and (st is None or (st.st_ino != old[0] and (st.st_size, st.st_mtime_ns) != old[1:])):
             s = self.manifest["shards"][i]
             raise KDPipeError(f"{self.shard_path(i)} (rows {s['row_start']}..{s['row_stop'] - 1} of cache {self.path}) "
                               "was removed or replaced while the cache was being read (another dump-logits into "
