@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe import KDPipeError
-from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
+from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json, atomic_write_stream
 from kdpipe.checkpoint import LoadedModel
 from kdpipe.data import ImageData, limited
 from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
@@ -666,6 +666,6 @@ def _plot(doc: dict, path: Path) -> Path:
     fig.suptitle(f"{doc['teacher_arch']} on {doc['data']}: black from the teacher, a colour per student setting "
                  f"(its seeds labelled once; * fp32, o int8, s pruned, D distilled, ^ scratch)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write_stream(path, lambda f: fig.savefig(f, dpi=120, format="png"))  # a full disk: one line
     plt.close(fig)
     return path

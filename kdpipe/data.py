@@ -36,6 +36,7 @@ A source's data may move: moved_spec points a cache's spec at the new place (--d
 from __future__ import annotations
 
 import copy
+import errno
 import gzip
 import hashlib
 import json
@@ -1120,8 +1121,9 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
             return Photos(images, y, classes, spec, split, str(folder), fingerprint, sizes, image_size=image_size)
         return ImageData(images, y, classes, spec, split, str(folder), fingerprint)
 
-    if npy.is_file() and meta.is_file() and sizes_npy.is_file():  # the .json is written last
-        return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), json.loads(meta.read_text()).get("fingerprint"))
+    recorded = _decoded_meta(meta) if npy.is_file() and sizes_npy.is_file() else None  # the .json is written last
+    if recorded is not None:
+        return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), recorded.get("fingerprint"))
 
     sizes, modes, several = _scan_headers(spec, split, files)
     if several:
@@ -1143,11 +1145,13 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f"{key}.tmp{os.getpid()}.npy"
+        meta_tmp = cache_dir / f"{key}.tmp{os.getpid()}.json"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, h_out, w_out))
     except OSError as e:
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror}; "
                           "set KDPIPE_DATA_CACHE to a writable folder") from None
     try:
+        _reserve(tmp)
         _decode_into(out, spec, split, files, mode, image_size)
         out.flush()
         del out
@@ -1155,14 +1159,45 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         os.replace(tmp, npy)
         data = store(np.load(npy, mmap_mode="r"), sizes)
         _low_range_note(spec, split, data.images, [i for i, m in enumerate(modes) if m in SIXTEEN_BIT_MODES])
-        meta.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint, "num_images": len(files),
-                                    "mode": mode, "image_size": image_size, "resize": RESIZE if image_size else None}))
+        # by rename, complete or absent: a .json the disk filled up in was left empty, and every later run failed
+        # on it with a JSONDecodeError traceback
+        meta_tmp.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint,
+                                        "num_images": len(files), "mode": mode, "image_size": image_size,
+                                        "resize": RESIZE if image_size else None}))
+        os.replace(meta_tmp, meta)
     except OSError as e:  # e.g. the disk filled up while decoding
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
                           "free space or set KDPIPE_DATA_CACHE to another folder") from None
     finally:
         tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
     return data
+
+
+def _decoded_meta(path: Path) -> dict | None:
+    """The record of a finished decoded copy, or None where there is none or it does not read (one an older
+    kdpipe left half-written): the copy is then decoded again."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _reserve(path: Path) -> None:
+    """Reserve the disk space of the file open_memmap made (sparse): writing through the map to a full disk
+    killed the process with SIGBUS ("Bus error", no message, a temporary left behind); reserved first, a full
+    disk is an OSError here, said in one line. Where the file system cannot reserve, the map is written as before."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _low_range_note(spec, split, images: np.ndarray, wide: list[int]) -> None:

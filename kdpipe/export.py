@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from kdpipe import KDPipeError
 from kdpipe.checkpoint import CHECKPOINT_VERSION, LoadedModel, load_checkpoint_file, load_teacher, sniff
-from kdpipe.cache.writer import atomic_write_json
+from kdpipe.cache.writer import atomic_path, atomic_write_json
 from kdpipe.data import KINDS
 from kdpipe.util import ensure_parent, error_line
 from kdpipe.views import normalize, policy_from_identity
@@ -212,11 +212,20 @@ class _Checked(nn.Module):
         return self.traced(x)
 
 
+def _via_memory(save, out: Path) -> None:
+    """save(buffer), then its bytes to `out` with plain file I/O: torch's zip writer, writing to a full disk
+    itself, aborted the whole process (a C++ terminate and its stack, not an error)."""
+    buf = io.BytesIO()
+    save(buf)
+    with open(out, "wb") as f:
+        f.write(buf.getbuffer())
+
+
 def _torchscript(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     with _quiet():
         ts = torch.jit.trace(model, x, check_trace=False)
         ts = torch.jit.script(_Checked(ts, [int(s) for s in x.shape[1:]], x.dtype == torch.uint8))
-        torch.jit.save(ts, str(out))
+        _via_memory(lambda f: torch.jit.save(ts, f), out)
 
 
 def _batch_dim(x: torch.Tensor) -> dict:
@@ -226,7 +235,7 @@ def _batch_dim(x: torch.Tensor) -> dict:
 def _pt2(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     with _quiet():
         ep = torch.export.export(model, (x,), dynamic_shapes=_batch_dim(x))
-        torch.export.save(ep, str(out))
+        _via_memory(lambda f: torch.export.save(ep, f), out)
 
 
 def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> None:
@@ -265,21 +274,20 @@ BATCH_HINT = ("the model's code turns the batch size into a number, e.g. x.resha
               "(x.flatten(1) keeps it free)")
 
 
-def _run_back(out: Path, fmt: str, xs: torch.Tensor, traced: torch.Tensor) -> np.ndarray | None:
-    """run_exported on xs; an exported file that fails there is removed and refused in one line (a traceback
-    before): one that runs at the batch size it was traced at only has that size built in."""
+def _run_back(tmp: Path, fmt: str, xs: torch.Tensor, traced: torch.Tensor, out: Path) -> np.ndarray | None:
+    """run_exported on xs (`tmp`: the file not yet renamed to `out`); an exported file that fails there is refused
+    in one line (a traceback before): one that runs at the batch size it was traced at only has that size built in."""
     try:
-        return run_exported(out, fmt, xs)
+        return run_exported(tmp, fmt, xs)
     except Exception as e:  # torch.jit, torch.export and onnxruntime raise many types
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         try:
-            run_exported(out, fmt, traced)
+            run_exported(tmp, fmt, traced)
             why = (f"it runs on a batch of {len(traced)}, the size it was traced at, not on one of {len(xs)}: "
                    f"{BATCH_HINT}")
         except Exception:
             why = f"{lines[-1][:200]}; report this with the model's architecture"
-        out.unlink(missing_ok=True)
-        raise KDPipeError(f"the exported {fmt} model fails when run, so {out} was removed: {why}") from None
+        raise KDPipeError(f"the exported {fmt} model fails when run, so nothing was written to {out}: {why}") from None
 
 
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -310,23 +318,26 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
     out = ensure_parent(out, "export output")
     model = wrap(loaded, module)
     x = example_inputs(loaded, 2)
-    try:
-        FORMATS[fmt](model, x, out)
-    except KDPipeError:
-        raise
-    except Exception as e:  # exporters raise many types; the first line says which operator failed
-        why = (f"its batch dimension cannot stay free: {BATCH_HINT}" if "Constraints violated (batch)" in str(e)
-               else error_line(e))
-        raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {why}") from None
-    xs = example_inputs(loaded, 5, seed=1) if check is None else check
-    with torch.no_grad():
-        want = model(xs).numpy()
-    got = _run_back(out, fmt, xs, x)
-    err = None if got is None else max_relative_error(got, want)
-    if err is not None and not err <= CHECK_RTOL:
-        out.unlink(missing_ok=True)
-        raise KDPipeError(f"the exported {fmt} model differed from PyTorch by {err:.2g} (relative), more than "
-                          f"{CHECK_RTOL:g}, so {out} was removed; report this with the model's architecture")
+    # Written and checked under a temporary name, then renamed: a Ctrl-C, a kill or a full disk left a truncated
+    # file at `out` that a rerun refused as existing, and a failed --overwrite had removed the file it replaced.
+    with atomic_path(out) as tmp:
+        try:
+            FORMATS[fmt](model, x, tmp)
+        except (KDPipeError, OSError):  # OSError: a full disk, said in one line by atomic_path
+            raise
+        except Exception as e:  # exporters raise many types; the first line says which operator failed
+            why = (f"its batch dimension cannot stay free: {BATCH_HINT}" if "Constraints violated (batch)" in str(e)
+                   else error_line(e))
+            raise KDPipeError(f"cannot export {loaded.arch} to {fmt}: {why}") from None
+        xs = example_inputs(loaded, 5, seed=1) if check is None else check
+        with torch.no_grad():
+            want = model(xs).numpy()
+        got = _run_back(tmp, fmt, xs, x, out)
+        err = None if got is None else max_relative_error(got, want)
+        if err is not None and not err <= CHECK_RTOL:
+            raise KDPipeError(f"the exported {fmt} model differed from PyTorch by {err:.2g} (relative), more than "
+                              f"{CHECK_RTOL:g}, so nothing was written to {out}; report this with the model's "
+                              "architecture")
     dtype, shape = input_spec(loaded)
     return {"path": str(out), "format": fmt, "arch": loaded.arch, "bytes": out.stat().st_size,
             "input": f"{str(dtype).removeprefix('torch.')} (B, {', '.join(map(str, shape))})",

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
+from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json, atomic_write_stream
 from kdpipe.sweep import arch_label
 from kdpipe.util import ensure_out_dir
 
@@ -452,7 +452,7 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out / "accuracy_vs_parameters.png"
-    fig.savefig(p, dpi=120)
+    atomic_write_stream(p, lambda f: fig.savefig(f, dpi=120, format="png"))  # a full disk: one line
     plt.close(fig)
     return p
 
@@ -477,7 +477,7 @@ def _accuracy_bars(plt, summary, teachers, out):
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     p = out / "accuracy.png"
-    fig.savefig(p, dpi=120)
+    atomic_write_stream(p, lambda f: fig.savefig(f, dpi=120, format="png"))  # a full disk: one line
     plt.close(fig)
     return p
 
@@ -518,6 +518,6 @@ def _learning_curves(plt, runs, teachers, out):
     fig.suptitle("learning curves (dashed: scratch; dotted: teacher; seeds share a colour)", fontsize=10)
     fig.tight_layout()
     p = out / "learning_curves.png"
-    fig.savefig(p, dpi=120)
+    atomic_write_stream(p, lambda f: fig.savefig(f, dpi=120, format="png"))  # a full disk: one line
     plt.close(fig)
     return p

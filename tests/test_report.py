@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 
@@ -165,7 +166,8 @@ def _capture_figures(monkeypatch):
     real = matplotlib.figure.Figure.savefig
 
     def save(fig, path, *a, **k):
-        figs[str(path).split("/")[-1]] = fig
+        name = str(getattr(path, "name", path)).split("/")[-1]  # a file: the temporary .NAME.tmp-PID it goes to
+        figs[re.sub(r"^\.(.+)\.tmp-\d+$", r"\1", name)] = fig
         return real(fig, path, *a, **k)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)

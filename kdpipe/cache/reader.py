@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -75,6 +76,14 @@ def manifest_fault(m: dict) -> str | None:
     return None
 
 
+def _stat(f: h5py.File, path: Path) -> os.stat_result:
+    """The status of the file h5py has open as `f` (of `path` where its driver gives no file descriptor)."""
+    try:
+        return os.fstat(f.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError, RuntimeError):
+        return os.stat(path)
+
+
 class Cache:
     """A finished cache, opened read-only. Picklable: maps are made lazily in each process."""
 
@@ -92,6 +101,7 @@ class Cache:
         self._starts = np.array([s["row_start"] for s in m["shards"]], dtype=np.int64)
         self._layout: dict[tuple[int, str], tuple] = {}
         self._sound: set[int] = set()  # shards whose attributes name this cache and their rows (_open_shard)
+        self._files: dict[int, tuple] = {}  # shard -> (inode, size, mtime) of the file whose attributes were checked
         if self.rows != self.num_samples * self.num_views:
             raise KDPipeError(f"{self.path}: manifest says {self.rows} rows, expected "
                               f"{self.num_samples} samples x {self.num_views} views")
@@ -152,6 +162,7 @@ class Cache:
             return KDPipeError(f"{path} (rows {s['row_start']}..{s['row_stop'] - 1} of cache {self.path}) {why}: "
                                f"run kdpipe verify-cache {self.path}, which says how to repair it")
         if not path.is_file():
+            self._same_file(i, None)
             raise refuse("is missing")
         try:
             f = open_h5(path)
@@ -160,6 +171,11 @@ class Cache:
             if not str(e).startswith(damaged):
                 raise
             raise refuse(f"does not open as HDF5 ({str(e).removeprefix(damaged)})") from None
+        try:
+            self._same_file(i, _stat(f, path))
+        except KDPipeError:
+            f.close()
+            raise
         if i not in self._sound:
             a, why = f.attrs, None
             if a.get("cache_id") != self.manifest["cache_id"]:
@@ -170,17 +186,42 @@ class Cache:
                 f.close()
                 raise refuse(why)
             self._sound.add(i)
+            st = _stat(f, path)
+            self._files[i] = (st.st_ino, st.st_size, st.st_mtime_ns)
         return f
+
+    def _same_file(self, i: int, st: os.stat_result | None) -> None:
+        """Refuse shard i where the file at its path (`st`; None: there is none) is no longer the one whose
+        attributes were checked: a dump into this directory (dump-logits --overwrite) removed or replaced it
+        while this cache was read, and rows read from it now would be another cache's, without a word. Another file
+        has another inode and another size or time (both asked: some FUSE file systems number inodes anew)."""
+        old = self._files.get(i)
+        if old and (st is None or (st.st_ino != old[0] and (st.st_size, st.st_mtime_ns) != old[1:])):
+            s = self.manifest["shards"][i]
+            raise KDPipeError(f"{self.shard_path(i)} (rows {s['row_start']}..{s['row_stop'] - 1} of cache {self.path}) "
+                              "was removed or replaced while the cache was being read (another dump-logits into "
+                              "it, with --overwrite?): its rows are not this cache's; run again once that dump is done")
+
+    def _map(self, i: int, off: int, dtype, shape) -> np.memmap:
+        """A read-only map of one column of shard i, of the very file whose attributes were checked."""
+        try:
+            fh = open(self.shard_path(i), "rb")
+        except FileNotFoundError:
+            self._same_file(i, None)
+            raise KDPipeError(f"{self.shard_path(i)} is missing: run kdpipe verify-cache {self.path}") from None
+        with fh:
+            self._same_file(i, os.fstat(fh.fileno()))
+            return np.memmap(fh, dtype=dtype, mode="r", offset=off, shape=shape)
 
     def _read_shard(self, i: int, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) relative to shard i, copied out."""
         off, dtype, shape = self._dataset_layout(i, name)
         if off is not None:
-            mm = np.memmap(self.shard_path(i), dtype=dtype, mode="r", offset=off, shape=shape)
+            mm = self._map(i, off, dtype, shape)
             out = np.array(mm[lo:hi])
             del mm
             return out
-        with open_h5(self.shard_path(i)) as f:
+        with self._open_shard(i) as f:
             return f[self._path(name)][lo:hi]
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -214,11 +255,11 @@ class Cache:
             rel = rows[shard == i] - self._starts[i]
             off, dtype, shape = self._dataset_layout(i, name)
             if off is not None:
-                mm = np.memmap(self.shard_path(i), dtype=dtype, mode="r", offset=off, shape=shape)
+                mm = self._map(i, off, dtype, shape)
                 parts.append(np.asarray(mm[rel]))  # fancy indexing copies the rows out of the map
                 del mm
             else:
-                with open_h5(self.shard_path(i)) as f:
+                with self._open_shard(i) as f:
                     parts.append(f[self._path(name)][rel])
         if not parts:
             _, dtype, shape = self._dataset_layout(0, name)

@@ -79,6 +79,29 @@ def atomic_write_stream(path: Path, fill) -> None:
         raise
 
 
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary file name beside `path` (ending as `path` does), for writers that need a name, not an open
+    file (exporters): when the block ends without error, the file written there is fsynced and renamed to
+    `path`; otherwise (an error, Ctrl-C) it is removed, and `path` stays absent or its old self. An OSError (a
+    full disk) is one line naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise _io_error(path, e) from None
+    finally:
+        _unlink_quietly(tmp)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
