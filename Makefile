@@ -46,7 +46,16 @@ $(RULES): $(PIPELINE) kdpipe/pipeline.py kdpipe/sweep.py
 	@mkdir -p $(dir $@)
 	$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && mv $@.tmp $@
 
-ifeq ($(filter help setup data test bench bench-quick clean distclean,$(MAKECMDGOALS)),)
+# The goals that need no pipeline rules. Any other goal (all, pipeline, a file), or none, includes them: with
+# `make clean all` or `make setup all` the rules were left out, and all printed a report path without running a step.
+NO_RULES := help setup data test bench bench-quick clean distclean
+ifneq ($(filter-out $(NO_RULES),$(MAKECMDGOALS))$(if $(MAKECMDGOALS),,all),)
+# clean removes build/ (the rules' stamps) after make has read the rules: the steps would then have no stamp.
+ifneq ($(filter clean distclean,$(MAKECMDGOALS)),)
+$(error make $(MAKECMDGOALS): $(filter clean distclean,$(MAKECMDGOALS)) removes the pipeline's rules that \
+  $(filter-out $(NO_RULES),$(MAKECMDGOALS)) needs: run `make $(filter clean distclean,$(MAKECMDGOALS))` first, then \
+  `make $(filter-out clean distclean,$(MAKECMDGOALS))`)
+endif
 # PIPELINE's path is part of file names, Make targets and command lines: a space or a shell character in it
 # broke make in ways that did not name the cause; a missing file got "No rule to make target".
 ifneq ($(shell printf '%s\n' '$(PIPELINE)' | LC_ALL=C grep -qx '[A-Za-z0-9_./-]*' && echo ok),ok)

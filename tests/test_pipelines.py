@@ -517,6 +517,34 @@ def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
     assert len(r.stderr.splitlines()) == 1 and f"*** PIPELINE={path}: {why}" in r.stderr, r.stderr
 
 
+def _make_in_copy(tmp_path: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """`make ARGS` in a copy of the repository's Makefile and pipelines (kdpipe/ linked), with PYTHON=python."""
+    import shutil
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
+    (tmp_path / "kdpipe").symlink_to(REPO / "kdpipe")
+    return subprocess.run(["make", *args, f"PYTHON={python}"], cwd=tmp_path, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("goals", [["setup", "all"], ["data", "all"], ["test", "pipeline"]])
+def test_a_set_up_goal_given_with_all_still_runs_the_pipeline(tmp_path, goals):
+    """`make setup all` (or data, test) left the pipeline's rules out: all ran no step and printed "report:
+    runs/mnist-mlp/report/report.md", a report that was not there."""
+    r = _make_in_copy(tmp_path, "-n", *goals, "PIPELINE=pipelines/mnist-mlp.toml")
+    assert r.returncode == 0, r.stderr
+    assert "kdpipe train-teacher" in r.stdout and "kdpipe report" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("goals", [["clean", "all"], ["distclean", "pipeline"]])
+def test_clean_given_with_all_is_refused_in_one_line(tmp_path, goals):
+    """`make clean all` did nothing but clean, then printed a report path: clean removes the stamps (build/) that
+    the rules read before it ran need. Now one line: run the two one after the other."""
+    r = _make_in_copy(tmp_path, "-n", *goals, "PIPELINE=pipelines/mnist-mlp.toml")
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"run `make {goals[0]}` first, then `make {goals[1]}`" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("name, old, new, message", [
     ("food-photos", "food11_resnet18.pth", "resnet18 (1).pth",
      r"\[teacher\] file 'resnet18 \(1\).pth' is a Make target"),
