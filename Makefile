@@ -11,6 +11,12 @@ KDPIPE     := $(VENV)/bin/kdpipe
 PIPELINE_NAME := $(basename $(notdir $(PIPELINE)))
 RULES      := build/$(PIPELINE_NAME).mk
 
+# kdpipe needs Python 3.11 or later (tomllib; pyproject's requires-python). An older python3 (Ubuntu 22.04's 3.10)
+# failed make all with a traceback (No module named 'tomllib'), and make test only after installing torch.
+CHECK_PYTHON = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Error: PYTHON=$(PYTHON) is \
+  Python %d.%d, and kdpipe needs 3.11 or later: install one and give it, e.g. make PYTHON=python3.11" \
+  % sys.version_info[:2])'
+
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
 .PHONY: all help setup data test bench bench-quick clean distclean
@@ -25,6 +31,7 @@ help: ## List the targets
 setup: $(SETUP) ## Create the virtual environment and install kdpipe with its dependencies
 
 $(SETUP): pyproject.toml
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_PKGS)
@@ -44,6 +51,7 @@ data: ## Install Debian's dataset-fashion-mnist (the default data) where apt-get
 # The pipeline's rules are generated from its TOML spec (standard library only, no setup needed).
 $(RULES): $(PIPELINE) kdpipe/pipeline.py kdpipe/sweep.py
 	@mkdir -p $(dir $@)
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && mv $@.tmp $@
 
 # The goals that need no pipeline rules. Any other goal (all, pipeline, a file), or none, includes them: with

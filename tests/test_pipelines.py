@@ -545,6 +545,31 @@ def test_clean_given_with_all_is_refused_in_one_line(tmp_path, goals):
     assert f"run `make {goals[0]}` first, then `make {goals[1]}`" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("goal", ["all", "setup"])
+def test_a_python_older_than_3_11_is_named_in_one_line_before_anything_runs(tmp_path, goal):
+    """Ubuntu 22.04's python3 is 3.10: make all gave a traceback (No module named 'tomllib') and make test installed
+    torch into a 3.10 venv before pip refused kdpipe. Now one line that names the version and what to do."""
+    fake = tmp_path / "python3.10"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import runpy, sys\n"
+                    "sys.version_info = (3, 10, 12, 'final', 0)\n"
+                    "sys.modules['tomllib'] = None  # as on Python 3.10\n"
+                    "flag, what, *rest = sys.argv[1:]\n"
+                    "if flag == '-c':\n"
+                    "    sys.argv = ['-c', *rest]\n"
+                    "    exec(what)\n"
+                    "elif what == 'kdpipe.pipeline':\n"
+                    "    sys.argv = [what, *rest]\n"
+                    "    runpy.run_module(what, run_name='__main__', alter_sys=True)\n"
+                    "else:\n"
+                    "    sys.exit(f'this test runs no python -m {what}')\n")
+    fake.chmod(0o755)
+    r = _make_in_copy(tmp_path, goal, "PIPELINE=pipelines/mnist-mlp.toml", python=str(fake))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / ".venv").exists(), r.stderr
+    assert r.stderr.splitlines()[0] == (f"Error: PYTHON={fake} is Python 3.10, and kdpipe needs 3.11 or later: "
+                                        "install one and give it, e.g. make PYTHON=python3.11"), r.stderr
+
+
 @pytest.mark.parametrize("name, old, new, message", [
     ("food-photos", "food11_resnet18.pth", "resnet18 (1).pth",
      r"\[teacher\] file 'resnet18 \(1\).pth' is a Make target"),
