@@ -408,7 +408,8 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
         make_rules(load_pipeline(p))
 
 
-@pytest.mark.parametrize("change, message", [
+# Copies of default.toml with a fault, and what refuses each (a regular expression).
+BAD_COPIES = [
     # A quoted number named other Make targets than the runs train-student wrote (train_samples = "200": the
     # students trained, then the report found no metrics.json, and every make retrained them).
     (lambda s: s.replace("train_samples = 2000", 'train_samples = "2000"'),
@@ -445,7 +446,10 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
      r"\[compress\] prune must be a list of strings in quotes"),
     (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nsparsity = {a = 0.5}\n# quantize"),
      r"\[compress\] sparsity must be a number or a list of them"),
-])
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_COPIES)
 def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_it_is_read(tmp_path, change, message):
     p = tmp_path / "mine.toml"
     p.write_text(change((REPO / "pipelines" / "default.toml").read_text()))
@@ -478,10 +482,36 @@ def test_every_shipped_pipelines_rules_are_made_by_a_python_without_torch(tmp_pa
     code = (f"import runpy, sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"
             f"sys.argv = ['kdpipe.pipeline', {str(REPO / 'pipelines' / f'{name}.toml')!r}, {str(tmp_path)!r}]\n"
             "runpy.run_module('kdpipe.pipeline', run_name='__main__', alter_sys=True)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})  # -S: no site-packages, no third-party package
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert f"runs/{name}/report/report.md" in r.stdout
+
+
+def test_a_faulty_pipeline_is_refused_in_one_line_by_a_python_without_packages(tmp_path):
+    """What make runs with the system's python3 before the venv exists reaches kdpipe.sweep's checks too (losses,
+    training settings, view aliases): an import of torch, numpy or click on any refusal's path would turn its one
+    line into a traceback on a fresh machine. Every BAD_COPIES fault, through `python -S -m kdpipe.pipeline`."""
+    import os
+    import re
+    for i, (change, message) in enumerate(BAD_COPIES):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "default.toml").write_text(change((REPO / "pipelines" / "default.toml").read_text()))
+        r = subprocess.run([sys.executable, "-S", "-m", "kdpipe.pipeline", "default.toml", "stamps"], cwd=folder,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        line = r.stderr.strip()
+        assert r.returncode == 1 and r.stdout == "" and line.startswith("Error: "), r.stderr
+        assert "\n" not in line and re.search(message, line), (message, line)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "pipelines").glob("*.toml")))
+def test_make_n_all_reads_every_shipped_pipeline_with_a_python_without_packages(tmp_path, name):
+    """`make -n all PIPELINE=...` as on a fresh machine: the rules made by a python3 without any third-party package
+    (-S), read by make, with every step of the pipeline in them."""
+    r = _make_in_copy(tmp_path, "-n", "all", f"PIPELINE=pipelines/{name}.toml", python=f"{sys.executable} -S")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "kdpipe dump-logits" in r.stdout and f"--out runs/{name}/report" in r.stdout, r.stdout
 
 
 def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(tmp_path):
