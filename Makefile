@@ -71,7 +71,9 @@ $(error PIPELINE=$(PIPELINE): a pipeline file's path may hold only letters, digi
   rename the file)
 endif
 ifeq ($(wildcard $(PIPELINE)),)
-$(error PIPELINE=$(PIPELINE): no such file (pipelines/*.toml lists the shipped ones))
+# make -C REPO from an experiment's folder reads PIPELINE from REPO, not from that folder: say where it looked.
+$(error PIPELINE=$(PIPELINE): no such file in $(CURDIR) (a path from the folder make runs in; pipelines/*.toml \
+  lists the shipped ones))
 endif
 include $(RULES)
 endif

@@ -547,14 +547,32 @@ def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
     assert len(r.stderr.splitlines()) == 1 and f"*** PIPELINE={path}: {why}" in r.stderr, r.stderr
 
 
-def _make_in_copy(tmp_path: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
-    """`make ARGS` in a copy of the repository's Makefile and pipelines (kdpipe/ linked), with PYTHON=python."""
+def _copy_repo(tmp_path: Path) -> None:
+    """The repository's Makefile, pyproject.toml and pipelines in tmp_path, kdpipe/ linked."""
     import shutil
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
     (tmp_path / "kdpipe").symlink_to(REPO / "kdpipe")
+
+
+def _make_in_copy(tmp_path: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """`make ARGS` in a copy of the repository (_copy_repo), with PYTHON=python."""
+    _copy_repo(tmp_path)
     return subprocess.run(["make", *args, f"PYTHON={python}"], cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_a_pipeline_path_given_to_make_c_from_another_folder_names_where_make_looked(tmp_path):
+    """`make -C ~/kdpipe all PIPELINE=mine.toml` run in the folder of mine.toml said "no such file" of a file that
+    was right there: make reads PIPELINE from the folder it runs in, which the message now names."""
+    repo, mine = tmp_path / "repo", tmp_path / "experiment"
+    repo.mkdir(), mine.mkdir()
+    _copy_repo(repo)
+    (mine / "mine.toml").write_text((REPO / "pipelines" / "mnist-mlp.toml").read_text().replace("mnist-mlp", "mine"))
+    r = subprocess.run(["make", "-C", str(repo), "-n", "all", "PIPELINE=mine.toml", f"PYTHON={sys.executable}"],
+                       cwd=mine, capture_output=True, text=True)
+    assert r.returncode != 0 and not (repo / "build").exists(), r.stderr
+    assert f"*** PIPELINE=mine.toml: no such file in {repo} (a path from the folder make runs in;" in r.stderr
 
 
 @pytest.mark.parametrize("goals", [["setup", "all"], ["data", "all"], ["test", "pipeline"]])
