@@ -79,7 +79,7 @@ include $(RULES)
 endif
 
 .PHONY: pipeline
-pipeline: $(PIPELINE_TARGET) ## Run the pipeline only (assumes setup)
+pipeline: $(PIPELINE_TARGET) ## Run the pipeline only, without make data (sets up the venv if it is missing)
 
 test: $(SETUP) data ## Run the test suite (CPU, small real data)
 	$(VENV)/bin/python -m pytest
