@@ -11,6 +11,12 @@ KDPIPE     := $(VENV)/bin/kdpipe
 PIPELINE_NAME := $(basename $(notdir $(PIPELINE)))
 RULES      := build/$(PIPELINE_NAME).mk
 
+# kdpipe needs Python 3.11 or later (tomllib; pyproject's requires-python). An older python3 (Ubuntu 22.04's 3.10)
+# failed make all with a traceback (No module named 'tomllib'), and make test only after installing torch.
+CHECK_PYTHON = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Error: PYTHON=$(PYTHON) is \
+  Python %d.%d, and kdpipe needs 3.11 or later: install one and give it, e.g. make PYTHON=python3.11" \
+  % sys.version_info[:2])'
+
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
 .PHONY: all help setup data test bench bench-quick clean distclean
@@ -25,6 +31,7 @@ help: ## List the targets
 setup: $(SETUP) ## Create the virtual environment and install kdpipe with its dependencies
 
 $(SETUP): pyproject.toml
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_PKGS)
@@ -44,9 +51,19 @@ data: ## Install Debian's dataset-fashion-mnist (the default data) where apt-get
 # The pipeline's rules are generated from its TOML spec (standard library only, no setup needed).
 $(RULES): $(PIPELINE) kdpipe/pipeline.py kdpipe/sweep.py
 	@mkdir -p $(dir $@)
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && mv $@.tmp $@
 
-ifeq ($(filter help setup data test bench bench-quick clean distclean,$(MAKECMDGOALS)),)
+# The goals that need no pipeline rules. Any other goal (all, pipeline, a file), or none, includes them: with
+# `make clean all` or `make setup all` the rules were left out, and all printed a report path without running a step.
+NO_RULES := help setup data test bench bench-quick clean distclean
+ifneq ($(filter-out $(NO_RULES),$(MAKECMDGOALS))$(if $(MAKECMDGOALS),,all),)
+# clean removes build/ (the rules' stamps) after make has read the rules: the steps would then have no stamp.
+ifneq ($(filter clean distclean,$(MAKECMDGOALS)),)
+$(error make $(MAKECMDGOALS): $(filter clean distclean,$(MAKECMDGOALS)) removes the pipeline's rules that \
+  $(filter-out $(NO_RULES),$(MAKECMDGOALS)) needs: run `make $(filter clean distclean,$(MAKECMDGOALS))` first, then \
+  `make $(filter-out clean distclean,$(MAKECMDGOALS))`)
+endif
 # PIPELINE's path is part of file names, Make targets and command lines: a space or a shell character in it
 # broke make in ways that did not name the cause; a missing file got "No rule to make target".
 ifneq ($(shell printf '%s\n' '$(PIPELINE)' | LC_ALL=C grep -qx '[A-Za-z0-9_./-]*' && echo ok),ok)
@@ -54,13 +71,15 @@ $(error PIPELINE=$(PIPELINE): a pipeline file's path may hold only letters, digi
   rename the file)
 endif
 ifeq ($(wildcard $(PIPELINE)),)
-$(error PIPELINE=$(PIPELINE): no such file (pipelines/*.toml lists the shipped ones))
+# make -C REPO from an experiment's folder reads PIPELINE from REPO, not from that folder: say where it looked.
+$(error PIPELINE=$(PIPELINE): no such file in $(CURDIR) (a path from the folder make runs in; pipelines/*.toml \
+  lists the shipped ones))
 endif
 include $(RULES)
 endif
 
 .PHONY: pipeline
-pipeline: $(PIPELINE_TARGET) ## Run the pipeline only (assumes setup)
+pipeline: $(PIPELINE_TARGET) ## Run the pipeline only, without make data (sets up the venv if it is missing)
 
 test: $(SETUP) data ## Run the test suite (CPU, small real data)
 	$(VENV)/bin/python -m pytest

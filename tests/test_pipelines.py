@@ -408,7 +408,8 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
         make_rules(load_pipeline(p))
 
 
-@pytest.mark.parametrize("change, message", [
+# Copies of default.toml with a fault, and what refuses each (a regular expression).
+BAD_COPIES = [
     # A quoted number named other Make targets than the runs train-student wrote (train_samples = "200": the
     # students trained, then the report found no metrics.json, and every make retrained them).
     (lambda s: s.replace("train_samples = 2000", 'train_samples = "2000"'),
@@ -445,7 +446,10 @@ def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_on
      r"\[compress\] prune must be a list of strings in quotes"),
     (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nsparsity = {a = 0.5}\n# quantize"),
      r"\[compress\] sparsity must be a number or a list of them"),
-])
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_COPIES)
 def test_a_copied_pipelines_wrong_types_and_misspelt_sections_are_refused_when_it_is_read(tmp_path, change, message):
     p = tmp_path / "mine.toml"
     p.write_text(change((REPO / "pipelines" / "default.toml").read_text()))
@@ -478,10 +482,36 @@ def test_every_shipped_pipelines_rules_are_made_by_a_python_without_torch(tmp_pa
     code = (f"import runpy, sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"
             f"sys.argv = ['kdpipe.pipeline', {str(REPO / 'pipelines' / f'{name}.toml')!r}, {str(tmp_path)!r}]\n"
             "runpy.run_module('kdpipe.pipeline', run_name='__main__', alter_sys=True)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})  # -S: no site-packages, no third-party package
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert f"runs/{name}/report/report.md" in r.stdout
+
+
+def test_a_faulty_pipeline_is_refused_in_one_line_by_a_python_without_packages(tmp_path):
+    """What make runs with the system's python3 before the venv exists reaches kdpipe.sweep's checks too (losses,
+    training settings, view aliases): an import of torch, numpy or click on any refusal's path would turn its one
+    line into a traceback on a fresh machine. Every BAD_COPIES fault, through `python -S -m kdpipe.pipeline`."""
+    import os
+    import re
+    for i, (change, message) in enumerate(BAD_COPIES):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "default.toml").write_text(change((REPO / "pipelines" / "default.toml").read_text()))
+        r = subprocess.run([sys.executable, "-S", "-m", "kdpipe.pipeline", "default.toml", "stamps"], cwd=folder,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        line = r.stderr.strip()
+        assert r.returncode == 1 and r.stdout == "" and line.startswith("Error: "), r.stderr
+        assert "\n" not in line and re.search(message, line), (message, line)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "pipelines").glob("*.toml")))
+def test_make_n_all_reads_every_shipped_pipeline_with_a_python_without_packages(tmp_path, name):
+    """`make -n all PIPELINE=...` as on a fresh machine: the rules made by a python3 without any third-party package
+    (-S), read by make, with every step of the pipeline in them."""
+    r = _make_in_copy(tmp_path, "-n", "all", f"PIPELINE=pipelines/{name}.toml", python=f"{sys.executable} -S")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "kdpipe dump-logits" in r.stdout and f"--out runs/{name}/report" in r.stdout, r.stdout
 
 
 def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(tmp_path):
@@ -515,6 +545,77 @@ def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
     why = "no such file" if "absent" in path else \
         "a pipeline file's path may hold only letters, digits, '_', '.', '-' and '/'"
     assert len(r.stderr.splitlines()) == 1 and f"*** PIPELINE={path}: {why}" in r.stderr, r.stderr
+
+
+def _copy_repo(tmp_path: Path) -> None:
+    """The repository's Makefile, pyproject.toml and pipelines in tmp_path, kdpipe/ linked."""
+    import shutil
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
+    (tmp_path / "kdpipe").symlink_to(REPO / "kdpipe")
+
+
+def _make_in_copy(tmp_path: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """`make ARGS` in a copy of the repository (_copy_repo), with PYTHON=python."""
+    _copy_repo(tmp_path)
+    return subprocess.run(["make", *args, f"PYTHON={python}"], cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_a_pipeline_path_given_to_make_c_from_another_folder_names_where_make_looked(tmp_path):
+    """`make -C ~/kdpipe all PIPELINE=mine.toml` run in the folder of mine.toml said "no such file" of a file that
+    was right there: make reads PIPELINE from the folder it runs in, which the message now names."""
+    repo, mine = tmp_path / "repo", tmp_path / "experiment"
+    repo.mkdir(), mine.mkdir()
+    _copy_repo(repo)
+    (mine / "mine.toml").write_text((REPO / "pipelines" / "mnist-mlp.toml").read_text().replace("mnist-mlp", "mine"))
+    r = subprocess.run(["make", "-C", str(repo), "-n", "all", "PIPELINE=mine.toml", f"PYTHON={sys.executable}"],
+                       cwd=mine, capture_output=True, text=True)
+    assert r.returncode != 0 and not (repo / "build").exists(), r.stderr
+    assert f"*** PIPELINE=mine.toml: no such file in {repo} (a path from the folder make runs in;" in r.stderr
+
+
+@pytest.mark.parametrize("goals", [["setup", "all"], ["data", "all"], ["test", "pipeline"]])
+def test_a_set_up_goal_given_with_all_still_runs_the_pipeline(tmp_path, goals):
+    """`make setup all` (or data, test) left the pipeline's rules out: all ran no step and printed "report:
+    runs/mnist-mlp/report/report.md", a report that was not there."""
+    r = _make_in_copy(tmp_path, "-n", *goals, "PIPELINE=pipelines/mnist-mlp.toml")
+    assert r.returncode == 0, r.stderr
+    assert "kdpipe train-teacher" in r.stdout and "kdpipe report" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("goals", [["clean", "all"], ["distclean", "pipeline"]])
+def test_clean_given_with_all_is_refused_in_one_line(tmp_path, goals):
+    """`make clean all` did nothing but clean, then printed a report path: clean removes the stamps (build/) that
+    the rules read before it ran need. Now one line: run the two one after the other."""
+    r = _make_in_copy(tmp_path, "-n", *goals, "PIPELINE=pipelines/mnist-mlp.toml")
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"run `make {goals[0]}` first, then `make {goals[1]}`" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("goal", ["all", "setup"])
+def test_a_python_older_than_3_11_is_named_in_one_line_before_anything_runs(tmp_path, goal):
+    """Ubuntu 22.04's python3 is 3.10: make all gave a traceback (No module named 'tomllib') and make test installed
+    torch into a 3.10 venv before pip refused kdpipe. Now one line that names the version and what to do."""
+    fake = tmp_path / "python3.10"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import runpy, sys\n"
+                    "sys.version_info = (3, 10, 12, 'final', 0)\n"
+                    "sys.modules['tomllib'] = None  # as on Python 3.10\n"
+                    "flag, what, *rest = sys.argv[1:]\n"
+                    "if flag == '-c':\n"
+                    "    sys.argv = ['-c', *rest]\n"
+                    "    exec(what)\n"
+                    "elif what == 'kdpipe.pipeline':\n"
+                    "    sys.argv = [what, *rest]\n"
+                    "    runpy.run_module(what, run_name='__main__', alter_sys=True)\n"
+                    "else:\n"
+                    "    sys.exit(f'this test runs no python -m {what}')\n")
+    fake.chmod(0o755)
+    r = _make_in_copy(tmp_path, goal, "PIPELINE=pipelines/mnist-mlp.toml", python=str(fake))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / ".venv").exists(), r.stderr
+    assert r.stderr.splitlines()[0] == (f"Error: PYTHON={fake} is Python 3.10, and kdpipe needs 3.11 or later: "
+                                        "install one and give it, e.g. make PYTHON=python3.11"), r.stderr
 
 
 @pytest.mark.parametrize("name, old, new, message", [
