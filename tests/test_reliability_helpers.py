@@ -26,7 +26,7 @@ import torch.nn as nn
 from conftest import digit_arrays
 
 DATASETS = ("logits", "view_params", "labels", "sample_index", "view_index")
-PROGRESS = re.compile(r"^  [^:]+: \d+/\d+ \S+ \( *\d+\.\d%\), ")  # a kdpipe.util.Progress line
+PROGRESS = re.compile(r"^  .+?: \d+/\d+ \S+ \( *\d+\.\d%\), ")  # a kdpipe.util.Progress line (a spec may hold ':')
 
 
 def mnist_npz(dst: Path, n_train: int, n_test: int, start: int = 0, edit=None) -> Path:
