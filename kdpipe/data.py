@@ -40,13 +40,14 @@ import errno
 import gzip
 import hashlib
 import json
+import operator
 import os
 import pickle
 import struct
 import sys
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -904,29 +905,111 @@ def _lines_with_progress(f, what: str, size: int):
     prog.update(max(0, prog.total - prog.done))
 
 
-def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]], list[int]]:
-    """The header, the rows (cells stripped; blank rows dropped) and each row's line in the file, which errors name.
-    A file of CSV_PROGRESS_BYTES or more reports its progress (a million rows take a minute or more)."""
+class CsvTable(NamedTuple):
+    """A CSV file as read (_read_csv). header: the column names; rows: each row's cells, stripped (blank rows
+    dropped), of every column, or of a feature table's label and split only (cols: a name's index in a row);
+    lines: each row's line in the file, which errors name. A feature table's (numeric=True, no path column)
+    feature columns are parsed as they are read: x, (rows, features) float64, in header order (`features`: their
+    names), and bad: the first cell that is not a number, (row, feature, cell), else None (NaN stands there)."""
+    header: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+    cols: dict[str, int]
+    features: list[str] | None = None
+    x: np.ndarray | None = None
+    bad: tuple[int, int, str] | None = None
+
+
+CSV_BLOCK_ROWS = 65536  # a feature table's cells are parsed this many rows at a time (as text: ~2 KB a row)
+
+
+def _read_csv(spec, path: Path, numeric: bool = False) -> CsvTable:
+    """The file's CsvTable. With `numeric`, a feature table (label and split columns and no path column) keeps its
+    feature cells as numbers, parsed CSV_BLOCK_ROWS rows at a time, not as text: a million rows of 28 features held
+    3.6 GB as Python strings. A file of CSV_PROGRESS_BYTES or more reports its progress."""
     import csv
     if not path.is_file():
         raise KDPipeError(f"{spec}: no such file {path}")
+    header, rows, lines, parser = None, [], [], None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             size = path.stat().st_size
             reader = csv.reader(_lines_with_progress(f, f"reading {path.name}", size)
                                 if size >= CSV_PROGRESS_BYTES else f)
-            rows, lines = [], []
             for r in reader:
-                if any(c.strip() for c in r):
-                    rows.append(r)
-                    lines.append(reader.line_num)  # the last line of a row whose quoted cell spans lines
+                if not "".join(r).strip():  # a blank row (every cell empty or spaces)
+                    continue
+                if header is None:
+                    header = _csv_header(spec, path, [c.strip() for c in r])
+                    if numeric and "path" not in header and {"label", "split"} <= set(header):
+                        parser = _FeatureCells(header)
+                    continue
+                if len(r) != len(header):
+                    raise KDPipeError(f"{spec}: {path} line {reader.line_num} has {len(r)} fields, the header "
+                                      f"{len(header)}")
+                rows.append(parser.add(r) if parser else [c.strip() for c in r])
+                lines.append(reader.line_num)  # the last line of a row whose quoted cell spans lines
     except UnicodeDecodeError as e:
         raise KDPipeError(f"cannot read {path} as CSV: it is not UTF-8 text ({e}): save it as UTF-8") from None
     except (OSError, csv.Error) as e:
         raise KDPipeError(f"cannot read {path} as CSV: {e}") from None
-    if not rows:
+    if header is None:
         raise KDPipeError(f"{spec}: {path} is empty")
-    header = [c.strip() for c in rows[0]]
+    if parser is None:
+        return CsvTable(header, rows, lines, {c: i for i, c in enumerate(header)})
+    x, bad = parser.done()
+    return CsvTable(header, rows, lines, {"label": 0, "split": 1}, parser.names, x, bad)
+
+
+class _FeatureCells:
+    """A feature table's cells as read: label and split kept as text (one string object per distinct value), the
+    feature cells parsed by float() CSV_BLOCK_ROWS rows at a time into float64 blocks."""
+
+    def __init__(self, header: list[str]):
+        self.label, self.split = header.index("label"), header.index("split")
+        self.at = [i for i, c in enumerate(header) if c not in ("label", "split")]
+        self.names = [header[i] for i in self.at]
+        pick = operator.itemgetter(*self.at)  # a tuple of the cells (one cell, for one feature column)
+        self.pick = pick if len(self.at) > 1 else (lambda r: (r[self.at[0]],))
+        self.text: dict[str, str] = {}
+        self.cells: list[str] = []
+        self.blocks: list[np.ndarray] = []
+        self.rows, self.bad = 0, None
+
+    def add(self, r: list[str]) -> list[str]:
+        self.cells.extend(self.pick(r))  # as they are: float() ignores the whitespace around a number
+        self.rows += 1
+        if self.rows % CSV_BLOCK_ROWS == 0:
+            self._parse()
+        keep = self.text.setdefault
+        label, split = r[self.label].strip(), r[self.split].strip()
+        return [keep(label, label), keep(split, split)]
+
+    def _parse(self) -> None:
+        first = self.rows - len(self.cells) // max(1, len(self.at))  # the block's first row
+        try:
+            block = np.fromiter(map(float, self.cells), dtype=np.float64, count=len(self.cells))
+        except ValueError:  # a cell that is no number: NaN there, and the first such cell kept for the error
+            block = np.empty(len(self.cells), dtype=np.float64)
+            for k, c in enumerate(self.cells):
+                try:
+                    block[k] = float(c)
+                except ValueError:
+                    block[k] = np.nan
+                    if self.bad is None:
+                        self.bad = (first + k // len(self.at), k % len(self.at), c.strip())
+        self.blocks.append(block)
+        self.cells = []
+
+    def done(self) -> tuple[np.ndarray, tuple | None]:
+        self._parse()
+        x = np.concatenate(self.blocks) if self.blocks else np.empty(0)
+        self.blocks = []
+        return x.reshape(self.rows, len(self.at)), self.bad
+
+
+def _csv_header(spec, path: Path, header: list[str]) -> list[str]:
+    """The header row, refused where it is no header or names no columns kdpipe can tell apart."""
     # before the names' checks: a first row of data repeats values (0, train, 0); a row naming label and split is
     # the header, whatever its other names (pandas names a DataFrame(array)'s columns 0, 1, 2, ...)
     for name in header if not {"label", "split"} <= set(header) else ():
@@ -945,10 +1028,7 @@ def _read_csv(spec, path: Path) -> tuple[list[str], list[list[str]], list[int]]:
                           "to_csv(..., index=False); write the file without it")
     if len(set(header)) != len(header) or not all(header):
         raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
-    for i, r in zip(lines[1:], rows[1:]):
-        if len(r) != len(header):
-            raise KDPipeError(f"{spec}: {path} line {i} has {len(r)} fields, the header {len(header)}")
-    return header, [[c.strip() for c in r] for r in rows[1:]], lines[1:]
+    return header
 
 
 MISSING_VALUES = ("", "na", "n/a", "nan", "null", "none", "?", "-", "#n/a")  # as spreadsheets and pandas write them
@@ -1001,9 +1081,9 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     - then either ``path`` (an image list: the image's path, relative to the CSV's folder) and nothing
       else, or only numeric feature columns (a feature table, stored as float32).
     Anything else is refused as ambiguous."""
-    header, rows, lines = _read_csv(spec, path)
-    cols = {c: i for i, c in enumerate(header)}
-    missing = [c for c in ("label", "split") if c not in cols]
+    table = _read_csv(spec, path, numeric=True)
+    header, rows, lines, cols = table.header, table.rows, table.lines, table.cols
+    missing = [c for c in ("label", "split") if c not in header]
     if missing:
         raise KDPipeError(f"{spec}: {path} has no {' or '.join(missing)} column (it has {', '.join(header)}): "
                           "a CSV needs columns label, split, and path or numeric features")
@@ -1034,7 +1114,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     classes, index = class_numbering(spec, train_names, test_names, note=split == "train")
     labels = [index[r[lab]] for r in mine]
     rest = [c for c in header if c not in ("label", "split")]
-    if "path" in cols:
+    if "path" in header:
         if rest != ["path"]:
             extra = [c for c in rest if c != "path"]
             raise KDPipeError(f"{spec}: {path} has a path column and also {', '.join(extra[:5])}: an image list has "
@@ -1060,29 +1140,17 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
         raise KDPipeError(f"--image-size applies to images; {spec} is a table of features: leave it out")
     if not rest:
         raise KDPipeError(f"{spec}: {path} has neither a path column nor feature columns")
-    feat = [cols[c] for c in rest]
-    x_all = np.empty((len(rows), len(feat)), dtype=np.float64)  # every split's rows: the checks below see the file
-    from kdpipe.util import Progress
-    prog = Progress(f"parsing {path.name}", len(rows), "rows") if path.stat().st_size >= CSV_PROGRESS_BYTES else None
-    for i, r in enumerate(rows):
-        if prog is not None and i % 65536 == 65535:
-            prog.update(65536)
-        for j, c in enumerate(feat):
-            try:
-                x_all[i, j] = float(r[c])
-            except ValueError:
-                if r[c].lower() in MISSING_VALUES:
-                    raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a missing "
-                                      "value: fill it or drop the row") from None
-                if _comma_number(r[c]):
-                    raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, a number "
-                                      "written with a comma: write numbers with '.' as the decimal point and no "
-                                      "thousands separators") from None
-                raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {r[c]!r}, not a number: a "
-                                  "feature table has only numeric columns besides label and split (an image list has "
-                                  "a path column)") from None
-    if prog is not None:
-        prog.update(len(rows) - prog.done)
+    x_all = table.x  # every split's rows, parsed as read: the checks below see the file
+    if table.bad is not None:
+        i, j, cell = table.bad
+        if cell.lower() in MISSING_VALUES:
+            raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {cell!r}, a missing value: "
+                              "fill it or drop the row")
+        if _comma_number(cell):
+            raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {cell!r}, a number written "
+                              "with a comma: write numbers with '.' as the decimal point and no thousands separators")
+        raise KDPipeError(f"{spec}: {path} line {lines[i]}: column {rest[j]!r} holds {cell!r}, not a number: a feature "
+                          "table has only numeric columns besides label and split (an image list has a path column)")
     with np.errstate(over="ignore"):  # checked as stored: a value past float32's range (1e39) becomes inf
         at = [i for i, s in enumerate(splits) if s == want]
         x = x_all[at].astype(np.float32)
