@@ -126,15 +126,35 @@ def _prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def prune_unstructured(model: nn.Module, sparsity: float) -> nn.Module:
+def _classifier(model: nn.Module, example: torch.Tensor | None) -> nn.Module | None:
+    """The conv or linear layer that runs last on `example` (the one giving the logits), else the last one
+    registered. A network of the user's may register its head first (self.head before self.body): the
+    last registered layer was then a convolution, and the classifier was pruned while the table said it
+    was kept dense."""
+    layers = [m for m, _ in _prunable_weights(model)]
+    if example is None:
+        return layers[-1] if layers else None
+    ran = []
+    handles = [m.register_forward_hook(lambda mod, args, out: ran.append(mod)) for m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran[-1] if ran else (layers[-1] if layers else None)
+
+
+def prune_unstructured(model: nn.Module, sparsity: float, example: torch.Tensor | None = None) -> nn.Module:
     """A copy with the fraction `sparsity` of the conv and linear weights (smallest |w| over the whole
     model) masked to zero; the masks stay during fine-tuning. `finalize` makes them permanent. The
-    classifier (the last conv or linear layer) stays dense, as is usual: global magnitude pruning takes
-    a wide network's small-weighted classifier nearly whole (99.98% of a ResNet-50's fc at 80%,
-    measured), and the model then predicts one class."""
+    classifier (the last conv or linear layer to run on `example`, or the last registered without one)
+    stays dense, as is usual: global magnitude pruning takes a wide network's small-weighted classifier
+    nearly whole (99.98% of a ResNet-50's fc at 80%, measured), and the model then predicts one class."""
     import torch.nn.utils.prune as prune
     m = copy.deepcopy(model)
-    params = _prunable_weights(m)[:-1]
+    head = _classifier(m, example)
+    params = [(mod, name) for mod, name in _prunable_weights(m) if mod is not head]
     if not params:
         raise KDPipeError(f"{type(model).__name__} has no conv or linear weights to prune")
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(sparsity))
@@ -437,7 +457,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             log(f"pruning ({kind}, {s:.0%}) and fine-tuning: {name}")
             t0 = time.perf_counter()
             if kind == "unstructured":
-                m = prune_unstructured(teacher.module, s)
+                m = prune_unstructured(teacher.module, s, example)
                 note = f"{s:.0%} of conv/linear weights zeroed (global magnitude, the classifier kept dense)"
             else:
                 m, layers = prune_channels(teacher.module, s, example)

@@ -101,6 +101,30 @@ def test_unstructured_pruning_zeroes_the_smallest_weights_of_the_whole_model(spa
     assert not any(n.endswith("_orig") for n, _ in pruned.named_parameters())
 
 
+class _HeadFirst(nn.Module):
+    """A user's network that registers its classifier before its body."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8 * 7 * 7, 10)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_unstructured_pruning_keeps_the_layer_that_runs_last_dense_whatever_order_it_was_registered_in():
+    """The classifier was taken as the last conv/linear registered: a network registering its head first had
+    its classifier pruned (80% zeroed) and its last convolution kept dense, under a note saying the classifier
+    was kept dense. With an example input it is the layer that runs last."""
+    torch.manual_seed(0)
+    model = _HeadFirst().eval()
+    pruned = finalize(prune_unstructured(model, 0.8, torch.randn(2, 1, 28, 28)))
+    assert torch.equal(pruned.head.weight, model.head.weight)
+    assert (pruned.body[3].weight == 0).float().mean() > 0.5
+
+
 def _zero_removed_inputs(model, chains_kept):
     """Hooks on the original model's readers that zero the inputs the pruned model no longer has."""
     handles = []
