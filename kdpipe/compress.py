@@ -424,7 +424,8 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
         log(f"note: {test.spec} is not the data the teacher was trained on (its fingerprint differs)")
     _check_fx(teacher.module, quantize, prune)
     policy = _policy_of(teacher)
-    other_data = _check_students(students, policy, test, full_train if full_train is not None else train, log)
+    other_data = _check_students(students, teacher, policy, test, full_train if full_train is not None else train,
+                                 log)
     out = ensure_out_dir(out, "compress output")
     models_dir = ensure_out_dir(out / "models", "models folder")
     mean, std = teacher.mean, teacher.std
@@ -559,12 +560,35 @@ def _trained_on(d: dict, full_train: ImageData, seen: dict) -> bool | None:
     return seen[key] == d["fingerprint"]
 
 
-def _check_students(students, teacher_policy: ViewPolicy, test: ImageData, full_train: ImageData, log) -> dict:
+def _other_teacher(lo: LoadedModel, teacher: LoadedModel) -> str:
+    """A note for a distilled student whose run records other teacher(s) than `teacher` (by the sha256 of the
+    file), else "": its row would read as distilled from the teacher it is compared with."""
+    recorded = [t for t in lo.info.get("_teachers", []) if t.get("fingerprint")]
+    if not lo.info.get("_uses_teacher", True) or not recorded:
+        return ""
+    if len(recorded) > 1:
+        among = any(t["fingerprint"] == teacher.fingerprint for t in recorded)
+        return (f"distilled from an ensemble of {len(recorded)} teachers"
+                + (", this one among them" if among else ", this one not among them"))
+    t = recorded[0]
+    if t["fingerprint"] == teacher.fingerprint:
+        return ""
+    return (f"distilled from another teacher ({t.get('arch')}, {Path(str(t.get('file'))).name}, sha256 "
+            f"{t['fingerprint'][:12]}) than {Path(teacher.file).name} (sha256 {teacher.fingerprint[:12]})")
+
+
+def _check_students(students, teacher: LoadedModel, teacher_policy: ViewPolicy, test: ImageData,
+                    full_train: ImageData, log) -> dict:
     """Refuse a student that cannot be measured on `test` (other classes, or inputs its clean view does not
     give); return run name -> a note for those trained on other data than `full_train` (with their own
-    --limit), whose rows are measured on data they were not trained for."""
+    --limit), whose rows are measured on data they were not trained for, and for those distilled from
+    another teacher than `teacher`."""
     notes, seen = {}, {}
     for name, lo in students:
+        other = _other_teacher(lo, teacher)
+        if other:
+            notes[name] = other
+            log(f"note: student {name} was {other}")
         if lo.num_classes != test.num_classes:
             raise KDPipeError(f"student {name} has {lo.num_classes} classes, {test.spec} has {test.num_classes}: "
                               "give --students runs trained on this data")
@@ -574,9 +598,10 @@ def _check_students(students, teacher_policy: ViewPolicy, test: ImageData, full_
                               f"{shape}: give --students runs trained on this data and views")
         d = lo.info.get("dataset") or {}
         if _trained_on(d, full_train, seen) is False:
-            notes[name] = (f"trained on other data ({d.get('spec')}, {d.get('num_samples', '?')} samples, sha256 "
-                           f"{d['fingerprint'][:12]}) than {full_train.spec}: measured on data it was not trained for")
-            log(f"note: student {name} was {notes[name]}")
+            data_note = (f"trained on other data ({d.get('spec')}, {d.get('num_samples', '?')} samples, sha256 "
+                         f"{d['fingerprint'][:12]}) than {full_train.spec}: measured on data it was not trained for")
+            notes[name] = "; ".join(x for x in (notes.get(name), data_note) if x)
+            log(f"note: student {name} was {data_note}")
     return notes
 
 
@@ -593,6 +618,8 @@ def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
         metrics = json.loads((d / "metrics.json").read_text())
         loaded.info["_uses_teacher"] = metrics.get("uses_teacher", metrics.get("alpha", 1) != 0)
         loaded.info["_diverged"] = metrics.get("diverged_epoch")
+        loaded.info["_teachers"] = list((metrics.get("ensemble") or {}).get("teachers", [])) or (
+            [metrics["teacher"]] if isinstance(metrics.get("teacher"), dict) else [])
         out.append((d.name, loaded))
     return out
 

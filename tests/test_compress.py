@@ -413,6 +413,30 @@ def test_a_student_is_measured_on_its_own_clean_view_and_other_data_is_said(fmni
                  log=lambda *a: None)
 
 
+def test_a_student_distilled_from_another_teacher_says_so_in_its_row(fmnist, teacher_ckpt, tmp_path):
+    """Runs distilled from another teacher (another file, or the same path retrained since) were rows reading
+    'distilled' beside this teacher's compressed versions, without a word; their runs record the teacher's
+    sha256, and such a row now says which teacher it learnt from. A scratch run's teacher does not matter."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    runs = tmp_path / "runs"
+    other = {"fingerprint": "ab" * 32, "arch": "cnn_small", "file": "/elsewhere/old-teacher.pt"}
+    own = {**other, "fingerprint": load_model(teacher_ckpt).fingerprint, "file": str(teacher_ckpt)}
+    for name, teacher, uses in (("mine", own, True), ("theirs", other, True), ("scratch", other, False)):
+        d = _student_run(runs, name, create_model("mlp:16", 10, (1, 28, 28)), "mlp:16", image_shape=(1, 28, 28),
+                         dataset=train.identity())
+        (d / "metrics.json").write_text(json.dumps({"name": name, "uses_teacher": uses, "teacher": teacher}))
+    log = []
+    compress(teacher_ckpt, train, test, tmp_path / "o", students_dir=runs, quantize=(), prune=(), repeats=1,
+             log=log.append)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert not rows["mine"]["note"] and not rows["scratch"]["note"]
+    assert "distilled from another teacher (cnn_small, old-teacher.pt, sha256 abababababab)" in rows["theirs"]["note"]
+    assert any("note: student theirs was distilled from another teacher" in line for line in log)
+
+
 def test_a_students_checkpoint_records_its_views(student_runs, cache):
     """compress measures a student on the clean view of the views it trained on: its checkpoint says which."""
     from kdpipe.cache.reader import Cache
