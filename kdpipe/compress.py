@@ -82,15 +82,31 @@ def _backend(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def quantize_dynamic(model: nn.Module, backend: str = "x86") -> nn.Module:
-    """int8 weights for every nn.Linear, activations quantized per batch at run time."""
+def _trial(q: nn.Module, example: torch.Tensor, backend: str) -> None:
+    """Run the int8 model once on `example`, as the measurements will (no grad): a model it cannot run is
+    NoKernel here, a note in its row, not a traceback after every other row was built."""
+    try:
+        with torch.no_grad():
+            q(example)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. "Could not run 'quantized::conv2d' ..."
+        raise NoKernel(f"{backend} has no kernel for it: {str(e).strip().splitlines()[0][:120]}") from None
+    except Exception as e:  # torch code that does not expect an int8 layer (TransformerEncoderLayer's fast path)
+        raise NoKernel(f"the int8 model does not run ({type(e).__name__}: {error_line(e)[:120]})") from None
+
+
+def quantize_dynamic(model: nn.Module, backend: str = "x86", example: torch.Tensor | None = None) -> nn.Module:
+    """int8 weights for every nn.Linear, activations quantized per batch at run time; run once on `example`
+    (normalized inputs), where given, to check that the int8 model runs."""
     _backend(backend)
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise KDPipeError("dynamic int8 quantization applies to nn.Linear layers, and the model has none: "
                           "use static quantization")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+    if example is not None:
+        _trial(q, example, backend)
+    return q
 
 
 def quantize_static(model: nn.Module, calibration: torch.Tensor, backend: str = "x86") -> nn.Module:
@@ -112,11 +128,7 @@ def quantize_static(model: nn.Module, calibration: torch.Tensor, backend: str = 
             for i in range(0, len(calibration), 64):
                 prepared(calibration[i:i + 64])
         q = convert_fx(prepared)
-    try:
-        with torch.no_grad():
-            q(calibration[:2])
-    except (RuntimeError, NotImplementedError) as e:  # e.g. "Could not run 'quantized::conv2d' ..."
-        raise NoKernel(f"{backend} has no kernel for it: {str(e).strip().splitlines()[0][:120]}") from None
+    _trial(q, calibration[:2], backend)
     return q
 
 
@@ -533,7 +545,8 @@ def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> No
     method = f"int8 {kind} ({backend})"
     try:
         t0 = time.perf_counter()
-        q = quantize_dynamic(src.module, backend) if kind == "dynamic" else quantize_static(src.module, calib, backend)
+        q = (quantize_dynamic(src.module, backend, calib[:2]) if kind == "dynamic" else
+             quantize_static(src.module, calib, backend))
         note = ("nn.Linear weights int8, activations quantized per batch" if kind == "dynamic" else
                 f"FX graph mode, calibrated on {len(calib)} training images")
         add(Row(name, method, src.source, q, src.loaded, parameters=count_params(src.module),

@@ -437,6 +437,47 @@ def test_a_student_distilled_from_another_teacher_says_so_in_its_row(fmnist, tea
     assert any("note: student theirs was distilled from another teacher" in line for line in log)
 
 
+ROWS_TRANSFORMER = '''
+import torch.nn as nn
+
+class RowsTransformer(nn.Module):
+    """Each image row a token: nn.Linear layers only (dynamic int8), and torch's TransformerEncoderLayer."""
+
+    def __init__(self, num_classes=10, image_shape=(1, 28, 28)):
+        super().__init__()
+        self.embed = nn.Linear(image_shape[-1], 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.embed(x.flatten(1, 2))).mean(1))
+'''
+
+
+def test_an_int8_model_that_does_not_run_is_a_note_not_a_traceback(fmnist, tmp_path):
+    """Dynamic int8 of a model built on nn.TransformerEncoderLayer converts, but the layer's fast path then
+    fails on the int8 linears (AttributeError: 'function' object has no attribute 'device'): compress ended
+    in that traceback at the measurements, after every model was built. The int8 model is now run once when
+    it is made, and a model it does not run is a note in its row."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    (tmp_path / "nets.py").write_text(ROWS_TRANSFORMER)
+    arch = f"{tmp_path / 'nets.py'}:RowsTransformer"
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    torch.manual_seed(0)
+    model = create_model(arch, 10, (1, 28, 28)).eval()
+    with pytest.raises(NoKernel, match="int8 model does not run .AttributeError"):
+        quantize_dynamic(model, "x86", torch.randn(2, 1, 28, 28))
+    _student_run(tmp_path / "runs", "rows", model, arch, image_shape=(1, 28, 28), dataset=train.identity())
+    compress(tmp_path / "runs" / "rows" / "student.pt", train, test, tmp_path / "o", students_dir=tmp_path / "runs",
+             quantize=("dynamic",), prune=(), repeats=1, log=lambda *a: None)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert rows["rows"]["test_top1"] is not None
+    assert not rows["teacher-int8-dynamic"]["available"] and not rows["rows-int8-dynamic"]["available"]
+    assert "int8 model does not run" in rows["rows-int8-dynamic"]["note"]
+
+
 def test_a_students_checkpoint_records_its_views(student_runs, cache):
     """compress measures a student on the clean view of the views it trained on: its checkpoint says which."""
     from kdpipe.cache.reader import Cache
