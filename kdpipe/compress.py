@@ -82,15 +82,31 @@ def _backend(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def quantize_dynamic(model: nn.Module, backend: str = "x86") -> nn.Module:
-    """int8 weights for every nn.Linear, activations quantized per batch at run time."""
+def _trial(q: nn.Module, example: torch.Tensor, backend: str) -> None:
+    """Run the int8 model once on `example`, as the measurements will (no grad): a model it cannot run is
+    NoKernel here, a note in its row, not a traceback after every other row was built."""
+    try:
+        with torch.no_grad():
+            q(example)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. "Could not run 'quantized::conv2d' ..."
+        raise NoKernel(f"{backend} has no kernel for it: {str(e).strip().splitlines()[0][:120]}") from None
+    except Exception as e:  # torch code that does not expect an int8 layer (TransformerEncoderLayer's fast path)
+        raise NoKernel(f"the int8 model does not run ({type(e).__name__}: {error_line(e)[:120]})") from None
+
+
+def quantize_dynamic(model: nn.Module, backend: str = "x86", example: torch.Tensor | None = None) -> nn.Module:
+    """int8 weights for every nn.Linear, activations quantized per batch at run time; run once on `example`
+    (normalized inputs), where given, to check that the int8 model runs."""
     _backend(backend)
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise KDPipeError("dynamic int8 quantization applies to nn.Linear layers, and the model has none: "
                           "use static quantization")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+    if example is not None:
+        _trial(q, example, backend)
+    return q
 
 
 def quantize_static(model: nn.Module, calibration: torch.Tensor, backend: str = "x86") -> nn.Module:
@@ -112,11 +128,7 @@ def quantize_static(model: nn.Module, calibration: torch.Tensor, backend: str = 
             for i in range(0, len(calibration), 64):
                 prepared(calibration[i:i + 64])
         q = convert_fx(prepared)
-    try:
-        with torch.no_grad():
-            q(calibration[:2])
-    except (RuntimeError, NotImplementedError) as e:  # e.g. "Could not run 'quantized::conv2d' ..."
-        raise NoKernel(f"{backend} has no kernel for it: {str(e).strip().splitlines()[0][:120]}") from None
+    _trial(q, calibration[:2], backend)
     return q
 
 
@@ -126,15 +138,35 @@ def _prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def prune_unstructured(model: nn.Module, sparsity: float) -> nn.Module:
+def _classifier(model: nn.Module, example: torch.Tensor | None) -> nn.Module | None:
+    """The conv or linear layer that runs last on `example` (the one giving the logits), else the last one
+    registered. A network of the user's may register its head first (self.head before self.body): the
+    last registered layer was then a convolution, and the classifier was pruned while the table said it
+    was kept dense."""
+    layers = [m for m, _ in _prunable_weights(model)]
+    if example is None:
+        return layers[-1] if layers else None
+    ran = []
+    handles = [m.register_forward_hook(lambda mod, args, out: ran.append(mod)) for m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran[-1] if ran else (layers[-1] if layers else None)
+
+
+def prune_unstructured(model: nn.Module, sparsity: float, example: torch.Tensor | None = None) -> nn.Module:
     """A copy with the fraction `sparsity` of the conv and linear weights (smallest |w| over the whole
     model) masked to zero; the masks stay during fine-tuning. `finalize` makes them permanent. The
-    classifier (the last conv or linear layer) stays dense, as is usual: global magnitude pruning takes
-    a wide network's small-weighted classifier nearly whole (99.98% of a ResNet-50's fc at 80%,
-    measured), and the model then predicts one class."""
+    classifier (the last conv or linear layer to run on `example`, or the last registered without one)
+    stays dense, as is usual: global magnitude pruning takes a wide network's small-weighted classifier
+    nearly whole (99.98% of a ResNet-50's fc at 80%, measured), and the model then predicts one class."""
     import torch.nn.utils.prune as prune
     m = copy.deepcopy(model)
-    params = _prunable_weights(m)[:-1]
+    head = _classifier(m, example)
+    params = [(mod, name) for mod, name in _prunable_weights(m) if mod is not head]
     if not params:
         raise KDPipeError(f"{type(model).__name__} has no conv or linear weights to prune")
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(sparsity))
@@ -404,7 +436,8 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
         log(f"note: {test.spec} is not the data the teacher was trained on (its fingerprint differs)")
     _check_fx(teacher.module, quantize, prune)
     policy = _policy_of(teacher)
-    other_data = _check_students(students, policy, test, full_train if full_train is not None else train, log)
+    other_data = _check_students(students, teacher, policy, test, full_train if full_train is not None else train,
+                                 log)
     out = ensure_out_dir(out, "compress output")
     models_dir = ensure_out_dir(out / "models", "models folder")
     mean, std = teacher.mean, teacher.std
@@ -437,7 +470,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             log(f"pruning ({kind}, {s:.0%}) and fine-tuning: {name}")
             t0 = time.perf_counter()
             if kind == "unstructured":
-                m = prune_unstructured(teacher.module, s)
+                m = prune_unstructured(teacher.module, s, example)
                 note = f"{s:.0%} of conv/linear weights zeroed (global magnitude, the classifier kept dense)"
             else:
                 m, layers = prune_channels(teacher.module, s, example)
@@ -512,7 +545,8 @@ def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> No
     method = f"int8 {kind} ({backend})"
     try:
         t0 = time.perf_counter()
-        q = quantize_dynamic(src.module, backend) if kind == "dynamic" else quantize_static(src.module, calib, backend)
+        q = (quantize_dynamic(src.module, backend, calib[:2]) if kind == "dynamic" else
+             quantize_static(src.module, calib, backend))
         note = ("nn.Linear weights int8, activations quantized per batch" if kind == "dynamic" else
                 f"FX graph mode, calibrated on {len(calib)} training images")
         add(Row(name, method, src.source, q, src.loaded, parameters=count_params(src.module),
@@ -539,12 +573,35 @@ def _trained_on(d: dict, full_train: ImageData, seen: dict) -> bool | None:
     return seen[key] == d["fingerprint"]
 
 
-def _check_students(students, teacher_policy: ViewPolicy, test: ImageData, full_train: ImageData, log) -> dict:
+def _other_teacher(lo: LoadedModel, teacher: LoadedModel) -> str:
+    """A note for a distilled student whose run records other teacher(s) than `teacher` (by the sha256 of the
+    file), else "": its row would read as distilled from the teacher it is compared with."""
+    recorded = [t for t in lo.info.get("_teachers", []) if t.get("fingerprint")]
+    if not lo.info.get("_uses_teacher", True) or not recorded:
+        return ""
+    if len(recorded) > 1:
+        among = any(t["fingerprint"] == teacher.fingerprint for t in recorded)
+        return (f"distilled from an ensemble of {len(recorded)} teachers"
+                + (", this one among them" if among else ", this one not among them"))
+    t = recorded[0]
+    if t["fingerprint"] == teacher.fingerprint:
+        return ""
+    return (f"distilled from another teacher ({t.get('arch')}, {Path(str(t.get('file'))).name}, sha256 "
+            f"{t['fingerprint'][:12]}) than {Path(teacher.file).name} (sha256 {teacher.fingerprint[:12]})")
+
+
+def _check_students(students, teacher: LoadedModel, teacher_policy: ViewPolicy, test: ImageData,
+                    full_train: ImageData, log) -> dict:
     """Refuse a student that cannot be measured on `test` (other classes, or inputs its clean view does not
     give); return run name -> a note for those trained on other data than `full_train` (with their own
-    --limit), whose rows are measured on data they were not trained for."""
+    --limit), whose rows are measured on data they were not trained for, and for those distilled from
+    another teacher than `teacher`."""
     notes, seen = {}, {}
     for name, lo in students:
+        other = _other_teacher(lo, teacher)
+        if other:
+            notes[name] = other
+            log(f"note: student {name} was {other}")
         if lo.num_classes != test.num_classes:
             raise KDPipeError(f"student {name} has {lo.num_classes} classes, {test.spec} has {test.num_classes}: "
                               "give --students runs trained on this data")
@@ -554,9 +611,10 @@ def _check_students(students, teacher_policy: ViewPolicy, test: ImageData, full_
                               f"{shape}: give --students runs trained on this data and views")
         d = lo.info.get("dataset") or {}
         if _trained_on(d, full_train, seen) is False:
-            notes[name] = (f"trained on other data ({d.get('spec')}, {d.get('num_samples', '?')} samples, sha256 "
-                           f"{d['fingerprint'][:12]}) than {full_train.spec}: measured on data it was not trained for")
-            log(f"note: student {name} was {notes[name]}")
+            data_note = (f"trained on other data ({d.get('spec')}, {d.get('num_samples', '?')} samples, sha256 "
+                         f"{d['fingerprint'][:12]}) than {full_train.spec}: measured on data it was not trained for")
+            notes[name] = "; ".join(x for x in (notes.get(name), data_note) if x)
+            log(f"note: student {name} was {data_note}")
     return notes
 
 
@@ -573,6 +631,8 @@ def _students(runs_dir) -> list[tuple[str, LoadedModel]]:
         metrics = json.loads((d / "metrics.json").read_text())
         loaded.info["_uses_teacher"] = metrics.get("uses_teacher", metrics.get("alpha", 1) != 0)
         loaded.info["_diverged"] = metrics.get("diverged_epoch")
+        loaded.info["_teachers"] = list((metrics.get("ensemble") or {}).get("teachers", [])) or (
+            [metrics["teacher"]] if isinstance(metrics.get("teacher"), dict) else [])
         out.append((d.name, loaded))
     return out
 

@@ -101,6 +101,30 @@ def test_unstructured_pruning_zeroes_the_smallest_weights_of_the_whole_model(spa
     assert not any(n.endswith("_orig") for n, _ in pruned.named_parameters())
 
 
+class _HeadFirst(nn.Module):
+    """A user's network that registers its classifier before its body."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8 * 7 * 7, 10)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_unstructured_pruning_keeps_the_layer_that_runs_last_dense_whatever_order_it_was_registered_in():
+    """The classifier was taken as the last conv/linear registered: a network registering its head first had
+    its classifier pruned (80% zeroed) and its last convolution kept dense, under a note saying the classifier
+    was kept dense. With an example input it is the layer that runs last."""
+    torch.manual_seed(0)
+    model = _HeadFirst().eval()
+    pruned = finalize(prune_unstructured(model, 0.8, torch.randn(2, 1, 28, 28)))
+    assert torch.equal(pruned.head.weight, model.head.weight)
+    assert (pruned.body[3].weight == 0).float().mean() > 0.5
+
+
 def _zero_removed_inputs(model, chains_kept):
     """Hooks on the original model's readers that zero the inputs the pruned model no longer has."""
     handles = []
@@ -387,6 +411,71 @@ def test_a_student_is_measured_on_its_own_clean_view_and_other_data_is_said(fmni
     with pytest.raises(KDPipeError, match="student three has 3 classes"):
         compress(teacher, train, test, tmp_path / "o2", students_dir=runs, quantize=(), prune=(), repeats=1,
                  log=lambda *a: None)
+
+
+def test_a_student_distilled_from_another_teacher_says_so_in_its_row(fmnist, teacher_ckpt, tmp_path):
+    """Runs distilled from another teacher (another file, or the same path retrained since) were rows reading
+    'distilled' beside this teacher's compressed versions, without a word; their runs record the teacher's
+    sha256, and such a row now says which teacher it learnt from. A scratch run's teacher does not matter."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    runs = tmp_path / "runs"
+    other = {"fingerprint": "ab" * 32, "arch": "cnn_small", "file": "/elsewhere/old-teacher.pt"}
+    own = {**other, "fingerprint": load_model(teacher_ckpt).fingerprint, "file": str(teacher_ckpt)}
+    for name, teacher, uses in (("mine", own, True), ("theirs", other, True), ("scratch", other, False)):
+        d = _student_run(runs, name, create_model("mlp:16", 10, (1, 28, 28)), "mlp:16", image_shape=(1, 28, 28),
+                         dataset=train.identity())
+        (d / "metrics.json").write_text(json.dumps({"name": name, "uses_teacher": uses, "teacher": teacher}))
+    log = []
+    compress(teacher_ckpt, train, test, tmp_path / "o", students_dir=runs, quantize=(), prune=(), repeats=1,
+             log=log.append)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert not rows["mine"]["note"] and not rows["scratch"]["note"]
+    assert "distilled from another teacher (cnn_small, old-teacher.pt, sha256 abababababab)" in rows["theirs"]["note"]
+    assert any("note: student theirs was distilled from another teacher" in line for line in log)
+
+
+ROWS_TRANSFORMER = '''
+import torch.nn as nn
+
+class RowsTransformer(nn.Module):
+    """Each image row a token: nn.Linear layers only (dynamic int8), and torch's TransformerEncoderLayer."""
+
+    def __init__(self, num_classes=10, image_shape=(1, 28, 28)):
+        super().__init__()
+        self.embed = nn.Linear(image_shape[-1], 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.embed(x.flatten(1, 2))).mean(1))
+'''
+
+
+def test_an_int8_model_that_does_not_run_is_a_note_not_a_traceback(fmnist, tmp_path):
+    """Dynamic int8 of a model built on nn.TransformerEncoderLayer converts, but the layer's fast path then
+    fails on the int8 linears (AttributeError: 'function' object has no attribute 'device'): compress ended
+    in that traceback at the measurements, after every model was built. The int8 model is now run once when
+    it is made, and a model it does not run is a note in its row."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    (tmp_path / "nets.py").write_text(ROWS_TRANSFORMER)
+    arch = f"{tmp_path / 'nets.py'}:RowsTransformer"
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    torch.manual_seed(0)
+    model = create_model(arch, 10, (1, 28, 28)).eval()
+    with pytest.raises(NoKernel, match="int8 model does not run .AttributeError"):
+        quantize_dynamic(model, "x86", torch.randn(2, 1, 28, 28))
+    _student_run(tmp_path / "runs", "rows", model, arch, image_shape=(1, 28, 28), dataset=train.identity())
+    compress(tmp_path / "runs" / "rows" / "student.pt", train, test, tmp_path / "o", students_dir=tmp_path / "runs",
+             quantize=("dynamic",), prune=(), repeats=1, log=lambda *a: None)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert rows["rows"]["test_top1"] is not None
+    assert not rows["teacher-int8-dynamic"]["available"] and not rows["rows-int8-dynamic"]["available"]
+    assert "int8 model does not run" in rows["rows-int8-dynamic"]["note"]
 
 
 def test_a_students_checkpoint_records_its_views(student_runs, cache):
