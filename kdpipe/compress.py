@@ -82,6 +82,9 @@ def _backend(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
+EVAL_BATCH = 256  # the test split is measured in batches of this many images (dynamic int8 depends on it)
+
+
 def _trial(q: nn.Module, example: torch.Tensor, backend: str) -> None:
     """Run the int8 model once on `example`, as the measurements will (no grad): a model it cannot run is
     NoKernel here, a note in its row, not a traceback after every other row was built."""
@@ -365,7 +368,7 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
     policy = _policy_of(lo, policy)  # a student's own clean view, as train-student measured it
     images = images_tensor(test.images, "cpu")
     params = torch.from_numpy(eval_params(policy, test.image_shape, len(test)))
-    logits = predict(row.module, images, policy, params, lo.mean, lo.std, batch_size=256)
+    logits = predict(row.module, images, policy, params, lo.mean, lo.std, batch_size=EVAL_BATCH)
     m = {"test_top1": top1(logits, test.labels),
          "teacher_agreement": agreement(logits, teacher_pred) if teacher_pred is not None else 1.0}
     path = models_dir / f"{row.name}.pt"
@@ -547,7 +550,8 @@ def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> No
         t0 = time.perf_counter()
         q = (quantize_dynamic(src.module, backend, calib[:2]) if kind == "dynamic" else
              quantize_static(src.module, calib, backend))
-        note = ("nn.Linear weights int8, activations quantized per batch" if kind == "dynamic" else
+        note = (f"nn.Linear weights int8, activations quantized per batch (so its predictions depend on the batch: "
+                f"accuracy measured in batches of {EVAL_BATCH})" if kind == "dynamic" else
                 f"FX graph mode, calibrated on {len(calib)} training images")
         add(Row(name, method, src.source, q, src.loaded, parameters=count_params(src.module),
                 nonzero=count_nonzero(src.module), note=f"{note}; {time.perf_counter() - t0:.1f}s"))
