@@ -435,7 +435,9 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             (), tuple(test.image_shape)):
         raise KDPipeError(f"the teacher was trained on {teacher.info.get('dataset', {}).get('spec')} "
                           f"({teacher.num_classes} classes), not on {test.spec}")
-    if _trained_on(teacher.info.get("dataset") or {}, full_train if full_train is not None else train, {}) is False:
+    other_teacher_data = _trained_on(teacher.info.get("dataset") or {},
+                                     full_train if full_train is not None else train, {}) is False
+    if other_teacher_data:
         log(f"note: {test.spec} is not the data the teacher was trained on (its fingerprint differs)")
     _check_fx(teacher.module, quantize, prune)
     policy = _policy_of(teacher)
@@ -517,7 +519,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),
            "backend": backend, "calibration_images": len(calib_rows), "finetune": ft_desc if finetune_epochs else "none",
            "finetune_epochs": finetune_epochs, "finetune_device": str(device), "machine": machine,
-           "threads": threads, "repeats": repeats,
+           "threads": threads, "repeats": repeats, "teacher_trained_on_other_data": other_teacher_data,
            "latency_batches": list(LATENCY_BATCHES), "torch": torch.__version__,
            "rows": [_row_json(r) for r in results]}
     atomic_write_json(out / "compress.json", doc)
@@ -666,7 +668,9 @@ def _ms(x) -> str:
 def _markdown(doc: dict, plot: Path) -> str:
     lines = ["# kdpipe compress", "",
              f"Teacher {doc['teacher_arch']} ({doc['teacher']}), {doc['data']} test split ({doc['test_images']:,} "
-             f"images). CPU latency: median of {doc['repeats']} forward passes per batch size, milliseconds per "
+             f"images)" + (": not the data the teacher was trained on (its fingerprint differs)"
+                           if doc.get("teacher_trained_on_other_data") else "") +
+             f". CPU latency: median of {doc['repeats']} forward passes per batch size, milliseconds per "
              f"image, on {doc['machine']}; torch {doc['torch']}, quantized backend {doc['backend']}. Size: the "
              "TorchScript file with its input normalization (what `kdpipe export` writes); pruned weights are "
              "stored dense, so unstructured pruning does not shrink it. Fine-tuning of pruned models: "

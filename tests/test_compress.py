@@ -574,3 +574,23 @@ def test_a_teacher_torch_fx_cannot_trace_is_refused_before_any_work_naming_every
         assert not (tmp_path / "o").exists()
     r = CliRunner().invoke(main, base + ["--quantize", "dynamic", "--prune", "unstructured"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_teacher_trained_on_other_data_is_said_in_the_table(fmnist, teacher_ckpt, tmp_path):
+    """compress on data the teacher was not trained on said so only in its log: compress.md, which is what is
+    read and shared, compared the teacher with its compressions on that data without a word."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    arrays = dict(np.load(fmnist.path))
+    arrays["x_train"] = arrays["x_train"].copy()
+    arrays["x_train"][0, 0, 0] ^= 1  # one pixel: another copy of the data, by its fingerprint
+    np.savez(tmp_path / "other.npz", **arrays)
+    said = []
+    for name, spec in (("same", fmnist.spec), ("other", f"npz:{tmp_path / 'other.npz'}")):
+        train, test = load_dataset(spec, "train"), load_dataset(spec, "test")
+        compress(teacher_ckpt, train, test, tmp_path / name, quantize=(), prune=(), repeats=1, log=said.append)
+    assert "not the data the teacher was trained on" not in (tmp_path / "same" / "compress.md").read_text()
+    md = (tmp_path / "other" / "compress.md").read_text()
+    assert "images): not the data the teacher was trained on (its fingerprint differs). CPU latency" in md
+    assert json.loads((tmp_path / "other" / "compress.json").read_text())["teacher_trained_on_other_data"] is True
