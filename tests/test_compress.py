@@ -482,3 +482,16 @@ def test_a_teacher_torch_fx_cannot_trace_is_refused_before_any_work_naming_every
         assert not (tmp_path / "o").exists()
     r = CliRunner().invoke(main, base + ["--quantize", "dynamic", "--prune", "unstructured"])
     assert r.exit_code == 0, r.output
+
+
+def test_data_the_teacher_was_not_trained_on_is_refused_naming_its_data(fmnist, teacher_ckpt, tmp_path):
+    """compress --data of other classes than the teacher's said what was wrong only."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    y = np.arange(30) % 3
+    np.savez(tmp_path / "three.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", f"npz:{tmp_path / 'three.npz'}",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"(10 classes), not on npz:{tmp_path / 'three.npz'}: give --data {fmnist.spec}, the data it was trained " \
+           "on" in r.output
