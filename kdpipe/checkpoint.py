@@ -207,7 +207,7 @@ def load_checkpoint_file(path) -> dict:
             raise KDPipeError(f"{path} is a pickled Python object{what} (a whole model saved with torch.save(model)) "
                               "or holds one beside its weights: loading it runs code from the file, so kdpipe does so "
                               "only with --trust-pickle; or save its state_dict and give --teacher-arch") from None
-        raise KDPipeError(f"cannot load {path}: {_first_line(msg)}") from None
+        raise KDPipeError(_cannot_load(path, e)) from None
     return obj
 
 
@@ -222,6 +222,14 @@ def _pickle_hint(e: Exception) -> str:
         return (f": the pickle names code of the module {e.name!r}, not importable here: add the folder that "
                 f"holds it to PYTHONPATH, {save}")
     return ""
+
+
+def _cannot_load(path, e: Exception) -> str:
+    """The one line for a torch file torch.load cannot read."""
+    if "Invalid magic number" in str(e):  # what torch.load says of a pickle that torch.save did not write
+        return (f"cannot load {path}: it is a plain pickle (as pickle.dump writes), not a file torch.save wrote: save "
+                "the model's weights with torch.save(model.state_dict(), FILE) and give --teacher-arch PATH.py:CLASS")
+    return f"cannot load {path}: {_first_line(e)}{_pickle_hint(e)}"
 
 
 def _first_line(msg) -> str:
@@ -325,7 +333,7 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise KDPipeError(f"cannot load {path}: {_first_line(e)}{_pickle_hint(e)}") from None
+            raise KDPipeError(_cannot_load(path, e)) from None
         if isinstance(obj, nn.Module):
             if arch is not None:
                 raise KDPipeError(f"{path} holds a whole pickled model, which brings its own architecture: "

@@ -433,8 +433,10 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
                 f"command again to finish them): {', '.join(unfinished)}")
     if teacher.num_classes != test.num_classes or tuple(teacher.info.get("dataset", {}).get("image_shape", [])) not in (
             (), tuple(test.image_shape)):
-        raise KDPipeError(f"the teacher was trained on {teacher.info.get('dataset', {}).get('spec')} "
-                          f"({teacher.num_classes} classes), not on {test.spec}")
+        spec = teacher.info.get("dataset", {}).get("spec")
+        raise KDPipeError(f"the teacher was trained on {spec} ({teacher.num_classes} classes), not on {test.spec}: "
+                          + (f"give --data {spec}, the data it was trained on" if spec else
+                             "give --data of the data it was trained on"))
     other_teacher_data = _trained_on(teacher.info.get("dataset") or {},
                                      full_train if full_train is not None else train, {}) is False
     if other_teacher_data:

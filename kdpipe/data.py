@@ -1027,8 +1027,18 @@ def _csv_header(spec, path: Path, header: list[str]) -> list[str]:
         raise KDPipeError(f"{spec}: {path}'s first column has no name: the row index pandas writes unless "
                           "to_csv(..., index=False); write the file without it")
     if len(set(header)) != len(header) or not all(header):
-        raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names: {', '.join(header)}")
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        empty = [str(j + 1) for j, c in enumerate(header) if not c]
+        what = "; ".join(filter(None, (twice and f"{_few(twice)} repeated",
+                                        empty and f"column(s) {_few(empty)} unnamed")))
+        raise KDPipeError(f"{spec}: {path}'s header row has empty or repeated column names ({what}): give each "
+                          "column a name of its own")
     return header
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    """The first n names, and how many more (a feature table's header has hundreds: Kaggle's MNIST CSV 785)."""
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 MISSING_VALUES = ("", "na", "n/a", "nan", "null", "none", "?", "-", "#n/a")  # as spreadsheets and pandas write them
@@ -1085,7 +1095,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
     header, rows, lines, cols = table.header, table.rows, table.lines, table.cols
     missing = [c for c in ("label", "split") if c not in header]
     if missing:
-        raise KDPipeError(f"{spec}: {path} has no {' or '.join(missing)} column (it has {', '.join(header)}): "
+        raise KDPipeError(f"{spec}: {path} has no {' or '.join(missing)} column (it has {_few(header)}): "
                           "a CSV needs columns label, split, and path or numeric features")
     if not rows:
         raise KDPipeError(f"{spec}: {path} has a header but no rows")

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe import KDPipeError
-from kdpipe.util import env
+from kdpipe.util import env, error_line
 
 TIMEOUT_ENV = "KDPIPE_DIST_TIMEOUT"
 
@@ -115,7 +115,9 @@ class Dist:
     def _agree(self, what: str, error: BaseException | None) -> None:
         msg = None
         if error is not None:
-            msg = str(error) if isinstance(error, KDPipeError) else f"{type(error).__name__}: {error}"
+            # one line each: another exception's message may span lines (TorchScript's holds its traceback) and
+            # run long (CUDA's out-of-memory advice), and every healthy rank joins them into one KDPipeError
+            msg = str(error) if isinstance(error, KDPipeError) else f"{type(error).__name__}: {error_line(error)}"
             msg = msg or type(error).__name__
         failed = [(r, m) for r, m in enumerate(self.all_gather(msg)) if m is not None]
         if failed and error is None:

@@ -17,6 +17,7 @@ steps that read it (edited, they rerun) with a rule that names it in one line wh
 
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
 import tomllib
@@ -118,6 +119,25 @@ def _check_types(path, where: str, table: dict, section: str) -> None:
             raise KDPipeError(f"{path}: {where} {key} must be {fault}, got {v!r}{hint}")
 
 
+def _unknown_keys(path, where: str, unknown: set, keys: set) -> KDPipeError:
+    """The one line for keys a section does not take: each with the key it is likely a typo of, or the section it
+    belongs in; else the keys the section takes (so that a misspelt or misplaced key says what to write)."""
+    sections = {"[data]": _DATA_KEYS, "[teacher]": _TEACHER_KEYS, "[dump]": _DUMP_KEYS, "[[students]]": _STUDENT_KEYS,
+                "[compress]": _COMPRESS_KEYS}
+
+    def hint(k):
+        close = difflib.get_close_matches(k, sorted(keys), n=1, cutoff=0.7)
+        home = [name for name, ks in sections.items() if k in ks]
+        return f"did you mean {close[0]}?" if close else f"a key of {' or '.join(home)}" if home else None
+
+    hints = {k: hint(k) for k in sorted(unknown)}
+    if all(hints.values()):
+        said = ", ".join(f"{k} ({h})" for k, h in hints.items())
+    else:
+        said = f"{', '.join(sorted(unknown))} ({where.split(' #')[0]} takes {', '.join(sorted(keys))})"
+    return KDPipeError(f"{path}: unknown key(s) in {where}: {said}")
+
+
 def load_pipeline(path) -> dict:
     path = Path(path)
     try:
@@ -150,7 +170,7 @@ def load_pipeline(path) -> dict:
             raise KDPipeError(f"{path}: missing [{section}]")
         unknown = set(spec[section]) - keys
         if unknown:
-            raise KDPipeError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+            raise _unknown_keys(path, f"[{section}]", unknown, keys)
         _check_types(path, f"[{section}]", spec[section], section)
     _check_policy(path, "[dump]", spec["dump"])
     names = _check_teachers(path, spec)
@@ -158,7 +178,7 @@ def load_pipeline(path) -> dict:
         raise KDPipeError(f"{path}: missing [data] spec = \"...\"")
     unknown = set(spec["data"]) - _DATA_KEYS
     if unknown:
-        raise KDPipeError(f"{path}: unknown key(s) in [data]: {', '.join(sorted(unknown))}")
+        raise _unknown_keys(path, "[data]", unknown, _DATA_KEYS)
     _check_types(path, "[data]", spec["data"], "data")
     if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
         raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
@@ -172,7 +192,7 @@ def load_pipeline(path) -> dict:
     for i, block in enumerate(spec["students"]):
         unknown = set(block) - _STUDENT_KEYS
         if unknown:
-            raise KDPipeError(f"{path}: unknown key(s) in [[students]] #{i + 1}: {', '.join(sorted(unknown))}")
+            raise _unknown_keys(path, f"[[students]] #{i + 1}", unknown, _STUDENT_KEYS)
         _check_types(path, f"[[students]] #{i + 1}", block, "students")
         if not block.get("archs") or not block.get("epochs"):
             raise KDPipeError(f"{path}: [[students]] #{i + 1} needs archs = [...] and epochs = N")
@@ -204,7 +224,7 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
     for i, t in enumerate(entries):
         unknown = set(t) - _TEACHER_KEYS - ({"name"} if names is not None else set())
         if unknown:
-            raise KDPipeError(f"{path}: unknown key(s) in {label(i)}: {', '.join(sorted(unknown))}")
+            raise _unknown_keys(path, label(i), unknown, _TEACHER_KEYS | ({"name"} if names is not None else set()))
         _check_types(path, label(i), t, "teacher")
         _check_policy(path, label(i), t)
         if "file" not in t and "arch" not in t:

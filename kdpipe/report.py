@@ -59,8 +59,9 @@ def scan_runs(paths) -> tuple[list[dict], list[str]]:
             m["_dir"] = str(f.parent)
             found.append(m)
     if not found:
-        raise KDPipeError(f"no finished runs yet (unfinished: {', '.join(unfinished)}): run their train-student "
-                          "command again to finish them")
+        shown = ", ".join(unfinished[:3]) + (f", ... ({len(unfinished)} in all)" if len(unfinished) > 3 else "")
+        raise KDPipeError(f"no finished runs yet (unfinished: {shown}): run their train-student command again to "
+                          "finish them")
     return found, unfinished
 
 

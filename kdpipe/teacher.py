@@ -337,6 +337,15 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 
+def _trained_with(teacher: LoadedModel) -> str:
+    """The dump-logits options of the data and views a kdpipe teacher was trained on, as its checkpoint records
+    them (" (--data fashion-mnist, --image-size 24, --policy crop:2+flip)"); "" where it records none."""
+    d, v = teacher.info.get("dataset") or {}, teacher.info.get("view_policy") or {}
+    opts = [f"--{k} {x}" for k, x in (("data", d.get("spec")), ("image-size", d.get("image_size")),
+                                       ("policy", v.get("spec"))) if x]
+    return f" ({', '.join(opts)})" if opts else ""
+
+
 def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, out_dir, *, policy: ViewPolicy,
                 views: int, seed: int = 0, logits_dtype: str = "float16", batch_size: int = 512,
                 shard_rows: int = 65536, device=torch.device("cpu"), amp: bool = False,
@@ -382,9 +391,11 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     in_shape = policy.output_shape(data.image_shape)
     if teacher.num_classes is not None and teacher.num_classes != data.num_classes:
         raise KDPipeError(f"the teacher predicts {teacher.num_classes} classes, the dataset {data.spec} "
-                          f"has {data.num_classes}")
+                          f"has {data.num_classes}: dump the data it was trained on{_trained_with(teacher)}, or give "
+                          "a teacher trained on this data")
     if teacher.image_shape is not None and tuple(teacher.image_shape) != tuple(in_shape):
-        raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}")
+        raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}: "
+                          f"dump the data and views it was trained on{_trained_with(teacher)}")
     check_class_names(teacher, data, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]
@@ -440,7 +451,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                                       ) from None
                 if out.ndim != 2 or out.shape[1] != data.num_classes:
                     raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
-                                      f"{data.spec} has {data.num_classes} classes")
+                                      f"{data.spec} has {data.num_classes} classes: give a teacher with one output "
+                                      "per class of this data (fine-tuned on it), or pick its logits with "
+                                      "--teacher-output NAME|INDEX")
                 chunks.append(out.float().cpu())
         return torch.cat(chunks).numpy()
 

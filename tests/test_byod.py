@@ -437,6 +437,24 @@ CSV_CASES = {
 }
 
 
+@pytest.mark.parametrize("header, fragment", [
+    # Kaggle's MNIST CSV: label and 784 pixel columns, no split column (the message listed all 785 names, 7.9 kB)
+    (["label"] + [f"pixel{i}" for i in range(784)], "has no split column (it has label, pixel0, pixel1, pixel2, "
+     "pixel3, ... (785 in all)): a CSV needs columns label, split"),
+    # one name repeated among 300 (all 300 were listed, and the repeated one not said)
+    (["label", "split"] + [f"f{i}" for i in range(300)] + ["f7"], "empty or repeated column names (f7 repeated): "
+     "give each column a name of its own"),
+    (["label", "split", "", "f1"], "(column(s) 3 unnamed)"),
+])
+def test_a_wide_csvs_bad_header_is_named_in_a_short_line(tmp_path, header, fragment):
+    (tmp_path / "wide.csv").write_text(",".join(header) + "\n" + ",".join(["0", "train"] + ["1"] * (len(header) - 2))
+                                       + "\n")
+    res = run_cli(["train-teacher", "--data", f"csv:{tmp_path / 'wide.csv'}", "--arch", "mlp_100", "--epochs", 1,
+                   "--out", tmp_path / "t.pt"])
+    assert_one_line_error(res, fragment)
+    assert len(res.stderr) < 400, res.stderr
+
+
 @pytest.mark.parametrize("case", list(CSV_CASES))
 def test_ambiguous_or_broken_csv_is_refused_with_one_line(tmp_path, case):
     text, fragment = CSV_CASES[case]

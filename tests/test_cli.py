@@ -42,6 +42,54 @@ def assert_one_line_error(result, message):
     assert message in lines[0], lines[0]
 
 
+# ---------------------------------------------------------------- the options that messages name
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*[a-z0-9](?![\w-])")
+TORCHRUN_FLAGS = {"--nproc_per_node", "--nproc-per-node"}  # torchrun's, which messages about launching it name
+
+
+def _options(command) -> set[str]:
+    return {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def _source_strings(node):
+    """The string constants under an AST node (an f-string's literal parts too)."""
+    import ast
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_every_option_that_kdpipes_messages_and_help_name_exists():
+    """Error messages (and help texts, docstrings, hints) say what to do by naming options; an option renamed or
+    never added (a message advising --flag that no command takes) sends the user to a second error. Every
+    --option written in kdpipe's source must be one of some command's, or torchrun's."""
+    import ast
+    known = {o for c in main.commands.values() for o in _options(c)} | {"--help", "--version"} | TORCHRUN_FLAGS
+    wrong = []
+    for path in sorted((REPO / "kdpipe").rglob("*.py")):
+        for text in _source_strings(ast.parse(path.read_text())):
+            wrong += [f"{path.relative_to(REPO)}: {flag} in {text[:60]!r}" for flag in FLAG.findall(text)
+                      if flag not in known]
+    assert not wrong, wrong
+
+
+def test_the_errors_a_command_raises_itself_name_its_own_options():
+    """A message raised in a command's own function (kdpipe/cli.py) names options of that command, not another's."""
+    import ast
+    tree = ast.parse((REPO / "kdpipe" / "cli.py").read_text())
+    checked = 0
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        names = [d.args[0].value for d in fn.decorator_list if isinstance(d, ast.Call) and d.args
+                 and isinstance(d.func, ast.Attribute) and d.func.attr == "command"]
+        if not names:
+            continue
+        own = _options(main.commands[names[0]]) | {"--help"}
+        for r in (n for n in ast.walk(fn) if isinstance(n, ast.Raise) and n.exc is not None):
+            for text in _source_strings(r.exc):
+                checked += 1
+                assert set(FLAG.findall(text)) <= own, (names[0], text)
+    assert checked > 10
+
+
 # ---------------------------------------------------------------- help and entry points
 
 def test_main_help_lists_every_command():
@@ -390,8 +438,8 @@ def test_photos_of_any_size_with_image_size_through_both_stages(tmp_path, monkey
     make_photo_folder(tmp_path / "photos", per_class=4)
     data = f"imagefolder:{tmp_path / 'photos'}"
     teacher, cache, runs = tmp_path / "t.pt", tmp_path / "cache", tmp_path / "runs"
-    assert_one_line_error(invoke("train-teacher", "--data", data, "--arch", "cnn_tiny", "--out", teacher),
-                          "differ in size")
+    r = invoke("train-teacher", "--data", data, "--arch", "cnn_tiny", "--out", teacher)  # after the headers' progress
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith("Error: ") and "differ in size" in r.stderr
     ok(invoke("train-teacher", "--data", data, "--image-size", 24, "--arch", "cnn_tiny", "--epochs", 1,
               "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
     ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 24, "--views", 2,
@@ -406,7 +454,8 @@ def test_photos_of_any_size_with_image_size_through_both_stages(tmp_path, monkey
     r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 32, "--views", 2,
                "--device", "cpu", "--out", tmp_path / "c32")
     assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == \
-        "Error: the teacher takes inputs (3, 24, 24), the views are (3, 32, 32)"
+        "Error: the teacher takes inputs (3, 24, 24), the views are (3, 32, 32): dump the data and views it was " \
+        f"trained on (--data {data}, --image-size 24, --policy crop:2+flip)"
 
 
 def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monkeypatch):

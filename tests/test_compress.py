@@ -594,3 +594,16 @@ def test_a_teacher_trained_on_other_data_is_said_in_the_table(fmnist, teacher_ck
     md = (tmp_path / "other" / "compress.md").read_text()
     assert "images): not the data the teacher was trained on (its fingerprint differs). CPU latency" in md
     assert json.loads((tmp_path / "other" / "compress.json").read_text())["teacher_trained_on_other_data"] is True
+
+
+def test_data_the_teacher_was_not_trained_on_is_refused_naming_its_data(fmnist, teacher_ckpt, tmp_path):
+    """compress --data of other classes than the teacher's said what was wrong only."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    y = np.arange(30) % 3
+    np.savez(tmp_path / "three.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", f"npz:{tmp_path / 'three.npz'}",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"(10 classes), not on npz:{tmp_path / 'three.npz'}: give --data {fmnist.spec}, the data it was trained " \
+           "on" in r.output

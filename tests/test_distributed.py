@@ -315,3 +315,24 @@ def test_ddp_students_with_a_hint_match_single_process(work):
     assert set(p2) == set(p1) and not any(k.startswith("module.") for k in p2)
     for k in p1:
         torch.testing.assert_close(p2[k], p1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_ranks_error_of_several_lines_reaches_the_other_ranks_as_one_line():
+    """A rank's failure is gathered by every healthy rank, which raises it as a KDPipeError. CUDA's errors (and
+    TorchScript's, which hold their traceback) span lines: the healthy ranks' 'one line' error held them all."""
+    from kdpipe.distributed import Dist
+    sent = []
+    failing = Dist(rank=1, world=2)
+    failing.all_gather = lambda obj: sent.append(obj) or [None, obj]
+    err = RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported "
+                       "at some other API call, so the stacktrace below might be incorrect.\nFor debugging consider "
+                       "passing CUDA_LAUNCH_BLOCKING=1")
+    with pytest.raises(RuntimeError):
+        with failing.together("the teacher's pass"):
+            raise err
+    healthy = Dist(rank=0, world=2)
+    healthy.all_gather = lambda obj: [obj, sent[0]]
+    with pytest.raises(KDPipeError) as e:
+        with healthy.together("the teacher's pass"):
+            pass
+    assert str(e.value) == "the teacher's pass failed on rank 1: RuntimeError: CUDA error: device-side assert triggered"

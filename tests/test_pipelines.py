@@ -644,3 +644,24 @@ def test_a_pipeline_path_that_is_no_text_file_is_one_line(tmp_path, monkeypatch,
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     words = "cannot read the pipeline file ." if what == "folder" else "teacher.pt is not a text file"
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("old, new, message", [
+    # A typo is named with the key it is likely a typo of; a key written in another section, with its section.
+    ("train_samples = 2000", "train_sample = 2000", r"#1: train_sample \(did you mean train_samples\?\)$"),
+    ('archs = ["mlp_100", "mlp_800"]', 'arch = "mlp_100"\narchs = ["mlp_800"]', r"#1: arch \(did you mean archs\?\)$"),
+    ("train_samples = 2000", "train_samples = 2000\nviews = 10", r"#1: views \(a key of \[dump\]\)$"),
+    ("views = 10 ", "views = 10\nlr = 0.1 ", r"\[dump\]: lr \(a key of \[teacher\] or \[\[students\]\] or "
+     r"\[compress\]\)$"),
+    # Neither: the keys the section takes (before, only the unknown key was named, with nothing to write instead).
+    ("lr = 0.05\npolicy", "lr = 0.05\nweights = 1\npolicy", r"\[teacher\]: weights \(\[teacher\] takes arch, "
+     r"arch_args, .*, file, .*, warmup_epochs, weight_decay\)$"),
+])
+def test_an_unknown_pipeline_key_says_what_to_write_instead(tmp_path, old, new, message):
+    p = tmp_path / "p.toml"
+    base = (REPO / "pipelines" / "default.toml").read_text()
+    assert old in base
+    p.write_text(base.replace(old, new, 1))
+    with pytest.raises(KDPipeError, match=r"unknown key\(s\) in .*" + message) as e:
+        load_pipeline(p)
+    assert "\n" not in str(e.value)

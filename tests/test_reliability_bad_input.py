@@ -124,10 +124,11 @@ CASES = {
         ["is a kdpipe checkpoint, which records its architecture (cnn_tiny): drop --teacher-arch"]),
     "teacher with 7 outputs for 10 classes": (
         lambda e, t: _dump(e, t, teacher=torchscript_teacher(t / "seven.pt", out=7)),
-        ["the teacher outputs shape (7,) per image", "has 10 classes"]),
+        ["the teacher outputs shape (7,) per image", "has 10 classes: give a teacher with one output per class"]),
     "teacher checkpoint for other classes": (
         lambda e, t: _dump(e, t, teacher=save_teacher(t / "five.pt", num_classes=5)),
-        ["the teacher predicts 5 classes", "has 10"]),
+        ["the teacher predicts 5 classes", "has 10: dump the data it was trained on, or give a teacher trained on "
+         "this data"]),
     "views 0": (lambda e, t: _dump(e, t) + ["--views", "0"], ["--views must be >= 1, got 0"]),
     "views negative": (lambda e, t: _dump(e, t) + ["--views", "-3"], ["--views must be >= 1, got -3"]),
     "dump batch size 0": (lambda e, t: _dump(e, t) + ["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),

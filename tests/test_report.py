@@ -407,3 +407,16 @@ def test_no_gain_is_not_a_clear_gain_when_every_seed_scores_alike(student_runs, 
     assert [r[5:] for r in table_rows(text) if len(r) == 9] == [["+0.0000", "0.0000", "0/3", "no"]]
     v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
     assert v[0]["gain"] == 0 and v[0]["larger_std"] == 0 and not v[0]["clear"]
+
+
+def test_a_sweep_with_no_finished_run_is_refused_in_a_short_line(tmp_path):
+    """`kdpipe report` of a sweep's RUNS_DIR while its first pass trains: every run has its config.json and no
+    metrics.json yet. The refusal listed the full path of every run (40 here), not one short line."""
+    runs = tmp_path / "runs"
+    for i in range(40):
+        (runs / f"mlp_100-T4-a0.9-lr0.{i:02d}-s0").mkdir(parents=True)
+        (runs / f"mlp_100-T4-a0.9-lr0.{i:02d}-s0" / "config.json").write_text("{}")
+    with pytest.raises(KDPipeError, match=r"^no finished runs yet \(unfinished: .*lr0.00-s0, .*lr0.01-s0, .*lr0.02-s0, "
+                                          r"\.\.\. \(40 in all\)\): run their train-student command again") as e:
+        find_runs([runs])
+    assert len(str(e.value)) < 400

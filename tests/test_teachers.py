@@ -812,3 +812,16 @@ def test_normalization_rules_for_images_and_feature_vectors():
     assert describe({"mean": [0.3], "std": [0.4], "normalization": {"source": "checkpoint", "value": None}}) == \
         "from the teacher checkpoint: mean [0.3], std [0.4]"
     assert describe({"mean": [0.3], "std": [0.4]}).startswith("dataset statistics")  # caches made before
+
+
+def test_a_model_saved_with_pickle_dump_is_refused_saying_how_to_save_it(tmp_path):
+    """pickle.dump(model, f), not torch.save: kdpipe asks for --trust-pickle to load a pickled model, and with it
+    torch.load said 'Invalid magic number; corrupt file?', which says neither what the file is nor what to do."""
+    import pickle
+    with open(tmp_path / "model.pkl", "wb") as f:
+        pickle.dump(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), f)
+    r = invoke("dump-logits", "--teacher", tmp_path / "model.pkl", "--trust-pickle", "--views", 2, "--limit", 50,
+               "--device", "cpu", "--out", tmp_path / "c")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "model.pkl: it is a plain pickle (as pickle.dump writes), not a file torch.save wrote: save the model's " \
+           "weights with torch.save(model.state_dict(), FILE) and give --teacher-arch PATH.py:CLASS" in r.stderr
