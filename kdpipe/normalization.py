@@ -92,6 +92,30 @@ def resolve_input(teacher, input_shape, *, mean=None, std=None, input_range: str
     return asked
 
 
+def asked_as(norm: dict) -> str:
+    """How a normalization (resolve_input's) is asked for on the command line."""
+    if norm.get("source") == "preset":
+        return f"--normalize {norm['value']}"
+    if norm.get("source") == "input-range":
+        return f"--input-range {norm['value']}"
+    return f"--mean {_csv(norm['mean'])} --std {_csv(norm['std'])}"
+
+
+def alternatives(norm: dict, channels: int, data_mean, data_std) -> list[tuple[str, list, list]]:
+    """The other normalizations image teachers are commonly trained with, as (how to ask for it, mean, std): the
+    presets for `channels` channels, both input ranges, and the data's own statistics (`data_mean`, `data_std`
+    of pixels in [0, 1]); those equal to `norm` are left out."""
+    out = [(f"--normalize {name}", list(m), list(s)) for name, (m, s) in PRESETS.items() if len(m) == channels]
+    out += [(f"--input-range {r}", [0.0] * channels, [v] * channels) for r, v in RANGES.items()]
+    out.append((f"--mean {_csv(data_mean)} --std {_csv(data_std)} (the data's own statistics)", list(data_mean),
+                list(data_std)))
+    return [c for c in out if not (_close(c[1], norm["mean"]) and _close(c[2], norm["std"]))]
+
+
+def _csv(v) -> str:
+    return ",".join(f"{float(x):.4g}" for x in v)
+
+
 def describe(inp: dict) -> str:
     """One phrase for `kdpipe inspect` and logs: where the normalization came from, and its numbers."""
     norm = inp.get("normalization") or {"source": "dataset statistics (before explicit normalization)"}

@@ -192,6 +192,36 @@ def check_teacher_outputs(logits: np.ndarray, labels: np.ndarray, num_classes: i
     return None, summary
 
 
+NORM_SCREEN = 64  # probe samples the teacher first runs on under each other normalization
+NORM_MARGIN = 0.1  # a top-1 this much higher under another normalization, and beyond noise, stops the dump
+
+
+def check_normalization(run, given: np.ndarray, labels: np.ndarray, norm: dict, stats, what: str) -> str | None:
+    """A reason to stop, or None: the teacher's top-1 on the probe under the normalization given (`given`: its
+    logits) against the other usual ones (kdpipe.normalization.alternatives; `stats`: the data's own mean and std).
+    A teacher fed other inputs than it was trained on is still above chance, and its cache silently worse: an
+    ImageNet-normalized teacher given --input-range 0-1. `run(mean, std, k)`: its logits on the first k probe
+    samples under that normalization. Each other one is tried on NORM_SCREEN samples, and confirmed on all by
+    McNemar's exact test (of the samples the two get differently, the other gets right more often than chance at
+    CHANCE_P)."""
+    from kdpipe.normalization import alternatives, asked_as
+    n = len(labels)
+    if n < NORM_SCREEN:
+        return None
+    right = given.argmax(1) == labels
+    a, a_screen = float(right.mean()), float(right[:NORM_SCREEN].mean())
+    for how, mean, std in alternatives(norm, len(stats[0]), *stats):
+        if float((run(mean, std, NORM_SCREEN).argmax(1) == labels[:NORM_SCREEN]).mean()) < a_screen + NORM_MARGIN:
+            continue
+        other = run(mean, std, n).argmax(1) == labels
+        b, gained, lost = float(other.mean()), int((other & ~right).sum()), int((right & ~other).sum())
+        if b - a >= NORM_MARGIN and binomial_tail(gained, gained + lost, 0.5) < CHANCE_P:
+            return (f"the teacher's top-1 on {n} {what} is {a:.3f} with {asked_as(norm)}, and {b:.3f} with {how}: "
+                    "it was likely trained with inputs normalized so; give the normalization it was trained with, "
+                    "or pass --force")
+    return None
+
+
 def check_teacher_stable(first: np.ndarray, again: np.ndarray, atol: float, rtol: float) -> str | None:
     """A reason to stop, or None: the teacher's outputs on the probe's inputs, run twice in batches of
     different sizes, must agree within (atol, rtol), verify-cache's tolerance for float16. Dropout or batch
@@ -436,12 +466,12 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     # that change when it runs again on the same inputs in other batches.
     sel = probe_rows(n)
 
-    def probe(bs: int) -> np.ndarray:
+    def probe(bs: int, rows: np.ndarray = sel, mean=mean, std=std) -> np.ndarray:
         chunks = []
         with torch.no_grad():
-            pp = torch.from_numpy(eval_params(policy, data.image_shape, len(sel))).to(device)
-            for b in range(0, len(sel), bs):
-                x = policy.replay(images[torch.from_numpy(sel[b:b + bs]).to(device)], pp[b:b + bs], mean, std)
+            pp = torch.from_numpy(eval_params(policy, data.image_shape, len(rows))).to(device)
+            for b in range(0, len(rows), bs):
+                x = policy.replay(images[torch.from_numpy(rows[b:b + bs]).to(device)], pp[b:b + bs], mean, std)
                 try:
                     out = teacher_mod(x)
                 except KDPipeError:
@@ -468,7 +498,13 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     tol = tolerance({"logits": {"dtype": "float16"},
                      "dump": {"amp": amp, "autocast_dtype": str(AMP_DTYPE).removeprefix("torch.") if amp else None}})
     unstable = check_teacher_stable(first, probe(max(1, min(batch_size, len(sel)) // 2)), *tol)
-    for reason in (stop, unstable):
+    likelier = None
+    if stop is None and norm["source"] != "checkpoint" and len(in_shape) == 3:
+        pixels = np.asarray(data.images[sel], dtype=np.float64) / 255.0  # the probe's samples as stored
+        stats = pixels.mean(axis=(0, 2, 3)), pixels.std(axis=(0, 2, 3)).clip(min=1e-3)
+        likelier = check_normalization(lambda m, s, k: probe(batch_size, sel[:k], m, s), first, labels[sel], norm,
+                                       stats, "training samples" if data.split == "train" else f"{data.split} samples")
+    for reason in (stop, unstable, likelier):
         if reason is None:
             continue
         if not force:
