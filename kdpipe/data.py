@@ -1325,7 +1325,7 @@ def _scan_headers(spec, split, files: list[Path]) -> tuple[np.ndarray, list[str]
     over every file before decoding (one seek each on a cold disk): its progress is reported like decoding's."""
     from kdpipe.util import Progress
 
-    prog = Progress(f"reading the headers of {spec} {split}", len(files), "images")
+    prog = Progress(f"reading the headers of {spec} {split}", len(files), "images", if_slow=True)
     sizes = np.empty((len(files), 2), dtype=np.int64)
     modes, several = [], []
     for i, p in enumerate(files):

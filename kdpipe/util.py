@@ -92,10 +92,12 @@ def ensure_parent(path, what: str) -> Path:
 
 
 class Progress:
-    """Progress lines on stderr, at most one every `every` seconds, plus the last one."""
+    """Progress lines on stderr, at most one every `every` seconds, plus the last one (with `if_slow`, only where
+    an earlier one was printed: a pass that is over before `every` seconds says nothing)."""
 
-    def __init__(self, what: str, total: int, unit: str = "images", every: float | None = None, stream=None):
-        self.what, self.total, self.unit = what, total, unit
+    def __init__(self, what: str, total: int, unit: str = "images", every: float | None = None, stream=None,
+                 if_slow: bool = False):
+        self.what, self.total, self.unit, self.if_slow, self.printed = what, total, unit, if_slow, False
         self.stream = stream or sys.stderr
         if every is None:  # a terminal gets frequent lines; a log (make, CI) fewer
             every = 2.0 if getattr(self.stream, "isatty", lambda: False)() else 10.0
@@ -106,8 +108,8 @@ class Progress:
     def update(self, n: int, extra: str = "") -> None:
         self.done += n
         now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
+        if now - self.last >= self.every or (self.done >= self.total and (self.printed or not self.if_slow)):
+            self.last, self.printed = now, True
             el = now - self.start
             rate = self.done / el if el > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
