@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def _stat(f: h5py.File, path: Path) -> os.stat_result:
         return os.stat(path)
 
 
+KEPT_MAPS = 64  # shards whose maps a row-wise reader keeps open (one file descriptor each)
+
+
 class Cache:
     """A finished cache, opened read-only. Picklable: maps are made lazily in each process."""
 
@@ -102,6 +106,8 @@ class Cache:
         self._layout: dict[tuple[int, str], tuple] = {}
         self._sound: set[int] = set()  # shards whose attributes name this cache and their rows (_open_shard)
         self._files: dict[int, tuple] = {}  # shard -> (inode, size, mtime) of the file whose attributes were checked
+        self.keep_maps = False  # keep shards' maps open between reads (_map)
+        self._kept: dict[int, mmap.mmap] = {}
         if self.rows != self.num_samples * self.num_views:
             raise KDPipeError(f"{self.path}: manifest says {self.rows} rows, expected "
                               f"{self.num_samples} samples x {self.num_views} views")
@@ -115,7 +121,7 @@ class Cache:
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_layout"] = {}
+        d["_layout"], d["_kept"] = {}, {}
         # Columns hold functions of the manifest (some are lambdas), which do not pickle: a DataLoader's spawned
         # workers rebuild them from the manifest.
         del d["shard_columns"]
@@ -202,16 +208,29 @@ class Cache:
                               "was removed or replaced while the cache was being read (another dump-logits into "
                               "it, with --overwrite?): its rows are not this cache's; run again once that dump is done")
 
-    def _map(self, i: int, off: int, dtype, shape) -> np.memmap:
-        """A read-only map of one column of shard i, of the very file whose attributes were checked."""
-        try:
-            fh = open(self.shard_path(i), "rb")
-        except FileNotFoundError:
-            self._same_file(i, None)
-            raise KDPipeError(f"{self.shard_path(i)} is missing: run kdpipe verify-cache {self.path}") from None
-        with fh:
-            self._same_file(i, os.fstat(fh.fileno()))
-            return np.memmap(fh, dtype=dtype, mode="r", offset=off, shape=shape)
+    def _map(self, i: int, off: int, dtype, shape) -> np.ndarray:
+        """A read-only map of one column of shard i, of the very file whose attributes were checked. With
+        keep_maps (row-wise readers), the shard's map stays open for the next row (at most KEPT_MAPS shards,
+        the least recently read closed first): a map made and dropped for each column of each row held a
+        DataLoader worker to about 2,000 rows/s."""
+        kept = self._kept.get(i) if self.keep_maps else None
+        if kept is None:
+            try:
+                fh = open(self.shard_path(i), "rb")
+            except FileNotFoundError:
+                self._same_file(i, None)
+                raise KDPipeError(f"{self.shard_path(i)} is missing: run kdpipe verify-cache {self.path}") from None
+            with fh:
+                self._same_file(i, os.fstat(fh.fileno()))
+                if not self.keep_maps:
+                    return np.memmap(fh, dtype=dtype, mode="r", offset=off, shape=shape)
+                kept = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            while len(self._kept) >= KEPT_MAPS:
+                self._kept.pop(next(iter(self._kept)))  # a map still referenced by an array closes with it
+            self._kept[i] = kept
+        else:
+            self._kept[i] = self._kept.pop(i)  # the most recently read, last
+        return np.frombuffer(kept, dtype=dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
 
     def _read_shard(self, i: int, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) relative to shard i, copied out."""
@@ -386,6 +405,7 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
             raise KDPipeError("CachedLogitsDataset reads one cache's rows; for an ensemble of caches use "
                               "kdpipe.open_cache([...], weights=...)")
         self.cache = Cache(cache_dir)
+        self.cache.keep_maps = True  # row by row: each shard is mapped once per process, not once per row
         self.items = [c.name for c in self.cache.shard_columns.values() if c.item]
         if features:
             feats = self.cache.manifest.get("features", [])
