@@ -66,6 +66,15 @@ class _Group(click.Group):
             raise OutOfMemory(line) from None
 
 
+class OutPath(click.Path):
+    """--out: a path, not an empty string (which wrote into the current folder, "1 run(s) written under ")."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty: give the path to write to", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class NumberList(click.ParamType):
     """A comma-separated list of numbers ("1,4,8"); the option may also be repeated."""
 
@@ -298,7 +307,7 @@ def main():
 @arch_args_option
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
               help="Training epochs.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.pt",
+@click.option("--out", required=True, type=OutPath(dir_okay=False), metavar="FILE.pt",
               help="Where to save the teacher checkpoint.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, metavar="B",
               help="Training batch size.")
@@ -387,7 +396,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 @click.option("--features", "features", multiple=True, metavar="LAYER[,LAYER...]",
               help="Also store the teacher's output at this module (its path in named_modules(), e.g. avgpool or "
                    "layer3), float16, for every view: what --loss kd+hint distils from. Repeatable.")
-@click.option("--out", required=True, type=click.Path(), metavar="CACHE_DIR", help="Cache directory to write.")
+@click.option("--out", required=True, type=OutPath(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
                     input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
                     padding, size, seed, logits_dtype, codec, temperatures, batch_size, shard_rows, device, amp, yes,
@@ -562,7 +571,7 @@ def _term_as_interrupt():
                    "features.")
 @click.option("--hint-feature", default=None, metavar="LAYER",
               help="Which cached teacher feature the hint distils (needed when the cache holds several).")
-@click.option("--out", required=True, type=click.Path(), metavar="RUNS_DIR",
+@click.option("--out", required=True, type=OutPath(), metavar="RUNS_DIR",
               help="Each run writes RUNS_DIR/<run-name>/.")
 def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, loss, temperatures, alphas, seeds,
                       batch_size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, val_fraction, data_root,
@@ -625,7 +634,7 @@ def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, l
 
 @main.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
-@click.option("--out", required=True, type=click.Path(), metavar="DIR", help="Where to write report.md and plots.")
+@click.option("--out", required=True, type=OutPath(), metavar="DIR", help="Where to write report.md and plots.")
 @click.option("--mix-datasets", is_flag=True,
               help="Put runs of several datasets in one report (refused otherwise; each row names its dataset).")
 def report_cmd(run_dirs, out, mix_datasets):
@@ -862,7 +871,7 @@ def make_rules_cmd(pipeline, stamps):
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="Where pruned models are fine-tuned: cpu, auto (CUDA when present), cuda or cuda:N. Every "
                    "measurement (accuracy, latency, quantization) is on the CPU.")
-@click.option("--out", required=True, type=click.Path(), metavar="DIR",
+@click.option("--out", required=True, type=OutPath(), metavar="DIR",
               help="Where to write compress.md, compress.json, compress.png and models/.")
 def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students_dir, quantize, backend, calibration, prune,
                  sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, device, out):
@@ -891,7 +900,7 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
 @click.argument("model", type=click.Path(), metavar="RUN_DIR|MODEL")
 @click.option("--format", "fmt", required=True, metavar="FORMAT",
               help="torchscript, onnx (needs the onnx and onnxscript packages) or pt2 (torch.export).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE", help="The file to write.")
+@click.option("--out", required=True, type=OutPath(dir_okay=False), metavar="FILE", help="The file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace FILE (and FILE.json) if it exists (else refused).")
 def export_cmd(model, fmt, out, overwrite):
     """Write a run's model (or a kdpipe checkpoint) for deployment, with its input normalization inside: it

@@ -567,6 +567,19 @@ def test_out_of_memory_line(error, line):
     assert got == line if line is None else got.startswith(line), got
 
 
+@pytest.mark.parametrize("cmd, args", [
+    ("train-teacher", ["--arch", "mlp_100"]), ("dump-logits", ["--teacher", "t.pt", "--views", "1"]),
+    ("train-student", ["--cache", "c", "--student", "mlp_100"]), ("report", ["r"]),
+    ("compress", ["--teacher", "t.pt"]), ("export", ["r", "--format", "torchscript"]),
+])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_refused(tmp_path, monkeypatch, cmd, args, out):
+    """--out "" (an unset shell variable) wrote into the current folder: "1 run(s) written under "."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke(cmd, *args, "--out", out), "Invalid value for '--out': is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_limit_too_small_to_hold_every_class_says_so(fmnist, tmp_path):
     """--limit 5 of ten classes said "the labels start at 1, not 0: number the classes from 0 (subtract 1)",
     which would have had the user renumber labels that were right."""
