@@ -19,7 +19,7 @@ from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import count_parameters
+from kdpipe.models import count_parameters, model_recipe
 from kdpipe.normalization import resolve_input
 from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file
 from kdpipe.sweep import check_warmup
@@ -76,8 +76,10 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
             return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
 
-        # What must match for a checkpoint to be resumed (the data by content, not by where it lies now).
-        config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {}, "epochs": epochs,
+        # What must match for a checkpoint to be resumed (the data and a model's own code by content, not by where
+        # they lie now: weights resumed into a network whose file was edited since would mix two models).
+        config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {},
+                  "arch_file_sha256": model_recipe(arch, arch_args).get("sha256"), "epochs": epochs,
                   "batch_size": batch_size, "optim": optim.settings(), "policy": policy.identity(), "seed": seed,
                   "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
                   "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
