@@ -603,3 +603,30 @@ def test_a_teacher_of_the_users_code_edited_since_its_checkpoint_is_not_resumed(
     res = run_cli(args + ["--overwrite"])
     assert res.exit_code == 0, res.output
     assert "had other settings (arch_file_sha256 was" in res.output and "resuming" not in res.output
+
+
+def test_make_rerunning_a_finished_teacher_of_the_same_settings_keeps_it(work, tmp_path):
+    """A pipeline's teacher rule passes --overwrite; Make reruns it when the npz or CSV file was merely touched or
+    copied again. train-teacher retrained the teacher from scratch (hours, and a new file whose digest then
+    re-dumped the cache and retrained every student). Now a teacher that its file says was trained with the same
+    settings on the same data is kept, byte for byte, with a line saying so (its mtime made current, for Make);
+    one of other settings is still replaced."""
+    import hashlib
+
+    from kdpipe.teacher import teacher_checkpoint_path
+
+    out = tmp_path / "teacher.pt"
+    args = [a if a != "4" else "1" for a in teacher_args(work, out)]  # one epoch
+    assert run_cli(args).exit_code == 0
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    os.utime(out, (time.time() - 100, time.time() - 100))
+    teacher_checkpoint_path(out).write_bytes(b"left by a crash after the teacher was saved")
+    res = run_cli(args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert f"{out} already holds a teacher trained with these settings on this data" in res.output
+    assert "training teacher" not in res.output and f"teacher kept in {out}" in res.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before and out.stat().st_mtime > time.time() - 50
+    assert not teacher_checkpoint_path(out).exists()
+    res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])  # other settings: replaced
+    assert res.exit_code == 0, res.output
+    assert "training teacher" in res.output and hashlib.sha256(out.read_bytes()).hexdigest() != before
