@@ -321,7 +321,8 @@ def main():
               help="Also checkpoint the training every MINUTES within an epoch (OUT.checkpoint is written at the end "
                    "of every epoch anyway); 0: only at epoch ends.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training), and "
-              "start over if OUT.checkpoint holds a training with other settings.")
+              "start over if OUT.checkpoint holds a training with other settings. An OUT trained with the same "
+              "settings on the same data is kept (delete it to train again).")
 def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
                       size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device,
                       amp, checkpoint_every, overwrite):
@@ -357,7 +358,8 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
                                         "to resume" if ck.is_file() else "the training had not begun, nothing is kept"),
                    err=True)
         sys.exit(130)
-    click.echo(f"teacher saved to {res['path']} (test top-1 {res['test_top1']:.4f})")
+    click.echo(f"teacher {'kept in' if res.get('kept') else 'saved to'} {res['path']} (test top-1 "
+               f"{res['test_top1']:.4f})")
 
 
 @main.command("dump-logits")

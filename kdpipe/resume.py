@@ -271,8 +271,13 @@ class PassCheckpoint:
             return
         for r in runs:
             s = self.state["state"][r.name]
-            r.model.load_state_dict(s["model"])
-            r.optimizer.load_state_dict(s["optimizer"])
+            try:
+                r.model.load_state_dict(s["model"])
+                r.optimizer.load_state_dict(s["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:  # the network its spec builds now is another one
+                raise KDPipeError(f"{self.path} holds weights of {r.name} that do not fit the model {r.arch} builds "
+                                  f"now ({str(e).strip().splitlines()[-1].strip()[:160]}): its code changed since the "
+                                  "checkpoint was written; delete the checkpoint to start over") from None
             r.scheduler.load_state_dict(s["scheduler"])
             r.history = list(s["history"])
             r.terms = {k: list(v) for k, v in s["terms"].items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
-from kdpipe.models import count_parameters
+from kdpipe.models import count_parameters, model_recipe
 from kdpipe.normalization import resolve_input
-from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file
+from kdpipe.resume import DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, resume_file, settings
 from kdpipe.sweep import check_warmup
 from kdpipe.util import Progress, channels_last, ensure_parent, error_line, human_bytes, images_tensor
 from kdpipe.views import ViewPolicy
@@ -58,7 +59,8 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
     every `checkpoint_every` minutes (0: epoch ends only), and after a held Ctrl-C or SIGTERM (then
     KeyboardInterrupt). The same call resumes from it and ends with the weights an uninterrupted training
     gives; one with other settings is refused unless `overwrite` (then it starts over). The checkpoint is
-    removed once the teacher is saved."""
+    removed once the teacher is saved. A teacher at `out` trained with the same settings on the same data (its
+    checkpoint records them) is kept, not trained again, even with `overwrite` (result["kept"])."""
     check_warmup((optim or OptimConfig()).warmup_epochs, epochs)
     out = ensure_parent(out, "teacher output")
     locks = RunLocks(log)  # one training of OUT at a time: both would write OUT.checkpoint
@@ -76,12 +78,20 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         def fresh_views(epoch):  # a new draw every epoch: ordinary online augmentation
             return torch.from_numpy(policy.sample_view(seed + 1_000_003, epoch, train.images.shape)).to(device), None
 
-        # What must match for a checkpoint to be resumed (the data by content, not by where it lies now).
-        config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {}, "epochs": epochs,
+        # What must match for a checkpoint to be resumed (the data and a model's own code by content, not by where
+        # they lie now: weights resumed into a network whose file was edited since would mix two models).
+        config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {},
+                  "arch_file_sha256": model_recipe(arch, arch_args).get("sha256"), "epochs": epochs,
                   "batch_size": batch_size, "optim": optim.settings(), "policy": policy.identity(), "seed": seed,
                   "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
                   "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
         ck_path = teacher_checkpoint_path(out)
+        kept = _same_teacher(out, config)
+        if kept is not None:  # make reruns the step for a data file merely touched: hours of training are kept
+            teacher_checkpoint_path(out).unlink(missing_ok=True)
+            log(f"{out} already holds a teacher trained with these settings on this data (test top-1 "
+                f"{kept['test_top1']:.4f}): kept (delete it to train again)")
+            return kept
         history = _History()  # per epoch: the loss, top-1 on the views trained on, test top-1 (a teacher that is
         # not learning shows in the first epochs, not at the end of a long run)
         resume_from = resume_file(ck_path, {"teacher": config}, overwrite, log, "a teacher training")
@@ -120,12 +130,28 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
                                test_top1=acc, arch_args=arch_args,
                                extra={"view_policy": policy.identity(), "epochs": epochs, "cpu_latency_ms": latency,
                                       "train_wall_s": stats["wall_s"], "role": "teacher",
-                                      "training": optim.settings(), "history": history.state()})
+                                      "training": optim.settings(), "history": history.state(),
+                                      "settings": settings(config)})
         ckpt.remove()
         log(f"teacher {arch}: test top-1 {acc:.4f}, {stats['wall_s']:.1f}s; saved {out} ({size / 1e6:.2f} MB)")
         return {"test_top1": acc, "path": str(out), "bytes": size, **stats}
     finally:
         locks.release()
+
+
+def _same_teacher(out: Path, config: dict) -> dict | None:
+    """train_teacher's result for the teacher at `out` when it was trained with `config`'s settings (which its
+    checkpoint records), else None: a file of other settings, of an older kdpipe, or not a teacher is replaced."""
+    if not out.is_file():
+        return None
+    try:
+        obj = torch.load(out, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a checkpoint kdpipe wrote: --overwrite replaces it
+        return None
+    if not isinstance(obj, dict) or obj.get("role") != "teacher" or obj.get("settings") != settings(config):
+        return None
+    os.utime(out)  # up to date for make, whose prerequisite may merely have been touched
+    return {"test_top1": obj["test_top1"], "path": str(out), "bytes": out.stat().st_size, "kept": True}
 
 
 # ---------------------------------------------------------------- stage one

@@ -556,3 +556,77 @@ def test_a_teacher_checkpoint_with_other_settings_is_refused_unless_overwrite(wo
     assert run_cli([a if a != str(out) else str(ref) for a in other]).exit_code == 0
     (want, _), (got, _) = _teacher_record(ref), _teacher_record(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+NETS = """import torch.nn as nn
+def Net(num_classes, image_shape, width=WIDTH):
+    return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[-1] * image_shape[-2], width), nn.ACT(),
+                         nn.Linear(width, num_classes))
+"""
+
+
+def test_a_teacher_of_the_users_code_edited_since_its_checkpoint_is_not_resumed(work, tmp_path, monkeypatch):
+    """A teacher built from the user's own file, interrupted, then the file edited (another activation: the
+    weights still fit): the same command was resuming the saved weights into the other network, mixing two
+    models in one teacher, silently. Now it is refused in one line naming the file's change, and with
+    --overwrite it starts over. A checkpoint whose weights no longer fit the network its spec builds (the width
+    changed, checked past the file's digest) is one line, not a load_state_dict traceback."""
+    from kdpipe import KDPipeError
+    from kdpipe.engine import OptimConfig, build_run
+    from kdpipe.resume import PassCheckpoint
+    from kdpipe.teacher import teacher_checkpoint_path
+
+    nets = tmp_path / "nets.py"
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "ReLU"))
+    out = tmp_path / "teacher.pt"
+    ck = teacher_checkpoint_path(out)
+    args = [a if a != "mlp:64:dropout=0.3" else f"{nets}:Net" for a in teacher_args(work, out, "--checkpoint-every",
+                                                                                     "0")]
+    signal_at(monkeypatch, epoch=2, step=3)
+    assert run_cli(args).exit_code == 130
+    monkeypatch.undo()
+    assert ck.is_file()
+    key = stat_key(ck)
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "Tanh"))
+    assert_one_line_error(run_cli(args), f"{ck} is the checkpoint of a teacher training with other settings",
+                          "arch_file_sha256 was", "--overwrite")
+    assert stat_key(ck) == key and not out.exists()
+
+    nets.write_text(NETS.replace("WIDTH", "24").replace("ACT", "ReLU"))  # past the digest: the weights do not fit
+    run = build_run("teacher", f"{nets}:Net", "kd", 0, 10, (1, 28, 28), OptimConfig(), 10, torch.device("cpu"))
+    ckpt = PassCheckpoint(tmp_path, 0, {}, 4, 0, resume_from=str(ck), path=ck)
+    with pytest.raises(KDPipeError, match="do not fit the model .* builds now .*delete the checkpoint") as e:
+        ckpt.restore([run])
+    assert "\n" not in str(e.value)
+
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "Tanh"))
+    res = run_cli(args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "had other settings (arch_file_sha256 was" in res.output and "resuming" not in res.output
+
+
+def test_make_rerunning_a_finished_teacher_of_the_same_settings_keeps_it(work, tmp_path):
+    """A pipeline's teacher rule passes --overwrite; Make reruns it when the npz or CSV file was merely touched or
+    copied again. train-teacher retrained the teacher from scratch (hours, and a new file whose digest then
+    re-dumped the cache and retrained every student). Now a teacher that its file says was trained with the same
+    settings on the same data is kept, byte for byte, with a line saying so (its mtime made current, for Make);
+    one of other settings is still replaced."""
+    import hashlib
+
+    from kdpipe.teacher import teacher_checkpoint_path
+
+    out = tmp_path / "teacher.pt"
+    args = [a if a != "4" else "1" for a in teacher_args(work, out)]  # one epoch
+    assert run_cli(args).exit_code == 0
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    os.utime(out, (time.time() - 100, time.time() - 100))
+    teacher_checkpoint_path(out).write_bytes(b"left by a crash after the teacher was saved")
+    res = run_cli(args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert f"{out} already holds a teacher trained with these settings on this data" in res.output
+    assert "training teacher" not in res.output and f"teacher kept in {out}" in res.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before and out.stat().st_mtime > time.time() - 50
+    assert not teacher_checkpoint_path(out).exists()
+    res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])  # other settings: replaced
+    assert res.exit_code == 0, res.output
+    assert "training teacher" in res.output and hashlib.sha256(out.read_bytes()).hexdigest() != before
