@@ -26,7 +26,7 @@ from kdpipe.features import plain
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
 from kdpipe.cache import format as fmt
 from kdpipe.losses import Outputs, TopKTargets, create_loss
-from kdpipe.models import check_model, count_parameters, create_model
+from kdpipe.models import check_model, count_parameters, create_model, model_recipe
 from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
                            remove_finished_checkpoints)
 from kdpipe.sweep import check_warmup, parse_loss, plan_sweep
@@ -587,7 +587,9 @@ def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_s
     """A run's config.json: its settings (kdpipe.resume.settings) and where it ran. With the data's validation
     split (`val`), its identity (sample count, fingerprint) is a setting: other validation data is other settings."""
     opts = loss.options
-    return {"run": name, "student": arch, "arch_args": arch_args or {}, "loss": {"name": loss.name, "options": opts},
+    code = model_recipe(arch, arch_args).get("sha256")  # a student of the user's own code: that code, by content
+    return {"run": name, "student": arch, "arch_args": arch_args or {}, **({"student_file_sha256": code} if code else {}),
+            "loss": {"name": loss.name, "options": opts},
             "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
             "epochs": epochs, "batch_size": batch_size, "world_size": world,
             "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim),

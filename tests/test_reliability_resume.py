@@ -605,6 +605,27 @@ def test_a_teacher_of_the_users_code_edited_since_its_checkpoint_is_not_resumed(
     assert "had other settings (arch_file_sha256 was" in res.output and "resuming" not in res.output
 
 
+def test_a_student_of_the_users_code_edited_since_its_run_is_not_taken_for_it(work, tmp_path, monkeypatch):
+    """A student of the user's own file, trained, then the file edited (another activation: the weights still fit):
+    the same train-student command said the run was finished and skipped it, so the runs folder held the old
+    network's run as the new one's; an interrupted pass resumed its weights into the other network. Now both are
+    refused in one line naming the file's change."""
+    nets = tmp_path / "nets.py"
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "ReLU"))
+    out = tmp_path / "runs"
+    args = [a if a != "mlp_100" else f"{nets}:Net" for a in student_args(work, out, "off", 2)]
+    assert run_cli(args).exit_code == 0
+    assert run_cli(args).exit_code == 0  # the same code: the finished runs are kept
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "Tanh"))
+    assert_one_line_error(run_cli(args), "with other settings", "student_file_sha256 was", "--overwrite")
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "ReLU"))
+    signal_at(monkeypatch, epoch=1, step=3)  # an interrupted pass of the first code
+    assert run_cli(args[:-1] + [str(tmp_path / "again")]).exit_code == 130
+    monkeypatch.undo()
+    nets.write_text(NETS.replace("WIDTH", "16").replace("ACT", "Tanh"))
+    assert_one_line_error(run_cli(args[:-1] + [str(tmp_path / "again")]), "student_file_sha256 was", "--overwrite")
+
+
 def test_make_rerunning_a_finished_teacher_of_the_same_settings_keeps_it(work, tmp_path):
     """A pipeline's teacher rule passes --overwrite; Make reruns it when the npz or CSV file was merely touched or
     copied again. train-teacher retrained the teacher from scratch (hours, and a new file whose digest then
