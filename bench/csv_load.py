@@ -28,7 +28,8 @@ t = time.perf_counter()
 import kdpipe
 from kdpipe.data import load_dataset
 d = load_dataset("csv:" + sys.argv[1], "train")
-print(json.dumps({"kdpipe": kdpipe.__file__, "seconds": time.perf_counter() - t, "rows": len(d), "checksum": float(d.images.sum(dtype="float64")),
+print(json.dumps({"kdpipe": kdpipe.__file__, "seconds": time.perf_counter() - t, "rows": len(d),
+                  "checksum": float(d.images.sum(dtype="float64")),
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
@@ -72,7 +73,8 @@ def main():
             for name, code in sides.items():
                 r = load(code, csv)
                 got[name].append(r)
-                print(f"  {name} ({r['kdpipe']}) load {rep + 1}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GiB, "
+                print(f"  {name} ({r['kdpipe']}) load {rep + 1}: {r['seconds']:.1f} s, "
+                      f"peak RSS {r['peak_rss_gb']:.2f} GiB, "
                       f"{r['rows']:,} train rows, checksum {r['checksum']:.6g}")
         for name, rs in got.items():
             print(f"{name}: median {statistics.median(r['seconds'] for r in rs):.1f} s, peak RSS "

@@ -588,8 +588,8 @@ def _run_config(name, arch, arch_args, loss, seed, cache: Cache, epochs, batch_s
     split (`val`), its identity (sample count, fingerprint) is a setting: other validation data is other settings."""
     opts = loss.options
     code = model_recipe(arch, arch_args).get("sha256")  # a student of the user's own code: that code, by content
-    return {"run": name, "student": arch, "arch_args": arch_args or {}, **({"student_file_sha256": code} if code else {}),
-            "loss": {"name": loss.name, "options": opts},
+    return {"run": name, "student": arch, "arch_args": arch_args or {},
+            **({"student_file_sha256": code} if code else {}), "loss": {"name": loss.name, "options": opts},
             "temperature": opts.get("temperature"), "alpha": opts.get("alpha"), "seed": seed,
             "epochs": epochs, "batch_size": batch_size, "world_size": world,
             "effective_batch_size": batch_size * world, "lr": optim.lr, "optim": asdict(optim),
