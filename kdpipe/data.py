@@ -941,7 +941,7 @@ def _read_csv(spec, path: Path, numeric: bool = False) -> CsvTable:
                     continue
                 if header is None:
                     header = _csv_header(spec, path, [c.strip() for c in r])
-                    if numeric and "path" not in header and {"label", "split"} <= set(header):
+                    if numeric and "path" not in header and {"label", "split"} < set(header):  # and a feature
                         parser = _FeatureCells(header)
                     continue
                 if len(r) != len(header):

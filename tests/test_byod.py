@@ -234,6 +234,12 @@ def test_a_feature_tables_numbers_are_parsed_as_read_not_held_as_text(tmp_path, 
         load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
 
 
+def test_a_csv_of_label_and_split_only_is_one_line(tmp_path):
+    (tmp_path / "t.csv").write_text("label,split\n0,train\n1,test\n")
+    with pytest.raises(KDPipeError, match="has neither a path column nor feature columns"):
+        load_dataset(f"csv:{tmp_path / 't.csv'}", "train")
+
+
 def test_a_header_of_numbered_feature_columns_is_the_header(tmp_path):
     """pandas names a DataFrame(array)'s columns 0, 1, 2, ...: beside label and split that row is the header, not
     a first row of data ("has no header row (its first row holds the number 0)" refused the file)."""
