@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe import KDPipeError
+from kdpipe.sweep import parse_arch_args  # noqa: F401  (pure Python, since run names depend on it)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _TAKES_FEATURES: set[str] = set()  # architectures that also take feature vectors (D,), not only images
@@ -103,38 +104,6 @@ def _create_family(name: str, num_classes: int, image_shape) -> nn.Module:
 def torchvision_models() -> list[str]:
     import torchvision
     return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def parse_arch_args(text: str | dict | None) -> dict:
-    """'width=16,depth=4,act=relu,bias=false' -> {'width': 16, 'depth': 4, 'act': 'relu', 'bias': False}:
-    integers, floats, true/false/none, else strings."""
-    if not text:
-        return {}
-    if isinstance(text, dict):
-        return dict(text)
-    out = {}
-    for item in filter(None, (p.strip() for p in str(text).split(","))):
-        key, eq, value = (s.strip() for s in item.partition("="))
-        if not key or not eq or not key.isidentifier():
-            raise KDPipeError(f"bad architecture option {item!r} in {text!r}: write --arch-args KEY=VALUE,... "
-                              "(e.g. width=16,depth=4)")
-        if key in out:
-            raise KDPipeError(f"architecture option {key} is given twice in {text!r}")
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-        elif low == "none":
-            out[key] = None
-        else:
-            for conv in (int, float):
-                try:
-                    out[key] = conv(value)
-                    break
-                except ValueError:
-                    continue
-            else:
-                out[key] = value
-    return out
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

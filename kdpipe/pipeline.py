@@ -373,7 +373,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         out = f"{runs_dir}/students" + (f"/{'+'.join(chosen)}" if ensemble else "")
         targets = [f"{out}/{run}/metrics.json" for run, _, _ in plan_sweep(
             archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
-            block.get("batch_size", STUDENT_BATCH_SIZE), extra_tag=ensemble_tag(len(chosen), weights), **training)]
+            block.get("batch_size", STUDENT_BATCH_SIZE), extra_tag=ensemble_tag(len(chosen), weights),
+            arch_args=block.get("arch_args"), **training)]
         for target in targets:
             if target in all_metrics:
                 raise KDPipeError(f"[[students]] #{i + 1} would train {target} again, as an earlier block does: "

@@ -396,7 +396,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     ens_tag = ensemble_tag(len(cache_dirs_list(cache_dir)), teacher_weights)  # "" for one cache
     planned = plan_sweep(students, temperatures, alphas, seeds, loss_name, loss_options, list(lrs) or [optim.lr],
                          epochs, batch_size, val_fraction=val_fraction, train_samples=train_samples,
-                         val_split=val_split, extra_tag=ens_tag, **training)
+                         val_split=val_split, extra_tag=ens_tag, arch_args=arch_args, **training)
     losses = {name: create_loss(loss_name, **loss_options, **{k: v for k, v in zip(("temperature", "alpha"), p[1:3])
                                                                if v is not None})
               for name, p, _ in planned}  # bad options fail here, before any training

@@ -170,6 +170,38 @@ def _is_number(s: str) -> bool:
     return True
 
 
+def parse_arch_args(text: str | dict | None) -> dict:
+    """'width=16,depth=4,act=relu,bias=false' -> {'width': 16, 'depth': 4, 'act': 'relu', 'bias': False}:
+    integers, floats, true/false/none, else strings."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    out = {}
+    for item in filter(None, (p.strip() for p in str(text).split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not key or not eq or not key.isidentifier():
+            raise KDPipeError(f"bad architecture option {item!r} in {text!r}: write --arch-args KEY=VALUE,... "
+                              "(e.g. width=16,depth=4)")
+        if key in out:
+            raise KDPipeError(f"architecture option {key} is given twice in {text!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif low == "none":
+            out[key] = None
+        else:
+            for conv in (int, float):
+                try:
+                    out[key] = conv(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key] = value
+    return out
+
+
 def arch_label(arch: str) -> str:
     """An architecture spec as a file-name part. A parametric one (NAME:<digits>..., kdpipe.models families)
     keeps its numbers readable: mlp:512,256 -> mlp512x256, dscnn:16:dropout=0.2 -> dscnn16_dropout0.2;
@@ -181,14 +213,30 @@ def arch_label(arch: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+]", "_", base)
 
 
+def arch_args_label(args) -> str:
+    """--arch-args (text or dict) as a run-name part, "" for none: width=32,dropout=0.2 -> dropout0.2_width32
+    (sorted keys); a<6 hex> hashing them where that would be over 40 characters or hold characters a run name
+    cannot (a '-' separates its parts; Make and file names take few others)."""
+    args = parse_arch_args(args)
+    if not args:
+        return ""
+    shown = {k: str(v).lower() if isinstance(v, bool) or v is None else f"{v:g}" if isinstance(v, float) else str(v)
+             for k, v in args.items()}
+    label = "_".join(f"{k}{shown[k]}" for k in sorted(shown))
+    if len(label) <= 40 and re.fullmatch(r"[A-Za-z0-9_.+]+", label):
+        return label
+    return "a" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
-             loss_options: dict | None = None, tag: str = "") -> str:
+             loss_options: dict | None = None, tag: str = "", arch_args=None) -> str:
     """kd runs: ARCH-T4-a0.9-s0, or ARCH-scratch-s0 for alpha = 0 (T unused). Other losses name the loss,
     the options given in its spec (sorted), and the axes given (None: the loss's default, left out):
     ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. `tag` (training_tag: optimizer, lr, epochs, hash of
     the other settings) goes before the seed: ARCH-T4-a0.9-adam-lr0.003-e5-s0. No characters that Make
-    treats specially (an architecture spec passes through arch_label)."""
-    arch = arch_label(arch)
+    treats specially (an architecture spec passes through arch_label). `arch_args` (--arch-args, given to every
+    student of a sweep) follow the architecture, arch_args_label: ARCH-width32-T4-a0.9-s0."""
+    arch = "-".join(filter(None, (arch_label(arch), arch_args_label(arch_args))))
     tail = ([tag] if tag else []) + [f"s{seed}"]
     if loss == "kd" and not loss_options:
         if alpha == 0:
@@ -203,7 +251,7 @@ def run_name(arch: str, temperature: float | None, alpha: float | None, seed: in
 
 
 def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
-              loss_options: dict | None = None) -> list[tuple[str, float | None, float | None, int]]:
+              loss_options: dict | None = None, arch_args=None) -> list[tuple[str, float | None, float | None, int]]:
     """The cartesian product as (arch, T, alpha, seed); run_name(*p, loss, loss_options) names each.
 
     An empty temperatures or alphas list means "not given": kd's default for kd, None (the loss's own
@@ -221,7 +269,7 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
     out, seen = [], set()
     for arch, t, a, s in itertools.product(students, temperatures, alphas, seeds):
         p = (arch, None if t is None else float(t), None if a is None else float(a), int(s))
-        key = run_name(*p, loss, loss_options)
+        key = run_name(*p, loss, loss_options, arch_args=arch_args)
         if key not in seen:
             seen.add(key)
             out.append(p)
@@ -229,17 +277,18 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
 
 
 def plan_sweep(students, temperatures, alphas, seeds, loss: str, loss_options: dict | None, lrs, epochs: int,
-               batch_size: int, extra_tag: str = "", **training) -> list[tuple[str, tuple, dict]]:
+               batch_size: int, extra_tag: str = "", arch_args=None, **training) -> list[tuple[str, tuple, dict]]:
     """plan_runs crossed with the learning rates `lrs` (empty: the optimizer's default), as
     (run name, (arch, T, alpha, seed), resolved training settings) per run. `training`: resolve_training's
-    arguments other than lr; `extra_tag` (an ensemble's, ensemble_tag) follows the training tag.
+    arguments other than lr; `extra_tag` (an ensemble's, ensemble_tag) follows the training tag; `arch_args`
+    go to every student (run_name).
     Two runs with one name are refused."""
     out, seen = [], {}
     for lr in list(lrs) or [None]:
         settings = resolve_training(lr=lr, **training)
         tag = "-".join(filter(None, (training_tag(settings, epochs, batch_size), extra_tag)))
-        for p in plan_runs(students, temperatures, alphas, seeds, loss, loss_options):
-            name = run_name(*p, loss, loss_options, tag=tag)
+        for p in plan_runs(students, temperatures, alphas, seeds, loss, loss_options, arch_args):
+            name = run_name(*p, loss, loss_options, tag=tag, arch_args=arch_args)
             if name in seen:
                 if seen[name] == (p, settings):
                     continue

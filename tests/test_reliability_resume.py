@@ -297,6 +297,29 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
     assert_one_line_error(run_cli(other), f"{RUNS[0]} (a metrics.json without the config.json that says its settings)")
 
 
+def test_sweeps_differing_only_in_arch_args_are_runs_of_their_own_names_in_one_out(work, tmp_path):
+    """Before, both sweeps named their run nets.py_Net-T4-a0.9-s0: the second was refused as other settings."""
+    net = tmp_path / "nets.py"
+    net.write_text("import torch.nn as nn\n\n\ndef Net(num_classes, image_shape, width=8):\n"
+                   "    c, h, w = image_shape\n"
+                   "    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, width), nn.ReLU(), "
+                   "nn.Linear(width, num_classes))\n")
+    out = tmp_path / "runs"
+
+    def args(width):
+        return ["train-student", "--cache", str(work.cache), "--student", f"{net}:Net", "--arch-args",
+                f"width={width}", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+
+    for width in (4, 8):
+        res = run_cli(args(width))
+        assert res.exit_code == 0, res.output
+    runs = {p.name: json.loads((p / "config.json").read_text())["arch_args"]
+            for p in out.iterdir() if (p / "metrics.json").exists()}
+    assert runs == {"nets.py_Net-width4-T4-a0.9-s0": {"width": 4}, "nets.py_Net-width8-T4-a0.9-s0": {"width": 8}}
+    res = run_cli(args(4))
+    assert res.exit_code == 0 and "nets.py_Net-width4-T4-a0.9-s0: already finished" in res.output, res.output
+
+
 def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(work, tmp_path):
     """A run begun under torchrun and rerun as one process (or the reverse) is refused, as its world size is one
     of its settings; the line says to rerun with the processes it was begun with (which resumes it), not only to

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from kdpipe.engine import predict
 from kdpipe.evaluate import eval_params
 from kdpipe.models import count_parameters, create_model
 from kdpipe.student import train_students
-from kdpipe.sweep import parse_loss, plan_runs, run_name
+from kdpipe.sweep import arch_args_label, parse_loss, plan_runs, plan_sweep, run_name
 from kdpipe.teacher import dump_logits
 from kdpipe.views import create_policy
 
@@ -33,6 +34,26 @@ def test_run_names():
     assert run_name("cnn_tiny", None, None, 0, "dkd") == "cnn_tiny-dkd-s0"
     assert run_name("cnn_tiny", 2.0, 0.0, 1, "dkd", {"warmup": 5.0, "beta": 2.0}) == \
         "cnn_tiny-dkd_beta2_warmup5-T2-a0-s1"
+
+
+def test_arch_args_are_in_run_names_readably_or_as_a_hash():
+    # Before, runs differing only in --arch-args had one name: a second sweep into the same --out was refused.
+    assert run_name("nets.py:Net", 4.0, 0.9, 0, arch_args="width=32,dropout=0.2") == \
+        "nets.py_Net-dropout0.2_width32-T4-a0.9-s0"
+    assert run_name("nets.py:Net", 4.0, 0.9, 0, arch_args={"dropout": 0.2, "width": 32}) == \
+        run_name("nets.py:Net", 4.0, 0.9, 0, arch_args="dropout=0.20, width=32")  # a TOML table, or text
+    assert run_name("mlp_100", 4.0, 0.0, 1, arch_args="bias=true") == "mlp_100-biastrue-scratch-s1"
+    assert run_name("mlp_100", 4.0, 0.9, 0, arch_args="") == run_name("mlp_100", 4.0, 0.9, 0)  # none: as before
+    for odd in ("act=leaky-relu", "path=a/b", "w=-1", "name=" + "x" * 40):  # a '-', '/', or too long: hashed
+        label = arch_args_label(odd)
+        assert re.fullmatch(r"a[0-9a-f]{6}", label), (odd, label)
+        assert run_name("m", 4.0, 0.9, 0, arch_args=odd) == f"m-{label}-T4-a0.9-s0"
+    assert arch_args_label("act=leaky-relu") != arch_args_label("act=leaky-elu")
+    names = {n for a in ("width=4", "width=8", None)
+             for n, _, _ in plan_sweep(["m"], [4], [0.9], [0], "kd", {}, [], 1, 32, arch_args=a)}
+    assert names == {"m-width4-T4-a0.9-s0", "m-width8-T4-a0.9-s0", "m-T4-a0.9-s0"}
+    with pytest.raises(KDPipeError, match="bad architecture option"):
+        arch_args_label("width")
 
 
 def test_loss_specs_parse_and_bad_ones_are_refused():
