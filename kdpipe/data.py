@@ -229,6 +229,8 @@ KINDS: dict[str, type[ImageData]] = {}
 
 def register_kind(cls: type[ImageData]) -> type[ImageData]:
     """Make a store kind known by its name (manifests record it; stage two checks it)."""
+    if cls.kind in KINDS:
+        raise ValueError(f"image-store kind {cls.kind!r} is registered twice")
     KINDS[cls.kind] = cls
     return cls
 

@@ -52,6 +52,8 @@ def register(name: str, *, features: bool = False):
     """Register a factory ``fn(num_classes, image_shape, **options)``; ``features=True`` when it also builds
     for inputs of shape (D,) (tabular feature vectors), as the MLPs do."""
     def deco(fn):
+        if name in _REGISTRY:  # a second factory silently replaced the first, for every run and checkpoint
+            raise ValueError(f"architecture {name!r} is registered twice")
         _REGISTRY[name] = fn
         if features:
             _TAKES_FEATURES.add(name)
@@ -63,6 +65,8 @@ def register_family(name: str, usage: str, *, features: bool = False):
     """Register a parametric family, written NAME:ARGS: ``fn(args, options, num_classes, image_shape)`` gets
     the positional ARGS (strings) and the OPTION=VALUE options (strings); `usage` is its syntax for errors."""
     def deco(fn):
+        if name in _FAMILIES:
+            raise ValueError(f"architecture family {name!r} is registered twice")
         _FAMILIES[name] = (fn, usage, features)
         return fn
     return deco

@@ -276,3 +276,22 @@ def test_parametric_architectures_name_runs_without_make_specials():
     assert run_name("mlp:512,256", 4.0, 0.9, 0) == "mlp512x256-T4-a0.9-s0"
     assert run_name("dscnn:16:dropout=0.2", 4.0, 0.0, 1) == "dscnn16_dropout0.2-scratch-s1"
     assert run_name("mlp:800", 4.0, 0.0, 0) != run_name("mlp_800", 4.0, 0.0, 0)
+
+
+def test_a_name_registered_twice_is_refused_not_silently_replaced():
+    """A second @register("mlp_100") (a user's plugin, or a copy-pasted factory) replaced the first for every
+    run and checkpoint that named it; the other registries (losses, view ops, sources, columns) refused it."""
+    from kdpipe import data, models
+
+    before = dict(models._REGISTRY), dict(models._FAMILIES), dict(data.KINDS)
+    with pytest.raises(ValueError, match="architecture 'mlp_100' is registered twice"):
+        models.register("mlp_100")(lambda num_classes, image_shape: nn.Linear(1, num_classes))
+    with pytest.raises(ValueError, match="architecture family 'mlp' is registered twice"):
+        models.register_family("mlp", "mlp:H")(lambda args, options, num_classes, image_shape: None)
+
+    class Other(data.ImageData):
+        kind = "photos"
+
+    with pytest.raises(ValueError, match="image-store kind 'photos' is registered twice"):
+        data.register_kind(Other)
+    assert (models._REGISTRY, models._FAMILIES, data.KINDS) == before
