@@ -121,6 +121,13 @@ def test_rows_as_a_torch_dataset_in_worker_processes(cache):
         assert lg.dtype == torch.float32
         assert torch.equal(lg, torch.from_numpy(want["logits"][r].astype(np.float32)))
         assert torch.equal(p, torch.from_numpy(want["view_params"][r]))
+    # as a list: ds[-1] is the last row (it was an IndexError), out of range and non-integers refused
+    for neg, pos in ((-1, 1535), (-1536, 0)):
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(ds[neg], ds[pos]))
+    assert ds[np.int64(7)][0] == ds[torch.tensor(7)][0] == want["sample_index"][7]
+    for bad, error in ((1536, IndexError), (-1537, IndexError), (1.0, TypeError), (slice(0, 2), TypeError)):
+        with pytest.raises(error):
+            ds[bad]
     clone = pickle.loads(pickle.dumps(ds))  # no open file travels with it
     assert clone.cache._layout == {} and clone.cache._kept == {} and ds.cache._kept
     rows = [3, 498, 499, 500, 1200, 1535]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import operator
 import os
 from pathlib import Path
 
@@ -417,6 +418,10 @@ class CachedLogitsDataset(torch.utils.data.Dataset):
         return self.cache.rows
 
     def __getitem__(self, r):
+        r = operator.index(r)  # a float, a tensor of several, a slice: a TypeError, not a silently odd row
+        if not -len(self) <= r < len(self):
+            raise IndexError(f"row {r} of a cache of {len(self)} rows")
+        r %= len(self)  # ds[-1] is the last row, as for a list
         return tuple(self._value(name, r) for name in self.items)
 
     def _value(self, name: str, r: int):
