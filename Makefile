@@ -30,6 +30,12 @@ help: ## List the targets
 
 setup: $(SETUP) ## Create the virtual environment and install kdpipe with its dependencies
 
+# make -j all ran the pipeline's first step (each step waits for $(SETUP)) beside make data, before the default
+# data was installed: with all among the goals, $(SETUP) is made after data.
+ifneq ($(filter all,$(MAKECMDGOALS))$(if $(MAKECMDGOALS),,all),)
+$(SETUP): | data
+endif
+
 $(SETUP): pyproject.toml
 	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
@@ -92,7 +98,7 @@ bench: $(SETUP) ## Full benchmarks (GPU figures when CUDA is present)
 
 clean: ## Remove pipeline outputs (runs/, cache/*, build/), keep the venv
 	rm -rf runs build
-	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	[ ! -d cache ] || find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
 distclean: clean ## Also remove the virtual environment
 	rm -rf $(VENV)

@@ -584,6 +584,29 @@ def test_a_set_up_goal_given_with_all_still_runs_the_pipeline(tmp_path, goals):
     assert "kdpipe train-teacher" in r.stdout and "kdpipe report" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("goal, after_data", [("all", True), ("pipeline", False), ("setup", False)])
+def test_make_j_all_makes_the_set_up_and_so_every_step_after_the_default_data(tmp_path, goal, after_data):
+    """`make -j all` ran data beside the pipeline, whose steps wait only for the venv ($(SETUP)): the teacher could
+    start before the default data was installed. With all a goal, the venv's stamp is made after data (make's
+    database says so); `make pipeline` and `make setup` still do not install data."""
+    r = _make_in_copy(tmp_path, "-p", "-n", goal, "PIPELINE=pipelines/mnist-mlp.toml")
+    assert r.returncode == 0, r.stderr
+    rule = next(line for line in r.stdout.splitlines() if line.startswith(".venv/.kdpipe-setup:"))
+    assert rule.endswith("| data") == after_data, rule
+
+
+def test_make_clean_works_where_the_cache_folder_was_deleted(tmp_path):
+    """`find cache` failed (make: *** [clean] Error 1) once a user had removed cache/ by hand."""
+    _copy_repo(tmp_path)
+    (tmp_path / "runs").mkdir()
+    r = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and not (tmp_path / "runs").exists(), r.stderr
+    (tmp_path / "cache" / "x").mkdir(parents=True)
+    (tmp_path / "cache" / ".gitkeep").touch()
+    r = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and [p.name for p in (tmp_path / "cache").iterdir()] == [".gitkeep"], r.stderr
+
+
 @pytest.mark.parametrize("goals", [["clean", "all"], ["distclean", "pipeline"]])
 def test_clean_given_with_all_is_refused_in_one_line(tmp_path, goals):
     """`make clean all` did nothing but clean, then printed a report path: clean removes the stamps (build/) that
