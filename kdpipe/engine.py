@@ -173,6 +173,11 @@ AUTO_FUSE_MIN_RUNS = 4
 ViewSource = Callable[[int], tuple[torch.Tensor, object | None]]
 
 
+def sample_unit(images: torch.Tensor) -> str:
+    """What progress lines count: "images", or "rows" for feature vectors (N, D) of a table."""
+    return "rows" if images.dim() == 2 else "images"
+
+
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
                online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print,
@@ -245,7 +250,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
         first = start_step if epoch == start_epoch else 0  # a checkpoint taken within the epoch resumes there
         prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", sum(len(b) for b in order[first:]) * world,
-                        stream=dist.progress_stream if dist is not None else None)
+                        sample_unit(images), stream=dist.progress_stream if dist is not None else None)
         # per unit: term name -> (runs in the unit,) sum over steps; and (runs,) counts of right answers
         sums: list[dict] = checkpoint.sums(units, runs, device) if first else [{} for _ in units]
         correct = checkpoint.correct(units, runs, device) if first else [torch.zeros(len(u), device=device)

@@ -20,7 +20,7 @@ from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
 from kdpipe.data import KINDS, SOURCES, ImageData, check_splits, limited, load_dataset, moved_spec
 from kdpipe.distributed import SINGLE, Dist
-from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, steps_per_epoch, train_pass
+from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, sample_unit, steps_per_epoch, train_pass
 from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
 from kdpipe.features import plain
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
@@ -575,8 +575,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                                        hint=hints.get(r.name)))
         if not keep_checkpoints:
             ckpt.remove()
-        log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} images/s "
-            f"per student, {stats['student_images_per_s']:,.0f} student-images/s in all")
+        unit = sample_unit(images)
+        log(f"pass of seed {seed}: {time.perf_counter() - t0:.1f}s, {stats['images_per_s']:,.0f} {unit}/s "
+            f"per student, {stats['student_images_per_s']:,.0f} student-{unit}/s in all")
     if ctx.is_main and not keep_checkpoints:
         remove_finished_checkpoints(out, log)
     return results

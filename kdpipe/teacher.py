@@ -100,7 +100,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
                               what="the teacher's training")
         ckpt.restore([run])
         log(f"training teacher {arch} ({count_parameters(run.model):,} parameters) on {train.spec} "
-            f"({len(train)} images) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} "
+            f"({len(train)} {'rows' if train.kind == 'features' else 'images'}) for {epochs} epochs on {device}, {optim.optimizer} lr {optim.lr:g} "
             f"{optim.schedule}")
         if ckpt.state is not None:
             e, s = ckpt.position

@@ -470,6 +470,7 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
     r = ok(invoke("train-teacher", "--data", data, "--arch", "mlp_100", "--policy", "none", "--epochs", 4,
                   "--batch-size", 32, "--device", "cpu", "--out", teacher))
     assert float(r.output.strip().splitlines()[-1].split("(test top-1 ")[1].rstrip(")")) > 0.8  # easy blobs
+    assert "images" not in r.output, r.output
     ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--policy", "none", "--views", 1,
               "--batch-size", 64, "--device", "cpu", "--out", cache))
     m = json.loads((cache / "manifest.json").read_text())
@@ -480,6 +481,7 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
                   "--device", "cpu", "--out", runs))
     for p in runs.iterdir():
         assert json.loads((p / "metrics.json").read_text())["test_top1"] > 0.8, p.name
+    assert " rows/s per student" in r.output and "images" not in r.output, r.output  # a table's rows, not images
 
 
 @pytest.mark.parametrize("cmd, seed", [
