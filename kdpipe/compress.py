@@ -517,10 +517,18 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             teacher_pred = row.metrics["_logits"]
     for row in results:
         row.metrics.pop("_logits", None)
+    written = {row.metrics.get("file") for row in results}
+    for stale in sorted(models_dir.glob("*.pt")):  # an earlier run's model of a row no longer made, or not exported
+        if stale.name not in written:
+            stale.unlink()
+            log(f"removed {stale}: a model of an earlier compress into {out} that this one did not write")
     machine = cpu_name()
     doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),
            "backend": backend, "calibration_images": len(calib_rows), "finetune": ft_desc if finetune_epochs else "none",
-           "finetune_epochs": finetune_epochs, "finetune_device": str(device), "machine": machine,
+           "finetune_epochs": finetune_epochs, "finetune_device": str(device),
+           "finetune_settings": {"loss": finetune_loss, "lr": lr, "batch_size": batch_size, "samples": len(ft_train),
+                                 "optimizer": "sgd", "schedule": "cosine"} if finetune_epochs else None,
+           "seed": seed, "machine": machine,
            "threads": threads, "repeats": repeats, "teacher_trained_on_other_data": other_teacher_data,
            "latency_batches": list(LATENCY_BATCHES), "torch": torch.__version__,
            "rows": [_row_json(r) for r in results]}

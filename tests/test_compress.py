@@ -232,6 +232,9 @@ def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckp
     ch = rows["teacher-prune-channels-50"]
     assert ch["parameters"] < 0.75 * teacher["parameters"] and ch["size_bytes"] < teacher["size_bytes"]
     assert "KD from the teacher" in ch["finetune"] and doc["finetune_device"] == "cpu"
+    # what else decides the fine-tuned rows (they were in no file, so a rerun could not be told apart)
+    assert doc["finetune_settings"] == {"loss": "kd", "lr": 0.01, "batch_size": 128, "samples": 64,
+                                        "optimizer": "sgd", "schedule": "cosine"} and doc["seed"] == 0
     assert rows["teacher-int8-static"]["size_bytes"] < 0.7 * teacher["size_bytes"]
     # dynamic int8 quantizes activations per batch: its accuracy depends on the batch it is measured in, said
     assert "its predictions depend on the batch: accuracy measured in batches of 256" in rows["teacher-int8-dynamic"][
@@ -607,3 +610,20 @@ def test_data_the_teacher_was_not_trained_on_is_refused_naming_its_data(fmnist, 
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert f"(10 classes), not on npz:{tmp_path / 'three.npz'}: give --data {fmnist.spec}, the data it was trained " \
            "on" in r.output
+
+
+def test_a_rerun_into_the_same_out_removes_the_models_it_did_not_write(fmnist, teacher_ckpt, tmp_path):
+    """A second compress into one --out left the first one's models/ files of rows it no longer made (or could no
+    longer export) beside the new table, which named none of them."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    train, test = load_dataset(fmnist.spec, "train").subset(64), load_dataset(fmnist.spec, "test").subset(64)
+    out, said = tmp_path / "o", []
+    compress(teacher_ckpt, train, test, out, quantize=("dynamic",), prune=(), repeats=1, log=said.append)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["teacher-int8-dynamic.pt", "teacher.pt"]
+    (out / "models" / "notes.txt").write_text("mine")  # not a model: kept
+    compress(teacher_ckpt, train, test, out, quantize=(), prune=(), repeats=1, log=said.append)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher.pt"]
+    assert [row["name"] for row in json.loads((out / "compress.json").read_text())["rows"]] == ["teacher"]
+    assert f"removed {out / 'models' / 'teacher-int8-dynamic.pt'}: a model of an earlier compress" in "\n".join(said)
