@@ -385,7 +385,7 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
         m[f"latency_ms_b{b}"] = cpu_latency_ms(row.module, lo.image_shape, repeats=repeats, warmup=3, batch=b)
     m["_logits"] = logits
     log(f"  {row.name}: top-1 {m['test_top1']:.4f}, agreement {m['teacher_agreement']:.4f}, "
-        f"{(m['size_bytes'] or 0) / 1e6:.2f} MB, " +
+        + (f"{m['size_bytes'] / 1e6:.2f} MB, " if m["size_bytes"] is not None else "not exported, ") +
         ", ".join(f"batch {b} {_ms(m[f'latency_ms_b{b}'])} ms/image" for b in LATENCY_BATCHES))
     return m
 
@@ -474,7 +474,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     for kind in prune:
         for s in sparsities:
             name = f"teacher-prune-{kind}-{_fmt_sparsity(s)}"
-            log(f"pruning ({kind}, {s:.0%}) and fine-tuning: {name}")
+            log(f"pruning ({kind}, {s:.0%})" + (" and fine-tuning" if finetune_epochs > 0 else "") + f": {name}")
             t0 = time.perf_counter()
             if kind == "unstructured":
                 m = prune_unstructured(teacher.module, s, example)

@@ -415,6 +415,8 @@ def _plots(runs, summary, teachers, out: Path) -> list[Path]:
     curves = _learning_curves(plt, runs, teachers, out)
     if curves is not None:
         paths.append(curves)
+    else:  # an earlier report's curves (of other runs) beside a report.md that does not show them
+        (out / "learning_curves.png").unlink(missing_ok=True)
     return paths
 
 

@@ -612,7 +612,7 @@ def test_data_the_teacher_was_not_trained_on_is_refused_naming_its_data(fmnist, 
            "on" in r.output
 
 
-def test_a_rerun_into_the_same_out_removes_the_models_it_did_not_write(fmnist, teacher_ckpt, tmp_path):
+def test_a_rerun_into_the_same_out_removes_the_models_it_did_not_write(fmnist, teacher_ckpt, tmp_path, monkeypatch):
     """A second compress into one --out left the first one's models/ files of rows it no longer made (or could no
     longer export) beside the new table, which named none of them."""
     from kdpipe.compress import compress
@@ -623,7 +623,27 @@ def test_a_rerun_into_the_same_out_removes_the_models_it_did_not_write(fmnist, t
     compress(teacher_ckpt, train, test, out, quantize=("dynamic",), prune=(), repeats=1, log=said.append)
     assert sorted(p.name for p in (out / "models").iterdir()) == ["teacher-int8-dynamic.pt", "teacher.pt"]
     (out / "models" / "notes.txt").write_text("mine")  # not a model: kept
-    compress(teacher_ckpt, train, test, out, quantize=(), prune=(), repeats=1, log=said.append)
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher.pt"]
-    assert [row["name"] for row in json.loads((out / "compress.json").read_text())["rows"]] == ["teacher"]
+    compress(teacher_ckpt, train, test, out, quantize=(), prune=("channels",), sparsities=(0.5,), finetune_epochs=0,
+             repeats=1, log=said.append)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher-prune-channels-50.pt",
+                                                                   "teacher.pt"]
+    assert "pruning (channels, 50%): teacher-prune-channels-50" in said  # not "and fine-tuning" with 0 epochs
+    assert [row["name"] for row in json.loads((out / "compress.json").read_text())["rows"]] == [
+        "teacher", "teacher-prune-channels-50"]
     assert f"removed {out / 'models' / 'teacher-int8-dynamic.pt'}: a model of an earlier compress" in "\n".join(said)
+    # a row this run cannot export: its earlier file goes too, and the log says so rather than "0.00 MB"
+    from kdpipe import export
+    real = export.export_model
+
+    def refuse_pruned(lo, fmt, path, **kw):
+        if "prune" in path.name:
+            raise KDPipeError("the trace failed")
+        return real(lo, fmt, path, **kw)
+
+    monkeypatch.setattr(export, "export_model", refuse_pruned)
+    said.clear()
+    compress(teacher_ckpt, train, test, out, quantize=(), prune=("channels",), sparsities=(0.5,), finetune_epochs=0,
+             repeats=1, log=said.append)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher.pt"]
+    assert any(line.startswith("  teacher-prune-channels-50: top-1 ") and ", not exported, batch 1 " in line
+               for line in said), said

@@ -420,3 +420,14 @@ def test_a_sweep_with_no_finished_run_is_refused_in_a_short_line(tmp_path):
                                           r"\.\.\. \(40 in all\)\): run their train-student command again") as e:
         find_runs([runs])
     assert len(str(e.value)) < 400
+
+
+def test_a_report_of_runs_without_history_removes_an_earlier_reports_curves(student_runs, tmp_path):
+    """A report written over an older one, of runs of a version that kept no history, left the old
+    learning_curves.png (of other runs) beside a report.md that did not link it."""
+    build_report([student_runs.out], tmp_path / "rep")
+    assert (tmp_path / "rep" / "learning_curves.png").is_file()
+    runs = _copies(student_runs, tmp_path, [{"history": []}])
+    res = build_report([runs], tmp_path / "rep")
+    assert not (tmp_path / "rep" / "learning_curves.png").exists()
+    assert {p.split("/")[-1] for p in res["plots"]} == {"accuracy_vs_parameters.png", "accuracy.png"}
