@@ -174,6 +174,7 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
             net = torchvision.models.get_model(base, weights=None, num_classes=num_classes, **args)
         except Exception as e:  # torchvision raises various types for bad settings
             raise KDPipeError(f"cannot build torchvision model {base}: {_first_line(e)}") from None
+        check_option_types(type(net).__init__, name, args)  # the builder passes them on to the class in **kwargs
         if cifar_stem:
             _cifar_stem(net, name)
         return _grey(net, image_shape)
@@ -188,6 +189,7 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
             net = timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=chans, **args)
         except Exception as e:  # timm raises RuntimeError for unknown names, TypeError for bad options
             raise KDPipeError(f"cannot build timm model {base}: {_first_line(e)}") from None
+        check_option_types(type(net).__init__, name, args)
         return net if chans == image_shape[0] else _grey(net, image_shape)
     factory = user_factory(name)
     given = {"num_classes": num_classes, "image_shape": tuple(image_shape)}
@@ -223,13 +225,36 @@ def check_model(name: str, num_classes: int, image_shape, args: dict | None = No
                           "models that return one logits tensor")
 
 
+def _takes_bool(param: inspect.Parameter) -> bool:
+    """Whether a parameter's default (or, without one, its annotation) says it takes true/false."""
+    if param.default is not inspect.Parameter.empty and param.default is not None:
+        return isinstance(param.default, bool)
+    return param.annotation in (bool, "bool")
+
+
+def check_option_types(fn, name: str, args: dict) -> None:
+    """Refuse a word given for an option that takes true/false, by `fn`'s signature: --arch-args parses what is
+    not true/false/none or a number as a string, and zero_init_residual=maybe (or =yes) reached the model, where
+    any non-empty string is true. (A word for a number fails in the model's own code: _call says so.)"""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in args.items():
+        if key in params and _takes_bool(params[key]) and isinstance(value, str):
+            raise KDPipeError(f"{name}: --arch-args {key}={value} is not true or false, which {key} takes (its "
+                              f"default is {params[key].default!r}): write {key}=true or {key}=false")
+
+
 def _call(factory, name, args, **fixed):
-    """factory(**fixed, **args); arguments that do not fit its signature, and any error the factory (the
-    user's code) raises while it builds, are one-line KDPipeErrors."""
+    """factory(**fixed, **args); arguments that do not fit its signature, or of the wrong kind
+    (check_option_types), and any error the factory (the user's code) raises while it builds, are one-line
+    KDPipeErrors."""
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):  # some builtins have none: let the call say
         sig = None
+    check_option_types(factory, name, args)
     try:
         if sig is not None:
             sig.bind(**fixed, **args)

@@ -295,3 +295,24 @@ def test_a_name_registered_twice_is_refused_not_silently_replaced():
     with pytest.raises(ValueError, match="image-store kind 'photos' is registered twice"):
         data.register_kind(Other)
     assert (models._REGISTRY, models._FAMILIES, data.KINDS) == before
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "user"])
+def test_a_word_for_an_option_of_true_or_false_is_refused_not_taken_as_true(tmp_path, spec):
+    """--arch-args zero_init_residual=maybe reached torchvision as the string 'maybe', which is true: the teacher
+    trained with an option the user had not meant to set, without a word."""
+    from kdpipe import KDPipeError
+    from kdpipe.models import create_model
+    if spec == "user":
+        (tmp_path / "nets.py").write_text("import torch.nn as nn\n\n\ndef Net(num_classes, image_shape, act='relu', "
+                                          "bias: bool = True, width=8):\n"
+                                          "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes, bias=bias))\n")
+        spec, option = f"{tmp_path / 'nets.py'}:Net", "bias"
+    else:
+        option = "zero_init_residual"
+    with pytest.raises(KDPipeError, match=rf"--arch-args {option}=yes is not true or false, which {option} takes "
+                                          rf"\(its default is (False|True)\): write {option}=true or {option}=false"):
+        create_model(spec, 10, (3, 32, 32), f"{option}=yes")
+    create_model(spec, 10, (3, 32, 32), f"{option}=false")
+    if "nets.py" in spec:  # a word for a word-taking option stays a word
+        create_model(spec, 10, (3, 32, 32), "act=gelu")
