@@ -102,6 +102,7 @@ class TeacherOutput(nn.Module):
         self.inner = inner
         self.select = None if select in (None, "", "auto") else str(select)
         self.frozen = frozen  # torch.export programs refuse .train()/.eval(): they run as exported
+        self.input_dtype = half_dtype(inner)
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -110,7 +111,20 @@ class TeacherOutput(nn.Module):
         return self
 
     def forward(self, x):
+        if self.input_dtype is not None and x.is_floating_point():
+            return pick_logits(self.inner(x.to(self.input_dtype)), self.select).float()
         return pick_logits(self.inner(x), self.select)
+
+
+def half_dtype(module: nn.Module) -> torch.dtype | None:
+    """float16 or bfloat16 where every floating weight of `module` is of that one dtype (a teacher saved with
+    .half(), e.g. a TorchScript export for a GPU), else None. Such a teacher is run as saved: its inputs in that
+    dtype (float32 inputs were refused by its first layer), its logits returned as float32."""
+    try:
+        dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    except Exception:  # a module whose parameters cannot be listed: run as it is
+        return None
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16) else None
 
 
 def _describe(out) -> str:

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from kdpipe import KDPipeError
 from kdpipe.cli import main
+from kdpipe.checkpoint import half_dtype
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -354,6 +355,23 @@ def test_a_torch_export_program_dumps_its_own_outputs(ref, tmp_path):
     refused(dump(tmp_path / "t.pt2", ref.spec, tmp_path / "d", *ref.norm, "--teacher-arch", "cnn_small"),
             "is a torch.export program", "drop --teacher-arch")
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_teacher_saved_in_half_precision_runs_as_saved(ref, tmp_path, dtype):
+    """A TorchScript teacher saved with .half() (an export for a GPU) failed its first batch with "Input type
+    (torch.FloatTensor) and weight type (torch.HalfTensor) should be the same". Its inputs now go in its dtype and
+    its logits come back as float32: the cache holds what the saved program computes, and verify-cache agrees."""
+    ts = tmp_path / "half.ts"
+    trace(ref.net, ts)
+    prog = torch.jit.load(str(ts)).to(dtype)
+    prog.save(str(ts))
+    out = tmp_path / "c"
+    ok(dump(ts, ref.spec, out, *ref.norm))
+    assert_cache_holds(out, lambda x: prog(x.to(dtype)), atol=0)
+    ok(invoke("verify-cache", out, "--teacher", ts, "--sample", 64))
+    mixed = nn.Sequential(nn.Flatten(), nn.Linear(784, 10).half(), nn.Linear(10, 10))  # not one dtype: left alone
+    assert half_dtype(mixed) is None and half_dtype(ref.net) is None and half_dtype(prog) is dtype
 
 
 def test_a_torchscript_teacher_that_fails_says_why_not_where(ref, tmp_path):
