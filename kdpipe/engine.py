@@ -173,9 +173,10 @@ AUTO_FUSE_MIN_RUNS = 4
 ViewSource = Callable[[int], tuple[torch.Tensor, object | None]]
 
 
-def sample_unit(images: torch.Tensor) -> str:
-    """What progress lines count: "images", or "rows" for feature vectors (N, D) of a table."""
-    return "rows" if images.dim() == 2 else "images"
+def sample_unit(images) -> str:
+    """What progress lines count: "images", or "rows" for feature vectors (N, D) of a table. `images`: a tensor, or
+    kdpipe.util.HostImages (photos left mapped in host memory)."""
+    return "rows" if len(images.shape) == 2 else "images"
 
 
 def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, policy: ViewPolicy,
