@@ -90,6 +90,26 @@ SAFETENSORS_PIP = "pip install 'kdpipe[safetensors]'"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
+PROGRAM_KINDS = ("torchscript", "export", "pickle")  # teachers that hold their own architecture
+
+
+def _program_args(arch_args, path, kind) -> dict:
+    """The --arch-args a teacher that holds its own architecture takes: in_chans=3 alone, which repeats grey
+    images to the 3 channels of an RGB teacher (as for a timm architecture); others are refused, not ignored."""
+    from kdpipe.models import parse_arch_args
+    args = parse_arch_args(arch_args)
+    what = {"kdpipe": "a kdpipe checkpoint, which records its architecture and its options",
+            "torchscript": "a TorchScript program, which holds its own architecture",
+            "export": "a torch.export program, which holds its own architecture",
+            "pickle": "a pickled model, which holds its own architecture"}[kind]
+    other = [k for k in args if k != "in_chans" or kind == "kdpipe"]
+    if other or args.get("in_chans", 3) != 3:
+        raise KDPipeError(f"{path} is {what}: --arch-args {','.join(f'{k}={v}' for k, v in args.items())} cannot "
+                          "change it" + ("" if kind == "kdpipe" else
+                                         " (it takes in_chans=3 alone, to repeat grey images to 3 channels)"))
+    return args
+
+
 class TeacherOutput(nn.Module):
     """The teacher's logits from whatever it returns: a tensor as is; a tuple or list's first entry; a
     dict's 'logits', else 'out'; an object's .logits (HuggingFace-style outputs). `select` (a name or an
@@ -97,12 +117,13 @@ class TeacherOutput(nn.Module):
 
     AUTO_KEYS = ("logits", "out")
 
-    def __init__(self, inner, select: str | None = None, frozen: bool = False):
+    def __init__(self, inner, select: str | None = None, frozen: bool = False, in_chans: int | None = None):
         super().__init__()
         self.inner = inner
         self.select = None if select in (None, "", "auto") else str(select)
         self.frozen = frozen  # torch.export programs refuse .train()/.eval(): they run as exported
         self.input_dtype = half_dtype(inner)
+        self.in_chans = in_chans  # 3: grey images (B, 1, H, W) are repeated to RGB (--arch-args in_chans=3)
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -111,6 +132,8 @@ class TeacherOutput(nn.Module):
         return self
 
     def forward(self, x):
+        if self.in_chans is not None and x.dim() == 4 and x.shape[1] == 1:
+            x = x.expand(-1, self.in_chans, -1, -1)
         if self.input_dtype is not None and x.is_floating_point():
             return pick_logits(self.inner(x.to(self.input_dtype)), self.select).float()
         return pick_logits(self.inner(x), self.select)
@@ -305,7 +328,13 @@ def load_teacher(path=None, *, arch=None, weights=None, image_shape=None, num_cl
              model=None, frozen=False, code=None):
         # kdpipe's own networks return logits (their training needs it): they stay bare, so their
         # state_dict keeps its keys; every other kind passes through TeacherOutput.
-        module = module.eval() if kind == "kdpipe" else TeacherOutput(module, output, frozen=frozen).eval()
+        if kind in PROGRAM_KINDS or kind == "kdpipe":  # --arch-args build nothing here: they were ignored
+            given = _program_args(arch_args, path, kind)
+            if given:
+                model = {"spec": kind, "args": given}
+        in_chans = (model or {}).get("args", {}).get("in_chans") if kind in PROGRAM_KINDS else None
+        module = module.eval() if kind == "kdpipe" else TeacherOutput(module, output, frozen=frozen,
+                                                                      in_chans=in_chans).eval()
         return LoadedModel(module, arch_name, kind, fp, num_classes, image_shape, mean, std, str(path), info or {},
                            output, model, code)
 

@@ -14,7 +14,7 @@ import torch
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.writer import CacheWriter
-from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, LoadedModel, save_checkpoint
+from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, save_checkpoint
 from kdpipe.data import ImageData
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
@@ -283,6 +283,13 @@ def check_class_names(teacher: LoadedModel, data: ImageData, log=print) -> None:
         f"{data.spec} has {', '.join(ours[:4])}{', ...' if len(ours) > 4 else ''}: output i is taken as class i")
 
 
+def _grey_hint(teacher: LoadedModel, x: torch.Tensor, e: Exception) -> str:
+    """What to do where a teacher that holds its own architecture wants 3 channels and the views are grey."""
+    if teacher.kind in PROGRAM_KINDS and x.dim() == 4 and x.shape[1] == 1 and "3 channels" in str(e):
+        return " (an RGB teacher on grey images: give --arch-args in_chans=3 to repeat them to 3 channels)"
+    return ""
+
+
 def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, views: int, seed: int,
                    logits_dtype: str, shard_rows: int, batch_size: int, norm: dict,
                    codec: dict | None = None, features=(), amp: bool = False) -> dict:
@@ -295,7 +302,7 @@ def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, vi
     # the user's code it is built from make the teacher too (added only where present, so that the
     # identities, and ids, of the caches of other teachers stay what they were).
     built = {}
-    if teacher.kind in ("state_dict", "safetensors") and (teacher.model or {}).get("args"):
+    if teacher.kind != "kdpipe" and (teacher.model or {}).get("args"):  # a program's: in_chans=3
         built["arch_args"] = teacher.model["args"]
     if teacher.code:
         built["code_sha256"] = teacher.code
@@ -347,7 +354,7 @@ def feature_shapes(teacher: LoadedModel, layers, in_shape) -> list[dict]:
             raise
         except Exception as e:
             raise KDPipeError(f"the teacher fails on inputs of shape {(PROBE_BATCH, *tuple(in_shape))}: "
-                              f"{error_line(e)}") from None
+                              f"{error_line(e)}" + _grey_hint(teacher, torch.zeros(1, *in_shape), e)) from None
         got = tap.take(PROBE_BATCH)
     return [{"layer": layer, "shape": [int(v) for v in got[layer].shape[1:]]} for layer in layers]
 
@@ -504,7 +511,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                     raise
                 except Exception as e:
                     raise KDPipeError(f"the teacher fails on inputs of shape {tuple(x.shape)}: {error_line(e)}"
-                                      ) from None
+                                      + _grey_hint(teacher, x, e)) from None
                 if out.ndim != 2 or out.shape[1] != data.num_classes:
                     raise KDPipeError(f"the teacher outputs shape {tuple(out.shape[1:])} per image, the dataset "
                                       f"{data.spec} has {data.num_classes} classes: give a teacher with one output "

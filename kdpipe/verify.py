@@ -180,6 +180,8 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
     if teacher_arch is None and recorded.get("kind") in ("state_dict", "safetensors") and "model" in recorded:
         teacher_arch = recorded["model"]["spec"]
         arch_args = recorded["model"].get("args") if arch_args is None else arch_args
+    elif arch_args is None and recorded.get("kind") in ("torchscript", "export", "pickle") and "model" in recorded:
+        arch_args = recorded["model"].get("args")  # in_chans=3: the grey views were repeated to RGB
     output = teacher_output if teacher_output is not None else recorded.get("output")
     teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
                            image_shape=tuple(m["input"]["shape"]), num_classes=cache.num_classes,

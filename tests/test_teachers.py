@@ -100,7 +100,7 @@ def ref(teacher_ckpt, fmnist):
     from kdpipe.checkpoint import load_teacher
     t = load_teacher(teacher_ckpt)
     return types.SimpleNamespace(net=t.module.eval(), mean=list(t.mean), std=list(t.std), spec=fmnist.spec,
-                                 norm=["--mean", ",".join(map(str, t.mean)), "--std", ",".join(map(str, t.std))])
+                                 ckpt=teacher_ckpt, norm=["--mean", ",".join(map(str, t.mean)), "--std", ",".join(map(str, t.std))])
 
 
 def dump(teacher, spec, out, *extra):
@@ -357,6 +357,29 @@ def test_a_torch_export_program_dumps_its_own_outputs(ref, tmp_path):
 
 
 
+def test_an_rgb_program_teacher_runs_on_grey_images_with_in_chans_3(ref, tmp_path):
+    """A TorchScript teacher of RGB images could not dump grey data (no option repeated the channel, as
+    --arch-args in_chans=3 does for a timm architecture), and --arch-args given with a program was ignored. Now
+    in_chans=3 repeats grey views to 3 channels, the cache records it (its id differs) and verify-cache re-runs
+    the teacher so; any other option is refused, for a program or a kdpipe checkpoint."""
+    torch.manual_seed(0)
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    with torch.no_grad():  # channels weighed differently: a repeat, not a single channel, gives these logits
+        rgb[0].weight.mul_(torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1))
+    ts = tmp_path / "rgb.ts"
+    torch.jit.trace(rgb, torch.randn(2, 3, 28, 28)).save(str(ts))
+    out = tmp_path / "c"
+    ok(dump(ts, ref.spec, out, *ref.norm, "--arch-args", "in_chans=3", "--force"))
+    m = assert_cache_holds(out, lambda x: rgb(x.expand(-1, 3, -1, -1)))
+    assert m["teacher"]["model"] == {"spec": "torchscript", "args": {"in_chans": 3}}
+    ok(invoke("verify-cache", out, "--teacher", ts, "--sample", 64))  # the recorded in_chans, not given again
+    for teacher, kind, norm in ((ts, "a TorchScript program", ref.norm), (ref.ckpt, "a kdpipe checkpoint", [])):
+        refused(dump(teacher, ref.spec, tmp_path / "x", *norm, "--arch-args", "in_chans=3,width=4"),
+                f"is {kind}", "--arch-args in_chans=3,width=4 cannot change it")
+    refused(dump(ts, ref.spec, tmp_path / "x", *ref.norm, "--arch-args", "in_chans=4"), "in_chans=3 alone")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_teacher_saved_in_half_precision_runs_as_saved(ref, tmp_path, dtype):
     """A TorchScript teacher saved with .half() (an export for a GPU) failed its first batch with "Input type
@@ -381,7 +404,8 @@ def test_a_torchscript_teacher_that_fails_says_why_not_where(ref, tmp_path):
     for name, prog in (("traced", torch.jit.trace(rgb, torch.randn(2, 3, 28, 28))), ("scripted", torch.jit.script(rgb))):
         prog.save(str(tmp_path / f"{name}.ts"))
         line = refused(dump(tmp_path / f"{name}.ts", ref.spec, tmp_path / "x", *ref.norm),
-                       "the teacher fails on inputs of shape (256, 1, 28, 28)", "to have 3 channels, but got 1")
+                       "the teacher fails on inputs of shape (256, 1, 28, 28)", "to have 3 channels, but got 1",
+                       "give --arch-args in_chans=3 to repeat them to 3 channels")
         assert "TorchScript interpreter" not in line
     # With --features the teacher first runs on two blank inputs to size them: as one line too.
     torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
