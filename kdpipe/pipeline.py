@@ -24,7 +24,8 @@ import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import STUDENT_BATCH_SIZE, check_alias_options, ensemble_tag, parse_loss, plan_sweep
+from kdpipe.sweep import (STUDENT_BATCH_SIZE, check_alias_options, ensemble_tag, parse_arch_args, parse_loss,
+                          plan_sweep)
 
 # Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
 _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
@@ -295,13 +296,21 @@ def _opts(d: dict, mapping: dict[str, str]) -> list[str]:
     return out
 
 
-def _arch_args(d: dict) -> list[str]:
-    """--arch-args from a block's arch_args: a "k=v,..." string or a TOML table."""
+def _arch_args(d: dict, where: str) -> list[str]:
+    """--arch-args from a block's arch_args: a "k=v,..." string or a TOML table; `where` names the block."""
     v = d.get("arch_args")
     if not v:
         return []
-    if isinstance(v, dict):
+    if isinstance(v, dict):  # each value must survive "k=v,..." (a list or a comma gave a refusal at make time,
+        for k, x in v.items():  # after the steps before it had run)
+            if not isinstance(x, (bool, int, float, str)) or (isinstance(x, str) and ("," in x or "=" in x)):
+                raise KDPipeError(f"{where} arch_args.{k} = {x!r}: --arch-args carries numbers, true/false and "
+                                  "words without ',' or '=' only")
         v = ",".join(f"{k}={str(x).lower() if isinstance(x, bool) else x}" for k, x in v.items())
+    try:
+        parse_arch_args(str(v))  # its syntax, before any step runs
+    except KDPipeError as e:
+        raise KDPipeError(f"{where} arch_args: {e}") from None
     return ["--arch-args", str(v)]
 
 
@@ -371,6 +380,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         chosen = _listify(block.get("teachers", list(caches)))
         weights = _listify(block["teacher_weights"]) if "teacher_weights" in block else None
         out = f"{runs_dir}/students" + (f"/{'+'.join(chosen)}" if ensemble else "")
+        arch_args = _arch_args(block, f"[[students]] #{i + 1}")  # checked before the run names use them
         targets = [f"{out}/{run}/metrics.json" for run, _, _ in plan_sweep(
             archs, temps, alphas, seeds, loss, loss_options, _listify(block.get("lr", [])), block["epochs"],
             block.get("batch_size", STUDENT_BATCH_SIZE), extra_tag=ensemble_tag(len(chosen), weights),
@@ -382,7 +392,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         all_metrics += targets
         args = [x for n in chosen for x in ("--cache", caches[n])] + [x for a in archs for x in ("--student", a)] \
             + (["--teacher-weights", ",".join(str(w) for w in weights)] if weights else []) \
-            + _arch_args(block) + _opts(block, {
+            + arch_args + _opts(block, {
             "epochs": "epochs", "loss": "loss", "temperature": "temperature", "alpha": "alpha", "seed": "seed",
             "batch_size": "batch-size", **_OPTIM_FLAGS, "val_fraction": "val-fraction",
             "val_split": "val-split", "device": "device",
@@ -449,14 +459,16 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     lines = []
     if "file" not in t:
         lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
-            ["--arch", t["arch"]] + _arch_args(t) + _opts(t, {
+            ["--arch", t["arch"]] + _arch_args(t, f"teacher {t.get('name', t['arch'])}") + _opts(t, {
                 "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
                 "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
             # Make retrains a teacher whose settings changed; how often it checkpoints is not one of them
             f"teacher{suffix}", unstamped=" " + q(_opts(t, {"checkpoint_every": "checkpoint-every"}) + ["--overwrite"]))
     loaded = []  # how a teacher file that kdpipe did not train is read
     if "file" in t:
-        loaded = (["--teacher-arch", t["arch"]] + _arch_args(t) if "arch" in t else []) + _opts(t, {
+        # a program teacher (TorchScript, ...) takes in_chans=3: arch_args went with arch only, and were dropped
+        loaded = (["--teacher-arch", t["arch"]] if "arch" in t else []) + _arch_args(t, f"teacher {t['file']}")
+        loaded += _opts(t, {
             "output": "teacher-output", "mean": "mean", "std": "std", "input_range": "input-range",
             "normalize": "normalize"}) + (["--trust-pickle"] if t.get("trust_pickle") else [])
     like = ["--like", first] if first else []  # dump-logits checks that the shared [dump] options agree with it

@@ -139,6 +139,46 @@ def test_a_pipelines_padding_or_size_that_its_policy_ignores_is_refused_when_it_
         load_pipeline(p)
 
 
+PROGRAM_TEACHER = """name = "p"
+[data]
+spec = "fashion-mnist"
+[teacher]
+file = "rgb.ts"
+arch_args = "in_chans=3"
+input_range = "0-1"
+[dump]
+views = 1
+[[students]]
+archs = ["nets.py:Net"]
+epochs = 1
+"""
+
+
+def test_a_program_teachers_arch_args_reach_dump_logits(tmp_path):
+    """[teacher] file = "rgb.ts" with arch_args = "in_chans=3" (an RGB TorchScript teacher on grey data): the
+    arch_args went to dump-logits only with an arch, so the dump ran without them."""
+    p = tmp_path / "p.toml"
+    p.write_text(PROGRAM_TEACHER)
+    dump = next(x for x in make_rules(load_pipeline(p)).splitlines() if "$(KDPIPE) dump-logits " in x)
+    args = shlex.split(dump.strip())[2:]
+    assert args[args.index("--arch-args") + 1] == "in_chans=3" and "--teacher-arch" not in args
+    assert main.commands["dump-logits"].make_context("dump-logits", args).params["arch_args"] == "in_chans=3"
+
+
+@pytest.mark.parametrize("given, words", [
+    ('arch_args = {layers = [2, 2]}', "[[students]] #1 arch_args.layers = [2, 2]: --arch-args carries numbers"),
+    ('arch_args = {act = "a,b"}', "[[students]] #1 arch_args.act = 'a,b': --arch-args carries numbers"),
+    ('arch_args = "width"', "[[students]] #1 arch_args: bad architecture option 'width'"),
+])
+def test_arch_args_the_command_line_cannot_carry_are_refused_before_any_step(tmp_path, given, words):
+    """A list, or a word holding ',' (a TOML table's value), became another --arch-args than written, refused by
+    train-student only after the teacher had trained and dumped; a bad string was refused there too."""
+    p = tmp_path / "p.toml"
+    p.write_text(PROGRAM_TEACHER.replace('epochs = 1\n', f"epochs = 1\n{given}\n"))
+    with pytest.raises(KDPipeError, match="^" + words.replace("[", r"\[").replace("]", r"\]")):
+        make_rules(load_pipeline(p))
+
+
 def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_path):
     """[data] image_size = S passes --image-size S to train-teacher, dump-logits and compress (train-student
     reads the decoded size from the cache), and the command line parses it."""
