@@ -261,7 +261,8 @@ class Photos(ImageData):
         return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize its "
                 f"shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL bicubic, "
                 f"antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
-                f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this)")
+                f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this). "
+                f"{SIXTEEN_BIT_STEP}")
 
 
 @register_kind
@@ -617,6 +618,10 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")  # 16-bit grey (PNG, TIFF): full scale 65535, stored as v / 257
 UNREADABLE_MODES = {"I": "32-bit integer", "F": "32-bit float"}  # no range kdpipe can be sure of
+# to_storage's 16-bit rule, for the card `kdpipe export` writes: a deployment that converts as the card's colour step
+# says, with Pillow's convert alone, fed the model white images where the photo was 16-bit
+SIXTEEN_BIT_STEP = ("A 16-bit grey image (PNG or TIFF, Pillow mode I;16) is brought to 8 bits before it is converted, "
+                    "each value v to round(v / 257): Pillow's own convert clips it at 255, a white image")
 # Part of a decoded copy's key: a copy decoded by an older rule is decoded again, not reused. 2: 16-bit
 # grey images scaled (v / 257), where Pillow's conversion had clipped them at 255. 3: EXIF orientation applied.
 DECODE_VERSION = 3

@@ -340,6 +340,67 @@ def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_
     assert sorted(a.tobytes() for a in seen) == sorted(a.tobytes() for a in hand)
 
 
+
+def _photos_of_every_mode(folder, rng, sizes):
+    """A photo of each kind users bring, one per (w, h) in `sizes`: RGB, grey, RGBA, palette (with a
+    transparent index), EXIF-rotated JPEG and 16-bit grey PNG; named <label>_<n> for files:."""
+    from PIL import Image
+    folder.mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        im, name, kind = Image.fromarray(a), folder / f"{i % 2}_{i}", i % 6
+        if kind == 0:
+            im.save(f"{name}.png")
+        elif kind == 1:
+            im.convert("L").save(f"{name}.png")
+        elif kind == 2:
+            Image.fromarray(np.dstack([a, rng.integers(0, 256, (h, w), dtype=np.uint8)])).save(f"{name}.png")
+        elif kind == 3:
+            im.quantize(32).save(f"{name}.png", transparency=3)
+        elif kind == 4:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # turned 90 degrees: stored landscape, shown portrait
+            im.save(f"{name}.jpg", exif=exif)
+        else:  # 16-bit grey, the full range used (a scanner's or a microscope's)
+            Image.fromarray((rng.integers(0, 65536, (h, w))).astype(np.uint16)).save(f"{name}.png")
+
+
+def test_the_cards_photo_steps_say_how_a_16_bit_photo_becomes_8_bits(tmp_path):
+    """The card said 'convert it to RGB', and nothing of 16-bit photos: Pillow's own convert clips a 16-bit grey
+    image at 255, so a deployment that followed the card fed the model a white image where kdpipe had trained and
+    measured on the photo scaled to 8 bits. The card now says the rule; followed by hand with PIL and numpy on
+    photos of every mode (grey among colour, RGBA, palette, EXIF-rotated, 16-bit), it gives kdpipe's pixels."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    root = tmp_path / "scans"
+    sizes = [(37, 50), (61, 44), (45, 45), (44, 71), (38, 59), (53, 38), (70, 47), (29, 40), (50, 33), (40, 52),
+             (33, 33), (48, 60)]
+    for split in ("training", "evaluation"):
+        _photos_of_every_mode(root / split, np.random.default_rng(len(split)), sizes)
+    S = 24
+    test = load_dataset(f"files:{root}", "test", None, S)
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, S, S)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, S, S), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None)
+    step = preprocessing(load_model(ckpt))[0]
+    assert "16-bit grey image (PNG or TIFF, Pillow mode I;16) is brought to 8 bits before it is converted, each " \
+           "value v to round(v / 257)" in step, step
+
+    def by_hand(path):  # the card's words, one by one
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode == "I;16":
+            im = Image.fromarray(np.round(np.asarray(im) / 257).astype(np.uint8))
+        im = im.convert("RGB")
+        w, h = im.size
+        nw, nh = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = round((nw - S) / 2), round((nh - S) / 2)
+        return np.asarray(im.crop((left, top, left + S, top + S))).transpose(2, 0, 1)
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    assert sorted(a.tobytes() for a in np.asarray(test.images)) == sorted(a.tobytes() for a in hand)
+
 BATCH_FIXED_NET = '''
 import torch.nn as nn
 
