@@ -137,8 +137,15 @@ class ImageData:
     def storage_step(cls, identity: dict, colour: str) -> str | None:
         """How a user's input becomes a stored sample of this kind, in words, for the card `kdpipe export` writes
         (``identity``: the dataset's, as the checkpoint records it; ``colour``: its channels in words). None: the
-        samples are stored as they are, and the card names their size."""
-        return None
+        samples are stored as they are, and the card names their size. Image files stored at their own size
+        (no --image-size) say how they were decoded (EXIF orientation, colour, 16 bits)."""
+        src = SOURCES.get(str(identity.get("spec", "")).partition(":")[0].strip().lower())
+        if cls.kind != "dense" or src is None or not src.image_files:
+            return None
+        _, h, w = identity.get("image_shape") or (0, "?", "?")
+        return (f"decode the image file, turn it upright by its EXIF orientation and convert it to {colour}: "
+                f"{h} x {w}, as in {identity.get('spec')} (stored at their own size, not resized). "
+                f"{SIXTEEN_BIT_STEP}")
 
     @property
     def fingerprint(self) -> str:

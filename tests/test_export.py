@@ -401,6 +401,43 @@ def test_the_cards_photo_steps_say_how_a_16_bit_photo_becomes_8_bits(tmp_path):
     hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
     assert sorted(a.tobytes() for a in np.asarray(test.images)) == sorted(a.tobytes() for a in hand)
 
+
+def test_the_card_of_image_files_stored_at_their_own_size_says_how_they_were_decoded(tmp_path):
+    """A folder of 20 x 20 images, loaded without --image-size (a dense copy): the card said only 'RGB images of
+    20 x 20, as in files:...'. kdpipe had turned an EXIF-rotated JPEG upright and scaled a 16-bit PNG to 8 bits,
+    so a deployment reading the files as they are fed the model a turned image and a white one. The card now says
+    the decoding, as for photos resized with --image-size; followed by hand, it gives kdpipe's pixels."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    root = tmp_path / "tiles"
+    for split in ("training", "evaluation"):
+        _photos_of_every_mode(root / split, np.random.default_rng(len(split)), [(20, 20)] * 12)
+    test = load_dataset(f"files:{root}", "test")
+    assert test.kind == "dense"
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, 20, 20)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, 20, 20), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None)
+    steps = preprocessing(load_model(ckpt))
+    assert steps[0].startswith("decode the image file, turn it upright by its EXIF orientation and convert it to RGB "
+                               "(3 channels, in R, G, B order): 20 x 20"), steps
+    assert "each value v to round(v / 257)" in steps[0] and len(steps) == 2, steps
+
+    def by_hand(path):  # the card's words
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode == "I;16":
+            im = Image.fromarray(np.round(np.asarray(im) / 257).astype(np.uint8))
+        return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    assert sorted(a.tobytes() for a in np.asarray(test.images)) == sorted(a.tobytes() for a in hand)
+    # data that is no image files keeps its one step: the images as the source holds them
+    d = {**test.identity(), "spec": "npz:x.npz"}
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, 20, 20)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, 20, 20), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=d, test_top1=None)
+    assert preprocessing(load_model(ckpt))[0] == "RGB (3 channels, in R, G, B order) images of 20 x 20, as in npz:x.npz"
+
 BATCH_FIXED_NET = '''
 import torch.nn as nn
 
