@@ -438,6 +438,32 @@ def test_the_card_of_image_files_stored_at_their_own_size_says_how_they_were_dec
                     dataset=d, test_top1=None)
     assert preprocessing(load_model(ckpt))[0] == "RGB (3 channels, in R, G, B order) images of 20 x 20, as in npz:x.npz"
 
+
+def test_the_cards_resized_crop_step_names_a_resize_that_gives_kdpipes_pixels():
+    """resized-crop's clean view resizes the whole stored image without antialiasing; the card said '(bilinear,
+    without antialiasing)' only, and the bilinear resize of PIL (or of torchvision on a PIL image) antialiases
+    when it shrinks: other pixels, logits some percent off. The card now names the call whose pixels are kdpipe's
+    clean view (to float noise), which a deployment rounds to the uint8 the model takes."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from kdpipe.evaluate import eval_params
+    from kdpipe.views import create_policy
+    S, T = 40, 28
+    policy = create_policy(f"resized-crop:{T}+flip")
+    step = policy.clean_steps((3, S, S))[0]
+    call = f"torch.nn.functional.interpolate(x.float(), size=({T}, {T}), mode='bilinear', align_corners=False)"
+    assert step.startswith(f"resize the whole {S} x {S} image to {T} x {T} (bilinear, without antialiasing, as {call} "
+                           "gives, then rounded to uint8"), step
+    stored = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, S, S), dtype=np.uint8))
+    params = torch.from_numpy(eval_params(policy, (3, S, S), len(stored)))
+    seen = policy.replay(stored, params, [0.0] * 3, [1 / 255] * 3)  # the clean view kdpipe measures, unnormalized
+    hand = F.interpolate(stored.float(), size=(T, T), mode="bilinear", align_corners=False)
+    assert float((hand - seen).abs().max()) < 0.01  # float noise, which rounds a value of v.5 either way
+    hand = hand.round().to(torch.uint8)
+    pil = np.stack([np.asarray(Image.fromarray(a.transpose(1, 2, 0)).resize((T, T), Image.Resampling.BILINEAR))
+                    for a in stored.numpy()]).transpose(0, 3, 1, 2)
+    assert np.abs(pil.astype(int) - hand.numpy()).max() > 8  # what the card warns of
+
 BATCH_FIXED_NET = '''
 import torch.nn as nn
 
