@@ -362,7 +362,7 @@ def _inputs(policy: ViewPolicy, data: ImageData, rows, mean, std) -> torch.Tenso
 def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.Tensor | None, models_dir: Path,
             repeats: int, log=print) -> dict:
     """Test top-1, agreement, size of the exported TorchScript file, CPU latency at batch 1 and 64."""
-    from kdpipe.export import export_model
+    from kdpipe.export import export_model, write_card
 
     lo = row.loaded
     policy = _policy_of(lo, policy)  # a student's own clean view, as train-student measured it
@@ -376,6 +376,8 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
         warnings.simplefilter("ignore")
         try:
             res = export_model(lo, "torchscript", path, module=row.module)
+            # the card beside it: its own input steps (a student's clean view is not the teacher's) and classes
+            write_card(res, lo, {"compressed": row.method, "test_top1": m["test_top1"]})
             m["size_bytes"] = res["bytes"]
             m["file"] = path.name
         except KDPipeError as e:
@@ -521,6 +523,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     for stale in sorted(models_dir.glob("*.pt")):  # an earlier run's model of a row no longer made, or not exported
         if stale.name not in written:
             stale.unlink()
+            Path(f"{stale}.json").unlink(missing_ok=True)  # its card
             log(f"removed {stale}: a model of an earlier compress into {out} that this one did not write")
     machine = cpu_name()
     doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),

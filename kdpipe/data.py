@@ -137,8 +137,15 @@ class ImageData:
     def storage_step(cls, identity: dict, colour: str) -> str | None:
         """How a user's input becomes a stored sample of this kind, in words, for the card `kdpipe export` writes
         (``identity``: the dataset's, as the checkpoint records it; ``colour``: its channels in words). None: the
-        samples are stored as they are, and the card names their size."""
-        return None
+        samples are stored as they are, and the card names their size. Image files stored at their own size
+        (no --image-size) say how they were decoded (EXIF orientation, colour, 16 bits)."""
+        src = SOURCES.get(str(identity.get("spec", "")).partition(":")[0].strip().lower())
+        if cls.kind != "dense" or src is None or not src.image_files:
+            return None
+        _, h, w = identity.get("image_shape") or (0, "?", "?")
+        return (f"decode the image file, turn it upright by its EXIF orientation and convert it to {colour}: "
+                f"{h} x {w}, as in {identity.get('spec')} (stored at their own size, not resized). "
+                f"{SIXTEEN_BIT_STEP}")
 
     @property
     def fingerprint(self) -> str:
@@ -261,7 +268,8 @@ class Photos(ImageData):
         return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize its "
                 f"shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL bicubic, "
                 f"antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
-                f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this)")
+                f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this). "
+                f"{SIXTEEN_BIT_STEP}")
 
 
 @register_kind
@@ -617,6 +625,10 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")  # 16-bit grey (PNG, TIFF): full scale 65535, stored as v / 257
 UNREADABLE_MODES = {"I": "32-bit integer", "F": "32-bit float"}  # no range kdpipe can be sure of
+# to_storage's 16-bit rule, for the card `kdpipe export` writes: a deployment that converts as the card's colour step
+# says, with Pillow's convert alone, fed the model white images where the photo was 16-bit
+SIXTEEN_BIT_STEP = ("A 16-bit grey image (PNG or TIFF, Pillow mode I;16) is brought to 8 bits before it is converted, "
+                    "each value v to round(v / 257): Pillow's own convert clips it at 255, a white image")
 # Part of a decoded copy's key: a copy decoded by an older rule is decoded again, not reused. 2: 16-bit
 # grey images scaled (v / 257), where Pillow's conversion had clipped them at 255. 3: EXIF orientation applied.
 DECODE_VERSION = 3

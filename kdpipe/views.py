@@ -488,7 +488,11 @@ class ResizedCrop(ViewOp):
         s = self.output_shape(shape)[1]
         if (h, w) == (s, s):
             return None
-        return f"resize the whole {h} x {w} image to {s} x {s} (bilinear, without antialiasing)"
+        # replay's grid is interpolate's, exactly; PIL's (and torchvision's on PIL images) bilinear antialiases when
+        # it shrinks, so a deployment that resized so fed other pixels (logits some percent off)
+        return (f"resize the whole {h} x {w} image to {s} x {s} (bilinear, without antialiasing, as "
+                f"torch.nn.functional.interpolate(x.float(), size=({s}, {s}), mode='bilinear', align_corners=False) "
+                "gives, then rounded to uint8; PIL's bilinear resize antialiases, which gives other pixels)")
 
     def folds(self, nxt):
         return isinstance(nxt, Flip)

@@ -621,12 +621,14 @@ def test_a_rerun_into_the_same_out_removes_the_models_it_did_not_write(fmnist, t
     train, test = load_dataset(fmnist.spec, "train").subset(64), load_dataset(fmnist.spec, "test").subset(64)
     out, said = tmp_path / "o", []
     compress(teacher_ckpt, train, test, out, quantize=("dynamic",), prune=(), repeats=1, log=said.append)
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["teacher-int8-dynamic.pt", "teacher.pt"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == [  # each with its card
+        "teacher-int8-dynamic.pt", "teacher-int8-dynamic.pt.json", "teacher.pt", "teacher.pt.json"]
     (out / "models" / "notes.txt").write_text("mine")  # not a model: kept
     compress(teacher_ckpt, train, test, out, quantize=(), prune=("channels",), sparsities=(0.5,), finetune_epochs=0,
              repeats=1, log=said.append)
     assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher-prune-channels-50.pt",
-                                                                   "teacher.pt"]
+                                                                   "teacher-prune-channels-50.pt.json", "teacher.pt",
+                                                                   "teacher.pt.json"]
     assert "pruning (channels, 50%): teacher-prune-channels-50" in said  # not "and fine-tuning" with 0 epochs
     assert [row["name"] for row in json.loads((out / "compress.json").read_text())["rows"]] == [
         "teacher", "teacher-prune-channels-50"]
@@ -644,6 +646,40 @@ def test_a_rerun_into_the_same_out_removes_the_models_it_did_not_write(fmnist, t
     said.clear()
     compress(teacher_ckpt, train, test, out, quantize=(), prune=("channels",), sparsities=(0.5,), finetune_epochs=0,
              repeats=1, log=said.append)
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher.pt"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["notes.txt", "teacher.pt", "teacher.pt.json"]
     assert any(line.startswith("  teacher-prune-channels-50: top-1 ") and ", not exported, batch 1 " in line
                for line in said), said
+
+
+def test_each_compressed_model_has_a_card_and_following_it_gives_its_top1(fmnist, teacher_ckpt, tmp_path):
+    """DIR/models/<row>.pt had no card: an int8 or pruned model, which has no checkpoint to export, came with no
+    word of its classes' order or its input steps (a student's clean view is not the teacher's). Each file now
+    has FILE.json as kdpipe export writes it, with the row's own test top-1; a deployment that loads the file
+    without kdpipe and feeds the card's input gets that top-1."""
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+    from kdpipe.export import preprocessing
+
+    train, test = load_dataset(fmnist.spec, "train").subset(64), load_dataset(fmnist.spec, "test").subset(64)
+    out = tmp_path / "o"
+    compress(teacher_ckpt, train, test, out, quantize=("dynamic",), prune=("unstructured",), sparsities=(0.5,),
+             finetune_epochs=0, repeats=1, log=lambda *a: None)
+    rows = json.loads((out / "compress.json").read_text())["rows"]
+    teacher = load_model(teacher_ckpt)
+    assert {r["name"] for r in rows} == {"teacher", "teacher-int8-dynamic", "teacher-prune-unstructured-50"}
+    for row in rows:
+        card = json.loads((out / "models" / f"{row['file']}.json").read_text())
+        assert card["model"] == row["file"] and card["class_names"] == teacher.info["class_names"]
+        assert card["preprocessing"] == preprocessing(teacher)
+        assert card["source"]["test_top1"] == row["test_top1"]
+        assert card["source"]["compressed"] == row["method"]
+        assert card["input"] == {"dtype": "uint8", "shape": ["B", 1, 28, 28]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.jit.load(str(out / "models" / row["file"]))
+        with torch.no_grad():  # the card's input: the uint8 images, channels first, in batches of 256 or fewer
+            pred = model(torch.from_numpy(np.ascontiguousarray(test.images))).argmax(1).numpy()
+        assert float((pred == test.labels).mean()) == pytest.approx(row["test_top1"], abs=1e-6), row["name"]
+    # a rerun that no longer makes a row removes its model and its card
+    compress(teacher_ckpt, train, test, out, quantize=(), prune=(), repeats=1, log=lambda *a: None)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["teacher.pt", "teacher.pt.json"]

@@ -340,6 +340,130 @@ def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_
     assert sorted(a.tobytes() for a in seen) == sorted(a.tobytes() for a in hand)
 
 
+
+def _photos_of_every_mode(folder, rng, sizes):
+    """A photo of each kind users bring, one per (w, h) in `sizes`: RGB, grey, RGBA, palette (with a
+    transparent index), EXIF-rotated JPEG and 16-bit grey PNG; named <label>_<n> for files:."""
+    from PIL import Image
+    folder.mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        im, name, kind = Image.fromarray(a), folder / f"{i % 2}_{i}", i % 6
+        if kind == 0:
+            im.save(f"{name}.png")
+        elif kind == 1:
+            im.convert("L").save(f"{name}.png")
+        elif kind == 2:
+            Image.fromarray(np.dstack([a, rng.integers(0, 256, (h, w), dtype=np.uint8)])).save(f"{name}.png")
+        elif kind == 3:
+            im.quantize(32).save(f"{name}.png", transparency=3)
+        elif kind == 4:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # turned 90 degrees: stored landscape, shown portrait
+            im.save(f"{name}.jpg", exif=exif)
+        else:  # 16-bit grey, the full range used (a scanner's or a microscope's)
+            Image.fromarray((rng.integers(0, 65536, (h, w))).astype(np.uint16)).save(f"{name}.png")
+
+
+def test_the_cards_photo_steps_say_how_a_16_bit_photo_becomes_8_bits(tmp_path):
+    """The card said 'convert it to RGB', and nothing of 16-bit photos: Pillow's own convert clips a 16-bit grey
+    image at 255, so a deployment that followed the card fed the model a white image where kdpipe had trained and
+    measured on the photo scaled to 8 bits. The card now says the rule; followed by hand with PIL and numpy on
+    photos of every mode (grey among colour, RGBA, palette, EXIF-rotated, 16-bit), it gives kdpipe's pixels."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    root = tmp_path / "scans"
+    sizes = [(37, 50), (61, 44), (45, 45), (44, 71), (38, 59), (53, 38), (70, 47), (29, 40), (50, 33), (40, 52),
+             (33, 33), (48, 60)]
+    for split in ("training", "evaluation"):
+        _photos_of_every_mode(root / split, np.random.default_rng(len(split)), sizes)
+    S = 24
+    test = load_dataset(f"files:{root}", "test", None, S)
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, S, S)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, S, S), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None)
+    step = preprocessing(load_model(ckpt))[0]
+    assert "16-bit grey image (PNG or TIFF, Pillow mode I;16) is brought to 8 bits before it is converted, each " \
+           "value v to round(v / 257)" in step, step
+
+    def by_hand(path):  # the card's words, one by one
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode == "I;16":
+            im = Image.fromarray(np.round(np.asarray(im) / 257).astype(np.uint8))
+        im = im.convert("RGB")
+        w, h = im.size
+        nw, nh = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = round((nw - S) / 2), round((nh - S) / 2)
+        return np.asarray(im.crop((left, top, left + S, top + S))).transpose(2, 0, 1)
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    assert sorted(a.tobytes() for a in np.asarray(test.images)) == sorted(a.tobytes() for a in hand)
+
+
+def test_the_card_of_image_files_stored_at_their_own_size_says_how_they_were_decoded(tmp_path):
+    """A folder of 20 x 20 images, loaded without --image-size (a dense copy): the card said only 'RGB images of
+    20 x 20, as in files:...'. kdpipe had turned an EXIF-rotated JPEG upright and scaled a 16-bit PNG to 8 bits,
+    so a deployment reading the files as they are fed the model a turned image and a white one. The card now says
+    the decoding, as for photos resized with --image-size; followed by hand, it gives kdpipe's pixels."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    root = tmp_path / "tiles"
+    for split in ("training", "evaluation"):
+        _photos_of_every_mode(root / split, np.random.default_rng(len(split)), [(20, 20)] * 12)
+    test = load_dataset(f"files:{root}", "test")
+    assert test.kind == "dense"
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, 20, 20)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, 20, 20), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None)
+    steps = preprocessing(load_model(ckpt))
+    assert steps[0].startswith("decode the image file, turn it upright by its EXIF orientation and convert it to RGB "
+                               "(3 channels, in R, G, B order): 20 x 20"), steps
+    assert "each value v to round(v / 257)" in steps[0] and len(steps) == 2, steps
+
+    def by_hand(path):  # the card's words
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode == "I;16":
+            im = Image.fromarray(np.round(np.asarray(im) / 257).astype(np.uint8))
+        return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    assert sorted(a.tobytes() for a in np.asarray(test.images)) == sorted(a.tobytes() for a in hand)
+    # data that is no image files keeps its one step: the images as the source holds them
+    d = {**test.identity(), "spec": "npz:x.npz"}
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, 20, 20)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, 20, 20), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=d, test_top1=None)
+    assert preprocessing(load_model(ckpt))[0] == "RGB (3 channels, in R, G, B order) images of 20 x 20, as in npz:x.npz"
+
+
+def test_the_cards_resized_crop_step_names_a_resize_that_gives_kdpipes_pixels():
+    """resized-crop's clean view resizes the whole stored image without antialiasing; the card said '(bilinear,
+    without antialiasing)' only, and the bilinear resize of PIL (or of torchvision on a PIL image) antialiases
+    when it shrinks: other pixels, logits some percent off. The card now names the call whose pixels are kdpipe's
+    clean view (to float noise), which a deployment rounds to the uint8 the model takes."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from kdpipe.evaluate import eval_params
+    from kdpipe.views import create_policy
+    S, T = 40, 28
+    policy = create_policy(f"resized-crop:{T}+flip")
+    step = policy.clean_steps((3, S, S))[0]
+    call = f"torch.nn.functional.interpolate(x.float(), size=({T}, {T}), mode='bilinear', align_corners=False)"
+    assert step.startswith(f"resize the whole {S} x {S} image to {T} x {T} (bilinear, without antialiasing, as {call} "
+                           "gives, then rounded to uint8"), step
+    stored = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, S, S), dtype=np.uint8))
+    params = torch.from_numpy(eval_params(policy, (3, S, S), len(stored)))
+    seen = policy.replay(stored, params, [0.0] * 3, [1 / 255] * 3)  # the clean view kdpipe measures, unnormalized
+    hand = F.interpolate(stored.float(), size=(T, T), mode="bilinear", align_corners=False)
+    assert float((hand - seen).abs().max()) < 0.01  # float noise, which rounds a value of v.5 either way
+    hand = hand.round().to(torch.uint8)
+    pil = np.stack([np.asarray(Image.fromarray(a.transpose(1, 2, 0)).resize((T, T), Image.Resampling.BILINEAR))
+                    for a in stored.numpy()]).transpose(0, 3, 1, 2)
+    assert np.abs(pil.astype(int) - hand.numpy()).max() > 8  # what the card warns of
+
 BATCH_FIXED_NET = '''
 import torch.nn as nn
 
