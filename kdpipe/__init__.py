@@ -24,3 +24,7 @@ def __getattr__(name):
         from kdpipe import api
         return getattr(api, name)
     raise AttributeError(f"module 'kdpipe' has no attribute {name!r}")
+
+
+def __dir__():  # dir(kdpipe) and tab completion list the lazily loaded API too
+    return sorted(set(globals()) | set(_API))

@@ -153,3 +153,12 @@ def test_labels_a_loss_cannot_take_are_one_line(cache):
         for other in (y.int(), y.to(torch.uint8)):
             got = loss(out, t, other, 0)
             assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_dir_of_the_package_lists_the_api_loaded_on_first_use():
+    """dir(kdpipe) (and so a notebook's tab completion) did not list open_cache and the rest of the API, which
+    the package loads on first use."""
+    import kdpipe
+    names = dir(kdpipe)
+    assert {"open_cache", "CacheData", "create_loss", "create_model", "known_losses", "KDPipeError"} <= set(names)
+    assert names == sorted(names) and all(callable(getattr(kdpipe, n)) for n in kdpipe._API)
