@@ -299,6 +299,24 @@ def main():
     """kdpipe: cache a teacher's logits once (stage one), train many students from them (stage two)."""
     from kdpipe.util import env_threads
     env_threads()
+    check_one_process(click.get_current_context().invoked_subcommand)
+
+
+TORCHRUN_COMMANDS = ("dump-logits", "train-student")  # the commands that join torchrun's process group
+
+
+def check_one_process(command: str | None) -> None:
+    """Every other command is one process: under torchrun each rank ran it again, so two trainings of one
+    teacher met at its lock ("being trained by another kdpipe"), and compress, report or export wrote one --out
+    from several processes at once."""
+    if command in TORCHRUN_COMMANDS or "WORLD_SIZE" not in os.environ:
+        return
+    from kdpipe.distributed import world_size_from_env
+    world = world_size_from_env()
+    if world > 1:
+        raise KDPipeError(f"{command} runs as one process, and this is one of {world} that torchrun started "
+                          f"(WORLD_SIZE={world}): start it with plain kdpipe (or python -m kdpipe); only "
+                          f"{' and '.join(TORCHRUN_COMMANDS)} run under torchrun")
 
 
 @main.command("train-teacher")
