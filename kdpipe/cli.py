@@ -158,7 +158,7 @@ ARCH_SPEC_HELP = ("registry name (kdpipe:NAME or bare), torchvision (tv:NAME or 
 def arch_args_option(f):
     return click.option("--arch-args", default=None, metavar="K=V,...",
                         help="Keyword arguments of the architecture's factory, e.g. width=16,depth=4 (numbers, "
-                             "true/false, else strings); recorded in the checkpoint.")(f)
+                             "true/false, none, else strings); recorded in the checkpoint.")(f)
 
 
 def teacher_options(f):
