@@ -683,6 +683,8 @@ def inspect_cmd(cache_dir, as_json):
     if Path(cache_dir).is_file():
         _inspect_checkpoint(Path(cache_dir), as_json)
         return
+    if not Path(cache_dir).exists() and _is_training_checkpoint(Path(cache_dir)):
+        raise KDPipeError(_no_training_checkpoint(Path(cache_dir)))
 
     from kdpipe.cache.format import feature_column as fmt_feature
     from kdpipe.cache.reader import Cache, open_h5
@@ -731,6 +733,19 @@ def inspect_cmd(cache_dir, as_json):
         amp = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
         click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}"
                    + (f" under {amp} autocast" if amp else "") + f", teacher top-1 on views {dump['views_top1']:.4f}")
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    return path.name.endswith(".checkpoint") or (path.parent.name == "checkpoints" and path.name.startswith("pass-"))
+
+
+def _no_training_checkpoint(path: Path) -> str:
+    """A training checkpoint that is not there: removed when its training ended (the README has users follow one
+    from another shell), which "no cache at ...: the directory does not exist" did not say."""
+    saved = str(path)[:-len(".checkpoint")] if path.name.endswith(".checkpoint") else \
+        str(path.parent.parent / "<run>" / "student.pt")
+    return (f"no training checkpoint at {path}: a training removes its checkpoint when it ends (inspect what it "
+            f"saved, {saved}), and one not begun has none")
 
 
 def _inspect_checkpoint(path: Path, as_json: bool) -> None:

@@ -191,6 +191,17 @@ def test_inspect_a_checkpoint(pipeline, tmp_path):
                           "notes.pt is a file but not a kdpipe checkpoint")
 
 
+def test_inspect_a_training_checkpoint_that_is_gone_says_the_training_removed_it(tmp_path):
+    """The README has users follow a teacher's training with inspect FILE.pt.checkpoint: once the training ended,
+    that file is gone, and inspect said "no cache at ...: the directory does not exist"."""
+    assert_one_line_error(invoke("inspect", tmp_path / "teacher.pt.checkpoint"),
+                          f"no training checkpoint at {tmp_path / 'teacher.pt.checkpoint'}: a training removes its "
+                          f"checkpoint when it ends (inspect what it saved, {tmp_path / 'teacher.pt'})")
+    assert_one_line_error(invoke("inspect", tmp_path / "runs" / "checkpoints" / "pass-s0-0123456789.pt"),
+                          f"(inspect what it saved, {tmp_path / 'runs' / '<run>' / 'student.pt'})")
+    assert_one_line_error(invoke("inspect", tmp_path / "c"), "no cache at")  # any other path: as before
+
+
 def test_dump_logits_command_summarises(pipeline):
     r = ok(pipeline.dump)
     out = r.stdout
