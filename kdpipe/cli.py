@@ -158,7 +158,7 @@ ARCH_SPEC_HELP = ("registry name (kdpipe:NAME or bare), torchvision (tv:NAME or 
 def arch_args_option(f):
     return click.option("--arch-args", default=None, metavar="K=V,...",
                         help="Keyword arguments of the architecture's factory, e.g. width=16,depth=4 (numbers, "
-                             "true/false, else strings); recorded in the checkpoint.")(f)
+                             "true/false, none, else strings); recorded in the checkpoint.")(f)
 
 
 def teacher_options(f):
@@ -299,6 +299,24 @@ def main():
     """kdpipe: cache a teacher's logits once (stage one), train many students from them (stage two)."""
     from kdpipe.util import env_threads
     env_threads()
+    check_one_process(click.get_current_context().invoked_subcommand)
+
+
+TORCHRUN_COMMANDS = ("dump-logits", "train-student")  # the commands that join torchrun's process group
+
+
+def check_one_process(command: str | None) -> None:
+    """Every other command is one process: under torchrun each rank ran it again, so two trainings of one
+    teacher met at its lock ("being trained by another kdpipe"), and compress, report or export wrote one --out
+    from several processes at once."""
+    if command in TORCHRUN_COMMANDS or "WORLD_SIZE" not in os.environ:
+        return
+    from kdpipe.distributed import world_size_from_env
+    world = world_size_from_env()
+    if world > 1:
+        raise KDPipeError(f"{command} runs as one process, and this is one of {world} that torchrun started "
+                          f"(WORLD_SIZE={world}): start it with plain kdpipe (or python -m kdpipe); only "
+                          f"{' and '.join(TORCHRUN_COMMANDS)} run under torchrun")
 
 
 @main.command("train-teacher")
@@ -665,6 +683,8 @@ def inspect_cmd(cache_dir, as_json):
     if Path(cache_dir).is_file():
         _inspect_checkpoint(Path(cache_dir), as_json)
         return
+    if not Path(cache_dir).exists() and _is_training_checkpoint(Path(cache_dir)):
+        raise KDPipeError(_no_training_checkpoint(Path(cache_dir)))
 
     from kdpipe.cache.format import feature_column as fmt_feature
     from kdpipe.cache.reader import Cache, open_h5
@@ -713,6 +733,19 @@ def inspect_cmd(cache_dir, as_json):
         amp = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
         click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}"
                    + (f" under {amp} autocast" if amp else "") + f", teacher top-1 on views {dump['views_top1']:.4f}")
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    return path.name.endswith(".checkpoint") or (path.parent.name == "checkpoints" and path.name.startswith("pass-"))
+
+
+def _no_training_checkpoint(path: Path) -> str:
+    """A training checkpoint that is not there: removed when its training ended (the README has users follow one
+    from another shell), which "no cache at ...: the directory does not exist" did not say."""
+    saved = str(path)[:-len(".checkpoint")] if path.name.endswith(".checkpoint") else \
+        str(path.parent.parent / "<run>" / "student.pt")
+    return (f"no training checkpoint at {path}: a training removes its checkpoint when it ends (inspect what it "
+            f"saved, {saved}), and one not begun has none")
 
 
 def _inspect_checkpoint(path: Path, as_json: bool) -> None:

@@ -117,6 +117,24 @@ def test_python_dash_m_and_version():
     assert ok(invoke("--version")).output.startswith("kdpipe, version ")
 
 
+@pytest.mark.parametrize("cmd, args", [
+    ("train-teacher", ["--arch", "cnn_tiny", "--out", "t.pt"]), ("verify-cache", ["c"]), ("inspect", ["c"]),
+    ("report", ["r", "--out", "rep"]), ("compress", ["--teacher", "t.pt", "--out", "comp"]),
+    ("export", ["r", "--format", "torchscript", "--out", "m.ts"]), ("make-rules", ["p.toml"]),
+])
+def test_a_command_of_one_process_is_refused_under_torchrun(tmp_path, monkeypatch, cmd, args):
+    """docs/distributed.md: only dump-logits and train-student run under torchrun. Every rank ran the others
+    again: two trainings of one teacher met at its lock, which said to wait for "another kdpipe"."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert_one_line_error(invoke(cmd, *args), f"{cmd} runs as one process, and this is one of 2 that torchrun "
+                                              "started (WORLD_SIZE=2): start it with plain kdpipe")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process (torchrun --nproc_per_node 1): nothing to refuse
+    assert "one process" not in invoke(cmd, *args).output
+
+
 # ---------------------------------------------------------------- the pipeline, command by command
 
 @pytest.fixture(scope="module")
@@ -171,6 +189,17 @@ def test_inspect_a_checkpoint(pipeline, tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     assert_one_line_error(invoke("inspect", tmp_path / "notes.pt"),
                           "notes.pt is a file but not a kdpipe checkpoint")
+
+
+def test_inspect_a_training_checkpoint_that_is_gone_says_the_training_removed_it(tmp_path):
+    """The README has users follow a teacher's training with inspect FILE.pt.checkpoint: once the training ended,
+    that file is gone, and inspect said "no cache at ...: the directory does not exist"."""
+    assert_one_line_error(invoke("inspect", tmp_path / "teacher.pt.checkpoint"),
+                          f"no training checkpoint at {tmp_path / 'teacher.pt.checkpoint'}: a training removes its "
+                          f"checkpoint when it ends (inspect what it saved, {tmp_path / 'teacher.pt'})")
+    assert_one_line_error(invoke("inspect", tmp_path / "runs" / "checkpoints" / "pass-s0-0123456789.pt"),
+                          f"(inspect what it saved, {tmp_path / 'runs' / '<run>' / 'student.pt'})")
+    assert_one_line_error(invoke("inspect", tmp_path / "c"), "no cache at")  # any other path: as before
 
 
 def test_dump_logits_command_summarises(pipeline):
