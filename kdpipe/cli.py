@@ -500,7 +500,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     if not res.get("already_complete"):
         rate = res.get("rows_per_s")
         click.echo(f"  computed {res['rows_computed']:,} rows in {res['compute_wall_s']:.1f}s"
-                   + (f" ({rate:,.0f} images/s)" if rate else "") +
+                   + (f" ({rate:,.0f} {'rows' if data.kind == 'features' else 'images'}/s)" if rate else "") +
                    (f", {res['resumed_shards']} shard(s) kept from an earlier run" if res["resumed_shards"] else ""))
     click.echo(f"  teacher top-1 on its views {res['views_top1']:.4f}"
                + (f", on the clean test split {res['test_top1']:.4f}" if res.get("test_top1") is not None else ""))
@@ -697,7 +697,8 @@ def inspect_cmd(cache_dir, as_json):
     click.echo(f"cache {c.path}  (format {m['format_version']}, id {m['cache_id'][:12]}, created {m['created']}, "
                f"kdpipe {m['kdpipe_version']}, torch {m['torch_version']})")
     click.echo(f"  teacher   {t['arch']} ({t['kind']}, {t.get('parameters', 0):,} parameters, sha256 "
-               f"{t['fingerprint'][:12]}), test top-1 {t.get('test_top1')}")
+               f"{t['fingerprint'][:12]}), test top-1 "
+               + (f"{t['test_top1']:.4f}" if isinstance(t.get("test_top1"), (int, float)) else "unknown"))
     click.echo(f"  data      {d['spec']} {d['split']}: {d['num_samples']:,} samples of {tuple(d['image_shape'])}, "
                f"{m['num_classes']} classes, sha256 {d['fingerprint'][:12]}")
     if "ops" in v:  # a composition of view ops, each with its version
@@ -731,7 +732,8 @@ def inspect_cmd(cache_dir, as_json):
     dump = m.get("dump", {})
     if dump.get("rows_per_s"):
         amp = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
-        click.echo(f"  dump      {dump['rows_per_s']:,.0f} images/s on {dump['device']}"
+        unit = "rows" if d.get("kind") == "features" else "images"
+        click.echo(f"  dump      {dump['rows_per_s']:,.0f} {unit}/s on {dump['device']}"
                    + (f" under {amp} autocast" if amp else "") + f", teacher top-1 on views {dump['views_top1']:.4f}")
 
 

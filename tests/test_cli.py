@@ -500,8 +500,11 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
                   "--batch-size", 32, "--device", "cpu", "--out", teacher))
     assert float(r.output.strip().splitlines()[-1].split("(test top-1 ")[1].rstrip(")")) > 0.8  # easy blobs
     assert "images" not in r.output, r.output
-    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--policy", "none", "--views", 1,
-              "--batch-size", 64, "--device", "cpu", "--out", cache))
+    r = ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--policy", "none", "--views", 1,
+                  "--batch-size", 64, "--device", "cpu", "--out", cache))
+    assert " rows/s)" in r.output and "images/s" not in r.output, r.output
+    shown = ok(invoke("inspect", cache)).output
+    assert " rows/s on cpu" in shown and re.search(r"test top-1 0\.\d{4}\n", shown), shown  # not 0.98000001...
     m = json.loads((cache / "manifest.json").read_text())
     assert m["dataset"]["kind"] == "features" and m["dataset"]["image_shape"] == [12]
     x = np.load(tmp_path / "tab.npz")["x_train"].astype(np.float32)
