@@ -706,3 +706,21 @@ def test_make_rerunning_a_finished_teacher_of_the_same_settings_keeps_it(work, t
     res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])  # other settings: replaced
     assert res.exit_code == 0, res.output
     assert "training teacher" in res.output and hashlib.sha256(out.read_bytes()).hexdigest() != before
+
+
+def test_make_rerunning_a_teacher_it_cannot_keep_says_why_it_trains_it_again(work, tmp_path):
+    """A teacher.pt of a kdpipe before f25bff6 records no settings: after an upgrade, Make's teacher rule (with
+    --overwrite) trained it again from scratch without a word about the file it replaced, nor why."""
+    import torch
+
+    out = tmp_path / "teacher.pt"
+    args = [a if a != "4" else "1" for a in teacher_args(work, out)]  # one epoch
+    assert run_cli(args).exit_code == 0
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k != "settings"}, out)  # as an older kdpipe saved it
+    res = run_cli(args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert f"{out} was saved by an older kdpipe, which did not record the settings" in res.output, res.output
+    res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert f"{out} holds a teacher of other settings (optim.lr was 0.003, now 0.001)" in res.output, res.output
