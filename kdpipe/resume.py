@@ -169,7 +169,10 @@ def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict
         if old is None or old in configs or (out / name / "config.json").exists():
             continue
         if (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file():
-            d = differences(settings(_read_json(out / old / "config.json")), settings(cfg))
+            was = settings(_read_json(out / old / "config.json"))
+            if was.get("arch_args") != settings(cfg).get("arch_args"):
+                continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
+            d = differences(was, settings(cfg))
             if d:
                 log(f"{out / old}, named by an older kdpipe (run names hold --arch-args now), has other settings "
                     f"({', '.join(d)}): left as it is; {name} is trained")

@@ -350,6 +350,13 @@ def test_a_run_an_older_kdpipe_named_without_its_arch_args_is_moved_to_its_name_
     assert res.exit_code == 0, res.output
     assert f"{old}, named by an older kdpipe" in res.output and "student_file_sha256 was None" in res.output
     assert (old / "metrics.json").is_file() and (new / "metrics.json").is_file()
+    # a run of today without --arch-args has that name too: it is another run, and nothing is said of it
+    shutil.rmtree(old)
+    shutil.rmtree(new)
+    assert run_cli(args[:5] + args[7:]).exit_code == 0 and (old / "metrics.json").is_file()
+    res = run_cli(args)
+    assert res.exit_code == 0 and "older kdpipe" not in res.output, res.output
+    assert (old / "metrics.json").is_file() and (new / "metrics.json").is_file()
 
 
 def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(work, tmp_path):
