@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from kdpipe import KDPipeError
-from kdpipe.cache.writer import atomic_write_stream, differences
+from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, differences
+from kdpipe.sweep import name_before_arch_args
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_VERSION = 1
@@ -117,6 +118,7 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
             c = load_checkpoint(p)
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
                             "epochs": c["epochs"]}
+    _adopt_older_names(out, configs, held, log)
     diffs: dict[str, list[str]] = {}
     worlds = set()  # the world sizes the differing runs were begun with
     for name, cfg in configs.items():
@@ -155,6 +157,40 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
         if best is not None:
             plan.resume[name] = best[1]
     return plan
+
+
+def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict], log=print) -> None:
+    """Runs that an older kdpipe named without their --arch-args (kdpipe.sweep.name_before_arch_args): a finished
+    one of the same settings moves to its name of today, so the same command skips it (and Make finds its
+    metrics.json) instead of training it again beside the old directory; one of other settings stays where it
+    is, and one that an older pass checkpoint holds unfinished starts over; both with a line saying so."""
+    for name, cfg in configs.items():
+        old = name_before_arch_args(name, cfg.get("arch_args"))
+        if old is None or old in configs or (out / name / "config.json").exists():
+            continue
+        if (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file():
+            was = settings(_read_json(out / old / "config.json"))
+            if was.get("arch_args") != settings(cfg).get("arch_args"):
+                continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
+            d = differences(was, settings(cfg))
+            if d:
+                log(f"{out / old}, named by an older kdpipe (run names hold --arch-args now), has other settings "
+                    f"({', '.join(d)}): left as it is; {name} is trained")
+                continue
+            (out / name).mkdir(parents=True, exist_ok=True)
+            for f in (out / old).iterdir():
+                if f.name != LOCK_FILE:
+                    os.replace(f, out / name / f.name)
+            for f in ("config.json", "metrics.json"):
+                atomic_write_json(out / name / f, {**_read_json(out / name / f), "run": name})
+            with contextlib.suppress(OSError):
+                (out / old / LOCK_FILE).unlink(missing_ok=True)
+                (out / old).rmdir()
+            log(f"{out / old}: finished by an older kdpipe, whose run names left out --arch-args: moved to "
+                f"{out / name}")
+        elif any(old in h["runs"] for h in held.values()):
+            log(f"{old}, begun by an older kdpipe whose run names left out --arch-args, is {name} now: it starts "
+                f"over (its pass checkpoint in {out / CHECKPOINT_DIR} cannot be resumed under the new name)")
 
 
 def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, log=print,

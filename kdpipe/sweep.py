@@ -228,6 +228,15 @@ def arch_args_label(args) -> str:
     return "a" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:6]
 
 
+def name_before_arch_args(name: str, arch_args) -> str | None:
+    """The name kdpipe gave run `name` before run names held --arch-args (b2b8922: ARCH-T4-a0.9-s0 for today's
+    ARCH-width32-T4-a0.9-s0), or None when `arch_args` add nothing to the name."""
+    label = arch_args_label(arch_args)
+    if not label or f"-{label}-" not in name:
+        return None
+    return name.replace(f"-{label}-", "-", 1)
+
+
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
              loss_options: dict | None = None, tag: str = "", arch_args=None) -> str:
     """kd runs: ARCH-T4-a0.9-s0, or ARCH-scratch-s0 for alpha = 0 (T unused). Other losses name the loss,

@@ -13,7 +13,7 @@ import torch
 
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
-from kdpipe.cache.writer import CacheWriter
+from kdpipe.cache.writer import CacheWriter, differences
 from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, save_checkpoint
 from kdpipe.data import ImageData
 from kdpipe.distributed import SINGLE, Dist
@@ -86,7 +86,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
                   "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
                   "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
         ck_path = teacher_checkpoint_path(out)
-        kept = _same_teacher(out, config)
+        kept = _same_teacher(out, config, log)
         if kept is not None:  # make reruns the step for a data file merely touched: hours of training are kept
             teacher_checkpoint_path(out).unlink(missing_ok=True)
             log(f"{out} already holds a teacher trained with these settings on this data (test top-1 "
@@ -139,16 +139,26 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         locks.release()
 
 
-def _same_teacher(out: Path, config: dict) -> dict | None:
+def _same_teacher(out: Path, config: dict, log=print) -> dict | None:
     """train_teacher's result for the teacher at `out` when it was trained with `config`'s settings (which its
-    checkpoint records), else None: a file of other settings, of an older kdpipe, or not a teacher is replaced."""
+    checkpoint records), else None: a file of other settings, of an older kdpipe, or not a teacher is replaced,
+    with a line saying why (make reruns the step with --overwrite: hours of training go)."""
     if not out.is_file():
         return None
     try:
         obj = torch.load(out, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a checkpoint kdpipe wrote: --overwrite replaces it
+        obj = None
+    if not isinstance(obj, dict) or obj.get("role") != "teacher":
+        log(f"{out} is not a teacher checkpoint of kdpipe's: it is replaced")
         return None
-    if not isinstance(obj, dict) or obj.get("role") != "teacher" or obj.get("settings") != settings(config):
+    if "settings" not in obj:
+        log(f"{out} was saved by an older kdpipe, which did not record the settings it was trained with, so it "
+            "cannot be kept as one of these: it is trained again (Ctrl-C now and move it aside to keep it)")
+        return None
+    if obj["settings"] != settings(config):
+        log(f"{out} holds a teacher of other settings "
+            f"({', '.join(differences(obj['settings'], settings(config)))}): it is trained again")
         return None
     os.utime(out)  # up to date for make, whose prerequisite may merely have been touched
     return {"test_top1": obj["test_top1"], "path": str(out), "bytes": out.stat().st_size, "kept": True}

@@ -320,6 +320,45 @@ def test_sweeps_differing_only_in_arch_args_are_runs_of_their_own_names_in_one_o
     assert res.exit_code == 0 and "nets.py_Net-width4-T4-a0.9-s0: already finished" in res.output, res.output
 
 
+def test_a_run_an_older_kdpipe_named_without_its_arch_args_is_moved_to_its_name_not_trained_again(work, tmp_path):
+    """Before b2b8922 the run was nets.py_Net-T4-a0.9-s0; the same command of today trained it again as
+    nets.py_Net-width4-T4-a0.9-s0 beside the old directory, without a word, and a report showed it twice."""
+    net = tmp_path / "nets.py"
+    net.write_text("import torch.nn as nn\n\n\ndef Net(num_classes, image_shape, width=8):\n"
+                   "    c, h, w = image_shape\n"
+                   "    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, width), nn.ReLU(), "
+                   "nn.Linear(width, num_classes))\n")
+    out = tmp_path / "runs"
+    args = ["train-student", "--cache", str(work.cache), "--student", f"{net}:Net", "--arch-args", "width=4",
+            "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    assert run_cli(args).exit_code == 0
+    new, old = out / "nets.py_Net-width4-T4-a0.9-s0", out / "nets.py_Net-T4-a0.9-s0"
+    new.rename(old)  # as an older kdpipe named it
+    for f in ("config.json", "metrics.json"):
+        (old / f).write_text(json.dumps({**json.loads((old / f).read_text()), "run": old.name}))
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert f"{old}: finished by an older kdpipe" in res.output and "already finished" in res.output, res.output
+    assert "training 1 student" not in res.output
+    assert not old.exists() and json.loads((new / "metrics.json").read_text())["run"] == new.name
+    # one of other settings (an older kdpipe recorded no digest of the student's file) stays, and it is said
+    new.rename(old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["student_file_sha256"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert f"{old}, named by an older kdpipe" in res.output and "student_file_sha256 was None" in res.output
+    assert (old / "metrics.json").is_file() and (new / "metrics.json").is_file()
+    # a run of today without --arch-args has that name too: it is another run, and nothing is said of it
+    shutil.rmtree(old)
+    shutil.rmtree(new)
+    assert run_cli(args[:5] + args[7:]).exit_code == 0 and (old / "metrics.json").is_file()
+    res = run_cli(args)
+    assert res.exit_code == 0 and "older kdpipe" not in res.output, res.output
+    assert (old / "metrics.json").is_file() and (new / "metrics.json").is_file()
+
+
 def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(work, tmp_path):
     """A run begun under torchrun and rerun as one process (or the reverse) is refused, as its world size is one
     of its settings; the line says to rerun with the processes it was begun with (which resumes it), not only to
@@ -674,3 +713,21 @@ def test_make_rerunning_a_finished_teacher_of_the_same_settings_keeps_it(work, t
     res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])  # other settings: replaced
     assert res.exit_code == 0, res.output
     assert "training teacher" in res.output and hashlib.sha256(out.read_bytes()).hexdigest() != before
+
+
+def test_make_rerunning_a_teacher_it_cannot_keep_says_why_it_trains_it_again(work, tmp_path):
+    """A teacher.pt of a kdpipe before f25bff6 records no settings: after an upgrade, Make's teacher rule (with
+    --overwrite) trained it again from scratch without a word about the file it replaced, nor why."""
+    import torch
+
+    out = tmp_path / "teacher.pt"
+    args = [a if a != "4" else "1" for a in teacher_args(work, out)]  # one epoch
+    assert run_cli(args).exit_code == 0
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k != "settings"}, out)  # as an older kdpipe saved it
+    res = run_cli(args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert f"{out} was saved by an older kdpipe, which did not record the settings" in res.output, res.output
+    res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert f"{out} holds a teacher of other settings (optim.lr was 0.003, now 0.001)" in res.output, res.output
