@@ -297,13 +297,19 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
     assert_one_line_error(run_cli(other), f"{RUNS[0]} (a metrics.json without the config.json that says its settings)")
 
 
-def test_sweeps_differing_only_in_arch_args_are_runs_of_their_own_names_in_one_out(work, tmp_path):
-    """Before, both sweeps named their run nets.py_Net-T4-a0.9-s0: the second was refused as other settings."""
-    net = tmp_path / "nets.py"
+def width_net(folder: Path) -> Path:
+    """A user's file nets.py whose Net takes a width (--arch-args width=N)."""
+    net = folder / "nets.py"
     net.write_text("import torch.nn as nn\n\n\ndef Net(num_classes, image_shape, width=8):\n"
                    "    c, h, w = image_shape\n"
                    "    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, width), nn.ReLU(), "
                    "nn.Linear(width, num_classes))\n")
+    return net
+
+
+def test_sweeps_differing_only_in_arch_args_are_runs_of_their_own_names_in_one_out(work, tmp_path):
+    """Before, both sweeps named their run nets.py_Net-T4-a0.9-s0: the second was refused as other settings."""
+    net = width_net(tmp_path)
     out = tmp_path / "runs"
 
     def args(width):
@@ -323,11 +329,7 @@ def test_sweeps_differing_only_in_arch_args_are_runs_of_their_own_names_in_one_o
 def test_a_run_an_older_kdpipe_named_without_its_arch_args_is_moved_to_its_name_not_trained_again(work, tmp_path):
     """Before b2b8922 the run was nets.py_Net-T4-a0.9-s0; the same command of today trained it again as
     nets.py_Net-width4-T4-a0.9-s0 beside the old directory, without a word, and a report showed it twice."""
-    net = tmp_path / "nets.py"
-    net.write_text("import torch.nn as nn\n\n\ndef Net(num_classes, image_shape, width=8):\n"
-                   "    c, h, w = image_shape\n"
-                   "    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, width), nn.ReLU(), "
-                   "nn.Linear(width, num_classes))\n")
+    net = width_net(tmp_path)
     out = tmp_path / "runs"
     args = ["train-student", "--cache", str(work.cache), "--student", f"{net}:Net", "--arch-args", "width=4",
             "--epochs", "1", "--device", "cpu", "--out", str(out)]
