@@ -126,6 +126,11 @@ def data_options(f):
                           "S (antialiased "
                           "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
                           "in the cache, so stage two reloads the data the same way.")(f)
+    f = click.option("--resize", type=click.Choice(["crop", "squash"]), default=None, metavar="crop|squash",
+                     help="With --image-size S, how photos become S x S: crop (default) resizes the shorter side "
+                          "and takes the centre; squash resizes the whole photo to S x S, not keeping its aspect "
+                          "ratio, as torchvision's Resize((S, S)): give squash for a teacher trained on photos "
+                          "squashed so. Recorded in the cache, as --image-size.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
     f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,
@@ -341,7 +346,7 @@ def check_one_process(command: str | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training), and "
               "start over if OUT.checkpoint holds a training with other settings. An OUT trained with the same "
               "settings on the same data is kept (delete it to train again).")
-def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
+def train_teacher_cmd(data_spec, data_root, image_size, resize, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
                       size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device,
                       amp, checkpoint_every, overwrite):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
@@ -358,8 +363,8 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
 
     optim = _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     dev = pick_device(device)
-    train = limited(load_dataset(data_spec, "train", data_root, image_size), limit)
-    test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
+    train = limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit)
+    test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
     check_splits(train, test)
     pol = create_policy(policy, padding=padding, size=size)
     args = parse_arch_args(arch_args)
@@ -418,7 +423,7 @@ def train_teacher_cmd(data_spec, data_root, image_size, limit, arch, arch_args, 
                    "layer3), float16, for every view: what --loss kd+hint distils from. Repeatable.")
 @click.option("--out", required=True, type=OutPath(), metavar="CACHE_DIR", help="Cache directory to write.")
 def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trust_pickle, teacher_output, mean, std,
-                    input_range, normalize, data_spec, data_root, image_size, limit, split, views, policy,
+                    input_range, normalize, data_spec, data_root, image_size, resize, limit, split, views, policy,
                     padding, size, seed, logits_dtype, codec, temperatures, batch_size, shard_rows, device, amp, yes,
                     force, overwrite, like, features, out):
     """Stage one: run the teacher once over K views of every sample and write the logits cache."""
@@ -458,12 +463,13 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
         if like is not None:
             data, test, pol = like_data, like_test, like_policy
         else:
-            data = limited(load_dataset(data_spec, split, data_root, image_size), limit)
-            test = limited(load_dataset(data_spec, "test", data_root, image_size), limit) if split == "train" else None
+            data = limited(load_dataset(data_spec, split, data_root, image_size, resize), limit)
+            test = (limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
+                    if split == "train" else None)
             if split == "train":
                 check_splits(data, test)
             else:  # the test split is checked against the train split it will be compared with
-                check_splits(limited(load_dataset(data_spec, "train", data_root, image_size), limit), data)
+                check_splits(limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit), data)
             pol = create_policy(policy, padding=padding, size=size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
@@ -910,7 +916,7 @@ def make_rules_cmd(pipeline, stamps):
                    "measurement (accuracy, latency, quantization) is on the CPU.")
 @click.option("--out", required=True, type=OutPath(), metavar="DIR",
               help="Where to write compress.md, compress.json, compress.png and models/.")
-def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students_dir, quantize, backend, calibration, prune,
+def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, students_dir, quantize, backend, calibration, prune,
                  sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, device, out):
     """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
     model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image at batch
@@ -922,9 +928,9 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, limit, students
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
     prn = PRUNE_KINDS if not prune else tuple(p for p in prune if p != "none")
-    full_train = load_dataset(data_spec, "train", data_root, image_size)
+    full_train = load_dataset(data_spec, "train", data_root, image_size, resize)
     train = limited(full_train, limit)
-    test = limited(load_dataset(data_spec, "test", data_root, image_size), limit)
+    test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
     res = compress(teacher_file, train, test, out, students_dir=students_dir, full_train=full_train,
                    quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
                    calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,

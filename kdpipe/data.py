@@ -67,6 +67,14 @@ STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the spl
 # antialiased resize, the same pixels as torchvision's Resize(S, BICUBIC) on a PIL image, the usual
 # ImageNet preprocessing), output size and crop offsets rounded as torchvision does, then the centre crop.
 RESIZE = "pil-bicubic-shorter-side+center-crop/1"
+# --resize squash: the whole photo resized to S x S by the same BICUBIC (aspect ratio not kept, nothing cropped), as a
+# teacher trained with torchvision's Resize((S, S)) saw its photos. An identity without "resize" is crop.
+SQUASH = "pil-bicubic-squash/1"
+RESIZE_MODES = ("crop", "squash")  # --resize MODE; resize_method(MODE): the method the identity records
+
+
+def resize_method(mode: str) -> str:
+    return {"crop": RESIZE, "squash": SQUASH}[mode]
 
 
 class ImageData:
@@ -253,16 +261,22 @@ class Photos(ImageData):
     kind = "photos"
     describe = "uint8 (N, C, S, S) decoded photos"
 
-    def __init__(self, *args, image_size: int, **kwargs):
+    def __init__(self, *args, image_size: int, resize: str = "crop", **kwargs):
         self.image_size = int(image_size)
+        self.resize = resize
         super().__init__(*args, **kwargs)
 
     def storage_identity(self) -> dict:
-        return {"image_size": self.image_size, "resize": RESIZE}
+        return {"image_size": self.image_size, "resize": resize_method(self.resize)}
 
     @classmethod
     def storage_step(cls, identity, colour):
         s = identity.get("image_size")
+        if identity.get("resize") == SQUASH:
+            return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize the "
+                    f"whole photo to {s} x {s} (PIL bicubic, antialiased; the aspect ratio is not kept, nothing is "
+                    f"cropped): img.resize(({s}, {s}), Image.BICUBIC) on the PIL image, as torchvision's "
+                    f"Resize(({s}, {s}), BICUBIC) does. {SIXTEEN_BIT_STEP}")
         # to_storage's rounding, said exactly: rounding the longer side or the offset otherwise (round for int,
         # floor for round) moved the crop by a pixel in most non-square photos
         return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize its "
@@ -296,12 +310,13 @@ class Features(ImageData):
 
 
 def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None,
-                 image_size: int | None = None) -> ImageData:
+                 image_size: int | None = None, resize: str | None = None) -> ImageData:
     """Load one split of the dataset named by ``spec``; raise KDPipeError with what to do if it can't.
 
     The spec names a registered Source (SOURCES). ``image_size`` S (``--image-size``): decode image
     files (imagefolder:, files:, csv: image lists) to S x S (shorter side resized to S with
-    antialiasing, then centre-cropped); the resize is part of the dataset's identity. A train split
+    antialiasing, then centre-cropped; ``resize`` "squash": the whole image resized to S x S, see
+    RESIZE_MODES; None is crop); the resize is part of the dataset's identity. A train split
     whose labels do not cover 0..N-1 is refused (check_labels).
     """
     if split not in SPLITS:
@@ -316,6 +331,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
             files = ", ".join(f"{n}:" for n, src in SOURCES.items() if src.image_files)
             raise KDPipeError(f"--image-size applies to image files ({files}) only; {spec} "
                               "stores images of one size already: leave it out")
+    _check_resize(spec, kind, image_size, resize)
     src = SOURCES.get(kind)
     if src is None or bool(arg) != src.path:
         raise KDPipeError(f"unknown dataset {spec!r}: use {sources_usage()}")
@@ -323,10 +339,41 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         having = ", ".join(s.usage for s in SOURCES.values() if s.val)
         raise KDPipeError(f"{spec} has no validation split of its own (sources that can have one: {having}): "
                           "hold out part of the train split with --val-fraction F instead")
-    data = src.load(spec, Path(arg).expanduser() if src.path else None, split, data_root, image_size)
+    # a source is given the resize only where it is not crop (one registered with load(..., image_size) still works)
+    more = (resize,) if resize not in (None, "crop") else ()
+    data = src.load(spec, Path(arg).expanduser() if src.path else None, split, data_root, image_size, *more)
     if split == "train":
         check_labels(data)
     return data
+
+
+def _check_resize(spec, kind, image_size, resize) -> None:
+    """Refuse a --resize that is not a mode, or one given without --image-size or for data not decoded from image
+    files (as --image-size is refused there)."""
+    if resize is None:
+        return
+    if resize not in RESIZE_MODES:
+        raise KDPipeError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if kind not in SOURCES or not SOURCES[kind].image_files:
+        files = ", ".join(f"{n}:" for n, src in SOURCES.items() if src.image_files)
+        raise KDPipeError(f"--resize applies to image files ({files}) decoded with --image-size S only; {spec} "
+                          "stores images of one size already: leave it out")
+    if image_size is None:
+        raise KDPipeError(f"--resize {resize} says how photos are brought to --image-size S: give --image-size S "
+                          "too, or leave --resize out")
+
+
+def resize_mode(identity: dict) -> str | None:
+    """The --resize a dataset identity (a manifest's or checkpoint's) records: None where it has no image_size,
+    crop where it names no resize (written before --resize existed)."""
+    if not identity.get("image_size"):
+        return None
+    method = identity.get("resize") or RESIZE
+    for mode in RESIZE_MODES:
+        if resize_method(mode) == method:
+            return mode
+    raise KDPipeError(f"the data was decoded with the resize {method!r}, which this version of kdpipe does not "
+                      "know: upgrade kdpipe")
 
 
 # ---------------------------------------------------------------- the registry of sources
@@ -753,7 +800,7 @@ def _listing_hash(h, folder: Path, files: list[Path]) -> None:
         h.update(f"{os.path.relpath(p, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
-def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageData:
+def _load_imagefolder(spec, root: Path, split, image_size: int | None, resize: str = "crop") -> ImageData:
     """PATH/train and PATH/test (or val), one folder per class; decoded by _decode_files."""
     if not root.is_dir():
         raise KDPipeError(f"{spec}: no such folder {root}")
@@ -783,7 +830,7 @@ def _load_imagefolder(spec, root: Path, split, image_size: int | None) -> ImageD
                    if other is not None and other != folder else [])
     if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
         other_files += _list_files(spec, _split_folder(root, "test"), classes, "test", note=False)[0]
-    return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
+    return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size, resize)
 
 
 # ---------------------------------------------------------------- files: flat folders, label in the name
@@ -873,7 +920,7 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str],
     return classes, {c: i for i, c in enumerate(classes)}
 
 
-def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
+def _load_files(spec, root: Path, split, image_size: int | None, resize: str = "crop") -> ImageData:
     """files:PATH: PATH/training (or train) and PATH/evaluation (or test; else validation or val), each a
     flat folder of images named <label>_<n>.jpg (the layout of Food-11); beside an evaluation (or test)
     folder, PATH/validation (or val) is the validation split."""
@@ -892,7 +939,7 @@ def _load_files(spec, root: Path, split, image_size: int | None) -> ImageData:
     labels = [index[c] for c in names]
     if split == "val":  # its colour mode is the other splits' too (the cache's train and test splits)
         other_files = other_files + _flat_listing(spec, _split_folder(root, "test", SPLIT_FOLDERS), note=False)[0]
-    return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size)
+    return _decode_files(spec, split, folder, files, labels, classes, (other, other_files), image_size, resize)
 
 
 # ---------------------------------------------------------------- csv: image lists and feature tables
@@ -1097,7 +1144,7 @@ def _refuse_leaking_columns(spec, path: Path, x: np.ndarray, names: list[str], l
                               "answer off: drop the column")
 
 
-def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
+def _load_csv(spec, path: Path, split, image_size: int | None, resize: str = "crop") -> ImageData:
     """csv:FILE, one row per sample. Columns (the header row names them):
     - ``label``: the class, whole numbers from 0 or names;
     - ``split``: train (or training), test (or evaluation); val/validation rows are the test split
@@ -1159,7 +1206,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
                 hint = (": write its path with / (a Windows path's \\ is part of the name here)"
                         if "\\" in str(p) else "")
                 raise KDPipeError(f"{spec}: {p} (listed in {path.name}, relative to its folder) is missing{hint}")
-        return _decode_files(spec, split, base, files, labels, classes, (base, other_files), image_size)
+        return _decode_files(spec, split, base, files, labels, classes, (base, other_files), image_size, resize)
     if image_size is not None:
         raise KDPipeError(f"--image-size applies to images; {spec} is a table of features: leave it out")
     if not rest:
@@ -1189,13 +1236,13 @@ def _load_csv(spec, path: Path, split, image_size: int | None) -> ImageData:
 # ---------------------------------------------------------------- decoding image files once
 
 def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int], classes: list[str],
-                  other: tuple[Path | None, list[Path]], image_size: int | None) -> ImageData:
+                  other: tuple[Path | None, list[Path]], image_size: int | None, resize: str = "crop") -> ImageData:
     """Decode `files` once into a memory-mapped .npy under KDPIPE_DATA_CACHE (keyed by both splits'
     file listings, since the colour mode is chosen over the whole dataset, by the labels and classes,
-    and by the resize), then map it. `folder` is where the split's files are (the source), `other` the
-    other split's folder and files."""
+    and by the resize: `resize` is one of RESIZE_MODES), then map it. `folder` is where the split's files
+    are (the source), `other` the other split's folder and files."""
     other_folder, other_files = other
-    h = hashlib.sha256(f"{RESIZE if image_size else 'as-is'}\0{image_size}\0{DECODE_VERSION}\n".encode())
+    h = hashlib.sha256(f"{resize_method(resize) if image_size else 'as-is'}\0{image_size}\0{DECODE_VERSION}\n".encode())
     _listing_hash(h, folder, files)
     if other_files:
         _listing_hash(h, other_folder, other_files)
@@ -1210,7 +1257,8 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
 
     def store(images, sizes, fingerprint=None):
         if image_size:
-            return Photos(images, y, classes, spec, split, str(folder), fingerprint, sizes, image_size=image_size)
+            return Photos(images, y, classes, spec, split, str(folder), fingerprint, sizes, image_size=image_size,
+                          resize=resize)
         return ImageData(images, y, classes, spec, split, str(folder), fingerprint)
 
     recorded = _decoded_meta(meta) if npy.is_file() and sizes_npy.is_file() else None  # the .json is written last
@@ -1244,7 +1292,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
                           "set KDPIPE_DATA_CACHE to a writable folder") from None
     try:
         _reserve(tmp)
-        _decode_into(out, spec, split, files, mode, image_size)
+        _decode_into(out, spec, split, files, mode, image_size, resize)
         out.flush()
         del out
         np.save(sizes_npy, sizes)
@@ -1255,7 +1303,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         # on it with a JSONDecodeError traceback
         meta_tmp.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint,
                                         "num_images": len(files), "mode": mode, "image_size": image_size,
-                                        "resize": RESIZE if image_size else None}))
+                                        "resize": resize_method(resize) if image_size else None}))
         os.replace(meta_tmp, meta)
     except OSError as e:  # e.g. the disk filled up while decoding
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
@@ -1370,9 +1418,10 @@ def _common_mode(spec, modes: list[str], other_files: list[Path]) -> str:
     return "L"
 
 
-def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
+def to_storage(im, mode: str, image_size: int | None, resize: str = "crop") -> np.ndarray:
     """One PIL image as stored: (C, H, W) uint8 in `mode`, upright as viewers show it (a phone's portrait
-    photo is stored in landscape with an EXIF orientation), resized and centre-cropped per RESIZE."""
+    photo is stored in landscape with an EXIF orientation), resized and centre-cropped per RESIZE (`resize`
+    "crop"), or resized whole to S x S per SQUASH ("squash")."""
     from PIL import Image, ImageOps
 
     if _orientation(im) != 1:
@@ -1383,7 +1432,9 @@ def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
         wide = np.asarray(im).astype(np.uint32)
         im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     im = im.convert(mode)
-    if image_size:
+    if image_size and resize == "squash":
+        im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    elif image_size:
         w, h = im.size
         s = image_size
         nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
@@ -1395,10 +1446,10 @@ def to_storage(im, mode: str, image_size: int | None) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape) -> np.ndarray:
+def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape, resize: str = "crop") -> np.ndarray:
     with _open_image(spec, p) as im:
         try:
-            arr = to_storage(im, mode, image_size)
+            arr = to_storage(im, mode, image_size, resize)
         except (OSError, SyntaxError) as e:
             raise _undecodable(spec, p, e) from None
     if arr.shape != shape:
@@ -1407,7 +1458,8 @@ def _decode_one(spec, p: Path, mode: str, image_size: int | None, shape) -> np.n
     return arr
 
 
-def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, image_size: int | None) -> None:
+def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, image_size: int | None,
+                 resize: str = "crop") -> None:
     """Decode every file into its row of `out` (a memory map), a block at a time: Pillow releases the
     GIL while it decodes and resizes, so a few threads keep several cores busy; rows stay in order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -1420,7 +1472,7 @@ def _decode_into(out: np.ndarray, spec, split, files: list[Path], mode: str, ima
     with ThreadPoolExecutor(workers) as pool:
         for lo in range(0, len(files), DECODE_BLOCK):
             block = files[lo:lo + DECODE_BLOCK]
-            for j, arr in enumerate(pool.map(lambda p: _decode_one(spec, p, mode, image_size, shape), block)):
+            for j, arr in enumerate(pool.map(lambda p: _decode_one(spec, p, mode, image_size, shape, resize), block)):
                 out[lo + j] = arr
             prog.update(len(block))
 
@@ -1438,11 +1490,12 @@ register_source(Source("mnist", "mnist", lambda spec, path, split, root, size: _
 for _name in ("cifar10", "cifar100"):
     register_source(Source(_name, _name, lambda spec, path, split, root, size, _k=_name: _load_cifar(
         spec, _k, split, root)))
-register_source(Source("imagefolder", "imagefolder:PATH", lambda spec, path, split, root, size: _load_imagefolder(
-    spec, path, split, size), path=True, image_files=True, val=True))
-register_source(Source("files", "files:PATH", lambda spec, path, split, root, size: _load_files(
-    spec, path, split, size), path=True, image_files=True, val=True))
-register_source(Source("csv", "csv:FILE", lambda spec, path, split, root, size: _load_csv(
-    spec, path, split, size), path=True, image_files=True, val=True, file=True))
+register_source(Source("imagefolder", "imagefolder:PATH",
+                       lambda spec, path, split, root, size, resize="crop": _load_imagefolder(
+                           spec, path, split, size, resize), path=True, image_files=True, val=True))
+register_source(Source("files", "files:PATH", lambda spec, path, split, root, size, resize="crop": _load_files(
+    spec, path, split, size, resize), path=True, image_files=True, val=True))
+register_source(Source("csv", "csv:FILE", lambda spec, path, split, root, size, resize="crop": _load_csv(
+    spec, path, split, size, resize), path=True, image_files=True, val=True, file=True))
 register_source(Source("npz", "npz:PATH", lambda spec, path, split, root, size: _load_npz(spec, path, split),
                        path=True, val=True, file=True))

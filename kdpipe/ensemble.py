@@ -256,7 +256,7 @@ def open_caches(cache_dirs, weights=None) -> tuple[Cache, Ensemble | None]:
 
 # ---------------------------------------------------------------- dump-logits --like
 
-LIKE_OPTIONS = ("split", "views", "seed", "limit", "image_size", "policy", "padding", "size")
+LIKE_OPTIONS = ("split", "views", "seed", "limit", "image_size", "resize", "policy", "padding", "size")
 
 
 def like_cache(like_dir, given: dict, data_root=None, data_spec: str | None = None):
@@ -264,14 +264,15 @@ def like_cache(like_dir, given: dict, data_root=None, data_spec: str | None = No
     and --data-root only say where it lies now) and views (ops, seed, K). `given`: the options the user set
     explicitly among LIKE_OPTIONS; one that differs from CACHE's is refused, naming it.
     Returns (data, test, policy, views, seed, split)."""
+    from kdpipe.data import resize_mode
     from kdpipe.student import load_cache_data
     from kdpipe.views import create_policy, policy_from_identity
     like = Cache(like_dir)
     m = like.manifest
     d, v = m["dataset"], m["views"]
     have = {"split": d["split"], "views": int(v["K"]), "seed": int(v["seed"]), "limit": d.get("limit"),
-            "image_size": d.get("image_size")}
-    for k in ("split", "views", "seed", "limit", "image_size"):
+            "image_size": d.get("image_size"), "resize": resize_mode(d)}
+    for k in ("split", "views", "seed", "limit", "image_size", "resize"):
         if k in given and given[k] != have[k]:
             raise KDPipeError(f"--{k.replace('_', '-')} {given[k]} conflicts with --like {like.path}, whose "
                               f"{k.replace('_', ' ')} is {have[k]}: leave --{k.replace('_', '-')} out")

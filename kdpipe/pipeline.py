@@ -39,8 +39,9 @@ _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding
                  "checkpoint_every"} | set(_OPTIM_FLAGS)
 # limit: only N samples of each split, drawn from a fixed seed (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
-# image_size: photos decoded to S x S (--image-size; the image store's photo kind).
-_DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size"}
+# image_size: photos decoded to S x S (--image-size; the image store's photo kind); resize: how (--resize crop or
+# squash; "squash" for a teacher trained on photos resized whole to S x S).
+_DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size", "resize"}
 # features: teacher layers cached for hint losses (dump-logits --features); hint_layer / hint_feature: a students
 # block's --hint-layer and --hint-feature (a loss with a hint term, e.g. loss = "kd:1,hint:50").
 _DUMP_KEYS = {"views", "policy", "padding", "size", "seed", "logits_dtype", "batch_size", "shard_rows", "device", "amp",
@@ -74,7 +75,7 @@ _TOP_KEYS = {"name", "data", "teacher", "dump", "students", "compress"}
 # (a sweep axis). Keys not listed take what their command line option takes (checked when the step runs).
 _INT, _NUM = "int", "float"
 _TYPES = {
-    "data": {"spec": str, "root": str, "limit": _INT, "image_size": _INT, "prepare": str},
+    "data": {"spec": str, "root": str, "limit": _INT, "image_size": _INT, "resize": str, "prepare": str},
     "teacher": {"arch": str, "file": str, "epochs": _INT, "batch_size": _INT, "seed": _INT, "padding": _INT,
                 "size": _INT, "policy": str, "device": str, "trust_pickle": bool, "checkpoint_every": _NUM,
                 "optimizer": str, "lr": _NUM, "momentum": _NUM, "weight_decay": _NUM, "eps": _NUM,
@@ -326,7 +327,8 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     data = spec["data"]
     data_opts = ["--data", data["spec"]] + (["--data-root", data["root"]] if data.get("root") else []) + \
         (["--limit", str(int(data["limit"]))] if data.get("limit") else []) + \
-        (["--image-size", str(int(data["image_size"]))] if data.get("image_size") else [])
+        (["--image-size", str(int(data["image_size"]))] if data.get("image_size") else []) + \
+        (["--resize", data["resize"]] if data.get("resize") else [])
     data_file = [data["spec"].removeprefix("npz:")] if data.get("prepare") else []
     given_data = _data_file(data) if not data_file else None  # the user's npz or CSV file: changed, steps rerun
     data_file = data_file or ([given_data] if given_data else [])

@@ -18,7 +18,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache.reader import Cache
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
-from kdpipe.data import KINDS, SOURCES, ImageData, check_splits, limited, load_dataset, moved_spec
+from kdpipe.data import KINDS, SOURCES, ImageData, check_splits, limited, load_dataset, moved_spec, resize_mode
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, sample_unit, steps_per_epoch, train_pass
 from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
@@ -48,8 +48,10 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
         raise KDPipeError(f"the cache's data is of kind {kind!r}, which this version cannot load "
                           f"(it knows {', '.join(KINDS)}): upgrade kdpipe")
     size = d.get("image_size")  # photos: decoded the same way as in stage one, without asking again
+    resize = resize_mode(d)  # and by the same resize (crop or squash)
     try:
-        train = limited(load_dataset(spec, d["split"], root, size), d.get("limit"), d.get("limit_sampled", False))
+        train = limited(load_dataset(spec, d["split"], root, size, resize), d.get("limit"),
+                        d.get("limit_sampled", False))
     except KDPipeError as e:
         arg = spec.partition(":")[2]
         gone = Path(arg).expanduser() if src is not None and src.path else Path(root) if root else None
@@ -63,7 +65,7 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
     test = None
     ev = cache.manifest.get("eval")
     if ev:
-        test = limited(load_dataset(spec, "test", root, size), ev["dataset"].get("limit"),
+        test = limited(load_dataset(spec, "test", root, size, resize), ev["dataset"].get("limit"),
                        ev["dataset"].get("limit_sampled", False))
         if test.fingerprint != ev["dataset"]["fingerprint"]:
             raise KDPipeError(f"the test split of {spec} differs from the one the cache's teacher "
@@ -87,13 +89,14 @@ def _data_where(cache: Cache, data_root=None, data_spec: str | None = None):
 def load_validation_split(cache: Cache, train: ImageData, test: ImageData | None, data_root=None,
                           data_spec: str | None = None) -> ImageData:
     """The data source's own validation split (--val-split: Food-11's validation/, imagefolder's val/, a CSV's
-    val rows, an npz's x_val), decoded as the cache's data was (the manifest's image size; `limit` samples
+    val rows, an npz's x_val), decoded as the cache's data was (the manifest's image size and resize; `limit` samples
     where the cache's data was limited, drawn as --limit draws from each split) and checked against the train
     split (classes, shape). A source without one is refused by its loader, in one line; so is a validation
     split that holds the same data as the test split (selecting on it would select on the test set)."""
     spec, root, _ = _data_where(cache, data_root, data_spec)
     d = cache.manifest["dataset"]
-    val = limited(load_dataset(spec, "val", root, d.get("image_size")), d.get("limit"), d.get("limit_sampled", False))
+    val = limited(load_dataset(spec, "val", root, d.get("image_size"), resize_mode(d)), d.get("limit"),
+                  d.get("limit_sampled", False))
     check_splits(train, val)
     if val.fingerprint in (train.fingerprint, test.fingerprint if test is not None else None):
         same = "train" if val.fingerprint == train.fingerprint else "test"

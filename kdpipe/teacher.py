@@ -15,7 +15,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.writer import CacheWriter, differences
 from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, save_checkpoint
-from kdpipe.data import ImageData
+from kdpipe.data import SQUASH, ImageData, resize_mode
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
@@ -410,11 +410,24 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 
+def check_resize(teacher: LoadedModel, data: ImageData) -> None:
+    """Refuse photos decoded by another resize (crop, squash) than the ones a kdpipe teacher was trained on at
+    this size: its inputs have the same shape, so the probe passed and the cache held worse logits, silently."""
+    d = teacher.info.get("dataset") or {}
+    if data.kind != "photos" or d.get("kind") != "photos" or d.get("image_size") != data.image_size:
+        return
+    trained, given = resize_mode(d), data.resize
+    if trained != given:
+        raise KDPipeError(f"the teacher was trained on photos resized by {trained} (--resize {trained}), the data "
+                          f"given is resized by {given}: dump the data it was trained on{_trained_with(teacher)}")
+
+
 def _trained_with(teacher: LoadedModel) -> str:
     """The dump-logits options of the data and views a kdpipe teacher was trained on, as its checkpoint records
     them (" (--data fashion-mnist, --image-size 24, --policy crop:2+flip)"); "" where it records none."""
     d, v = teacher.info.get("dataset") or {}, teacher.info.get("view_policy") or {}
     opts = [f"--{k} {x}" for k, x in (("data", d.get("spec")), ("image-size", d.get("image_size")),
+                                       ("resize", "squash" if d.get("resize") == SQUASH else None),
                                        ("policy", v.get("spec"))) if x]
     return f" ({', '.join(opts)})" if opts else ""
 
@@ -469,6 +482,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     if teacher.image_shape is not None and tuple(teacher.image_shape) != tuple(in_shape):
         raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}: "
                           f"dump the data and views it was trained on{_trained_with(teacher)}")
+    check_resize(teacher, data)
     check_class_names(teacher, data, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]

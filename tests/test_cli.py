@@ -487,6 +487,49 @@ def test_photos_of_any_size_with_image_size_through_both_stages(tmp_path, monkey
         f"trained on (--data {data}, --image-size 24, --policy crop:2+flip)"
 
 
+def test_squashed_photos_through_both_stages_and_a_teacher_fed_other_photos_is_refused(tmp_path, monkeypatch):
+    """--resize squash is given to stage one only: the manifest records it, and stage two, its validation split,
+    verify-cache and --like reload the photos squashed. A teacher trained on squashed photos given centre crops of
+    the same size was probed above chance and dumped worse logits silently: refused, naming --resize squash."""
+    from test_data import _aspect_folder
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    sizes = [(60, 20), (20, 60), (33, 33), (45, 30), (16, 40), (50, 50)]
+    _aspect_folder(tmp_path / "photos", sizes)
+    _aspect_folder(tmp_path / "other", sizes, seed=1)
+    (tmp_path / "other" / "test").rename(tmp_path / "photos" / "val")
+    data = f"imagefolder:{tmp_path / 'photos'}"
+    teacher, cache, runs = tmp_path / "t.pt", tmp_path / "cache", tmp_path / "runs"
+    assert_one_line_error(invoke("dump-logits", "--teacher", teacher, "--data", data, "--resize", "squash",
+                                 "--views", 2, "--out", cache), "--resize squash says how photos are brought to "
+                                                                "--image-size S: give --image-size S too")
+    ok(invoke("train-teacher", "--data", data, "--image-size", 16, "--resize", "squash", "--arch", "cnn_tiny",
+              "--epochs", 1, "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
+    r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--views", 2, "--padding", 2,
+               "--force", "--device", "cpu", "--out", tmp_path / "cropped")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
+        "Error: the teacher was trained on photos resized by squash (--resize squash), the data given is resized by "
+        f"crop: dump the data it was trained on (--data {data}, --image-size 16, --resize squash, --policy "
+        "crop:2+flip)"), r.stderr
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--resize", "squash",
+              "--views", 2, "--padding", 2, "--batch-size", 4, "--force", "--device", "cpu", "--out", cache))
+    d = json.loads((cache / "manifest.json").read_text())["dataset"]
+    assert d["kind"] == "photos" and d["image_size"] == 16 and d["resize"] == "pil-bicubic-squash/1"
+    ok(invoke("verify-cache", cache, "--teacher", teacher, "--sample", 8))
+    ok(invoke("train-student", "--cache", cache, "--student", "cnn_tiny", "--epochs", 1, "--batch-size", 4,
+              "--val-split", "--device", "cpu", "--out", runs))
+    (run,) = runs.iterdir()  # trained on the photos as stage one stored them, best epoch picked on val/ squashed
+    from kdpipe.data import load_dataset
+    val = load_dataset(data, "val", image_size=16, resize="squash")
+    assert json.loads((run / "metrics.json").read_text())["val_data"]["fingerprint"] == val.fingerprint
+    assert_one_line_error(invoke("dump-logits", "--teacher", teacher, "--like", cache, "--resize", "crop",
+                                 "--force", "--out", tmp_path / "like"),
+                          f"--resize crop conflicts with --like {cache}, whose resize is squash")
+    ok(invoke("dump-logits", "--teacher", teacher, "--like", cache, "--batch-size", 4, "--force", "--device", "cpu",
+              "--out", tmp_path / "like"))
+    like = json.loads((tmp_path / "like" / "manifest.json").read_text())["dataset"]
+    assert like["fingerprint"] == d["fingerprint"]
+
+
 def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monkeypatch):
     """Tabular data: an npz of float64 (N, D) features, views `none`, an MLP teacher and student."""
     from test_data import make_features_npz

@@ -620,6 +620,99 @@ def test_photos_decoded_copy_is_memory_mapped_reused_and_keyed_by_image_size(tmp
     assert sub.kind == "photos" and sub.sizes.shape == (3, 2) and sub.fingerprint != first.fingerprint
 
 
+def _aspect_folder(root, sizes, seed=0) -> list:
+    """train/ and test/ of classes a and b: one PNG per (w, h) in `sizes` (RGB and grey), plus a phone's portrait
+    photo (landscape pixels with EXIF orientation 6); returns the train files in load order."""
+    rng = np.random.default_rng(seed)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                (im.convert("L") if i % 3 == 2 else im).save(root / split / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (30, 70, 3), dtype=np.uint8)).save(
+                root / split / c / "phone.png", exif=exif.tobytes())
+    return sorted((root / "train").glob("*/*.png"))
+
+
+def test_squash_resizes_the_whole_photo_to_s_x_s_as_pil_does(tmp_path):
+    """--resize squash: a teacher trained on photos squashed to S x S (torchvision's Resize((S, S)), the Food-11
+    homework's) was fed centre crops: worse logits, above chance, cached without a word. Squashed, each stored
+    photo is PIL's img.resize((S, S), BICUBIC) of the upright photo in the folder's colour mode, whatever its
+    aspect ratio; crop mode still gives the centre crop."""
+    from PIL import ImageOps
+    S = 16
+    files = _aspect_folder(tmp_path / "p", [(80, 20), (20, 80), (33, 33), (57, 41), (16, 16), (9, 40)])
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    d = load_dataset(spec, "train", image_size=S, resize="squash")
+    assert d.kind == "photos" and d.image_shape == (3, S, S) and len(d) == len(files)
+    for i, p in enumerate(files):
+        ref = ImageOps.exif_transpose(Image.open(p)).convert("RGB").resize((S, S), Image.BICUBIC)
+        np.testing.assert_array_equal(d.images[i], np.asarray(ref).transpose(2, 0, 1), err_msg=str(p))
+    assert d.identity()["resize"] == "pil-bicubic-squash/1" and d.identity()["image_size"] == S
+    crop = load_dataset(spec, "train", image_size=S)
+    assert crop.identity()["resize"] == "pil-bicubic-shorter-side+center-crop/1"
+    assert crop.fingerprint != d.fingerprint and not np.array_equal(crop.images[0], d.images[0])
+    assert load_dataset(spec, "test", image_size=S, resize="squash").identity()["resize"] == "pil-bicubic-squash/1"
+    assert d.subset(3).identity()["resize"] == "pil-bicubic-squash/1"
+
+
+def test_crops_identity_and_decoded_copy_are_unchanged_by_resize_modes(tmp_path, monkeypatch):
+    """Crop (the default, and --resize crop) keeps the identity, fingerprint and decoded copy of before --resize
+    existed (pinned: caches and decoded copies made earlier stay valid); squash is a copy and a dataset of its
+    own."""
+    from kdpipe.data import Photos
+    imgs = (np.arange(4 * 3 * 8 * 8) % 251).astype(np.uint8).reshape(4, 3, 8, 8)
+    sizes = np.array([[10, 20], [30, 8], [8, 8], [50, 40]])
+    args = (imgs, np.array([0, 1, 0, 1]), ["a", "b"], "imagefolder:/x", "train", "/x", None, sizes)
+    for p in (Photos(*args, image_size=8), Photos(*args, image_size=8, resize="crop")):
+        assert p.storage_identity() == {"image_size": 8, "resize": "pil-bicubic-shorter-side+center-crop/1"}
+        assert p.fingerprint == "67154fc348c2a0aa5415b31a2ffc0dbf31b0e0be16e0b894b18eb17b9c83f16f"  # as before
+    assert Photos(*args, image_size=8, resize="squash").fingerprint != Photos(*args, image_size=8).fingerprint
+    cache_dir = tmp_path / "decoded"
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(cache_dir))
+    _aspect_folder(tmp_path / "p", [(40, 20), (20, 40)])
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    first = load_dataset(spec, "train", image_size=12)
+    assert load_dataset(spec, "train", image_size=12, resize="crop").fingerprint == first.fingerprint
+    assert len(list(cache_dir.glob("*.json"))) == 1  # --resize crop maps the same decoded copy
+    squash = load_dataset(spec, "train", image_size=12, resize="squash")
+    assert len(list(cache_dir.glob("*.json"))) == 2 and squash.fingerprint != first.fingerprint
+    metas = [json.loads(p.read_text()) for p in cache_dir.glob("*.json")]
+    assert sorted(m["resize"] for m in metas) == ["pil-bicubic-shorter-side+center-crop/1", "pil-bicubic-squash/1"]
+
+
+def test_resize_is_refused_without_image_size_or_image_files(tmp_path, fmnist_like):
+    """--resize says how photos reach --image-size: without it, or for data not decoded from image files, it is
+    refused in one line, as --image-size is there."""
+    _aspect_folder(tmp_path / "p", [(40, 20), (20, 40)])
+    with pytest.raises(KDPipeError, match=r"^--resize squash says how photos are brought to --image-size S: give "
+                                          r"--image-size S too, or leave --resize out$"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", resize="squash")
+    with pytest.raises(KDPipeError, match=r"^--resize applies to image files \(imagefolder:, files:, csv:\) decoded "
+                                          r"with --image-size S only; npz:.* leave it out$"):
+        load_dataset(fmnist_like, "train", resize="squash")
+    with pytest.raises(KDPipeError, match="--resize must be one of crop, squash, got 'stretch'"):
+        load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=8, resize="stretch")
+    table = tmp_path / "t.csv"
+    table.write_text("label,split,f1\n0,train,1.0\n1,train,2.0\n0,test,1.5\n1,test,2.5\n")
+    with pytest.raises(KDPipeError, match="--image-size applies to images; csv:.* is a table of features"):
+        load_dataset(f"csv:{table}", "train", image_size=8, resize="squash")
+
+
+def test_resize_mode_reads_an_identity(tmp_path):
+    """Stage two reloads photos by the resize their identity records; one recorded before --resize is crop."""
+    from kdpipe.data import resize_mode
+    assert resize_mode({"image_size": 8}) == "crop"
+    assert resize_mode({"image_size": 8, "resize": "pil-bicubic-shorter-side+center-crop/1"}) == "crop"
+    assert resize_mode({"image_size": 8, "resize": "pil-bicubic-squash/1"}) == "squash"
+    assert resize_mode({"spec": "fashion-mnist"}) is None
+    with pytest.raises(KDPipeError, match="resize 'lanczos/9', which this version of kdpipe does not know"):
+        resize_mode({"image_size": 8, "resize": "lanczos/9"})
+
+
 def test_varying_sizes_without_image_size_are_refused_before_decoding(tmp_path, monkeypatch):
     cache_dir = tmp_path / "decoded"
     monkeypatch.setenv("KDPIPE_DATA_CACHE", str(cache_dir))

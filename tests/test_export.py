@@ -341,6 +341,39 @@ def test_the_cards_photo_steps_followed_by_hand_give_kdpipes_own_test_input(tmp_
 
 
 
+def test_the_cards_squash_step_followed_by_hand_gives_kdpipes_stored_photos(tmp_path):
+    """Photos stored with --resize squash: the card says so in words (the whole photo resized to S x S, no crop) and
+    names PIL's call; followed by hand on the photo files (several aspect ratios), it gives kdpipe's stored pixels."""
+    from PIL import Image, ImageOps
+    from kdpipe.data import load_dataset
+    rng = np.random.default_rng(0)
+    root = tmp_path / "food"
+    sizes = [(37, 50), (61, 44), (45, 45), (90, 20), (20, 90), (53, 38)]  # (w, h)
+    for split in ("training", "evaluation"):
+        (root / split).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / f"{i % 2}_{i}.png")
+    S = 23
+    test = load_dataset(f"files:{root}", "test", None, S, "squash")
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, create_model("cnn_tiny", 2, (3, S, S)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, S, S), mean=[0.5] * 3, std=[0.25] * 3, class_names=test.class_names,
+                    dataset=test.identity(), test_top1=None)
+    step = preprocessing(load_model(ckpt))[0]
+    assert step.startswith("decode the photo, turn it upright by its EXIF orientation and convert it to RGB (3 "
+                           f"channels, in R, G, B order); resize the whole photo to {S} x {S} (PIL bicubic, "
+                           "antialiased; the aspect ratio is not kept, nothing is cropped): "
+                           f"img.resize(({S}, {S}), Image.BICUBIC) on the PIL image"), step
+    assert "shorter side" not in step and "centre" not in step
+
+    def by_hand(path):  # the card's words
+        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        return np.asarray(img.resize((S, S), Image.BICUBIC)).transpose(2, 0, 1)
+
+    hand = np.stack([by_hand(p) for p in sorted((root / "evaluation").iterdir())])
+    assert sorted(a.tobytes() for a in hand) == sorted(a.tobytes() for a in np.asarray(test.images))
+
+
 def _photos_of_every_mode(folder, rng, sizes):
     """A photo of each kind users bring, one per (w, h) in `sizes`: RGB, grey, RGBA, palette (with a
     transparent index), EXIF-rotated JPEG and 16-bit grey PNG; named <label>_<n> for files:."""

@@ -200,6 +200,30 @@ def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_pa
     assert "--image-size" not in student
 
 
+def test_a_pipelines_resize_reaches_every_command_that_reads_the_data(tmp_path):
+    """[data] resize = "squash" passes --resize squash beside --image-size to train-teacher, dump-logits and compress
+    (train-student reads it from the cache), and the command lines parse it; without the key, no --resize."""
+    import shlex
+
+    from kdpipe.cli import main
+    from kdpipe.pipeline import make_rules
+    p = tmp_path / "p.toml"
+    spec = (REPO / "pipelines" / "default.toml").read_text().replace(
+        'spec = "fashion-mnist"', 'spec = "files:/photos"\nimage_size = 64\nresize = "squash"')
+    p.write_text(spec + '\n[compress]\nquantize = ["dynamic"]\n')
+    rules = make_rules(load_pipeline(p))
+    for cmd in ("train-teacher", "dump-logits", "compress"):
+        line = next(x for x in rules.splitlines() if f"$(KDPIPE) {cmd} " in x)
+        args = shlex.split(line.strip())[2:]
+        assert main.commands[cmd].make_context(cmd, args).params["resize"] == "squash", cmd
+    assert "--resize" not in next(x for x in rules.splitlines() if "$(KDPIPE) train-student " in x)
+    p.write_text(spec.replace('resize = "squash"', "resize = 1"))
+    with pytest.raises(KDPipeError, match="resize"):
+        load_pipeline(p)
+    p.write_text(spec.replace('\nresize = "squash"', ""))
+    assert "--resize" not in make_rules(load_pipeline(p))
+
+
 def test_food_photos_pipeline(monkeypatch, tmp_path):
     """pipelines/food-photos.toml on a folder in Food-11's layout made here (no Food-11 copy can be had):
     JPEGs of 40 to 90 px named <label>_<n>.jpg in training/, validation/ and evaluation/, a torchvision
