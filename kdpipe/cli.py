@@ -129,8 +129,8 @@ def data_options(f):
     f = click.option("--resize", type=click.Choice(["crop", "squash"]), default=None, metavar="crop|squash",
                      help="With --image-size S, how photos become S x S: crop (default) resizes the shorter side "
                           "and takes the centre; squash resizes the whole photo to S x S, not keeping its aspect "
-                          "ratio, as torchvision's Resize((S, S)): give squash for a teacher trained on photos "
-                          "squashed so. Recorded in the cache, as --image-size.")(f)
+                          "ratio, as torchvision's Resize((S, S), BICUBIC): give squash for a teacher trained on "
+                          "photos squashed so. Recorded in the cache, as --image-size.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
     f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,
@@ -346,9 +346,9 @@ def check_one_process(command: str | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (else refused, before any training), and "
               "start over if OUT.checkpoint holds a training with other settings. An OUT trained with the same "
               "settings on the same data is kept (delete it to train again).")
-def train_teacher_cmd(data_spec, data_root, image_size, resize, limit, arch, arch_args, epochs, out, batch_size, policy, padding,
-                      size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed, device,
-                      amp, checkpoint_every, overwrite):
+def train_teacher_cmd(data_spec, data_root, image_size, resize, limit, arch, arch_args, epochs, out, batch_size, policy,
+                      padding, size, optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs, seed,
+                      device, amp, checkpoint_every, overwrite):
     """Train a teacher and save a checkpoint that records its architecture, classes, input
     normalization and size, the dataset fingerprint and its test accuracy. The training checkpoints to
     OUT.checkpoint at every epoch's end: after a crash, Ctrl-C or SIGTERM, the same command resumes it."""

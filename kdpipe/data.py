@@ -68,7 +68,8 @@ STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the spl
 # ImageNet preprocessing), output size and crop offsets rounded as torchvision does, then the centre crop.
 RESIZE = "pil-bicubic-shorter-side+center-crop/1"
 # --resize squash: the whole photo resized to S x S by the same BICUBIC (aspect ratio not kept, nothing cropped), as a
-# teacher trained with torchvision's Resize((S, S)) saw its photos. An identity without "resize" is crop.
+# teacher trained with torchvision's Resize((S, S), BICUBIC) saw its photos (its default, bilinear, is close but not the
+# same). An identity without "resize" is crop.
 SQUASH = "pil-bicubic-squash/1"
 RESIZE_MODES = ("crop", "squash")  # --resize MODE; resize_method(MODE): the method the identity records
 
