@@ -39,6 +39,7 @@ import copy
 import errno
 import gzip
 import hashlib
+import inspect
 import json
 import operator
 import os
@@ -342,10 +343,24 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
                           "hold out part of the train split with --val-fraction F instead")
     # a source is given the resize only where it is not crop (one registered with load(..., image_size) still works)
     more = (resize,) if resize not in (None, "crop") else ()
+    if more and not _takes_args(src.load, 6):
+        raise KDPipeError(f"--resize {resize}: the data source {kind!r} does not take a resize mode (its load has no "
+                          "sixth argument, docs/extending.md): leave --resize out, or add it to the source")
     data = src.load(spec, Path(arg).expanduser() if src.path else None, split, data_root, image_size, *more)
     if split == "train":
         check_labels(data)
     return data
+
+
+def _takes_args(fn, n: int) -> bool:
+    """Whether fn can be called with n positional arguments (True where its signature cannot be read)."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 def _check_resize(spec, kind, image_size, resize) -> None:

@@ -702,6 +702,24 @@ def test_resize_is_refused_without_image_size_or_image_files(tmp_path, fmnist_li
         load_dataset(f"csv:{table}", "train", image_size=8, resize="squash")
 
 
+def test_a_users_source_without_a_resize_argument_refuses_squash_in_one_line(tmp_path, monkeypatch):
+    """A source registered with load(spec, path, split, data_root, image_size), as docs/extending.md described before
+    --resize, gave a TypeError traceback under --resize squash; crop still reaches it with five arguments."""
+    from kdpipe import data
+    calls = []
+
+    def load(spec, path, split, data_root, image_size):
+        calls.append(image_size)
+        return data.load_dataset(f"imagefolder:{path}", split, data_root, image_size)
+
+    _aspect_folder(tmp_path / "p", [(40, 20), (20, 40)])
+    monkeypatch.setitem(data.SOURCES, "mine", data.Source("mine", "mine:PATH", load, path=True, image_files=True))
+    with pytest.raises(KDPipeError, match=r"^--resize squash: the data source 'mine' does not take a resize mode"):
+        load_dataset(f"mine:{tmp_path / 'p'}", "train", image_size=8, resize="squash")
+    assert load_dataset(f"mine:{tmp_path / 'p'}", "train", image_size=8, resize="crop").image_size == 8
+    assert calls == [8]
+
+
 def test_resize_mode_reads_an_identity(tmp_path):
     """Stage two reloads photos by the resize their identity records; one recorded before --resize is crop."""
     from kdpipe.data import resize_mode
