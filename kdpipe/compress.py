@@ -40,6 +40,7 @@ from kdpipe.export import finite, load_model
 from kdpipe.losses import create_loss
 from kdpipe.util import ensure_out_dir, error_line, images_tensor
 from kdpipe.views import ViewPolicy, create_policy, policy_from_identity
+from kdpipe.teacher import check_resize
 
 BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
 QUANT_KINDS = ("dynamic", "static")
@@ -422,6 +423,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     if finetune_epochs > 0 and prune:
         OptimConfig(lr=lr)  # a bad --lr is refused now, not after the teacher's measurements
     teacher = load_model(teacher_path)
+    check_resize(teacher, test, "compress")  # its rows measured on photos brought to size otherwise than it saw
     dirs = [students_dir] if isinstance(students_dir, (str, os.PathLike)) else list(students_dir or [])
     students = [s for d in dirs for s in _students(d)]  # each a RUNS_DIR, or one run (a pipeline's runs, named)
     twice = sorted({name for name, _ in students if [n for n, _ in students].count(name) > 1})

@@ -410,16 +410,19 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
     log(f"planned cache size {size}" + (f", {' and '.join(why)} (--yes)" if why else ""))
 
 
-def check_resize(teacher: LoadedModel, data: ImageData) -> None:
+def check_resize(teacher: LoadedModel, data: ImageData, command: str = "dump-logits") -> None:
     """Refuse photos decoded by another resize (crop, squash) than the ones a kdpipe teacher was trained on at
-    this size: its inputs have the same shape, so the probe passed and the cache held worse logits, silently."""
+    this size: its inputs have the same shape, so the probe passed and the cache held worse logits, silently
+    (compress measured every row on them)."""
     d = teacher.info.get("dataset") or {}
     if data.kind != "photos" or d.get("kind") != "photos" or d.get("image_size") != data.image_size:
         return
     trained, given = resize_mode(d), data.resize
     if trained != given:
+        fix = f"dump the data it was trained on{_trained_with(teacher)}" if command == "dump-logits" else \
+            f"give {command} --resize {trained}"
         raise KDPipeError(f"the teacher was trained on photos resized by {trained} (--resize {trained}), the data "
-                          f"given is resized by {given}: dump the data it was trained on{_trained_with(teacher)}")
+                          f"given is resized by {given}: {fix}")
 
 
 def _trained_with(teacher: LoadedModel) -> str:

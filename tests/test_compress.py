@@ -683,3 +683,26 @@ def test_each_compressed_model_has_a_card_and_following_it_gives_its_top1(fmnist
     # a rerun that no longer makes a row removes its model and its card
     compress(teacher_ckpt, train, test, out, quantize=(), prune=(), repeats=1, log=lambda *a: None)
     assert sorted(p.name for p in (out / "models").iterdir()) == ["teacher.pt", "teacher.pt.json"]
+
+
+def test_compress_refuses_photos_resized_otherwise_than_the_teacher_saw(tmp_path):
+    """A teacher trained on squashed photos, measured by compress on centre crops of the same size: every row's
+    accuracy was of other inputs than the teacher's, with only a note that the data's fingerprint differs."""
+    from test_data import _aspect_folder
+
+    from kdpipe.checkpoint import save_checkpoint
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    _aspect_folder(tmp_path / "p", [(40, 20), (20, 40), (30, 30)])
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    squashed = load_dataset(spec, "train", image_size=8, resize="squash")
+    teacher = tmp_path / "t.pt"
+    save_checkpoint(teacher, create_model("cnn_tiny", 2, (3, 8, 8)), arch="cnn_tiny", num_classes=2,
+                    image_shape=(3, 8, 8), mean=[0.5] * 3, std=[0.25] * 3, class_names=["a", "b"],
+                    dataset=squashed.identity(), test_top1=None)
+    train, test = load_dataset(spec, "train", image_size=8), load_dataset(spec, "test", image_size=8)
+    with pytest.raises(KDPipeError, match=r"trained on photos resized by squash \(--resize squash\), the data given "
+                                          r"is resized by crop: give compress --resize squash$"):
+        compress(teacher, train, test, tmp_path / "o", quantize=(), prune=(), repeats=1, log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
