@@ -179,44 +179,40 @@ def test_arch_args_the_command_line_cannot_carry_are_refused_before_any_step(tmp
         make_rules(load_pipeline(p))
 
 
+def _photo_pipeline(tmp_path, data_lines: str) -> tuple[Path, str, dict]:
+    """The default pipeline on files:/photos with `data_lines` in [data], and a [compress]: its file, its rules,
+    and the parsed options of train-teacher, dump-logits and compress."""
+    p = tmp_path / "p.toml"
+    spec = (REPO / "pipelines" / "default.toml").read_text().replace(
+        'spec = "fashion-mnist"', 'spec = "files:/photos"\n' + data_lines)
+    p.write_text(spec + '\n[compress]\nquantize = ["dynamic"]\n')
+    rules = make_rules(load_pipeline(p))
+    params = {}
+    for cmd in ("train-teacher", "dump-logits", "compress"):
+        line = next(x for x in rules.splitlines() if f"$(KDPIPE) {cmd} " in x)
+        params[cmd] = main.commands[cmd].make_context(cmd, shlex.split(line.strip())[2:]).params
+    return p, rules, params
+
+
+def _student_line(rules: str) -> str:
+    return next(x for x in rules.splitlines() if "$(KDPIPE) train-student " in x)
+
+
 def test_a_pipelines_image_size_reaches_every_command_that_reads_the_data(tmp_path):
     """[data] image_size = S passes --image-size S to train-teacher, dump-logits and compress (train-student
     reads the decoded size from the cache), and the command line parses it."""
-    import shlex
-
-    from kdpipe.cli import main
-    from kdpipe.pipeline import make_rules
-    p = tmp_path / "p.toml"
-    spec = (REPO / "pipelines" / "default.toml").read_text().replace(
-        'spec = "fashion-mnist"', 'spec = "files:/photos"\nimage_size = 64')
-    p.write_text(spec + '\n[compress]\nquantize = ["dynamic"]\n')
-    rules = make_rules(load_pipeline(p))
-    for cmd in ("train-teacher", "dump-logits", "compress"):
-        line = next(x for x in rules.splitlines() if f"$(KDPIPE) {cmd} " in x)
-        args = shlex.split(line.strip())[2:]
-        assert "--image-size" in args and args[args.index("--image-size") + 1] == "64", cmd
-        assert main.commands[cmd].make_context(cmd, args).params["image_size"] == 64
-    student = next(x for x in rules.splitlines() if "$(KDPIPE) train-student " in x)
-    assert "--image-size" not in student
+    _, rules, params = _photo_pipeline(tmp_path, "image_size = 64")
+    assert all(params[cmd]["image_size"] == 64 for cmd in params), params
+    assert "--image-size" not in _student_line(rules)
 
 
 def test_a_pipelines_resize_reaches_every_command_that_reads_the_data(tmp_path):
     """[data] resize = "squash" passes --resize squash beside --image-size to train-teacher, dump-logits and compress
     (train-student reads it from the cache), and the command lines parse it; without the key, no --resize."""
-    import shlex
-
-    from kdpipe.cli import main
-    from kdpipe.pipeline import make_rules
-    p = tmp_path / "p.toml"
-    spec = (REPO / "pipelines" / "default.toml").read_text().replace(
-        'spec = "fashion-mnist"', 'spec = "files:/photos"\nimage_size = 64\nresize = "squash"')
-    p.write_text(spec + '\n[compress]\nquantize = ["dynamic"]\n')
-    rules = make_rules(load_pipeline(p))
-    for cmd in ("train-teacher", "dump-logits", "compress"):
-        line = next(x for x in rules.splitlines() if f"$(KDPIPE) {cmd} " in x)
-        args = shlex.split(line.strip())[2:]
-        assert main.commands[cmd].make_context(cmd, args).params["resize"] == "squash", cmd
-    assert "--resize" not in next(x for x in rules.splitlines() if "$(KDPIPE) train-student " in x)
+    p, rules, params = _photo_pipeline(tmp_path, 'image_size = 64\nresize = "squash"')
+    assert all(params[cmd]["resize"] == "squash" for cmd in params), params
+    assert "--resize" not in _student_line(rules)
+    spec = p.read_text()
     p.write_text(spec.replace('resize = "squash"', "resize = 1"))
     with pytest.raises(KDPipeError, match="resize"):
         load_pipeline(p)
