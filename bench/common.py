@@ -192,6 +192,24 @@ def quiet(*_a, **_k) -> None:
     pass
 
 
+def checkout_sides(compare: Path | None) -> dict[str, Path]:
+    """The checkouts whose kdpipe a before/after benchmark runs: this one, and with --compare DIR (an older
+    checkout) {"other": DIR} first, so that the sides alternate."""
+    return {"this": REPO} if compare is None else {"other": Path(compare).resolve(), "this": REPO}
+
+
+def run_in_checkout(code_dir: Path, code: str, *args) -> str:
+    """`python -c CODE ARGS` with the kdpipe of `code_dir` on one thread; its stdout (its stderr, and exit, if it
+    fails). It runs from the temporary folder: `-c` puts the working folder first on sys.path, so run from a
+    checkout it would import that checkout's kdpipe, whatever PYTHONPATH says."""
+    env = {**os.environ, "PYTHONPATH": str(code_dir), "KDPIPE_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
+                       cwd=tempfile.gettempdir())
+    if r.returncode:
+        sys.exit(r.stderr)
+    return r.stdout.strip()
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()

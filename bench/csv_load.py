@@ -15,12 +15,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from common import checkout_sides, run_in_checkout
 
 ONE_LOAD = """
 import json, resource, sys, time
@@ -47,11 +47,7 @@ def write_table(path: Path, rows: int, features: int) -> None:
 
 
 def load(code_dir: Path, csv: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code_dir), "KDPIPE_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    # cwd: not this checkout, whose kdpipe `-c` would import first (sys.path[0] is the working folder)
-    r = subprocess.run([sys.executable, "-c", ONE_LOAD, str(csv)], env=env, capture_output=True, text=True, check=True,
-                       cwd=csv.parent)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(run_in_checkout(code_dir, ONE_LOAD, csv).splitlines()[-1])
 
 
 def main():
@@ -61,8 +57,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare", type=Path, default=None, help="another checkout's root, loaded alternately")
     a = ap.parse_args()
-    here = Path(__file__).resolve().parents[1]
-    sides = {"this": here} if a.compare is None else {"other": a.compare.resolve(), "this": here}
+    sides = checkout_sides(a.compare)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "table.csv"

@@ -13,10 +13,10 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from common import REPO, checkout_sides, run_in_checkout
 
 ONE_PASS = """
 import sys, time
@@ -56,16 +56,6 @@ dump_logits(load_teacher(out + "/t.pt"), train, None, out + "/c", policy=create_
 """
 
 
-def run(code_dir: Path, code: str, *args) -> str:
-    env = {**os.environ, "PYTHONPATH": str(code_dir), "KDPIPE_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    # cwd: not this checkout, whose kdpipe `-c` would import first (sys.path[0] is the working folder)
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
-                       cwd=tempfile.gettempdir())
-    if r.returncode:
-        sys.exit(r.stderr)
-    return r.stdout.strip()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=4000)
@@ -73,16 +63,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare", type=Path, default=None, help="another checkout's root, read alternately")
     a = ap.parse_args()
-    here = Path(__file__).resolve().parents[1]
-    sides = {"this": here} if a.compare is None else {"other": a.compare.resolve(), "this": here}
+    sides = checkout_sides(a.compare)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        run(here, MAKE_CACHE, tmp, a.samples, a.views)
+        run_in_checkout(REPO, MAKE_CACHE, tmp, a.samples, a.views)
         print(f"cache: {a.samples:,} samples x {a.views} views")
         got = {k: [] for k in sides}
         for rep in range(a.repeats):
             for name, code in sides.items():
-                where, rate = run(code, ONE_PASS, Path(tmp) / "c").splitlines()[-2:]
+                where, rate = run_in_checkout(code, ONE_PASS, Path(tmp) / "c").splitlines()[-2:]
                 got[name].append(float(rate))
                 print(f"  {name} ({where}) pass {rep + 1}: {float(rate):,.0f} rows/s")
         for name, rates in got.items():
