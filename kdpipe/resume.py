@@ -38,7 +38,6 @@ import torch
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, differences
-from kdpipe.sweep import name_before_arch_args
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_VERSION = 1
@@ -103,12 +102,14 @@ class Plan:
     checkpoints: dict[str, dict] = field(default_factory=dict)  # checkpoint path -> its position and seed
 
 
-def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, log=print) -> Plan:
+def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, log=print,
+                  older: dict[str, list[str]] | None = None) -> Plan:
     """Check RUNS against the runs to train (name -> config.json to be); say what to skip and resume.
 
     A run directory or checkpoint holding a run of that name with other settings is refused, naming the
     differences, unless `overwrite`: then that run starts over (its files go; a checkpoint file goes when
-    it holds no other run)."""
+    it holds no other run). `older`: run name -> the names older kdpipes gave it (kdpipe.sweep.names_before),
+    whose finished runs of the same settings are moved to today's name first."""
     out = Path(out)
     ckdir = out / CHECKPOINT_DIR
     held: dict[str, dict] = {}  # checkpoint path -> header (runs' settings, position, seed)
@@ -118,7 +119,7 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
             c = load_checkpoint(p)
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
                             "epochs": c["epochs"]}
-    _adopt_older_names(out, configs, held, log)
+    _adopt_older_names(out, configs, held, older or {}, log)
     diffs: dict[str, list[str]] = {}
     worlds = set()  # the world sizes the differing runs were begun with
     for name, cfg in configs.items():
@@ -159,38 +160,44 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     return plan
 
 
-def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict], log=print) -> None:
-    """Runs that an older kdpipe named without their --arch-args (kdpipe.sweep.name_before_arch_args): a finished
-    one of the same settings moves to its name of today, so the same command skips it (and Make finds its
-    metrics.json) instead of training it again beside the old directory; one of other settings stays where it
-    is, and one that an older pass checkpoint holds unfinished starts over; both with a line saying so."""
+def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict], older: dict[str, list[str]],
+                       log=print) -> None:
+    """Runs that an older kdpipe named otherwise (`older`: name -> its older names, kdpipe.sweep.names_before:
+    without the epochs of plain SGD runs, without --arch-args): a finished one of the same settings moves to its
+    name of today, so the same command skips it (and Make finds its metrics.json) instead of training it again
+    beside the old directory; one of other settings stays where it is, and one that an older pass checkpoint
+    holds unfinished starts over; both with a line saying so."""
+    why = "run names hold the epochs and --arch-args now"
     for name, cfg in configs.items():
-        old = name_before_arch_args(name, cfg.get("arch_args"))
-        if old is None or old in configs or (out / name / "config.json").exists():
+        if (out / name / "config.json").exists():
             continue
-        if (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file():
-            was = settings(_read_json(out / old / "config.json"))
-            if was.get("arch_args") != settings(cfg).get("arch_args"):
-                continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
-            d = differences(was, settings(cfg))
-            if d:
-                log(f"{out / old}, named by an older kdpipe (run names hold --arch-args now), has other settings "
-                    f"({', '.join(d)}): left as it is; {name} is trained")
+        for old in older.get(name, []):
+            if old in configs:
                 continue
-            (out / name).mkdir(parents=True, exist_ok=True)
-            for f in (out / old).iterdir():
-                if f.name != LOCK_FILE:
-                    os.replace(f, out / name / f.name)
-            for f in ("config.json", "metrics.json"):
-                atomic_write_json(out / name / f, {**_read_json(out / name / f), "run": name})
-            with contextlib.suppress(OSError):
-                (out / old / LOCK_FILE).unlink(missing_ok=True)
-                (out / old).rmdir()
-            log(f"{out / old}: finished by an older kdpipe, whose run names left out --arch-args: moved to "
-                f"{out / name}")
-        elif any(old in h["runs"] for h in held.values()):
-            log(f"{old}, begun by an older kdpipe whose run names left out --arch-args, is {name} now: it starts "
-                f"over (its pass checkpoint in {out / CHECKPOINT_DIR} cannot be resumed under the new name)")
+            if (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file():
+                was = settings(_read_json(out / old / "config.json"))
+                if was.get("arch_args") != settings(cfg).get("arch_args"):
+                    continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
+                d = differences(was, settings(cfg))
+                if d:
+                    log(f"{out / old}, named by an older kdpipe ({why}), has other settings ({', '.join(d)}): left "
+                        f"as it is; {name} is trained")
+                    continue
+                (out / name).mkdir(parents=True, exist_ok=True)
+                for f in (out / old).iterdir():
+                    if f.name != LOCK_FILE:
+                        os.replace(f, out / name / f.name)
+                for f in ("config.json", "metrics.json"):
+                    atomic_write_json(out / name / f, {**_read_json(out / name / f), "run": name})
+                with contextlib.suppress(OSError):
+                    (out / old / LOCK_FILE).unlink(missing_ok=True)
+                    (out / old).rmdir()
+                log(f"{out / old}: finished by an older kdpipe ({why}): moved to {out / name}")
+                break
+            if any(old in h["runs"] for h in held.values()):
+                log(f"{old}, begun by an older kdpipe ({why}), is {name} now: it starts over (its pass checkpoint "
+                    f"in {out / CHECKPOINT_DIR} cannot be resumed under the new name)")
+                break
 
 
 def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, log=print,

@@ -29,7 +29,7 @@ from kdpipe.losses import Outputs, TopKTargets, create_loss
 from kdpipe.models import check_model, count_parameters, create_model, model_recipe
 from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
                            remove_finished_checkpoints)
-from kdpipe.sweep import check_warmup, parse_loss, plan_sweep
+from kdpipe.sweep import check_warmup, names_before, parse_loss, plan_sweep
 from kdpipe.util import ensure_out_dir, images_tensor
 from kdpipe.views import policy_from_identity
 
@@ -519,7 +519,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
         if ctx.is_main:
             if locks is not None:  # another command training one of these runs is refused, before anything changes
                 locks.acquire(out, configs)
-            plan = plan_runs_dir(out, configs, overwrite, log)
+            older = {name: names_before(name, st, epochs, batch_size, arch_args) for name, _, st in planned}
+            plan = plan_runs_dir(out, configs, overwrite, log, older)
     plan = ctx.broadcast(plan)
     results = []
     for name, metrics in plan.finished.items():
@@ -613,11 +614,12 @@ def _check_ranks_agree(ctx: Dist, configs: dict) -> None:
     for r, other in enumerate(plans):
         if other == plans[0]:  # every rank sees the same list, so every rank raises
             continue
-        if sorted(other) != sorted(plans[0]):
+        # the runs in planned order, paired: their names hold some settings (the epochs), so name the settings
+        pairs = list(zip(plans[0].values(), other.values())) if len(other) == len(plans[0]) else []
+        diffs = list(dict.fromkeys(d.replace(" was ", ": rank 0 has ", 1).replace(", now ", f", rank {r} has ", 1)
+                                   for a, b in pairs for d in differences(a, b)))
+        if not diffs:
             diffs = [f"runs: rank 0 has {', '.join(sorted(plans[0]))}, rank {r} has {', '.join(sorted(other))}"]
-        else:
-            diffs = list(dict.fromkeys(d.replace(" was ", ": rank 0 has ", 1).replace(", now ", f", rank {r} has ", 1)
-                                       for name in sorted(other) for d in differences(plans[0][name], other[name])))
         raise KDPipeError(f"rank {r} was given other arguments than rank 0 (" + "; ".join(diffs) + "): every rank "
                           "must run the same train-student command")
 

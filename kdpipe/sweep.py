@@ -91,17 +91,15 @@ def check_warmup(warmup_epochs: float, epochs: int) -> None:
 
 
 def training_tag(settings: dict, epochs: int, batch_size: int) -> str:
-    """The part of a run's name that its training settings add: empty for plain SGD with the defaults (the
-    names of earlier versions); else the optimizer (when not SGD), lr<LR> (when not the optimizer's
-    default), e<EPOCHS> and, when anything else differs from the defaults, h<6 hex> hashing it.
-    `settings` is resolve_training's result."""
+    """The part of a run's name that its training settings add: the optimizer (when not SGD), lr<LR> (when not
+    the optimizer's default), e<EPOCHS> and, when anything else differs from the defaults, h<6 hex> hashing it.
+    Plain SGD at its defaults is e<EPOCHS> alone (before 2026-12-07 it added nothing, so that runs of other
+    epoch counts had one name: names_before). `settings` is resolve_training's result."""
     name = settings["optimizer"]
     base = resolve_training(name)
     used = ("weight_decay", "schedule", "warmup_epochs", "val_fraction", "train_samples", "val_split") + \
         OPTIMIZER_USES[name]
     rest = {k: settings[k] for k in used if settings[k] != base[k]}
-    if name == "sgd" and settings["lr"] == base["lr"] and not rest:
-        return ""
     parts = [] if name == "sgd" else [name]
     if settings["lr"] != base["lr"]:
         parts.append(f"lr{settings['lr']:g}")
@@ -229,7 +227,7 @@ def arch_args_label(args) -> str:
 
 
 def name_before_arch_args(name: str, arch_args) -> str | None:
-    """The name kdpipe gave run `name` before run names held --arch-args (b2b8922: ARCH-T4-a0.9-s0 for today's
+    """The name kdpipe gave run `name` before run names held --arch-args (b2b8922: ARCH-T4-a0.9-s0 for
     ARCH-width32-T4-a0.9-s0), or None when `arch_args` add nothing to the name."""
     label = arch_args_label(arch_args)
     if not label or f"-{label}-" not in name:
@@ -237,14 +235,29 @@ def name_before_arch_args(name: str, arch_args) -> str | None:
     return name.replace(f"-{label}-", "-", 1)
 
 
+def names_before(name: str, settings: dict, epochs: int, batch_size: int, arch_args=None) -> list[str]:
+    """The names older kdpipes gave run `name` (trained with resolve_training's `settings`), newest first: for
+    plain SGD at its defaults, the name without its epochs (ARCH-T4-a0.9-s0 for today's ARCH-T4-a0.9-e5-s0,
+    before 2026-12-07); and that name without the --arch-args (name_before_arch_args, before b2b8922)."""
+    base, out = name, []
+    if training_tag(settings, epochs, batch_size) == f"e{int(epochs)}":  # the tag was empty: the last -eN- is it
+        head, sep, tail = name.rpartition(f"-e{int(epochs)}-")
+        if sep:
+            base = f"{head}-{tail}"
+            out.append(base)
+    older = name_before_arch_args(base, arch_args)
+    return out + ([older] if older else [])
+
+
 def run_name(arch: str, temperature: float | None, alpha: float | None, seed: int, loss: str = "kd",
              loss_options: dict | None = None, tag: str = "", arch_args=None) -> str:
     """kd runs: ARCH-T4-a0.9-s0, or ARCH-scratch-s0 for alpha = 0 (T unused). Other losses name the loss,
     the options given in its spec (sorted), and the axes given (None: the loss's default, left out):
     ARCH-dkd-s0, ARCH-dkd_beta2_warmup5-T2-a0.5-s1. `tag` (training_tag: optimizer, lr, epochs, hash of
-    the other settings) goes before the seed: ARCH-T4-a0.9-adam-lr0.003-e5-s0. No characters that Make
-    treats specially (an architecture spec passes through arch_label). `arch_args` (--arch-args, given to every
-    student of a sweep) follow the architecture, arch_args_label: ARCH-width32-T4-a0.9-s0."""
+    the other settings) goes before the seed: ARCH-T4-a0.9-e5-s0, ARCH-T4-a0.9-adam-lr0.003-e5-s0. No
+    characters that Make treats specially (an architecture spec passes through arch_label). `arch_args`
+    (--arch-args, given to every student of a sweep) follow the architecture, arch_args_label:
+    ARCH-width32-T4-a0.9-e5-s0."""
     arch = "-".join(filter(None, (arch_label(arch), arch_args_label(arch_args))))
     tail = ([tag] if tag else []) + [f"s{seed}"]
     if loss == "kd" and not loss_options:

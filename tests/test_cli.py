@@ -274,7 +274,7 @@ def test_verify_cache_refuses_teacher_options_it_would_ignore(pipeline, args, me
 def test_train_student_command_runs_the_sweep(pipeline):
     r = ok(pipeline.train_student)
     assert "6 run(s) written" in r.output
-    names = {f"{a}-{tag}-s0" for a in ("mlp_100", "cnn_tiny") for tag in ("scratch", "T2-a0.9", "T4-a0.9")}
+    names = {f"{a}-{tag}-e2-s0" for a in ("mlp_100", "cnn_tiny") for tag in ("scratch", "T2-a0.9", "T4-a0.9")}
     assert {p.name for p in pipeline.runs.iterdir()} == names
     for name in names:
         m = json.loads((pipeline.runs / name / "metrics.json").read_text())
@@ -290,7 +290,7 @@ def test_train_student_with_dkd(pipeline, tmp_path):
     r = ok(invoke("train-student", "--cache", pipeline.cache, "--student", "mlp_100", "--loss", "dkd:beta=4,warmup=1",
                   "--epochs", 2, "--batch-size", 128, "--device", "cpu", "--out", tmp_path / "runs"))
     assert "1 run(s) written" in r.output and "tckd" in r.output
-    name = "mlp_100-dkd_beta4_warmup1-s0"  # T and alpha not given: DKD's defaults, left out of the name
+    name = "mlp_100-dkd_beta4_warmup1-e2-s0"  # T and alpha not given: DKD's defaults, left out of the name
     m = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
     assert m["loss"] == {"name": "dkd", "options": {"temperature": 4.0, "alpha": 1.0, "beta": 4.0, "warmup": 1}}
     assert set(m["train_terms"]) == {"ce", "tckd", "nckd"} and len(m["train_terms"]["nckd"]) == 2
@@ -363,7 +363,7 @@ def test_make_rules_of_a_dkd_block_name_the_runs_train_student_writes(tmp_path):
     (tmp_path / "p.toml").write_text(spec)
     r = ok(invoke("make-rules", tmp_path / "p.toml"))
     # the name test_train_student_with_dkd finds train-student writing for these options
-    assert "students/mlp_100-dkd_beta4_warmup1-s0/metrics.json" in r.output
+    assert "students/mlp_100-dkd_beta4_warmup1-e2-s0/metrics.json" in r.output
     assert "--loss dkd:beta=4,warmup=1" in r.output
     (tmp_path / "p.toml").write_text(spec.replace("beta=4", "beta"))
     assert_one_line_error(invoke("make-rules", tmp_path / "p.toml"), "bad loss option 'beta'")

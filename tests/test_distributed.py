@@ -227,8 +227,10 @@ def test_failure_on_one_rank_stops_all_and_keeps_finished_shards(work, reference
 
 @pytest.mark.parametrize("extra, words", [
     (["--epochs", "3"], "(epochs: rank 0 has 2, rank 1 has 3)"),
-    (["--alpha", "0.1"], "(runs: rank 0 has cnn_tiny-T4-a0.9-s0, cnn_tiny-T4-a0.9-s1, mlp_100-T4-a0.9-s0, "
-                         "mlp_100-T4-a0.9-s1, rank 1 has cnn_tiny-T4-a0.1-s0,"),
+    (["--alpha", "0.1"], "(alpha: rank 0 has 0.9, rank 1 has 0.1; loss.options.alpha: rank 0 has 0.9, rank 1 has 0.1)"),
+    (["--alpha", "0,0.9"], "(runs: rank 0 has cnn_tiny-T4-a0.9-e2-s0, cnn_tiny-T4-a0.9-e2-s1, mlp_100-T4-a0.9-e2-s0, "
+                           "mlp_100-T4-a0.9-e2-s1, rank 1 has cnn_tiny-T4-a0.9-e2-s0, cnn_tiny-T4-a0.9-e2-s1, "
+                           "cnn_tiny-scratch-e2-s0,"),
 ])
 def test_ranks_given_other_student_arguments_are_refused(work, reference, tmp_path, extra, words):
     """A node given another --epochs or --alpha than the others (several nodes each run the command) trained its

@@ -297,7 +297,7 @@ def test_equal_weights_are_the_default_and_named_apart(ens, ens_runs, tmp_path):
     out = tmp_path / "runs"
     ok(invoke("train-student", "--cache", ens.a, "--cache", ens.b, "--student", "mlp_100", "--epochs", 1,
               "--batch-size", 64, "--out", out))
-    m = json.loads((out / "mlp_100-T4-a0.9-ens2-s0" / "metrics.json").read_text())
+    m = json.loads((out / "mlp_100-T4-a0.9-e1-ens2-s0" / "metrics.json").read_text())
     assert m["ensemble"]["weights"] == [0.5, 0.5] and m["ensemble"]["tag"] == "ens2"
 
 

@@ -196,7 +196,7 @@ def test_exporting_a_run_with_a_best_epoch_says_which_epoch_it_wrote(student_run
     import json
     import shutil
     run = tmp_path / "run"
-    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-e2-s0", run)
     shutil.copy(run / "student.pt", run / "student-best.pt")
     m = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**m, "best": {"epoch": 1, "checkpoint": "student-best.pt"}}))
@@ -207,7 +207,7 @@ def test_exporting_a_run_with_a_best_epoch_says_which_epoch_it_wrote(student_run
     (run / "metrics.json").write_text(json.dumps({**m, "best": {"epoch": 2, "checkpoint": "student-best.pt"}}))
     r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "l.pt2")])
     assert r.exit_code == 0 and "note" not in r.output, r.output  # the picked epoch is the last: nothing to say
-    r = CliRunner().invoke(main, ["export", str(student_runs.out / "mlp_100-T4-a0.9-s0"), "--format", "pt2",
+    r = CliRunner().invoke(main, ["export", str(student_runs.out / "mlp_100-T4-a0.9-e2-s0"), "--format", "pt2",
                                   "--out", str(tmp_path / "n.pt2")])
     assert r.exit_code == 0 and "note" not in r.output
 
@@ -239,7 +239,7 @@ def test_export_never_writes_over_its_own_checkpoint_and_replaces_a_file_only_wh
     run then held no checkpoint), and a second export to the same FILE silently replaced the first."""
     import shutil
     run = tmp_path / "run"
-    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-e2-s0", run)
     before = (run / "student.pt").read_bytes()
     for extra in ([], ["--overwrite"]):
         r = CliRunner().invoke(main, ["export", str(run), "--format", "torchscript", "--out", str(run / "student.pt"),
@@ -283,10 +283,10 @@ def test_a_sweeps_runs_dir_and_an_unfinished_run_are_refused_saying_what_to_expo
     import shutil
     r = CliRunner().invoke(main, ["export", str(student_runs.out), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-    assert f"{student_runs.out} holds 4 runs (mlp_100-T4-a0.9-s0, " in r.output
-    assert f"export one of them, e.g. {student_runs.out / 'mlp_100-T4-a0.9-s0'}" in r.output
+    assert f"{student_runs.out} holds 4 runs (mlp_100-T4-a0.9-e2-s0, " in r.output
+    assert f"export one of them, e.g. {student_runs.out / 'mlp_100-T4-a0.9-e2-s0'}" in r.output
     run = tmp_path / "run"
-    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", run)
+    shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-e2-s0", run)
     (run / "metrics.json").unlink()
     r = CliRunner().invoke(main, ["export", str(run), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output

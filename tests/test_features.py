@@ -331,7 +331,7 @@ def test_kd_hint_trains_the_projector_saves_it_in_the_run_and_export_drops_it(fe
                   "--batch-size", 32, "--loss", "kd:1,hint:50", "--hint-layer", "features.7", "--hint-feature", "pool",
                   "--fuse", "on", "--out", tmp_path / "runs"])
     assert "its runs step unfused" in out
-    run = tmp_path / "runs" / "cnn_tiny-kd+hint_hint.weight50-s0"
+    run = tmp_path / "runs" / "cnn_tiny-kd+hint_hint.weight50-e2-s0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["train_terms"]) == {"ce", "kd", "hint"} and all(v > 0 for v in metrics["train_terms"]["hint"])
     assert metrics["loss"] == {"name": "kd+hint", "options": {"temperature": 4.0, "alpha": 0.9, "kd.weight": 1.0,
@@ -356,10 +356,10 @@ def test_resume_restores_the_projector_from_the_pass_checkpoint(feat_cache, tmp_
     kwargs = dict(loss="kd+hint", batch_size=32, hint_layer="head.2", hint_feature_name="head.2", keep_checkpoints=True)
     log: list[str] = []
     train_students(feat_cache.path, ["cnn_tiny"], 2, tmp_path, log=log.append, **kwargs)
-    run = tmp_path / "cnn_tiny-kd+hint-s0"
+    run = tmp_path / "cnn_tiny-kd+hint-e2-s0"
     ckpts = list((tmp_path / "checkpoints").glob("pass-*.pt"))
     assert len(ckpts) == 1
-    state = torch.load(ckpts[0], weights_only=True)["state"]["cnn_tiny-kd+hint-s0"]
+    state = torch.load(ckpts[0], weights_only=True)["state"]["cnn_tiny-kd+hint-e2-s0"]
     assert {"projector.weight", "projector.bias"} <= set(state["model"])
     n_params = len(list(create_model_params()))
     assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == n_params + 2  # the projector's too
@@ -435,7 +435,7 @@ def test_features_beside_the_top_k_codec_train_kd_plus_hint(feat_cache, tmp_path
     assert r.exit_code == 0 and "features/head.2 agrees" in r.output, r.output
     invoke(["train-student", "--cache", out, "--student", "cnn_tiny", "--epochs", 1, "--batch-size", 32,
             "--loss", "kd+hint", "--hint-layer", "head.2", "--out", tmp_path / "runs"])
-    metrics = json.loads((tmp_path / "runs" / "cnn_tiny-kd+hint-s0" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "runs" / "cnn_tiny-kd+hint-e1-s0" / "metrics.json").read_text())
     assert set(metrics["train_terms"]) == {"ce", "kd", "hint"} and metrics["train_terms"]["kd"][0] > 0
     err = one_line_error(invoke(["train-student", "--cache", out, "--student", "cnn_tiny", "--epochs", 1,
                                  "--loss", "dkd+hint", "--hint-layer", "head.2", "--out", tmp_path / "r2"], code=2))

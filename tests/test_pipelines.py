@@ -92,7 +92,7 @@ def test_hinton_mnist_pipeline(mnist, monkeypatch, tmp_path):
     spec["dump"]["force"] = True  # a 2-epoch teacher on 128 samples is barely above chance: the probe would refuse it
     runs = _check_report(run_pipeline(spec, tmp_path), spec, 2)
     kd = runs[(0.9, 0)]
-    assert kd["arch"] == "mlp_800" and kd["temperature"] == 20 and kd["name"] == "mlp_800-T20-a0.9-s0"
+    assert kd["arch"] == "mlp_800" and kd["temperature"] == 20 and kd["name"] == "mlp_800-T20-a0.9-e3-s0"
 
 
 def test_tabular_pipeline(monkeypatch, tmp_path):
@@ -389,12 +389,12 @@ def test_an_ensemble_pipeline_runs_each_teacher_over_the_same_views(fmnist, monk
     students = tmp_path / "runs" / "ens" / "students"
     runs = {p.parent.relative_to(students).as_posix(): json.loads(p.read_text())
             for p in students.glob("*/*/metrics.json")}
-    assert set(runs) == {"cnn+mlp/mlp_100-scratch-ens2-s0", "cnn+mlp/mlp_100-T4-a0.9-ens2-s0",
-                         "mlp+cnn/mlp_100-T4-a0.9-ens0.7_0.3-s0", "cnn/mlp_100-T4-a0.9-s0"}
-    weighted = runs["mlp+cnn/mlp_100-T4-a0.9-ens0.7_0.3-s0"]["ensemble"]
+    assert set(runs) == {"cnn+mlp/mlp_100-scratch-e2-ens2-s0", "cnn+mlp/mlp_100-T4-a0.9-e2-ens2-s0",
+                         "mlp+cnn/mlp_100-T4-a0.9-e2-ens0.7_0.3-s0", "cnn/mlp_100-T4-a0.9-e2-s0"}
+    weighted = runs["mlp+cnn/mlp_100-T4-a0.9-e2-ens0.7_0.3-s0"]["ensemble"]
     assert [t["weight"] for t in weighted["teachers"]] == pytest.approx([0.7, 0.3])
     assert [Path(t["cache"]).name for t in weighted["teachers"]] == ["mlp", "cnn"]
-    assert "ensemble" not in runs["cnn/mlp_100-T4-a0.9-s0"]
+    assert "ensemble" not in runs["cnn/mlp_100-T4-a0.9-e2-s0"]
     assert len(summary["runs"]) == 4 and len(summary["teachers"]) == 2
     # the rules' second dump is --like the first's cache, made after it
     rules = make_rules(spec)

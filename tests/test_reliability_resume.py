@@ -26,7 +26,14 @@ from test_reliability_helpers import (assert_one_line_error, dump_args, files_di
                                       run_cli, save_teacher, stat_key, subprocess_env)
 
 N, N_TEST, VIEWS = 192, 48, 4
-RUNS = ("mlp_100-T2-a0.9-s0", "mlp_100-T4-a0.9-s0")
+
+
+def runs(epochs: int = 8) -> tuple[str, str]:
+    """The run names of student_args: its epochs are in them."""
+    return tuple(f"mlp_100-T{t}-a0.9-e{epochs}-s0" for t in (2, 4))
+
+
+RUNS = runs(8)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +63,9 @@ def reference(work, fuse: str) -> Path:
     return work.refs[fuse]
 
 
-def train_wall_s(runs: Path) -> float:
+def train_wall_s(out: Path, epochs: int = 8) -> float:
     """How long the training of a finished pass took (metrics.json), to scale the moments of kills."""
-    return max(0.05, json.loads((runs / RUNS[0] / "metrics.json").read_text())["train_wall_s"])
+    return max(0.05, json.loads((out / runs(epochs)[0] / "metrics.json").read_text())["train_wall_s"])
 
 
 def every(wall: float, checkpoints: int = 25) -> list[str]:
@@ -102,9 +109,9 @@ def _start(args, **popen) -> subprocess.Popen:
                             **popen)
 
 
-def _checkpoint(out: Path) -> Path:
+def _checkpoint(out: Path, epochs: int = 8) -> Path:
     from kdpipe.resume import checkpoint_path
-    return checkpoint_path(out, 0, RUNS)
+    return checkpoint_path(out, 0, runs(epochs))
 
 
 def signal_at(monkeypatch, epoch: int, step: int, sig=signal.SIGINT) -> None:
@@ -124,14 +131,14 @@ def signal_at(monkeypatch, epoch: int, step: int, sig=signal.SIGINT) -> None:
     monkeypatch.setattr(util.Progress, "update", interrupting_update)
 
 
-def _assert_consistent(out: Path, seed) -> None:
+def _assert_consistent(out: Path, seed, epochs: int = 8) -> None:
     """What a kill leaves: a checkpoint that loads whole (or none), no finished run without its weights."""
     from kdpipe.resume import load_checkpoint
-    ck = _checkpoint(out)
+    ck = _checkpoint(out, epochs)
     if ck.exists():
         c = load_checkpoint(ck)
-        assert sorted(c["state"]) == list(RUNS), f"(seed {seed})"
-    for name in RUNS:
+        assert sorted(c["state"]) == list(runs(epochs)), f"(seed {seed})"
+    for name in runs(epochs):
         if (out / name / "metrics.json").exists():
             assert (out / name / "student.pt").is_file(), f"(seed {seed}) {name} finished without student.pt"
 
@@ -241,7 +248,7 @@ def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, t
     ref, out = tmp_path / "ref", tmp_path / "killed"
     r = torchrun(student_args(work, ref, "off", 6, 8))
     assert r.returncode == 0, r.stdout + r.stderr
-    wall = train_wall_s(ref)
+    wall = train_wall_s(ref, 6)
     args = lambda o: student_args(work, o, "off", 6, 8, *every(wall))  # noqa: E731
     env = dict(subprocess_env(), KDPIPE_DIST_TIMEOUT="60")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -249,7 +256,7 @@ def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, t
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "kdpipe", *args(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, start_new_session=True)
-    ck = _checkpoint(out)
+    ck = _checkpoint(out, 6)
     hit = _wait(lambda: ck.exists(), p, timeout=120)
     time.sleep(random.uniform(0, wall / 3))
     alive = p.poll() is None
@@ -259,11 +266,11 @@ def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, t
         pass
     stdout, stderr = p.communicate(timeout=60)
     assert hit and alive, f"the run ended before the kill: {stdout}{stderr}"
-    _assert_consistent(out, "torchrun")
+    _assert_consistent(out, "torchrun", 6)
     r = torchrun(args(out))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming from" in r.stdout or "already finished" in r.stdout
-    assert_same_runs(ref, out)
+    assert_same_runs(ref, out, runs(6))
 
 
 # ---------------------------------------------------------------- in this process
@@ -272,29 +279,34 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
     """The same command again trains nothing and changes no file; other settings are refused in one line
     naming every difference (nothing changes); --overwrite starts those runs over."""
     out = tmp_path / "runs"
-    args = student_args(work, out, "off", 1, 32)
+    args, names = student_args(work, out, "off", 1, 32), runs(1)
     res = run_cli(args)
     assert res.exit_code == 0, res.output
     before = files_digest(out)
     res = run_cli(args)
     assert res.exit_code == 0, res.output
-    for name in RUNS:  # skipped, and metrics.json touched: up to date for make again
+    for name in names:  # skipped, and metrics.json touched: up to date for make again
         assert (out / name / "metrics.json").stat().st_mtime_ns > before[f"{name}/metrics.json"][1]
         assert f"{name}: already finished ({out / name / 'metrics.json'}), skipped" in res.output
     assert "training" not in res.output and _contents(out) == _contents(before)
     # Settings the run names leave out (SGD's defaults: kdpipe.sweep.training_tag) but a run depends on.
-    other = student_args(work, out, "off", 2, 16)
+    other = student_args(work, out, "off", 1, 16)
     line = assert_one_line_error(run_cli(other), f"{out} holds 2 run(s) with other settings",
-                                 "epochs was 1, now 2", "batch_size was 32, now 16", "--overwrite")
-    assert all(name in line for name in RUNS)
+                                 "batch_size was 32, now 16", "--overwrite")
+    assert all(name in line for name in names)
     assert _contents(out) == _contents(before)
     res = run_cli(other + ["--overwrite"])
     assert res.exit_code == 0, res.output
-    assert "--overwrite: starting mlp_100-T2-a0.9-s0 over (batch_size was 32, now 16" in res.output
-    for name in RUNS:
-        assert json.loads((out / name / "metrics.json").read_text())["epochs"] == 2
-    (out / RUNS[0] / "config.json").unlink()  # a run whose settings cannot be known is not taken as finished
-    assert_one_line_error(run_cli(other), f"{RUNS[0]} (a metrics.json without the config.json that says its settings)")
+    assert f"--overwrite: starting {names[0]} over (batch_size was 32, now 16" in res.output
+    for name in names:
+        assert json.loads((out / name / "config.json").read_text())["batch_size"] == 16
+    # Other epochs are another run, named apart (they were one name before 2026-12-07, and refused): trained beside
+    res = run_cli(student_args(work, out, "off", 2, 16))
+    assert res.exit_code == 0 and "already finished" not in res.output, res.output
+    assert all(json.loads((out / n / "metrics.json").read_text())["epochs"] == 2 for n in runs(2))
+    assert all((out / n / "metrics.json").is_file() for n in names)
+    (out / names[0] / "config.json").unlink()  # a run whose settings cannot be known is not taken as finished
+    assert_one_line_error(run_cli(other), f"{names[0]} (a metrics.json without the config.json that says its settings)")
 
 
 def width_net(folder: Path) -> Path:
@@ -321,20 +333,21 @@ def test_sweeps_differing_only_in_arch_args_are_runs_of_their_own_names_in_one_o
         assert res.exit_code == 0, res.output
     runs = {p.name: json.loads((p / "config.json").read_text())["arch_args"]
             for p in out.iterdir() if (p / "metrics.json").exists()}
-    assert runs == {"nets.py_Net-width4-T4-a0.9-s0": {"width": 4}, "nets.py_Net-width8-T4-a0.9-s0": {"width": 8}}
+    assert runs == {"nets.py_Net-width4-T4-a0.9-e1-s0": {"width": 4}, "nets.py_Net-width8-T4-a0.9-e1-s0": {"width": 8}}
     res = run_cli(args(4))
-    assert res.exit_code == 0 and "nets.py_Net-width4-T4-a0.9-s0: already finished" in res.output, res.output
+    assert res.exit_code == 0 and "nets.py_Net-width4-T4-a0.9-e1-s0: already finished" in res.output, res.output
 
 
 def test_a_run_an_older_kdpipe_named_without_its_arch_args_is_moved_to_its_name_not_trained_again(work, tmp_path):
-    """Before b2b8922 the run was nets.py_Net-T4-a0.9-s0; the same command of today trained it again as
-    nets.py_Net-width4-T4-a0.9-s0 beside the old directory, without a word, and a report showed it twice."""
+    """Before b2b8922 the run was nets.py_Net-T4-a0.9-s0; the same command of b2b8922 trained it again as
+    nets.py_Net-width4-T4-a0.9-s0 beside the old directory, without a word, and a report showed it twice. (Today's
+    name also holds the epochs: nets.py_Net-width4-T4-a0.9-e1-s0.)"""
     net = width_net(tmp_path)
     out = tmp_path / "runs"
     args = ["train-student", "--cache", str(work.cache), "--student", f"{net}:Net", "--arch-args", "width=4",
             "--epochs", "1", "--device", "cpu", "--out", str(out)]
     assert run_cli(args).exit_code == 0
-    new, old = out / "nets.py_Net-width4-T4-a0.9-s0", out / "nets.py_Net-T4-a0.9-s0"
+    new, old = out / "nets.py_Net-width4-T4-a0.9-e1-s0", out / "nets.py_Net-T4-a0.9-s0"
     new.rename(old)  # as an older kdpipe named it
     for f in ("config.json", "metrics.json"):
         (old / f).write_text(json.dumps({**json.loads((old / f).read_text()), "run": old.name}))
@@ -352,13 +365,48 @@ def test_a_run_an_older_kdpipe_named_without_its_arch_args_is_moved_to_its_name_
     assert res.exit_code == 0, res.output
     assert f"{old}, named by an older kdpipe" in res.output and "student_file_sha256 was None" in res.output
     assert (old / "metrics.json").is_file() and (new / "metrics.json").is_file()
-    # a run of today without --arch-args has that name too: it is another run, and nothing is said of it
+    # an older kdpipe's run without --arch-args had that name too: it is another run, and nothing is said of it
     shutil.rmtree(old)
     shutil.rmtree(new)
-    assert run_cli(args[:5] + args[7:]).exit_code == 0 and (old / "metrics.json").is_file()
+    plain = out / "nets.py_Net-T4-a0.9-e1-s0"
+    assert run_cli(args[:5] + args[7:]).exit_code == 0 and (plain / "metrics.json").is_file()
+    plain.rename(old)
+    for f in ("config.json", "metrics.json"):
+        (old / f).write_text(json.dumps({**json.loads((old / f).read_text()), "run": old.name}))
     res = run_cli(args)
     assert res.exit_code == 0 and "older kdpipe" not in res.output, res.output
     assert (old / "metrics.json").is_file() and (new / "metrics.json").is_file()
+    res = run_cli(args[:5] + args[7:])  # its own command moves it to today's name, with the epochs
+    assert res.exit_code == 0 and f"{old}: finished by an older kdpipe" in res.output, res.output
+    assert not old.exists() and (plain / "metrics.json").is_file()
+
+
+def test_runs_an_older_kdpipe_named_without_their_epochs_are_moved_when_of_the_same_settings(work, tmp_path):
+    """Plain SGD runs were named without their epochs (mlp_100-T4-a0.9-s0), so a sweep of 1 and 2 epochs into one
+    --out was refused as other settings. Today's names hold them; a finished run of the older name is moved to
+    its new one when its settings match (skipped, not trained again beside it), and is left, with a line saying
+    so, when they do not (a run of other epochs, which the new name now trains apart)."""
+    out = tmp_path / "runs"
+    assert run_cli(student_args(work, out, "off", 1, 32)).exit_code == 0
+    for new in runs(1):  # as the kdpipe of before 2026-12-07 named them
+        old = out / new.replace("-e1-", "-")
+        (out / new).rename(old)
+        for f in ("config.json", "metrics.json"):
+            (old / f).write_text(json.dumps({**json.loads((old / f).read_text()), "run": old.name}))
+    res = run_cli(student_args(work, out, "off", 2, 32))
+    assert res.exit_code == 0, res.output
+    for new in runs(2):
+        old = out / new.replace("-e2-", "-")
+        assert f"{old}, named by an older kdpipe" in res.output and "epochs was 1, now 2): left as it is" in res.output
+        assert old.is_dir() and json.loads((out / new / "metrics.json").read_text())["epochs"] == 2
+    res = run_cli(student_args(work, out, "off", 1, 32))
+    assert res.exit_code == 0 and "training" not in res.output, res.output
+    for new in runs(1):
+        old = out / new.replace("-e1-", "-")
+        assert f"{old}: finished by an older kdpipe (run names hold the epochs" in res.output
+        assert f"{new}: already finished" in res.output and not old.exists()
+        assert json.loads((out / new / "metrics.json").read_text())["run"] == new
+    assert sorted(p.name for p in out.iterdir()) == sorted(runs(1) + runs(2))
 
 
 def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(work, tmp_path):
@@ -371,7 +419,7 @@ def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(
     args = student_args(work, out, "off", 1, 32)
     res = run_cli(args)
     assert res.exit_code == 0, res.output
-    configs = {name: json.loads((out / name / "config.json").read_text()) for name in RUNS}
+    configs = {name: json.loads((out / name / "config.json").read_text()) for name in runs(1)}
     with pytest.raises(KDPipeError, match=r"world_size was 1, now 2\): they were begun with 1 process\(es\): run "
                                           r"the same command as one process \(without torchrun\) to resume them"):
         plan_runs_dir(out, {n: {**c, "world_size": 2, "effective_batch_size": 64} for n, c in configs.items()})
@@ -379,7 +427,7 @@ def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(
         (out / name / "config.json").write_text(json.dumps({**c, "world_size": 2, "effective_batch_size": 64}))
     assert_one_line_error(run_cli(args), "world_size was 2, now 1", "they were begun with 2 process(es): run the "
                           "same command under torchrun --nproc-per-node 2 to resume them, or pass --overwrite")
-    (out / RUNS[0] / "config.json").write_text(json.dumps({**configs[RUNS[0]], "world_size": 2, "epochs": 3}))
+    (out / runs(1)[0] / "config.json").write_text(json.dumps({**configs[runs(1)[0]], "world_size": 2, "epochs": 3}))
     line = assert_one_line_error(run_cli(args), "epochs was 3, now 1", "--overwrite")
     assert "begun with" not in line  # another setting differs too: resuming with 2 processes would not do
 
@@ -427,12 +475,12 @@ def test_checkpoint_size_is_printed_once_and_checkpoints_go_when_the_pass_ends(w
     res = run_cli(student_args(work, out, "on", 3, 32))
     assert res.exit_code == 0, res.output
     assert res.output.count("checkpoint of the pass: ") == 1
-    assert f"checkpoint of the pass: {_checkpoint(out)} (" in res.output and " MB, written in " in res.output
+    assert f"checkpoint of the pass: {_checkpoint(out, 3)} (" in res.output and " MB, written in " in res.output
     assert not (out / "checkpoints").exists()
     kept = tmp_path / "kept"
     res = run_cli(student_args(work, kept, "on", 3, 32, "--keep-checkpoints"))
     assert res.exit_code == 0, res.output
-    assert [p.name for p in (kept / "checkpoints").iterdir()] == [_checkpoint(kept).name]
+    assert [p.name for p in (kept / "checkpoints").iterdir()] == [_checkpoint(kept, 3).name]
 
 
 def test_report_lists_unfinished_runs_and_a_rerun_finishes_them(work, tmp_path):

@@ -65,9 +65,9 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
 
 
 def test_mean_and_std_over_seeds_by_hand(student_runs, tmp_path):
-    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
     for seed, acc, agr in ((0, 0.5, 0.8), (1, 0.6, 0.9), (2, 0.7, 1.0)):
-        d = tmp_path / "runs" / f"mlp_100-T4-a0.9-s{seed}"
+        d = tmp_path / "runs" / f"mlp_100-T4-a0.9-e2-s{seed}"
         shutil.copytree(src, d)
         m = json.loads((d / "metrics.json").read_text())
         m.update(seed=seed, test_top1=acc, teacher_agreement=agr, name=d.name)
@@ -81,11 +81,11 @@ def test_mean_and_std_over_seeds_by_hand(student_runs, tmp_path):
 
 
 def test_runs_are_found_by_run_directory_or_by_parent(student_runs, tmp_path):
-    one = student_runs.out / "mlp_100-scratch-s1"
-    assert [m["name"] for m in find_runs([one])] == ["mlp_100-scratch-s1"]
+    one = student_runs.out / "mlp_100-scratch-e2-s1"
+    assert [m["name"] for m in find_runs([one])] == ["mlp_100-scratch-e2-s1"]
     assert len(find_runs([student_runs.out])) == 4
-    both = find_runs([one, student_runs.out / "mlp_100-T4-a0.9-s0"])
-    assert [m["_dir"] for m in both] == [str(one), str(student_runs.out / "mlp_100-T4-a0.9-s0")]
+    both = find_runs([one, student_runs.out / "mlp_100-T4-a0.9-e2-s0"])
+    assert [m["_dir"] for m in both] == [str(one), str(student_runs.out / "mlp_100-T4-a0.9-e2-s0")]
     with pytest.raises(KDPipeError, match="not a run directory"):
         find_runs([tmp_path / "absent"])
     with pytest.raises(KDPipeError, match="holds no runs"):
@@ -99,7 +99,7 @@ def test_runs_are_found_by_run_directory_or_by_parent(student_runs, tmp_path):
 def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tmp_path):
     """A run of an earlier version (no "loss" in metrics.json) is kd; a DKD run shows its options, and alpha = 0
     is "scratch" only where the loss uses no teacher."""
-    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
     for name, loss, uses in (("old", None, None), ("dkd-a0", {"name": "dkd", "options": {
             "temperature": 4.0, "alpha": 0.0, "beta": 8.0, "warmup": 20}}, True)):
         d = tmp_path / "runs" / name
@@ -150,7 +150,7 @@ def test_a_new_loss_without_alpha_is_reported(cache, tmp_path):
 
 def _copies(student_runs, tmp_path, changes):
     """Run directories copied from a real run, each with its metrics changed by one dict of `changes`."""
-    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
     for i, ch in enumerate(changes):
         d = tmp_path / "runs" / ch.get("name", f"r{i}")
         shutil.copytree(src, d)
@@ -191,7 +191,7 @@ def test_thirty_runs_stay_readable(student_runs, tmp_path, monkeypatch):
     """30 runs: 10 settings (lr x arch label) x 3 seeds. The plots show settings (mean ± std, n), not 30
     labels; learning curves have one line per run in panels by architecture, and the teacher's line; the
     bar axis starts at 0."""
-    base = json.loads((student_runs.out / "mlp_100-T4-a0.9-s0" / "metrics.json").read_text())
+    base = json.loads((student_runs.out / "mlp_100-T4-a0.9-e2-s0" / "metrics.json").read_text())
     changes = []
     for k in range(10):
         arch = "mlp_100" if k < 5 else "mlp:64"
@@ -228,7 +228,7 @@ def test_thirty_runs_stay_readable(student_runs, tmp_path, monkeypatch):
 def test_kd_against_its_scratch_twin(student_runs, tmp_path):
     """Each KD setting is compared with the scratch runs of its architecture over their common seeds: the mean
     gain, twice the larger std, per-seed wins, and whether the gain is clear (>= 2 x the larger std)."""
-    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
     settings = {(0.0, 4.0): (0.80, 0.81, 0.82), (0.9, 4.0): (0.85, 0.84, 0.86), (0.5, 2.0): (0.81, 0.80, 0.83)}
     for (alpha, temp), accs in settings.items():
         for seed, acc in enumerate(accs):
@@ -261,8 +261,9 @@ def test_kd_against_its_scratch_twin(student_runs, tmp_path):
 
 def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_runs, tmp_path):
     """The same student from two teachers' caches (or two caches of one teacher): two settings, each named by its
-    cache's folder, each compared with the scratch twin of its own cache; one cache: no label, as before."""
-    src = student_runs.out / "mlp_100-T4-a0.9-s0"
+    cache's folder, each compared with the scratch twin of its own cache; one cache: no label, as before. (Named as
+    before 2026-12-07, without their epochs: the setting adds them.)"""
+    src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
     cache = json.loads((src / "metrics.json").read_text())["cache"]
     for folder, cache_id, base in (("teacher-a", "a" * 32, 0.80), ("teacher-b", "b" * 32, 0.70)):
         for alpha, gain in ((0.0, 0.0), (0.9, 0.05)):
@@ -295,7 +296,7 @@ def test_runs_of_one_name_with_other_settings_are_not_seeds_of_one_setting(stude
     twice is counted once; a copy of a run (one setting, one seed, two places) is refused."""
     for folder, width, base in (("w4", 4, 0.8), ("w16", 16, 0.6)):
         for seed in (0, 1):
-            src = student_runs.out / f"mlp_100-T4-a0.9-s{seed}"
+            src = student_runs.out / f"mlp_100-T4-a0.9-e2-s{seed}"
             d = tmp_path / folder / src.name
             shutil.copytree(src, d)
             m = json.loads((d / "metrics.json").read_text())
@@ -304,13 +305,13 @@ def test_runs_of_one_name_with_other_settings_are_not_seeds_of_one_setting(stude
             (d / "config.json").write_text(json.dumps({**cfg, "arch_args": {"width": width}}))
     build_report([tmp_path / "w4", tmp_path / "w16"], tmp_path / "rep")
     groups = {g["setting"]: g for g in json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]}
-    assert set(groups) == {"mlp_100-T4-a0.9 (2 ep) {arch_args.width=4}", "mlp_100-T4-a0.9 (2 ep) {arch_args.width=16}"}
-    assert groups["mlp_100-T4-a0.9 (2 ep) {arch_args.width=4}"]["test_top1_mean"] == pytest.approx(0.805)
+    assert set(groups) == {"mlp_100-T4-a0.9-e2 {arch_args.width=4}", "mlp_100-T4-a0.9-e2 {arch_args.width=16}"}
+    assert groups["mlp_100-T4-a0.9-e2 {arch_args.width=4}"]["test_top1_mean"] == pytest.approx(0.805)
     assert all(g["n"] == 2 for g in groups.values())
     models = {r[0] for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if r[1] == "KD"}
     assert models == {"mlp_100 {arch_args.width=4}", "mlp_100 {arch_args.width=16}"}
     # one run given twice (itself and its parent): once
-    res = build_report([tmp_path / "w4", tmp_path / "w4" / "mlp_100-T4-a0.9-s0"], tmp_path / "rep2")
+    res = build_report([tmp_path / "w4", tmp_path / "w4" / "mlp_100-T4-a0.9-e2-s0"], tmp_path / "rep2")
     assert res["runs"] == 2
     shutil.copytree(tmp_path / "w4", tmp_path / "w4-copy")
     with pytest.raises(KDPipeError, match=r"are one setting with one seed \(0\), the same run twice"):
@@ -323,11 +324,11 @@ def test_a_scratch_run_trained_otherwise_is_not_the_twin_of_a_kd_run(student_run
     """A KD block at batch 64 and a scratch block at batch 128 (or another schedule, other --arch-args) have the
     names of twins (the names leave these out, or only hash them): they were compared as twins, a gain that
     mixed two trainings. Now they are not twins; the same settings still are."""
-    for name in ("mlp_100-scratch-s0", "mlp_100-scratch-s1", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"):
+    for name in ("mlp_100-scratch-e2-s0", "mlp_100-scratch-e2-s1", "mlp_100-T4-a0.9-e2-s0", "mlp_100-T4-a0.9-e2-s1"):
         shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
     build_report([tmp_path / "runs"], tmp_path / "rep")
     assert "scratch twin" in (tmp_path / "rep" / "report.md").read_text()
-    for name in ("mlp_100-scratch-s0", "mlp_100-scratch-s1"):
+    for name in ("mlp_100-scratch-e2-s0", "mlp_100-scratch-e2-s1"):
         f = tmp_path / "runs" / name / "config.json"
         cfg = json.loads(f.read_text())
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
@@ -341,11 +342,11 @@ def test_a_scratch_run_trained_otherwise_is_not_the_twin_of_a_kd_run(student_run
 def test_a_setting_of_one_run_has_no_std_not_a_std_of_zero(student_runs, tmp_path):
     """Two seeds of KD beside one scratch run: the scratch setting's cell said '± 0.0000', as if its runs agreed
     exactly; one run has no sample std, and the table and summary.json say so."""
-    for name in ("mlp_100-scratch-s0", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"):
+    for name in ("mlp_100-scratch-e2-s0", "mlp_100-T4-a0.9-e2-s0", "mlp_100-T4-a0.9-e2-s1"):
         shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
     res = build_report([tmp_path / "runs"], tmp_path / "rep")
     rows = {r[1]: r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 13}
-    m = json.loads((tmp_path / "runs" / "mlp_100-scratch-s0" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "runs" / "mlp_100-scratch-e2-s0" / "metrics.json").read_text())
     assert rows["scratch"][9:12] == ["1", f"{m['test_top1']:.4f} (one value: no std)",
                                      f"{m['teacher_agreement']:.4f} (one value: no std)"]
     assert " ± " in rows["KD"][10] and "no std" not in rows["KD"][10]
@@ -357,9 +358,9 @@ def test_a_setting_of_one_run_has_no_std_not_a_std_of_zero(student_runs, tmp_pat
 def test_a_diverged_seed_is_marked_in_the_kd_against_scratch_table(student_runs, tmp_path):
     """One KD seed of three diverged (NaN weights, test top-1 at chance): the per-setting table said so, but the
     KD-vs-scratch table showed its gain, with that run in it, unmarked. Now the gain says how many diverged."""
-    changes = [{"name": f"mlp_100-scratch-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False,
+    changes = [{"name": f"mlp_100-scratch-e2-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False,
                 "test_top1": 0.80 + 0.01 * s} for s in range(3)]
-    changes += [{"name": f"mlp_100-T4-a0.9-s{s}", "seed": s, "test_top1": 0.85 + 0.01 * s} for s in range(3)]
+    changes += [{"name": f"mlp_100-T4-a0.9-e2-s{s}", "seed": s, "test_top1": 0.85 + 0.01 * s} for s in range(3)]
     changes[4].update(diverged_epoch=2, test_top1=0.1)
     build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
@@ -374,7 +375,7 @@ def test_a_folder_of_runs_folders_names_them(student_runs, tmp_path):
     said it held no runs (no metrics.json in it or its sub-directories), which the user could see was untrue.
     Now it names the folders of runs to give."""
     for group in ("cnn+mlp", "cnn"):
-        shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-s0", tmp_path / "students" / group / "mlp_100-T4-a0.9-s0")
+        shutil.copytree(student_runs.out / "mlp_100-T4-a0.9-e2-s0", tmp_path / "students" / group / "mlp_100-T4-a0.9-e2-s0")
     import re
     d = tmp_path / "students"
     want = f"holds no runs itself, but folders of runs: give those ({d / 'cnn'} {d / 'cnn+mlp'})"
@@ -388,7 +389,7 @@ def test_another_tools_metrics_json_is_refused_in_one_line(student_runs, tmp_pat
     """A metrics.json that is not a kdpipe run's (another tool's, in a folder of runs) gave a TypeError or
     KeyError traceback."""
     runs = tmp_path / "runs"
-    shutil.copytree(student_runs.out / "mlp_100-scratch-s1", runs / "mlp_100-scratch-s1")
+    shutil.copytree(student_runs.out / "mlp_100-scratch-e2-s1", runs / "mlp_100-scratch-e2-s1")
     (runs / "other").mkdir()
     (runs / "other" / "metrics.json").write_text(text)
     with pytest.raises(KDPipeError, match=r"other/metrics.json is not the metrics.json of a kdpipe run \(it has "
@@ -399,9 +400,9 @@ def test_another_tools_metrics_json_is_refused_in_one_line(student_runs, tmp_pat
 def test_no_gain_is_not_a_clear_gain_when_every_seed_scores_alike(student_runs, tmp_path):
     """An easy dataset: KD and scratch students both get every test sample right on every seed. The gain is 0 and
     both stds are 0; 0 >= 2 x 0 made the table say "clear gain: yes" for a gain of +0.0000."""
-    changes = [{"name": f"mlp_100-scratch-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False, "test_top1": 1.0}
+    changes = [{"name": f"mlp_100-scratch-e2-s{s}", "seed": s, "alpha": 0.0, "uses_teacher": False, "test_top1": 1.0}
                for s in range(3)]
-    changes += [{"name": f"mlp_100-T4-a0.9-s{s}", "seed": s, "test_top1": 1.0} for s in range(3)]
+    changes += [{"name": f"mlp_100-T4-a0.9-e2-s{s}", "seed": s, "test_top1": 1.0} for s in range(3)]
     build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert [r[5:] for r in table_rows(text) if len(r) == 9] == [["+0.0000", "0.0000", "0/3", "no"]]

@@ -17,7 +17,7 @@ import pytest
 from kdpipe.resume import LOCK_FILE, RunLocks
 from test_reliability_helpers import assert_one_line_error, dump_args, mnist_npz, run_cli, save_teacher
 
-RUN_A, RUN_B = "mlp_100-T2-a0.9-s0", "mlp_100-T4-a0.9-s0"
+RUN_A, RUN_B = "mlp_100-T2-a0.9-e1-s0", "mlp_100-T4-a0.9-e1-s0"
 
 
 @pytest.fixture(scope="module")

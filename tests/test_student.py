@@ -51,7 +51,7 @@ def test_arch_args_are_in_run_names_readably_or_as_a_hash():
     assert arch_args_label("act=leaky-relu") != arch_args_label("act=leaky-elu")
     names = {n for a in ("width=4", "width=8", None)
              for n, _, _ in plan_sweep(["m"], [4], [0.9], [0], "kd", {}, [], 1, 32, arch_args=a)}
-    assert names == {"m-width4-T4-a0.9-s0", "m-width8-T4-a0.9-s0", "m-T4-a0.9-s0"}
+    assert names == {"m-width4-T4-a0.9-e1-s0", "m-width8-T4-a0.9-e1-s0", "m-T4-a0.9-e1-s0"}
     with pytest.raises(KDPipeError, match="bad architecture option"):
         arch_args_label("width")
 
@@ -127,7 +127,7 @@ def test_cached_kd_equals_online_kd_weight_for_weight(eq_cache, teacher_ckpt, tm
     assert {r["name"]: r["test_top1"] for r in online} == {n: r["test_top1"] for n, r in by_name.items()}
     # Not vacuous: the teacher's logits changed the students (KD runs differ from scratch and each other).
     for arch in ("cnn_tiny", "mlp_100"):
-        w = [_weights(tmp_path / "cached" / f"{arch}-{tag}-s0") for tag in ("scratch", "T2-a0.7", "T4-a0.7")]
+        w = [_weights(tmp_path / "cached" / f"{arch}-{tag}-e2-s0") for tag in ("scratch", "T2-a0.7", "T4-a0.7")]
         last = list(w[0])[-1]
         assert not torch.equal(w[0][last], w[1][last]) and not torch.equal(w[1][last], w[2][last])
 
@@ -138,7 +138,7 @@ def test_a_run_trains_the_same_alone_or_in_a_shared_pass(eq_cache, tmp_path):
     shared = train_students(eq_cache, ["cnn_tiny", "mlp_100"], 2, tmp_path / "shared", temperatures=(2.0, 4.0),
                             alphas=(0.7,), batch_size=64, log=quiet)
     assert len(alone) == 1 and len(shared) == 4
-    a, b = _weights(tmp_path / "alone" / "mlp_100-T4-a0.7-s0"), _weights(tmp_path / "shared" / "mlp_100-T4-a0.7-s0")
+    a, b = _weights(tmp_path / "alone" / "mlp_100-T4-a0.7-e2-s0"), _weights(tmp_path / "shared" / "mlp_100-T4-a0.7-e2-s0")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -148,7 +148,7 @@ def test_images_kept_in_host_memory_train_the_same_weights(eq_cache, tmp_path, m
     on_device = train_students(eq_cache, ["cnn_tiny"], 2, tmp_path / "dev", alphas=(0.7,), batch_size=64, log=quiet)
     monkeypatch.setenv("KDPIPE_IMAGES_ON_HOST", "1")
     on_host = train_students(eq_cache, ["cnn_tiny"], 2, tmp_path / "host", alphas=(0.7,), batch_size=64, log=quiet)
-    a, b = _weights(tmp_path / "dev" / "cnn_tiny-T4-a0.7-s0"), _weights(tmp_path / "host" / "cnn_tiny-T4-a0.7-s0")
+    a, b = _weights(tmp_path / "dev" / "cnn_tiny-T4-a0.7-e2-s0"), _weights(tmp_path / "host" / "cnn_tiny-T4-a0.7-e2-s0")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert on_device[0]["test_top1"] == on_host[0]["test_top1"]
 
@@ -177,7 +177,7 @@ def test_host_images_index_like_a_tensor():
 # ---------------------------------------------------------------- what a run writes
 
 def test_each_run_writes_checkpoint_metrics_and_config(student_runs, cache):
-    names = {"mlp_100-scratch-s0", "mlp_100-scratch-s1", "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-s1"}
+    names = {"mlp_100-scratch-e2-s0", "mlp_100-scratch-e2-s1", "mlp_100-T4-a0.9-e2-s0", "mlp_100-T4-a0.9-e2-s1"}
     assert {r["name"] for r in student_runs.results} == names
     assert {p.name for p in student_runs.out.iterdir()} == names
     manifest = Cache(cache.path).manifest
@@ -231,7 +231,7 @@ def test_a_dkd_sweep_writes_its_terms_and_options(cache, tmp_path):
     log = []
     res = train_students(cache.path, ["mlp_100"], 3, tmp_path / "runs", loss="dkd:beta=2,warmup=2", alphas=(0.5, 1),
                          batch_size=128, log=log.append)
-    names = {"mlp_100-dkd_beta2_warmup2-a0.5-s0", "mlp_100-dkd_beta2_warmup2-a1-s0"}
+    names = {"mlp_100-dkd_beta2_warmup2-a0.5-e3-s0", "mlp_100-dkd_beta2_warmup2-a1-e3-s0"}
     assert {r["name"] for r in res} == names == {p.name for p in (tmp_path / "runs").iterdir()}
     for name in names:
         m = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())

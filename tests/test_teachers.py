@@ -696,7 +696,7 @@ def test_the_users_own_file_for_teacher_and_students(fmnist, tmp_path, monkeypat
               "models/nets.py:StudentNet", "--arch-args", "width=4", "--epochs", 1, "--batch-size", 128,
               "--device", "cpu", "--out", runs))
     names = sorted(p.name for p in runs.iterdir())
-    assert names == ["mypkg.zoo_Tiny-width4-T4-a0.9-s0", "nets.py_StudentNet-width4-T4-a0.9-s0"]
+    assert names == ["mypkg.zoo_Tiny-width4-T4-a0.9-e1-s0", "nets.py_StudentNet-width4-T4-a0.9-e1-s0"]
     st = torch.load(runs / names[0] / "student.pt", weights_only=True)
     assert st["model"]["spec"] == "mypkg.zoo:Tiny" and st["model"]["args"] == {"width": 4}
     assert load_teacher(runs / names[1] / "student.pt").module.width == 4
@@ -841,7 +841,7 @@ epochs = 2
     assert ("dump-logits --teacher weights/t.safetensors --data fashion-mnist --teacher-arch timm:resnet18 "
             "--arch-args drop_rate=0.1 --teacher-output logits --normalize imagenet --views 2 --force") in rules
     assert "--student nets.py:StudentNet --arch-args width=8" in rules
-    assert "runs/p/students/nets.py_StudentNet-width8-T4-a0.9-s0/metrics.json" in rules
+    assert "runs/p/students/nets.py_StudentNet-width8-T4-a0.9-e2-s0/metrics.json" in rules
 
 
 def test_normalization_rules_for_images_and_feature_vectors():

@@ -26,10 +26,12 @@ def _names(lrs=(), epochs=10, batch=128, **training):
     return [n for n, _, _ in plan_sweep(["a"], [4], [0.9], [0], "kd", {}, lrs, epochs, batch, **training)]
 
 
-def test_default_names_stay_and_other_settings_name_their_runs():
-    assert _names() == _names([0.05]) == _names(epochs=3, batch=64) == ["a-T4-a0.9-s0"]  # SGD's defaults
+def test_run_names_hold_the_epochs_and_the_settings_that_differ():
+    # SGD's defaults: the epochs alone (they were left out before, so runs of 5 and 10 epochs had one name)
+    assert _names() == _names([0.05]) == _names(batch=64) == ["a-T4-a0.9-e10-s0"]
+    assert _names(epochs=3) == ["a-T4-a0.9-e3-s0"]
     assert _names(optimizer="adam", epochs=5) == ["a-T4-a0.9-adam-e5-s0"]
-    assert _names([0.01, 0.05], epochs=5) == ["a-T4-a0.9-lr0.01-e5-s0", "a-T4-a0.9-s0"]
+    assert _names([0.01, 0.05], epochs=5) == ["a-T4-a0.9-lr0.01-e5-s0", "a-T4-a0.9-e5-s0"]
     assert _names([3e-4], optimizer="adamw", epochs=2) == ["a-T4-a0.9-adamw-lr0.0003-e2-s0"]
     # Any other setting that differs adds a short hash of them (with the batch size): distinct, stable.
     wd = _names(weight_decay=1e-3)
@@ -53,7 +55,7 @@ def test_training_settings_are_checked():
         OptimConfig(optimizer="adam", betas=(0.9,))
     assert OptimConfig(optimizer="adamw").weight_decay == 0.01 and OptimConfig(optimizer="adam").lr == 1e-3
     assert OptimConfig().lr == 0.05 and OptimConfig().weight_decay == 5e-4
-    assert training_tag(resolve_training(), 5, 128) == ""
+    assert training_tag(resolve_training(), 5, 128) == "e5"
 
 
 def test_validation_rows_are_fixed_and_the_pass_never_steps_on_them():
