@@ -98,10 +98,13 @@ def _scratch(r) -> bool:
 
 def _setting(r) -> str:
     """What a run's seed does not decide: its name without the seed (names hold everything else that
-    differs, kdpipe.sweep.run_name), with the epochs for the default-named runs of earlier versions, and
-    the cache(s) it trained from where the report holds runs of several (_mark_sources)."""
+    differs, kdpipe.sweep.run_name), and the cache(s) it trained from where the report holds runs of several
+    (_mark_sources). A plain-SGD run named before 2026-12-07, without its epochs, gets them where today's name
+    has them (before an ensemble's tag), so that it and a run of today are seeds of one setting."""
     name = re.sub(r"-s\d+$", "", r["name"])
-    name = name if re.search(r"-e\d+(-|$)", name) else name + f" ({r.get('epochs', '?')} ep)"
+    if not re.search(r"-e\d+(-|$)", name):
+        head, ens = re.fullmatch(r"(.*?)((?:-ens[0-9._]+)?)", name).groups()
+        name = f"{head}-e{r.get('epochs', '?')}{ens}"
     return name + (f" [{r['_source']}]" if r.get("_source") else "") + _variant(r)
 
 

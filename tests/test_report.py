@@ -261,8 +261,8 @@ def test_kd_against_its_scratch_twin(student_runs, tmp_path):
 
 def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_runs, tmp_path):
     """The same student from two teachers' caches (or two caches of one teacher): two settings, each named by its
-    cache's folder, each compared with the scratch twin of its own cache; one cache: no label, as before. (Named as
-    before 2026-12-07, without their epochs: the setting adds them.)"""
+    cache's folder, each compared with the scratch twin of its own cache; one cache: no label, as before. Seed 0 is
+    named as before 2026-12-07, without its epochs, seed 1 as today: they are seeds of one setting all the same."""
     src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
     cache = json.loads((src / "metrics.json").read_text())["cache"]
     for folder, cache_id, base in (("teacher-a", "a" * 32, 0.80), ("teacher-b", "b" * 32, 0.70)):
@@ -271,23 +271,23 @@ def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_r
                 d = tmp_path / folder / f"mlp_100-{alpha}-s{seed}"
                 shutil.copytree(src, d)
                 m = json.loads((d / "metrics.json").read_text())
-                m.update(seed=seed, alpha=alpha, name=f"mlp_100-{'scratch' if alpha == 0 else 'T4-a0.9'}-s{seed}",
+                m.update(seed=seed, alpha=alpha, name=f"mlp_100-{'scratch' if alpha == 0 else 'T4-a0.9'}{'-e2' * seed}-s{seed}",
                          test_top1=base + gain + 0.01 * seed, uses_teacher=alpha > 0,
                          cache={**cache, "cache_id": cache_id, "path": f"/somewhere/{folder}"})
                 (d / "metrics.json").write_text(json.dumps(m))
     build_report([tmp_path / "teacher-a", tmp_path / "teacher-b"], tmp_path / "rep")
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     groups = {g["setting"]: g for g in summary["groups"]}
-    assert set(groups) == {"mlp_100-scratch (2 ep) [teacher-a]", "mlp_100-T4-a0.9 (2 ep) [teacher-a]",
-                           "mlp_100-scratch (2 ep) [teacher-b]", "mlp_100-T4-a0.9 (2 ep) [teacher-b]"}
+    assert set(groups) == {"mlp_100-scratch-e2 [teacher-a]", "mlp_100-T4-a0.9-e2 [teacher-a]",
+                           "mlp_100-scratch-e2 [teacher-b]", "mlp_100-T4-a0.9-e2 [teacher-b]"}
     assert all(g["n"] == 2 and g["seeds"] == [0, 1] for g in groups.values())
-    assert groups["mlp_100-T4-a0.9 (2 ep) [teacher-b]"]["test_top1_mean"] == pytest.approx(0.755)
+    assert groups["mlp_100-T4-a0.9-e2 [teacher-b]"]["test_top1_mean"] == pytest.approx(0.755)
     assert [v["gain"] for v in summary["versus_scratch"]] == pytest.approx([0.05, 0.05])
     roles = {r[1] for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 17}
     assert {"KD from teacher-a (cnn_small)", "scratch, views of teacher-b"} <= roles
     build_report([tmp_path / "teacher-a"], tmp_path / "rep-a")
     assert {g["setting"] for g in json.loads((tmp_path / "rep-a" / "summary.json").read_text())["groups"]} == {
-        "mlp_100-scratch (2 ep)", "mlp_100-T4-a0.9 (2 ep)"}
+        "mlp_100-scratch-e2", "mlp_100-T4-a0.9-e2"}
 
 
 def test_runs_of_one_name_with_other_settings_are_not_seeds_of_one_setting(student_runs, tmp_path):
