@@ -163,41 +163,70 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
 def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict], older: dict[str, list[str]],
                        log=print) -> None:
     """Runs that an older kdpipe named otherwise (`older`: name -> its older names, kdpipe.sweep.names_before:
-    without the epochs of plain SGD runs, without --arch-args): a finished one of the same settings moves to its
-    name of today, so the same command skips it (and Make finds its metrics.json) instead of training it again
-    beside the old directory; one of other settings stays where it is, and one that an older pass checkpoint
-    holds unfinished starts over; both with a line saying so."""
+    without the epochs of plain SGD runs, without --arch-args) move to their names of today when their settings
+    match, so that the same command skips a finished one (and Make finds its metrics.json) and resumes an
+    unfinished one, instead of training it again beside the old directory (_rename_in_checkpoints). One of
+    other settings stays where it is, with a line saying so."""
     why = "run names hold the epochs and --arch-args now"
+    renamed: dict[str, str] = {}  # old -> new, of the runs that pass checkpoints hold
+    moves: list[tuple[str, str, bool]] = []  # (old, new, finished)
     for name, cfg in configs.items():
-        if (out / name / "config.json").exists():
+        if (out / name / "config.json").exists() or any(name in h["runs"] for h in held.values()):
             continue
         for old in older.get(name, []):
             if old in configs:
                 continue
-            if (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file():
-                was = settings(_read_json(out / old / "config.json"))
-                if was.get("arch_args") != settings(cfg).get("arch_args"):
-                    continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
-                d = differences(was, settings(cfg))
-                if d:
-                    log(f"{out / old}, named by an older kdpipe ({why}), has other settings ({', '.join(d)}): left "
-                        f"as it is; {name} is trained")
-                    continue
-                (out / name).mkdir(parents=True, exist_ok=True)
-                for f in (out / old).iterdir():
-                    if f.name != LOCK_FILE:
-                        os.replace(f, out / name / f.name)
-                for f in ("config.json", "metrics.json"):
+            finished = (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file()
+            holding = [h["runs"][old] for h in held.values() if old in h["runs"]]
+            if not finished and not holding:
+                continue  # none, or begun and lost before its first checkpoint: nothing to carry over
+            was = settings(_read_json(out / old / "config.json")) if finished else holding[0]
+            if was.get("arch_args") != settings(cfg).get("arch_args"):
+                continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
+            d = differences(was, settings(cfg))
+            if d:
+                log(f"{out / old}, named by an older kdpipe ({why}), has other settings ({', '.join(d)}): left "
+                    f"as it is; {name} is trained")
+                continue
+            moves.append((old, name, finished))
+            if holding:
+                renamed[old] = name
+            break
+    # the checkpoints first: a crash between the two leaves the work resumable (a run directory left at its old
+    # name is an unfinished run the report lists)
+    _rename_in_checkpoints(held, renamed)
+    for old, name, finished in moves:
+        if (out / old).is_dir():
+            (out / name).mkdir(parents=True, exist_ok=True)
+            for f in (out / old).iterdir():
+                if f.name != LOCK_FILE:
+                    os.replace(f, out / name / f.name)
+            for f in ("config.json", "metrics.json"):
+                if (out / name / f).is_file():
                     atomic_write_json(out / name / f, {**_read_json(out / name / f), "run": name})
-                with contextlib.suppress(OSError):
-                    (out / old / LOCK_FILE).unlink(missing_ok=True)
-                    (out / old).rmdir()
-                log(f"{out / old}: finished by an older kdpipe ({why}): moved to {out / name}")
-                break
-            if any(old in h["runs"] for h in held.values()):
-                log(f"{old}, begun by an older kdpipe ({why}), is {name} now: it starts over (its pass checkpoint "
-                    f"in {out / CHECKPOINT_DIR} cannot be resumed under the new name)")
-                break
+            with contextlib.suppress(OSError):
+                (out / old / LOCK_FILE).unlink(missing_ok=True)
+                (out / old).rmdir()
+        log(f"{out / old}: finished by an older kdpipe ({why}): moved to {out / name}" if finished else
+            f"{out / old}, begun by an older kdpipe ({why}): moved to {out / name}, and renamed in its pass "
+            "checkpoint, to be resumed")
+
+
+def _rename_in_checkpoints(held: dict[str, dict], renamed: dict[str, str]) -> None:
+    """Rename runs (old -> new) in the pass checkpoints that hold them, in place (each file rewritten whole, by
+    rename), and in `held`, their headers."""
+    for p, h in held.items():
+        if not any(old in h["runs"] for old in renamed):
+            continue
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+
+        def re_key(d: dict) -> dict:
+            return {renamed.get(k, k): v for k, v in d.items()}
+        obj["runs"], obj["state"] = re_key(obj["runs"]), re_key(obj["state"])
+        for part in obj["ranks"]:
+            part["sums"], part["correct"] = re_key(part["sums"]), re_key(part["correct"])
+        atomic_write_stream(Path(p), lambda f: torch.save(obj, f))
+        h["runs"] = re_key(h["runs"])
 
 
 def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, log=print,

@@ -239,6 +239,43 @@ def test_ctrl_c_mid_epoch_is_checkpointed_where_it_stopped(work, tmp_path, monke
     assert_same_runs(reference(work, "off"), out)
 
 
+def test_a_pass_an_older_kdpipe_began_under_names_without_the_epochs_resumes_under_todays(work, tmp_path,
+                                                                                         monkeypatch):
+    """A pass interrupted in epoch 3 by a kdpipe of before 2026-12-07, whose names left out the epochs
+    (mlp_100-T2-a0.9-s0): the same command of today, which names the runs mlp_100-T2-a0.9-e8-s0, started them
+    over (hours lost on a long pass). Now it moves their directories, renames them in the pass checkpoint and
+    resumes from it, ending equal to an uninterrupted run; the old checkpoint goes when the runs finish."""
+    from kdpipe.resume import checkpoint_path
+
+    out = tmp_path / "runs"
+    args = student_args(work, out, "off", 8, 16, "--checkpoint-every", "0")
+    signal_at(monkeypatch, epoch=3, step=5)
+    assert run_cli(args).exit_code == 130
+    monkeypatch.undo()
+    old = {n: n.replace("-e8-", "-") for n in RUNS}  # as the older kdpipe named the runs and their checkpoint
+
+    def by_old_names(d: dict) -> dict:
+        return {old.get(k, k): v for k, v in d.items()}
+    obj = torch.load(_checkpoint(out), weights_only=True)
+    obj["runs"], obj["state"] = by_old_names(obj["runs"]), by_old_names(obj["state"])
+    for part in obj["ranks"]:
+        part["sums"], part["correct"] = by_old_names(part["sums"]), by_old_names(part["correct"])
+    torch.save(obj, checkpoint_path(out, 0, old.values()))
+    _checkpoint(out).unlink()
+    for new, was in old.items():
+        (out / new).rename(out / was)
+        cfg = out / was / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "run": was}))
+    res = run_cli(args)
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and "epoch 3/8, step 5" in res.output
+    for new, was in old.items():
+        assert f"{out / was}, begun by an older kdpipe (run names hold the epochs" in res.output
+        assert not (out / was).exists()
+    assert_same_runs(reference(work, "off"), out)
+    assert not (out / "checkpoints").exists()
+
+
 def test_torchrun_two_processes_killed_then_resumed_equals_uninterrupted(work, tmp_path):
     """Under torchrun (2 processes, gloo): an uninterrupted run, and one whose whole process group (the
     launcher and both workers) is SIGKILLed at a random moment, then resumed by the same command: equal
