@@ -126,11 +126,13 @@ def data_options(f):
                           "S (antialiased "
                           "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
                           "in the cache, so stage two reloads the data the same way.")(f)
-    f = click.option("--resize", type=click.Choice(["crop", "squash"]), default=None, metavar="crop|squash",
+    f = click.option("--resize", default=None, metavar="MODE",
                      help="With --image-size S, how photos become S x S: crop (default) resizes the shorter side "
-                          "and takes the centre; squash resizes the whole photo to S x S, not keeping its aspect "
-                          "ratio, as torchvision's Resize((S, S), BICUBIC): give squash for a teacher trained on "
-                          "photos squashed so. Recorded in the cache, as --image-size.")(f)
+                          "to S and takes the centre; crop:R resizes it to R >= S first (crop:256 with S 224: "
+                          "torchvision's Resize(256) + CenterCrop(224)); squash resizes the whole photo to S x S, "
+                          "not keeping its aspect ratio (torchvision's Resize((S, S))). PIL bicubic, or bilinear "
+                          "with :bilinear (torchvision's default; e.g. crop:256:bilinear, squash:bilinear). Give "
+                          "the resize the teacher was trained with. Recorded in the cache, as --image-size.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
     f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,

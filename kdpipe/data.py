@@ -44,6 +44,7 @@ import json
 import operator
 import os
 import pickle
+import re
 import struct
 import sys
 from pathlib import Path
@@ -72,11 +73,76 @@ RESIZE = "pil-bicubic-shorter-side+center-crop/1"
 # teacher trained with torchvision's Resize((S, S), BICUBIC) saw its photos (its default, bilinear, is close but not the
 # same). An identity without "resize" is crop.
 SQUASH = "pil-bicubic-squash/1"
-RESIZE_MODES = ("crop", "squash")  # --resize MODE; resize_method(MODE): the method the identity records
+RESIZE_MODES = ("crop", "squash")  # --resize MODE[:R][:FILTER]; resize_method(MODE): the method the identity records
+# The filters a resize may name (PIL's, antialiased as PIL always is): bicubic is kdpipe's default; bilinear is
+# torchvision's Resize default, so crop:256:bilinear with --image-size 224 stores exactly the pixels of
+# torchvision's ImageNet evaluation transform, Resize(256) then CenterCrop(224), and squash:bilinear those of
+# Resize((S, S)).
+RESIZE_FILTERS = ("bicubic", "bilinear")
+RESIZE_USAGE = ("crop, squash, crop:R (the shorter side resized to R >= S, then the centre S x S), and either with "
+                ":bilinear (torchvision's default filter; bicubic otherwise), e.g. crop:256:bilinear")
 
 
-def resize_method(mode: str) -> str:
-    return {"crop": RESIZE, "squash": SQUASH}[mode]
+@dataclass(frozen=True)
+class ResizeMode:
+    """A --resize mode, parsed: how ("crop" or "squash"), the shorter side before the centre crop (crop only;
+    None: S itself) and the filter."""
+
+    how: str
+    shorter: int | None = None
+    filter: str = "bicubic"
+
+    @classmethod
+    def parse(cls, text) -> ResizeMode:
+        """'crop', 'squash', 'crop:256', 'crop:256:bilinear', 'squash:bilinear' (None: crop); any other is refused."""
+        if text is None:
+            return cls("crop")
+        parts = [p.strip().lower() for p in str(text).split(":")]
+        how, shorter, filt = parts[0], None, None
+        for p in parts[1:]:
+            if p in RESIZE_FILTERS and filt is None:
+                filt = p
+            elif p.isdigit() and how == "crop" and shorter is None and int(p) >= 1:
+                shorter = int(p)
+            else:
+                how = ""  # refused below
+        if how not in RESIZE_MODES:
+            raise KDPipeError(f"--resize must be one of {RESIZE_USAGE}; got {text!r}")
+        return cls(how, shorter, filt or "bicubic")
+
+    def at(self, image_size: int) -> ResizeMode:
+        """This mode for photos stored at S x S: crop:S is crop; a shorter side below S is refused."""
+        if self.shorter is None:
+            return self
+        if self.shorter < image_size:
+            raise KDPipeError(f"--resize {self}: the shorter side {self.shorter} is below --image-size {image_size}, "
+                              f"so no {image_size} x {image_size} centre can be cropped: give R >= {image_size}")
+        return ResizeMode(self.how, None if self.shorter == image_size else self.shorter, self.filter)
+
+    def __str__(self) -> str:
+        return ":".join([self.how] + ([str(self.shorter)] if self.shorter else [])
+                        + ([self.filter] if self.filter != "bicubic" else []))
+
+    def method(self) -> str:
+        """What the dataset's identity records (crop and squash as before these options: RESIZE, SQUASH)."""
+        if self.shorter is None and self.filter == "bicubic":
+            return RESIZE if self.how == "crop" else SQUASH
+        if self.how == "squash":
+            return f"pil-{self.filter}-squash/1"
+        return f"pil-{self.filter}-shorter-side{f'-{self.shorter}' if self.shorter else ''}+center-crop/1"
+
+    @classmethod
+    def from_method(cls, method: str) -> ResizeMode | None:
+        if method in (RESIZE, SQUASH):
+            return cls("crop" if method == RESIZE else "squash")
+        m = re.fullmatch(r"pil-(\w+)-(?:squash|shorter-side(?:-(\d+))?\+center-crop)/1", method)
+        if not m or m.group(1) not in RESIZE_FILTERS:
+            return None
+        return cls("squash" if "squash" in method else "crop", int(m.group(2)) if m.group(2) else None, m.group(1))
+
+
+def resize_method(mode) -> str:
+    return ResizeMode.parse(mode).method()
 
 
 class ImageData:
@@ -265,7 +331,7 @@ class Photos(ImageData):
 
     def __init__(self, *args, image_size: int, resize: str = "crop", **kwargs):
         self.image_size = int(image_size)
-        self.resize = resize
+        self.resize = str(ResizeMode.parse(resize).at(self.image_size))  # canonical, whoever built it
         super().__init__(*args, **kwargs)
 
     def storage_identity(self) -> dict:
@@ -274,18 +340,21 @@ class Photos(ImageData):
     @classmethod
     def storage_step(cls, identity, colour):
         s = identity.get("image_size")
-        if identity.get("resize") == SQUASH:
+        mode = ResizeMode.parse(resize_mode(identity))
+        pil, tv = f"Image.{mode.filter.upper()}", mode.filter.upper()
+        if mode.how == "squash":
             return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize the "
-                    f"whole photo to {s} x {s} (PIL bicubic, antialiased; the aspect ratio is not kept, nothing is "
-                    f"cropped): img.resize(({s}, {s}), Image.BICUBIC) on the PIL image, as torchvision's "
-                    f"Resize(({s}, {s}), BICUBIC) does. {SIXTEEN_BIT_STEP}")
+                    f"whole photo to {s} x {s} (PIL {mode.filter}, antialiased; the aspect ratio is not kept, nothing "
+                    f"is cropped): img.resize(({s}, {s}), {pil}) on the PIL image, as torchvision's "
+                    f"Resize(({s}, {s}), {tv}) does. {SIXTEEN_BIT_STEP}")
         # to_storage's rounding, said exactly: rounding the longer side or the offset otherwise (round for int,
         # floor for round) moved the crop by a pixel in most non-square photos
+        r = mode.shorter or s
         return (f"decode the photo, turn it upright by its EXIF orientation and convert it to {colour}; resize its "
-                f"shorter side to {s} and its longer side to int({s} * longer / shorter), rounded down (PIL bicubic, "
-                f"antialiased), and take the centre {s} x {s} from round((side - {s}) / 2) on each axis "
-                f"(torchvision's Resize({s}, BICUBIC) then CenterCrop({s}) on the PIL image do exactly this). "
-                f"{SIXTEEN_BIT_STEP}")
+                f"shorter side to {r} and its longer side to int({r} * longer / shorter), rounded down (PIL "
+                f"{mode.filter}, antialiased; no resize where the photo has that size already), and take the centre "
+                f"{s} x {s} from round((side - {s}) / 2) on each axis (torchvision's Resize({r}, {tv}) then "
+                f"CenterCrop({s}) on the PIL image do exactly this). {SIXTEEN_BIT_STEP}")
 
 
 @register_kind
@@ -333,7 +402,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
             files = ", ".join(f"{n}:" for n, src in SOURCES.items() if src.image_files)
             raise KDPipeError(f"--image-size applies to image files ({files}) only; {spec} "
                               "stores images of one size already: leave it out")
-    _check_resize(spec, kind, image_size, resize)
+    resize = _check_resize(spec, kind, image_size, resize)
     src = SOURCES.get(kind)
     if src is None or bool(arg) != src.path:
         raise KDPipeError(f"unknown dataset {spec!r}: use {sources_usage()}")
@@ -363,13 +432,13 @@ def _takes_args(fn, n: int) -> bool:
     return True
 
 
-def _check_resize(spec, kind, image_size, resize) -> None:
-    """Refuse a --resize that is not a mode, or one given without --image-size or for data not decoded from image
-    files (as --image-size is refused there)."""
+def _check_resize(spec, kind, image_size, resize) -> str | None:
+    """The --resize mode in its canonical form (ResizeMode; crop:S is crop); refused where it is not a mode, or
+    given without --image-size or for data not decoded from image files (as --image-size is refused there)."""
     if resize is None:
-        return
-    if resize not in RESIZE_MODES:
-        raise KDPipeError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+        return None
+    mode = ResizeMode.parse(resize)
+    resize = str(mode)
     if kind not in SOURCES or not SOURCES[kind].image_files:
         files = ", ".join(f"{n}:" for n, src in SOURCES.items() if src.image_files)
         raise KDPipeError(f"--resize applies to image files ({files}) decoded with --image-size S only; {spec} "
@@ -377,6 +446,7 @@ def _check_resize(spec, kind, image_size, resize) -> None:
     if image_size is None:
         raise KDPipeError(f"--resize {resize} says how photos are brought to --image-size S: give --image-size S "
                           "too, or leave --resize out")
+    return str(mode.at(image_size))
 
 
 def resize_mode(identity: dict) -> str | None:
@@ -385,9 +455,9 @@ def resize_mode(identity: dict) -> str | None:
     if not identity.get("image_size"):
         return None
     method = identity.get("resize") or RESIZE
-    for mode in RESIZE_MODES:
-        if resize_method(mode) == method:
-            return mode
+    mode = ResizeMode.from_method(method)
+    if mode is not None:
+        return str(mode)
     raise KDPipeError(f"the data was decoded with the resize {method!r}, which this version of kdpipe does not "
                       "know: upgrade kdpipe")
 
@@ -1437,7 +1507,8 @@ def _common_mode(spec, modes: list[str], other_files: list[Path]) -> str:
 def to_storage(im, mode: str, image_size: int | None, resize: str = "crop") -> np.ndarray:
     """One PIL image as stored: (C, H, W) uint8 in `mode`, upright as viewers show it (a phone's portrait
     photo is stored in landscape with an EXIF orientation), resized and centre-cropped per RESIZE (`resize`
-    "crop"), or resized whole to S x S per SQUASH ("squash")."""
+    "crop"; "crop:R" resizes the shorter side to R first), or resized whole to S x S per SQUASH ("squash"); with
+    ":bilinear", PIL's bilinear filter instead of bicubic (ResizeMode)."""
     from PIL import Image, ImageOps
 
     if _orientation(im) != 1:
@@ -1448,14 +1519,16 @@ def to_storage(im, mode: str, image_size: int | None, resize: str = "crop") -> n
         wide = np.asarray(im).astype(np.uint32)
         im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     im = im.convert(mode)
-    if image_size and resize == "squash":
-        im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    elif image_size:
+    how = ResizeMode.parse(resize).at(image_size) if image_size else None
+    filt = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[how.filter] if how else None
+    if how and how.how == "squash":
+        im = im.resize((image_size, image_size), filt)
+    elif how:
         w, h = im.size
-        s = image_size
-        nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        s, r = image_size, how.shorter or image_size
+        nw, nh = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
         if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            im = im.resize((nw, nh), filt)
         top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
         im = im.crop((left, top, left + s, top + s))
     arr = np.asarray(im)

@@ -264,7 +264,7 @@ def like_cache(like_dir, given: dict, data_root=None, data_spec: str | None = No
     and --data-root only say where it lies now) and views (ops, seed, K). `given`: the options the user set
     explicitly among LIKE_OPTIONS; one that differs from CACHE's is refused, naming it.
     Returns (data, test, policy, views, seed, split)."""
-    from kdpipe.data import resize_mode
+    from kdpipe.data import ResizeMode, resize_mode
     from kdpipe.student import load_cache_data
     from kdpipe.views import create_policy, policy_from_identity
     like = Cache(like_dir)
@@ -272,6 +272,9 @@ def like_cache(like_dir, given: dict, data_root=None, data_spec: str | None = No
     d, v = m["dataset"], m["views"]
     have = {"split": d["split"], "views": int(v["K"]), "seed": int(v["seed"]), "limit": d.get("limit"),
             "image_size": d.get("image_size"), "resize": resize_mode(d)}
+    if given.get("resize") is not None and have["image_size"]:  # as the cache records it: crop:256:bilinear
+        given = {**given, "resize": str(ResizeMode.parse(given["resize"]).at(given.get("image_size") or
+                                                                             have["image_size"]))}
     for k in ("split", "views", "seed", "limit", "image_size", "resize"):
         if k in given and given[k] != have[k]:
             raise KDPipeError(f"--{k.replace('_', '-')} {given[k]} conflicts with --like {like.path}, whose "

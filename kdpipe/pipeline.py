@@ -39,8 +39,8 @@ _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding
                  "checkpoint_every"} | set(_OPTIM_FLAGS)
 # limit: only N samples of each split, drawn from a fixed seed (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
-# image_size: photos decoded to S x S (--image-size; the image store's photo kind); resize: how (--resize crop or
-# squash; "squash" for a teacher trained on photos resized whole to S x S).
+# image_size: photos decoded to S x S (--image-size; the image store's photo kind); resize: how (--resize MODE:
+# crop, squash, crop:R, with :bilinear; "squash:bilinear" for a teacher evaluated on torchvision's Resize((S, S))).
 _DATA_KEYS = {"spec", "root", "limit", "prepare", "image_size", "resize"}
 # features: teacher layers cached for hint losses (dump-logits --features); hint_layer / hint_feature: a students
 # block's --hint-layer and --hint-feature (a loss with a hint term, e.g. loss = "kd:1,hint:50").

@@ -15,7 +15,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.writer import CacheWriter, differences
 from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, save_checkpoint
-from kdpipe.data import SQUASH, ImageData, resize_mode
+from kdpipe.data import ImageData, resize_mode
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
@@ -411,9 +411,9 @@ def check_planned_size(plan: dict, out_dir, yes: bool, log=print) -> None:
 
 
 def check_resize(teacher: LoadedModel, data: ImageData, command: str = "dump-logits") -> None:
-    """Refuse photos decoded by another resize (crop, squash) than the ones a kdpipe teacher was trained on at
-    this size: its inputs have the same shape, so the probe passed and the cache held worse logits, silently
-    (compress measured every row on them)."""
+    """Refuse photos decoded by another resize (crop, squash, another shorter side or filter) than the ones a
+    kdpipe teacher was trained on at this size: its inputs have the same shape, so the probe passed and the cache
+    held worse logits, silently (compress measured every row on them)."""
     d = teacher.info.get("dataset") or {}
     if data.kind != "photos" or d.get("kind") != "photos" or d.get("image_size") != data.image_size:
         return
@@ -430,7 +430,7 @@ def _trained_with(teacher: LoadedModel) -> str:
     them (" (--data fashion-mnist, --image-size 24, --policy crop:2+flip)"); "" where it records none."""
     d, v = teacher.info.get("dataset") or {}, teacher.info.get("view_policy") or {}
     opts = [f"--{k} {x}" for k, x in (("data", d.get("spec")), ("image-size", d.get("image_size")),
-                                       ("resize", "squash" if d.get("resize") == SQUASH else None),
+                                       ("resize", resize_mode(d) if resize_mode(d) != "crop" else None),
                                        ("policy", v.get("spec"))) if x]
     return f" ({', '.join(opts)})" if opts else ""
 

@@ -530,6 +530,39 @@ def test_squashed_photos_through_both_stages_and_a_teacher_fed_other_photos_is_r
     assert like["fingerprint"] == d["fingerprint"]
 
 
+
+def test_a_teacher_of_bilinear_crops_of_another_shorter_side_is_given_those_photos(tmp_path, monkeypatch):
+    """--resize crop:R:bilinear (torchvision's Resize(R) + CenterCrop(S)) through stage one: a kdpipe teacher trained
+    on those photos and given bicubic centre crops of S is refused, naming its mode; --like takes the mode however
+    it is spelled, and refuses another; the manifest and export card name the transform."""
+    from test_data import _aspect_folder
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    _aspect_folder(tmp_path / "photos", [(60, 20), (20, 60), (33, 33), (45, 30), (16, 40), (50, 50)])
+    data = f"imagefolder:{tmp_path / 'photos'}"
+    teacher, cache = tmp_path / "t.pt", tmp_path / "cache"
+    ok(invoke("train-teacher", "--data", data, "--image-size", 16, "--resize", "crop:bilinear:20", "--arch",
+              "cnn_tiny", "--epochs", 1, "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
+    r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--views", 2, "--padding", 2,
+               "--force", "--device", "cpu", "--out", tmp_path / "cropped")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
+        "Error: the teacher was trained on photos resized by crop:20:bilinear (--resize crop:20:bilinear), the data "
+        f"given is resized by crop: dump the data it was trained on (--data {data}, --image-size 16, --resize "
+        "crop:20:bilinear, --policy crop:2+flip)"), r.stderr
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--resize", "crop:20:bilinear",
+              "--views", 2, "--padding", 2, "--batch-size", 4, "--force", "--device", "cpu", "--out", cache))
+    d = json.loads((cache / "manifest.json").read_text())["dataset"]
+    assert d["resize"] == "pil-bilinear-shorter-side-20+center-crop/1"
+    ok(invoke("dump-logits", "--teacher", teacher, "--like", cache, "--resize", "CROP:bilinear:20", "--batch-size", 4,
+              "--force", "--device", "cpu", "--out", tmp_path / "like"))
+    assert json.loads((tmp_path / "like" / "manifest.json").read_text())["dataset"]["fingerprint"] == d["fingerprint"]
+    assert_one_line_error(invoke("dump-logits", "--teacher", teacher, "--like", cache, "--resize", "crop:20",
+                                 "--force", "--out", tmp_path / "like2"),
+                          f"--resize crop:20 conflicts with --like {cache}, whose resize is crop:20:bilinear")
+    from kdpipe.export import load_model, preprocessing
+    card = "\n".join(preprocessing(load_model(teacher)))
+    assert "resize its shorter side to 20 and its longer side to int(20 * longer / shorter), rounded down (PIL " \
+           "bilinear" in card and "torchvision's Resize(20, BILINEAR) then CenterCrop(16)" in card
+
 def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monkeypatch):
     """Tabular data: an npz of float64 (N, D) features, views `none`, an MLP teacher and student."""
     from test_data import make_features_npz

@@ -659,6 +659,58 @@ def test_squash_resizes_the_whole_photo_to_s_x_s_as_pil_does(tmp_path):
     assert d.subset(3).identity()["resize"] == "pil-bicubic-squash/1"
 
 
+@pytest.mark.parametrize("resize, S, transforms", [
+    ("crop:40:bilinear", 32, lambda T, I: [T.Resize(40, I.BILINEAR), T.CenterCrop(32)]),  # ImageNet eval's shape
+    ("crop:bilinear", 16, lambda T, I: [T.Resize(16, I.BILINEAR), T.CenterCrop(16)]),
+    ("crop:23", 16, lambda T, I: [T.Resize(23, I.BICUBIC), T.CenterCrop(16)]),
+    ("squash:bilinear", 16, lambda T, I: [T.Resize((16, 16), I.BILINEAR)]),  # transforms.Resize((S, S)): Food-11's
+])
+def test_resize_modes_store_exactly_torchvisions_evaluation_pixels(tmp_path, resize, S, transforms):
+    """A torchvision teacher is evaluated on Resize(256) + CenterCrop(224) (bilinear, torchvision's default) or,
+    in course exercises, Resize((S, S)); kdpipe stored a bicubic resize of the shorter side to S: close, not the
+    same pixels, so the cache held the teacher's logits on inputs it was never evaluated on. --resize crop:R,
+    squash and :bilinear store, pixel for pixel, what torchvision's transforms give the upright photo."""
+    from PIL import ImageOps
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from kdpipe.data import ResizeMode
+    files = _aspect_folder(tmp_path / "p", [(80, 20), (20, 80), (33, 33), (57, 41), (40, 40), (9, 47), (41, 300)])
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    d = load_dataset(spec, "train", image_size=S, resize=resize)
+    tv = T.Compose(transforms(T, InterpolationMode))
+    for i, p in enumerate(files):
+        ref = tv(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+        np.testing.assert_array_equal(d.images[i], np.asarray(ref).transpose(2, 0, 1), err_msg=str(p))
+    mode = ResizeMode.parse(resize)
+    assert d.resize == resize and d.identity()["resize"] == mode.method() and "/1" in mode.method()
+    assert d.fingerprint != load_dataset(spec, "train", image_size=S).fingerprint  # another dataset than crop's
+    assert load_dataset(spec, "test", image_size=S, resize=resize).identity()["resize"] == mode.method()
+
+
+def test_resize_modes_are_written_one_way_and_checked(tmp_path):
+    """Spellings of one mode are one dataset (crop:S is crop: the same identity, decoded copy and cache); a shorter
+    side below S, a size for squash and unknown words are refused in one line; an identity names its mode back."""
+    from kdpipe.data import ResizeMode, resize_mode
+    _aspect_folder(tmp_path / "p", [(40, 30), (30, 40)])
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    crop = load_dataset(spec, "train", image_size=16)
+    for same in ("crop", "crop:16", "CROP:bicubic", "crop:16:bicubic"):
+        d = load_dataset(spec, "train", image_size=16, resize=same)
+        assert d.resize == "crop" and d.fingerprint == crop.fingerprint, same
+    assert load_dataset(spec, "train", image_size=16, resize="crop:bilinear:20").resize == "crop:20:bilinear"
+    with pytest.raises(KDPipeError, match=r"^--resize crop:12: the shorter side 12 is below --image-size 16, so no "
+                                          r"16 x 16 centre can be cropped: give R >= 16$"):
+        load_dataset(spec, "train", image_size=16, resize="crop:12")
+    for bad in ("squash:20", "crop:20:30", "crop:bilinear:bicubic", "crop:lanczos", "crop:0", "crop:"):
+        with pytest.raises(KDPipeError, match=r"^--resize must be one of crop, squash, crop:R"):
+            load_dataset(spec, "train", image_size=16, resize=bad)
+    for mode in ("crop", "squash", "crop:256", "crop:256:bilinear", "squash:bilinear", "crop:bilinear"):
+        assert resize_mode({"image_size": 224, "resize": ResizeMode.parse(mode).method()}) == mode
+    with pytest.raises(KDPipeError, match="which this version of kdpipe does not know: upgrade kdpipe"):
+        resize_mode({"image_size": 224, "resize": "pil-lanczos-squash/1"})
+
+
 def test_crops_identity_and_decoded_copy_are_unchanged_by_resize_modes(tmp_path, monkeypatch):
     """Crop (the default, and --resize crop) keeps the identity, fingerprint and decoded copy of before --resize
     existed (pinned: caches and decoded copies made earlier stay valid); squash is a copy and a dataset of its
@@ -694,7 +746,7 @@ def test_resize_is_refused_without_image_size_or_image_files(tmp_path, fmnist_li
     with pytest.raises(KDPipeError, match=r"^--resize applies to image files \(imagefolder:, files:, csv:\) decoded "
                                           r"with --image-size S only; npz:.* leave it out$"):
         load_dataset(fmnist_like, "train", resize="squash")
-    with pytest.raises(KDPipeError, match="--resize must be one of crop, squash, got 'stretch'"):
+    with pytest.raises(KDPipeError, match=r"^--resize must be one of crop, squash, crop:R .* e.g. crop:256:bilinear; got 'stretch'$"):
         load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=8, resize="stretch")
     table = tmp_path / "t.csv"
     table.write_text("label,split,f1\n0,train,1.0\n1,train,2.0\n0,test,1.5\n1,test,2.5\n")

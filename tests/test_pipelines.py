@@ -218,6 +218,8 @@ def test_a_pipelines_resize_reaches_every_command_that_reads_the_data(tmp_path):
         load_pipeline(p)
     p.write_text(spec.replace('\nresize = "squash"', ""))
     assert "--resize" not in make_rules(load_pipeline(p))
+    p.write_text(spec.replace('resize = "squash"', 'resize = "crop:72:bilinear"'))  # torchvision's Resize + CenterCrop
+    assert make_rules(load_pipeline(p)).count("--resize crop:72:bilinear") == 3
 
 
 def test_food_photos_pipeline(monkeypatch, tmp_path):
