@@ -66,12 +66,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
 # How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's
 # BICUBIC resize of the shorter side to S, which filters over the whole footprint when it reduces (an
-# antialiased resize, the same pixels as torchvision's Resize(S, BICUBIC) on a PIL image, the usual
-# ImageNet preprocessing), output size and crop offsets rounded as torchvision does, then the centre crop.
+# antialiased resize, the same pixels as torchvision's Resize(S, BICUBIC) on a PIL image), output size and crop
+# offsets rounded as torchvision does, then the centre crop.
 RESIZE = "pil-bicubic-shorter-side+center-crop/1"
 # --resize squash: the whole photo resized to S x S by the same BICUBIC (aspect ratio not kept, nothing cropped), as a
-# teacher trained with torchvision's Resize((S, S), BICUBIC) saw its photos (its default, bilinear, is close but not the
-# same). An identity without "resize" is crop.
+# teacher trained with torchvision's Resize((S, S), BICUBIC) saw its photos (ResizeMode: other shorter sides and
+# filters, e.g. squash:bilinear, torchvision's default). An identity without "resize" is crop.
 SQUASH = "pil-bicubic-squash/1"
 RESIZE_MODES = ("crop", "squash")  # --resize MODE[:R][:FILTER]; resize_method(MODE): the method the identity records
 # The filters a resize may name (PIL's, antialiased as PIL always is): bicubic is kdpipe's default; bilinear is
