@@ -707,8 +707,11 @@ def inspect_cmd(cache_dir, as_json):
     click.echo(f"  teacher   {t['arch']} ({t['kind']}, {t.get('parameters', 0):,} parameters, sha256 "
                f"{t['fingerprint'][:12]}), test top-1 "
                + (f"{t['test_top1']:.4f}" if isinstance(t.get("test_top1"), (int, float)) else "unknown"))
-    click.echo(f"  data      {d['spec']} {d['split']}: {d['num_samples']:,} samples of {tuple(d['image_shape'])}, "
-               f"{m['num_classes']} classes, sha256 {d['fingerprint'][:12]}")
+    from kdpipe.data import resize_mode
+    stored = (f" (photos decoded by --image-size {d['image_size']} --resize {resize_mode(d)})"
+              if d.get("image_size") else "")
+    click.echo(f"  data      {d['spec']} {d['split']}: {d['num_samples']:,} samples of {tuple(d['image_shape'])}"
+               f"{stored}, {m['num_classes']} classes, sha256 {d['fingerprint'][:12]}")
     if "ops" in v:  # a composition of view ops, each with its version
         ops = f"{v['spec']} (" + ", ".join(f"{o['name']} v{o['version']}" for o in v["ops"]) + ")"
     else:  # a named policy of a version 1 cache

@@ -552,6 +552,7 @@ def test_a_teacher_of_bilinear_crops_of_another_shorter_side_is_given_those_phot
               "--views", 2, "--padding", 2, "--batch-size", 4, "--force", "--device", "cpu", "--out", cache))
     d = json.loads((cache / "manifest.json").read_text())["dataset"]
     assert d["resize"] == "pil-bilinear-shorter-side-20+center-crop/1"
+    assert "(photos decoded by --image-size 16 --resize crop:20:bilinear)" in ok(invoke("inspect", cache)).output
     ok(invoke("dump-logits", "--teacher", teacher, "--like", cache, "--resize", "CROP:bilinear:20", "--batch-size", 4,
               "--force", "--device", "cpu", "--out", tmp_path / "like"))
     assert json.loads((tmp_path / "like" / "manifest.json").read_text())["dataset"]["fingerprint"] == d["fingerprint"]
