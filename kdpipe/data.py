@@ -64,6 +64,10 @@ SPLITS = ("train", "test", "val")  # val: a source's own validation split (Sourc
 # other file in a class or split folder is skipped, and the skip is said (_skipped_note).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 STATS_SAMPLES = 10_000  # rows channel_stats() reads, evenly spaced over the split
+# Identity keys that name the data's parts without changing what it holds (a CSV's feature column names): recorded
+# in manifests and checkpoints, for the export card, but left out of what makes two dumps or two teachers the same,
+# so that data named otherwise, or a cache or teacher made before they were recorded, is still the same.
+RECORD_ONLY = ("columns",)
 # How photos are brought to S x S (recorded in the identity, part of the decoded copy's key): Pillow's
 # BICUBIC resize of the shorter side to S, which filters over the whole footprint when it reduces (an
 # antialiased resize, the same pixels as torchvision's Resize(S, BICUBIC) on a PIL image), output size and crop
@@ -367,8 +371,20 @@ class Features(ImageData):
     scale = 1.0
     describe = "float32 (N, D) feature vectors"
 
+    def __init__(self, *args, columns=None, **kwargs):
+        self.columns = [str(c) for c in columns] if columns is not None else None
+        super().__init__(*args, **kwargs)
+        if self.columns is not None and len(self.columns) != self.image_shape[0]:
+            raise KDPipeError(f"{self.spec}: {len(self.columns)} column names for {self.image_shape[0]} features")
+
     def storage_identity(self) -> dict:
         return {}
+
+    def identity(self) -> dict:
+        """With the feature columns' names where the file names them (a CSV's header): the card a deployed model
+        gets lists them in order. They are RECORD_ONLY: not what makes two dumps or two teachers the same."""
+        ident = super().identity()
+        return {**ident, "columns": list(self.columns)} if self.columns else ident
 
     @property
     def sizes(self) -> np.ndarray:
@@ -1316,7 +1332,7 @@ def _load_csv(spec, path: Path, split, image_size: int | None, resize: str = "cr
         raise KDPipeError(f"{spec}: {path} line {lines[at[bad]]}: {split} row {bad} holds NaN or infinite values, or "
                           "values past float32's range: fill or drop them first")
     _refuse_leaking_columns(spec, path, x_all, rest, [r[lab] for r in rows])
-    return Features(x, np.asarray(labels, dtype=np.int64), classes, spec, split, str(path))
+    return Features(x, np.asarray(labels, dtype=np.int64), classes, spec, split, str(path), columns=rest)
 
 
 # ---------------------------------------------------------------- decoding image files once

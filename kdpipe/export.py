@@ -69,8 +69,11 @@ def preprocessing(loaded: LoadedModel) -> list[str]:
     dtype, shape = input_spec(loaded)
     data = loaded.info.get("dataset") or {}
     if dtype != torch.uint8:
-        return [f"float32 feature vectors (B, {shape[0]}): the columns in the order of the training file "
-                f"({data.get('spec', '?')}), unscaled (the model normalizes them inside)"]
+        names = data.get("columns")
+        order = (f"the columns {', '.join(names)}, in this order (as in the training file, {data.get('spec', '?')})"
+                 if names and len(names) == shape[0] else
+                 f"the columns in the order of the training file ({data.get('spec', '?')})")
+        return [f"float32 feature vectors (B, {shape[0]}): {order}, unscaled (the model normalizes them inside)"]
     c = shape[0]
     colour = {1: "grey (1 channel)", 3: "RGB (3 channels, in R, G, B order)"}.get(c, f"{c} channels")
     stored = tuple(data.get("image_shape") or shape)

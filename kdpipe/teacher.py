@@ -15,7 +15,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
 from kdpipe.cache.writer import CacheWriter, differences
 from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, save_checkpoint
-from kdpipe.data import ImageData, resize_mode
+from kdpipe.data import RECORD_ONLY, ImageData, resize_mode
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
@@ -83,8 +83,9 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         config = {"role": "teacher", "arch": arch, "arch_args": arch_args or {},
                   "arch_file_sha256": model_recipe(arch, arch_args).get("sha256"), "epochs": epochs,
                   "batch_size": batch_size, "optim": optim.settings(), "policy": policy.identity(), "seed": seed,
-                  "amp": amp, "train": {k: v for k, v in train.identity().items() if k != "spec"},
-                  "test": {k: v for k, v in test.identity().items() if k != "spec"}, "device": str(device)}
+                  "amp": amp, "train": {k: v for k, v in train.identity().items() if k not in ("spec", *RECORD_ONLY)},
+                  "test": {k: v for k, v in test.identity().items() if k not in ("spec", *RECORD_ONLY)},
+                  "device": str(device)}
         ck_path = teacher_checkpoint_path(out)
         kept = _same_teacher(out, config, log)
         if kept is not None:  # make reruns the step for a data file merely touched: hours of training are kept
@@ -319,7 +320,7 @@ def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, vi
     return {"format_version": fmt.FORMAT_VERSION, **extra,
             "teacher": {"fingerprint": teacher.fingerprint, "arch": teacher.arch, "kind": teacher.kind,
                         "output": teacher.output or "auto", **built},
-            "dataset": {k: v for k, v in data.identity().items() if k != "class_names"},
+            "dataset": {k: v for k, v in data.identity().items() if k not in ("class_names", *RECORD_ONLY)},
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),
             "input": {"mean": [float(m) for m in norm["mean"]], "std": [float(s) for s in norm["std"]],

@@ -392,6 +392,37 @@ def test_csv_feature_table_through_both_stages_and_the_size_check(tmp_path):
                 "--out", tmp_path / "runs"]))
 
 
+def test_a_feature_tables_column_names_reach_the_card_and_name_nothing_else(tmp_path):
+    """The card of a model trained on a CSV table said "the columns in the order of the training file": a deployed
+    model fed the same features in another order answers wrongly without a word. The card now lists the header's
+    names in order. They are recorded only: the same numbers under other names are the same teacher (kept by
+    --overwrite) and the same cache (same id), and caches made before they were recorded stay valid."""
+    from kdpipe.export import load_model, preprocessing
+    path = tmp_path / "tab.csv"
+    spec = _features_csv(path, d=3)
+    assert load_dataset(spec, "train").identity()["columns"] == ["f0", "f1", "f2"]
+    teacher, cache = tmp_path / "t.pt", tmp_path / "cache"
+    train = ["train-teacher", "--data", spec, "--arch", "mlp_100", "--epochs", 1, "--policy", "none", "--out", teacher]
+    ok(run_cli(train))
+    ok(run_cli(["dump-logits", "--teacher", teacher, "--data", spec, "--views", 1, "--policy", "none", "--yes",
+                "--out", cache]))
+    ok(run_cli(["train-student", "--cache", cache, "--student", "mlp_100", "--epochs", 1, "--out", tmp_path / "runs"]))
+    (run,) = (tmp_path / "runs").iterdir()
+    for ckpt in (teacher, run / "student.pt"):
+        assert preprocessing(load_model(ckpt))[0].startswith(
+            "float32 feature vectors (B, 3): the columns f0, f1, f2, in this order (as in the training file, csv:")
+    before = teacher.read_bytes()
+    path.write_text(path.read_text().replace("f0,f1,f2", "height,width,depth", 1))
+    assert "kept" in ok(run_cli(train + ["--overwrite"])).output and teacher.read_bytes() == before
+    ok(run_cli(["dump-logits", "--teacher", teacher, "--data", spec, "--views", 1, "--policy", "none", "--yes",
+                "--out", tmp_path / "renamed"]))
+    ids = [json.loads((c / "manifest.json").read_text())["cache_id"] for c in (cache, tmp_path / "renamed")]
+    assert ids[0] == ids[1]
+    assert json.loads((tmp_path / "renamed" / "manifest.json").read_text())["dataset"]["columns"] == [
+        "height", "width", "depth"]
+    ok(run_cli(["verify-cache", cache, "--teacher", teacher]))  # the data named otherwise is still the cache's
+
+
 def test_dump_larger_than_the_free_space_needs_yes(tmp_path, teacher_ckpt, fmnist, monkeypatch):
     spec = write_source("npz", tmp_path / "d", fmnist)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=5000))
