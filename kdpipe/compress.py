@@ -378,7 +378,9 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
         try:
             res = export_model(lo, "torchscript", path, module=row.module)
             # the card beside it: its own input steps (a student's clean view is not the teacher's) and classes
-            write_card(res, lo, {"compressed": row.method, "test_top1": m["test_top1"]})
+            on = f"{len(test):,} samples of the test split" + (f" (--limit {test.limit}), not all of it"
+                                                                if getattr(test, "limit", None) else "")
+            write_card(res, lo, {"compressed": row.method, "test_top1": m["test_top1"], "test_top1_on": on})
             m["size_bytes"] = res["bytes"]
             m["file"] = path.name
         except KDPipeError as e:

@@ -98,8 +98,11 @@ def preprocessing(loaded: LoadedModel) -> list[str]:
 def write_card(res: dict, loaded: LoadedModel, compressed: dict | None = None) -> Path:
     """FILE.json beside an exported FILE: what a deployment needs besides the model, namely its input, the
     preprocessing, the class of each output and where the model came from. `compressed`: for a model kdpipe
-    compress made from the checkpoint (int8, pruned), how, and its own test_top1, which replaces the checkpoint's."""
+    compress made from the checkpoint (int8, pruned), how, and its own test_top1 and test_top1_on (what it was
+    measured on), which replace the checkpoint's."""
     dtype, shape = input_spec(loaded)
+    limit = (loaded.info.get("dataset") or {}).get("limit")  # trained and measured under --limit N: N test samples
+    on = f"{limit} samples of the test split (--limit {limit}), not all of it" if limit else "the test split"
     card = {"model": Path(res["path"]).name, "format": res["format"], "arch": loaded.arch,
             "input": {"dtype": str(dtype).removeprefix("torch."), "shape": ["B", *shape]},
             "output": f"raw logits (B, {loaded.num_classes}): output i is class_names[i]; softmax gives "
@@ -109,7 +112,7 @@ def write_card(res: dict, loaded: LoadedModel, compressed: dict | None = None) -
             "normalization_inside": {"mean": list(loaded.mean), "std": list(loaded.std)},
             "source": {"checkpoint": str(loaded.file), "sha256": loaded.fingerprint,
                        "dataset": (loaded.info.get("dataset") or {}).get("spec"),
-                       "test_top1": loaded.info.get("test_top1"), **(compressed or {})},
+                       "test_top1": loaded.info.get("test_top1"), "test_top1_on": on, **(compressed or {})},
             "checked_against_pytorch": {"checked": res["checked"], "max_relative_error": res["max_relative_error"]}}
     path = Path(f"{res['path']}.json")
     atomic_write_json(path, card)

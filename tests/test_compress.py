@@ -673,6 +673,7 @@ def test_each_compressed_model_has_a_card_and_following_it_gives_its_top1(fmnist
         assert card["preprocessing"] == preprocessing(teacher)
         assert card["source"]["test_top1"] == row["test_top1"]
         assert card["source"]["compressed"] == row["method"]
+        assert card["source"]["test_top1_on"] == "64 samples of the test split (--limit 64), not all of it"
         assert card["input"] == {"dtype": "uint8", "shape": ["B", 1, 28, 28]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -27,6 +27,19 @@ def _reference(ckpt, x_uint8: np.ndarray) -> np.ndarray:
         return t.module(x).numpy()
 
 
+def test_the_card_of_a_model_trained_under_limit_says_its_top1_is_of_those_samples(teacher_ckpt, tmp_path):
+    """The card gave a checkpoint's test top-1 without a word that --limit N made it the top-1 of N test samples."""
+    obj = torch.load(teacher_ckpt, weights_only=False)
+    obj["dataset"] = {**obj["dataset"], "limit": 300, "limit_sampled": True}
+    torch.save(obj, tmp_path / "limited.pt")
+    out = tmp_path / "m.pt"
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "limited.pt"), "--format", "torchscript", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    source = json.loads((tmp_path / "m.pt.json").read_text())["source"]
+    assert source["test_top1"] == obj["test_top1"]
+    assert source["test_top1_on"] == "300 samples of the test split (--limit 300), not all of it"
+
+
 @pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("pt2", ".pt2"), ("onnx", ".onnx")])
 def test_an_exported_model_takes_uint8_images_and_gives_the_checkpoints_logits(fmt, suffix, fmnist, teacher_ckpt,
                                                                                tmp_path):
@@ -39,6 +52,7 @@ def test_an_exported_model_takes_uint8_images_and_gives_the_checkpoints_logits(f
     card = json.loads((tmp_path / f"{out.name}.json").read_text())
     assert card["class_names"] == load_model(teacher_ckpt).info["class_names"] and len(card["class_names"]) == 10
     assert card["input"] == {"dtype": "uint8", "shape": ["B", 1, 28, 28]} and card["checked_against_pytorch"]["checked"]
+    assert card["source"]["test_top1_on"] == "the test split"
     assert card["preprocessing"][-1].startswith("pass uint8 pixels 0..255 as (B, 1, 28, 28)")
     assert "its input, made as in training: grey (1 channel) images of 28 x 28" in r.output
     x = fmnist.x_test[:37][:, None]  # an odd batch size: the batch dimension is free
