@@ -123,9 +123,9 @@ def data_options(f):
                           "takes the same samples.")(f)
     f = click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Store image files (imagefolder:, files:, csv:) at S x S: the shorter side resized to "
-                          "S (antialiased "
-                          "bicubic), then centre-cropped. Needed when its images differ in size; recorded "
-                          "in the cache, so stage two reloads the data the same way.")(f)
+                          "S (antialiased bicubic), then centre-cropped (other ways: --resize). Needed when its "
+                          "images differ in size; recorded in the cache, so stage two reloads the data the same "
+                          "way.")(f)
     f = click.option("--resize", default=None, metavar="MODE",
                      help="With --image-size S, how photos become S x S: crop (default) resizes the shorter side "
                           "to S and takes the centre; crop:R resizes it to R >= S first (crop:256 with S 224: "
