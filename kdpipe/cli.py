@@ -128,11 +128,11 @@ def data_options(f):
                           "way.")(f)
     f = click.option("--resize", default=None, metavar="MODE",
                      help="With --image-size S, how photos become S x S: crop (default) resizes the shorter side "
-                          "to S and takes the centre; crop:R resizes it to R >= S first (crop:256 with S 224: "
-                          "torchvision's Resize(256) + CenterCrop(224)); squash resizes the whole photo to S x S, "
-                          "not keeping its aspect ratio (torchvision's Resize((S, S))). PIL bicubic, or bilinear "
-                          "with :bilinear (torchvision's default; e.g. crop:256:bilinear, squash:bilinear). Give "
-                          "the resize the teacher was trained with. Recorded in the cache, as --image-size.")(f)
+                          "to S and takes the centre; crop:R resizes it to R >= S first; squash resizes the whole "
+                          "photo to S x S, not keeping its aspect ratio. PIL bicubic, or bilinear with :bilinear, "
+                          "torchvision's default: crop:256:bilinear with S 224 stores exactly what torchvision's "
+                          "Resize(256) + CenterCrop(224) give, squash:bilinear what Resize((S, S)) gives. Give the "
+                          "resize the teacher was evaluated with. Recorded in the cache, as --image-size.")(f)
     f = click.option("--data-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Folder holding the dataset's files (default: the source's usual location).")(f)
     f = click.option("--data", "data_spec", cls=LazyHelpOption, default="fashion-mnist", show_default=True,
