@@ -487,6 +487,22 @@ def test_photos_of_any_size_with_image_size_through_both_stages(tmp_path, monkey
         f"trained on (--data {data}, --image-size 24, --policy crop:2+flip)"
 
 
+def _teacher_and_cache_of_resize(data, given: str, mode: str, teacher, cache, cropped) -> dict:
+    """A 16 x 16 teacher trained on photos stored by --resize `given` (canonically `mode`); given the default centre
+    crops, dump-logits refuses in one line naming `mode`; dumped with `given`, the cache's manifest dataset."""
+    ok(invoke("train-teacher", "--data", data, "--image-size", 16, "--resize", given, "--arch", "cnn_tiny",
+              "--epochs", 1, "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
+    r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--views", 2, "--padding", 2,
+               "--force", "--device", "cpu", "--out", cropped)
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"Error: the teacher was trained on photos resized by {mode} (--resize {mode}), the data given is resized by "
+        f"crop: dump the data it was trained on (--data {data}, --image-size 16, --resize {mode}, --policy "
+        "crop:2+flip)"), r.stderr
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--resize", given,
+              "--views", 2, "--padding", 2, "--batch-size", 4, "--force", "--device", "cpu", "--out", cache))
+    return json.loads((Path(cache) / "manifest.json").read_text())["dataset"]
+
+
 def test_squashed_photos_through_both_stages_and_a_teacher_fed_other_photos_is_refused(tmp_path, monkeypatch):
     """--resize squash is given to stage one only: the manifest records it, and stage two, its validation split,
     verify-cache and --like reload the photos squashed. A teacher trained on squashed photos given centre crops of
@@ -502,17 +518,7 @@ def test_squashed_photos_through_both_stages_and_a_teacher_fed_other_photos_is_r
     assert_one_line_error(invoke("dump-logits", "--teacher", teacher, "--data", data, "--resize", "squash",
                                  "--views", 2, "--out", cache), "--resize squash says how photos are brought to "
                                                                 "--image-size S: give --image-size S too")
-    ok(invoke("train-teacher", "--data", data, "--image-size", 16, "--resize", "squash", "--arch", "cnn_tiny",
-              "--epochs", 1, "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
-    r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--views", 2, "--padding", 2,
-               "--force", "--device", "cpu", "--out", tmp_path / "cropped")
-    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
-        "Error: the teacher was trained on photos resized by squash (--resize squash), the data given is resized by "
-        f"crop: dump the data it was trained on (--data {data}, --image-size 16, --resize squash, --policy "
-        "crop:2+flip)"), r.stderr
-    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--resize", "squash",
-              "--views", 2, "--padding", 2, "--batch-size", 4, "--force", "--device", "cpu", "--out", cache))
-    d = json.loads((cache / "manifest.json").read_text())["dataset"]
+    d = _teacher_and_cache_of_resize(data, "squash", "squash", teacher, cache, tmp_path / "cropped")
     assert d["kind"] == "photos" and d["image_size"] == 16 and d["resize"] == "pil-bicubic-squash/1"
     ok(invoke("verify-cache", cache, "--teacher", teacher, "--sample", 8))
     ok(invoke("train-student", "--cache", cache, "--student", "cnn_tiny", "--epochs", 1, "--batch-size", 4,
@@ -540,17 +546,8 @@ def test_a_teacher_of_bilinear_crops_of_another_shorter_side_is_given_those_phot
     _aspect_folder(tmp_path / "photos", [(60, 20), (20, 60), (33, 33), (45, 30), (16, 40), (50, 50)])
     data = f"imagefolder:{tmp_path / 'photos'}"
     teacher, cache = tmp_path / "t.pt", tmp_path / "cache"
-    ok(invoke("train-teacher", "--data", data, "--image-size", 16, "--resize", "crop:bilinear:20", "--arch",
-              "cnn_tiny", "--epochs", 1, "--batch-size", 4, "--padding", 2, "--device", "cpu", "--out", teacher))
-    r = invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--views", 2, "--padding", 2,
-               "--force", "--device", "cpu", "--out", tmp_path / "cropped")
-    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
-        "Error: the teacher was trained on photos resized by crop:20:bilinear (--resize crop:20:bilinear), the data "
-        f"given is resized by crop: dump the data it was trained on (--data {data}, --image-size 16, --resize "
-        "crop:20:bilinear, --policy crop:2+flip)"), r.stderr
-    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--image-size", 16, "--resize", "crop:20:bilinear",
-              "--views", 2, "--padding", 2, "--batch-size", 4, "--force", "--device", "cpu", "--out", cache))
-    d = json.loads((cache / "manifest.json").read_text())["dataset"]
+    d = _teacher_and_cache_of_resize(data, "crop:bilinear:20", "crop:20:bilinear", teacher, cache,
+                                     tmp_path / "cropped")
     assert d["resize"] == "pil-bilinear-shorter-side-20+center-crop/1"
     assert "(photos decoded by --image-size 16 --resize crop:20:bilinear)" in ok(invoke("inspect", cache)).output
     ok(invoke("dump-logits", "--teacher", teacher, "--like", cache, "--resize", "CROP:bilinear:20", "--batch-size", 4,
