@@ -688,6 +688,25 @@ def test_resize_modes_store_exactly_torchvisions_evaluation_pixels(tmp_path, res
     assert load_dataset(spec, "test", image_size=S, resize=resize).identity()["resize"] == mode.method()
 
 
+@pytest.mark.parametrize("crop_pct, interpolation", [(0.875, "bilinear"), (0.8, "bicubic"), (1.0, "bicubic")])
+def test_a_timm_models_evaluation_transform_is_crop_of_s_over_crop_pct(tmp_path, crop_pct, interpolation):
+    """A timm model is evaluated on Resize(floor(S / crop_pct), its interpolation) + CenterCrop(S), from its
+    pretrained_cfg: --resize crop:floor(S / crop_pct):interpolation stores exactly those pixels."""
+    import math
+
+    from PIL import ImageOps
+    from timm.data import create_transform
+    S = 32
+    tf = create_transform(input_size=(3, S, S), is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                          use_prefetcher=True)  # uint8 (C, H, W), before normalization
+    files = _aspect_folder(tmp_path / "p", [(80, 20), (20, 80), (33, 33), (57, 41), (9, 47)])
+    d = load_dataset(f"imagefolder:{tmp_path / 'p'}", "train", image_size=S,
+                     resize=f"crop:{math.floor(S / crop_pct)}:{interpolation}")
+    for i, p in enumerate(files):
+        ref = tf(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+        np.testing.assert_array_equal(d.images[i], np.asarray(ref), err_msg=str(p))
+
+
 def test_resize_modes_are_written_one_way_and_checked(tmp_path):
     """Spellings of one mode are one dataset (crop:S is crop: the same identity, decoded copy and cache); a shorter
     side below S, a size for squash and unknown words are refused in one line; an identity names its mode back."""
