@@ -426,6 +426,29 @@ def check_resize(teacher: LoadedModel, data: ImageData, command: str = "dump-log
                           f"given is resized by {given}: {fix}")
 
 
+def note_timm_resize(teacher: LoadedModel, data: ImageData, log=print) -> None:
+    """A timm teacher given as weights (no kdpipe record of its photos) is evaluated in timm by Resize(floor(S /
+    crop_pct), its interpolation) + CenterCrop(S), from its pretrained_cfg: where the photos are stored otherwise,
+    say which --resize stores exactly those (a note: the user's own evaluation may have differed)."""
+    from kdpipe.data import RESIZE_FILTERS, ResizeMode
+    if data.kind != "photos" or (teacher.info.get("dataset") or {}).get("kind") or \
+            not str(teacher.arch).startswith("timm:"):
+        return
+    cfg = next((m.pretrained_cfg for m in teacher.module.modules() if isinstance(getattr(m, "pretrained_cfg", None),
+                                                                                  dict)), None)
+    if not cfg or cfg.get("crop_mode", "center") != "center" or cfg.get("interpolation") not in RESIZE_FILTERS:
+        return
+    s, pct, interp = data.image_size, float(cfg.get("crop_pct") or 0.875), cfg["interpolation"]
+    r = math.floor(s / pct)
+    if r < s:
+        return
+    mode = str(ResizeMode("crop", r, interp).at(s))
+    if mode != data.resize:
+        log(f"note: timm evaluates {teacher.arch} on Resize({r}, {interp}) + CenterCrop({s}) (its pretrained_cfg: "
+            f"crop_pct {pct:g}), which --resize {mode} stores exactly; these photos are stored by --resize "
+            f"{data.resize}: give --resize {mode} if your teacher was evaluated so")
+
+
 def _trained_with(teacher: LoadedModel) -> str:
     """The dump-logits options of the data and views a kdpipe teacher was trained on, as its checkpoint records
     them (" (--data fashion-mnist, --image-size 24, --policy crop:2+flip)"); "" where it records none."""
@@ -487,6 +510,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         raise KDPipeError(f"the teacher takes inputs {tuple(teacher.image_shape)}, the views are {tuple(in_shape)}: "
                           f"dump the data and views it was trained on{_trained_with(teacher)}")
     check_resize(teacher, data)
+    note_timm_resize(teacher, data, log)
     check_class_names(teacher, data, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]

@@ -629,6 +629,25 @@ def test_a_real_timm_model_fills_from_a_state_dict(fmnist, tmp_path):
     assert m["teacher"]["model"] == {"spec": "timm:test_resnet", "args": {"drop_rate": 0.0}}
 
 
+def test_a_timm_teachers_evaluation_resize_is_named_where_the_photos_are_stored_otherwise(tmp_path):
+    """A timm teacher given as weights, dumped over photos: its pretrained_cfg says how timm evaluates it
+    (test_resnet: crop_pct 0.95, bilinear), which --resize crop:R:bilinear stores exactly; where the photos are
+    stored otherwise a note names that --resize (the dump goes on: the user's own evaluation may differ)."""
+    from kdpipe.models import create_model
+    from test_data import _aspect_folder
+    _aspect_folder(tmp_path / "p", [(60, 20), (20, 60), (33, 33), (45, 30)])
+    spec = f"imagefolder:{tmp_path / 'p'}"
+    torch.manual_seed(0)
+    torch.save(create_model("timm:test_resnet", 2, (3, 20, 20)).eval().state_dict(), tmp_path / "w.pth")
+    args = ("--teacher-arch", "timm:test_resnet", "--input-range", "0-1", "--force", "--image-size", 20)
+    note = ("note: timm evaluates timm:test_resnet on Resize(21, bilinear) + CenterCrop(20) (its pretrained_cfg: "
+            "crop_pct 0.95), which --resize crop:21:bilinear stores exactly; these photos are stored by --resize crop: "
+            "give --resize crop:21:bilinear if your teacher was evaluated so")
+    assert note in ok(dump(tmp_path / "w.pth", spec, tmp_path / "a", *args)).output
+    r = ok(dump(tmp_path / "w.pth", spec, tmp_path / "b", *args, "--resize", "crop:21:bilinear"))
+    assert "timm evaluates" not in r.output
+
+
 def test_an_rgb_timm_model_on_grey_images_with_in_chans_3(fmnist, tmp_path):
     """An RGB timm teacher's state dict on grey data: kdpipe builds timm models for the images' channels, so
     the stem did not fit, and --arch-args in_chans=3 was 'got multiple values for keyword argument'. It
