@@ -320,6 +320,11 @@ def _releasing_run_locks(train):
     return wrapper
 
 
+class Results(list):
+    """train_students' metrics, one per run (finished runs it skipped first); ``skipped`` counts those."""
+    skipped = 0
+
+
 @_releasing_run_locks
 def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: str = "kd", temperatures=(),
                    alphas=(), seeds=(0,), batch_size: int = 128, optim: OptimConfig | None = None,
@@ -522,7 +527,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
             older = {name: names_before(name, st, epochs, batch_size, arch_args) for name, _, st in planned}
             plan = plan_runs_dir(out, configs, overwrite, log, older)
     plan = ctx.broadcast(plan)
-    results = []
+    results = Results()
+    results.skipped = len(plan.finished) if ctx.is_main else 0
     for name, metrics in plan.finished.items():
         log(f"{name}: already finished ({out / name / 'metrics.json'}), skipped")
         if ctx.is_main:

@@ -326,6 +326,8 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
         assert (out / name / "metrics.json").stat().st_mtime_ns > before[f"{name}/metrics.json"][1]
         assert f"{name}: already finished ({out / name / 'metrics.json'}), skipped" in res.output
     assert "training" not in res.output and _contents(out) == _contents(before)
+    # it said "2 run(s) written" when it had written none
+    assert f"0 run(s) written under {out}, {len(names)} already finished there (skipped)\n" in res.output
     # Settings the run names leave out (SGD's defaults: kdpipe.sweep.training_tag) but a run depends on.
     other = student_args(work, out, "off", 1, 16)
     line = assert_one_line_error(run_cli(other), f"{out} holds 2 run(s) with other settings",
