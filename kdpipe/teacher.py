@@ -511,6 +511,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
                           f"dump the data and views it was trained on{_trained_with(teacher)}")
     check_resize(teacher, data)
     note_timm_resize(teacher, data, log)
+    if views > 1 and not policy.is_random and rank == 0:  # stage two replays view e mod K: every epoch sees the same
+        log(f"note: --policy {policy.spec} draws nothing at random, so the {views} views are one view computed "
+            f"{views} times: --views 1 trains students the same at 1/{views} of the dump's cost and disk")
     check_class_names(teacher, data, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]

@@ -577,6 +577,12 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
     r = ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--policy", "none", "--views", 1,
                   "--batch-size", 64, "--device", "cpu", "--out", cache))
     assert " rows/s)" in r.output and "images/s" not in r.output, r.output
+    assert "views are one view" not in r.output
+    # K views that draw nothing are one view K times: said, since --views 1 trains students the same
+    r = ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--policy", "none", "--views", 3,
+                  "--batch-size", 64, "--device", "cpu", "--out", tmp_path / "cache3"))
+    assert "note: --policy none draws nothing at random, so the 3 views are one view computed 3 times: --views 1 " \
+           "trains students the same" in r.output, r.output
     shown = ok(invoke("inspect", cache)).output
     assert " rows/s on cpu" in shown and re.search(r"test top-1 0\.\d{4}\n", shown), shown  # not 0.98000001...
     m = json.loads((cache / "manifest.json").read_text())
