@@ -80,8 +80,9 @@ class NumberList(click.ParamType):
 
     name = "LIST"
 
-    def __init__(self, kind=float, top: int | None = None):
+    def __init__(self, kind=float, top: int | None = None, hint: str = ""):
         self.kind, self.top = kind, top  # top: the largest value (with kind int, values from 0: seeds)
+        self.hint = hint  # said after a value that is no list of numbers
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
@@ -89,7 +90,7 @@ class NumberList(click.ParamType):
         try:
             values = [self.kind(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of {self.kind.__name__}s", param, ctx)
+            self.fail(f"{value!r} is not a comma-separated list of {self.kind.__name__}s{self.hint}", param, ctx)
         if not values:  # "--temperature ," trained at the loss's default without a word
             self.fail(f"{value!r} holds no number", param, ctx)
         if self.top is not None and not all(0 <= v <= self.top for v in values):
@@ -544,7 +545,10 @@ def _term_as_interrupt():
               help="Cache written by dump-logits. Repeat for an ensemble of teachers: caches of the same views "
                    "(dump the others with dump-logits --like), trained against the weighted mean of their "
                    "probabilities at T.")
-@click.option("--teacher-weights", type=NumberList(float), default=None, metavar="W,W,...",
+@click.option("--teacher-weights", type=NumberList(float, hint=(
+                  " (in train-student, an ensemble's weights, one per --cache; the teacher file is dump-logits' "
+                  "--teacher-weights: stage two reads the teacher's logits from the cache)")),
+              default=None, metavar="W,W,...",
               help="An ensemble's weights, one per --cache in order, positive, summing to 1.  [default: equal]")
 @click.option("--student", "students", multiple=True, required=True, metavar="SPEC",
               help="Student architecture; repeat for several: " + ARCH_SPEC_HELP + ".")

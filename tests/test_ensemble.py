@@ -186,6 +186,9 @@ def test_the_epochs_targets_are_the_caches_rows_mixed(ens):
     (("a", "b"), "0.5,0.3,0.2", ("3 weight(s)", "for 2 cache(s)")),
     (("a", "b"), "1.5,-0.5", ("positive",)),
     (("a",), "0.5", ("give two or more --cache",)),
+    # the option's meaning in dump-logits, a teacher file: stage two takes none
+    (("a",), "teacher.pth", ("'teacher.pth' is not a comma-separated list", "an ensemble's weights",
+                             "the teacher file is dump-logits' --teacher-weights")),
 ])
 def test_bad_ensembles_are_refused_in_one_line(ens, tmp_path, caches, weights, fragments):
     args = [x for n in caches for x in ("--cache", getattr(ens, n))]
