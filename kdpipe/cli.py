@@ -224,7 +224,7 @@ class LazyHelpOption(click.Option):
 def policy_help() -> str:
     from kdpipe.views import spec_help
     return (f"Views: {spec_help()}. E.g. crop:4+flip, crop:2, rotate:15+flip, pad-crop:256:symmetric, "
-            "resized-crop:224+flip.")
+            f"resized-crop:224+flip.  [default: {DEFAULT_POLICY} for images, none for feature vectors]")
 
 
 def loss_help() -> str:
@@ -240,9 +240,26 @@ def policy_options(f):
                           "carry their own, e.g. resized-crop:224+flip.")(f)
     f = click.option("--padding", type=click.IntRange(min=0), default=4, show_default=True, metavar="PIXELS",
                      help="Zero padding of the crop-flip alias; other specs carry their own, e.g. crop:2+flip.")(f)
-    f = click.option("--policy", cls=LazyHelpOption, default="crop-flip", show_default=True, metavar="SPEC",
-                     help_text=policy_help)(f)
+    f = click.option("--policy", cls=LazyHelpOption, default=None, metavar="SPEC", help_text=policy_help)(f)
     return f
+
+
+DEFAULT_POLICY = "crop-flip"  # for images; feature vectors, which no image op fits, get their clean view (none)
+
+
+def view_policy(policy: str | None, data, padding: int, size: int | None):
+    """--policy, or its default for the data: crop-flip for images, none for feature vectors."""
+    from kdpipe.views import create_policy
+    if policy is None:
+        policy = "none" if len(data.image_shape) == 1 else DEFAULT_POLICY
+        ctx = click.get_current_context()
+        given = " and ".join(f"--{n}" for n in ("padding", "size")
+                             if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT)
+        if policy == "none" and given:  # options of crop-flip, the images' default, which would be ignored
+            raise InputError(f"{given} {'are options' if ' and ' in given else 'is an option'} of crop-flip, the "
+                             f"default views of images; {data.spec} holds feature vectors, whose default views are "
+                             f"none: leave {given} out, or give --policy")
+    return create_policy(policy, padding=padding, size=size)
 
 
 def check_teacher_once(teacher_file, teacher_weights) -> None:
@@ -254,7 +271,7 @@ def check_policy_options(policy: str, padding: int, size: int | None) -> None:
     """--padding and --size, given explicitly, with a --policy that would ignore them (kdpipe.views)."""
     from kdpipe.sweep import check_alias_options
     ctx = click.get_current_context()
-    check_alias_options(policy, {name: value for name, value in (("padding", padding), ("size", size))
+    check_alias_options(policy or DEFAULT_POLICY, {name: value for name, value in (("padding", padding), ("size", size))
                                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT})
 
 
@@ -362,14 +379,13 @@ def train_teacher_cmd(data_spec, data_root, image_size, resize, limit, arch, arc
     from kdpipe.models import check_model, parse_arch_args
     from kdpipe.teacher import train_teacher
     from kdpipe.util import pick_device
-    from kdpipe.views import create_policy
 
     optim = _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs)
     dev = pick_device(device)
     train = limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
     check_splits(train, test)
-    pol = create_policy(policy, padding=padding, size=size)
+    pol = view_policy(policy, train, padding, size)
     args = parse_arch_args(arch_args)
     check_model(arch, train.num_classes, pol.output_shape(train.image_shape), args)
     _term_as_interrupt()
@@ -435,7 +451,6 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     from kdpipe.distributed import from_env
     from kdpipe.teacher import check_planned_size, dump_logits, feature_shapes, planned_size
     from kdpipe.util import pick_device
-    from kdpipe.views import create_policy
 
     if like is not None:  # the other cache's data and views (kdpipe.ensemble.like_cache checks what is given)
         from kdpipe.ensemble import LIKE_OPTIONS, like_cache
@@ -473,7 +488,7 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
                 check_splits(data, test)
             else:  # the test split is checked against the train split it will be compared with
                 check_splits(limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit), data)
-            pol = create_policy(policy, padding=padding, size=size)
+            pol = view_policy(policy, data, padding, size)
         teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
                                image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
                                trust_pickle=trust_pickle, output=teacher_output)

@@ -746,7 +746,7 @@ class ViewPolicy:
                 raise KDPipeError(f"view op {op.name} does not apply to samples of shape {shapes[-1]} "
                                   f"(it takes {' or '.join(_KIND_NAMES[k] for k in op.kinds)})"
                                   + (f": for {_KIND_NAMES[kind]} give --policy with {', '.join(fits)} (e.g. "
-                                     f"--policy none; the default, crop-flip, is for images)" if kind == "features" else ""))
+                                     f"--policy none, their default)" if kind == "features" else ""))
             op.check_shape(shapes[-1])
             shapes.append(tuple(op.output_shape(shapes[-1])))
         return shapes

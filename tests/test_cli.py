@@ -596,6 +596,31 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
     assert " rows/s per student" in r.output and "images" not in r.output, r.output  # a table's rows, not images
 
 
+def test_feature_vectors_default_to_views_none_and_refuse_crop_flips_options(tmp_path, monkeypatch):
+    """The default views, crop-flip, fit no feature vector: a tabular user's first train-teacher was refused until
+    given --policy none. Feature vectors now default to none; images keep crop-flip; --padding or --size with the
+    default on feature vectors (options of crop-flip, which would be ignored) are refused."""
+    from test_data import make_features_npz
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    make_features_npz(tmp_path / "tab.npz")
+    data = f"npz:{tmp_path / 'tab.npz'}"
+    teacher, cache = tmp_path / "t.pt", tmp_path / "cache"
+    for cmd, args in (("train-teacher", ["--arch", "mlp_100", "--epochs", 1, "--out", tmp_path / "x.pt"]),
+                      ("dump-logits", ["--teacher", teacher, "--views", 1, "--out", tmp_path / "x"])):
+        assert_one_line_error(invoke(cmd, "--data", data, "--padding", 2, *args),
+                              "--padding is an option of crop-flip, the default views of images; "
+                              f"{data} holds feature vectors, whose default views are none: leave --padding out")
+    ok(invoke("train-teacher", "--data", data, "--arch", "mlp_100", "--epochs", 1, "--batch-size", 32,
+              "--device", "cpu", "--out", teacher))
+    assert json.loads(ok(invoke("inspect", teacher, "--json")).output)["view_policy"]["spec"] == "none"
+    ok(invoke("dump-logits", "--teacher", teacher, "--data", data, "--views", 1, "--device", "cpu", "--out", cache))
+    assert json.loads((cache / "manifest.json").read_text())["views"]["spec"] == "none"
+    # an image op asked for on feature vectors is still refused, naming what fits
+    assert_one_line_error(invoke("train-teacher", "--data", data, "--arch", "mlp_100", "--policy", "crop-flip",
+                                 "--out", tmp_path / "y.pt"),
+                          "view op crop does not apply to samples of shape (12,)")
+
+
 @pytest.mark.parametrize("cmd, seed", [
     (cmd, seed) for cmd in ("train-teacher", "train-student", "dump-logits", "verify-cache")
     for seed in ["-1", "99999999999999999999"] + (["0,-2"] if cmd == "train-student" else [])])
