@@ -360,6 +360,11 @@ def _inputs(policy: ViewPolicy, data: ImageData, rows, mean, std) -> torch.Tenso
     return policy.replay(imgs, params, mean, std)
 
 
+def unit_of(data: ImageData) -> str:
+    """What a sample of `data` is called: "image", or "row" for the feature vectors of a table."""
+    return "row" if len(data.image_shape) == 1 else "image"
+
+
 def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.Tensor | None, models_dir: Path,
             repeats: int, log=print) -> dict:
     """Test top-1, agreement, size of the exported TorchScript file, CPU latency at batch 1 and 64."""
@@ -391,7 +396,7 @@ def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.T
     m["_logits"] = logits
     log(f"  {row.name}: top-1 {m['test_top1']:.4f}, agreement {m['teacher_agreement']:.4f}, "
         + (f"{m['size_bytes'] / 1e6:.2f} MB, " if m["size_bytes"] is not None else "not exported, ") +
-        ", ".join(f"batch {b} {_ms(m[f'latency_ms_b{b}'])} ms/image" for b in LATENCY_BATCHES))
+        ", ".join(f"batch {b} {_ms(m[f'latency_ms_b{b}'])} ms/{unit_of(test)}" for b in LATENCY_BATCHES))
     return m
 
 
@@ -459,7 +464,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     calib = _inputs(policy, train, calib_rows, mean, std)
     ft_train = limited(train, finetune_samples)  # drawn as --limit draws: a folder sorted by class keeps every class
     ft_teacher = teacher.module if finetune_loss == "kd" else None
-    ft_desc = (f"{finetune_epochs} epoch(s) on {len(ft_train):,} images, "
+    ft_desc = (f"{finetune_epochs} epoch(s) on {len(ft_train):,} {unit_of(train)}s, "
                + ("KD from the teacher (T 4, alpha 0.9)" if ft_teacher is not None else "cross-entropy"))
     threads = torch.get_num_threads()
     log(f"compress: teacher {teacher.arch} ({teacher.file}), {len(students)} student(s), backend {backend}, "
@@ -513,7 +518,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
         _quantized_row(add, results, srow, q, _inputs(_policy_of(loaded, policy), train, calib_rows, loaded.mean,
                                                       loaded.std), backend, log)
 
-    log(f"measuring {len(results)} model(s) on {test.spec} test ({len(test):,} images)")
+    log(f"measuring {len(results)} model(s) on {test.spec} test ({len(test):,} {unit_of(test)}s)")
     teacher_pred = None
     for row in results:
         if row.module is None:
@@ -531,6 +536,7 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             log(f"removed {stale}: a model of an earlier compress into {out} that this one did not write")
     machine = cpu_name()
     doc = {"teacher": teacher.file, "teacher_arch": teacher.arch, "data": test.spec, "test_images": len(test),
+           "unit": unit_of(test),  # what test_images and the latencies count: image, or row of a feature table
            "backend": backend, "calibration_images": len(calib_rows), "finetune": ft_desc if finetune_epochs else "none",
            "finetune_epochs": finetune_epochs, "finetune_device": str(device),
            "finetune_settings": {"loss": finetune_loss, "lr": lr, "batch_size": batch_size, "samples": len(ft_train),
@@ -571,7 +577,7 @@ def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> No
              quantize_static(src.module, calib, backend))
         note = (f"nn.Linear weights int8, activations quantized per batch (so its predictions depend on the batch: "
                 f"accuracy measured in batches of {EVAL_BATCH})" if kind == "dynamic" else
-                f"FX graph mode, calibrated on {len(calib)} training images")
+                f"FX graph mode, calibrated on {len(calib)} training {'rows' if calib.dim() == 2 else 'images'}")
         add(Row(name, method, src.source, q, src.loaded, parameters=count_params(src.module),
                 nonzero=count_nonzero(src.module), note=f"{note}; {time.perf_counter() - t0:.1f}s"))
     except NoKernel as e:
@@ -683,17 +689,18 @@ def _ms(x) -> str:
 
 
 def _markdown(doc: dict, plot: Path) -> str:
+    unit = doc.get("unit", "image")
     lines = ["# kdpipe compress", "",
              f"Teacher {doc['teacher_arch']} ({doc['teacher']}), {doc['data']} test split ({doc['test_images']:,} "
-             f"images)" + (": not the data the teacher was trained on (its fingerprint differs)"
+             f"{unit}s)" + (": not the data the teacher was trained on (its fingerprint differs)"
                            if doc.get("teacher_trained_on_other_data") else "") +
              f". CPU latency: median of {doc['repeats']} forward passes per batch size, milliseconds per "
-             f"image, on {doc['machine']}; torch {doc['torch']}, quantized backend {doc['backend']}. Size: the "
+             f"{unit}, on {doc['machine']}; torch {doc['torch']}, quantized backend {doc['backend']}. Size: the "
              "TorchScript file with its input normalization (what `kdpipe export` writes); pruned weights are "
              "stored dense, so unstructured pruning does not shrink it. Fine-tuning of pruned models: "
              f"{doc['finetune']}.", "",
              "| model | method | test top-1 | agreement with teacher | parameters (non-zero) | MB on disk | "
-             "ms/image at batch 1 | ms/image at batch 64 | notes |",
+             f"ms/{unit} at batch 1 | ms/{unit} at batch 64 | notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         params = "–" if not r["parameters"] else (
@@ -723,7 +730,7 @@ def _plot(doc: dict, path: Path) -> Path:
                for r in rows}
     bases = sorted({re.sub(r"-int8-\w+$", "", setting[r["name"]]) for r in rows if r["source"] != "teacher"})
     colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
-    for ax, key, label in ((axes[0], "latency_ms_b1", "CPU latency at batch 1 (ms/image)"),
+    for ax, key, label in ((axes[0], "latency_ms_b1", f"CPU latency at batch 1 (ms/{doc.get('unit', 'image')})"),
                            (axes[1], "size_bytes", "size on disk (MB)")):
         labelled = set()
         for r in rows:

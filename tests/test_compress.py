@@ -707,3 +707,28 @@ def test_compress_refuses_photos_resized_otherwise_than_the_teacher_saw(tmp_path
                                           r"is resized by crop: give compress --resize squash$"):
         compress(teacher, train, test, tmp_path / "o", quantize=(), prune=(), repeats=1, log=lambda *a: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_feature_table_is_counted_in_rows_not_images(tmp_path):
+    """compress on a feature table called its test rows "images" and its latencies "ms/image", in its log,
+    compress.md and the plot; stage two's lines already counted rows."""
+    from test_data import make_features_npz
+
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+    from kdpipe.teacher import train_teacher
+
+    make_features_npz(tmp_path / "tab.npz")
+    spec = f"npz:{tmp_path / 'tab.npz'}"
+    train, test = load_dataset(spec, "train"), load_dataset(spec, "test")
+    train_teacher(train, test, "mlp_100", 1, tmp_path / "t.pt", policy=create_policy("none"), batch_size=32,
+                  log=lambda *a: None)
+    said = []
+    compress(tmp_path / "t.pt", train, test, tmp_path / "c", quantize=("dynamic",), prune=("unstructured",),
+             sparsities=(0.5,), finetune_epochs=1, repeats=1, log=said.append)
+    md = (tmp_path / "c" / "compress.md").read_text()
+    assert f"test split ({len(test):,} rows)" in md and "milliseconds per row" in md and "ms/row at batch 1" in md
+    assert f"1 epoch(s) on {len(train):,} rows" in md
+    assert "image" not in md.replace("image_shape", ""), md
+    assert f"({len(test):,} rows)" in "\n".join(said) and "ms/row" in "\n".join(said)
+    assert json.loads((tmp_path / "c" / "compress.json").read_text())["unit"] == "row"
