@@ -278,8 +278,11 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
               + (f", trained on {' or '.join(f'{k:,}' for k in sizes)} samples" if sizes else "")
               + ". Training time is each run's own: its own steps plus an even share of the pass it shared with "
               "other runs.", ""]
+    # what a latency is per: the teachers' inputs tell images (C, H, W) from a table's rows (D,)
+    shapes = {len((r.get("teacher") or {}).get("image_shape") or ()) for r in runs}
+    unit = "row" if shapes == {1} else "image" if shapes == {3} else "sample"
     lines += ["| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1 | "
-              "agreement with teacher | best epoch (val top-1) | parameters | MB | CPU latency (ms/image) | "
+              f"agreement with teacher | best epoch (val top-1) | parameters | MB | CPU latency (ms/{unit}) | "
               "training time (s) |",
               "|" + "---|" * 17]
     for t in teachers.values():

@@ -25,6 +25,7 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert f"4 student run(s), trained on {len(cache.train):,} samples." in text
     header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert "CPU latency (ms/image)" in header
     for col in ("test top-1", "agreement", "parameters", "MB", "latency", "training time", "dataset", "optimizer",
                 "lr", "epochs", "best epoch"):
         assert col in header
@@ -432,3 +433,17 @@ def test_a_report_of_runs_without_history_removes_an_earlier_reports_curves(stud
     res = build_report([runs], tmp_path / "rep")
     assert not (tmp_path / "rep" / "learning_curves.png").exists()
     assert {p.split("/")[-1] for p in res["plots"]} == {"accuracy_vs_parameters.png", "accuracy.png"}
+
+
+@pytest.mark.parametrize("shapes, unit", [([[4], [4]], "row"), ([[1, 28, 28], [4]], "sample")])
+def test_latency_is_per_row_for_a_feature_table(student_runs, tmp_path, shapes, unit):
+    """The latency column said ms/image of a CSV's rows; runs of images and of rows (--mix-datasets) share
+    "sample"."""
+    changes = []
+    for i, shape in enumerate(shapes):
+        m = json.loads((student_runs.out / "mlp_100-T4-a0.9-e2-s0" / "metrics.json").read_text())
+        changes.append({"teacher": {**m["teacher"], "image_shape": shape}, "dataset": f"d{i}"})
+    build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep", mix_datasets=True)
+    header = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+                  if line.startswith("| model"))
+    assert f"CPU latency (ms/{unit})" in header
