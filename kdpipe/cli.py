@@ -672,7 +672,7 @@ def train_student_cmd(cache_dir, teacher_weights, students, arch_args, epochs, l
     if dist.is_main:
         skipped = getattr(res, "skipped", 0)
         click.echo(f"{len(res) - skipped} run(s) written under {out}"  # a rerun of a finished sweep wrote nothing
-                   + (f", {skipped} already finished there (skipped)" if skipped else ""))
+                   + (f", {skipped} skipped (finished before)" if skipped else ""))
         bad = [m["name"] for m in res if m.get("diverged_epoch")]
         if bad:  # written and marked (metrics.json's diverged_epoch, the report), but the call did not succeed
             click.echo(f"Error: {len(bad)} run(s) diverged (their loss became NaN or infinite): {', '.join(bad)}; "

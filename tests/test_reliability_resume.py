@@ -327,7 +327,7 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings_unless_overwrite(w
         assert f"{name}: already finished ({out / name / 'metrics.json'}), skipped" in res.output
     assert "training" not in res.output and _contents(out) == _contents(before)
     # it said "2 run(s) written" when it had written none
-    assert f"0 run(s) written under {out}, {len(names)} already finished there (skipped)\n" in res.output
+    assert f"0 run(s) written under {out}, {len(names)} skipped (finished before)\n" in res.output
     # Settings the run names leave out (SGD's defaults: kdpipe.sweep.training_tag) but a run depends on.
     other = student_args(work, out, "off", 1, 16)
     line = assert_one_line_error(run_cli(other), f"{out} holds 2 run(s) with other settings",
