@@ -106,7 +106,7 @@ class ResizeMode:
         for p in parts[1:]:
             if p in RESIZE_FILTERS and filt is None:
                 filt = p
-            elif p.isdigit() and how == "crop" and shorter is None and int(p) >= 1:
+            elif p.isdecimal() and how == "crop" and shorter is None and int(p) >= 1:  # isdigit: "²", which int refuses
                 shorter = int(p)
             else:
                 how = ""  # refused below

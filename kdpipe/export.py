@@ -103,6 +103,12 @@ def write_card(res: dict, loaded: LoadedModel, compressed: dict | None = None) -
     dtype, shape = input_spec(loaded)
     limit = (loaded.info.get("dataset") or {}).get("limit")  # trained and measured under --limit N: N test samples
     on = f"{limit} samples of the test split (--limit {limit}), not all of it" if limit else "the test split"
+    test = (loaded.info.get("settings") or {}).get("test")  # a teacher records its test split; its train split's
+    if test is not None:  # limit says nothing of it where the test split held fewer than N samples (kept whole)
+        on = (f"{test['num_samples']} samples of the test split (--limit {test['limit']}), not all of it"
+              if test.get("limit") else "the test split")
+    elif limit:  # a student records its cache's train split only
+        on = f"{limit} samples of the test split, or all of it where it holds fewer (--limit {limit})"
     card = {"model": Path(res["path"]).name, "format": res["format"], "arch": loaded.arch,
             "input": {"dtype": str(dtype).removeprefix("torch."), "shape": ["B", *shape]},
             "output": f"raw logits (B, {loaded.num_classes}): output i is class_names[i]; softmax gives "

@@ -171,16 +171,20 @@ def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict
     renamed: dict[str, str] = {}  # old -> new, of the runs that pass checkpoints hold
     moves: list[tuple[str, str, bool]] = []  # (old, new, finished)
     for name, cfg in configs.items():
-        if (out / name / "config.json").exists() or any(name in h["runs"] for h in held.values()):
+        if (out / name / "config.json").exists():
             continue
+        # held under today's name without its directory: renamed in its checkpoint by a command stopped before it
+        # moved the directory (a pass writes config.json before its first checkpoint)
+        renamed_before = any(name in h["runs"] for h in held.values())
         for old in older.get(name, []):
             if old in configs:
                 continue
             finished = (out / old / "metrics.json").is_file() and (out / old / "config.json").is_file()
             holding = [h["runs"][old] for h in held.values() if old in h["runs"]]
-            if not finished and not holding:
+            left = renamed_before and not finished and (out / old / "config.json").is_file()
+            if not finished and not holding and not left:
                 continue  # none, or begun and lost before its first checkpoint: nothing to carry over
-            was = settings(_read_json(out / old / "config.json")) if finished else holding[0]
+            was = settings(_read_json(out / old / "config.json")) if finished or left else holding[0]
             if was.get("arch_args") != settings(cfg).get("arch_args"):
                 continue  # a run of other --arch-args (or none), which today's names tell apart: not this one
             d = differences(was, settings(cfg))

@@ -721,7 +721,8 @@ def test_resize_modes_are_written_one_way_and_checked(tmp_path):
     with pytest.raises(KDPipeError, match=r"^--resize crop:12: the shorter side 12 is below --image-size 16, so no "
                                           r"16 x 16 centre can be cropped: give R >= 16$"):
         load_dataset(spec, "train", image_size=16, resize="crop:12")
-    for bad in ("squash:20", "crop:20:30", "crop:bilinear:bicubic", "crop:lanczos", "crop:0", "crop:"):
+    # "crop:\u00b2" (a superscript two, a digit to str.isdigit that int() does not read) was a ValueError traceback
+    for bad in ("squash:20", "crop:20:30", "crop:bilinear:bicubic", "crop:lanczos", "crop:0", "crop:", "crop:\u00b2"):
         with pytest.raises(KDPipeError, match=r"^--resize must be one of crop, squash, crop:R"):
             load_dataset(spec, "train", image_size=16, resize=bad)
     for mode in ("crop", "squash", "crop:256", "crop:256:bilinear", "squash:bilinear", "crop:bilinear"):

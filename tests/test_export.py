@@ -31,13 +31,28 @@ def test_the_card_of_a_model_trained_under_limit_says_its_top1_is_of_those_sampl
     """The card gave a checkpoint's test top-1 without a word that --limit N made it the top-1 of N test samples."""
     obj = torch.load(teacher_ckpt, weights_only=False)
     obj["dataset"] = {**obj["dataset"], "limit": 300, "limit_sampled": True}
+    test = obj["settings"]["test"]  # the test split a teacher was measured on, as train-teacher records it
+    obj["settings"]["test"] = {**test, "num_samples": 300, "limit": 300, "limit_sampled": True}
     torch.save(obj, tmp_path / "limited.pt")
     out = tmp_path / "m.pt"
-    r = CliRunner().invoke(main, ["export", str(tmp_path / "limited.pt"), "--format", "torchscript", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    source = json.loads((tmp_path / "m.pt.json").read_text())["source"]
+
+    def card_source(ckpt) -> dict:
+        r = CliRunner().invoke(main, ["export", str(ckpt), "--format", "torchscript", "--out", str(out), "--overwrite"])
+        assert r.exit_code == 0, r.output
+        return json.loads((tmp_path / "m.pt.json").read_text())["source"]
+    source = card_source(tmp_path / "limited.pt")
     assert source["test_top1"] == obj["test_top1"]
     assert source["test_top1_on"] == "300 samples of the test split (--limit 300), not all of it"
+    # --limit N above the test split's size keeps all of it (a train split of 60,000 and a test split of 10,000
+    # under --limit 20000): the card said "20000 samples of the test split, not all of it"
+    obj["settings"]["test"] = test
+    torch.save(obj, tmp_path / "limited.pt")
+    assert card_source(tmp_path / "limited.pt")["test_top1_on"] == "the test split"
+    # a student's checkpoint records its cache's train split only: the test split was limited alike where it held more
+    del obj["settings"]
+    torch.save(obj, tmp_path / "limited.pt")
+    assert card_source(tmp_path / "limited.pt")["test_top1_on"] == ("300 samples of the test split, or all of it where "
+                                                                    "it holds fewer (--limit 300)")
 
 
 @pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("pt2", ".pt2"), ("onnx", ".onnx")])

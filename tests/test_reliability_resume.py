@@ -448,6 +448,28 @@ def test_runs_an_older_kdpipe_named_without_their_epochs_are_moved_when_of_the_s
     assert sorted(p.name for p in out.iterdir()) == sorted(runs(1) + runs(2))
 
 
+def test_a_run_renamed_in_its_checkpoint_whose_directory_a_crash_left_at_its_old_name_is_moved(tmp_path):
+    """The pass checkpoint is renamed first, then the run directory moved: a command stopped between the two left
+    the directory at its older name for good (today's name, held by the checkpoint, was no longer looked for under
+    an older one), an unfinished run that report and compress listed and no command ever finished."""
+    from kdpipe.resume import checkpoint_path, plan_runs_dir, settings
+    out = tmp_path / "runs"
+    old, new = "mlp_100-T4-a0.9-s0", "mlp_100-T4-a0.9-e8-s0"
+    cfg = {"run": new, "student": "mlp:100", "epochs": 8, "seed": 0}
+    (out / old).mkdir(parents=True)
+    (out / old / "config.json").write_text(json.dumps({**cfg, "run": old}))
+    ck = checkpoint_path(out, 0, [old])  # already renamed in it
+    ck.parent.mkdir()
+    torch.save({"kdpipe_pass_checkpoint": 1, "seed": 0, "epochs": 8, "runs": {new: settings(cfg)}, "position": [3, 5],
+                "seen": 0, "wall_s": 0.0, "state": {new: {}}, "ranks": [{"sums": {}, "correct": {}}]}, ck)
+    lines = []
+    plan = plan_runs_dir(out, {new: cfg}, log=lines.append, older={new: [old]})
+    assert plan.resume == {new: str(ck)} and not plan.finished
+    assert not (out / old).exists(), lines
+    assert json.loads((out / new / "config.json").read_text())["run"] == new
+    assert any(f"{out / old}, begun by an older kdpipe" in x for x in lines), lines
+
+
 def test_a_run_begun_with_another_world_size_is_refused_saying_how_to_resume_it(work, tmp_path):
     """A run begun under torchrun and rerun as one process (or the reverse) is refused, as its world size is one
     of its settings; the line says to rerun with the processes it was begun with (which resumes it), not only to
