@@ -271,8 +271,13 @@ def check_policy_options(policy: str, padding: int, size: int | None) -> None:
     """--padding and --size, given explicitly, with a --policy that would ignore them (kdpipe.views)."""
     from kdpipe.sweep import check_alias_options
     ctx = click.get_current_context()
-    check_alias_options(policy or DEFAULT_POLICY, {name: value for name, value in (("padding", padding), ("size", size))
-                                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT})
+    given = {name: value for name, value in (("padding", padding), ("size", size))
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if policy is None and "size" in given:  # no default uses it: not crop-flip (images), not none (feature vectors)
+        raise InputError(f"--size {size} sets the size of the resized-crop-flip alias, which the default views (crop-flip "
+                         f"for images, none for feature vectors) do not use: give --policy resized-crop-flip, or "
+                         f"write it in the spec (--policy resized-crop:{size}+flip) and leave --size out")
+    check_alias_options(policy or DEFAULT_POLICY, given)
 
 
 def optim_options(lr_list: bool):

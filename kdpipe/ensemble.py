@@ -285,7 +285,10 @@ def like_cache(like_dir, given: dict, data_root=None, data_spec: str | None = No
                               size=given.get("size"))
         ops = lambda p: {k: v for k, v in p.identity().items() if k != "spec"}  # noqa: E731 (aliases: same ops)
         if ops(asked) != ops(policy):
-            raise KDPipeError(f"--policy {asked.spec} conflicts with --like {like.path}, whose views are "
+            what = (f"--policy {asked.spec}" if "policy" in given else  # options of the images' default alias
+                    " and ".join(f"--{k} {given[k]}" for k in ("padding", "size") if k in given) +
+                    f" (views {asked.spec})")
+            raise KDPipeError(f"{what} conflicts with --like {like.path}, whose views are "
                               f"{policy.spec}: leave --policy, --padding and --size out")
     data, test = load_cache_data(like, data_root, data_spec)
     if d["split"] != "train":

@@ -136,6 +136,8 @@ def test_like_dumps_exactly_the_views_of_the_other_cache(ens):
     (("--seed", 8), "--seed 8 conflicts with --like"),
     (("--views", 5), "--views 5 conflicts with --like"),
     (("--policy", "crop:4+flip"), "--policy crop:4+flip conflicts with --like"),
+    # --padding alone sets crop-flip's: said as given, not as a --policy the user did not write
+    (("--padding", 3), "--padding 3 (views crop:3+flip) conflicts with --like"),
     (("--split", "test"), "--split test conflicts with --like"),
     (("--limit", 100), "--limit 100 conflicts with --like"),
 ])

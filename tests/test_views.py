@@ -685,7 +685,11 @@ def test_a_negative_view_seed_is_one_line_and_claims_nothing(fmnist, tmp_path):
     (["--policy", "crop:2+flip", "--padding", "4"], "--padding 4 sets the padding of the crop-flip alias, and the "
      "policy 'crop:2+flip' is another spec, which would ignore it: write it in the spec (e.g. crop:4+flip)"),
     (["--policy", "resized-crop+flip", "--size", "24"], "(e.g. resized-crop:24+flip) and leave --size out"),
-    (["--size", "24"], "--size 24 sets the size of the resized-crop-flip alias, and the policy 'crop-flip'")])
+    (["--size", "24"], "--size 24 sets the size of the resized-crop-flip alias, which the default views (crop-flip "
+     "for images, none for feature vectors) do not use: give --policy resized-crop-flip, or write it in the spec "
+     "(--policy resized-crop:24+flip)"),
+    (["--policy", "crop-flip", "--size", "24"], "--size 24 sets the size of the resized-crop-flip alias, and the "
+     "policy 'crop-flip'")])
 def test_padding_or_size_that_the_policy_ignores_is_refused_in_one_line(cmd, given, fragment, fmnist, tmp_path):
     """--padding and --size set the aliases' options; with another spec they were ignored without a word (a crop
     by 2 where 4 was asked for, views at the input height where 24 was)."""
