@@ -145,6 +145,10 @@ def half_dtype(module: nn.Module) -> torch.dtype | None:
     dtype (float32 inputs were refused by its first layer), its logits returned as float32."""
     try:
         dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+        if not dtypes and isinstance(module, torch.jit.ScriptModule):  # frozen (torch.jit.freeze): its weights
+            dtypes = {o.toIValue().dtype for n in module.graph.findAllNodes("prim::Constant")  # are graph constants
+                      for o in n.outputs() if isinstance(o.type(), torch._C.TensorType)
+                      and o.toIValue().is_floating_point()}
     except Exception:  # a module whose parameters cannot be listed: run as it is
         return None
     return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16) else None

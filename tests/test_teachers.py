@@ -9,6 +9,7 @@ safetensors, a pickled module, a timm model, the user's own file.
 
 from __future__ import annotations
 
+import copy
 import signal
 import sys
 import types
@@ -395,6 +396,23 @@ def test_a_teacher_saved_in_half_precision_runs_as_saved(ref, tmp_path, dtype):
     ok(invoke("verify-cache", out, "--teacher", ts, "--sample", 64))
     mixed = nn.Sequential(nn.Flatten(), nn.Linear(784, 10).half(), nn.Linear(10, 10))  # not one dtype: left alone
     assert half_dtype(mixed) is None and half_dtype(ref.net) is None and half_dtype(prog) is dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_frozen_torchscript_teacher_in_half_precision_runs_as_saved(ref, tmp_path, dtype):
+    """torch.jit.freeze (and optimize_for_inference, the usual TorchScript export for deployment) makes the weights
+    constants of the graph: the program lists no parameters, so its dtype was not seen and its first batch failed
+    with 'Input type (float) and bias type (c10::Half) should be the same'. The graph's constants say it."""
+    ts = tmp_path / "frozen.ts"
+    prog = torch.jit.freeze(torch.jit.script(copy.deepcopy(ref.net).eval().to(dtype)))
+    prog.save(str(ts))
+    prog = torch.jit.load(str(ts))
+    assert not list(prog.parameters()) and half_dtype(prog) is dtype
+    out = tmp_path / "c"
+    ok(dump(ts, ref.spec, out, *ref.norm))
+    assert_cache_holds(out, lambda x: prog(x.to(dtype)), atol=0)
+    frozen32 = torch.jit.freeze(torch.jit.script(copy.deepcopy(ref.net).eval()))
+    assert half_dtype(frozen32) is None
 
 
 def test_a_torchscript_teacher_that_fails_says_why_not_where(ref, tmp_path):
