@@ -300,6 +300,10 @@ class Cache:
         if not e:
             return None
         with open_h5(self.path / e["file"]) as f:
+            # as a shard's (_open_shard): another cache's eval file gave another teacher's test logits, silently
+            if f.attrs.get("cache_id") != self.manifest["cache_id"]:
+                raise KDPipeError(f"{self.path / e['file']} (the test logits of cache {self.path}) is the eval file "
+                                  f"of another cache: run kdpipe verify-cache {self.path}, which says how to repair it")
             return f[fmt.EVAL_COLUMNS["test_logits"].path][()]
 
     # ---------------------------------------------------------------- integrity
