@@ -196,6 +196,28 @@ def test_a_shard_replaced_while_a_student_reads_the_cache_is_refused_not_read(tm
     assert Cache(tmp_path / "a").read_view(1, "logits").shape == first.shape  # the shards untouched still read
 
 
+def test_a_shard_replaced_by_a_file_of_the_same_inode_number_is_refused_not_read(tmp_path):
+    """ext4 gives the inode number of a removed file to the next file made: a dump-logits --overwrite of another
+    teacher into the cache a student reads wrote a shard that got its old shard's number (seen with caches of five
+    shards), and the reader, which took a file for another only when its inode number changed too, read the other
+    teacher's rows as this cache's. Here the new bytes go into the very inode, as that reuse amounts to."""
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    from test_reliability_helpers import dump_args, mnist_npz, run_cli, save_teacher
+    npz = mnist_npz(tmp_path / "digits.npz", 64, 16)
+    for seed, name in ((0, "a"), (1, "b")):
+        assert run_cli(dump_args(save_teacher(tmp_path / f"t{seed}.pt", seed=seed), npz, tmp_path / name, 2, 64, 3)
+                       ).exit_code == 0
+    cache = Cache(tmp_path / "a")
+    cache.read_view(0, "logits")
+    shard = tmp_path / "a" / "shard-00000.h5"
+    before = os.stat(shard)
+    shutil.copyfile(tmp_path / "b" / "shard-00000.h5", shard)  # written into the same inode
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # written later, on any clock
+    assert os.stat(shard).st_ino == before.st_ino and os.stat(shard).st_size == before.st_size
+    with pytest.raises(KDPipeError, match="was removed or replaced while the cache was being read"):
+        cache.read_view(0, "logits")
+
 def test_a_full_disk_while_report_draws_its_plots_is_one_line_and_leaves_no_partial_png(student_runs, tmp_path,
                                                                                       monkeypatch):
     """The disk filled while matplotlib wrote a plot: report failed with PIL's OSError traceback (compress's plot

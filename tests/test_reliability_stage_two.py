@@ -191,6 +191,24 @@ def test_a_shard_that_is_not_the_dumps_is_refused_naming_it_and_verify_cache(sha
         assert not list((tmp_path / f"runs{i}").glob("*/metrics.json")), change
 
 
+def test_an_eval_file_of_another_cache_is_refused_naming_it_and_verify_cache(shared, tmp_path):
+    """eval.h5 (the teacher's test logits, which agreement is measured against) is checked as a shard is: one
+    copied in from a cache of another teacher was read as this teacher's test logits without a word."""
+    from kdpipe import KDPipeError
+    from kdpipe.cache.reader import Cache
+    other = tmp_path / "other"
+    res = run_cli(dump_args(save_teacher(tmp_path / "t1.pt", seed=1), shared.npz, other, 2, 200, 0))
+    assert res.exit_code == 0, res.output
+    cache = Path(shutil.copytree(shared.cache, tmp_path / "cache"))
+    shutil.copy(other / "eval.h5", cache / "eval.h5")
+    with pytest.raises(KDPipeError, match="is the eval file of another cache"):
+        Cache(cache).read_test_logits()
+    res = run_cli(_train_args(cache, tmp_path / "runs"))
+    assert_one_line_error(res, f"eval.h5 (the test logits of cache {cache}) is the eval file of another cache",
+                          f"run kdpipe verify-cache {cache}")
+    assert not list((tmp_path / "runs").glob("*/metrics.json"))
+
+
 def test_stage_two_opens_the_cache_read_only(shared, tmp_path, monkeypatch):
     """Every HDF5 open during training is read-only without file locking, and no file of the cache
     changes (contents or modification times)."""

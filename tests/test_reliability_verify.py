@@ -257,6 +257,21 @@ def test_nan_and_inf_teacher_outputs_stop_the_dump_naming_the_samples(odd, tmp_p
     assert assert_nothing_partial_reads_as_complete(out) == []
 
 
+def test_nan_teacher_outputs_on_the_test_split_stop_the_dump_naming_the_samples(tmp_path):
+    """The teacher's NaN on a white test image (no train image is white): eval.h5 stored it and the cache read as
+    complete (the shards refuse NaN), so agreement and the teacher's test top-1 were computed from a NaN row."""
+    def mark(a):
+        a["x_test"][[5, 9]] = 255
+    npz = mnist_npz(tmp_path / "white-test.npz", 300, 50, edit=mark)
+    teacher = torchscript_teacher(tmp_path / "nan.pt", nan_above=2.4)
+    out = tmp_path / "cache"
+    res = run_cli(dump_args(teacher, npz, out, 2, 300, 0, 100, "--policy", "none"))
+    assert_one_line_error(res, "NaN or Inf logits for 2 input(s) of the clean test split: test sample 5, test sample 9",
+                          progress=True)
+    assert len(assert_nothing_partial_reads_as_complete(out)) == 2  # the shards are sound: kept for a rerun
+    assert not (out / "eval.h5").exists()
+
+
 def test_logits_beyond_float16_stop_the_dump_and_float32_stores_them(odd, tmp_path):
     """Finite logits that float16 cannot hold (1e5) would be stored as Inf: refused, naming the sample
     and the remedy; with --logits-dtype float32 the dump succeeds and verifies."""

@@ -201,9 +201,10 @@ class Cache:
         """Refuse shard i where the file at its path (`st`; None: there is none) is no longer the one whose
         attributes were checked: a dump into this directory (dump-logits --overwrite) removed or replaced it
         while this cache was read, and rows read from it now would be another cache's, without a word. Another file
-        has another inode and another size or time (both asked: some FUSE file systems number inodes anew)."""
+        has another size or time; its inode number is no sign either way (some FUSE file systems number inodes anew,
+        and ext4 gives a removed file's number to the next file made, as a dump's next shard)."""
         old = self._files.get(i)
-        if old and (st is None or (st.st_ino != old[0] and (st.st_size, st.st_mtime_ns) != old[1:])):
+        if old and (st is None or (st.st_size, st.st_mtime_ns) != old[1:]):
             s = self.manifest["shards"][i]
             raise KDPipeError(f"{self.shard_path(i)} (rows {s['row_start']}..{s['row_stop'] - 1} of cache {self.path}) "
                               "was removed or replaced while the cache was being read (another dump-logits into "
@@ -300,6 +301,10 @@ class Cache:
         if not e:
             return None
         with open_h5(self.path / e["file"]) as f:
+            # as a shard's (_open_shard): another cache's eval file gave another teacher's test logits, silently
+            if f.attrs.get("cache_id") != self.manifest["cache_id"]:
+                raise KDPipeError(f"{self.path / e['file']} (the test logits of cache {self.path}) is the eval file "
+                                  f"of another cache: run kdpipe verify-cache {self.path}, which says how to repair it")
             return f[fmt.EVAL_COLUMNS["test_logits"].path][()]
 
     # ---------------------------------------------------------------- integrity

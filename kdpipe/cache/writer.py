@@ -548,7 +548,14 @@ class CacheWriter:
     # ---------------------------------------------------------------- 5. eval file and manifest
 
     def write_eval(self, values: dict[str, np.ndarray], dataset: dict) -> dict:
-        """The eval file (the teacher on the clean test split); returns its manifest entry."""
+        """The eval file (the teacher on the clean test split); returns its manifest entry. NaN or Inf test logits
+        stop the dump before it is written, naming the samples, as the shards' do (put)."""
+        bad = np.flatnonzero(~np.isfinite(np.asarray(values["test_logits"], dtype=np.float32)).all(axis=1))
+        if len(bad):
+            named = ", ".join(f"test sample {int(j)}" for j in bad[:10]) + \
+                (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise KDPipeError(f"the teacher produced NaN or Inf logits for {len(bad)} input(s) of the clean test split: "
+                              f"{named}; the cache was not finished (check the teacher and its input normalization)")
         datasets = {}
         for col in fmt.EVAL_COLUMNS.values():
             arr = np.asarray(values[col.name]).astype(col.np_dtype(self.spec), copy=False)
