@@ -277,7 +277,9 @@ class ImageData:
         return mean.tolist(), self._std(np.sqrt(var)).tolist()
 
     def _std(self, std: np.ndarray) -> np.ndarray:
-        return std
+        # A constant channel or feature (std 0: an RGBA array's opaque alpha) would normalize to NaN, and training
+        # then "diverged" at any --lr; with std 1 it normalizes to a constant.
+        return np.where(std > 0, std, 1.0)
 
     def subset(self, n: int, sampled: bool = False) -> "ImageData":
         """n samples (a different dataset, with its own fingerprint), of the same kind: the first n (a view, so
@@ -390,10 +392,6 @@ class Features(ImageData):
     def sizes(self) -> np.ndarray:
         """(N, 1): D for every row."""
         return np.full((len(self), 1), self.image_shape[0], dtype=np.int64)
-
-    def _std(self, std: np.ndarray) -> np.ndarray:
-        # A constant feature (std 0) would normalize to NaN; with std 1 it normalizes to 0.
-        return np.where(std > 0, std, 1.0)
 
 
 def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None,

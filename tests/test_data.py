@@ -881,6 +881,17 @@ def test_channel_stats_use_a_uniform_sample_of_a_class_sorted_split():
     np.testing.assert_allclose(small.channel_stats()[0][0], 0.0)
 
 
+def test_a_constant_image_channel_gets_std_1_not_0():
+    """RGBA images whose alpha is 255 everywhere: std 0 made every input NaN, and train-teacher said the
+    training diverged and to lower --lr."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 4, 5, 5), dtype=np.uint8)
+    images[:, 3] = 255
+    d = ImageData(images, np.arange(20) % 2, ["a", "b"], "rgba", "train", "-")
+    mean, std = d.channel_stats()
+    assert mean[3] == 1.0 and std[3] == 1.0 and all(0.2 < s < 0.4 for s in std[:3])
+
+
 # ---------------------------------------------------------------- float features (tabular data)
 
 @pytest.fixture
