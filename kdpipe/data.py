@@ -47,6 +47,7 @@ import pickle
 import re
 import struct
 import sys
+import unicodedata
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
@@ -1010,6 +1011,14 @@ def class_numbering(spec, train_labels: list[str], other_labels: list[str],
                               f"{values[-1]} with {len(values)} distinct values: number the classes 0..N-1 "
                               "without gaps, or write them as names")
         return [str(i) for i in range(n)], numeric
+    forms: dict[str, set[str]] = {}
+    for s in every:  # one name in two Unicode forms (NFC, NFD: a file from macOS) looks one but is two classes
+        forms.setdefault(unicodedata.normalize("NFC", s), set()).add(s)
+    twice = sorted(sorted(f) for f in forms.values() if len(f) > 1)
+    if twice:
+        raise KDPipeError(f"{spec}: the labels write the class {twice[0][0]!r} in {len(twice[0])} Unicode forms "
+                          f"({', '.join(map(ascii, twice[0]))}), which look alike but would be classes of their own: "
+                          "write each class alike (normalize the names to NFC)")
     classes = sorted(set(train_labels))
     unknown = sorted(set(other_labels) - set(classes))
     if unknown:

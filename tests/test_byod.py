@@ -261,6 +261,23 @@ def test_class_names_that_differ_only_in_case_are_said_once(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().err
 
 
+def test_a_class_name_written_in_two_unicode_forms_is_refused(tmp_path):
+    """'crème' composed (NFC) beside 'crème' decomposed (NFD, as macOS writes file names): two classes that print
+    alike, which split one class's samples without a word; in the test split only, it was 'no train sample of
+    crème', a name the train split shows."""
+    nfc, nfd = "cr\u00e8me", "cre\u0300me"
+    rows = ["label,split,f0"] + [f"{c},train,{i}" for i, c in enumerate([nfc, nfd, "pie", "pie", nfc])]
+    (tmp_path / "t.csv").write_text("\n".join(rows + [f"{nfc},test,1", "pie,test,2"]) + "\n", encoding="utf-8")
+    for split in ("train", "test"):
+        with pytest.raises(KDPipeError, match=r"the labels write the class 'cre\u0300me' in 2 Unicode forms "
+                                              r"\('cre\\u0300me', 'cr\\xe8me'\).*normalize the names to NFC"):
+            load_dataset(f"csv:{tmp_path / 't.csv'}", split)
+    (tmp_path / "t.csv").write_text("\n".join(rows[:2] + rows[3:] + [f"{nfd},test,1", "pie,test,2"]) + "\n",
+                                    encoding="utf-8")
+    with pytest.raises(KDPipeError, match="in 2 Unicode forms"):
+        load_dataset(f"csv:{tmp_path / 't.csv'}", "test")
+
+
 def _leak_table(path, extra: str, value) -> str:
     """A feature table sorted by class (as Kaggle's Iris is), 4 rows per class, with a column `extra` whose value
     for row i of class c is value(i, c)."""
