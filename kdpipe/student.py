@@ -648,6 +648,9 @@ def validation_rows(n: int, fraction: float) -> np.ndarray:
     if not 0 <= fraction < 1:
         raise KDPipeError(f"--val-fraction must lie in [0, 1), got {fraction}")
     k = int(round(fraction * n))
+    if fraction > 0 and k == 0:  # else no run validates, keeps a best epoch or says why
+        raise KDPipeError(f"--val-fraction {fraction:g} of the cache's {n} samples holds out none of them: give at "
+                          f"least {1 / n:.3g}, or leave --val-fraction out")
     return np.sort(np.random.default_rng(VAL_SEED).permutation(n)[:k]).astype(np.int64)
 
 

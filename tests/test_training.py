@@ -62,6 +62,10 @@ def test_validation_rows_are_fixed_and_the_pass_never_steps_on_them():
     v = validation_rows(200, 0.25)
     assert len(v) == 50 and np.array_equal(v, validation_rows(200, 0.25)) and np.all(np.diff(v) > 0)
     assert len(validation_rows(200, 0.0)) == 0
+    # a fraction too small to hold out one sample is refused: it trained on every sample, silently without a best epoch
+    with pytest.raises(KDPipeError, match=r"--val-fraction 0.001 of the cache's 256 samples holds out none"):
+        validation_rows(256, 0.001)
+    assert len(validation_rows(256, float(f"{1 / 256:.3g}"))) == 1
     # Sample i is an image filled with the value i: the model sees which samples it trains on.
     n = 64
     images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 4, 4).contiguous()
