@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from kdpipe import KDPipeError
 from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
@@ -137,9 +138,20 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int, epoch
     opt = optim.build(model)
     if optim.warmup_epochs and not epoch_steps:
         raise ValueError("a warm-up in epochs needs epoch_steps")
-    warmup = round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+    warmup = warmup_steps(optim, epoch_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps, warmup))
     return opt, sched, warmup
+
+
+def warmup_steps(optim: OptimConfig, epoch_steps: int | None) -> int:
+    """The warm-up of optim in steps; a warm-up given that rounds to fewer than 2 steps is refused (KDPipeError):
+    with 0 or 1 the first step is at the peak lr, as without one, while the run's name and settings record it."""
+    warmup = round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+    if optim.warmup_epochs and warmup < 2:
+        raise KDPipeError(f"--warmup-epochs {optim.warmup_epochs:g} is {warmup} step(s) of the {epoch_steps} per epoch, "
+                          f"which warms nothing up (the first step is at the peak lr): give at least "
+                          f"{2 / epoch_steps:.3g}, or leave it out")
+    return warmup
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -58,6 +58,20 @@ def test_training_settings_are_checked():
     assert training_tag(resolve_training(), 5, 128) == "e5"
 
 
+def test_a_warmup_shorter_than_two_steps_is_refused(cache, tmp_path):
+    # round(0.2 x 4) = 1 step of warm-up has factor (0 + 1) / 1: the run began at the peak lr, its name saying warm-up
+    from kdpipe.engine import make_optimizer
+    with pytest.raises(KDPipeError, match=r"--warmup-epochs 0.2 is 0 step\(s\) of the 2 per epoch.*at least 1,"):
+        train_students(cache.path, ["mlp:8"], 2, tmp_path / "runs", batch_size=256, log=lambda *a: None,
+                       optim=OptimConfig(warmup_epochs=0.2))
+    assert not list((tmp_path / "runs").iterdir())  # refused before any run directory
+    for w in (0.1, 0.2):
+        with pytest.raises(KDPipeError, match=rf"--warmup-epochs {w:g} is [01] step\(s\) of the 4 per epoch.*at least 0.5"):
+            make_optimizer(torch.nn.Linear(2, 2), OptimConfig(lr=0.1, warmup_epochs=w), 40, 4)
+    opt, _, warmup = make_optimizer(torch.nn.Linear(2, 2), OptimConfig(lr=0.1, warmup_epochs=0.5), 40, 4)
+    assert warmup == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 def test_validation_rows_are_fixed_and_the_pass_never_steps_on_them():
     v = validation_rows(200, 0.25)
     assert len(v) == 50 and np.array_equal(v, validation_rows(200, 0.25)) and np.all(np.diff(v) > 0)
