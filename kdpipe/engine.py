@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from kdpipe import KDPipeError
 from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
@@ -144,14 +143,19 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int, epoch
 
 
 def warmup_steps(optim: OptimConfig, epoch_steps: int | None) -> int:
-    """The warm-up of optim in steps; a warm-up given that rounds to fewer than 2 steps is refused (KDPipeError):
-    with 0 or 1 the first step is at the peak lr, as without one, while the run's name and settings record it."""
-    warmup = round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+    """The warm-up of optim in steps: round(warmup_epochs x epoch_steps)."""
+    return round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+
+
+def warmup_note(optim: OptimConfig, epoch_steps: int) -> str | None:
+    """A note where a warm-up given rounds to fewer than 2 steps: with 0 or 1 the first step is at the peak lr, as
+    without one, while the run's settings record it (a note, not a refusal: a quick check on a few hundred samples
+    of a pipeline with a 1-epoch warm-up has 1 or 2 steps an epoch)."""
+    warmup = warmup_steps(optim, epoch_steps)
     if optim.warmup_epochs and warmup < 2:
-        raise KDPipeError(f"--warmup-epochs {optim.warmup_epochs:g} is {warmup} step(s) of the {epoch_steps} per epoch, "
-                          f"which warms nothing up (the first step is at the peak lr): give at least "
-                          f"{2 / epoch_steps:.3g}, or leave it out")
-    return warmup
+        return (f"note: --warmup-epochs {optim.warmup_epochs:g} is {warmup} step(s) of the {epoch_steps} per epoch, "
+                f"which warms nothing up (the first step is at the peak lr); {2 / epoch_steps:.3g} or more would")
+    return None
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
