@@ -137,9 +137,25 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int, epoch
     opt = optim.build(model)
     if optim.warmup_epochs and not epoch_steps:
         raise ValueError("a warm-up in epochs needs epoch_steps")
-    warmup = round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+    warmup = warmup_steps(optim, epoch_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optim.lr_factor(s, total_steps, warmup))
     return opt, sched, warmup
+
+
+def warmup_steps(optim: OptimConfig, epoch_steps: int | None) -> int:
+    """The warm-up of optim in steps: round(warmup_epochs x epoch_steps)."""
+    return round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
+
+
+def warmup_note(optim: OptimConfig, epoch_steps: int) -> str | None:
+    """A note where a warm-up given rounds to fewer than 2 steps: with 0 or 1 the first step is at the peak lr, as
+    without one, while the run's settings record it (a note, not a refusal: a quick check on a few hundred samples
+    of a pipeline with a 1-epoch warm-up has 1 or 2 steps an epoch)."""
+    warmup = warmup_steps(optim, epoch_steps)
+    if optim.warmup_epochs and warmup < 2:
+        return (f"note: --warmup-epochs {optim.warmup_epochs:g} is {warmup} step(s) of the {epoch_steps} per epoch, "
+                f"which warms nothing up (the first step is at the peak lr); {2 / epoch_steps:.3g} or more would")
+    return None
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

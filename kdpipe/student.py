@@ -20,7 +20,8 @@ from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json
 from kdpipe.checkpoint import save_checkpoint
 from kdpipe.data import KINDS, SOURCES, ImageData, check_splits, limited, load_dataset, moved_spec, resize_mode
 from kdpipe.distributed import SINGLE, Dist
-from kdpipe.engine import OptimConfig, Run, build_run, make_optimizer, predict, sample_unit, steps_per_epoch, train_pass
+from kdpipe.engine import (OptimConfig, Run, build_run, make_optimizer, predict, sample_unit, steps_per_epoch, train_pass,
+                           warmup_note)
 from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
 from kdpipe.features import plain
 from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
@@ -500,6 +501,9 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                           f"{world} ranks): lower --batch-size")
     epoch_steps = steps_per_epoch(n_train, batch_size * world)
     total_steps = epochs * epoch_steps
+    for note in dict.fromkeys(warmup_note(OptimConfig.from_settings(st), epoch_steps) for _, _, st in planned):
+        if note:  # a warm-up too short to warm up: said once per setting
+            log(note)
     log(f"batch {batch_size}" + (f" per rank x {world} ranks = effective batch {batch_size * world} "
                                  f"(DistributedDataParallel, {ctx.backend})" if world > 1 else "")
         + f", {optim.optimizer}, peak lr " + ", ".join(sorted({format(st["lr"], "g") for _, _, st in planned}))
@@ -648,6 +652,9 @@ def validation_rows(n: int, fraction: float) -> np.ndarray:
     if not 0 <= fraction < 1:
         raise KDPipeError(f"--val-fraction must lie in [0, 1), got {fraction}")
     k = int(round(fraction * n))
+    if fraction > 0 and k == 0:  # else no run validates, keeps a best epoch or says why
+        raise KDPipeError(f"--val-fraction {fraction:g} of the cache's {n} samples holds out none of them: give at "
+                          f"least {1 / n:.3g}, or leave --val-fraction out")
     return np.sort(np.random.default_rng(VAL_SEED).permutation(n)[:k]).astype(np.int64)
 
 

@@ -17,7 +17,7 @@ from kdpipe.cache.writer import CacheWriter, differences
 from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, save_checkpoint
 from kdpipe.data import RECORD_ONLY, ImageData, resize_mode
 from kdpipe.distributed import SINGLE, Dist
-from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass
+from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass, warmup_note
 from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters, model_recipe
@@ -70,6 +70,8 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         mean, std = train.channel_stats()
         in_shape = policy.output_shape(train.image_shape)
         epoch_steps = steps_per_epoch(len(train), batch_size)
+        if warmup_note(optim, epoch_steps):
+            log(warmup_note(optim, epoch_steps))
         run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
                         epochs * epoch_steps, device, arch_args=arch_args, epoch_steps=epoch_steps)
         images = images_tensor(train.images, device)

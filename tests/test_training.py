@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -58,10 +59,32 @@ def test_training_settings_are_checked():
     assert training_tag(resolve_training(), 5, 128) == "e5"
 
 
+def test_a_warmup_shorter_than_two_steps_is_said(cache, tmp_path):
+    # round(0.2 x 4) = 1 step of warm-up has factor (0 + 1) / 1: the run began at the peak lr, its settings recording a
+    # warm-up, without a word. Said, not refused: a pipeline's quick check on a few hundred samples has 1 or 2 steps.
+    from kdpipe.engine import make_optimizer, warmup_note
+    said = []
+    train_students(cache.path, ["mlp:8"], 1, tmp_path / "runs", batch_size=256, log=said.append,
+                   optim=OptimConfig(warmup_epochs=0.2))
+    assert said.count("note: --warmup-epochs 0.2 is 0 step(s) of the 2 per epoch, which warms nothing up (the first "
+                      "step is at the peak lr); 1 or more would") == 1, said
+    for w in (0.1, 0.2):
+        assert re.match(rf"note: --warmup-epochs {w:g} is [01] step\(s\) of the 4 per epoch.*0.5 or more would",
+                        warmup_note(OptimConfig(lr=0.1, warmup_epochs=w), 4))
+    assert warmup_note(OptimConfig(lr=0.1, warmup_epochs=0.5), 4) is None
+    assert warmup_note(OptimConfig(lr=0.1), 4) is None
+    opt, _, warmup = make_optimizer(torch.nn.Linear(2, 2), OptimConfig(lr=0.1, warmup_epochs=0.5), 40, 4)
+    assert warmup == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 def test_validation_rows_are_fixed_and_the_pass_never_steps_on_them():
     v = validation_rows(200, 0.25)
     assert len(v) == 50 and np.array_equal(v, validation_rows(200, 0.25)) and np.all(np.diff(v) > 0)
     assert len(validation_rows(200, 0.0)) == 0
+    # a fraction too small to hold out one sample is refused: it trained on every sample, silently without a best epoch
+    with pytest.raises(KDPipeError, match=r"--val-fraction 0.001 of the cache's 256 samples holds out none"):
+        validation_rows(256, 0.001)
+    assert len(validation_rows(256, float(f"{1 / 256:.3g}"))) == 1
     # Sample i is an image filled with the value i: the model sees which samples it trains on.
     n = 64
     images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 4, 4).contiguous()
