@@ -11,8 +11,8 @@
     report:   runs/<name>/report/report.md                     (report)
     compress: runs/<name>/compress/compress.md                 (compress, only with a [compress] section)
 
-A file the pipeline is given ([teacher] file, the npz or CSV file of [data] spec) is a prerequisite of the
-steps that read it (edited, they rerun) with a rule that names it in one line when it is missing.
+A file the pipeline is given ([teacher] file, the npz or CSV file of [data] spec, the PATH.py of an arch) is a
+prerequisite of the steps that read it (edited, they rerun) with a rule that names it in one line when it is missing.
 """
 
 from __future__ import annotations
@@ -360,6 +360,9 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     teacher_files, caches = {}, {}
     for given in dict.fromkeys(t["file"] for t in _listify(spec["teacher"]) if "file" in t):
         lines += _missing_file_rule(given, f"the [teacher] file {given}", "file = \"...\"")
+    for code in _code_files([t["arch"] for t in _listify(spec["teacher"]) if "arch" in t]
+                            + [a for block in spec["students"] for a in _listify(block["archs"])]):
+        lines += _missing_file_rule(code, f"the architecture file {code}", "arch or archs")
     for t in (spec["teacher"] if ensemble else [spec["teacher"]]):
         tname = t["name"] if ensemble else None
         suffix = f"-{tname}" if ensemble else ""  # of the teacher file and the steps' stamps
@@ -402,7 +405,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             "keep_checkpoints": "keep-checkpoints", "hint_layer": "hint-layer", "hint_feature": "hint-feature"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
         # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
-        lines += rule(" ".join(targets) + " &", [f"{caches[n]}/manifest.json" for n in chosen],
+        lines += rule(" ".join(targets) + " &", [f"{caches[n]}/manifest.json" for n in chosen] + _code_files(archs),
                       f"$(KDPIPE) train-student {q(args)} --overwrite --out {out}", f"students-{i}")
     # A run's metrics.json is written last and atomically: one that exists is complete. Make must not delete
     # those a failed or interrupted train-student finished (.DELETE_ON_ERROR), or the rerun would retrain them.
@@ -445,6 +448,19 @@ def _data_file(data: dict) -> str | None:
     return path
 
 
+def _code_files(archs: list[str]) -> list[str]:
+    """The files of architectures given as PATH.py:NAME (the user's code, e.g. pipelines/food_nets.py), a
+    prerequisite of the steps that build them where Make can name it: edited, those steps rerun (train-teacher and
+    train-student record the file's sha256: merely touched, they keep their teacher and runs); before, make said
+    "Nothing to be done" and the report showed students of the code as it was."""
+    files = []
+    for arch in archs:
+        head, colon, _ = str(arch).strip().rpartition(":")
+        if colon and head.endswith(".py") and _MAKE_PATH.fullmatch(head) and head not in files:
+            files.append(head)
+    return files
+
+
 def _missing_file_rule(path: str, what: str, key: str) -> list[str]:
     """A rule for a file the pipeline is given: when it is missing, one line (Make alone says "No rule to make
     target")."""
@@ -460,7 +476,7 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     q = shlex.join
     lines = []
     if "file" not in t:
-        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
+        lines += rule(teacher, data_file + _code_files([t["arch"]]), f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
             ["--arch", t["arch"]] + _arch_args(t, f"teacher {t.get('name', t['arch'])}") + _opts(t, {
                 "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
                 "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
@@ -476,7 +492,8 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     like = ["--like", first] if first else []  # dump-logits checks that the shared [dump] options agree with it
     # The primary cache is dumped first, but a new primary teacher does not re-dump the others: their views
     # are the [dump] options and the data, which their own stamps and prerequisites follow.
-    lines += rule(f"{cache}/manifest.json", [teacher] + data_file,
+    code = _code_files([t["arch"]]) if "file" in t and "arch" in t else []  # a loaded teacher's own code
+    lines += rule(f"{cache}/manifest.json", [teacher] + data_file + code,
                   f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + like + _opts(d, {
                       "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
                       "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",

@@ -773,3 +773,40 @@ def test_make_reads_the_pipeline_it_is_given_whatever_its_files_time(tmp_path):
     steps = make_n("exp/mnist-mlp.toml")
     assert "train-teacher" in steps and "--epochs 7 " in steps and "--epochs 5 " not in steps, steps
     assert "rules of" not in make_n("exp/mnist-mlp.toml")  # unchanged: not written again
+
+
+def test_an_architecture_files_edit_reruns_the_steps_that_build_it(monkeypatch, tmp_path):
+    """archs = ["pipelines/food_nets.py:DSNet"]: the file was no prerequisite, so after an edit to the student's code
+    make said "Nothing to be done" and the report showed the students of the code as it was. Now its change reruns
+    the students (train-student, which records the file's sha256, starts them over; a mere touch skips them), a
+    teacher's file its training, and a missing one is named in one line."""
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / "pipelines" / "mnist-mlp.toml").read_text().replace('arch = "mlp:512,256"', 'arch = "t.py:T"')
+    (tmp_path / "mnist-mlp.toml").write_text(text.replace('archs = ["mlp:128"]', 'archs = ["nets/s.py:S"]'))
+    (tmp_path / "rules.mk").write_text(make_rules(load_pipeline(tmp_path / "mnist-mlp.toml")))
+
+    def make(*flags):
+        return subprocess.run(["make", *flags, "-f", "rules.mk", "PIPELINE=mnist-mlp.toml", "KDPIPE=kd", "SETUP=",
+                               "runs/mnist-mlp/report/report.md"], capture_output=True, text=True)
+    r = make("-s")
+    assert r.returncode != 0 and r.stderr.splitlines()[0] == (
+        "Error: mnist-mlp.toml: the architecture file t.py does not exist (a path from the folder make runs in): put "
+        "it there, or set arch or archs to where it is")
+    t0 = time.time() - 100
+    runs = next(line.split(" &:")[0].split() for line in (tmp_path / "rules.mk").read_text().splitlines()
+                if " &:" in line)
+    made = ["t.py", "nets/s.py", "runs/mnist-mlp/teacher.pt", "cache/mnist-mlp/manifest.json", *runs,
+            "runs/mnist-mlp/report/report.md"]
+    for i, f in enumerate(made):
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).write_text("x")
+        os.utime(f, (t0 + i, t0 + i))
+    assert "kd " not in make("-n").stdout  # up to date
+    os.utime("nets/s.py", (t0 + 20, t0 + 20))  # the student's code edited
+    steps = make("-n").stdout
+    assert "kd train-student" in steps and "kd train-teacher" not in steps and "kd dump-logits" not in steps, steps
+    os.utime("t.py", (t0 + 30, t0 + 30))  # the teacher's
+    steps = make("-n").stdout
+    assert "kd train-teacher" in steps and "kd dump-logits" in steps, steps
