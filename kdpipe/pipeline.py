@@ -182,6 +182,10 @@ def load_pipeline(path) -> dict:
     if unknown:
         raise _unknown_keys(path, "[data]", unknown, _DATA_KEYS)
     _check_types(path, "[data]", spec["data"], "data")
+    for key in ("limit", "image_size"):  # 0 was dropped from the command lines: limit = 0 ran on all the data
+        if key in spec["data"] and spec["data"][key] < 1:
+            raise KDPipeError(f"{path}: [data] {key} must be 1 or more, got {spec['data'][key]} (delete the line for "
+                              f"{'all the data' if key == 'limit' else 'the images as stored'})")
     if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
         raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
                           f"{spec['data']['spec']!r}")

@@ -121,6 +121,12 @@ def test_pipeline_data_keys_are_checked(tmp_path):
     with pytest.raises(KDPipeError, match="prepare makes the file of an npz:PATH spec"):
         load_pipeline(p)
     assert tomllib.loads(base)["data"]["prepare"].startswith("$(VENV)/bin/python bench/make_tabular_npz.py")
+    # limit = 0 was dropped from the command lines, whose --limit refuses it: the steps ran on all the data
+    for line, what in (("limit = 0", "limit must be 1 or more, got 0 .delete the line for all the data"),
+                       ("image_size = 0", "image_size must be 1 or more, got 0")):
+        p.write_text(base.replace("# limit = 300", line))
+        with pytest.raises(KDPipeError, match=r"\[data\] " + what):
+            load_pipeline(p)
 
 
 @pytest.mark.parametrize("old, new, where", [
