@@ -37,6 +37,10 @@ _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "w
 _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
                  "output", "trust_pickle", "mean", "std", "input_range", "normalize",
                  "checkpoint_every"} | set(_OPTIM_FLAGS)
+# The keys of a teacher trained here, and of one loaded from [teacher] file: each is refused with the other.
+_TRAIN_KEYS = {"epochs", "batch_size", "policy", "padding", "size", "seed", "device",
+               "checkpoint_every"} | set(_OPTIM_FLAGS)
+_LOAD_KEYS = {"output", "trust_pickle", "mean", "std", "input_range", "normalize"}
 # limit: only N samples of each split, drawn from a fixed seed (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind); resize: how (--resize MODE:
@@ -236,6 +240,13 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
                               "one)")
+        # keys of the other way to get a teacher were dropped from the command lines without a word
+        ignored = sorted(set(t) & (_TRAIN_KEYS if "file" in t else _LOAD_KEYS))
+        if ignored:
+            raise KDPipeError(f"{path}: {label(i)} " + (
+                f"file is a given teacher, not trained here, so {', '.join(ignored)} would be ignored: delete them"
+                if "file" in t else f"trains a teacher ({t['arch']}), so {', '.join(ignored)} (keys of a given "
+                "teacher file, file = \"...\") would be ignored: delete them"))
         if "file" in t:
             _check_make_path(path, f"{label(i)} file", t["file"])
         if names is None:

@@ -816,3 +816,22 @@ def test_an_architecture_files_edit_reruns_the_steps_that_build_it(monkeypatch, 
     os.utime("t.py", (t0 + 30, t0 + 30))  # the teacher's
     steps = make("-n").stdout
     assert "kd train-teacher" in steps and "kd dump-logits" in steps, steps
+
+
+@pytest.mark.parametrize("name, old, new, message", [
+    ("cifar10-resnet", '# file = "resnet50_cifar10.pth"', 'file = "resnet50_cifar10.pth"',
+     r"\[teacher\] file is a given teacher, not trained here, so batch_size, epochs, lr, optimizer, padding, policy, "
+     r"schedule, seed, warmup_epochs would be ignored: delete them$"),
+    ("mnist-mlp", 'policy = "none"\nseed = 0', 'policy = "none"\nseed = 0\nnormalize = "imagenet"',
+     r"\[teacher\] trains a teacher \(mlp:512,256\), so normalize \(keys of a given teacher file, .*\) would be "
+     r"ignored: delete them$")])
+def test_a_teacher_key_that_its_rules_would_drop_is_refused_when_the_pipeline_is_read(tmp_path, name, old, new,
+                                                                                    message):
+    """A [teacher] file with the training keys kept (cifar10-resnet.toml's own comment says to drop them), or a trained
+    teacher given normalize: the rules left them out of every command line without a word."""
+    p = tmp_path / f"{name}.toml"
+    base = (REPO / "pipelines" / f"{name}.toml").read_text()
+    assert old in base
+    p.write_text(base.replace(old, new, 1))
+    with pytest.raises(KDPipeError, match=message):
+        load_pipeline(p)
