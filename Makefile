@@ -54,11 +54,16 @@ data: ## Install Debian's dataset-fashion-mnist (the default data) where apt-get
 	  echo "note: could not install dataset-fashion-mnist; pipelines on other data still run"; \
 	else echo "note: no apt-get here; give the pipeline's [data] a root holding the Fashion-MNIST IDX files"; fi
 
-# The pipeline's rules are generated from its TOML spec (standard library only, no setup needed).
-$(RULES): $(PIPELINE) kdpipe/pipeline.py kdpipe/sweep.py
+# The pipeline's rules are generated from its TOML spec (standard library only, no setup needed), at every make
+# and written only when they change (so make reads them again only then). Made only when the TOML was newer, the
+# rules of exp/mine.toml were those last made from pipelines/mine.toml (both build/mine.mk), and a TOML copied with
+# its old time (cp -p, rsync -a) was not read: make ran or skipped the steps of settings it no longer held.
+$(RULES): FORCE
 	@mkdir -p $(dir $@)
 	@$(CHECK_PYTHON)
-	$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && mv $@.tmp $@
+	@$(PYTHON) -m kdpipe.pipeline $(PIPELINE) build/$(PIPELINE_NAME) > $@.tmp && \
+	  if cmp -s $@.tmp $@; then rm $@.tmp; else echo "rules of $(PIPELINE): $@"; mv $@.tmp $@; fi
+FORCE:
 
 # The goals that need no pipeline rules. Any other goal (all, pipeline, a file), or none, includes them: with
 # `make clean all` or `make setup all` the rules were left out, and all printed a report path without running a step.

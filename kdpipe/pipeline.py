@@ -11,8 +11,8 @@
     report:   runs/<name>/report/report.md                     (report)
     compress: runs/<name>/compress/compress.md                 (compress, only with a [compress] section)
 
-A file the pipeline is given ([teacher] file, the npz or CSV file of [data] spec) is a prerequisite of the
-steps that read it (edited, they rerun) with a rule that names it in one line when it is missing.
+A file the pipeline is given ([teacher] file, the npz or CSV file of [data] spec, the PATH.py of an arch) is a
+prerequisite of the steps that read it (edited, they rerun) with a rule that names it in one line when it is missing.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "w
 _TEACHER_KEYS = {"arch", "arch_args", "epochs", "batch_size", "policy", "padding", "size", "seed", "device", "file",
                  "output", "trust_pickle", "mean", "std", "input_range", "normalize",
                  "checkpoint_every"} | set(_OPTIM_FLAGS)
+# The keys of a teacher trained here, and of one loaded from [teacher] file: each is refused with the other.
+_TRAIN_KEYS = {"epochs", "batch_size", "policy", "padding", "size", "seed", "device",
+               "checkpoint_every"} | set(_OPTIM_FLAGS)
+_LOAD_KEYS = {"output", "trust_pickle", "mean", "std", "input_range", "normalize"}
 # limit: only N samples of each split, drawn from a fixed seed (quick end-to-end checks); prepare: a command that writes
 # the npz:PATH file of the spec (a rule of its own, run when the file is missing).
 # image_size: photos decoded to S x S (--image-size; the image store's photo kind); resize: how (--resize MODE:
@@ -182,6 +186,10 @@ def load_pipeline(path) -> dict:
     if unknown:
         raise _unknown_keys(path, "[data]", unknown, _DATA_KEYS)
     _check_types(path, "[data]", spec["data"], "data")
+    for key in ("limit", "image_size"):  # 0 was dropped from the command lines: limit = 0 ran on all the data
+        if key in spec["data"] and spec["data"][key] < 1:
+            raise KDPipeError(f"{path}: [data] {key} must be 1 or more, got {spec['data'][key]} (delete the line for "
+                              f"{'all the data' if key == 'limit' else 'the images as stored'})")
     if "prepare" in spec["data"] and not str(spec["data"]["spec"]).startswith("npz:"):
         raise KDPipeError(f"{path}: [data] prepare makes the file of an npz:PATH spec; this spec is "
                           f"{spec['data']['spec']!r}")
@@ -232,6 +240,13 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "
                               "one)")
+        # keys of the other way to get a teacher were dropped from the command lines without a word
+        ignored = sorted(set(t) & (_TRAIN_KEYS if "file" in t else _LOAD_KEYS))
+        if ignored:
+            raise KDPipeError(f"{path}: {label(i)} " + (
+                f"file is a given teacher, not trained here, so {', '.join(ignored)} would be ignored: delete them"
+                if "file" in t else f"trains a teacher ({t['arch']}), so {', '.join(ignored)} (keys of a given "
+                "teacher file, file = \"...\") would be ignored: delete them"))
         if "file" in t:
             _check_make_path(path, f"{label(i)} file", t["file"])
         if names is None:
@@ -360,6 +375,9 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
     teacher_files, caches = {}, {}
     for given in dict.fromkeys(t["file"] for t in _listify(spec["teacher"]) if "file" in t):
         lines += _missing_file_rule(given, f"the [teacher] file {given}", "file = \"...\"")
+    for code in _code_files([t["arch"] for t in _listify(spec["teacher"]) if "arch" in t]
+                            + [a for block in spec["students"] for a in _listify(block["archs"])]):
+        lines += _missing_file_rule(code, f"the architecture file {code}", "arch or archs")
     for t in (spec["teacher"] if ensemble else [spec["teacher"]]):
         tname = t["name"] if ensemble else None
         suffix = f"-{tname}" if ensemble else ""  # of the teacher file and the steps' stamps
@@ -402,7 +420,7 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
             "keep_checkpoints": "keep-checkpoints", "hint_layer": "hint-layer", "hint_feature": "hint-feature"})
         # --overwrite: Make reruns this step when its settings or cache changed, and then its runs start over;
         # after a crash or Ctrl-C, the same settings resume (finished runs are skipped).
-        lines += rule(" ".join(targets) + " &", [f"{caches[n]}/manifest.json" for n in chosen],
+        lines += rule(" ".join(targets) + " &", [f"{caches[n]}/manifest.json" for n in chosen] + _code_files(archs),
                       f"$(KDPIPE) train-student {q(args)} --overwrite --out {out}", f"students-{i}")
     # A run's metrics.json is written last and atomically: one that exists is complete. Make must not delete
     # those a failed or interrupted train-student finished (.DELETE_ON_ERROR), or the rerun would retrain them.
@@ -445,6 +463,19 @@ def _data_file(data: dict) -> str | None:
     return path
 
 
+def _code_files(archs: list[str]) -> list[str]:
+    """The files of architectures given as PATH.py:NAME (the user's code, e.g. pipelines/food_nets.py), a
+    prerequisite of the steps that build them where Make can name it: edited, those steps rerun (train-teacher and
+    train-student record the file's sha256: merely touched, they keep their teacher and runs); before, make said
+    "Nothing to be done" and the report showed students of the code as it was."""
+    files = []
+    for arch in archs:
+        head, colon, _ = str(arch).strip().rpartition(":")
+        if colon and head.endswith(".py") and _MAKE_PATH.fullmatch(head) and head not in files:
+            files.append(head)
+    return files
+
+
 def _missing_file_rule(path: str, what: str, key: str) -> list[str]:
     """A rule for a file the pipeline is given: when it is missing, one line (Make alone says "No rule to make
     target")."""
@@ -460,7 +491,7 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     q = shlex.join
     lines = []
     if "file" not in t:
-        lines += rule(teacher, data_file, f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
+        lines += rule(teacher, data_file + _code_files([t["arch"]]), f"$(KDPIPE) train-teacher {q(data_opts)} " + q(
             ["--arch", t["arch"]] + _arch_args(t, f"teacher {t.get('name', t['arch'])}") + _opts(t, {
                 "epochs": "epochs", "batch_size": "batch-size", **_OPTIM_FLAGS, "policy": "policy",
                 "padding": "padding", "size": "size", "seed": "seed", "device": "device"})) + f" --out {teacher}",
@@ -476,7 +507,8 @@ def _teacher_rules(rule, t: dict, teacher: str, cache: str, first: str | None, d
     like = ["--like", first] if first else []  # dump-logits checks that the shared [dump] options agree with it
     # The primary cache is dumped first, but a new primary teacher does not re-dump the others: their views
     # are the [dump] options and the data, which their own stamps and prerequisites follow.
-    lines += rule(f"{cache}/manifest.json", [teacher] + data_file,
+    code = _code_files([t["arch"]]) if "file" in t and "arch" in t else []  # a loaded teacher's own code
+    lines += rule(f"{cache}/manifest.json", [teacher] + data_file + code,
                   f"$(KDPIPE) dump-logits --teacher {teacher} {q(data_opts)} " + q(loaded + like + _opts(d, {
                       "views": "views", "policy": "policy", "padding": "padding", "size": "size", "seed": "seed",
                       "logits_dtype": "logits-dtype", "batch_size": "batch-size", "shard_rows": "shard-rows",

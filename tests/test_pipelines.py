@@ -121,6 +121,12 @@ def test_pipeline_data_keys_are_checked(tmp_path):
     with pytest.raises(KDPipeError, match="prepare makes the file of an npz:PATH spec"):
         load_pipeline(p)
     assert tomllib.loads(base)["data"]["prepare"].startswith("$(VENV)/bin/python bench/make_tabular_npz.py")
+    # limit = 0 was dropped from the command lines, whose --limit refuses it: the steps ran on all the data
+    for line, what in (("limit = 0", "limit must be 1 or more, got 0 .delete the line for all the data"),
+                       ("image_size = 0", "image_size must be 1 or more, got 0")):
+        p.write_text(base.replace("# limit = 300", line))
+        with pytest.raises(KDPipeError, match=r"\[data\] " + what):
+            load_pipeline(p)
 
 
 @pytest.mark.parametrize("old, new, where", [
@@ -750,3 +756,82 @@ def test_an_unknown_pipeline_key_says_what_to_write_instead(tmp_path, old, new, 
     with pytest.raises(KDPipeError, match=r"unknown key\(s\) in .*" + message) as e:
         load_pipeline(p)
     assert "\n" not in str(e.value)
+
+
+def test_make_reads_the_pipeline_it_is_given_whatever_its_files_time(tmp_path):
+    """The rules were made again only when the TOML was newer than build/<name>.mk: exp/mnist-mlp.toml (the name of
+    its file) ran the rules last made from pipelines/mnist-mlp.toml ("Nothing to be done" and the other pipeline's
+    report), as did a TOML copied with its old time (cp -p). Now the rules follow what the file says."""
+    import os
+    _copy_repo(tmp_path)
+
+    def make_n(pipeline):
+        r = subprocess.run(["make", "-n", "pipeline", f"PIPELINE={pipeline}", f"PYTHON={sys.executable}", "SETUP="],
+                           cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "--epochs 5 " in make_n("pipelines/mnist-mlp.toml")
+    (tmp_path / "exp").mkdir()
+    mine = tmp_path / "exp" / "mnist-mlp.toml"
+    mine.write_text((tmp_path / "pipelines" / "mnist-mlp.toml").read_text().replace("epochs = 5", "epochs = 7"))
+    os.utime(mine, (1e9, 1e9))  # older than the rules
+    steps = make_n("exp/mnist-mlp.toml")
+    assert "train-teacher" in steps and "--epochs 7 " in steps and "--epochs 5 " not in steps, steps
+    assert "rules of" not in make_n("exp/mnist-mlp.toml")  # unchanged: not written again
+
+
+def test_an_architecture_files_edit_reruns_the_steps_that_build_it(monkeypatch, tmp_path):
+    """archs = ["pipelines/food_nets.py:DSNet"]: the file was no prerequisite, so after an edit to the student's code
+    make said "Nothing to be done" and the report showed the students of the code as it was. Now its change reruns
+    the students (train-student, which records the file's sha256, starts them over; a mere touch skips them), a
+    teacher's file its training, and a missing one is named in one line."""
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / "pipelines" / "mnist-mlp.toml").read_text().replace('arch = "mlp:512,256"', 'arch = "t.py:T"')
+    (tmp_path / "mnist-mlp.toml").write_text(text.replace('archs = ["mlp:128"]', 'archs = ["nets/s.py:S"]'))
+    (tmp_path / "rules.mk").write_text(make_rules(load_pipeline(tmp_path / "mnist-mlp.toml")))
+
+    def make(*flags):
+        return subprocess.run(["make", *flags, "-f", "rules.mk", "PIPELINE=mnist-mlp.toml", "KDPIPE=kd", "SETUP=",
+                               "runs/mnist-mlp/report/report.md"], capture_output=True, text=True)
+    r = make("-s")
+    assert r.returncode != 0 and r.stderr.splitlines()[0] == (
+        "Error: mnist-mlp.toml: the architecture file t.py does not exist (a path from the folder make runs in): put "
+        "it there, or set arch or archs to where it is")
+    t0 = time.time() - 100
+    runs = next(line.split(" &:")[0].split() for line in (tmp_path / "rules.mk").read_text().splitlines()
+                if " &:" in line)
+    made = ["t.py", "nets/s.py", "runs/mnist-mlp/teacher.pt", "cache/mnist-mlp/manifest.json", *runs,
+            "runs/mnist-mlp/report/report.md"]
+    for i, f in enumerate(made):
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).write_text("x")
+        os.utime(f, (t0 + i, t0 + i))
+    assert "kd " not in make("-n").stdout  # up to date
+    os.utime("nets/s.py", (t0 + 20, t0 + 20))  # the student's code edited
+    steps = make("-n").stdout
+    assert "kd train-student" in steps and "kd train-teacher" not in steps and "kd dump-logits" not in steps, steps
+    os.utime("t.py", (t0 + 30, t0 + 30))  # the teacher's
+    steps = make("-n").stdout
+    assert "kd train-teacher" in steps and "kd dump-logits" in steps, steps
+
+
+@pytest.mark.parametrize("name, old, new, message", [
+    ("cifar10-resnet", '# file = "resnet50_cifar10.pth"', 'file = "resnet50_cifar10.pth"',
+     r"\[teacher\] file is a given teacher, not trained here, so batch_size, epochs, lr, optimizer, padding, policy, "
+     r"schedule, seed, warmup_epochs would be ignored: delete them$"),
+    ("mnist-mlp", 'policy = "none"\nseed = 0', 'policy = "none"\nseed = 0\nnormalize = "imagenet"',
+     r"\[teacher\] trains a teacher \(mlp:512,256\), so normalize \(keys of a given teacher file, .*\) would be "
+     r"ignored: delete them$")])
+def test_a_teacher_key_that_its_rules_would_drop_is_refused_when_the_pipeline_is_read(tmp_path, name, old, new,
+                                                                                    message):
+    """A [teacher] file with the training keys kept (cifar10-resnet.toml's own comment says to drop them), or a trained
+    teacher given normalize: the rules left them out of every command line without a word."""
+    p = tmp_path / f"{name}.toml"
+    base = (REPO / "pipelines" / f"{name}.toml").read_text()
+    assert old in base
+    p.write_text(base.replace(old, new, 1))
+    with pytest.raises(KDPipeError, match=message):
+        load_pipeline(p)
