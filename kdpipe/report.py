@@ -369,12 +369,14 @@ _TEACHER_SETTINGS = ("loss", "temperature", "alpha", "hint")
 def _twin_key(r):
     """What a KD run and its scratch twin share: the data, the architecture, how they trained (every setting of
     config.json but the loss's: batch size, schedule, weight decay, --arch-args, ..., which run names leave out
-    or only hash), and the cache whose views they saw (where the report holds several)."""
+    or only hash), and the cache whose views they saw (where the report holds several). Not the "_variant" label:
+    it names what differs among the runs of one name, so a KD setting of two variants and its scratch twin of one
+    were labelled apart though their settings matched (`training` compares those settings themselves)."""
     training = tuple(sorted((k, v) for k, v in _config_settings(r).items()
                             if k.split(".")[0] not in _TEACHER_SETTINGS))
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
             r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
-            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""), training)
+            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), training)
 
 
 def versus_scratch(groups) -> list[dict]:
