@@ -108,6 +108,11 @@ def _setting(r) -> str:
     return name + (f" [{r['_source']}]" if r.get("_source") else "") + _variant(r)
 
 
+def _on(dataset: str, several: bool) -> str:
+    """A plot label's dataset, where the report holds several (--mix-datasets): a setting may be on each."""
+    return f" [{dataset}]" if several else ""
+
+
 def _variant(r) -> str:
     return f" {{{r['_variant']}}}" if r.get("_variant") else ""
 
@@ -445,9 +450,10 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
         if t.get("test_top1") is not None:
             ax.scatter([t["parameters"]], [t["test_top1"]], marker="*", s=200, c="k", label=f"teacher {t['arch']}")
     if len(summary) <= MAX_LABELS:
+        several = len({s["dataset"] for s in summary}) > 1
         for s in summary:
             if s["test_top1_mean"] is not None:
-                ax.annotate(s["setting"], (s["parameters"], s["test_top1_mean"]), fontsize=6, xytext=(4, 2),
+                ax.annotate(s["setting"] + _on(s["dataset"], several), (s["parameters"], s["test_top1_mean"]), fontsize=6, xytext=(4, 2),
                             textcoords="offset points")
     sizes = [s["parameters"] for s in summary] + [t["parameters"] for t in teachers if t.get("parameters")]
     if sizes and max(sizes) > 10 * min(sizes):  # a log axis only where it spans a decade (else no ticks)
@@ -471,7 +477,9 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
 def _accuracy_bars(plt, summary, teachers, out):
     """Horizontal bars, one per setting (mean over seeds, std as error bar), teachers first; the axis starts
     at 0 and every bar carries its value, so small differences are read from the numbers, not the lengths."""
-    labels = [f"teacher {t['arch']}" for t in teachers] + [f"{s['setting']} (n={s['n']})" for s in summary]
+    several = len({s["dataset"] for s in summary}) > 1
+    labels = [f"teacher {t['arch']}" for t in teachers] + [f"{s['setting']}{_on(s['dataset'], several)} (n={s['n']})"
+                                                           for s in summary]
     means = [t.get("test_top1") or 0 for t in teachers] + [s["test_top1_mean"] or 0 for s in summary]
     errs = [0] * len(teachers) + [s["test_top1_std"] or 0 for s in summary]
     colors = ["k"] * len(teachers) + ["tab:gray" if s["scratch"] else "tab:blue" for s in summary]
@@ -500,18 +508,22 @@ def _learning_curves(plt, runs, teachers, out):
     runs = [r for r in runs if any(h.get("test_top1") is not None for h in r.get("history", []))]
     if not runs:
         return None
+    several = len({r.get("dataset", "?") for r in runs}) > 1
+
+    def setting(r):  # runs of one setting on two datasets are not seeds of one setting
+        return _setting(r) + _on(r.get("dataset", "?"), several)
     archs = sorted({r["arch"] for r in runs})
     cols = min(3, len(archs))
     rows = (len(archs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     for ax, arch in zip(axes.flat, archs):
         mine = [r for r in runs if r["arch"] == arch]
-        settings = list(dict.fromkeys(_setting(r) for r in sorted(mine, key=lambda r: (_group_order(r), _setting(r)))))
+        settings = list(dict.fromkeys(setting(r) for r in sorted(mine, key=lambda r: (_group_order(r), setting(r)))))
         color = _colors(plt, settings)
         done = set()
         for r in mine:
             h = [e for e in r["history"] if e.get("test_top1") is not None]
-            key = _setting(r)
+            key = setting(r)
             ax.plot([e["epoch"] for e in h], [e["test_top1"] for e in h], color=color[key], lw=1.2, alpha=0.85,
                     ls="--" if _scratch(r) else "-", label=None if key in done else key.removeprefix(arch_label(arch) + "-"))
             done.add(key)

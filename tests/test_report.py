@@ -467,3 +467,24 @@ def test_a_kd_setting_of_one_variant_meets_its_scratch_twin_of_no_variant(studen
     kd = [json.loads((tmp_path / "w4" / f"mlp_100-{k}-e2-s{s}" / "metrics.json").read_text())["test_top1"]
           for k in ("T4-a0.9", "scratch") for s in (0, 1)]
     assert v[0]["gain"] == pytest.approx((kd[0] + kd[1] - kd[2] - kd[3]) / 2)
+
+
+def test_the_plots_of_mixed_datasets_tell_a_settings_datasets_apart(student_runs, tmp_path, monkeypatch):
+    """--mix-datasets, one setting on two datasets: its learning curves shared one colour and one legend entry, as
+    seeds of one setting are drawn, and its two bars had one label; the tables name the dataset of each."""
+    changes = [{"name": f"mlp_100-T4-a0.9-e2-s{s}", "seed": s} for s in (0, 1)]
+    changes += [{"name": f"o-{s}", "seed": s, "dataset": "npz:/other.npz"} for s in (0, 1)]
+    runs = _copies(student_runs, tmp_path, changes)
+    for s in (0, 1):  # the other dataset's runs keep the setting's name
+        m = json.loads((runs / f"o-{s}" / "metrics.json").read_text())
+        (runs / f"o-{s}" / "metrics.json").write_text(json.dumps({**m, "name": f"mlp_100-T4-a0.9-e2-s{s}"}))
+    figs = _capture_figures(monkeypatch)
+    build_report([runs], tmp_path / "rep", mix_datasets=True)
+    bars = [t.get_text() for t in figs["accuracy.png"].axes[0].get_yticklabels() if "teacher" not in t.get_text()]
+    assert len(bars) == 2 and len(set(bars)) == 2
+    ax = next(a for a in figs["learning_curves.png"].axes if a.lines)
+    curves = [ln for ln in ax.lines if ln.get_linestyle() != ":"]
+    assert len(curves) == 4 and len({ln.get_color() for ln in curves}) == 2
+    assert len([t for t in ax.get_legend().get_texts() if "teacher" not in t.get_text()]) == 2
+    points = [t.get_text() for t in figs["accuracy_vs_parameters.png"].axes[0].texts]
+    assert len(points) == 2 and len(set(points)) == 2
