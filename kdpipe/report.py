@@ -453,7 +453,8 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
         several = len({s["dataset"] for s in summary}) > 1
         for s in summary:
             if s["test_top1_mean"] is not None:
-                ax.annotate(s["setting"] + _on(s["dataset"], several), (s["parameters"], s["test_top1_mean"]), fontsize=6, xytext=(4, 2),
+                ax.annotate(s["setting"] + _on(s["dataset"], several), (s["parameters"], s["test_top1_mean"]),
+                            fontsize=6, xytext=(4, 2),
                             textcoords="offset points")
     sizes = [s["parameters"] for s in summary] + [t["parameters"] for t in teachers if t.get("parameters")]
     if sizes and max(sizes) > 10 * min(sizes):  # a log axis only where it spans a decade (else no ticks)
