@@ -236,6 +236,8 @@ def _channel_chains(gm, example: torch.Tensor) -> list[tuple[str, list[str], str
                 per_channel = int(shape[2] * shape[3])
             elif u.op == "call_module" and isinstance(mods[u.target], _CHANNELWISE_MODULES):
                 if isinstance(mods[u.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    if per_channel != 1:  # after a flatten it normalizes each of C*H*W features, not C channels
+                        break
                     norms.append(u.target)
             elif not ((u.op == "call_function" and u.target in _CHANNELWISE_FUNCTIONS) or
                       (u.op == "call_method" and u.target in _CHANNELWISE_METHODS)):

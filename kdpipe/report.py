@@ -108,6 +108,11 @@ def _setting(r) -> str:
     return name + (f" [{r['_source']}]" if r.get("_source") else "") + _variant(r)
 
 
+def _on(dataset: str, several: bool) -> str:
+    """A plot label's dataset, where the report holds several (--mix-datasets): a setting may be on each."""
+    return f" [{dataset}]" if several else ""
+
+
 def _variant(r) -> str:
     return f" {{{r['_variant']}}}" if r.get("_variant") else ""
 
@@ -369,12 +374,14 @@ _TEACHER_SETTINGS = ("loss", "temperature", "alpha", "hint")
 def _twin_key(r):
     """What a KD run and its scratch twin share: the data, the architecture, how they trained (every setting of
     config.json but the loss's: batch size, schedule, weight decay, --arch-args, ..., which run names leave out
-    or only hash), and the cache whose views they saw (where the report holds several)."""
+    or only hash), and the cache whose views they saw (where the report holds several). Not the "_variant" label:
+    it names what differs among the runs of one name, so a KD setting of two variants and its scratch twin of one
+    were labelled apart though their settings matched (`training` compares those settings themselves)."""
     training = tuple(sorted((k, v) for k, v in _config_settings(r).items()
                             if k.split(".")[0] not in _TEACHER_SETTINGS))
     return (r.get("dataset", "?"), r["arch"], r.get("optimizer", "sgd"), r.get("lr"), r.get("epochs"),
             r.get("train_samples"), json.dumps(r.get("training", {}).get("val_fraction")),
-            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), r.get("_variant", ""), training)
+            bool(r.get("training", {}).get("val_split")), r.get("_source", ""), training)
 
 
 def versus_scratch(groups) -> list[dict]:
@@ -443,9 +450,11 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
         if t.get("test_top1") is not None:
             ax.scatter([t["parameters"]], [t["test_top1"]], marker="*", s=200, c="k", label=f"teacher {t['arch']}")
     if len(summary) <= MAX_LABELS:
+        several = len({s["dataset"] for s in summary}) > 1
         for s in summary:
             if s["test_top1_mean"] is not None:
-                ax.annotate(s["setting"], (s["parameters"], s["test_top1_mean"]), fontsize=6, xytext=(4, 2),
+                ax.annotate(s["setting"] + _on(s["dataset"], several), (s["parameters"], s["test_top1_mean"]),
+                            fontsize=6, xytext=(4, 2),
                             textcoords="offset points")
     sizes = [s["parameters"] for s in summary] + [t["parameters"] for t in teachers if t.get("parameters")]
     if sizes and max(sizes) > 10 * min(sizes):  # a log axis only where it spans a decade (else no ticks)
@@ -469,7 +478,9 @@ def _accuracy_vs_parameters(plt, summary, teachers, out):
 def _accuracy_bars(plt, summary, teachers, out):
     """Horizontal bars, one per setting (mean over seeds, std as error bar), teachers first; the axis starts
     at 0 and every bar carries its value, so small differences are read from the numbers, not the lengths."""
-    labels = [f"teacher {t['arch']}" for t in teachers] + [f"{s['setting']} (n={s['n']})" for s in summary]
+    several = len({s["dataset"] for s in summary}) > 1
+    labels = [f"teacher {t['arch']}" for t in teachers] + [f"{s['setting']}{_on(s['dataset'], several)} (n={s['n']})"
+                                                           for s in summary]
     means = [t.get("test_top1") or 0 for t in teachers] + [s["test_top1_mean"] or 0 for s in summary]
     errs = [0] * len(teachers) + [s["test_top1_std"] or 0 for s in summary]
     colors = ["k"] * len(teachers) + ["tab:gray" if s["scratch"] else "tab:blue" for s in summary]
@@ -498,18 +509,22 @@ def _learning_curves(plt, runs, teachers, out):
     runs = [r for r in runs if any(h.get("test_top1") is not None for h in r.get("history", []))]
     if not runs:
         return None
+    several = len({r.get("dataset", "?") for r in runs}) > 1
+
+    def setting(r):  # runs of one setting on two datasets are not seeds of one setting
+        return _setting(r) + _on(r.get("dataset", "?"), several)
     archs = sorted({r["arch"] for r in runs})
     cols = min(3, len(archs))
     rows = (len(archs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     for ax, arch in zip(axes.flat, archs):
         mine = [r for r in runs if r["arch"] == arch]
-        settings = list(dict.fromkeys(_setting(r) for r in sorted(mine, key=lambda r: (_group_order(r), _setting(r)))))
+        settings = list(dict.fromkeys(setting(r) for r in sorted(mine, key=lambda r: (_group_order(r), setting(r)))))
         color = _colors(plt, settings)
         done = set()
         for r in mine:
             h = [e for e in r["history"] if e.get("test_top1") is not None]
-            key = _setting(r)
+            key = setting(r)
             ax.plot([e["epoch"] for e in h], [e["test_top1"] for e in h], color=color[key], lw=1.2, alpha=0.85,
                     ls="--" if _scratch(r) else "-", label=None if key in done else key.removeprefix(arch_label(arch) + "-"))
             done.add(key)

@@ -190,6 +190,25 @@ def test_channel_pruning_keeps_the_channels_of_residual_sums():
     assert pruned.get_submodule("layers.0.conv1").out_channels == 3  # round(16 * 0.2)
 
 
+def test_channel_pruning_keeps_the_channels_of_a_conv_whose_flattened_output_is_batch_normalized():
+    """conv -> flatten -> BatchNorm1d(C*H*W) -> linear: the batch norm was cut to the kept channels' count (its
+    features are C*H*W), and the pruned model failed in fine-tuning with a traceback, after the other rows' work."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.flat = nn.Conv2d(1, 4, 3, padding=1), nn.Flatten()
+            self.bn, self.fc = nn.BatchNorm1d(4 * 4 * 4), nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.flat(torch.relu(self.conv(x)))))
+
+    model, x = Net().eval(), torch.randn(4, 1, 4, 4)
+    pruned, layers = prune_channels(model, 0.5, x)
+    assert layers == 0 and pruned.get_submodule("conv").out_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x))
+
+
 def test_fine_tuning_keeps_the_pruned_weights_zero_and_learns(fmnist, teacher_ckpt):
     from kdpipe.data import load_dataset
 

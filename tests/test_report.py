@@ -447,3 +447,44 @@ def test_latency_is_per_row_for_a_feature_table(student_runs, tmp_path, shapes, 
     header = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
                   if line.startswith("| model"))
     assert f"CPU latency (ms/{unit})" in header
+
+
+def test_a_kd_setting_of_one_variant_meets_its_scratch_twin_of_no_variant(student_runs, tmp_path):
+    """KD runs at --arch-args width=4 and width=16 (two settings, labelled {arch_args.width=...}) beside scratch runs
+    at width=4 only (one setting, no label): the width=4 KD setting matches every setting of the scratch runs, but
+    was compared with nothing, since its label was part of what twins must share."""
+    for folder, width, names in (("w4", 4, ("scratch", "T4-a0.9")), ("w16", 16, ("T4-a0.9",))):
+        for kind in names:
+            for seed in (0, 1):
+                src = student_runs.out / f"mlp_100-{kind}-e2-s{seed}"
+                d = tmp_path / folder / src.name
+                shutil.copytree(src, d)
+                cfg = json.loads((d / "config.json").read_text())
+                (d / "config.json").write_text(json.dumps({**cfg, "arch_args": {"width": width}}))
+    build_report([tmp_path / "w4", tmp_path / "w16"], tmp_path / "rep")
+    v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
+    assert len(v) == 1 and v[0]["seeds"] == [0, 1]
+    kd = [json.loads((tmp_path / "w4" / f"mlp_100-{k}-e2-s{s}" / "metrics.json").read_text())["test_top1"]
+          for k in ("T4-a0.9", "scratch") for s in (0, 1)]
+    assert v[0]["gain"] == pytest.approx((kd[0] + kd[1] - kd[2] - kd[3]) / 2)
+
+
+def test_the_plots_of_mixed_datasets_tell_a_settings_datasets_apart(student_runs, tmp_path, monkeypatch):
+    """--mix-datasets, one setting on two datasets: its learning curves shared one colour and one legend entry, as
+    seeds of one setting are drawn, and its two bars had one label; the tables name the dataset of each."""
+    changes = [{"name": f"mlp_100-T4-a0.9-e2-s{s}", "seed": s} for s in (0, 1)]
+    changes += [{"name": f"o-{s}", "seed": s, "dataset": "npz:/other.npz"} for s in (0, 1)]
+    runs = _copies(student_runs, tmp_path, changes)
+    for s in (0, 1):  # the other dataset's runs keep the setting's name
+        m = json.loads((runs / f"o-{s}" / "metrics.json").read_text())
+        (runs / f"o-{s}" / "metrics.json").write_text(json.dumps({**m, "name": f"mlp_100-T4-a0.9-e2-s{s}"}))
+    figs = _capture_figures(monkeypatch)
+    build_report([runs], tmp_path / "rep", mix_datasets=True)
+    bars = [t.get_text() for t in figs["accuracy.png"].axes[0].get_yticklabels() if "teacher" not in t.get_text()]
+    assert len(bars) == 2 and len(set(bars)) == 2
+    ax = next(a for a in figs["learning_curves.png"].axes if a.lines)
+    curves = [ln for ln in ax.lines if ln.get_linestyle() != ":"]
+    assert len(curves) == 4 and len({ln.get_color() for ln in curves}) == 2
+    assert len([t for t in ax.get_legend().get_texts() if "teacher" not in t.get_text()]) == 2
+    points = [t.get_text() for t in figs["accuracy_vs_parameters.png"].axes[0].texts]
+    assert len(points) == 2 and len(set(points)) == 2
