@@ -284,6 +284,10 @@ def test_binomial_tail_and_the_probe_rules():
     assert "no better than chance" in check_teacher_outputs(rng.normal(size=(256, 10)), labels, 10)[0]
     probs = np.exp(good) / np.exp(good).sum(1, keepdims=True)
     assert "probabilities" in check_teacher_outputs(probs, labels, 10)[0]
+    # A teacher saved in bfloat16 (run as saved) gives probabilities whose rows sum to 1 within its rounding only.
+    soft = torch.from_numpy(good).to(torch.bfloat16).softmax(1).float().numpy()
+    assert np.abs(soft.sum(1) - 1).max() > 1e-3
+    assert "probabilities" in check_teacher_outputs(soft, labels, 10)[0]
     # Log-probabilities are fine as logits (their softmax is the distribution).
     assert check_teacher_outputs(np.log(probs), labels, 10)[0] is None
     # On imbalanced labels, always answering the common class is chance too.
