@@ -316,3 +316,21 @@ def test_a_word_for_an_option_of_true_or_false_is_refused_not_taken_as_true(tmp_
     create_model(spec, 10, (3, 32, 32), f"{option}=false")
     if "nets.py" in spec:  # a word for a word-taking option stays a word
         create_model(spec, 10, (3, 32, 32), "act=gelu")
+
+
+def test_a_model_that_returns_aux_logits_in_training_mode_is_refused_before_training(tmp_path):
+    """check_model ran the architecture in eval mode only: tv:googlenet (and tv:inception_v3, a user's net with
+    an auxiliary head) returns logits there but a tuple of logits and aux logits in training mode, and
+    train-teacher passed the check and then died in its first step with a traceback."""
+    from kdpipe.models import check_model
+    with pytest.raises(KDPipeError, match=r"tv:googlenet returns a GoogLeNetOutputs for a batch of 2 in training "
+                                          r"mode, not logits \(2, 4\): .* \(give --arch-args aux_logits=false\)"):
+        check_model("tv:googlenet", 4, (3, 32, 32))
+    check_model("tv:googlenet", 4, (3, 32, 32), "aux_logits=false")
+    (tmp_path / "nets.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Module):\n"
+                                      "    def __init__(self, num_classes, image_shape):\n        super().__init__()\n"
+                                      "        self.fc = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n\n"
+                                      "    def forward(self, x):\n        out = self.fc(x)\n"
+                                      "        return (out, out) if self.training else out\n")
+    with pytest.raises(KDPipeError, match="returns a tuple for a batch of 2 in training mode"):
+        check_model(f"{tmp_path / 'nets.py'}:Net", 4, (3, 8, 8))
