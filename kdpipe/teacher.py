@@ -588,7 +588,7 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     from kdpipe.verify import tolerance
     tol = tolerance({"logits": {"dtype": "float16"},
                      "dump": {"amp": amp, "autocast_dtype": str(AMP_DTYPE).removeprefix("torch.") if amp else None}})
-    unstable = check_teacher_stable(first, probe(max(1, min(batch_size, len(sel)) // 2)), *tol)
+    unstable = check_teacher_stable(first, probe(min(batch_size, len(sel)) // 2 or 2), *tol)  # 2 after batches of 1
     likelier = None
     if stop is None and norm["source"] != "checkpoint" and len(in_shape) == 3:
         step = max(1, max(data.images.shape[2:]) // 64)  # every step-th pixel: 256 photos of 288 px took 0.5 GB
