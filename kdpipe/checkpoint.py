@@ -419,6 +419,11 @@ def _from_state(obj, path, kind, arch, arch_args, image_shape, num_classes, done
               f"another, {save_alone}", file=sys.stderr)
     model = create_model(arch, num_classes, tuple(image_shape), arch_args)
     _load_state(model, state, path, arch)
+    if any(getattr(m, "transform_input", None) is False for m in model.modules()) and parse_spec(arch)[0] == "tv":
+        # no weight records it: torchvision's own weights for GoogLeNet and Inception v3 turn it on
+        print(f"note: {arch} is built with transform_input=false; torchvision's pretrained weights for it run with "
+              "transform_input=true (inputs normalized for ImageNet, renormalized inside): for those, give --arch-args "
+              "transform_input=true", file=sys.stderr)
     recipe = model_recipe(arch, arch_args)
     return done(model, arch, kind, num_classes, tuple(image_shape), model=recipe, code=recipe.get("sha256"))
 

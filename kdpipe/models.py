@@ -213,16 +213,21 @@ def check_model(name: str, num_classes: int, image_shape, args: dict | None = No
     if not any(p.requires_grad for p in net.parameters()):  # else a traceback from backward() in the first step
         raise KDPipeError(f"{name} has no trainable parameters (none, or all with requires_grad=False): kdpipe "
                           "trains it, so leave some of its parameters trainable")
-    try:
-        with torch.no_grad():
-            out = net(torch.zeros((2, *image_shape)))
-    except Exception as e:
-        from kdpipe.util import error_line
-        raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}: {error_line(e)}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
-        raise KDPipeError(f"{name} returns {got} for a batch of 2, not logits (2, {num_classes}): kdpipe trains "
-                          "models that return one logits tensor")
+    for mode in ("eval", "train"):  # it trains in training mode: GoogLeNet and Inception add aux logits only there
+        try:
+            with torch.no_grad():
+                out = net.train(mode == "train")(torch.zeros((2, *image_shape)))
+        except Exception as e:
+            from kdpipe.util import error_line
+            raise KDPipeError(f"{name} fails on inputs of shape {(2, *tuple(image_shape))}"
+                              f"{' in training mode' if mode == 'train' else ''}: {error_line(e)}") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            aux = " (give --arch-args aux_logits=false)" if hasattr(net, "aux_logits") or (
+                isinstance(net, nn.Sequential) and hasattr(net[-1], "aux_logits")) else ""
+            raise KDPipeError(f"{name} returns {got} for a batch of 2{' in training mode' if mode == 'train' else ''}, "
+                              f"not logits (2, {num_classes}): kdpipe trains models that return one logits "
+                              f"tensor{aux}")
 
 
 def _takes_bool(param: inspect.Parameter) -> bool:

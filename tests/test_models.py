@@ -165,6 +165,33 @@ def test_torchvision_teacher_weights_for_grey_images(tmp_path):
         assert torch.equal(t.module(x), bare(x.repeat(1, 3, 1, 1)))
 
 
+def test_torchvision_googlenet_weights_are_said_to_need_transform_input(tmp_path, capsys):
+    """torchvision's pretrained GoogLeNet and Inception v3 run with transform_input=True, which no weight records:
+    their state dict loaded exactly into tv:googlenet (built with False) and ran on other inputs, without a word."""
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(weights=None, transform_input=True, aux_logits=False, init_weights=True,
+                                       num_classes=10)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # running statistics of a batch: a net whose outputs depend on its inputs
+    with torch.no_grad():
+        net.train()(torch.randn(16, 3, 32, 32))
+    torch.save(net.eval().state_dict(), tmp_path / "g.pth")
+    load_teacher(tmp_path / "g.pth", arch="tv:googlenet", arch_args="aux_logits=false", image_shape=(3, 32, 32),
+                 num_classes=10)
+    assert "tv:googlenet is built with transform_input=false" in capsys.readouterr().err
+    t = load_teacher(tmp_path / "g.pth", arch="tv:googlenet", arch_args="aux_logits=false,transform_input=true",
+                     image_shape=(3, 32, 32), num_classes=10)
+    assert "transform_input" not in capsys.readouterr().err
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t.module(x), net(x))
+    torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=10).state_dict(), tmp_path / "r.pt")
+    load_teacher(tmp_path / "r.pt", arch="tv:resnet18", image_shape=(3, 32, 32), num_classes=10)
+    assert "transform_input" not in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 def test_a_torchscript_teacher_dumps_the_same_logits(teacher_ckpt, fmnist, tmp_path):
     from kdpipe.teacher import dump_logits
@@ -316,3 +343,21 @@ def test_a_word_for_an_option_of_true_or_false_is_refused_not_taken_as_true(tmp_
     create_model(spec, 10, (3, 32, 32), f"{option}=false")
     if "nets.py" in spec:  # a word for a word-taking option stays a word
         create_model(spec, 10, (3, 32, 32), "act=gelu")
+
+
+def test_a_model_that_returns_aux_logits_in_training_mode_is_refused_before_training(tmp_path):
+    """check_model ran the architecture in eval mode only: tv:googlenet (and tv:inception_v3, a user's net with
+    an auxiliary head) returns logits there but a tuple of logits and aux logits in training mode, and
+    train-teacher passed the check and then died in its first step with a traceback."""
+    from kdpipe.models import check_model
+    with pytest.raises(KDPipeError, match=r"tv:googlenet returns a GoogLeNetOutputs for a batch of 2 in training "
+                                          r"mode, not logits \(2, 4\): .* \(give --arch-args aux_logits=false\)"):
+        check_model("tv:googlenet", 4, (3, 32, 32))
+    check_model("tv:googlenet", 4, (3, 32, 32), "aux_logits=false")
+    (tmp_path / "nets.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Module):\n"
+                                      "    def __init__(self, num_classes, image_shape):\n        super().__init__()\n"
+                                      "        self.fc = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n\n"
+                                      "    def forward(self, x):\n        out = self.fc(x)\n"
+                                      "        return (out, out) if self.training else out\n")
+    with pytest.raises(KDPipeError, match="returns a tuple for a batch of 2 in training mode"):
+        check_model(f"{tmp_path / 'nets.py'}:Net", 4, (3, 8, 8))

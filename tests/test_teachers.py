@@ -235,6 +235,19 @@ def test_a_teacher_left_in_training_mode_is_refused_unless_forced(ref, tmp_path)
     ok(dump(tmp_path / "scripted.ts", ref.spec, tmp_path / "s", *ref.norm))
     assert_cache_holds(tmp_path / "s", ref.net)
 
+def test_a_teacher_in_training_mode_is_refused_with_batches_of_one_too(ref, tmp_path):
+    """The probe ran again in batches of half the size, at least 1: with --batch-size 1 both runs had batches of
+    one, batch norm in training mode gave the same outputs twice, and the cache held logits of per-sample
+    statistics."""
+    import copy
+
+    path = tmp_path / "bn.ts"
+    torch.jit.trace(copy.deepcopy(ref.net).train(), torch.randn(4, 1, 28, 28), check_trace=False).save(str(path))
+    refused(dump(path, ref.spec, tmp_path / "c", *ref.norm, "--batch-size", 1),
+            "the teacher's outputs change when it runs again")
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_checkpoint_whose_classes_are_in_another_order_is_refused(teacher_ckpt, fmnist, tmp_path):
     """The teacher (trained on classes named 0..9) on the same images with classes 3 and 5 swapped: the probe
     still passed (about 80% of its top-1 is left), and the cache held class 3's logits as class 5's. A
@@ -284,6 +297,10 @@ def test_binomial_tail_and_the_probe_rules():
     assert "no better than chance" in check_teacher_outputs(rng.normal(size=(256, 10)), labels, 10)[0]
     probs = np.exp(good) / np.exp(good).sum(1, keepdims=True)
     assert "probabilities" in check_teacher_outputs(probs, labels, 10)[0]
+    # A teacher saved in bfloat16 (run as saved) gives probabilities whose rows sum to 1 within its rounding only.
+    soft = torch.from_numpy(good).to(torch.bfloat16).softmax(1).float().numpy()
+    assert np.abs(soft.sum(1) - 1).max() > 1e-3
+    assert "probabilities" in check_teacher_outputs(soft, labels, 10)[0]
     # Log-probabilities are fine as logits (their softmax is the distribution).
     assert check_teacher_outputs(np.log(probs), labels, 10)[0] is None
     # On imbalanced labels, always answering the common class is chance too.
