@@ -165,7 +165,7 @@ def _describe(out) -> str:
 def pick_logits(out, select: str | None = None) -> torch.Tensor:
     hint = "pick the logits with --teacher-output NAME|INDEX"
     if select is not None:
-        if select.lstrip("-").isdigit() and isinstance(out, (tuple, list)):
+        if re.fullmatch(r"-?[0-9]+", select) and isinstance(out, (tuple, list)):  # not "--1" or "²": int() refuses
             i = int(select)
             if not -len(out) <= i < len(out):
                 raise KDPipeError(f"--teacher-output {select}: the teacher returns {_describe(out)}")

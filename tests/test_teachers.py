@@ -353,6 +353,10 @@ def test_output_adapters_for_lists_and_objects_with_logits():
         pick_logits("nope")
     with pytest.raises(KDPipeError, match="first entry of the teacher's output is a str, not a tensor"):
         pick_logits(("x", t))
+    assert pick_logits((1, t), "-1") is t
+    for bad in ("--1", "²", "1.0"):  # "--1" passed as an index, then int() raised a ValueError traceback
+        with pytest.raises(KDPipeError, match=f"--teacher-output {bad}: the teacher returns a tuple of 2"):
+            pick_logits((1, t), bad)
 
 
 # ---------------------------------------------------------------- formats
