@@ -319,6 +319,36 @@ def test_ddp_students_with_a_hint_match_single_process(work):
         torch.testing.assert_close(p2[k], p1[k], atol=1e-5, rtol=1e-4)
 
 
+DROPOUT_SPY = """
+import hashlib, sys, torch
+from kdpipe.distributed import from_env
+from kdpipe.student import train_students
+seen = []
+forward = torch.nn.Dropout.forward
+def spy(self, x):
+    if self.training and not seen:  # the generator's state when the first mask is drawn decides the masks
+        seen.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16])
+    return forward(self, x)
+torch.nn.Dropout.forward = spy
+dist = from_env(torch.device("cpu"))
+train_students(sys.argv[1], ["mlp:32:dropout=0.5"], 1, sys.argv[2], batch_size=16, device=torch.device("cpu"),
+               dist=dist, log=lambda *a, **k: None)
+print(f"rank {dist.rank} dropout rng {seen[0]}", flush=True)
+dist.close()
+"""
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks(work, reference, tmp_path):
+    """Every rank seeds its model with the run's seed (DDP starts from one set of weights), and then trained on the
+    same generator: each rank's dropout masks were rank 0's, row for row, so the global batch held `world` copies
+    of each mask."""
+    script = tmp_path / "dropout_spy.py"
+    script.write_text(DROPOUT_SPY)
+    out = ok(torchrun([str(reference), str(tmp_path / "runs")], program=(str(script),)))
+    states = sorted(line.split()[-1] for line in out.splitlines() if " dropout rng " in line)
+    assert len(states) == 2 and states[0] != states[1], out
+
+
 def test_a_ranks_error_of_several_lines_reaches_the_other_ranks_as_one_line():
     """A rank's failure is gathered by every healthy rank, which raises it as a KDPipeError. CUDA's errors (and
     TorchScript's, which hold their traceback) span lines: the healthy ranks' 'one line' error held them all."""
