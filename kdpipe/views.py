@@ -389,7 +389,7 @@ class Rotate(ViewOp):
         return [np.zeros(n)]
 
     def varies(self):
-        return self.options["degrees"] > 0
+        return round(self.options["degrees"] * 1000) > 0  # the angles drawn, in thousandths: rotate:0.0004 draws 0
 
     def bounds(self, n, shape):
         m = int(round(self.options["degrees"] * 1000))
@@ -565,6 +565,9 @@ class Gauss(ViewOp):
 
     def clean(self, shape, n):
         return [np.full(n, -1)]
+
+    def varies(self):
+        return self.options["sigma"] > 0  # gauss:0 adds no noise, whatever the seeds
 
     def bounds(self, n, shape):
         return [(-1, 2**31 - 2)]

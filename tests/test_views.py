@@ -178,6 +178,8 @@ def test_specs_aliases_and_identity_round_trip():
                                                   "h", "w")
     assert not create_policy("none").is_random and create_policy("crop:2").is_random
     assert not create_policy("crop:0").is_random and not create_policy("rotate:0").is_random  # every view alike
+    assert not create_policy("gauss:0").is_random and not create_policy("rotate:0.0004").is_random  # nor these
+    assert create_policy("gauss:0.1").is_random and create_policy("rotate:0.0006").is_random
     for spec in [*IMAGE_SPECS, *V1_POLICIES, "gauss:0.25"]:
         pol = create_policy(spec, padding=3, size=24)
         ident = pol.identity()
