@@ -605,6 +605,15 @@ class MixOp(ViewOp):
     def draw_partners(self, rng, n):
         return rng.permutation(n)  # every sample is some sample's partner exactly once per view
 
+    def outside(self, p, n, shape):
+        # partner -1 is the clean view's alone, with the clean view's other columns: replay_rows would mix
+        # sample 0 in by a weight or box that a damaged row holds beside it
+        clean = self.clean(shape, 1)
+        unclean = np.zeros(len(p), dtype=bool)
+        for j, c in enumerate(clean[1:], 1):
+            unclean |= p[:, j] != c[0]
+        return super().outside(p, n, shape) | ((p[:, 0] == -1) & unclean)
+
     def weight(self, p: torch.Tensor, shape) -> torch.Tensor:
         raise NotImplementedError
 
