@@ -269,7 +269,7 @@ class PadCrop(ViewOp):
     side that is short: torchvision's RandomCrop(S, pad_if_needed=True, padding_mode=MODE)."""
     name = "pad-crop"
     columns = ("y0", "x0")  # top-left corner of the crop in the padded image
-    repeatable = True  # pad-crop:40:reflect+pad-crop:32: reflect padding, then a random crop
+    repeatable = True  # pad-crop:40:reflect+pad-crop:32 on 32 x 32: two random crops, shifts up to 8 (not 4)
     params = (("size", _positive_int, REQUIRED), ("mode", str, "constant"))
     usage = f"pad-crop:S[:MODE] (MODE one of {', '.join(PAD_MODES)})"
 
