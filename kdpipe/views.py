@@ -269,7 +269,7 @@ class PadCrop(ViewOp):
     side that is short: torchvision's RandomCrop(S, pad_if_needed=True, padding_mode=MODE)."""
     name = "pad-crop"
     columns = ("y0", "x0")  # top-left corner of the crop in the padded image
-    repeatable = True  # pad-crop:40:reflect+pad-crop:32: reflect padding, then a random crop
+    repeatable = True  # pad-crop:40:reflect+pad-crop:32 on 32 x 32: two random crops, shifts up to 8 (not 4)
     params = (("size", _positive_int, REQUIRED), ("mode", str, "constant"))
     usage = f"pad-crop:S[:MODE] (MODE one of {', '.join(PAD_MODES)})"
 
@@ -389,7 +389,7 @@ class Rotate(ViewOp):
         return [np.zeros(n)]
 
     def varies(self):
-        return self.options["degrees"] > 0
+        return round(self.options["degrees"] * 1000) > 0  # the angles drawn, in thousandths: rotate:0.0004 draws 0
 
     def bounds(self, n, shape):
         m = int(round(self.options["degrees"] * 1000))
@@ -566,6 +566,9 @@ class Gauss(ViewOp):
     def clean(self, shape, n):
         return [np.full(n, -1)]
 
+    def varies(self):
+        return self.options["sigma"] > 0  # gauss:0 adds no noise, whatever the seeds
+
     def bounds(self, n, shape):
         return [(-1, 2**31 - 2)]
 
@@ -601,6 +604,15 @@ class MixOp(ViewOp):
     """
     def draw_partners(self, rng, n):
         return rng.permutation(n)  # every sample is some sample's partner exactly once per view
+
+    def outside(self, p, n, shape):
+        # partner -1 is the clean view's alone, with the clean view's other columns: replay_rows would mix
+        # sample 0 in by a weight or box that a damaged row holds beside it
+        clean = self.clean(shape, 1)
+        unclean = np.zeros(len(p), dtype=bool)
+        for j, c in enumerate(clean[1:], 1):
+            unclean |= p[:, j] != c[0]
+        return super().outside(p, n, shape) | ((p[:, 0] == -1) & unclean)
 
     def weight(self, p: torch.Tensor, shape) -> torch.Tensor:
         raise NotImplementedError

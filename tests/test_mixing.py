@@ -237,6 +237,22 @@ def test_a_partner_or_a_partners_view_out_of_range_stops_stage_two_in_one_line(f
     f.write_bytes(original)
 
 
+@pytest.mark.parametrize("mix", ["mixup:0.4", "cutmix:1"])
+def test_partner_minus_one_is_refused_beside_anything_but_the_clean_views_columns(mix):
+    """Partner -1 is the clean view's (replay_rows then mixes sample 0 in by the row's weight or box): a row
+    with -1 beside another weight or box is none that draw or clean gives, so ViewPolicy.outside flags it."""
+    pol, shape = create_policy(f"{GEO}+{mix}"), (40, 1, 8, 8)
+    p = pol.sample_view(0, 0, shape)
+    clean = pol.eval_params(shape[1:], 40)
+    assert not pol.outside(p, shape).any() and not pol.outside(clean, shape).any()
+    damaged = p.copy()
+    damaged[5, 3] = -1  # the partner, beside the drawn weight or box
+    damaged[9, 3:] = clean[9, 3:]  # the clean view's own columns: fine
+    damaged[11, 3:] = clean[11, 3:]
+    damaged[11, 4] += 1 if mix.startswith("cutmix") else -1
+    assert pol.outside(damaged, shape).nonzero()[0].tolist() == [5, 11]
+
+
 def test_held_out_rows_of_a_mixed_cache_are_said_to_reach_training(fmnist, teacher_ckpt, tmp_path):
     """The dump drew each view's partner from every sample, so the rows --val-fraction (or --train-samples)
     keeps out of training come back in as partners: said, since validation then scores images trained on."""

@@ -178,6 +178,8 @@ def test_specs_aliases_and_identity_round_trip():
                                                   "h", "w")
     assert not create_policy("none").is_random and create_policy("crop:2").is_random
     assert not create_policy("crop:0").is_random and not create_policy("rotate:0").is_random  # every view alike
+    assert not create_policy("gauss:0").is_random and not create_policy("rotate:0.0004").is_random  # nor these
+    assert create_policy("gauss:0.1").is_random and create_policy("rotate:0.0006").is_random
     for spec in [*IMAGE_SPECS, *V1_POLICIES, "gauss:0.25"]:
         pol = create_policy(spec, padding=3, size=24)
         ident = pol.identity()
@@ -447,6 +449,18 @@ def test_pad_crop_equals_torchvision_random_crop_exactly(mode, hw, size):
         ref = TF.pad(img.float(), [pw, ph], padding_mode=mode)
         ref = TF.crop(ref, int(y0), int(x0), size, size)
         assert torch.equal(g, ref / 255.0)
+
+
+def test_pad_crop_twice_is_two_random_crops_as_the_readme_says():
+    """pad-crop:40:reflect+pad-crop:32 on 32 x 32 images pads each side by 8 (pad_if_needed's 40 - 32) and crops
+    twice at random: shifts of up to 8 pixels either way, not the 4 of padding to 40 and one random crop."""
+    img = np.stack([np.repeat(np.arange(32)[:, None], 32, 1), np.repeat(np.arange(32)[None, :], 32, 0)]) + 100
+    x = torch.from_numpy(np.repeat(img[None].astype(np.uint8), 2000, 0))
+    pol = create_policy("pad-crop:40:reflect+pad-crop:32")
+    v = (replay01(pol, x, pol.sample_view(0, 0, x.shape)) * 255).round().long()
+    dy, dx = v[:, 0, 16, 16] - 116, v[:, 1, 16, 16] - 116  # the source row and column shown at the centre
+    assert dy.min() == dx.min() == -8 and dy.max() == dx.max() == 8
+    assert torch.equal(replay01(pol, x[:1], eval_params(pol, (2, 32, 32), 1)) * 255, x[:1].float())  # clean: as is
 
 
 def test_pad_crop_keeps_uint8_and_pads_beyond_the_image():
