@@ -138,6 +138,7 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
         listed = "; ".join(f"{n} ({', '.join(d)})" for n, d in diffs.items())
         raise KDPipeError(f"{out} holds {len(diffs)} run(s) with other settings: {listed}: "
                           + _other_settings_advice(diffs, worlds))
+    dropped: dict[str, set] = {}  # checkpoint path -> runs to take out of it that it holds beside others
     for name, d in diffs.items():
         log(f"--overwrite: starting {name} over ({', '.join(d)})")
         for f in ("metrics.json", "config.json", "student.pt"):
@@ -145,9 +146,12 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
         for p, h in list(held.items()):
             if name in h["runs"]:
                 del h["runs"][name]
+                dropped.setdefault(p, set()).add(name)
                 if not h["runs"]:
                     Path(p).unlink(missing_ok=True)
                     del held[p]
+    # out of the file too: else the next command found the old settings there again and started the run over again
+    _drop_from_checkpoints({p: names for p, names in dropped.items() if p in held})
     plan = Plan(checkpoints=held)
     for name in configs:
         if (out / name / "metrics.json").is_file():
@@ -231,6 +235,20 @@ def _rename_in_checkpoints(held: dict[str, dict], renamed: dict[str, str]) -> No
             part["sums"], part["correct"] = re_key(part["sums"]), re_key(part["correct"])
         atomic_write_stream(Path(p), lambda f: torch.save(obj, f))
         h["runs"] = re_key(h["runs"])
+
+
+def _drop_from_checkpoints(dropped: dict[str, set]) -> None:
+    """Take runs (checkpoint path -> run names) out of the pass checkpoints that hold them beside other runs, in
+    place (each file rewritten whole, by rename)."""
+    for p, names in dropped.items():
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+
+        def keep(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k not in names}
+        obj["runs"], obj["state"] = keep(obj["runs"]), keep(obj["state"])
+        for part in obj["ranks"]:
+            part["sums"], part["correct"] = keep(part["sums"]), keep(part["correct"])
+        atomic_write_stream(Path(p), lambda f: torch.save(obj, f))
 
 
 def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, log=print,

@@ -842,3 +842,37 @@ def test_make_rerunning_a_teacher_it_cannot_keep_says_why_it_trains_it_again(wor
     res = run_cli([a if a != "0.003" else "0.001" for a in args] + ["--overwrite"])
     assert res.exit_code == 0, res.output
     assert f"{out} holds a teacher of other settings (optim.lr was 0.003, now 0.001)" in res.output, res.output
+
+
+def test_a_run_overwritten_out_of_a_shared_pass_checkpoint_resumes_after_another_interruption(work, tmp_path,
+                                                                                               monkeypatch):
+    """--overwrite starting one run of a pass over (its other run not in the command) takes it out of that pass's
+    checkpoint file, not only out of the plan: else the same command, interrupted and run again, found the old
+    settings there once more and started the run over again, throwing away its new checkpoint every time."""
+    from kdpipe.resume import load_checkpoint
+
+    out = tmp_path / "runs"
+    names = runs(2)
+    signal_at(monkeypatch, epoch=1, step=2)
+    res = run_cli(student_args(work, out, "off", 2, 32, "--checkpoint-every", "0"))
+    assert res.exit_code == 130, res.output
+    old = _checkpoint(out, 2)
+    assert sorted(load_checkpoint(old)["runs"]) == sorted(names)
+    monkeypatch.undo()
+    # one of the two runs, with another batch size (not in its name), started over
+    args = student_args(work, out, "off", 2, 16, "--checkpoint-every", "0", "--overwrite")
+    args[args.index("2,4")] = "2"
+    signal_at(monkeypatch, epoch=1, step=3)
+    res = run_cli(args)
+    assert res.exit_code == 130, res.output
+    assert f"--overwrite: starting {names[0]} over (batch_size was 32, now 16" in res.output
+    assert sorted(load_checkpoint(old)["runs"]) == [names[1]]
+    monkeypatch.undo()
+    res = run_cli(args)  # the same command again resumes the run where it stopped
+    assert res.exit_code == 0, res.output
+    assert "starting" not in res.output and "resuming from" in res.output and "epoch 1/2, step 3" in res.output
+    # the other run, still in the first checkpoint with its own settings, resumes from it
+    args = student_args(work, out, "off", 2, 32, "--checkpoint-every", "0")
+    args[args.index("2,4")] = "4"
+    res = run_cli(args)
+    assert res.exit_code == 0 and "resuming from" in res.output and "epoch 1/2, step 2" in res.output, res.output
