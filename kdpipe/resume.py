@@ -40,6 +40,8 @@ from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, differences
 
 CHECKPOINT_DIR = "checkpoints"
+# What a finished run writes into its directory (kdpipe.student; projector.pt: kdpipe.features.PROJECTOR_FILE)
+RUN_FILES = ("metrics.json", "config.json", "student.pt", "student-best.pt", "history.csv", "projector.pt")
 CHECKPOINT_VERSION = 1
 DEFAULT_EVERY_MINUTES = 10.0
 # Keys of a run's config.json that do not change what it computes (where it ran, which versions, where the
@@ -141,7 +143,9 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     dropped: dict[str, set] = {}  # checkpoint path -> runs to take out of it that it holds beside others
     for name, d in diffs.items():
         log(f"--overwrite: starting {name} over ({', '.join(d)})")
-        for f in ("metrics.json", "config.json", "student.pt"):
+        # every output of the run: a student-best.pt of the run's older settings (with a validation split) stayed
+        # beside the new run, which keeps no best epoch without one, read as its best epoch's weights
+        for f in RUN_FILES:
             (out / name / f).unlink(missing_ok=True)
         for p, h in list(held.items()):
             if name in h["runs"]:

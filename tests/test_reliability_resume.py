@@ -876,3 +876,21 @@ def test_a_run_overwritten_out_of_a_shared_pass_checkpoint_resumes_after_another
     args[args.index("2,4")] = "4"
     res = run_cli(args)
     assert res.exit_code == 0 and "resuming from" in res.output and "epoch 1/2, step 2" in res.output, res.output
+
+
+def test_overwrite_removes_every_file_of_the_run_it_starts_over(tmp_path):
+    """--overwrite removed metrics.json, config.json and student.pt only: the older run's student-best.pt, history.csv
+    and projector.pt stayed beside the new run's files, read as its own until it finished (or for good where it
+    keeps no best epoch)."""
+    from kdpipe.features import PROJECTOR_FILE
+    from kdpipe.resume import RUN_FILES, plan_runs_dir
+    assert PROJECTOR_FILE in RUN_FILES
+    out, name = tmp_path / "runs", "m-T4-a0.9-e2-s0"
+    (out / name).mkdir(parents=True)
+    for f in RUN_FILES:
+        (out / name / f).write_text(json.dumps({"run": name, "batch_size": 32}) if f.endswith(".json") else "old")
+    (out / name / "notes.txt").write_text("the user's")  # not the run's: kept
+    lines = []
+    plan_runs_dir(out, {name: {"run": name, "batch_size": 16}}, overwrite=True, log=lines.append)
+    assert any("--overwrite: starting m-T4-a0.9-e2-s0 over (batch_size was 32, now 16" in x for x in lines), lines
+    assert sorted(p.name for p in (out / name).iterdir()) == ["notes.txt"]
