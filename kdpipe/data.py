@@ -35,6 +35,7 @@ A source's data may move: moved_spec points a cache's spec at the new place (--d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import gzip
@@ -779,7 +780,8 @@ SIXTEEN_BIT_STEP = ("A 16-bit grey image (PNG or TIFF, Pillow mode I;16) is brou
                     "each value v to round(v / 257): Pillow's own convert clips it at 255, a white image")
 # Part of a decoded copy's key: a copy decoded by an older rule is decoded again, not reused. 2: 16-bit
 # grey images scaled (v / 257), where Pillow's conversion had clipped them at 255. 3: EXIF orientation applied.
-DECODE_VERSION = 3
+# 4: an uncompressed grey TIFF turned by its orientation (5-8) decoded unscrambled (_open_image).
+DECODE_VERSION = 4
 DECODE_THREADS = 8  # at most this many decoding threads (fewer on fewer cores)
 DECODE_BLOCK = 256  # files decoded per block (the progress line's step)
 
@@ -1466,16 +1468,27 @@ def _undecodable(spec, p: Path, e: Exception) -> KDPipeError:
                        "replace it or move it out of the folder")
 
 
+@contextlib.contextmanager
 def _open_image(spec, p: Path):
+    """The image `p` opened (with: closed after) from a file object, not from its path: by path, Pillow maps an
+    uncompressed grey or 16-bit image's pixels (mmap) at the size it reports, which for a TIFF turned by its
+    orientation (5-8) is the upright one, and the pixels came out scrambled."""
     from PIL import Image, UnidentifiedImageError
     try:
-        return Image.open(p)
-    except Image.DecompressionBombError:
-        raise KDPipeError(f"{spec}: {p} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most Pillow decodes "
-                          "(its guard against decompression bombs): shrink it (kdpipe stores it at --image-size "
-                          "anyway), e.g. to 8000 pixels a side, or move it out of the folder") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        f = open(p, "rb")
+    except OSError as e:
         raise _undecodable(spec, p, e) from None
+    with f:
+        try:
+            im = Image.open(f)
+        except Image.DecompressionBombError:
+            raise KDPipeError(f"{spec}: {p} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most Pillow "
+                              "decodes (its guard against decompression bombs): shrink it (kdpipe stores it at "
+                              "--image-size anyway), e.g. to 8000 pixels a side, or move it out of the folder") from None
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise _undecodable(spec, p, e) from None
+        with im:
+            yield im
 
 
 EXIF_ORIENTATION = 0x0112  # 1: upright; 2-4 mirrored or turned 180 degrees; 5-8 also transposed (90 degrees)
@@ -1504,7 +1517,9 @@ def _scan_headers(spec, split, files: list[Path]) -> tuple[np.ndarray, list[str]
             prog.update(DECODE_BLOCK)
         with _open_image(spec, p) as im:
             w, h = im.size
-            sizes[i] = (w, h) if _orientation(im) >= 5 else (h, w)
+            # Pillow turns a TIFF by its orientation itself, and (Pillow 11 on) gives its upright size before loading
+            stored = (im.tag_v2.get(256), im.tag_v2.get(257)) if im.format == "TIFF" else (w, h)
+            sizes[i] = (w, h) if _orientation(im) >= 5 and stored == (w, h) else (h, w)
             modes.append(im.mode)
             # a camera's JPEG (MPO) holds the photo first, then previews or a depth map: not worth a note
             if getattr(im, "is_animated", False) and im.format != "MPO":

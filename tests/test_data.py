@@ -564,6 +564,37 @@ def test_photos_are_stored_upright_by_their_exif_orientation(tmp_path):
     np.testing.assert_array_equal(p.images[1], p.images[0])
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_tiffs_turned_by_their_orientation_are_stored_upright(tmp_path, mode):
+    """Pillow turns a TIFF by its orientation tag itself (on load), and since Pillow 11 its size is the upright one
+    before loading: kdpipe turned the size again, so a folder of such TIFFs was refused as differing in size (or
+    its sizes recorded sideways), and an uncompressed grey or 16-bit TIFF, opened by its path (Pillow maps its
+    pixels at the upright size), was stored scrambled."""
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)
+    if mode != "RGB":
+        upright = upright[..., 0]
+
+    def image(a):
+        return Image.fromarray(a.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(a)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            image(upright).save(tmp_path / split / c / "0.tif")
+            image(np.ascontiguousarray(np.rot90(upright, k=1))).save(tmp_path / split / c / "1.tif",
+                                                                      exif=exif.tobytes())
+    want = upright.transpose(2, 0, 1) if mode == "RGB" else upright[None]
+    d = load_dataset(f"imagefolder:{tmp_path}", "train")
+    assert d.image_shape == want.shape
+    np.testing.assert_array_equal(d.images[1], want)
+    p = load_dataset(f"imagefolder:{tmp_path}", "train", image_size=12)
+    np.testing.assert_array_equal(p.sizes, [[20, 12]] * 4)
+    np.testing.assert_array_equal(p.images[1], p.images[0])
+
+
 def test_photo_resize_is_antialiased_and_centred(tmp_path):
     """A 600x200 image whose middle half is red and the rest vertical 1-px stripes: the centre crop of
     the 96x32 resize keeps red only (32 of 48 red columns, clear of the filter's reach); and a 64x64 of
