@@ -131,6 +131,8 @@ class Loss:
         out, teacher = pick(out), pick(teacher)
         if self.uses == "logits" and teacher is not None:
             _check_sizes(self.name, out, teacher)
+        if self.uses == "features" and teacher is not None:
+            _check_feature_shapes(self.name, out, teacher)
         if self.uses == "logits":
             labels = _check_labels(self.name, out, labels)
         if isinstance(teacher, TopKTargets) and not self.topk and self.needs_teacher:  # a top-k cache's, in a user's loop
@@ -184,6 +186,18 @@ def _check_sizes(name: str, out, teacher) -> None:
         raise KDPipeError(f"loss {name}: the student gives {out.shape[-1]} logits per sample and the teacher "
                           f"{classes}: build the student for the cache's {classes} classes "
                           "(kdpipe.create_model(arch, data.num_classes, data.input_shape))")
+
+
+def _check_feature_shapes(name: str, out, teacher) -> None:
+    """Refuse, in one line, projected student features (..., B, *F) whose (B, *F) is not the teacher's features'
+    (a user's loop, kdpipe.api: a Linear projector's (B, C) against (B, C, 1, 1) pooled features broadcast in the
+    squared error, comparing every student row with every teacher row)."""
+    if not (torch.is_tensor(out) and torch.is_tensor(teacher)):
+        return
+    if out.ndim < teacher.ndim or out.shape[out.ndim - teacher.ndim:] != teacher.shape:
+        raise KDPipeError(f"loss {name}: the student's projected features of shape {tuple(out.shape)} do not match "
+                          f"the teacher's features of shape {tuple(teacher.shape)}: project the student's layer onto "
+                          "the teacher's feature shape (kdpipe.features.make_projector) for the same batch")
 
 
 def _check_labels(name: str, out, labels):

@@ -225,7 +225,7 @@ def _role(r) -> str:
         return "scratch" + (f", views of {src}" if src else "")
     ens = r.get("ensemble")
     if ens:
-        return f"KD from ensemble {ens['tag']}: {ens['label']}"
+        return f"KD from ensemble {ens['tag']}: {ens['label']}" + (f" [{src}]" if src else "")
     return "KD" + (f" from {src} ({(r.get('teacher') or {}).get('arch', '?')})" if src else "")
 
 
@@ -235,20 +235,21 @@ def _ensembles(runs) -> list[str]:
     groups = defaultdict(list)
     for r in runs:
         e = r.get("ensemble")
-        if e:
-            groups[(e["label"], e["temperature"])].append(r)
+        if e:  # by its caches too: two pipelines' teachers "a" and "b" of one architecture share a label
+            groups[(e["label"], e["temperature"], tuple(map(str, _cache_ids(r))))].append(r)
     if not groups:
         return []
     lines = ["", "Ensembles of teachers (students trained against the weighted mean of the teachers' probabilities "
              "at T; agreement: the students' mean top-1 agreement on the clean test split):", "",
              "| ensemble | T | teacher | weight | teacher test top-1 | agreement | runs |", "|---|---|---|---|---|---|---|"]
-    for (label, t), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (label, t, _), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         e = rs[0]["ensemble"]
-        lines.append(f"| {e['tag']} | {t:g} | the ensemble | | {_fmt(e.get('test_top1'))} | "
+        tag = e["tag"] + (f" ({rs[0]['_source']})" if rs[0].get("_source") else "")
+        lines.append(f"| {tag} | {t:g} | the ensemble | | {_fmt(e.get('test_top1'))} | "
                      f"{_fmt(_mean_std([r['ensemble'].get('agreement') for r in rs])[0])} | {len(rs)} |")
         for i, tc in enumerate(e["teachers"]):
             agr = _mean_std([r["ensemble"]["teachers"][i].get("agreement") for r in rs])[0]
-            lines.append(f"| {e['tag']} | {t:g} | {tc['label']} | {tc['weight']:.3g} | {_fmt(tc.get('test_top1'))} | "
+            lines.append(f"| {tag} | {t:g} | {tc['label']} | {tc['weight']:.3g} | {_fmt(tc.get('test_top1'))} | "
                          f"{_fmt(agr)} | {len(rs)} |")
     return lines
 

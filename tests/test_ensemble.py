@@ -325,6 +325,27 @@ def test_the_report_names_the_ensemble_and_its_teachers(ens, ens_runs, tmp_path)
     assert text.count("| teacher | |") == 2  # both teachers have a row of their own
 
 
+def test_two_ensembles_of_one_label_are_reported_apart(ens, ens_runs, tmp_path):
+    """Two ensembles whose caches share folder names and teacher architectures (two pipelines' [[teacher]] "a"
+    and "b") have one label: the report took the first one's test top-1 for both and averaged the agreements."""
+    import shutil
+    run = next(ens_runs.out.glob("*T4*/metrics.json")).parent
+    for folder, top1, agr in (("one", 0.9, 0.8), ("two", 0.5, 0.4)):
+        d = tmp_path / folder / run.name
+        shutil.copytree(run, d)
+        m = json.loads((d / "metrics.json").read_text())
+        e = m["ensemble"]
+        e["test_top1"], e["agreement"] = top1, agr
+        for t in e["teachers"]:
+            t["cache_id"], t["agreement"] = f"{folder}-{t['cache_id']}", agr
+        (d / "metrics.json").write_text(json.dumps(m))
+    ok(invoke("report", tmp_path / "one", tmp_path / "two", "--out", tmp_path / "report"))
+    rows = [r for r in (tmp_path / "report" / "report.md").read_text().splitlines() if "| the ensemble |" in r]
+    assert len(rows) == 2, rows
+    assert {r.split("|")[5].strip() for r in rows} == {"0.9000", "0.5000"}
+    assert {r.split("|")[6].strip() for r in rows} == {"0.8000", "0.4000"}
+
+
 # ---------------------------------------------------------------- DistributedDataParallel
 
 def test_ddp_students_of_an_ensemble_match_the_single_process_run(tmp_path):

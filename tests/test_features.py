@@ -244,6 +244,22 @@ def test_loss_compositions_parse_and_sum_their_weighted_terms():
         create_loss("kd+hint", **{"hint.beta": 1.0})
 
 
+def test_a_hint_of_other_shapes_than_the_teachers_features_is_one_line_not_broadcast():
+    """In a user's loop (kdpipe.api, features=...), projected features whose shape is not the cached ones'
+    (a Linear projector's (B, C) against torchvision's avgpool (B, C, 1, 1), or other channels) broadcast in the
+    squared error: every student row was compared with every teacher row, silently."""
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g), torch.zeros(4, dtype=torch.long)
+    hint = create_loss("hint")
+    for fs, ft in ((torch.randn(4, 8, generator=g), torch.randn(4, 8, 1, 1, generator=g)),
+                   (torch.randn(4, 1, generator=g), torch.randn(4, 8, generator=g)),
+                   (torch.randn(2, 8, generator=g), torch.randn(4, 8, generator=g))):
+        with pytest.raises(KDPipeError, match="projected features of shape"):
+            hint(Outputs(s, fs), Outputs(t, ft), y, 0)
+    ft = torch.randn(4, 8, 1, 1, generator=g)
+    torch.testing.assert_close(hint(Outputs(s, ft + 1), Outputs(t, ft), y, 0)["hint"], torch.tensor(1.0))
+
+
 def test_projector_shapes():
     from kdpipe.features import make_projector
     x = torch.randn(2, 16, 8, 8)
