@@ -11,7 +11,7 @@ From one teacher (a kdpipe checkpoint) `compress` builds
 - the distilled students of a runs directory, each also int8-quantized.
 Each model is one row: test top-1, agreement with the teacher, (non-zero) parameters, size on disk (a
 TorchScript file with the input normalization, as `kdpipe export` writes), and CPU latency per image
-at batch 1 and 64. Written to DIR/compress.md, DIR/compress.json and DIR/compress.png.
+(per row of a feature table) at batch 1 and 64. Written to DIR/compress.md, DIR/compress.json and DIR/compress.png.
 """
 
 from __future__ import annotations
