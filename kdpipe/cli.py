@@ -67,11 +67,14 @@ class _Group(click.Group):
 
 
 class OutPath(click.Path):
-    """--out: a path, not an empty string (which wrote into the current folder, "1 run(s) written under ")."""
+    """--out: a path, not an empty string (which wrote into the current folder, "1 run(s) written under "), with
+    ~ expanded (the shell leaves --out=~/x as it is: a folder named '~' was written in the current one)."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty: give the path to write to", param, ctx)
+        if isinstance(value, str):
+            value = os.path.expanduser(value)
         return super().convert(value, param, ctx)
 
 

@@ -743,3 +743,14 @@ def test_a_user_architecture_that_cannot_train_is_one_line(fmnist, tmp_path, cod
     assert_one_line_error(invoke("train-teacher", "--data", fmnist.spec, "--arch", f"{tmp_path / 'nets.py'}:Net",
                                  "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t.pt"), message)
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_a_tilde_in_out_is_the_home_folder(fmnist, tmp_path, monkeypatch):
+    """`--out=~/teacher.pt` reaches kdpipe unexpanded (the shell expands no ~ after '--out='): it wrote a folder
+    named '~' in the current one, where --data npz:~/... and --data-root ~/... are read from the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ok(invoke("train-teacher", "--data", fmnist.spec, "--arch", "mlp_100", "--epochs", 1, "--device", "cpu",
+              "--out=~/teacher.pt"))
+    assert (tmp_path / "home" / "teacher.pt").is_file() and not (tmp_path / "~").exists()
