@@ -962,6 +962,15 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
     prn = PRUNE_KINDS if not prune else tuple(p for p in prune if p != "none")
+    if not prn:  # the options of pruning and its fine-tuning, given with no pruning, would be ignored
+        ctx = click.get_current_context()
+        given = [flag for n, flag in (("sparsities", "--sparsity"), ("finetune_epochs", "--finetune-epochs"),
+                                      ("finetune_loss", "--finetune-loss"), ("finetune_samples", "--finetune-samples"),
+                                      ("lr", "--lr"))
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise InputError(f"{given[0]} is an option of pruning, and --prune none prunes nothing: leave "
+                             f"{given[0]} out, or give --prune unstructured or channels")
     full_train = load_dataset(data_spec, "train", data_root, image_size, resize)
     train = limited(full_train, limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)

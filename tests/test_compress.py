@@ -776,3 +776,16 @@ def test_compress_into_a_folder_whose_models_it_did_not_write_touches_none_of_th
             "--repeats", "1", "--out", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
     assert CliRunner().invoke(main, args).exit_code == 0, "rerun"
+
+
+@pytest.mark.parametrize("args", [["--sparsity", "0.3"], ["--finetune-epochs", "3"], ["--finetune-loss", "ce"],
+                                  ["--finetune-samples", "64"], ["--lr", "0.1"]])
+def test_options_of_pruning_with_prune_none_are_refused(fmnist, teacher_ckpt, tmp_path, args):
+    """compress --prune none --sparsity 0.3 (or --finetune-epochs 3, --lr 0.1, ...) measured the teacher unpruned
+    and exited 0, the option ignored without a word."""
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--prune", "none",
+                                  *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: {args[0]} is an option of pruning, and --prune none prunes nothing: leave "
+                                f"{args[0]} out, or give --prune unstructured or channels")
+    assert not (tmp_path / "o").exists()
