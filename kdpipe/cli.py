@@ -884,7 +884,7 @@ def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, arc
     if teacher_file is None and teacher_weights is None and teacher_arch is None:
         ctx = click.get_current_context()
         unused = [f"--{name.replace('_', '-').replace('-spec', '')}" for name in
-                  ("arch_args", "trust_pickle", "teacher_output", "sample", "data_root", "data_spec")
+                  ("arch_args", "trust_pickle", "teacher_output", "sample", "seed", "data_root", "data_spec")
                   if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if unused:
             raise InputError(f"{unused[0]} is for the teacher check, which needs the teacher: give --teacher FILE "

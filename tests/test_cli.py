@@ -262,6 +262,7 @@ def test_verify_cache_command(pipeline, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--sample", 1000], "--sample is for the teacher check, which needs the teacher: give --teacher FILE"),
     (["--trust-pickle"], "--trust-pickle is for the teacher check"),
+    (["--seed", 5], "--seed is for the teacher check"),  # the seed of the rows it samples: ignored without a word
     (["--data-root", "/elsewhere"], "--data-root is for the teacher check"),
     (["--teacher", "t.pt", "--teacher-weights", "t.pt"], "give the teacher file once"),
 ])
