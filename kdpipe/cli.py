@@ -67,11 +67,14 @@ class _Group(click.Group):
 
 
 class OutPath(click.Path):
-    """--out: a path, not an empty string (which wrote into the current folder, "1 run(s) written under ")."""
+    """--out: a path, not an empty string (which wrote into the current folder, "1 run(s) written under "), with
+    ~ expanded (the shell leaves --out=~/x as it is: a folder named '~' was written in the current one)."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty: give the path to write to", param, ctx)
+        if isinstance(value, str):
+            value = os.path.expanduser(value)
         return super().convert(value, param, ctx)
 
 
@@ -881,7 +884,7 @@ def verify_cache_cmd(cache_dir, teacher_file, teacher_arch, teacher_weights, arc
     if teacher_file is None and teacher_weights is None and teacher_arch is None:
         ctx = click.get_current_context()
         unused = [f"--{name.replace('_', '-').replace('-spec', '')}" for name in
-                  ("arch_args", "trust_pickle", "teacher_output", "sample", "data_root", "data_spec")
+                  ("arch_args", "trust_pickle", "teacher_output", "sample", "seed", "data_root", "data_spec")
                   if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if unused:
             raise InputError(f"{unused[0]} is for the teacher check, which needs the teacher: give --teacher FILE "
@@ -959,6 +962,15 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
 
     quant = QUANT_KINDS if not quantize else tuple(q for q in quantize if q != "none")
     prn = PRUNE_KINDS if not prune else tuple(p for p in prune if p != "none")
+    if not prn:  # the options of pruning and its fine-tuning, given with no pruning, would be ignored
+        ctx = click.get_current_context()
+        given = [flag for n, flag in (("sparsities", "--sparsity"), ("finetune_epochs", "--finetune-epochs"),
+                                      ("finetune_loss", "--finetune-loss"), ("finetune_samples", "--finetune-samples"),
+                                      ("lr", "--lr"))
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise InputError(f"{given[0]} is an option of pruning, and --prune none prunes nothing: leave "
+                             f"{given[0]} out, or give --prune unstructured or channels")
     full_train = load_dataset(data_spec, "train", data_root, image_size, resize)
     train = limited(full_train, limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)

@@ -17,6 +17,7 @@ TorchScript file with the input normalization, as `kdpipe export` writes), and C
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -367,6 +368,15 @@ def unit_of(data: ImageData) -> str:
     return "row" if len(data.image_shape) == 1 else "image"
 
 
+def _written_by_compress(path: Path) -> bool:
+    """Whether a file of OUT/models is a model an earlier compress wrote: its card beside it says so."""
+    try:
+        card = json.loads(Path(f"{path}.json").read_text())
+        return card.get("model") == path.name and "compressed" in card.get("source", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def measure(row: Row, test: ImageData, policy: ViewPolicy, teacher_pred: torch.Tensor | None, models_dir: Path,
             repeats: int, log=print) -> dict:
     """Test top-1, agreement, size of the exported TorchScript file, CPU latency at batch 1 and 64."""
@@ -458,6 +468,11 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     policy = _policy_of(teacher)
     other_data = _check_students(students, teacher, policy, test, full_train if full_train is not None else train,
                                  log)
+    foreign = sorted(p.name for p in Path(out, "models").glob("*.pt") if not _written_by_compress(p))
+    if foreign:  # each would be overwritten by a row's model, or removed as an earlier compress's
+        raise KDPipeError(f"{Path(out, 'models')} holds {', '.join(foreign)}, which kdpipe compress did not write: "
+                          "choose another --out (compress writes its models to OUT/models and removes the ones it "
+                          "wrote before)")
     out = ensure_out_dir(out, "compress output")
     models_dir = ensure_out_dir(out / "models", "models folder")
     mean, std = teacher.mean, teacher.std

@@ -262,6 +262,7 @@ def test_verify_cache_command(pipeline, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--sample", 1000], "--sample is for the teacher check, which needs the teacher: give --teacher FILE"),
     (["--trust-pickle"], "--trust-pickle is for the teacher check"),
+    (["--seed", 5], "--seed is for the teacher check"),  # the seed of the rows it samples: ignored without a word
     (["--data-root", "/elsewhere"], "--data-root is for the teacher check"),
     (["--teacher", "t.pt", "--teacher-weights", "t.pt"], "give the teacher file once"),
 ])
@@ -743,3 +744,14 @@ def test_a_user_architecture_that_cannot_train_is_one_line(fmnist, tmp_path, cod
     assert_one_line_error(invoke("train-teacher", "--data", fmnist.spec, "--arch", f"{tmp_path / 'nets.py'}:Net",
                                  "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t.pt"), message)
     assert not (tmp_path / "t.pt").exists()
+
+
+def test_a_tilde_in_out_is_the_home_folder(fmnist, tmp_path, monkeypatch):
+    """`--out=~/teacher.pt` reaches kdpipe unexpanded (the shell expands no ~ after '--out='): it wrote a folder
+    named '~' in the current one, where --data npz:~/... and --data-root ~/... are read from the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ok(invoke("train-teacher", "--data", fmnist.spec, "--arch", "mlp_100", "--epochs", 1, "--device", "cpu",
+              "--out=~/teacher.pt"))
+    assert (tmp_path / "home" / "teacher.pt").is_file() and not (tmp_path / "~").exists()

@@ -751,3 +751,41 @@ def test_a_feature_table_is_counted_in_rows_not_images(tmp_path):
     assert "image" not in md.replace("image_shape", ""), md
     assert f"({len(test):,} rows)" in "\n".join(said) and "ms/row" in "\n".join(said)
     assert json.loads((tmp_path / "c" / "compress.json").read_text())["unit"] == "row"
+
+
+def test_compress_into_a_folder_whose_models_it_did_not_write_touches_none_of_them(fmnist, teacher_ckpt, tmp_path):
+    """`compress --teacher models/teacher.pt --out .` in a project whose models/ held the user's checkpoints removed
+    every one of them as "a model of an earlier compress" (the teacher itself too, which it could not export over),
+    and a user's models/teacher.pt elsewhere was overwritten by the exported teacher."""
+    import shutil
+    models = tmp_path / "models"
+    models.mkdir()
+    teacher = models / "teacher.pt"
+    shutil.copy(teacher_ckpt, teacher)
+    (models / "mine.pt").write_bytes(b"the user's own model")
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher), "--data", fmnist.spec, "--quantize", "none",
+                                  "--prune", "none", "--repeats", "1", "--out", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert f"{models} holds mine.pt, teacher.pt, which kdpipe compress did not write" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    # a folder of an earlier compress is rerun into as before (its models have their cards)
+    out = tmp_path / "cmp"
+    args = ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--quantize", "none", "--prune", "none",
+            "--repeats", "1", "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert CliRunner().invoke(main, args).exit_code == 0, "rerun"
+
+
+@pytest.mark.parametrize("args", [["--sparsity", "0.3"], ["--finetune-epochs", "3"], ["--finetune-loss", "ce"],
+                                  ["--finetune-samples", "64"], ["--lr", "0.1"]])
+def test_options_of_pruning_with_prune_none_are_refused(fmnist, teacher_ckpt, tmp_path, args):
+    """compress --prune none --sparsity 0.3 (or --finetune-epochs 3, --lr 0.1, ...) measured the teacher unpruned
+    and exited 0, the option ignored without a word."""
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--prune", "none",
+                                  *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == (f"Error: {args[0]} is an option of pruning, and --prune none prunes nothing: leave "
+                                f"{args[0]} out, or give --prune unstructured or channels")
+    assert not (tmp_path / "o").exists()
