@@ -150,9 +150,13 @@ def _same_teacher(out: Path, config: dict, log=print) -> dict | None:
         return None
     try:
         obj = torch.load(out, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a checkpoint kdpipe wrote: --overwrite replaces it
+    except Exception:  # not a checkpoint kdpipe wrote
         obj = None
-    if not isinstance(obj, dict) or obj.get("role") != "teacher":
+    if not isinstance(obj, dict) or "kdpipe_checkpoint" not in obj:
+        # --overwrite replaced it: train-teacher --data npz:d.npz --out d.npz --overwrite replaced the data
+        raise KDPipeError(f"{out} is not a kdpipe checkpoint (the data, or weights of your own?): --overwrite replaces "
+                          "only kdpipe's checkpoints: give another --out, or move the file aside")
+    if obj.get("role") != "teacher":
         log(f"{out} is not a teacher checkpoint of kdpipe's: it is replaced")
         return None
     if "settings" not in obj:

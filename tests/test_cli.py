@@ -597,6 +597,27 @@ def test_float_features_train_a_teacher_dump_and_train_a_student(tmp_path, monke
     assert " rows/s per student" in r.output and "images" not in r.output, r.output  # a table's rows, not images
 
 
+def test_train_teacher_overwrite_replaces_only_kdpipes_checkpoints(tmp_path, monkeypatch):
+    """train-teacher --data npz:d.npz --out d.npz --overwrite replaced the data with the teacher (make reruns steps with
+    --overwrite); a user's own weights at --out went the same way. Refused before training; a kdpipe checkpoint of
+    other settings is still replaced."""
+    from test_data import make_features_npz
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    make_features_npz(tmp_path / "tab.npz")
+    data = tmp_path / "tab.npz"
+    before = data.read_bytes()
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "mine.pth")
+    args = ["train-teacher", "--data", f"npz:{data}", "--arch", "mlp_100", "--epochs", 1, "--batch-size", 32,
+            "--device", "cpu", "--overwrite", "--out"]
+    for target in (data, tmp_path / "mine.pth"):
+        assert_one_line_error(invoke(*args, target), f"{target} is not a kdpipe checkpoint (the data, or weights of "
+                              "your own?): --overwrite replaces only kdpipe's checkpoints")
+    assert data.read_bytes() == before and set(torch.load(tmp_path / "mine.pth")) == {"fc.weight"}
+    ok(invoke(*args, tmp_path / "t.pt"))
+    r = ok(invoke(*[a if a != 1 else 2 for a in args], tmp_path / "t.pt"))  # other epochs: trained again
+    assert "holds a teacher of other settings" in r.output
+
+
 def test_feature_vectors_default_to_views_none_and_refuse_crop_flips_options(tmp_path, monkeypatch):
     """The default views, crop-flip, fit no feature vector: a tabular user's first train-teacher was refused until
     given --policy none. Feature vectors now default to none; images keep crop-flip; --padding or --size with the
