@@ -258,6 +258,24 @@ def _num(x, spec="g") -> str:
     return "" if x is None else format(x, spec)
 
 
+REPORT_FILES = ("report.md", "summary.json", "accuracy_vs_parameters.png", "accuracy.png", "learning_curves.png")
+
+
+def _check_report_dir(out: Path) -> None:
+    """Refuse an --out holding files of a report's names that no kdpipe report wrote (no summary.json of ours beside
+    them): report --out . in a project folder replaced its own report.md without a word."""
+    present = [f for f in REPORT_FILES if (out / f).exists()]
+    if not present:
+        return
+    try:
+        ours = {"groups", "runs"} <= set(json.loads((out / "summary.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise KDPipeError(f"{out} holds {', '.join(present)}, which kdpipe report did not write (no summary.json of its "
+                          "own beside them): give another --out")
+
+
 def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     """report.md (the teacher(s), every finished run, each setting over its seeds, and the unfinished runs
     listed), summary.json and plots. Runs on more than one dataset are refused unless mix_datasets (then
@@ -269,6 +287,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     if len(datasets) > 1 and not mix_datasets:
         raise KDPipeError(f"the runs come from {len(datasets)} datasets ({', '.join(datasets)}): report each "
                           "dataset's runs apart, or pass --mix-datasets to put them in one table")
+    _check_report_dir(Path(out))
     out = ensure_out_dir(out, "report directory")
     teachers = {}
     for r in runs:

@@ -488,3 +488,17 @@ def test_the_plots_of_mixed_datasets_tell_a_settings_datasets_apart(student_runs
     assert len([t for t in ax.get_legend().get_texts() if "teacher" not in t.get_text()]) == 2
     points = [t.get_text() for t in figs["accuracy_vs_parameters.png"].axes[0].texts]
     assert len(points) == 2 and len(set(points)) == 2
+
+
+def test_a_folder_with_files_of_a_reports_names_that_report_did_not_write_is_refused(student_runs, tmp_path):
+    """report --out . in a project folder replaced its own report.md (and a plot named accuracy.png) without a word;
+    a folder of kdpipe's own report is written again."""
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "report.md").write_text("my notes")
+    with pytest.raises(KDPipeError, match=rf"{user} holds report.md, which kdpipe report did not write"):
+        build_report([student_runs.out], user)
+    assert (user / "report.md").read_text() == "my notes" and not (user / "summary.json").exists()
+    build_report([student_runs.out], tmp_path / "rep")
+    build_report([student_runs.out], tmp_path / "rep")  # its own: written again
+    assert (tmp_path / "rep" / "summary.json").is_file()
