@@ -278,7 +278,7 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
 
     An empty temperatures or alphas list means "not given": kd's default for kd, None (the loss's own
     default) for other losses. Runs with equal names appear once: kd's alpha = 0 ignores T, so it
-    appears once per (student, seed)."""
+    appears once per (student, seed), with kd's default T (its config.json the same whichever T a sweep gives)."""
     kd = loss == "kd"
     labels: dict[str, str] = {}
     for arch in students:  # two specs written alike in run names would train one run and drop the other
@@ -290,6 +290,8 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
     alphas = list(alphas) or [KD_AXES["alpha"] if kd else None]
     out, seen = [], set()
     for arch, t, a, s in itertools.product(students, temperatures, alphas, seeds):
+        if kd and not loss_options and a == 0 and t is not None and float(t) > 0:
+            t = KD_AXES["temperature"]  # unused: one scratch run's config.json whatever --temperature (a bad T is refused)
         p = (arch, None if t is None else float(t), None if a is None else float(a), int(s))
         key = run_name(*p, loss, loss_options, arch_args=arch_args)
         if key not in seen:

@@ -86,6 +86,12 @@ def test_sweep_is_the_cartesian_product_with_scratch_once_per_student_and_seed()
     assert plan_runs(["a"], [4], [0.9], [0]) == [("a", 4.0, 0.9, 0)]
 
 
+def test_a_scratch_run_has_one_temperature_whichever_the_sweep_gives():
+    # T is unused at alpha = 0: a rerun with --temperature 2 was refused as "other settings" (temperature was 4.0)
+    assert plan_runs(["a"], [2], [0], [0]) == plan_runs(["a"], [2, 4], [0], [0]) == [("a", 4.0, 0.0, 0)]
+    assert plan_runs(["a"], [2], [0.0, 0.5], [0]) == [("a", 4.0, 0.0, 0), ("a", 2.0, 0.5, 0)]
+
+
 def test_two_students_whose_run_names_would_be_equal_are_refused():
     # two users' files of one name: both were run names net.py_Net-..., and the second was dropped silently
     with pytest.raises(KDPipeError, match=r"a/net.py:Net and --student b/net.py:Net would both be named net.py_Net"):
