@@ -288,14 +288,17 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
                               "run names: rename one file or class, or train them into separate --out directories")
     temperatures = list(temperatures) or [KD_AXES["temperature"] if kd else None]
     alphas = list(alphas) or [KD_AXES["alpha"] if kd else None]
-    out, seen = [], set()
+    out, seen = [], {}
     for arch, t, a, s in itertools.product(students, temperatures, alphas, seeds):
         if kd and not loss_options and a == 0 and t is not None and float(t) > 0:
             t = KD_AXES["temperature"]  # unused: one scratch run's config.json whatever --temperature (a bad T is refused)
         p = (arch, None if t is None else float(t), None if a is None else float(a), int(s))
         key = run_name(*p, loss, loss_options, arch_args=arch_args)
+        if key in seen and seen[key] != p:  # T or alpha equal to 6 digits: one run would have been dropped
+            raise KDPipeError(f"two runs of the sweep would both be named {key}: give each temperature and alpha "
+                              "once, differing within 6 significant digits")
         if key not in seen:
-            seen.add(key)
+            seen[key] = p
             out.append(p)
     return out
 

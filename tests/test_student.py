@@ -92,6 +92,14 @@ def test_a_scratch_run_has_one_temperature_whichever_the_sweep_gives():
     assert plan_runs(["a"], [2], [0.0, 0.5], [0]) == [("a", 4.0, 0.0, 0), ("a", 2.0, 0.5, 0)]
 
 
+def test_temperatures_or_alphas_named_alike_are_refused_not_dropped():
+    # 4 and 4.0000001 are both T4 in run names: the second run was dropped without a word
+    for temps, alphas in (([4, 4.0000001], [0.9]), ([4], [0.9, 0.90000001])):
+        with pytest.raises(KDPipeError, match="both be named a-T4-a0.9-s0"):
+            plan_runs(["a"], temps, alphas, [0])
+    assert plan_runs(["a"], [4, 4.0], [0.9, 0.9], [0]) == [("a", 4.0, 0.9, 0)]  # the same value twice is one run
+
+
 def test_two_students_whose_run_names_would_be_equal_are_refused():
     # two users' files of one name: both were run names net.py_Net-..., and the second was dropped silently
     with pytest.raises(KDPipeError, match=r"a/net.py:Net and --student b/net.py:Net would both be named net.py_Net"):
