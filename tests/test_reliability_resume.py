@@ -894,3 +894,25 @@ def test_overwrite_removes_every_file_of_the_run_it_starts_over(tmp_path):
     plan_runs_dir(out, {name: {"run": name, "batch_size": 16}}, overwrite=True, log=lines.append)
     assert any("--overwrite: starting m-T4-a0.9-e2-s0 over (batch_size was 32, now 16" in x for x in lines), lines
     assert sorted(p.name for p in (out / name).iterdir()) == ["notes.txt"]
+
+
+def test_a_scratch_run_recorded_with_another_temperature_is_the_same_run(tmp_path):
+    """A kd run at alpha 0 uses no T. Before 2026-12-07 its config.json held the sweep's first T (2 in the default
+    pipeline), now kd's default: the settings compare equal, so a rerun skips it, not retrains it (a pipeline's
+    --overwrite would have)."""
+    from kdpipe.resume import plan_runs_dir, settings
+    name = "m-scratch-e2-s0"
+
+    def config(t):
+        return {"run": name, "loss": {"name": "kd", "options": {"temperature": t, "alpha": 0.0}},
+                "temperature": t, "alpha": 0.0, "batch_size": 16}
+    assert settings(config(2.0)) == settings(config(4.0))
+    kd = {**config(2.0), "alpha": 0.5, "loss": {"name": "kd", "options": {"temperature": 2.0, "alpha": 0.5}}}
+    assert settings(kd) != settings({**kd, "temperature": 4.0, "loss": {"name": "kd", "options": {
+        "temperature": 4.0, "alpha": 0.5}}})  # where T is used, it is a setting
+    out = tmp_path / "runs"
+    (out / name).mkdir(parents=True)
+    (out / name / "config.json").write_text(json.dumps(config(2.0)))
+    (out / name / "metrics.json").write_text(json.dumps({"name": name}))
+    plan = plan_runs_dir(out, {name: config(4.0)}, overwrite=True, log=lambda *a: None)
+    assert name in plan.finished and (out / name / "metrics.json").is_file()
