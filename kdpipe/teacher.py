@@ -118,7 +118,13 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
                 raise KDPipeError(f"the teacher's training diverged: its loss became {run.history[-1]} in epoch "
                                   f"{epoch + 1}, so its weights are not usable and nothing was saved to {out}: lower "
                                   f"--lr (it was {optim.lr:g}) and train again")
-            acc = top1(predict(run.model, test_images, policy, params, mean, std, amp=amp), test_labels)
+            logits = predict(run.model, test_images, policy, params, mean, std, amp=amp)
+            if not torch.isfinite(logits).all():  # the epoch's last steps overflowed the weights: its loss was finite
+                ckpt.remove()
+                raise KDPipeError(f"the teacher's training diverged: its outputs on the test split became "
+                                  f"non-finite (NaN or infinite) in epoch {epoch + 1}, so its weights are not usable "
+                                  f"and nothing was saved to {out}: lower --lr (it was {optim.lr:g}) and train again")
+            acc = top1(logits, test_labels)
             history.epochs.append({"epoch": epoch + 1, "loss": run.history[-1], "train_top1": run.train_top1[-1],
                                    "test_top1": acc})
             log(f"  teacher epoch {epoch + 1}/{epochs}: train top-1 {run.train_top1[-1]:.4f}, test top-1 {acc:.4f}")

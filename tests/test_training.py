@@ -233,6 +233,21 @@ def test_a_diverging_teacher_stops_in_one_line_and_saves_nothing(mnist, tmp_path
     assert not list(tmp_path.iterdir())  # no teacher, no checkpoint to resume the NaN weights from
 
 
+def test_a_teacher_whose_last_step_overflowed_its_weights_is_not_saved(mnist, tmp_path):
+    """One step per epoch at --lr 3e38: the epoch's loss (taken before the step) was finite, the step overflowed
+    the weights, and train-teacher saved a teacher whose every test logit was NaN, recording a test top-1 (argmax
+    of NaN rows) and exiting 0. Now its non-finite outputs stop it as a diverged loss does."""
+    out = tmp_path / "t.pt"
+    r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:32", "--epochs", "1",
+                                  "--batch-size", "256", "--optimizer", "sgd", "--momentum", "0", "--lr", "3e38",
+                                  "--schedule", "constant", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the teacher's training diverged: its outputs on the test split became "
+                           "non-finite (NaN or infinite) in epoch 1"), last
+    assert not list(tmp_path.iterdir())  # no teacher, no checkpoint
+
+
 def test_train_teacher_with_adam_and_warmup(mnist, tmp_path):
     out = tmp_path / "t.pt"
     r = CliRunner().invoke(main, ["train-teacher", "--data", mnist.spec, "--arch", "mlp:64", "--epochs", "3", "--batch-size", "32",
