@@ -54,7 +54,7 @@ DIST_CHECK_STEPS = 8
 def settings(config: dict) -> dict:
     """What must match for a run directory to be resumed or skipped: its config.json but NOT_SETTINGS (as JSON
     reads it back, so that a tuple and the list config.json holds compare equal). A kd run at alpha 0 (scratch)
-    uses no temperature: its T is no setting (before 2026-12-07 it recorded the sweep's first T, now kd's default)."""
+    uses no temperature: its T is no setting (it records the sweep's first T: a sweep of other Ts has the same run)."""
     out = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_SETTINGS}))
     loss = out.get("loss")
     if isinstance(loss, dict) and loss.get("name") == "kd" and (loss.get("options") or {}).get("alpha") == 0:

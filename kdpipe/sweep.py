@@ -278,7 +278,7 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
 
     An empty temperatures or alphas list means "not given": kd's default for kd, None (the loss's own
     default) for other losses. Runs with equal names appear once: kd's alpha = 0 ignores T, so it
-    appears once per (student, seed), with kd's default T (its config.json the same whichever T a sweep gives)."""
+    appears once per (student, seed), with the sweep's first T (its T is no setting: kdpipe.resume.settings)."""
     kd = loss == "kd"
     labels: dict[str, str] = {}
     for arch in students:  # two specs written alike in run names would train one run and drop the other
@@ -290,11 +290,12 @@ def plan_runs(students, temperatures, alphas, seeds, loss: str = "kd",
     alphas = list(alphas) or [KD_AXES["alpha"] if kd else None]
     out, seen = [], {}
     for arch, t, a, s in itertools.product(students, temperatures, alphas, seeds):
-        if kd and not loss_options and a == 0 and t is not None and float(t) > 0:
-            t = KD_AXES["temperature"]  # unused: one scratch run's config.json whatever --temperature (a bad T is refused)
         p = (arch, None if t is None else float(t), None if a is None else float(a), int(s))
         key = run_name(*p, loss, loss_options, arch_args=arch_args)
-        if key in seen and seen[key] != p:  # T or alpha equal to 6 digits: one run would have been dropped
+        scratch = kd and not loss_options and a == 0  # T unused: the sweep's Ts are one scratch run
+        if key in seen and (seen[key][:1] + seen[key][2:] if scratch else seen[key]) != (p[:1] + p[2:] if scratch
+                                                                                        else p):
+            # T or alpha equal to 6 digits: one run would have been dropped
             raise KDPipeError(f"two runs of the sweep would both be named {key}: give each temperature and alpha "
                               "once, differing within 6 significant digits")
         if key not in seen:

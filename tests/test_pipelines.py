@@ -3,6 +3,7 @@ on a few hundred generated samples (the TOML's `limit`), through the command lin
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import subprocess
@@ -295,12 +296,29 @@ def test_a_missing_teacher_file_is_named_in_one_line_when_make_runs(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def _made_in_order(paths: list[str]) -> float:
+    """Each file written ("x"), each one second newer than the one before, from 100 s ago; returns that start."""
+    import os
+    import time
+    t0 = time.time() - 100
+    for i, f in enumerate(paths):
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).write_text("x")
+        os.utime(f, (t0 + i, t0 + i))
+    return t0
+
+
+def _make_rules_mk(pipeline: str, target: str, *flags):
+    """make TARGET from rules.mk in the current folder, with a stand-in kdpipe command and no set-up."""
+    return subprocess.run(["make", *flags, "-f", "rules.mk", f"PIPELINE={pipeline}", "KDPIPE=kd", "SETUP=", target],
+                          capture_output=True, text=True)
+
+
 def test_a_users_data_file_is_a_prerequisite_of_the_teacher_and_the_dump(monkeypatch, tmp_path):
     """[data] spec = "npz:FILE" (or csv:FILE): the file was no prerequisite, so a file edited in place reran
     nothing (stage two then refused the cache by fingerprint); now its change reruns the teacher and the dump,
     and a missing one is named in one line."""
     import os
-    import time
     monkeypatch.chdir(tmp_path)
     text = (REPO / "pipelines" / "default.toml").read_text()
     (tmp_path / "default.toml").write_text(text.replace('spec = "fashion-mnist"', 'spec = "npz:data/d.npz"'))
@@ -308,18 +326,12 @@ def test_a_users_data_file_is_a_prerequisite_of_the_teacher_and_the_dump(monkeyp
     assert spec["data"]["spec"] == "npz:data/d.npz"
     (tmp_path / "rules.mk").write_text(make_rules(spec))
 
-    def make(*flags):
-        return subprocess.run(["make", *flags, "-f", "rules.mk", "PIPELINE=default.toml", "KDPIPE=kd", "SETUP=",
-                               "cache/default/manifest.json"], capture_output=True, text=True)
+    make = functools.partial(_make_rules_mk, "default.toml", "cache/default/manifest.json")
     r = make("-s")
     assert r.returncode != 0 and r.stderr.splitlines()[0] == (
         "Error: default.toml: the [data] file data/d.npz does not exist (a path from the folder make runs in): put it "
         "there, or set spec = \"...\" to where it is")
-    t0 = time.time() - 100
-    for i, f in enumerate(["data/d.npz", "runs/default/teacher.pt", "cache/default/manifest.json"]):
-        Path(f).parent.mkdir(parents=True, exist_ok=True)
-        Path(f).write_text("x")
-        os.utime(f, (t0 + i, t0 + i))
+    t0 = _made_in_order(["data/d.npz", "runs/default/teacher.pt", "cache/default/manifest.json"])
     assert "kd " not in make("-n").stdout  # up to date
     os.utime("data/d.npz", (t0 + 9, t0 + 9))  # edited in place
     steps = make("-n").stdout
@@ -787,28 +799,21 @@ def test_an_architecture_files_edit_reruns_the_steps_that_build_it(monkeypatch, 
     the students (train-student, which records the file's sha256, starts them over; a mere touch skips them), a
     teacher's file its training, and a missing one is named in one line."""
     import os
-    import time
     monkeypatch.chdir(tmp_path)
     text = (REPO / "pipelines" / "mnist-mlp.toml").read_text().replace('arch = "mlp:512,256"', 'arch = "t.py:T"')
     (tmp_path / "mnist-mlp.toml").write_text(text.replace('archs = ["mlp:128"]', 'archs = ["nets/s.py:S"]'))
     (tmp_path / "rules.mk").write_text(make_rules(load_pipeline(tmp_path / "mnist-mlp.toml")))
 
-    def make(*flags):
-        return subprocess.run(["make", *flags, "-f", "rules.mk", "PIPELINE=mnist-mlp.toml", "KDPIPE=kd", "SETUP=",
-                               "runs/mnist-mlp/report/report.md"], capture_output=True, text=True)
+    make = functools.partial(_make_rules_mk, "mnist-mlp.toml", "runs/mnist-mlp/report/report.md")
     r = make("-s")
     assert r.returncode != 0 and r.stderr.splitlines()[0] == (
         "Error: mnist-mlp.toml: the architecture file t.py does not exist (a path from the folder make runs in): put "
         "it there, or set arch or archs to where it is")
-    t0 = time.time() - 100
     runs = next(line.split(" &:")[0].split() for line in (tmp_path / "rules.mk").read_text().splitlines()
                 if " &:" in line)
     made = ["t.py", "nets/s.py", "runs/mnist-mlp/teacher.pt", "cache/mnist-mlp/manifest.json", *runs,
             "runs/mnist-mlp/report/report.md"]
-    for i, f in enumerate(made):
-        Path(f).parent.mkdir(parents=True, exist_ok=True)
-        Path(f).write_text("x")
-        os.utime(f, (t0 + i, t0 + i))
+    t0 = _made_in_order(made)
     assert "kd " not in make("-n").stdout  # up to date
     os.utime("nets/s.py", (t0 + 20, t0 + 20))  # the student's code edited
     steps = make("-n").stdout

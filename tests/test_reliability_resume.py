@@ -897,9 +897,9 @@ def test_overwrite_removes_every_file_of_the_run_it_starts_over(tmp_path):
 
 
 def test_a_scratch_run_recorded_with_another_temperature_is_the_same_run(tmp_path):
-    """A kd run at alpha 0 uses no T. Before 2026-12-07 its config.json held the sweep's first T (2 in the default
-    pipeline), now kd's default: the settings compare equal, so a rerun skips it, not retrains it (a pipeline's
-    --overwrite would have)."""
+    """A kd run at alpha 0 uses no T, and its config.json holds the sweep's first T: a sweep of another T (a
+    pipeline's temperature edited) has the same scratch run, skipped on a rerun, where it was refused as other
+    settings (or retrained by a pipeline's --overwrite)."""
     from kdpipe.resume import plan_runs_dir, settings
     name = "m-scratch-e2-s0"
 

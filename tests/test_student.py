@@ -86,10 +86,13 @@ def test_sweep_is_the_cartesian_product_with_scratch_once_per_student_and_seed()
     assert plan_runs(["a"], [4], [0.9], [0]) == [("a", 4.0, 0.9, 0)]
 
 
-def test_a_scratch_run_has_one_temperature_whichever_the_sweep_gives():
-    # T is unused at alpha = 0: a rerun with --temperature 2 was refused as "other settings" (temperature was 4.0)
-    assert plan_runs(["a"], [2], [0], [0]) == plan_runs(["a"], [2, 4], [0], [0]) == [("a", 4.0, 0.0, 0)]
-    assert plan_runs(["a"], [2], [0.0, 0.5], [0]) == [("a", 4.0, 0.0, 0), ("a", 2.0, 0.5, 0)]
+def test_a_scratch_run_is_one_run_whichever_temperatures_the_sweep_gives():
+    # T is unused at alpha = 0: one run per (student, seed), recording the sweep's first T, which is no setting
+    # (kdpipe.resume.settings: a rerun with --temperature 4 skips it, test_reliability_resume)
+    assert plan_runs(["a"], [2, 4], [0], [0]) == [("a", 2.0, 0.0, 0)]
+    assert plan_runs(["a"], [2, 2.0000001], [0.0], [0]) == [("a", 2.0, 0.0, 0)]  # Ts alike matter where T is used:
+    with pytest.raises(KDPipeError, match="both be named a-T2-a0.5-s0"):
+        plan_runs(["a"], [2, 2.0000001], [0.0, 0.5], [0])
 
 
 def test_temperatures_or_alphas_named_alike_are_refused_not_dropped():
