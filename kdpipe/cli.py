@@ -954,8 +954,8 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
                  sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, device, out):
     """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
     model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image, or per
-    row of a feature table, at batch 1 and 64), a table, a JSON file and a plot. Measured on the CPU; pruned models can be fine-tuned on a GPU
-    (--device)."""
+    row of a feature table, at batch 1 and 64), a table, a JSON file and a plot. Measured on the CPU; pruned
+    models can be fine-tuned on a GPU (--device)."""
     from kdpipe.compress import PRUNE_KINDS, QUANT_KINDS, compress
     from kdpipe.util import pick_device
     from kdpipe.data import limited, load_dataset
