@@ -204,8 +204,13 @@ def _train_s(r) -> float:
 
 
 def _best(best) -> str:
-    """'3 (0.8125)': the epoch the validation split picked and its validation top-1."""
-    return "" if not best else f"{best['epoch']} ({best['val_top1']:.4f})"
+    """'3 (0.8125; 0.7950)': the epoch the validation split picked, its validation top-1 and its test top-1 (the
+    final number of a workflow whose validation split picks the epoch: Food-11's evaluation/), which the test
+    top-1 column, the last epoch's, is not."""
+    if not best:
+        return ""
+    test = best.get("test_top1")
+    return f"{best['epoch']} ({best['val_top1']:.4f}" + (f"; {test:.4f})" if test is not None else ")")
 
 
 def _diverged(r) -> str:
@@ -307,7 +312,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     shapes = {len((r.get("teacher") or {}).get("image_shape") or ()) for r in runs}
     unit = "row" if shapes == {1} else "image" if shapes == {3} else "sample"
     lines += ["| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1 | "
-              f"agreement with teacher | best epoch (val top-1) | parameters | MB | CPU latency (ms/{unit}) | "
+              f"agreement with teacher | best epoch (val top-1; its test top-1) | parameters | MB | CPU latency (ms/{unit}) | "
               "training time (s) |",
               "|" + "---|" * 17]
     for t in teachers.values():

@@ -502,3 +502,13 @@ def test_a_folder_with_files_of_a_reports_names_that_report_did_not_write_is_ref
     build_report([student_runs.out], tmp_path / "rep")
     build_report([student_runs.out], tmp_path / "rep")  # its own: written again
     assert (tmp_path / "rep" / "summary.json").is_file()
+
+
+def test_the_best_epochs_test_top1_is_in_the_table(student_runs, tmp_path):
+    """A validation split picks the best epoch, and that epoch's test top-1 is the workflow's final number (Food-11's
+    evaluation/): the table showed the epoch and its validation top-1 only, beside the last epoch's test top-1."""
+    runs = _copies(student_runs, tmp_path, [{"best": {"epoch": 2, "checkpoint": "student-best.pt", "val_top1": 0.5,
+                                                      "test_top1": 0.625}}])
+    build_report([runs], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "best epoch (val top-1; its test top-1)" in text and "| 2 (0.5000; 0.6250) |" in text
