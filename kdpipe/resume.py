@@ -231,34 +231,31 @@ def _adopt_older_names(out: Path, configs: dict[str, dict], held: dict[str, dict
 
 
 def _rename_in_checkpoints(held: dict[str, dict], renamed: dict[str, str]) -> None:
-    """Rename runs (old -> new) in the pass checkpoints that hold them, in place (each file rewritten whole, by
-    rename), and in `held`, their headers."""
+    """Rename runs (old -> new) in the pass checkpoints that hold them, in place, and in `held`, their headers."""
     for p, h in held.items():
-        if not any(old in h["runs"] for old in renamed):
-            continue
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-
-        def re_key(d: dict) -> dict:
-            return {renamed.get(k, k): v for k, v in d.items()}
-        obj["runs"], obj["state"] = re_key(obj["runs"]), re_key(obj["state"])
-        for part in obj["ranks"]:
-            part["sums"], part["correct"] = re_key(part["sums"]), re_key(part["correct"])
-        atomic_write_stream(Path(p), lambda f: torch.save(obj, f))
-        h["runs"] = re_key(h["runs"])
+        if any(old in h["runs"] for old in renamed):
+            h["runs"] = _rekey_checkpoint(p, lambda k: renamed.get(k, k))
 
 
 def _drop_from_checkpoints(dropped: dict[str, set]) -> None:
     """Take runs (checkpoint path -> run names) out of the pass checkpoints that hold them beside other runs, in
-    place (each file rewritten whole, by rename)."""
+    place."""
     for p, names in dropped.items():
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        _rekey_checkpoint(p, lambda k: None if k in names else k)
 
-        def keep(d: dict) -> dict:
-            return {k: v for k, v in d.items() if k not in names}
-        obj["runs"], obj["state"] = keep(obj["runs"]), keep(obj["state"])
-        for part in obj["ranks"]:
-            part["sums"], part["correct"] = keep(part["sums"]), keep(part["correct"])
-        atomic_write_stream(Path(p), lambda f: torch.save(obj, f))
+
+def _rekey_checkpoint(path, key) -> dict:
+    """Rewrite the pass checkpoint at `path` whole (by rename) with each run's entries (settings, state, each rank's
+    sums and right answers) under key(name), or without them where that is None; returns its runs' settings."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+
+    def re_key(d: dict) -> dict:
+        return {key(k): v for k, v in d.items() if key(k) is not None}
+    obj["runs"], obj["state"] = re_key(obj["runs"]), re_key(obj["state"])
+    for part in obj["ranks"]:
+        part["sums"], part["correct"] = re_key(part["sums"]), re_key(part["correct"])
+    atomic_write_stream(Path(path), lambda f: torch.save(obj, f))
+    return obj["runs"]
 
 
 def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, log=print,
