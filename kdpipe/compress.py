@@ -35,7 +35,7 @@ from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes, atomic_write_json, atomic_write_stream
 from kdpipe.checkpoint import LoadedModel
 from kdpipe.data import ImageData, limited
-from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, train_pass
+from kdpipe.engine import OptimConfig, Run, make_optimizer, predict, sample_unit, train_pass
 from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
 from kdpipe.export import finite, load_model
 from kdpipe.losses import create_loss
@@ -364,8 +364,8 @@ def _inputs(policy: ViewPolicy, data: ImageData, rows, mean, std) -> torch.Tenso
 
 
 def unit_of(data: ImageData) -> str:
-    """What a sample of `data` is called: "image", or "row" for the feature vectors of a table."""
-    return "row" if len(data.image_shape) == 1 else "image"
+    """What a sample of `data` is called: "image", or "row" for the feature vectors of a table (sample_unit's)."""
+    return sample_unit(data.images).removesuffix("s")
 
 
 def _written_by_compress(path: Path) -> bool:
@@ -594,7 +594,7 @@ def _quantized_row(add, results, src: Row, kind: str, calib, backend, log) -> No
              quantize_static(src.module, calib, backend))
         note = (f"nn.Linear weights int8, activations quantized per batch (so its predictions depend on the batch: "
                 f"accuracy measured in batches of {EVAL_BATCH})" if kind == "dynamic" else
-                f"FX graph mode, calibrated on {len(calib)} training {'rows' if calib.dim() == 2 else 'images'}")
+                f"FX graph mode, calibrated on {len(calib)} training {sample_unit(calib)}")
         add(Row(name, method, src.source, q, src.loaded, parameters=count_params(src.module),
                 nonzero=count_nonzero(src.module), note=f"{note}; {time.perf_counter() - t0:.1f}s"))
     except NoKernel as e:
