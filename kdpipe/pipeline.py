@@ -531,11 +531,33 @@ def check_file_name(spec: dict, path) -> None:
                           f"\"{stem}\" or delete the name line (or name the file {spec['name']}.toml)")
 
 
+def claim_name(path, stamp_dir) -> None:
+    """Under make, pipelines/mine.toml and exp/mine.toml are both the pipeline 'mine': one build/mine/, runs/mine/
+    and cache/mine/. Each step runs --overwrite, so making the second retrained, re-dumped and overwrote the
+    first's teacher, cache and students without a word, and making the first again overwrote the second's. The
+    stamp folder records the file its pipeline was made from (build/<name>/source); another file of the same name
+    is refused while that one exists. A file moved (the recorded one is gone) takes the name over."""
+    import os
+    here = os.path.realpath(path)
+    source = Path(stamp_dir) / "source"
+    owner = source.read_text().strip() if source.is_file() else ""
+    if owner and owner != here and os.path.isfile(owner):
+        name = Path(path).stem
+        raise KDPipeError(f"{path}: runs/{name}/, cache/{name}/ and {stamp_dir}/ are the pipeline {owner}'s, whose "
+                          f"teacher, cache and students make would overwrite: name this file otherwise (e.g. "
+                          f"{name}-2.toml), or delete {source} to hand them over")
+    if owner != here:
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(here + "\n")
+
+
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library
     import sys
     try:
         spec = load_pipeline(sys.argv[1])
         check_file_name(spec, sys.argv[1])
+        if len(sys.argv) > 2:
+            claim_name(sys.argv[1], sys.argv[2])
         sys.stdout.write(make_rules(spec, sys.argv[2] if len(sys.argv) > 2 else None))
     except (KDPipeError, IndexError) as e:
         sys.exit(f"Error: {e or 'usage: python -m kdpipe.pipeline PIPELINE.toml [STAMP_DIR]'}")

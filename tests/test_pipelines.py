@@ -610,6 +610,33 @@ def test_a_copied_pipeline_that_keeps_the_originals_name_is_refused_under_make(t
     assert r.returncode == 0 and "--out runs/mine/students" in r.stdout, r.stderr
 
 
+def test_two_pipeline_files_of_one_name_in_two_folders_do_not_overwrite_each_others_runs(tmp_path):
+    """pipelines/mine.toml and exp/mine.toml are both the pipeline 'mine' under make (build/mine/, runs/mine/,
+    cache/mine/): making the second retrained and overwrote the first's teacher, cache and students (every step
+    --overwrite), without a word. The second is refused while the first exists; a file moved takes the name over."""
+    import os
+    text = (REPO / "pipelines" / "default.toml").read_text().replace('name = "default"\n', "")
+    for folder in ("pipelines", "exp"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mine.toml").write_text(text)
+
+    def rules(toml):
+        return subprocess.run([sys.executable, "-m", "kdpipe.pipeline", toml, "build/mine"], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert rules("pipelines/mine.toml").returncode == 0
+    assert rules("./pipelines/mine.toml").returncode == 0  # the same file, however it is written
+    r = rules("exp/mine.toml")
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [
+        f"Error: exp/mine.toml: runs/mine/, cache/mine/ and build/mine/ are the pipeline "
+        f"{os.path.realpath(tmp_path / 'pipelines' / 'mine.toml')}'s, whose teacher, cache and students make would "
+        f"overwrite: name this file otherwise (e.g. mine-2.toml), or delete build/mine/source to hand them over"]
+    (tmp_path / "pipelines" / "mine.toml").unlink()  # moved: exp/mine.toml is now the pipeline 'mine'
+    assert rules("exp/mine.toml").returncode == 0
+    (tmp_path / "pipelines" / "mine.toml").write_text(text)
+    assert rules("pipelines/mine.toml").returncode == 1
+
+
 @pytest.mark.parametrize("path", ["pipelines/my exp.toml", "pipelines/mnist(2).toml", "pipelines/absent.toml"])
 def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
     """A space in PIPELINE gave "No rule to make target 'pipelines/my'", a parenthesis a shell syntax error, a
