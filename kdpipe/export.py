@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -123,6 +124,22 @@ def write_card(res: dict, loaded: LoadedModel, compressed: dict | None = None) -
     path = Path(f"{res['path']}.json")
     atomic_write_json(path, card)
     return path
+
+
+def check_card_path(out) -> None:
+    """FILE.json, where write_card puts the card of FILE, must be free or a card: a JSON file of the user's own of
+    that name (a model's config saved as model.onnx.json) was replaced without a word."""
+    card = Path(f"{out}.json")
+    if not card.exists():
+        return
+    try:
+        doc = json.loads(card.read_text())
+        ours = isinstance(doc, dict) and "checked_against_pytorch" in doc
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise KDPipeError(f"{card} exists and is not a kdpipe export card, which would be written there beside "
+                          f"{out}: move it, or give another --out")
 
 
 def wrap(loaded: LoadedModel, module: nn.Module | None = None) -> WithNormalization:
@@ -325,6 +342,7 @@ def export_model(src, fmt: str, out, *, module: nn.Module | None = None, check: 
         raise KDPipeError(f"--out {out} is the checkpoint being exported: give another file name")
     if Path(out).is_file() and not overwrite:
         raise KDPipeError(f"{out} already exists: give another --out, or --overwrite to replace it")
+    check_card_path(out)
     if not finite(module if module is not None else loaded.module):
         raise KDPipeError(f"the weights of {loaded.file} are not finite (NaN or infinite): its training diverged; "
                           "export another run, or train it again with a lower --lr")

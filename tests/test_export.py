@@ -55,6 +55,21 @@ def test_the_card_of_a_model_trained_under_limit_says_its_top1_is_of_those_sampl
                                                                     "it holds fewer (--limit 300)")
 
 
+def test_a_json_file_of_the_users_own_where_the_card_goes_is_not_replaced(teacher_ckpt, tmp_path):
+    """The card of FILE is FILE.json: a JSON file of the user's own of that name was replaced without a word."""
+    out, card = tmp_path / "m.pt", tmp_path / "m.pt.json"
+    card.write_text('{"labels": ["mine"]}')
+    args = ["export", str(teacher_ckpt), "--format", "torchscript", "--out", str(out), "--overwrite"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and not out.exists() and card.read_text() == '{"labels": ["mine"]}', r.output
+    assert f"Error: {card} exists and is not a kdpipe export card, which would be written there beside {out}: " \
+           "move it, or give another --out" in r.output
+    card.unlink()
+    assert CliRunner().invoke(main, args).exit_code == 0 and "checked_against_pytorch" in json.loads(card.read_text())
+    r = CliRunner().invoke(main, args)  # kdpipe's own card is replaced with its model, as before
+    assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize("fmt,suffix", [("torchscript", ".pt"), ("pt2", ".pt2"), ("onnx", ".onnx")])
 def test_an_exported_model_takes_uint8_images_and_gives_the_checkpoints_logits(fmt, suffix, fmnist, teacher_ckpt,
                                                                                tmp_path):
