@@ -190,9 +190,9 @@ def verify_cache(cache_dir, teacher_file=None, teacher_arch=None, teacher_weight
         faults.append(f"the teacher given (sha256 {teacher.fingerprint[:12]}) is not the cache's "
                       f"(sha256 {m['teacher']['fingerprint'][:12]})")
         return faults
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(cache.rows, size=min(sample, cache.rows), replace=False))
-    log(f"re-running the teacher on {len(rows)} random (view, sample) rows")
+    rows = sample_rows(m["shards"], cache.rows, sample, seed)
+    log(f"re-running the teacher on {len(rows)} random (view, sample) rows"
+        + (", at least one in each shard" if len(rows) >= len(m["shards"]) > 1 else ""))
     params = cache.read_rows("view_params", rows) if cache.columns else np.zeros((len(rows), 0), np.int32)
     # The rows' sample indices and view parameters must be those the manifest gives (a cache can't be
     # re-seeded silently): the teacher is re-run on what the manifest says, not on what the shard says.
@@ -345,6 +345,20 @@ def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params:
     if features is not None:
         features.update({layer: torch.cat(v).numpy() for layer, v in feats.items()})
     return torch.cat(out).cpu().numpy()
+
+
+def sample_rows(shards: list[dict], rows: int, sample: int, seed: int) -> np.ndarray:
+    """`sample` distinct rows (all of them when fewer), sorted: one in each shard first (in as many shards as
+    `sample` allows), the rest uniformly. Drawn uniformly alone, a shard of few rows (the last one, or a resumed
+    dump's) often got none re-run, and a shard computed wrong (another teacher's, a faulty rank's) went unseen."""
+    rng = np.random.default_rng(seed)
+    n = min(sample, rows)
+    spans = [(s["row_start"], s["row_stop"]) for s in shards if s["row_stop"] > s["row_start"]]
+    picked = rng.choice(len(spans), size=min(n, len(spans)), replace=False) if spans else []
+    first = np.array([rng.integers(*spans[i]) for i in picked], dtype=np.int64)
+    rest = np.setdiff1d(np.arange(rows, dtype=np.int64), first, assume_unique=True)
+    more = rng.choice(rest, size=n - len(first), replace=False) if n > len(first) else np.zeros(0, np.int64)
+    return np.sort(np.concatenate([first, more]))
 
 
 def _shard_of(cache: Cache, row: int) -> str:
