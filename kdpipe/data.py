@@ -17,7 +17,8 @@ Specs (the ``--data`` option):
   Images of one size are stored as they are (dense); images of varying size need ``--image-size S``
   (photos). A folder mixing grey and colour images is stored in RGB.
 - ``npz:PATH``: arrays x_train, y_train, x_test, y_test (optional class_names, and x_val, y_val: the
-  validation split); uint8 x arrays are images, float x arrays (N, D) are features.
+  validation split); uint8 x arrays are images, float x arrays (N, D) are features. Images (N, C, H, W) or
+  (N, H, W, C) are told apart by their shape, or by an optional array layout ("NCHW" or "NHWC").
 - ``files:PATH``: PATH/training (or train) and PATH/evaluation (or test; else validation or val), flat
   folders of images named ``<label>_<n>.jpg`` (Food-11's layout); decoded like imagefolder. With an
   evaluation (or test) folder, PATH/validation (or val) is the validation split.
@@ -706,14 +707,35 @@ def _load_npz(spec, path: Path, split) -> ImageData:
         raise KDPipeError(f"{path}: {xk} must be uint8 pixels or float (N, D) features, got {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[3] < min(x.shape[1], x.shape[2]):
-        # NHWC -> NCHW: the channels are the axis smaller than height and width, whatever their number
-        # (grey, RGB, RGBA, 2 or 13 bands); not only 1 or 3, which read (N, 32, 32, 4) as 32 channels of 32x4
+    elif x.ndim == 4 and _npz_layout(path, z, keys, x, xk) == "NHWC":
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise KDPipeError(f"{path}: {xk} must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {x.shape}")
     class_names = _npz_labels(path, z, keys, y, yk)
     return ImageData(np.ascontiguousarray(x), y.astype(np.int64), class_names, spec, split, str(path))
+
+
+def _npz_layout(path, z, keys, x: np.ndarray, xk: str) -> str:
+    """NCHW or NHWC: an npz's `layout` array ("NCHW" or "NHWC") where it holds one, else the shape's. The channels
+    are the axis smaller than height and width, whatever their number (grey, RGB, RGBA, 2 bands); not only 1 or 3,
+    which read (N, 32, 32, 4) as 32 channels of 32x4. Where neither end axis is (13 bands of 8x8, (N, 8, 8, 13)),
+    the shape cannot tell: read as NCHW, such images were cut into other images without a word; refused."""
+    if "layout" in keys:
+        try:
+            layout = str(z["layout"].item()).upper()
+        except ValueError:  # more than one value, or an object array that allow_pickle=False refuses
+            layout = None
+        if layout not in ("NCHW", "NHWC"):
+            raise KDPipeError(f"{path}: layout must be the string \"NCHW\" or \"NHWC\" (np.savez(..., "
+                              f"layout=\"NHWC\")), got {z['layout'] if layout is None else layout!r}")
+        return layout
+    n, a, b, c = x.shape
+    if c < min(a, b):
+        return "NHWC"
+    if a < min(b, c):
+        return "NCHW"
+    raise KDPipeError(f"{path}: {xk} {x.shape} may be NHWC ({c} channels of {a}x{b}) or NCHW ({a} channels of "
+                      f"{b}x{c}): say which, with an array layout=\"NHWC\" or layout=\"NCHW\" in the npz")
 
 
 def _npz_label_vector(path, y: np.ndarray, yk: str) -> np.ndarray:

@@ -83,6 +83,35 @@ def test_npz_nhwc_of_any_channel_count_is_transposed(tmp_path, channels):
     np.testing.assert_array_equal(load_dataset(f"npz:{p}", "train").images, d.images)  # NCHW kept as it is
 
 
+def test_npz_images_whose_shape_cannot_tell_their_layout_need_a_layout_array(tmp_path):
+    """13 bands of 8x8 stored NHWC, (N, 8, 8, 13): no axis is smaller than the other two, and they were read as
+    NCHW, 8 channels of 8x13, without a word. Refused, naming the array that says which; with it they load."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 8, 8, 13), dtype=np.uint8)
+    y = np.arange(6) % 2
+    p = tmp_path / "bands.npz"
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y)
+    with pytest.raises(KDPipeError, match=r"x_train \(6, 8, 8, 13\) may be NHWC \(13 channels of 8x8\) or NCHW "
+                                          r"\(8 channels of 8x13\): say which, with an array layout=\"NHWC\""):
+        load_dataset(f"npz:{p}", "train")
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, layout="nhwc")
+    d = load_dataset(f"npz:{p}", "train")
+    assert d.image_shape == (13, 8, 8)
+    np.testing.assert_array_equal(d.images, x.transpose(0, 3, 1, 2))
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, layout="NCHW")
+    assert load_dataset(f"npz:{p}", "train").image_shape == (8, 8, 13)
+    # a layout array overrides the shape's reading too: 32 channels of 32x3, not 3 channels of 32x32
+    x = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, layout="NCHW")
+    assert load_dataset(f"npz:{p}", "train").image_shape == (32, 32, 3)
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, layout=np.array(["NCHW", "NHWC"]))
+    with pytest.raises(KDPipeError, match=r"layout must be the string \"NCHW\" or \"NHWC\""):
+        load_dataset(f"npz:{p}", "train")
+    np.savez(p, x_train=x, y_train=y, x_test=x, y_test=y, layout="CHW")
+    with pytest.raises(KDPipeError, match=r"layout must be .*, got 'CHW'"):
+        load_dataset(f"npz:{p}", "train")
+
+
 def test_npz_class_names_as_bytes_or_objects(tmp_path):
     """Bytes names (numpy's 'S' dtype, as h5py gives) are the names, not "b'cat'"; an object array (which
     np.load refuses without pickles) or a 2-D one is one line, not a ValueError traceback or "['cat']"."""
