@@ -213,6 +213,15 @@ def _best(best) -> str:
     return f"{best['epoch']} ({best['val_top1']:.4f}" + (f"; {test:.4f})" if test is not None else ")")
 
 
+def _teacher_key(r):
+    return (r.get("teacher") or {}).get("fingerprint")
+
+
+def _errors(top1, n) -> str:
+    """' (89)': the test errors a test top-1 of n samples makes (top-1 is correct / n, so this is exact)."""
+    return f" ({round((1 - top1) * n):,})" if top1 is not None and n else ""
+
+
 def _diverged(r) -> str:
     """A mark for a run whose loss became NaN or infinite (its figures are not a trained student's)."""
     return f" (diverged in epoch {r['diverged_epoch']})" if r.get("diverged_epoch") else ""
@@ -311,12 +320,19 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     # what a latency is per: the teachers' inputs tell images (C, H, W) from a table's rows (D,)
     shapes = {len((r.get("teacher") or {}).get("image_shape") or ()) for r in runs}
     unit = "row" if shapes == {1} else "image" if shapes == {3} else "sample"
-    lines += ["| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1 | "
+    # test errors beside test top-1 (papers give errors out of 10,000), where the runs record their test size
+    tested = {}  # a teacher's test top-1 is on its cache's test split, the one its students are tested on
+    for r in (r for r in runs if r.get("test_samples")):
+        for fp in [_teacher_key(r)] + [t["fingerprint"] for t in (r.get("ensemble") or {}).get("teachers", [])]:
+            tested.setdefault(fp, r["test_samples"])
+    errors = " (errors)" if tested else ""
+    lines += [f"| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1{errors} | "
               f"agreement with teacher | best epoch (val top-1; its test top-1) | parameters | MB | CPU latency (ms/{unit}) | "
               "training time (s) |",
               "|" + "---|" * 17]
     for t in teachers.values():
-        lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))} | 1.0000 | "
+        lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))}"
+                     f"{_errors(t.get('test_top1'), tested.get(t.get('fingerprint')))} | 1.0000 | "
                      f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
                      f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
     order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"] or 0,
@@ -327,7 +343,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                      f"{'' if _scratch(r) else _num(r['temperature'])} | {_num(r['alpha'])} | "
                      f"{r.get('optimizer', 'sgd')} | "
                      f"{_num(r.get('lr'))} | {r.get('epochs', '')} | {r['seed']} | {r.get('dataset', '?')} | "
-                     f"{_fmt(r.get('test_top1'))}{_diverged(r)} | {_fmt(r.get('teacher_agreement'))} | "
+                     f"{_fmt(r.get('test_top1'))}{_errors(r.get('test_top1'), r.get('test_samples'))}{_diverged(r)} | "
+                     f"{_fmt(r.get('teacher_agreement'))} | "
                      f"{_best(best)} | "
                      f"{r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
                      f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} |")

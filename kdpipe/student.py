@@ -588,7 +588,7 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                                        configs[r.name], amp, device, log, world=world, val_rows=val_rows,
                                        val_fraction=val_fraction, train_samples=n_train, val=val, ensemble=ensemble,
                                        ensemble_test=teacher_test if ensemble is not None else None,
-                                       hint=hints.get(r.name)))
+                                       hint=hints.get(r.name), test_samples=len(test) if test is not None else None))
         if not keep_checkpoints:
             ckpt.remove()
         unit = sample_unit(images)
@@ -739,7 +739,7 @@ class _Track:
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
                 config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
                 train_samples: int | None = None, val: ImageData | None = None, ensemble=None,
-                ensemble_test=None, hint: dict | None = None) -> dict:
+                ensemble_test=None, hint: dict | None = None, test_samples: int | None = None) -> dict:
     rdir = ensure_out_dir(out / r.name, "run directory")
     hinted = r.model
     r.model = plain(r.model)  # what the run saves, measures and exports: the student alone
@@ -767,6 +767,8 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
     for key in ("test_top1", "teacher_agreement", "val_top1"):
         if key in last:
             metrics[key] = last[key]
+    if "test_top1" in last and test_samples:  # the report counts errors out of them (Hinton's 74 of 10,000)
+        metrics["test_samples"] = test_samples
     if ensemble is not None:
         metrics.update(ensemble.run_metrics(r.loss, last, ensemble_test))
     diverged = next((e + 1 for e, v in enumerate(r.history) if not math.isfinite(v)), None)

@@ -33,7 +33,12 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     teacher = [r for r in rows if r[1] == "teacher"]
     manifest = json.loads((cache.path / "manifest.json").read_text())
     assert len(teacher) == 1 and teacher[0][0] == "cnn_small" and teacher[0][9] == manifest["dataset"]["spec"]
-    assert teacher[0][10] == f"{manifest['teacher']['test_top1']:.4f}"
+    # test errors beside test top-1, out of the test split the runs were tested on (papers count errors)
+    assert "test top-1 (errors)" in header
+    n_test = student_runs.results[0]["test_samples"]
+    assert n_test == len(cache.test) and all(m["test_samples"] == n_test for m in student_runs.results)
+    t1 = manifest['teacher']['test_top1']
+    assert teacher[0][10] == f"{t1:.4f} ({round((1 - t1) * n_test):,})"
     assert teacher[0][13] == f"{manifest['teacher']['parameters']:,}"
     students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 17]
     assert len(students) == 4
@@ -42,7 +47,9 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
         m = metrics[(float(r[4]), int(r[8]))]
         assert r[1] == ("scratch" if m["alpha"] == 0 else "KD") and r[2] == "kd"
         assert r[5:8] == ["sgd", "0.05", "2"] and r[9] == manifest["dataset"]["spec"]
-        assert r[10] == f"{m['test_top1']:.4f}" and r[11] == f"{m['teacher_agreement']:.4f}" and r[12] == ""
+        errors = round((1 - m["test_top1"]) * n_test)
+        assert r[10] == f"{m['test_top1']:.4f} ({errors:,})" and r[11] == f"{m['teacher_agreement']:.4f}" and r[12] == ""
+        assert abs(errors - (1 - m["test_top1"]) * n_test) < 1e-6  # a whole number of errors
         assert r[13] == f"{m['parameters']:,}" and r[14] == f"{m['size_bytes'] / 1e6:.2f}"
         # each run's own time, not the whole pass's (two runs share each pass)
         assert r[16] == f"{m['train_s']:.1f}" and 0 < m["train_s"] < m["train_wall_s"]
