@@ -298,6 +298,23 @@ def test_bad_parametric_architectures_are_one_line_errors(name, message):
         create_model("dscnn:16", 3, (12,))
 
 
+@pytest.mark.parametrize("name, message", [
+    ("mlp:512, 256", "write architecture 'mlp:512, 256' as 'mlp:512,256'"),
+    ("dscnn: 16", "as 'dscnn:16'"), ("mlp:0512", "as 'mlp:512'"),
+    ("mlp:512 :dropout=0.2", "as 'mlp:512:dropout=0.2'"), ("mlp:512:dropout= 0.2", "as 'mlp:512:dropout=0.2'"),
+    ("mlp:512,,256", "empty size"), ("mlp:512,256,", "empty size"),
+    ("mlp:+512", "'\\+512' is not a size written in the digits 0-9"), ("mlp:1_000", "not a size"),
+    ("dscnn:\u0661\u0666", "not a size")])
+def test_a_parametric_architecture_has_one_spelling(name, message):
+    """mlp:512, 256 built the model of mlp:512,256 under the run name 'mlp512x 256-...' (a space, which Make
+    splits on), and mlp:0512, mlp:+512 or mlp:512,,256 trained a model already trained under another name;
+    each is refused, naming the spelling to write. Spaces around the whole spec are dropped, as for every spec
+    (it raised KeyError: ' mlp')."""
+    with pytest.raises(KDPipeError, match=message):
+        create_model(name, 10, (1, 28, 28))
+    assert linear_sizes(create_model(" mlp:512,256 ", 10, (1, 28, 28))) == [(784, 512), (512, 256), (256, 10)]
+
+
 def test_parametric_architectures_name_runs_without_make_specials():
     from kdpipe.sweep import run_name
     assert run_name("mlp:512,256", 4.0, 0.9, 0) == "mlp512x256-T4-a0.9-s0"
