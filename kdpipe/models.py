@@ -182,6 +182,9 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
         import torchvision
         args = dict(args)
         cifar_stem = args.pop("cifar_stem", False)
+        if not isinstance(cifar_stem, bool):  # cifar_stem=no reached here as the string 'no', which is true
+            raise KDPipeError(f"{name}: --arch-args cifar_stem={cifar_stem} is not true or false, which cifar_stem "
+                              "takes: write cifar_stem=true or cifar_stem=false")
         try:
             net = torchvision.models.get_model(base, weights=None, num_classes=num_classes, **args)
         except Exception as e:  # torchvision raises various types for bad settings

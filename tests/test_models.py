@@ -341,6 +341,20 @@ def test_a_name_registered_twice_is_refused_not_silently_replaced():
     assert (models._REGISTRY, models._FAMILIES, data.KINDS) == before
 
 
+@pytest.mark.parametrize("value", ["no", "off", "0.5"])
+def test_a_word_for_cifar_stem_is_refused_not_taken_as_true(value):
+    """--arch-args cifar_stem=no reached the torchvision branch as the string 'no', which is true: the model
+    was built with the CIFAR stem the user had turned off, without a word (kdpipe's own option, which
+    check_option_types, reading torchvision's signature, never saw)."""
+    from kdpipe.sweep import parse_arch_args
+    with pytest.raises(KDPipeError, match=f"cifar_stem={value} is not true or false"):
+        create_model("tv:resnet18", 10, (3, 32, 32), parse_arch_args(f"cifar_stem={value}"))
+    off = create_model("tv:resnet18", 10, (3, 32, 32), parse_arch_args("cifar_stem=false"))
+    on = create_model("tv:resnet18", 10, (3, 32, 32), parse_arch_args("cifar_stem=true"))
+    assert off.conv1.kernel_size == (7, 7) and isinstance(off.maxpool, nn.MaxPool2d)
+    assert on.conv1.kernel_size == (3, 3) and isinstance(on.maxpool, nn.Identity)
+
+
 @pytest.mark.parametrize("spec", ["resnet18", "user"])
 def test_a_word_for_an_option_of_true_or_false_is_refused_not_taken_as_true(tmp_path, spec):
     """--arch-args zero_init_residual=maybe reached torchvision as the string 'maybe', which is true: the teacher
