@@ -127,6 +127,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
     spec = str(spec).strip()
     if spec.partition(":")[0] in _FAMILIES and spec.partition(":")[1]:
         return "family", spec
+    after = spec.partition(":")[2]
+    if spec.startswith(("kdpipe:", "tv:", "torchvision:")) and after.partition(":")[0] in _FAMILIES and ":" in after:
+        # else 'after ':' comes the name of a class or function in your code', which kdpipe:mlp:512 is not
+        raise KDPipeError(f"architecture {spec!r}: write {after} (a parametric family of kdpipe's registry takes "
+                          "no prefix)")
     head, colon, rest = spec.rpartition(":")
     if colon:
         scheme = _SCHEME_ALIASES.get(head, head)

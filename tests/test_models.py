@@ -290,7 +290,8 @@ def test_dscnn_is_depthwise_separable_and_scales_with_width():
 @pytest.mark.parametrize("name, message", [
     ("mlp:", "give one or more hidden sizes"), ("mlp:a,b", "mlp:H"), ("mlp:8:dropout=1", "dropout must lie"),
     ("mlp:8:depth=3", "unknown option"), ("dscnn:", "one base width"), ("dscnn:8:dropout", "bad option"),
-    ("dscnn:8,4", "one base width")])
+    ("dscnn:8,4", "one base width"), ("kdpipe:mlp:512,256", "write mlp:512,256 \\(a parametric family"),
+    ("kdpipe:dscnn:16", "write dscnn:16 ")])
 def test_bad_parametric_architectures_are_one_line_errors(name, message):
     with pytest.raises(KDPipeError, match=message):
         create_model(name, 10, (1, 28, 28))
