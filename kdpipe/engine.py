@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from kdpipe import KDPipeError
 from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
@@ -442,5 +443,9 @@ def predict(model: nn.Module, images: torch.Tensor, policy: ViewPolicy, params: 
     for i in range(0, len(images), batch_size):
         x = channels_last(policy.replay(images[i:i + batch_size], params[i:i + batch_size], mean, std))
         with autocast:
-            outs.append(model(x).float())
+            out = logits_of(model(x))  # a student with a hint projector returns Outputs(logits, features)
+        if not isinstance(out, torch.Tensor):
+            raise KDPipeError(f"the model returns a {type(out).__name__}, not a logits tensor (batch, classes): "
+                              "evaluate a model that returns its logits alone (or kdpipe.losses.Outputs)")
+        outs.append(out.float())
     return torch.cat(outs)

@@ -92,13 +92,25 @@ def _create_family(name: str, num_classes: int, image_shape) -> nn.Module:
         raise KDPipeError(f"{name} takes images (C, H, W), not feature vectors {tuple(image_shape)}: "
                           f"use one of {_feature_archs()}")
     parts = rest.split(":")
-    args = [a.strip() for a in parts[0].split(",") if a.strip()]
+    args = [a.strip() for a in parts[0].split(",")] if parts[0].strip() else []
+    if "" in args:  # mlp:512,,256 or mlp:512,256, -- a size left out, or a stray comma: not for kdpipe to guess
+        raise KDPipeError(f"architecture {name!r} has an empty size (a doubled or trailing comma): write {usage}")
+    words = [a for a in args if not re.fullmatch(r"[0-9]+", a)]  # int() takes +512, 1_000 and non-ASCII digits
+    if words:
+        raise KDPipeError(f"bad architecture {name!r} ({words[0]!r} is not a size written in the digits 0-9): "
+                          f"write {usage}")
     options = {}
     for item in parts[1:]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip() or key.strip() in options:
             raise KDPipeError(f"bad option {item!r} in architecture {name!r}: write {usage}")
         options[key.strip()] = value.strip()
+    # one spelling per model: the spec names its runs and is its checkpoints' record, so 'mlp:512, 256' (a
+    # run name with a space) or 'mlp:0512' would train the model of mlp:512,256 or mlp:512 again, named apart
+    spelled = ":".join([f"{family}:{','.join(str(int(a)) for a in args)}"] + [f"{k}={v}" for k, v in options.items()])
+    if spelled != name:
+        raise KDPipeError(f"write architecture {name!r} as {spelled!r}: without spaces or leading zeros, as run "
+                          "names and checkpoints record it")
     try:
         return fn(args, options, num_classes, tuple(image_shape))
     except (ValueError, TypeError) as e:
@@ -115,6 +127,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
     spec = str(spec).strip()
     if spec.partition(":")[0] in _FAMILIES and spec.partition(":")[1]:
         return "family", spec
+    after = spec.partition(":")[2]
+    if spec.startswith(("kdpipe:", "tv:", "torchvision:")) and after.partition(":")[0] in _FAMILIES and ":" in after:
+        # else 'after ':' comes the name of a class or function in your code', which kdpipe:mlp:512 is not
+        raise KDPipeError(f"architecture {spec!r}: write {after} (a parametric family of kdpipe's registry takes "
+                          "no prefix)")
     head, colon, rest = spec.rpartition(":")
     if colon:
         scheme = _SCHEME_ALIASES.get(head, head)
@@ -159,7 +176,7 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
         if args:
             raise KDPipeError(f"{name} takes its options in the spec (e.g. mlp:512,256:dropout=0.2), not "
                               "in --arch-args")
-        return _create_family(name, num_classes, image_shape)
+        return _create_family(base, num_classes, image_shape)  # base: the spec without surrounding spaces
     if scheme == "kdpipe":
         if base not in _REGISTRY:
             raise KDPipeError(f"unknown architecture {name!r}: the registry has {', '.join(registered())}")
@@ -170,6 +187,9 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
         import torchvision
         args = dict(args)
         cifar_stem = args.pop("cifar_stem", False)
+        if not isinstance(cifar_stem, bool):  # cifar_stem=no reached here as the string 'no', which is true
+            raise KDPipeError(f"{name}: --arch-args cifar_stem={cifar_stem} is not true or false, which cifar_stem "
+                              "takes: write cifar_stem=true or cifar_stem=false")
         try:
             net = torchvision.models.get_model(base, weights=None, num_classes=num_classes, **args)
         except Exception as e:  # torchvision raises various types for bad settings

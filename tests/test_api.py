@@ -97,6 +97,30 @@ def test_evaluate_leaves_the_models_training_mode_as_it_found_it(cache):
         next(iter(data.epoch(0, batch_size=0)))
 
 
+def test_evaluate_takes_a_hint_students_logits(cache):
+    """The README's hint loss of your own trains a model that returns its logits with its features: evaluate()
+    on a kdpipe.features.HintStudent (which returns kdpipe.losses.Outputs) raised AttributeError: 'Outputs'
+    object has no attribute 'float'; it scores the logits, as for the student alone. A model returning a
+    tuple is one line saying what to pass."""
+    from kdpipe.features import HintStudent, make_projector
+    data = kdpipe.open_cache(cache.path)
+    torch.manual_seed(0)
+    student = kdpipe.create_model("cnn_tiny", data.num_classes, data.input_shape)
+    hinted = HintStudent(student, "features.3", make_projector((8, 14, 14), (16, 7, 7)))
+    assert data.evaluate(hinted) == data.evaluate(student)
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = student
+
+        def forward(self, x):
+            return self.net(x), x.flatten(1)
+
+    with pytest.raises(KDPipeError, match=r"the model returns a tuple, not a logits tensor"):
+        data.evaluate(Pair())
+
+
 def test_a_student_of_other_classes_or_batch_is_one_line_in_the_loss(cache):
     """A loop whose student was built for another number of classes than the cache's (or that pairs another
     batch's teacher targets) got torch's IndexError ('Target 7 is out of bounds') or a size mismatch from inside

@@ -290,12 +290,30 @@ def test_dscnn_is_depthwise_separable_and_scales_with_width():
 @pytest.mark.parametrize("name, message", [
     ("mlp:", "give one or more hidden sizes"), ("mlp:a,b", "mlp:H"), ("mlp:8:dropout=1", "dropout must lie"),
     ("mlp:8:depth=3", "unknown option"), ("dscnn:", "one base width"), ("dscnn:8:dropout", "bad option"),
-    ("dscnn:8,4", "one base width")])
+    ("dscnn:8,4", "one base width"), ("kdpipe:mlp:512,256", "write mlp:512,256 \\(a parametric family"),
+    ("kdpipe:dscnn:16", "write dscnn:16 ")])
 def test_bad_parametric_architectures_are_one_line_errors(name, message):
     with pytest.raises(KDPipeError, match=message):
         create_model(name, 10, (1, 28, 28))
     with pytest.raises(KDPipeError, match=r"dscnn:16 takes images"):
         create_model("dscnn:16", 3, (12,))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("mlp:512, 256", "write architecture 'mlp:512, 256' as 'mlp:512,256'"),
+    ("dscnn: 16", "as 'dscnn:16'"), ("mlp:0512", "as 'mlp:512'"),
+    ("mlp:512 :dropout=0.2", "as 'mlp:512:dropout=0.2'"), ("mlp:512:dropout= 0.2", "as 'mlp:512:dropout=0.2'"),
+    ("mlp:512,,256", "empty size"), ("mlp:512,256,", "empty size"),
+    ("mlp:+512", "'\\+512' is not a size written in the digits 0-9"), ("mlp:1_000", "not a size"),
+    ("dscnn:\u0661\u0666", "not a size")])
+def test_a_parametric_architecture_has_one_spelling(name, message):
+    """mlp:512, 256 built the model of mlp:512,256 under the run name 'mlp512x 256-...' (a space, which Make
+    splits on), and mlp:0512, mlp:+512 or mlp:512,,256 trained a model already trained under another name;
+    each is refused, naming the spelling to write. Spaces around the whole spec are dropped, as for every spec
+    (it raised KeyError: ' mlp')."""
+    with pytest.raises(KDPipeError, match=message):
+        create_model(name, 10, (1, 28, 28))
+    assert linear_sizes(create_model(" mlp:512,256 ", 10, (1, 28, 28))) == [(784, 512), (512, 256), (256, 10)]
 
 
 def test_parametric_architectures_name_runs_without_make_specials():
@@ -322,6 +340,20 @@ def test_a_name_registered_twice_is_refused_not_silently_replaced():
     with pytest.raises(ValueError, match="image-store kind 'photos' is registered twice"):
         data.register_kind(Other)
     assert (models._REGISTRY, models._FAMILIES, data.KINDS) == before
+
+
+@pytest.mark.parametrize("value", ["no", "off", "0.5"])
+def test_a_word_for_cifar_stem_is_refused_not_taken_as_true(value):
+    """--arch-args cifar_stem=no reached the torchvision branch as the string 'no', which is true: the model
+    was built with the CIFAR stem the user had turned off, without a word (kdpipe's own option, which
+    check_option_types, reading torchvision's signature, never saw)."""
+    from kdpipe.sweep import parse_arch_args
+    with pytest.raises(KDPipeError, match=f"cifar_stem={value} is not true or false"):
+        create_model("tv:resnet18", 10, (3, 32, 32), parse_arch_args(f"cifar_stem={value}"))
+    off = create_model("tv:resnet18", 10, (3, 32, 32), parse_arch_args("cifar_stem=false"))
+    on = create_model("tv:resnet18", 10, (3, 32, 32), parse_arch_args("cifar_stem=true"))
+    assert off.conv1.kernel_size == (7, 7) and isinstance(off.maxpool, nn.MaxPool2d)
+    assert on.conv1.kernel_size == (3, 3) and isinstance(on.maxpool, nn.Identity)
 
 
 @pytest.mark.parametrize("spec", ["resnet18", "user"])
