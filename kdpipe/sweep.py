@@ -204,10 +204,11 @@ def arch_label(arch: str) -> str:
     """An architecture spec as a file-name part. A parametric one (NAME:<digits>..., kdpipe.models families)
     keeps its numbers readable: mlp:512,256 -> mlp512x256, dscnn:16:dropout=0.2 -> dscnn16_dropout0.2;
     others: tv:resnet18 -> tv_resnet18, nets/a.py:Net -> a.py_Net."""
-    family, colon, rest = str(arch).partition(":")
+    arch = str(arch).strip()  # as the model is built: ' tv:resnet18' was named _tv_resnet18
+    family, colon, rest = arch.partition(":")
     if colon and family.isidentifier() and rest[:1].isdigit():
         return family + rest.replace(",", "x").replace(":", "_").replace("=", "")
-    base = str(arch).replace("\\", "/").rsplit("/", 1)[-1]
+    base = arch.replace("\\", "/").rsplit("/", 1)[-1]
     return re.sub(r"[^A-Za-z0-9_.+]", "_", base)
 
 

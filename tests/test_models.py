@@ -393,3 +393,11 @@ def test_a_model_that_returns_aux_logits_in_training_mode_is_refused_before_trai
                                       "        return (out, out) if self.training else out\n")
     with pytest.raises(KDPipeError, match="returns a tuple for a batch of 2 in training mode"):
         check_model(f"{tmp_path / 'nets.py'}:Net", 4, (3, 8, 8))
+
+
+def test_an_architecture_written_with_spaces_around_it_is_named_as_without():
+    """Models are built from the spec without surrounding spaces; the run name kept them (' tv:resnet18' ->
+    '_tv_resnet18'), so a TOML entry written so trained the model again under another name."""
+    from kdpipe.sweep import arch_label
+    for spec in ("tv:resnet18", "mlp:512,256", "pipelines/food_nets.py:DSNet", "mlp_100"):
+        assert arch_label(f" {spec} ") == arch_label(spec)
