@@ -44,6 +44,7 @@ import torch
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, differences
+from kdpipe.util import pid_runs as _pid_runs
 
 CHECKPOINT_DIR = "checkpoints"
 # What a finished run writes into its directory (kdpipe.student; projector.pt: kdpipe.features.PROJECTOR_FILE)
@@ -612,17 +613,3 @@ def _alive_elsewhere(holder: dict, me: dict, locked: bool | None) -> bool:
     if holder.get("host") != me["host"]:
         return True
     return locked is None and pid != me["pid"] and _pid_runs(pid)
-
-
-def _pid_runs(pid: int) -> bool:
-    """Whether process `pid` of this host is running (a zombie, killed but not yet reaped, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a killed process that its parent has not reaped yet (a zombie) trains nothing
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
