@@ -75,11 +75,15 @@ def checkpoint_path(out: Path, seed: int, names) -> Path:
     return Path(out) / CHECKPOINT_DIR / f"pass-s{seed}-{digest}.pt"
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A pass checkpoint (tensors memory-mapped until used); a file that does not load is one line."""
+def load_checkpoint(path: Path, missing_ok: bool = False) -> dict | None:
+    """A pass checkpoint (tensors memory-mapped until used); a file that does not load is one line. With
+    `missing_ok`, None for one that is no longer there (another command training other runs of the same runs
+    directory removed it, its pass finished, between a listing and the load)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a damaged file
+        if missing_ok and not Path(path).exists():
+            return None
         raise KDPipeError(f"cannot read the checkpoint {path} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}):"
                           " delete it to start its runs over") from None
     if not isinstance(obj, dict) or obj.get("kdpipe_pass_checkpoint") != CHECKPOINT_VERSION:
@@ -131,7 +135,9 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     if ckdir.is_dir():
         _remove_dead_temporaries(ckdir)
         for p in sorted(ckdir.glob("pass-*.pt")):
-            c = load_checkpoint(p)
+            c = load_checkpoint(p, missing_ok=True)
+            if c is None:
+                continue
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
                             "epochs": c["epochs"]}
     _adopt_older_names(out, configs, held, older or {}, log)
@@ -301,8 +307,8 @@ def remove_finished_checkpoints(out: Path, log=print) -> None:
     if not ckdir.is_dir():
         return
     for p in sorted(ckdir.glob("pass-*.pt")):
-        runs = load_checkpoint(p)["runs"]
-        if all((Path(out) / name / "metrics.json").is_file() for name in runs):
+        c = load_checkpoint(p, missing_ok=True)
+        if c is not None and all((Path(out) / name / "metrics.json").is_file() for name in c["runs"]):
             p.unlink(missing_ok=True)
     _remove_dead_temporaries(ckdir)
     try:

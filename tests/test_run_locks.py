@@ -248,3 +248,29 @@ def test_a_teacher_another_live_process_trains_is_refused(tmp_path, live_holder)
     res = run_cli(args)
     assert res.exit_code == 0, res.output
     assert out.is_file() and not lock.exists()
+
+
+@pytest.mark.parametrize("step", ["plan", "cleanup"])
+def test_a_checkpoint_another_command_removes_meanwhile_is_no_error(tmp_path, monkeypatch, step):
+    """Two commands train other runs of one runs directory (make -j): one lists checkpoints/ (planning, or
+    removing finished checkpoints at its end) just as the other's pass ends and removes its checkpoint. The
+    vanished file was "cannot read the checkpoint ...: delete it", failing a command with nothing wrong."""
+    import torch
+    import kdpipe.resume as R
+    out = tmp_path / "runs"
+    (out / R.CHECKPOINT_DIR).mkdir(parents=True)
+    other = out / R.CHECKPOINT_DIR / "pass-s0-0123456789ab.pt"
+    torch.save({"kdpipe_pass_checkpoint": R.CHECKPOINT_VERSION, "runs": {RUN_B: {}}, "position": [0, 1], "seed": 0,
+                "epochs": 1}, other)
+    real = R.load_checkpoint
+
+    def finished_meanwhile(path, *a, **kw):  # the other command's pass ends between the listing and the load
+        Path(path).unlink(missing_ok=True)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(R, "load_checkpoint", finished_meanwhile)
+    if step == "plan":
+        plan = R.plan_runs_dir(out, {}, log=lambda *a: None)
+        assert plan.checkpoints == {}
+    else:
+        R.remove_finished_checkpoints(out, log=lambda *a: None)
+        assert not (out / R.CHECKPOINT_DIR).exists()
