@@ -43,7 +43,7 @@ except ImportError:  # not POSIX: locks are judged by their pid alone
 import torch
 
 from kdpipe import KDPipeError
-from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, differences
+from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, being_written, differences
 from kdpipe.util import pid_runs as _pid_runs
 
 CHECKPOINT_DIR = "checkpoints"
@@ -294,10 +294,11 @@ def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, l
 
 def _remove_dead_temporaries(ckdir: Path, pattern: str = ".*.tmp-*") -> None:
     """Remove the checkpoint writes a crash interrupted (.NAME.tmp-PID), not those of a live command training
-    other runs of the same runs directory."""
+    other runs of the same runs directory: its pid runs here, or (another machine's, where the folder is shared)
+    it holds the write's lock (being_written)."""
     for p in ckdir.glob(pattern):
         pid = p.name.rpartition("-")[2]
-        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_runs(int(pid))):
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_runs(int(pid))) and not being_written(p):
             p.unlink(missing_ok=True)
 
 

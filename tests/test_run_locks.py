@@ -274,3 +274,47 @@ def test_a_checkpoint_another_command_removes_meanwhile_is_no_error(tmp_path, mo
     else:
         R.remove_finished_checkpoints(out, log=lambda *a: None)
         assert not (out / R.CHECKPOINT_DIR).exists()
+
+
+# Writes argv[1] as kdpipe writes a checkpoint, as a process of another machine sharing the folder would: its pid
+# (argv[2]) runs nothing here. It stops in the middle of the write.
+REMOTE_WRITER = """
+import os, sys, time
+from pathlib import Path
+from kdpipe.cache import writer
+os.getpid = lambda: int(sys.argv[2])
+def fill(f):
+    f.write(b"half")
+    print("writing", flush=True)
+    time.sleep(60)
+writer.atomic_write_stream(Path(sys.argv[1]), fill)
+"""
+
+
+def test_a_checkpoint_write_of_another_machine_sharing_the_runs_directory_is_left_alone(tmp_path):
+    """Two machines train other runs of one runs directory on a shared file system: the one that finishes removes
+    the temporaries of checkpoint writes a crash left, judged by their pid, which on this machine ran nothing; it
+    removed the other machine's write in progress, whose rename then failed and stopped its training. A write in
+    progress holds a lock on its temporary, which the sweep respects."""
+    import kdpipe.resume as R
+    out = tmp_path / "runs"
+    ckdir = out / R.CHECKPOINT_DIR
+    ckdir.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    remote = subprocess.Popen([sys.executable, "-c", REMOTE_WRITER, str(ckdir / "pass-s0-0123456789ab.pt"),
+                               str(gone.pid)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert remote.stdout.readline().strip() == "writing"
+        (tmp,) = ckdir.glob(".*.tmp-*")
+        crashed = ckdir / f".pass-s0-ba9876543210.pt.tmp-{gone.pid}"
+        crashed.write_bytes(b"half")
+        R.remove_finished_checkpoints(out, log=lambda *a: None)
+        assert tmp.exists(), "another machine's checkpoint write in progress was removed"
+        assert not crashed.exists(), "a write a crash left was kept"
+    finally:
+        remote.kill()
+        remote.wait()
+    R.remove_finished_checkpoints(out, log=lambda *a: None)
+    assert not ckdir.exists()
