@@ -527,7 +527,13 @@ class RunLocks:
             if path.is_dir():
                 raise KDPipeError(f"{path} is a directory where kdpipe keeps a lock file: remove it")
             for _ in range(10):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                except PermissionError:
+                    if not path.is_file():
+                        raise
+                    _refuse_foreign(path, what, doing, me)  # another user's lock file, which this one cannot write
+                    raise
                 locked = _flock(fd)
                 if not _same_file(fd, path):  # released (removed) or taken back between the open and the flock
                     os.close(fd)
@@ -541,10 +547,7 @@ class RunLocks:
                     path.unlink(missing_ok=True)
                     continue
                 if locked is False or _alive_elsewhere(holder, me, locked):
-                    since = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
-                             if holder.get("pid") is not None else "which is starting")
-                    raise KDPipeError(f"{what} is being {doing} by another kdpipe ({since}): wait for it to finish, "
-                                      f"or remove {path} if that process is gone")
+                    raise _held_error(path, what, doing, holder)
                 if holder.get("pid") is not None and not mine:
                     self.log(f"{what}: the process that held it (pid {holder.get('pid')}) is gone")
                 data = json.dumps(me).encode()
@@ -575,6 +578,36 @@ class RunLocks:
             finally:
                 os.close(fd)  # drops the flock: after the unlink, so no other process locks the file we remove
         self.held = []
+
+
+def _held_error(path: Path, what: str, doing: str, holder: dict) -> KDPipeError:
+    since = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+             if holder.get("pid") is not None else "which is starting")
+    return KDPipeError(f"{what} is being {doing} by another kdpipe ({since}): wait for it to finish, "
+                       f"or remove {path} if that process is gone")
+
+
+def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> None:
+    """For a lock file this user may not write (another user's): the refusal naming its holder where that one may
+    still run (its flock taken, read-only, or its pid running here); nothing where it is gone (the caller then
+    says the file cannot be written, to be removed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        holder = _read_lock_fd(fd)
+        locked = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts with the holder's
+                locked = True
+            except OSError as e:
+                locked = False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+    finally:
+        os.close(fd)
+    if locked is False or _alive_elsewhere(holder, me, locked):
+        raise _held_error(path, what, doing, holder)
 
 
 def _flock(fd: int) -> bool | None:

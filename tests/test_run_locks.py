@@ -318,3 +318,27 @@ def test_a_checkpoint_write_of_another_machine_sharing_the_runs_directory_is_lef
         remote.wait()
     R.remove_finished_checkpoints(out, log=lambda *a: None)
     assert not ckdir.exists()
+
+
+def test_another_users_lock_is_refused_naming_its_holder(live_holder):
+    """A lock file this user may not write (another user's, of a runs directory they share): a live holder is
+    still the one-line refusal naming it, not "cannot create the lock file: Permission denied"."""
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="kdpipe-locks-"))  # a folder every user reaches (not pytest's, 0700)
+    try:
+        root.chmod(0o777)
+        lock = root / LOCK_FILE
+        holder = live_holder(lock)
+        lock.chmod(0o444)
+        code = ("import os, sys\nfrom pathlib import Path\n"
+                "from kdpipe import KDPipeError\nfrom kdpipe.resume import RunLocks\n"
+                "if os.geteuid() == 0:  # imported first: the venv may be root's alone\n"
+                "    os.setgid(65534); os.setuid(65534)\n"
+                "try:\n    RunLocks().acquire_path(Path(sys.argv[1]), 'run x', 'trained')\n    print('took it')\n"
+                "except KDPipeError as e:\n    print(e)\n")
+        r = subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert r.stdout.startswith(f"run x is being trained by another kdpipe (pid {holder.pid}"), r.stdout + r.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
