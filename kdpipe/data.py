@@ -1400,7 +1400,8 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     h_out, w_out = (image_size, image_size) if image_size else (int(sizes[0][0]), int(sizes[0][1]))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp, sizes_tmp, meta_tmp = (cache_dir / f"{key}{_decode_tmp_tag()}{end}" for end in (".npy", ".sizes.npy", ".json"))
+        tag = _decode_tmp_tag()
+        tmp, sizes_tmp, meta_tmp = (cache_dir / f"{key}{tag}{end}" for end in (".npy", ".sizes.npy", ".json"))
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, h_out, w_out))
     except OSError as e:
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror}; "
