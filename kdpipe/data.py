@@ -1396,7 +1396,12 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
 
     recorded = _decoded_meta(meta) if npy.is_file() and sizes_npy.is_file() else None  # the .json is written last
     if recorded is not None:
-        return store(np.load(npy, mmap_mode="r"), np.load(sizes_npy), recorded.get("fingerprint"))
+        found = _open_decoded(npy, sizes_npy, len(files))
+        if found is not None:
+            return store(*found, recorded.get("fingerprint"))
+        print(f"note: {spec} {split}: its decoded copy under {cache_dir} does not read whole (a write a crash cut "
+              "short): decoded again", file=sys.stderr, flush=True)
+    _remove_dead_decodes(cache_dir)
 
     sizes, modes, several = _scan_headers(spec, split, files)
     if several:
@@ -1417,8 +1422,8 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
     h_out, w_out = (image_size, image_size) if image_size else (int(sizes[0][0]), int(sizes[0][1]))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f"{key}.tmp{os.getpid()}.npy"
-        meta_tmp = cache_dir / f"{key}.tmp{os.getpid()}.json"
+        tag = _decode_tmp_tag()
+        tmp, sizes_tmp, meta_tmp = (cache_dir / f"{key}{tag}{end}" for end in (".npy", ".sizes.npy", ".json"))
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, h_out, w_out))
     except OSError as e:
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror}; "
@@ -1428,7 +1433,12 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         _decode_into(out, spec, split, files, mode, image_size, resize)
         out.flush()
         del out
-        np.save(sizes_npy, sizes)
+        # each file by rename once on disk (fsync), complete or absent: a sizes.npy a kill cut short beside the
+        # copy of a process that finished was read by every later run (a ValueError traceback), as was a .npy a
+        # power cut left short or unwritten; the .json, written last, says the copy is whole
+        _sync(tmp)
+        _write_synced(sizes_tmp, lambda f: np.save(f, sizes))
+        os.replace(sizes_tmp, sizes_npy)
         os.replace(tmp, npy)
         data = store(np.load(npy, mmap_mode="r"), sizes)
         _low_range_note(spec, split, data.images, [i for i, m in enumerate(modes) if m in SIXTEEN_BIT_MODES])
@@ -1437,14 +1447,78 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         meta_tmp.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint,
                                         "num_images": len(files), "mode": mode, "image_size": image_size,
                                         "resize": resize_method(resize) if image_size else None}))
+        _sync(meta_tmp)
         os.replace(meta_tmp, meta)
+        _sync(cache_dir)
     except OSError as e:  # e.g. the disk filled up while decoding
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
                           "free space or set KDPIPE_DATA_CACHE to another folder") from None
     finally:
-        tmp.unlink(missing_ok=True)
-        meta_tmp.unlink(missing_ok=True)
+        for p in (tmp, sizes_tmp, meta_tmp):
+            p.unlink(missing_ok=True)
     return data
+
+
+def _decode_tmp_tag() -> str:
+    """What names this process's temporaries in the decoded copies' folder (".tmp<pid>@<host>"), which a folder
+    shared by several machines tells apart."""
+    import socket
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+    return f".tmp{os.getpid()}@{host}"
+
+
+def _remove_dead_decodes(cache_dir: Path) -> None:
+    """Remove the temporaries of decodes that were killed (a full-size .npy each, its space reserved), where
+    their process no longer runs on this host (those of other hosts, and of older kdpipes, named .tmp<pid>,
+    only where that pid does not run here either)."""
+    from kdpipe.util import pid_runs
+    here = _decode_tmp_tag().partition("@")[2]
+    try:
+        found = list(cache_dir.glob("*.tmp*"))
+    except OSError:
+        return
+    for p in found:
+        tag = re.fullmatch(r"[0-9a-f]+\.tmp(\d+)(?:@([^/]*?))?(?:\.sizes)?\.(?:npy|json)", p.name)
+        if tag is None:
+            continue
+        pid, host = int(tag.group(1)), tag.group(2)
+        if host not in (None, here) or (pid != os.getpid() and pid_runs(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or folder (best effort: some file systems refuse it on a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, fill) -> None:
+    with open(path, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _open_decoded(npy: Path, sizes_npy: Path, n: int) -> tuple | None:
+    """A finished decoded copy of `n` images, mapped, with each image's original size; None where it does not
+    read whole (a file short or unwritten: a kill or a power cut while an older kdpipe wrote it)."""
+    try:
+        images, sizes = np.load(npy, mmap_mode="r"), np.load(sizes_npy)
+    except (OSError, ValueError, EOFError):
+        return None
+    if images.ndim != 4 or len(images) != n or sizes.shape != (n, 2):
+        return None
+    return images, sizes
 
 
 def _decoded_meta(path: Path) -> dict | None:

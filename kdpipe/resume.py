@@ -14,15 +14,16 @@ a run directory with config.json and no metrics.json is unfinished. Rerunning th
 skips finished runs, resumes unfinished ones from the furthest checkpoint that holds them, and
 refuses (unless --overwrite) a directory holding a run with other settings, naming each difference.
 
-Two commands never train one run at once: a run being trained holds RUN/.lock (RunLocks: the pid, host
-and start of its process, created exclusively). Another command that would train it is refused in one
-line naming that process; a lock whose process is gone (same host) is taken over. Runs of one runs
+Two commands never train one run at once: a run being trained holds RUN/.lock (RunLocks: a file naming
+the pid, host and start of its process, which keeps it flock'ed). Another command that would train it is
+refused in one line naming that process; a lock whose process is gone (same host) is taken over. Runs of one runs
 directory that differ may train at the same time (a pipeline's [[students]] blocks under make -j).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -34,10 +35,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: locks are judged by their pid alone
+    fcntl = None
+
 import torch
 
 from kdpipe import KDPipeError
-from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, differences
+from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, being_written, differences
+from kdpipe.util import pid_runs as _pid_runs
 
 CHECKPOINT_DIR = "checkpoints"
 # What a finished run writes into its directory (kdpipe.student; projector.pt: kdpipe.features.PROJECTOR_FILE)
@@ -68,11 +75,15 @@ def checkpoint_path(out: Path, seed: int, names) -> Path:
     return Path(out) / CHECKPOINT_DIR / f"pass-s{seed}-{digest}.pt"
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A pass checkpoint (tensors memory-mapped until used); a file that does not load is one line."""
+def load_checkpoint(path: Path, missing_ok: bool = False) -> dict | None:
+    """A pass checkpoint (tensors memory-mapped until used); a file that does not load is one line. With
+    `missing_ok`, None for one that is no longer there (another command training other runs of the same runs
+    directory removed it, its pass finished, between a listing and the load)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a damaged file
+        if missing_ok and not Path(path).exists():
+            return None
         raise KDPipeError(f"cannot read the checkpoint {path} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}):"
                           " delete it to start its runs over") from None
     if not isinstance(obj, dict) or obj.get("kdpipe_pass_checkpoint") != CHECKPOINT_VERSION:
@@ -124,7 +135,9 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
     if ckdir.is_dir():
         _remove_dead_temporaries(ckdir)
         for p in sorted(ckdir.glob("pass-*.pt")):
-            c = load_checkpoint(p)
+            c = load_checkpoint(p, missing_ok=True)
+            if c is None:
+                continue
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
                             "epochs": c["epochs"]}
     _adopt_older_names(out, configs, held, older or {}, log)
@@ -281,10 +294,11 @@ def resume_file(path: Path, configs: dict[str, dict], overwrite: bool = False, l
 
 def _remove_dead_temporaries(ckdir: Path, pattern: str = ".*.tmp-*") -> None:
     """Remove the checkpoint writes a crash interrupted (.NAME.tmp-PID), not those of a live command training
-    other runs of the same runs directory."""
+    other runs of the same runs directory: its pid runs here, or (another machine's, where the folder is shared)
+    it holds the write's lock (being_written)."""
     for p in ckdir.glob(pattern):
         pid = p.name.rpartition("-")[2]
-        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_runs(int(pid))):
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_runs(int(pid))) and not being_written(p):
             p.unlink(missing_ok=True)
 
 
@@ -294,8 +308,8 @@ def remove_finished_checkpoints(out: Path, log=print) -> None:
     if not ckdir.is_dir():
         return
     for p in sorted(ckdir.glob("pass-*.pt")):
-        runs = load_checkpoint(p)["runs"]
-        if all((Path(out) / name / "metrics.json").is_file() for name in runs):
+        c = load_checkpoint(p, missing_ok=True)
+        if c is not None and all((Path(out) / name / "metrics.json").is_file() for name in c["runs"]):
             p.unlink(missing_ok=True)
     _remove_dead_temporaries(ckdir)
     try:
@@ -484,12 +498,19 @@ LOCK_FILE = ".lock"
 class RunLocks:
     """Exclusive locks on what one command writes: the run directories a train-student call trains
     (RUN/.lock), a cache a dump writes (OUT/.lock, rank 0's), a teacher train-teacher trains (OUT.lock).
-    Each is created with O_EXCL, holding this process's pid, host and start time; removed by release(). A
-    lock held by a live process is a one-line refusal; one left by a process that is gone (same host: its
-    pid no longer runs, or it is this process's own, from a call that raised) is taken over."""
+
+    A lock is a file holding its process's pid, host and start time (for the refusal's line), which that
+    process keeps open with an exclusive flock until release() removes it. The flock, not the file, decides:
+    the kernel drops it when its process ends however it ends, so a lock left by a process that is gone is
+    taken over (whatever process its pid names now), and two commands can never both hold one (the file is
+    never judged by its content while another process is between creating it and writing its pid). A lock
+    that another process holds is a one-line refusal naming it, as is one naming another host (it cannot be
+    checked from here), and one a process of this very process's left unreleased (a call that raised) is
+    taken back. Where the file system has no locks, the pid decides (same host: whether it still runs)."""
 
     def __init__(self, log=print):
-        self.log, self.held = log, []
+        self.log = log
+        self.held: list[tuple[Path, int]] = []  # (lock file, the open descriptor holding its flock)
 
     def acquire(self, out: Path, names) -> None:
         for name in names:
@@ -500,69 +521,135 @@ class RunLocks:
         "trained") by the holder. Whatever this object holds is released when it raises."""
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         path = Path(path)
+        fd = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for _ in range(2):
+            if path.is_dir():
+                raise KDPipeError(f"{path} is a directory where kdpipe keeps a lock file: remove it")
+            for _ in range(10):
                 try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    if path.is_dir():
-                        raise KDPipeError(f"{path} is a directory where kdpipe keeps a lock file: remove it") from None
-                    holder = _read_lock(path)
-                    if _alive_elsewhere(holder, me):
-                        raise KDPipeError(
-                            f"{what} is being {doing} by another kdpipe (pid {holder.get('pid')} on "
-                            f"{holder.get('host')}, since {holder.get('started')}): wait for it to finish, or "
-                            f"remove {path} if that process is gone") from None
-                    path.unlink(missing_ok=True)  # its process is gone: take it over
-                    if holder.get("pid") != me["pid"]:
-                        self.log(f"{what}: the process that held it (pid {holder.get('pid')}) is gone")
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                except PermissionError:
+                    if not path.is_file():
+                        raise
+                    _refuse_foreign(path, what, doing, me)  # another user's lock file, which this one cannot write
+                    raise
+                locked = _flock(fd)
+                if not _same_file(fd, path):  # released (removed) or taken back between the open and the flock
+                    os.close(fd)
+                    fd = None
                     continue
-                with os.fdopen(fd, "w") as f:
-                    json.dump(me, f)
-                self.held.append(path)
-                break
+                holder = _read_lock_fd(fd)
+                mine = holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+                if locked is False and mine:  # this process's own, from a call that raised: a fresh file takes it
+                    os.close(fd)
+                    fd = None
+                    path.unlink(missing_ok=True)
+                    continue
+                if locked is False or _alive_elsewhere(holder, me, locked):
+                    raise _held_error(path, what, doing, holder)
+                if holder.get("pid") is not None and not mine:
+                    self.log(f"{what}: the process that held it (pid {holder.get('pid')}) is gone")
+                data = json.dumps(me).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+                self.held.append((path, fd))
+                fd = None
+                return
+            raise KDPipeError(f"cannot take the lock {path}: it was removed and created again each time: retry")
         except OSError as e:
+            if fd is not None:
+                os.close(fd)
             self.release()
             raise KDPipeError(f"cannot create the lock file {path}: {e.strerror or e}") from None
         except BaseException:
+            if fd is not None:
+                os.close(fd)
             self.release()
             raise
 
     def release(self) -> None:
-        for path in self.held:
-            if _read_lock(path).get("pid") == os.getpid():
-                path.unlink(missing_ok=True)
+        for path, fd in self.held:
+            try:
+                if _same_file(fd, path):  # not taken back by a later call of this process
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)  # drops the flock: after the unlink, so no other process locks the file we remove
         self.held = []
 
 
-def _read_lock(path: Path) -> dict:
+def _held_error(path: Path, what: str, doing: str, holder: dict) -> KDPipeError:
+    since = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+             if holder.get("pid") is not None else "which is starting")
+    return KDPipeError(f"{what} is being {doing} by another kdpipe ({since}): wait for it to finish, "
+                       f"or remove {path} if that process is gone")
+
+
+def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> None:
+    """For a lock file this user may not write (another user's): the refusal naming its holder where that one may
+    still run (its flock taken, read-only, or its pid running here); nothing where it is gone (the caller then
+    says the file cannot be written, to be removed)."""
     try:
-        return json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        holder = _read_lock_fd(fd)
+        locked = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts with the holder's
+                locked = True
+            except OSError as e:
+                locked = False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+    finally:
+        os.close(fd)
+    if locked is False or _alive_elsewhere(holder, me, locked):
+        raise _held_error(path, what, doing, holder)
+
+
+def _flock(fd: int) -> bool | None:
+    """Take the exclusive flock of `fd` without waiting: True, taken; False, another open file holds it (a
+    live process); None, this file system (or platform) has no locks."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        return None  # ENOLCK (an NFS mount without its lock service), EOPNOTSUPP, ...
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path` (not removed, nor replaced by another)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _read_lock_fd(fd: int) -> dict:
+    try:
+        obj = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
-        return {}  # half-written by a process that died at once, or removed meanwhile: nobody holds it
+        return {}  # written by hand, or half-written by a process that died at once: nobody holds it
+    return obj if isinstance(obj, dict) else {}
 
 
-def _alive_elsewhere(holder: dict, me: dict) -> bool:
-    """Whether the lock's process may still be training: another host (it cannot be checked from here),
-    or a live pid on this host other than this process."""
+def _alive_elsewhere(holder: dict, me: dict, locked: bool | None) -> bool:
+    """Whether the lock's process may still be running, its flock being free (`locked` True) or unknown (None,
+    no locks here): one of another host may (it cannot be checked from here); one of this host runs no more when
+    its flock was free (the kernel drops it with its process), else when its pid no longer runs."""
     pid = holder.get("pid")
     if not isinstance(pid, int):
         return False
     if holder.get("host") != me["host"]:
         return True
-    return pid != me["pid"] and _pid_runs(pid)
-
-
-def _pid_runs(pid: int) -> bool:
-    """Whether process `pid` of this host is running (a zombie, killed but not yet reaped, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a killed process that its parent has not reaped yet (a zombie) trains nothing
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return locked is None and pid != me["pid"] and _pid_runs(pid)

@@ -91,6 +91,20 @@ def ensure_parent(path, what: str) -> Path:
     return p
 
 
+def pid_runs(pid: int) -> bool:
+    """Whether process `pid` of this host is running (a zombie, killed but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: a killed process that its parent has not reaped yet (a zombie) trains nothing
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class Progress:
     """Progress lines on stderr, at most one every `every` seconds, plus the last one (with `if_slow`, only where
     an earlier one was printed: a pass that is over before `every` seconds says nothing)."""

@@ -169,6 +169,77 @@ def test_a_decoded_copys_record_the_disk_filled_up_in_is_decoded_again_not_a_tra
     assert json.loads(meta.read_text())["fingerprint"] == want.fingerprint
 
 
+def test_a_decoded_copy_a_kill_or_power_cut_left_short_is_decoded_again_not_a_traceback(tmp_path, monkeypatch):
+    """A decoded copy whose sizes.npy was cut short (written in place, a kill midway beside the copy of another
+    process that finished) or whose .npy is short (a power cut before it reached the disk): every later run
+    failed with a numpy ValueError traceback. A copy that does not read whole is decoded again, with a note; and
+    sizes.npy is written by rename, so a write stopped midway leaves none."""
+    from kdpipe.data import load_dataset
+    folder = _photo_folder(tmp_path / "photos", n=3, size=8)
+    decoded = tmp_path / "decoded"
+    monkeypatch.setenv("KDPIPE_DATA_CACHE", str(decoded))
+    want = load_dataset(f"imagefolder:{folder}", "train")
+    (sizes,) = decoded.glob("*.sizes.npy")
+    (npy,) = set(decoded.glob("*.npy")) - {sizes}
+    for short in (sizes, npy):
+        whole = short.read_bytes()
+        short.write_bytes(whole[:len(whole) - 7])
+        again = load_dataset(f"imagefolder:{folder}", "train")
+        assert np.array_equal(again.images, want.images) and again.fingerprint == want.fingerprint
+        assert short.read_bytes() == whole
+    for p in decoded.iterdir():
+        p.unlink()
+    real = np.save
+
+    def killed(file, arr, *a, **kw):  # a kill while sizes.npy is written: part of it on disk, then stopped
+        real(file, arr, *a, **kw)
+        f = open(file, "r+b") if isinstance(file, (str, Path)) else file
+        f.truncate(20)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as mp:
+        mp.setattr(np, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            load_dataset(f"imagefolder:{folder}", "train")
+    assert list(decoded.iterdir()) == [], "a part of a decoded copy was left"
+
+
+def test_a_killed_decodes_temporary_is_removed_by_the_next_decode(tmp_path, monkeypatch):
+    """A decode killed midway (SIGKILL, the OOM killer) left its reserved temporary, as large as the whole copy,
+    in KDPIPE_DATA_CACHE for good. The next decode there removes those whose process is gone, and keeps those of
+    a live process and of other machines (a folder shared over NFS)."""
+    import signal
+    import socket
+    from kdpipe.data import load_dataset
+    folder = _photo_folder(tmp_path / "photos", n=3, size=8)
+    decoded = tmp_path / "decoded"
+    env = {**os.environ, "KDPIPE_DATA_CACHE": str(decoded), "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = ("import time, kdpipe.data as d\n"
+            "def stuck(*a, **k):\n    print('decoding', flush=True)\n    time.sleep(60)\n"
+            "d._decode_into = stuck\n"
+            f"d.load_dataset('imagefolder:{folder}', 'train')\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "decoding"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    left = list(decoded.glob(f"*.tmp{child.pid}*"))
+    assert left, "the killed decode left no temporary: the test does not test anything"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        others = [decoded / f"{'0' * 24}.tmp{live.pid}@{socket.gethostname()}.npy",
+                  decoded / f"{'1' * 24}.tmp{child.pid}@another-node.npy"]
+        for p in others:
+            p.write_bytes(b"")
+        monkeypatch.setenv("KDPIPE_DATA_CACHE", str(decoded))
+        load_dataset(f"imagefolder:{folder}", "test")
+        assert not any(p.exists() for p in left), "a killed decode's temporary was kept"
+        assert all(p.exists() for p in others)
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_shard_replaced_while_a_student_reads_the_cache_is_refused_not_read(tmp_path):
     """A dump-logits --overwrite (another teacher, seed...) into the cache a sweep is training from: the reader
     opened shards by name at every read, so after their attributes were checked once it read the new cache's rows

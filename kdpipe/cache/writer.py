@@ -44,6 +44,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def hold_while_written(fd: int) -> None:
+    """flock a temporary while it is written (dropped when it is closed, or its process ends), so that a command
+    sweeping a folder shared with other machines tells a live write there from one a crash left
+    (being_written); best effort: where the file system has no locks, nothing."""
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):
+        pass
+
+
+def being_written(path: Path) -> bool:
+    """Whether a live process (of this machine, or of another sharing the folder with locks) holds `path`'s
+    hold_while_written lock."""
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
+
+
 def _io_error(path: Path, e: OSError) -> KDPipeError:
     what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
@@ -66,6 +96,7 @@ def atomic_write_stream(path: Path, fill) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            hold_while_written(f.fileno())
             fill(f)
             f.flush()
             os.fsync(f.fileno())
