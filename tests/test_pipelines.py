@@ -800,24 +800,29 @@ def test_an_unknown_pipeline_key_says_what_to_write_instead(tmp_path, old, new, 
 def test_make_reads_the_pipeline_it_is_given_whatever_its_files_time(tmp_path):
     """The rules were made again only when the TOML was newer than build/<name>.mk: exp/mnist-mlp.toml (the name of
     its file) ran the rules last made from pipelines/mnist-mlp.toml ("Nothing to be done" and the other pipeline's
-    report), as did a TOML copied with its old time (cp -p). Now the rules follow what the file says."""
+    report), as did a TOML copied with its old time (cp -p). Now the rules follow what the file says (and a file of
+    another's name, in another folder, is refused while that one exists: it would overwrite its outputs)."""
     import os
     _copy_repo(tmp_path)
 
-    def make_n(pipeline):
+    def make_n(pipeline, ok=True):
         r = subprocess.run(["make", "-n", "pipeline", f"PIPELINE={pipeline}", f"PYTHON={sys.executable}", "SETUP="],
                            cwd=tmp_path, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
+        assert (r.returncode == 0) == ok, r.stderr
+        return r.stdout + r.stderr
 
     assert "--epochs 5 " in make_n("pipelines/mnist-mlp.toml")
     (tmp_path / "exp").mkdir()
     mine = tmp_path / "exp" / "mnist-mlp.toml"
     mine.write_text((tmp_path / "pipelines" / "mnist-mlp.toml").read_text().replace("epochs = 5", "epochs = 7"))
     os.utime(mine, (1e9, 1e9))  # older than the rules
+    assert "build/mnist-mlp/source to hand them over" in make_n("exp/mnist-mlp.toml", ok=False)
+    (tmp_path / "pipelines" / "mnist-mlp.toml").unlink()  # moved to exp/: its pipeline now
     steps = make_n("exp/mnist-mlp.toml")
     assert "train-teacher" in steps and "--epochs 7 " in steps and "--epochs 5 " not in steps, steps
     assert "rules of" not in make_n("exp/mnist-mlp.toml")  # unchanged: not written again
+    os.replace(mine, tmp_path / "pipelines" / "mnist-mlp.toml")  # moved back, with its old time (cp -p, mv)
+    assert "--epochs 7 " in make_n("pipelines/mnist-mlp.toml")
 
 
 def test_an_architecture_files_edit_reruns_the_steps_that_build_it(monkeypatch, tmp_path):
