@@ -78,13 +78,29 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
 def _data_where(cache: Cache, data_root=None, data_spec: str | None = None):
     """(spec, data root, Source) of the cache's dataset where it lies now (see load_cache_data)."""
     d = cache.manifest["dataset"]
-    src = SOURCES.get(d["spec"].split(":")[0].lower())
+    kind, _, arg = d["spec"].partition(":")
+    src = SOURCES.get(kind.lower())
     builtin = src is not None and not src.path  # finds its files in a folder, which the manifest records
     spec = data_spec or moved_spec(d["spec"], data_root)
     root = data_root
     if root is None and builtin and not data_spec:
-        root = d.get("source")
+        root = _from_dump_folder(d, d.get("source"))
+    if data_root is None and data_spec is None and src is not None and src.path and arg:
+        spec = f"{kind}:{_from_dump_folder(d, arg)}"
     return spec, root, src
+
+
+def _from_dump_folder(d: dict, path):
+    """A relative `path` the manifest's dataset records (`--data imagefolder:photos`), read from the folder the dump
+    ran in (the manifest's `workdir`) where it is not there from this one: stage two run from another folder said
+    the data had moved. The path as recorded where it is there, where the dump's folder is not recorded, or where
+    the data is not found there either (the moved-data message then names it as the dump gave it)."""
+    if not path or not d.get("workdir"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (Path(d["workdir"]) / p).exists():
+        return path
+    return str(Path(d["workdir"]) / p)
 
 
 def load_validation_split(cache: Cache, train: ImageData, test: ImageData | None, data_root=None,
