@@ -720,6 +720,10 @@ def inspect_cmd(cache_dir, as_json):
     if Path(cache_dir).is_file():
         _inspect_checkpoint(Path(cache_dir), as_json)
         return
+    if not (Path(cache_dir) / "manifest.json").exists() and (Path(cache_dir) / "student.pt").is_file():
+        # a run directory, as export takes it: its student (it was refused as 'not a kdpipe cache')
+        _inspect_checkpoint(Path(cache_dir) / "student.pt", as_json)
+        return
     if not Path(cache_dir).exists() and _is_training_checkpoint(Path(cache_dir)):
         raise KDPipeError(_no_training_checkpoint(Path(cache_dir)))
 
