@@ -896,7 +896,9 @@ def _list_files(spec, folder: Path, classes: list[str], split: str, note: bool =
         found, other = _images_in(cdir, recursive=True) if cdir.is_dir() else ([], [])
         skipped += other
         if not found and split == "train":
-            raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
+            what = ("macOS's archive metadata, not a class: delete it" if c == "__MACOSX" else
+                    "remove the folder, or put its class's images in it")
+            raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)}): {what}")
         files += found
         labels += [ci] * len(found)
     # images beside the class folders have no class: said, not dropped without a word
