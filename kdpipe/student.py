@@ -752,6 +752,13 @@ class _Track:
         return buf.getvalue().encode()
 
 
+def _data_record(d: dict) -> dict:
+    """What a run's metrics record of its data beside the spec: the fingerprint and how the data was stored (image
+    size, resize, --limit), so that the report tells apart runs on one spec decoded otherwise (other test images)."""
+    return {"fingerprint": d["fingerprint"], **({"limit": d["limit"]} if d.get("limit") else {}),
+            **({"image_size": d["image_size"], "resize": resize_mode(d)} if d.get("image_size") else {})}
+
+
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
                 config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
                 train_samples: int | None = None, val: ImageData | None = None, ensemble=None,
@@ -777,7 +784,7 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype,
                          "logits_codec": fmt.describe_codec(cache.manifest["logits"])},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"],
-               "history": track.history}
+               "data": _data_record(cache.manifest["dataset"]), "history": track.history}
     if val is not None:
         metrics["val_data"] = {"spec": val.spec, **_val_identity(val)}
     for key in ("test_top1", "teacher_agreement", "val_top1"):
