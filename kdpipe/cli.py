@@ -720,6 +720,10 @@ def inspect_cmd(cache_dir, as_json):
     if Path(cache_dir).is_file():
         _inspect_checkpoint(Path(cache_dir), as_json)
         return
+    if not (Path(cache_dir) / "manifest.json").exists() and (Path(cache_dir) / "student.pt").is_file():
+        # a run directory, as export takes it: its student (it was refused as 'not a kdpipe cache')
+        _inspect_checkpoint(Path(cache_dir) / "student.pt", as_json)
+        return
     if not Path(cache_dir).exists() and _is_training_checkpoint(Path(cache_dir)):
         raise KDPipeError(_no_training_checkpoint(Path(cache_dir)))
 
@@ -971,6 +975,8 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
         if given:
             raise InputError(f"{given[0]} is an option of pruning, and --prune none prunes nothing: leave "
                              f"{given[0]} out, or give --prune unstructured or channels")
+    from kdpipe.export import require_checkpoint
+    require_checkpoint(teacher_file)  # a state dict is refused before the data is decoded, not after
     full_train = load_dataset(data_spec, "train", data_root, image_size, resize)
     train = limited(full_train, limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)

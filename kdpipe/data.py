@@ -704,7 +704,8 @@ def _load_npz(spec, path: Path, split) -> ImageData:
     if np.issubdtype(x.dtype, np.floating):
         return _npz_features(spec, path, split, z, keys, x, y)
     if x.dtype != np.uint8:
-        raise KDPipeError(f"{path}: {xk} must be uint8 pixels or float (N, D) features, got {x.dtype}")
+        raise KDPipeError(f"{path}: {xk} must be uint8 pixels or float (N, D) features, got {x.dtype} {x.shape}"
+                          + _npz_convert_hint(x, xk))
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and _npz_layout(path, z, keys, x, xk) == "NHWC":
@@ -738,6 +739,22 @@ def _npz_layout(path, z, keys, x: np.ndarray, xk: str) -> str:
                       f"{b}x{c}): say which, with an array layout=\"NHWC\" or layout=\"NCHW\" in the npz")
 
 
+def _npz_convert_hint(x: np.ndarray, xk: str) -> str:
+    """What to store in place of an x array of another dtype: int (N, D) columns as float features; images as uint8
+    0..255, scaled from 0..1 where they hold that range (a float image array was refused saying only 'uint8')."""
+    if x.ndim == 2 and x.dtype.kind in "biu":
+        return f": store feature vectors as float, {xk}.astype(np.float32)"
+    if x.ndim not in (3, 4) or x.dtype.kind not in "biuf" or not x.size:
+        return ""
+    with np.errstate(invalid="ignore"):
+        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+        return f" (they run {lo:g}..{hi:g}): store images as uint8 pixels 0..255"
+    if x.dtype.kind == "f" and hi <= 1:
+        return f": images scaled to 0..1 go back to pixels with np.round({xk} * 255).astype(np.uint8)"
+    return f": they lie in 0..255, so store {xk}" + (".round()" if x.dtype.kind == "f" else "") + ".astype(np.uint8)"
+
+
 def _npz_label_vector(path, y: np.ndarray, yk: str) -> np.ndarray:
     """Labels (N, 1), as Keras' datasets give them, are the labels (N,); one-hot labels (N, C) are refused saying
     how to store them (they were refused as 'a 1-D integer array' with no word of what to do)."""
@@ -752,7 +769,13 @@ def _npz_label_vector(path, y: np.ndarray, yk: str) -> np.ndarray:
 def _npz_labels(path, z, keys, y, yk) -> list[str]:
     """Check the labels; the class names (stored, or numbers up to the largest label of both splits)."""
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise KDPipeError(f"{path}: {yk} must be a 1-D integer array, got {y.dtype} {y.shape}")
+        hint = ""
+        if y.ndim == 1 and y.dtype.kind == "f" and y.size and np.isfinite(y).all() and (y == np.round(y)).all():
+            hint = f": these are whole numbers, store them as integers, {yk}.astype(np.int64)"
+        elif y.ndim == 1 and y.dtype.kind in "USO":  # class names: numbered in sorted order, as csv: and files: do
+            hint = (": store class indices and the names apart, class_names = np.unique(y_train), then each split's "
+                    "np.searchsorted(class_names, y) as its labels")
+        raise KDPipeError(f"{path}: {yk} must be a 1-D integer array, got {y.dtype} {y.shape}{hint}")
     if "class_names" in keys:
         try:
             names = z["class_names"]
@@ -781,7 +804,7 @@ def _npz_features(spec, path, split, z, keys, x, y) -> "Features":
     xk, yk = f"x_{split}", f"y_{split}"
     if x.ndim != 2:
         raise KDPipeError(f"{path}: {xk} is {x.dtype} {x.shape}: float arrays must be (N, D) feature "
-                          "vectors; images must be uint8 pixels")
+                          "vectors; images must be uint8 pixels" + _npz_convert_hint(x, xk))
     with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
         x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
@@ -895,7 +918,9 @@ def _list_files(spec, folder: Path, classes: list[str], split: str, note: bool =
         found, other = _images_in(cdir, recursive=True) if cdir.is_dir() else ([], [])
         skipped += other
         if not found and split == "train":
-            raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
+            what = ("macOS's archive metadata, not a class: delete it" if c == "__MACOSX" else
+                    "remove the folder, or put its class's images in it")
+            raise KDPipeError(f"{spec}: class folder {cdir} holds no images ({'/'.join(IMAGE_EXTENSIONS)}): {what}")
         files += found
         labels += [ci] * len(found)
     # images beside the class folders have no class: said, not dropped without a word

@@ -192,13 +192,19 @@ def load_model(path) -> LoadedModel:
     """A kdpipe checkpoint (from a file or run directory): it records the architecture and normalization.
     Other model files are refused here, before load_teacher's advice (--teacher-arch, --trust-pickle), which
     is for dump-logits: export and compress have no such options."""
+    return load_teacher(require_checkpoint(path))
+
+
+def require_checkpoint(path) -> Path:
+    """The kdpipe checkpoint file `path` names (a file or run directory), or a one-line refusal of any other model
+    file; compress checks its --teacher so before decoding the data (minutes for a large photo folder)."""
     f = resolve_model(path)
     kind = sniff(f)
     if kind != "torch" or not _is_checkpoint(f):
         raise KDPipeError(f"{f} is {OTHER_FILES.get(kind, kind)}: export and compress need a kdpipe checkpoint "
                           "(train-teacher's file or a run's student.pt), which records the architecture and the "
                           "input normalization")
-    return load_teacher(f)
+    return f
 
 
 def require(*modules: str, what: str) -> None:

@@ -258,6 +258,13 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if name in names:
             raise KDPipeError(f"{path}: two [[teacher]] entries are named {name!r}: give each its own name")
         names.append(name)
+    other_kind = sorted(set(entries[0]) & {"arch", "trust_pickle", "mean", "std", "input_range", "normalize"})
+    if names is None and "compress" in spec and "file" in entries[0] and other_kind:
+        # failed at the last step, once the teacher was cached and every student trained
+        raise KDPipeError(f"{path}: [compress] needs a kdpipe checkpoint teacher (train-teacher's), which records its "
+                          f"architecture and normalization, and [teacher] gives file with {', '.join(other_kind)}: "
+                          "another kind of file (a state dict, TorchScript, ...), which compress cannot read: drop "
+                          "[compress], or train the teacher here (arch, epochs, ...)")
     if names is not None and "compress" in spec:
         raise KDPipeError(f"{path}: [compress] compares students with one teacher, and this pipeline has "
                           f"{len(names)} ([[teacher]]): run `kdpipe compress --teacher FILE --students DIR` for the "

@@ -290,11 +290,38 @@ def _check_report_dir(out: Path) -> None:
                           "own beside them): give another --out")
 
 
+def _label_datasets(runs: list[dict]) -> None:
+    """Runs of one data spec stored otherwise (--image-size 32 and 64 of one photo folder, another --limit, the file
+    changed since) are on other datasets: their test top-1 is measured on other test images. Their "dataset" gets
+    what differs ("imagefolder:photos (64 px)"), so the report refuses to mix them unless --mix-datasets, and its
+    rows tell them apart; the report took them for one dataset. Runs whose metrics record no data (before
+    2026-12-07) keep the spec alone."""
+    by_spec = defaultdict(list)
+    for r in runs:
+        if isinstance(r.get("data"), dict) and r["data"].get("fingerprint"):
+            by_spec[r.get("dataset", "?")].append(r)
+    for spec, group in by_spec.items():
+        if len({r["data"]["fingerprint"] for r in group}) < 2:
+            continue
+        how = {"image_size": "{} px", "resize": "--resize {}", "limit": "--limit {}"}
+        differ = [k for k in how if len({r["data"].get(k) for r in group}) > 1]
+        labels = {}
+        for r in group:
+            parts = [how[k].format(r["data"][k]) if r["data"].get(k) is not None else f"no --{k.replace('_', '-')}"
+                     for k in differ]
+            labels[r["data"]["fingerprint"]] = ", ".join(parts)
+        if len(set(labels.values())) < len(labels):  # stored alike, other contents: the data changed
+            labels = {fp: f"data {fp[:8]}" for fp in labels}
+        for r in group:
+            r["dataset"] = f"{spec} ({labels[r['data']['fingerprint']]})"
+
+
 def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     """report.md (the teacher(s), every finished run, each setting over its seeds, and the unfinished runs
     listed), summary.json and plots. Runs on more than one dataset are refused unless mix_datasets (then
     each table row names its dataset, as it always does)."""
     runs, unfinished = scan_runs(run_paths)
+    _label_datasets(runs)
     _mark_sources(runs)
     _mark_variants(runs)
     datasets = sorted({r.get("dataset", "?") for r in runs})
@@ -307,9 +334,10 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     for r in runs:
         t = r.get("teacher") or {}
         if t.get("fingerprint"):
-            teachers[t["fingerprint"]] = {**t, "dataset": r.get("dataset", "?")}
+            # by dataset too: one teacher file dumped over one folder at two image sizes has a test top-1 on each
+            teachers[t["fingerprint"], r.get("dataset", "?")] = {**t, "dataset": r.get("dataset", "?")}
         for t in (r.get("ensemble") or {}).get("teachers", []):  # every teacher of an ensemble
-            teachers.setdefault(t["fingerprint"], {k: v for k, v in t.items() if k not in (
+            teachers.setdefault((t["fingerprint"], r.get("dataset", "?")), {k: v for k, v in t.items() if k not in (
                 "name", "label", "weight", "cache", "cache_id", "agreement")} | {"dataset": r.get("dataset", "?")})
     lines = ["# kdpipe report", ""]
     sizes = sorted({r["train_samples"] for r in runs if r.get("train_samples")})  # older metrics: absent

@@ -78,13 +78,29 @@ def load_cache_data(cache: Cache, data_root=None, data_spec: str | None = None) 
 def _data_where(cache: Cache, data_root=None, data_spec: str | None = None):
     """(spec, data root, Source) of the cache's dataset where it lies now (see load_cache_data)."""
     d = cache.manifest["dataset"]
-    src = SOURCES.get(d["spec"].split(":")[0].lower())
+    kind, _, arg = d["spec"].partition(":")
+    src = SOURCES.get(kind.lower())
     builtin = src is not None and not src.path  # finds its files in a folder, which the manifest records
     spec = data_spec or moved_spec(d["spec"], data_root)
     root = data_root
     if root is None and builtin and not data_spec:
-        root = d.get("source")
+        root = _from_dump_folder(d, d.get("source"))
+    if data_root is None and data_spec is None and src is not None and src.path and arg:
+        spec = f"{kind}:{_from_dump_folder(d, arg)}"
     return spec, root, src
+
+
+def _from_dump_folder(d: dict, path):
+    """A relative `path` the manifest's dataset records (`--data imagefolder:photos`), read from the folder the dump
+    ran in (the manifest's `workdir`) where it is not there from this one: stage two run from another folder said
+    the data had moved. The path as recorded where it is there, where the dump's folder is not recorded, or where
+    the data is not found there either (the moved-data message then names it as the dump gave it)."""
+    if not path or not d.get("workdir"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (Path(d["workdir"]) / p).exists():
+        return path
+    return str(Path(d["workdir"]) / p)
 
 
 def load_validation_split(cache: Cache, train: ImageData, test: ImageData | None, data_root=None,
@@ -736,6 +752,13 @@ class _Track:
         return buf.getvalue().encode()
 
 
+def _data_record(d: dict) -> dict:
+    """What a run's metrics record of its data beside the spec: the fingerprint and how the data was stored (image
+    size, resize, --limit), so that the report tells apart runs on one spec decoded otherwise (other test images)."""
+    return {"fingerprint": d["fingerprint"], **({"limit": d["limit"]} if d.get("limit") else {}),
+            **({"image_size": d["image_size"], "resize": resize_mode(d)} if d.get("image_size") else {})}
+
+
 def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats, epochs, runs_in_pass,
                 config: dict, amp, device, log, world: int = 1, val_rows=(), val_fraction: float = 0.0,
                 train_samples: int | None = None, val: ImageData | None = None, ensemble=None,
@@ -761,7 +784,7 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
                          "views": cache.num_views, "logits_dtype": cache.logits_dtype,
                          "logits_codec": fmt.describe_codec(cache.manifest["logits"])},
                "teacher": cache.manifest["teacher"], "dataset": cache.manifest["dataset"]["spec"],
-               "history": track.history}
+               "data": _data_record(cache.manifest["dataset"]), "history": track.history}
     if val is not None:
         metrics["val_data"] = {"spec": val.spec, **_val_identity(val)}
     for key in ("test_top1", "teacher_agreement", "val_top1"):

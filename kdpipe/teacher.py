@@ -307,6 +307,21 @@ def check_class_names(teacher: LoadedModel, data: ImageData, log=print) -> None:
         f"{data.spec} has {', '.join(ours[:4])}{', ...' if len(ours) > 4 else ''}: output i is taken as class i")
 
 
+def note_unseen_ops(teacher: LoadedModel, policy: ViewPolicy, log=print) -> None:
+    """Say which of the views' geometric ops a kdpipe teacher never saw in training (its checkpoint's view_policy):
+    the default crop-flip over digits a teacher trained on crop:2 cached flipped digits, its top-1 on them far below
+    its clean top-1, without a word. A mixing op (function matching) is new to the teacher by design: not said."""
+    trained = teacher.info.get("view_policy") or {}
+    if teacher.kind != "kdpipe" or not isinstance(trained.get("ops"), list):
+        return
+    seen = {op.get("name") for op in trained["ops"]}
+    unseen = [op.name for op in policy.ops if op is not policy.mixer and op.name != "none" and op.name not in seen]
+    if unseen:
+        log(f"note: the teacher was trained on views {trained.get('spec')}, and these views ({policy.spec}) add "
+            f"{', '.join(unseen)}, which it never saw: its logits there may be worse than on its own views (a flip is "
+            f"wrong for digits and text); give --policy {trained.get('spec')} for the views it was trained on")
+
+
 def _grey_hint(teacher: LoadedModel, x: torch.Tensor, e: Exception) -> str:
     """What to do where a teacher that holds its own architecture wants 3 channels and the views are grey."""
     if teacher.kind in PROGRAM_KINDS and x.dim() == 4 and x.shape[1] == 1 and "3 channels" in str(e):
@@ -528,6 +543,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         log(f"note: --policy {policy.spec} draws nothing at random, so the {views} views are one view computed "
             f"{views} times: --views 1 trains students the same at 1/{views} of the dump's cost and disk")
     check_class_names(teacher, data, log)
+    if rank == 0:
+        note_unseen_ops(teacher, policy, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
     mean, std = norm["mean"], norm["std"]
     n = len(data)
@@ -702,7 +719,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS[
                                                        "logits" if codec_ident is None else "logits_topk_values"].path,
                                                        **teacher_info}],
-            "dataset": {**data.identity(), "source": data.source},
+            # workdir: a relative --data path is read from there by stage two run in another folder
+            "dataset": {**data.identity(), "source": data.source, "workdir": os.getcwd()},
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "num_classes": data.num_classes, "input": {**ident["input"], "shape": list(in_shape)},
             "dump": summary}, eval_entry)

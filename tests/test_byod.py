@@ -537,6 +537,27 @@ def test_moved_data_is_found_with_data_root_and_checked_by_fingerprint(tmp_path,
     ok(_student(cache, tmp_path / "r2", "--data", new_spec))
 
 
+@pytest.mark.parametrize("kind", ["npz", "imagefolder"])
+def test_a_relative_data_path_is_read_from_the_dumps_folder_by_stage_two_run_elsewhere(tmp_path, teacher_ckpt, fmnist,
+                                                                                         kind, monkeypatch):
+    """`--data imagefolder:photos` dumped in a project folder, then train-student, verify-cache and the API from
+    another folder (a notebook in notebooks/, a shell in runs/): the data had not moved, yet it was looked for
+    from the new folder and refused as moved."""
+    proj = tmp_path / "proj"
+    spec = write_source(kind, proj / "data", fmnist)
+    kind_, _, path = spec.partition(":")
+    monkeypatch.chdir(proj)
+    ok(_dump(teacher_ckpt, f"{kind_}:{Path(path).relative_to(proj)}", "cache"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ok(_student("../proj/cache", "runs"))
+    ok(run_cli(["verify-cache", "../proj/cache", "--teacher", teacher_ckpt, "--sample", 20]))
+    import kdpipe
+    assert len(kdpipe.open_cache("../proj/cache").train) == N_TRAIN
+    shutil.move(proj / "data", tmp_path / "moved")  # moved for real: still said so, naming the recorded path
+    assert_one_line_error(_student("../proj/cache", "runs2"), "--data-root DIR or --data SPEC")
+
+
 @pytest.mark.parametrize("kind", ["npz", "csv"])
 def test_a_data_file_renamed_as_it_moved_is_asked_for_by_name(tmp_path, teacher_ckpt, fmnist, kind):
     """--data-root DIR where the npz or CSV file now has another name: DIR holds no file of the old name, and

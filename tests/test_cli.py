@@ -191,6 +191,13 @@ def test_inspect_a_checkpoint(pipeline, tmp_path):
                           "notes.pt is a file but not a kdpipe checkpoint")
 
 
+def test_inspect_a_run_directory_shows_its_student(pipeline):
+    """inspect RUN_DIR, as export takes a run: its student.pt (it was refused as 'not a kdpipe cache')."""
+    run = pipeline.runs / "mlp_100-T4-a0.9-e2-s0"
+    assert ok(invoke("inspect", run)).output == ok(invoke("inspect", run / "student.pt")).output
+    assert "student" in ok(invoke("inspect", run)).output
+
+
 def test_inspect_a_training_checkpoint_that_is_gone_says_the_training_removed_it(tmp_path):
     """The README has users follow a teacher's training with inspect FILE.pt.checkpoint: once the training ended,
     that file is gone, and inspect said "no cache at ...: the directory does not exist"."""

@@ -789,3 +789,13 @@ def test_options_of_pruning_with_prune_none_are_refused(fmnist, teacher_ckpt, tm
     assert r.output.strip() == (f"Error: {args[0]} is an option of pruning, and --prune none prunes nothing: leave "
                                 f"{args[0]} out, or give --prune unstructured or channels")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_teacher_that_is_not_a_kdpipe_checkpoint_is_refused_before_the_data_is_read(tmp_path):
+    """compress --teacher w.pth (a state dict) decoded the whole --data first (minutes for a large photo folder),
+    then refused the teacher; its data is not read now: a missing folder would have been the error."""
+    from test_reliability_helpers import assert_one_line_error, run_cli
+    torch.save(create_model("mlp_100", 10, (1, 28, 28)).state_dict(), tmp_path / "w.pth")
+    res = run_cli(["compress", "--teacher", tmp_path / "w.pth", "--data", f"imagefolder:{tmp_path / 'absent'}",
+                   "--image-size", 32, "--out", tmp_path / "c"])
+    assert_one_line_error(res, "w.pth is a state dict", "export and compress need a kdpipe checkpoint")

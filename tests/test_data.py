@@ -145,6 +145,25 @@ def test_npz_class_names_as_bytes_or_objects(tmp_path):
     ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.eye(3)[[0, 1, 2, 0]],
       "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.eye(3)[[0, 1, 2, 0]]},
      r"y_train is one-hot, float64 \(4, 3\): store the class indices, y_train.argmax\(1\)"),
+    # each said what the array was, not what to store in its place
+    ({"x_train": np.full((4, 8, 8), 0.5, np.float32), "y_train": np.zeros(4, np.int64),
+      "x_test": np.zeros((4, 8, 8), np.float32), "y_test": np.zeros(4, np.int64)},
+     r"images scaled to 0..1 go back to pixels with np.round\(x_train \* 255\).astype\(np.uint8\)"),
+    ({"x_train": np.full((4, 8, 8, 1), 200.0), "y_train": np.zeros(4, np.int64),
+      "x_test": np.zeros((4, 8, 8, 1)), "y_test": np.zeros(4, np.int64)},
+     r"they lie in 0..255, so store x_train.round\(\).astype\(np.uint8\)"),
+    ({"x_train": np.full((4, 8, 8), 7, np.int64), "y_train": np.zeros(4, np.int64),
+      "x_test": np.zeros((4, 8, 8), np.int64), "y_test": np.zeros(4, np.int64)},
+     r"got int64 \(4, 8, 8\): they lie in 0..255, so store x_train.astype\(np.uint8\)"),
+    ({"x_train": np.zeros((4, 8), np.int16), "y_train": np.zeros(4, np.int64),
+      "x_test": np.zeros((4, 8), np.int16), "y_test": np.zeros(4, np.int64)},
+     r"store feature vectors as float, x_train.astype\(np.float32\)"),
+    ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.array([0.0, 1.0, 2.0, 0.0], np.float32),
+      "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.zeros(4, np.int64)},
+     r"these are whole numbers, store them as integers, y_train.astype\(np.int64\)"),
+    ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.array(["cat", "dog", "cat", "dog"]),
+      "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.zeros(4, np.int64)},
+     r"class_names = np.unique\(y_train\), then each split's np.searchsorted\(class_names, y\)"),
 ])
 def test_npz_bad_contents_are_refused_with_a_reason(tmp_path, arrays, message):
     p = tmp_path / "bad.npz"

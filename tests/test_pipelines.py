@@ -476,6 +476,19 @@ def test_an_ensemble_pipelines_mistakes_are_refused_when_it_is_read(tmp_path, ch
         make_rules(load_pipeline(p))
 
 
+@pytest.mark.parametrize("keys", ['arch = "tv:resnet18"\nnormalize = "imagenet"', 'input_range = "0-1"'])
+def test_compress_of_a_teacher_file_that_is_no_kdpipe_checkpoint_is_refused_when_read(tmp_path, keys):
+    """[teacher] file of a state dict or TorchScript program (arch, a normalization) beside [compress]: make trained
+    every student, then compress refused the file, which it cannot read."""
+    p = tmp_path / "mine.toml"
+    p.write_text(f'name = "mine"\n[data]\nspec = "npz:d.npz"\n[teacher]\nfile = "t.pt"\n{keys}\n[dump]\nviews = 1\n'
+                 'policy = "none"\n[[students]]\narchs = ["mlp:8"]\nepochs = 1\n[compress]\nquantize = "dynamic"\n')
+    with pytest.raises(KDPipeError, match=r"\[compress\] needs a kdpipe checkpoint teacher .* drop \[compress\]"):
+        make_rules(load_pipeline(p))
+    p.write_text(p.read_text().replace("[compress]\nquantize = \"dynamic\"\n", ""))
+    make_rules(load_pipeline(p))
+
+
 def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_one_run(tmp_path):
     p = tmp_path / "one.toml"
     base = (REPO / "pipelines" / "mnist-mlp.toml").read_text()

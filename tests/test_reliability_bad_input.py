@@ -112,7 +112,10 @@ CASES = {
         ["the train images differ in size", "20x20", "pass --image-size S"]),
     "empty class folder": (
         lambda e, t: _dump(e, t, f"imagefolder:{_image_folder(t / 'if', {'a': [16, 16], 'b': []})}"),
-        ["class folder", "holds no images (.jpg/.jpeg/.png/.bmp"]),
+        ["class folder", "holds no images (.jpg/.jpeg/.png/.bmp", "remove the folder, or put its class's images in it"]),
+    "macOS metadata folder as a class": (  # an archive unpacked with its __MACOSX folder of ._* files
+        lambda e, t: _dump(e, t, f"imagefolder:{_image_folder(t / 'if', {'a': [16, 16], '__MACOSX': []})}"),
+        ["class folder", "__MACOSX holds no images", "macOS's archive metadata, not a class: delete it"]),
     "teacher file missing": (
         lambda e, t: _dump(e, t, teacher=t / "no-teacher.pt"), ["teacher file", "no-teacher.pt does not exist"]),
     "teacher file does not load": (

@@ -195,6 +195,32 @@ def test_mixed_datasets_are_refused_unless_asked(student_runs, tmp_path):
     assert "npz:/other.npz" in {x[9] for x in rows} and len({x[9] for x in rows if x[1] != "teacher"}) == 2
 
 
+def test_runs_of_one_spec_stored_otherwise_are_other_datasets(student_runs, cache, tmp_path):
+    """One photo folder dumped at --image-size 32 and 64 (one teacher file): the report took the runs for one
+    dataset, with one teacher row and one test top-1, though each was measured on other test images. Now they are
+    two datasets, named by what differs, refused unless --mix-datasets, and the teacher has a row on each."""
+    m = json.loads((student_runs.out / "mlp_100-T4-a0.9-e2-s0" / "metrics.json").read_text())
+    assert m["data"] == {"fingerprint": json.loads((cache.path / "manifest.json").read_text())["dataset"]["fingerprint"]}
+    spec = "imagefolder:/photos"
+    changes = [{"name": f"s{px}", "dataset": spec, "teacher": {**m["teacher"], "test_top1": top1},
+                "data": {"fingerprint": f"{px:064x}", "image_size": px, "resize": "crop"}}
+               for px, top1 in ((32, 0.5), (64, 0.7))]
+    changes.append({**changes[1], "name": "same64"})  # the 64 px data again: one row of the teacher on it
+    runs = _copies(student_runs, tmp_path, changes)
+    with pytest.raises(KDPipeError, match=re.escape(f"2 datasets ({spec} (32 px), {spec} (64 px))")):
+        build_report([runs], tmp_path / "rep")
+    build_report([runs], tmp_path / "rep", mix_datasets=True)
+    rows = [r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 17]
+    assert sorted((r[9], r[10]) for r in rows if r[1] == "teacher") == [(f"{spec} (32 px)", "0.5000"),
+                                                                       (f"{spec} (64 px)", "0.7000")]
+    # stored alike, other contents (the folder changed since): told apart by their data
+    changes = [{"name": f"v{i}", "dataset": spec, "data": {"fingerprint": f"{i}" * 64}} for i in (1, 2)]
+    runs = _copies(student_runs, tmp_path / "b", changes)
+    with pytest.raises(KDPipeError, match=re.escape(f"({spec} (data 11111111), {spec} (data 22222222))")):
+        build_report([runs], tmp_path / "rep-b")
+    build_report([runs], tmp_path / "rep-c", mix_datasets=True)
+
+
 def test_thirty_runs_stay_readable(student_runs, tmp_path, monkeypatch):
     """30 runs: 10 settings (lr x arch label) x 3 seeds. The plots show settings (mean ± std, n), not 30
     labels; learning curves have one line per run in panels by architecture, and the teacher's line; the

@@ -939,3 +939,22 @@ def test_a_model_saved_with_pickle_dump_is_refused_saying_how_to_save_it(tmp_pat
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "model.pkl: it is a plain pickle (as pickle.dump writes), not a file torch.save wrote: save the model's " \
            "weights with torch.save(model.state_dict(), FILE) and give --teacher-arch PATH.py:CLASS" in r.stderr
+
+
+def test_views_that_add_an_op_the_kdpipe_teacher_never_saw_are_noted(fmnist, tmp_path):
+    """The default crop-flip over digits, whose teacher trained on crop:2: flipped digits were cached without a word,
+    the teacher's top-1 on them far below its clean top-1. A note names the op and the teacher's own views; the
+    teacher's views, or a mixing op added to them (function matching), are not noted."""
+    from test_reliability_helpers import run_cli
+    teacher = tmp_path / "t.pt"
+    res = run_cli(["train-teacher", "--data", fmnist.spec, "--arch", "mlp_100", "--epochs", 1, "--policy", "crop:2",
+                   "--limit", 128, "--out", teacher])
+    assert res.exit_code == 0, res.output
+    dump = ["dump-logits", "--teacher", teacher, "--data", fmnist.spec, "--limit", 128, "--views", 2, "--force"]
+    res = run_cli(dump + ["--out", tmp_path / "c1"])
+    assert res.exit_code == 0, res.output
+    assert ("note: the teacher was trained on views crop:2, and these views (crop:4+flip) add flip, which it never "
+            "saw") in res.output and "give --policy crop:2 for the views it was trained on" in res.output
+    for i, policy in enumerate(("crop:2", "crop:4", "crop:2+mixup:1")):
+        res = run_cli(dump + ["--policy", policy, "--out", tmp_path / f"c{i + 2}"])
+        assert res.exit_code == 0 and "never saw" not in res.output + res.stderr, res.output
