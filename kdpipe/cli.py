@@ -975,6 +975,9 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
         if given:
             raise InputError(f"{given[0]} is an option of pruning, and --prune none prunes nothing: leave "
                              f"{given[0]} out, or give --prune unstructured or channels")
+    if prn:  # the options first (as compress() checks them), then the teacher, then the data
+        from kdpipe.engine import OptimConfig
+        OptimConfig(lr=lr)
     from kdpipe.export import require_checkpoint
     require_checkpoint(teacher_file)  # a state dict is refused before the data is decoded, not after
     full_train = load_dataset(data_spec, "train", data_root, image_size, resize)

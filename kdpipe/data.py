@@ -1314,8 +1314,10 @@ def _load_csv(spec, path: Path, split, image_size: int | None, resize: str = "cr
     header, rows, lines, cols = table.header, table.rows, table.lines, table.cols
     missing = [c for c in ("label", "split") if c not in header]
     if missing:
+        alike = [f"{h} to {c}" for c in missing for h in header if h.strip().lower() == c and h != c]
         raise KDPipeError(f"{spec}: {path} has no {' or '.join(missing)} column (it has {_few(header)}): "
-                          "a CSV needs columns label, split, and path or numeric features")
+                          + (f"rename {' and '.join(alike)} (kdpipe's column names are lowercase)" if alike else
+                             "a CSV needs columns label, split, and path or numeric features"))
     if not rows:
         raise KDPipeError(f"{spec}: {path} has a header but no rows")
     splits = []

@@ -499,6 +499,9 @@ CSV_CASES = {
     (["label", "split"] + [f"f{i}" for i in range(300)] + ["f7"], "empty or repeated column names (f7 repeated): "
      "give each column a name of its own"),
     (["label", "split", "", "f1"], "(column(s) 3 unnamed)"),
+    # capitalised as pandas exports often are: the line said only that a CSV needs columns label and split
+    (["Label", "Split", "f0"], "has no label or split column (it has Label, Split, f0): rename Label to label and "
+     "Split to split (kdpipe's column names are lowercase)"),
 ])
 def test_a_wide_csvs_bad_header_is_named_in_a_short_line(tmp_path, header, fragment):
     (tmp_path / "wide.csv").write_text(",".join(header) + "\n" + ",".join(["0", "train"] + ["1"] * (len(header) - 2))
