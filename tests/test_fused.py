@@ -267,3 +267,36 @@ def test_parametric_mlp_and_dscnn_fuse_and_train_as_unfused():
             _train(plain, False, 1, start_epoch=epoch)
             assert _train(fused, True, 1, start_epoch=epoch)["fused_groups"] == [["r0", "r1"]]
         same(plain, fused)
+
+
+
+def test_a_frozen_layer_stays_frozen_when_fused(tmp_path):
+    """A user's network may freeze parameters (requires_grad=False, e.g. a pretrained backbone): the unfused step
+    never moves them, and the fused one stacked them as trainable, so fused runs trained the frozen layer (and
+    decayed it) and ended on other weights. Checked with SGD and with Adam over two passes (the second stacks the
+    state the first left, which frozen parameters do not have: the group must still fuse)."""
+    net = tmp_path / "frozen_net.py"
+    net.write_text("import torch.nn as nn\n\n"
+                   "def Net(num_classes, image_shape):\n"
+                   "    c, h, w = image_shape\n"
+                   "    net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 16), nn.ReLU(), nn.Linear(16, num_classes))\n"
+                   "    for p in net[1].parameters():\n"
+                   "        p.requires_grad_(False)\n"
+                   "    return net\n")
+    arch = f"{net}:Net"
+    specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch)]
+    for optim in (None, OptimConfig(optimizer="adam", lr=3e-3, weight_decay=0.05)):
+        plain, fused, untouched = _runs(specs, 2, optim=optim), _runs(specs, 2, optim=optim), _runs(specs, 2)
+        for epoch in (0, 1):
+            _train(plain, False, 1, start_epoch=epoch)
+            assert _train(fused, True, 1, start_epoch=epoch)["fused_groups"] == [["r0", "r1"]]
+        for ra, rb, ru in zip(plain, fused, untouched):
+            torch.testing.assert_close(rb.model[1].weight, ru.model[1].weight, atol=0, rtol=0)
+            for k, v in ra.model.state_dict().items():
+                torch.testing.assert_close(v, rb.model.state_dict()[k], atol=2e-4, rtol=1e-3, msg=f"{ra.name} {k}")
+            np.testing.assert_allclose(ra.history, rb.history, rtol=1e-4, atol=1e-5)
+            for pa, pb in zip(ra.model.parameters(), rb.model.parameters()):
+                sa, sb = ra.optimizer.state.get(pa, {}), rb.optimizer.state.get(pb, {})
+                assert sa.keys() == sb.keys() and bool(sa) == pa.requires_grad
+                for key in sa:
+                    torch.testing.assert_close(sa[key], sb[key], atol=2e-4, rtol=1e-3, msg=f"{ra.name} {key}")
