@@ -282,21 +282,36 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
             for k, u in enumerate(units):
                 clock.start()
                 if k in fused:
-                    terms, right = fused[k].step(x, t, y, epoch)
-                    _accumulate(sums[k], terms, len(u), device)
-                    correct[k] += right
-                    clock.stop(k)
-                    continue
-                r = runs[u[0]]
-                with autocast:
-                    out = r.model(x)
-                terms = r.loss(out, t, y, epoch)
-                r.optimizer.zero_grad(set_to_none=True)
-                sum(terms.values()).backward()
-                r.optimizer.step()
-                r.scheduler.step()
-                _accumulate(sums[k], {n: v.detach() for n, v in terms.items()}, 1, device)
-                correct[k] += (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()  # out: logits or Outputs
+                    try:
+                        terms, right = fused[k].step(x, t, y, epoch)
+                    except Exception as e:  # noqa: BLE001 (vmap refuses some networks' ops: their runs step alone)
+                        if fused[k].stepped:
+                            raise
+                        from kdpipe.util import error_line
+                        log(f"note: {label}: the {len(u)} {runs[u[0]].arch} runs cannot step as one fused network "
+                            f"({type(e).__name__}: {error_line(e)}); they step one by one")
+                        del fused[k]
+                    else:
+                        _accumulate(sums[k], terms, len(u), device)
+                        correct[k] += right
+                        clock.stop(k)
+                        continue
+                stepped = []  # per run of the unit: its detached terms and right answers
+                for i in u:  # one run, or a group whose fused step failed in its first step
+                    r = runs[i]
+                    with autocast:
+                        out = r.model(x)
+                    terms = r.loss(out, t, y, epoch)
+                    r.optimizer.zero_grad(set_to_none=True)
+                    sum(terms.values()).backward()
+                    r.optimizer.step()
+                    r.scheduler.step()
+                    # out: logits or Outputs
+                    stepped.append(({n: v.detach() for n, v in terms.items()},
+                                    (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()))
+                _accumulate(sums[k], {n: torch.stack([own[n] for own, _ in stepped]) for n in stepped[0][0]}, len(u),
+                            device)
+                correct[k] += torch.stack([right for _, right in stepped])
                 clock.stop(k)
             seen += len(idx) * world
             prog.update(len(idx) * world)
@@ -362,7 +377,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         r.train_s += r.own_s - own_before[id(r)] + max(0.0, wall - own) / len(runs)
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
-            "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}
+            "fused_groups": [[runs[i].name for i in units[k]] for k in fused]}
 
 
 class _Clock:

@@ -129,6 +129,7 @@ class FusedRuns:
         dev = next(iter(self.params.values())).device
         self.loss = type(first.loss).stack([r.loss for r in runs], device=dev)
         self._epoch = None  # (epoch, the same as a 0-dim tensor on the device)
+        self.stepped = False  # whether a step has changed the stack (until then, the runs' own modules are current)
 
         def forward(p, b, x):
             with _GlobalPoolAsMean() if pool_as_mean else nullcontext():
@@ -208,6 +209,7 @@ class FusedRuns:
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).sum().backward()
         self.optimizer.step()
+        self.stepped = True
         self.step_count += 1
         for g, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             g["lr"] = base * fn(self.step_count)

@@ -300,3 +300,40 @@ def test_a_frozen_layer_stays_frozen_when_fused(tmp_path):
                 assert sa.keys() == sb.keys() and bool(sa) == pa.requires_grad
                 for key in sa:
                     torch.testing.assert_close(sa[key], sb[key], atol=2e-4, rtol=1e-3, msg=f"{ra.name} {key}")
+
+
+def test_runs_whose_network_vmap_refuses_step_one_by_one(tmp_path):
+    """vmap refuses some networks' ops (data-dependent control flow in a user's forward; torchvision's
+    StochasticDepth in tv:efficientnet_b0, 'different inplace randomness on an unbatched tensor'): such a group's first
+    fused step raised a RuntimeError traceback out of train-student (--fuse on, or auto on a GPU). Its runs now step
+    one by one, saying so, and train as unfused runs do; the other groups stay fused."""
+    net = tmp_path / "branchy_net.py"
+    net.write_text("import torch.nn as nn\n\n"
+                   "class Net(nn.Module):\n"
+                   "    def __init__(self, num_classes, image_shape):\n"
+                   "        super().__init__()\n"
+                   "        c, h, w = image_shape\n"
+                   "        self.fc = nn.Linear(c * h * w, num_classes)\n\n"
+                   "    def forward(self, x):\n"
+                   "        out = self.fc(x.flatten(1))\n"
+                   "        if out.abs().max() > 1e4:  # data-dependent control flow\n"
+                   "            out = out / 1e4\n"
+                   "        return out\n")
+    arch = f"{net}:Net"
+    specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch), (1.0, 0.9, 2, None), (2.0, 0.0, 2, None)]
+    plain, fused = _runs(specs, 2), _runs(specs, 2)
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+
+    def views(e):
+        return torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]
+
+    train_pass(plain, images, labels, pol, MEAN, STD, 2, 32, 3, views, log=lambda *a: None, fuse=False)
+    logged = []
+    stats = train_pass(fused, images, labels, pol, MEAN, STD, 2, 32, 3, views, log=logged.append, fuse=True)
+    assert stats["fused_groups"] == [["r2", "r3"]]
+    notes = [m for m in logged if "cannot step as one fused network" in m]
+    assert len(notes) == 1 and "data-dependent control flow" in notes[0] and "step one by one" in notes[0]
+    _assert_same(plain, fused)
+    for ra, rb in zip(plain, fused):
+        assert ra.train_top1 == rb.train_top1 and len(rb.history) == 2
