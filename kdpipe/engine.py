@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from kdpipe import KDPipeError
 from kdpipe.fused import FusedRuns, plan_units
 from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
@@ -285,7 +286,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                     try:
                         terms, right = fused[k].step(x, t, y, epoch)
                     except Exception as e:  # noqa: BLE001 (vmap refuses some networks' ops: their runs step alone)
-                        if fused[k].stepped:
+                        if fused[k].stepped or isinstance(e, KDPipeError):  # the user's input: as unfused
                             raise
                         from kdpipe.util import error_line
                         log(f"note: {label}: the {len(u)} {runs[u[0]].arch} runs cannot step as one fused network "

@@ -337,3 +337,17 @@ def test_runs_whose_network_vmap_refuses_step_one_by_one(tmp_path):
     _assert_same(plain, fused)
     for ra, rb in zip(plain, fused):
         assert ra.train_top1 == rb.train_top1 and len(rb.history) == 2
+
+
+def test_an_error_in_the_users_input_is_raised_from_a_fused_step_as_from_an_unfused_one():
+    """The fallback above is for networks vmap refuses; a KDPipeError (here: float labels, which the losses refuse)
+    is raised as the unfused step raises it, with no note that the runs step one by one."""
+    from kdpipe import KDPipeError
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+    logged = []
+    with pytest.raises(KDPipeError, match="labels must be the batch's class indices"):
+        train_pass(_runs(SPECS[:2], 1), images, labels.float(), pol, MEAN, STD, 1, 32, 3,
+                   lambda e: (torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]),
+                   log=logged.append, fuse=True)
+    assert not any("cannot step as one fused network" in m for m in logged)
