@@ -207,7 +207,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     True fuses them, "compile" fuses them under torch.compile, False steps every run on its own, None
     (the default) picks what was measured fastest: "compile" on CUDA for passes of at least
     AUTO_COMPILE_MIN_STEPS steps (compiling costs tens of seconds once), and then only groups of at least
-    AUTO_FUSE_MIN_RUNS runs; else False.
+    AUTO_FUSE_MIN_RUNS runs; else False. A group whose first fused step fails (vmap refuses some networks' ops:
+    data-dependent control flow, in-place randomness on a tensor of its own) steps its runs one by one, saying so.
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
@@ -217,7 +218,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     (e.g. to evaluate); the runs are put back in training mode after it.
 
     Each run's `train_top1` gets the epoch's top-1 on the views it stepped on, and `own_s` the seconds
-    of its own steps (CUDA events on the GPU; a fused group's time is shared evenly among its runs).
+    of its own steps (CUDA events on the GPU; a fused group's time, or that of a group that fell back to
+    stepping its runs one by one, is shared evenly among its runs).
 
     Every run's loss is called as `r.loss(out, teacher, labels, epoch)` (epoch counting from 0); the
     run steps on the sum of the terms it returns, and each term's per-epoch mean is appended to
