@@ -400,6 +400,10 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     """
     ctx = dist or SINGLE
     world = ctx.world
+    if world > 1 and fuse:  # asked for, and DDP wraps each run's own model: said, not dropped without a word
+        log(f"--fuse {'compile' if fuse == 'compile' else 'on'}: under torchrun every run is its own "
+            "DistributedDataParallel model, so the runs step one by one")
+        fuse = False
     optim = optim or OptimConfig()
     if epochs <= 0:
         raise KDPipeError(f"--epochs must be >= 1, got {epochs}")
