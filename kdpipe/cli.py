@@ -318,6 +318,10 @@ def optim_options(lr_list: bool):
 
 def _optim(optimizer, lr, momentum, weight_decay, betas, eps, schedule, warmup_epochs):
     from kdpipe.engine import OptimConfig
+    from kdpipe.sweep import check_optimizer_uses
+    ctx = click.get_current_context()
+    check_optimizer_uses(optimizer, [n for n in ("momentum", "betas", "eps")
+                                     if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT])
     return OptimConfig(lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, optimizer=optimizer,
                        betas=tuple(betas), eps=eps, warmup_epochs=warmup_epochs)
 

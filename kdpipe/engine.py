@@ -207,7 +207,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     True fuses them, "compile" fuses them under torch.compile, False steps every run on its own, None
     (the default) picks what was measured fastest: "compile" on CUDA for passes of at least
     AUTO_COMPILE_MIN_STEPS steps (compiling costs tens of seconds once), and then only groups of at least
-    AUTO_FUSE_MIN_RUNS runs; else False.
+    AUTO_FUSE_MIN_RUNS runs; else False. A group whose first fused step fails (vmap refuses some networks' ops:
+    data-dependent control flow, in-place randomness on a tensor of its own) steps its runs one by one, saying so.
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
@@ -217,7 +218,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     (e.g. to evaluate); the runs are put back in training mode after it.
 
     Each run's `train_top1` gets the epoch's top-1 on the views it stepped on, and `own_s` the seconds
-    of its own steps (CUDA events on the GPU; a fused group's time is shared evenly among its runs).
+    of its own steps (CUDA events on the GPU; a fused group's time, or that of a group that fell back to
+    stepping its runs one by one, is shared evenly among its runs).
 
     Every run's loss is called as `r.loss(out, teacher, labels, epoch)` (epoch counting from 0); the
     run steps on the sum of the terms it returns, and each term's per-epoch mean is appended to
@@ -283,21 +285,36 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
             for k, u in enumerate(units):
                 clock.start()
                 if k in fused:
-                    terms, right = fused[k].step(x, t, y, epoch)
-                    _accumulate(sums[k], terms, len(u), device)
-                    correct[k] += right
-                    clock.stop(k)
-                    continue
-                r = runs[u[0]]
-                with autocast:
-                    out = r.model(x)
-                terms = r.loss(out, t, y, epoch)
-                r.optimizer.zero_grad(set_to_none=True)
-                sum(terms.values()).backward()
-                r.optimizer.step()
-                r.scheduler.step()
-                _accumulate(sums[k], {n: v.detach() for n, v in terms.items()}, 1, device)
-                correct[k] += (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()  # out: logits or Outputs
+                    try:
+                        terms, right = fused[k].step(x, t, y, epoch)
+                    except Exception as e:  # noqa: BLE001 (vmap refuses some networks' ops: their runs step alone)
+                        if fused[k].stepped or isinstance(e, KDPipeError):  # the user's input: as unfused
+                            raise
+                        from kdpipe.util import error_line
+                        log(f"note: {label}: the {len(u)} {runs[u[0]].arch} runs cannot step as one fused network "
+                            f"({type(e).__name__}: {error_line(e)}); they step one by one")
+                        del fused[k]
+                    else:
+                        _accumulate(sums[k], terms, len(u), device)
+                        correct[k] += right
+                        clock.stop(k)
+                        continue
+                stepped = []  # per run of the unit: its detached terms and right answers
+                for i in u:  # one run, or a group whose fused step failed in its first step
+                    r = runs[i]
+                    with autocast:
+                        out = r.model(x)
+                    terms = r.loss(out, t, y, epoch)
+                    r.optimizer.zero_grad(set_to_none=True)
+                    sum(terms.values()).backward()
+                    r.optimizer.step()
+                    r.scheduler.step()
+                    # out: logits or Outputs
+                    stepped.append(({n: v.detach() for n, v in terms.items()},
+                                    (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()))
+                _accumulate(sums[k], {n: torch.stack([own[n] for own, _ in stepped]) for n in stepped[0][0]}, len(u),
+                            device)
+                correct[k] += torch.stack([right for _, right in stepped])
                 clock.stop(k)
             seen += len(idx) * world
             prog.update(len(idx) * world)
@@ -363,7 +380,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         r.train_s += r.own_s - own_before[id(r)] + max(0.0, wall - own) / len(runs)
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
-            "fused_groups": [[runs[i].name for i in u] for u in units if len(u) > 1]}
+            "fused_groups": [[runs[i].name for i in units[k]] for k in fused]}
 
 
 class _Clock:

@@ -48,7 +48,7 @@ def fusion_key(run) -> tuple | None:
         return None
     if type(run.optimizer) not in ELEMENTWISE or not isinstance(run.scheduler, torch.optim.lr_scheduler.LambdaLR):
         return None
-    shapes = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in run.model.named_parameters())
+    shapes = tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in run.model.named_parameters())
     bufs = tuple((n, tuple(b.shape), b.dtype) for n, b in run.model.named_buffers())
     return (type(run.model), run.arch, type(run.loss), repr(run.optim), run.total_steps,
             getattr(run, "warmup_steps", 0), run.model.training, shapes, bufs)
@@ -102,7 +102,10 @@ class FusedRuns:
         self.names = [n for n, _ in first.model.named_parameters()]
         self.buffer_names = [n for n, _ in first.model.named_buffers()]
         models = [dict(r.model.named_parameters()) for r in runs]
-        self.params = {n: torch.stack([m[n].detach() for m in models]).requires_grad_(True) for n in self.names}
+        # a parameter the model froze (requires_grad=False: a user's pretrained backbone) stays frozen in the stack:
+        # it gets no gradient, so the optimizer skips it (weight decay too), as it does in the run's own step
+        self.params = {n: torch.stack([m[n].detach() for m in models]).requires_grad_(models[0][n].requires_grad)
+                       for n in self.names}
         bufs = [dict(r.model.named_buffers()) for r in runs]
         self.buffers = {n: torch.stack([b[n].detach() for b in bufs]) for n in self.buffer_names}
         # One optimizer over the stacks, with the first run's groups and settings (all runs' are equal).
@@ -116,6 +119,8 @@ class FusedRuns:
         if first.optimizer.state:
             for g_fused, *g_runs in zip(self.optimizer.param_groups, *[r.optimizer.param_groups for r in runs]):
                 for j, p in enumerate(g_fused["params"]):
+                    if not p.requires_grad:  # frozen: no state, as in the runs' own optimizers
+                        continue
                     self.optimizer.state[p] = _stack_state(
                         [r.optimizer.state[r_g["params"][j]] for r, r_g in zip(runs, g_runs)])
         self.lr_lambdas = list(first.scheduler.lr_lambdas)
@@ -124,6 +129,7 @@ class FusedRuns:
         dev = next(iter(self.params.values())).device
         self.loss = type(first.loss).stack([r.loss for r in runs], device=dev)
         self._epoch = None  # (epoch, the same as a 0-dim tensor on the device)
+        self.stepped = False  # whether a step has changed the stack (until then, the runs' own modules are current)
 
         def forward(p, b, x):
             with _GlobalPoolAsMean() if pool_as_mean else nullcontext():
@@ -169,7 +175,8 @@ class FusedRuns:
                 return "the runs are at different points of their schedules"
             if r.scheduler.base_lrs != first.scheduler.base_lrs:
                 return "the runs' base learning rates differ"
-            has = [bool(r.optimizer.state.get(p)) for g in r.optimizer.param_groups for p in g["params"]]
+            has = [bool(r.optimizer.state.get(p)) for g in r.optimizer.param_groups for p in g["params"]
+                   if p.requires_grad]  # a frozen one never gets state
             if any(has) and not all(has):
                 return "a run holds optimizer state for some parameters only"
             steps = {float(st["step"]) for st in r.optimizer.state.values() if "step" in st}
@@ -202,6 +209,7 @@ class FusedRuns:
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).sum().backward()
         self.optimizer.step()
+        self.stepped = True
         self.step_count += 1
         for g, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             g["lr"] = base * fn(self.step_count)

@@ -25,6 +25,7 @@ docs/extending.md. Its test goes in tests/test_losses.py.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -91,7 +92,9 @@ class Loss:
         self.options = {}
         for k, default in self.defaults.items():
             v = options.get(k, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            # numbers.Real: numpy's too (a sweep over np.arange gave np.int64, refused as "not a finite number")
+            if isinstance(v, bool) or type(v).__name__ == "bool_" or not isinstance(v, numbers.Real) \
+                    or not math.isfinite(v):
                 raise KDPipeError(f"loss {self.name}: {k} must be a finite number, got {v!r}")
             if k in self.integer_options:
                 if v != int(v):

@@ -24,8 +24,8 @@ import tomllib
 from pathlib import Path
 
 from kdpipe import KDPipeError
-from kdpipe.sweep import (STUDENT_BATCH_SIZE, check_alias_options, ensemble_tag, parse_arch_args, parse_loss,
-                          plan_sweep)
+from kdpipe.sweep import (STUDENT_BATCH_SIZE, check_alias_options, check_optimizer_uses, ensemble_tag,
+                          parse_arch_args, parse_loss, plan_sweep)
 
 # Optimizer and schedule keys, as train-teacher's and train-student's options (kdpipe.sweep.resolve_training).
 _OPTIM_FLAGS = {"optimizer": "optimizer", "lr": "lr", "momentum": "momentum", "weight_decay": "weight-decay",
@@ -204,6 +204,7 @@ def load_pipeline(path) -> dict:
         if unknown:
             raise _unknown_keys(path, f"[[students]] #{i + 1}", unknown, _STUDENT_KEYS)
         _check_types(path, f"[[students]] #{i + 1}", block, "students")
+        check_optimizer_uses(block.get("optimizer"), block, f"{path}: [[students]] #{i + 1} ", flag="")
         if not block.get("archs") or not block.get("epochs"):
             raise KDPipeError(f"{path}: [[students]] #{i + 1} needs archs = [...] and epochs = N")
         _check_block_teachers(path, spec, block, i, names)
@@ -236,6 +237,7 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if unknown:
             raise _unknown_keys(path, label(i), unknown, _TEACHER_KEYS | ({"name"} if names is not None else set()))
         _check_types(path, label(i), t, "teacher")
+        check_optimizer_uses(t.get("optimizer"), t, f"{path}: {label(i)} ", flag="")
         _check_policy(path, label(i), t)
         if "file" not in t and "arch" not in t:
             raise KDPipeError(f"{path}: {label(i)} needs arch = \"...\" (to train one) or file = \"...\" (to load "

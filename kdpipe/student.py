@@ -281,13 +281,21 @@ def hint_feature(cache: Cache, given: str | None, option: str = "--hint-feature 
     return feats[layers.index(given)]
 
 
+PROJECTOR_SEED = 20150218  # with a run's seed, the seed of its hint projector's initial weights
+
+
 def with_projector(r: Run, hint: dict, in_shape, device, total_steps: int, epoch_steps: int) -> dict:
     """Give run r a hint projector (kdpipe.features.HintStudent) from its layer hint["student_layer"] to the
     cached feature's shape, and rebuild its optimizer and schedule over both. Returns the run's hint record."""
     from kdpipe.features import HintStudent, layer_shape, make_projector
     layer = hint["student_layer"]
     shape = layer_shape(r.model, layer, in_shape, device)
-    proj = make_projector(shape, hint["teacher_shape"], layer, hint["teacher_feature"]).to(device)
+    # drawn from the run's seed alone: from the global RNG, it depended on the runs built before it in the pass, so the
+    # same run began from another projector when a sweep gave it company
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeded_generator(r.seed, PROJECTOR_SEED).initial_seed())
+        proj = make_projector(shape, hint["teacher_shape"], layer, hint["teacher_feature"])
+    proj = proj.to(device)
     r.model = HintStudent(r.model, layer, proj)
     r.optimizer, r.scheduler, r.warmup_steps = make_optimizer(r.model, r.optim, total_steps, epoch_steps)
     return {**hint, "student_shape": list(shape), "projector": repr(proj).replace("\n", "")}
@@ -408,6 +416,10 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
     """
     ctx = dist or SINGLE
     world = ctx.world
+    if world > 1 and fuse:  # asked for, and DDP wraps each run's own model: said, not dropped without a word
+        log(f"--fuse {'compile' if fuse == 'compile' else 'on'}: under torchrun every run is its own "
+            "DistributedDataParallel model, so the runs step one by one")
+        fuse = False
     optim = optim or OptimConfig()
     if epochs <= 0:
         raise KDPipeError(f"--epochs must be >= 1, got {epochs}")

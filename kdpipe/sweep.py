@@ -82,6 +82,24 @@ def resolve_training(optimizer: str | None = None, lr: float | None = None, weig
     return out
 
 
+def check_optimizer_uses(optimizer: str | None, given, where: str = "", flag: str = "--") -> None:
+    """Refuse the optimizer settings in `given` (names: momentum, nesterov, betas, eps) that `optimizer` does not use
+    (OPTIMIZER_USES): --momentum with adam or adamw, --betas or --eps with sgd were accepted and ignored without a
+    word. `where` (a pipeline's "FILE: [[students]] #1 ") starts the message; `flag` + name is what the user wrote."""
+    name = optimizer or TRAIN_DEFAULTS["optimizer"]
+    if name not in OPTIMIZER_USES:  # resolve_training refuses it
+        return
+    unused = [k for k in ("momentum", "nesterov", "betas", "eps") if k in given and k not in OPTIMIZER_USES[name]]
+    if not unused:
+        return
+    key = lambda k: f"{flag}{k.replace('_', '-') if flag == '--' else k}"  # noqa: E731
+    many = len(unused) > 1
+    raise KDPipeError(f"{where}{' and '.join(map(key, unused))} {'are settings' if many else 'is a setting'} of "
+                      f"{'Adam and AdamW' if name == 'sgd' else 'SGD'}, which --optimizer {name} does not use (it "
+                      f"takes {' and '.join(key(k) for k in OPTIMIZER_USES[name] if k != 'nesterov')}): leave "
+                      f"{'them' if many else 'it'} out, or pick the optimizer that uses {'them' if many else 'it'}")
+
+
 def check_warmup(warmup_epochs: float, epochs: int) -> None:
     """Refuse a warm-up longer than the run: its learning rate would never reach the peak its name and
     metrics.json record, and the schedule would never start."""

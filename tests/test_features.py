@@ -508,3 +508,19 @@ def test_a_feature_caches_rows_reach_spawned_dataloader_workers(feat_cache):
     got = torch.cat([b[-2] for b in loader])
     c = Cache(feat_cache.path)
     np.testing.assert_array_equal(got.numpy(), c.read_rows("features/pool", np.array(rows)).astype(np.float32))
+
+
+def test_a_hint_run_trains_the_same_alone_or_in_a_shared_pass(feat_cache, tmp_path):
+    """A run's projector was drawn from the global RNG after every run of its pass was built (and the projectors of
+    the runs before it), so the same run (name, settings) began from another projector, and ended on other weights,
+    when a sweep gave it company (--temperature 2,4 against --temperature 4). Each projector now draws from its
+    run's seed alone."""
+    base = ["train-student", "--cache", feat_cache.path, "--student", "cnn_tiny", "--epochs", 1, "--batch-size", 32,
+            "--loss", "kd:1,hint:50", "--hint-layer", "features.7", "--hint-feature", "pool", "--alpha", 0.9]
+    invoke(base + ["--temperature", 4, "--out", tmp_path / "alone"])
+    invoke(base + ["--temperature", "2,4", "--out", tmp_path / "shared"])
+    name = "cnn_tiny-kd+hint_hint.weight50-T4-a0.9-e1-s0"
+    for what in ("projector.pt", "student.pt"):
+        a, b = (torch.load(tmp_path / d / name / what, weights_only=False) for d in ("alone", "shared"))
+        a, b = a.get("state_dict", a.get("model", a)), b.get("state_dict", b.get("model", b))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what

@@ -267,3 +267,87 @@ def test_parametric_mlp_and_dscnn_fuse_and_train_as_unfused():
             _train(plain, False, 1, start_epoch=epoch)
             assert _train(fused, True, 1, start_epoch=epoch)["fused_groups"] == [["r0", "r1"]]
         same(plain, fused)
+
+
+
+def test_a_frozen_layer_stays_frozen_when_fused(tmp_path):
+    """A user's network may freeze parameters (requires_grad=False, e.g. a pretrained backbone): the unfused step
+    never moves them, and the fused one stacked them as trainable, so fused runs trained the frozen layer (and
+    decayed it) and ended on other weights. Checked with SGD and with Adam over two passes (the second stacks the
+    state the first left, which frozen parameters do not have: the group must still fuse)."""
+    net = tmp_path / "frozen_net.py"
+    net.write_text("import torch.nn as nn\n\n"
+                   "def Net(num_classes, image_shape):\n"
+                   "    c, h, w = image_shape\n"
+                   "    net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 16), nn.ReLU(), nn.Linear(16, num_classes))\n"
+                   "    for p in net[1].parameters():\n"
+                   "        p.requires_grad_(False)\n"
+                   "    return net\n")
+    arch = f"{net}:Net"
+    specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch)]
+    for optim in (None, OptimConfig(optimizer="adam", lr=3e-3, weight_decay=0.05)):
+        plain, fused, untouched = _runs(specs, 2, optim=optim), _runs(specs, 2, optim=optim), _runs(specs, 2)
+        for epoch in (0, 1):
+            _train(plain, False, 1, start_epoch=epoch)
+            assert _train(fused, True, 1, start_epoch=epoch)["fused_groups"] == [["r0", "r1"]]
+        for ra, rb, ru in zip(plain, fused, untouched):
+            torch.testing.assert_close(rb.model[1].weight, ru.model[1].weight, atol=0, rtol=0)
+            for k, v in ra.model.state_dict().items():
+                torch.testing.assert_close(v, rb.model.state_dict()[k], atol=2e-4, rtol=1e-3, msg=f"{ra.name} {k}")
+            np.testing.assert_allclose(ra.history, rb.history, rtol=1e-4, atol=1e-5)
+            for pa, pb in zip(ra.model.parameters(), rb.model.parameters()):
+                sa, sb = ra.optimizer.state.get(pa, {}), rb.optimizer.state.get(pb, {})
+                assert sa.keys() == sb.keys() and bool(sa) == pa.requires_grad
+                for key in sa:
+                    torch.testing.assert_close(sa[key], sb[key], atol=2e-4, rtol=1e-3, msg=f"{ra.name} {key}")
+
+
+def test_runs_whose_network_vmap_refuses_step_one_by_one(tmp_path):
+    """vmap refuses some networks' ops (data-dependent control flow in a user's forward; torchvision's
+    StochasticDepth in tv:efficientnet_b0, 'different inplace randomness on an unbatched tensor'): such a group's first
+    fused step raised a RuntimeError traceback out of train-student (--fuse on, or auto on a GPU). Its runs now step
+    one by one, saying so, and train as unfused runs do; the other groups stay fused."""
+    net = tmp_path / "branchy_net.py"
+    net.write_text("import torch.nn as nn\n\n"
+                   "class Net(nn.Module):\n"
+                   "    def __init__(self, num_classes, image_shape):\n"
+                   "        super().__init__()\n"
+                   "        c, h, w = image_shape\n"
+                   "        self.fc = nn.Linear(c * h * w, num_classes)\n\n"
+                   "    def forward(self, x):\n"
+                   "        out = self.fc(x.flatten(1))\n"
+                   "        if out.abs().max() > 1e4:  # data-dependent control flow\n"
+                   "            out = out / 1e4\n"
+                   "        return out\n")
+    arch = f"{net}:Net"
+    specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch), (1.0, 0.9, 2, None), (2.0, 0.0, 2, None)]
+    plain, fused = _runs(specs, 2), _runs(specs, 2)
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+
+    def views(e):
+        return torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]
+
+    train_pass(plain, images, labels, pol, MEAN, STD, 2, 32, 3, views, log=lambda *a: None, fuse=False)
+    logged = []
+    stats = train_pass(fused, images, labels, pol, MEAN, STD, 2, 32, 3, views, log=logged.append, fuse=True)
+    assert stats["fused_groups"] == [["r2", "r3"]]
+    notes = [m for m in logged if "cannot step as one fused network" in m]
+    assert len(notes) == 1 and "data-dependent control flow" in notes[0] and "step one by one" in notes[0]
+    _assert_same(plain, fused)
+    for ra, rb in zip(plain, fused):
+        assert ra.train_top1 == rb.train_top1 and len(rb.history) == 2
+
+
+def test_an_error_in_the_users_input_is_raised_from_a_fused_step_as_from_an_unfused_one():
+    """The fallback above is for networks vmap refuses; a KDPipeError (here: float labels, which the losses refuse)
+    is raised as the unfused step raises it, with no note that the runs step one by one."""
+    from kdpipe import KDPipeError
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+    logged = []
+    with pytest.raises(KDPipeError, match="labels must be the batch's class indices"):
+        train_pass(_runs(SPECS[:2], 1), images, labels.float(), pol, MEAN, STD, 1, 32, 3,
+                   lambda e: (torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]),
+                   log=logged.append, fuse=True)
+    assert not any("cannot step as one fused network" in m for m in logged)

@@ -142,6 +142,19 @@ def test_bad_settings_are_refused(name, options, message):
         create_loss(name, **options)
 
 
+def test_numpy_numbers_are_options_like_python_ones():
+    """A sweep in the user's own loop over np.arange or np.float32 values: np.int64(4) and np.float32(0.5) were
+    refused as "temperature must be a finite number, got np.int64(4)"; numpy's booleans stay refused."""
+    import numpy as np
+    loss = create_loss("kd", temperature=np.int64(4), alpha=np.float32(0.5))
+    assert loss.options == {"temperature": 4.0, "alpha": 0.5} and type(loss.temperature) is float
+    assert create_loss("dkd", warmup=np.int32(5)).options["warmup"] == 5
+    with pytest.raises(KDPipeError, match="alpha must be a finite number"):
+        create_loss("kd", alpha=np.bool_(True))
+    with pytest.raises(KDPipeError, match="temperature must be a finite number"):
+        create_loss("kd", temperature=np.float32("nan"))
+
+
 # ---------------------------------------------------------------- KD (Hinton)
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])

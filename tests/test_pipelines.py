@@ -530,9 +530,15 @@ BAD_COPIES = [
     (lambda s: s.replace('name = "default"', 'name = "my run"'), r"name must be letters, .* got 'my run'"),
     (lambda s: s.replace('name = "default"', 'name = "../x"'), r"name must be letters, .* got '../x'"),
     # A value of the wrong shape gave a TypeError traceback (from resolve_training, or shlex writing the rules).
-    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = 0.9\n#"),
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\noptimizer = \"adam\"\nbetas = 0.9\n#"),
      r"--betas must be two numbers in \[0, 1\), got 0.9"),
-    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = [[0.9]]\n#"), r"--betas must be two numbers"),
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\noptimizer = \"adam\"\nbetas = [[0.9]]\n#"),
+     r"--betas must be two numbers"),
+    # A setting of the other optimizer was dropped by the optimizer without a word.
+    (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\nbetas = [0.8, 0.99]\n#"),
+     r"\[\[students\]\] #1 betas is a setting of Adam and AdamW, which --optimizer sgd does not use"),
+    (lambda s: s.replace("lr = 0.05\npolicy", "lr = 0.05\noptimizer = \"adamw\"\nmomentum = 0.8\npolicy"),
+     r"\[teacher\] momentum is a setting of SGD, which --optimizer adamw does not use \(it takes betas and eps\)"),
     (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nquantize = 3\n# quantize"),
      r"\[compress\] quantize must be a string in quotes or a list of them, got 3"),
     (lambda s: s.replace("# [compress]\n# quantize", "[compress]\nprune = [['channels']]\n# quantize"),

@@ -379,3 +379,17 @@ def test_a_pass_whose_every_run_diverged_stops_there(cache, tmp_path):
     from kdpipe.report import build_report
     build_report([tmp_path / "runs"], tmp_path / "rep")  # a history shorter than the epochs asked for reports
     assert "(diverged in epoch 1)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_fuse_asked_for_under_torchrun_is_said_to_step_unfused(tmp_path):
+    """Under torchrun (world > 1) every run is its own DistributedDataParallel model and train_pass steps them one by
+    one: --fuse on or compile was dropped without a word."""
+    from kdpipe.distributed import Dist
+    for fuse in (True, "compile", None, False):
+        logged = []
+        with pytest.raises(KDPipeError, match="--epochs must be >= 1"):  # stops before any collective
+            train_students(tmp_path / "no-cache", ["mlp_100"], 0, tmp_path / "runs", dist=Dist(rank=0, world=2),
+                           fuse=fuse, log=logged.append)
+        said = [m for m in logged if "under torchrun" in m]
+        assert len(said) == (1 if fuse else 0)
+        assert not said or f"--fuse {'compile' if fuse == 'compile' else 'on'}" in said[0]

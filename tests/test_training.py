@@ -198,6 +198,9 @@ def test_cli_lr_sweep_with_adamw_makes_the_runs_make_rules_name(cache, tmp_path)
     (["--optimizer", "adam", "--eps", "inf"], "--eps must be a finite number, got inf"),
     (["--epochs", "2", "--warmup-epochs", "2.5"], "--warmup-epochs 2.5 is longer than the run's 2 epoch(s)"),
     (["--val-fraction", "1"], "--val-fraction"),
+    # a setting of the other optimizer was accepted and ignored without a word
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum is a setting of SGD, which --optimizer adam does not use"),
+    (["--betas", "0.5,0.9", "--eps", "1e-6"], "--betas and --eps are settings of Adam and AdamW, which --optimizer sgd"),
 ])
 def test_bad_training_options_are_one_line_errors(cache, tmp_path, args, message):
     r = CliRunner().invoke(main, ["train-student", "--cache", str(cache.path), "--student", "mlp_100",
