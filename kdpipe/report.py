@@ -349,10 +349,11 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     shapes = {len((r.get("teacher") or {}).get("image_shape") or ()) for r in runs}
     unit = "row" if shapes == {1} else "image" if shapes == {3} else "sample"
     # test errors beside test top-1 (papers give errors out of 10,000), where the runs record their test size
+    # by dataset too, as `teachers` is: one teacher over --limit 100 and over the whole split has two test sizes
     tested = {}  # a teacher's test top-1 is on its cache's test split, the one its students are tested on
     for r in (r for r in runs if r.get("test_samples")):
         for fp in [_teacher_key(r)] + [t["fingerprint"] for t in (r.get("ensemble") or {}).get("teachers", [])]:
-            tested.setdefault(fp, r["test_samples"])
+            tested.setdefault((fp, r.get("dataset", "?")), r["test_samples"])
     errors = " (errors)" if tested else ""
     lines += [f"| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1{errors} | "
               f"agreement with teacher | best epoch (val top-1; its test top-1) | parameters | MB | CPU latency (ms/{unit}) | "
@@ -360,7 +361,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
               "|" + "---|" * 17]
     for t in teachers.values():
         lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))}"
-                     f"{_errors(t.get('test_top1'), tested.get(t.get('fingerprint')))} | 1.0000 | "
+                     f"{_errors(t.get('test_top1'), tested.get((t.get('fingerprint'), t['dataset'])))} | 1.0000 | "
                      f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
                      f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
     order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"] or 0,

@@ -545,3 +545,21 @@ def test_the_best_epochs_test_top1_is_in_the_table(student_runs, tmp_path):
     build_report([runs], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "best epoch (val top-1; its test top-1)" in text and "| 2 (0.5000; 0.6250) |" in text
+
+
+def test_teacher_errors_out_of_its_own_datasets_test_split(student_runs, tmp_path):
+    """One teacher file dumped over one spec with --limit 100 and in full: its test top-1 on each dataset is over
+    that dataset's test split, so its errors are too; they were counted out of the first dataset's test size
+    found (0.5 of 100 samples shown as 500 errors)."""
+    m = json.loads((student_runs.out / "mlp_100-T4-a0.9-e2-s0" / "metrics.json").read_text())
+    spec = "npz:/digits.npz"
+    changes = [{"name": "small", "dataset": spec, "teacher": {**m["teacher"], "test_top1": 0.5}, "test_samples": 100,
+                "data": {"fingerprint": "a" * 64, "limit": 100}},
+               {"name": "full", "dataset": spec, "teacher": {**m["teacher"], "test_top1": 0.75}, "test_samples": 1000,
+                "data": {"fingerprint": "b" * 64}}]
+    for order in (changes, changes[::-1]):
+        runs = _copies(student_runs, tmp_path / order[0]["name"], order)
+        build_report([runs], tmp_path / order[0]["name"] / "rep", mix_datasets=True)
+        rows = table_rows((tmp_path / order[0]["name"] / "rep" / "report.md").read_text())
+        assert sorted((r[9], r[10]) for r in rows if r[1] == "teacher") == [
+            (f"{spec} (--limit 100)", "0.5000 (50)"), (f"{spec} (no --limit)", "0.7500 (250)")]
