@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes
-from kdpipe.models import canonical, check_recipe, count_parameters, create_model, model_recipe, parse_spec
+from kdpipe.models import (canonical, check_recipe, count_parameters, create_model, model_recipe, parse_spec,
+                           recorded_spelling)
 from kdpipe.util import file_sha256
 
 CHECKPOINT_VERSION = 1
@@ -441,7 +442,8 @@ def _rebuild(obj: dict, path, warn) -> tuple[nn.Module, dict, str | None]:
                                   f"{recipe['file']}): run from the folder it was trained in")
         for w in check_recipe({**recipe, "spec": spec}):
             warn(w)
-    model = create_model(spec, obj["num_classes"], tuple(obj["image_shape"]), recipe.get("args"))
+    # a parametric spec an older kdpipe recorded as the user spelled it ('mlp:32, 16'): built as it was then
+    model = create_model(recorded_spelling(spec), obj["num_classes"], tuple(obj["image_shape"]), recipe.get("args"))
     _load_state(model, obj["state_dict"], path, recipe["spec"])
     return model, recipe, model_recipe(spec).get("sha256")
 

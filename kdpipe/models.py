@@ -117,6 +117,24 @@ def _create_family(name: str, num_classes: int, image_shape) -> nn.Module:
         raise KDPipeError(f"bad architecture {name!r} ({e}): write {usage}") from None
 
 
+def recorded_spelling(spec: str) -> str:
+    """The one spelling of a parametric spec that a checkpoint of an older kdpipe records as the user wrote it
+    ('mlp:32, 16', 'mlp:032', 'mlp:512,,256'), which that kdpipe built as it builds mlp:32,16, mlp:32 and mlp:512,256
+    (empty sizes dropped, sizes read by int()); any other spec as it is. The checkpoint cannot be written otherwise:
+    refused in create_model, it could no longer be loaded (dump-logits, export, compress, evaluate)."""
+    spec = str(spec).strip()
+    family, colon, rest = spec.partition(":")
+    if not colon or family not in _FAMILIES:
+        return spec
+    parts = rest.split(":")
+    try:
+        sizes = [str(int(a)) for a in parts[0].split(",") if a.strip()]
+    except ValueError:
+        return spec  # not what an older kdpipe built either: create_model says what is wrong
+    options = [f"{k.strip()}={v.strip()}" for k, eq, v in (item.partition("=") for item in parts[1:])]
+    return ":".join([f"{family}:{','.join(sizes)}"] + options)
+
+
 def torchvision_models() -> list[str]:
     import torchvision
     return sorted(torchvision.models.list_models(module=torchvision.models))

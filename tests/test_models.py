@@ -316,6 +316,26 @@ def test_a_parametric_architecture_has_one_spelling(name, message):
     assert linear_sizes(create_model(" mlp:512,256 ", 10, (1, 28, 28))) == [(784, 512), (512, 256), (256, 10)]
 
 
+@pytest.mark.parametrize("recorded, built", [("mlp:32, 16", "mlp:32,16"), ("mlp:032", "mlp:32"),
+                                             ("mlp:32,,16", "mlp:32,16"), ("mlp:32 :dropout= 0.2", "mlp:32:dropout=0.2")])
+def test_a_checkpoint_recording_an_older_spelling_still_loads(recorded, built, tmp_path):
+    """Older kdpipes built 'mlp:32, 16' as mlp:32,16 and recorded the spec as written in their checkpoints (teachers
+    and students), which the one-spelling refusal made unloadable (dump-logits, export, compress): the user cannot
+    write a checkpoint's record otherwise."""
+    torch.manual_seed(0)
+    model = create_model(built, 3, (1, 8, 8))
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model, arch=built, num_classes=3, image_shape=(1, 8, 8), mean=[0.5], std=[0.25],
+                    class_names=["a", "b", "c"], dataset={}, test_top1=None)
+    obj = torch.load(path, weights_only=False)
+    obj["arch"], obj["model"]["spec"] = recorded, recorded  # as the older kdpipe wrote it
+    torch.save(obj, path)
+    loaded = load_teacher(path)
+    x = torch.rand(2, 1, 8, 8)
+    assert linear_sizes(loaded.module) == linear_sizes(model)
+    assert torch.equal(loaded.module.eval()(x), model.eval()(x))
+
+
 def test_parametric_architectures_name_runs_without_make_specials():
     from kdpipe.sweep import run_name
     assert run_name("mlp:512,256", 4.0, 0.9, 0) == "mlp512x256-T4-a0.9-s0"
