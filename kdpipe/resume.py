@@ -550,7 +550,9 @@ class RunLocks:
                     raise _held_error(path, what, doing, holder)
                 if holder.get("pid") is not None and not mine:
                     self.log(f"{what}: the process that held it (pid {holder.get('pid')}) is gone")
-                data = json.dumps(me).encode()
+                # "flock": this record's process holds its flock (judged by it); a record without it is an older
+                # kdpipe's, which took none, or one of a file system without locks: judged by its pid
+                data = json.dumps({**me, **({"flock": True} if locked else {})}).encode()
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, data, 0)
                 self.held.append((path, fd))
@@ -646,10 +648,13 @@ def _read_lock_fd(fd: int) -> dict:
 def _alive_elsewhere(holder: dict, me: dict, locked: bool | None) -> bool:
     """Whether the lock's process may still be running, its flock being free (`locked` True) or unknown (None,
     no locks here): one of another host may (it cannot be checked from here); one of this host runs no more when
-    its flock was free (the kernel drops it with its process), else when its pid no longer runs."""
+    it held its flock (its record says so) and that is free (the kernel drops it with its process), else when its
+    pid no longer runs (an older kdpipe's lock, which took no flock: a free flock says nothing of it)."""
     pid = holder.get("pid")
     if not isinstance(pid, int):
         return False
     if holder.get("host") != me["host"]:
         return True
-    return locked is None and pid != me["pid"] and _pid_runs(pid)
+    if locked and holder.get("flock") is True:
+        return False
+    return pid != me["pid"] and _pid_runs(pid)

@@ -36,12 +36,13 @@ def train(work, out: Path, temperatures: str = "2,4"):
                     "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out)])
 
 
-def hold(out: Path, run: str, pid: int, host: str | None = None) -> Path:
+def hold(out: Path, run: str, pid: int, host: str | None = None, flock: bool = False) -> Path:
     """A lock file naming `pid` that no process holds (a lock left by a process that is gone, whose pid may run
-    another process now)."""
+    another process now); with `flock`, one a kdpipe that held its flock wrote (else an older kdpipe's)."""
     lock = out / run / LOCK_FILE
     lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2026-11-28 09:00:00"}))
+    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2026-11-28 09:00:00",
+                                **({"flock": True} if flock else {})}))
     return lock
 
 
@@ -132,7 +133,7 @@ def live_pid():
 def test_a_lock_naming_a_live_pid_that_no_process_holds_is_taken_over(tmp_path, live_pid):
     """A lock whose process is gone while its pid now runs another process (pids are reused, a container
     restarted gives the same ones): nothing holds it, so it is taken over, not refused until removed by hand."""
-    lock = hold(tmp_path, "a", live_pid)
+    lock = hold(tmp_path, "a", live_pid, flock=True)
     said = []
     locks = RunLocks(log=said.append)
     locks.acquire_path(lock, "run a", "trained")
@@ -140,6 +141,20 @@ def test_a_lock_naming_a_live_pid_that_no_process_holds_is_taken_over(tmp_path, 
     assert said == [f"run a: the process that held it (pid {live_pid}) is gone"]
     locks.release()
     assert not lock.exists()
+
+
+def test_a_lock_an_older_kdpipe_holds_is_refused(tmp_path, live_pid):
+    """An older kdpipe (before the flock locks) still training when kdpipe is upgraded: its lock file names its live
+    pid and it holds no flock, which older kdpipes never took. It was taken over as a lock whose process is gone, and
+    both trained the run; a lock without the record of a flock is judged by its pid, as the older kdpipe judges."""
+    lock = hold(tmp_path, "a", live_pid)
+    with pytest.raises(KDPipeError, match=f"run a is being trained by another kdpipe \\(pid {live_pid} on "):
+        RunLocks(log=lambda *a: None).acquire_path(lock, "run a", "trained")
+    assert json.loads(lock.read_text())["pid"] == live_pid
+    locks = RunLocks(log=lambda *a: None)  # what this kdpipe writes records its flock, for the next one to judge by
+    locks.acquire(tmp_path, ["b"])
+    assert json.loads((tmp_path / "b" / LOCK_FILE).read_text())["flock"] is True
+    locks.release()
 
 
 # Takes the lock file argv[1] as kdpipe does, pausing 3 s where another process could slip in ("paused" then):
