@@ -356,8 +356,10 @@ def sample_rows(shards: list[dict], rows: int, sample: int, seed: int) -> np.nda
     spans = [(s["row_start"], s["row_stop"]) for s in shards if s["row_stop"] > s["row_start"]]
     picked = rng.choice(len(spans), size=min(n, len(spans)), replace=False) if spans else []
     first = np.array([rng.integers(*spans[i]) for i in picked], dtype=np.int64)
-    rest = np.setdiff1d(np.arange(rows, dtype=np.int64), first, assume_unique=True)
-    more = rng.choice(rest, size=n - len(first), replace=False) if n > len(first) else np.zeros(0, np.int64)
+    # the rest from n + len(first) distinct rows (all rows, where fewer): at most len(first) of them are picked
+    # already; memory of the sample, not of every row index (20 million rows: a gigabyte, drawing from their array)
+    drawn = rng.choice(rows, size=min(rows, n + len(first)), replace=False).astype(np.int64)
+    more = drawn[~np.isin(drawn, first)][:n - len(first)]
     return np.sort(np.concatenate([first, more]))
 
 

@@ -365,6 +365,24 @@ def test_the_teacher_is_re_run_on_rows_of_every_shard_a_short_last_one_included(
     assert sample_rows(shards[:1], 1000, 5000, 0).tolist() == list(range(1000))  # more than it holds: all rows
 
 
+def test_drawing_the_rows_of_a_large_cache_takes_memory_of_the_sample_not_of_the_cache():
+    """The rows were drawn from an array of every row index less those picked per shard: 20 million rows (an
+    ImageNet-sized dump of many views) took a gigabyte and seconds to pick 256 rows, where uniform draws took none."""
+    import tracemalloc
+    from kdpipe.verify import sample_rows
+    rows = 20_000_000
+    shards = [{"row_start": i, "row_stop": min(rows, i + 100_000)} for i in range(0, rows, 100_000)]
+    tracemalloc.start()
+    try:
+        picked = sample_rows(shards, rows, 256, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(picked) == 256 == len(set(picked.tolist())) and picked.max() < rows
+    assert all(((picked >= s["row_start"]) & (picked < s["row_stop"])).any() for s in shards)
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB"
+
+
 def test_a_verify_of_a_cache_of_many_shards_says_it_re_ran_rows_of_each(made):
     res = verify_cli(made.cache, "--teacher", str(made.teacher), "--sample", "12")
     assert res.exit_code == 0 and "on 12 random (view, sample) rows, at least one in each shard" in res.output, \
