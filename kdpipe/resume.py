@@ -532,8 +532,13 @@ class RunLocks:
                 except PermissionError:
                     if not path.is_file():
                         raise
-                    _refuse_foreign(path, what, doing, me)  # another user's lock file, which this one cannot write
-                    raise
+                    gone = _refuse_foreign(path, what, doing, me)  # another user's lock file, which this one
+                    if gone is not None:  # cannot write: its process was gone, and it is removed (a fresh file takes it)
+                        if gone.get("pid") is not None:
+                            self.log(f"{what}: the process that held it (pid {gone.get('pid')}) is gone")
+                        continue
+                    raise KDPipeError(f"{path} is another user's lock, whose process is gone, and this user may not "
+                                      "remove it: remove it as that user (or one who may), then run again") from None
                 locked = _flock(fd)
                 if not _same_file(fd, path):  # released (removed) or taken back between the open and the flock
                     os.close(fd)
@@ -589,14 +594,15 @@ def _held_error(path: Path, what: str, doing: str, holder: dict) -> KDPipeError:
                        f"or remove {path} if that process is gone")
 
 
-def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> None:
+def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> dict | None:
     """For a lock file this user may not write (another user's): the refusal naming its holder where that one may
-    still run (its flock taken, read-only, or its pid running here); nothing where it is gone (the caller then
-    says the file cannot be written, to be removed)."""
+    still run (its flock taken, or its pid running here); where it is gone, its record once the file is removed, as
+    older kdpipes removed it (a folder the users share, which each may write), else None (the caller says to remove
+    it). The file is removed while its shared flock is held, so no process takes it over meanwhile."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        return None
     try:
         holder = _read_lock_fd(fd)
         locked = None
@@ -606,10 +612,17 @@ def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> None:
                 locked = True
             except OSError as e:
                 locked = False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+        if locked is False or _alive_elsewhere(holder, me, locked):
+            raise _held_error(path, what, doing, holder)
+        if not _same_file(fd, path):
+            return {}  # removed or replaced meanwhile: judged again
+        try:
+            path.unlink()
+        except OSError:
+            return None
+        return holder
     finally:
         os.close(fd)
-    if locked is False or _alive_elsewhere(holder, me, locked):
-        raise _held_error(path, what, doing, holder)
 
 
 def _flock(fd: int) -> bool | None:

@@ -357,3 +357,38 @@ def test_another_users_lock_is_refused_naming_its_holder(live_holder):
         assert r.stdout.startswith(f"run x is being trained by another kdpipe (pid {holder.pid}"), r.stdout + r.stderr
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_another_users_lock_whose_process_is_gone_is_taken_over_in_a_shared_folder():
+    """A lock file another user's crashed command left in a runs directory both may write: older kdpipes removed it
+    and took the run; the flock locks, which open the file for writing, failed 'cannot create the lock file:
+    Permission denied', leaving the user to find and remove it. It is removed and taken over; where the folder does
+    not let this user remove it (a sticky /tmp-like folder), the line says to remove it."""
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="kdpipe-locks-"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = ("import os, sys\nfrom pathlib import Path\n"
+            "from kdpipe import KDPipeError\nfrom kdpipe.resume import RunLocks\n"
+            "if os.geteuid() == 0:\n    os.setgid(65534); os.setuid(65534)\n"
+            "if os.geteuid() == int(sys.argv[2]):\n    print('same user'); sys.exit()\n"
+            "try:\n    RunLocks(log=print).acquire_path(Path(sys.argv[1]), 'run x', 'trained')\n"
+            "    print('took it')\nexcept KDPipeError as e:\n    print(e)\n")
+    try:
+        for mode, said in ((0o777, "took it"), (0o1777, "remove it")):
+            root.chmod(mode)
+            lock = hold(root, "", gone.pid, flock=True)
+            lock.chmod(0o644)
+            r = subprocess.run([sys.executable, "-c", code, str(lock), str(lock.stat().st_uid)], capture_output=True,
+                               text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            if r.stdout.strip() == "same user":
+                pytest.skip("needs another user than the lock file's owner")
+            assert said in r.stdout.strip().splitlines()[-1], r.stdout + r.stderr
+            if said == "took it":
+                assert f"(pid {gone.pid}) is gone" in r.stdout and json.loads(lock.read_text())["pid"] != gone.pid
+            else:
+                assert f"{lock}" in r.stdout and lock.exists() and "Permission denied" not in r.stdout
+            lock.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
