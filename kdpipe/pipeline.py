@@ -547,13 +547,18 @@ def claim_name(path, stamp_dir) -> None:
     stamp folder records the file its pipeline was made from (build/<name>/source); another file of the same name
     is refused while that one exists. A file moved (the recorded one is gone) takes the name over."""
     import os
-    here = os.path.realpath(path)
+    # recorded relative to the project (the folder of build/, runs/ and cache/), as its outputs are: a project copied
+    # with its build/ (cp -r proj proj2) owns its own files, not the original's (recorded absolute, they were refused)
+    project = os.path.realpath(Path(stamp_dir).parent.parent)
+    here_abs = os.path.realpath(path)
+    here = os.path.relpath(here_abs, project)
     source = Path(stamp_dir) / "source"
     owner = source.read_text().strip() if source.is_file() else ""
-    if owner and owner != here and os.path.isfile(owner):
+    owner_abs = os.path.realpath(os.path.join(project, owner)) if owner else ""  # an absolute one stays as it is
+    if owner and owner_abs != here_abs and os.path.isfile(owner_abs):
         name = Path(path).stem
-        raise KDPipeError(f"{path}: runs/{name}/, cache/{name}/ and {stamp_dir}/ are the pipeline {owner}'s, whose "
-                          f"teacher, cache and students make would overwrite: name this file otherwise (e.g. "
+        raise KDPipeError(f"{path}: runs/{name}/, cache/{name}/ and {stamp_dir}/ are the pipeline {owner_abs}'s, "
+                          f"whose teacher, cache and students make would overwrite: name this file otherwise (e.g. "
                           f"{name}-2.toml), or delete {source} to hand them over")
     if owner != here:
         source.parent.mkdir(parents=True, exist_ok=True)

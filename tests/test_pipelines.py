@@ -656,6 +656,31 @@ def test_two_pipeline_files_of_one_name_in_two_folders_do_not_overwrite_each_oth
     assert rules("pipelines/mine.toml").returncode == 1
 
 
+def test_a_copied_project_is_the_owner_of_its_own_pipeline_names(tmp_path):
+    """cp -r proj proj2 (build/ with it): build/mine/source named proj's pipelines/mine.toml, which exists, so
+    making pipelines/mine.toml in proj2 (its own runs/, cache/) was refused as another pipeline's outputs. The file is
+    recorded relative to the project, as runs/ and cache/ are; another file of the name in the copy is refused."""
+    import os
+    import shutil
+    text = (REPO / "pipelines" / "default.toml").read_text().replace('name = "default"\n', "")
+    proj = tmp_path / "proj"
+    (proj / "pipelines").mkdir(parents=True)
+    (proj / "pipelines" / "mine.toml").write_text(text)
+
+    def rules(where, toml):
+        return subprocess.run([sys.executable, "-m", "kdpipe.pipeline", toml, "build/mine"], cwd=where,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert rules(proj, "pipelines/mine.toml").returncode == 0
+    shutil.copytree(proj, tmp_path / "proj2")
+    r = rules(tmp_path / "proj2", "pipelines/mine.toml")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "proj2" / "exp").mkdir()
+    (tmp_path / "proj2" / "exp" / "mine.toml").write_text(text)
+    r = rules(tmp_path / "proj2", "exp/mine.toml")
+    assert r.returncode == 1 and os.path.realpath(tmp_path / "proj2" / "pipelines" / "mine.toml") in r.stderr
+    assert rules(proj, "pipelines/mine.toml").returncode == 0
+
+
 @pytest.mark.parametrize("path", ["pipelines/my exp.toml", "pipelines/mnist(2).toml", "pipelines/absent.toml"])
 def test_a_pipeline_path_make_cannot_use_is_refused_in_one_line(tmp_path, path):
     """A space in PIPELINE gave "No rule to make target 'pipelines/my'", a parenthesis a shell syntax error, a
