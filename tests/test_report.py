@@ -19,6 +19,11 @@ def table_rows(text):
             if line.startswith("| ") and not line.startswith("| model")]
 
 
+def versus_rows(text):
+    """The rows of the KD-against-scratch table."""
+    return table_rows(text[text.index("KD against its scratch twin"):].split("![")[0])
+
+
 def test_report_of_real_runs(student_runs, cache, tmp_path):
     res = build_report([student_runs.out], tmp_path / "rep")
     assert res["runs"] == 4 and res["report"] == str(tmp_path / "rep" / "report.md")
@@ -279,9 +284,11 @@ def test_kd_against_its_scratch_twin(student_runs, tmp_path):
     build_report([tmp_path / "runs"], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "KD against its scratch twin" in text
-    rows = [r for r in table_rows(text) if len(r) == 9]
-    assert rows == [["mlp_100", "kd", "2", "0.5", "3", "+0.0033", "0.0306", "2/3", "no"],
-                    ["mlp_100", "kd", "4", "0.9", "3", "+0.0400", "0.0200", "3/3", "yes"]]
+    rows = versus_rows(text)
+    assert rows == [["mlp_100", "kd", "2", "0.5", "sgd", "0.05", "2", "3", "+0.0033", "0.0306", "2/3", "no",
+                     "`mlp_100-0.5-2.0-e2` vs `mlp_100-0.0-4.0-e2`"],
+                    ["mlp_100", "kd", "4", "0.9", "sgd", "0.05", "2", "3", "+0.0400", "0.0200", "3/3", "yes",
+                     "`mlp_100-0.9-4.0-e2` vs `mlp_100-0.0-4.0-e2`"]]
     v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
     assert [x["seeds"] for x in v] == [[0, 1, 2], [0, 1, 2]]
     assert v[1]["gain"] == pytest.approx(0.04) and v[1]["larger_std"] == pytest.approx(0.01) and v[1]["clear"]
@@ -291,6 +298,35 @@ def test_kd_against_its_scratch_twin(student_runs, tmp_path):
         shutil.copytree(tmp_path / "runs" / name, one / name)
     build_report([one], tmp_path / "rep1")
     assert "scratch twin" not in (tmp_path / "rep1" / "report.md").read_text()
+
+
+def test_kd_rows_of_an_lr_sweep_say_which_lr_and_twin_they_compare(student_runs, tmp_path):
+    """--lr 0.05,0.1 gives two KD settings, each compared with the scratch twin of its own lr. The table's rows
+    showed model, loss, T and alpha only: two rows alike but for their gains, which could not be told apart."""
+    for lr, base in ((0.05, 0.80), (0.1, 0.70)):
+        for alpha, gain in ((0.0, 0.0), (0.9, 0.05 if lr == 0.05 else -0.02)):
+            for seed in (0, 1):
+                src = student_runs.out / f"mlp_100-{'scratch' if alpha == 0 else 'T4-a0.9'}-e2-s{seed}"
+                tag = "" if lr == 0.05 else "-lr0.1"
+                name = f"mlp_100-{'scratch' if alpha == 0 else 'T4-a0.9'}{tag}-e2-s{seed}"
+                d = tmp_path / "runs" / name
+                shutil.copytree(src, d)
+                m = json.loads((d / "metrics.json").read_text())
+                (d / "metrics.json").write_text(json.dumps({**m, "name": name, "lr": lr,
+                                                            "test_top1": base + gain + 0.01 * seed}))
+                cfg = json.loads((d / "config.json").read_text())
+                (d / "config.json").write_text(json.dumps({**cfg, "run": name, "lr": lr,
+                                                           "optim": {**cfg["optim"], "lr": lr}}))
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    rows = versus_rows(text)
+    assert len(rows) == 2 and len({tuple(r) for r in rows}) == 2
+    by_lr = {r[5]: r for r in rows}
+    assert by_lr["0.05"][8] == "+0.0500" and by_lr["0.05"][-1] == "`mlp_100-T4-a0.9-e2` vs `mlp_100-scratch-e2`"
+    assert by_lr["0.1"][8] == "-0.0200" and by_lr["0.1"][-1] == "`mlp_100-T4-a0.9-lr0.1-e2` vs `mlp_100-scratch-lr0.1-e2`"
+    v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
+    assert {(x["lr"], x["setting"], x["scratch_setting"]) for x in v} == {
+        (0.05, "mlp_100-T4-a0.9-e2", "mlp_100-scratch-e2"), (0.1, "mlp_100-T4-a0.9-lr0.1-e2", "mlp_100-scratch-lr0.1-e2")}
 
 
 def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_runs, tmp_path):
@@ -400,7 +436,7 @@ def test_a_diverged_seed_is_marked_in_the_kd_against_scratch_table(student_runs,
     text = (tmp_path / "rep" / "report.md").read_text()
     kd = next(r for r in table_rows(text) if len(r) == 13 and r[1] == "KD")
     assert kd[10].endswith("(1 diverged)")
-    assert [r[5] for r in table_rows(text) if len(r) == 9] == ["-0.2033 (1 diverged)"]
+    assert [r[8] for r in versus_rows(text)] == ["-0.2033 (1 diverged)"]
     assert json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"][0]["diverged"] == 1
 
 
@@ -439,7 +475,7 @@ def test_no_gain_is_not_a_clear_gain_when_every_seed_scores_alike(student_runs, 
     changes += [{"name": f"mlp_100-T4-a0.9-e2-s{s}", "seed": s, "test_top1": 1.0} for s in range(3)]
     build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert [r[5:] for r in table_rows(text) if len(r) == 9] == [["+0.0000", "0.0000", "0/3", "no"]]
+    assert [r[8:12] for r in versus_rows(text)] == [["+0.0000", "0.0000", "0/3", "no"]]
     v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
     assert v[0]["gain"] == 0 and v[0]["larger_std"] == 0 and not v[0]["clear"]
 
