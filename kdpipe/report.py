@@ -356,13 +356,13 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     errors = " (errors)" if tested else ""
     lines += [f"| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1{errors} | "
               f"agreement with teacher | best epoch (val top-1; its test top-1) | parameters | MB | CPU latency (ms/{unit}) | "
-              "training time (s) |",
-              "|" + "---|" * 17]
+              "training time (s) | run |",
+              "|" + "---|" * 18]
     for t in teachers.values():
         lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))}"
                      f"{_errors(t.get('test_top1'), tested.get(t.get('fingerprint')))} | 1.0000 | "
                      f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
-                     f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
+                     f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | | |")
     order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"] or 0,
                                         r["temperature"] or 0, _setting(r), r["seed"]))
     for r in order:
@@ -375,7 +375,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                      f"{_fmt(r.get('teacher_agreement'))} | "
                      f"{_best(best)} | "
                      f"{r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
-                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} |")
+                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} | `{r['name']}` |")
     groups = defaultdict(list)
     for r in runs:
         groups[(r.get("dataset", "?"), _setting(r))].append(r)
@@ -397,8 +397,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     if any(s["n"] > 1 for s in summary):
         lines += ["", "Each setting over its seeds (mean ± sample std; n runs):", "",
                   "| model | role | loss | T | alpha | optimizer | lr | epochs | dataset | n | test top-1 | agreement | "
-                  "training time (s, mean) |",
-                  "|" + "---|" * 13]
+                  "training time (s, mean) | setting |",
+                  "|" + "---|" * 14]
         for s in summary:
             lines.append(f"| {s['arch']}{_variant({'_variant': s['variant']})} | "
                          f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
@@ -406,7 +406,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | "
                          f"{_pm(s['test_top1_mean'], s['test_top1_std'])}{_diverged_runs(s['diverged'])}"
                          + f" | {_pm(s['agreement_mean'], s['agreement_std'])} | "
-                         f"{s['train_s_mean']:.1f} |")
+                         f"{s['train_s_mean']:.1f} | `{s['setting']}` |")
     lines += _ensembles(runs)
     versus = versus_scratch(groups)
     if versus:
