@@ -923,7 +923,12 @@ def make_rules_cmd(pipeline, stamps):
 
 @main.command("compress")
 @click.option("--teacher", "teacher_file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="The teacher: a kdpipe checkpoint (it records the architecture and the input normalization).")
+              help="The teacher: a kdpipe checkpoint (it records the architecture and the input normalization), "
+                   "or a state dict or .safetensors file with --teacher-arch and its normalization.")
+@click.option("--teacher-arch", default=None, metavar="SPEC",
+              help="Architecture that a state-dict or safetensors teacher file fills: " + ARCH_SPEC_HELP + ".")
+@arch_args_option
+@normalization_options
 @data_options
 @click.option("--students", "students_dir", type=click.Path(file_okay=False), multiple=True, metavar="RUNS_DIR",
               help="Also measure the distilled students trained into RUNS_DIR (and each of them int8-quantized); "
@@ -958,7 +963,7 @@ def make_rules_cmd(pipeline, stamps):
                    "measurement (accuracy, latency, quantization) is on the CPU.")
 @click.option("--out", required=True, type=OutPath(), metavar="DIR",
               help="Where to write compress.md, compress.json, compress.png and models/.")
-def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, students_dir, quantize, backend, calibration, prune,
+def compress_cmd(teacher_file, teacher_arch, arch_args, mean, std, input_range, normalize, data_spec, data_root, image_size, resize, limit, students_dir, quantize, backend, calibration, prune,
                  sparsities, finetune_epochs, finetune_loss, finetune_samples, lr, repeats, seed, device, out):
     """Compare distillation with int8 quantization and magnitude pruning of the same teacher: one row per
     model (test top-1, agreement with the teacher, parameters, size on disk, CPU latency per image, or per
@@ -982,8 +987,9 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
     if prn:  # the options first (as compress() checks them), then the teacher, then the data
         from kdpipe.engine import OptimConfig
         OptimConfig(lr=lr)
-    from kdpipe.export import require_checkpoint
-    require_checkpoint(teacher_file)  # a state dict is refused before the data is decoded, not after
+    from kdpipe.compress import check_teacher_file
+    own = teacher_arch is not None or arch_args is not None or any(v for v in (mean, std, input_range, normalize))
+    check_teacher_file(teacher_file, teacher_arch, own=own and teacher_arch is None)  # before the data is decoded
     full_train = load_dataset(data_spec, "train", data_root, image_size, resize)
     train = limited(full_train, limit)
     test = limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
@@ -991,7 +997,8 @@ def compress_cmd(teacher_file, data_spec, data_root, image_size, resize, limit, 
                    quantize=quant, prune=prn, sparsities=_flatten(sparsities) or (0.5, 0.8), backend=backend,
                    calibration=calibration, finetune_epochs=finetune_epochs, finetune_loss=finetune_loss,
                    finetune_samples=finetune_samples, lr=lr, repeats=repeats, seed=seed,
-                   device=pick_device(device), log=click.echo)
+                   device=pick_device(device), teacher_arch=teacher_arch, arch_args=arch_args,
+                   mean=mean, std=std, input_range=input_range, normalize=normalize, log=click.echo)
     click.echo(f"{res['rows']} model(s): {res['table']} ({res['json']}, plot {res['plot']})")
 
 

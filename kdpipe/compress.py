@@ -422,10 +422,14 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
              quantize=QUANT_KINDS, prune=PRUNE_KINDS, sparsities=(0.5, 0.8), backend: str = "x86",
              calibration: int = 256, finetune_epochs: int = 1, finetune_loss: str = "kd",
              finetune_samples: int | None = None, batch_size: int = 128, lr: float = 0.01, repeats: int = 20,
-             seed: int = 0, device="cpu", full_train: ImageData | None = None, log=print) -> dict:
+             seed: int = 0, device="cpu", full_train: ImageData | None = None, teacher_arch: str | None = None,
+             arch_args=None, mean=None, std=None, input_range: str | None = None, normalize: str | None = None,
+             log=print) -> dict:
     """Build, measure and tabulate every compressed model; write compress.md/.json/.png under `out`.
     `full_train`: the whole train split that `train` was limited from (default `train`), against which each
-    student's recorded training data is checked (with the student's own limit)."""
+    student's recorded training data is checked (with the student's own limit). `teacher_arch` (with
+    `arch_args`) and the normalization (`mean`/`std`, `input_range` or `normalize`, as dump-logits takes them):
+    for a teacher given as a state dict or safetensors file (load_weights_teacher)."""
     for q in quantize:
         if q not in QUANT_KINDS:
             raise KDPipeError(f"unknown quantization {q!r}: use {', '.join(QUANT_KINDS)}")
@@ -441,7 +445,12 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
             raise KDPipeError(f"sparsities must lie strictly between 0 and 1, got {s:g}")
     if finetune_epochs > 0 and prune:
         OptimConfig(lr=lr)  # a bad --lr is refused now, not after the teacher's measurements
-    teacher = load_model(teacher_path)
+    if teacher_arch is None and (mean, std, input_range, normalize) == (None, None, None, None) and arch_args is None:
+        teacher = load_model(teacher_path)
+    else:
+        teacher = load_weights_teacher(teacher_path, teacher_arch, arch_args, full_train if full_train is not None
+                                       else train, test, mean=mean, std=std, input_range=input_range,
+                                       normalize=normalize)
     check_resize(teacher, test, "compress")  # its rows measured on photos brought to size otherwise than it saw
     dirs = [students_dir] if isinstance(students_dir, (str, os.PathLike)) else list(students_dir or [])
     students = [s for d in dirs for s in _students(d)]  # each a RUNS_DIR, or one run (a pipeline's runs, named)
@@ -567,6 +576,63 @@ def compress(teacher_path, train: ImageData, test: ImageData, out, *, students_d
     atomic_write_bytes(out / "compress.md", _markdown(doc, plot).encode())
     return {"table": str(out / "compress.md"), "json": str(out / "compress.json"), "plot": str(plot),
             "rows": len(results)}
+
+
+def check_teacher_file(path, arch: str | None, own: bool = False) -> None:
+    """Refuse, in one line and before the data is decoded, a --teacher compress cannot read as given: weights alone
+    (a state dict, safetensors) without --teacher-arch, or a kdpipe checkpoint given options (`own`: --teacher-arch,
+    --arch-args or a normalization) that it records itself. TorchScript and torch.export programs are refused: their
+    networks cannot be pruned or quantized by module."""
+    from kdpipe.checkpoint import sniff
+    from kdpipe.export import require_checkpoint, resolve_model
+    f = resolve_model(path)
+    kind = sniff(f)
+    weights = kind == "safetensors" or f.suffix == ".safetensors" or kind == "torch" and not _is_checkpoint_file(f)
+    if weights:
+        if arch is None:
+            raise KDPipeError(f"{f} holds weights alone ({'safetensors' if kind == 'safetensors' else 'a state dict'}): "
+                              "give --teacher-arch SPEC (with --arch-args) and its input normalization (--mean/--std, "
+                              "--input-range or --normalize), as to dump-logits")
+        return
+    require_checkpoint(f)
+    if own:
+        raise KDPipeError(f"{f} is a kdpipe checkpoint, which records its architecture and input normalization: drop "
+                          "--teacher-arch, --arch-args and --mean/--std, --input-range or --normalize")
+
+
+def _is_checkpoint_file(f: Path) -> bool:
+    from kdpipe.export import _is_checkpoint
+    return _is_checkpoint(f)
+
+
+def load_weights_teacher(path, arch, arch_args, train: ImageData, test: ImageData, *, mean=None, std=None,
+                         input_range=None, normalize=None) -> LoadedModel:
+    """A teacher of weights alone (a state dict or safetensors file, as dump-logits takes it with --teacher-arch)
+    made into what compress measures: its network bare (the logits it returns are the teacher's: torch.fx traces
+    it for static quantization and channel pruning), the normalization given, and the data's classes and storage
+    (for its card). Any other file is refused: a kdpipe checkpoint records its own architecture and normalization."""
+    from kdpipe.checkpoint import load_teacher
+    from kdpipe.normalization import resolve_input
+    check_teacher_file(path, arch, own=True)
+    teacher = load_teacher(path, arch=arch, arch_args=arch_args, image_shape=tuple(test.image_shape),
+                           num_classes=test.num_classes)
+    if teacher.kind not in ("state_dict", "safetensors"):
+        raise KDPipeError(f"{path} is a {teacher.kind} file: compress takes a kdpipe checkpoint, or a state dict or "
+                          "safetensors file with --teacher-arch")
+    norm = resolve_input(teacher, tuple(test.image_shape), mean=mean, std=std, input_range=input_range,
+                         preset=normalize)
+    module = teacher.module
+    inner = getattr(module, "inner", None)
+    if isinstance(inner, nn.Module):
+        with torch.no_grad():  # a network that returns a tensor is measured, quantized and pruned as itself
+            probe = inner.eval()(torch.zeros((2, *test.image_shape)))
+        if isinstance(probe, torch.Tensor) and probe.shape == (2, test.num_classes):
+            module = inner
+    teacher.module = module.eval()
+    teacher.mean, teacher.std = list(norm["mean"]), list(norm["std"])
+    teacher.info = {"class_names": list(test.class_names), "dataset": train.identity(),
+                    "normalization": norm, "kind": teacher.kind}
+    return teacher
 
 
 def _check_fx(model: nn.Module, quantize, prune) -> None:

@@ -357,13 +357,13 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     errors = " (errors)" if tested else ""
     lines += [f"| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1{errors} | "
               f"agreement with teacher | best epoch (val top-1; its test top-1) | parameters | MB | CPU latency (ms/{unit}) | "
-              "training time (s) |",
-              "|" + "---|" * 17]
+              "training time (s) | run |",
+              "|" + "---|" * 18]
     for t in teachers.values():
         lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))}"
                      f"{_errors(t.get('test_top1'), tested.get((t.get('fingerprint'), t['dataset'])))} | 1.0000 | "
                      f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
-                     f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | |")
+                     f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | | |")
     order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"] or 0,
                                         r["temperature"] or 0, _setting(r), r["seed"]))
     for r in order:
@@ -376,7 +376,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                      f"{_fmt(r.get('teacher_agreement'))} | "
                      f"{_best(best)} | "
                      f"{r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
-                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} |")
+                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} | `{r['name']}` |")
     groups = defaultdict(list)
     for r in runs:
         groups[(r.get("dataset", "?"), _setting(r))].append(r)
@@ -398,8 +398,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     if any(s["n"] > 1 for s in summary):
         lines += ["", "Each setting over its seeds (mean ± sample std; n runs):", "",
                   "| model | role | loss | T | alpha | optimizer | lr | epochs | dataset | n | test top-1 | agreement | "
-                  "training time (s, mean) |",
-                  "|" + "---|" * 13]
+                  "training time (s, mean) | setting |",
+                  "|" + "---|" * 14]
         for s in summary:
             lines.append(f"| {s['arch']}{_variant({'_variant': s['variant']})} | "
                          f"{'scratch' if s['scratch'] else 'KD'} | {s['loss']} | "
@@ -407,19 +407,26 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                          f"{s['epochs'] or ''} | {s['dataset']} | {s['n']} | "
                          f"{_pm(s['test_top1_mean'], s['test_top1_std'])}{_diverged_runs(s['diverged'])}"
                          + f" | {_pm(s['agreement_mean'], s['agreement_std'])} | "
-                         f"{s['train_s_mean']:.1f} |")
+                         f"{s['train_s_mean']:.1f} | `{s['setting']}` |")
     lines += _ensembles(runs)
     versus = versus_scratch(groups)
     if versus:
+        # optimizer, lr and epochs as in the table above, and the two settings by name: KD settings that differ
+        # only there (an --lr sweep, two caches, a batch size) gave rows that could not be told apart
         lines += ["", "KD against its scratch twin (same architecture, training settings and seeds; a clear gain "
                   "is a positive mean gain of at least twice the larger of the two sample standard deviations):", "",
-                  "| model | loss | T | alpha | seeds | gain in test top-1 | 2 × larger std | wins | clear gain |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | loss | T | alpha | optimizer | lr | epochs | seeds | gain in test top-1 | 2 × larger std "
+                  "| wins | clear gain | KD setting vs scratch twin |",
+                  "|" + "---|" * 13]
         for v in versus:
-            lines.append(f"| {v['arch']} | {v['loss']} | {_num(v['temperature'])} | {_num(v['alpha'])} | "
+            on = _on(v["dataset"], len(datasets) > 1)
+            lines.append(f"| {v['arch']}{_variant({'_variant': v['variant']})} | {v['loss']} | "
+                         f"{_num(v['temperature'])} | {_num(v['alpha'])} | {v['optimizer']} | {_num(v['lr'])} | "
+                         f"{v['epochs'] or ''} | "
                          f"{len(v['seeds'])} | {v['gain']:+.4f}{_diverged_runs(v['diverged'])} | "
                          f"{2 * v['larger_std']:.4f} | "
-                         f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} |")
+                         f"{v['wins']}/{len(v['seeds'])} | {'yes' if v['clear'] else 'no'} | "
+                         f"`{v['setting']}` vs `{v['scratch_setting']}`{on} |")
     if unfinished:
         lines += ["", "Unfinished (not in the tables above; their train-student command, run again, resumes them): "
                   + ", ".join(f"`{Path(u).name}`" for u in unfinished) + "."]
@@ -466,7 +473,7 @@ def versus_scratch(groups) -> list[dict]:
         if _scratch(rs[0]):
             scratch[_twin_key(rs[0])].append(rs)
     out = []
-    for (_, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _group_order(kv[1][0]), kv[0][1])):
+    for (dataset, setting), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _group_order(kv[1][0]), kv[0][1])):
         twins = scratch.get(_twin_key(rs[0]), [])
         if _scratch(rs[0]) or len(twins) != 1:
             continue
@@ -478,8 +485,10 @@ def versus_scratch(groups) -> list[dict]:
         (kd_mean, kd_std), (sc_mean, sc_std) = (_mean_std([d[s] for s in seeds]) for d in (kd, base))
         larger = max(kd_std, sc_std)
         r0, gain = rs[0], kd_mean - sc_mean
-        out.append({"arch": r0["arch"], "loss": _loss(r0), "alpha": r0["alpha"], "temperature": r0["temperature"],
-                    "seeds": seeds, "gain": gain, "larger_std": larger,
+        out.append({"setting": setting, "scratch_setting": _setting(twins[0][0]), "dataset": dataset,
+                    "arch": r0["arch"], "variant": r0.get("_variant"), "loss": _loss(r0), "alpha": r0["alpha"],
+                    "temperature": r0["temperature"], "optimizer": r0.get("optimizer", "sgd"), "lr": r0.get("lr"),
+                    "epochs": r0.get("epochs"), "seeds": seeds, "gain": gain, "larger_std": larger,
                     "wins": sum(kd[s] > base[s] for s in seeds), "clear": gain > 0 and gain >= 2 * larger,
                     "diverged": sum(bool(r.get("diverged_epoch")) for r in rs + twins[0] if r["seed"] in seeds)})
     return out

@@ -798,4 +798,40 @@ def test_a_teacher_that_is_not_a_kdpipe_checkpoint_is_refused_before_the_data_is
     torch.save(create_model("mlp_100", 10, (1, 28, 28)).state_dict(), tmp_path / "w.pth")
     res = run_cli(["compress", "--teacher", tmp_path / "w.pth", "--data", f"imagefolder:{tmp_path / 'absent'}",
                    "--image-size", 32, "--out", tmp_path / "c"])
-    assert_one_line_error(res, "w.pth is a state dict", "export and compress need a kdpipe checkpoint")
+    assert_one_line_error(res, "w.pth holds weights alone (a state dict): give --teacher-arch SPEC",
+                          "and its input normalization (--mean/--std, --input-range or --normalize)")
+
+
+def test_a_state_dict_teacher_with_its_arch_and_normalization_is_compressed_as_its_checkpoint(fmnist, teacher_ckpt,
+                                                                                              tmp_path):
+    """A teacher saved as a state dict (torchvision-style training scripts), dumped with --teacher-arch and --mean/--std,
+    could not be compressed: compress took kdpipe checkpoints only, and said so without a way to go on. With
+    --teacher-arch and the normalization, as dump-logits takes them, its rows equal those of the same weights in a
+    kdpipe checkpoint; a checkpoint given them is refused (it records its own)."""
+    from test_reliability_helpers import assert_one_line_error, run_cli
+    t = load_model(teacher_ckpt)
+    torch.save(t.module.state_dict(), tmp_path / "w.pth")
+    common = ["--data", fmnist.spec, "--quantize", "static", "--prune", "channels", "--sparsity", "0.5",
+              "--finetune-epochs", "0", "--calibration", "32", "--repeats", "1"]
+    ok = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), *common, "--out", str(tmp_path / "a")])
+    assert ok.exit_code == 0, ok.output
+    norm = ["--mean", ",".join(map(str, t.mean)), "--std", ",".join(map(str, t.std))]
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(tmp_path / "w.pth"), "--teacher-arch", t.arch, *norm,
+                                  *common, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    rows = [{x["name"]: x for x in json.loads((tmp_path / d / "compress.json").read_text())["rows"]} for d in "ab"]
+    assert set(rows[0]) == set(rows[1]) == {"teacher", "teacher-int8-static", "teacher-prune-channels-50"}
+    for name in rows[0]:
+        assert rows[1][name]["test_top1"] == rows[0][name]["test_top1"], name
+        assert rows[1][name]["available"], rows[1][name]["note"]
+    card = json.loads((tmp_path / "b" / "models" / "teacher.pt.json").read_text())
+    assert card["class_names"] == load_model(teacher_ckpt).info["class_names"]
+    assert card["normalization_inside"] == {"mean": t.mean, "std": t.std}
+    # without the normalization: dump-logits' one line naming the options
+    res = run_cli(["compress", "--teacher", tmp_path / "w.pth", "--teacher-arch", t.arch, *common, "--out",
+                   tmp_path / "c"])
+    assert_one_line_error(res, "does not record the input normalization")
+    res = run_cli(["compress", "--teacher", teacher_ckpt, "--teacher-arch", t.arch, *common, "--out", tmp_path / "d"])
+    assert_one_line_error(res, "is a kdpipe checkpoint", "drop --teacher-arch")
+    res = run_cli(["compress", "--teacher", teacher_ckpt, *norm, *common, "--out", tmp_path / "e"])
+    assert_one_line_error(res, "is a kdpipe checkpoint, which records its architecture and input normalization")

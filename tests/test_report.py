@@ -19,6 +19,11 @@ def table_rows(text):
             if line.startswith("| ") and not line.startswith("| model")]
 
 
+def versus_rows(text):
+    """The rows of the KD-against-scratch table."""
+    return table_rows(text[text.index("KD against its scratch twin"):].split("![")[0])
+
+
 def test_report_of_real_runs(student_runs, cache, tmp_path):
     res = build_report([student_runs.out], tmp_path / "rep")
     assert res["runs"] == 4 and res["report"] == str(tmp_path / "rep" / "report.md")
@@ -40,7 +45,7 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     t1 = manifest['teacher']['test_top1']
     assert teacher[0][10] == f"{t1:.4f} ({round((1 - t1) * n_test):,})"
     assert teacher[0][13] == f"{manifest['teacher']['parameters']:,}"
-    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 17]
+    students = [r for r in rows if r[1] in ("KD", "scratch") and len(r) == 18]
     assert len(students) == 4
     metrics = {(m["alpha"], m["seed"]): m for m in student_runs.results}
     for r in students:
@@ -58,7 +63,7 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     for alpha, role in ((0.0, "scratch"), (0.9, "KD")):
         accs = [metrics[(alpha, s)]["test_top1"] for s in (0, 1)]
         cell = f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}"
-        assert any(r[1] == role and r[2] == "kd" and r[9] == "2" and r[10] == cell for r in rows if len(r) == 13), cell
+        assert any(r[1] == role and r[2] == "kd" and r[9] == "2" and r[10] == cell for r in rows if len(r) == 14), cell
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert len(summary["groups"]) == 2 and len(summary["runs"]) == 4
     # Plots: real PNG images, linked from the report.
@@ -120,7 +125,7 @@ def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tm
         (d / "metrics.json").write_text(json.dumps(m))
     build_report([tmp_path / "runs"], tmp_path / "rep")
     rows = table_rows((tmp_path / "rep" / "report.md").read_text())
-    students = {r[2]: r for r in rows if r[1] != "teacher" and len(r) == 17}
+    students = {r[2]: r for r in rows if r[1] != "teacher" and len(r) == 18}
     assert students["kd"][1:5] == ["KD", "kd", "4", "0.9"]
     assert students["dkd (beta 8, warmup 20)"][1:5] == ["KD", "dkd (beta 8, warmup 20)", "4", "0"]
 
@@ -150,9 +155,9 @@ def test_a_new_loss_without_alpha_is_reported(cache, tmp_path):
         del losses._LOSSES["test-l2"]
     build_report([tmp_path / "runs"], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
-    students = [r for r in table_rows(text) if r[1] != "teacher" and len(r) == 17]
+    students = [r for r in table_rows(text) if r[1] != "teacher" and len(r) == 18]
     assert [r[1:5] for r in students] == [["KD", "test-l2 (weight 0.5)", "", ""]] * 2
-    settings = [r for r in table_rows(text) if len(r) == 13]  # each setting over its seeds
+    settings = [r for r in table_rows(text) if len(r) == 14]  # each setting over its seeds
     assert [r[1:5] + r[9:10] for r in settings] == [["KD", "test-l2 (weight 0.5)", "", "", "2"]], text
 
 
@@ -191,7 +196,7 @@ def test_mixed_datasets_are_refused_unless_asked(student_runs, tmp_path):
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
     r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "rep"), "--mix-datasets"])
     assert r.exit_code == 0, r.output
-    rows = [x for x in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(x) == 17]
+    rows = [x for x in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(x) == 18]
     assert "npz:/other.npz" in {x[9] for x in rows} and len({x[9] for x in rows if x[1] != "teacher"}) == 2
 
 
@@ -210,7 +215,7 @@ def test_runs_of_one_spec_stored_otherwise_are_other_datasets(student_runs, cach
     with pytest.raises(KDPipeError, match=re.escape(f"2 datasets ({spec} (32 px), {spec} (64 px))")):
         build_report([runs], tmp_path / "rep")
     build_report([runs], tmp_path / "rep", mix_datasets=True)
-    rows = [r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 17]
+    rows = [r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 18]
     assert sorted((r[9], r[10].split(" (")[0]) for r in rows if r[1] == "teacher") == [(f"{spec} (32 px)", "0.5000"),
                                                                                       (f"{spec} (64 px)", "0.7000")]
     # stored alike, other contents (the folder changed since): told apart by their data
@@ -240,7 +245,7 @@ def test_thirty_runs_stay_readable(student_runs, tmp_path, monkeypatch):
     res = build_report([runs], tmp_path / "rep")
     assert res["runs"] == 30
     text = (tmp_path / "rep" / "report.md").read_text()
-    agg = [r for r in table_rows(text) if len(r) == 13]
+    agg = [r for r in table_rows(text) if len(r) == 14]
     assert len(agg) == 10 and all(r[9] == "3" for r in agg)
     assert any(r[10] == "0.5100 ± 0.0100" for r in agg)
     # the bar chart: one bar per setting plus the teacher, axis from 0, every value written
@@ -279,9 +284,11 @@ def test_kd_against_its_scratch_twin(student_runs, tmp_path):
     build_report([tmp_path / "runs"], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "KD against its scratch twin" in text
-    rows = [r for r in table_rows(text) if len(r) == 9]
-    assert rows == [["mlp_100", "kd", "2", "0.5", "3", "+0.0033", "0.0306", "2/3", "no"],
-                    ["mlp_100", "kd", "4", "0.9", "3", "+0.0400", "0.0200", "3/3", "yes"]]
+    rows = versus_rows(text)
+    assert rows == [["mlp_100", "kd", "2", "0.5", "sgd", "0.05", "2", "3", "+0.0033", "0.0306", "2/3", "no",
+                     "`mlp_100-0.5-2.0-e2` vs `mlp_100-0.0-4.0-e2`"],
+                    ["mlp_100", "kd", "4", "0.9", "sgd", "0.05", "2", "3", "+0.0400", "0.0200", "3/3", "yes",
+                     "`mlp_100-0.9-4.0-e2` vs `mlp_100-0.0-4.0-e2`"]]
     v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
     assert [x["seeds"] for x in v] == [[0, 1, 2], [0, 1, 2]]
     assert v[1]["gain"] == pytest.approx(0.04) and v[1]["larger_std"] == pytest.approx(0.01) and v[1]["clear"]
@@ -291,6 +298,65 @@ def test_kd_against_its_scratch_twin(student_runs, tmp_path):
         shutil.copytree(tmp_path / "runs" / name, one / name)
     build_report([one], tmp_path / "rep1")
     assert "scratch twin" not in (tmp_path / "rep1" / "report.md").read_text()
+
+
+def test_kd_rows_of_an_lr_sweep_say_which_lr_and_twin_they_compare(student_runs, tmp_path):
+    """--lr 0.05,0.1 gives two KD settings, each compared with the scratch twin of its own lr. The table's rows
+    showed model, loss, T and alpha only: two rows alike but for their gains, which could not be told apart."""
+    for lr, base in ((0.05, 0.80), (0.1, 0.70)):
+        for alpha, gain in ((0.0, 0.0), (0.9, 0.05 if lr == 0.05 else -0.02)):
+            for seed in (0, 1):
+                src = student_runs.out / f"mlp_100-{'scratch' if alpha == 0 else 'T4-a0.9'}-e2-s{seed}"
+                tag = "" if lr == 0.05 else "-lr0.1"
+                name = f"mlp_100-{'scratch' if alpha == 0 else 'T4-a0.9'}{tag}-e2-s{seed}"
+                d = tmp_path / "runs" / name
+                shutil.copytree(src, d)
+                m = json.loads((d / "metrics.json").read_text())
+                (d / "metrics.json").write_text(json.dumps({**m, "name": name, "lr": lr,
+                                                            "test_top1": base + gain + 0.01 * seed}))
+                cfg = json.loads((d / "config.json").read_text())
+                (d / "config.json").write_text(json.dumps({**cfg, "run": name, "lr": lr,
+                                                           "optim": {**cfg["optim"], "lr": lr}}))
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    rows = versus_rows(text)
+    assert len(rows) == 2 and len({tuple(r) for r in rows}) == 2
+    by_lr = {r[5]: r for r in rows}
+    assert by_lr["0.05"][8] == "+0.0500" and by_lr["0.05"][-1] == "`mlp_100-T4-a0.9-e2` vs `mlp_100-scratch-e2`"
+    assert by_lr["0.1"][8] == "-0.0200" and by_lr["0.1"][-1] == "`mlp_100-T4-a0.9-lr0.1-e2` vs `mlp_100-scratch-lr0.1-e2`"
+    v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
+    assert {(x["lr"], x["setting"], x["scratch_setting"]) for x in v} == {
+        (0.05, "mlp_100-T4-a0.9-e2", "mlp_100-scratch-e2"), (0.1, "mlp_100-T4-a0.9-lr0.1-e2", "mlp_100-scratch-lr0.1-e2")}
+
+
+def test_settings_that_differ_only_in_a_hashed_setting_have_rows_told_apart(student_runs, tmp_path):
+    """Two train-student calls into one --out with another --weight-decay: the run names differ by their hash
+    (mlp_100-T4-a0.9-e2-h...-s0) and nothing else in the table does. Every row of the per-run and per-setting
+    tables was the same as another but for its numbers; each now ends with its run's or setting's name."""
+    for tag, base in (("", 0.80), ("-habc123", 0.70)):
+        for kind in ("scratch", "T4-a0.9"):
+            for seed in (0, 1):
+                src = student_runs.out / f"mlp_100-{kind}-e2-s{seed}"
+                name = f"mlp_100-{kind}-e2{tag}-s{seed}"
+                d = tmp_path / "runs" / name
+                shutil.copytree(src, d)
+                m = json.loads((d / "metrics.json").read_text())
+                (d / "metrics.json").write_text(json.dumps({**m, "name": name, "test_top1": base + 0.01 * seed}))
+                cfg = json.loads((d / "config.json").read_text())
+                wd = 1e-3 if tag else cfg["optim"]["weight_decay"]
+                (d / "config.json").write_text(json.dumps({**cfg, "run": name,
+                                                           "optim": {**cfg["optim"], "weight_decay": wd}}))
+    build_report([tmp_path / "runs"], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    runs = [r for r in table_rows(text) if len(r) == 18 and r[1] != "teacher"]
+    settings = [r for r in table_rows(text.split("KD against")[0]) if len(r) == 14]
+    assert len(runs) == 8 and len({tuple(r[:10]) for r in runs}) == 4  # alike in every setting shown before
+    assert {r[-1] for r in runs} == {f"`mlp_100-{k}-e2{t}-s{s}`" for k in ("scratch", "T4-a0.9")
+                                    for t in ("", "-habc123") for s in (0, 1)}
+    assert {r[-1]: r[10] for r in settings} == {"`mlp_100-scratch-e2`": "0.8050 ± 0.0071",
+                                                "`mlp_100-T4-a0.9-e2`": "0.8050 ± 0.0071",
+                                                "`mlp_100-scratch-e2-habc123`": "0.7050 ± 0.0071",
+                                                "`mlp_100-T4-a0.9-e2-habc123`": "0.7050 ± 0.0071"}
 
 
 def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_runs, tmp_path):
@@ -317,7 +383,7 @@ def test_runs_of_one_name_from_two_caches_are_not_seeds_of_one_setting(student_r
     assert all(g["n"] == 2 and g["seeds"] == [0, 1] for g in groups.values())
     assert groups["mlp_100-T4-a0.9-e2 [teacher-b]"]["test_top1_mean"] == pytest.approx(0.755)
     assert [v["gain"] for v in summary["versus_scratch"]] == pytest.approx([0.05, 0.05])
-    roles = {r[1] for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 17}
+    roles = {r[1] for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 18}
     assert {"KD from teacher-a (cnn_small)", "scratch, views of teacher-b"} <= roles
     build_report([tmp_path / "teacher-a"], tmp_path / "rep-a")
     assert {g["setting"] for g in json.loads((tmp_path / "rep-a" / "summary.json").read_text())["groups"]} == {
@@ -379,7 +445,7 @@ def test_a_setting_of_one_run_has_no_std_not_a_std_of_zero(student_runs, tmp_pat
     for name in ("mlp_100-scratch-e2-s0", "mlp_100-T4-a0.9-e2-s0", "mlp_100-T4-a0.9-e2-s1"):
         shutil.copytree(student_runs.out / name, tmp_path / "runs" / name)
     res = build_report([tmp_path / "runs"], tmp_path / "rep")
-    rows = {r[1]: r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 13}
+    rows = {r[1]: r for r in table_rows((tmp_path / "rep" / "report.md").read_text()) if len(r) == 14}
     m = json.loads((tmp_path / "runs" / "mlp_100-scratch-e2-s0" / "metrics.json").read_text())
     assert rows["scratch"][9:12] == ["1", f"{m['test_top1']:.4f} (one value: no std)",
                                      f"{m['teacher_agreement']:.4f} (one value: no std)"]
@@ -398,9 +464,9 @@ def test_a_diverged_seed_is_marked_in_the_kd_against_scratch_table(student_runs,
     changes[4].update(diverged_epoch=2, test_top1=0.1)
     build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
-    kd = next(r for r in table_rows(text) if len(r) == 13 and r[1] == "KD")
+    kd = next(r for r in table_rows(text) if len(r) == 14 and r[1] == "KD")
     assert kd[10].endswith("(1 diverged)")
-    assert [r[5] for r in table_rows(text) if len(r) == 9] == ["-0.2033 (1 diverged)"]
+    assert [r[8] for r in versus_rows(text)] == ["-0.2033 (1 diverged)"]
     assert json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"][0]["diverged"] == 1
 
 
@@ -439,7 +505,7 @@ def test_no_gain_is_not_a_clear_gain_when_every_seed_scores_alike(student_runs, 
     changes += [{"name": f"mlp_100-T4-a0.9-e2-s{s}", "seed": s, "test_top1": 1.0} for s in range(3)]
     build_report([_copies(student_runs, tmp_path, changes)], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert [r[5:] for r in table_rows(text) if len(r) == 9] == [["+0.0000", "0.0000", "0/3", "no"]]
+    assert [r[8:12] for r in versus_rows(text)] == [["+0.0000", "0.0000", "0/3", "no"]]
     v = json.loads((tmp_path / "rep" / "summary.json").read_text())["versus_scratch"]
     assert v[0]["gain"] == 0 and v[0]["larger_std"] == 0 and not v[0]["clear"]
 
