@@ -260,13 +260,15 @@ def _check_teachers(path, spec: dict) -> list[str] | None:
         if name in names:
             raise KDPipeError(f"{path}: two [[teacher]] entries are named {name!r}: give each its own name")
         names.append(name)
-    other_kind = sorted(set(entries[0]) & {"arch", "trust_pickle", "mean", "std", "input_range", "normalize"})
-    if names is None and "compress" in spec and "file" in entries[0] and other_kind:
-        # failed at the last step, once the teacher was cached and every student trained
-        raise KDPipeError(f"{path}: [compress] needs a kdpipe checkpoint teacher (train-teacher's), which records its "
-                          f"architecture and normalization, and [teacher] gives file with {', '.join(other_kind)}: "
-                          "another kind of file (a state dict, TorchScript, ...), which compress cannot read: drop "
-                          "[compress], or train the teacher here (arch, epochs, ...)")
+    t0 = entries[0]
+    program = "arch" not in t0 and bool(set(t0) & {"trust_pickle", "mean", "std", "input_range", "normalize"})
+    if names is None and "compress" in spec and "file" in t0 and (program or t0.get("trust_pickle")):
+        # failed at the last step, once the teacher was cached and every student trained. A state dict (file with
+        # arch) is compressed with its arch and normalization; a program (TorchScript, ...) or pickle cannot be
+        raise KDPipeError(f"{path}: [compress] takes a kdpipe checkpoint teacher, or a state dict with arch and its "
+                          "normalization, and [teacher] gives a file without arch (TorchScript, a pickled module, "
+                          "...), which compress cannot prune or quantize: drop [compress], or train the teacher here "
+                          "(arch, epochs, ...)")
     if names is not None and "compress" in spec:
         raise KDPipeError(f"{path}: [compress] compares students with one teacher, and this pipeline has "
                           f"{len(names)} ([[teacher]]): run `kdpipe compress --teacher FILE --students DIR` for the "
@@ -443,8 +445,12 @@ def make_rules(spec: dict, stamp_dir: str | None = None) -> str:
         target = f"{runs_dir}/compress/compress.md"
         kinds = [x for key in ("quantize", "prune") if key in c for k in _listify(c[key]) for x in (f"--{key}", k)]
         teacher = teacher_files[None]  # [compress] needs one teacher (load_pipeline)
+        t = spec["teacher"]  # a state dict (file with arch): compress reads it as dump-logits does
+        weights = (["--teacher-arch", t["arch"]] + _arch_args(t, f"teacher {t['file']}") + _opts(t, {
+            "mean": "mean", "std": "std", "input_range": "input-range", "normalize": "normalize"})
+            if "file" in t and "arch" in t else [])
         lines += rule(target, [teacher] + all_metrics, f"$(KDPIPE) compress --teacher {teacher} {q(data_opts)} "
-                      + q(kinds + _opts(c, {"backend": "backend", "calibration": "calibration", "sparsity": "sparsity",
+                      + q(weights + kinds + _opts(c, {"backend": "backend", "calibration": "calibration", "sparsity": "sparsity",
                                             "finetune_epochs": "finetune-epochs", "finetune_loss": "finetune-loss",
                                             "finetune_samples": "finetune-samples", "lr": "lr", "repeats": "repeats",
                                             "seed": "seed", "device": "device"}))

@@ -476,17 +476,31 @@ def test_an_ensemble_pipelines_mistakes_are_refused_when_it_is_read(tmp_path, ch
         make_rules(load_pipeline(p))
 
 
-@pytest.mark.parametrize("keys", ['arch = "tv:resnet18"\nnormalize = "imagenet"', 'input_range = "0-1"'])
+@pytest.mark.parametrize("keys", ['input_range = "0-1"', 'trust_pickle = true'])
 def test_compress_of_a_teacher_file_that_is_no_kdpipe_checkpoint_is_refused_when_read(tmp_path, keys):
-    """[teacher] file of a state dict or TorchScript program (arch, a normalization) beside [compress]: make trained
-    every student, then compress refused the file, which it cannot read."""
+    """[teacher] file of a TorchScript program or pickle (a normalization, no arch) beside [compress]: make trained
+    every student, then compress refused the file, which it cannot prune or quantize."""
     p = tmp_path / "mine.toml"
     p.write_text(f'name = "mine"\n[data]\nspec = "npz:d.npz"\n[teacher]\nfile = "t.pt"\n{keys}\n[dump]\nviews = 1\n'
                  'policy = "none"\n[[students]]\narchs = ["mlp:8"]\nepochs = 1\n[compress]\nquantize = "dynamic"\n')
-    with pytest.raises(KDPipeError, match=r"\[compress\] needs a kdpipe checkpoint teacher .* drop \[compress\]"):
+    with pytest.raises(KDPipeError, match=r"\[compress\] takes a kdpipe checkpoint teacher, or a state dict with arch .* "
+                                          r"drop \[compress\]"):
         make_rules(load_pipeline(p))
     p.write_text(p.read_text().replace("[compress]\nquantize = \"dynamic\"\n", ""))
     make_rules(load_pipeline(p))
+
+
+def test_compress_of_a_state_dict_teacher_gets_its_arch_and_normalization(tmp_path):
+    """A state dict teacher (file with arch) is compressed as dump-logits reads it: its arch, arch_args and
+    normalization go to compress, which refused such a teacher before it took them."""
+    p = tmp_path / "mine.toml"
+    p.write_text('name = "mine"\n[data]\nspec = "npz:d.npz"\n[teacher]\nfile = "t.pt"\narch = "tv:resnet18"\n'
+                 'arch_args = "cifar_stem=true"\nnormalize = "imagenet"\n[dump]\nviews = 1\npolicy = "none"\n'
+                 '[[students]]\narchs = ["mlp:8"]\nepochs = 1\n[compress]\nquantize = "dynamic"\n')
+    line = next(x for x in make_rules(load_pipeline(p)).splitlines() if "compress --teacher" in x)
+    assert "--teacher-arch tv:resnet18 --arch-args cifar_stem=true --normalize imagenet" in line, line
+    dump = next(x for x in make_rules(load_pipeline(p)).splitlines() if "dump-logits" in x)
+    assert "--teacher-arch tv:resnet18 --arch-args cifar_stem=true --normalize imagenet" in dump, dump
 
 
 def test_a_one_teacher_pipeline_refuses_teacher_picks_and_two_blocks_training_one_run(tmp_path):
