@@ -73,8 +73,9 @@ class CacheData:
 
     Attributes: cache (kdpipe.cache.reader.Cache), manifest, num_classes, num_views (K), num_samples,
     input_shape (what the student takes, e.g. (1, 28, 28)), class_names, mean and std (the input
-    normalization the teacher was given, applied to every batch), policy (the view composition),
-    train and test (kdpipe.data.ImageData; test is None where the cache has no test logits), device,
+    normalization the teacher was given, applied to every batch; mean 0 and std 1, pixels in [0, 1], where
+    grey images were fed to an RGB teacher as Grayscale(3) + Normalize: input.grey_to_rgb), policy (the view
+    composition), train and test (kdpipe.data.ImageData; test is None where the cache has no test logits), device,
     feature (the manifest's record of the cached feature batches carry, or None), ensemble
     (kdpipe.ensemble.Ensemble, or None for one cache: then cache is its primary and the other attributes
     are the primary's, which the other caches share).

@@ -36,8 +36,8 @@ import torch.nn as nn
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_bytes
-from kdpipe.models import (canonical, check_recipe, count_parameters, create_model, model_recipe, parse_spec,
-                           recorded_spelling)
+from kdpipe.models import (_RepeatChannels, canonical, check_recipe, count_parameters, create_model, model_recipe,
+                           parse_spec, per_channel, recorded_spelling)
 from kdpipe.util import file_sha256
 
 CHECKPOINT_VERSION = 1
@@ -76,6 +76,27 @@ class LoadedModel:
     output: str | None = None  # --teacher-output: None picks the logits by the rules of TeacherOutput
     model: dict | None = None  # how the architecture is rebuilt (kdpipe.models.model_recipe), if kdpipe builds it
     code: str | None = None  # sha256 of the user's source file the network was built from now (None: not user code)
+
+    @property
+    def repeats_grey(self) -> bool:
+        """Whether grey images reach the teacher repeated to 3 channels (TeacherOutput.repeats_grey); never for a
+        kdpipe checkpoint, which is fed what it was trained on."""
+        return isinstance(self.module, TeacherOutput) and self.module.repeats_grey
+
+    def takes_in_chans(self) -> bool:
+        """Whether --arch-args in_chans=3 makes this teacher repeat grey images: a program, or a timm architecture."""
+        return self.kind in PROGRAM_KINDS or str(self.arch).startswith("timm:")
+
+    def set_grey_to_rgb(self, rgb: dict | None) -> None:
+        """Feed the teacher grey images as Grayscale(3) + Normalize(rgb's mean, std) (TeacherOutput.set_grey_to_rgb),
+        or (None) as they come: what a normalization's "grey_to_rgb" record (kdpipe.normalization) asks."""
+        if isinstance(self.module, TeacherOutput) and (rgb is None or self.repeats_grey):
+            self.module.set_grey_to_rgb(rgb)
+        elif rgb is not None:  # verify-cache given other --arch-args than the dump's
+            fix = "give --arch-args in_chans=3" if self.takes_in_chans() else "give the cache's teacher"
+            raise KDPipeError(f"the cache's teacher was fed grey images repeated to 3 channels, each normalized with "
+                              f"its own value (Grayscale(3) + Normalize), and the teacher {self.file} ({self.arch}) "
+                              f"does not repeat them: {fix}")
 
     def identity(self) -> dict:
         out = {"arch": self.arch, "kind": self.kind, "fingerprint": self.fingerprint,
@@ -125,6 +146,26 @@ class TeacherOutput(nn.Module):
         self.frozen = frozen  # torch.export programs refuse .train()/.eval(): they run as exported
         self.input_dtype = half_dtype(inner)
         self.in_chans = in_chans  # 3: grey images (B, 1, H, W) are repeated to RGB (--arch-args in_chans=3)
+        self.rgb = None  # set_grey_to_rgb: each channel normalized after the repeat
+
+    @property
+    def repeats_grey(self) -> bool:
+        """Whether grey images (B, 1, H, W) reach the teacher repeated to 3 channels: a program given in_chans=3,
+        or an architecture kdpipe wraps for grey images (torchvision's; timm's with in_chans=3)."""
+        return self.in_chans == 3 or _grey_wrapper(self.inner) is not None
+
+    def set_grey_to_rgb(self, rgb: dict | None) -> None:
+        """Feed the teacher grey images as torchvision's Grayscale(3) + Normalize(mean, std) does: repeated to 3
+        channels, then (x - mean_c) / std_c per channel (`rgb`: {"mean", "std"}, 3 values each, of views replayed
+        as pixels in [0, 1]); None: repeated only. Only for a teacher that repeats_grey."""
+        if rgb is not None and not self.repeats_grey:
+            raise ValueError("set_grey_to_rgb: this teacher does not repeat grey images to 3 channels")
+        rgb = None if rgb is None else {"mean": [float(v) for v in rgb["mean"]], "std": [float(v) for v in rgb["std"]]}
+        wrapper = _grey_wrapper(self.inner) if self.in_chans != 3 else None
+        if wrapper is not None:  # the repeat happens inside the architecture: normalized there, after it
+            wrapper.rgb, self.rgb = rgb, None
+        else:
+            self.rgb = rgb
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -135,9 +176,20 @@ class TeacherOutput(nn.Module):
     def forward(self, x):
         if self.in_chans is not None and x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, self.in_chans, -1, -1)
+            if self.rgb is not None:
+                x = per_channel(x, self.rgb)
         if self.input_dtype is not None and x.is_floating_point():
             return pick_logits(self.inner(x.to(self.input_dtype)), self.select).float()
         return pick_logits(self.inner(x), self.select)
+
+
+def _grey_wrapper(module) -> _RepeatChannels | None:
+    """The repeat of grey images to 3 channels that kdpipe puts before a torchvision (or timm, in_chans=3)
+    architecture built for grey images (kdpipe.models._grey), or None."""
+    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], _RepeatChannels) \
+            and module[0].times == 3:
+        return module[0]
+    return None
 
 
 def half_dtype(module: nn.Module) -> torch.dtype | None:

@@ -202,7 +202,8 @@ def normalization_options(f):
     f = click.option("--mean", type=NumberList(float), default=None, metavar="M[,M...]",
                      help="Per-channel mean of pixels in [0, 1] the teacher was trained with (with --std). A kdpipe "
                           "checkpoint carries its own; any other teacher needs --mean/--std, --input-range or "
-                          "--normalize.")(f)
+                          "--normalize. Grey images fed to an RGB teacher (repeated to 3 channels) also take 3 "
+                          "values: Grayscale(3) + Normalize.")(f)
     return f
 
 

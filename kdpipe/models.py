@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -441,16 +442,29 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class _RepeatChannels(nn.Module):
-    """Lets a 3-channel torchvision model take grey images."""
+    """Lets a 3-channel torchvision model take grey images. A teacher fed as torchvision's Grayscale(3) +
+    Normalize(mean, std) also normalizes each channel after the repeat (`rgb`: {"mean", "std"} of 3 values,
+    set by kdpipe.checkpoint.TeacherOutput.set_grey_to_rgb; not a weight: None for every kdpipe model)."""
 
     def __init__(self, times: int, c: int):
         super().__init__()
         if c * times != 3:
             raise KDPipeError(f"torchvision models take 3 channels; cannot adapt {c}-channel images")
         self.times = times
+        self.rgb = None
 
     def forward(self, x):
-        return x.repeat(1, self.times, 1, 1)
+        x = x.repeat(1, self.times, 1, 1)
+        return x if getattr(self, "rgb", None) is None else per_channel(x, self.rgb)
+
+
+def per_channel(x: torch.Tensor, rgb: dict) -> torch.Tensor:
+    """(x - mean_c) / std_c per channel of images (B, C, H, W), in float32, as torchvision's Normalize computes it
+    (the same bits for the same inputs)."""
+    shape = (1, -1, 1, 1)
+    m = torch.as_tensor(rgb["mean"], dtype=torch.float32, device=x.device).view(shape)
+    s = torch.as_tensor(rgb["std"], dtype=torch.float32, device=x.device).view(shape)
+    return (x.float() - m) / s
 
 
 # ---------------------------------------------------------------- MLPs and small CNNs

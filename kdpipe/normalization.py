@@ -10,6 +10,14 @@ trained with. Any other teacher needs one of:
 
 resolve_input() returns {"mean", "std", "source", "value"}; the manifest records it (part of the cache's
 identity), `kdpipe inspect` shows it and verify-cache replays with it.
+
+Grey images and an RGB teacher that repeats them to 3 channels (a torchvision architecture; a timm one or a
+program given --arch-args in_chans=3) also take 3 values (--normalize imagenet, --mean/--std of 3): the teacher is
+then fed what torchvision's Grayscale(3) + Normalize(mean, std) gives, the grey view's pixels in [0, 1] repeated to
+3 channels, then (x - mean_c) / std_c per channel. The views are replayed with mean 0 and std 1 (pixels in [0, 1],
+what stage two's students of the grey images take), and the per-channel values go in "grey_to_rgb": {"mean", "std"},
+applied by the teacher's wrapper after the repeat (kdpipe.checkpoint.TeacherOutput.set_grey_to_rgb). Caches made
+without it have no such record, and their identity is what it always was.
 """
 
 from __future__ import annotations
@@ -28,12 +36,12 @@ OPTIONS_HELP = ("--normalize " + "|".join(PRESETS) + ", --input-range 0-1|0-255 
                 "inside), or --mean M,... --std S,...")
 
 
-def _per_channel(values, c: int, what: str) -> list[float]:
+def _per_channel(values, c: int, what: str, also: str = "") -> list[float]:
     vals = [float(v) for v in values]
     if len(vals) == 1:
         vals = vals * c
     if len(vals) != c:
-        raise KDPipeError(f"{what} has {len(vals)} values; the inputs have {c} channels: give 1 or {c}")
+        raise KDPipeError(f"{what} has {len(vals)} values; the inputs have {c} channels: give 1 or {c}{also}")
     if not all(math.isfinite(v) for v in vals):
         raise KDPipeError(f"{what} must be finite numbers, got {values}")
     return vals
@@ -53,10 +61,17 @@ def resolve_input(teacher, input_shape, *, mean=None, std=None, input_range: str
     features = len(input_shape) == 1
     c = int(input_shape[0])
     asked = None
+    # grey images, 3 values, and a teacher that is no kdpipe checkpoint (which carries its own): Grayscale(3) + Normalize
+    rgb = (not features and c == 1 and getattr(teacher, "kind", None) != "kdpipe"
+           and (3 in (len(mean or []), len(std or [])) or (preset in PRESETS and len(PRESETS[preset][0]) == 3)))
     if mean is not None or std is not None:
         if mean is None or std is None:
             raise KDPipeError("--mean and --std go together: give both, one value per channel (or one for all)")
-        m, s = _per_channel(mean, c, "--mean"), _per_channel(std, c, "--std")
+        # a teacher that repeats grey images to RGB takes 1 value or 3 (one per RGB channel)
+        n = 3 if rgb else c
+        also = " (or 3, one per RGB channel the teacher repeats them to)" if c == 1 and not features and not rgb and \
+            getattr(teacher, "repeats_grey", False) else ""
+        m, s = _per_channel(mean, n, "--mean", also), _per_channel(std, n, "--std", also)
         if any(v <= 0 for v in s):
             raise KDPipeError(f"--std must be > 0, got {std}")
         asked = {"mean": m, "std": s, "source": "mean-std", "value": None}
@@ -73,10 +88,12 @@ def resolve_input(teacher, input_shape, *, mean=None, std=None, input_range: str
             if preset not in PRESETS:
                 raise KDPipeError(f"unknown --normalize preset {preset!r}: use {', '.join(PRESETS)}")
             m, s = PRESETS[preset]
-            if len(m) != c:
+            if len(m) != c and not rgb:
                 raise KDPipeError(f"--normalize {preset} is for {len(m)}-channel images; these have {c}: "
                                   "give --mean/--std")
             asked = {"mean": list(m), "std": list(s), "source": "preset", "value": preset}
+    if rgb and not getattr(teacher, "repeats_grey", False):
+        raise KDPipeError(_not_repeated(teacher, preset))
     own = getattr(teacher, "mean", None), getattr(teacher, "std", None)
     if own[0] is not None and own[1] is not None:
         recorded = {"mean": [float(v) for v in own[0]], "std": [float(v) for v in own[1]], "source": "checkpoint",
@@ -89,7 +106,29 @@ def resolve_input(teacher, input_shape, *, mean=None, std=None, input_range: str
     if asked is None:
         raise KDPipeError(f"the teacher {teacher.file} ({teacher.kind}) does not record the input normalization "
                           f"it expects; give {OPTIONS_HELP}")
+    if rgb:  # views replayed as pixels in [0, 1]; the teacher's wrapper normalizes each channel after the repeat
+        asked = {**asked, "mean": [0.0], "std": [1.0], "grey_to_rgb": {"mean": asked["mean"], "std": asked["std"]}}
     return asked
+
+
+def _not_repeated(teacher, preset: str | None) -> str:
+    """The refusal of 3 values per channel for grey images fed to a teacher as they are (one channel)."""
+    what = f"--normalize {preset} is for 3-channel images" if preset else "--mean/--std give 3 values (RGB channels)"
+    store = "store the images as 3 channels (np.repeat(x, 3, axis=1) in an npz)"
+    if getattr(teacher, "takes_in_chans", lambda: False)():
+        return (f"{what}; these have 1, which the teacher is fed as they are: for an RGB teacher give --arch-args "
+                "in_chans=3, which repeats them to 3 channels, each then normalized with its own value (as "
+                f"Grayscale(3) + Normalize); or {store}")
+    return (f"{what}; these have 1, which the teacher {getattr(teacher, 'file', '')} takes as they are (the repeat "
+            "to RGB, --arch-args in_chans=3, is for a timm architecture or a TorchScript, torch.export or pickled "
+            f"teacher; a torchvision architecture repeats by itself): give --mean/--std of 1 value, or {store}")
+
+
+def taught(norm: dict) -> tuple[list, list]:
+    """The (mean, std) per channel of what the teacher is fed: its 3 channels' where grey images are repeated to
+    RGB (norm's "grey_to_rgb"), else the views' own."""
+    rgb = norm.get("grey_to_rgb")
+    return (list(rgb["mean"]), list(rgb["std"])) if rgb else (list(norm["mean"]), list(norm["std"]))
 
 
 def asked_as(norm: dict) -> str:
@@ -98,18 +137,22 @@ def asked_as(norm: dict) -> str:
         return f"--normalize {norm['value']}"
     if norm.get("source") == "input-range":
         return f"--input-range {norm['value']}"
-    return f"--mean {_csv(norm['mean'])} --std {_csv(norm['std'])}"
+    m, s = taught(norm)
+    return f"--mean {_csv(m)} --std {_csv(s)}"
 
 
-def alternatives(norm: dict, channels: int, data_mean, data_std) -> list[tuple[str, list, list]]:
+def alternatives(norm: dict, channels: int, data_mean, data_std, rgb: bool = False) -> list[tuple[str, list, list]]:
     """The other normalizations image teachers are commonly trained with, as (how to ask for it, mean, std): the
-    presets for `channels` channels, both input ranges, and the data's own statistics (`data_mean`, `data_std`
+    presets for `channels` channels (and for 3, where `rgb`: grey images repeated to an RGB teacher's channels, whose
+    mean and std then have 3 values), both input ranges, and the data's own statistics (`data_mean`, `data_std`
     of pixels in [0, 1]); those equal to `norm` are left out."""
-    out = [(f"--normalize {name}", list(m), list(s)) for name, (m, s) in PRESETS.items() if len(m) == channels]
+    out = [(f"--normalize {name}", list(m), list(s)) for name, (m, s) in PRESETS.items()
+           if len(m) == channels or (rgb and channels == 1 and len(m) == 3)]
     out += [(f"--input-range {r}", [0.0] * channels, [v] * channels) for r, v in RANGES.items()]
     out.append((f"--mean {_csv(data_mean)} --std {_csv(data_std)} (the data's own statistics)", list(data_mean),
                 list(data_std)))
-    return [c for c in out if not (_close(c[1], norm["mean"]) and _close(c[2], norm["std"]))]
+    m, s = taught(norm)
+    return [c for c in out if not (_close(c[1], m) and _close(c[2], s))]
 
 
 def _csv(v) -> str:
@@ -123,6 +166,11 @@ def describe(inp: dict) -> str:
     label = {"checkpoint": "from the teacher checkpoint", "mean-std": "--mean/--std",
              "input-range": f"--input-range {norm.get('value')}",
              "preset": f"--normalize {norm.get('value')}"}.get(src, src)
+    rgb = inp.get("grey_to_rgb")
+    if rgb:
+        return (f"{label}: grey images repeated to 3 channels, then mean {_fmt(rgb['mean'])}, std {_fmt(rgb['std'])} "
+                f"per channel (Grayscale(3) + Normalize); students' views: mean {_fmt(inp['mean'])}, std "
+                f"{_fmt(inp['std'])}")
     return f"{label}: mean {_fmt(inp['mean'])}, std {_fmt(inp['std'])}"
 
 

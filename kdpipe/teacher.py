@@ -246,21 +246,23 @@ NORM_SCREEN = 64  # probe samples the teacher first runs on under each other nor
 NORM_MARGIN = 0.1  # a top-1 this much higher under another normalization, and beyond noise, stops the dump
 
 
-def check_normalization(run, given: np.ndarray, labels: np.ndarray, norm: dict, stats, what: str) -> str | None:
+def check_normalization(run, given: np.ndarray, labels: np.ndarray, norm: dict, stats, what: str,
+                        rgb: bool = False) -> str | None:
     """A reason to stop, or None: the teacher's top-1 on the probe under the normalization given (`given`: its
     logits) against the other usual ones (kdpipe.normalization.alternatives; `stats`: the data's own mean and std).
     A teacher fed other inputs than it was trained on is still above chance, and its cache silently worse: an
     ImageNet-normalized teacher given --input-range 0-1. `run(mean, std, k)`: its logits on the first k probe
     samples under that normalization. Each other one is tried on NORM_SCREEN samples, and confirmed on all by
     McNemar's exact test (of the samples the two get differently, the other gets right more often than chance at
-    CHANCE_P)."""
+    CHANCE_P). `rgb`: grey images reach the teacher repeated to 3 channels, so 3-channel presets are tried too (their
+    3 values given to `run`)."""
     from kdpipe.normalization import alternatives, asked_as
     n = len(labels)
     if n < NORM_SCREEN:
         return None
     right = given.argmax(1) == labels
     a, a_screen = float(right.mean()), float(right[:NORM_SCREEN].mean())
-    for how, mean, std in alternatives(norm, len(stats[0]), *stats):
+    for how, mean, std in alternatives(norm, len(stats[0]), *stats, rgb=rgb):
         if float((run(mean, std, NORM_SCREEN).argmax(1) == labels[:NORM_SCREEN]).mean()) < a_screen + NORM_MARGIN:
             continue
         other = run(mean, std, n).argmax(1) == labels
@@ -352,7 +354,10 @@ def _dump_identity(teacher: LoadedModel, data: ImageData, policy: ViewPolicy, vi
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "logits_dtype": logits_dtype, "shard_rows": int(shard_rows), "batch_size": int(batch_size),
             "input": {"mean": [float(m) for m in norm["mean"]], "std": [float(s) for s in norm["std"]],
-                      "normalization": {"source": norm["source"], "value": norm["value"]}}}
+                      "normalization": {"source": norm["source"], "value": norm["value"]},
+                      # grey images fed to an RGB teacher as Grayscale(3) + Normalize: only where so (older ids)
+                      **({"grey_to_rgb": {k: [float(v) for v in norm["grey_to_rgb"][k]] for k in ("mean", "std")}}
+                         if norm.get("grey_to_rgb") else {})}}
 
 
 SIZE_FACTOR = 10  # a cache over this many times the decoded dataset's bytes needs --yes
@@ -546,7 +551,8 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
     if rank == 0:
         note_unseen_ops(teacher, policy, log)
     norm = resolve_input(teacher, in_shape, mean=mean, std=std, input_range=input_range, preset=normalize)
-    mean, std = norm["mean"], norm["std"]
+    mean, std = norm["mean"], norm["std"]  # of the views; an RGB teacher of grey images normalizes each channel too
+    teacher.set_grey_to_rgb(norm.get("grey_to_rgb"))
     n = len(data)
     feats = feature_shapes(teacher, list(features), in_shape)
     shard_rows = min(shard_rows, n * views, _rows_within(SHARD_BYTES, data, policy, views, logits_dtype, codec_ident,
@@ -621,8 +627,18 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         step = max(1, max(data.images.shape[2:]) // 64)  # every step-th pixel: 256 photos of 288 px took 0.5 GB
         pixels = np.asarray(data.images[sel, :, ::step, ::step], dtype=np.float32) / 255.0  # the probe's samples
         stats = pixels.mean(axis=(0, 2, 3)), pixels.std(axis=(0, 2, 3)).clip(min=1e-3)
-        likelier = check_normalization(lambda m, s, k: probe(batch_size, sel[:k], m, s), first, labels[sel], norm,
-                                       stats, "training samples" if data.split == "train" else f"{data.split} samples")
+
+        def probe_as(m, s, k):  # 3 values for grey images: fed to the RGB teacher as Grayscale(3) + Normalize
+            rgb = len(m) != data.image_shape[0]
+            teacher.set_grey_to_rgb({"mean": m, "std": s} if rgb else None)
+            try:
+                return probe(batch_size, sel[:k], [0.0] if rgb else m, [1.0] if rgb else s)
+            finally:
+                teacher.set_grey_to_rgb(norm.get("grey_to_rgb"))
+
+        likelier = check_normalization(probe_as, first, labels[sel], norm, stats,
+                                       "training samples" if data.split == "train" else f"{data.split} samples",
+                                       rgb=teacher.repeats_grey)
     for reason in (stop, unstable, likelier):
         if reason is None:
             continue

@@ -313,7 +313,8 @@ def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params:
     """The teacher's float32 logits on the views of these rows (sample indices into the store ``images``,
     view parameters, and for mixed views the partners' parameters), replayed as stage one replayed them
     and run the way the dump ran it (manifest's ``dump``): the same autocast and dtype, channels_last
-    where the dump used it. `layers`: cached feature layers, whose outputs go into `features` (layer ->
+    where the dump used it, grey views repeated and normalized per channel where ``inp`` records it
+    (``grey_to_rgb``). `layers`: cached feature layers, whose outputs go into `features` (layer ->
     float32 array) as float16 values, as the dump stored them."""
     ac = dump.get("autocast_dtype") or ("bfloat16" if dump.get("amp") else None)
     autocast = torch.autocast(device.type, dtype=getattr(torch, ac)) if ac else \
@@ -321,6 +322,7 @@ def _rerun(teacher, dump: dict, images: np.ndarray, samples: np.ndarray, params:
     from kdpipe.checkpoint import FIXED_LAYOUT_KINDS
     channels_last = bool(dump.get("channels_last")) and len(images.shape) == 4
     pp = None if partner_params is None else torch.from_numpy(partner_params).to(device)
+    teacher.set_grey_to_rgb(inp.get("grey_to_rgb"))  # grey images fed to an RGB teacher as Grayscale(3) + Normalize
     mod = teacher.module.to(device).eval()
     if channels_last and teacher.kind not in FIXED_LAYOUT_KINDS:
         mod = mod.to(memory_format=torch.channels_last)

@@ -958,3 +958,218 @@ def test_views_that_add_an_op_the_kdpipe_teacher_never_saw_are_noted(fmnist, tmp
     for i, policy in enumerate(("crop:2", "crop:4", "crop:2+mixup:1")):
         res = run_cli(dump + ["--policy", policy, "--out", tmp_path / f"c{i + 2}"])
         assert res.exit_code == 0 and "never saw" not in res.output + res.stderr, res.output
+
+
+# ---------------------------------------------------------------- grey images, RGB teachers: Grayscale(3) + Normalize
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def tutorial_inputs(images: np.ndarray) -> torch.Tensor:
+    """What the usual tutorial feeds an RGB network on grey digits: torchvision's Grayscale(3), ToTensor and
+    Normalize with ImageNet's mean and std, image by image from PIL."""
+    from PIL import Image
+    from torchvision import transforms
+    tf = transforms.Compose([transforms.Grayscale(3), transforms.ToTensor(), transforms.Normalize(*IMAGENET)])
+    return torch.stack([tf(Image.fromarray(np.ascontiguousarray(img[0]))) for img in images])
+
+
+@pytest.fixture(scope="module")
+def rgb_r18(tmp_path_factory):
+    """A torchvision resnet18 for 10 classes, random weights, in eval mode, and its state dict's file."""
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path_factory.mktemp("r18") / "r18.pth"
+    torch.save(net.state_dict(), path)
+    return types.SimpleNamespace(net=net, path=path)
+
+
+def test_grey_images_reach_an_rgb_teacher_as_grayscale3_and_imagenet_normalize(rgb_r18, fmnist, tmp_path):
+    """The tutorial workflow for an RGB network on grey digits, Grayscale(3) + Normalize(ImageNet's mean and std),
+    had no exact equivalent: kdpipe normalized before repeating grey images to RGB, one value per data channel,
+    so --normalize imagenet was refused ('is for 3-channel images; these have 1'). Now the cache holds the logits
+    of the teacher on exactly those inputs (the same bits), the manifest records it, inspect shows it, and
+    verify-cache re-runs the teacher so."""
+    from kdpipe.cache.reader import Cache
+    from kdpipe.checkpoint import load_teacher
+    from kdpipe.views import create_policy
+    out = tmp_path / "c"
+    ok(dump(rgb_r18.path, fmnist.spec, out, "--teacher-arch", "tv:resnet18", "--normalize", "imagenet", "--force",
+            "--policy", "none", "--views", 1, "--limit", 96))
+    c = Cache(out)
+    m = c.manifest
+    assert m["input"] == {"mean": [0.0], "std": [1.0], "normalization": {"source": "preset", "value": "imagenet"},
+                          "grey_to_rgb": {"mean": list(IMAGENET[0]), "std": list(IMAGENET[1])},
+                          "shape": [1, 28, 28]}
+    from kdpipe.data import limited, load_dataset
+    images = np.asarray(limited(load_dataset(fmnist.spec, "train"), 96).images)
+    sidx = c.read("sample_index", 0, c.rows).astype(np.int64)
+    with torch.no_grad():
+        want = torch.cat([rgb_r18.net(tutorial_inputs(images[sidx[b:b + 48]])) for b in range(0, len(sidx), 48)])
+    np.testing.assert_allclose(c.read("logits", 0, c.rows), want.numpy(), atol=1e-5, rtol=1e-5)
+    # the teacher's first layer gets the very tensor torchvision's transforms give
+    teacher = load_teacher(rgb_r18.path, arch="tv:resnet18", image_shape=(1, 28, 28), num_classes=10)
+    teacher.set_grey_to_rgb(m["input"]["grey_to_rgb"])
+    seen = []
+    teacher.module.inner[1].conv1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    policy = create_policy("none")
+    x = policy.replay(torch.from_numpy(images[:8]), torch.zeros((8, 0), dtype=torch.int32), [0.0], [1.0])
+    with torch.no_grad():
+        teacher.module(x)
+    assert torch.equal(seen[0], tutorial_inputs(images[:8]))
+    shown = ok(invoke("inspect", out)).output
+    assert ("normalization --normalize imagenet: grey images repeated to 3 channels, then mean [0.485, 0.456, 0.406], "
+            "std [0.229, 0.224, 0.225] per channel (Grayscale(3) + Normalize); students' views: mean [0], std [1]"
+            ) in shown
+    ok(invoke("verify-cache", out, "--teacher", rgb_r18.path, "--sample", 32))
+    # 3 values by hand are the same normalization (another source, so another cache)
+    ok(dump(rgb_r18.path, fmnist.spec, tmp_path / "ms", "--teacher-arch", "tv:resnet18", "--force", "--policy",
+            "none", "--views", 1, "--limit", 96, "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"))
+    np.testing.assert_array_equal(Cache(tmp_path / "ms").read("logits", 0, c.rows), c.read("logits", 0, c.rows))
+
+
+def test_a_program_teacher_with_in_chans_3_takes_three_values_and_without_it_is_refused(ref, tmp_path):
+    """A TorchScript RGB teacher of grey images: --mean/--std of 3 values with --arch-args in_chans=3 feed it
+    Grayscale(3) + Normalize over every view (crop and flip too), and verify-cache agrees; without in_chans=3 (the
+    teacher fed the grey images as they are) it is one line naming in_chans=3 and the 3-channel workaround."""
+    from torchvision import transforms
+    torch.manual_seed(0)
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    with torch.no_grad():  # channels weighed differently: each channel's own normalization shows in the logits
+        rgb[0].weight.mul_(torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1))
+    ts = tmp_path / "rgb.ts"
+    torch.jit.trace(rgb, torch.randn(2, 3, 28, 28)).save(str(ts))
+    norm = ("--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
+    out = tmp_path / "c"
+    ok(dump(ts, ref.spec, out, *norm, "--arch-args", "in_chans=3", "--force"))
+    normalize = transforms.Normalize(*IMAGENET)
+    m = assert_cache_holds(out, lambda x: rgb(normalize(x.expand(-1, 3, -1, -1))))
+    assert m["input"]["grey_to_rgb"] == {"mean": list(IMAGENET[0]), "std": list(IMAGENET[1])}
+    assert m["input"]["normalization"] == {"source": "mean-std", "value": None}
+    ok(invoke("verify-cache", out, "--teacher", ts, "--sample", 64))  # in_chans and the normalization: recorded
+    for args, frag in ((norm, "--mean/--std give 3 values (RGB channels)"),
+                       (("--normalize", "imagenet"), "--normalize imagenet is for 3-channel images")):
+        line = refused(dump(ts, ref.spec, tmp_path / "x", *args, "--force"), frag, "give --arch-args in_chans=3",
+                       "np.repeat(x, 3, axis=1)")
+        assert "Grayscale(3) + Normalize" in line
+    refused(dump(ts, ref.spec, tmp_path / "x", "--arch-args", "in_chans=3", "--mean", "0.4,0.5", "--std", "0.2",
+                 "--force"), "--mean has 2 values", "give 1 or 1 (or 3, one per RGB channel")
+    assert not (tmp_path / "x").exists()
+
+
+def test_three_values_for_grey_images_of_a_teacher_that_takes_them_as_they_are_are_refused(ref, tmp_path):
+    """A grey teacher (a kdpipe architecture's state dict) cannot take RGB channels' values: one line saying what to
+    give instead. A kdpipe checkpoint is unaffected: its own normalization, the same refusals as before."""
+    torch.save(ref.net.state_dict(), tmp_path / "w.pt")
+    line = refused(dump(tmp_path / "w.pt", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", "--normalize",
+                        "imagenet"), "--normalize imagenet is for 3-channel images; these have 1",
+                   "give --mean/--std of 1 value", "np.repeat(x, 3, axis=1)")
+    assert "a torchvision architecture repeats by itself" in line
+    from kdpipe.checkpoint import load_teacher  # verify-cache of such a cache, given a teacher that does not repeat
+    grey = load_teacher(tmp_path / "w.pt", arch="cnn_small", image_shape=(1, 28, 28), num_classes=10)
+    with pytest.raises(KDPipeError, match=r"fed grey images repeated to 3 channels.*does not repeat them: give the "):
+        grey.set_grey_to_rgb({"mean": IMAGENET[0], "std": IMAGENET[1]})
+    grey.set_grey_to_rgb(None)  # an older cache's record: nothing to do
+    refused(dump(ref.ckpt, ref.spec, tmp_path / "x", "--normalize", "imagenet"),
+            "--normalize imagenet is for 3-channel images; these have 1: give --mean/--std")
+    refused(dump(ref.ckpt, ref.spec, tmp_path / "x", "--mean", "0.4,0.5,0.6", "--std", "0.2"),
+            "--mean has 3 values; the inputs have 1 channels: give 1 or 1")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_rgb_timm_teacher_of_grey_images_takes_imagenet_with_in_chans_3(fmnist, tmp_path):
+    """timm's RGB weights with --arch-args in_chans=3: the grey images are repeated inside the architecture's grey
+    wrapper, then normalized per channel there; verify-cache re-runs it so."""
+    from torchvision import transforms
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    net = create_model("timm:test_resnet", 10, (3, 28, 28), {"drop_rate": 0.0}).eval()
+    torch.save(net.state_dict(), tmp_path / "rgb.pth")
+    out = tmp_path / "c"
+    ok(dump(tmp_path / "rgb.pth", fmnist.spec, out, "--teacher-arch", "timm:test_resnet", "--arch-args",
+            "in_chans=3,drop_rate=0.0", "--normalize", "imagenet", "--force"))
+    normalize = transforms.Normalize(*IMAGENET)
+    m = assert_cache_holds(out, lambda x: net(normalize(x.repeat(1, 3, 1, 1))))
+    assert m["input"]["grey_to_rgb"] == {"mean": list(IMAGENET[0]), "std": list(IMAGENET[1])}
+    ok(invoke("verify-cache", out, "--teacher", tmp_path / "rgb.pth", "--sample", 32))
+    refused(dump(tmp_path / "rgb.pth", fmnist.spec, tmp_path / "x", "--teacher-arch", "timm:test_resnet",
+                 "--normalize", "imagenet", "--force"), "give --arch-args in_chans=3")
+
+
+class _ImagenetGrey(nn.Module):
+    """An RGB teacher trained on Grayscale(3) + Normalize(ImageNet): it reads the grey pixel back from its first
+    channel and runs the trained grey teacher on it as that was trained."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.mean, self.std = float(mean[0]), float(std[0])
+
+    def forward(self, x):
+        grey = x[:, :1] * IMAGENET[1][0] + IMAGENET[0][0]
+        return self.net((grey - self.mean) / self.std)
+
+
+def test_the_probe_tries_imagenet_for_an_rgb_teacher_of_grey_images(ref, tmp_path):
+    """The probe's other usual normalizations include the 3-channel presets where grey images reach the teacher
+    repeated to RGB: a teacher trained on Grayscale(3) + Normalize(ImageNet), given a normalization of one value
+    that leaves it well above chance (top-1 0.45 against 0.67 on the probe), is stopped naming --normalize imagenet;
+    given it, the dump goes on."""
+    ts = tmp_path / "t.ts"
+    torch.jit.trace(_ImagenetGrey(ref.net, ref.mean, ref.std).eval(), torch.randn(2, 3, 28, 28)).save(str(ts))
+    refused(dump(ts, ref.spec, tmp_path / "c", "--arch-args", "in_chans=3", "--mean", "0.45", "--std", "0.25"),
+            "with --mean 0.45 --std 0.25, and ", "with --normalize imagenet: it was likely trained")
+    r = ok(dump(ts, ref.spec, tmp_path / "c", "--arch-args", "in_chans=3", "--normalize", "imagenet"))
+    assert "likely trained" not in r.output
+    assert_cache_holds(tmp_path / "c", lambda x: ref.net((x - ref.mean[0]) / ref.std[0]), atol=1e-3)
+
+
+def test_an_rgb_teachers_grey_cache_forms_an_ensemble_and_older_caches_keep_their_identity(rgb_r18, ref, tmp_path):
+    """dump-logits --like a kdpipe teacher's cache with the RGB teacher's Grayscale(3) + Normalize: the two form an
+    ensemble, whose students (primary: the RGB teacher's cache) take the grey pixels in [0, 1]. A normalization
+    of one value per channel records no grey_to_rgb: the identity of such caches is what it always was."""
+    from kdpipe.ensemble import open_caches
+    from kdpipe.normalization import resolve_input
+    from kdpipe.teacher import _dump_identity
+    a, b = tmp_path / "a", tmp_path / "b"
+    ok(dump(ref.ckpt, ref.spec, a, "--limit", 128))
+    ok(dump(rgb_r18.path, ref.spec, b, "--like", a, "--teacher-arch", "tv:resnet18", "--normalize", "imagenet",
+            "--force"))
+    primary, ens = open_caches([b, a])
+    assert ens is not None and primary.manifest["input"]["mean"] == [0.0]
+    r = ok(invoke("train-student", "--cache", b, "--cache", a, "--student", "mlp_100", "--epochs", 1, "--device",
+                  "cpu", "--out", tmp_path / "runs"))
+    assert "Error" not in r.output
+    st = torch.load(next((tmp_path / "runs").rglob("student.pt")), weights_only=True)
+    assert st["mean"] == [0.0] and st["std"] == [1.0]
+    other = types.SimpleNamespace(file="t.ts", kind="torchscript", mean=None, std=None, repeats_grey=True,
+                                  model=None, code=None, fingerprint="f", arch="torchscript", output=None)
+    same = types.SimpleNamespace(identity=lambda: {})
+    for kw in ({"mean": [0.5], "std": [0.25]}, {"input_range": "0-1"}, {"preset": "imagenet"}):
+        norm = resolve_input(other, (1, 8, 8) if "preset" not in kw else (3, 8, 8), **kw)
+        assert "grey_to_rgb" not in norm
+        ident = _dump_identity(other, same, same, 1, 0, "float16", 8, 8, norm)
+        assert set(ident["input"]) == {"mean", "std", "normalization"}
+
+
+def test_pipelines_pass_three_values_for_an_rgb_teachers_grey_images(tmp_path):
+    from kdpipe.pipeline import load_pipeline, make_rules
+    spec = tmp_path / "p.toml"
+    spec.write_text('''
+[data]
+spec = "fashion-mnist"
+[teacher]
+file = "weights/r18.pth"
+arch = "tv:resnet18"
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+[dump]
+views = 2
+[[students]]
+archs = ["mlp_100"]
+epochs = 2
+''')
+    rules = make_rules(load_pipeline(spec))
+    assert ("dump-logits --teacher weights/r18.pth --data fashion-mnist --teacher-arch tv:resnet18 "
+            "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --views 2") in rules
