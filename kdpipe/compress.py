@@ -621,6 +621,9 @@ def load_weights_teacher(path, arch, arch_args, train: ImageData, test: ImageDat
                           "safetensors file with --teacher-arch")
     norm = resolve_input(teacher, tuple(test.image_shape), mean=mean, std=std, input_range=input_range,
                          preset=normalize)
+    # grey images fed to an RGB teacher as Grayscale(3) + Normalize: the per-channel step after the repeat lives in
+    # the architecture's grey wrapper (kept below with the network); without it the rows measured another teacher
+    teacher.set_grey_to_rgb(norm.get("grey_to_rgb"))
     module = teacher.module
     inner = getattr(module, "inner", None)
     if isinstance(inner, nn.Module):

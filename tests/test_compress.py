@@ -835,3 +835,29 @@ def test_a_state_dict_teacher_with_its_arch_and_normalization_is_compressed_as_i
     assert_one_line_error(res, "is a kdpipe checkpoint", "drop --teacher-arch")
     res = run_cli(["compress", "--teacher", teacher_ckpt, *norm, *common, "--out", tmp_path / "e"])
     assert_one_line_error(res, "is a kdpipe checkpoint, which records its architecture and input normalization")
+
+
+def test_a_grey_state_dict_teacher_fed_as_grayscale3_normalize_is_compressed_as_it_is_dumped(tmp_path):
+    """Grey images and an RGB state-dict teacher with --normalize imagenet: the teacher is fed Grayscale(3) +
+    Normalize, each channel normalized after the repeat. compress dropped that per-channel step (its views are
+    pixels in [0, 1]): its teacher rows, and the models it wrote, were of a teacher fed other inputs."""
+    import torchvision
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (90, 28, 28), dtype=np.uint8), np.arange(90) % 3
+    np.savez(tmp_path / "g.npz", x_train=x[:60], y_train=y[:60], x_test=x[60:], y_test=y[60:])
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    r = CliRunner().invoke(main, ["compress", "--teacher", str(tmp_path / "r18.pth"), "--teacher-arch", "tv:resnet18",
+                                  "--normalize", "imagenet", "--data", f"npz:{tmp_path / 'g.npz'}", "--quantize",
+                                  "dynamic", "--prune", "none", "--repeats", "1", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    grey = torch.from_numpy(x[60:]).float()[:, None] / 255.0
+    rgb = torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(grey.expand(-1, 3, -1, -1))
+    with torch.no_grad():
+        want = net(rgb)
+    from kdpipe.export import run_exported
+    got = run_exported(tmp_path / "c" / "models" / "teacher.pt", "torchscript", torch.from_numpy(x[60:])[:, None])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    row = {x["name"]: x for x in json.loads((tmp_path / "c" / "compress.json").read_text())["rows"]}["teacher"]
+    assert row["test_top1"] == pytest.approx(float((want.argmax(1).numpy() == y[60:]).mean()), abs=1e-6)
