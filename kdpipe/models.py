@@ -205,6 +205,10 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
             raise KDPipeError(f"{name!r}: torchvision has no classification model {base!r}")
         import torchvision
         args = dict(args)
+        if "in_chans" in args:  # timm's option, copied over: torchvision's builders fail on it with a TypeError line
+            raise KDPipeError(f"{name} takes no in_chans: a torchvision architecture repeats grey images to its 3 "
+                              "channels by itself (in_chans=3 is for timm and program teachers): drop it from "
+                              "--arch-args")
         cifar_stem = args.pop("cifar_stem", False)
         if not isinstance(cifar_stem, bool):  # cifar_stem=no reached here as the string 'no', which is true
             raise KDPipeError(f"{name}: --arch-args cifar_stem={cifar_stem} is not true or false, which cifar_stem "

@@ -421,3 +421,11 @@ def test_an_architecture_written_with_spaces_around_it_is_named_as_without():
     from kdpipe.sweep import arch_label
     for spec in ("tv:resnet18", "mlp:512,256", "pipelines/food_nets.py:DSNet", "mlp_100"):
         assert arch_label(f" {spec} ") == arch_label(spec)
+
+
+def test_in_chans_given_to_a_torchvision_architecture_says_it_repeats_grey_images_itself():
+    """--arch-args in_chans=3, copied from timm's or a program teacher's instructions, failed as "ResNet.__init__() got
+    an unexpected keyword argument 'in_chans'", which does not say that torchvision's repeat grey images already."""
+    with pytest.raises(KDPipeError, match=r"tv:resnet18 takes no in_chans: a torchvision architecture repeats grey "
+                                          r"images to its 3 channels by itself .*: drop it from --arch-args"):
+        create_model("tv:resnet18", 10, (1, 28, 28), {"in_chans": 3})
