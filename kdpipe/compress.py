@@ -584,25 +584,46 @@ def check_teacher_file(path, arch: str | None, own: bool = False) -> None:
     --arch-args or a normalization) that it records itself. TorchScript and torch.export programs are refused: their
     networks cannot be pruned or quantized by module."""
     from kdpipe.checkpoint import sniff
-    from kdpipe.export import require_checkpoint, resolve_model
+    from kdpipe.export import OTHER_FILES, resolve_model
     f = resolve_model(path)
     kind = sniff(f)
-    weights = kind == "safetensors" or f.suffix == ".safetensors" or kind == "torch" and not _is_checkpoint_file(f)
+    takes = ("compress takes a kdpipe checkpoint (train-teacher's file or a run's student.pt), or weights alone (a "
+             "state dict or safetensors file) with --teacher-arch and its normalization")
+    if kind == "torch" and f.suffix != ".safetensors":
+        what = _torch_file(f)
+        if what == "pickle":  # export's 'need a kdpipe checkpoint' was false here, and a pickle is no state dict
+            raise KDPipeError(f"{f} is a whole pickled model (torch.save(model)): {takes}; save its state_dict "
+                              "(torch.save(model.state_dict(), FILE)) and give that file with --teacher-arch")
+        weights = what == "weights"
+    elif kind in ("torchscript", "export", "unknown"):  # export's 'need a kdpipe checkpoint' was false for compress
+        raise KDPipeError(f"{f} is {OTHER_FILES.get(kind, kind)}: {takes}"
+                          + ("" if kind == "unknown" else "; a program's layers cannot be quantized or pruned one by one"))
+    else:
+        weights = True  # safetensors
     if weights:
         if arch is None:
             raise KDPipeError(f"{f} holds weights alone ({'safetensors' if kind == 'safetensors' else 'a state dict'}): "
                               "give --teacher-arch SPEC (with --arch-args) and its input normalization (--mean/--std, "
                               "--input-range or --normalize), as to dump-logits")
         return
-    require_checkpoint(f)
     if own:
         raise KDPipeError(f"{f} is a kdpipe checkpoint, which records its architecture and input normalization: drop "
                           "--teacher-arch, --arch-args and --mean/--std, --input-range or --normalize")
 
 
-def _is_checkpoint_file(f: Path) -> bool:
-    from kdpipe.export import _is_checkpoint
-    return _is_checkpoint(f)
+def _torch_file(f: Path) -> str:
+    """What a file torch.save wrote holds, read without running its code: "checkpoint" (kdpipe's), "weights" (a
+    state dict, or a dict holding one) or "pickle" (a whole pickled model). A file that does not load is refused."""
+    from kdpipe.checkpoint import CHECKPOINT_VERSION, load_checkpoint_file
+    try:
+        obj = load_checkpoint_file(f)
+    except KDPipeError as e:
+        if "is a pickled Python object" in str(e):
+            return "pickle"
+        raise
+    if isinstance(obj, dict) and obj.get("kdpipe_checkpoint") == CHECKPOINT_VERSION:
+        return "checkpoint"
+    return "weights"
 
 
 def load_weights_teacher(path, arch, arch_args, train: ImageData, test: ImageData, *, mean=None, std=None,

@@ -312,13 +312,22 @@ def test_a_model_file_that_is_not_a_kdpipe_checkpoint_is_named_and_refused(teach
     torch.save(loaded.module, tmp_path / "whole.pt")
     for name, what in (("m.pt2", "a torch.export program (.pt2)"), ("m.ts", "a TorchScript program"),
                        ("sd.pt", "a state dict or pickled model"), ("whole.pt", "a state dict or pickled model")):
-        for args in (["export", str(tmp_path / name), "--format", "onnx", "--out", str(tmp_path / "x.onnx")],
-                     ["compress", "--teacher", str(tmp_path / name), "--data", fmnist.spec, "--out",
-                      str(tmp_path / "c")]):
-            r = CliRunner().invoke(main, args)
-            assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-            assert f"{name} is {what}" in r.output and "need a kdpipe checkpoint" in r.output, r.output
-            assert "--teacher-arch" not in r.output and "--trust-pickle" not in r.output
+        r = CliRunner().invoke(main, ["export", str(tmp_path / name), "--format", "onnx", "--out",
+                                      str(tmp_path / "x.onnx")])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert f"{name} is {what}" in r.output and "need a kdpipe checkpoint" in r.output, r.output
+        assert "--teacher-arch" not in r.output and "--trust-pickle" not in r.output
+    # compress also takes weights alone with --teacher-arch (as dump-logits): each file is named for what it is,
+    # with that way on; it said 'export and compress need a kdpipe checkpoint', and a pickle was 'weights alone'
+    for name, said in (("m.pt2", "m.pt2 is a torch.export program (.pt2): compress takes a kdpipe checkpoint"),
+                       ("m.ts", "m.ts is a TorchScript program: compress takes a kdpipe checkpoint"),
+                       ("sd.pt", "sd.pt holds weights alone (a state dict): give --teacher-arch"),
+                       ("whole.pt", "whole.pt is a whole pickled model (torch.save(model)): compress takes")):
+        r = CliRunner().invoke(main, ["compress", "--teacher", str(tmp_path / name), "--data", fmnist.spec, "--out",
+                                      str(tmp_path / "c")])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert said in r.output and "need a kdpipe checkpoint" not in r.output, r.output
+        assert "--trust-pickle" not in r.output and "--teacher-arch" in r.output, r.output
 
 
 def test_a_sweeps_runs_dir_and_an_unfinished_run_are_refused_saying_what_to_export(student_runs, tmp_path):
