@@ -41,7 +41,8 @@ def _per_channel(values, c: int, what: str, also: str = "") -> list[float]:
     if len(vals) == 1:
         vals = vals * c
     if len(vals) != c:
-        raise KDPipeError(f"{what} has {len(vals)} values; the inputs have {c} channels: give 1 or {c}{also}")
+        raise KDPipeError(f"{what} has {len(vals)} values; the inputs have {c} channel{'s' if c > 1 else ''}: give "
+                          f"{'1' if c == 1 else f'1 or {c}'}{also}")
     if not all(math.isfinite(v) for v in vals):
         raise KDPipeError(f"{what} must be finite numbers, got {values}")
     return vals
@@ -60,6 +61,15 @@ def resolve_input(teacher, input_shape, *, mean=None, std=None, input_range: str
         raise KDPipeError(f"give one input normalization, not {' and '.join(given)}")
     features = len(input_shape) == 1
     c = int(input_shape[0])
+    own = getattr(teacher, "mean", None), getattr(teacher, "std", None)
+    if given and own[0] is not None and own[1] is not None and not input_range:
+        # a kdpipe checkpoint given values for other channels (3 for its grey images, imagenet's): it carries its
+        # own normalization, so the way on is to drop them ('give 1 or 1', or 'give --mean/--std', misled)
+        n = len(PRESETS[preset][0]) if preset in PRESETS else max(len(mean or []), len(std or []))
+        if n not in (1, c):
+            raise KDPipeError(f"the teacher {teacher.file} records its input normalization, mean "
+                              f"{_fmt(own[0])}, std {_fmt(own[1])} ({c} channel{'s' if c > 1 else ''}); {given[0]} "
+                              f"gives {n} values: drop {given[0]}")
     asked = None
     # grey images, 3 values, and a teacher that is no kdpipe checkpoint (which carries its own): Grayscale(3) + Normalize
     rgb = (not features and c == 1 and getattr(teacher, "kind", None) != "kdpipe"
@@ -94,7 +104,6 @@ def resolve_input(teacher, input_shape, *, mean=None, std=None, input_range: str
             asked = {"mean": list(m), "std": list(s), "source": "preset", "value": preset}
     if rgb and not getattr(teacher, "repeats_grey", False):
         raise KDPipeError(_not_repeated(teacher, preset))
-    own = getattr(teacher, "mean", None), getattr(teacher, "std", None)
     if own[0] is not None and own[1] is not None:
         recorded = {"mean": [float(v) for v in own[0]], "std": [float(v) for v in own[1]], "source": "checkpoint",
                     "value": None}

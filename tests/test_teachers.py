@@ -1054,13 +1054,14 @@ def test_a_program_teacher_with_in_chans_3_takes_three_values_and_without_it_is_
                        "np.repeat(x, 3, axis=1)")
         assert "Grayscale(3) + Normalize" in line
     refused(dump(ts, ref.spec, tmp_path / "x", "--arch-args", "in_chans=3", "--mean", "0.4,0.5", "--std", "0.2",
-                 "--force"), "--mean has 2 values", "give 1 or 1 (or 3, one per RGB channel")
+                 "--force"), "--mean has 2 values; the inputs have 1 channel: give 1 (or 3, one per RGB channel")
     assert not (tmp_path / "x").exists()
 
 
 def test_three_values_for_grey_images_of_a_teacher_that_takes_them_as_they_are_are_refused(ref, tmp_path):
     """A grey teacher (a kdpipe architecture's state dict) cannot take RGB channels' values: one line saying what to
-    give instead. A kdpipe checkpoint is unaffected: its own normalization, the same refusals as before."""
+    give instead. A kdpipe checkpoint records its own normalization: values for 3 channels are refused saying to drop
+    them (it said 'give --mean/--std', or 'give 1 or 1', for a teacher that then refuses any --mean/--std)."""
     torch.save(ref.net.state_dict(), tmp_path / "w.pt")
     line = refused(dump(tmp_path / "w.pt", ref.spec, tmp_path / "x", "--teacher-arch", "cnn_small", "--normalize",
                         "imagenet"), "--normalize imagenet is for 3-channel images; these have 1",
@@ -1071,10 +1072,10 @@ def test_three_values_for_grey_images_of_a_teacher_that_takes_them_as_they_are_a
     with pytest.raises(KDPipeError, match=r"fed grey images repeated to 3 channels.*does not repeat them: give the "):
         grey.set_grey_to_rgb({"mean": IMAGENET[0], "std": IMAGENET[1]})
     grey.set_grey_to_rgb(None)  # an older cache's record: nothing to do
-    refused(dump(ref.ckpt, ref.spec, tmp_path / "x", "--normalize", "imagenet"),
-            "--normalize imagenet is for 3-channel images; these have 1: give --mean/--std")
-    refused(dump(ref.ckpt, ref.spec, tmp_path / "x", "--mean", "0.4,0.5,0.6", "--std", "0.2"),
-            "--mean has 3 values; the inputs have 1 channels: give 1 or 1")
+    for args, given in ((("--normalize", "imagenet"), "--normalize"), (("--mean", "0.4,0.5,0.6", "--std", "0.2"),
+                                                                       "--mean/--std")):
+        refused(dump(ref.ckpt, ref.spec, tmp_path / "x", *args), f"the teacher {ref.ckpt} records its input "
+                "normalization, mean [", f"(1 channel); {given} gives 3 values: drop {given}")
     assert not (tmp_path / "x").exists()
 
 
