@@ -346,6 +346,29 @@ def test_two_ensembles_of_one_label_are_reported_apart(ens, ens_runs, tmp_path):
     assert {r.split("|")[6].strip() for r in rows} == {"0.8000", "0.4000"}
 
 
+def test_the_ensembles_table_leaves_out_the_scratch_twin(ens, ens_runs, tmp_path):
+    """A scratch run of an ensemble's sweep (alpha 0) records the ensemble (its views are the caches'), but learned
+    nothing from it: it was counted in the table's runs and agreements of the first T's row."""
+    import shutil
+    run = next(ens_runs.out.glob("*T2*/metrics.json")).parent
+    kd, scratch = tmp_path / "runs" / run.name, tmp_path / "runs" / run.name.replace("-T2-a0.9-", "-scratch-")
+    shutil.copytree(run, kd)
+    shutil.copytree(run, scratch)
+    m = json.loads((scratch / "metrics.json").read_text())
+    m.update(name=scratch.name, alpha=0.0, uses_teacher=False, teacher_agreement=0.01)
+    m["loss"]["options"]["alpha"] = 0.0
+    m["ensemble"]["agreement"] = 0.01
+    for t in m["ensemble"]["teachers"]:
+        t["agreement"] = 0.01
+    (scratch / "metrics.json").write_text(json.dumps(m))
+    want = json.loads((kd / "metrics.json").read_text())["ensemble"]["agreement"]
+    ok(invoke("report", tmp_path / "runs", "--out", tmp_path / "report"))
+    rows = [r for r in (tmp_path / "report" / "report.md").read_text().splitlines() if "| the ensemble |" in r]
+    assert len(rows) == 1, rows
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert cells[6] == f"{want:.4f}" and cells[7] == "1", rows
+
+
 # ---------------------------------------------------------------- DistributedDataParallel
 
 def test_ddp_students_of_an_ensemble_match_the_single_process_run(tmp_path):
