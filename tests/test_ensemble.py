@@ -152,6 +152,32 @@ def test_like_accepts_explicit_options_equal_to_the_caches(ens, teacher_ckpt, tm
               "--out", tmp_path / "x", "--batch-size", 256))
 
 
+def test_like_from_another_folder_records_the_data_as_the_cache_does(fmnist, teacher_ckpt, tmp_path, monkeypatch):
+    """A cache of a relative --data path, and one dumped --like it from another folder: the second recorded the path
+    made absolute, so the report took students of the two caches for two datasets (refused without --mix-datasets).
+    It records the first's spec and the folder it is read from, and stage two finds the data from anywhere."""
+    import shutil
+    from kdpipe.cache.reader import Cache
+    from kdpipe.student import load_cache_data
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(fmnist.path, proj / "data" / "fm.npz")
+    monkeypatch.chdir(proj)
+    ok(invoke("dump-logits", "--teacher", teacher_ckpt, "--data", "npz:data/fm.npz", "--views", 1, "--policy",
+              "crop:2", "--out", proj / "a", "--batch-size", 256))
+    monkeypatch.chdir(elsewhere)
+    ok(invoke("dump-logits", "--teacher", teacher_ckpt, "--like", proj / "a", "--logits-dtype", "float32",
+              "--out", proj / "b", "--batch-size", 256))
+    a, b = Cache(proj / "a").manifest, Cache(proj / "b").manifest
+    for key in ("spec", "workdir"):
+        assert b["dataset"][key] == a["dataset"][key], key
+    assert b["eval"]["dataset"]["spec"] == a["eval"]["dataset"]["spec"]
+    monkeypatch.chdir(tmp_path)
+    train, _ = load_cache_data(Cache(proj / "b"))
+    assert train.fingerprint == a["dataset"]["fingerprint"]
+
+
 def test_the_epochs_targets_are_the_caches_rows_mixed(ens):
     """What the loss sees in an epoch: for the rows of a batch, the weighted mean of both caches' stored rows."""
     from kdpipe.cache.reader import Cache
