@@ -291,6 +291,14 @@ def like_cache(like_dir, given: dict, data_root=None, data_spec: str | None = No
             raise KDPipeError(f"{what} conflicts with --like {like.path}, whose views are "
                               f"{policy.spec}: leave --policy, --padding and --size out")
     data, test = load_cache_data(like, data_root, data_spec)
+    if data_root is None and data_spec is None:
+        # the data where CACHE says it is: recorded as CACHE records it (a relative path with the folder it is read
+        # from), not as found from this folder (made absolute), so that students of both caches are of one dataset
+        # (the report took the two spellings for two datasets, refused unless --mix-datasets)
+        for split_data, rec in ((data, d), (test, m.get("eval", {}).get("dataset"))):
+            if split_data is not None and rec and rec.get("spec"):
+                split_data.spec = rec["spec"]
+        data.workdir = d.get("workdir")  # kdpipe.teacher.dump_logits records it for the relative path
     if d["split"] != "train":
         test = None  # as dump-logits --split test: no eval file
     return data, test, policy, have["views"], have["seed"], have["split"]

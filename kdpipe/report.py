@@ -249,7 +249,8 @@ def _ensembles(runs) -> list[str]:
     groups = defaultdict(list)
     for r in runs:
         e = r.get("ensemble")
-        if e:  # by its caches too: two pipelines' teachers "a" and "b" of one architecture share a label
+        if e and not _scratch(r):  # a scratch twin saw the caches' views but learned nothing of the teachers
+            # by its caches too: two pipelines' teachers "a" and "b" of one architecture share a label
             groups[(e["label"], e["temperature"], tuple(map(str, _cache_ids(r))))].append(r)
     if not groups:
         return []

@@ -735,8 +735,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
             "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS[
                                                        "logits" if codec_ident is None else "logits_topk_values"].path,
                                                        **teacher_info}],
-            # workdir: a relative --data path is read from there by stage two run in another folder
-            "dataset": {**data.identity(), "source": data.source, "workdir": os.getcwd()},
+            # workdir: a relative --data path is read from there by stage two run in another folder (--like: CACHE's)
+            "dataset": {**data.identity(), "source": data.source,
+                        "workdir": getattr(data, "workdir", None) or os.getcwd()},
             "views": {**policy.identity(), "seed": int(seed), "K": int(views)},
             "num_classes": data.num_classes, "input": {**ident["input"], "shape": list(in_shape)},
             "dump": summary}, eval_entry)

@@ -152,6 +152,32 @@ def test_like_accepts_explicit_options_equal_to_the_caches(ens, teacher_ckpt, tm
               "--out", tmp_path / "x", "--batch-size", 256))
 
 
+def test_like_from_another_folder_records_the_data_as_the_cache_does(fmnist, teacher_ckpt, tmp_path, monkeypatch):
+    """A cache of a relative --data path, and one dumped --like it from another folder: the second recorded the path
+    made absolute, so the report took students of the two caches for two datasets (refused without --mix-datasets).
+    It records the first's spec and the folder it is read from, and stage two finds the data from anywhere."""
+    import shutil
+    from kdpipe.cache.reader import Cache
+    from kdpipe.student import load_cache_data
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(fmnist.path, proj / "data" / "fm.npz")
+    monkeypatch.chdir(proj)
+    ok(invoke("dump-logits", "--teacher", teacher_ckpt, "--data", "npz:data/fm.npz", "--views", 1, "--policy",
+              "crop:2", "--out", proj / "a", "--batch-size", 256))
+    monkeypatch.chdir(elsewhere)
+    ok(invoke("dump-logits", "--teacher", teacher_ckpt, "--like", proj / "a", "--logits-dtype", "float32",
+              "--out", proj / "b", "--batch-size", 256))
+    a, b = Cache(proj / "a").manifest, Cache(proj / "b").manifest
+    for key in ("spec", "workdir"):
+        assert b["dataset"][key] == a["dataset"][key], key
+    assert b["eval"]["dataset"]["spec"] == a["eval"]["dataset"]["spec"]
+    monkeypatch.chdir(tmp_path)
+    train, _ = load_cache_data(Cache(proj / "b"))
+    assert train.fingerprint == a["dataset"]["fingerprint"]
+
+
 def test_the_epochs_targets_are_the_caches_rows_mixed(ens):
     """What the loss sees in an epoch: for the rows of a batch, the weighted mean of both caches' stored rows."""
     from kdpipe.cache.reader import Cache
@@ -344,6 +370,29 @@ def test_two_ensembles_of_one_label_are_reported_apart(ens, ens_runs, tmp_path):
     assert len(rows) == 2, rows
     assert {r.split("|")[5].strip() for r in rows} == {"0.9000", "0.5000"}
     assert {r.split("|")[6].strip() for r in rows} == {"0.8000", "0.4000"}
+
+
+def test_the_ensembles_table_leaves_out_the_scratch_twin(ens, ens_runs, tmp_path):
+    """A scratch run of an ensemble's sweep (alpha 0) records the ensemble (its views are the caches'), but learned
+    nothing from it: it was counted in the table's runs and agreements of the first T's row."""
+    import shutil
+    run = next(ens_runs.out.glob("*T2*/metrics.json")).parent
+    kd, scratch = tmp_path / "runs" / run.name, tmp_path / "runs" / run.name.replace("-T2-a0.9-", "-scratch-")
+    shutil.copytree(run, kd)
+    shutil.copytree(run, scratch)
+    m = json.loads((scratch / "metrics.json").read_text())
+    m.update(name=scratch.name, alpha=0.0, uses_teacher=False, teacher_agreement=0.01)
+    m["loss"]["options"]["alpha"] = 0.0
+    m["ensemble"]["agreement"] = 0.01
+    for t in m["ensemble"]["teachers"]:
+        t["agreement"] = 0.01
+    (scratch / "metrics.json").write_text(json.dumps(m))
+    want = json.loads((kd / "metrics.json").read_text())["ensemble"]["agreement"]
+    ok(invoke("report", tmp_path / "runs", "--out", tmp_path / "report"))
+    rows = [r for r in (tmp_path / "report" / "report.md").read_text().splitlines() if "| the ensemble |" in r]
+    assert len(rows) == 1, rows
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert cells[6] == f"{want:.4f}" and cells[7] == "1", rows
 
 
 # ---------------------------------------------------------------- DistributedDataParallel
