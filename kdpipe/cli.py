@@ -489,22 +489,25 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
     started = time.perf_counter()
     try:
-        dev = pick_device(device)
-        if like is not None:
-            data, test, pol = like_data, like_test, like_policy
-        else:
-            data = limited(load_dataset(data_spec, split, data_root, image_size, resize), limit)
-            test = (limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
-                    if split == "train" else None)
-            if split == "train":
-                check_splits(data, test)
-            else:  # the test split is checked against the train split it will be compared with
-                check_splits(limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit), data)
-            pol = view_policy(policy, data, padding, size)
-        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
-                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
-                               trust_pickle=trust_pickle, output=teacher_output)
-        dist = from_env(dev)  # torchrun: join the process group; else one process
+        # torchrun: join the process group first, and load inside together(): a rank whose data or teacher fails
+        # to load (a node without its copy) stops every rank with its line. Loaded before joining, it left the
+        # others waiting at the rendezvous for the whole KDPIPE_DIST_TIMEOUT (30 minutes), then a traceback.
+        dist = from_env(pick_device(device))  # else one process
+        with dist.together("loading the data and the teacher"):
+            if like is not None:
+                data, test, pol = like_data, like_test, like_policy
+            else:
+                data = limited(load_dataset(data_spec, split, data_root, image_size, resize), limit)
+                test = (limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
+                        if split == "train" else None)
+                if split == "train":
+                    check_splits(data, test)
+                else:  # the test split is checked against the train split it will be compared with
+                    check_splits(limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit), data)
+                pol = view_policy(policy, data, padding, size)
+            teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
+                                   image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
+                                   trust_pickle=trust_pickle, output=teacher_output)
         log = dist.log(click.echo)
         from kdpipe.cache.format import codec_identity, parse_codec
         try:

@@ -223,6 +223,24 @@ def test_failure_on_one_rank_stops_all_and_keeps_finished_shards(work, reference
     assert_same_cache(reference, out)
 
 
+def test_a_rank_whose_data_does_not_load_stops_every_rank_with_its_line(work, tmp_path):
+    """Each rank loaded the data and teacher before joining the process group: a rank that could not (a node
+    without its copy) ended with its line while the others waited at the rendezvous for the whole
+    KDPIPE_DIST_TIMEOUT (30 minutes across nodes; in one node torchrun killed them after 30 s), then a traceback."""
+    repo = Path(__file__).resolve().parent.parent
+    wrapper = tmp_path / "rank1_lacks_data.py"
+    wrapper.write_text(f"import os, sys\nsys.path.insert(0, {str(repo)!r})\nfrom kdpipe.cli import main\n"
+                       "argv = sys.argv[1:]\nif os.environ['RANK'] == '1':\n"
+                       "    argv = [a.replace('tiny.npz', 'missing.npz') for a in argv]\nmain(argv)\n")
+    out = tmp_path / "cache"
+    proc = torchrun(dump_args(work, out), program=[str(wrapper)])
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "loading the data and the teacher failed on rank 1: npz:" in text and "missing.npz" in text, text
+    assert "SIGKILL" not in text, text  # not killed after ignoring torchrun's SIGTERM at the rendezvous
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- stage two under torchrun
 
 @pytest.mark.parametrize("extra, words", [
