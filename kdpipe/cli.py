@@ -53,6 +53,13 @@ def out_of_memory_line(e: BaseException) -> str | None:
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
+            return self._invoke(ctx)
+        except click.ClickException as e:
+            _exit_joined(e)
+            raise
+
+    def _invoke(self, ctx):
+        try:
             return super().invoke(ctx)
         except KDPipeError as e:
             raise InputError(str(e)) from None
@@ -64,6 +71,20 @@ class _Group(click.Group):
             if line is None:
                 raise
             raise OutOfMemory(line) from None
+
+
+def _exit_joined(e: click.ClickException) -> None:
+    """Under torchrun, a process that joined the process group and fails with its one line ends at once after
+    printing it (os._exit), as a successful one does (_end_distributed): the interpreter's teardown of the gloo
+    group aborted it now and then ('terminate called without an active exception', exit -6 instead of 2), so
+    torchrun named a SIGABRT as the failure. Outside a joined group, nothing (click prints and exits)."""
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized():
+        return
+    e.show()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.exit_code)
 
 
 class OutPath(click.Path):

@@ -386,3 +386,26 @@ def test_a_ranks_error_of_several_lines_reaches_the_other_ranks_as_one_line():
         with healthy.together("the teacher's pass"):
             pass
     assert str(e.value) == "the teacher's pass failed on rank 1: RuntimeError: CUDA error: device-side assert triggered"
+
+
+def test_a_joined_rank_that_fails_with_its_line_ends_at_once(monkeypatch, tmp_path):
+    """A rank that had joined the process group and failed with its one line (exit 2) went through the
+    interpreter's teardown of the gloo group, which aborted it now and then ('terminate called without an active
+    exception', exit -6): torchrun then named a SIGABRT as the failure. It ends with os._exit after its line now,
+    as a successful rank does; outside a joined group click exits as before."""
+    import torch.distributed as td
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    args = ["dump-logits", "--teacher", str(tmp_path / "t.pt"), "--data", "mnist", "--views", "0",
+            "--out", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and exits == []  # not joined: click's own exit
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and exits == [2]
+    assert [x for x in res.output.splitlines() if x] == ["Error: --views must be >= 1, got 0"]
