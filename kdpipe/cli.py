@@ -69,8 +69,37 @@ class _Group(click.Group):
         except (MemoryError, RuntimeError) as e:
             line = out_of_memory_line(e)
             if line is None:
-                raise
+                line = _peer_lost_line(e)
+                if line is None:
+                    raise
+                raise PeerLost(line) from None
             raise OutOfMemory(line) from None
+
+
+class PeerLost(click.ClickException):
+    """Under torchrun, another rank's process ended (killed, crashed) while this one waited on it: one line, exit 1."""
+
+    exit_code = 1
+
+
+# What the gloo and NCCL collectives raise when a peer's process is gone or silent (its sockets closed or reset,
+# the collective's timeout, a communicator aborted).
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Read error|Timed out waiting|timed out after|"
+                        r"Socket Timeout|NCCL communicator was aborted|remote process exited", re.IGNORECASE)
+
+
+def _peer_lost_line(e: BaseException) -> str | None:
+    """The one line for a collective that failed because another rank of a joined torchrun group went away (its
+    traceback, from inside DDP's backward or a broadcast, was all a surviving rank printed), else None."""
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized() or not _PEER_LOST.search(str(e)):
+        return None
+    what = _PEER_LOST.search(str(e)).group(0)
+    if "time" in what.lower():
+        from kdpipe.distributed import timeout
+        what += f" after KDPIPE_DIST_TIMEOUT={timeout().total_seconds():g} s"
+    return (f"another rank of this torchrun job stopped or stopped answering ({what}): torchrun's report names it "
+            "and why; what was finished is kept, run the same command again to resume")
 
 
 def _exit_joined(e: click.ClickException) -> None:

@@ -409,3 +409,32 @@ def test_a_joined_rank_that_fails_with_its_line_ends_at_once(monkeypatch, tmp_pa
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and exits == [2]
     assert [x for x in res.output.splitlines() if x] == ["Error: --views must be >= 1, got 0"]
+
+
+@pytest.mark.parametrize("raised", [
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:13210: Connection "
+    "reset by peer. This is typically caused by a remote worker hanging or bugs in the application.",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 120000ms for recv operation",
+])
+def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, tmp_path, raised):
+    """A rank killed outright (SIGKILL, out of memory) left the other ranks in a collective (DDP's backward, a
+    broadcast), whose gloo error was a page of traceback on each surviving rank: now one line, exit 1."""
+    import torch.distributed as td
+    import kdpipe.student
+
+    def dies(*args, **kwargs):
+        raise RuntimeError(raised)
+
+    monkeypatch.setattr(kdpipe.student, "train_students", dies)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    res = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", "--device",
+                                    "cpu", "--out", str(tmp_path / "runs")])
+    lines = [x for x in res.output.splitlines() if x]
+    assert res.exit_code == 1 and len(lines) == 1, res.output + repr(res.exception)
+    assert lines[0].startswith("Error: another rank of this torchrun job stopped or stopped answering (")
+    assert "run the same command again to resume" in lines[0]
+    monkeypatch.setattr(td, "is_initialized", lambda: False)  # one process: such an error is a bug, its traceback shown
+    res = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", "--device",
+                                    "cpu", "--out", str(tmp_path / "runs")])
+    assert isinstance(res.exception, RuntimeError)
