@@ -53,6 +53,13 @@ def out_of_memory_line(e: BaseException) -> str | None:
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
+            return self._invoke(ctx)
+        except click.ClickException as e:
+            _exit_joined(e)
+            raise
+
+    def _invoke(self, ctx):
+        try:
             return super().invoke(ctx)
         except KDPipeError as e:
             raise InputError(str(e)) from None
@@ -62,8 +69,51 @@ class _Group(click.Group):
         except (MemoryError, RuntimeError) as e:
             line = out_of_memory_line(e)
             if line is None:
-                raise
+                line = _peer_lost_line(e)
+                if line is None:
+                    raise
+                raise PeerLost(line) from None
             raise OutOfMemory(line) from None
+
+
+class PeerLost(click.ClickException):
+    """Under torchrun, another rank's process ended (killed, crashed) while this one waited on it: one line, exit 1."""
+
+    exit_code = 1
+
+
+# What the gloo and NCCL collectives raise when a peer's process is gone or silent (its sockets closed or reset,
+# the collective's timeout, a communicator aborted).
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Read error|Timed out waiting|timed out after|"
+                        r"Socket Timeout|NCCL communicator was aborted|remote process exited", re.IGNORECASE)
+
+
+def _peer_lost_line(e: BaseException) -> str | None:
+    """The one line for a collective that failed because another rank of a joined torchrun group went away (its
+    traceback, from inside DDP's backward or a broadcast, was all a surviving rank printed), else None."""
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized() or not _PEER_LOST.search(str(e)):
+        return None
+    what = _PEER_LOST.search(str(e)).group(0)
+    if "time" in what.lower():
+        from kdpipe.distributed import timeout
+        what += f" after KDPIPE_DIST_TIMEOUT={timeout().total_seconds():g} s"
+    return (f"another rank of this torchrun job stopped or stopped answering ({what}): torchrun's report names it "
+            "and why; what was finished is kept, run the same command again to resume")
+
+
+def _exit_joined(e: click.ClickException) -> None:
+    """Under torchrun, a process that joined the process group and fails with its one line ends at once after
+    printing it (os._exit), as a successful one does (_end_distributed): the interpreter's teardown of the gloo
+    group aborted it now and then ('terminate called without an active exception', exit -6 instead of 2), so
+    torchrun named a SIGABRT as the failure. Outside a joined group, nothing (click prints and exits)."""
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized():
+        return
+    e.show()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.exit_code)
 
 
 class OutPath(click.Path):
@@ -490,22 +540,25 @@ def dump_logits_cmd(teacher_file, teacher_arch, teacher_weights, arch_args, trus
     _term_as_interrupt()  # first: an interruption at any moment gets the message below, not a traceback
     started = time.perf_counter()
     try:
-        dev = pick_device(device)
-        if like is not None:
-            data, test, pol = like_data, like_test, like_policy
-        else:
-            data = limited(load_dataset(data_spec, split, data_root, image_size, resize), limit)
-            test = (limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
-                    if split == "train" else None)
-            if split == "train":
-                check_splits(data, test)
-            else:  # the test split is checked against the train split it will be compared with
-                check_splits(limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit), data)
-            pol = view_policy(policy, data, padding, size)
-        teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
-                               image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
-                               trust_pickle=trust_pickle, output=teacher_output)
-        dist = from_env(dev)  # torchrun: join the process group; else one process
+        # torchrun: join the process group first, and load inside together(): a rank whose data or teacher fails
+        # to load (a node without its copy) stops every rank with its line. Loaded before joining, it left the
+        # others waiting at the rendezvous for the whole KDPIPE_DIST_TIMEOUT (30 minutes), then a traceback.
+        dist = from_env(pick_device(device))  # else one process
+        with dist.together("loading the data and the teacher"):
+            if like is not None:
+                data, test, pol = like_data, like_test, like_policy
+            else:
+                data = limited(load_dataset(data_spec, split, data_root, image_size, resize), limit)
+                test = (limited(load_dataset(data_spec, "test", data_root, image_size, resize), limit)
+                        if split == "train" else None)
+                if split == "train":
+                    check_splits(data, test)
+                else:  # the test split is checked against the train split it will be compared with
+                    check_splits(limited(load_dataset(data_spec, "train", data_root, image_size, resize), limit), data)
+                pol = view_policy(policy, data, padding, size)
+            teacher = load_teacher(teacher_file, arch=teacher_arch, weights=teacher_weights, arch_args=arch_args,
+                                   image_shape=pol.output_shape(data.image_shape), num_classes=data.num_classes,
+                                   trust_pickle=trust_pickle, output=teacher_output)
         log = dist.log(click.echo)
         from kdpipe.cache.format import codec_identity, parse_codec
         try:

@@ -141,6 +141,9 @@ def plan_runs_dir(out: Path, configs: dict[str, dict], overwrite: bool = False, 
             held[str(p)] = {"runs": c["runs"], "position": list(c["position"]), "seed": c["seed"],
                             "epochs": c["epochs"]}
     _adopt_older_names(out, configs, held, older or {}, log)
+    for name in configs:  # a run's files are written by rename too: a kill left .student.pt.tmp-PID (a whole
+        if (out / name).is_dir():  # model's size) in it for good, beside the run its rerun finished
+            _remove_dead_temporaries(out / name)
     diffs: dict[str, list[str]] = {}
     worlds = set()  # the world sizes the differing runs were begun with
     for name, cfg in configs.items():

@@ -223,6 +223,24 @@ def test_failure_on_one_rank_stops_all_and_keeps_finished_shards(work, reference
     assert_same_cache(reference, out)
 
 
+def test_a_rank_whose_data_does_not_load_stops_every_rank_with_its_line(work, tmp_path):
+    """Each rank loaded the data and teacher before joining the process group: a rank that could not (a node
+    without its copy) ended with its line while the others waited at the rendezvous for the whole
+    KDPIPE_DIST_TIMEOUT (30 minutes across nodes; in one node torchrun killed them after 30 s), then a traceback."""
+    repo = Path(__file__).resolve().parent.parent
+    wrapper = tmp_path / "rank1_lacks_data.py"
+    wrapper.write_text(f"import os, sys\nsys.path.insert(0, {str(repo)!r})\nfrom kdpipe.cli import main\n"
+                       "argv = sys.argv[1:]\nif os.environ['RANK'] == '1':\n"
+                       "    argv = [a.replace('tiny.npz', 'missing.npz') for a in argv]\nmain(argv)\n")
+    out = tmp_path / "cache"
+    proc = torchrun(dump_args(work, out), program=[str(wrapper)])
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "loading the data and the teacher failed on rank 1: npz:" in text and "missing.npz" in text, text
+    assert "SIGKILL" not in text, text  # not killed after ignoring torchrun's SIGTERM at the rendezvous
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- stage two under torchrun
 
 @pytest.mark.parametrize("extra, words", [
@@ -368,3 +386,55 @@ def test_a_ranks_error_of_several_lines_reaches_the_other_ranks_as_one_line():
         with healthy.together("the teacher's pass"):
             pass
     assert str(e.value) == "the teacher's pass failed on rank 1: RuntimeError: CUDA error: device-side assert triggered"
+
+
+def test_a_joined_rank_that_fails_with_its_line_ends_at_once(monkeypatch, tmp_path):
+    """A rank that had joined the process group and failed with its one line (exit 2) went through the
+    interpreter's teardown of the gloo group, which aborted it now and then ('terminate called without an active
+    exception', exit -6): torchrun then named a SIGABRT as the failure. It ends with os._exit after its line now,
+    as a successful rank does; outside a joined group click exits as before."""
+    import torch.distributed as td
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    args = ["dump-logits", "--teacher", str(tmp_path / "t.pt"), "--data", "mnist", "--views", "0",
+            "--out", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and exits == []  # not joined: click's own exit
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and exits == [2]
+    assert [x for x in res.output.splitlines() if x] == ["Error: --views must be >= 1, got 0"]
+
+
+@pytest.mark.parametrize("raised", [
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:13210: Connection "
+    "reset by peer. This is typically caused by a remote worker hanging or bugs in the application.",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 120000ms for recv operation",
+])
+def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, tmp_path, raised):
+    """A rank killed outright (SIGKILL, out of memory) left the other ranks in a collective (DDP's backward, a
+    broadcast), whose gloo error was a page of traceback on each surviving rank: now one line, exit 1."""
+    import torch.distributed as td
+    import kdpipe.student
+
+    def dies(*args, **kwargs):
+        raise RuntimeError(raised)
+
+    monkeypatch.setattr(kdpipe.student, "train_students", dies)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    res = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", "--device",
+                                    "cpu", "--out", str(tmp_path / "runs")])
+    lines = [x for x in res.output.splitlines() if x]
+    assert res.exit_code == 1 and len(lines) == 1, res.output + repr(res.exception)
+    assert lines[0].startswith("Error: another rank of this torchrun job stopped or stopped answering (")
+    assert "run the same command again to resume" in lines[0]
+    monkeypatch.setattr(td, "is_initialized", lambda: False)  # one process: such an error is a bug, its traceback shown
+    res = CliRunner().invoke(main, ["train-student", "--cache", str(tmp_path), "--student", "mlp_100", "--device",
+                                    "cpu", "--out", str(tmp_path / "runs")])
+    assert isinstance(res.exception, RuntimeError)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
 import random
 import re
@@ -239,6 +240,33 @@ def small(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, npz=npz, teacher=teacher, out=out,
                            args=lambda o: dump_args(teacher, npz, o, 4, 200),
                            shards={s.name: shard_arrays(s) for s in sorted(out.glob("shard-*.h5"))})
+
+
+@pytest.mark.parametrize("killed_at", [1, 3, 8])
+def test_a_kill_while_overwrite_discards_the_old_cache_leaves_nothing_that_reads_complete(small, tmp_path,
+                                                                                         killed_at):
+    """--overwrite removed the old shards first and the manifest after them: killed in between, the folder held
+    a manifest that read as complete over shards already gone (the old command's rerun said "already
+    complete"), or, killed after dump.json went, old files and no record (a rerun refused the folder)."""
+    out = tmp_path / "cache"
+    shutil.copytree(small.out, out)
+    real, calls = Path.unlink, []
+
+    def unlink(self, missing_ok=False):
+        calls.append(self.name)
+        if len(calls) == killed_at:
+            raise KeyboardInterrupt  # the kill, between two of the discard's removals
+        return real(self, missing_ok=missing_ok)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "unlink", unlink)
+        res = run_cli(small.args(out) + ["--seed", "1", "--overwrite"])
+    assert res.exit_code == 130, res.output
+    manifest = out / "manifest.json"
+    assert not manifest.exists() or all((out / s["file"]).is_file() for s in json.loads(manifest.read_text())["shards"])
+    res = run_cli(small.args(out))  # the old command: its cache again, never "already complete" over missing shards
+    assert res.exit_code == 0, res.output
+    assert_same_cache(small.out, out)
 
 
 def _fail_after(monkeypatch, name: str, n_ok: int, err: int, match: str = "shard-"):

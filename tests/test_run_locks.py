@@ -392,3 +392,19 @@ def test_another_users_lock_whose_process_is_gone_is_taken_over_in_a_shared_fold
             lock.unlink(missing_ok=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_runs_temporaries_a_kill_left_go_and_a_live_writers_stay(tmp_path, live_pid):
+    """A run's files (config.json, student.pt, ...) are written by rename; a torchrun job killed as it wrote one
+    left .config.json.tmp-PID (for student.pt, a whole model's size) in the run's directory for good, beside
+    the run its rerun finished."""
+    from kdpipe.resume import plan_runs_dir
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    dead, live = run / f".student.pt.tmp-{gone}", run / f".config.json.tmp-{live_pid}"
+    dead.write_bytes(b"x" * 100)
+    live.write_bytes(b"y")
+    plan_runs_dir(tmp_path / "runs", {"r": {"epochs": 1}}, log=lambda *a: None)
+    assert not dead.exists() and live.exists()

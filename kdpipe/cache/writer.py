@@ -384,8 +384,13 @@ class CacheWriter:
                                   "): pass --overwrite to start over, or choose another --out")
             if diffs:  # --overwrite: start over; with the same arguments it resumes instead
                 self.log(f"--overwrite: discarding the cache in {out_dir} (" + "; ".join(diffs) + ")")
-                for p in list(out_dir.glob("shard-*.h5")) + [state_path, manifest_path, out_dir / fmt.EVAL_FILE]:
+                # the manifest first and dump.json last: a kill in between left a manifest that read as complete
+                # over the shards already gone (the old command's rerun said "already complete"), or no dump.json
+                # beside the old files (a rerun refused the folder as "not empty and holds no kdpipe cache")
+                for p in [manifest_path, out_dir / fmt.EVAL_FILE] + sorted(out_dir.glob("shard-*.h5")):
                     p.unlink(missing_ok=True)
+                remove_temporaries(out_dir)
+                state_path.unlink(missing_ok=True)
         elif any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise KDPipeError(f"{out_dir} is not empty and holds no kdpipe cache: choose an empty or new directory")
         remove_temporaries(out_dir)
