@@ -312,9 +312,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                     # out: logits or Outputs
                     stepped.append(({n: v.detach() for n, v in terms.items()},
                                     (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()))
-                _accumulate(sums[k], {n: torch.stack([own[n] for own, _ in stepped]) for n in stepped[0][0]}, len(u),
-                            device)
-                correct[k] += torch.stack([right for _, right in stepped])
+                if len(u) == 1:  # a run of its own: no stacking (each step's small ops cost ~5% of a small net's pass)
+                    _accumulate(sums[k], stepped[0][0], 1, device)
+                    correct[k] += stepped[0][1]
+                else:
+                    _accumulate(sums[k], {n: torch.stack([own[n] for own, _ in stepped]) for n in stepped[0][0]},
+                                len(u), device)
+                    correct[k] += torch.stack([right for _, right in stepped])
                 clock.stop(k)
             seen += len(idx) * world
             prog.update(len(idx) * world)
