@@ -57,6 +57,7 @@ from typing import Callable, ClassVar, NamedTuple
 import numpy as np
 
 from kdpipe import KDPipeError
+from kdpipe.cache.writer import fsync_path
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -1463,7 +1464,7 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         # each file by rename once on disk (fsync), complete or absent: a sizes.npy a kill cut short beside the
         # copy of a process that finished was read by every later run (a ValueError traceback), as was a .npy a
         # power cut left short or unwritten; the .json, written last, says the copy is whole
-        _sync(tmp)
+        fsync_path(tmp)
         _write_synced(sizes_tmp, lambda f: np.save(f, sizes))
         os.replace(sizes_tmp, sizes_npy)
         os.replace(tmp, npy)
@@ -1474,9 +1475,9 @@ def _decode_files(spec, split, folder: Path, files: list[Path], labels: list[int
         meta_tmp.write_text(json.dumps({"folder": str(folder), "fingerprint": data.fingerprint,
                                         "num_images": len(files), "mode": mode, "image_size": image_size,
                                         "resize": resize_method(resize) if image_size else None}))
-        _sync(meta_tmp)
+        fsync_path(meta_tmp)
         os.replace(meta_tmp, meta)
-        _sync(cache_dir)
+        fsync_path(cache_dir)
     except OSError as e:  # e.g. the disk filled up while decoding
         raise KDPipeError(f"cannot write the decoded copy of {spec} under {cache_dir}: {e.strerror or e}; "
                           "free space or set KDPIPE_DATA_CACHE to another folder") from None
@@ -1513,20 +1514,6 @@ def _remove_dead_decodes(cache_dir: Path) -> None:
             continue
         with contextlib.suppress(OSError):
             p.unlink()
-
-
-def _sync(path: Path) -> None:
-    """fsync a file or folder (best effort: some file systems refuse it on a folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, fill) -> None:

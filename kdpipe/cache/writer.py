@@ -31,7 +31,8 @@ def sha256_array(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder (best effort: some file systems refuse it on a folder)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -101,7 +102,7 @@ def atomic_write_stream(path: Path, fill) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         _unlink_quietly(tmp)
         raise _io_error(path, e) from None
@@ -126,7 +127,7 @@ def atomic_path(path: Path):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         raise _io_error(path, e) from None
     finally:
