@@ -23,7 +23,6 @@ directory that differ may train at the same time (a pipeline's [[students]] bloc
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -35,16 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: locks are judged by their pid alone
-    fcntl = None
-
 import torch
 
 from kdpipe import KDPipeError
 from kdpipe.cache.writer import atomic_write_json, atomic_write_stream, being_written, differences
-from kdpipe.util import pid_runs as _pid_runs
+from kdpipe.util import pid_runs as _pid_runs, try_flock
 
 CHECKPOINT_DIR = "checkpoints"
 # What a finished run writes into its directory (kdpipe.student; projector.pt: kdpipe.features.PROJECTOR_FILE)
@@ -542,7 +536,7 @@ class RunLocks:
                         continue
                     raise KDPipeError(f"{path} is another user's lock, whose process is gone, and this user may not "
                                       "remove it: remove it as that user (or one who may), then run again") from None
-                locked = _flock(fd)
+                locked = try_flock(fd)
                 if not _same_file(fd, path):  # released (removed) or taken back between the open and the flock
                     os.close(fd)
                     fd = None
@@ -608,13 +602,7 @@ def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> dict | None:
         return None
     try:
         holder = _read_lock_fd(fd)
-        locked = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts with the holder's
-                locked = True
-            except OSError as e:
-                locked = False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+        locked = try_flock(fd, shared=True)  # a shared lock conflicts with the holder's
         if locked is False or _alive_elsewhere(holder, me, locked):
             raise _held_error(path, what, doing, holder)
         if not _same_file(fd, path):
@@ -626,22 +614,6 @@ def _refuse_foreign(path: Path, what: str, doing: str, me: dict) -> dict | None:
         return holder
     finally:
         os.close(fd)
-
-
-def _flock(fd: int) -> bool | None:
-    """Take the exclusive flock of `fd` without waiting: True, taken; False, another open file holds it (a
-    live process); None, this file system (or platform) has no locks."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return False
-        return None  # ENOLCK (an NFS mount without its lock service), EOPNOTSUPP, ...
-    return True
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -91,6 +91,24 @@ def ensure_parent(path, what: str) -> Path:
     return p
 
 
+def try_flock(fd: int, shared: bool = False) -> bool | None:
+    """Take `fd`'s flock (exclusive, or shared) without waiting: True, taken; False, another open file holds a
+    conflicting one (a live process); None, this file system (or platform) has no locks (ENOLCK on an NFS mount
+    without its lock service, EOPNOTSUPP, no fcntl)."""
+    import errno
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        return False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+    return True
+
+
 def pid_runs(pid: int) -> bool:
     """Whether process `pid` of this host is running (a zombie, killed but not yet reaped, is not)."""
     try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from kdpipe import KDPipeError
 from kdpipe.cache import format as fmt
-from kdpipe.util import Progress, file_sha256
+from kdpipe.util import Progress, file_sha256, try_flock
 
 
 def sha256_array(a: np.ndarray) -> str:
@@ -49,30 +49,20 @@ def hold_while_written(fd: int) -> None:
     """flock a temporary while it is written (dropped when it is closed, or its process ends), so that a command
     sweeping a folder shared with other machines tells a live write there from one a crash left
     (being_written); best effort: where the file system has no locks, nothing."""
-    try:
-        import fcntl
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (ImportError, OSError):
-        pass
+    try_flock(fd)
 
 
 def being_written(path: Path) -> bool:
     """Whether a live process (of this machine, or of another sharing the folder with locks) holds `path`'s
     hold_while_written lock."""
     try:
-        import fcntl
         fd = os.open(path, os.O_RDONLY)
-    except (ImportError, OSError):
+    except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError as e:
-        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return try_flock(fd, shared=True) is False  # a shared lock conflicts with the writer's
     finally:
         os.close(fd)
-    return False
 
 
 def _io_error(path: Path, e: OSError) -> KDPipeError:
