@@ -213,10 +213,6 @@ def _best(best) -> str:
     return f"{best['epoch']} ({best['val_top1']:.4f}" + (f"; {test:.4f})" if test is not None else ")")
 
 
-def _teacher_key(r):
-    return (r.get("teacher") or {}).get("fingerprint")
-
-
 def _errors(top1, n) -> str:
     """' (89)': the test errors a test top-1 of n samples makes (top-1 is correct / n, so this is exact)."""
     return f" ({round((1 - top1) * n):,})" if top1 is not None and n else ""
@@ -353,7 +349,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
     # by dataset too, as `teachers` is: one teacher over --limit 100 and over the whole split has two test sizes
     tested = {}  # a teacher's test top-1 is on its cache's test split, the one its students are tested on
     for r in (r for r in runs if r.get("test_samples")):
-        for fp in [_teacher_key(r)] + [t["fingerprint"] for t in (r.get("ensemble") or {}).get("teachers", [])]:
+        for fp in [(r.get("teacher") or {}).get("fingerprint")] + [t["fingerprint"] for t in (r.get("ensemble") or {}).get("teachers", [])]:
             tested.setdefault((fp, r.get("dataset", "?")), r["test_samples"])
     errors = " (errors)" if tested else ""
     lines += [f"| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1{errors} | "
