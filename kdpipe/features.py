@@ -11,9 +11,11 @@ spatial map.
 The projector (``make_projector``), from the student's shape to the teacher's:
 - teacher vector (C_t,), student vector (C_s,): a linear layer C_s -> C_t;
 - teacher vector, student map (C_s, H, W): global average pooling, then the linear layer;
+- teacher pooled map (C_t, 1, 1), such as torchvision's ``avgpool``, student vector (C_s,): the linear layer,
+  its output shaped (C_t, 1, 1);
 - teacher map (C_t, H_t, W_t), student map (C_s, H_s, W_s): adaptive average pooling to (H_t, W_t) when
   the student's map is larger (none when equal), then a 1x1 convolution C_s -> C_t. A student map
-  smaller than the teacher's, a student vector against a teacher map, or any other rank is refused:
+  smaller than the teacher's, a student vector against a teacher map larger than 1 x 1, or any other rank is refused:
   upsampling would invent detail the student does not have.
 It is trained with the student (``HintStudent`` holds both, so the run's optimizer, checkpoints and
 DistributedDataParallel see its parameters), saved as the run's ``projector.pt`` and never part of the
@@ -53,10 +55,17 @@ def hook_root(module: nn.Module, kind: str | None = None, what: str = "teacher")
 
 
 def find_module(root: nn.Module, name: str, what: str = "teacher") -> nn.Module:
-    """The submodule at module path `name`; an unknown name is one line listing close names."""
-    mods = {n: m for n, m in root.named_modules() if n}
+    """The submodule at module path `name`; an unknown name is one line listing close names. A torchvision or
+    timm model that kdpipe built for grey images sits behind its repeat to 3 channels (kdpipe.models._grey,
+    ``Sequential(repeat, net)``): its layers are named as the user's model names them (``avgpool``, not
+    ``1.avgpool``); the ``1.`` names that caches and runs of earlier versions recorded still resolve."""
+    from kdpipe.models import _RepeatChannels
+    wrapped = isinstance(root, nn.Sequential) and len(root) == 2 and isinstance(root[0], _RepeatChannels)
+    mods = {n: m for n, m in (root[1] if wrapped else root).named_modules() if n}
     if name in mods:
         return mods[name]
+    if wrapped and name.startswith("1.") and name[2:] in mods:
+        return mods[name[2:]]
     close = difflib.get_close_matches(name, list(mods), n=6, cutoff=0.5)
     if not close and len(mods) <= 24:
         where = f"its modules: {', '.join(mods)}"
@@ -128,6 +137,8 @@ def make_projector(student_shape, teacher_shape, student_layer: str = "", teache
         return nn.Linear(s[0], t[0])
     if len(t) == 1 and len(s) == 3:
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(s[0], t[0]))
+    if len(t) == 3 and t[1:] == (1, 1) and len(s) == 1:  # a pooled map (torchvision's avgpool gives (C, 1, 1))
+        return nn.Sequential(nn.Linear(s[0], t[0]), nn.Unflatten(1, t))
     if len(t) == 3 and len(s) == 3:
         if s[1] < t[1] or s[2] < t[2]:
             raise KDPipeError(f"{what}: the student's map is smaller than the teacher's; hint from an earlier "

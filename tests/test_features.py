@@ -134,7 +134,7 @@ def test_a_dump_with_other_features_does_not_resume_the_cache(feat_cache, tmp_pa
 
 
 @pytest.mark.parametrize("arch,layers,shapes", [
-    ("tv:resnet18", "1.avgpool,1.layer3", [[512, 1, 1], [256, 2, 2]]),
+    ("tv:resnet18", "avgpool,layer3", [[512, 1, 1], [256, 2, 2]]),
     ("timm:resnet10t", "global_pool", [[512]]),
 ])
 def test_torchvision_and_timm_teachers_give_features(fmnist, tmp_path, arch, layers, shapes):
@@ -154,7 +154,7 @@ def test_torchvision_and_timm_teachers_give_features(fmnist, tmp_path, arch, lay
     teacher = load_teacher(tmp_path / "t.pth", arch=arch, image_shape=(1, 28, 28), num_classes=10)
     first = layers.split(",")[0]
     inner = dict(teacher.module.inner.named_modules() if hasattr(teacher.module, "inner")
-                 else teacher.module.named_modules())[first]
+                 else teacher.module.named_modules())[first if arch.startswith("timm") else "1." + first]
     rows = np.arange(64)
     want = teacher_features(teacher, lambda t: inner, c, rows, cache_images(c))
     np.testing.assert_allclose(c.read_rows(f"features/{first}", rows).astype(np.float32),
@@ -266,7 +266,8 @@ def test_projector_shapes():
     assert make_projector((16, 8, 8), (32, 4, 4))(x).shape == (2, 32, 4, 4)
     assert make_projector((16, 8, 8), (32,))(x).shape == (2, 32)
     assert make_projector((16,), (32,))(torch.randn(2, 16)).shape == (2, 32)
-    for s, t, words in (((16, 2, 2), (32, 4, 4), "smaller than the teacher's"), ((16,), (32, 2, 2), "vectors"),
+    assert make_projector((16,), (32, 1, 1))(torch.randn(2, 16)).shape == (2, 32, 1, 1)
+    for s, t, words in (((16, 2, 2), (32, 4, 4), "smaller than the teacher's"), ((16,), (32, 2, 2), "vectors"), ((16,), (32, 1, 2), "vectors"),
                         ((4, 16), (32,), "vectors")):
         with pytest.raises(KDPipeError, match=words):
             make_projector(s, t)
@@ -524,3 +525,30 @@ def test_a_hint_run_trains_the_same_alone_or_in_a_shared_pass(feat_cache, tmp_pa
         a, b = (torch.load(tmp_path / d / name / what, weights_only=False) for d in ("alone", "shared"))
         a, b = a.get("state_dict", a.get("model", a)), b.get("state_dict", b.get("model", b))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
+
+
+def test_a_torchvision_model_on_grey_images_names_its_layers_as_torchvision_does(fmnist, tmp_path):
+    """kdpipe puts a repeat to 3 channels before a torchvision model built for grey images: its layers were named
+    '1.avgpool', '1.layer3', names no torchvision user writes ('avgpool' was refused). They are named as the
+    model names them; the '1.' names that earlier caches recorded still resolve. torchvision's avgpool gives
+    (512, 1, 1), which a student's vector layer (an MLP's) now hints onto: it was refused as a map."""
+    from kdpipe.features import find_module
+    from kdpipe.models import create_model
+    torch.manual_seed(0)
+    model = create_model("tv:resnet18", 10, (1, 28, 28))
+    assert find_module(model, "avgpool") is find_module(model, "1.avgpool") is model[1].avgpool
+    with pytest.raises(KDPipeError, match="close names: avgpool"):
+        find_module(model, "avgpol")
+    torch.save(model.state_dict(), tmp_path / "t.pth")
+    out = tmp_path / "c"
+    invoke(["dump-logits", "--teacher", tmp_path / "t.pth", "--teacher-arch", "tv:resnet18", "--mean", 0.3,
+            "--std", 0.35, "--data", fmnist.spec, "--limit", 64, "--views", 1, "--force", "--features", "avgpool",
+            "--out", out])
+    assert [f["layer"] for f in Cache(out).manifest["features"]] == ["avgpool"]
+    r = CliRunner().invoke(main, ["verify-cache", str(out), "--teacher", str(tmp_path / "t.pth"), "--teacher-arch",
+                                  "tv:resnet18", "--sample", "16"])
+    assert r.exit_code == 0 and "features/avgpool agrees" in r.output, r.output
+    run = tmp_path / "r"
+    invoke(["train-student", "--cache", out, "--student", "mlp:32", "--epochs", 1, "--batch-size", 32,
+            "--loss", "kd+hint", "--hint-layer", "net.1", "--hint-feature", "avgpool", "--out", run])
+    assert (run / "mlp32-kd+hint-e1-s0" / "projector.pt").exists()
