@@ -132,17 +132,22 @@ class FusedRuns:
         self.stepped = False  # whether a step has changed the stack (until then, the runs' own modules are current)
 
         def forward(p, b, x):
+            # One dict: functional_call writes back into it what the forward rebound (`self.count = self.count + 1`,
+            # not in place), which it otherwise reverts when it puts the stack's tensors back; those are returned
+            # (in-place updates, BatchNorm's, land in the stack's own tensors).
+            state = {**p, **b}
             with _GlobalPoolAsMean() if pool_as_mean else nullcontext():
-                return functional_call(self.base, (p, b), (x,))
+                out = functional_call(self.base, state, (x,))
+            return out, {n: state[n] for n in b if state[n] is not b[n]}
 
         vforward = vmap(forward, in_dims=(0, 0, None), randomness="different")
         dev_type = dev.type
 
         def losses(p, b, x, t, y, epoch):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
-                out = vforward(p, b, x)  # (S, B, C)
+                out, rebound = vforward(p, b, x)  # (S, B, C); buffers the forward rebound, (S, ...) each
             correct = (out.detach().argmax(-1) == main_labels(y)).sum(-1)  # (S,) for the train top-1
-            return self.loss(out, t, y, epoch), correct  # term -> (S,)
+            return self.loss(out, t, y, epoch), correct, rebound  # term -> (S,)
 
         self._eager = losses
         self._losses = losses
@@ -198,14 +203,16 @@ class FusedRuns:
         if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
             self._check_compiled = False
             try:
-                terms, correct = self._losses(*args)
+                terms, correct, rebound = self._losses(*args)
             except Exception as e:  # torch.compile raises many types (missing compiler, unsupported op)
                 self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
                 self._losses = self._eager
-                terms, correct = self._losses(*args)
+                terms, correct, rebound = self._losses(*args)
         else:
-            terms, correct = self._losses(*args)
+            terms, correct, rebound = self._losses(*args)
+        for n, v in rebound.items():  # contiguous: one the forward set to a constant comes back expanded over the runs
+            self.buffers[n] = v.detach().contiguous()
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).sum().backward()
         self.optimizer.step()
@@ -224,7 +231,12 @@ class FusedRuns:
                 params[n].copy_(self.params[n][s])
             bufs = dict(r.model.named_buffers())
             for n in self.buffer_names:
-                bufs[n].copy_(self.buffers[n][s])
+                v = self.buffers[n][s]
+                if bufs[n].shape == v.shape and bufs[n].dtype == v.dtype:
+                    bufs[n].copy_(v)
+                else:  # the forward rebound it to another shape or dtype, as it does to the run's own module unfused
+                    owner, _, leaf = n.rpartition(".")
+                    setattr(r.model.get_submodule(owner), leaf, v.clone())
             for g_fused, g_run in zip(self.optimizer.param_groups, r.optimizer.param_groups):
                 for pf, pr in zip(g_fused["params"], g_run["params"]):
                     for key, v in self.optimizer.state.get(pf, {}).items():

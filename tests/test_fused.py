@@ -351,3 +351,39 @@ def test_an_error_in_the_users_input_is_raised_from_a_fused_step_as_from_an_unfu
                    lambda e: (torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]),
                    log=logged.append, fuse=True)
     assert not any("cannot step as one fused network" in m for m in logged)
+
+
+def test_buffers_the_forward_rebinds_are_kept_when_fused(tmp_path):
+    """A user's forward may replace a buffer rather than update it in place (`self.count = self.count + 1`, an EMA
+    recomputed, a history grown by torch.cat). functional_call put the stack's tensors back after each fused forward,
+    so the new values were dropped: fused runs ended with count 0 and their EMA never moved, silently unlike the
+    unfused runs. The rebound buffers (a constant, another dtype or shape included) now carry over as unfused."""
+    net = tmp_path / "rebinding_net.py"
+    net.write_text("import torch\nimport torch.nn as nn\n\n"
+                   "class Net(nn.Module):\n"
+                   "    def __init__(self, num_classes, image_shape):\n"
+                   "        super().__init__()\n"
+                   "        c, h, w = image_shape\n"
+                   "        self.fc = nn.Linear(c * h * w, num_classes)\n"
+                   "        self.register_buffer('count', torch.zeros((), dtype=torch.long))\n"
+                   "        self.register_buffer('ema', torch.zeros(num_classes))\n"
+                   "        self.register_buffer('flag', torch.zeros(2, dtype=torch.float64))\n"
+                   "        self.register_buffer('seen', torch.zeros(0))\n\n"
+                   "    def forward(self, x):\n"
+                   "        out = self.fc(x.flatten(1))\n"
+                   "        if self.training:\n"
+                   "            self.count = self.count + 1\n"
+                   "            self.ema = 0.9 * self.ema + 0.1 * out.detach().mean(0)\n"
+                   "            self.flag = torch.ones(2)  # a constant, and float32 where it was float64\n"
+                   "            self.seen = torch.cat([self.seen, out.detach()[:1, 0]])\n"
+                   "        return out + self.ema\n")
+    arch = f"{net}:Net"
+    specs = [(4.0, 0.9, 0, arch), (2.0, 0.5, 1, arch)]
+    plain, fused = _runs(specs, 2), _runs(specs, 2)
+    for epoch in (0, 1):  # two passes: the second stacks what the first left in the runs' own modules
+        _train(plain, False, 1, start_epoch=epoch)
+        assert _train(fused, True, 1, start_epoch=epoch)["fused_groups"] == [["r0", "r1"]]
+    _assert_same(plain, fused)
+    for r in fused:
+        assert int(r.model.count) == 6 and r.model.flag.dtype == torch.float32 and r.model.seen.shape == (6,)
+        assert r.model.ema.abs().sum() > 0
