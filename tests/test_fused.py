@@ -435,3 +435,38 @@ def test_runs_whose_network_draws_random_numbers_step_one_by_one_as_unfused(tmp_
         if ra.arch != "cnn_tiny":  # stepped alone in both: the same numbers
             for k, v in ra.model.state_dict().items():
                 assert torch.equal(v, rb.model.state_dict()[k]), (ra.name, k)
+
+
+@pytest.mark.parametrize("schedule,warmup,epochs,batch", [("onecycle", 0.0, 1, 96), ("step", 1.0, 2, 96),
+                                                          ("step", 0.5, 1, 48)])
+def test_schedules_of_a_step_or_two_train_fused_as_unfused(schedule, warmup, epochs, batch):
+    """Edge schedules: onecycle over a 1-step run (its one step at lr/25e4, as torch's OneCycleLR's), the step
+    schedule after a warm-up of one step (then at once at x0.01: 50% and 75% of the one step left fall on it). Fused,
+    unfused and each run alone step at the same learning rates to the same weights, without a traceback."""
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+    optim = OptimConfig(lr=0.1, schedule=schedule, warmup_epochs=warmup)
+
+    def train(specs, fuse):
+        runs = [build_run(f"r{i}", "cnn_tiny", create_loss("kd", temperature=t, alpha=a), seed, CLASSES, (C, H, W),
+                          optim, epochs * (N // batch), torch.device("cpu"), epoch_steps=N // batch)
+                for i, (t, a, seed, _) in enumerate(specs)]
+        lrs = []
+        for e in range(epochs):  # a pass per epoch, to read the lr each epoch's step(s) ran at
+            lrs.append(runs[0].optimizer.param_groups[0]["lr"])
+            stats = train_pass(runs, images, labels, pol, MEAN, STD, 1, batch, 3,
+                               lambda _: (torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]),
+                               log=lambda *a: None, fuse=fuse)
+        return runs, lrs, stats
+
+    plain, lrs, _ = train(SPECS[:2], False)
+    fused, fused_lrs, stats = train(SPECS[:2], True)
+    assert stats["fused_groups"] == [["r0", "r1"]]
+    _assert_same(plain, fused)
+    assert fused_lrs == pytest.approx(lrs)
+    alone, _, _ = train(SPECS[1:2], False)
+    _assert_same(plain[1:], alone)
+    if schedule == "onecycle":
+        assert lrs == pytest.approx([0.1 / 25e4])
+    elif warmup == 1.0:
+        assert lrs == pytest.approx([0.1, 0.1 * 0.01])
