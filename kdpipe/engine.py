@@ -208,7 +208,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     (the default) picks what was measured fastest: "compile" on CUDA for passes of at least
     AUTO_COMPILE_MIN_STEPS steps (compiling costs tens of seconds once), and then only groups of at least
     AUTO_FUSE_MIN_RUNS runs; else False. A group whose first fused step fails (vmap refuses some networks' ops:
-    data-dependent control flow, in-place randomness on a tensor of its own) steps its runs one by one, saying so.
+    data-dependent control flow, in-place randomness on a tensor of its own) steps its runs one by one, saying so;
+    so does a group whose network draws random numbers (dropout: fused, the runs could not draw what each draws
+    unfused), known from its modules or from its first fused step.
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
@@ -249,9 +251,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         fuse = "compile" if device.type == "cuda" and long_pass else False
     if world > 1:
         fuse = False  # DDP synchronises each wrapped model's own gradients
-    units = plan_units(runs, bool(fuse))  # lists of run indices; a list of >= 2 is stepped as one network
+    refused: list = []  # groups of alike runs that cannot step as one: (indices, why)
+    units = plan_units(runs, bool(fuse), refused)  # lists of run indices; a list of >= 2 is stepped as one network
     if auto:  # narrow groups do not repay compiling: step their runs one by one
         units = [g for u in units for g in ([u] if len(u) >= AUTO_FUSE_MIN_RUNS else [[i] for i in u])]
+    for u, why in refused:  # said where they would have been fused
+        if not auto or len(u) >= AUTO_FUSE_MIN_RUNS:
+            log(f"note: {label}: the {len(u)} {runs[u[0]].arch} runs step one by one, not as one fused network: {why}")
     fused = {k: FusedRuns([runs[i] for i in u], amp=amp, compile=fuse == "compile", log=log)
              for k, u in enumerate(units) if len(u) > 1}
     for k in fused:

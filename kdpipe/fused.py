@@ -18,6 +18,7 @@ import copy
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
@@ -28,6 +29,35 @@ from kdpipe.losses import main_labels
 # Optimizers whose update of each element depends only on that element's gradient and state (and
 # the shared step count): one of them over stacked parameters steps every run exactly as its own would.
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+# Modules that draw random numbers in training mode (dropout masks, RReLU's slopes). Fused, the runs draw them
+# together, as one tensor over the stack from one generator: no run gets the numbers it would draw unfused, and a
+# run's masks would depend on which runs it was fused with. Such runs step one by one (why_not says so); randomness
+# drawn elsewhere in a forward (F.dropout called in it) is caught on the group's first fused step (FusedRuns._first).
+RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+RANDOM_DRAWS = ("draws random numbers in training ({}): fused, the runs would draw them together, and none would "
+                "train to the weights it reaches unfused")
+
+
+def random_modules(model: nn.Module) -> list[str]:
+    """The types of the model's modules that draw random numbers as it trains now (dropout with p > 0)."""
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, RANDOM_MODULES) and m.training
+                   and getattr(m, "p", 1) > 0})
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The states of the generators a forward on `device` draws from: the CPU's, and the device's own."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng_states(device: torch.device, states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def _stack_state(states: list[dict]) -> dict:
@@ -54,8 +84,9 @@ def fusion_key(run) -> tuple | None:
             getattr(run, "warmup_steps", 0), run.model.training, shapes, bufs)
 
 
-def plan_units(runs, fuse: bool) -> list[list[int]]:
-    """Indices of runs grouped into steps: groups of >= 2 fusable runs, the rest one by one (in order)."""
+def plan_units(runs, fuse: bool, refused: list | None = None) -> list[list[int]]:
+    """Indices of runs grouped into steps: groups of >= 2 fusable runs, the rest one by one (in order). `refused`
+    gets (indices, why) for each group of alike runs that steps one by one all the same (FusedRuns.why_not)."""
     if not fuse:
         return [[i] for i in range(len(runs))]
     groups: dict = {}
@@ -71,11 +102,16 @@ def plan_units(runs, fuse: bool) -> list[list[int]]:
             units.append(groups[key])
     out = []
     for u in units:  # a group that could not be fused as a whole steps its runs one by one
-        if len(u) > 1 and FusedRuns.why_not([runs[i] for i in u]) is not None:
+        why = FusedRuns.why_not([runs[i] for i in u]) if len(u) > 1 else None
+        if why is not None:
             out += [[i] for i in u]
+            if refused is not None:
+                refused.append((u, why))
         else:
             out.append(u)
-    return out
+    # in the order of each unit's first run: runs that step one by one step in the order they step unfused (which
+    # matters for the random numbers they draw in turn)
+    return sorted(out, key=lambda u: u[0])
 
 
 class _GlobalPoolAsMean(TorchFunctionMode):
@@ -132,17 +168,22 @@ class FusedRuns:
         self.stepped = False  # whether a step has changed the stack (until then, the runs' own modules are current)
 
         def forward(p, b, x):
+            # One dict: functional_call writes back into it what the forward rebound (`self.count = self.count + 1`,
+            # not in place), which it otherwise reverts when it puts the stack's tensors back; those are returned
+            # (in-place updates, BatchNorm's, land in the stack's own tensors).
+            state = {**p, **b}
             with _GlobalPoolAsMean() if pool_as_mean else nullcontext():
-                return functional_call(self.base, (p, b), (x,))
+                out = functional_call(self.base, state, (x,))
+            return out, {n: state[n] for n in b if state[n] is not b[n]}
 
         vforward = vmap(forward, in_dims=(0, 0, None), randomness="different")
         dev_type = dev.type
 
         def losses(p, b, x, t, y, epoch):
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
-                out = vforward(p, b, x)  # (S, B, C)
+                out, rebound = vforward(p, b, x)  # (S, B, C); buffers the forward rebound, (S, ...) each
             correct = (out.detach().argmax(-1) == main_labels(y)).sum(-1)  # (S,) for the train top-1
-            return self.loss(out, t, y, epoch), correct  # term -> (S,)
+            return self.loss(out, t, y, epoch), correct, rebound  # term -> (S,)
 
         self._eager = losses
         self._losses = losses
@@ -187,6 +228,9 @@ class FusedRuns:
             return "some runs hold optimizer state, others not"
         if any(n != names[0] for n in names):
             return "the runs name their parameters differently"
+        drawn = random_modules(first.model)
+        if drawn:
+            return "their network " + RANDOM_DRAWS.format(", ".join(drawn))
         return None
 
     def step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor, epoch: int = 0) -> tuple[dict, torch.Tensor]:
@@ -195,17 +239,12 @@ class FusedRuns:
         if self._epoch is None or self._epoch[0] != epoch:  # a tensor: compiled code is not specialised on it
             self._epoch = (epoch, torch.tensor(float(epoch), device=x.device))
         args = (self.params, self.buffers, x, t, y, self._epoch[1])
-        if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
-            self._check_compiled = False
-            try:
-                terms, correct = self._losses(*args)
-            except Exception as e:  # torch.compile raises many types (missing compiler, unsupported op)
-                self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
-                self._losses = self._eager
-                terms, correct = self._losses(*args)
+        if self.stepped:
+            terms, correct, rebound = self._losses(*args)
         else:
-            terms, correct = self._losses(*args)
+            terms, correct, rebound = self._first(args, x.device)
+        for n, v in rebound.items():  # contiguous: one the forward set to a constant comes back expanded over the runs
+            self.buffers[n] = v.detach().contiguous()
         self.optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).sum().backward()
         self.optimizer.step()
@@ -214,6 +253,31 @@ class FusedRuns:
         for g, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             g["lr"] = base * fn(self.step_count)
         return {n: v.detach() for n, v in terms.items()}, correct
+
+    def _first(self, args, device):
+        """The group's first forward and losses: compiled where asked (where compiling fails, uncompiled, saying so),
+        refused where it drew random numbers. Where it raises, the random generators are as before it, so that runs
+        that then step one by one draw what they would have drawn unfused."""
+        rng = _rng_states(device)
+        try:
+            if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
+                self._check_compiled = False
+                try:
+                    got = self._losses(*args)
+                except Exception as e:  # torch.compile raises many types (missing compiler, unsupported op)
+                    self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
+                    self._losses = self._eager
+                    _set_rng_states(device, rng)
+                    got = self._losses(*args)
+            else:
+                got = self._losses(*args)
+            if any(not torch.equal(a, b) for a, b in zip(rng, _rng_states(device))):
+                raise RuntimeError("their forward " + RANDOM_DRAWS.format("dropout or other randomness"))
+        except BaseException:
+            _set_rng_states(device, rng)
+            raise
+        return got
 
     @torch.no_grad()
     def sync_to_runs(self) -> None:
@@ -224,7 +288,12 @@ class FusedRuns:
                 params[n].copy_(self.params[n][s])
             bufs = dict(r.model.named_buffers())
             for n in self.buffer_names:
-                bufs[n].copy_(self.buffers[n][s])
+                v = self.buffers[n][s]
+                if bufs[n].shape == v.shape and bufs[n].dtype == v.dtype:
+                    bufs[n].copy_(v)
+                else:  # the forward rebound it to another shape or dtype, as it does to the run's own module unfused
+                    owner, _, leaf = n.rpartition(".")
+                    setattr(r.model.get_submodule(owner), leaf, v.clone())
             for g_fused, g_run in zip(self.optimizer.param_groups, r.optimizer.param_groups):
                 for pf, pr in zip(g_fused["params"], g_run["params"]):
                     for key, v in self.optimizer.state.get(pf, {}).items():
