@@ -85,7 +85,11 @@ def _pm(mean, std) -> str:
 
 def _loss(r) -> str:
     """The run's loss as the report shows it: kd, or e.g. 'dkd (beta 8, warmup 20)' with the options that
-    are not columns of their own. metrics.json of earlier versions has no "loss": kd."""
+    are not columns of their own. metrics.json of earlier versions has no "loss": kd. A scratch run (its
+    teacher terms weigh nothing: kd with alpha 0) trained on cross-entropy alone: "ce", not the "kd" it was
+    configured as, which read as distilled."""
+    if _scratch(r):
+        return "ce"
     loss = r.get("loss") or {"name": "kd", "options": {}}
     extra = [f"{k} {v:g}" for k, v in loss.get("options", {}).items() if k not in ("temperature", "alpha")]
     return loss["name"] + (f" ({', '.join(extra)})" if extra else "")
