@@ -55,7 +55,7 @@ _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "fi
 # teachers / teacher_weights: in a pipeline with [[teacher]] entries, the block's teachers by name (default: all of
 # them, in their order; two or more are an ensemble, the first its primary) and their weights (train-student's
 # --teacher-weights; default equal).
-_STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
+_STUDENT_KEYS = {"archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
                  "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
                  "hint_feature", "teachers", "teacher_weights"} | set(_OPTIM_FLAGS)
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a [[teacher]] entry's name: part of file names and Make targets
@@ -200,6 +200,10 @@ def load_pipeline(path) -> dict:
     if not isinstance(spec["students"], list) or not all(isinstance(b, dict) for b in spec["students"]):
         raise KDPipeError(f"{path}: students are [[students]] blocks (two brackets), not [students] or a key")
     for i, block in enumerate(spec["students"]):
+        if "name" in block:  # taken, and named nothing: the runs kept their names from their settings
+            raise KDPipeError(f"{path}: [[students]] #{i + 1} name = {block['name']!r} would name nothing: a block's "
+                              "runs are named by their settings (e.g. mlp_100-T2-a0.9-e30-s0, see Run names in "
+                              "README.md): delete the line (a # comment labels a block)")
         unknown = set(block) - _STUDENT_KEYS
         if unknown:
             raise _unknown_keys(path, f"[[students]] #{i + 1}", unknown, _STUDENT_KEYS)

@@ -543,6 +543,10 @@ BAD_COPIES = [
     # The name is part of every path and Make target.
     (lambda s: s.replace('name = "default"', 'name = "my run"'), r"name must be letters, .* got 'my run'"),
     (lambda s: s.replace('name = "default"', 'name = "../x"'), r"name must be letters, .* got '../x'"),
+    # A block's name was taken and used nowhere: its runs are named by their settings.
+    (lambda s: s.replace("[[students]]", "[[students]]\nname = \"mlps\"", 1),
+     r"\[\[students\]\] #1 name = 'mlps' would name nothing: a block's runs are named by their settings \(e\.g\. "
+     r"mlp_100-T2-a0\.9-e30-s0, see Run names in README\.md\): delete the line"),
     # A value of the wrong shape gave a TypeError traceback (from resolve_training, or shlex writing the rules).
     (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\noptimizer = \"adam\"\nbetas = 0.9\n#"),
      r"--betas must be two numbers in \[0, 1\), got 0.9"),
