@@ -575,12 +575,44 @@ def claim_name(path, stamp_dir) -> None:
         source.write_text(here + "\n")
 
 
+def check_prepared_file(spec: dict, path, stamp_dir) -> None:
+    """Under make, refuse a pipeline whose [data] prepare writes the npz file that another pipeline of the project
+    (one whose build/<name>/source names a file that exists) also prepares: each make of the one rewrote the file
+    under the other, whose teacher and dump then reran on data its pipeline does not describe (or it kept a teacher
+    trained on the other's data). The other may read the file without a prepare of its own (a given file is a
+    prerequisite: its steps rerun when the file changes)."""
+    import os
+    data = spec["data"]
+    if not data.get("prepare"):
+        return
+    project = os.path.realpath(Path(stamp_dir).parent.parent)
+    here = os.path.realpath(path)
+    file = str(data["spec"]).removeprefix("npz:")
+    mine = os.path.realpath(os.path.join(project, file))
+    for source in sorted(Path(project, "build").glob("*/source")):
+        other = os.path.realpath(os.path.join(project, source.read_text().strip()))
+        if other == here or not os.path.isfile(other):
+            continue
+        try:
+            theirs = load_pipeline(other)["data"]
+        except KDPipeError:  # its own make says what is wrong with it
+            continue
+        if theirs.get("prepare") and os.path.realpath(
+                os.path.join(project, str(theirs["spec"]).removeprefix("npz:"))) == mine:
+            shown = os.path.relpath(other, project)
+            raise KDPipeError(f"{path}: [data] prepare writes {file}, which the pipeline {shown} prepares too: each "
+                              "make of one would rewrite it under the other, whose teacher would then train on data "
+                              f"its pipeline does not describe; give this spec another file, or delete this prepare "
+                              f"line and read the file {shown} writes")
+
+
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library
     import sys
     try:
         spec = load_pipeline(sys.argv[1])
         check_file_name(spec, sys.argv[1])
         if len(sys.argv) > 2:
+            check_prepared_file(spec, sys.argv[1], sys.argv[2])  # before claim_name records this file as a pipeline
             claim_name(sys.argv[1], sys.argv[2])
         sys.stdout.write(make_rules(spec, sys.argv[2] if len(sys.argv) > 2 else None))
     except (KDPipeError, IndexError) as e:

@@ -674,6 +674,33 @@ def test_two_pipeline_files_of_one_name_in_two_folders_do_not_overwrite_each_oth
     assert rules("pipelines/mine.toml").returncode == 1
 
 
+def test_two_pipelines_that_prepare_one_npz_are_refused_when_the_second_is_read(tmp_path):
+    """Two pipelines whose [data] prepare wrote one npz: making the second rewrote the file under the first, whose
+    next make retrained its teacher on the second's data (its own prepare's stamp was older than the file). The
+    second is refused when make reads it; another file, or reading the first's file without a prepare, is fine."""
+    import os
+    text = (REPO / "pipelines" / "tabular.toml").read_text().replace('name = "tabular"\n', "")
+    assert "--out data/tabular.npz --samples 1000" in text
+    (tmp_path / "pipelines").mkdir()
+
+    def rules(name, new_text):
+        (tmp_path / "pipelines" / f"{name}.toml").write_text(new_text)
+        return subprocess.run([sys.executable, "-m", "kdpipe.pipeline", f"pipelines/{name}.toml", f"build/{name}"],
+                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert rules("a", text).returncode == 0
+    r = rules("b", text.replace("--samples 1000", "--samples 2000"))
+    assert r.returncode == 1 and r.stdout == "" and not (tmp_path / "build" / "b").exists(), r.stderr
+    assert r.stderr.splitlines() == [
+        "Error: pipelines/b.toml: [data] prepare writes data/tabular.npz, which the pipeline pipelines/a.toml "
+        "prepares too: each make of one would rewrite it under the other, whose teacher would then train on data its "
+        "pipeline does not describe; give this spec another file, or delete this prepare line and read the file "
+        "pipelines/a.toml writes"]
+    assert rules("a", text).returncode == 0  # the first is still made
+    assert rules("b", text.replace("data/tabular.npz", "data/b.npz")).returncode == 0
+    reads = "\n".join(line for line in text.splitlines() if not line.startswith("prepare"))
+    assert rules("c", reads).returncode == 0
+
+
 def test_a_copied_project_is_the_owner_of_its_own_pipeline_names(tmp_path):
     """cp -r proj proj2 (build/ with it): build/mine/source named proj's pipelines/mine.toml, which exists, so
     making pipelines/mine.toml in proj2 (its own runs/, cache/) was refused as another pipeline's outputs. The file is
