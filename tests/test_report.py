@@ -555,6 +555,37 @@ def test_latency_is_per_row_for_a_feature_table(student_runs, tmp_path, shapes, 
     assert f"CPU latency (ms/{unit})" in header
 
 
+def test_the_latency_column_says_which_command_measured_each_row_and_where(student_runs, cache, tmp_path):
+    """The column set a teacher's latency (dump-logits measured it) beside students' (train-student measured them),
+    with nothing to say that they were two commands' measurements, maybe on two machines or thread counts. Each
+    command records where it measured (cpu_name()); the report says which command measured what, and where the
+    places differ, tags each cell with its place."""
+    from kdpipe.evaluate import cpu_name
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    assert manifest["teacher"]["cpu_latency_on"] == cpu_name()
+    m = json.loads((student_runs.out / "mlp_100-T4-a0.9-e2-s0" / "metrics.json").read_text())
+    assert m["cpu_latency_on"] == cpu_name() and m["teacher"]["cpu_latency_on"] == cpu_name()
+    build_report([student_runs.out], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert ("CPU latency: the median of repeated forward passes at batch 1, measured by the command that wrote each "
+            "row's record: a teacher's by dump-logits (when it cached the teacher's logits), a student's by "
+            f"train-student (at the end of its run), on {cpu_name()}.") in text
+    # the teacher's latency taken on a GPU machine's CPU, a student's on a laptop, another's by an earlier kdpipe
+    gpu, laptop = "Xeon, 64 logical cores, torch threads 32", "Laptop CPU, 8 logical cores, torch threads 4"
+    runs = _copies(student_runs, tmp_path, [
+        {"teacher": {**m["teacher"], "cpu_latency_on": gpu}, "cpu_latency_on": laptop, "cpu_latency_ms": 0.5},
+        {"teacher": {**m["teacher"], "cpu_latency_on": gpu}, "cpu_latency_on": None, "cpu_latency_ms": 0.25,
+         "seed": 1, "name": "mlp_100-T4-a0.9-e2-s1"}])
+    build_report([runs], tmp_path / "rep2")
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    assert (f"at the end of its run), on more than one machine or thread count, so compare them only among rows of one "
+            f"tag: [m1] {gpu}; [m2] not recorded (written by an earlier kdpipe); [m3] {laptop}.") in text  # teachers, runs
+    rows = table_rows(text)
+    teacher = next(r for r in rows if r[1] == "teacher")
+    assert teacher[15] == f"{m['teacher']['cpu_latency_ms']:.3f} [m1]"
+    assert sorted(r[15] for r in rows if r[1] == "KD" and len(r) == 18) == ["0.250 [m2]", "0.500 [m3]"]
+
+
 def test_a_kd_setting_of_one_variant_meets_its_scratch_twin_of_no_variant(student_runs, tmp_path):
     """KD runs at --arch-args width=4 and width=16 (two settings, labelled {arch_args.width=...}) beside scratch runs
     at width=4 only (one setting, no label): the width=4 KD setting matches every setting of the scratch runs, but
