@@ -1004,8 +1004,8 @@ def make_rules_cmd(pipeline, stamps):
 @click.option("--finetune-loss", type=click.Choice(["kd", "ce"]), default="kd", show_default=True,
               help="Fine-tune pruned models with KD from the teacher (T 4, alpha 0.9) or plain cross-entropy.")
 @click.option("--finetune-samples", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Fine-tune on N training images only, drawn from a fixed seed as --limit draws them, so a folder "
-                   "sorted by class keeps every class (default: all).")
+              help="Fine-tune on N training images only (each epoch steps on all N), drawn from a fixed seed as "
+                   "--limit draws them, so a folder sorted by class keeps every class (default: all).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, metavar="LR",
               help="Peak learning rate of the fine-tuning (cosine schedule).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",

@@ -159,19 +159,29 @@ def warmup_note(optim: OptimConfig, epoch_steps: int) -> str | None:
     return None
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
+def steps_per_epoch(n: int, batch_size: int, every_sample: bool = False) -> int:
+    if every_sample:
+        return max(1, -(-n // batch_size))
     return n // batch_size if n >= batch_size else 1
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device, rank: int = 0,
-            world: int = 1) -> list[torch.Tensor]:
+            world: int = 1, every_sample: bool = False) -> list[torch.Tensor]:
     """A shuffled epoch; the last partial batch is dropped (BatchNorm needs > 1 sample).
+
+    every_sample (one process only): no sample is dropped; the epoch is cut into ceil(n / batch_size)
+    batches whose sizes differ by at most one (200 samples in batches of at most 128: two of 100), for a
+    training told to use exactly these n samples (compress --finetune-samples).
 
     With world > 1 (DistributedDataParallel) every rank draws the same permutation, cuts it into
     global batches of batch_size * world, and takes slice `rank` of each: the ranks' shares are
     disjoint and together they are the single-process epoch of batch size batch_size * world.
     """
     perm = torch.randperm(n, generator=generator).to(device)
+    if every_sample:
+        if world != 1:
+            raise ValueError("every_sample batches are for one process")
+        return list(torch.tensor_split(perm, steps_per_epoch(n, batch_size, True)))
     g = batch_size * world
     k = steps_per_epoch(n, g)
     return [perm[i * g + rank * batch_size:i * g + (rank + 1) * batch_size] for i in range(k)]
@@ -200,7 +210,8 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                mean, std, epochs: int, batch_size: int, data_seed: int, view_source: ViewSource,
                online_teacher: nn.Module | None = None, amp: bool = False, label: str = "train", log=print,
                fuse: bool | None = None, dist=None, train_rows: torch.Tensor | None = None,
-               on_epoch_end: Callable[[int], None] | None = None, checkpoint=None) -> dict:
+               on_epoch_end: Callable[[int], None] | None = None, checkpoint=None,
+               every_sample: bool = False) -> dict:
     """Train every run for `epochs` over (images, labels) on their device; returns timing figures.
 
     fuse: step runs of one architecture and optimizer setting as one vmapped network (kdpipe.fused):
@@ -214,6 +225,9 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
+
+    every_sample: each epoch steps on all n samples, in near-equal batches of at most batch_size (see
+    `batches`), instead of dropping the last partial batch.
 
     train_rows: the sample indices to train on (default: all); the rest (a validation split) is never
     stepped on. on_epoch_end(epoch): called after each epoch, with every run's own module up to date
@@ -247,7 +261,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         online_teacher.eval()  # as in stage one: running BatchNorm statistics, no dropout
     auto = fuse is None
     if auto:
-        long_pass = epochs * steps_per_epoch(n, batch_size * world) >= AUTO_COMPILE_MIN_STEPS
+        long_pass = epochs * steps_per_epoch(n, batch_size * world, every_sample) >= AUTO_COMPILE_MIN_STEPS
         fuse = "compile" if device.type == "cuda" and long_pass else False
     if world > 1:
         fuse = False  # DDP synchronises each wrapped model's own gradients
@@ -270,7 +284,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     # own_s restored from a checkpoint already holds the earlier sessions' steps, as `before` their wall time
     own_before = {id(r): 0.0 if checkpoint is not None and checkpoint.state else r.own_s for r in runs}
     for epoch in range(start_epoch, epochs):
-        order = batches(n, batch_size, seeded_generator(data_seed, epoch), device, rank, world)
+        order = batches(n, batch_size, seeded_generator(data_seed, epoch), device, rank, world, every_sample)
         if train_rows is not None:
             order = [train_rows[b] for b in order]
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))

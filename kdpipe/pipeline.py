@@ -55,7 +55,7 @@ _COMPRESS_KEYS = {"quantize", "backend", "calibration", "prune", "sparsity", "fi
 # teachers / teacher_weights: in a pipeline with [[teacher]] entries, the block's teachers by name (default: all of
 # them, in their order; two or more are an ensemble, the first its primary) and their weights (train-student's
 # --teacher-weights; default equal).
-_STUDENT_KEYS = {"name", "archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
+_STUDENT_KEYS = {"archs", "arch_args", "epochs", "loss", "temperature", "alpha", "seed", "batch_size", "device",
                  "val_fraction", "val_split", "train_samples", "checkpoint_every", "keep_checkpoints", "hint_layer",
                  "hint_feature", "teachers", "teacher_weights"} | set(_OPTIM_FLAGS)
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a [[teacher]] entry's name: part of file names and Make targets
@@ -200,6 +200,10 @@ def load_pipeline(path) -> dict:
     if not isinstance(spec["students"], list) or not all(isinstance(b, dict) for b in spec["students"]):
         raise KDPipeError(f"{path}: students are [[students]] blocks (two brackets), not [students] or a key")
     for i, block in enumerate(spec["students"]):
+        if "name" in block:  # taken, and named nothing: the runs kept their names from their settings
+            raise KDPipeError(f"{path}: [[students]] #{i + 1} name = {block['name']!r} would name nothing: a block's "
+                              "runs are named by their settings (e.g. mlp_100-T2-a0.9-e30-s0, see Run names in "
+                              "README.md): delete the line (a # comment labels a block)")
         unknown = set(block) - _STUDENT_KEYS
         if unknown:
             raise _unknown_keys(path, f"[[students]] #{i + 1}", unknown, _STUDENT_KEYS)
@@ -571,12 +575,44 @@ def claim_name(path, stamp_dir) -> None:
         source.write_text(here + "\n")
 
 
+def check_prepared_file(spec: dict, path, stamp_dir) -> None:
+    """Under make, refuse a pipeline whose [data] prepare writes the npz file that another pipeline of the project
+    (one whose build/<name>/source names a file that exists) also prepares: each make of the one rewrote the file
+    under the other, whose teacher and dump then reran on data its pipeline does not describe (or it kept a teacher
+    trained on the other's data). The other may read the file without a prepare of its own (a given file is a
+    prerequisite: its steps rerun when the file changes)."""
+    import os
+    data = spec["data"]
+    if not data.get("prepare"):
+        return
+    project = os.path.realpath(Path(stamp_dir).parent.parent)
+    here = os.path.realpath(path)
+    file = str(data["spec"]).removeprefix("npz:")
+    mine = os.path.realpath(os.path.join(project, file))
+    for source in sorted(Path(project, "build").glob("*/source")):
+        other = os.path.realpath(os.path.join(project, source.read_text().strip()))
+        if other == here or not os.path.isfile(other):
+            continue
+        try:
+            theirs = load_pipeline(other)["data"]
+        except KDPipeError:  # its own make says what is wrong with it
+            continue
+        if theirs.get("prepare") and os.path.realpath(
+                os.path.join(project, str(theirs["spec"]).removeprefix("npz:"))) == mine:
+            shown = os.path.relpath(other, project)
+            raise KDPipeError(f"{path}: [data] prepare writes {file}, which the pipeline {shown} prepares too: each "
+                              "make of one would rewrite it under the other, whose teacher would then train on data "
+                              f"its pipeline does not describe; give this spec another file, or delete this prepare "
+                              f"line and read the file {shown} writes")
+
+
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library
     import sys
     try:
         spec = load_pipeline(sys.argv[1])
         check_file_name(spec, sys.argv[1])
         if len(sys.argv) > 2:
+            check_prepared_file(spec, sys.argv[1], sys.argv[2])  # before claim_name records this file as a pipeline
             claim_name(sys.argv[1], sys.argv[2])
         sys.stdout.write(make_rules(spec, sys.argv[2] if len(sys.argv) > 2 else None))
     except (KDPipeError, IndexError) as e:

@@ -85,7 +85,11 @@ def _pm(mean, std) -> str:
 
 def _loss(r) -> str:
     """The run's loss as the report shows it: kd, or e.g. 'dkd (beta 8, warmup 20)' with the options that
-    are not columns of their own. metrics.json of earlier versions has no "loss": kd."""
+    are not columns of their own. metrics.json of earlier versions has no "loss": kd. A scratch run (its
+    teacher terms weigh nothing: kd with alpha 0) trained on cross-entropy alone: "ce", not the "kd" it was
+    configured as, which read as distilled."""
+    if _scratch(r):
+        return "ce"
     loss = r.get("loss") or {"name": "kd", "options": {}}
     extra = [f"{k} {v:g}" for k, v in loss.get("options", {}).items() if k not in ("temperature", "alpha")]
     return loss["name"] + (f" ({', '.join(extra)})" if extra else "")
@@ -352,6 +356,8 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         for fp in [(r.get("teacher") or {}).get("fingerprint")] + [t["fingerprint"] for t in (r.get("ensemble") or {}).get("teachers", [])]:
             tested.setdefault((fp, r.get("dataset", "?")), r["test_samples"])
     errors = " (errors)" if tested else ""
+    lines += [_latency_note(list(teachers.values()) + runs), ""]
+    place = _latency_tags(list(teachers.values()) + runs)
     lines += [f"| model | role | loss | T | alpha | optimizer | lr | epochs | seed | dataset | test top-1{errors} | "
               f"agreement with teacher | best epoch (val top-1; its test top-1) | parameters | MB | CPU latency (ms/{unit}) | "
               "training time (s) | run |",
@@ -360,7 +366,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
         lines.append(f"| {t.get('arch')} | teacher | | | | | | | | {t['dataset']} | {_fmt(t.get('test_top1'))}"
                      f"{_errors(t.get('test_top1'), tested.get((t.get('fingerprint'), t['dataset'])))} | 1.0000 | "
                      f"| {t.get('parameters', 0):,} | {t.get('file_bytes', 0) / 1e6:.2f} | "
-                     f"{_fmt(t.get('cpu_latency_ms'), '.3f')} | | |")
+                     f"{_fmt(t.get('cpu_latency_ms'), '.3f')}{place(t)} | | |")
     order = sorted(runs, key=lambda r: (r.get("dataset", "?"), r["arch"], _loss(r), r["alpha"] or 0,
                                         r["temperature"] or 0, _setting(r), r["seed"]))
     for r in order:
@@ -373,7 +379,7 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                      f"{_fmt(r.get('teacher_agreement'))} | "
                      f"{_best(best)} | "
                      f"{r['parameters']:,} | {r['size_bytes'] / 1e6:.2f} | "
-                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')} | {_train_s(r):.1f} | `{r['name']}` |")
+                     f"{_fmt(r.get('cpu_latency_ms'), '.3f')}{place(r)} | {_train_s(r):.1f} | `{r['name']}` |")
     groups = defaultdict(list)
     for r in runs:
         groups[(r.get("dataset", "?"), _setting(r))].append(r)
@@ -436,6 +442,39 @@ def build_report(run_paths, out, mix_datasets: bool = False) -> dict:
                                              "unfinished": unfinished})
     return {"report": str(out / "report.md"), "plots": [str(p) for p in plots], "runs": len(runs),
             "unfinished": unfinished}
+
+
+def _latency_places(records) -> list[str]:
+    """Where the latencies of `records` (teachers' and runs' dicts) were measured, in order: kdpipe.evaluate.cpu_name()
+    as dump-logits or train-student recorded it, "" where the record has none (written by an earlier kdpipe)."""
+    return list(dict.fromkeys(x.get("cpu_latency_on") or "" for x in records if x.get("cpu_latency_ms") is not None))
+
+
+def _latency_note(records) -> str:
+    """The report's line on its latency column, which holds two commands' measurements: a teacher's, taken by
+    dump-logits, and a student's, by train-student, each on the machine and with the torch threads it ran with
+    (the column set them side by side as one measurement). Where they were taken on more than one machine or thread
+    count, each place gets a tag ([m1], ...) that the column's cells carry."""
+    places = _latency_places(records)
+    said = ("CPU latency: the median of repeated forward passes at batch 1, measured by the command that wrote each "
+            "row's record: a teacher's by dump-logits (when it cached the teacher's logits), a student's by "
+            "train-student (at the end of its run)")
+    if not places:
+        return said + "."
+    if len(places) == 1:
+        return said + (f", on {places[0]}." if places[0] else "; where is not recorded (written by an earlier kdpipe).")
+    return (said + ", on more than one machine or thread count, so compare them only among rows of one tag: "
+            + "; ".join(f"[m{i + 1}] {p or 'not recorded (written by an earlier kdpipe)'}" for i, p in enumerate(places))
+            + ".")
+
+
+def _latency_tags(records):
+    """record -> the tag of the place its latency was measured ("" where all were measured in one place)."""
+    places = _latency_places(records)
+    if len(places) < 2:
+        return lambda x: ""
+    return lambda x: ("" if x.get("cpu_latency_ms") is None else
+                      f" [m{places.index(x.get('cpu_latency_on') or '') + 1}]")
 
 
 def _group_order(r):

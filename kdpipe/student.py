@@ -24,7 +24,7 @@ from kdpipe.engine import (OptimConfig, Run, build_run, make_optimizer, predict,
                            warmup_note)
 from kdpipe.ensemble import cache_dirs_list, ensemble_tag, open_caches
 from kdpipe.features import plain
-from kdpipe.evaluate import agreement, cpu_latency_ms, eval_params, top1
+from kdpipe.evaluate import agreement, cpu_latency_ms, cpu_name, eval_params, top1
 from kdpipe.cache import format as fmt
 from kdpipe.losses import Outputs, TopKTargets, create_loss
 from kdpipe.models import check_model, count_parameters, create_model, model_recipe
@@ -815,6 +815,7 @@ def _finish_run(r: Run, cache: Cache, track: _Track, in_shape, out: Path, stats,
         metrics["hint"] = {**hint, "file": PROJECTOR_FILE, "bytes": size,
                            "projector_parameters": count_parameters(hinted.projector)}
     metrics["cpu_latency_ms"] = cpu_latency_ms(r.model, in_shape)
+    metrics["cpu_latency_on"] = cpu_name()  # the CPU and torch's threads: the report says where each latency was taken
     common = dict(arch=r.arch, num_classes=cache.num_classes, image_shape=in_shape,
                   mean=cache.manifest["input"]["mean"], std=cache.manifest["input"]["std"],
                   class_names=cache.manifest["dataset"]["class_names"],

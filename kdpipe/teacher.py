@@ -18,7 +18,7 @@ from kdpipe.checkpoint import FIXED_LAYOUT_KINDS, PROGRAM_KINDS, LoadedModel, sa
 from kdpipe.data import RECORD_ONLY, ImageData, resize_mode
 from kdpipe.distributed import SINGLE, Dist
 from kdpipe.engine import OptimConfig, build_run, predict, steps_per_epoch, train_pass, warmup_note
-from kdpipe.evaluate import cpu_latency_ms, eval_params, top1
+from kdpipe.evaluate import cpu_latency_ms, cpu_name, eval_params, top1
 from kdpipe.losses import create_loss
 from kdpipe.models import count_parameters, model_recipe
 from kdpipe.normalization import resolve_input
@@ -730,7 +730,9 @@ def dump_logits(teacher: LoadedModel, data: ImageData, test: ImageData | None, o
         teacher_info = {**teacher.identity(), "image_shape": list(in_shape),
                         "parameters": count_parameters(teacher_cpu),
                         "file_bytes": Path(teacher.file).stat().st_size,
-                        "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape)}
+                        "test_top1": summary.get("test_top1"), "cpu_latency_ms": cpu_latency_ms(teacher_cpu, in_shape),
+                        # where: the report sets it beside students' latencies, which train-student measured
+                        "cpu_latency_on": cpu_name()}
         m = writer.write_manifest({
             "teacher": teacher_info, "teachers": [{"name": "teacher", "logits_dataset": fmt.SHARD_COLUMNS[
                                                        "logits" if codec_ident is None else "logits_topk_values"].path,

@@ -305,7 +305,7 @@ def test_train_student_with_dkd(pipeline, tmp_path):
     ok(invoke("report", tmp_path / "runs", pipeline.runs, "--out", tmp_path / "rep"))
     rows = [line for line in (tmp_path / "rep" / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert any("| KD | dkd (beta 4, warmup 1) | 4 | 1 |" in line for line in rows)
-    assert any("| scratch | kd |" in line for line in rows)
+    assert any("| scratch | ce |" in line for line in rows)  # alpha 0 trained on cross-entropy alone
 
 
 def test_report_command(pipeline):

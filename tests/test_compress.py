@@ -225,6 +225,21 @@ def test_fine_tuning_keeps_the_pruned_weights_zero_and_learns(fmnist, teacher_ck
     assert zeros >= mask_zeros
 
 
+def test_fine_tuning_on_n_samples_steps_on_all_n_each_epoch(fmnist, teacher_ckpt):
+    """--finetune-samples 200 with batches of 128 fine-tuned on 128 images (the last partial batch was dropped):
+    every epoch now steps on all 200, in two batches of 100."""
+    from kdpipe.data import load_dataset
+
+    t = load_model(teacher_ckpt)
+    train = load_dataset(fmnist.spec, "train").subset(200)
+    sizes = []
+    model = prune_unstructured(t.module, 0.5)
+    model.register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])) if mod.training else None)
+    finetune(model, train, create_policy("crop-flip", padding=2), t.mean, t.std, epochs=2, teacher=t.module,
+             batch_size=128, log=lambda *a: None)
+    assert sizes == [100, 100, 100, 100]
+
+
 def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckpt, student_runs, tmp_path):
     out = tmp_path / "cmp"
     r = CliRunner().invoke(main, ["compress", "--teacher", str(teacher_ckpt), "--data", fmnist.spec, "--students",
@@ -253,7 +268,9 @@ def test_compress_writes_one_row_per_model_with_its_measures(fmnist, teacher_ckp
     assert "KD from the teacher" in ch["finetune"] and doc["finetune_device"] == "cpu"
     # what else decides the fine-tuned rows (they were in no file, so a rerun could not be told apart)
     assert doc["finetune_settings"] == {"loss": "kd", "lr": 0.01, "batch_size": 128, "samples": 64,
-                                        "optimizer": "sgd", "schedule": "cosine"} and doc["seed"] == 0
+                                        "batches_per_epoch": 1, "optimizer": "sgd", "schedule": "cosine"} and doc[
+        "seed"] == 0
+    assert "1 epoch(s) on 64 images, each in 1 batch(es) of 64," in ch["finetune"]
     assert rows["teacher-int8-static"]["size_bytes"] < 0.7 * teacher["size_bytes"]
     # dynamic int8 quantizes activations per batch: its accuracy depends on the batch it is measured in, said
     assert "its predictions depend on the batch: accuracy measured in batches of 256" in rows["teacher-int8-dynamic"][

@@ -543,6 +543,10 @@ BAD_COPIES = [
     # The name is part of every path and Make target.
     (lambda s: s.replace('name = "default"', 'name = "my run"'), r"name must be letters, .* got 'my run'"),
     (lambda s: s.replace('name = "default"', 'name = "../x"'), r"name must be letters, .* got '../x'"),
+    # A block's name was taken and used nowhere: its runs are named by their settings.
+    (lambda s: s.replace("[[students]]", "[[students]]\nname = \"mlps\"", 1),
+     r"\[\[students\]\] #1 name = 'mlps' would name nothing: a block's runs are named by their settings \(e\.g\. "
+     r"mlp_100-T2-a0\.9-e30-s0, see Run names in README\.md\): delete the line"),
     # A value of the wrong shape gave a TypeError traceback (from resolve_training, or shlex writing the rules).
     (lambda s: s.replace("lr = 0.05\n#", "lr = 0.05\noptimizer = \"adam\"\nbetas = 0.9\n#"),
      r"--betas must be two numbers in \[0, 1\), got 0.9"),
@@ -668,6 +672,33 @@ def test_two_pipeline_files_of_one_name_in_two_folders_do_not_overwrite_each_oth
     assert rules("exp/mine.toml").returncode == 0
     (tmp_path / "pipelines" / "mine.toml").write_text(text)
     assert rules("pipelines/mine.toml").returncode == 1
+
+
+def test_two_pipelines_that_prepare_one_npz_are_refused_when_the_second_is_read(tmp_path):
+    """Two pipelines whose [data] prepare wrote one npz: making the second rewrote the file under the first, whose
+    next make retrained its teacher on the second's data (its own prepare's stamp was older than the file). The
+    second is refused when make reads it; another file, or reading the first's file without a prepare, is fine."""
+    import os
+    text = (REPO / "pipelines" / "tabular.toml").read_text().replace('name = "tabular"\n', "")
+    assert "--out data/tabular.npz --samples 1000" in text
+    (tmp_path / "pipelines").mkdir()
+
+    def rules(name, new_text):
+        (tmp_path / "pipelines" / f"{name}.toml").write_text(new_text)
+        return subprocess.run([sys.executable, "-m", "kdpipe.pipeline", f"pipelines/{name}.toml", f"build/{name}"],
+                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert rules("a", text).returncode == 0
+    r = rules("b", text.replace("--samples 1000", "--samples 2000"))
+    assert r.returncode == 1 and r.stdout == "" and not (tmp_path / "build" / "b").exists(), r.stderr
+    assert r.stderr.splitlines() == [
+        "Error: pipelines/b.toml: [data] prepare writes data/tabular.npz, which the pipeline pipelines/a.toml "
+        "prepares too: each make of one would rewrite it under the other, whose teacher would then train on data its "
+        "pipeline does not describe; give this spec another file, or delete this prepare line and read the file "
+        "pipelines/a.toml writes"]
+    assert rules("a", text).returncode == 0  # the first is still made
+    assert rules("b", text.replace("data/tabular.npz", "data/b.npz")).returncode == 0
+    reads = "\n".join(line for line in text.splitlines() if not line.startswith("prepare"))
+    assert rules("c", reads).returncode == 0
 
 
 def test_a_copied_project_is_the_owner_of_its_own_pipeline_names(tmp_path):

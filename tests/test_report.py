@@ -50,7 +50,8 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
     metrics = {(m["alpha"], m["seed"]): m for m in student_runs.results}
     for r in students:
         m = metrics[(float(r[4]), int(r[8]))]
-        assert r[1] == ("scratch" if m["alpha"] == 0 else "KD") and r[2] == "kd"
+        # a scratch run (kd with alpha 0) trained on cross-entropy alone: its loss column said "kd"
+        assert r[1] == ("scratch" if m["alpha"] == 0 else "KD") and r[2] == ("ce" if m["alpha"] == 0 else "kd")
         assert r[5:8] == ["sgd", "0.05", "2"] and r[9] == manifest["dataset"]["spec"]
         errors = round((1 - m["test_top1"]) * n_test)
         assert r[10] == f"{m['test_top1']:.4f} ({errors:,})" and r[11] == f"{m['teacher_agreement']:.4f}" and r[12] == ""
@@ -60,10 +61,10 @@ def test_report_of_real_runs(student_runs, cache, tmp_path):
         assert r[16] == f"{m['train_s']:.1f}" and 0 < m["train_s"] < m["train_wall_s"]
     # Two seeds per setting: a mean ± std table, with the sample standard deviation and n.
     assert "mean ± sample std" in text
-    for alpha, role in ((0.0, "scratch"), (0.9, "KD")):
+    for alpha, role, loss in ((0.0, "scratch", "ce"), (0.9, "KD", "kd")):
         accs = [metrics[(alpha, s)]["test_top1"] for s in (0, 1)]
         cell = f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}"
-        assert any(r[1] == role and r[2] == "kd" and r[9] == "2" and r[10] == cell for r in rows if len(r) == 14), cell
+        assert any(r[1] == role and r[2] == loss and r[9] == "2" and r[10] == cell for r in rows if len(r) == 14), cell
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert len(summary["groups"]) == 2 and len(summary["runs"]) == 4
     # Plots: real PNG images, linked from the report.
@@ -113,7 +114,7 @@ def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tm
     """A run of an earlier version (no "loss" in metrics.json) is kd; a DKD run shows its options, and alpha = 0
     is "scratch" only where the loss uses no teacher."""
     src = student_runs.out / "mlp_100-T4-a0.9-e2-s0"
-    for name, loss, uses in (("old", None, None), ("dkd-a0", {"name": "dkd", "options": {
+    for name, loss, uses in (("old", None, None), ("old-scratch", None, None), ("dkd-a0", {"name": "dkd", "options": {
             "temperature": 4.0, "alpha": 0.0, "beta": 8.0, "warmup": 20}}, True)):
         d = tmp_path / "runs" / name
         shutil.copytree(src, d)
@@ -122,12 +123,18 @@ def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tm
             m.pop(k)
         if loss:
             m.update(loss=loss, uses_teacher=uses, alpha=0.0, name=name)
+        elif name == "old-scratch":
+            m.update(alpha=0.0, name="mlp_100-scratch-e2-s0")
         (d / "metrics.json").write_text(json.dumps(m))
     build_report([tmp_path / "runs"], tmp_path / "rep")
     rows = table_rows((tmp_path / "rep" / "report.md").read_text())
     students = {r[2]: r for r in rows if r[1] != "teacher" and len(r) == 18}
     assert students["kd"][1:5] == ["KD", "kd", "4", "0.9"]
     assert students["dkd (beta 8, warmup 20)"][1:5] == ["KD", "dkd (beta 8, warmup 20)", "4", "0"]
+    # an earlier version's scratch run (alpha 0, no "loss"): cross-entropy, in the table and in summary.json
+    assert students["ce"][1:5] == ["scratch", "ce", "", "0"]
+    groups = json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]
+    assert sorted(g["loss"] for g in groups) == ["ce", "dkd (beta 8, warmup 20)", "kd"]
 
 
 def test_a_new_loss_without_alpha_is_reported(cache, tmp_path):
@@ -546,6 +553,37 @@ def test_latency_is_per_row_for_a_feature_table(student_runs, tmp_path, shapes, 
     header = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
                   if line.startswith("| model"))
     assert f"CPU latency (ms/{unit})" in header
+
+
+def test_the_latency_column_says_which_command_measured_each_row_and_where(student_runs, cache, tmp_path):
+    """The column set a teacher's latency (dump-logits measured it) beside students' (train-student measured them),
+    with nothing to say that they were two commands' measurements, maybe on two machines or thread counts. Each
+    command records where it measured (cpu_name()); the report says which command measured what, and where the
+    places differ, tags each cell with its place."""
+    from kdpipe.evaluate import cpu_name
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    assert manifest["teacher"]["cpu_latency_on"] == cpu_name()
+    m = json.loads((student_runs.out / "mlp_100-T4-a0.9-e2-s0" / "metrics.json").read_text())
+    assert m["cpu_latency_on"] == cpu_name() and m["teacher"]["cpu_latency_on"] == cpu_name()
+    build_report([student_runs.out], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert ("CPU latency: the median of repeated forward passes at batch 1, measured by the command that wrote each "
+            "row's record: a teacher's by dump-logits (when it cached the teacher's logits), a student's by "
+            f"train-student (at the end of its run), on {cpu_name()}.") in text
+    # the teacher's latency taken on a GPU machine's CPU, a student's on a laptop, another's by an earlier kdpipe
+    gpu, laptop = "Xeon, 64 logical cores, torch threads 32", "Laptop CPU, 8 logical cores, torch threads 4"
+    runs = _copies(student_runs, tmp_path, [
+        {"teacher": {**m["teacher"], "cpu_latency_on": gpu}, "cpu_latency_on": laptop, "cpu_latency_ms": 0.5},
+        {"teacher": {**m["teacher"], "cpu_latency_on": gpu}, "cpu_latency_on": None, "cpu_latency_ms": 0.25,
+         "seed": 1, "name": "mlp_100-T4-a0.9-e2-s1"}])
+    build_report([runs], tmp_path / "rep2")
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    assert (f"at the end of its run), on more than one machine or thread count, so compare them only among rows of one "
+            f"tag: [m1] {gpu}; [m2] not recorded (written by an earlier kdpipe); [m3] {laptop}.") in text  # teachers, runs
+    rows = table_rows(text)
+    teacher = next(r for r in rows if r[1] == "teacher")
+    assert teacher[15] == f"{m['teacher']['cpu_latency_ms']:.3f} [m1]"
+    assert sorted(r[15] for r in rows if r[1] == "KD" and len(r) == 18) == ["0.250 [m2]", "0.500 [m3]"]
 
 
 def test_a_kd_setting_of_one_variant_meets_its_scratch_twin_of_no_variant(student_runs, tmp_path):
