@@ -271,13 +271,14 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     for k in fused:
         log(f"  {label}: {len(units[k])} {runs[units[k][0]].arch} runs step as one fused network"
             + (" (torch.compile; the first step compiles)" if fuse == "compile" else ""))
-    shared = rng_states(device)
+    shared = rng_states(device)  # the generators outside the runs' own streams
     for r in runs:
         if r.rng is None or len(r.rng) < len(shared):  # a run not of build_run (or without the device's): from here
             r.rng = (r.rng or []) + shared[len(r.rng or []):]
     # per run: whether its steps draw random numbers: True (swapped in its stream), False, None (its first step tells)
     draws = [True if random_modules(r.model) else None for r in runs]
     older = getattr(checkpoint, "shared_rng", False)  # resumed from a checkpoint of one stream for all runs
+    drew_outside = False
     start = time.perf_counter()
     start_epoch, start_step = checkpoint.position if checkpoint is not None else (0, 0)
     seen, before = (checkpoint.seen, checkpoint.wall_s) if checkpoint is not None else (0, 0.0)
@@ -289,6 +290,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         if train_rows is not None:
             order = [train_rows[b] for b in order]
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
+        shared = rng_states(device)
         first = start_step if epoch == start_epoch else 0  # a checkpoint taken within the epoch resumes there
         prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", sum(len(b) for b in order[first:]) * world,
                         sample_unit(images), stream=dist.progress_stream if dist is not None else None)
@@ -359,6 +361,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 checkpoint.save(runs, units, epoch, step + 1, sums, seen,
                                 before + time.perf_counter() - start - hook_s, correct=correct)
                 checkpoint.stop_if_interrupted()
+        if not drew_outside and any(not torch.equal(a, b) for a, b in zip(shared, rng_states(device))):
+            drew_outside = True  # said once; the runs that seemed not to draw get their own streams from now on
+            draws = [True if d is False else d for d in draws]
+            log(f"note: {label}: random numbers were drawn in epoch {epoch + 1} outside the runs' own streams (by a "
+                "network that drew none in its first step" + (", or by the teacher's forward" if online_teacher
+                                                              is not None else "")
+                + "): a run that drew them trains to weights that depend on the runs beside it in the pass")
         for f in fused.values():
             f.sync_to_runs()
         flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)

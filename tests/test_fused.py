@@ -509,3 +509,23 @@ def test_a_run_that_draws_random_numbers_trains_alone_as_in_any_sweep(tmp_path, 
             assert torch.equal(sa[k], sb[k]), (i, spec, k, (sa[k] - sb[k]).abs().max().item())
         assert sweep[i].history == alone[0].history
 
+
+def test_a_network_that_draws_only_after_its_first_step_is_said_once(tmp_path):
+    """A run's first step tells whether it draws random numbers; one whose forward draws only later (here: from its
+    5th step) drew from the generators the pass shares: said once, at the end of the epoch, and from then on every
+    run steps on its own stream."""
+    net = tmp_path / "late_dropout_net.py"
+    net.write_text(FUNCTIONAL_DROPOUT.replace("        self.fc2 = nn.Linear(16, num_classes)\n",
+                                              "        self.fc2 = nn.Linear(16, num_classes)\n        self.n = 0\n")
+                   .replace("    def forward(self, x):\n",
+                            "    def forward(self, x):\n        self.n += 1\n        if self.n < 5:\n"
+                            "            return self.fc2(torch.relu(self.fc1(x.flatten(1))))\n"))
+    images, labels, logits = _data()
+    pol = create_policy("crop-flip", padding=2)
+    logged = []
+    runs = _runs([(4.0, 0.9, 0, f"{net}:Net"), (2.0, 0.5, 1, f"{net}:Net")], 3)
+    train_pass(runs, images, labels, pol, MEAN, STD, 3, 32, 3,
+               lambda e: (torch.from_numpy(pol.sample_view(7, e, images.shape)), logits[e % 3]),
+               log=logged.append, fuse=False)
+    notes = [m for m in logged if m.startswith("note:")]
+    assert len(notes) == 1 and "drawn in epoch 2 outside the runs' own streams" in notes[0], notes
