@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from kdpipe import KDPipeError
-from kdpipe.fused import FusedRuns, plan_units
+from kdpipe.fused import FusedRuns, plan_units, random_modules
 from kdpipe.losses import Loss, MixedLabels, create_loss, logits_of, main_labels
 from kdpipe.models import create_model
-from kdpipe.util import Progress, channels_last, human_duration, seeded_generator
+from kdpipe.util import Progress, channels_last, human_duration, rng_states, seeded_generator, set_rng_states
 from kdpipe.views import ViewPolicy
 
 
@@ -111,6 +111,9 @@ class Run:
     own_s: float = 0.0  # seconds of its own steps (a fused group's time shared evenly among its runs)
     train_s: float = 0.0  # own_s plus an even share of its passes' common work
     arch_args: dict | None = None  # options of the architecture (--arch-args), recorded in its checkpoint
+    # Its own random stream (kdpipe.util.rng_states: the CPU generator's state, and the CUDA device's): what its
+    # steps draw from (dropout masks), whichever runs share its pass; None: the global generators' when a pass starts
+    rng: list | None = None
 
 
 def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, optim: OptimConfig,
@@ -128,8 +131,9 @@ def build_run(name, arch, loss: Loss | str, seed, num_classes, image_shape, opti
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt, sched, warmup = make_optimizer(model, optim, total_steps, epoch_steps)
+    # its random stream goes on from where its init left the generators: as it would alone, whatever is built after it
     return Run(name, arch, loss, seed, model, opt, sched, optim=optim, total_steps=total_steps, warmup_steps=warmup,
-               arch_args=arch_args)
+               arch_args=arch_args, rng=rng_states(device))
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int, epoch_steps: int | None = None):
@@ -222,6 +226,10 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     data-dependent control flow, in-place randomness on a tensor of its own) steps its runs one by one, saying so;
     so does a group whose network draws random numbers (dropout: fused, the runs could not draw what each draws
     unfused), known from its modules or from its first fused step.
+    Each run draws its random numbers (dropout masks) from its own stream, Run.rng, swapped into the global
+    generators around its steps and restored after: it trains to the same weights alone as beside any other runs.
+    Runs whose network holds no module that draws (kdpipe.fused.random_modules) are swapped on their first step only,
+    which tells whether they draw (F.dropout in a forward); those that do not then step with no swapping.
     dist (kdpipe.distributed.Dist, world > 1): the runs' models are DistributedDataParallel; this rank
     trains on its slice of every global batch (see `batches`), view_source(epoch, rows) is given the
     sample indices this rank will use, and epoch losses are averaged over the ranks. No fusion then.
@@ -277,6 +285,14 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     for k in fused:
         log(f"  {label}: {len(units[k])} {runs[units[k][0]].arch} runs step as one fused network"
             + (" (torch.compile; the first step compiles)" if fuse == "compile" else ""))
+    shared = rng_states(device)  # the generators outside the runs' own streams
+    for r in runs:
+        if r.rng is None or len(r.rng) < len(shared):  # a run not of build_run (or without the device's): from here
+            r.rng = (r.rng or []) + shared[len(r.rng or []):]
+    # per run: whether its steps draw random numbers: True (swapped in its stream), False, None (its first step tells)
+    draws = [True if random_modules(r.model) else None for r in runs]
+    older = getattr(checkpoint, "shared_rng", False)  # resumed from a checkpoint of one stream for all runs
+    drew_outside = False
     start = time.perf_counter()
     start_epoch, start_step = checkpoint.position if checkpoint is not None else (0, 0)
     seen, before = (checkpoint.seen, checkpoint.wall_s) if checkpoint is not None else (0, 0.0)
@@ -288,6 +304,7 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
         if train_rows is not None:
             order = [train_rows[b] for b in order]
         params, cached = view_source(epoch) if world == 1 else view_source(epoch, torch.cat(order))
+        shared = rng_states(device)
         first = start_step if epoch == start_epoch else 0  # a checkpoint taken within the epoch resumes there
         prog = Progress(f"{label} epoch {epoch + 1}/{epochs}", sum(len(b) for b in order[first:]) * world,
                         sample_unit(images), stream=dist.progress_stream if dist is not None else None)
@@ -322,16 +339,19 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 stepped = []  # per run of the unit: its detached terms and right answers
                 for i in u:  # one run, or a group whose fused step failed in its first step
                     r = runs[i]
-                    with autocast:
-                        out = r.model(x)
-                    terms = r.loss(out, t, y, epoch)
-                    r.optimizer.zero_grad(set_to_none=True)
-                    sum(terms.values()).backward()
-                    r.optimizer.step()
-                    r.scheduler.step()
-                    # out: logits or Outputs
-                    stepped.append(({n: v.detach() for n, v in terms.items()},
-                                    (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()))
+                    if draws[i] is False:  # draws nothing: no swapping
+                        stepped.append(_step(r, x, t, y, epoch, autocast))
+                        continue
+                    outside = rng_states(device)
+                    set_rng_states(device, r.rng)
+                    try:
+                        stepped.append(_step(r, x, t, y, epoch, autocast))
+                        own = rng_states(device)
+                    finally:
+                        set_rng_states(device, outside)
+                    if draws[i] is None:
+                        draws[i] = any(not torch.equal(a, b) for a, b in zip(r.rng, own))
+                    r.rng = own
                 if len(u) == 1:  # a run of its own: no stacking (each step's small ops cost ~5% of a small net's pass)
                     _accumulate(sums[k], stepped[0][0], 1, device)
                     correct[k] += stepped[0][1]
@@ -340,6 +360,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                                 len(u), device)
                     correct[k] += torch.stack([right for _, right in stepped])
                 clock.stop(k)
+            if older:  # said once, after the first step tells which runs draw
+                older = False
+                if sum(d is True for d in draws) > 1:
+                    log(f"note: {label}: the checkpoint resumed was written by an older kdpipe, whose runs drew their "
+                        "random numbers (dropout) from one stream shared by the pass; each draws from its own now, "
+                        f"all starting where that one was, so the {sum(d is True for d in draws)} runs that draw "
+                        "end unlike an uninterrupted run of that kdpipe")
             seen += len(idx) * world
             prog.update(len(idx) * world)
             if checkpoint is not None and step + 1 < len(order) and (checkpoint.interrupted or checkpoint.due()):
@@ -348,6 +375,13 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
                 checkpoint.save(runs, units, epoch, step + 1, sums, seen,
                                 before + time.perf_counter() - start - hook_s, correct=correct)
                 checkpoint.stop_if_interrupted()
+        if not drew_outside and any(not torch.equal(a, b) for a, b in zip(shared, rng_states(device))):
+            drew_outside = True  # said once; the runs that seemed not to draw get their own streams from now on
+            draws = [True if d is False else d for d in draws]
+            log(f"note: {label}: random numbers were drawn in epoch {epoch + 1} outside the runs' own streams (by a "
+                "network that drew none in its first step" + (", or by the teacher's forward" if online_teacher
+                                                              is not None else "")
+                + "): a run that drew them trains to weights that depend on the runs beside it in the pass")
         for f in fused.values():
             f.sync_to_runs()
         flat = torch.cat([v for d in sums for v in d.values()]) if any(sums) else torch.zeros(0, device=device)
@@ -405,6 +439,18 @@ def train_pass(runs: list[Run], images: torch.Tensor, labels: torch.Tensor, poli
     return {"wall_s": wall, "images": seen, "images_per_s": seen / wall if wall > 0 else 0.0,
             "student_images_per_s": seen * len(runs) / wall if wall > 0 else 0.0,
             "fused_groups": [[runs[i].name for i in units[k]] for k in fused]}
+
+
+def _step(r: Run, x, t, y, epoch: int, autocast) -> tuple[dict, torch.Tensor]:
+    """One training step of run r on a batch: its detached loss terms, and how many samples it classified right."""
+    with autocast:
+        out = r.model(x)  # logits or Outputs
+    terms = r.loss(out, t, y, epoch)
+    r.optimizer.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    r.optimizer.step()
+    r.scheduler.step()
+    return {n: v.detach() for n, v in terms.items()}, (logits_of(out).detach().argmax(-1) == main_labels(y)).sum()
 
 
 class _Clock:

@@ -24,6 +24,7 @@ from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 from kdpipe.losses import main_labels
+from kdpipe.util import rng_states, set_rng_states
 
 
 # Optimizers whose update of each element depends only on that element's gradient and state (and
@@ -44,20 +45,6 @@ def random_modules(model: nn.Module) -> list[str]:
     """The types of the model's modules that draw random numbers as it trains now (dropout with p > 0)."""
     return sorted({type(m).__name__ for m in model.modules() if isinstance(m, RANDOM_MODULES) and m.training
                    and getattr(m, "p", 1) > 0})
-
-
-def _rng_states(device: torch.device) -> list[torch.Tensor]:
-    """The states of the generators a forward on `device` draws from: the CPU's, and the device's own."""
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _set_rng_states(device: torch.device, states: list[torch.Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
 
 
 def _stack_state(states: list[dict]) -> dict:
@@ -109,8 +96,8 @@ def plan_units(runs, fuse: bool, refused: list | None = None) -> list[list[int]]
                 refused.append((u, why))
         else:
             out.append(u)
-    # in the order of each unit's first run: runs that step one by one step in the order they step unfused (which
-    # matters for the random numbers they draw in turn)
+    # in the order of each unit's first run: runs that step one by one step in the order they step unfused (each
+    # draws its random numbers from its own stream, engine.Run.rng, so the order does not change what it draws)
     return sorted(out, key=lambda u: u[0])
 
 
@@ -258,7 +245,7 @@ class FusedRuns:
         """The group's first forward and losses: compiled where asked (where compiling fails, uncompiled, saying so),
         refused where it drew random numbers. Where it raises, the random generators are as before it, so that runs
         that then step one by one draw what they would have drawn unfused."""
-        rng = _rng_states(device)
+        rng = rng_states(device)
         try:
             if self._check_compiled:  # the first call compiles; where that fails, step uncompiled
                 self._check_compiled = False
@@ -268,14 +255,14 @@ class FusedRuns:
                     self.log(f"warning: torch.compile of the fused runs failed ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); stepping them uncompiled")
                     self._losses = self._eager
-                    _set_rng_states(device, rng)
+                    set_rng_states(device, rng)
                     got = self._losses(*args)
             else:
                 got = self._losses(*args)
-            if any(not torch.equal(a, b) for a, b in zip(rng, _rng_states(device))):
+            if any(not torch.equal(a, b) for a, b in zip(rng, rng_states(device))):
                 raise RuntimeError("their forward " + RANDOM_DRAWS.format("dropout or other randomness"))
         except BaseException:
-            _set_rng_states(device, rng)
+            set_rng_states(device, rng)
             raise
         return got
 

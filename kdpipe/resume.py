@@ -4,9 +4,10 @@ A pass (the runs of one seed that share a read and replay of the data, kdpipe.en
 writes one checkpoint file, RUNS/checkpoints/pass-s<seed>-<digest of its run names>.pt, at the end
 of every epoch and every `--checkpoint-every` minutes within one. It holds, for every run of the
 pass, the weights (with BatchNorm statistics), the optimizer and schedule state, the per-epoch losses
-so far; the data order position (epoch, step); the loss sums of the epoch so far and the torch RNG
-states, per rank. Fused runs are synced back into their own modules first (FusedRuns.sync_to_runs)
-and stacked again on resume, so the file never holds the stack. Writes go to a temporary file, which
+so far; the data order position (epoch, step); the loss sums of the epoch so far, the torch RNG
+states and each run's own random stream (engine.Run.rng), per rank. Fused runs are synced back into
+their own modules first (FusedRuns.sync_to_runs) and stacked again on resume, so the file never holds
+the stack. Writes go to a temporary file, which
 is fsynced and renamed over the previous checkpoint: a crash leaves the old or the new one, whole.
 
 Each run's directory gets config.json when its pass starts and metrics.json when it ends, so
@@ -256,7 +257,8 @@ def _drop_from_checkpoints(dropped: dict[str, set]) -> None:
 
 def _rekey_checkpoint(path, key) -> dict:
     """Rewrite the pass checkpoint at `path` whole (by rename) with each run's entries (settings, state, each rank's
-    sums and right answers) under key(name), or without them where that is None; returns its runs' settings."""
+    sums, right answers and random stream) under key(name), or without them where that is None; returns its runs'
+    settings."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
 
     def re_key(d: dict) -> dict:
@@ -264,6 +266,8 @@ def _rekey_checkpoint(path, key) -> dict:
     obj["runs"], obj["state"] = re_key(obj["runs"]), re_key(obj["state"])
     for part in obj["ranks"]:
         part["sums"], part["correct"] = re_key(part["sums"]), re_key(part["correct"])
+        if "streams" in part:
+            part["streams"] = re_key(part["streams"])
     atomic_write_stream(Path(path), lambda f: torch.save(obj, f))
     return obj["runs"]
 
@@ -344,6 +348,7 @@ class PassCheckpoint:
         self.last = time.monotonic()
         self._steps = 0
         self.interrupted = False  # a Ctrl-C or SIGTERM held by holding_interrupts, until the step ends
+        self.shared_rng = False  # resumed from a checkpoint without the runs' own streams (train_pass notes it)
 
     @contextlib.contextmanager
     def holding_interrupts(self):
@@ -378,7 +383,9 @@ class PassCheckpoint:
     # ---------------------------------------------------------------- resume
 
     def restore(self, runs) -> None:
-        """Load each run's weights, optimizer, schedule and losses so far, and this rank's RNG states."""
+        """Load each run's weights, optimizer, schedule and losses so far, and this rank's RNG states and runs'
+        random streams. A checkpoint of an older kdpipe holds none of the latter (its runs drew from the one global
+        stream): each run's stream then starts from that (train_pass notes where that changes what runs draw)."""
         if self.state is None:
             return
         for r in runs:
@@ -402,6 +409,15 @@ class PassCheckpoint:
         cuda = part["rng"].get("cuda")
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+        streams = part.get("streams")
+        self.shared_rng = streams is None
+        for r in runs:
+            own = (streams or {}).get(r.name)
+            if own is None:  # from the global generators as restored above, where the pass starts
+                r.rng = None
+            else:  # the device's state where it runs on one now and was saved from one; else the state built
+                r.rng = [own["cpu"]] + ([own["cuda"]] if "cuda" in own and r.rng and len(r.rng) > 1 else
+                                        (r.rng or [])[1:])
 
     def _rank_part(self) -> dict:
         return self.state["ranks"][self.dist.rank]
@@ -448,7 +464,8 @@ class PassCheckpoint:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        parts = self.dist.gather({"sums": own, "correct": right, "rng": rng})
+        streams = {r.name: {k: v.clone() for k, v in zip(("cpu", "cuda"), r.rng)} for r in runs if r.rng}
+        parts = self.dist.gather({"sums": own, "correct": right, "rng": rng, "streams": streams})
         self.last = time.monotonic()
         if not self.dist.is_main:
             return

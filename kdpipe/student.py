@@ -31,7 +31,7 @@ from kdpipe.models import check_model, count_parameters, create_model, model_rec
 from kdpipe.resume import (DEFAULT_EVERY_MINUTES, PassCheckpoint, RunLocks, plan_runs_dir,
                            remove_finished_checkpoints)
 from kdpipe.sweep import check_warmup, names_before, parse_loss, plan_sweep
-from kdpipe.util import ensure_out_dir, images_tensor, seeded_generator
+from kdpipe.util import ensure_out_dir, images_tensor, rng_states, seeded_generator
 from kdpipe.views import policy_from_identity
 
 
@@ -578,8 +578,11 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                            for name, p, st in group]
         hints = {r.name: with_projector(r, hint, in_shape, device, total_steps, epoch_steps)
                  for r in runs if r.loss.needs_features}
-        if ctx.rank > 0:  # one init on every rank (the run's seed), then each rank its own dropout masks
+        if ctx.rank > 0:  # one init on every rank (the run's seed), then each rank its own dropout masks: every run's
+            # stream starts on rank r from (seed, r), as a run alone does, whichever runs share the pass
             torch.manual_seed(seeded_generator(seed, ctx.rank).initial_seed())
+            for r in runs:
+                r.rng = rng_states(device)
         tracks = {r.name: _Track() for r in runs}
         if ctx.is_main:
             for r in runs:  # config.json at the start: a run directory without metrics.json is unfinished

@@ -53,6 +53,22 @@ def seeded_generator(*seed_parts: int) -> torch.Generator:
     return g
 
 
+def rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The states of the global generators a step on `device` draws from: the CPU's, and on CUDA the device's own
+    (its seed and offset, kept on the host: reading it does not wait for the device)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def set_rng_states(device: torch.device, states: list[torch.Tensor]) -> None:
+    """Set the global generators to `states` (rng_states'; a CPU state alone leaves the device's as it is)."""
+    torch.set_rng_state(states[0])
+    if device.type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+
+
 def human_duration(seconds: float) -> str:
     """'42s', '4m 30s', '2h 05m'."""
     s = max(0, int(round(seconds)))

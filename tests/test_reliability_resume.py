@@ -239,6 +239,48 @@ def test_ctrl_c_mid_epoch_is_checkpointed_where_it_stopped(work, tmp_path, monke
     assert_same_runs(reference(work, "off"), out)
 
 
+def test_dropout_runs_resumed_mid_epoch_equal_an_uninterrupted_sweep_and_each_run_alone(work, tmp_path, monkeypatch):
+    """Runs with dropout drew their masks in turn from one generator shared by the pass, so a run's weights depended
+    on the runs beside it (the T4 run of `--temperature 2,4` ended unlike `--temperature 4` alone). Each draws from
+    its own stream now, which the pass checkpoint holds per run: a sweep interrupted mid-epoch resumes to the weights
+    of the uninterrupted sweep, and each run equals itself trained alone. A checkpoint of an older kdpipe (no streams)
+    still resumes, the runs' streams starting from its one, saying so once where two or more runs draw."""
+    from kdpipe.resume import checkpoint_path
+
+    def args(out, temps="2,4"):
+        return ["train-student", "--cache", str(work.cache), "--student", "mlp:32:dropout=0.5", "--temperature",
+                temps, "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--fuse", "on", "--out", str(out),
+                "--checkpoint-every", "0"]
+    ref = tmp_path / "ref"
+    res = run_cli(args(ref))
+    assert res.exit_code == 0, res.output
+    names = sorted(p.parent.name for p in ref.glob("*/metrics.json"))
+    assert len(names) == 2 and all("-T2-" in n or "-T4-" in n for n in names), names
+    for t in ("2", "4"):  # each run alone
+        alone = tmp_path / f"alone-T{t}"
+        assert run_cli(args(alone, t)).exit_code == 0
+        assert_same_runs(ref, alone, [n for n in names if f"-T{t}-" in n])
+    out = tmp_path / "interrupted"
+    signal_at(monkeypatch, epoch=2, step=5)
+    assert run_cli(args(out)).exit_code == 130
+    monkeypatch.undo()
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    res = run_cli(args(out))
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and "epoch 2/3, step 5" in res.output
+    assert "older kdpipe" not in res.output
+    assert_same_runs(ref, out, names)
+    ck = checkpoint_path(older, 0, names)
+    obj = torch.load(ck, weights_only=True)
+    for part in obj["ranks"]:
+        del part["streams"]
+    torch.save(obj, ck)
+    res = run_cli(args(older))
+    assert res.exit_code == 0, res.output
+    assert res.output.count("the checkpoint resumed was written by an older kdpipe") == 1, res.output
+
+
 def test_a_pass_an_older_kdpipe_began_under_names_without_the_epochs_resumes_under_todays(work, tmp_path,
                                                                                          monkeypatch):
     """A pass interrupted in epoch 3 by a kdpipe of before 2026-12-07, whose names left out the epochs
