@@ -83,14 +83,19 @@ def _pm(mean, std) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} (one value: no std)"
 
 
+# Losses whose terms, with no teacher (alpha 0; dkd's beta 0 too), are cross-entropy alone
+CE_WHEN_SCRATCH = ("kd", "dkd")
+
+
 def _loss(r) -> str:
     """The run's loss as the report shows it: kd, or e.g. 'dkd (beta 8, warmup 20)' with the options that
     are not columns of their own. metrics.json of earlier versions has no "loss": kd. A scratch run (its
     teacher terms weigh nothing: kd with alpha 0) trained on cross-entropy alone: "ce", not the "kd" it was
-    configured as, which read as distilled."""
-    if _scratch(r):
-        return "ce"
+    configured as, which read as distilled. Only kd's and dkd's: a loss of the user's that needs no teacher
+    (label smoothing, say) keeps its own name, since cross-entropy is not what it trained on."""
     loss = r.get("loss") or {"name": "kd", "options": {}}
+    if _scratch(r) and loss["name"] in CE_WHEN_SCRATCH:
+        return "ce"
     extra = [f"{k} {v:g}" for k, v in loss.get("options", {}).items() if k not in ("temperature", "alpha")]
     return loss["name"] + (f" ({', '.join(extra)})" if extra else "")
 

@@ -137,6 +137,23 @@ def test_the_loss_column_names_the_loss_and_reads_older_metrics(student_runs, tm
     assert sorted(g["loss"] for g in groups) == ["ce", "dkd (beta 8, warmup 20)", "kd"]
 
 
+def test_a_scratch_run_of_a_loss_other_than_kd_keeps_its_name(student_runs, tmp_path):
+    """A scratch run's loss column says ce, the cross-entropy kd (alpha 0) and dkd (alpha 0, beta 0) train on without
+    a teacher; a registered loss of the user's that needs no teacher (here label smoothing) was said to be ce too,
+    though it trained on something else: it keeps its own name, in the table and in summary.json."""
+    runs = _copies(student_runs, tmp_path, [
+        {"loss": {"name": "ls", "options": {"smoothing": 0.1}}, "uses_teacher": False, "alpha": None,
+         "temperature": None, "name": "mlp_100-ls-e2-s0"},
+        {"loss": {"name": "dkd", "options": {"temperature": 4.0, "alpha": 0.0, "beta": 0.0, "warmup": 20}},
+         "uses_teacher": False, "alpha": 0.0, "name": "mlp_100-dkd-a0-e2-s0"}])
+    build_report([runs], tmp_path / "rep")
+    rows = table_rows((tmp_path / "rep" / "report.md").read_text())
+    assert sorted(r[1:3] for r in rows if r[1] != "teacher" and len(r) == 18) == [["scratch", "ce"],
+                                                                                  ["scratch", "ls (smoothing 0.1)"]]
+    groups = json.loads((tmp_path / "rep" / "summary.json").read_text())["groups"]
+    assert sorted(g["loss"] for g in groups) == ["ce", "ls (smoothing 0.1)"]
+
+
 def test_a_new_loss_without_alpha_is_reported(cache, tmp_path):
     """A loss is one registered class, and the report picks it up: one without an alpha (here an L2 on the logits,
     weighted by its own option) stopped `kdpipe report` with a TypeError on formatting alpha None."""
