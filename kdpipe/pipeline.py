@@ -602,8 +602,9 @@ def check_prepared_file(spec: dict, path, stamp_dir) -> None:
             shown = os.path.relpath(other, project)
             raise KDPipeError(f"{path}: [data] prepare writes {file}, which the pipeline {shown} prepares too: each "
                               "make of one would rewrite it under the other, whose teacher would then train on data "
-                              f"its pipeline does not describe; give this spec another file, or delete this prepare "
-                              f"line and read the file {shown} writes")
+                              f"its pipeline does not describe; give this spec another file and have the prepare command "
+                              f"write that one (changed in the spec alone, the command still writes {file}), or "
+                              f"delete this prepare line and read the file {shown} writes")
 
 
 if __name__ == "__main__":  # `python -m kdpipe.pipeline SPEC.toml`: needs only the standard library

@@ -693,8 +693,9 @@ def test_two_pipelines_that_prepare_one_npz_are_refused_when_the_second_is_read(
     assert r.stderr.splitlines() == [
         "Error: pipelines/b.toml: [data] prepare writes data/tabular.npz, which the pipeline pipelines/a.toml "
         "prepares too: each make of one would rewrite it under the other, whose teacher would then train on data its "
-        "pipeline does not describe; give this spec another file, or delete this prepare line and read the file "
-        "pipelines/a.toml writes"]
+        "pipeline does not describe; give this spec another file and have the prepare command write that one "
+        "(changed in the spec alone, the command still writes data/tabular.npz), or delete this prepare line and "
+        "read the file pipelines/a.toml writes"]
     assert rules("a", text).returncode == 0  # the first is still made
     assert rules("b", text.replace("data/tabular.npz", "data/b.npz")).returncode == 0
     reads = "\n".join(line for line in text.splitlines() if not line.startswith("prepare"))
