@@ -579,8 +579,9 @@ def check_prepared_file(spec: dict, path, stamp_dir) -> None:
     """Under make, refuse a pipeline whose [data] prepare writes the npz file that another pipeline of the project
     (one whose build/<name>/source names a file that exists) also prepares: each make of the one rewrote the file
     under the other, whose teacher and dump then reran on data its pipeline does not describe (or it kept a teacher
-    trained on the other's data). The other may read the file without a prepare of its own (a given file is a
-    prerequisite: its steps rerun when the file changes)."""
+    trained on the other's data). With the same command, the first make of the one still reran it (its stamp was new)
+    and rewrote the file, so the other's next make redid its dump and students. The other may read the file without a
+    prepare of its own (a given file is a prerequisite: its steps rerun when the file changes)."""
     import os
     data = spec["data"]
     if not data.get("prepare"):
@@ -600,6 +601,12 @@ def check_prepared_file(spec: dict, path, stamp_dir) -> None:
         if theirs.get("prepare") and os.path.realpath(
                 os.path.join(project, str(theirs["spec"]).removeprefix("npz:"))) == mine:
             shown = os.path.relpath(other, project)
+            if theirs["prepare"].strip() == data["prepare"].strip():  # one data, but the file would be written again
+                raise KDPipeError(f"{path}: [data] prepare writes {file}, which the pipeline {shown} prepares too, "
+                                  "with the same command: making this one would run it again (its step is new here) "
+                                  f"and rewrite the file, and the next make of {shown} would then redo its dump and "
+                                  f"students; delete this prepare line, and this pipeline reads the file {shown} "
+                                  "writes")
             raise KDPipeError(f"{path}: [data] prepare writes {file}, which the pipeline {shown} prepares too: each "
                               "make of one would rewrite it under the other, whose teacher would then train on data "
                               f"its pipeline does not describe; give this spec another file and have the prepare command "

@@ -696,6 +696,15 @@ def test_two_pipelines_that_prepare_one_npz_are_refused_when_the_second_is_read(
         "pipeline does not describe; give this spec another file and have the prepare command write that one "
         "(changed in the spec alone, the command still writes data/tabular.npz), or delete this prepare line and "
         "read the file pipelines/a.toml writes"]
+    # a copy with the same command (the workflow of copying a pipeline to try other students): one data, but its
+    # first make ran the command again (its stamp was new), and the first pipeline's next make redid its dump and
+    # students on the rewritten file; the refusal said it would train on data its pipeline does not describe
+    r = rules("b", text)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "Error: pipelines/b.toml: [data] prepare writes data/tabular.npz, which the pipeline pipelines/a.toml prepares "
+        "too, with the same command: making this one would run it again (its step is new here) and rewrite the file, "
+        "and the next make of pipelines/a.toml would then redo its dump and students; delete this prepare line, and "
+        "this pipeline reads the file pipelines/a.toml writes"]
     assert rules("a", text).returncode == 0  # the first is still made
     assert rules("b", text.replace("data/tabular.npz", "data/b.npz")).returncode == 0
     reads = "\n".join(line for line in text.splitlines() if not line.startswith("prepare"))
