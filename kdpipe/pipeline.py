@@ -609,8 +609,9 @@ def check_prepared_file(spec: dict, path, stamp_dir) -> None:
                                   "writes")
             raise KDPipeError(f"{path}: [data] prepare writes {file}, which the pipeline {shown} prepares too: each "
                               "make of one would rewrite it under the other, whose teacher would then train on data "
-                              f"its pipeline does not describe; give this spec another file and have the prepare command "
-                              f"write that one (changed in the spec alone, the command still writes {file}), or "
+                              "its pipeline does not describe; give this spec another file and have the prepare "
+                              "command write that one (changed in the spec alone, the command still writes "
+                              f"{file}), or "
                               f"delete this prepare line and read the file {shown} writes")
 
 
