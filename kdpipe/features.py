@@ -145,7 +145,12 @@ def make_projector(student_shape, teacher_shape, student_layer: str = "", teache
                               "student layer or cache a later teacher layer")
         layers = [] if s[1:] == t[1:] else [nn.AdaptiveAvgPool2d(t[1:])]
         return nn.Sequential(*layers, nn.Conv2d(s[0], t[0], kernel_size=1))
-    raise KDPipeError(f"{what}: hints map vectors (C,) or maps (C, H, W) onto vectors, or maps onto maps")
+    if len(t) == 3 and len(s) == 1:  # a vector cannot be spread over a map without inventing where
+        raise KDPipeError(f"{what}: hints map vectors (C,) onto vectors or pooled maps (C, 1, 1), not onto a "
+                          f"{t[1]} x {t[2]} map; hint from a student layer that gives a map (C, H, W) of at least "
+                          f"{t[1]} x {t[2]}, or cache a pooled teacher layer (e.g. avgpool)")
+    raise KDPipeError(f"{what}: hints map vectors (C,) or maps (C, H, W) onto vectors, or maps onto maps; name a "
+                      "student layer (--hint-layer) and a cached feature whose outputs are of those shapes")
 
 
 def layer_shape(model: nn.Module, layer: str, in_shape, device, what: str = "student") -> tuple:

@@ -267,8 +267,10 @@ def test_projector_shapes():
     assert make_projector((16, 8, 8), (32,))(x).shape == (2, 32)
     assert make_projector((16,), (32,))(torch.randn(2, 16)).shape == (2, 32)
     assert make_projector((16,), (32, 1, 1))(torch.randn(2, 16)).shape == (2, 32, 1, 1)
-    for s, t, words in (((16, 2, 2), (32, 4, 4), "smaller than the teacher's"), ((16,), (32, 2, 2), "vectors"), ((16,), (32, 1, 2), "vectors"),
-                        ((4, 16), (32,), "vectors")):
+    for s, t, words in (((16, 2, 2), (32, 4, 4), "smaller than the teacher's"),
+                        ((16,), (32, 2, 2), "hint from a student layer that gives a map"),
+                        ((16,), (32, 1, 2), "of at least 1 x 2, or cache a pooled teacher layer"),
+                        ((4, 16), (32,), "name a student layer")):
         with pytest.raises(KDPipeError, match=words):
             make_projector(s, t)
 
