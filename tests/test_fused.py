@@ -398,15 +398,7 @@ def test_runs_whose_network_draws_random_numbers_step_one_by_one_as_unfused(tmp_
     step one by one step in the order they step unfused (they draw in turn): two such architectures interleaved in
     the list step interleaved. Other groups stay fused."""
     net = tmp_path / "functional_dropout_net.py"
-    net.write_text("import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n"
-                   "class Net(nn.Module):\n"
-                   "    def __init__(self, num_classes, image_shape):\n"
-                   "        super().__init__()\n"
-                   "        c, h, w = image_shape\n"
-                   "        self.fc1 = nn.Linear(c * h * w, 16)\n"
-                   "        self.fc2 = nn.Linear(16, num_classes)\n\n"
-                   "    def forward(self, x):\n"
-                   "        return self.fc2(F.dropout(torch.relu(self.fc1(x.flatten(1))), 0.5, self.training))\n")
+    net.write_text(FUNCTIONAL_DROPOUT)
     drop, drop2, functional = "mlp:16,8:dropout=0.5", "mlp:16:dropout=0.3", f"{net}:Net"
     specs = [(4.0, 0.9, 0, drop), (4.0, 0.9, 0, drop2), (2.0, 0.5, 1, drop), (2.0, 0.5, 1, drop2),
              (4.0, 0.9, 0, None), (2.0, 0.5, 1, None), (4.0, 0.9, 0, functional), (2.0, 0.5, 1, functional)]
