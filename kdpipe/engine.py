@@ -152,14 +152,20 @@ def warmup_steps(optim: OptimConfig, epoch_steps: int | None) -> int:
     return round(optim.warmup_epochs * epoch_steps) if optim.warmup_epochs else 0
 
 
-def warmup_note(optim: OptimConfig, epoch_steps: int) -> str | None:
+def warmup_note(optim: OptimConfig, epoch_steps: int, total_steps: int | None = None) -> str | None:
     """A note where a warm-up given rounds to fewer than 2 steps: with 0 or 1 the first step is at the peak lr, as
     without one, while the run's settings record it (a note, not a refusal: a quick check on a few hundred samples
-    of a pipeline with a 1-epoch warm-up has 1 or 2 steps an epoch)."""
+    of a pipeline with a 1-epoch warm-up has 1 or 2 steps an epoch). Also where the onecycle schedule (which takes
+    no warm-up) has a single step in all (total_steps): that step is its last, at lr / 250,000 (as torch's
+    OneCycleLR), so the run trains almost nothing."""
     warmup = warmup_steps(optim, epoch_steps)
     if optim.warmup_epochs and warmup < 2:
         return (f"note: --warmup-epochs {optim.warmup_epochs:g} is {warmup} step(s) of the {epoch_steps} per epoch, "
                 f"which warms nothing up (the first step is at the peak lr); {2 / epoch_steps:.3g} or more would")
+    if optim.schedule == "onecycle" and total_steps == 1:
+        return (f"note: --schedule onecycle over 1 step takes that step at its final lr, lr / 250,000 (as torch's "
+                f"OneCycleLR), so it trains almost nothing; give 2 or more steps (more --epochs, or a smaller "
+                "--batch-size) or another --schedule")
     return None
 
 

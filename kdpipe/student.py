@@ -529,7 +529,8 @@ def train_students(cache_dir, students: list[str], epochs: int, out, *, loss: st
                           f"{world} ranks): lower --batch-size")
     epoch_steps = steps_per_epoch(n_train, batch_size * world)
     total_steps = epochs * epoch_steps
-    for note in dict.fromkeys(warmup_note(OptimConfig.from_settings(st), epoch_steps) for _, _, st in planned):
+    for note in dict.fromkeys(warmup_note(OptimConfig.from_settings(st), epoch_steps, total_steps)
+                              for _, _, st in planned):
         if note:  # a warm-up too short to warm up: said once per setting
             log(note)
     log(f"batch {batch_size}" + (f" per rank x {world} ranks = effective batch {batch_size * world} "

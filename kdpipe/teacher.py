@@ -70,7 +70,7 @@ def train_teacher(train: ImageData, test: ImageData, arch: str, epochs: int, out
         mean, std = train.channel_stats()
         in_shape = policy.output_shape(train.image_shape)
         epoch_steps = steps_per_epoch(len(train), batch_size)
-        if note := warmup_note(optim, epoch_steps):
+        if note := warmup_note(optim, epoch_steps, epochs * epoch_steps):
             log(note)
         run = build_run("teacher", arch, create_loss("kd", alpha=0.0), seed, train.num_classes, in_shape, optim,
                         epochs * epoch_steps, device, arch_args=arch_args, epoch_steps=epoch_steps)

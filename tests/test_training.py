@@ -77,6 +77,19 @@ def test_a_warmup_shorter_than_two_steps_is_said(cache, tmp_path):
     assert warmup == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+def test_onecycle_over_a_single_step_is_said(cache, tmp_path):
+    """onecycle's last step is at lr / 250,000 (torch's OneCycleLR): a run of one step took only that one and trained
+    almost nothing, its settings saying onecycle at the lr given, without a word. Said, once; 2 steps are not."""
+    from kdpipe.engine import warmup_note
+    said = []
+    train_students(cache.path, ["mlp:8"], 1, tmp_path / "runs", batch_size=512, log=said.append,
+                   optim=OptimConfig(lr=0.01, schedule="onecycle"))
+    assert sum("--schedule onecycle over 1 step" in line for line in said) == 1, said
+    assert warmup_note(OptimConfig(schedule="onecycle"), 1, 2) is None
+    assert warmup_note(OptimConfig(schedule="cosine"), 1, 1) is None
+    assert "lr / 250,000" in warmup_note(OptimConfig(schedule="onecycle"), 1, 1)
+
+
 def test_validation_rows_are_fixed_and_the_pass_never_steps_on_them():
     v = validation_rows(200, 0.25)
     assert len(v) == 50 and np.array_equal(v, validation_rows(200, 0.25)) and np.all(np.diff(v) > 0)
