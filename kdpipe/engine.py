@@ -163,8 +163,8 @@ def warmup_note(optim: OptimConfig, epoch_steps: int, total_steps: int | None = 
         return (f"note: --warmup-epochs {optim.warmup_epochs:g} is {warmup} step(s) of the {epoch_steps} per epoch, "
                 f"which warms nothing up (the first step is at the peak lr); {2 / epoch_steps:.3g} or more would")
     if optim.schedule == "onecycle" and total_steps == 1:
-        return (f"note: --schedule onecycle over 1 step takes that step at its final lr, lr / 250,000 (as torch's "
-                f"OneCycleLR), so it trains almost nothing; give 2 or more steps (more --epochs, or a smaller "
+        return ("note: --schedule onecycle over 1 step takes that step at its final lr, lr / 250,000 (as torch's "
+                "OneCycleLR), so it trains almost nothing; give 2 or more steps (more --epochs, or a smaller "
                 "--batch-size) or another --schedule")
     return None
 
