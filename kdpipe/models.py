@@ -199,12 +199,14 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
     if scheme == "kdpipe":
         if base not in _REGISTRY:
             raise KDPipeError(f"unknown architecture {name!r}: the registry has {', '.join(registered())}")
+        _no_num_classes(name, args, num_classes)
         return _call(_REGISTRY[base], name, args, num_classes=num_classes, image_shape=tuple(image_shape))
     if scheme == "tv":
         if base not in torchvision_models():
             raise KDPipeError(f"{name!r}: torchvision has no classification model {base!r}")
         import torchvision
         args = dict(args)
+        _no_num_classes(name, args, num_classes)
         if "in_chans" in args:  # timm's option, copied over: torchvision's builders fail on it with a TypeError line
             raise KDPipeError(f"{name} takes no in_chans: a torchvision architecture repeats grey images to its 3 "
                               "channels by itself (in_chans=3 is for timm and program teachers): drop it from "
@@ -224,6 +226,7 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
     if scheme == "timm":
         timm = import_timm()
         args = dict(args)
+        _no_num_classes(name, args, num_classes)
         chans = args.pop("in_chans", image_shape[0])  # in_chans=3: an RGB model's weights, grey images repeated
         if len(image_shape) == 3 and chans != image_shape[0] and chans != 3:
             raise KDPipeError(f"{name} with in_chans={chans} cannot take {image_shape[0]}-channel images: kdpipe "
@@ -246,6 +249,17 @@ def create_model(name: str, num_classes: int, image_shape: tuple[int, ...], args
     if not isinstance(net, nn.Module):
         raise KDPipeError(f"{name} returned a {type(net).__name__}, not a torch.nn.Module")
     return net
+
+
+def _no_num_classes(name: str, args: dict, num_classes: int) -> None:
+    """Refuse num_classes in the --arch-args of an architecture kdpipe builds with the data's classes itself: the
+    builder failed on it with "got multiple values for keyword argument 'num_classes'" (torchvision, timm), or the
+    registry's with "does not take the options num_classes", neither saying what to do."""
+    if "num_classes" in args:
+        raise KDPipeError(f"{name}: --arch-args num_classes={args['num_classes']}: kdpipe builds it with one output per "
+                          f"class of the data ({num_classes}) itself: drop num_classes from --arch-args"
+                          + ("" if args["num_classes"] == num_classes else
+                             " (a teacher of another number of classes cannot be cached for this data)"))
 
 
 def check_model(name: str, num_classes: int, image_shape, args: dict | None = None) -> None:

@@ -429,3 +429,17 @@ def test_in_chans_given_to_a_torchvision_architecture_says_it_repeats_grey_image
     with pytest.raises(KDPipeError, match=r"tv:resnet18 takes no in_chans: a torchvision architecture repeats grey "
                                           r"images to its 3 channels by itself .*: drop it from --arch-args"):
         create_model("tv:resnet18", 10, (1, 28, 28), {"in_chans": 3})
+
+
+@pytest.mark.parametrize("spec", ["tv:resnet18", "timm:resnet10t", "cnn_tiny"])
+def test_num_classes_in_arch_args_says_kdpipe_gives_the_datas_classes(spec):
+    """--arch-args num_classes=5 (a teacher trained on 5 classes, or the builder's own option copied over) failed as
+    "get_model() got multiple values for keyword argument 'num_classes'" (torchvision, timm) or "cnn_tiny does not
+    take the options num_classes" (the registry), which say neither that kdpipe gives the data's number of classes
+    nor what to do."""
+    if spec.startswith("timm:"):
+        pytest.importorskip("timm")
+    for given in (5, 3):
+        with pytest.raises(KDPipeError, match=rf"{spec}: --arch-args num_classes={given}: kdpipe builds it with one "
+                                              r"output per class of the data \(3\) itself: drop num_classes"):
+            create_model(spec, 3, (3, 32, 32), {"num_classes": given})
