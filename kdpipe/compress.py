@@ -731,6 +731,34 @@ def _other_teacher(lo: LoadedModel, teacher: LoadedModel) -> str:
             f"{t['fingerprint'][:12]}) than {Path(teacher.file).name} (sha256 {teacher.fingerprint[:12]})")
 
 
+def _same_values(a, b) -> bool:
+    """Whether two normalizations' means (or stds) are the same, one value standing for every channel."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    n = max(len(a), len(b))
+    if len(a) not in (1, n) or len(b) not in (1, n):
+        return False
+    return bool(np.allclose(np.broadcast_to(a, n), np.broadcast_to(b, n), rtol=1e-6, atol=1e-9))
+
+
+def _check_cache_normalization(name: str, lo: LoadedModel, teacher: LoadedModel) -> None:
+    """Refuse a teacher of weights alone given another normalization than the cache its student `lo` learnt from was
+    dumped with (the student's checkpoint records the cache's, its run the teacher file's sha256): measured so, the
+    teacher's rows and every agreement with it were of a teacher fed other inputs, a few points off, nothing said."""
+    recorded = [t for t in lo.info.get("_teachers", []) if t.get("fingerprint")]
+    if teacher.kind not in ("state_dict", "safetensors"):  # a kdpipe checkpoint's own normalization is not given here
+        return
+    if (len(recorded) != 1 or recorded[0]["fingerprint"] != teacher.fingerprint or None in (lo.mean, lo.std)
+            or None in (teacher.mean, teacher.std)):
+        return
+    if _same_values(lo.mean, teacher.mean) and _same_values(lo.std, teacher.std):
+        return
+    fmt = lambda v: "[" + ", ".join(f"{float(x):g}" for x in np.asarray(v, dtype=np.float64).ravel()) + "]"
+    raise KDPipeError(f"student {name} learnt from a cache of {Path(teacher.file).name} whose teacher was fed inputs "
+                      f"normalized with mean {fmt(lo.mean)}, std {fmt(lo.std)}; compress is given mean "
+                      f"{fmt(teacher.mean)}, std {fmt(teacher.std)}: give the normalization the cache was dumped with "
+                      "(--mean/--std, --input-range or --normalize), or the teacher's rows measure it fed other inputs")
+
+
 def _check_students(students, teacher: LoadedModel, teacher_policy: ViewPolicy, test: ImageData,
                     full_train: ImageData, log) -> dict:
     """Refuse a student that cannot be measured on `test` (other classes, or inputs its clean view does not
@@ -739,6 +767,7 @@ def _check_students(students, teacher: LoadedModel, teacher_policy: ViewPolicy, 
     another teacher than `teacher`."""
     notes, seen = {}, {}
     for name, lo in students:
+        _check_cache_normalization(name, lo, teacher)
         other = _other_teacher(lo, teacher)
         if other:
             notes[name] = other

@@ -878,3 +878,35 @@ def test_a_grey_state_dict_teacher_fed_as_grayscale3_normalize_is_compressed_as_
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
     row = {x["name"]: x for x in json.loads((tmp_path / "c" / "compress.json").read_text())["rows"]}["teacher"]
     assert row["test_top1"] == pytest.approx(float((want.argmax(1).numpy() == y[60:]).mean()), abs=1e-6)
+
+
+def test_a_weights_teacher_given_another_normalization_than_its_students_cache_is_refused(fmnist, teacher_ckpt,
+                                                                                         tmp_path):
+    """A state-dict teacher given compress another normalization than its cache was dumped with (--mean 0.5 --std 0.5
+    for a cache of --normalize imagenet) was measured fed other inputs than its students learnt from: its rows (and
+    every student's agreement with it) were a few points off, nothing said. The students' checkpoints record the
+    cache's normalization and their runs the teacher file's sha256: a mismatch is refused, naming both."""
+    import hashlib
+
+    from kdpipe.compress import compress
+    from kdpipe.data import load_dataset
+
+    train, test = load_dataset(fmnist.spec, "train"), load_dataset(fmnist.spec, "test")
+    t = load_model(teacher_ckpt)
+    w = tmp_path / "w.pth"
+    torch.save(t.module.state_dict(), w)
+    recorded = {"fingerprint": hashlib.sha256(w.read_bytes()).hexdigest(), "arch": t.arch, "file": str(w)}
+    runs = tmp_path / "runs"
+    for name, uses in (("kd", True), ("scratch", False)):  # both normalized as the cache: mean 0.3, std 0.35
+        d = _student_run(runs, name, create_model("mlp:16", 10, (1, 28, 28)), "mlp:16", image_shape=(1, 28, 28),
+                         dataset=train.identity())
+        (d / "metrics.json").write_text(json.dumps({"name": name, "uses_teacher": uses, "teacher": recorded}))
+    kw = dict(students_dir=runs, quantize=(), prune=(), repeats=1, log=lambda *a: None, teacher_arch=t.arch)
+    with pytest.raises(KDPipeError, match=r"student kd learnt from a cache of w\.pth whose teacher was fed inputs "
+                                          r"normalized with mean \[0\.3\], std \[0\.35\]; compress is given mean "
+                                          r"\[0\.5\], std \[0\.5\]: give the normalization the cache was dumped with"):
+        compress(w, train, test, tmp_path / "o", mean=[0.5], std=[0.5], **kw)
+    assert not (tmp_path / "o").exists()
+    compress(w, train, test, tmp_path / "o", mean=[0.3], std=[0.35], **kw)  # as dumped: measured
+    rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
+    assert set(rows) >= {"teacher", "kd", "scratch"} and not rows["kd"]["note"]
