@@ -731,15 +731,6 @@ def _other_teacher(lo: LoadedModel, teacher: LoadedModel) -> str:
             f"{t['fingerprint'][:12]}) than {Path(teacher.file).name} (sha256 {teacher.fingerprint[:12]})")
 
 
-def _same_values(a, b) -> bool:
-    """Whether two normalizations' means (or stds) are the same, one value standing for every channel."""
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    n = max(len(a), len(b))
-    if len(a) not in (1, n) or len(b) not in (1, n):
-        return False
-    return bool(np.allclose(np.broadcast_to(a, n), np.broadcast_to(b, n), rtol=1e-6, atol=1e-9))
-
-
 def _check_cache_normalization(name: str, lo: LoadedModel, teacher: LoadedModel) -> None:
     """Refuse a teacher of weights alone given another normalization than the cache its student `lo` learnt from was
     dumped with (the student's checkpoint records the cache's, its run the teacher file's sha256): measured so, the
@@ -750,9 +741,9 @@ def _check_cache_normalization(name: str, lo: LoadedModel, teacher: LoadedModel)
     if (len(recorded) != 1 or recorded[0]["fingerprint"] != teacher.fingerprint or None in (lo.mean, lo.std)
             or None in (teacher.mean, teacher.std)):
         return
-    if _same_values(lo.mean, teacher.mean) and _same_values(lo.std, teacher.std):
+    from kdpipe.normalization import format_values as fmt, same_normalization
+    if same_normalization(lo.mean, lo.std, teacher.mean, teacher.std):
         return
-    fmt = lambda v: "[" + ", ".join(f"{float(x):g}" for x in np.asarray(v, dtype=np.float64).ravel()) + "]"
     raise KDPipeError(f"student {name} learnt from a cache of {Path(teacher.file).name} whose teacher was fed inputs "
                       f"normalized with mean {fmt(lo.mean)}, std {fmt(lo.std)}; compress is given mean "
                       f"{fmt(teacher.mean)}, std {fmt(teacher.std)}: give the normalization the cache was dumped with "

@@ -191,3 +191,18 @@ def _close(a, b) -> bool:
 
 def _fmt(v) -> str:
     return "[" + ", ".join(f"{float(x):.4g}" for x in v) + "]"
+
+
+def same_normalization(mean_a, std_a, mean_b, std_b) -> bool:
+    """Whether two normalizations are the same as far as kdpipe prints them (_close), one value standing for every
+    channel (grey data's single mean against the same value repeated)."""
+    def spread(a, b):
+        a, b = [float(x) for x in a], [float(x) for x in b]
+        n = max(len(a), len(b))
+        return (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+    return _close(*spread(mean_a, mean_b)) and _close(*spread(std_a, std_b))
+
+
+def format_values(v) -> str:
+    """A mean or std as kdpipe's messages print it: [0.4914, 0.4822, 0.4465]."""
+    return _fmt(v)

@@ -910,3 +910,20 @@ def test_a_weights_teacher_given_another_normalization_than_its_students_cache_i
     compress(w, train, test, tmp_path / "o", mean=[0.3], std=[0.35], **kw)  # as dumped: measured
     rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "compress.json").read_text())["rows"]}
     assert set(rows) >= {"teacher", "kd", "scratch"} and not rows["kd"]["note"]
+
+
+def test_compress_takes_a_normalization_copied_as_kdpipe_prints_it():
+    """compress compares the normalization it is given with the one the students' cache records as kdpipe's other
+    checks do (kdpipe.normalization: equal to the 4 significant digits that `kdpipe inspect` and the messages print),
+    so values copied from that output are not refused; one value stands for every channel; other values differ."""
+    from kdpipe.normalization import format_values, same_normalization
+
+    recorded = ([0.49139968, 0.48215841, 0.44653091], [0.24703223, 0.24348513, 0.26158784])
+    printed = format_values(recorded[0]), format_values(recorded[1])
+    assert printed == ("[0.4914, 0.4822, 0.4465]", "[0.247, 0.2435, 0.2616]")
+    copied = [[float(x) for x in p.strip("[]").split(",")] for p in printed]
+    assert same_normalization(*recorded, *copied)
+    assert same_normalization([0.5], [0.25], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert not same_normalization(*recorded, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert not same_normalization([0.3], [0.35], [0.5], [0.5])
+    assert not same_normalization([0.5, 0.5], [0.2, 0.2], [0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
